@@ -1,0 +1,53 @@
+# hqrs_geo: the two commands of the README are `make demo` and `make test`.
+# Both create .venv when it is missing or older than the dependency files, from Debian's
+# Python with --system-site-packages (so PyQGIS imports), installing QGIS first if needed.
+
+SHELL       := /bin/bash
+SYSTEM_PY   := /usr/bin/python3
+VENV        := .venv
+PY          := $(VENV)/bin/python
+STAMP       := $(VENV)/.hqrs-installed
+DEBIAN_PKGS := qgis python3-qgis python3-venv
+export QT_QPA_PLATFORM := offscreen
+export PYTHONPATH := /usr/share/qgis/python/plugins$(if $(PYTHONPATH),:$(PYTHONPATH))
+
+.PHONY: demo test bench system-deps venv clean help
+
+help:
+	@echo "make demo   - run the main job on the example scene (sets everything up)"
+	@echo "make test   - run the test suite (sets everything up)"
+	@echo "make bench  - run the benchmarks"
+
+system-deps:
+	@if ! $(SYSTEM_PY) -c 'import qgis.core' >/dev/null 2>&1 || ! $(SYSTEM_PY) -c 'import ensurepip' >/dev/null 2>&1; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    echo "installing Debian packages: $(DEBIAN_PKGS)"; \
+	    apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $(DEBIAN_PKGS); \
+	  else \
+	    echo "QGIS (PyQGIS) is missing. Run as root:"; \
+	    echo "  sudo apt-get update && sudo apt-get install -y $(DEBIAN_PKGS)"; \
+	    exit 1; \
+	  fi; \
+	fi
+
+$(STAMP): pyproject.toml constraints.txt Makefile | system-deps
+	@if ! $(PY) -c 'import sys' >/dev/null 2>&1; then rm -rf $(VENV) && $(SYSTEM_PY) -m venv --system-site-packages $(VENV); fi
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -c constraints.txt -e '.[all,test]'
+	@touch $(STAMP)
+
+venv: system-deps $(STAMP)
+
+test: venv
+	$(PY) -m pytest -q tests
+
+demo: venv
+	$(PY) examples/demo.py
+
+# TorchGeo is installed for the comparison only (matplotlib>=3.8: Debian's is built for numpy 1).
+bench: venv
+	$(PY) -m pip install -q -c constraints.txt torchgeo 'matplotlib>=3.8'
+	$(PY) benchmarks/tiling.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache demo-output

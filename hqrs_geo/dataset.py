@@ -1,0 +1,82 @@
+"""Tiles as a map-style dataset of ``(TileRecord, HxWx3 uint8 array)`` for model engines.
+
+The tile plan (records) is small and made once; pixels are read on access. Works directly
+with ``torch.utils.data.DataLoader`` (any number of worker processes; order preserved):
+
+    ds = TileDataset.from_rasters("scene.tif", TileConfig(tile_size=224))
+    loader = DataLoader(ds, batch_size=64, num_workers=4, collate_fn=collate_tiles)
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional, Sequence, Union
+
+import numpy as np
+
+from .errors import InputError
+from .tiling import SceneReading, TileConfig, TileReader, TileRecord, plan_tiles, prepare_scenes
+
+
+class TileDataset:
+    """Random access to tile pixels; pickles without open file handles (DataLoader-safe)."""
+
+    def __init__(self, records: Sequence[TileRecord], reader: TileReader):
+        self.records = list(records)
+        self.reader = reader
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> tuple[TileRecord, np.ndarray]:
+        rec = self.records[index]
+        rgb, _ = self.reader.read(rec)
+        return rec, rgb
+
+    @classmethod
+    def from_rasters(
+        cls, inputs: Union[str, os.PathLike, Sequence[Union[str, os.PathLike]]], config: Optional[TileConfig] = None
+    ) -> "TileDataset":
+        """Tile rasters (valid fractions measured, sparse tiles skipped) and serve their pixels."""
+        if isinstance(inputs, (str, os.PathLike)):
+            inputs = [inputs]
+        config = (config or TileConfig()).validated()
+        scenes = prepare_scenes(list(inputs), config)
+        reader = TileReader(scenes)
+        records = list(plan_tiles(scenes, reader, config.min_valid))
+        return cls(records, reader)
+
+    @classmethod
+    def from_layer(cls, path: Union[str, os.PathLike]) -> "TileDataset":
+        """Serve the pixels of the tiles of an existing tile layer (as the layer's runs read them)."""
+        from .layers import read_runs, read_tiles
+
+        frame = read_tiles(path)
+        scenes: dict[str, SceneReading] = {}
+        for run in read_runs(path):
+            for d in run.get("params", {}).get("scenes", []):
+                scenes[d["source"]] = SceneReading.from_dict(d)
+        missing = sorted(set(frame["source"]) - set(scenes))
+        if missing:
+            raise InputError(f"{path}: no tiling record for source {missing[0]}; re-create the layer with 'hqrs-geo tile'")
+        fields = TileRecord.__dataclass_fields__
+        records = [
+            TileRecord(**{k: v for k, v in row.items() if k in fields})
+            for row in frame.drop(columns=frame.geometry.name).to_dict("records")
+        ]
+        return cls(records, TileReader(scenes.values()))
+
+
+def collate_tiles(batch: Sequence[tuple[TileRecord, np.ndarray]]):
+    """DataLoader ``collate_fn``: ``(list of records, uint8 tensor [B, H, W, 3])``.
+
+    The tensor is a channel-last view of contiguous ``[B, 3, H, W]`` memory (what models
+    consume): ``tensor.permute(0, 3, 1, 2)`` is contiguous and costs nothing.
+    """
+    import torch
+
+    records = [rec for rec, _ in batch]
+    shapes = {arr.shape for _, arr in batch}
+    if len(shapes) > 1:
+        raise InputError(f"tiles of different sizes in one batch ({sorted(shapes)}); use one tile size per run")
+    planar = np.stack([arr.transpose(2, 0, 1) for _, arr in batch])  # a plain copy for band-sequential tiles
+    return records, torch.from_numpy(planar).permute(0, 2, 3, 1)

@@ -1,0 +1,85 @@
+"""Progress reporting for long jobs: a terminal bar, JSON lines for programs, or nothing.
+
+``--progress json`` prints one JSON object per line on stdout:
+``{"stage": "tile", "done": 40, "total": 120, "message": ""}``; a final object has
+``"stage": "done"`` and a failure ``"stage": "error"`` with the one-line message.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from typing import Optional, TextIO
+
+MODES = ("auto", "bar", "json", "none")
+
+
+class Progress:
+    """Counts work done in named stages and reports it in the chosen mode."""
+
+    def __init__(self, mode: str = "auto", stream: Optional[TextIO] = None, interval: float = 0.25):
+        if mode == "auto":
+            mode = "bar" if sys.stderr.isatty() else "none"
+        self.mode = mode
+        self.stream = stream
+        self.interval = interval
+        self.stage = ""
+        self.done = 0
+        self.total: Optional[int] = None
+        self._bar = None
+        self._last = 0.0
+
+    def _out(self) -> TextIO:
+        return self.stream or sys.stdout
+
+    def emit(self, stage: str, message: str = "", **extra) -> None:
+        """Write one JSON progress object (json mode only)."""
+        if self.mode == "json":
+            record = {"stage": stage, "done": self.done, "total": self.total, "message": message, **extra}
+            self._out().write(json.dumps(record) + "\n")
+            self._out().flush()
+
+    def start(self, stage: str, total: Optional[int], message: str = "") -> None:
+        """Begin a stage of ``total`` steps (``None`` when unknown)."""
+        self.close_bar()
+        self.stage, self.total, self.done = stage, total, 0
+        if self.mode == "bar":
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=total, desc=stage, unit="tile", file=sys.stderr, dynamic_ncols=True)
+        self.emit(stage, message)
+        self._last = time.monotonic()
+
+    def advance(self, n: int = 1) -> None:
+        """Record ``n`` more steps done."""
+        self.done += n
+        if self._bar is not None:
+            self._bar.update(n)
+        elif self.mode == "json":
+            now = time.monotonic()
+            if now - self._last >= self.interval or (self.total is not None and self.done >= self.total):
+                self._last = now
+                self.emit(self.stage)
+
+    def message(self, text: str) -> None:
+        """A human message: printed to stderr (bar mode) or as a JSON object."""
+        if self.mode == "json":
+            self.emit(self.stage or "info", text)
+        elif self.mode == "bar":
+            (self._bar.write if self._bar else lambda t: print(t, file=sys.stderr))(text)
+
+    def close_bar(self) -> None:
+        """Finish the current terminal bar, if any."""
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+    def finish(self, message: str = "", **extra) -> None:
+        """End the job successfully."""
+        self.close_bar()
+        self.emit("done", message, **extra)
+
+    def fail(self, message: str) -> None:
+        """End the job with a one-line error (json mode reports it as an object too)."""
+        self.close_bar()
+        self.emit("error", message)

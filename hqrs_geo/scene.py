@@ -1,0 +1,250 @@
+"""Opening rasters and describing them: the facts tiling needs about one scene.
+
+All rasterio/GDAL failures on opening are turned into one-line :class:`InputError` messages.
+"""
+from __future__ import annotations
+
+import glob
+import hashlib
+import os
+import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Optional, Sequence
+
+import rasterio
+from rasterio.enums import ColorInterp, MaskFlags
+from rasterio.errors import NotGeoreferencedWarning, RasterioError
+
+from .errors import InputError
+
+GDAL_CACHE_MB = 256  # GDAL's default (5 % of RAM) would let the block cache grow with the scene
+
+RASTER_SUFFIXES = (".tif", ".tiff", ".vrt", ".img", ".jp2", ".png", ".jpg", ".jpeg")
+_GLOB_CHARS = set("*?[")
+
+
+def is_gdal_virtual(path: str) -> bool:
+    """True for GDAL virtual file system paths (``/vsicurl/…``, ``/vsizip/…``)."""
+    return str(path).startswith("/vsi")
+
+
+def expand_inputs(inputs: Sequence[str | os.PathLike]) -> list[str]:
+    """Expand paths, globs and folders into an ordered, de-duplicated list of raster paths."""
+    found: list[str] = []
+    for item in inputs:
+        text = str(item)
+        if is_gdal_virtual(text):
+            found.append(text)
+        elif _GLOB_CHARS & set(text):
+            matches = sorted(m for m in glob.glob(text, recursive=True) if os.path.isfile(m))
+            if not matches:
+                raise InputError(f"no files match {text!r}: check the pattern (quote it in the shell)")
+            found.extend(os.path.abspath(m) for m in matches)
+        elif os.path.isdir(text):
+            matches = sorted(
+                str(p) for p in Path(text).rglob("*")
+                if p.is_file() and p.suffix.lower() in RASTER_SUFFIXES
+            )
+            if not matches:
+                raise InputError(
+                    f"no rasters in folder {text}: expected files ending in {', '.join(RASTER_SUFFIXES)}"
+                )
+            found.extend(os.path.abspath(m) for m in matches)
+        elif not os.path.exists(text):
+            raise InputError(f"{text}: file not found; check the path")
+        else:
+            found.append(os.path.abspath(text))
+    if not found:
+        raise InputError("no input rasters given")
+    return list(dict.fromkeys(found))
+
+
+def scene_keys(paths: Sequence[str]) -> dict[str, str]:
+    """Short, stable, unique names for scenes (file stems; a path hash is added on clashes)."""
+    stems = {p: Path(p).stem.replace(" ", "_") for p in paths}
+    counts: dict[str, int] = {}
+    for stem in stems.values():
+        counts[stem] = counts.get(stem, 0) + 1
+    return {
+        p: stem if counts[stem] == 1 else f"{stem}-{hashlib.sha1(p.encode()).hexdigest()[:6]}"
+        for p, stem in stems.items()
+    }
+
+
+def limit_gdal_cache() -> None:
+    """Cap GDAL's block cache (unless the user set GDAL_CACHEMAX) so memory stays flat."""
+    if "GDAL_CACHEMAX" not in os.environ:
+        from rasterio.env import set_gdal_config
+
+        set_gdal_config("GDAL_CACHEMAX", GDAL_CACHE_MB)
+
+
+@contextmanager
+def open_raster(path: str) -> Iterator[rasterio.DatasetReader]:
+    """Open ``path`` with rasterio, turning every opening failure into a one-line InputError."""
+    if not is_gdal_virtual(path) and not os.path.exists(path):
+        raise InputError(f"{path}: file not found; check the path")
+    limit_gdal_cache()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", NotGeoreferencedWarning)
+            src = rasterio.open(path)
+    except RasterioError as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        if "not recognized as" in reason or "not a supported file format" in reason:
+            raise InputError(f"{path}: not a raster GDAL can read; give a GeoTIFF, COG or VRT") from None
+        raise InputError(f"{path}: cannot open as a raster ({reason}); check the file is complete") from None
+    if src.count == 0:
+        src.close()
+        raise InputError(f"{path}: has no raster bands (is it a vector file?); give a raster")
+    with src:
+        yield src
+
+
+@dataclass(frozen=True)
+class SceneInfo:
+    """What hqrs_geo knows about one raster; built once per scene by :func:`describe`."""
+
+    path: str
+    driver: str
+    width: int
+    height: int
+    count: int
+    dtypes: tuple[str, ...]
+    crs: Optional[str]
+    transform: tuple[float, ...]
+    pixel_size: tuple[float, float]
+    pixel_size_m: Optional[tuple[float, float]]
+    nodata: Optional[float]
+    colorinterp: tuple[str, ...]
+    mask_flags: tuple[tuple[str, ...], ...]
+    overviews: tuple[int, ...]
+    block_shapes: tuple[tuple[int, int], ...]
+    compression: Optional[str]
+    has_gcps: bool
+    has_palette: bool
+    bounds: tuple[float, float, float, float]
+    tags: dict = field(default_factory=dict)
+
+    @property
+    def is_georeferenced(self) -> bool:
+        """True when the raster has a CRS (pixel footprints can be placed on the earth)."""
+        return self.crs is not None
+
+    @property
+    def all_valid(self) -> bool:
+        """True when GDAL reports no nodata, alpha or mask on any band."""
+        return all(flags == ("all_valid",) for flags in self.mask_flags)
+
+    @property
+    def is_float(self) -> bool:
+        """True for floating-point rasters (NaN counts as invalid)."""
+        return any(d.startswith("float") for d in self.dtypes)
+
+    def as_dict(self) -> dict:
+        """JSON-friendly dictionary of the facts (used by ``hqrs-geo info --json``)."""
+        from dataclasses import asdict
+
+        return asdict(self)
+
+
+def _pixel_size_m(src: rasterio.DatasetReader) -> Optional[tuple[float, float]]:
+    """Ground size in metres of one pixel step along x and along y, at the scene centre."""
+    if src.crs is None:
+        return None
+    from pyproj import CRS, Geod
+
+    crs = CRS.from_wkt(src.crs.to_wkt())
+    t = src.transform
+    if crs.is_geographic:
+        geod = Geod(ellps="WGS84")
+        cx, cy = src.width / 2, src.height / 2
+        lon, lat = t.c + t.a * cx + t.b * cy, t.f + t.d * cx + t.e * cy
+        _, _, dx = geod.inv(lon, lat, lon + t.a, lat + t.d)
+        _, _, dy = geod.inv(lon, lat, lon + t.b, lat + t.e)
+        return float(dx), float(dy)
+    factor = crs.axis_info[0].unit_conversion_factor if crs.axis_info else 1.0
+    return float(((t.a**2 + t.d**2) ** 0.5) * factor), float(((t.b**2 + t.e**2) ** 0.5) * factor)
+
+
+def describe(src: rasterio.DatasetReader) -> SceneInfo:
+    """Collect the facts of an open dataset into a :class:`SceneInfo`."""
+    t = src.transform
+    gcps, _ = src.gcps
+    has_palette = False
+    try:
+        src.colormap(1)
+        has_palette = True
+    except ValueError:
+        pass
+    flags = tuple(tuple(f.name for f in band_flags) for band_flags in src.mask_flag_enums)
+    return SceneInfo(
+        path=src.name,
+        driver=src.driver,
+        width=src.width,
+        height=src.height,
+        count=src.count,
+        dtypes=tuple(src.dtypes),
+        crs=src.crs.to_string() if src.crs else None,
+        transform=tuple(t)[:6],
+        pixel_size=(float((t.a**2 + t.d**2) ** 0.5), float((t.b**2 + t.e**2) ** 0.5)),
+        pixel_size_m=_pixel_size_m(src),
+        nodata=src.nodata,
+        colorinterp=tuple(ci.name for ci in src.colorinterp),
+        mask_flags=flags,
+        overviews=tuple(src.overviews(1)),
+        block_shapes=tuple(tuple(b) for b in src.block_shapes),
+        compression=src.compression.name if src.compression else None,
+        has_gcps=bool(gcps),
+        has_palette=has_palette,
+        bounds=tuple(src.bounds),
+        tags=dict(src.tags()),
+    )
+
+
+@dataclass(frozen=True)
+class BandChoice:
+    """Which 1-based bands make the R, G and B channels (``palette`` for colour-mapped rasters)."""
+
+    indexes: tuple[int, int, int]
+    palette: bool = False
+
+
+def choose_bands(info: SceneInfo, requested: Optional[Sequence[int]] = None) -> BandChoice:
+    """Pick the bands to show as RGB.
+
+    Default: red/green/blue by colour interpretation; else the first three non-alpha bands
+    (so 4-band RGBN gives RGB); a single band is replicated (or expanded through its palette).
+    ``requested`` (one or three 1-based band numbers) overrides the default.
+    """
+    if requested:
+        bands = [int(b) for b in requested]
+        if len(bands) not in (1, 3):
+            raise InputError(f"--bands takes one or three band numbers, got {len(bands)}")
+        bad = [b for b in bands if not 1 <= b <= info.count]
+        if bad:
+            raise InputError(
+                f"{info.path}: has {info.count} band(s); band {bad[0]} does not exist (use 1..{info.count})"
+            )
+        return BandChoice(tuple(bands * 3) if len(bands) == 1 else tuple(bands))  # type: ignore[arg-type]
+    interp = [c.lower() for c in info.colorinterp]
+    if all(c in interp for c in ("red", "green", "blue")):
+        return BandChoice((interp.index("red") + 1, interp.index("green") + 1, interp.index("blue") + 1))
+    if info.count >= 1 and interp[0] == "palette" and info.has_palette:
+        return BandChoice((1, 1, 1), palette=True)
+    usable = [i + 1 for i, c in enumerate(interp) if c != ColorInterp.alpha.name]
+    if len(usable) >= 3:
+        return BandChoice((usable[0], usable[1], usable[2]))
+    if len(usable) == 1:
+        return BandChoice((usable[0],) * 3)  # type: ignore[arg-type]
+    raise InputError(
+        f"{info.path}: cannot choose RGB from {info.count} band(s) ({', '.join(info.colorinterp)}); "
+        "pass --bands R,G,B or a single --bands N"
+    )
+
+
+def mask_is_trivial(info: SceneInfo, bands: Sequence[int]) -> bool:
+    """True when no selected band has a nodata value, alpha band or mask."""
+    return all(info.mask_flags[b - 1] == (MaskFlags.all_valid.name,) for b in set(bands))

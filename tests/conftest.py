@@ -1,0 +1,66 @@
+"""Shared fixtures: rasters written with rasterio in the tests, and the real scenes."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import pytest
+import rasterio
+from affine import Affine
+from rasterio.crs import CRS
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_SCENES = ROOT.parent / "shared" / "data" / "scenes"
+EXAMPLE_SCENE = ROOT / "examples" / "data" / "urban_river_025m_epsg28992.tif"
+
+os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
+
+
+def write_raster(
+    path: Path,
+    data: np.ndarray,
+    transform: Affine = Affine(0.5, 0, 500000, 0, -0.5, 4000000),
+    crs: Optional[str] = "EPSG:32633",
+    nodata: Optional[float] = None,
+    colorinterp=None,
+    tiled: bool = True,
+    **profile,
+) -> Path:
+    """Write ``data`` (bands, H, W) as a GeoTIFF and return its path."""
+    count, height, width = data.shape
+    opts = dict(
+        driver="GTiff", width=width, height=height, count=count, dtype=data.dtype,
+        transform=transform, crs=CRS.from_user_input(crs) if crs else None, nodata=nodata,
+    )
+    if tiled and width >= 16 and height >= 16:
+        opts.update(tiled=True, blockxsize=16 * max(1, min(width, 256) // 16), blockysize=16 * max(1, min(height, 256) // 16))
+    opts.update(profile)
+    with rasterio.open(path, "w", **opts) as dst:
+        dst.write(data)
+        if colorinterp:
+            dst.colorinterp = colorinterp
+    return path
+
+
+@pytest.fixture
+def rng() -> np.random.Generator:
+    return np.random.default_rng(12345)
+
+
+@pytest.fixture
+def rgb_raster(tmp_path, rng) -> Path:
+    """1000 x 700 uint8 RGB in UTM 33N, 0.5 m pixels."""
+    data = rng.integers(0, 255, size=(3, 700, 1000), dtype=np.uint8)
+    return write_raster(tmp_path / "rgb.tif", data)
+
+
+def run_cli(*args: str, cwd: Optional[Path] = None, timeout: float = 600, **kwargs) -> subprocess.CompletedProcess:
+    """Run ``python -m hqrs_geo ARGS`` in a child process and capture its output."""
+    return subprocess.run(
+        [sys.executable, "-m", "hqrs_geo", *map(str, args)],
+        capture_output=True, text=True, cwd=cwd, timeout=timeout, **kwargs,
+    )

@@ -1,0 +1,57 @@
+"""Tile layers open in real QGIS (PyQGIS from Debian) as they are."""
+from __future__ import annotations
+
+import pytest
+from qgis.core import QgsApplication, QgsFeatureRequest, QgsRasterLayer, QgsVectorLayer
+
+from conftest import EXAMPLE_SCENE, SHARED_SCENES, run_cli
+from hqrs_geo import read_tiles
+
+
+@pytest.fixture(scope="session")
+def qgis_app():
+    app = QgsApplication([], False)
+    app.initQgis()
+    yield app
+    # exitQgis() at interpreter exit can crash some QGIS builds; the process ends anyway
+
+
+@pytest.mark.parametrize("suffix", [".gpkg", ".fgb"])
+@pytest.mark.parametrize("scene, crs_args, authid", [
+    (EXAMPLE_SCENE, [], "EPSG:28992"),
+    (SHARED_SCENES / "swellendam_3420B_epsg4326.tif", [], "EPSG:4326"),
+    (EXAMPLE_SCENE, ["--crs", "EPSG:4326"], "EPSG:4326"),
+])
+def test_layer_opens_in_qgis(qgis_app, tmp_path, suffix, scene, crs_args, authid):
+    out = tmp_path / f"tiles{suffix}"
+    result = run_cli("tile", scene, "-o", out, "--tile-size", "128", "-q", *crs_args)
+    assert result.returncode == 0, result.stderr
+    expected = read_tiles(out)
+    uri = f"{out}|layername=tiles" if suffix == ".gpkg" else str(out)
+    layer = QgsVectorLayer(uri, "tiles", "ogr")
+    assert layer.isValid()
+    assert layer.featureCount() == len(expected) > 0
+    assert layer.crs().authid() == authid
+    names = layer.fields().names()
+    for column in ("tile_id", "source", "row", "col", "x_off", "y_off", "width", "height", "valid_fraction", "gsd"):
+        assert column in names
+    by_id = {f["tile_id"]: f for f in layer.getFeatures(QgsFeatureRequest())}
+    row = expected.iloc[len(expected) // 2]
+    feature = by_id[row.tile_id]
+    assert feature["x_off"] == row.x_off and feature["valid_fraction"] == pytest.approx(row.valid_fraction)
+    assert feature.geometry().area() == pytest.approx(row.geometry.area, rel=1e-9)
+    if not crs_args:  # with edge=shift the tiles cover exactly the raster as QGIS itself places it
+        raster = QgsRasterLayer(str(scene), "scene")
+        assert raster.isValid() and raster.crs().authid() == authid
+        a, b = layer.extent(), raster.extent()
+        tol = 1e-9 * b.width()
+        assert abs(a.xMinimum() - b.xMinimum()) < tol and abs(a.xMaximum() - b.xMaximum()) < tol
+        assert abs(a.yMinimum() - b.yMinimum()) < tol and abs(a.yMaximum() - b.yMaximum()) < tol
+
+
+def test_run_table_is_visible_to_qgis(qgis_app, tmp_path):
+    out = tmp_path / "tiles.gpkg"
+    assert run_cli("tile", EXAMPLE_SCENE, "-o", out, "-q").returncode == 0
+    runs = QgsVectorLayer(f"{out}|layername=hqrs_runs", "runs", "ogr")
+    assert runs.isValid() and runs.featureCount() == 1
+    assert '"tile_size": "256"' in next(runs.getFeatures())["params"]
