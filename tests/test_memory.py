@@ -11,7 +11,14 @@ from affine import Affine
 from rasterio.windows import Window
 
 PROBE = """
-import json, resource, sys
+import json, sys
+
+def peak_rss_mb():
+    # VmHWM belongs to this process image; ru_maxrss would include the parent's RSS at fork time
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+
 from hqrs_geo import TileConfig, TileDataset, read_tiles
 from hqrs_geo.cli import main
 assert main(["tile", sys.argv[1], "-o", sys.argv[2], "--tile-size", "256", "-q"]) == 0
@@ -20,7 +27,7 @@ checksum = 0
 for i in range(len(ds)):
     checksum += int(ds[i][1][::64, ::64].sum())
 print(json.dumps({"tiles": len(ds), "checksum": checksum,
-                  "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+                  "peak_rss_mb": peak_rss_mb()}))
 """
 
 
@@ -51,4 +58,4 @@ def test_40000_square_scene_peak_rss(tmp_path):
     expected = sum(cells[y // 64:y // 64 + 4, x // 64:x // 64 + 4].mean() >= 0.5 for y in offsets for x in offsets)
     assert report["tiles"] == expected >= written * 4
     assert report["checksum"] > 0
-    assert report["peak_rss_mb"] < 1024, report
+    assert report["peak_rss_mb"] < 512, report  # measured about 220 MB

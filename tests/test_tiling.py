@@ -188,18 +188,64 @@ def test_target_gsd_resamples_and_uses_overviews(tmp_path):
     data = np.zeros((3, 1024, 1024), np.uint8)
     data[:, :, 512:] = 200
     path = write_raster(tmp_path / "ov.tif", data)
-    with rasterio.open(path, "r+") as dst:
-        dst.build_overviews([4], rasterio.enums.Resampling.nearest)
-    with rasterio.open(path, "r+") as dst:  # mark the overview so we can see it was used
-        pass
     tiles, _ = tile_rasters(path, TileConfig(tile_size=64, gsd=2.0))  # 0.5 m -> 2 m: 256 native px per tile
-    assert len(tiles) == 16 and (tiles.width == 256).all() and np.allclose(tiles.gsd, 2.0)
+    assert len(tiles) == 16 and (tiles.width == 256).all() and (tiles.out_width == 64).all()
+    assert np.allclose(tiles.gsd, 2.0)
     ds = TileDataset.from_rasters(path, TileConfig(tile_size=64, gsd=2.0))
     rec, rgb = ds[1]
     assert rgb.shape == (64, 64, 3)
     with rasterio.open(path) as src:
-        ref = src.read(window=Window(256, 0, 256, 256), out_shape=(3, 64, 64), resampling=rasterio.enums.Resampling.bilinear)
+        ref = src.read(window=Window(256, 0, 256, 256), out_shape=(3, 64, 64),
+                       resampling=rasterio.enums.Resampling.bilinear)
     assert np.array_equal(rgb, np.moveaxis(ref, 0, -1))
+    # overviews built, then the full-resolution pixels changed: a downsampled read that shows
+    # the old values proves GDAL served it from the overview
+    with rasterio.open(path, "r+") as dst:
+        dst.build_overviews([4], rasterio.enums.Resampling.average)
+        dst.write(np.full((3, 1024, 1024), 77, np.uint8))
+    _, from_overview = TileDataset.from_rasters(path, TileConfig(tile_size=64, gsd=2.0))[3]
+    assert (from_overview == 200).all()
+    _, native = TileDataset.from_rasters(path, TileConfig(tile_size=64))[3]
+    assert (native == 77).all()
+
+
+def test_tiny_raster_smaller_than_a_tile(tmp_path, rng):
+    data = rng.integers(1, 255, (3, 40, 30), dtype=np.uint8)
+    path = write_raster(tmp_path / "tiny.tif", data)
+    with pytest.raises(InputError, match="larger than the raster"):
+        tile_rasters(path, TileConfig(tile_size=64))
+    tiles, _ = tile_rasters(path, TileConfig(tile_size=64, edge="pad", min_valid=0.1))
+    assert len(tiles) == 1 and tiles.valid_fraction.iloc[0] == pytest.approx(40 * 30 / 64**2)
+    _, rgb = TileDataset.from_rasters(path, TileConfig(tile_size=64, edge="pad", min_valid=0.1))[0]
+    assert np.array_equal(rgb[:40, :30], np.moveaxis(data, 0, -1)) and not rgb[40:].any()
+
+
+def test_cog_and_vrt_mosaic(tmp_path, rng):
+    data = rng.integers(0, 255, (3, 256, 512), dtype=np.uint8)
+    left = write_raster(tmp_path / "left.tif", data[:, :, :256])
+    right = write_raster(tmp_path / "right.tif", data[:, :, 256:], transform=Affine(0.5, 0, 500128, 0, -0.5, 4000000))
+    sources = "".join(
+        f"""<SimpleSource><SourceFilename relativeToVRT="1">{name}</SourceFilename><SourceBand>{b}</SourceBand>
+        <SrcRect xOff="0" yOff="0" xSize="256" ySize="256"/><DstRect xOff="{x}" yOff="0" xSize="256" ySize="256"/></SimpleSource>"""
+        for name, x in (("left.tif", 0), ("right.tif", 256)) for b in [None])
+    bands = "".join(
+        f"""<VRTRasterBand dataType="Byte" band="{b}">{sources.replace("<SourceBand>None</SourceBand>", f"<SourceBand>{b}</SourceBand>")}</VRTRasterBand>"""
+        for b in (1, 2, 3))
+    vrt = tmp_path / "mosaic.vrt"
+    vrt.write_text(f"""<VRTDataset rasterXSize="512" rasterYSize="256"><SRS>EPSG:32633</SRS>
+        <GeoTransform>500000, 0.5, 0, 4000000, 0, -0.5</GeoTransform>{bands}</VRTDataset>""")
+    ds = TileDataset.from_rasters(vrt, TileConfig(tile_size=128))
+    assert len(ds) == 8
+    rec, rgb = ds[2]
+    assert np.array_equal(rgb, np.moveaxis(data[:, 0:128, 256:384], 0, -1))
+    cog = tmp_path / "cog.tif"
+    with rasterio.open(left) as src:
+        profile = src.profile | {"driver": "COG", "blocksize": 128}
+        profile.pop("blockxsize"), profile.pop("blockysize"), profile.pop("tiled")
+        with rasterio.open(cog, "w", **profile) as dst:
+            dst.write(src.read())
+    assert len(tile_rasters(cog, TileConfig(tile_size=64))[0]) == 16
+    assert len(TileDataset.from_rasters(right, TileConfig(tile_size=64))) == 16
 
 
 def test_multiple_scenes_unique_ids_and_sources(tmp_path, rng):
