@@ -4,11 +4,34 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 from .dataset import TileDataset, collate_tiles
+from .embeddings import read_embeddings
 from .errors import HqrsError
 from .layers import read_runs, read_tiles, write_tiles
 from .tiling import TileConfig, TileReader, TileRecord, tile_rasters
 
 __all__ = [
-    "__version__", "HqrsError", "TileConfig", "TileDataset", "TileReader", "TileRecord",
-    "collate_tiles", "read_runs", "read_tiles", "tile_rasters", "write_tiles",
+    "__version__", "DecodingConfig", "HqrsError", "RunOptions", "TileConfig", "TileDataset", "TileReader",
+    "TileRecord", "caption", "collate_tiles", "embed", "load_model", "read_embeddings", "read_runs",
+    "read_tiles", "run", "tile", "tile_rasters", "write_tiles",
 ]
+
+
+def __getattr__(name: str):
+    """Model-engine names are imported on first use (they pull in torch)."""
+    if name in ("embed", "caption", "run", "tile"):
+        from . import api
+
+        return getattr(api, name)
+    if name == "RunOptions":
+        from .inference import RunOptions
+
+        return RunOptions
+    if name == "DecodingConfig":
+        from .models.decoding import DecodingConfig
+
+        return DecodingConfig
+    if name == "load_model":
+        from .models.loader import load_model
+
+        return load_model
+    raise AttributeError(f"module 'hqrs_geo' has no attribute {name!r}")

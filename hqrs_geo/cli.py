@@ -57,6 +57,31 @@ def _tiling_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--resampling", default="bilinear", help="resampling when --gsd is given (default bilinear)")
 
 
+def _engine_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("engine")
+    group.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), cpu, cuda, cuda:N, mps")
+    group.add_argument("--batch-size", type=int, default=32, help="tiles per batch (halved on CUDA out-of-memory)")
+    group.add_argument("--workers", type=int, default=None, help="tile reader processes (default: min(4, CPUs-1) on GPU; on CPU 0 up to 4 cores, else 1)")
+    group.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
+                       help="auto: bf16 (or fp16) on CUDA, fp32 on CPU")
+    group.add_argument("--embedding-dtype", default="float16", choices=("float16", "float32"),
+                       help="stored embedding values (little-endian; default float16)")
+    group.add_argument("--overwrite", action="store_true", help="recompute results the layer already has")
+
+
+def _decoding_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("caption decoding")
+    group.add_argument("--decoding", default="beam", choices=("greedy", "beam", "sample"), help="default beam")
+    group.add_argument("--beams", type=int, default=3, help="beam width (default 3)")
+    group.add_argument("--top-k", type=int, default=0, help="sampling: keep the k most likely tokens (0: off)")
+    group.add_argument("--top-p", type=float, default=1.0, help="sampling: nucleus probability (1.0: off)")
+    group.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
+    group.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeated tokens")
+    group.add_argument("--min-length", type=int, default=5, help="minimum caption length in tokens")
+    group.add_argument("--max-length", type=int, default=30, help="maximum caption length in tokens")
+    group.add_argument("--seed", type=int, default=0, help="sampling seed")
+
+
 def _config(args: argparse.Namespace) -> TileConfig:
     return TileConfig(
         tile_size=args.tile_size, overlap=args.overlap, gsd=args.gsd, edge=args.edge,
@@ -96,6 +121,42 @@ def build_parser() -> argparse.ArgumentParser:
     _tiling_options(chips)
     _common(chips)
     chips.set_defaults(func=cmd_export_chips)
+
+    models = sub.add_parser("models", help="list the model registry and which checkpoints are present")
+    models.add_argument("--json", action="store_true", help="print JSON")
+    _common(models)
+    models.set_defaults(func=cmd_models)
+
+    for name, helptext in (("embed", "image embeddings of tiles (rasters or a tile layer)"),
+                           ("caption", "captions of tiles with a CoCa model (rasters or a tile layer)"),
+                           ("run", "tile + embed + caption in one pass")):
+        job = sub.add_parser(name, help=helptext)
+        job.add_argument("inputs", nargs="+", help="one tile layer, or rasters/globs/folders (then -o is required)")
+        job.add_argument("-o", "--output", default=None, help="tile layer to write (default: update the input layer)")
+        models_group = job.add_argument_group("models")
+        if name in ("embed", "run"):
+            flag = "--model" if name == "embed" else "--embed-model"
+            models_group.add_argument(flag, dest="embed_models", action="append", default=[],
+                                      help="embedding model (registry name or open_clip architecture); repeatable")
+            models_group.add_argument("--checkpoint" if name == "embed" else "--embed-checkpoint",
+                                      dest="embed_checkpoints", action="append", default=[],
+                                      help="checkpoint file for the model of the same position")
+            models_group.add_argument("--arch" if name == "embed" else "--embed-arch", dest="embed_arch",
+                                      action="append", default=[], help="open_clip architecture of that checkpoint")
+        if name in ("caption", "run"):
+            models_group.add_argument("--model" if name == "caption" else "--caption-model", dest="caption_model",
+                                      default=None, help="CoCa caption model (registry name or architecture)")
+            models_group.add_argument("--checkpoint" if name == "caption" else "--caption-checkpoint",
+                                      dest="caption_checkpoint", default=None, help="checkpoint of the caption model")
+            models_group.add_argument("--arch" if name == "caption" else "--caption-arch", dest="caption_arch",
+                                      default=None, help="open_clip architecture of that checkpoint")
+            _decoding_options(job)
+        models_group.add_argument("--trust-checkpoint", action="store_true",
+                                  help="allow checkpoints that need pickle code execution (only from trusted sources)")
+        _engine_options(job)
+        _tiling_options(job)
+        _common(job)
+        job.set_defaults(func=cmd_model_job, job=name)
     return parser
 
 
@@ -130,15 +191,10 @@ def cmd_info(args: argparse.Namespace, progress: Progress) -> int:
 
 def cmd_tile(args: argparse.Namespace, progress: Progress) -> int:
     """``hqrs-geo tile``: rasters to a tile layer."""
-    from .layers import check_writable, new_run, write_tiles
-    from .tiling import tile_rasters
+    from .api import tile
 
     config = _config(args)
-    check_writable(args.output)
-    tiles, scenes = tile_rasters(args.rasters, config, progress=progress)
-    params = {"tiling": config.as_dict(), "scenes": [s.as_dict() for s in scenes]}
-    merged = write_tiles(args.output, tiles, new_run("tile", "tiles", params),
-                         replace_sources=[s.source for s in scenes])
+    tiles, merged, scenes = tile(args.rasters, args.output, config, progress=progress)
     examined = sum(len(s.grid) for s in scenes)
     summary = (f"{len(tiles)} tile(s) from {len(scenes)} scene(s) written to {args.output} "
                f"({examined - len(tiles)} skipped below valid fraction {config.min_valid}; layer holds {len(merged)})")
@@ -178,6 +234,59 @@ def _configure_logging(quiet: bool, debug: bool) -> None:
         warnings.simplefilter("ignore")
 
 
+def cmd_models(args: argparse.Namespace, progress: Progress) -> int:
+    """``hqrs-geo models``: the registry and which checkpoints are on this machine."""
+    from .models.checkpoints import cache_dir, cached_checkpoint
+    from .models.registry import list_models
+
+    rows = []
+    for spec in list_models():
+        found = cached_checkpoint(spec)
+        rows.append({**spec.as_dict(), "present": str(found) if found else None})
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    print(f"{'name':<22} {'kind':<5} {'arch':<16} {'checkpoint':<10} source")
+    for row in rows:
+        source = f"hf-hub {row['hf_repo']}/{row['hf_file']}" if row["hf_repo"] else (row["obtain"] or "built in")
+        print(f"{row['name']:<22} {row['kind']:<5} {row['arch']:<16} {'present' if row['present'] else 'missing':<10} {source}")
+    print(f"checkpoints are looked for in {cache_dir()} (set HQRS_GEO_HOME to move it); "
+          "any open_clip architecture works with --checkpoint")
+    return 0
+
+
+def cmd_model_job(args: argparse.Namespace, progress: Progress) -> int:
+    """``hqrs-geo embed|caption|run``: model inference over tiles, results on the layer."""
+    from .api import run
+    from .inference import RunOptions
+
+    decoding = None
+    if args.job in ("caption", "run") and args.caption_model:
+        from .models.decoding import DecodingConfig
+
+        decoding = DecodingConfig(
+            method=args.decoding, num_beams=args.beams, top_k=args.top_k, top_p=args.top_p,
+            temperature=args.temperature, repetition_penalty=args.repetition_penalty,
+            min_length=args.min_length, max_length=args.max_length, seed=args.seed,
+        ).validated()
+    options = RunOptions(batch_size=args.batch_size, precision=args.precision, workers=args.workers,
+                         embedding_dtype=args.embedding_dtype, overwrite=args.overwrite).validated()
+    frame = run(
+        args.inputs, args.output,
+        embed_models=getattr(args, "embed_models", []), caption_model=getattr(args, "caption_model", None),
+        embed_checkpoints=getattr(args, "embed_checkpoints", []), embed_arch=getattr(args, "embed_arch", []),
+        caption_checkpoint=getattr(args, "caption_checkpoint", None), caption_arch=getattr(args, "caption_arch", None),
+        decoding=decoding, device=args.device, trust_checkpoint=args.trust_checkpoint,
+        tiling=_config(args), options=options, progress=progress, command=args.job,
+    )
+    output = args.output or args.inputs[0]
+    summary = f"{len(frame)} tile(s) in {output} now carry the results of {args.job}"
+    progress.finish(summary, tiles=len(frame), output=str(output))
+    if not args.quiet and progress.mode != "json":
+        print(summary, file=sys.stderr)
+    return 0
+
+
 def _raise_cancel(signum, frame) -> None:
     raise KeyboardInterrupt
 
@@ -195,7 +304,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         with rasterio.Env():  # GDAL messages go through Python logging, not straight to stderr
             return args.func(args, progress)
     except KeyboardInterrupt:
-        err: HqrsError = Cancelled("cancelled; outputs were left as they were before this run")
+        err: HqrsError = Cancelled(
+            "cancelled; outputs were left as they were before this run (finished model results are kept "
+            "in <layer>.hqrs-partial.sqlite and skipped when you run the same command again)"
+        )
     except HqrsError as exc:
         err = exc
     except Exception as exc:  # an internal bug: one line unless --debug

@@ -216,24 +216,46 @@ def _write_gpkg(path: PathLike, frame, runs: list[dict], layer: str) -> None:
         columns=["run_id", "created", "command", "version", "layer", "params"],
     )
     with _atomic(path, copy_existing=True) as tmp:
-        pyogrio.write_dataframe(frame, tmp, layer=layer, driver="GPKG", geometry_type="Polygon")
+        # through Arrow, so bytes columns (embeddings) become real BLOBs
+        pyogrio.write_dataframe(frame, tmp, layer=layer, driver="GPKG", geometry_type="Polygon", use_arrow=True)
         pyogrio.write_dataframe(table, tmp, layer=RUNS_TABLE, driver="GPKG")
 
 
 def _write_parquet(path: PathLike, frame, runs: list[dict]) -> None:
     import pyarrow.parquet as pq
 
+    vectors = {c: frame[c] for c in frame.columns if c.startswith("emb_") and f"{c}_dim" in frame.columns}
     with _atomic(path, copy_existing=False) as tmp:
-        frame.to_parquet(tmp, index=False)
+        frame.drop(columns=list(vectors)).to_parquet(tmp, index=False)
         table = pq.read_table(tmp)
+        for name, values in vectors.items():
+            table = table.append_column(name, _fixed_size_list(values, frame[f"{name}_dim"]))
         meta = dict(table.schema.metadata or {})
         meta[b"hqrs_geo"] = json.dumps(runs).encode()
         pq.write_table(table.replace_schema_metadata(meta), tmp)
+
+
+def _fixed_size_list(values, dims):
+    """Embedding BLOBs (or arrays read back from Parquet) as an Arrow fixed-size list column."""
+    import numpy as np
+    import pyarrow as pa
+
+    from .embeddings import decode
+
+    present = values.map(lambda v: v is not None and not (isinstance(v, float) and np.isnan(v))).to_numpy()
+    dim = int(dims[present].iloc[0]) if present.any() else 1
+    first = values[present].iloc[0] if present.any() else b""
+    width = (len(first) // dim) if isinstance(first, (bytes, bytearray)) else np.asarray(first).dtype.itemsize
+    dtype = np.float16 if width == 2 else np.float32
+    matrix = np.zeros((len(values), dim), dtype=dtype)
+    if present.any():
+        matrix[present] = decode(values[present].tolist(), dim).astype(dtype)
+    return pa.FixedSizeListArray.from_arrays(pa.array(matrix.ravel()), dim, mask=pa.array(~present))
 
 
 def _write_fgb(path: PathLike, frame, runs: list[dict]) -> None:
     import pyogrio
 
     with _atomic(_sidecar(path), copy_existing=False) as side_tmp, _atomic(path, copy_existing=False) as tmp:
-        pyogrio.write_dataframe(frame, tmp, driver="FlatGeobuf", geometry_type="Polygon")
+        pyogrio.write_dataframe(frame, tmp, driver="FlatGeobuf", geometry_type="Polygon", use_arrow=True)
         side_tmp.write_text(json.dumps(runs, indent=1))

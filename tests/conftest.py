@@ -64,3 +64,53 @@ def run_cli(*args: str, cwd: Optional[Path] = None, timeout: float = 600, **kwar
         [sys.executable, "-m", "hqrs_geo", *map(str, args)],
         capture_output=True, text=True, cwd=cwd, timeout=timeout, **kwargs,
     )
+
+
+@pytest.fixture(scope="session", autouse=True)
+def model_environment(tmp_path_factory):
+    """Tiny architectures visible to this process and to CLI child processes; no hub access."""
+    from tiny_models import register_tiny_configs
+
+    configs = tmp_path_factory.mktemp("model_configs")
+    register_tiny_configs(configs)
+    os.environ["HQRS_GEO_MODEL_CONFIGS"] = str(configs)
+    os.environ["HQRS_GEO_HOME"] = str(tmp_path_factory.mktemp("hqrs_home"))
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    yield configs
+
+
+def _save_tiny(factory, name: str) -> Path:
+    import torch
+    from tiny_models import build_tiny
+
+    model, _, _ = build_tiny(name, seed=0)
+    path = factory.mktemp("ckpt") / f"{'tiny_coca' if 'coca' in name else 'tiny_clip'}.pt"
+    torch.save(model.state_dict(), path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_clip_checkpoint(tmp_path_factory, model_environment):
+    """A tiny CLIP's weights saved as a plain state_dict file."""
+    from tiny_models import TINY_CLIP
+
+    return _save_tiny(tmp_path_factory, TINY_CLIP)
+
+
+@pytest.fixture(scope="session")
+def tiny_coca_checkpoint(tmp_path_factory, model_environment):
+    """A tiny CoCa's weights saved as a plain state_dict file."""
+    from tiny_models import TINY_COCA
+
+    return _save_tiny(tmp_path_factory, TINY_COCA)
+
+
+@pytest.fixture
+def example_layer(tmp_path) -> Path:
+    """The example scene tiled at 125 px (64 tiles) into a GeoPackage."""
+    from hqrs_geo import TileConfig
+    from hqrs_geo.api import tile
+
+    out = tmp_path / "tiles.gpkg"
+    tile(EXAMPLE_SCENE, out, TileConfig(tile_size=125))
+    return out

@@ -55,3 +55,20 @@ def test_run_table_is_visible_to_qgis(qgis_app, tmp_path):
     runs = QgsVectorLayer(f"{out}|layername=hqrs_runs", "runs", "ogr")
     assert runs.isValid() and runs.featureCount() == 1
     assert '"tile_size": "256"' in next(runs.getFeatures())["params"]
+
+
+def test_layer_with_embeddings_opens_in_qgis(qgis_app, example_layer, tiny_clip_checkpoint):
+    from qgis.PyQt.QtCore import QVariant
+
+    from hqrs_geo.api import embed
+    from hqrs_geo.inference import RunOptions
+
+    embed(example_layer, model="hqrs-test-tiny-clip", checkpoint=str(tiny_clip_checkpoint), device="cpu",
+          options=RunOptions(workers=0))
+    layer = QgsVectorLayer(f"{example_layer}|layername=tiles", "tiles", "ogr")
+    assert layer.isValid() and layer.featureCount() == 64
+    field = layer.fields().field("emb_hqrs_test_tiny_clip_tiny_clip")
+    assert field.type() == QVariant.ByteArray
+    feature = next(layer.getFeatures())
+    assert len(bytes(feature["emb_hqrs_test_tiny_clip_tiny_clip"])) == 64  # 32 float16 values
+    assert feature["emb_hqrs_test_tiny_clip_tiny_clip_dim"] == 32

@@ -1,0 +1,1 @@
+"""Remote-sensing vision-language models: registry, checkpoint loading, inference, decoding."""

@@ -1,0 +1,121 @@
+"""Building an open_clip model from a registry spec and loading its checkpoint strictly."""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from ..errors import InputError
+from .checkpoints import read_state_dict, resolve_checkpoint, sha256_of
+from .device import pick_device
+from .registry import ModelSpec, get_spec
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LoadedModel:
+    """A ready model: the network (eval mode, on its device), tokenizer and provenance."""
+
+    spec: ModelSpec
+    model: Any
+    tokenizer: Any
+    preprocess: dict
+    device: Any
+    checkpoint: Optional[str] = None
+    sha256: Optional[str] = None
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def kind(self) -> str:
+        """``clip`` or ``coca``."""
+        return self.spec.kind
+
+    @property
+    def embed_dim(self) -> int:
+        """Dimension of the image/text embeddings."""
+        proj = getattr(self.model, "text_projection", None)
+        if proj is not None and hasattr(proj, "shape"):
+            return int(proj.shape[-1])
+        return int(self.model.visual.output_dim)
+
+    def describe(self) -> dict:
+        """Provenance recorded with every result."""
+        return {
+            "name": self.spec.name, "kind": self.spec.kind, "arch": self.spec.arch,
+            "quick_gelu": self.spec.quick_gelu, "checkpoint": self.checkpoint, "sha256": self.sha256,
+            "preprocess": self.preprocess, "template": self.spec.template, "embed_dim": self.embed_dim,
+        }
+
+
+def _preprocess_cfg(model) -> dict:
+    cfg = dict(getattr(model.visual, "preprocess_cfg", {}) or {})
+    size = cfg.get("size", getattr(model.visual, "image_size", 224))
+    size = tuple(size) if isinstance(size, (tuple, list)) else (int(size), int(size))
+    return {
+        "size": list(size),
+        "mean": list(cfg.get("mean", (0.48145466, 0.4578275, 0.40821073))),
+        "std": list(cfg.get("std", (0.26862954, 0.26130258, 0.27577711))),
+        "interpolation": cfg.get("interpolation", "bicubic"),
+        "resize_mode": cfg.get("resize_mode", "shortest"),
+    }
+
+
+def _check_keys(model, state: dict, path: Path, spec: ModelSpec, strict: bool) -> None:
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [k for k in own if k in state and tuple(own[k].shape) != tuple(state[k].shape)]
+    if shapes:
+        k = shapes[0]
+        raise InputError(
+            f"{path}: checkpoint does not fit architecture {spec.arch} ({len(shapes)} tensor(s) differ, e.g. "
+            f"{k}: checkpoint {list(state[k].shape)} vs model {list(own[k].shape)}); pass the right --arch"
+        )
+    if strict and (missing or unexpected):
+        def names(keys):
+            return ", ".join(keys[:4]) + (f" and {len(keys) - 4} more" if len(keys) > 4 else "")
+
+        parts = []
+        if missing:
+            parts.append(f"missing {len(missing)}: {names(missing)}")
+        if unexpected:
+            parts.append(f"unexpected {len(unexpected)}: {names(unexpected)}")
+        raise InputError(
+            f"{path}: checkpoint does not match architecture {spec.arch} ({'; '.join(parts)}); "
+            "pass the right --arch, or --no-strict to load what fits"
+        )
+
+
+def load_model(
+    name: str,
+    checkpoint: Optional[str] = None,
+    arch: Optional[str] = None,
+    device: str = "auto",
+    trust_checkpoint: bool = False,
+    strict: bool = True,
+    download: bool = True,
+) -> LoadedModel:
+    """Build the model ``name`` (registry entry or open_clip architecture) and load its weights.
+
+    Returns a :class:`LoadedModel` in eval mode on the chosen device, with the checkpoint's
+    sha256 and the preprocessing it expects.
+    """
+    import open_clip
+
+    spec = get_spec(name, arch=arch, checkpoint=checkpoint)
+    path = resolve_checkpoint(spec, checkpoint, download=download)
+    state = read_state_dict(path, trust=trust_checkpoint)
+    model = open_clip.create_model(spec.arch, pretrained=None, force_quick_gelu=spec.quick_gelu)
+    own_keys = set(model.state_dict())
+    transient = {name for name, _ in model.named_buffers()} - own_keys  # e.g. attn_mask (TorchScript keeps it)
+    state = {k: v for k, v in state.items() if k not in transient}
+    _check_keys(model, state, path, spec, strict)
+    model.load_state_dict(state, strict=strict)
+    target = pick_device(device)
+    model = model.to(target).eval()
+    return LoadedModel(
+        spec=spec, model=model, tokenizer=open_clip.get_tokenizer(spec.arch), preprocess=_preprocess_cfg(model),
+        device=target, checkpoint=str(path), sha256=sha256_of(path),
+    )

@@ -1,0 +1,254 @@
+"""Batched inference over tile layers: parity with plain open_clip, storage, resume, CLI."""
+from __future__ import annotations
+
+import json
+import sqlite3
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from conftest import EXAMPLE_SCENE, run_cli
+from hqrs_geo import TileConfig, TileDataset, read_runs, read_tiles
+from hqrs_geo.api import embed, run, tile
+from hqrs_geo.embeddings import decode, embedding_keys, read_embeddings
+from hqrs_geo.inference import RunOptions, _run_batch, run_models
+from hqrs_geo.models.loader import load_model
+from hqrs_geo.models.preprocess import BatchPreprocess
+from tiny_models import TINY_CLIP
+
+
+def reference_embeddings(loaded, layer):
+    """Plain open_clip: its own PIL preprocessing, encode_image, L2 normalisation."""
+    import open_clip
+
+    preprocess = open_clip.image_transform(loaded.model.visual.image_size, is_train=False,
+                                           mean=loaded.preprocess["mean"], std=loaded.preprocess["std"])
+    ds = TileDataset.from_layer(layer)
+    images = torch.stack([preprocess(Image.fromarray(np.ascontiguousarray(ds[i][1]))) for i in range(len(ds))])
+    with torch.no_grad():
+        return [r.tile_id for r in ds.records], F.normalize(loaded.model.encode_image(images), dim=-1).numpy()
+
+
+@pytest.mark.parametrize("tile_size", [64, 125])  # exactly the model size, and resized 125 -> 64
+def test_embeddings_match_plain_open_clip(tmp_path, tiny_clip_checkpoint, tile_size):
+    layer = tmp_path / "t.gpkg"
+    tile(EXAMPLE_SCENE, layer, TileConfig(tile_size=tile_size))
+    loaded = load_model(TINY_CLIP, checkpoint=str(tiny_clip_checkpoint), device="cpu")
+    frame = run_models(str(layer), [loaded], options=RunOptions(batch_size=7, workers=2, embedding_dtype="float32"))
+    ids, expected = reference_embeddings(loaded, layer)
+    frame = frame.set_index("tile_id").loc[ids].reset_index()
+    present, got = read_embeddings(frame)
+    assert present.all() and got.shape == expected.shape
+    cosine = (got * expected).sum(axis=1)
+    assert cosine.min() >= 0.9999, cosine.min()
+    assert np.allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-5)
+
+
+def test_batch_preprocess_matches_pil_pipeline():
+    import open_clip
+
+    cfg = {"size": [64, 64], "mean": [0.5, 0.4, 0.3], "std": [0.2, 0.25, 0.3], "interpolation": "bicubic",
+           "resize_mode": "shortest"}
+    pil = open_clip.image_transform(64, is_train=False, mean=cfg["mean"], std=cfg["std"])
+    import rasterio
+
+    with rasterio.open(EXAMPLE_SCENE) as src:
+        scene = np.moveaxis(src.read(), 0, -1)
+    for h, w in ((64, 64), (125, 125), (100, 140), (200, 90), (256, 256)):
+        img = np.ascontiguousarray(scene[300:300 + h, 200:200 + w])
+        ours = BatchPreprocess(cfg, torch.device("cpu"))(torch.from_numpy(img).permute(2, 0, 1)[None])[0]
+        ref = pil(Image.fromarray(img))
+        assert ours.shape == ref.shape == (3, 64, 64)
+        grey_levels = (ours - ref).abs().mul(torch.tensor(cfg["std"]).view(3, 1, 1) * 255)
+        if (h, w) == (64, 64):
+            assert grey_levels.max() < 1e-3  # no resize: identical
+        # PIL's and torch's antialiased bicubic kernels differ by rounding, rarely by a few levels
+        assert grey_levels.mean() < 0.5 and grey_levels.max() <= 8, (h, w, grey_levels.mean(), grey_levels.max())
+
+
+def test_storage_round_trip_and_two_models(tmp_path, example_layer, tiny_clip_checkpoint):
+    from tiny_models import build_tiny
+
+    other, _, _ = build_tiny(TINY_CLIP, seed=7)
+    other_ckpt = tmp_path / "other_clip.pt"
+    torch.save(other.state_dict(), other_ckpt)
+    embed(example_layer, model=[TINY_CLIP, TINY_CLIP], checkpoint=[str(tiny_clip_checkpoint), str(other_ckpt)],
+          device="cpu", options=RunOptions(batch_size=16, workers=0))
+    frame = read_tiles(example_layer)
+    keys = sorted(embedding_keys(frame))
+    assert keys == ["hqrs_test_tiny_clip_other_clip", "hqrs_test_tiny_clip_tiny_clip"]
+    assert set(frame["emb_hqrs_test_tiny_clip_tiny_clip_model"]) == {"hqrs-test-tiny-clip:tiny_clip"}
+    assert set(frame["emb_hqrs_test_tiny_clip_tiny_clip_dim"]) == {32}
+    with pytest.raises(Exception, match="name the model"):
+        read_embeddings(frame)
+    _, a = read_embeddings(frame, keys[0])
+    _, b = read_embeddings(frame, keys[1])
+    assert not np.allclose(a, b)
+    # GeoPackage BLOBs hold exactly 32 little-endian float16 values
+    with sqlite3.connect(example_layer) as db:
+        blob, kind = db.execute(f"SELECT emb_{keys[1]}, typeof(emb_{keys[1]}) FROM tiles LIMIT 1").fetchone()
+    assert kind == "blob" and len(blob) == 64
+    assert np.array_equal(np.frombuffer(blob, "<f2").astype(np.float32), decode([blob], 32)[0])
+    run_record = read_runs(example_layer)[-1]
+    task = run_record["params"]["tasks"][0]
+    assert run_record["command"] == "embed" and len(task["sha256"]) == 64 and task["dtype"] == "float16"
+    assert task["preprocess"]["size"] == [64, 64]
+    # GeoParquet: a fixed-size list column with the same values
+    from hqrs_geo.layers import write_tiles
+    import pyarrow.parquet as pq
+
+    write_tiles(tmp_path / "t.parquet", frame)
+    schema = pq.read_schema(tmp_path / "t.parquet")
+    field_type = schema.field(f"emb_{keys[1]}").type
+    assert field_type.list_size == 32 and str(field_type.value_type) == "halffloat"
+    _, again = read_embeddings(read_tiles(tmp_path / "t.parquet"), keys[1])
+    assert np.array_equal(again, b)
+
+
+class Interrupt(Exception):
+    pass
+
+
+class StopAfter:
+    """A progress sink that interrupts the run after ``n`` batches (like Ctrl-C would)."""
+
+    mode = "none"
+
+    def __init__(self, batches: int):
+        self.batches, self.calls, self.skipped = batches, 0, None
+
+    def start(self, stage, total, message=""):
+        self.total = total
+
+    def advance(self, n=1):
+        if self.skipped is None:
+            self.skipped = n
+            return
+        self.calls += 1
+        if self.calls >= self.batches:
+            raise KeyboardInterrupt
+
+    def message(self, text):
+        pass
+
+
+def test_interrupted_run_resumes_without_losing_or_repeating(example_layer, tiny_clip_checkpoint):
+    loaded = load_model(TINY_CLIP, checkpoint=str(tiny_clip_checkpoint), device="cpu")
+    before = example_layer.read_bytes()
+    with pytest.raises(KeyboardInterrupt):
+        run_models(str(example_layer), [loaded], options=RunOptions(batch_size=10, workers=0), progress=StopAfter(2))
+    assert example_layer.read_bytes() == before  # the layer is untouched
+    partial = example_layer.with_name(example_layer.name + ".hqrs-partial.sqlite")
+    with sqlite3.connect(partial) as db:
+        assert db.execute("SELECT count(*) FROM results").fetchone()[0] == 20
+    resumed = StopAfter(10**6)
+    frame = run_models(str(example_layer), [loaded], options=RunOptions(batch_size=10, workers=0), progress=resumed)
+    assert resumed.skipped == 20 and resumed.calls == 5  # 44 remaining tiles in 5 batches
+    assert not partial.exists()
+    fresh = run_models(str(example_layer), [loaded], options=RunOptions(batch_size=64, workers=0, overwrite=True))
+    a = read_embeddings(frame)[1]
+    b = read_embeddings(fresh)[1]
+    assert len(frame) == 64 and np.array_equal(a, b)
+    skip_all = StopAfter(10**6)
+    run_models(str(example_layer), [loaded], options=RunOptions(workers=0), progress=skip_all)
+    assert skip_all.skipped == 64 and skip_all.calls == 0
+
+
+def test_out_of_memory_halves_the_batch(tmp_path):
+    from hqrs_geo.results_store import ResultStore
+
+    class PickyTask:  # stands in for a model whose batches above 3 tiles exhaust GPU memory
+        field = "value"
+
+        def __call__(self, images):
+            if len(images) > 3:
+                raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+            return [int(x) for x in images]
+
+    class Rec:
+        def __init__(self, i):
+            self.tile_id = f"t{i}"
+
+    store = ResultStore(tmp_path / "x.gpkg")
+    sizes = []
+    _run_batch([PickyTask()], torch.arange(13), [Rec(i) for i in range(13)], store, sizes.append)
+    assert store.load("value") == {f"t{i}": i for i in range(13)}
+    assert sizes and max(sizes) <= 6
+
+
+def test_cli_embed_run_and_errors(tmp_path, tiny_clip_checkpoint):
+    out = tmp_path / "run.gpkg"
+    result = run_cli("embed", EXAMPLE_SCENE, "-o", out, "--tile-size", "250", "--model", TINY_CLIP,
+                     "--checkpoint", tiny_clip_checkpoint, "--device", "cpu", "--progress", "json", "--workers", "1")
+    assert result.returncode == 0, result.stderr
+    events = [json.loads(l) for l in result.stdout.splitlines()]
+    assert {"tile", "embed", "done"} <= {e["stage"] for e in events}
+    frame = read_tiles(out)
+    assert len(frame) == 16 and read_embeddings(frame)[0].all()
+    missing = run_cli("embed", out, "--model", "remoteclip-vit-b-32", "--device", "cpu")
+    assert missing.returncode == 2 and "Traceback" not in missing.stderr
+    assert "RemoteCLIP-ViT-B-32.pt" in missing.stderr and len(missing.stderr.strip().splitlines()) == 1
+    nothing = run_cli("embed", out)
+    assert nothing.returncode == 2 and "no model given" in nothing.stderr
+    listing = run_cli("models", "--json")
+    assert listing.returncode == 0 and any(m["name"] == "rs-coca" for m in json.loads(listing.stdout))
+
+
+def test_auto_device_and_precision(example_layer, tiny_clip_checkpoint):
+    """On a CUDA machine this runs the CUDA path (bf16/fp16 autocast, pinned memory); on CPU, fp32."""
+    loaded = load_model(TINY_CLIP, checkpoint=str(tiny_clip_checkpoint), device="auto")
+    frame = run_models(str(example_layer), [loaded], options=RunOptions(batch_size=16, workers=1, embedding_dtype="float32"))
+    task = read_runs(example_layer)[-1]["params"]["tasks"][0]
+    assert task["precision"] == ("fp32" if loaded.device.type == "cpu" else task["precision"])
+    assert read_runs(example_layer)[-1]["params"]["device"].startswith(loaded.device.type)
+    cpu = load_model(TINY_CLIP, checkpoint=str(tiny_clip_checkpoint), device="cpu")
+    ids, expected = reference_embeddings(cpu, example_layer)
+    got = read_embeddings(frame.set_index("tile_id").loc[ids].reset_index())[1]
+    tolerance = 0.9999 if loaded.device.type == "cpu" else 0.99  # bf16 autocast on GPUs
+    assert (got * expected).sum(axis=1).min() >= tolerance
+
+
+def test_captions_match_direct_decoding(tmp_path, tiny_coca_checkpoint):
+    import open_clip
+
+    from hqrs_geo.models.decoding import DecodingConfig, generate_captions
+    from tiny_models import TINY_COCA
+
+    layer = tmp_path / "c.gpkg"
+    tile(EXAMPLE_SCENE, layer, TileConfig(tile_size=64))
+    loaded = load_model(TINY_COCA, checkpoint=str(tiny_coca_checkpoint), device="cpu")
+    config = DecodingConfig(method="greedy", min_length=3, max_length=12)
+    frame = run_models(str(layer), captioner=loaded, decoding=config, options=RunOptions(batch_size=5, workers=0),
+                       command="caption")
+    preprocess = open_clip.image_transform(64, is_train=False, mean=loaded.preprocess["mean"], std=loaded.preprocess["std"])
+    ds = TileDataset.from_layer(layer)
+    images = torch.stack([preprocess(Image.fromarray(np.ascontiguousarray(ds[i][1]))) for i in range(8)])
+    with torch.inference_mode():
+        expected = generate_captions(loaded.model, loaded.tokenizer, images, config)
+    got = frame.set_index("tile_id").loc[[r.tile_id for r in ds.records[:8]], "caption"].tolist()
+    assert got == expected and all(len(c) > 0 for c in got)
+    assert "<end_of_text>" not in " ".join(got) and "<start_of_text>" not in " ".join(got)
+    assert set(frame["caption_model"]) == {loaded.spec.name}
+    record = read_runs(layer)[-1]
+    assert record["command"] == "caption" and record["params"]["tasks"][0]["decoding"]["method"] == "greedy"
+
+
+def test_cli_run_tiles_embeds_and_captions_in_one_pass(tmp_path, tiny_clip_checkpoint, tiny_coca_checkpoint):
+    from tiny_models import TINY_COCA
+
+    out = tmp_path / "all.parquet"
+    result = run_cli("run", EXAMPLE_SCENE, "-o", out, "--tile-size", "250", "--embed-model", TINY_CLIP,
+                     "--embed-checkpoint", tiny_clip_checkpoint, "--caption-model", TINY_COCA,
+                     "--caption-checkpoint", tiny_coca_checkpoint, "--decoding", "beam", "--beams", "2",
+                     "--max-length", "8", "--device", "cpu", "-q")
+    assert result.returncode == 0, result.stderr
+    frame = read_tiles(out)
+    assert len(frame) == 16 and frame["caption"].map(lambda c: isinstance(c, str) and len(c) > 0).all()
+    assert read_embeddings(frame)[0].all()
+    tasks = read_runs(out)[-1]["params"]["tasks"]
+    assert [t["field"] for t in tasks] == ["emb_hqrs_test_tiny_clip_tiny_clip", "caption"]
+    wrong = run_cli("caption", out, "--model", TINY_CLIP, "--checkpoint", tiny_clip_checkpoint, "--device", "cpu")
+    assert wrong.returncode == 2 and "captions need a CoCa model" in wrong.stderr
