@@ -11,12 +11,15 @@ DEBIAN_PKGS := qgis python3-qgis python3-venv
 export QT_QPA_PLATFORM := offscreen
 export PYTHONPATH := /usr/share/qgis/python/plugins$(if $(PYTHONPATH),:$(PYTHONPATH))
 
-.PHONY: demo test bench system-deps venv clean help
+PLUGIN_ZIP  := dist/hqrs_geo_plugin.zip
+
+.PHONY: demo test bench plugin system-deps venv clean help
 
 help:
 	@echo "make demo   - run the main job on the example scene (sets everything up)"
 	@echo "make test   - run the test suite (sets everything up)"
 	@echo "make bench  - run the benchmarks"
+	@echo "make plugin - build the QGIS plugin zip (dist/hqrs_geo_plugin.zip)"
 
 system-deps:
 	@if ! $(SYSTEM_PY) -c 'import qgis.core' >/dev/null 2>&1 || ! $(SYSTEM_PY) -c 'import ensurepip' >/dev/null 2>&1; then \
@@ -49,5 +52,12 @@ bench: venv
 	$(PY) -m pip install -q -c constraints.txt torchgeo 'matplotlib>=3.8'
 	$(PY) benchmarks/tiling.py
 
+# The installable plugin ("Install from ZIP"): one top folder, metadata, code, icon, licence.
+plugin:
+	@rm -rf build/plugin && mkdir -p build/plugin/hqrs_geo_plugin $(dir $(PLUGIN_ZIP))
+	@cp qgis_plugin/*.py qgis_plugin/icon.png metadata.txt LICENSE build/plugin/hqrs_geo_plugin/
+	@rm -f $(PLUGIN_ZIP) && cd build/plugin && python3 -m zipfile -c $(abspath $(PLUGIN_ZIP)) hqrs_geo_plugin
+	@echo "plugin: $(PLUGIN_ZIP)"
+
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache demo-output
+	rm -rf $(VENV) build dist *.egg-info .pytest_cache demo-output

@@ -10,9 +10,10 @@ from .layers import read_runs, read_tiles, write_tiles
 from .tiling import TileConfig, TileReader, TileRecord, tile_rasters
 
 __all__ = [
-    "__version__", "DecodingConfig", "HqrsError", "RunOptions", "TileConfig", "TileDataset", "TileReader",
-    "TileRecord", "caption", "collate_tiles", "embed", "load_model", "read_embeddings", "read_runs",
-    "read_tiles", "run", "tile", "tile_rasters", "write_tiles",
+    "__version__", "DecodingConfig", "HqrsError", "RunOptions", "SearchSession", "SpatialFilter", "TileConfig",
+    "TileDataset", "TileReader", "TileRecord", "caption", "classify", "collate_tiles", "embed", "load_model",
+    "read_embeddings", "read_runs", "read_tiles", "run", "search_similar", "search_text", "tile", "tile_rasters",
+    "write_tiles",
 ]
 
 
@@ -30,6 +31,18 @@ def __getattr__(name: str):
         from .models.decoding import DecodingConfig
 
         return DecodingConfig
+    if name in ("search_text", "search_similar", "classify"):
+        from .search import api as search_api
+
+        return getattr(search_api, name)
+    if name == "SearchSession":
+        from .search.session import SearchSession
+
+        return SearchSession
+    if name == "SpatialFilter":
+        from .search.spatial import SpatialFilter
+
+        return SpatialFilter
     if name == "load_model":
         from .models.loader import load_model
 

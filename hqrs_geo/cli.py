@@ -12,6 +12,7 @@ import logging
 import signal
 import sys
 import warnings
+from pathlib import Path
 from typing import Optional, Sequence
 
 from . import __version__
@@ -157,7 +158,206 @@ def build_parser() -> argparse.ArgumentParser:
         _tiling_options(job)
         _common(job)
         job.set_defaults(func=cmd_model_job, job=name)
+    _search_parsers(sub)
     return parser
+
+
+def _floats(count: int):
+    def parse(text: str) -> tuple[float, ...]:
+        try:
+            values = tuple(float(v) for v in text.split(","))
+        except ValueError:
+            values = ()
+        if len(values) != count:
+            raise argparse.ArgumentTypeError(f"expected {count} comma-separated numbers, got {text!r}")
+        return values
+    return parse
+
+
+def _search_common(parser: argparse.ArgumentParser, outputs: bool = True) -> None:
+    parser.add_argument("layer", help="tile layer with embeddings")
+    group = parser.add_argument_group("model")
+    group.add_argument("--model", default=None, help="which embeddings (model name or key) when the layer has several")
+    group.add_argument("--checkpoint", default=None, help="checkpoint of that model, if it moved since embedding")
+    group.add_argument("--device", default="cpu", help="device for the text/image encoder (default cpu)")
+    group.add_argument("--ann", action="store_true", help="use the approximate index built by 'hqrs-geo index'")
+    spatial = parser.add_argument_group("spatial filters")
+    spatial.add_argument("--bbox", type=_floats(4), default=None, help="minx,miny,maxx,maxy (in --bbox-crs)")
+    spatial.add_argument("--bbox-crs", default=None, help="CRS of --bbox (default: the layer's)")
+    spatial.add_argument("--within", default=None, help="polygon layer (path or 'path|layername=NAME')")
+    spatial.add_argument("--near", type=_floats(2), default=None, help="x,y of a point (in --near-crs)")
+    spatial.add_argument("--near-crs", default="EPSG:4326", help="CRS of --near (default EPSG:4326 lon,lat)")
+    spatial.add_argument("--distance", type=float, default=None, help="distance from --near in metres")
+    if outputs:
+        out = parser.add_argument_group("results")
+        out.add_argument("-k", type=int, default=20, help="number of results (default 20)")
+        out.add_argument("--result-layer", nargs="?", const="", default=None,
+                         help="also write the ranked tiles as a layer (default name search_<query>)")
+        out.add_argument("--output", default=None, help="file for the result layer (default: the tile GeoPackage)")
+        out.add_argument("--score-column", default=None, help="write every tile's score as this column of the layer")
+        out.add_argument("--score-raster", default=None, help="write a GeoTIFF of scores at tile resolution")
+        out.add_argument("--json", action="store_true", help="print results as JSON")
+    _common(parser)
+
+
+def _search_parsers(sub) -> None:
+    search = sub.add_parser("search", help="rank tiles by similarity to text")
+    _search_common(search)
+    search.add_argument("query", nargs="+", help="one or more texts (combined)")
+    search.add_argument("--no-template", action="store_true", help="use the text as is, without the model's template")
+    search.set_defaults(func=cmd_search, kind="text")
+
+    similar = sub.add_parser("similar", help="rank tiles by similarity to example tiles or images")
+    _search_common(similar)
+    similar.add_argument("--tile", action="append", default=[], help="positive example tile id (repeatable)")
+    similar.add_argument("--image", action="append", default=[], help="positive example image file (repeatable)")
+    similar.add_argument("--negative", action="append", default=[], help="negative example tile id (repeatable)")
+    similar.add_argument("--negative-image", action="append", default=[], help="negative example image (repeatable)")
+    similar.add_argument("--negative-weight", type=float, default=0.5, help="weight of the negatives' mean (0.5)")
+    similar.add_argument("--include-examples", action="store_true", help="keep the example tiles in the results")
+    similar.set_defaults(func=cmd_search, kind="similar")
+
+    classify = sub.add_parser("classify", help="zero-shot classes for every tile (label, label_score, label_top)")
+    _search_common(classify, outputs=False)
+    classify.add_argument("--labels", default=None, help="comma-separated class names")
+    classify.add_argument("--labels-file", default=None, help="file with one class name per line")
+    classify.add_argument("--templates-file", default=None, help="prompt templates with {} (one per line)")
+    classify.add_argument("--top-k", type=int, default=3, help="classes kept in label_top (default 3)")
+    classify.set_defaults(func=cmd_classify)
+
+    index = sub.add_parser("index", help="build the approximate nearest-neighbour index of a layer (FAISS)")
+    index.add_argument("layer")
+    index.add_argument("--model", default=None, help="which embeddings when the layer has several")
+    index.add_argument("--kind", choices=("hnsw", "ivf"), default="hnsw")
+    _common(index)
+    index.set_defaults(func=cmd_index)
+
+    serve = sub.add_parser("serve-search", help="answer JSON-lines search requests on stdin/stdout")
+    _search_common(serve, outputs=False)
+    serve.set_defaults(func=cmd_serve)
+
+
+def _session(args: argparse.Namespace):
+    from .search.session import SearchSession
+
+    return SearchSession(args.layer, model=args.model, checkpoint=args.checkpoint, device=args.device,
+                         use_ann=args.ann)
+
+
+def _spatial(args: argparse.Namespace):
+    from .search.spatial import SpatialFilter
+
+    return SpatialFilter(bbox=args.bbox, bbox_crs=args.bbox_crs, within=args.within, near=args.near,
+                         near_crs=args.near_crs, distance=args.distance)
+
+
+def cmd_search(args: argparse.Namespace, progress: Progress) -> int:
+    """``hqrs-geo search`` and ``hqrs-geo similar``: ranked tiles, optionally written out."""
+    from .search.output import result_layer_name, write_result_layer, write_score_column, write_score_raster
+
+    session = _session(args)
+    spatial = _spatial(args)
+    if args.kind == "text":
+        query = session.text_query(args.query, template=not args.no_template)
+        label = " ".join(args.query)
+        results = session.vector_search(query, args.k, spatial)
+        exclude = ()
+    else:
+        results = session.search_similar(args.tile, args.negative, args.image, args.negative_image,
+                                         args.negative_weight, args.k, spatial, args.include_examples)
+        label = "similar " + " ".join(args.tile + [Path(p).stem for p in args.image])
+        exclude = () if args.include_examples else tuple(args.tile) + tuple(args.negative)
+        query = None
+    params = {"query": label, "kind": args.kind, "model": session.source.model, "k": args.k,
+              "filters": {k: v for k, v in vars(spatial).items() if v is not None}}
+    written = []
+    if args.result_layer is not None:
+        name = args.result_layer or result_layer_name(label)
+        written.append(write_result_layer(args.layer, results, name, params, args.output))
+    if args.score_column or args.score_raster:
+        if query is None:
+            from .search.queries import combine, image_vectors
+
+            pos = [session.tile_vectors(args.tile)] if args.tile else []
+            if args.image:
+                pos.append(image_vectors(session.model, args.image))
+            neg = [session.tile_vectors(args.negative)] if args.negative else []
+            if args.negative_image:
+                neg.append(image_vectors(session.model, args.negative_image))
+            import numpy as np
+
+            query = combine(np.concatenate(pos), np.concatenate(neg) if neg else None, args.negative_weight)
+        mask = session._mask(spatial, exclude)
+        all_scores = session.index.scores(query, mask)
+        scores = {tid: float(s) for tid, s in zip(session.index.ids, all_scores) if s == s}
+        if args.score_column:
+            write_score_column(args.layer, scores, args.score_column, params)
+            written.append(f"{args.layer} (column {args.score_column})")
+        if args.score_raster:
+            written.extend(write_score_raster(args.layer, scores, args.score_raster))
+    if args.json:
+        print(json.dumps([{"rank": int(r.rank), "tile_id": r.tile_id, "score": float(r.score)}
+                          for r in results.itertuples()]))
+    elif not args.quiet:
+        print(f"{'rank':>4}  {'score':>7}  tile_id" + ("  caption" if "caption" in results.columns else ""))
+        for r in results.itertuples():
+            caption = f"  {r.caption}" if "caption" in results.columns and isinstance(r.caption, str) else ""
+            print(f"{r.rank:>4}  {r.score:7.4f}  {r.tile_id}{caption}")
+    for item in written:
+        if not args.quiet and not args.json:
+            print(f"written: {item}", file=sys.stderr)
+    return 0
+
+
+def cmd_classify(args: argparse.Namespace, progress: Progress) -> int:
+    """``hqrs-geo classify``: zero-shot labels written to the tile layer."""
+    from .layers import new_run, write_tiles
+
+    labels = args.labels.split(",") if args.labels else []
+    if args.labels_file:
+        labels += Path(args.labels_file).read_text().splitlines() if Path(args.labels_file).is_file() else []
+        if not Path(args.labels_file).is_file():
+            raise OptionError(f"{args.labels_file}: labels file not found")
+    templates = None
+    if args.templates_file:
+        if not Path(args.templates_file).is_file():
+            raise OptionError(f"{args.templates_file}: templates file not found")
+        templates = [t for t in Path(args.templates_file).read_text().splitlines() if t.strip()]
+        if any("{}" not in t for t in templates):
+            raise OptionError(f"{args.templates_file}: every template needs a {{}} for the class name")
+    session = _session(args)
+    frame = session.classify(labels, templates, args.top_k)
+    params = {"labels": [l.strip() for l in labels if l.strip()], "templates": templates, "model": session.source.model}
+    write_tiles(args.layer, frame, new_run("classify", "tiles", params), replace_sources=list(frame["source"].unique()))
+    if not args.quiet:
+        counts = frame["label"].value_counts()
+        for label, count in counts.items():
+            print(f"{count:6d}  {label}")
+        print(f"labels written to {args.layer} (columns label, label_score, label_top)", file=sys.stderr)
+    return 0
+
+
+def cmd_index(args: argparse.Namespace, progress: Progress) -> int:
+    """``hqrs-geo index``: build and store the ANN index, report its recall@10."""
+    from .layers import read_tiles
+    from .search.queries import embedding_source
+    from .search.vectors import VectorIndex
+
+    frame = read_tiles(args.layer)
+    source = embedding_source(args.layer, frame, args.model)
+    report = VectorIndex.open(args.layer, source.key, frame=frame).build_ann(kind=args.kind)
+    print(json.dumps(report))
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace, progress: Progress) -> int:
+    """``hqrs-geo serve-search``: JSON-lines request/response loop."""
+    from .search.serve import serve
+
+    session = _session(args)
+    _ = session.model  # load the model before announcing readiness
+    serve(session)
+    return 0
 
 
 def cmd_info(args: argparse.Namespace, progress: Progress) -> int:

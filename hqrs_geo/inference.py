@@ -10,7 +10,7 @@ columns and a run record. On CUDA out-of-memory a batch is split in halves and r
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
 import numpy as np

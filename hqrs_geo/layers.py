@@ -171,15 +171,19 @@ def write_tiles(
     run: Optional[dict] = None,
     replace_sources: Optional[Sequence[str]] = None,
     layer: str = TILES_LAYER,
+    replace_all: bool = False,
 ):
     """Write ``tiles`` to ``path`` atomically, merging with an existing layer; returns what was written.
 
     ``replace_sources``: sources whose existing tiles are replaced (default: the sources in
-    ``tiles``). ``run`` (see :func:`new_run`) is appended to the layer's run records.
+    ``tiles``); ``replace_all``: the layer becomes exactly ``tiles`` (result layers). ``run``
+    (see :func:`new_run`) is appended to the file's run records.
     """
     check_writable(path)
     driver = layer_format(path)
-    existing = read_tiles(path, layer) if Path(path).exists() and _has_layer(path, layer) else None
+    existing = None
+    if not replace_all and Path(path).exists() and _has_layer(path, layer):
+        existing = read_tiles(path, layer)
     sources = replace_sources if replace_sources is not None else tiles["source"].unique().tolist()
     merged = merge_tiles(existing, tiles, sources)
     runs = read_runs(path) if Path(path).exists() else []

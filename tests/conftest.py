@@ -114,3 +114,14 @@ def example_layer(tmp_path) -> Path:
     out = tmp_path / "tiles.gpkg"
     tile(EXAMPLE_SCENE, out, TileConfig(tile_size=125))
     return out
+
+
+def write_sparse_scene(path: Path, size: int = 30000) -> Path:
+    """A huge, almost empty GeoTIFF (nodata 0, one written block): slow to tile, quick to make."""
+    from rasterio.windows import Window
+
+    with rasterio.open(path, "w", driver="GTiff", width=size, height=size, count=3, dtype="uint8", nodata=0,
+                       tiled=True, blockxsize=256, blockysize=256, sparse_ok=True, crs="EPSG:32633",
+                       transform=Affine(1, 0, 500000, 0, -1, 4000000)) as dst:
+        dst.write(np.full((3, 256, 256), 7, np.uint8), window=Window(0, 0, 256, 256))
+    return path

@@ -17,7 +17,7 @@ from PIL import Image
 from rasterio.control import GroundControlPoint
 from rasterio.windows import Window
 
-from conftest import EXAMPLE_SCENE, run_cli, write_raster
+from conftest import EXAMPLE_SCENE, run_cli, write_raster, write_sparse_scene
 from hqrs_geo import read_runs, read_tiles
 
 
@@ -150,11 +150,7 @@ def test_empty_scene_gives_empty_layer_and_message(tmp_path):
 
 
 def test_sigterm_cancels_cleanly(tmp_path):
-    big = tmp_path / "big.tif"
-    with rasterio.open(big, "w", driver="GTiff", width=30000, height=30000, count=3, dtype="uint8", nodata=0,
-                       tiled=True, blockxsize=256, blockysize=256, sparse_ok=True, crs="EPSG:32633",
-                       transform=Affine(1, 0, 0, 0, -1, 0)) as dst:
-        dst.write(np.full((3, 256, 256), 7, np.uint8), window=Window(0, 0, 256, 256))
+    big = write_sparse_scene(tmp_path / "big.tif")
     out = tmp_path / "big.gpkg"
     child = subprocess.Popen([sys.executable, "-m", "hqrs_geo", "tile", str(big), "-o", str(out),
                               "--tile-size", "64", "--progress", "json"],

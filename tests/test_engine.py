@@ -12,7 +12,7 @@ from PIL import Image
 
 from conftest import EXAMPLE_SCENE, run_cli
 from hqrs_geo import TileConfig, TileDataset, read_runs, read_tiles
-from hqrs_geo.api import embed, run, tile
+from hqrs_geo.api import embed, tile
 from hqrs_geo.embeddings import decode, embedding_keys, read_embeddings
 from hqrs_geo.inference import RunOptions, _run_batch, run_models
 from hqrs_geo.models.loader import load_model

@@ -17,7 +17,8 @@ def test_metadata_is_complete():
     for key in REQUIRED:
         assert general.get(key, "").strip(), key
     assert general["qgisMinimumVersion"] == "3.22"
-    assert (ROOT / general["icon"]).exists()
+    assert (ROOT / "qgis_plugin" / general["icon"]).exists()  # relative to the plugin folder
+    assert general["hasProcessingProvider"] == "yes"
     import hqrs_geo
 
     assert general["version"] == hqrs_geo.__version__
@@ -36,8 +37,13 @@ def test_plugin_loads_and_unloads_in_qgis(tmp_path, monkeypatch):
     utils.updateAvailablePlugins()
     assert "hqrs_geo_plugin" in utils.available_plugins
     assert utils.loadPlugin("hqrs_geo_plugin")
+    registry = QgsApplication.processingRegistry()
     assert utils.startPlugin("hqrs_geo_plugin")
-    assert utils.plugins["hqrs_geo_plugin"].loaded
+    assert registry.providerById("hqrs") is not None and registry.algorithmById("hqrs:tile") is not None
     assert utils.unloadPlugin("hqrs_geo_plugin")
-    assert "hqrs_geo_plugin" not in utils.plugins
+    assert "hqrs_geo_plugin" not in utils.plugins and registry.providerById("hqrs") is None
+    # reloading works
+    assert utils.loadPlugin("hqrs_geo_plugin") and utils.startPlugin("hqrs_geo_plugin")
+    assert registry.providerById("hqrs") is not None
+    assert utils.unloadPlugin("hqrs_geo_plugin") and registry.providerById("hqrs") is None
     assert app is not None

@@ -1,0 +1,131 @@
+"""A search session over one tile layer: layer, embedding matrix and model loaded once,
+then any number of text / example / zero-shot queries (the QGIS dock keeps one alive through
+``hqrs-geo serve-search``).
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import numpy as np
+
+from ..errors import OptionError
+from ..layers import read_tiles
+from .queries import RS_TEMPLATES, combine, embedding_source, image_vectors, load_source_model, text_vectors
+from .spatial import SpatialFilter
+
+
+class SearchSession:
+    """Answers queries on ``layer``; the model is loaded on the first query that needs it."""
+
+    def __init__(self, layer: str, model: Optional[str] = None, checkpoint: Optional[str] = None,
+                 device: str = "cpu", use_ann: Optional[bool] = None):
+        from .vectors import VectorIndex
+
+        self.layer = str(layer)
+        self.frame = read_tiles(self.layer)
+        self.source = embedding_source(self.layer, self.frame, model)
+        self.index = VectorIndex.open(self.layer, self.source.key, frame=self.frame)
+        self.rows = self.frame.reset_index(drop=True).set_index("tile_id").index.get_indexer(self.index.ids)
+        self.checkpoint, self.device = checkpoint, device
+        self.use_ann = bool(use_ann) and self.index.load_ann()
+        self._model = None
+
+    @property
+    def model(self):
+        """The layer's own model (loaded once)."""
+        if self._model is None:
+            self._model = load_source_model(self.source, self.checkpoint, self.device)
+        return self._model
+
+    def _mask(self, spatial: Optional[SpatialFilter], exclude: Sequence[str] = ()) -> Optional[np.ndarray]:
+        if (spatial is None or not spatial.active) and not exclude:
+            return None
+        keep = spatial.mask(self.frame) if spatial is not None and spatial.active else np.ones(len(self.frame), bool)
+        index_mask = keep[self.rows]
+        if exclude:
+            index_mask &= ~np.isin(self.index.ids, list(exclude))
+        return index_mask
+
+    def _results(self, scores: np.ndarray, rows: np.ndarray):
+        frame = self.frame.iloc[self.rows[rows]].copy()
+        frame.insert(1, "score", scores.astype(float))
+        frame.insert(2, "rank", np.arange(1, len(frame) + 1))
+        return frame.reset_index(drop=True)
+
+    def vector_search(self, query: np.ndarray, k: int = 20, spatial: Optional[SpatialFilter] = None,
+                      exclude: Sequence[str] = ()):
+        """Top ``k`` tiles for a normalised query vector, as a GeoDataFrame with ``score``/``rank``."""
+        if k < 1:
+            raise OptionError(f"invalid k {k}: ask for at least one result")
+        scores, rows = self.index.search(query, k=k, mask=self._mask(spatial, exclude), use_ann=self.use_ann)
+        return self._results(scores[0], rows[0])
+
+    def text_query(self, texts: Sequence[str], template: bool = True) -> np.ndarray:
+        """Normalised query vector for one or more texts (combined by their mean)."""
+        if isinstance(texts, str):
+            texts = [texts]
+        texts = [t for t in texts if t.strip()]
+        if not texts:
+            raise OptionError("empty query: give some text")
+        vectors = text_vectors(self.model, texts, [self.source.template] if template else ["{}"])
+        return combine(vectors)
+
+    def search_text(self, texts, k: int = 20, spatial: Optional[SpatialFilter] = None, template: bool = True):
+        """Tiles ranked by similarity to the text(s)."""
+        return self.vector_search(self.text_query(texts, template), k, spatial)
+
+    def tile_vectors(self, tile_ids: Sequence[str]) -> np.ndarray:
+        """Stored embeddings of tiles (one-line error for unknown ids)."""
+        lookup = {tid: i for i, tid in enumerate(self.index.ids)}
+        missing = [t for t in tile_ids if t not in lookup]
+        if missing:
+            raise OptionError(f"unknown tile id {missing[0]!r} (or it has no embedding) in {self.layer}")
+        return np.asarray(self.index.matrix[[lookup[t] for t in tile_ids]], dtype=np.float32)
+
+    def search_similar(self, positive_ids: Sequence[str] = (), negative_ids: Sequence[str] = (),
+                       positive_images: Sequence[str] = (), negative_images: Sequence[str] = (),
+                       negative_weight: float = 0.5, k: int = 20, spatial: Optional[SpatialFilter] = None,
+                       include_examples: bool = False):
+        """Tiles like the positive examples and unlike the negative ones (tile ids and/or image files)."""
+        parts = [self.tile_vectors(positive_ids)] if positive_ids else []
+        if positive_images:
+            parts.append(image_vectors(self.model, positive_images))
+        negs = [self.tile_vectors(negative_ids)] if negative_ids else []
+        if negative_images:
+            negs.append(image_vectors(self.model, negative_images))
+        if not parts:
+            raise OptionError("give at least one positive example: a tile id or an image file")
+        query = combine(np.concatenate(parts), np.concatenate(negs) if negs else None, negative_weight)
+        exclude = () if include_examples else tuple(positive_ids) + tuple(negative_ids)
+        return self.vector_search(query, k, spatial, exclude)
+
+    def label_vectors(self, labels: Sequence[str], templates: Optional[Sequence[str]] = None) -> np.ndarray:
+        """One normalised vector per label from an ensemble of prompt templates."""
+        templates = list(templates or dict.fromkeys([self.source.template, *RS_TEMPLATES]))
+        return text_vectors(self.model, labels, templates)
+
+    def classify(self, labels: Sequence[str], templates: Optional[Sequence[str]] = None, top_k: int = 3):
+        """Zero-shot classes for every tile with an embedding: ``label``, ``label_score`` and
+        ``label_top`` (``"a:0.61;b:0.22;…"``) columns on a copy of the layer."""
+        labels = [l.strip() for l in labels if l.strip()]
+        if len(labels) < 2:
+            raise OptionError("give at least two labels to choose from")
+        if len(set(labels)) != len(labels):
+            raise OptionError("labels must be distinct")
+        classes = self.label_vectors(labels, templates)
+        logits = np.asarray(self.index.matrix, dtype=np.float32) @ classes.T
+        scale = float(self.model.model.logit_scale.exp().item()) if hasattr(self.model.model, "logit_scale") else 100.0
+        probs = np.exp((logits - logits.max(axis=1, keepdims=True)) * scale)
+        probs /= probs.sum(axis=1, keepdims=True)
+        order = np.argsort(-probs, axis=1, kind="stable")[:, :top_k]
+        frame = self.frame.copy()
+        frame["label"] = None
+        frame["label_score"] = np.nan
+        frame["label_top"] = None
+        names = np.asarray(labels, dtype=object)
+        frame.loc[frame.index[self.rows], "label"] = names[order[:, 0]]
+        frame.loc[frame.index[self.rows], "label_score"] = probs[np.arange(len(probs)), order[:, 0]]
+        frame.loc[frame.index[self.rows], "label_top"] = [
+            ";".join(f"{names[j]}:{p[j]:.3f}" for j in row) for row, p in zip(order, probs)
+        ]
+        return frame

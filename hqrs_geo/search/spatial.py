@@ -1,0 +1,111 @@
+"""Spatial filters combined with any query: a bounding box (any CRS), a polygon layer, or a
+distance from a point. Each gives a boolean mask over the rows of a tile layer.
+
+A tile passes a box or polygon filter when its footprint *intersects* the area; it passes
+``near`` when its footprint comes within the distance (metres, measured in an azimuthal
+equidistant projection centred on the point, so it is exact whatever the layer's CRS).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import numpy as np
+import shapely
+
+from ..errors import InputError, OptionError
+
+
+def _to_layer_crs(geom, src_crs: Optional[str], layer_crs):
+    if src_crs is None or layer_crs is None:
+        return geom
+    from pyproj import CRS, Transformer
+
+    src, dst = CRS.from_user_input(src_crs), CRS.from_user_input(layer_crs)
+    if src == dst:
+        return geom
+    transformer = Transformer.from_crs(src, dst, always_xy=True)
+    dense = shapely.segmentize(geom, max_segment_length=_segment(geom))
+    return shapely.transform(dense, lambda xy: np.column_stack(transformer.transform(xy[:, 0], xy[:, 1])))
+
+
+def _segment(geom) -> float:
+    minx, miny, maxx, maxy = geom.bounds
+    return max(maxx - minx, maxy - miny, 1e-9) / 32
+
+
+@dataclass(frozen=True)
+class SpatialFilter:
+    """Optional box, polygon-layer and near-point filters (all given ones must pass)."""
+
+    bbox: Optional[tuple[float, float, float, float]] = None
+    bbox_crs: Optional[str] = None  # default: the layer's CRS
+    within: Optional[str] = None  # polygon layer path, optionally "path|layername=NAME"
+    near: Optional[tuple[float, float]] = None
+    near_crs: str = "EPSG:4326"
+    distance: Optional[float] = None  # metres
+
+    @property
+    def active(self) -> bool:
+        """True when any filter is set."""
+        return self.bbox is not None or self.within is not None or self.near is not None
+
+    def mask(self, frame) -> np.ndarray:
+        """Boolean mask of the rows of ``frame`` that pass every filter."""
+        keep = np.ones(len(frame), dtype=bool)
+        geoms = frame.geometry.values
+        if self.bbox is not None:
+            keep &= bbox_mask(geoms, frame.crs, self.bbox, self.bbox_crs)
+        if self.within is not None:
+            keep &= within_mask(geoms, frame.crs, self.within)
+        if self.near is not None:
+            if self.distance is None:
+                raise OptionError("--near needs --distance (metres)")
+            keep &= near_mask(geoms, frame.crs, self.near, self.distance, self.near_crs)
+        return keep
+
+
+def bbox_mask(geoms, layer_crs, bbox: Sequence[float], crs: Optional[str] = None) -> np.ndarray:
+    """Tiles intersecting the box ``(minx, miny, maxx, maxy)`` given in ``crs`` (default: layer CRS)."""
+    if len(bbox) != 4 or not (bbox[0] < bbox[2] and bbox[1] < bbox[3]):
+        raise OptionError(f"invalid bbox {list(bbox)}: use minx,miny,maxx,maxy with min < max")
+    area = _to_layer_crs(shapely.box(*bbox), crs, layer_crs)
+    return np.asarray(shapely.intersects(geoms, area), dtype=bool)
+
+
+def within_mask(geoms, layer_crs, source: str) -> np.ndarray:
+    """Tiles intersecting any polygon of a vector layer (``path`` or ``path|layername=NAME``)."""
+    import geopandas as gpd
+
+    path, _, layer = source.partition("|layername=")
+    try:
+        polygons = gpd.read_file(path, layer=layer or None)
+    except Exception as exc:
+        raise InputError(f"{path}: cannot read polygons ({str(exc).splitlines()[0]}); give a vector layer") from None
+    polygons = polygons[polygons.geometry.notna()]
+    polygons = polygons[polygons.geom_type.isin(["Polygon", "MultiPolygon"])]
+    if polygons.empty:
+        raise InputError(f"{source}: has no polygons to filter with")
+    if polygons.crs is not None and layer_crs is not None:
+        polygons = polygons.to_crs(layer_crs)
+    area = shapely.union_all(polygons.geometry.values)
+    shapely.prepare(area)
+    return np.asarray(shapely.intersects(area, geoms), dtype=bool)
+
+
+def near_mask(geoms, layer_crs, point: Sequence[float], distance_m: float, crs: str = "EPSG:4326") -> np.ndarray:
+    """Tiles whose footprint is within ``distance_m`` metres of ``point`` (x, y in ``crs``)."""
+    if distance_m < 0:
+        raise OptionError(f"invalid distance {distance_m}: must not be negative")
+    if layer_crs is None:
+        raise InputError("the layer has no CRS, so distances in metres cannot be measured")
+    from pyproj import CRS, Transformer
+
+    lon, lat = Transformer.from_crs(CRS.from_user_input(crs), "EPSG:4326", always_xy=True).transform(*point)
+    local = CRS.from_proj4(f"+proj=aeqd +lat_0={lat} +lon_0={lon} +datum=WGS84 +units=m")
+    to_local = Transformer.from_crs(CRS.from_user_input(layer_crs), local, always_xy=True)
+    local_geoms = shapely.transform(
+        shapely.segmentize(geoms, max_segment_length=max(_segment(g) for g in geoms[:1]) if len(geoms) else 1.0),
+        lambda xy: np.column_stack(to_local.transform(xy[:, 0], xy[:, 1])),
+    )
+    return np.asarray(shapely.distance(local_geoms, shapely.Point(0, 0)) <= distance_m, dtype=bool)

@@ -1,0 +1,139 @@
+"""Model algorithms: ``hqrs:embed``, ``hqrs:caption`` (update a tile layer) and ``hqrs:run`` (all in one)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Dict
+
+from qgis.core import (
+    QgsProcessing,
+    QgsProcessingContext,
+    QgsProcessingFeedback,
+    QgsProcessingOutputVectorLayer,
+    QgsProcessingParameterRasterLayer,
+    QgsProcessingParameterVectorLayer,
+)
+
+from .alg_base import HqrsAlgorithm, layer_uri, tr
+from .alg_params import (
+    CLIP_MODELS,
+    COCA_MODELS,
+    MODEL_FLAGS,
+    add_decoding_parameters,
+    add_engine_parameters,
+    add_model_parameters,
+    add_tiling_parameters,
+    decoding_args,
+    engine_args,
+    model_args,
+    tiling_args,
+)
+from .alg_tiles import add_tile_destination, tile_destination
+
+MODEL_HELP = ("<b>Model</b>: a registry model (its checkpoint is looked up in the engine's cache unless "
+              "<b>checkpoint</b> is given), or <i>custom</i>: any open_clip architecture named in "
+              "<b>architecture</b> with its <b>checkpoint</b> file. Run <i>hqrs-geo models</i> to see which "
+              "checkpoints are present. ")
+RESUME_HELP = ("Tiles that already carry this model's results are skipped unless <b>recompute</b> is ticked; "
+               "cancelling keeps finished batches, so running the same job again resumes.")
+
+
+def add_tile_layer_input(alg: HqrsAlgorithm) -> None:
+    """INPUT: a tile layer file (GeoPackage, GeoParquet, FlatGeobuf)."""
+    alg.addParameter(QgsProcessingParameterVectorLayer("INPUT", tr("Tile layer"), [QgsProcessing.TypeVectorPolygon]))
+
+
+def add_updated_output(alg: HqrsAlgorithm) -> None:
+    """OUTPUT: the input tile layer, updated in place."""
+    alg.addOutput(QgsProcessingOutputVectorLayer("OUTPUT", tr("Updated tile layer"), QgsProcessing.TypeVectorPolygon))
+
+
+class EmbedAlgorithm(HqrsAlgorithm):
+    """``hqrs:embed``: image embeddings of every tile, stored on the tile layer."""
+
+    NAME = "embed"
+    DISPLAY = "Embed tiles"
+    GROUP = "Models"
+    GROUP_ID = "models"
+    HELP = ("Computes an image embedding of every tile with a CLIP model and stores it on the tile layer "
+            "(field <i>emb_&lt;model&gt;</i>), for text search, similar tiles and zero-shot classes.<br>"
+            + MODEL_HELP + RESUME_HELP)
+
+    def initAlgorithm(self, config: Dict[str, Any] = None) -> None:  # noqa: N802
+        """Declare the parameters."""
+        add_tile_layer_input(self)
+        add_model_parameters(self, "", CLIP_MODELS, "Embedding model")
+        add_engine_parameters(self)
+        add_updated_output(self)
+
+    def process(self, parameters: Dict[str, Any], context: QgsProcessingContext,
+                feedback: QgsProcessingFeedback) -> Dict[str, Any]:
+        """Run ``hqrs-geo embed LAYER``."""
+        path = self.input_tile_layer(parameters, "INPUT", context, feedback)
+        self.run_engine(["embed", path, *model_args(self, parameters, context),
+                         *engine_args(self, parameters, context)], feedback)
+        return {"OUTPUT": layer_uri(path)}
+
+
+class CaptionAlgorithm(HqrsAlgorithm):
+    """``hqrs:caption``: a caption of every tile from a CoCa model, stored on the tile layer."""
+
+    NAME = "caption"
+    DISPLAY = "Caption tiles"
+    GROUP = "Models"
+    GROUP_ID = "models"
+    HELP = ("Writes a caption of every tile (field <i>caption</i>) with a CoCa model.<br>"
+            "<b>Decoding</b>: greedy (fastest), beam (default) or sample. <b>Maximum length</b> in tokens.<br>"
+            + MODEL_HELP + RESUME_HELP)
+
+    def initAlgorithm(self, config: Dict[str, Any] = None) -> None:  # noqa: N802
+        """Declare the parameters."""
+        add_tile_layer_input(self)
+        add_model_parameters(self, "", COCA_MODELS, "Caption model (CoCa)")
+        add_decoding_parameters(self)
+        add_engine_parameters(self)
+        add_updated_output(self)
+
+    def process(self, parameters: Dict[str, Any], context: QgsProcessingContext,
+                feedback: QgsProcessingFeedback) -> Dict[str, Any]:
+        """Run ``hqrs-geo caption LAYER``."""
+        path = self.input_tile_layer(parameters, "INPUT", context, feedback)
+        self.run_engine(["caption", path, *model_args(self, parameters, context),
+                         *decoding_args(self, parameters, context), *engine_args(self, parameters, context)],
+                        feedback)
+        return {"OUTPUT": layer_uri(path)}
+
+
+class RunAlgorithm(HqrsAlgorithm):
+    """``hqrs:run``: tile a raster, embed and caption its tiles in one pass."""
+
+    NAME = "run"
+    DISPLAY = "Tile, embed and caption"
+    GROUP = "Models"
+    GROUP_ID = "models"
+    HELP = ("Tiles a raster, then embeds (CLIP) and captions (CoCa) every tile in one pass over the pixels. "
+            "Leave the output empty to write <i>&lt;raster name&gt;_tiles.gpkg</i> next to the raster.<br>"
+            + MODEL_HELP + RESUME_HELP)
+
+    def initAlgorithm(self, config: Dict[str, Any] = None) -> None:  # noqa: N802
+        """Declare the parameters."""
+        self.addParameter(QgsProcessingParameterRasterLayer("INPUT", tr("Raster")))
+        add_model_parameters(self, "EMBED_", CLIP_MODELS, "Embedding model")
+        add_model_parameters(self, "CAPTION_", COCA_MODELS, "Caption model (CoCa)")
+        add_decoding_parameters(self)
+        add_engine_parameters(self)
+        add_tiling_parameters(self, advanced_all=True)
+        add_tile_destination(self, "Tile layer [optional: <raster>_tiles.gpkg next to the raster]")
+
+    def process(self, parameters: Dict[str, Any], context: QgsProcessingContext,
+                feedback: QgsProcessingFeedback) -> Dict[str, Any]:
+        """Run ``hqrs-geo run RASTER -o OUT``."""
+        raster = self.raster_path(parameters, "INPUT", context)
+        path, registered = tile_destination(self, parameters, context, raster, feedback)
+        self.run_engine(["run", raster, "-o", path,
+                         *model_args(self, parameters, context, "EMBED_", MODEL_FLAGS["EMBED_"]),
+                         *model_args(self, parameters, context, "CAPTION_", MODEL_FLAGS["CAPTION_"]),
+                         *decoding_args(self, parameters, context), *engine_args(self, parameters, context),
+                         *tiling_args(self, parameters, context)], feedback)
+        uri = layer_uri(path)
+        self.load_output(context, registered, uri, Path(path).stem, always=not registered)
+        return {"OUTPUT": uri}

@@ -1,0 +1,39 @@
+"""The HQRS Processing algorithms, one class each (in the ``alg_*`` modules).
+
+=================  ==========================  ==============================================
+id                 class                       does
+=================  ==========================  ==============================================
+``hqrs:tile``          :class:`TileAlgorithm`          raster to tile layer
+``hqrs:embed``         :class:`EmbedAlgorithm`         CLIP embeddings onto a tile layer
+``hqrs:caption``       :class:`CaptionAlgorithm`       CoCa captions onto a tile layer
+``hqrs:run``           :class:`RunAlgorithm`           tile + embed + caption
+``hqrs:search``        :class:`SearchAlgorithm`        text search, ranked result layer
+``hqrs:similar``       :class:`SimilarAlgorithm`       tiles like example tiles, ranked result layer
+``hqrs:classify``      :class:`ClassifyAlgorithm`      zero-shot labels onto a tile layer
+``hqrs:export_chips``  :class:`ExportChipsAlgorithm`   tiles as PNG/JPEG files with an index
+=================  ==========================  ==============================================
+
+Every algorithm runs the engine out of process (``<interpreter> -m hqrs_geo …``), see
+:mod:`.engine`; none imports hqrs_geo or torch into QGIS.
+"""
+from __future__ import annotations
+
+from typing import List
+
+from .alg_base import HqrsAlgorithm
+from .alg_models import CaptionAlgorithm, EmbedAlgorithm, RunAlgorithm
+from .alg_params import CLIP_MODELS, COCA_MODELS, CUSTOM_MODEL
+from .alg_search import ClassifyAlgorithm, SearchAlgorithm, SimilarAlgorithm
+from .alg_tiles import ExportChipsAlgorithm, TileAlgorithm
+
+ALGORITHM_CLASSES = (TileAlgorithm, EmbedAlgorithm, CaptionAlgorithm, RunAlgorithm,
+                     SearchAlgorithm, SimilarAlgorithm, ClassifyAlgorithm, ExportChipsAlgorithm)
+
+
+def algorithms() -> List[HqrsAlgorithm]:
+    """A new instance of every HQRS algorithm."""
+    return [cls() for cls in ALGORITHM_CLASSES]
+
+
+__all__ = ["ALGORITHM_CLASSES", "algorithms", "HqrsAlgorithm", "CUSTOM_MODEL", "CLIP_MODELS", "COCA_MODELS",
+           *[cls.__name__ for cls in ALGORITHM_CLASSES]]
