@@ -51,6 +51,9 @@ demo: venv
 bench: venv
 	$(PY) -m pip install -q -c constraints.txt torchgeo 'matplotlib>=3.8'
 	$(PY) benchmarks/tiling.py
+	$(PY) benchmarks/embed.py
+	$(PY) benchmarks/caption.py
+	$(PY) benchmarks/search.py
 
 # The installable plugin ("Install from ZIP"): one top folder, metadata, code, icon, licence.
 plugin:

@@ -416,7 +416,7 @@ class VectorIndex:
     def _mv(self, query: np.ndarray, norm: float) -> np.ndarray:
         """Fast (N,) scores of one query with the per-query kernel."""
         torch = _torch()
-        if self._kernel == "mv16" and torch is not None:
+        if self._kernel == "mv16" and torch is not None and self.max_norm < 1024:  # no float16 overflow
             unit = torch.from_numpy(query / norm).to(torch.float16)
             scores = torch.mv(self._tensor_view(), unit).float().numpy()
             return scores * np.float32(norm)
