@@ -57,8 +57,9 @@ def _sidecar(path: PathLike) -> Path:
 
 
 @contextmanager
-def _atomic(path: PathLike, copy_existing: bool) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; on success it replaces ``path`` atomically."""
+def atomic_path(path: PathLike, copy_existing: bool = False) -> Iterator[Path]:
+    """Yield a temporary path beside ``path`` (a copy of it with ``copy_existing``, else not yet
+    created); when the block succeeds it replaces ``path`` atomically, otherwise it is removed."""
     target = Path(path)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=f".tmp{target.suffix}", dir=target.parent or ".")
     os.close(fd)
@@ -219,7 +220,7 @@ def _write_gpkg(path: PathLike, frame, runs: list[dict], layer: str) -> None:
         [{**r, "params": json.dumps(r["params"], sort_keys=True)} for r in runs],
         columns=["run_id", "created", "command", "version", "layer", "params"],
     )
-    with _atomic(path, copy_existing=True) as tmp:
+    with atomic_path(path, copy_existing=True) as tmp:
         # through Arrow, so bytes columns (embeddings) become real BLOBs
         pyogrio.write_dataframe(frame, tmp, layer=layer, driver="GPKG", geometry_type="Polygon", use_arrow=True)
         pyogrio.write_dataframe(table, tmp, layer=RUNS_TABLE, driver="GPKG")
@@ -229,7 +230,7 @@ def _write_parquet(path: PathLike, frame, runs: list[dict]) -> None:
     import pyarrow.parquet as pq
 
     vectors = {c: frame[c] for c in frame.columns if c.startswith("emb_") and f"{c}_dim" in frame.columns}
-    with _atomic(path, copy_existing=False) as tmp:
+    with atomic_path(path, copy_existing=False) as tmp:
         frame.drop(columns=list(vectors)).to_parquet(tmp, index=False)
         table = pq.read_table(tmp)
         for name, values in vectors.items():
@@ -260,6 +261,6 @@ def _fixed_size_list(values, dims):
 def _write_fgb(path: PathLike, frame, runs: list[dict]) -> None:
     import pyogrio
 
-    with _atomic(_sidecar(path), copy_existing=False) as side_tmp, _atomic(path, copy_existing=False) as tmp:
+    with atomic_path(_sidecar(path), copy_existing=False) as side_tmp, atomic_path(path, copy_existing=False) as tmp:
         pyogrio.write_dataframe(frame, tmp, driver="FlatGeobuf", geometry_type="Polygon", use_arrow=True)
         side_tmp.write_text(json.dumps(runs, indent=1))

@@ -67,7 +67,6 @@ import json
 import math
 import os
 import re
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -76,6 +75,7 @@ from typing import Optional, Sequence, Union
 import numpy as np
 
 from ..errors import InputError, OptionError
+from ..layers import atomic_path
 
 PathLike = Union[str, os.PathLike]
 
@@ -132,26 +132,14 @@ def _layer_fingerprint(layer: Path, key: str) -> Optional[dict]:
     return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "inode": st.st_ino, "key": key}
 
 
-def _atomic_target(path: Path, suffix: str) -> Path:
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{suffix}", dir=path.parent)
-    os.close(fd)
-    return Path(name)
-
-
 def _write_json(path: Path, data: dict) -> None:
-    tmp = _atomic_target(path, ".json")
-    try:
+    with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def _save_npy(path: Path, array: np.ndarray, dtype: np.dtype, chunk: int = 65536) -> None:
     """Write ``array`` as ``dtype`` to ``path`` through a temporary file, chunk by chunk."""
-    tmp = _atomic_target(path, ".npy")
-    try:
+    with atomic_path(path) as tmp:
         if array.dtype.kind in "US" or array.ndim == 1:
             with open(tmp, "wb") as fh:
                 np.save(fh, np.asarray(array, dtype=dtype), allow_pickle=False)
@@ -161,10 +149,6 @@ def _save_npy(path: Path, array: np.ndarray, dtype: np.dtype, chunk: int = 65536
                 out[s:s + chunk] = array[s:s + chunk]
             out.flush()
             del out
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def _stored_dtype(values: Sequence, dim: int) -> np.dtype:
@@ -743,15 +727,13 @@ class VectorIndex:
     def _save_ann(self, index, target: Path, kind: str, params: dict) -> None:
         faiss = _faiss()
         meta_path = Path(f"{target}.json")
-        tmp = _atomic_target(target, ".faiss")
         try:
             meta_path.unlink(missing_ok=True)
-            faiss.write_index(index, str(tmp))
-            os.replace(tmp, target)
+            with atomic_path(target) as tmp:
+                faiss.write_index(index, str(tmp))
             _write_json(meta_path, {"version": CACHE_VERSION, "kind": kind, "params": params,
                                     "fingerprint": self._ann_fingerprint()})
         except (OSError, RuntimeError) as exc:
-            tmp.unlink(missing_ok=True)
             raise InputError(f"{target}: cannot save the ANN index ({exc}); check free space and permissions") from None
 
     def load_ann(self, path: Optional[PathLike] = None, kind: Optional[str] = None) -> bool:
