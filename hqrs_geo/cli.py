@@ -159,7 +159,39 @@ def build_parser() -> argparse.ArgumentParser:
         _common(job)
         job.set_defaults(func=cmd_model_job, job=name)
     _search_parsers(sub)
+
+    evaluate = sub.add_parser("eval", help="evaluate a model: retrieval R@K / zero-shot accuracy")
+    evaluate.add_argument("task", choices=("retrieval", "zeroshot"))
+    evaluate.add_argument("dataset", help="Karpathy-style JSON (images[].filename, class, split, sentences[].raw)")
+    evaluate.add_argument("--split", default="val", help="split to evaluate (default val)")
+    evaluate.add_argument("--model", required=True, help="registry name or open_clip architecture")
+    evaluate.add_argument("--checkpoint", default=None)
+    evaluate.add_argument("--arch", default=None)
+    evaluate.add_argument("--device", default="auto")
+    evaluate.add_argument("--limit", type=int, default=None, help="evaluate only the first N images")
+    evaluate.add_argument("--json", dest="json_out", default=None, help="also write the metrics to this JSON file")
+    evaluate.add_argument("--trust-checkpoint", action="store_true")
+    _common(evaluate)
+    evaluate.set_defaults(func=cmd_eval)
     return parser
+
+
+def cmd_eval(args: argparse.Namespace, progress: Progress) -> int:
+    """``hqrs-geo eval``: metrics as a table and optionally JSON."""
+    from .evaluation import evaluate_retrieval, evaluate_zeroshot
+    from .models.loader import load_model
+
+    loaded = load_model(args.model, checkpoint=args.checkpoint, arch=args.arch, device=args.device,
+                        trust_checkpoint=args.trust_checkpoint)
+    run = evaluate_retrieval if args.task == "retrieval" else evaluate_zeroshot
+    metrics = run(loaded, args.dataset, args.split, limit=args.limit)
+    report = {"task": args.task, "model": loaded.spec.name, "sha256": loaded.sha256, "split": args.split, **metrics}
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps(report, indent=2))
+    if not args.quiet:
+        for key, value in report.items():
+            print(f"{key:<10} {value:.2f}" if isinstance(value, float) else f"{key:<10} {value}")
+    return 0
 
 
 def _floats(count: int):

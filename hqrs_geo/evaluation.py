@@ -1,0 +1,110 @@
+"""Standard evaluations of CLIP-style models on image-caption data (Karpathy-style JSON).
+
+* retrieval: image->text and text->image Recall@1/5/10 and their mean (mR), the protocol of
+  the RemoteCLIP / GeoRSCLIP / HQRS retrieval tables: an image query succeeds when any of its
+  captions is in the top K; a caption query when its image is.
+* zero-shot: top-1 / top-5 accuracy over the dataset's classes, each class embedded as the
+  mean of a prompt-template ensemble.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+
+from .errors import InputError, OptionError
+
+KS = (1, 5, 10)
+
+
+def load_karpathy(path: str, split: Optional[str] = "val", limit: Optional[int] = None) -> list[dict]:
+    """Records ``{"image": absolute path, "class": str|None, "captions": [str]}`` of one split."""
+    file = Path(path)
+    try:
+        data = json.loads(file.read_text())
+        images = data["images"]
+    except FileNotFoundError:
+        raise InputError(f"{path}: file not found") from None
+    except (ValueError, KeyError, TypeError):
+        raise InputError(f"{path}: not a Karpathy-style dataset (needs images[].filename, split, sentences)") from None
+    records = []
+    for item in images:
+        if split and item.get("split") != split:
+            continue
+        records.append({
+            "image": str(file.parent / item["filename"]),
+            "class": item.get("class"),
+            "captions": [s["raw"].strip() for s in item.get("sentences", []) if s.get("raw", "").strip()],
+        })
+    if limit:
+        records = records[:limit]
+    if not records:
+        raise InputError(f"{path}: no images in split {split!r}")
+    return records
+
+
+def retrieval_metrics(image_emb: np.ndarray, text_emb: np.ndarray, text_image: Sequence[int]) -> dict:
+    """Recall@K (percent) both ways and mR for normalised embeddings; ``text_image[t]`` is the
+    image of caption ``t``."""
+    text_image = np.asarray(text_image)
+    sims = image_emb @ text_emb.T  # (images, texts)
+    out = {}
+    i2t_order = np.argsort(-sims, axis=1, kind="stable")
+    first_hit = np.array([np.flatnonzero(text_image[row] == i)[0] for i, row in enumerate(i2t_order)])
+    t2i_order = np.argsort(-sims.T, axis=1, kind="stable")
+    t2i_rank = np.array([np.flatnonzero(row == text_image[t])[0] for t, row in enumerate(t2i_order)])
+    for k in KS:
+        out[f"i2t_R@{k}"] = 100.0 * float(np.mean(first_hit < k))
+    for k in KS:
+        out[f"t2i_R@{k}"] = 100.0 * float(np.mean(t2i_rank < k))
+    out["mR"] = float(np.mean([out[f"{d}_R@{k}"] for d in ("i2t", "t2i") for k in KS]))
+    return out
+
+
+def zeroshot_metrics(image_emb: np.ndarray, class_emb: np.ndarray, labels: Sequence[int]) -> dict:
+    """Top-1 / top-5 accuracy (percent) of nearest-class-embedding classification."""
+    order = np.argsort(-(image_emb @ class_emb.T), axis=1, kind="stable")
+    labels = np.asarray(labels)[:, None]
+    return {"top1": 100.0 * float(np.mean(order[:, :1] == labels)),
+            "top5": 100.0 * float(np.mean((order[:, :5] == labels).any(axis=1)))}
+
+
+def image_embeddings(loaded, paths: Sequence[str], batch_size: int = 64) -> np.ndarray:
+    """Normalised image embeddings of image files, preprocessed like tiles."""
+    from .search.queries import image_vectors
+
+    return np.concatenate([image_vectors(loaded, paths[i:i + batch_size]) for i in range(0, len(paths), batch_size)])
+
+
+def evaluate_retrieval(loaded, dataset: str, split: str = "val", limit: Optional[int] = None) -> dict:
+    """Retrieval metrics of a loaded CLIP model on one split."""
+    from .search.queries import text_vectors
+
+    records = load_karpathy(dataset, split, limit)
+    texts = [c for r in records for c in r["captions"]]
+    owners = [i for i, r in enumerate(records) for _ in r["captions"]]
+    if not texts:
+        raise InputError(f"{dataset}: split {split!r} has no captions")
+    images = image_embeddings(loaded, [r["image"] for r in records])
+    text = np.concatenate([text_vectors(loaded, texts[i:i + 256]) for i in range(0, len(texts), 256)])
+    return {"images": len(records), "texts": len(texts), **retrieval_metrics(images, text, owners)}
+
+
+def evaluate_zeroshot(loaded, dataset: str, split: str = "val", templates: Optional[Sequence[str]] = None,
+                      limit: Optional[int] = None) -> dict:
+    """Zero-shot accuracy over the classes of a split, with a template ensemble."""
+    from .search.queries import RS_TEMPLATES, text_vectors
+
+    records = load_karpathy(dataset, split, limit)
+    if any(r["class"] is None for r in records):
+        raise InputError(f"{dataset}: images need a 'class' for zero-shot evaluation")
+    classes = sorted({r["class"] for r in records})
+    if len(classes) < 2:
+        raise OptionError(f"{dataset}: split {split!r} has fewer than two classes")
+    names = [c.replace("_", " ") for c in classes]
+    class_emb = text_vectors(loaded, names, list(templates or RS_TEMPLATES))
+    images = image_embeddings(loaded, [r["image"] for r in records])
+    labels = [classes.index(r["class"]) for r in records]
+    return {"images": len(records), "classes": len(classes), **zeroshot_metrics(images, class_emb, labels)}

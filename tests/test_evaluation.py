@@ -1,0 +1,65 @@
+"""Retrieval and zero-shot metrics against loops written out by hand, and the CLI on UCM."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from conftest import ROOT, run_cli
+from hqrs_geo.evaluation import load_karpathy, retrieval_metrics, zeroshot_metrics
+from hqrs_geo.search.queries import normalise
+from tiny_models import TINY_CLIP
+
+UCM = ROOT.parent / "shared" / "data" / "ucm" / "dataset_ucm.json"
+
+
+def reference_recall(sims, owners, k):
+    i2t = np.mean([any(owners[t] == i for t in np.argsort(-sims[i], kind="stable")[:k]) for i in range(sims.shape[0])])
+    t2i = np.mean([owners[t] in np.argsort(-sims[:, t], kind="stable")[:k] for t in range(sims.shape[1])])
+    return 100 * i2t, 100 * t2i
+
+
+def test_retrieval_metrics_match_reference():
+    rng = np.random.default_rng(0)
+    images = normalise(rng.normal(size=(30, 16)))
+    owners = np.repeat(np.arange(30), 3)
+    texts = normalise(images[owners] + rng.normal(scale=1.2, size=(90, 16)))
+    got = retrieval_metrics(images, texts, owners)
+    sims = images @ texts.T
+    for k in (1, 5, 10):
+        i2t, t2i = reference_recall(sims, owners, k)
+        assert got[f"i2t_R@{k}"] == pytest.approx(i2t) and got[f"t2i_R@{k}"] == pytest.approx(t2i)
+    assert 0 < got["mR"] < 100
+    perfect = retrieval_metrics(images, images[owners], owners)
+    assert perfect["i2t_R@1"] == 100 and perfect["t2i_R@1"] == 100  # every caption finds its own image first
+
+
+def test_zeroshot_metrics_match_reference():
+    rng = np.random.default_rng(1)
+    classes = normalise(rng.normal(size=(8, 12)))
+    labels = rng.integers(0, 8, 50)
+    images = normalise(classes[labels] + rng.normal(scale=0.8, size=(50, 12)))
+    got = zeroshot_metrics(images, classes, labels)
+    sims = images @ classes.T
+    assert got["top1"] == pytest.approx(100 * np.mean(sims.argmax(1) == labels))
+    assert got["top5"] == pytest.approx(100 * np.mean([labels[i] in np.argsort(-sims[i])[:5] for i in range(50)]))
+
+
+def test_eval_cli_on_ucm(tmp_path, tiny_clip_checkpoint):
+    assert UCM.exists(), f"shared UCM data missing: {UCM}"
+    records = load_karpathy(str(UCM), "val", limit=21)
+    assert len(records) == 21 and all(len(r["captions"]) == 5 for r in records)
+    out = tmp_path / "r.json"
+    result = run_cli("eval", "retrieval", UCM, "--model", TINY_CLIP, "--checkpoint", tiny_clip_checkpoint,
+                     "--device", "cpu", "--limit", "21", "--json", out)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(out.read_text())
+    assert report["images"] == 21 and report["texts"] == 105 and 0 <= report["mR"] <= 100
+    result = run_cli("eval", "zeroshot", UCM, "--model", TINY_CLIP, "--checkpoint", tiny_clip_checkpoint,
+                     "--device", "cpu", "--limit", "40", "-q", "--json", out)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(out.read_text())
+    assert report["classes"] >= 2 and 0 <= report["top1"] <= report["top5"] <= 100
+    bad = run_cli("eval", "retrieval", tmp_path / "none.json", "--model", TINY_CLIP, "--checkpoint", tiny_clip_checkpoint)
+    assert bad.returncode == 2 and "file not found" in bad.stderr
