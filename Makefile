@@ -7,7 +7,7 @@ SYSTEM_PY   := /usr/bin/python3
 VENV        := .venv
 PY          := $(VENV)/bin/python
 STAMP       := $(VENV)/.hqrs-installed
-DEBIAN_PKGS := qgis python3-qgis python3-venv
+DEBIAN_PKGS := qgis python3-qgis python3-venv default-jre-headless
 export QT_QPA_PLATFORM := offscreen
 export PYTHONPATH := /usr/share/qgis/python/plugins$(if $(PYTHONPATH),:$(PYTHONPATH))
 
@@ -22,12 +22,13 @@ help:
 	@echo "make plugin - build the QGIS plugin zip (dist/hqrs_geo_plugin.zip)"
 
 system-deps:
-	@if ! $(SYSTEM_PY) -c 'import qgis.core' >/dev/null 2>&1 || ! $(SYSTEM_PY) -c 'import ensurepip' >/dev/null 2>&1; then \
+	@if ! $(SYSTEM_PY) -c 'import qgis.core' >/dev/null 2>&1 || ! $(SYSTEM_PY) -c 'import ensurepip' >/dev/null 2>&1 \
+	    || ! command -v java >/dev/null 2>&1; then \
 	  if [ "$$(id -u)" = 0 ]; then \
 	    echo "installing Debian packages: $(DEBIAN_PKGS)"; \
 	    apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $(DEBIAN_PKGS); \
 	  else \
-	    echo "QGIS (PyQGIS) is missing. Run as root:"; \
+	    echo "QGIS (PyQGIS) or Java is missing. Run as root:"; \
 	    echo "  sudo apt-get update && sudo apt-get install -y $(DEBIAN_PKGS)"; \
 	    exit 1; \
 	  fi; \

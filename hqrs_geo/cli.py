@@ -160,8 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
         job.set_defaults(func=cmd_model_job, job=name)
     _search_parsers(sub)
 
-    evaluate = sub.add_parser("eval", help="evaluate a model: retrieval R@K / zero-shot accuracy")
-    evaluate.add_argument("task", choices=("retrieval", "zeroshot"))
+    evaluate = sub.add_parser("eval", help="evaluate a model: retrieval R@K, zero-shot accuracy, caption metrics")
+    evaluate.add_argument("task", choices=("retrieval", "zeroshot", "caption"))
     evaluate.add_argument("dataset", help="Karpathy-style JSON (images[].filename, class, split, sentences[].raw)")
     evaluate.add_argument("--split", default="val", help="split to evaluate (default val)")
     evaluate.add_argument("--model", required=True, help="registry name or open_clip architecture")
@@ -171,6 +171,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--limit", type=int, default=None, help="evaluate only the first N images")
     evaluate.add_argument("--json", dest="json_out", default=None, help="also write the metrics to this JSON file")
     evaluate.add_argument("--trust-checkpoint", action="store_true")
+    evaluate.add_argument("--decoding", default="beam", choices=("greedy", "beam", "sample"), help="caption task")
+    evaluate.add_argument("--beams", type=int, default=3, help="caption task: beam width")
+    evaluate.add_argument("--max-length", type=int, default=30, help="caption task: maximum tokens")
     _common(evaluate)
     evaluate.set_defaults(func=cmd_eval)
     return parser
@@ -183,8 +186,15 @@ def cmd_eval(args: argparse.Namespace, progress: Progress) -> int:
 
     loaded = load_model(args.model, checkpoint=args.checkpoint, arch=args.arch, device=args.device,
                         trust_checkpoint=args.trust_checkpoint)
-    run = evaluate_retrieval if args.task == "retrieval" else evaluate_zeroshot
-    metrics = run(loaded, args.dataset, args.split, limit=args.limit)
+    if args.task == "caption":
+        from .evaluation import evaluate_captions
+        from .models.decoding import DecodingConfig
+
+        decoding = DecodingConfig(method=args.decoding, num_beams=args.beams, max_length=args.max_length).validated()
+        metrics = evaluate_captions(loaded, args.dataset, args.split, decoding, limit=args.limit)
+    else:
+        run = evaluate_retrieval if args.task == "retrieval" else evaluate_zeroshot
+        metrics = run(loaded, args.dataset, args.split, limit=args.limit)
     report = {"task": args.task, "model": loaded.spec.name, "sha256": loaded.sha256, "split": args.split, **metrics}
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(report, indent=2))

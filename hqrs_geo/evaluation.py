@@ -108,3 +108,55 @@ def evaluate_zeroshot(loaded, dataset: str, split: str = "val", templates: Optio
     images = image_embeddings(loaded, [r["image"] for r in records])
     labels = [classes.index(r["class"]) for r in records]
     return {"images": len(records), "classes": len(classes), **zeroshot_metrics(images, class_emb, labels)}
+
+
+def caption_metrics(references: dict, candidates: dict) -> dict:
+    """BLEU-1..4, METEOR, ROUGE-L, CIDEr (x100) with the standard COCO caption evaluation code
+    (pycocoevalcap; its PTB tokenizer and METEOR need Java)."""
+    import shutil
+
+    if shutil.which("java") is None:
+        raise InputError("caption metrics need Java (PTB tokenizer, METEOR): apt-get install default-jre-headless")
+    try:
+        from pycocoevalcap.bleu.bleu import Bleu
+        from pycocoevalcap.cider.cider import Cider
+        from pycocoevalcap.meteor.meteor import Meteor
+        from pycocoevalcap.rouge.rouge import Rouge
+        from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+    except ImportError:
+        raise InputError("caption metrics need pycocoevalcap: pip install 'hqrs_geo[eval]'") from None
+    tokenizer = PTBTokenizer()
+    gts = tokenizer.tokenize({k: [{"caption": c} for c in v] for k, v in references.items()})
+    res = tokenizer.tokenize({k: [{"caption": candidates[k]}] for k in references})
+    bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
+    scores = {f"BLEU-{i + 1}": 100.0 * b for i, b in enumerate(bleu)}
+    scores["METEOR"] = 100.0 * Meteor().compute_score(gts, res)[0]
+    scores["ROUGE-L"] = 100.0 * Rouge().compute_score(gts, res)[0]
+    scores["CIDEr"] = 100.0 * Cider().compute_score(gts, res)[0]
+    return scores
+
+
+def evaluate_captions(loaded, dataset: str, split: str = "val", decoding=None, limit: Optional[int] = None,
+                      batch_size: int = 32) -> dict:
+    """Caption a split with a CoCa model and score the captions against the references."""
+    import torch
+    from PIL import Image
+
+    from .models.decoding import generate_captions
+    from .models.preprocess import BatchPreprocess
+
+    if loaded.kind != "coca":
+        raise OptionError(f"model {loaded.spec.name} is a {loaded.kind} model; caption evaluation needs CoCa")
+    records = [r for r in load_karpathy(dataset, split, limit) if r["captions"]]
+    preprocess = BatchPreprocess(loaded.preprocess, loaded.device)
+    candidates: dict = {}
+    for start in range(0, len(records), batch_size):
+        chunk = records[start:start + batch_size]
+        images = [torch.from_numpy(np.asarray(Image.open(r["image"]).convert("RGB"))).permute(2, 0, 1) for r in chunk]
+        batch = torch.cat([preprocess(image[None].to(loaded.device)) for image in images])  # any image size
+        with torch.inference_mode():
+            captions = generate_captions(loaded.model, loaded.tokenizer, batch, decoding)
+        candidates.update({str(start + i): c for i, c in enumerate(captions)})
+    references = {str(i): r["captions"] for i, r in enumerate(records)}
+    return {"images": len(records), **caption_metrics(references, candidates),
+            "examples": [candidates[str(i)] for i in range(min(3, len(records)))]}

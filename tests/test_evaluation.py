@@ -63,3 +63,28 @@ def test_eval_cli_on_ucm(tmp_path, tiny_clip_checkpoint):
     assert report["classes"] >= 2 and 0 <= report["top1"] <= report["top5"] <= 100
     bad = run_cli("eval", "retrieval", tmp_path / "none.json", "--model", TINY_CLIP, "--checkpoint", tiny_clip_checkpoint)
     assert bad.returncode == 2 and "file not found" in bad.stderr
+
+
+def test_caption_metrics_behave():
+    from hqrs_geo.evaluation import caption_metrics
+
+    refs = {"1": ["There is a piece of farmland .", "It is a piece of cropland ."],
+            "2": ["Many buildings are next to a road .", "Some houses along a street ."]}
+    perfect = caption_metrics(refs, {"1": "There is a piece of farmland .", "2": "Many buildings are next to a road ."})
+    poor = caption_metrics(refs, {"1": "a river with boats", "2": "an airplane on a runway"})
+    assert perfect["BLEU-1"] == pytest.approx(100, abs=1e-6) and perfect["ROUGE-L"] == pytest.approx(100, abs=1e-6)
+    for metric in ("BLEU-1", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr"):
+        assert perfect[metric] > poor[metric], metric
+
+
+def test_eval_caption_cli(tmp_path, tiny_coca_checkpoint):
+    from tiny_models import TINY_COCA
+
+    out = tmp_path / "c.json"
+    result = run_cli("eval", "caption", UCM, "--model", TINY_COCA, "--checkpoint", tiny_coca_checkpoint,
+                     "--device", "cpu", "--limit", "6", "--decoding", "greedy", "--max-length", "8", "-q",
+                     "--json", out)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(out.read_text())
+    assert report["images"] == 6 and {"BLEU-4", "METEOR", "ROUGE-L", "CIDEr"} <= set(report)
+    assert all(isinstance(c, str) and c for c in report["examples"])
