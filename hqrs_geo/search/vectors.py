@@ -415,16 +415,10 @@ class VectorIndex:
         qt = np.ascontiguousarray(queries.T)
         torch = _torch()
         if torch is not None:
-            matrix = self._tensor_view()
             qt_t = torch.from_numpy(qt)
-            buf = torch.empty((min(CHUNK_ROWS, n), self.dim), dtype=torch.float32)
             tmp = torch.empty((min(CHUNK_ROWS, n), q), dtype=torch.float32)
-            for s in range(0, n, CHUNK_ROWS):
-                chunk = matrix[s:s + CHUNK_ROWS]
+            for s, chunk in self._torch_float32_chunks():
                 m = len(chunk)
-                if chunk.dtype != torch.float32:
-                    buf[:m].copy_(chunk)
-                    chunk = buf[:m]
                 torch.mm(chunk, qt_t, out=tmp[:m])
                 out[:, s:s + m] = tmp[:m].numpy().T
         else:  # pragma: no cover - exercised only without torch
@@ -528,17 +522,12 @@ class VectorIndex:
         torch = _torch()
         found_q, found_r, found_s = [], [], []
         if torch is not None:
-            matrix, queries = self._tensor_view(), torch.from_numpy(q)
+            queries = torch.from_numpy(q)
             tol_t = torch.from_numpy(tol)
             blocked = torch.from_numpy(~mask) if mask is not None else None
-            buf = torch.empty((min(CHUNK_ROWS, n), self.dim), dtype=torch.float32)
             best = torch.full((n_q, k), -np.inf)
-            for s in range(0, n, CHUNK_ROWS):
-                chunk = matrix[s:s + CHUNK_ROWS]
+            for s, chunk in self._torch_float32_chunks():
                 m = len(chunk)
-                if chunk.dtype != torch.float32:
-                    buf[:m].copy_(chunk)
-                    chunk = buf[:m]
                 block = torch.mm(queries, chunk.T)  # (Q, m)
                 if blocked is not None:
                     block.masked_fill_(blocked[s:s + m], -np.inf)
@@ -656,6 +645,20 @@ class VectorIndex:
             index.hnsw.efSearch = params["efSearch"]
         else:
             index.nprobe = params["nprobe"]
+
+    def _torch_float32_chunks(self):
+        """``(first row, float32 tensor)`` blocks of :data:`CHUNK_ROWS` rows; float16 rows are
+        converted into one reused buffer (each block is valid until the next is yielded)."""
+        import torch
+
+        matrix = self._tensor_view()
+        buf = torch.empty((min(CHUNK_ROWS, self.n), self.dim), dtype=torch.float32)
+        for s in range(0, self.n, CHUNK_ROWS):
+            chunk = matrix[s:s + CHUNK_ROWS]
+            if chunk.dtype != torch.float32:
+                buf[:len(chunk)].copy_(chunk)
+                chunk = buf[:len(chunk)]
+            yield s, chunk
 
     def _float32_chunks(self, chunk: int = 65536):
         for s in range(0, self.n, chunk):
