@@ -305,11 +305,10 @@ def cmd_search(args: argparse.Namespace, progress: Progress) -> int:
         results = session.vector_search(query, args.k, spatial)
         exclude = ()
     else:
-        results = session.search_similar(args.tile, args.negative, args.image, args.negative_image,
-                                         args.negative_weight, args.k, spatial, args.include_examples)
-        label = "similar " + " ".join(args.tile + [Path(p).stem for p in args.image])
+        query = session.similar_query(args.tile, args.negative, args.image, args.negative_image, args.negative_weight)
         exclude = () if args.include_examples else tuple(args.tile) + tuple(args.negative)
-        query = None
+        results = session.vector_search(query, args.k, spatial, exclude)
+        label = "similar " + " ".join(args.tile + [Path(p).stem for p in args.image])
     params = {"query": label, "kind": args.kind, "model": session.source.model, "k": args.k,
               "filters": {k: v for k, v in vars(spatial).items() if v is not None}}
     written = []
@@ -317,19 +316,7 @@ def cmd_search(args: argparse.Namespace, progress: Progress) -> int:
         name = args.result_layer or result_layer_name(label)
         written.append(write_result_layer(args.layer, results, name, params, args.output))
     if args.score_column or args.score_raster:
-        if query is None:
-            from .search.queries import combine, image_vectors
-
-            pos = [session.tile_vectors(args.tile)] if args.tile else []
-            if args.image:
-                pos.append(image_vectors(session.model, args.image))
-            neg = [session.tile_vectors(args.negative)] if args.negative else []
-            if args.negative_image:
-                neg.append(image_vectors(session.model, args.negative_image))
-            import numpy as np
-
-            query = combine(np.concatenate(pos), np.concatenate(neg) if neg else None, args.negative_weight)
-        mask = session._mask(spatial, exclude)
+        mask = session.mask(spatial, exclude)
         all_scores = session.index.scores(query, mask)
         scores = {tid: float(s) for tid, s in zip(session.index.ids, all_scores) if s == s}
         if args.score_column:

@@ -78,8 +78,10 @@ def test_dock_query_selects_expected_tiles(qgis, embedded_layer):
         # find similar from the selected features
         layer.selectByIds([fid])
         dock.search_similar()
-        assert dock.table.rowCount() == 5 and fid not in []
-        assert dock.table.item(0, 2).text() != ""
+        example = layer.getFeature(fid)["tile_id"]
+        listed = [dock.table.item(r, 2).text() for r in range(dock.table.rowCount())]
+        assert len(listed) == 5 and example not in listed  # the example itself is left out
+        assert listed == SearchSession(str(embedded_layer)).search_similar([example], k=5).tile_id.tolist()
     finally:
         dock.close_sessions()
         QgsProject.instance().removeMapLayer(layer.id())

@@ -117,7 +117,8 @@ def test_device_choice():
     from hqrs_geo.models.device import autocast_dtype, pick_device
 
     assert pick_device("cpu").type == "cpu"
-    assert pick_device("auto").type == ("cuda" if torch.cuda.is_available() else pick_device("auto").type)
+    mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+    assert pick_device("auto").type == ("cuda" if torch.cuda.is_available() else "mps" if mps else "cpu")
     assert autocast_dtype(torch.device("cpu")) is None
     if not torch.cuda.is_available():
         with pytest.raises(OptionError, match="CUDA is not available"):

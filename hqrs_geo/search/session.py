@@ -37,7 +37,7 @@ class SearchSession:
             self._model = load_source_model(self.source, self.checkpoint, self.device)
         return self._model
 
-    def _mask(self, spatial: Optional[SpatialFilter], exclude: Sequence[str] = ()) -> Optional[np.ndarray]:
+    def mask(self, spatial: Optional[SpatialFilter], exclude: Sequence[str] = ()) -> Optional[np.ndarray]:
         if (spatial is None or not spatial.active) and not exclude:
             return None
         keep = spatial.mask(self.frame) if spatial is not None and spatial.active else np.ones(len(self.frame), bool)
@@ -57,7 +57,7 @@ class SearchSession:
         """Top ``k`` tiles for a normalised query vector, as a GeoDataFrame with ``score``/``rank``."""
         if k < 1:
             raise OptionError(f"invalid k {k}: ask for at least one result")
-        scores, rows = self.index.search(query, k=k, mask=self._mask(spatial, exclude), use_ann=self.use_ann)
+        scores, rows = self.index.search(query, k=k, mask=self.mask(spatial, exclude), use_ann=self.use_ann)
         return self._results(scores[0], rows[0])
 
     def text_query(self, texts: Sequence[str], template: bool = True) -> np.ndarray:
@@ -82,11 +82,10 @@ class SearchSession:
             raise OptionError(f"unknown tile id {missing[0]!r} (or it has no embedding) in {self.layer}")
         return np.asarray(self.index.matrix[[lookup[t] for t in tile_ids]], dtype=np.float32)
 
-    def search_similar(self, positive_ids: Sequence[str] = (), negative_ids: Sequence[str] = (),
-                       positive_images: Sequence[str] = (), negative_images: Sequence[str] = (),
-                       negative_weight: float = 0.5, k: int = 20, spatial: Optional[SpatialFilter] = None,
-                       include_examples: bool = False):
-        """Tiles like the positive examples and unlike the negative ones (tile ids and/or image files)."""
+    def similar_query(self, positive_ids: Sequence[str] = (), negative_ids: Sequence[str] = (),
+                      positive_images: Sequence[str] = (), negative_images: Sequence[str] = (),
+                      negative_weight: float = 0.5) -> np.ndarray:
+        """Query vector from examples: mean of positives minus weighted mean of negatives."""
         parts = [self.tile_vectors(positive_ids)] if positive_ids else []
         if positive_images:
             parts.append(image_vectors(self.model, positive_images))
@@ -95,7 +94,14 @@ class SearchSession:
             negs.append(image_vectors(self.model, negative_images))
         if not parts:
             raise OptionError("give at least one positive example: a tile id or an image file")
-        query = combine(np.concatenate(parts), np.concatenate(negs) if negs else None, negative_weight)
+        return combine(np.concatenate(parts), np.concatenate(negs) if negs else None, negative_weight)
+
+    def search_similar(self, positive_ids: Sequence[str] = (), negative_ids: Sequence[str] = (),
+                       positive_images: Sequence[str] = (), negative_images: Sequence[str] = (),
+                       negative_weight: float = 0.5, k: int = 20, spatial: Optional[SpatialFilter] = None,
+                       include_examples: bool = False):
+        """Tiles like the positive examples and unlike the negative ones (tile ids and/or image files)."""
+        query = self.similar_query(positive_ids, negative_ids, positive_images, negative_images, negative_weight)
         exclude = () if include_examples else tuple(positive_ids) + tuple(negative_ids)
         return self.vector_search(query, k, spatial, exclude)
 
