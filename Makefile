@@ -55,6 +55,7 @@ bench: venv
 	$(PY) benchmarks/embed.py
 	$(PY) benchmarks/caption.py
 	$(PY) benchmarks/search.py
+	$(PY) benchmarks/finetune.py
 
 # The installable plugin ("Install from ZIP"): one top folder, metadata, code, icon, licence.
 plugin:

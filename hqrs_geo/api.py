@@ -91,9 +91,19 @@ def run(
     command: str = "run",
 ):
     """Tile (when rasters are given), embed with every ``embed_models`` and caption with
-    ``caption_model``, in one pass over the tiles. Returns the updated layer."""
+    ``caption_model``, in one pass over the tiles. Returns the updated layer.
+
+    With no model named, the defaults are used (``$HQRS_GEO_EMBED_MODEL`` /
+    ``$HQRS_GEO_CAPTION_MODEL``, else the shipped demo models hqrs-mini-clip / hqrs-mini-coca):
+    the embedding model for ``command="embed"``, the caption model for ``"caption"``, both for ``"run"``.
+    """
     if not embed_models and not caption_model:
-        raise OptionError("no model given: name an embedding and/or caption model (see 'hqrs-geo models')")
+        from .models.registry import default_caption_model, default_embed_model
+
+        if command != "caption":
+            embed_models = [default_embed_model()]
+        if command != "embed":
+            caption_model = default_caption_model()
     embedders = _load(list(embed_models), list(embed_checkpoints), list(embed_arch), device, trust_checkpoint)
     captioner = None
     if caption_model:

@@ -138,7 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
         if name in ("embed", "run"):
             flag = "--model" if name == "embed" else "--embed-model"
             models_group.add_argument(flag, dest="embed_models", action="append", default=[],
-                                      help="embedding model (registry name or open_clip architecture); repeatable")
+                                      help="embedding model (registry name or open_clip architecture); repeatable; "
+                                           "default $HQRS_GEO_EMBED_MODEL or the shipped demo model hqrs-mini-clip")
             models_group.add_argument("--checkpoint" if name == "embed" else "--embed-checkpoint",
                                       dest="embed_checkpoints", action="append", default=[],
                                       help="checkpoint file for the model of the same position")
@@ -146,7 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
                                       action="append", default=[], help="open_clip architecture of that checkpoint")
         if name in ("caption", "run"):
             models_group.add_argument("--model" if name == "caption" else "--caption-model", dest="caption_model",
-                                      default=None, help="CoCa caption model (registry name or architecture)")
+                                      default=None, help="CoCa caption model (registry name or architecture); default "
+                                           "$HQRS_GEO_CAPTION_MODEL or the shipped demo model hqrs-mini-coca")
             models_group.add_argument("--checkpoint" if name == "caption" else "--caption-checkpoint",
                                       dest="caption_checkpoint", default=None, help="checkpoint of the caption model")
             models_group.add_argument("--arch" if name == "caption" else "--caption-arch", dest="caption_arch",
@@ -176,7 +178,74 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--max-length", type=int, default=30, help="caption task: maximum tokens")
     _common(evaluate)
     evaluate.set_defaults(func=cmd_eval)
+    _finetune_parser(sub)
     return parser
+
+
+def _finetune_parser(sub) -> None:
+    tune = sub.add_parser("finetune", help="train or fine-tune an open_clip CLIP/CoCa on image-caption pairs")
+    tune.add_argument("dataset", help="open_clip CSV/TSV (filepath, caption) or Karpathy-style JSON")
+    tune.add_argument("-o", "--output", required=True, help="run folder (checkpoints, model.safetensors, train.json)")
+    what = tune.add_argument_group("model")
+    what.add_argument("--arch", default=None, help="open_clip architecture or config .json to train from scratch")
+    what.add_argument("--model", default=None, help="registry model to fine-tune from its weights")
+    what.add_argument("--checkpoint", default=None, help="weights to start from")
+    what.add_argument("--init-from", default=None, help="warm start: copy the tensors of this checkpoint that fit")
+    what.add_argument("--trust-checkpoint", action="store_true")
+    data = tune.add_argument_group("data")
+    data.add_argument("--split", dest="splits", action="append", default=None,
+                      help="training split of a JSON dataset (default train); repeatable")
+    data.add_argument("--val-split", default="val", help="validation split for model selection ('' for none)")
+    data.add_argument("--class-prompts", dest="class_prompt_prob", type=float, default=0.0,
+                      help="probability of a class prompt instead of a sentence, for images with a class")
+    data.add_argument("--csv-img-key", default="filepath")
+    data.add_argument("--csv-caption-key", default="caption")
+    data.add_argument("--min-scale", type=float, default=0.6, help="smallest random crop, fraction of the side")
+    data.add_argument("--no-rotate", dest="dihedral", action="store_false", help="no 90 degree rotations/flips")
+    opt = tune.add_argument_group("optimisation")
+    opt.add_argument("--epochs", type=int, default=10)
+    opt.add_argument("--max-steps", type=int, default=None, help="stop after this many optimiser steps")
+    opt.add_argument("--batch-size", type=int, default=64)
+    opt.add_argument("--accum-steps", type=int, default=1, help="micro-batches per optimiser step")
+    opt.add_argument("--lr", type=float, default=5e-4)
+    opt.add_argument("--weight-decay", type=float, default=0.1)
+    opt.add_argument("--warmup-steps", type=int, default=100)
+    opt.add_argument("--caption-loss-weight", type=float, default=2.0, help="CoCa")
+    opt.add_argument("--clip-loss-weight", type=float, default=1.0, help="CoCa")
+    opt.add_argument("--seed", type=int, default=0)
+    opt.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
+                     help="auto: bf16/fp16 AMP on CUDA, fp32 on CPU (bf16 is about 2x faster on CPUs with AVX512-BF16)")
+    opt.add_argument("--device", default="auto")
+    run = tune.add_argument_group("checkpoints")
+    run.add_argument("--save-every", type=int, default=500, help="checkpoint every N optimiser steps")
+    run.add_argument("--keep-checkpoints", type=int, default=2)
+    run.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --output")
+    run.add_argument("--save-dtype", choices=("fp32", "fp16"), default="fp32", help="dtype of the saved weights")
+    _common(tune)
+    tune.set_defaults(func=cmd_finetune)
+
+
+def cmd_finetune(args: argparse.Namespace, progress: Progress) -> int:
+    """``hqrs-geo finetune``: train, checkpoint, validate; prints where the weights are."""
+    from .training import FinetuneConfig, finetune
+
+    names = [f for f in FinetuneConfig.__dataclass_fields__ if hasattr(args, f)]
+    values = {name: getattr(args, name) for name in names}
+    values["splits"] = tuple(args.splits or ("train",))
+    values["val_split"] = args.val_split or None
+    record = finetune(FinetuneConfig(**values), resume=args.resume, progress=progress)
+    output = Path(args.output)
+    best = record.get("best") or {}
+    summary = f"trained {record['arch']} for {record['steps']} steps: {output / 'model.safetensors'}"
+    if best:
+        summary += f"; best on validation at step {best['step']}: {output / 'best.safetensors'}"
+    progress.finish(summary, output=str(output))
+    if not args.quiet and progress.mode != "json":
+        print(summary, file=sys.stderr)
+        if record.get("final"):
+            print("final validation: " + ", ".join(f"{k} {v:.1f}" for k, v in record["final"].items()),
+                  file=sys.stderr)
+    return 0
 
 
 def cmd_eval(args: argparse.Namespace, progress: Progress) -> int:
@@ -465,20 +534,29 @@ def _configure_logging(quiet: bool, debug: bool) -> None:
 
 def cmd_models(args: argparse.Namespace, progress: Progress) -> int:
     """``hqrs-geo models``: the registry and which checkpoints are on this machine."""
-    from .models.checkpoints import cache_dir, cached_checkpoint
-    from .models.registry import list_models
+    from .errors import InputError
+    from .models.checkpoints import bundled_checkpoint, cache_dir, cached_checkpoint
+    from .models.registry import default_caption_model, default_embed_model, list_models
 
+    defaults = {default_embed_model(), default_caption_model()}
     rows = []
     for spec in list_models():
-        found = cached_checkpoint(spec)
-        rows.append({**spec.as_dict(), "present": str(found) if found else None})
+        try:
+            found = bundled_checkpoint(spec) or cached_checkpoint(spec)
+        except InputError:
+            found = None
+        rows.append({**spec.as_dict(), "present": str(found) if found else None, "default": spec.name in defaults})
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
     print(f"{'name':<22} {'kind':<5} {'arch':<16} {'checkpoint':<10} source")
     for row in rows:
         source = f"hf-hub {row['hf_repo']}/{row['hf_file']}" if row["hf_repo"] else (row["obtain"] or "built in")
-        print(f"{row['name']:<22} {row['kind']:<5} {row['arch']:<16} {'present' if row['present'] else 'missing':<10} {source}")
+        if row["bundled"]:
+            source = "shipped in the package: small DEMO model (UC Merced), not HQRS-CLIP/RS-CoCa"
+        name = row["name"] + (" *" if row["default"] else "")
+        print(f"{name:<22} {row['kind']:<5} {row['arch']:<16} {'present' if row['present'] else 'missing':<10} {source}")
+    print("* default when no model is named ($HQRS_GEO_EMBED_MODEL / $HQRS_GEO_CAPTION_MODEL change it)")
     print(f"checkpoints are looked for in {cache_dir()} (set HQRS_GEO_HOME to move it); "
           "any open_clip architecture works with --checkpoint")
     return 0
@@ -490,7 +568,7 @@ def cmd_model_job(args: argparse.Namespace, progress: Progress) -> int:
     from .inference import RunOptions
 
     decoding = None
-    if args.job in ("caption", "run") and args.caption_model:
+    if args.job in ("caption", "run"):
         from .models.decoding import DecodingConfig
 
         decoding = DecodingConfig(

@@ -39,14 +39,14 @@ class Progress:
             self._out().write(json.dumps(record) + "\n")
             self._out().flush()
 
-    def start(self, stage: str, total: Optional[int], message: str = "") -> None:
-        """Begin a stage of ``total`` steps (``None`` when unknown)."""
+    def start(self, stage: str, total: Optional[int], message: str = "", unit: str = "tile", initial: int = 0) -> None:
+        """Begin a stage of ``total`` steps (``None`` when unknown), ``initial`` of them already done."""
         self.close_bar()
-        self.stage, self.total, self.done = stage, total, 0
+        self.stage, self.total, self.done = stage, total, initial
         if self.mode == "bar":
             from tqdm import tqdm
 
-            self._bar = tqdm(total=total, desc=stage, unit="tile", file=sys.stderr, dynamic_ncols=True)
+            self._bar = tqdm(total=total, desc=stage, unit=unit, file=sys.stderr, dynamic_ncols=True, initial=initial)
         self.emit(stage, message)
         self._last = time.monotonic()
 
@@ -60,6 +60,16 @@ class Progress:
             if now - self._last >= self.interval or (self.total is not None and self.done >= self.total):
                 self._last = now
                 self.emit(self.stage)
+
+    def postfix(self, **values) -> None:
+        """Show running values (e.g. the loss) beside the bar, or in the JSON objects."""
+        if self._bar is not None:
+            self._bar.set_postfix(values, refresh=False)
+        elif self.mode == "json":
+            now = time.monotonic()
+            if now - self._last >= self.interval:
+                self._last = now
+                self.emit(self.stage, **values)
 
     def message(self, text: str) -> None:
         """A human message: printed to stderr (bar mode) or as a JSON object."""

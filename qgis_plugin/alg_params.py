@@ -28,13 +28,14 @@ from qgis.core import (
 from .alg_base import cli_option, tr
 
 CUSTOM_MODEL = "custom (architecture + checkpoint)"
+# the shipped demo models come first: they are the defaults and need no download
 CLIP_MODELS: Tuple[str, ...] = (
-    "hqrs-clip", "openai-vit-b-32", "openai-vit-l-14",
+    "hqrs-mini-clip", "hqrs-clip", "openai-vit-b-32", "openai-vit-l-14",
     "remoteclip-rn50", "remoteclip-vit-b-32", "remoteclip-vit-l-14",
     "georsclip-vit-b-32", "georsclip-vit-l-14", "georsclip-vit-h-14",
     "skyclip-vit-b-32", "skyclip-vit-l-14",
 )
-COCA_MODELS: Tuple[str, ...] = ("rs-coca",)
+COCA_MODELS: Tuple[str, ...] = ("hqrs-mini-coca", "rs-coca")
 DEVICES = ("auto", "cpu", "cuda")
 EDGES = ("shift", "pad", "drop")
 DECODINGS = ("greedy", "beam", "sample")

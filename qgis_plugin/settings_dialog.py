@@ -32,7 +32,7 @@ class SettingsDialog(QDialog):
         self.check_result = QLabel("")
         self.check_result.setWordWrap(True)
         self.model = QLineEdit(value("model"))
-        self.model.setPlaceholderText("registry name, e.g. remoteclip-vit-b-32")
+        self.model.setPlaceholderText("registry name (empty: the shipped demo model hqrs-mini-clip)")
         self.checkpoint = QgsFileWidget()
         self.checkpoint.setFilePath(value("checkpoint"))
         self.device = QComboBox()

@@ -191,10 +191,13 @@ def test_cli_embed_run_and_errors(tmp_path, tiny_clip_checkpoint):
     missing = run_cli("embed", out, "--model", "remoteclip-vit-b-32", "--device", "cpu")
     assert missing.returncode == 2 and "Traceback" not in missing.stderr
     assert "RemoteCLIP-ViT-B-32.pt" in missing.stderr and len(missing.stderr.strip().splitlines()) == 1
-    nothing = run_cli("embed", out)
-    assert nothing.returncode == 2 and "no model given" in nothing.stderr
+    defaulted = run_cli("embed", out, "--device", "cpu", "--quiet")  # no model named: the shipped demo model
+    assert defaulted.returncode == 0, defaulted.stderr
+    assert (read_tiles(out)["emb_hqrs_mini_clip_model"] == "hqrs-mini-clip").all()
     listing = run_cli("models", "--json")
-    assert listing.returncode == 0 and any(m["name"] == "rs-coca" for m in json.loads(listing.stdout))
+    rows = {m["name"]: m for m in json.loads(listing.stdout)}
+    assert listing.returncode == 0 and "rs-coca" in rows and not rows["rs-coca"]["present"]
+    assert rows["hqrs-mini-clip"]["default"] and rows["hqrs-mini-clip"]["present"]
 
 
 def test_auto_device_and_precision(example_layer, tiny_clip_checkpoint):

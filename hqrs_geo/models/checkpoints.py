@@ -30,6 +30,19 @@ def cache_dir() -> Path:
     return (Path(home) if home else Path.home() / ".cache" / "hqrs_geo") / "checkpoints"
 
 
+WEIGHTS_FOLDER = Path(__file__).with_name("weights")
+
+
+def bundled_checkpoint(spec: ModelSpec) -> Optional[Path]:
+    """The weights file shipped inside the package for ``spec`` (demo models), if any."""
+    if not spec.bundled:
+        return None
+    path = WEIGHTS_FOLDER / spec.bundled
+    if not path.is_file():
+        raise InputError(f"{path}: the bundled weights of {spec.name} are missing; reinstall hqrs_geo")
+    return path
+
+
 def cached_checkpoint(spec: ModelSpec) -> Optional[Path]:
     """The registry file name in the cache folder, if it is there."""
     if not spec.filename:
@@ -45,6 +58,9 @@ def resolve_checkpoint(spec: ModelSpec, checkpoint: Optional[str] = None, downlo
         if not path.is_file():
             raise InputError(f"{checkpoint}: checkpoint file not found; check the path")
         return path
+    bundled = bundled_checkpoint(spec)
+    if bundled:
+        return bundled
     cached = cached_checkpoint(spec)
     if cached:
         return cached

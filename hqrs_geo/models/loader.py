@@ -9,7 +9,8 @@ from typing import Any, Optional
 from ..errors import InputError
 from .checkpoints import read_state_dict, resolve_checkpoint, sha256_of
 from .device import pick_device
-from .registry import ModelSpec, get_spec
+from .registry import ModelSpec, get_spec, register_config_folders
+from .tokenizers import build_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -43,10 +44,23 @@ class LoadedModel:
     def describe(self) -> dict:
         """Provenance recorded with every result."""
         return {
-            "name": self.spec.name, "kind": self.spec.kind, "arch": self.spec.arch,
+            "name": self.spec.name, "kind": self.spec.kind, "arch": self.spec.arch, "description": self.spec.description,
+            "demo_model": bool(self.spec.bundled),
             "quick_gelu": self.spec.quick_gelu, "checkpoint": self.checkpoint, "sha256": self.sha256,
             "preprocess": self.preprocess, "template": self.spec.template, "embed_dim": self.embed_dim,
         }
+
+
+class quiet_open_clip:
+    """Silence open_clip's root-logger warnings inside the block ("No pretrained weights
+    loaded… initialized randomly" is expected: our weights are loaded right after)."""
+
+    def __enter__(self):
+        self.level = logging.getLogger().level
+        logging.getLogger().setLevel(logging.ERROR)
+
+    def __exit__(self, *exc):
+        logging.getLogger().setLevel(self.level)
 
 
 def _preprocess_cfg(model) -> dict:
@@ -104,10 +118,12 @@ def load_model(
     """
     import open_clip
 
+    register_config_folders()  # the shipped configs (hqrs-mini-*) and $HQRS_GEO_MODEL_CONFIGS
     spec = get_spec(name, arch=arch, checkpoint=checkpoint)
     path = resolve_checkpoint(spec, checkpoint, download=download)
     state = read_state_dict(path, trust=trust_checkpoint)
-    model = open_clip.create_model(spec.arch, pretrained=None, force_quick_gelu=spec.quick_gelu)
+    with quiet_open_clip():
+        model = open_clip.create_model(spec.arch, pretrained=None, force_quick_gelu=spec.quick_gelu)
     own_keys = set(model.state_dict())
     transient = {name for name, _ in model.named_buffers()} - own_keys  # e.g. attn_mask (TorchScript keeps it)
     state = {k: v for k, v in state.items() if k not in transient}
@@ -116,6 +132,6 @@ def load_model(
     target = pick_device(device)
     model = model.to(target).eval()
     return LoadedModel(
-        spec=spec, model=model, tokenizer=open_clip.get_tokenizer(spec.arch), preprocess=_preprocess_cfg(model),
+        spec=spec, model=model, tokenizer=build_tokenizer(spec.arch), preprocess=_preprocess_cfg(model),
         device=target, checkpoint=str(path), sha256=sha256_of(path),
     )

@@ -1,9 +1,11 @@
 """The one place that knows every model: name -> architecture, weights, preprocessing, prompt.
 
 Entries name an open_clip architecture and where the weights come from. Weights are never
-bundled (except the project's own small demo model, added with the fine-tuning work); they
-are resolved by :mod:`hqrs_geo.models.checkpoints` from a local path, the cache folder, or
-the Hugging Face hub when online.
+bundled, except the project's own small demo models (``hqrs-mini-clip``, ``hqrs-mini-coca``,
+trained on UC Merced by ``hqrs-geo finetune``), which ship inside the package and are the
+defaults when no other model is configured. Other weights are resolved by
+:mod:`hqrs_geo.models.checkpoints` from a local path, the cache folder, or the Hugging Face
+hub when online.
 
 Any open_clip architecture name (``ViT-L-14``, ``coca_ViT-B-32``…) is also accepted as a
 custom model together with a checkpoint path.
@@ -36,6 +38,7 @@ class ModelSpec:
     template: str = DEFAULT_TEMPLATE
     obtain: str = ""  # how a user gets the weights when they are not on the hub
     arch_from_filename: bool = False  # the authors' file names carry the architecture
+    bundled: Optional[str] = None  # file in hqrs_geo/models/weights (the shipped demo models)
 
     @property
     def key(self) -> str:
@@ -47,8 +50,16 @@ class ModelSpec:
         return asdict(self)
 
 
+MINI_NOTE = ("small DEMO model trained by hqrs_geo on UC Merced (21 classes, 0.3 m aerial RGB); "
+             "ships with the package, no download; not HQRS-CLIP/RS-CoCa")
+
+
 def _entries() -> list[ModelSpec]:
     specs = [
+        ModelSpec("hqrs-mini-clip", "clip", "hqrs-mini-clip", f"hqrs-mini CLIP (ResNet 96 px): {MINI_NOTE}",
+                  bundled="hqrs-mini-clip.safetensors", template="an aerial image of {}."),
+        ModelSpec("hqrs-mini-coca", "coca", "hqrs-mini-coca", f"hqrs-mini CoCa (ViT 96 px): {MINI_NOTE}",
+                  bundled="hqrs-mini-coca.safetensors", template="an aerial image of {}."),
         ModelSpec(
             "hqrs-clip", "clip", "ViT-B-32",
             "HQRS-CLIP (MpGI): OpenAI-initialised CLIP fine-tuned on HQRS-IT-2.1M high-quality captions",
@@ -88,6 +99,25 @@ def _entries() -> list[ModelSpec]:
 
 
 REGISTRY: dict[str, ModelSpec] = {spec.name: spec for spec in _entries()}
+
+DEFAULT_EMBED_ENV = "HQRS_GEO_EMBED_MODEL"
+DEFAULT_CAPTION_ENV = "HQRS_GEO_CAPTION_MODEL"
+
+
+def default_embed_model() -> str:
+    """The embedding model used when none is named: ``$HQRS_GEO_EMBED_MODEL``, else the
+    shipped demo model ``hqrs-mini-clip``."""
+    import os
+
+    return os.environ.get(DEFAULT_EMBED_ENV) or "hqrs-mini-clip"
+
+
+def default_caption_model() -> str:
+    """The caption model used when none is named: ``$HQRS_GEO_CAPTION_MODEL``, else the
+    shipped demo model ``hqrs-mini-coca``."""
+    import os
+
+    return os.environ.get(DEFAULT_CAPTION_ENV) or "hqrs-mini-coca"
 
 
 def register(spec: ModelSpec) -> ModelSpec:

@@ -128,7 +128,7 @@ def image_vectors(loaded, paths: Sequence[str]) -> np.ndarray:
     vectors = []
     for path in paths:
         try:
-            image = np.asarray(Image.open(path).convert("RGB"))
+            image = np.array(Image.open(path).convert("RGB"))
         except (OSError, UnidentifiedImageError):
             raise InputError(f"{path}: cannot read as an image; give a PNG, JPEG or TIFF file") from None
         batch = torch.from_numpy(image).permute(2, 0, 1)[None].to(loaded.device)

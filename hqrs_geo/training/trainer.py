@@ -1,0 +1,518 @@
+"""``hqrs-geo finetune``: train or fine-tune an open_clip CLIP or CoCa on image-caption pairs.
+
+The model code and the losses are open_clip's (``ClipLoss`` for CLIP, ``CoCaLoss`` =
+contrastive + captioning for CoCa). This module adds what a long job on a workstation needs:
+
+* device auto; AMP (bf16, or fp16 with a gradient scaler) on CUDA, bf16 on CPU on request;
+* gradient accumulation (``accum_steps`` micro-batches per optimiser step; the contrastive
+  loss sees one micro-batch at a time);
+* AdamW with open_clip's weight-decay exclusions, linear warm-up then cosine decay;
+* a checkpoint every ``save_every`` steps and on Ctrl-C/SIGTERM (model, optimiser, schedule,
+  step), written atomically; ``resume`` continues from the newest one on the same batches,
+  because the image order and augmentations are functions of (seed, step);
+* validation (retrieval mean recall, zero-shot top-1 when images have classes) every epoch,
+  keeping the best weights for model selection;
+* outputs the model engine loads by path: ``model.safetensors`` (last), ``best.safetensors``
+  (best on validation) and ``train.json`` (config, data, metrics history).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+
+from ..errors import Cancelled, InputError, OptionError
+from .augment import AugmentConfig, augment_batch, normalise
+from .data import CaptionSampler, CaptionSet, describe_set, epoch_order, load_caption_set, write_json
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+@dataclass
+class FinetuneConfig:
+    """Everything that defines a training run (stored in every checkpoint and ``train.json``)."""
+
+    dataset: str
+    output: str
+    arch: Optional[str] = None  # open_clip architecture or config JSON to train from
+    model: Optional[str] = None  # registry model whose weights to start from
+    checkpoint: Optional[str] = None  # weights for ``model`` / ``arch``
+    init_from: Optional[str] = None  # warm start: copy tensors whose names and shapes match
+    splits: Sequence[str] = ("train",)
+    val_split: Optional[str] = "val"
+    epochs: int = 10
+    max_steps: Optional[int] = None
+    batch_size: int = 64
+    accum_steps: int = 1
+    lr: float = 5e-4
+    weight_decay: float = 0.1
+    warmup_steps: int = 100
+    seed: int = 0
+    precision: str = "auto"
+    device: str = "auto"
+    save_every: int = 500
+    keep_checkpoints: int = 2
+    class_prompt_prob: float = 0.0
+    clip_loss_weight: float = 1.0
+    caption_loss_weight: float = 2.0
+    min_scale: float = 0.6
+    dihedral: bool = True
+    jitter: float = 0.15
+    load_scale: float = 1.15  # images are decoded at load_scale x the model input size
+    save_dtype: str = "fp32"
+    csv_img_key: str = "filepath"
+    csv_caption_key: str = "caption"
+    trust_checkpoint: bool = False
+
+    def validated(self) -> "FinetuneConfig":
+        """Self, after checking the values; raises :class:`OptionError`."""
+        if not (self.arch or self.model):
+            raise OptionError("name what to train: --arch ARCH|CONFIG.json (from scratch) or --model NAME (fine-tune)")
+        for name in ("epochs", "batch_size", "accum_steps", "save_every"):
+            if getattr(self, name) < 1:
+                raise OptionError(f"--{name.replace('_', '-')} must be at least 1")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise OptionError("--max-steps must be at least 1")
+        if self.lr <= 0:
+            raise OptionError("--lr must be positive")
+        if self.precision not in PRECISIONS:
+            raise OptionError(f"--precision must be one of {', '.join(PRECISIONS)}")
+        if self.save_dtype not in ("fp32", "fp16"):
+            raise OptionError("--save-dtype must be fp32 or fp16")
+        if not 0.05 <= self.min_scale <= 1.0:
+            raise OptionError("--min-scale must lie in [0.05, 1]")
+        return self
+
+
+@dataclass
+class TrainState:
+    """Where the run is: optimiser steps done, best validation score, metric history."""
+
+    step: int = 0
+    best_score: float = -math.inf
+    best_step: int = 0
+    history: list = field(default_factory=list)
+
+
+# ---------------------------------------------------------------- model set-up
+
+
+def _resolve_arch(arch: str) -> str:
+    import open_clip
+
+    from ..models.registry import _open_clip_arch
+
+    path = Path(arch)
+    if path.suffix == ".json":
+        if not path.is_file():
+            raise InputError(f"{arch}: model config not found")
+        open_clip.add_model_config(path)
+        return path.stem
+    found = _open_clip_arch(arch)
+    if found is None:
+        raise OptionError(f"unknown architecture {arch!r}: use an open_clip model name or a config .json")
+    return found
+
+
+def _init_untouched(model) -> None:
+    """open_clip leaves CoCa's decoder output projection uninitialised (torch.empty)."""
+    import torch
+
+    decoder = getattr(model, "text_decoder", None)
+    proj = getattr(decoder, "text_projection", None)
+    if proj is not None:
+        with torch.no_grad():
+            if isinstance(proj, torch.nn.Linear):
+                torch.nn.init.normal_(proj.weight, std=proj.in_features ** -0.5)
+                if proj.bias is not None:
+                    proj.bias.zero_()
+            else:
+                torch.nn.init.normal_(proj, std=proj.shape[0] ** -0.5)
+
+
+def warm_start(model, path: str, trust: bool = False) -> tuple[int, int]:
+    """Copy the tensors of a checkpoint whose names and shapes match ``model``'s; returns
+    (copied, total in model)."""
+    from ..models.checkpoints import read_state_dict
+
+    state = read_state_dict(Path(path), trust=trust)
+    own = model.state_dict()
+    fits = {k: v for k, v in state.items() if k in own and tuple(v.shape) == tuple(own[k].shape)}
+    if not fits:
+        raise InputError(f"{path}: no tensor of this checkpoint fits the model; check --init-from")
+    model.load_state_dict(fits, strict=False)
+    return len(fits), len(own)
+
+
+def build_model(config: FinetuneConfig, device):
+    """(model, tokenizer, arch, kind, provenance) for a run."""
+    import open_clip
+
+    from ..models.loader import quiet_open_clip
+
+    from ..models.tokenizers import build_tokenizer
+
+    if config.model:
+        from ..models.loader import load_model
+
+        loaded = load_model(config.model, config.checkpoint, config.arch, device=str(device),
+                            trust_checkpoint=config.trust_checkpoint)
+        model, arch, kind = loaded.model, loaded.spec.arch, loaded.kind
+        source = {"model": loaded.spec.name, "checkpoint": loaded.checkpoint, "sha256": loaded.sha256}
+    else:
+        arch = _resolve_arch(config.arch)
+        with quiet_open_clip():  # "no pretrained weights loaded" is the point of training from scratch
+            model = open_clip.create_model(arch, pretrained=None)
+        kind = "coca" if hasattr(model, "text_decoder") else "clip"
+        source = {"arch": arch}
+        if config.checkpoint:
+            from ..models.checkpoints import read_state_dict
+
+            model.load_state_dict(read_state_dict(Path(config.checkpoint), trust=config.trust_checkpoint))
+            source["checkpoint"] = config.checkpoint
+        else:
+            _init_untouched(model)
+    if config.init_from:
+        copied, total = warm_start(model, config.init_from, config.trust_checkpoint)
+        source["init_from"] = {"path": config.init_from, "tensors": f"{copied}/{total}"}
+    if hasattr(model, "output_dict"):
+        model.output_dict = True
+    model = model.to(device)
+    return model, build_tokenizer(arch), arch, kind, source
+
+
+def _param_groups(model, weight_decay: float) -> list[dict]:
+    """open_clip's rule: no weight decay on gains, biases, norms and the logit scale."""
+    def exclude(name, param):
+        return param.ndim < 2 or "bn" in name or "ln" in name or "bias" in name or "logit_scale" in name
+
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    return [{"params": [p for n, p in named if exclude(n, p)], "weight_decay": 0.0},
+            {"params": [p for n, p in named if not exclude(n, p)], "weight_decay": weight_decay}]
+
+
+def lr_factor(step: int, warmup: int, total: int) -> float:
+    """Linear warm-up over ``warmup`` steps, then cosine decay to zero at ``total``."""
+    if step < warmup:
+        return (step + 1) / max(1, warmup)
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def _autocast(device, precision: str):
+    import contextlib
+
+    import torch
+
+    if device.type == "cuda" and precision in ("auto", "bf16", "fp16"):
+        dtype = torch.float16 if precision == "fp16" or (precision == "auto" and not torch.cuda.is_bf16_supported()) \
+            else torch.bfloat16
+        return lambda: torch.autocast("cuda", dtype=dtype), dtype
+    if device.type == "cpu" and precision == "bf16":
+        return lambda: torch.autocast("cpu", dtype=torch.bfloat16), torch.bfloat16
+    if precision == "fp16":
+        raise OptionError("--precision fp16 needs a CUDA device; use bf16 or fp32")
+    return contextlib.nullcontext, torch.float32
+
+
+# ---------------------------------------------------------------- validation
+
+
+def _encode_texts(model, tokenizer, texts: Sequence[str], device, batch: int = 256) -> np.ndarray:
+    out = []
+    for start in range(0, len(texts), batch):
+        tokens = tokenizer(list(texts[start:start + batch])).to(device)
+        out.append(model.encode_text(tokens, normalize=True).float().cpu().numpy())
+    return np.concatenate(out)
+
+
+def validate(model, tokenizer, data: CaptionSet, preprocess_cfg: dict, device, batch: int = 128) -> dict:
+    """Retrieval R@K/mR on the set's captions, and zero-shot top-1/top-5 when it has classes
+    (template ensemble of :data:`hqrs_geo.search.queries.RS_TEMPLATES`)."""
+    import torch
+
+    from ..evaluation import retrieval_metrics, zeroshot_metrics
+    from ..models.preprocess import BatchPreprocess
+    from ..search.queries import RS_TEMPLATES
+
+    was_training = model.training
+    model.eval()
+    prep = BatchPreprocess(preprocess_cfg, device)
+    with torch.inference_mode():
+        images = np.concatenate([
+            model.encode_image(prep(torch.stack(data.pixels[i:i + batch]).to(device)), normalize=True).float().cpu().numpy()
+            for i in range(0, len(data), batch)])
+        metrics: dict = {}
+        texts = [c for r in data.records for c in r.captions]
+        if texts:
+            owners = [i for i, r in enumerate(data.records) for _ in r.captions]
+            metrics.update(retrieval_metrics(images, _encode_texts(model, tokenizer, texts, device), owners))
+        classes = data.classes
+        labelled = [i for i, r in enumerate(data.records) if r.label]
+        if len(classes) >= 2 and labelled:
+            prompts = [t.format(c.replace("_", " ")) for c in classes for t in RS_TEMPLATES]
+            emb = _encode_texts(model, tokenizer, prompts, device).reshape(len(classes), len(RS_TEMPLATES), -1).mean(1)
+            emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+            labels = [classes.index(data.records[i].label) for i in labelled]
+            metrics.update({f"zs_{k}": v for k, v in zeroshot_metrics(images[labelled], emb, labels).items()})
+    model.train(was_training)
+    return metrics
+
+
+def selection_score(metrics: dict) -> float:
+    """The number model selection maximises: mean of retrieval mR and zero-shot top-1 (either
+    alone when only one is available)."""
+    parts = [metrics[k] for k in ("mR", "zs_top1") if k in metrics]
+    return float(np.mean(parts)) if parts else -math.inf
+
+
+# ---------------------------------------------------------------- checkpoints
+
+
+def checkpoint_dir(output: Path) -> Path:
+    """Folder of the periodic training checkpoints."""
+    return output / "checkpoints"
+
+
+def latest_checkpoint(output: Path) -> Optional[Path]:
+    """The newest ``step-*.pt`` of a run folder, if any."""
+    found = sorted(checkpoint_dir(output).glob("step-*.pt"))
+    return found[-1] if found else None
+
+
+def _atomic_torch_save(payload, path: Path) -> None:
+    import torch
+
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(payload, tmp)
+    tmp.replace(path)
+
+
+def save_weights(model, path: Path, dtype: str = "fp32") -> None:
+    """Model weights as safetensors (floating tensors in ``dtype``), written atomically."""
+    import torch
+    from safetensors.torch import save_file
+
+    state = {}
+    for key, value in model.state_dict().items():
+        value = value.detach().cpu()
+        if dtype == "fp16" and value.is_floating_point():
+            value = value.to(torch.float16)
+        state[key] = value.contiguous().clone()
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(state, str(tmp))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # safetensors creates 0600 files
+    tmp.replace(path)
+
+
+def save_checkpoint(output: Path, model, optimizer, scaler, state: TrainState, config: FinetuneConfig,
+                    keep: int) -> Path:
+    """Write ``checkpoints/step-NNNNNNN.pt`` (and prune old ones, keeping ``keep``)."""
+    folder = checkpoint_dir(output)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"step-{state.step:07d}.pt"
+    payload = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+               "scaler": scaler.state_dict() if scaler is not None else None,
+               "state": asdict(state), "config": json.dumps(asdict(config))}
+    _atomic_torch_save(payload, path)
+    for old in sorted(folder.glob("step-*.pt"))[:-keep]:
+        old.unlink()
+    return path
+
+
+def _restore(path: Path, model, optimizer, scaler, config: FinetuneConfig) -> TrainState:
+    import torch
+
+    payload = torch.load(path, map_location="cpu", weights_only=True)
+    saved = json.loads(payload["config"])
+    for key in ("arch", "model", "batch_size", "accum_steps", "seed", "dataset"):
+        if saved.get(key) != (list(v) if isinstance(v := getattr(config, key), tuple) else v):
+            raise OptionError(f"{path}: checkpoint was trained with {key}={saved.get(key)!r}, not "
+                              f"{getattr(config, key)!r}; use the same options to resume, or a new --output")
+    model.load_state_dict(payload["model"])
+    optimizer.load_state_dict(payload["optimizer"])
+    if scaler is not None and payload.get("scaler"):
+        scaler.load_state_dict(payload["scaler"])
+    return TrainState(**payload["state"])
+
+
+# ---------------------------------------------------------------- the loop
+
+
+def _loss_fn(kind: str, config: FinetuneConfig):
+    from open_clip.loss import ClipLoss, CoCaLoss
+
+    if kind == "coca":
+        loss = CoCaLoss(caption_loss_weight=config.caption_loss_weight, clip_loss_weight=config.clip_loss_weight)
+
+        def coca(out):
+            clip_l, cap_l = loss(out["image_features"], out["text_features"], out["logits"], out["labels"],
+                                 out["logit_scale"])
+            return clip_l + cap_l, {"clip": float(clip_l.detach()), "caption": float(cap_l.detach())}
+        return coca
+    loss = ClipLoss()
+
+    def clip(out):
+        value = loss(out["image_features"], out["text_features"], out["logit_scale"])
+        return value, {"clip": float(value.detach())}
+    return clip
+
+
+def finetune(config: FinetuneConfig, resume: bool = False, progress=None,
+             cancel: Optional[Callable[[], bool]] = None) -> dict:
+    """Run (or resume) a training job; returns the ``train.json`` record.
+
+    ``cancel`` is polled between steps; when it returns True (or on KeyboardInterrupt) a
+    checkpoint is written and :class:`Cancelled` is raised, so ``resume=True`` loses nothing.
+    """
+    import torch
+
+    from ..models.device import pick_device
+    from ..models.loader import _preprocess_cfg
+
+    config.validated()
+    output = Path(config.output)
+    if output.exists() and not output.is_dir():
+        raise OptionError(f"{output}: --output must be a folder")
+    if not resume and latest_checkpoint(output) is not None:
+        raise OptionError(f"{output}: holds checkpoints of an earlier run; pass --resume to continue it "
+                          "or choose another --output")
+    output.mkdir(parents=True, exist_ok=True)
+    from .data import read_records
+
+    read_records(config.dataset, list(config.splits), config.csv_img_key, config.csv_caption_key)  # fail early
+    torch.manual_seed(config.seed)
+    device = pick_device(config.device)
+    model, tokenizer, arch, kind, source = build_model(config, device)
+    preprocess_cfg = _preprocess_cfg(model)
+    size = preprocess_cfg["size"][0]
+    load_size = int(round(size * config.load_scale))
+
+    train = load_caption_set(config.dataset, list(config.splits), load_size, progress,
+                             config.csv_img_key, config.csv_caption_key)
+    val = None
+    if config.val_split and Path(config.dataset).suffix.lower() == ".json":
+        val = load_caption_set(config.dataset, [config.val_split], load_size, progress)
+    if len(train) < config.batch_size:
+        raise OptionError(f"{config.dataset}: {len(train)} training images, fewer than --batch-size "
+                          f"{config.batch_size}; lower --batch-size")
+    sampler = CaptionSampler(train, config.class_prompt_prob)
+    micro_per_epoch = len(train) // config.batch_size
+    steps_per_epoch = max(1, micro_per_epoch // config.accum_steps)
+    total_steps = config.max_steps or steps_per_epoch * config.epochs
+
+    optimizer = torch.optim.AdamW(_param_groups(model, config.weight_decay), lr=config.lr, betas=(0.9, 0.98), eps=1e-6)
+    autocast, amp_dtype = _autocast(device, config.precision)
+    scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
+    state = TrainState()
+    found = latest_checkpoint(output) if resume else None
+    if found is not None:
+        state = _restore(found, model, optimizer, scaler, config)
+        if progress is not None:
+            progress.message(f"resuming {output} from step {state.step}")
+    loss_fn = _loss_fn(kind, config)
+    augment = AugmentConfig(config.min_scale, config.dihedral, config.jitter)
+    mean, std = preprocess_cfg["mean"], preprocess_cfg["std"]
+    channels_last = kind == "clip"  # convolutional towers gain from it
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    model.train()
+    started = time.monotonic()
+    if progress is not None:
+        progress.start("train", total_steps, f"training {arch} ({kind}) on {len(train)} images", unit="step",
+                       initial=state.step)
+    running: Optional[float] = None
+
+    def evaluate_and_select() -> None:
+        if val is None:
+            return
+        metrics = validate(model, tokenizer, val, preprocess_cfg, device)
+        score = selection_score(metrics)
+        record = {"step": state.step, "epoch": state.step / steps_per_epoch, "val": metrics, "score": score}
+        state.history.append(record)
+        if score > state.best_score:
+            state.best_score, state.best_step = score, state.step
+            save_weights(model, output / "best.safetensors", config.save_dtype)
+        if progress is not None:
+            shown = ", ".join(f"{k} {metrics[k]:.1f}" for k in ("mR", "zs_top1") if k in metrics)
+            progress.message(f"step {state.step}: val {shown} (best step {state.best_step})")
+
+    try:
+        while state.step < total_steps:
+            if cancel is not None and cancel():
+                raise KeyboardInterrupt
+            for group in optimizer.param_groups:
+                group["lr"] = config.lr * lr_factor(state.step, config.warmup_steps, total_steps)
+            parts: dict = {}
+            for micro in range(config.accum_steps):
+                index = state.step * config.accum_steps + micro  # global micro-batch number
+                epoch, within = divmod(index, micro_per_epoch)
+                order = epoch_order(len(train), config.seed, epoch)
+                chosen = order[within * config.batch_size:(within + 1) * config.batch_size]
+                rng = random.Random(config.seed * 7919 + index)
+                texts = tokenizer([sampler.caption(i, rng) for i in chosen]).to(device)
+                generator = torch.Generator().manual_seed(config.seed * 1_000_003 + index)
+                images = augment_batch([train.pixels[i] for i in chosen], size, generator, augment, device)
+                images = normalise(images, mean, std)
+                if channels_last:
+                    images = images.contiguous(memory_format=torch.channels_last)
+                with autocast():
+                    loss, parts = loss_fn(model(images, texts))
+                    loss = loss / config.accum_steps
+                if not torch.isfinite(loss):
+                    raise OptionError(f"loss became {float(loss)} at step {state.step}; lower --lr or use "
+                                      "--precision fp32")
+                (scaler.scale(loss) if scaler is not None else loss).backward()
+            if scaler is not None:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            with torch.no_grad():
+                model.logit_scale.clamp_(0, math.log(100))
+            state.step += 1
+            value = sum(parts.values())
+            running = value if running is None else 0.98 * running + 0.02 * value
+            if progress is not None:
+                progress.advance()
+                progress.postfix(loss=f"{running:.3f}", **{k: f"{v:.3f}" for k, v in parts.items()})
+            if state.step % steps_per_epoch == 0 or state.step == total_steps:
+                state.history.append({"step": state.step, "train_loss": running})
+                evaluate_and_select()
+            if state.step % config.save_every == 0 and state.step < total_steps:
+                save_checkpoint(output, model, optimizer, scaler, state, config, config.keep_checkpoints)
+    except KeyboardInterrupt:
+        if state.step > 0:
+            save_checkpoint(output, model, optimizer, scaler, state, config, config.keep_checkpoints)
+        raise Cancelled(f"training cancelled at step {state.step}; checkpoint written, re-run with --resume "
+                        "to continue") from None
+    save_checkpoint(output, model, optimizer, scaler, state, config, config.keep_checkpoints)
+    save_weights(model, output / "model.safetensors", config.save_dtype)
+    if progress is not None:
+        progress.close_bar()
+    from ..models.checkpoints import sha256_of
+
+    record = {
+        "arch": arch, "kind": kind, "source": source, "config": asdict(config), "device": str(device),
+        "precision": str(amp_dtype).replace("torch.", ""), "steps": state.step, "steps_per_epoch": steps_per_epoch,
+        "train": describe_set(train), "val": describe_set(val) if val is not None else None,
+        "final": state.history[-1]["val"] if val is not None and state.history and "val" in state.history[-1] else None,
+        "best": {"step": state.best_step, "score": state.best_score} if val is not None else None,
+        "history": state.history, "seconds_this_session": round(time.monotonic() - started, 1),
+        "weights": {"model": "model.safetensors", "sha256": sha256_of(output / "model.safetensors")},
+    }
+    if val is not None and (output / "best.safetensors").is_file():
+        record["weights"]["best"] = "best.safetensors"
+        record["weights"]["best_sha256"] = sha256_of(output / "best.safetensors")
+    write_json(output / "train.json", record)
+    return record
