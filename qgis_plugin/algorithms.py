@@ -11,6 +11,8 @@ id                 class                       does
 ``hqrs:similar``       :class:`SimilarAlgorithm`       tiles like example tiles, ranked result layer
 ``hqrs:classify``      :class:`ClassifyAlgorithm`      zero-shot labels onto a tile layer
 ``hqrs:export_chips``  :class:`ExportChipsAlgorithm`   tiles as PNG/JPEG files with an index
+``hqrs:mpgi``          :class:`MpgiAlgorithm`          MpGI captions onto a tile layer
+``hqrs:export_dataset`` :class:`ExportDatasetAlgorithm` captioned tiles as an image-text dataset
 =================  ==========================  ==============================================
 
 Every algorithm runs the engine out of process (``<interpreter> -m hqrs_geo …``), see
@@ -22,12 +24,14 @@ from typing import List
 
 from .alg_base import HqrsAlgorithm
 from .alg_models import CaptionAlgorithm, EmbedAlgorithm, RunAlgorithm
+from .alg_mpgi import ExportDatasetAlgorithm, MpgiAlgorithm
 from .alg_params import CLIP_MODELS, COCA_MODELS, CUSTOM_MODEL
 from .alg_search import ClassifyAlgorithm, SearchAlgorithm, SimilarAlgorithm
 from .alg_tiles import ExportChipsAlgorithm, TileAlgorithm
 
 ALGORITHM_CLASSES = (TileAlgorithm, EmbedAlgorithm, CaptionAlgorithm, RunAlgorithm,
-                     SearchAlgorithm, SimilarAlgorithm, ClassifyAlgorithm, ExportChipsAlgorithm)
+                     SearchAlgorithm, SimilarAlgorithm, ClassifyAlgorithm, ExportChipsAlgorithm,
+                     MpgiAlgorithm, ExportDatasetAlgorithm)
 
 
 def algorithms() -> List[HqrsAlgorithm]:

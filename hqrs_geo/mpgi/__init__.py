@@ -1,0 +1,1 @@
+"""MpGI captioning pipeline (rule-guided relay): tile facts, rule sentences, prompts and back ends."""

