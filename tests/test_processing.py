@@ -444,6 +444,8 @@ def minimal_parameters(name: str, scene: Path, tiles: Path, out: Path) -> dict:
         "similar": {"INPUT": str(tiles), "TILE_IDS": "x", "OUTPUT": "TEMPORARY_OUTPUT"},
         "classify": {"INPUT": str(tiles), "LABELS": "river"},
         "export_chips": {"INPUT": str(scene), "OUTPUT": str(out / "chips")},
+        "mpgi": {"INPUT": str(tiles)},
+        "export_dataset": {"INPUT": str(tiles), "OUTPUT": str(out / "dataset")},
     }[name]
 
 
