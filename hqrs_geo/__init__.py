@@ -10,10 +10,10 @@ from .layers import read_runs, read_tiles, write_tiles
 from .tiling import TileConfig, TileReader, TileRecord, tile_rasters
 
 __all__ = [
-    "__version__", "DecodingConfig", "HqrsError", "RunOptions", "SearchSession", "SpatialFilter", "TileConfig",
-    "TileDataset", "TileReader", "TileRecord", "caption", "classify", "collate_tiles", "embed", "load_model",
-    "read_embeddings", "read_runs", "read_tiles", "run", "search_similar", "search_text", "tile", "tile_rasters",
-    "write_tiles",
+    "__version__", "DecodingConfig", "FinetuneConfig", "HqrsError", "RunOptions", "SearchSession", "SpatialFilter",
+    "TileConfig", "TileDataset", "TileReader", "TileRecord", "caption", "classify", "collate_tiles", "embed",
+    "export_dataset", "finetune", "load_model", "load_recipe", "read_embeddings", "read_runs", "read_tiles", "run",
+    "run_mpgi", "search_similar", "search_text", "tile", "tile_rasters", "write_tiles",
 ]
 
 
@@ -47,4 +47,13 @@ def __getattr__(name: str):
         from .models.loader import load_model
 
         return load_model
+    if name in ("finetune", "FinetuneConfig"):
+        from . import training
+
+        return getattr(training, name)
+    if name in ("run_mpgi", "export_dataset", "load_recipe"):
+        from .mpgi import export, pipeline, recipe
+
+        return {"run_mpgi": pipeline.run_mpgi, "export_dataset": export.export_dataset,
+                "load_recipe": recipe.load_recipe}[name]
     raise AttributeError(f"module 'hqrs_geo' has no attribute {name!r}")

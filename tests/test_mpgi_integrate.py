@@ -60,7 +60,10 @@ def test_integration_prompt_labels_sources():
 
 
 def test_default_recipe_and_overrides(tmp_path):
+    import hqrs_geo as hg
+
     recipe = load_recipe()
+    assert hg.load_recipe().fingerprint() == recipe.fingerprint() and callable(hg.run_mpgi)
     assert not recipe.uses_vlm and recipe.llm["model"] == "smollm2" and recipe.caption_model == "hqrs-mini-coca"
     assert [p.name for p in recipe.perspectives] == ["scene", "objects", "layout", "appearance", "activity"]
     user = tmp_path / "r.toml"
