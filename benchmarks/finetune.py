@@ -1,6 +1,6 @@
 """Training throughput: ``hqrs-geo finetune``'s loop vs a bare open_clip training step, in one run.
 
-    python benchmarks/finetune.py [--arch hqrs-mini-clip] [--steps 40] [--batch 64]
+    python benchmarks/finetune.py [--arch hqrs-mini-clip] [--steps 40] [--batch 64] [--class-target 0.5]
                                   [--dataset ../shared/data/ucm/dataset_ucm.json] [--device cpu]
 
 For each precision (fp32, and bf16 autocast when the device supports it) it measures
@@ -45,6 +45,7 @@ def bare_images_per_s(config: FinetuneConfig, steps: int) -> float:
         model = model.to(memory_format=torch.channels_last)
         images = images.contiguous(memory_format=torch.channels_last)
     texts = tokenizer(["a river runs through a dense residential area with many trees"] * config.batch_size).to(device)
+    labels = (torch.arange(config.batch_size) % 21).to(device)  # 21 classes, as UCM
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     autocast, _ = _autocast(device, config.precision)
     loss_fn = _loss_fn(kind, config)
@@ -55,7 +56,7 @@ def bare_images_per_s(config: FinetuneConfig, steps: int) -> float:
                 torch.cuda.synchronize()
             start = time.perf_counter()
         with autocast():
-            loss, _ = loss_fn(model(images, texts))
+            loss, _ = loss_fn(model(images, texts), labels)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -79,6 +80,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--class-target", type=float, default=0.5, help="as the shipped hqrs-mini-clip recipe")
     parser.add_argument("--dataset", default=str(SHARED_UCM if SHARED_UCM.is_file() else SAMPLES))
     args = parser.parse_args()
     split = "train" if Path(args.dataset) == SHARED_UCM else "val"
@@ -86,11 +88,12 @@ def main() -> None:
     precisions = ["fp32"]
     if args.device.startswith("cuda") or torch.backends.mkldnn.is_available():
         precisions.append("bf16")
-    print(f"arch {args.arch}, batch {batch}, {args.steps} steps, device {args.device}, "
+    print(f"arch {args.arch}, batch {batch}, {args.steps} steps, class target {args.class_target}, device {args.device}, "
           f"{torch.get_num_threads()} threads, data {args.dataset} ({split})")
     for precision in precisions:
         config = FinetuneConfig(dataset=args.dataset, output="", arch=args.arch, splits=(split,), batch_size=batch,
-                                device=args.device, precision=precision, seed=0)
+                                device=args.device, precision=precision, seed=0,
+                                class_target=args.class_target)
         bare = bare_images_per_s(config, args.steps)
         loop = loop_images_per_s(config, args.steps)
         print(f"{precision:>5}: bare step {bare:7.1f} img/s | finetune loop {loop:7.1f} img/s | "

@@ -262,6 +262,9 @@ def _finetune_parser(sub) -> None:
     opt.add_argument("--warmup-steps", type=int, default=100)
     opt.add_argument("--caption-loss-weight", type=float, default=2.0, help="CoCa")
     opt.add_argument("--clip-loss-weight", type=float, default=1.0, help="CoCa")
+    opt.add_argument("--class-target", type=float, default=0.0,
+                     help="share of the contrastive target given to other images of the same class "
+                          "(labelled data; 0 = open_clip's ClipLoss)")
     opt.add_argument("--seed", type=int, default=0)
     opt.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
                      help="auto: bf16/fp16 AMP on CUDA, fp32 on CPU (bf16 is about 2x faster on CPUs with AVX512-BF16)")

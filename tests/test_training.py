@@ -131,6 +131,30 @@ def test_coca_training_has_both_losses_and_captions_after_loading(dataset, tmp_p
                                  DecodingConfig(method="greedy", max_length=8))
     assert len(captions) == 2 and all(isinstance(c, str) for c in captions)
 
+    # a CoCa is selected on its validation captioning loss: the best step has the lowest one
+    checks = [h for h in record["history"] if "val" in h]
+    assert all("caption_loss" in h["val"] for h in checks)
+    assert record["best"]["step"] == min(checks, key=lambda h: h["val"]["caption_loss"])["step"]
+    # ... which is open_clip's CoCaLoss caption term on the val pairs (one batch: a plain token mean)
+    from open_clip.loss import CoCaLoss
+
+    from hqrs_geo.models.preprocess import BatchPreprocess
+    from hqrs_geo.training.data import load_caption_set
+    from hqrs_geo.training.trainer import validate
+
+    val = load_caption_set(str(dataset), ["val"], 64)
+    owners = [i for i, r in enumerate(val.records) for _ in r.captions]
+    texts = [c for r in val.records for c in r.captions]
+    model = loaded.model
+    model.output_dict = True
+    with torch.no_grad():
+        out = model(BatchPreprocess(loaded.preprocess, "cpu")(torch.stack([val.pixels[i] for i in owners])),
+                    loaded.tokenizer(texts))
+        _, expected = CoCaLoss(caption_loss_weight=1.0, clip_loss_weight=0)(
+            out["image_features"], out["text_features"], out["logits"], out["labels"], out["logit_scale"])
+    got = validate(model, loaded.tokenizer, val, loaded.preprocess, "cpu")["caption_loss"]
+    assert got == pytest.approx(float(expected), rel=1e-4)
+
 
 def test_warm_start_copies_matching_tensors(dataset, tmp_path, model_environment, tiny_clip_checkpoint):
     from safetensors.torch import load_file
@@ -173,6 +197,44 @@ def test_csv_datasets_and_caption_sampling(tmp_path):
     assert {never.caption(0, rng) for _ in range(50)} == {"first caption", "second caption"}
 
 
+def test_class_aware_loss_is_clip_loss_without_classes_and_matches_a_hand_computation():
+    import torch
+    from open_clip.loss import ClipLoss
+
+    from hqrs_geo.training.losses import class_aware_clip_loss, contrastive_targets
+
+    generator = torch.Generator().manual_seed(0)
+    images = torch.nn.functional.normalize(torch.randn(6, 16, generator=generator), dim=1)
+    texts = torch.nn.functional.normalize(torch.randn(6, 16, generator=generator), dim=1)
+    scale = torch.tensor(20.0)
+    labels = torch.tensor([0, 1, 2, 0, -1, 0])  # three images of class 0, one unlabelled
+    reference = float(ClipLoss()(images, texts, scale))
+    assert float(class_aware_clip_loss(images, texts, scale, labels, 0.0)) == pytest.approx(reference, rel=1e-6)
+    assert float(class_aware_clip_loss(images, texts, scale, torch.full((6,), -1), 0.5)) == \
+        pytest.approx(reference, rel=1e-6)
+
+    targets = contrastive_targets(labels, 0.6)
+    assert torch.allclose(targets.sum(1), torch.ones(6))
+    assert targets[0, 0] == pytest.approx(0.4 + 0.2) and targets[0, 3] == pytest.approx(0.2)
+    assert targets[1, 1] == pytest.approx(1.0) and targets[4, 4] == 1.0 and targets[4, 0] == 0.0
+    logits = (scale * images @ texts.T).double()
+    t = targets.double()
+    by_hand = 0.5 * (-(t * logits.log_softmax(1)).sum(1).mean() - (t * logits.T.log_softmax(1)).sum(1).mean())
+    value = float(class_aware_clip_loss(images, texts, scale, labels, 0.6))
+    assert value == pytest.approx(float(by_hand), rel=1e-5)
+    # with the similarities themselves as inputs (text features = identity), the gradient shows
+    # what each loss does to a same-class pair at a uniform start: ClipLoss pushes it apart
+    # (+1/36), this loss pulls it together (-1/180: target 0.2 > probability 1/6)
+    def push_apart(loss_fn) -> float:
+        similarities = torch.zeros(6, 6, requires_grad=True)
+        loss_fn(similarities).backward()
+        return float(similarities.grad[0, 3])
+
+    plain = push_apart(lambda sim: ClipLoss()(sim, torch.eye(6), torch.tensor(1.0)))
+    aware = push_apart(lambda sim: class_aware_clip_loss(sim, torch.eye(6), torch.tensor(1.0), labels, 0.6))
+    assert plain == pytest.approx(1 / 36) and aware == pytest.approx(-1 / 180)
+
+
 def test_lr_schedule_warms_up_then_decays_to_zero():
     assert lr_factor(0, 10, 100) == pytest.approx(0.1)
     assert lr_factor(9, 10, 100) == pytest.approx(1.0)
@@ -183,15 +245,20 @@ def test_lr_schedule_warms_up_then_decays_to_zero():
 def test_finetune_cli_trains_and_refuses_bad_input(dataset, tmp_path, model_environment):
     out = tmp_path / "cli"
     done = run_cli("finetune", str(dataset), "-o", str(out), "--arch", TINY_CLIP, "--max-steps", "2",
-                   "--batch-size", "8", "--device", "cpu", "--progress", "json")
+                   "--batch-size", "8", "--device", "cpu", "--progress", "json", "--class-target", "0.5")
     assert done.returncode == 0, done.stderr
     events = [json.loads(line) for line in done.stdout.splitlines()]
     assert events[-1]["stage"] == "done" and any(e["stage"] == "train" for e in events)
-    assert (out / "model.safetensors").is_file() and json.loads((out / "train.json").read_text())["steps"] == 2
+    record = json.loads((out / "train.json").read_text())
+    assert (out / "model.safetensors").is_file() and record["steps"] == 2
+    losses = [h["train_loss"] for h in record["history"] if "train_loss" in h]
+    assert record["config"]["class_target"] == 0.5 and np.isfinite(losses[-1])
 
     missing = run_cli("finetune", str(dataset), "-o", str(tmp_path / "x"))
     assert missing.returncode == 2 and "--arch" in missing.stderr and "Traceback" not in missing.stderr
     again = run_cli("finetune", str(dataset), "-o", str(out), "--arch", TINY_CLIP, "--max-steps", "2")
     assert again.returncode == 2 and "--resume" in again.stderr
+    bad = run_cli("finetune", str(dataset), "-o", str(tmp_path / "z"), "--arch", TINY_CLIP, "--class-target", "1")
+    assert bad.returncode == 2 and "--class-target" in bad.stderr and "Traceback" not in bad.stderr
     absent = run_cli("finetune", str(tmp_path / "nope.json"), "-o", str(tmp_path / "y"), "--arch", TINY_CLIP)
     assert absent.returncode == 2 and "nope.json" in absent.stderr and len(absent.stderr.strip().splitlines()) == 1

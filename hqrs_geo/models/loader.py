@@ -102,6 +102,15 @@ def _check_keys(model, state: dict, path: Path, spec: ModelSpec, strict: bool) -
         )
 
 
+def weights_sha256(name: str, checkpoint: Optional[str] = None, arch: Optional[str] = None,
+                   download: bool = True) -> str:
+    """sha256 of the weights :func:`load_model` would load for these arguments, without
+    building the model (what a result cache keys on, so new weights invalidate it)."""
+    register_config_folders()
+    spec = get_spec(name, arch=arch, checkpoint=checkpoint)
+    return sha256_of(resolve_checkpoint(spec, checkpoint, download=download))
+
+
 def load_model(
     name: str,
     checkpoint: Optional[str] = None,

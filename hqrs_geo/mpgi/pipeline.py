@@ -177,12 +177,13 @@ class MpgiRun:
         import torch
 
         from ..models.decoding import DecodingConfig, generate_captions
-        from ..models.loader import load_model
+        from ..models.loader import load_model, weights_sha256
         from ..models.preprocess import BatchPreprocess
 
         table = self.recipe.raw.get("caption_model", {})
         decoding = DecodingConfig(method=table.get("decoding", "beam")).validated()
         name = self.recipe.caption_model
+        identity = f"engine:{name}:{weights_sha256(name)[:12]}"  # new weights, new cache entries
         loaded = None
         self._start("caption", len(tile_ids), f"caption model {name}")
         for start in range(0, len(tile_ids), CHUNK * 4):
@@ -191,7 +192,7 @@ class MpgiRun:
             calls, missing = [], []
             for tile_id in chunk:
                 rgb = dataset.pixels(tile_id)
-                call = Call(call_key(tile_id, "caption", name, prompt, f"engine:{name}", _image_digest(rgb)),
+                call = Call(call_key(tile_id, "caption", name, prompt, identity, _image_digest(rgb)),
                             tile_id, "caption", name, prompt, request=rgb)
                 call.text = self.cache.get(call.key)
                 calls.append(call)
@@ -207,8 +208,7 @@ class MpgiRun:
                     texts = generate_captions(loaded.model, loaded.tokenizer, prep(batch.to(loaded.device)), decoding)
                 for call, text in zip(missing, texts):
                     call.text = text
-                    self.cache.put(call.key, call.tile_id, "caption", name, prompt,
-                                   f"engine:{name}:{loaded.sha256[:12]}", text)
+                    self.cache.put(call.key, call.tile_id, "caption", name, prompt, identity, text)
                     self.fresh += 1
             for call in calls:
                 self._record(call)

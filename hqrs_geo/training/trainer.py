@@ -4,14 +4,17 @@ The model code and the losses are open_clip's (``ClipLoss`` for CLIP, ``CoCaLoss
 contrastive + captioning for CoCa). This module adds what a long job on a workstation needs:
 
 * device auto; AMP (bf16, or fp16 with a gradient scaler) on CUDA, bf16 on CPU on request;
+* with class labels, optionally a class-aware contrastive target (``class_target``; see
+  :mod:`hqrs_geo.training.losses`);
 * gradient accumulation (``accum_steps`` micro-batches per optimiser step; the contrastive
   loss sees one micro-batch at a time);
 * AdamW with open_clip's weight-decay exclusions, linear warm-up then cosine decay;
 * a checkpoint every ``save_every`` steps and on Ctrl-C/SIGTERM (model, optimiser, schedule,
   step), written atomically; ``resume`` continues from the newest one on the same batches,
   because the image order and augmentations are functions of (seed, step);
-* validation (retrieval mean recall, zero-shot top-1 when images have classes) every epoch,
-  keeping the best weights for model selection;
+* validation every epoch (retrieval mean recall, zero-shot top-1 when images have classes,
+  and for a CoCa its captioning loss on the references), keeping the best weights (CLIP:
+  mean of mR and zero-shot top-1; CoCa: lowest captioning loss);
 * outputs the model engine loads by path: ``model.safetensors`` (last), ``best.safetensors``
   (best on validation) and ``train.json`` (config, data, metrics history).
 """
@@ -62,6 +65,7 @@ class FinetuneConfig:
     class_prompt_prob: float = 0.0
     clip_loss_weight: float = 1.0
     caption_loss_weight: float = 2.0
+    class_target: float = 0.0  # share of the contrastive target given to same-class pairs
     min_scale: float = 0.6
     dihedral: bool = True
     jitter: float = 0.15
@@ -86,6 +90,8 @@ class FinetuneConfig:
             raise OptionError(f"--precision must be one of {', '.join(PRECISIONS)}")
         if self.save_dtype not in ("fp32", "fp16"):
             raise OptionError("--save-dtype must be fp32 or fp16")
+        if not 0.0 <= self.class_target < 1.0:
+            raise OptionError("--class-target must lie in [0, 1)")
         if not 0.05 <= self.min_scale <= 1.0:
             raise OptionError("--min-scale must lie in [0.05, 1]")
         return self
@@ -254,6 +260,8 @@ def validate(model, tokenizer, data: CaptionSet, preprocess_cfg: dict, device, b
         if texts:
             owners = [i for i, r in enumerate(data.records) for _ in r.captions]
             metrics.update(retrieval_metrics(images, _encode_texts(model, tokenizer, texts, device), owners))
+            if hasattr(model, "text_decoder"):
+                metrics["caption_loss"] = caption_loss(model, tokenizer, data, owners, texts, prep, device, batch)
         classes = data.classes
         labelled = [i for i, r in enumerate(data.records) if r.label]
         if len(classes) >= 2 and labelled:
@@ -266,9 +274,30 @@ def validate(model, tokenizer, data: CaptionSet, preprocess_cfg: dict, device, b
     return metrics
 
 
+def caption_loss(model, tokenizer, data: CaptionSet, owners: Sequence[int], texts: Sequence[str], prep, device,
+                 batch: int = 128) -> float:
+    """A CoCa's teacher-forced captioning loss on reference captions (cross-entropy per
+    token, padding excluded; ``texts[j]`` describes image ``owners[j]``)."""
+    import torch
+    import torch.nn.functional as F
+
+    total, tokens_seen = 0.0, 0
+    for start in range(0, len(texts), batch):
+        chosen = owners[start:start + batch]
+        images = prep(torch.stack([data.pixels[i] for i in chosen]).to(device))
+        out = model(images, tokenizer(list(texts[start:start + batch])).to(device))
+        labels = out["labels"]
+        total += float(F.cross_entropy(out["logits"].float().permute(0, 2, 1), labels, ignore_index=0, reduction="sum"))
+        tokens_seen += int((labels != 0).sum())
+    return total / max(1, tokens_seen)
+
+
 def selection_score(metrics: dict) -> float:
-    """The number model selection maximises: mean of retrieval mR and zero-shot top-1 (either
-    alone when only one is available)."""
+    """The number model selection maximises: for a CoCa, minus its validation captioning loss
+    (captions are what it is for); otherwise the mean of retrieval mR and zero-shot top-1
+    (either alone when only one is available)."""
+    if "caption_loss" in metrics:
+        return -metrics["caption_loss"]
     parts = [metrics[k] for k in ("mR", "zs_top1") if k in metrics]
     return float(np.mean(parts)) if parts else -math.inf
 
@@ -349,20 +378,33 @@ def _restore(path: Path, model, optimizer, scaler, config: FinetuneConfig) -> Tr
 
 
 def _loss_fn(kind: str, config: FinetuneConfig):
+    """``loss(model_output, labels) -> (total, parts)``: open_clip's ``ClipLoss`` / ``CoCaLoss``;
+    with ``config.class_target > 0`` the contrastive part is
+    :func:`hqrs_geo.training.losses.class_aware_clip_loss` (``labels``: class index per row)."""
     from open_clip.loss import ClipLoss, CoCaLoss
 
-    if kind == "coca":
-        loss = CoCaLoss(caption_loss_weight=config.caption_loss_weight, clip_loss_weight=config.clip_loss_weight)
+    from .losses import class_aware_clip_loss
 
-        def coca(out):
-            clip_l, cap_l = loss(out["image_features"], out["text_features"], out["logits"], out["labels"],
-                                 out["logit_scale"])
+    clip_loss = ClipLoss()
+
+    def contrastive(out, labels):
+        if config.class_target > 0:
+            return class_aware_clip_loss(out["image_features"], out["text_features"], out["logit_scale"], labels,
+                                         config.class_target)
+        return clip_loss(out["image_features"], out["text_features"], out["logit_scale"])
+
+    if kind == "coca":
+        caption_loss = CoCaLoss(caption_loss_weight=config.caption_loss_weight, clip_loss_weight=0)
+
+        def coca(out, labels):
+            clip_l = config.clip_loss_weight * contrastive(out, labels)
+            _, cap_l = caption_loss(out["image_features"], out["text_features"], out["logits"], out["labels"],
+                                    out["logit_scale"])
             return clip_l + cap_l, {"clip": float(clip_l.detach()), "caption": float(cap_l.detach())}
         return coca
-    loss = ClipLoss()
 
-    def clip(out):
-        value = loss(out["image_features"], out["text_features"], out["logit_scale"])
+    def clip(out, labels):
+        value = contrastive(out, labels)
         return value, {"clip": float(value.detach())}
     return clip
 
@@ -406,6 +448,7 @@ def finetune(config: FinetuneConfig, resume: bool = False, progress=None,
         raise OptionError(f"{config.dataset}: {len(train)} training images, fewer than --batch-size "
                           f"{config.batch_size}; lower --batch-size")
     sampler = CaptionSampler(train, config.class_prompt_prob)
+    class_ids = {name: k for k, name in enumerate(train.classes)}
     micro_per_epoch = len(train) // config.batch_size
     steps_per_epoch = max(1, micro_per_epoch // config.accum_steps)
     total_steps = config.max_steps or steps_per_epoch * config.epochs
@@ -443,7 +486,8 @@ def finetune(config: FinetuneConfig, resume: bool = False, progress=None,
             state.best_score, state.best_step = score, state.step
             save_weights(model, output / "best.safetensors", config.save_dtype)
         if progress is not None:
-            shown = ", ".join(f"{k} {metrics[k]:.1f}" for k in ("mR", "zs_top1") if k in metrics)
+            shown = ", ".join(f"{k} {metrics[k]:.{3 if k == 'caption_loss' else 1}f}"
+                              for k in ("mR", "zs_top1", "caption_loss") if k in metrics)
             progress.message(f"step {state.step}: val {shown} (best step {state.best_step})")
 
     try:
@@ -460,13 +504,14 @@ def finetune(config: FinetuneConfig, resume: bool = False, progress=None,
                 chosen = order[within * config.batch_size:(within + 1) * config.batch_size]
                 rng = random.Random(config.seed * 7919 + index)
                 texts = tokenizer([sampler.caption(i, rng) for i in chosen]).to(device)
+                labels = torch.tensor([class_ids.get(train.records[i].label, -1) for i in chosen], device=device)
                 generator = torch.Generator().manual_seed(config.seed * 1_000_003 + index)
                 images = augment_batch([train.pixels[i] for i in chosen], size, generator, augment, device)
                 images = normalise(images, mean, std)
                 if channels_last:
                     images = images.contiguous(memory_format=torch.channels_last)
                 with autocast():
-                    loss, parts = loss_fn(model(images, texts))
+                    loss, parts = loss_fn(model(images, texts), labels)
                     loss = loss / config.accum_steps
                 if not torch.isfinite(loss):
                     raise OptionError(f"loss became {float(loss)} at step {state.step}; lower --lr or use "
