@@ -56,7 +56,7 @@ MINI_NOTE = ("small DEMO model trained by hqrs_geo on UC Merced (21 classes, 0.3
 
 def _entries() -> list[ModelSpec]:
     specs = [
-        ModelSpec("hqrs-mini-clip", "clip", "hqrs-mini-clip", f"hqrs-mini CLIP (ResNet 96 px): {MINI_NOTE}",
+        ModelSpec("hqrs-mini-clip", "clip", "hqrs-mini-clip", f"hqrs-mini CLIP (ResNet 128 px): {MINI_NOTE}",
                   bundled="hqrs-mini-clip.safetensors", template="an aerial image of {}."),
         ModelSpec("hqrs-mini-coca", "coca", "hqrs-mini-coca", f"hqrs-mini CoCa (ViT 96 px): {MINI_NOTE}",
                   bundled="hqrs-mini-coca.safetensors", template="an aerial image of {}."),
