@@ -18,7 +18,7 @@ import numpy as np
 from . import embeddings
 from .dataset import TileDataset, collate_tiles
 from .errors import OptionError
-from .layers import new_run, read_tiles, write_tiles
+from .layers import new_run, read_runs, read_tiles, write_tiles
 from .models.device import autocast_dtype, inference_context
 from .models.loader import LoadedModel
 from .models.preprocess import BatchPreprocess
@@ -65,6 +65,7 @@ class EmbedTask:
     def __init__(self, loaded: LoadedModel, options: RunOptions):
         self.loaded = loaded
         self.field = embeddings.column(loaded.spec.key)
+        self.store_key = store_key(self.field, loaded)
         self.preprocess = BatchPreprocess(loaded.preprocess, loaded.device)
         self.amp = autocast_dtype(loaded.device, options.precision)
         self.dtype = options.embedding_dtype
@@ -99,6 +100,7 @@ class CaptionTask:
         if loaded.kind != "coca":
             raise OptionError(f"model {loaded.spec.name} is a {loaded.kind} model; captions need a CoCa model")
         self.loaded = loaded
+        self.store_key = store_key(self.field, loaded)
         self.decoding = (decoding or DecodingConfig()).validated()
         self.preprocess = BatchPreprocess(loaded.preprocess, loaded.device)
         self.amp = autocast_dtype(loaded.device, options.precision)
@@ -123,12 +125,40 @@ def _has_value(value) -> bool:
     return value is not None and not (isinstance(value, float) and np.isnan(value))
 
 
+def store_key(field: str, loaded: LoadedModel) -> str:
+    """The partial-results key of a task: its field and its weights, so results of other
+    weights saved under the same field (a retrained checkpoint at the same path, an updated
+    shipped model) are never resumed into this run."""
+    return f"{field}@{(loaded.sha256 or '')[:16]}"
+
+
+def written_by(layer: str, field: str) -> Optional[str]:
+    """sha256 of the weights of the last recorded run that wrote ``field`` to the layer."""
+    sha256 = None
+    for run in read_runs(layer):
+        for task in run.get("params", {}).get("tasks", []):
+            if task.get("field") == field:
+                sha256 = task.get("sha256")
+    return sha256
+
+
+def stale_fields(layer: str, tasks) -> set[str]:
+    """Fields whose values in the layer were made by other weights than the task's: they are
+    recomputed for every tile, never mixed with the new model's results."""
+    stale = set()
+    for task in tasks:
+        previous = written_by(layer, task.field)
+        if previous and task.loaded.sha256 and previous != task.loaded.sha256:
+            stale.add(task.field)
+    return stale
+
+
 def _run_batch(tasks, images, records, store: ResultStore, on_oom: Callable[[int], None]) -> None:
     """Run every task on one batch and commit the results; halves the batch on CUDA OOM."""
     import torch
 
     try:
-        results = [(task.field, task(images)) for task in tasks]
+        results = [(task.store_key, task(images)) for task in tasks]
     except torch.cuda.OutOfMemoryError:
         if len(records) == 1:
             raise
@@ -153,7 +183,9 @@ def run_models(
     """Compute embeddings (one column set per model) and/or captions for the tiles of ``layer``.
 
     Results are added to the layer itself (atomic rewrite at the end); tiles that already
-    have a value are skipped unless ``options.overwrite``. Returns the updated GeoDataFrame.
+    have a value are skipped unless ``options.overwrite``, or unless the layer's run records
+    say other weights made that field (then every tile is recomputed). Returns the updated
+    GeoDataFrame.
     """
     import torch
     from torch.utils.data import DataLoader, Subset
@@ -168,13 +200,16 @@ def run_models(
     dataset = TileDataset.from_layer(layer)
     store = ResultStore(layer)
     fields = [t.field for t in tasks]
-    done = store.done(fields)
-    if not options.overwrite:
-        for name in fields:
-            if name in frame.columns:
-                done[name] |= set(frame.loc[frame[name].map(_has_value), "tile_id"])
-    elif not store.path.exists():
-        done = {name: set() for name in fields}
+    stored_done = store.done([t.store_key for t in tasks])
+    done = {t.field: stored_done[t.store_key] for t in tasks}
+    stale = stale_fields(layer, tasks)
+    for name in sorted(stale):
+        if progress is not None:
+            progress.message(f"{name}: the layer's values were made by other weights; recomputing every tile")
+    keep_existing = {name for name in fields if not options.overwrite and name not in stale}
+    for name in keep_existing:
+        if name in frame.columns:
+            done[name] |= set(frame.loc[frame[name].map(_has_value), "tile_id"])
     todo = [i for i, rec in enumerate(dataset.records) if any(rec.tile_id not in done[f] for f in fields)]
     device = tasks[0].loaded.device
     if progress is not None:
@@ -192,9 +227,9 @@ def run_models(
             if progress is not None:
                 progress.advance(len(records))
         for task in tasks:
-            stored = store.load(task.field)
+            stored = store.load(task.store_key)
             values = frame["tile_id"].map(stored)
-            if task.field in frame.columns and not options.overwrite:
+            if task.field in frame.columns and task.field in keep_existing:
                 values = values.where(values.map(_has_value), frame[task.field])
             frame[task.field] = values
             for name, constant in task.columns().items():

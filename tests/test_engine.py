@@ -157,11 +157,44 @@ def test_interrupted_run_resumes_without_losing_or_repeating(example_layer, tiny
     assert skip_all.skipped == 64 and skip_all.calls == 0
 
 
+def test_new_weights_at_the_same_path_recompute_every_tile(example_layer, tiny_clip_checkpoint, tmp_path):
+    """A checkpoint retrained into the same file (or an updated shipped model) keeps the
+    column name; its results must replace the old ones, never be mixed with them."""
+    import shutil
+
+    path = tmp_path / "retrained.pt"
+    shutil.copy(tiny_clip_checkpoint, path)
+    old = load_model(TINY_CLIP, checkpoint=str(path), device="cpu")
+    # an interrupted run of the old weights leaves 20 results in the partial store
+    with pytest.raises(KeyboardInterrupt):
+        run_models(str(example_layer), [old], options=RunOptions(batch_size=10, workers=0), progress=StopAfter(2))
+    run_models(str(example_layer), [old], options=RunOptions(batch_size=32, workers=0))
+
+    state = torch.load(tiny_clip_checkpoint, weights_only=True)
+    generator = torch.Generator().manual_seed(1)
+    torch.save({k: v + 0.05 * torch.randn(v.shape, generator=generator) if v.is_floating_point() else v
+                for k, v in state.items()}, path)
+    new = load_model(TINY_CLIP, checkpoint=str(path), device="cpu")
+    assert new.sha256 != old.sha256 and new.spec.key == old.spec.key
+    with pytest.raises(KeyboardInterrupt):  # partial results of the new weights, beside none of the old
+        run_models(str(example_layer), [new], options=RunOptions(batch_size=10, workers=0), progress=StopAfter(1))
+    messages = []
+    sink = StopAfter(10**6)
+    sink.message = messages.append
+    frame = run_models(str(example_layer), [new], options=RunOptions(batch_size=10, workers=0), progress=sink)
+    assert sink.skipped == 10 and sink.calls == 6  # only the new weights' 10 results were resumed
+    assert any("other weights" in m for m in messages)
+    ids, expected = reference_embeddings(new, example_layer)
+    got = read_embeddings(frame.set_index("tile_id").loc[ids].reset_index())[1]
+    assert (got * expected).sum(axis=1).min() > 0.999  # every tile is the new model's
+    assert read_runs(example_layer)[-1]["params"]["tasks"][0]["sha256"] == new.sha256
+
+
 def test_out_of_memory_halves_the_batch(tmp_path):
     from hqrs_geo.results_store import ResultStore
 
     class PickyTask:  # stands in for a model whose batches above 3 tiles exhaust GPU memory
-        field = "value"
+        field = store_key = "value"
 
         def __call__(self, images):
             if len(images) > 3:
