@@ -25,8 +25,9 @@ def main() -> None:
 
     from hqrs_geo import TileConfig
     from hqrs_geo.api import tile
-    from hqrs_geo.inference import RunOptions, run_models
-    from hqrs_geo.models.device import autocast_dtype, inference_context
+    from hqrs_geo.engine.options import RunOptions
+    from hqrs_geo.engine.run import run_models
+    from hqrs_geo.models.precision import autocast_dtype, inference_context
     from hqrs_geo.models.loader import load_model
     from tiling import make_scene
 
@@ -53,7 +54,7 @@ def main() -> None:
         scene = tmp / "scene.tif"
         make_scene(scene, args.size)
         layer = tmp / "tiles.gpkg"
-        tiles, _, _ = tile(scene, layer, TileConfig(tile_size=256))
+        tiles = tile(scene, layer, TileConfig(tile_size=256))
         n = len(tiles)
         size = loaded.preprocess["size"]
         ready = torch.randn(args.batch, 3, *size, device=device)

@@ -45,7 +45,7 @@ def main() -> None:
 
     from hqrs_geo import TileConfig
     from hqrs_geo.api import tile
-    from hqrs_geo.dataset import TileDataset
+    from hqrs_geo.tiling.dataset import TileDataset
     from hqrs_geo.models.decoding import DecodingConfig, generate_captions
     from hqrs_geo.models.loader import load_model
     from hqrs_geo.models.preprocess import BatchPreprocess

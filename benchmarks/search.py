@@ -129,7 +129,7 @@ def alternatives(index, queries: np.ndarray, rows_out: list) -> None:
 
 
 def main() -> None:
-    from hqrs_geo.search.vectors import ANN_DEFAULTS, VectorIndex
+    from hqrs_geo.search.index import ANN_DEFAULTS, VectorIndex
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=1_000_000)

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import hqrs_geo as hg
 from hqrs_geo import TileConfig, TileDataset, read_runs, read_tiles, tile_rasters, write_tiles
-from hqrs_geo.chips import export_chips
-from hqrs_geo.layers import new_run
+from hqrs_geo.tiling.chips import export_chips
+from hqrs_geo.layer.runs import new_run
 from hqrs_geo.progress import Progress
-from hqrs_geo.scene import describe, open_raster
+from hqrs_geo.raster.scene import describe, open_raster
 
 HERE = Path(__file__).resolve().parent
 SCENE = HERE / "data" / "urban_river_025m_epsg28992.tif"

@@ -1,59 +1,52 @@
-"""hqrs_geo: remote-sensing vision-language models (HQRS-CLIP, RS-CoCa, MpGI) on georeferenced tiles."""
+"""hqrs_geo: remote-sensing vision-language models (HQRS-CLIP, RS-CoCa, MpGI) on georeferenced tiles.
+
+The data flow, one subpackage per step: :mod:`.raster` (scenes) -> :mod:`.tiling` (tiles and
+their pixels) -> :mod:`.engine` (batches through :mod:`.models`) -> :mod:`.layer` (results as
+attributes of tile layers) -> :mod:`.search`; :mod:`.mpgi` makes rich captions,
+:mod:`.training` and :mod:`.evaluation` make and measure models, :mod:`.cli` is the command line.
+
+Names that need torch (the model engine, search, training) are imported on first use.
+"""
 from __future__ import annotations
 
-__version__ = "0.1.0"
+from typing import Any
 
-from .dataset import TileDataset, collate_tiles
-from .embeddings import read_embeddings
-from .errors import HqrsError
-from .layers import read_runs, read_tiles, write_tiles
-from .tiling import TileConfig, TileReader, TileRecord, tile_rasters
+from ._version import __version__
+from .errors import HqrsError, InputError, OptionError, OutputError
+from .layer.columns import read_embeddings
+from .layer.io import open_layer, read_tiles, write_tiles
+from .layer.runs import read_runs
+from .tiling.config import TileConfig
+from .tiling.dataset import TileDataset, collate_tiles
+from .tiling.plan import tile_rasters
+from .tiling.reader import TileReader
+from .tiling.records import TileRecord
+
+_LAZY = {
+    "tile": ".api", "run": ".api", "embed": ".api", "caption": ".api",
+    "RunOptions": ".engine.options",
+    "DecodingConfig": ".models.decoding",
+    "load_model": ".models.loader",
+    "search_text": ".search.api", "search_similar": ".search.api", "classify": ".search.api",
+    "SearchSession": ".search.session",
+    "SpatialFilter": ".search.spatial",
+    "finetune": ".training", "FinetuneConfig": ".training",
+    "run_mpgi": ".mpgi.pipeline", "export_dataset": ".mpgi.export", "load_recipe": ".mpgi.recipe",
+}
 
 __all__ = [
-    "__version__", "DecodingConfig", "FinetuneConfig", "HqrsError", "RunOptions", "SearchSession", "SpatialFilter",
-    "TileConfig", "TileDataset", "TileReader", "TileRecord", "caption", "classify", "collate_tiles", "embed",
-    "export_dataset", "finetune", "load_model", "load_recipe", "read_embeddings", "read_runs", "read_tiles", "run",
-    "run_mpgi", "search_similar", "search_text", "tile", "tile_rasters", "write_tiles",
+    "DecodingConfig", "FinetuneConfig", "HqrsError", "InputError", "OptionError", "OutputError", "RunOptions",
+    "SearchSession", "SpatialFilter", "TileConfig", "TileDataset", "TileReader", "TileRecord", "__version__",
+    "caption", "classify", "collate_tiles", "embed", "export_dataset", "finetune", "load_model", "load_recipe",
+    "open_layer", "read_embeddings", "read_runs", "read_tiles", "run", "run_mpgi", "search_similar", "search_text",
+    "tile", "tile_rasters", "write_tiles",
 ]
 
 
-def __getattr__(name: str):
+def __getattr__(name: str) -> Any:
     """Model-engine names are imported on first use (they pull in torch)."""
-    if name in ("embed", "caption", "run", "tile"):
-        from . import api
+    if name in _LAZY:
+        import importlib
 
-        return getattr(api, name)
-    if name == "RunOptions":
-        from .inference import RunOptions
-
-        return RunOptions
-    if name == "DecodingConfig":
-        from .models.decoding import DecodingConfig
-
-        return DecodingConfig
-    if name in ("search_text", "search_similar", "classify"):
-        from .search import api as search_api
-
-        return getattr(search_api, name)
-    if name == "SearchSession":
-        from .search.session import SearchSession
-
-        return SearchSession
-    if name == "SpatialFilter":
-        from .search.spatial import SpatialFilter
-
-        return SpatialFilter
-    if name == "load_model":
-        from .models.loader import load_model
-
-        return load_model
-    if name in ("finetune", "FinetuneConfig"):
-        from . import training
-
-        return getattr(training, name)
-    if name in ("run_mpgi", "export_dataset", "load_recipe"):
-        from .mpgi import export, pipeline, recipe
-
-        return {"run_mpgi": pipeline.run_mpgi, "export_dataset": export.export_dataset,
-                "load_recipe": recipe.load_recipe}[name]
+        return getattr(importlib.import_module(_LAZY[name], __name__), name)
     raise AttributeError(f"module 'hqrs_geo' has no attribute {name!r}")

@@ -1,22 +1,25 @@
-"""The Python API: each CLI job as one function returning a GeoDataFrame.
+"""The Python API: each job as one function returning the tile layer as a GeoDataFrame.
 
     import hqrs_geo as hg
     tiles = hg.run("scene.tif", "tiles.gpkg", embed_models=["remoteclip-vit-b-32"], caption_model="rs-coca")
 
-Inputs are rasters (tiled first with ``tiling``) or one existing tile layer (updated in
-place, or copied to ``output`` first when given).
+Inputs are rasters (tiled first) or one existing tile layer (updated in place, or copied to
+``output`` first when given).
 """
 from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence, Union
+from typing import Any, Optional, Union
 
+from .engine.options import RunOptions
+from .engine.run import run_models
 from .errors import OptionError
-from .inference import RunOptions, run_models
-from .layers import FORMATS, check_writable, new_run, write_tiles
-from .tiling import TileConfig, tile_rasters
+from .layer.io import TileLayer, check_writable, is_layer_path, open_layer
+from .tiling.config import TileConfig
+from .tiling.plan import tile_to_layer
 
 PathOrPaths = Union[str, os.PathLike, Sequence[Union[str, os.PathLike]]]
 
@@ -28,45 +31,40 @@ def _as_list(inputs: PathOrPaths) -> list[str]:
 def is_layer_input(inputs: PathOrPaths) -> bool:
     """True when ``inputs`` is a single tile-layer file (by extension)."""
     items = _as_list(inputs)
-    return len(items) == 1 and Path(items[0]).suffix.lower() in FORMATS
+    return len(items) == 1 and is_layer_path(items[0])
 
 
-def tile(inputs: PathOrPaths, output: Union[str, os.PathLike], config: Optional[TileConfig] = None, progress=None):
-    """Tile rasters into the layer ``output``; returns ``(new tiles, layer as written, scenes)``."""
-    config = (config or TileConfig()).validated()
-    check_writable(output)
-    tiles, scenes = tile_rasters(_as_list(inputs), config, progress=progress)
-    params = {"tiling": config.as_dict(), "scenes": [s.as_dict() for s in scenes]}
-    merged = write_tiles(output, tiles, new_run("tile", "tiles", params), replace_sources=[s.source for s in scenes])
-    return tiles, merged, scenes
+def tile(inputs: PathOrPaths, output: Union[str, os.PathLike], config: Optional[TileConfig] = None,
+         progress: Any = None) -> Any:
+    """Tile rasters into the layer ``output``; returns the layer as written (GeoDataFrame)."""
+    return tile_to_layer(_as_list(inputs), output, config, progress).layer
 
 
-def prepare_layer(inputs: PathOrPaths, output=None, tiling: Optional[TileConfig] = None, progress=None) -> str:
-    """The tile layer a model job works on: the given layer (or its copy at ``output``), or
-    a new layer at ``output`` made from rasters."""
+def prepare_layer(inputs: PathOrPaths, output: Optional[Union[str, os.PathLike]] = None,
+                  tiling: Optional[TileConfig] = None, progress: Any = None) -> TileLayer:
+    """The tile layer a model job works on, read once: the given layer (or its copy at
+    ``output``), or a new layer at ``output`` made from rasters."""
     items = _as_list(inputs)
     if is_layer_input(items):
         layer = items[0]
         if output is None or Path(output).resolve() == Path(layer).resolve():
-            from .layers import read_tiles
-
-            read_tiles(layer)  # one-line error now if it is not a tile layer
-            return layer
+            return open_layer(layer)
+        open_layer(layer)  # one-line error now if it is not a tile layer
         check_writable(output)
         shutil.copy2(layer, output)
-        return str(output)
+        return open_layer(output)
     if output is None:
-        raise OptionError("rasters were given: name the tile layer to write with -o/--output")
-    tile(items, output, tiling, progress)
-    return str(output)
+        raise OptionError("rasters were given: name the tile layer to write", option="output")
+    return tile_to_layer(items, output, tiling, progress).written
 
 
 def _load(names: Sequence[str], checkpoints: Sequence[Optional[str]], arch: Sequence[Optional[str]], device: str,
-          trust: bool):
+          trust: bool) -> list:
     from .models.loader import load_model
 
     if len(checkpoints) > len(names) or len(arch) > len(names):
-        raise OptionError("more --checkpoint/--arch values than models: give one per --model, in order")
+        raise OptionError("more checkpoints or architectures than models: give one per model, in order",
+                          option="checkpoint")
     checkpoints = list(checkpoints) + [None] * (len(names) - len(checkpoints))
     arch = list(arch) + [None] * (len(names) - len(arch))
     return [load_model(n, checkpoint=c, arch=a, device=device, trust_checkpoint=trust)
@@ -75,23 +73,23 @@ def _load(names: Sequence[str], checkpoints: Sequence[Optional[str]], arch: Sequ
 
 def run(
     inputs: PathOrPaths,
-    output=None,
+    output: Optional[Union[str, os.PathLike]] = None,
     embed_models: Sequence[str] = (),
     caption_model: Optional[str] = None,
     embed_checkpoints: Sequence[Optional[str]] = (),
     embed_arch: Sequence[Optional[str]] = (),
     caption_checkpoint: Optional[str] = None,
     caption_arch: Optional[str] = None,
-    decoding=None,
+    decoding: Any = None,
     device: str = "auto",
     trust_checkpoint: bool = False,
     tiling: Optional[TileConfig] = None,
     options: Optional[RunOptions] = None,
-    progress=None,
+    progress: Any = None,
     command: str = "run",
-):
+) -> Any:
     """Tile (when rasters are given), embed with every ``embed_models`` and caption with
-    ``caption_model``, in one pass over the tiles. Returns the updated layer.
+    ``caption_model``, in one pass over the tiles. Returns the updated layer (GeoDataFrame).
 
     With no model named, the defaults are used (``$HQRS_GEO_EMBED_MODEL`` /
     ``$HQRS_GEO_CAPTION_MODEL``, else the shipped demo models hqrs-mini-clip / hqrs-mini-coca):
@@ -112,7 +110,8 @@ def run(
     return run_models(layer, embedders, captioner, decoding, options, progress, command=command)
 
 
-def embed(inputs: PathOrPaths, output=None, model: Union[str, Sequence[str]] = (), checkpoint=None, arch=None, **kw):
+def embed(inputs: PathOrPaths, output: Optional[Union[str, os.PathLike]] = None,
+          model: Union[str, Sequence[str]] = (), checkpoint: Any = None, arch: Any = None, **kw: Any) -> Any:
     """Image embeddings of every tile with one or more models (see :func:`run`)."""
     models = [model] if isinstance(model, str) else list(model)
     checkpoints = [checkpoint] if isinstance(checkpoint, (str, os.PathLike)) else list(checkpoint or [])
@@ -121,7 +120,8 @@ def embed(inputs: PathOrPaths, output=None, model: Union[str, Sequence[str]] = (
                command="embed", **kw)
 
 
-def caption(inputs: PathOrPaths, output=None, model: Optional[str] = None, checkpoint=None, arch=None, **kw):
+def caption(inputs: PathOrPaths, output: Optional[Union[str, os.PathLike]] = None, model: Optional[str] = None,
+            checkpoint: Optional[str] = None, arch: Optional[str] = None, **kw: Any) -> Any:
     """Captions of every tile with a CoCa model (see :func:`run`)."""
     return run(inputs, output, caption_model=model, caption_checkpoint=checkpoint, caption_arch=arch,
                command="caption", **kw)

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional, Sequence
+from collections.abc import Sequence
+from typing import Any, Optional
 
 import numpy as np
 
@@ -71,16 +72,16 @@ def zeroshot_metrics(image_emb: np.ndarray, class_emb: np.ndarray, labels: Seque
             "top5": 100.0 * float(np.mean((order[:, :5] == labels).any(axis=1)))}
 
 
-def image_embeddings(loaded, paths: Sequence[str], batch_size: int = 64) -> np.ndarray:
+def image_embeddings(loaded: Any, paths: Sequence[str]) -> np.ndarray:
     """Normalised image embeddings of image files, preprocessed like tiles."""
-    from .search.queries import image_vectors
+    from .models.encode import image_vectors
 
-    return np.concatenate([image_vectors(loaded, paths[i:i + batch_size]) for i in range(0, len(paths), batch_size)])
+    return image_vectors(loaded, list(paths))
 
 
 def evaluate_retrieval(loaded, dataset: str, split: str = "val", limit: Optional[int] = None) -> dict:
     """Retrieval metrics of a loaded CLIP model on one split."""
-    from .search.queries import text_vectors
+    from .models.encode import text_vectors
 
     records = load_karpathy(dataset, split, limit)
     texts = [c for r in records for c in r["captions"]]
@@ -95,7 +96,8 @@ def evaluate_retrieval(loaded, dataset: str, split: str = "val", limit: Optional
 def evaluate_zeroshot(loaded, dataset: str, split: str = "val", templates: Optional[Sequence[str]] = None,
                       limit: Optional[int] = None) -> dict:
     """Zero-shot accuracy over the classes of a split, with a template ensemble."""
-    from .search.queries import RS_TEMPLATES, text_vectors
+    from .models.encode import text_vectors
+    from .models.templates import ZERO_SHOT_TEMPLATES, class_prompt_name
 
     records = load_karpathy(dataset, split, limit)
     if any(r["class"] is None for r in records):
@@ -103,8 +105,8 @@ def evaluate_zeroshot(loaded, dataset: str, split: str = "val", templates: Optio
     classes = sorted({r["class"] for r in records})
     if len(classes) < 2:
         raise OptionError(f"{dataset}: split {split!r} has fewer than two classes")
-    names = [c.replace("_", " ") for c in classes]
-    class_emb = text_vectors(loaded, names, list(templates or RS_TEMPLATES))
+    names = [class_prompt_name(c) for c in classes]
+    class_emb = text_vectors(loaded, names, list(templates or ZERO_SHOT_TEMPLATES))
     images = image_embeddings(loaded, [r["image"] for r in records])
     labels = [classes.index(r["class"]) for r in records]
     return {"images": len(records), "classes": len(classes), **zeroshot_metrics(images, class_emb, labels)}
@@ -136,27 +138,22 @@ def caption_metrics(references: dict, candidates: dict) -> dict:
     return scores
 
 
-def evaluate_captions(loaded, dataset: str, split: str = "val", decoding=None, limit: Optional[int] = None,
-                      batch_size: int = 32) -> dict:
-    """Caption a split with a CoCa model and score the captions against the references."""
+def evaluate_captions(loaded: Any, dataset: str, split: str = "val", decoding: Any = None,
+                      limit: Optional[int] = None, batch_size: int = 32) -> dict:
+    """Caption a split with a CoCa model (the engine's caption task) and score the captions
+    against the references."""
     import torch
-    from PIL import Image
 
-    from .models.decoding import generate_captions
-    from .models.preprocess import BatchPreprocess
+    from .engine.tasks import CaptionTask
+    from .models.encode import read_image
 
-    if loaded.kind != "coca":
-        raise OptionError(f"model {loaded.spec.name} is a {loaded.kind} model; caption evaluation needs CoCa")
+    task = CaptionTask(loaded, decoding=decoding)
     records = [r for r in load_karpathy(dataset, split, limit) if r["captions"]]
-    preprocess = BatchPreprocess(loaded.preprocess, loaded.device)
     candidates: dict = {}
     for start in range(0, len(records), batch_size):
         chunk = records[start:start + batch_size]
-        images = [torch.from_numpy(np.asarray(Image.open(r["image"]).convert("RGB"))).permute(2, 0, 1) for r in chunk]
-        batch = torch.cat([preprocess(image[None].to(loaded.device)) for image in images])  # any image size
-        with torch.inference_mode():
-            captions = generate_captions(loaded.model, loaded.tokenizer, batch, decoding)
-        candidates.update({str(start + i): c for i, c in enumerate(captions)})
+        images = [torch.from_numpy(read_image(r["image"])).permute(2, 0, 1) for r in chunk]  # any image size
+        candidates.update({str(start + i): c for i, c in enumerate(task(images))})
     references = {str(i): r["captions"] for i, r in enumerate(records)}
     return {"images": len(records), **caption_metrics(references, candidates),
             "examples": [candidates[str(i)] for i in range(min(3, len(records)))]}

@@ -89,7 +89,8 @@ class Progress:
         self.close_bar()
         self.emit("done", message, **extra)
 
-    def fail(self, message: str) -> None:
-        """End the job with a one-line error (json mode reports it as an object too)."""
+    def fail(self, message: str, **extra) -> None:
+        """End the job with a one-line error (json mode reports it as an object too, with
+        ``extra`` fields such as the ``option`` at fault)."""
         self.close_bar()
-        self.emit("error", message)
+        self.emit("error", message, **{k: v for k, v in extra.items() if v is not None})

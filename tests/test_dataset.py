@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader
 
 from conftest import EXAMPLE_SCENE, SHARED_SCENES
 from hqrs_geo import TileConfig, TileDataset, collate_tiles, read_tiles, tile_rasters, write_tiles
-from hqrs_geo.layers import new_run
+from hqrs_geo.layer.runs import new_run
 
 
 def test_dataloader_workers_preserve_order_and_pixels():

@@ -14,7 +14,7 @@ from qgis.PyQt.QtTest import QTest
 from conftest import EXAMPLE_SCENE, ROOT, write_sparse_scene
 from hqrs_geo import TileConfig, read_tiles
 from hqrs_geo.api import embed, tile
-from hqrs_geo.inference import RunOptions
+from hqrs_geo.engine.options import RunOptions
 from hqrs_geo.search.session import SearchSession
 from tiny_models import TINY_CLIP
 

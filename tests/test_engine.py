@@ -13,8 +13,9 @@ from PIL import Image
 from conftest import EXAMPLE_SCENE, run_cli
 from hqrs_geo import TileConfig, TileDataset, read_runs, read_tiles
 from hqrs_geo.api import embed, tile
-from hqrs_geo.embeddings import decode, embedding_keys, read_embeddings
-from hqrs_geo.inference import RunOptions, _run_batch, run_models
+from hqrs_geo.layer.columns import decode, embedding_keys, read_embeddings
+from hqrs_geo.engine.options import RunOptions
+from hqrs_geo.engine.run import run_batch, run_models
 from hqrs_geo.models.loader import load_model
 from hqrs_geo.models.preprocess import BatchPreprocess
 from tiny_models import TINY_CLIP
@@ -97,7 +98,7 @@ def test_storage_round_trip_and_two_models(tmp_path, example_layer, tiny_clip_ch
     assert run_record["command"] == "embed" and len(task["sha256"]) == 64 and task["dtype"] == "float16"
     assert task["preprocess"]["size"] == [64, 64]
     # GeoParquet: a fixed-size list column with the same values
-    from hqrs_geo.layers import write_tiles
+    from hqrs_geo.layer.io import write_tiles
     import pyarrow.parquet as pq
 
     write_tiles(tmp_path / "t.parquet", frame)
@@ -191,7 +192,7 @@ def test_new_weights_at_the_same_path_recompute_every_tile(example_layer, tiny_c
 
 
 def test_out_of_memory_halves_the_batch(tmp_path):
-    from hqrs_geo.results_store import ResultStore
+    from hqrs_geo.engine.store import ResumeStore, partial_path
 
     class PickyTask:  # stands in for a model whose batches above 3 tiles exhaust GPU memory
         field = store_key = "value"
@@ -205,9 +206,9 @@ def test_out_of_memory_halves_the_batch(tmp_path):
         def __init__(self, i):
             self.tile_id = f"t{i}"
 
-    store = ResultStore(tmp_path / "x.gpkg")
+    store = ResumeStore(partial_path(tmp_path / "x.gpkg"))
     sizes = []
-    _run_batch([PickyTask()], torch.arange(13), [Rec(i) for i in range(13)], store, sizes.append)
+    store.put(run_batch([PickyTask()], torch.arange(13), [Rec(i) for i in range(13)], sizes.append))
     assert store.load("value") == {f"t{i}": i for i in range(13)}
     assert sizes and max(sizes) <= 6
 

@@ -8,7 +8,7 @@ import pytest
 
 from conftest import ROOT, run_cli
 from hqrs_geo.evaluation import load_karpathy, retrieval_metrics, zeroshot_metrics
-from hqrs_geo.search.queries import normalise
+from hqrs_geo.models.encode import normalise
 from tiny_models import TINY_CLIP
 
 UCM = ROOT.parent / "shared" / "data" / "ucm" / "dataset_ucm.json"

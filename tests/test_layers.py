@@ -9,8 +9,8 @@ import pytest
 from conftest import write_raster
 from hqrs_geo import TileConfig, read_runs, read_tiles, tile_rasters, write_tiles
 from hqrs_geo.errors import InputError, OutputError
-from hqrs_geo.layers import new_run
-from hqrs_geo.tiling import TILE_COLUMNS
+from hqrs_geo.layer.runs import new_run
+from hqrs_geo.layer.columns import TILE_COLUMNS
 
 
 @pytest.mark.parametrize("suffix", [".gpkg", ".parquet", ".fgb"])

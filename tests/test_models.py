@@ -61,7 +61,7 @@ def test_pickled_checkpoint_needs_trust(tmp_path):
     reference, _, _ = build_tiny(TINY_CLIP, seed=4)
     path = tmp_path / "pickled.pt"
     torch.save({"state_dict": reference.state_dict(), "args": argparse.Namespace(lr=0.1)}, path)
-    with pytest.raises(InputError, match="--trust-checkpoint"):
+    with pytest.raises(InputError, match="trust_checkpoint"):
         load_model(TINY_CLIP, checkpoint=str(path), device="cpu")
     loaded = load_model(TINY_CLIP, checkpoint=str(path), device="cpu", trust_checkpoint=True)
     assert _same_weights(loaded.model, reference)
@@ -70,7 +70,7 @@ def test_pickled_checkpoint_needs_trust(tmp_path):
 def test_wrong_architecture_is_reported(tiny_clip_checkpoint, tmp_path):
     with pytest.raises(InputError, match="does not .* architecture hqrs-test-tiny-coca"):
         load_model(TINY_COCA, checkpoint=str(tiny_clip_checkpoint), device="cpu")
-    with pytest.raises(InputError, match=r"does not fit architecture ViT-B-32 .*--arch"):
+    with pytest.raises(InputError, match=r"does not fit architecture ViT-B-32 .*arch"):
         load_model("ViT-B-32", checkpoint=str(tiny_clip_checkpoint), device="cpu")
     state = torch.load(tiny_clip_checkpoint, weights_only=True)
     del state["logit_scale"]
@@ -114,7 +114,8 @@ def test_registry_model_found_in_cache_folder(tiny_clip_checkpoint):
 
 
 def test_device_choice():
-    from hqrs_geo.models.device import autocast_dtype, pick_device
+    from hqrs_geo.models.device import pick_device
+    from hqrs_geo.models.precision import autocast_dtype
 
     assert pick_device("cpu").type == "cpu"
     mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()

@@ -16,7 +16,7 @@ from conftest import SHARED_SCENES, write_raster
 from hqrs_geo.errors import InputError, OptionError
 from hqrs_geo.mpgi.facts import (REGIONS, TileFacts, VectorFacts, VectorSource, compute_facts, parse_vector_spec)
 from hqrs_geo.mpgi.rules import DEFAULT_RULES, fact_sentences, facts_block, merge_rules
-from hqrs_geo.tiling import TileConfig, tile_rasters
+from hqrs_geo import TileConfig, tile_rasters
 
 SWELLENDAM = SHARED_SCENES / "swellendam_3420B_epsg4326.tif"
 OSM = SHARED_SCENES / "swellendam_osm.gpkg"

@@ -83,7 +83,7 @@ def town_layer(tmp_path_factory) -> Path:
     if not (SCENE.exists() and OSM.exists()):
         pytest.skip("shared Swellendam data not present")
     from hqrs_geo import TileConfig, tile_rasters, write_tiles
-    from hqrs_geo.layers import new_run
+    from hqrs_geo.layer.runs import new_run
     from hqrs_geo.mpgi.facts import VectorSource, compute_facts
 
     tiles, scenes = tile_rasters(SCENE, TileConfig(tile_size=256))
@@ -100,7 +100,7 @@ def test_pipeline_with_a_chat_server_vlm_osm_facts_and_smollm2(town_layer, tmp_p
     import pyogrio
 
     from hqrs_geo import read_runs, read_tiles
-    from hqrs_geo.dataset import TileDataset
+    from hqrs_geo.tiling.dataset import TileDataset
     from hqrs_geo.mpgi.facts import VectorSource, compute_facts
     from hqrs_geo.mpgi.pipeline import run_mpgi
 
@@ -215,4 +215,4 @@ def test_mpgi_cli_errors_are_one_line(tmp_path):
         assert done.returncode == 2 and needle in done.stderr, done.stderr
         assert len(done.stderr.strip().splitlines()) == 1 and "Traceback" not in done.stderr
     nothing = run_cli("export-dataset", str(layer), "-o", str(tmp_path / "ds"))
-    assert nothing.returncode == 2 and "hqrs-geo mpgi" in nothing.stderr
+    assert nothing.returncode == 2 and "MpGI" in nothing.stderr

@@ -99,7 +99,7 @@ def embedded_master(tmp_path_factory, tiny_clip_checkpoint) -> Path:
     """16 tiles with tiny-CLIP embeddings (made in process, read-only for the tests)."""
     from hqrs_geo import TileConfig
     from hqrs_geo.api import embed, tile
-    from hqrs_geo.inference import RunOptions
+    from hqrs_geo.engine.options import RunOptions
 
     out = tmp_path_factory.mktemp("embedded") / "embedded.gpkg"
     tile(EXAMPLE_SCENE, out, TileConfig(tile_size=250))

@@ -61,7 +61,7 @@ def test_layer_with_embeddings_opens_in_qgis(qgis_app, example_layer, tiny_clip_
     from qgis.PyQt.QtCore import QVariant
 
     from hqrs_geo.api import embed
-    from hqrs_geo.inference import RunOptions
+    from hqrs_geo.engine.options import RunOptions
 
     embed(example_layer, model="hqrs-test-tiny-clip", checkpoint=str(tiny_clip_checkpoint), device="cpu",
           options=RunOptions(workers=0))

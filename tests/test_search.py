@@ -16,9 +16,10 @@ import torch
 from conftest import EXAMPLE_SCENE, run_cli
 from hqrs_geo import TileConfig, read_embeddings, read_runs, read_tiles
 from hqrs_geo.api import embed, tile
-from hqrs_geo.inference import RunOptions
+from hqrs_geo.engine.options import RunOptions
 from hqrs_geo.models.loader import load_model
-from hqrs_geo.search.queries import combine, normalise
+from hqrs_geo.models.encode import normalise
+from hqrs_geo.search.queries import combine
 from hqrs_geo.search.session import SearchSession
 from hqrs_geo.search.spatial import SpatialFilter
 from tiny_models import TINY_CLIP
@@ -138,7 +139,7 @@ def test_negative_examples_and_ensembles_on_crafted_vectors():
 
 
 def test_classify_with_template_ensemble(searchable, tiny_clip_checkpoint):
-    from hqrs_geo.search.queries import RS_TEMPLATES
+    from hqrs_geo.models.templates import ZERO_SHOT_TEMPLATES as RS_TEMPLATES
 
     session = SearchSession(str(searchable))
     labels = ["river", "forest", "parking lot"]

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 
 from hqrs_geo import read_tiles, write_tiles
-from hqrs_geo.embeddings import encode
+from hqrs_geo.layer.columns import encode
 from hqrs_geo.errors import InputError, OptionError
-from hqrs_geo.search import vectors as vectors_module
-from hqrs_geo.search.vectors import VectorIndex
+from hqrs_geo.search import index as vectors_module
+from hqrs_geo.search.index import VectorIndex
 
 N, D = 20000, 64
 
@@ -304,7 +304,7 @@ def test_open_layer_caches_and_follows_changes(example_layer, suffix, monkeypatc
     # reopened: the cache is memory-mapped again, not rewritten, and the layer is not read
     before = _stat(cache)
     time.sleep(0.01)
-    monkeypatch.setattr("hqrs_geo.layers.read_tiles", lambda *a, **k: pytest.fail("layer read again"))
+    monkeypatch.setattr("hqrs_geo.layer.io.read_tiles", lambda *a, **k: pytest.fail("layer read again"))
     again = VectorIndex.open(layer, "test")
     assert _stat(cache) == before and isinstance(again.matrix, np.memmap)
     assert again.load_ann() and again.ann_info["kind"] == "hnsw"

@@ -13,7 +13,7 @@ from rasterio.windows import Window, bounds as window_bounds, transform as windo
 from conftest import SHARED_SCENES, write_raster
 from hqrs_geo import TileConfig, TileDataset, tile_rasters
 from hqrs_geo.errors import InputError
-from hqrs_geo.stretch import StretchSpec
+from hqrs_geo.raster.stretch import StretchSpec
 
 
 def expected_windows(width, height, size, stride):
@@ -168,7 +168,7 @@ def test_band_selection(tmp_path, rng):
     _, replicated = TileDataset.from_rasters(gray, TileConfig(tile_size=64))[0]
     assert (replicated == rgbn[0][..., None]).all()
     two = write_raster(tmp_path / "two.tif", rgbn[:2])
-    with pytest.raises(InputError, match="--bands"):
+    with pytest.raises(InputError, match="bands"):
         tile_rasters(two)
     with pytest.raises(InputError, match="band 7 does not exist"):
         tile_rasters(path, TileConfig(tile_size=64, bands=(7, 1, 2)))

@@ -47,7 +47,7 @@ def _fixed_batch_loss(model, tokenizer, dataset: Path) -> float:
     import torch
     from open_clip.loss import ClipLoss
 
-    from hqrs_geo.models.loader import _preprocess_cfg
+    from hqrs_geo.models.preprocess import preprocess_config as _preprocess_cfg
     from hqrs_geo.models.preprocess import BatchPreprocess
 
     records = read_records(str(dataset), ["train"])
@@ -102,12 +102,12 @@ def test_resume_after_cancel_continues_from_the_saved_step_and_matches(dataset, 
         calls["n"] += 1
         return calls["n"] > 5
 
-    with pytest.raises(Cancelled, match="step 5.*--resume"):
+    with pytest.raises(Cancelled, match="step 5.*resume"):
         finetune(_config(dataset, tmp_path / "cut", max_steps=8, val_split=None), cancel=cancel_after_five)
     assert latest_checkpoint(tmp_path / "cut").name == "step-0000005.pt"
     assert not (tmp_path / "cut" / "model.safetensors").exists()
 
-    with pytest.raises(OptionError, match="--resume"):
+    with pytest.raises(OptionError, match="resume"):
         finetune(_config(dataset, tmp_path / "cut", max_steps=8, val_split=None))
     resumed = finetune(_config(dataset, tmp_path / "cut", max_steps=8, val_split=None), resume=True)
     assert resumed["steps"] == 8
@@ -182,7 +182,7 @@ def test_csv_datasets_and_caption_sampling(tmp_path):
     comma = tmp_path / "train.csv"
     comma.write_text("path,text\nb.png,a caption\n")
     assert read_csv(str(comma), image_key="path", caption_key="text")[0].captions == ["a caption"]
-    with pytest.raises(InputError, match="no column 'filepath'.*--csv-img-key"):
+    with pytest.raises(InputError, match="no column 'filepath'.*csv_img_key"):
         read_csv(str(comma))
     with pytest.raises(InputError, match="unknown dataset format"):
         read_records(str(tmp_path / "a.png"))

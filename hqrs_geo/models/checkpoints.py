@@ -74,12 +74,12 @@ def resolve_checkpoint(spec: ModelSpec, checkpoint: Optional[str] = None, downlo
             reason = type(exc).__name__
             raise InputError(
                 f"model {spec.name} needs {spec.hf_file} from hf-hub {spec.hf_repo}, which could not be "
-                f"downloaded ({reason}); download it elsewhere and put it at {where}, or pass --checkpoint PATH"
+                f"downloaded ({reason}); download it elsewhere and put it at {where}, or give its «checkpoint» file"
             ) from None
     source = f" (hf-hub {spec.hf_repo}, file {spec.hf_file})" if spec.hf_repo else ""
     how = f"{spec.obtain}, then " if spec.obtain and not spec.hf_repo else ""
     raise InputError(
-        f"model {spec.name} needs its checkpoint{source}: {how}put it at {where} or pass --checkpoint PATH"
+        f"model {spec.name} needs its checkpoint{source}: {how}put it at {where} or give its «checkpoint» file"
     )
 
 
@@ -118,7 +118,7 @@ def read_state_dict(path: Path, trust: bool = False) -> dict:
                 if not trust:
                     raise InputError(
                         f"{path}: checkpoint needs pickle code execution to load ({str(exc).splitlines()[0][:120]}); "
-                        "only if you trust its source, pass --trust-checkpoint"
+                        "only if you trust its source, allow it with «trust_checkpoint»"
                     ) from None
                 state = torch.load(path, map_location="cpu", weights_only=False)
     except InputError:

@@ -1,13 +1,12 @@
-"""Device and precision choices for inference."""
+"""Choosing the device models run on (the precision rule is in :mod:`.precision`)."""
 from __future__ import annotations
 
-from contextlib import contextmanager
-from typing import Iterator, Optional
+from typing import Any
 
 from ..errors import OptionError
 
 
-def pick_device(name: str = "auto"):
+def pick_device(name: str = "auto") -> Any:
     """``auto`` picks cuda, then mps, then cpu; explicit names are checked."""
     import torch
 
@@ -20,33 +19,9 @@ def pick_device(name: str = "auto"):
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise OptionError(f"invalid device {name!r}: use auto, cpu, cuda, cuda:N or mps") from None
+        raise OptionError(f"invalid device {name!r}: use auto, cpu, cuda, cuda:N or mps", option="device") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise OptionError(f"device {name} requested but CUDA is not available here; use --device cpu or auto")
+        raise OptionError(f"{name} requested but CUDA is not available here; use cpu or auto", option="device")
     if device.type == "mps" and not torch.backends.mps.is_available():
-        raise OptionError(f"device {name} requested but MPS is not available here; use --device cpu or auto")
+        raise OptionError(f"{name} requested but MPS is not available here; use cpu or auto", option="device")
     return device
-
-
-def autocast_dtype(device, precision: str = "auto"):
-    """Mixed-precision dtype: bf16 where CUDA supports it, else fp16 on CUDA/MPS; None (fp32) on CPU."""
-    import torch
-
-    if precision == "fp32" or device.type == "cpu":
-        return None
-    if precision == "bf16" or (precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported()):
-        return torch.bfloat16
-    return torch.float16
-
-
-@contextmanager
-def inference_context(device, dtype: Optional[object]) -> Iterator[None]:
-    """``torch.inference_mode`` plus autocast when a mixed-precision dtype is given."""
-    import torch
-
-    with torch.inference_mode():
-        if dtype is None:
-            yield
-        else:
-            with torch.autocast(device_type=device.type, dtype=dtype):
-                yield

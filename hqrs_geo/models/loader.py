@@ -9,6 +9,7 @@ from typing import Any, Optional
 from ..errors import InputError
 from .checkpoints import read_state_dict, resolve_checkpoint, sha256_of
 from .device import pick_device
+from .preprocess import preprocess_config
 from .registry import ModelSpec, get_spec, register_config_folders
 from .tokenizers import build_tokenizer
 
@@ -63,19 +64,6 @@ class quiet_open_clip:
         logging.getLogger().setLevel(self.level)
 
 
-def _preprocess_cfg(model) -> dict:
-    cfg = dict(getattr(model.visual, "preprocess_cfg", {}) or {})
-    size = cfg.get("size", getattr(model.visual, "image_size", 224))
-    size = tuple(size) if isinstance(size, (tuple, list)) else (int(size), int(size))
-    return {
-        "size": list(size),
-        "mean": list(cfg.get("mean", (0.48145466, 0.4578275, 0.40821073))),
-        "std": list(cfg.get("std", (0.26862954, 0.26130258, 0.27577711))),
-        "interpolation": cfg.get("interpolation", "bicubic"),
-        "resize_mode": cfg.get("resize_mode", "shortest"),
-    }
-
-
 def _check_keys(model, state: dict, path: Path, spec: ModelSpec, strict: bool) -> None:
     own = model.state_dict()
     missing = [k for k in own if k not in state]
@@ -85,7 +73,8 @@ def _check_keys(model, state: dict, path: Path, spec: ModelSpec, strict: bool) -
         k = shapes[0]
         raise InputError(
             f"{path}: checkpoint does not fit architecture {spec.arch} ({len(shapes)} tensor(s) differ, e.g. "
-            f"{k}: checkpoint {list(state[k].shape)} vs model {list(own[k].shape)}); pass the right --arch"
+            f"{k}: checkpoint {list(state[k].shape)} vs model {list(own[k].shape)}); give the architecture it was "
+            "trained with («arch»)"
         )
     if strict and (missing or unexpected):
         def names(keys):
@@ -98,7 +87,7 @@ def _check_keys(model, state: dict, path: Path, spec: ModelSpec, strict: bool) -
             parts.append(f"unexpected {len(unexpected)}: {names(unexpected)}")
         raise InputError(
             f"{path}: checkpoint does not match architecture {spec.arch} ({'; '.join(parts)}); "
-            "pass the right --arch, or --no-strict to load what fits"
+            "give the architecture it was trained with («arch»)"
         )
 
 
@@ -141,6 +130,6 @@ def load_model(
     target = pick_device(device)
     model = model.to(target).eval()
     return LoadedModel(
-        spec=spec, model=model, tokenizer=build_tokenizer(spec.arch), preprocess=_preprocess_cfg(model),
+        spec=spec, model=model, tokenizer=build_tokenizer(spec.arch), preprocess=preprocess_config(model),
         device=target, checkpoint=str(path), sha256=sha256_of(path),
     )

@@ -6,8 +6,7 @@ per tile.
 """
 from __future__ import annotations
 
-from typing import Sequence
-
+from typing import Any
 
 class BatchPreprocess:
     """Callable turning uint8 ``[B, 3, H, W]`` tensors into normalised model input."""
@@ -48,7 +47,15 @@ class BatchPreprocess:
         return (x - self.mean) / self.std
 
 
-def describe(cfg: dict) -> dict:
-    """The preprocessing as recorded in run metadata."""
-    keys: Sequence[str] = ("size", "mean", "std", "interpolation", "resize_mode")
-    return {k: cfg[k] for k in keys if k in cfg}
+def preprocess_config(model: Any) -> dict:
+    """The input size, normalisation and resizing an open_clip model expects (from its config)."""
+    cfg = dict(getattr(model.visual, "preprocess_cfg", {}) or {})
+    size = cfg.get("size", getattr(model.visual, "image_size", 224))
+    size = tuple(size) if isinstance(size, (tuple, list)) else (int(size), int(size))
+    return {
+        "size": list(size),
+        "mean": list(cfg.get("mean", (0.48145466, 0.4578275, 0.40821073))),
+        "std": list(cfg.get("std", (0.26862954, 0.26130258, 0.27577711))),
+        "interpolation": cfg.get("interpolation", "bicubic"),
+        "resize_mode": cfg.get("resize_mode", "shortest"),
+    }

@@ -18,9 +18,9 @@ from dataclasses import asdict, dataclass, replace
 from typing import Literal, Optional
 
 from ..errors import OptionError
+from .templates import DEFAULT_TEMPLATE
 
 Kind = Literal["clip", "coca"]
-DEFAULT_TEMPLATE = "a satellite image of {}."
 
 
 @dataclass(frozen=True)
@@ -151,7 +151,8 @@ def register_config_folders() -> None:
             _registered_folders.add(str(folder))
 
 
-def _open_clip_arch(name: str) -> Optional[str]:
+def open_clip_arch(name: str) -> Optional[str]:
+    """The open_clip architecture called ``name`` (case and ``/`` insensitive), or None."""
     import open_clip
 
     register_config_folders()
@@ -176,20 +177,21 @@ def get_spec(name: str, arch: Optional[str] = None, checkpoint: Optional[str] = 
     """
     spec = REGISTRY.get(name) or REGISTRY.get(name.lower())
     if spec is None:
-        custom_arch = _open_clip_arch(name)
+        custom_arch = open_clip_arch(name)
         if custom_arch is None:
             known = ", ".join(REGISTRY)
             raise OptionError(
-                f"unknown model {name!r}: use one of {known}, or an open_clip architecture with --checkpoint"
+                f"unknown model {name!r}: use one of {known}, or an open_clip architecture with a «checkpoint»",
+                option="model"
             )
         kind: Kind = "coca" if "coca" in custom_arch.lower() else "clip"
         # the checkpoint's name is part of a custom model's name, so two checkpoints of one
         # architecture get distinct result columns
         label = f"{custom_arch}:{Path(str(checkpoint)).stem}" if checkpoint else custom_arch
         spec = ModelSpec(name=label, kind=kind, arch=custom_arch, description=f"custom {custom_arch}",
-                         obtain="pass --checkpoint PATH")
+                         obtain="give its «checkpoint» file")
     if arch:
-        resolved = _open_clip_arch(arch)
+        resolved = open_clip_arch(arch)
         if resolved is None:
             raise OptionError(f"unknown architecture {arch!r}: use an open_clip model name such as ViT-L-14")
         spec = replace(spec, arch=resolved)

@@ -42,17 +42,17 @@ def _captions(row, source: str) -> list[str]:
 def export_dataset(layer: str, out_dir: str, captions: str = "mpgi", image_format: str = "jpg",
                    val_fraction: float = 0.1, progress=None) -> dict:
     """Export the captioned tiles of ``layer`` (see the module docstring); returns counts."""
-    from ..chips import export_chips
-    from ..layers import read_tiles
+    from ..layer.io import read_tiles
+    from ..tiling.chips import export_chips
 
     if captions not in CAPTION_SOURCES:
-        raise OptionError(f"--captions must be one of {', '.join(CAPTION_SOURCES)}")
+        raise OptionError(f"must be one of {', '.join(CAPTION_SOURCES)}", option="captions")
     if not 0.0 <= val_fraction < 1.0:
-        raise OptionError("--val-fraction must lie in [0, 1)")
+        raise OptionError("must lie in [0, 1)", option="val_fraction")
     frame = read_tiles(layer)
     column = "mpgi_caption" if captions == "mpgi" else "caption"
     if column not in frame.columns:
-        hint = "run 'hqrs-geo mpgi' on it first" if captions == "mpgi" else "run 'hqrs-geo caption' on it first"
+        hint = "caption it with MpGI first" if captions == "mpgi" else "caption it first"
         raise InputError(f"{layer}: has no {column} column; {hint}")
     out = Path(out_dir)
     index = export_chips(layer, out / "images", image_format=image_format, progress=progress)

@@ -23,7 +23,7 @@ import numpy as np
 import shapely
 
 from ..errors import InputError, OptionError
-from ..scene import describe, open_raster
+from ..raster.scene import describe, open_raster, read_pixels
 
 log = logging.getLogger(__name__)
 
@@ -366,7 +366,6 @@ class _RasterFacts:
 
 def _raster_facts(tiles, nir_band, ndvi_threshold, ndwi_threshold, progress) -> _RasterFacts:
     """Open each source raster once: its date, pixel size and, with a NIR band, each tile's spectral fractions."""
-    from ..tiling import _guarded
 
     n = len(tiles)
     facts = _RasterFacts([None] * n, np.full(n, np.nan), [None] * n, [None] * n)
@@ -391,7 +390,7 @@ def _raster_facts(tiles, nir_band, ndvi_threshold, ndwi_threshold, progress) -> 
                 continue
             for i in rows:
                 window = tuple(windows[i])
-                facts.vegetation[i], facts.water[i] = _guarded(
+                facts.vegetation[i], facts.water[i] = read_pixels(
                     source, lambda: spectral_fractions(src, bands, window, ndvi_threshold, ndwi_threshold))
                 if progress is not None:
                     progress.advance()
@@ -585,11 +584,11 @@ def _check_tiles(tiles) -> None:
     """One-line errors for frames that are not georeferenced tile layers."""
     missing = [c for c in TILE_COLUMNS if c not in tiles.columns]
     if missing:
-        raise InputError(f"tile layer lacks column(s) {', '.join(missing)}; make one with 'hqrs-geo tile'")
+        raise InputError(f"tile layer lacks column(s) {', '.join(missing)}; tile a raster into a layer first")
     if tiles.crs is None:
         raise InputError("tile layer has no CRS (pixel-space footprints); facts need georeferenced tiles")
     if tiles.geometry.isna().any() or tiles.geometry.is_empty.any():
-        raise InputError("tile layer has tiles without footprints; make it again with 'hqrs-geo tile'")
+        raise InputError("tile layer has tiles without footprints; tile the raster again")
     if tiles["tile_id"].duplicated().any():
         dup = tiles["tile_id"][tiles["tile_id"].duplicated()].iloc[0]
         raise InputError(f"tile layer has duplicate tile_id {dup!r}; tile ids must be unique")

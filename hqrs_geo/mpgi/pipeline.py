@@ -20,15 +20,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 import numpy as np
 
+from ..engine.store import ResumeStore, call_cache_path, call_key
 from ..errors import Cancelled, OptionError
-from .cache import CallCache, cache_path, call_key
 from .integrate import clean_captions, integration_prompt
 from .recipe import Recipe, load_recipe
 
@@ -81,7 +80,7 @@ class MpgiRun:
                  cancel: Optional[Callable[[], bool]] = None, device: str = "auto"):
         self.layer, self.recipe, self.output = layer, recipe, output
         self.vectors, self.progress, self.cancel, self.device = list(vectors), progress, cancel, device
-        self.cache = CallCache(cache_path(output))
+        self.cache = ResumeStore(call_cache_path(output))
         self.calls: dict[str, list[Call]] = {}  # tile_id -> its calls, for the provenance table
         self.fresh = 0  # calls answered by a model in this run (not the cache)
 
@@ -103,7 +102,7 @@ class MpgiRun:
         committed as it is stored)."""
         pending = []
         for call in calls:
-            call.text = self.cache.get(call.key)
+            call.text = self.cache.get_call(call.key)
             if call.text is None:
                 pending.append(call)
         if pending:
@@ -111,7 +110,7 @@ class MpgiRun:
             answers = backend.complete([c.request for c in pending])
             for call, text in zip(pending, answers):
                 call.text = text.strip()
-                self.cache.put(call.key, call.tile_id, stage, call.source, call.prompt, backend.identity(), call.text)
+                self.cache.put_call(call.key, call.tile_id, stage, call.source, call.prompt, backend.identity(), call.text)
                 self.fresh += 1
 
     def _record(self, call: Call) -> None:
@@ -174,17 +173,19 @@ class MpgiRun:
             backend.close()
 
     def _caption_stage(self, dataset, tile_ids, descriptions) -> None:
+        """The engine's caption model as one more perspective (the engine's own caption task)."""
         import torch
 
-        from ..models.decoding import DecodingConfig, generate_captions
+        from ..engine.options import RunOptions
+        from ..engine.tasks import CaptionTask
+        from ..models.decoding import DecodingConfig
         from ..models.loader import load_model, weights_sha256
-        from ..models.preprocess import BatchPreprocess
 
         table = self.recipe.raw.get("caption_model", {})
         decoding = DecodingConfig(method=table.get("decoding", "beam")).validated()
         name = self.recipe.caption_model
         identity = f"engine:{name}:{weights_sha256(name)[:12]}"  # new weights, new cache entries
-        loaded = None
+        task = None
         self._start("caption", len(tile_ids), f"caption model {name}")
         for start in range(0, len(tile_ids), CHUNK * 4):
             chunk = tile_ids[start:start + CHUNK * 4]
@@ -194,21 +195,20 @@ class MpgiRun:
                 rgb = dataset.pixels(tile_id)
                 call = Call(call_key(tile_id, "caption", name, prompt, identity, _image_digest(rgb)),
                             tile_id, "caption", name, prompt, request=rgb)
-                call.text = self.cache.get(call.key)
+                call.text = self.cache.get_call(call.key)
                 calls.append(call)
                 if call.text is None:
                     missing.append(call)
             if missing:
                 self._check_cancel()
-                if loaded is None:
-                    loaded = load_model(name, device=self.device)
-                    prep = BatchPreprocess(loaded.preprocess, loaded.device)
-                batch = torch.stack([torch.from_numpy(np.ascontiguousarray(c.request)).permute(2, 0, 1) for c in missing])
-                with torch.inference_mode():
-                    texts = generate_captions(loaded.model, loaded.tokenizer, prep(batch.to(loaded.device)), decoding)
-                for call, text in zip(missing, texts):
+                if task is None:
+                    task = CaptionTask(load_model(name, device=self.device), RunOptions(), decoding)
+                images = [torch.from_numpy(np.ascontiguousarray(c.request)).permute(2, 0, 1) for c in missing]
+                if len({tuple(i.shape) for i in images}) == 1:
+                    images = torch.stack(images).to(task.loaded.device)
+                for call, text in zip(missing, task(images)):
                     call.text = text
-                    self.cache.put(call.key, call.tile_id, "caption", name, prompt, identity, text)
+                    self.cache.put_call(call.key, call.tile_id, "caption", name, prompt, identity, text)
                     self.fresh += 1
             for call in calls:
                 self._record(call)
@@ -283,7 +283,8 @@ def run_mpgi(layer: str, recipe: Optional[str | Recipe] = None, vectors: Sequenc
     ``limit``: only the first N tiles. Re-running resumes from the call cache
     ``<output>.hqrs-mpgi.sqlite``; Ctrl-C (or ``cancel()``) leaves the output untouched.
     """
-    from ..layers import new_run, read_tiles
+    from ..layer.io import read_tiles
+    from ..layer.runs import new_run
     from .facts import parse_vector_spec
 
     recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
@@ -291,7 +292,7 @@ def run_mpgi(layer: str, recipe: Optional[str | Recipe] = None, vectors: Sequenc
     frame = read_tiles(layer)
     if limit is not None:
         if limit < 1:
-            raise OptionError("--limit must be at least 1")
+            raise OptionError("must be at least 1", option="limit")
         frame = frame.iloc[:limit]
     output = str(output or layer)
     run = MpgiRun(layer, recipe, output, sources, progress, cancel, device)
@@ -307,14 +308,14 @@ def run_mpgi(layer: str, recipe: Optional[str | Recipe] = None, vectors: Sequenc
     except KeyboardInterrupt:
         run.cache.close()
         raise Cancelled(f"MpGI run cancelled; {run.fresh} new model answer(s) are cached in "
-                        f"{cache_path(output)}; run the same command again to resume") from None
+                        f"{call_cache_path(output)}; run the same command again to resume") from None
     updated = frame.copy()
     updated["mpgi_caption"] = [results[t].detailed for t in tile_ids]
     updated["mpgi_short"] = [json.dumps(results[t].short, ensure_ascii=False) for t in tile_ids]
     updated["mpgi_facts"] = [json.dumps(facts[t][0].as_dict(), ensure_ascii=False) for t in tile_ids]
     updated["mpgi_recipe"] = recipe.fingerprint()
     params = {"recipe": recipe.source, "recipe_fingerprint": recipe.fingerprint(), "recipe_content": recipe.raw,
-              "vectors": [vars(s) for s in sources], "tiles": len(tile_ids), "cache": str(cache_path(output)),
+              "vectors": [vars(s) for s in sources], "tiles": len(tile_ids), "cache": str(call_cache_path(output)),
               "fresh_calls": run.fresh, "cached_calls": run.cache.hits,
               "filled_captions": sum(results[t].filled for t in tile_ids)}
     table = run.sources_table(tile_ids, facts, results)
@@ -330,7 +331,7 @@ class _TilePixels:
     """RGB pixels of a layer's tiles by tile_id (read on demand, cached for the run's stages)."""
 
     def __init__(self, layer: str):
-        from ..dataset import TileDataset
+        from ..tiling.dataset import TileDataset
 
         self.dataset = TileDataset.from_layer(layer)
         self.index = {rec.tile_id: i for i, rec in enumerate(self.dataset.records)}
@@ -353,31 +354,19 @@ def _write(layer: str, output: str, updated, table, run_record: dict):
     """Write the tiles (merged into ``output``) and the sources table in one atomic step."""
     import shutil
 
-    from ..layers import atomic_path, layer_format, read_tiles, write_tiles
-
-    if output != layer and not Path(output).exists():
-        if layer_format(layer) != layer_format(output):
-            raise OptionError(f"{output}: write MpGI results to the same format as {layer}")
-        shutil.copyfile(layer, output)
-    existing = read_tiles(output)
-    keep = existing[~existing["tile_id"].isin(updated["tile_id"])]
     import geopandas as gpd
     import pandas as pd
 
+    from ..layer.io import layer_format, read_tiles, write_tiles
+
+    if output != layer and not Path(output).exists():
+        if layer_format(layer) != layer_format(output):
+            raise OptionError(f"{output}: write MpGI results to the same format as {layer}", option="output")
+        shutil.copyfile(layer, output)
+    existing = read_tiles(output)
+    keep = existing[~existing["tile_id"].isin(updated["tile_id"])]
     merged = gpd.GeoDataFrame(pd.concat([keep, updated], ignore_index=True), geometry=existing.geometry.name,
                               crs=existing.crs)
     order = {t: i for i, t in enumerate(existing["tile_id"])}
     merged = merged.sort_values("tile_id", key=lambda s: s.map(order)).reset_index(drop=True)
-    if layer_format(output) == "GPKG":
-        import pyogrio
-
-        with atomic_path(output, copy_existing=True) as tmp:
-            write_tiles(tmp, merged, run_record, replace_all=True)
-            pyogrio.write_dataframe(table, tmp, layer=SOURCES_TABLE, driver="GPKG")
-    else:
-        sidecar = Path(f"{output}.{SOURCES_TABLE}.csv")
-        tmp = sidecar.with_name(sidecar.name + ".tmp")
-        table.to_csv(tmp, index=False)
-        write_tiles(output, merged, run_record, replace_all=True)
-        os.replace(tmp, sidecar)
-    return merged
+    return write_tiles(output, merged, run_record, replace_all=True, tables={SOURCES_TABLE: table})

@@ -12,7 +12,8 @@ from typing import Optional
 import numpy as np
 
 from ..errors import OutputError
-from ..layers import layer_format, new_run, read_runs, read_tiles, write_tiles
+from ..layer.io import layer_format, read_tiles, write_tiles
+from ..layer.runs import new_run, read_runs
 
 
 def result_layer_name(query: str) -> str:
@@ -25,7 +26,7 @@ def write_result_layer(layer: str, results, name: str, params: dict, output: Opt
     """Write ranked results as layer ``name`` of the tile GeoPackage (or to ``output``); returns where."""
     target = output or layer
     if layer_format(target) != "GPKG" and output is None:
-        raise OutputError(f"{layer}: result layers go into GeoPackages; pass --output results.gpkg")
+        raise OutputError(f"{layer}: result layers go into GeoPackages; give a GeoPackage as «output»")
     frame = results.drop(columns=[c for c in results.columns if c.startswith("emb_")])
     write_tiles(target, frame, new_run("search", name, params), layer=name, replace_all=True)
     return f"{target}|layername={name}" if layer_format(target) == "GPKG" else str(target)

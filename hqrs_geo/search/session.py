@@ -9,8 +9,10 @@ from typing import Optional, Sequence
 import numpy as np
 
 from ..errors import OptionError
-from ..layers import read_tiles
-from .queries import RS_TEMPLATES, combine, embedding_source, image_vectors, load_source_model, text_vectors
+from ..layer.columns import embedding_keys
+from ..layer.io import open_layer
+from ..models.encode import class_vectors, image_vectors, text_vectors
+from .queries import combine, load_source_model
 from .spatial import SpatialFilter
 
 
@@ -18,12 +20,15 @@ class SearchSession:
     """Answers queries on ``layer``; the model is loaded on the first query that needs it."""
 
     def __init__(self, layer: str, model: Optional[str] = None, checkpoint: Optional[str] = None,
-                 device: str = "cpu", use_ann: Optional[bool] = None):
-        from .vectors import VectorIndex
+                 device: str = "cpu", use_ann: Optional[bool] = None, trust_checkpoint: bool = False):
+        from .index import VectorIndex
 
         self.layer = str(layer)
-        self.frame = read_tiles(self.layer)
-        self.source = embedding_source(self.layer, self.frame, model)
+        opened = open_layer(self.layer)
+        self.opened = opened
+        self.frame = opened.frame
+        self.source = opened.runs.embedding_source(embedding_keys(self.frame), model)
+        self.trust_checkpoint = trust_checkpoint
         self.index = VectorIndex.open(self.layer, self.source.key, frame=self.frame)
         self.rows = self.frame.reset_index(drop=True).set_index("tile_id").index.get_indexer(self.index.ids)
         self.checkpoint, self.device = checkpoint, device
@@ -34,10 +39,11 @@ class SearchSession:
     def model(self):
         """The layer's own model (loaded once)."""
         if self._model is None:
-            self._model = load_source_model(self.source, self.checkpoint, self.device)
+            self._model = load_source_model(self.source, self.checkpoint, self.device, self.trust_checkpoint)
         return self._model
 
     def mask(self, spatial: Optional[SpatialFilter], exclude: Sequence[str] = ()) -> Optional[np.ndarray]:
+        """Rows of the index allowed by the spatial filter and not excluded (None: all)."""
         if (spatial is None or not spatial.active) and not exclude:
             return None
         keep = spatial.mask(self.frame) if spatial is not None and spatial.active else np.ones(len(self.frame), bool)
@@ -105,15 +111,29 @@ class SearchSession:
         exclude = () if include_examples else tuple(positive_ids) + tuple(negative_ids)
         return self.vector_search(query, k, spatial, exclude)
 
+    def score_all(self, query: np.ndarray, spatial: Optional[SpatialFilter] = None,
+                  exclude: Sequence[str] = ()) -> dict[str, float]:
+        """``{tile_id: score}`` of every tile with an embedding that passes the filters."""
+        all_scores = self.index.scores(query, self.mask(spatial, exclude))
+        return {tid: float(s) for tid, s in zip(self.index.ids, all_scores) if s == s}
+
     def label_vectors(self, labels: Sequence[str], templates: Optional[Sequence[str]] = None) -> np.ndarray:
         """One normalised vector per label from an ensemble of prompt templates."""
-        templates = list(templates or dict.fromkeys([self.source.template, *RS_TEMPLATES]))
-        return text_vectors(self.model, labels, templates)
+        from ..models.templates import ZERO_SHOT_TEMPLATES
 
-    def classify(self, labels: Sequence[str], templates: Optional[Sequence[str]] = None, top_k: int = 3):
+        return class_vectors(self.model, labels, templates or list(dict.fromkeys([self.source.template,
+                                                                                 *ZERO_SHOT_TEMPLATES])))
+
+    def classify(self, labels: Sequence[str], templates: Optional[Sequence[str]] = None, top_k: int = 3,
+                 write: bool = False):
         """Zero-shot classes for every tile with an embedding: ``label``, ``label_score`` and
-        ``label_top`` (``"a:0.61;b:0.22;…"``) columns on a copy of the layer."""
-        labels = [l.strip() for l in labels if l.strip()]
+        ``label_top`` (``"a:0.61;b:0.22;…"``) columns on a copy of the layer; with ``write`` the
+        columns are also written to the layer (with a run record)."""
+        if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < 1:
+            raise OptionError(f"invalid top_k {top_k!r}: keep at least one class", option="top_k")
+        if templates is not None and any("{}" not in t for t in templates):
+            raise OptionError("every template needs a {} for the class name", option="templates")
+        labels = [label.strip() for label in labels if label.strip()]
         if len(labels) < 2:
             raise OptionError("give at least two labels to choose from")
         if len(set(labels)) != len(labels):
@@ -134,4 +154,12 @@ class SearchSession:
         frame.loc[frame.index[self.rows], "label_top"] = [
             ";".join(f"{names[j]}:{p[j]:.3f}" for j in row) for row, p in zip(order, probs)
         ]
+        if write:
+            from ..layer.io import write_tiles
+            from ..layer.runs import new_run
+
+            params = {"labels": list(labels), "templates": list(templates) if templates else None,
+                      "model": self.source.model}
+            frame = write_tiles(self.layer, frame, new_run("classify", "tiles", params),
+                                replace_sources=list(frame["source"].unique()), known=self.opened)
         return frame

@@ -60,7 +60,7 @@ class SpatialFilter:
             keep &= within_mask(geoms, frame.crs, self.within)
         if self.near is not None:
             if self.distance is None:
-                raise OptionError("--near needs --distance (metres)")
+                raise OptionError("a point to search near needs a «distance» in metres", option="near")
             keep &= near_mask(geoms, frame.crs, self.near, self.distance, self.near_crs)
         return keep
 

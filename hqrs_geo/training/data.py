@@ -8,7 +8,6 @@ the other augmentations are applied to whole batches (:mod:`hqrs_geo.training.au
 from __future__ import annotations
 
 import csv
-import json
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,15 +16,8 @@ from typing import Optional, Sequence
 import numpy as np
 
 from ..errors import InputError, OptionError
+from ..models.templates import CLASS_CAPTION_TEMPLATES, class_prompt_name
 
-CLASS_TEMPLATES = (
-    "an aerial image of {}.",
-    "a satellite image of {}.",
-    "a remote sensing image of {}.",
-    "an aerial photograph showing {}.",
-    "there is {} in this aerial image.",
-    "a top-down view of {}.",
-)
 
 
 @dataclass
@@ -70,7 +62,7 @@ def read_csv(path: str, image_key: str = "filepath", caption_key: str = "caption
         missing = [k for k in (image_key, caption_key) if k not in columns]
         if missing:
             raise InputError(f"{path}: no column {missing[0]!r} (columns: {', '.join(columns) or 'none'}); "
-                             f"pass --csv-img-key/--csv-caption-key")
+                             f"name the columns with «csv_img_key» and «csv_caption_key»")
         grouped: dict[str, CaptionRecord] = {}
         for row in reader:
             image = row[image_key]
@@ -155,9 +147,9 @@ class CaptionSampler:
     built from a template."""
 
     def __init__(self, data: CaptionSet, class_prompt_prob: float = 0.0,
-                 templates: Sequence[str] = CLASS_TEMPLATES):
+                 templates: Sequence[str] = CLASS_CAPTION_TEMPLATES):
         if not 0.0 <= class_prompt_prob <= 1.0:
-            raise OptionError("--class-prompts must lie in [0, 1]")
+            raise OptionError("must lie in [0, 1]", option="class_prompt_prob")
         self.data, self.prob, self.templates = data, class_prompt_prob, tuple(templates)
 
     def caption(self, index: int, rng: random.Random) -> str:
@@ -165,7 +157,7 @@ class CaptionSampler:
         record = self.data.records[index]
         use_class = record.label and (not record.captions or rng.random() < self.prob)
         if use_class:
-            return rng.choice(self.templates).format(record.label.replace("_", " "))
+            return rng.choice(self.templates).format(class_prompt_name(record.label))
         return rng.choice(record.captions)
 
 
@@ -181,10 +173,3 @@ def describe_set(data: CaptionSet) -> dict:
     """Counts for the run record."""
     return {"source": data.source, "images": len(data), "captions": sum(len(r.captions) for r in data.records),
             "classes": len(data.classes)}
-
-
-def write_json(path: Path, payload: dict) -> None:
-    """Write JSON atomically."""
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2))
-    tmp.replace(path)

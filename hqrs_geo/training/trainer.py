@@ -33,10 +33,9 @@ import numpy as np
 
 from ..errors import Cancelled, InputError, OptionError
 from .augment import AugmentConfig, augment_batch, normalise
-from .data import CaptionSampler, CaptionSet, describe_set, epoch_order, load_caption_set, write_json
-
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-
+from ..atomic import atomic_path, write_json
+from ..models.precision import autocast, autocast_dtype, check_precision, precision_name
+from .data import CaptionSampler, CaptionSet, describe_set, epoch_order, load_caption_set
 
 @dataclass
 class FinetuneConfig:
@@ -78,22 +77,22 @@ class FinetuneConfig:
     def validated(self) -> "FinetuneConfig":
         """Self, after checking the values; raises :class:`OptionError`."""
         if not (self.arch or self.model):
-            raise OptionError("name what to train: --arch ARCH|CONFIG.json (from scratch) or --model NAME (fine-tune)")
+            raise OptionError("name what to train: «arch» (an architecture or config .json, from scratch) or «model» "
+                              "(a registry model to fine-tune)", option="arch")
         for name in ("epochs", "batch_size", "accum_steps", "save_every"):
             if getattr(self, name) < 1:
-                raise OptionError(f"--{name.replace('_', '-')} must be at least 1")
+                raise OptionError(f"must be at least 1, not {getattr(self, name)!r}", option=name)
         if self.max_steps is not None and self.max_steps < 1:
-            raise OptionError("--max-steps must be at least 1")
+            raise OptionError("must be at least 1", option="max_steps")
         if self.lr <= 0:
-            raise OptionError("--lr must be positive")
-        if self.precision not in PRECISIONS:
-            raise OptionError(f"--precision must be one of {', '.join(PRECISIONS)}")
+            raise OptionError(f"must be a positive number, not {self.lr!r}", option="lr")
+        check_precision(self.precision)
         if self.save_dtype not in ("fp32", "fp16"):
-            raise OptionError("--save-dtype must be fp32 or fp16")
+            raise OptionError("must be fp32 or fp16", option="save_dtype")
         if not 0.0 <= self.class_target < 1.0:
-            raise OptionError("--class-target must lie in [0, 1)")
+            raise OptionError("must lie in [0, 1)", option="class_target")
         if not 0.05 <= self.min_scale <= 1.0:
-            raise OptionError("--min-scale must lie in [0.05, 1]")
+            raise OptionError("must lie in [0.05, 1]", option="min_scale")
         return self
 
 
@@ -113,7 +112,7 @@ class TrainState:
 def _resolve_arch(arch: str) -> str:
     import open_clip
 
-    from ..models.registry import _open_clip_arch
+    from ..models.registry import open_clip_arch
 
     path = Path(arch)
     if path.suffix == ".json":
@@ -121,7 +120,7 @@ def _resolve_arch(arch: str) -> str:
             raise InputError(f"{arch}: model config not found")
         open_clip.add_model_config(path)
         return path.stem
-    found = _open_clip_arch(arch)
+    found = open_clip_arch(arch)
     if found is None:
         raise OptionError(f"unknown architecture {arch!r}: use an open_clip model name or a config .json")
     return found
@@ -152,7 +151,7 @@ def warm_start(model, path: str, trust: bool = False) -> tuple[int, int]:
     own = model.state_dict()
     fits = {k: v for k, v in state.items() if k in own and tuple(v.shape) == tuple(own[k].shape)}
     if not fits:
-        raise InputError(f"{path}: no tensor of this checkpoint fits the model; check --init-from")
+        raise InputError(f"{path}: no tensor of this checkpoint fits the model; check the file", option="init_from")
     model.load_state_dict(fits, strict=False)
     return len(fits), len(own)
 
@@ -212,41 +211,18 @@ def lr_factor(step: int, warmup: int, total: int) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
-def _autocast(device, precision: str):
-    import contextlib
-
-    import torch
-
-    if device.type == "cuda" and precision in ("auto", "bf16", "fp16"):
-        dtype = torch.float16 if precision == "fp16" or (precision == "auto" and not torch.cuda.is_bf16_supported()) \
-            else torch.bfloat16
-        return lambda: torch.autocast("cuda", dtype=dtype), dtype
-    if device.type == "cpu" and precision == "bf16":
-        return lambda: torch.autocast("cpu", dtype=torch.bfloat16), torch.bfloat16
-    if precision == "fp16":
-        raise OptionError("--precision fp16 needs a CUDA device; use bf16 or fp32")
-    return contextlib.nullcontext, torch.float32
-
-
 # ---------------------------------------------------------------- validation
-
-
-def _encode_texts(model, tokenizer, texts: Sequence[str], device, batch: int = 256) -> np.ndarray:
-    out = []
-    for start in range(0, len(texts), batch):
-        tokens = tokenizer(list(texts[start:start + batch])).to(device)
-        out.append(model.encode_text(tokens, normalize=True).float().cpu().numpy())
-    return np.concatenate(out)
 
 
 def validate(model, tokenizer, data: CaptionSet, preprocess_cfg: dict, device, batch: int = 128) -> dict:
     """Retrieval R@K/mR on the set's captions, and zero-shot top-1/top-5 when it has classes
-    (template ensemble of :data:`hqrs_geo.search.queries.RS_TEMPLATES`)."""
+    (template ensemble of :data:`hqrs_geo.models.templates.ZERO_SHOT_TEMPLATES`)."""
     import torch
 
     from ..evaluation import retrieval_metrics, zeroshot_metrics
+    from ..models.encode import text_features
     from ..models.preprocess import BatchPreprocess
-    from ..search.queries import RS_TEMPLATES
+    from ..models.templates import ZERO_SHOT_TEMPLATES, class_prompt_name
 
     was_training = model.training
     model.eval()
@@ -259,14 +235,15 @@ def validate(model, tokenizer, data: CaptionSet, preprocess_cfg: dict, device, b
         texts = [c for r in data.records for c in r.captions]
         if texts:
             owners = [i for i, r in enumerate(data.records) for _ in r.captions]
-            metrics.update(retrieval_metrics(images, _encode_texts(model, tokenizer, texts, device), owners))
+            metrics.update(retrieval_metrics(images, text_features(model, tokenizer, texts, device), owners))
             if hasattr(model, "text_decoder"):
                 metrics["caption_loss"] = caption_loss(model, tokenizer, data, owners, texts, prep, device, batch)
         classes = data.classes
         labelled = [i for i, r in enumerate(data.records) if r.label]
         if len(classes) >= 2 and labelled:
-            prompts = [t.format(c.replace("_", " ")) for c in classes for t in RS_TEMPLATES]
-            emb = _encode_texts(model, tokenizer, prompts, device).reshape(len(classes), len(RS_TEMPLATES), -1).mean(1)
+            prompts = [t.format(class_prompt_name(c)) for c in classes for t in ZERO_SHOT_TEMPLATES]
+            emb = text_features(model, tokenizer, prompts, device).reshape(
+                len(classes), len(ZERO_SHOT_TEMPLATES), -1).mean(1)
             emb /= np.linalg.norm(emb, axis=1, keepdims=True)
             labels = [classes.index(data.records[i].label) for i in labelled]
             metrics.update({f"zs_{k}": v for k, v in zeroshot_metrics(images[labelled], emb, labels).items()})
@@ -319,9 +296,8 @@ def latest_checkpoint(output: Path) -> Optional[Path]:
 def _atomic_torch_save(payload, path: Path) -> None:
     import torch
 
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(payload, tmp)
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
 
 
 def save_weights(model, path: Path, dtype: str = "fp32") -> None:
@@ -335,12 +311,11 @@ def save_weights(model, path: Path, dtype: str = "fp32") -> None:
         if dtype == "fp16" and value.is_floating_point():
             value = value.to(torch.float16)
         state[key] = value.contiguous().clone()
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(state, str(tmp))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # safetensors creates 0600 files
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        save_file(state, str(tmp))
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # safetensors (and mkstemp) create 0600 files
 
 
 def save_checkpoint(output: Path, model, optimizer, scaler, state: TrainState, config: FinetuneConfig,
@@ -366,7 +341,7 @@ def _restore(path: Path, model, optimizer, scaler, config: FinetuneConfig) -> Tr
     for key in ("arch", "model", "batch_size", "accum_steps", "seed", "dataset"):
         if saved.get(key) != (list(v) if isinstance(v := getattr(config, key), tuple) else v):
             raise OptionError(f"{path}: checkpoint was trained with {key}={saved.get(key)!r}, not "
-                              f"{getattr(config, key)!r}; use the same options to resume, or a new --output")
+                              f"{getattr(config, key)!r}; use the same options to resume, or a new «output»")
     model.load_state_dict(payload["model"])
     optimizer.load_state_dict(payload["optimizer"])
     if scaler is not None and payload.get("scaler"):
@@ -419,15 +394,15 @@ def finetune(config: FinetuneConfig, resume: bool = False, progress=None,
     import torch
 
     from ..models.device import pick_device
-    from ..models.loader import _preprocess_cfg
+    from ..models.preprocess import preprocess_config
 
     config.validated()
     output = Path(config.output)
     if output.exists() and not output.is_dir():
-        raise OptionError(f"{output}: --output must be a folder")
+        raise OptionError(f"{output}: must be a folder", option="output")
     if not resume and latest_checkpoint(output) is not None:
-        raise OptionError(f"{output}: holds checkpoints of an earlier run; pass --resume to continue it "
-                          "or choose another --output")
+        raise OptionError(f"{output}: holds checkpoints of an earlier run; «resume» it or choose another output folder",
+                          option="output")
     output.mkdir(parents=True, exist_ok=True)
     from .data import read_records
 
@@ -435,7 +410,7 @@ def finetune(config: FinetuneConfig, resume: bool = False, progress=None,
     torch.manual_seed(config.seed)
     device = pick_device(config.device)
     model, tokenizer, arch, kind, source = build_model(config, device)
-    preprocess_cfg = _preprocess_cfg(model)
+    preprocess_cfg = preprocess_config(model)
     size = preprocess_cfg["size"][0]
     load_size = int(round(size * config.load_scale))
 
@@ -445,8 +420,8 @@ def finetune(config: FinetuneConfig, resume: bool = False, progress=None,
     if config.val_split and Path(config.dataset).suffix.lower() == ".json":
         val = load_caption_set(config.dataset, [config.val_split], load_size, progress)
     if len(train) < config.batch_size:
-        raise OptionError(f"{config.dataset}: {len(train)} training images, fewer than --batch-size "
-                          f"{config.batch_size}; lower --batch-size")
+        raise OptionError(f"{config.dataset}: {len(train)} training images, fewer than the batch size "
+                          f"{config.batch_size}; lower it", option="batch_size")
     sampler = CaptionSampler(train, config.class_prompt_prob)
     class_ids = {name: k for k, name in enumerate(train.classes)}
     micro_per_epoch = len(train) // config.batch_size
@@ -454,8 +429,8 @@ def finetune(config: FinetuneConfig, resume: bool = False, progress=None,
     total_steps = config.max_steps or steps_per_epoch * config.epochs
 
     optimizer = torch.optim.AdamW(_param_groups(model, config.weight_decay), lr=config.lr, betas=(0.9, 0.98), eps=1e-6)
-    autocast, amp_dtype = _autocast(device, config.precision)
-    scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
+    amp_dtype = autocast_dtype(device, config.precision)
+    scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 and device.type == "cuda" else None
     state = TrainState()
     found = latest_checkpoint(output) if resume else None
     if found is not None:
@@ -510,12 +485,12 @@ def finetune(config: FinetuneConfig, resume: bool = False, progress=None,
                 images = normalise(images, mean, std)
                 if channels_last:
                     images = images.contiguous(memory_format=torch.channels_last)
-                with autocast():
+                with autocast(device, amp_dtype):
                     loss, parts = loss_fn(model(images, texts), labels)
                     loss = loss / config.accum_steps
                 if not torch.isfinite(loss):
-                    raise OptionError(f"loss became {float(loss)} at step {state.step}; lower --lr or use "
-                                      "--precision fp32")
+                    raise OptionError(f"loss became {float(loss)} at step {state.step}; lower «lr» or use «precision» fp32",
+                                      option="lr")
                 (scaler.scale(loss) if scaler is not None else loss).backward()
             if scaler is not None:
                 scaler.step(optimizer)
@@ -539,7 +514,7 @@ def finetune(config: FinetuneConfig, resume: bool = False, progress=None,
     except KeyboardInterrupt:
         if state.step > 0:
             save_checkpoint(output, model, optimizer, scaler, state, config, config.keep_checkpoints)
-        raise Cancelled(f"training cancelled at step {state.step}; checkpoint written, re-run with --resume "
+        raise Cancelled(f"training cancelled at step {state.step}; checkpoint written, re-run with «resume» "
                         "to continue") from None
     save_checkpoint(output, model, optimizer, scaler, state, config, config.keep_checkpoints)
     save_weights(model, output / "model.safetensors", config.save_dtype)
@@ -549,7 +524,7 @@ def finetune(config: FinetuneConfig, resume: bool = False, progress=None,
 
     record = {
         "arch": arch, "kind": kind, "source": source, "config": asdict(config), "device": str(device),
-        "precision": str(amp_dtype).replace("torch.", ""), "steps": state.step, "steps_per_epoch": steps_per_epoch,
+        "precision": precision_name(amp_dtype), "steps": state.step, "steps_per_epoch": steps_per_epoch,
         "train": describe_set(train), "val": describe_set(val) if val is not None else None,
         "final": state.history[-1]["val"] if val is not None and state.history and "val" in state.history[-1] else None,
         "best": {"step": state.best_step, "score": state.best_score} if val is not None else None,

@@ -75,7 +75,7 @@ from typing import Optional, Sequence, Union
 import numpy as np
 
 from ..errors import InputError, OptionError
-from ..layers import atomic_path
+from ..atomic import atomic_path
 
 PathLike = Union[str, os.PathLike]
 
@@ -114,7 +114,7 @@ def _faiss():
     except ImportError:
         raise OptionError(
             f"approximate search needs FAISS, which is not installed: run '{FAISS_HINT}' "
-            "(or pip install 'hqrs_geo[ann]'), or search without --ann"
+            "(or pip install 'hqrs_geo[ann]'), or search exactly (without «ann»)"
         ) from None
     return faiss
 
@@ -251,7 +251,7 @@ class VectorIndex:
         layer = Path(layer)
         fingerprint = _layer_fingerprint(layer, key)
         if fingerprint is None and frame is None:
-            raise InputError(f"{layer}: file not found; make a tile layer with 'hqrs-geo tile'")
+            raise InputError(f"{layer}: file not found; tile a raster into a layer first")
         base = Path(f"{layer}.emb_{_safe(key)}")
         paths = cls._cache_paths(base)
         if fingerprint is not None:
@@ -259,14 +259,14 @@ class VectorIndex:
             if index is not None:
                 return index
         if frame is None:
-            from ..layers import read_tiles
+            from ..layer.io import read_tiles
 
             frame = read_tiles(layer)
         matrix, ids, dtype = cls._decode(frame, key, layer)
         max_norm = _max_norm(matrix)
         if not math.isfinite(max_norm):
             raise InputError(f"{layer}: embeddings of {key} contain NaN or infinite values; "
-                             f"compute them again with 'hqrs-geo embed'")
+                             f"embed the layer again")
         if fingerprint is not None:
             meta = {"version": CACHE_VERSION, "fingerprint": fingerprint, "n": int(len(matrix)),
                     "dim": int(matrix.shape[1]), "dtype": dtype.name, "max_norm": max_norm}
@@ -308,13 +308,13 @@ class VectorIndex:
 
     @staticmethod
     def _decode(frame, key: str, layer: Path) -> tuple[np.ndarray, np.ndarray, np.dtype]:
-        from ..embeddings import column, read_embeddings
+        from ..layer.columns import embedding_column, read_embeddings
 
         try:
             present, matrix = read_embeddings(frame, key)
         except InputError as exc:
             raise InputError(f"{layer}: {exc}") from None
-        values = frame[column(key)]
+        values = frame[embedding_column(key)]
         dtype = _stored_dtype(values[present].tolist()[:1], matrix.shape[1])
         ids = np.asarray(frame["tile_id"].to_numpy()[present]).astype(str)
         return matrix, ids, dtype

@@ -23,10 +23,12 @@ from typing import Optional, Sequence, Union
 
 from PIL import Image
 
+from ..errors import OptionError, OutputError
+from ..layer.io import FORMATS, read_tiles, write_tiles
+from ..layer.runs import new_run, read_runs
+from .config import TileConfig
 from .dataset import TileDataset
-from .errors import OptionError, OutputError
-from .layers import FORMATS, new_run, read_runs, read_tiles, write_tiles
-from .tiling import TileConfig, records_to_frame, output_crs
+from .plan import output_crs, records_to_frame
 
 IMAGE_FORMATS = {"png": "PNG", "jpg": "JPEG", "jpeg": "JPEG"}
 

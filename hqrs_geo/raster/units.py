@@ -6,7 +6,7 @@ import re
 from dataclasses import dataclass
 from typing import Literal, Union
 
-from .errors import OptionError
+from ..errors import OptionError
 
 Unit = Literal["px", "m", "%"]
 

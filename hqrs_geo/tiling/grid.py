@@ -12,9 +12,9 @@ from typing import Iterator, Optional
 
 from rasterio.windows import Window
 
-from .errors import InputError, OptionError
-from .scene import SceneInfo
-from .units import Length, parse_length
+from ..errors import InputError, OptionError
+from ..raster.scene import SceneInfo
+from ..raster.units import Length, parse_length
 
 EDGE_POLICIES = ("shift", "pad", "drop")
 DEFAULT_EDGE = "shift"
@@ -82,9 +82,10 @@ def plan_grid(
 ) -> SceneGrid:
     """Compute the tile grid of a scene; raises a one-line error when the tile cannot fit."""
     if gsd is not None and info.pixel_size_m is None:
-        raise InputError(f"{info.path}: has no CRS, so a target --gsd cannot be applied; drop --gsd")
+        raise InputError(f"{info.path}: has no CRS, so a target ground resolution cannot be applied; leave it out",
+                         option="gsd")
     if gsd is not None and gsd <= 0:
-        raise OptionError(f"invalid --gsd {gsd}: must be a positive ground resolution in metres")
+        raise OptionError(f"invalid ground resolution {gsd}: must be a positive number of metres", option="gsd")
     res_m = info.pixel_size_m or (None, None)
     scale = [1.0, 1.0] if gsd is None else [gsd / res_m[0], gsd / res_m[1]]
     window, out, stride = [], [], []
@@ -104,7 +105,7 @@ def plan_grid(
     if (window[0] > info.width or window[1] > info.height) and edge != "pad":
         raise InputError(
             f"{info.path}: tile of {window[0]}x{window[1]} px is larger than the raster "
-            f"({info.width}x{info.height} px); use a smaller --tile-size or --edge pad"
+            f"({info.width}x{info.height} px); use a smaller tile size, or pad the edges («edge» pad)"
         )
     cols = axis_offsets(info.width, window[0], stride[0], edge)
     rows = axis_offsets(info.height, window[1], stride[1], edge)

@@ -1,76 +1,28 @@
 """Opening rasters and describing them: the facts tiling needs about one scene.
 
-All rasterio/GDAL failures on opening are turned into one-line :class:`InputError` messages.
+All rasterio/GDAL failures on opening (:func:`open_raster`) and on reading pixels
+(:func:`read_pixels`) are turned into one-line :class:`~hqrs_geo.errors.InputError` messages.
 """
 from __future__ import annotations
 
-import glob
-import hashlib
 import os
 import warnings
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Iterator, Optional, Sequence
+from typing import Optional, TypeVar
 
 import rasterio
-from rasterio.enums import ColorInterp, MaskFlags
+from rasterio.enums import ColorInterp
 from rasterio.errors import NotGeoreferencedWarning, RasterioError
 
-from .errors import InputError
+from ..errors import InputError
+from .sources import is_gdal_virtual
+
+T = TypeVar("T")
 
 GDAL_CACHE_MB = 256  # GDAL's default (5 % of RAM) would let the block cache grow with the scene
 
-RASTER_SUFFIXES = (".tif", ".tiff", ".vrt", ".img", ".jp2", ".png", ".jpg", ".jpeg")
-_GLOB_CHARS = set("*?[")
-
-
-def is_gdal_virtual(path: str) -> bool:
-    """True for GDAL virtual file system paths (``/vsicurl/…``, ``/vsizip/…``)."""
-    return str(path).startswith("/vsi")
-
-
-def expand_inputs(inputs: Sequence[str | os.PathLike]) -> list[str]:
-    """Expand paths, globs and folders into an ordered, de-duplicated list of raster paths."""
-    found: list[str] = []
-    for item in inputs:
-        text = str(item)
-        if is_gdal_virtual(text):
-            found.append(text)
-        elif _GLOB_CHARS & set(text):
-            matches = sorted(m for m in glob.glob(text, recursive=True) if os.path.isfile(m))
-            if not matches:
-                raise InputError(f"no files match {text!r}: check the pattern (quote it in the shell)")
-            found.extend(os.path.abspath(m) for m in matches)
-        elif os.path.isdir(text):
-            matches = sorted(
-                str(p) for p in Path(text).rglob("*")
-                if p.is_file() and p.suffix.lower() in RASTER_SUFFIXES
-            )
-            if not matches:
-                raise InputError(
-                    f"no rasters in folder {text}: expected files ending in {', '.join(RASTER_SUFFIXES)}"
-                )
-            found.extend(os.path.abspath(m) for m in matches)
-        elif not os.path.exists(text):
-            raise InputError(f"{text}: file not found; check the path")
-        else:
-            found.append(os.path.abspath(text))
-    if not found:
-        raise InputError("no input rasters given")
-    return list(dict.fromkeys(found))
-
-
-def scene_keys(paths: Sequence[str]) -> dict[str, str]:
-    """Short, stable, unique names for scenes (file stems; a path hash is added on clashes)."""
-    stems = {p: Path(p).stem.replace(" ", "_") for p in paths}
-    counts: dict[str, int] = {}
-    for stem in stems.values():
-        counts[stem] = counts.get(stem, 0) + 1
-    return {
-        p: stem if counts[stem] == 1 else f"{stem}-{hashlib.sha1(p.encode()).hexdigest()[:6]}"
-        for p, stem in stems.items()
-    }
 
 
 def limit_gdal_cache() -> None:
@@ -103,6 +55,17 @@ def open_raster(path: str) -> Iterator[rasterio.DatasetReader]:
         yield src
 
 
+def read_pixels(path: str, read: Callable[[], T]) -> T:
+    """Run ``read()`` (a pixel read of the raster ``path``), turning GDAL errors (corrupt
+    blocks, truncated files) into one line."""
+    try:
+        return read()
+    except RasterioError as exc:
+        cause = exc.__cause__ if exc.__cause__ is not None and str(exc.__cause__) else exc
+        reason = str(cause).splitlines()[0] if str(cause) else type(cause).__name__
+        raise InputError(f"{path}: cannot read pixels ({reason}); the file may be corrupt or truncated") from None
+
+
 @dataclass(frozen=True)
 class SceneInfo:
     """What hqrs_geo knows about one raster; built once per scene by :func:`describe`."""
@@ -127,11 +90,6 @@ class SceneInfo:
     has_palette: bool
     bounds: tuple[float, float, float, float]
     tags: dict = field(default_factory=dict)
-
-    @property
-    def is_georeferenced(self) -> bool:
-        """True when the raster has a CRS (pixel footprints can be placed on the earth)."""
-        return self.crs is not None
 
     @property
     def all_valid(self) -> bool:
@@ -222,12 +180,11 @@ def choose_bands(info: SceneInfo, requested: Optional[Sequence[int]] = None) -> 
     if requested:
         bands = [int(b) for b in requested]
         if len(bands) not in (1, 3):
-            raise InputError(f"--bands takes one or three band numbers, got {len(bands)}")
+            raise InputError(f"give one or three band numbers, not {len(bands)}", option="bands")
         bad = [b for b in bands if not 1 <= b <= info.count]
         if bad:
-            raise InputError(
-                f"{info.path}: has {info.count} band(s); band {bad[0]} does not exist (use 1..{info.count})"
-            )
+            raise InputError(f"{info.path}: has {info.count} band(s); band {bad[0]} does not exist "
+                             f"(use 1..{info.count})", option="bands")
         return BandChoice(tuple(bands * 3) if len(bands) == 1 else tuple(bands))  # type: ignore[arg-type]
     interp = [c.lower() for c in info.colorinterp]
     if all(c in interp for c in ("red", "green", "blue")):
@@ -241,10 +198,4 @@ def choose_bands(info: SceneInfo, requested: Optional[Sequence[int]] = None) -> 
         return BandChoice((usable[0],) * 3)  # type: ignore[arg-type]
     raise InputError(
         f"{info.path}: cannot choose RGB from {info.count} band(s) ({', '.join(info.colorinterp)}); "
-        "pass --bands R,G,B or a single --bands N"
-    )
-
-
-def mask_is_trivial(info: SceneInfo, bands: Sequence[int]) -> bool:
-    """True when no selected band has a nodata value, alpha band or mask."""
-    return all(info.mask_flags[b - 1] == (MaskFlags.all_valid.name,) for b in set(bands))
+        "choose the bands (R,G,B or a single band)", option="bands")

@@ -15,7 +15,7 @@ import rasterio
 from rasterio.enums import Resampling
 from rasterio.windows import Window
 
-from .errors import OptionError
+from ..errors import OptionError
 
 SAMPLE_PIXELS = 1 << 20  # about one megapixel per band is plenty for 2nd/98th percentiles
 
@@ -49,10 +49,10 @@ class StretchSpec:
             low, high = (float(p) for p in parts)
         except ValueError:
             raise OptionError(
-                f"invalid --stretch {text!r}: use auto, none, p2,98 (percentiles) or 0,3000 (value range)"
+                f"invalid stretch {text!r}: use auto, none, p2,98 (percentiles) or 0,3000 (value range)", option="stretch"
             ) from None
         if not high > low or (mode == "percentile" and not (0 <= low < high <= 100)):
-            raise OptionError(f"invalid --stretch {text!r}: need low < high (percentiles within 0..100)")
+            raise OptionError(f"invalid stretch {text!r}: need low < high (percentiles within 0..100)", option="stretch")
         return cls(mode=mode, low=low, high=high)
 
     def __str__(self) -> str:

@@ -9,12 +9,19 @@ with ``torch.utils.data.DataLoader`` (any number of worker processes; order pres
 from __future__ import annotations
 
 import os
-from typing import Optional, Sequence, Union
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, Optional, Union
 
 import numpy as np
 
-from .errors import InputError
-from .tiling import SceneReading, TileConfig, TileReader, TileRecord, plan_tiles, prepare_scenes
+from ..errors import InputError
+from .config import TileConfig
+from .plan import plan_tiles, prepare_scenes
+from .reader import TileReader
+from .records import TileRecord
+
+if TYPE_CHECKING:
+    from ..layer.io import TileLayer
 
 
 class TileDataset:
@@ -46,18 +53,20 @@ class TileDataset:
         return cls(records, reader)
 
     @classmethod
-    def from_layer(cls, path: Union[str, os.PathLike]) -> "TileDataset":
-        """Serve the pixels of the tiles of an existing tile layer (as the layer's runs read them)."""
-        from .layers import read_runs, read_tiles
+    def from_layer(cls, layer: Union[str, os.PathLike, "TileLayer"]) -> "TileDataset":
+        """Serve the pixels of the tiles of a tile layer (a path, or a :class:`TileLayer` already
+        read), as the layer's run records say each scene is read."""
+        from ..layer.io import TileLayer, open_layer
 
-        frame = read_tiles(path)
-        scenes: dict[str, SceneReading] = {}
-        for run in read_runs(path):
-            for d in run.get("params", {}).get("scenes", []):
-                scenes[d["source"]] = SceneReading.from_dict(d)
+        opened = layer if isinstance(layer, TileLayer) else open_layer(layer)
+        return cls.from_frame(opened.frame, opened.scenes(), where=opened.path)
+
+    @classmethod
+    def from_frame(cls, frame: Any, scenes: dict, where: str = "layer") -> "TileDataset":
+        """Serve the tiles of a tile-layer GeoDataFrame read with ``scenes`` (``{source: SceneReading}``)."""
         missing = sorted(set(frame["source"]) - set(scenes))
         if missing:
-            raise InputError(f"{path}: no tiling record for source {missing[0]}; re-create the layer with 'hqrs-geo tile'")
+            raise InputError(f"{where}: no tiling record for source {missing[0]}; tile that scene again")
         fields = TileRecord.__dataclass_fields__
         records = [
             TileRecord(**{k: v for k, v in row.items() if k in fields})

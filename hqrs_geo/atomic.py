@@ -1,0 +1,163 @@
+"""Atomic, verified file writes: the one way hqrs_geo writes an output file.
+
+Every writer (tile layers, chips, CSV indexes, datasets, score rasters, caches, checkpoints)
+writes to a temporary file in the target's folder, checks what it wrote, flushes it to disk
+and then moves it over the target with :func:`os.replace`. So a target is either the old file
+or the complete new one: never half written, never a 0-byte file announced as written. On any
+failure the temporary file is removed and an :class:`OSError` becomes a one-line
+:class:`~hqrs_geo.errors.OutputError` (full disk, read-only file system, permission denied).
+
+:func:`output_folder` does the same for folders a job creates: a folder made by a job that
+then fails is removed again when nothing was kept in it.
+"""
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Optional, Union
+
+from .errors import HqrsError, OutputError
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+_REASONS = {
+    errno.ENOSPC: "no space left on the device; free some space or choose another output",
+    errno.EDQUOT: "disk quota exceeded; free some space or choose another output",
+    errno.EROFS: "the file system is read-only; choose another output",
+    errno.EACCES: "permission denied; choose another output",
+    errno.EPERM: "permission denied; choose another output",
+    errno.ENOENT: "its folder does not exist; create it or choose another output",
+}
+
+
+def output_error(path: PathLike, exc: BaseException) -> OutputError:
+    """A one-line :class:`OutputError` for a failed write of ``path``."""
+    code = getattr(exc, "errno", None)
+    if code in _REASONS:
+        return OutputError(f"{path}: cannot write: {_REASONS[code]}")
+    text = str(exc).strip()
+    detail = getattr(exc, "strerror", None) or (text.splitlines()[0] if text else type(exc).__name__)
+    return OutputError(f"{path}: cannot write ({detail}); check free space and permissions")
+
+
+def _fsync(path: Path) -> None:
+    """Flush a written file to disk (ENOSPC on delayed allocation shows up here)."""
+    if path.is_file():
+        with open(path, "rb+") as handle:
+            os.fsync(handle.fileno())
+
+
+def check_nonempty(path: Path) -> None:
+    """The default check of a written file: it exists and is not empty."""
+    if not path.exists():
+        raise OSError(errno.EIO, "nothing was written")
+    if path.is_file() and path.stat().st_size == 0:
+        raise OSError(errno.ENOSPC, "the written file is empty")
+
+
+@contextmanager
+def atomic_path(path: PathLike, copy_existing: bool = False,
+                verify: Optional[Callable[[Path], None]] = check_nonempty) -> Iterator[Path]:
+    """Yield a temporary path beside ``path`` that replaces it when the block succeeds.
+
+    ``copy_existing``: the temporary file starts as a copy of ``path`` (for in-place updates);
+    otherwise it does not exist yet. When the block ends, ``verify(tmp)`` (default: the file is
+    not empty) must pass; the file is flushed to disk and moved over ``path``. On any failure
+    the temporary file is removed and ``path`` is left as it was; ``OSError`` is raised as a
+    one-line :class:`~hqrs_geo.errors.OutputError`.
+    """
+    target = Path(path)
+    folder = target.parent if str(target.parent) else Path(".")
+    try:
+        fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=f".tmp{target.suffix}", dir=folder)
+        os.close(fd)
+    except OSError as exc:
+        raise output_error(target, exc) from None
+    tmp = Path(name)
+    try:
+        if copy_existing and target.exists():
+            shutil.copy2(target, tmp)
+        else:
+            tmp.unlink()
+        yield tmp
+        if verify is not None:
+            verify(tmp)
+        _fsync(tmp)
+        os.replace(tmp, target)
+    except OSError as exc:
+        _remove(tmp)
+        if isinstance(exc, HqrsError):  # a user error raised inside the block, already worded
+            raise
+        raise output_error(target, exc) from None
+    except BaseException:
+        _remove(tmp)
+        raise
+
+
+def _remove(path: Path) -> None:
+    try:
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+    except OSError:
+        pass
+
+
+def write_bytes(path: PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically (see :func:`atomic_path`)."""
+    with atomic_path(path, verify=check_nonempty if data else None) as tmp:
+        tmp.write_bytes(data)
+        if tmp.stat().st_size != len(data):
+            raise OSError(errno.ENOSPC, "short write")
+
+
+def write_text(path: PathLike, text: str) -> None:
+    """Write ``text`` (UTF-8) to ``path`` atomically."""
+    write_bytes(path, text.encode("utf-8"))
+
+
+def write_json(path: PathLike, payload: Any, indent: Optional[int] = 1) -> None:
+    """Write ``payload`` as JSON (UTF-8, keys kept in order) to ``path`` atomically."""
+    write_text(path, json.dumps(payload, indent=indent, ensure_ascii=False))
+
+
+@contextmanager
+def output_folder(path: PathLike) -> Iterator[Path]:
+    """Create ``path`` (with parents) for a job's outputs; if the job fails, remove the folders
+    this call created when they hold nothing (so no empty folder is left after a failure)."""
+    folder = Path(path)
+    if folder.exists() and not folder.is_dir():
+        raise OutputError(f"{folder}: exists and is not a folder; choose a folder")
+    created = []
+    probe = folder
+    while not probe.exists():
+        created.append(probe)
+        probe = probe.parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise output_error(folder, exc) from None
+    if not os.access(folder, os.W_OK):
+        for made in created:
+            _rmdir_if_empty(made)
+        raise OutputError(f"{folder}: not writable (permission denied); choose another output")
+    try:
+        yield folder
+    except BaseException:
+        for made in created:
+            _rmdir_if_empty(made)
+        raise
+
+
+def _rmdir_if_empty(folder: Path) -> None:
+    try:
+        folder.rmdir()
+    except OSError:
+        pass

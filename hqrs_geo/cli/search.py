@@ -1,0 +1,174 @@
+"""``hqrs-geo search``, ``similar``, ``classify``, ``index`` and ``serve-search``."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from .options import add_progress_options, number, numbers
+
+
+def _add_common(parser: argparse.ArgumentParser, outputs: bool = True) -> None:
+    parser.add_argument("layer", help="tile layer with embeddings")
+    group = parser.add_argument_group("model")
+    group.add_argument("--model", default=None, help="which embeddings (model name or key) when the layer has several")
+    group.add_argument("--checkpoint", default=None, help="checkpoint of that model, if it moved since embedding")
+    group.add_argument("--trust-checkpoint", action="store_true",
+                       help="allow a checkpoint that needs pickle code execution (only from trusted sources)")
+    group.add_argument("--device", default="cpu", help="device for the text/image encoder (default cpu)")
+    group.add_argument("--ann", action="store_true", help="use the approximate index built by 'hqrs-geo index'")
+    spatial = parser.add_argument_group("spatial filters")
+    spatial.add_argument("--bbox", type=numbers(4), default=None, help="minx,miny,maxx,maxy (in --bbox-crs)")
+    spatial.add_argument("--bbox-crs", default=None, help="CRS of --bbox (default: the layer's)")
+    spatial.add_argument("--within", default=None, help="polygon layer (path or 'path|layername=NAME')")
+    spatial.add_argument("--near", type=numbers(2), default=None, help="x,y of a point (in --near-crs)")
+    spatial.add_argument("--near-crs", default="EPSG:4326", help="CRS of --near (default EPSG:4326 lon,lat)")
+    spatial.add_argument("--distance", type=number(float, 0), default=None, help="distance from --near in metres")
+    if outputs:
+        out = parser.add_argument_group("results")
+        out.add_argument("-k", type=number(int, 1), default=20, help="number of results (default 20)")
+        out.add_argument("--result-layer", nargs="?", const="", default=None,
+                         help="also write the ranked tiles as a layer (default name search_<query>)")
+        out.add_argument("--output", default=None, help="file for the result layer (default: the tile GeoPackage)")
+        out.add_argument("--score-column", default=None, help="write every tile's score as this column of the layer")
+        out.add_argument("--score-raster", default=None, help="write a GeoTIFF of scores at tile resolution")
+        out.add_argument("--json", action="store_true", help="print results as JSON")
+    add_progress_options(parser)
+
+
+def register(sub: Any) -> None:
+    """Add the search commands."""
+    search = sub.add_parser("search", help="rank tiles by similarity to text")
+    _add_common(search)
+    search.add_argument("query", nargs="+", help="one or more texts (combined)")
+    search.add_argument("--no-template", action="store_true", help="use the text as is, without the model's template")
+    search.set_defaults(func=run_search, kind="text")
+
+    similar = sub.add_parser("similar", help="rank tiles by similarity to example tiles or images")
+    _add_common(similar)
+    similar.add_argument("--tile", action="append", default=[], help="positive example tile id (repeatable)")
+    similar.add_argument("--image", action="append", default=[], help="positive example image file (repeatable)")
+    similar.add_argument("--negative", action="append", default=[], help="negative example tile id (repeatable)")
+    similar.add_argument("--negative-image", action="append", default=[], help="negative example image (repeatable)")
+    similar.add_argument("--negative-weight", type=number(float, 0, 10), default=0.5,
+                         help="weight of the negatives' mean (0.5)")
+    similar.add_argument("--include-examples", action="store_true", help="keep the example tiles in the results")
+    similar.set_defaults(func=run_search, kind="similar")
+
+    classify = sub.add_parser("classify", help="zero-shot classes for every tile (label, label_score, label_top)")
+    _add_common(classify, outputs=False)
+    classify.add_argument("--labels", default=None, help="comma-separated class names")
+    classify.add_argument("--labels-file", default=None, help="text file with one class name per line")
+    classify.add_argument("--templates-file", default=None, help="prompt templates with {} (one per line)")
+    classify.add_argument("--top-k", type=number(int, 1), default=3, help="classes kept in label_top (default 3)")
+    classify.set_defaults(func=run_classify)
+
+    index = sub.add_parser("index", help="build the approximate nearest-neighbour index of a layer (FAISS)")
+    index.add_argument("layer")
+    index.add_argument("--model", default=None, help="which embeddings when the layer has several")
+    index.add_argument("--kind", choices=("hnsw", "ivf"), default="hnsw")
+    add_progress_options(index)
+    index.set_defaults(func=run_index)
+
+    serve = sub.add_parser("serve-search", help="answer JSON-lines search requests on stdin/stdout")
+    _add_common(serve, outputs=False)
+    serve.set_defaults(func=run_serve)
+
+
+def _session(args: argparse.Namespace) -> Any:
+    from ..search.session import SearchSession
+
+    return SearchSession(args.layer, model=args.model, checkpoint=args.checkpoint, device=args.device,
+                         use_ann=args.ann, trust_checkpoint=args.trust_checkpoint)
+
+
+def _spatial(args: argparse.Namespace) -> Any:
+    from ..search.spatial import SpatialFilter
+
+    return SpatialFilter(bbox=args.bbox, bbox_crs=args.bbox_crs, within=args.within, near=args.near,
+                         near_crs=args.near_crs, distance=args.distance)
+
+
+def run_search(args: argparse.Namespace, progress: Any) -> int:
+    """``hqrs-geo search`` and ``hqrs-geo similar``: ranked tiles, optionally written out."""
+    from ..search.output import result_layer_name, write_result_layer, write_score_column, write_score_raster
+
+    session = _session(args)
+    spatial = _spatial(args)
+    if args.kind == "text":
+        query = session.text_query(args.query, template=not args.no_template)
+        label = " ".join(args.query)
+        exclude: tuple = ()
+    else:
+        query = session.similar_query(args.tile, args.negative, args.image, args.negative_image, args.negative_weight)
+        exclude = () if args.include_examples else tuple(args.tile) + tuple(args.negative)
+        label = "similar " + " ".join(args.tile + [Path(p).stem for p in args.image])
+    results = session.vector_search(query, args.k, spatial, exclude)
+    params = {"query": label, "kind": args.kind, "model": session.source.model, "k": args.k,
+              "filters": {k: v for k, v in vars(spatial).items() if v is not None}}
+    written = []
+    if args.result_layer is not None:
+        name = args.result_layer or result_layer_name(label)
+        written.append(write_result_layer(args.layer, results, name, params, args.output))
+    if args.score_column or args.score_raster:
+        scores = session.score_all(query, spatial, exclude)
+        if args.score_column:
+            write_score_column(args.layer, scores, args.score_column, params)
+            written.append(f"{args.layer} (column {args.score_column})")
+        if args.score_raster:
+            written.extend(write_score_raster(args.layer, scores, args.score_raster))
+    if args.json:
+        print(json.dumps([{"rank": int(r.rank), "tile_id": r.tile_id, "score": float(r.score)}
+                          for r in results.itertuples()]))
+    elif not args.quiet:
+        has_caption = "caption" in results.columns
+        print(f"{'rank':>4}  {'score':>7}  tile_id" + ("  caption" if has_caption else ""))
+        for r in results.itertuples():
+            caption = f"  {r.caption}" if has_caption and isinstance(r.caption, str) else ""
+            print(f"{r.rank:>4}  {r.score:7.4f}  {r.tile_id}{caption}")
+    if not args.quiet and not args.json:
+        for item in written:
+            print(f"written: {item}", file=sys.stderr)
+    return 0
+
+
+def run_classify(args: argparse.Namespace, progress: Any) -> int:
+    """``hqrs-geo classify``: zero-shot labels written to the tile layer."""
+    from ..search.labels import read_lines
+
+    labels = args.labels.split(",") if args.labels else []
+    if args.labels_file:
+        labels += read_lines(args.labels_file, "labels file")
+    templates = read_lines(args.templates_file, "templates file") if args.templates_file else None
+    session = _session(args)
+    frame = session.classify(labels, templates, args.top_k, write=True)
+    if not args.quiet:
+        for label, count in frame["label"].value_counts().items():
+            print(f"{count:6d}  {label}")
+        print(f"labels written to {args.layer} (columns label, label_score, label_top)", file=sys.stderr)
+    return 0
+
+
+def run_index(args: argparse.Namespace, progress: Any) -> int:
+    """``hqrs-geo index``: build and store the ANN index, report its recall@10."""
+    from ..layer.columns import embedding_keys
+    from ..layer.io import open_layer
+    from ..search.index import VectorIndex
+
+    opened = open_layer(args.layer)
+    source = opened.runs.embedding_source(embedding_keys(opened.frame), args.model)
+    report = VectorIndex.open(args.layer, source.key, frame=opened.frame).build_ann(kind=args.kind)
+    print(json.dumps(report))
+    return 0
+
+
+def run_serve(args: argparse.Namespace, progress: Any) -> int:
+    """``hqrs-geo serve-search``: JSON-lines request/response loop."""
+    from ..search.serve import serve
+
+    session = _session(args)
+    _ = session.model  # load the model before announcing readiness
+    serve(session)
+    return 0

@@ -1,0 +1,50 @@
+"""``hqrs-geo tile`` (rasters to a tile layer) and ``hqrs-geo export-chips`` (tiles as images)."""
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from .options import add_progress_options, add_tiling_options, finish, number, tile_config
+
+
+def register(sub: Any) -> None:
+    """Add the ``tile`` and ``export-chips`` commands."""
+    tile = sub.add_parser("tile", help="cut rasters into a tile layer (GeoPackage, GeoParquet or FlatGeobuf)")
+    tile.add_argument("rasters", nargs="+", help="rasters, globs (quoted) or folders")
+    tile.add_argument("-o", "--output", required=True, help="tile layer: .gpkg (default format), .parquet or .fgb")
+    add_tiling_options(tile)
+    add_progress_options(tile)
+    tile.set_defaults(func=run_tile)
+
+    chips = sub.add_parser("export-chips", help="write tiles as PNG/JPEG files with a CSV and GeoPackage index")
+    chips.add_argument("inputs", nargs="+", help="rasters (tiled with the options below) or one tile layer")
+    chips.add_argument("-o", "--output", required=True, help="output folder")
+    chips.add_argument("--format", choices=("png", "jpg"), default="png", help="image format (default png)")
+    chips.add_argument("--quality", type=number(int, 1, 100), default=95, help="JPEG quality 1-100 (default 95)")
+    add_tiling_options(chips)
+    add_progress_options(chips)
+    chips.set_defaults(func=run_export_chips)
+
+
+def run_tile(args: argparse.Namespace, progress: Any) -> int:
+    """``hqrs-geo tile``: rasters to a tile layer."""
+    from ..tiling.plan import tile_to_layer
+
+    config = tile_config(args)
+    report = tile_to_layer(args.rasters, args.output, config, progress=progress)
+    new, held = len(report.tiles), len(report.layer)
+    summary = (f"{new} tile(s) from {len(report.scenes)} scene(s) written to {args.output} "
+               f"({report.examined - new} skipped below valid fraction {config.min_valid}; layer holds {held})")
+    if new == 0:
+        summary = (f"no tile reached valid fraction {config.min_valid} (scene without valid pixels?); "
+                   f"{args.output} holds an empty tile layer")
+    return finish(args, progress, summary, tiles=new, output=str(args.output))
+
+
+def run_export_chips(args: argparse.Namespace, progress: Any) -> int:
+    """``hqrs-geo export-chips``: tiles as image files plus an index."""
+    from ..tiling.chips import export_chips
+
+    frame = export_chips(args.inputs, args.output, tile_config(args), args.format, args.quality, progress=progress)
+    summary = f"{len(frame)} chip(s) in {args.output} (index.csv, index.gpkg)"
+    return finish(args, progress, summary, tiles=len(frame), output=str(args.output))

@@ -1,0 +1,125 @@
+"""The resume store: finished results of a long job, kept in SQLite beside its output.
+
+A job that runs models over many tiles commits what it finishes here as it goes (WAL journal,
+one transaction per batch or answer), so a killed or cancelled job loses at most the work in
+flight, and running the same command again skips what is stored. Two kinds of records:
+
+* model results (table ``results``): ``(tile_id, field) -> value`` for the model engine
+  (``<layer>.hqrs-partial.sqlite``; the file is removed once the results are in the layer);
+* model calls (table ``calls``): ``key -> text`` with provenance (tile, stage, source, prompt,
+  back end) for the MpGI pipeline (``<output>.hqrs-mpgi.sqlite``, kept as a call cache).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import sqlite3
+import time
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Optional, Union
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS results (tile_id TEXT, field TEXT, value, PRIMARY KEY (tile_id, field));
+CREATE TABLE IF NOT EXISTS calls (
+    key TEXT PRIMARY KEY,
+    tile_id TEXT NOT NULL,
+    stage TEXT NOT NULL,
+    source TEXT NOT NULL,
+    prompt TEXT NOT NULL,
+    backend TEXT NOT NULL,
+    text TEXT NOT NULL,
+    created REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS calls_tile ON calls (tile_id);
+"""
+
+
+def partial_path(layer: Union[str, Path]) -> Path:
+    """``<layer>.hqrs-partial.sqlite``: the model engine's store beside a layer."""
+    return Path(f"{layer}.hqrs-partial.sqlite")
+
+
+def call_cache_path(output: Union[str, Path]) -> Path:
+    """``<output>.hqrs-mpgi.sqlite``: the MpGI call cache beside the output layer."""
+    return Path(f"{output}.hqrs-mpgi.sqlite")
+
+
+def call_key(tile_id: str, stage: str, source: str, prompt: str, backend: str, extra: str = "") -> str:
+    """The key of one model call (``extra``: a digest of other inputs, e.g. the image)."""
+    blob = json.dumps([tile_id, stage, source, prompt, backend, extra], ensure_ascii=False)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+class ResumeStore:
+    """A SQLite file of finished results; opened lazily, committed per :meth:`put` / :meth:`put_call`."""
+
+    def __init__(self, path: Union[str, Path]):
+        self.path = Path(path)
+        self._db: Optional[sqlite3.Connection] = None
+        self.hits = 0  # calls answered by get_call
+        self.misses = 0
+
+    def _conn(self) -> sqlite3.Connection:
+        if self._db is None:
+            self._db = sqlite3.connect(self.path, check_same_thread=False)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.executescript(SCHEMA)
+            self._db.commit()
+        return self._db
+
+    # -- model results -------------------------------------------------------------------------
+    def done(self, fields: Sequence[str]) -> dict[str, set[str]]:
+        """Tile ids with a stored value, per field."""
+        out: dict[str, set[str]] = {f: set() for f in fields}
+        if not self.path.exists():
+            return out
+        for tile_id, field in self._conn().execute("SELECT tile_id, field FROM results"):
+            if field in out:
+                out[field].add(tile_id)
+        return out
+
+    def put(self, rows: Iterable[tuple[str, str, object]]) -> None:
+        """Store ``(tile_id, field, value)`` rows in one transaction."""
+        with self._conn() as db:
+            db.executemany("INSERT OR REPLACE INTO results VALUES (?, ?, ?)", list(rows))
+
+    def load(self, field: str) -> dict[str, object]:
+        """All stored values of one field."""
+        if not self.path.exists():
+            return {}
+        return dict(self._conn().execute("SELECT tile_id, value FROM results WHERE field = ?", (field,)))
+
+    # -- model calls ---------------------------------------------------------------------------
+    def get_call(self, key: str) -> Optional[str]:
+        """The stored answer of call ``key``, or None (counts hits and misses)."""
+        row = self._conn().execute("SELECT text FROM calls WHERE key = ?", (key,)).fetchone()
+        if row is None:
+            self.misses += 1
+            return None
+        self.hits += 1
+        return str(row[0])
+
+    def put_call(self, key: str, tile_id: str, stage: str, source: str, prompt: str, backend: str,
+                 text: str) -> None:
+        """Store one answer with its provenance and commit it."""
+        with self._conn() as db:
+            db.execute("INSERT OR REPLACE INTO calls VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                       (key, tile_id, stage, source, prompt, backend, text, time.time()))
+
+    def count_calls(self) -> int:
+        """Number of stored answers."""
+        return int(self._conn().execute("SELECT COUNT(*) FROM calls").fetchone()[0])
+
+    # -- the file ------------------------------------------------------------------------------
+    def close(self) -> None:
+        """Close the connection (keeps the file)."""
+        if self._db is not None:
+            self._db.close()
+            self._db = None
+
+    def remove(self) -> None:
+        """Delete the file (and its journal) once its results are in the output."""
+        self.close()
+        for suffix in ("", "-wal", "-shm"):
+            Path(f"{self.path}{suffix}").unlink(missing_ok=True)

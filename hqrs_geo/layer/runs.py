@@ -1,0 +1,176 @@
+"""Run records: how a tile layer was made, written with the layer and read back in one place.
+
+Every job that writes a layer appends one record ``{"run_id", "created", "command",
+"version", "layer", "params"}``. They are stored
+
+* GeoPackage: attribute table ``hqrs_runs`` (``params`` as JSON text; visible in QGIS);
+* GeoParquet: the ``hqrs_geo`` key of the file's schema metadata (JSON list);
+* FlatGeobuf: a sidecar ``<file>.hqrs.json``.
+
+:func:`read_runs` is the only reader. It returns :class:`LayerRuns`, a list of the stored
+records (dicts, as written) with typed accessors for what later steps need: the scenes' pixel
+readings (:meth:`LayerRuns.scenes`), the model tasks that wrote each result column
+(:meth:`LayerRuns.task_for`, :meth:`LayerRuns.weights_of`) and which model made an embedding
+column (:meth:`LayerRuns.embedding_source`).
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Optional, Union
+
+from .._version import __version__
+from ..errors import InputError, OptionError
+from .columns import EMBEDDING_PREFIX, embedding_column, key_of_column
+
+RUNS_TABLE = "hqrs_runs"
+PARQUET_KEY = b"hqrs_geo"
+RUN_FIELDS = ("run_id", "created", "command", "version", "layer", "params")
+PathLike = Union[str, "os.PathLike[str]"]
+
+
+def new_run(command: str, layer: str, params: dict) -> dict:
+    """A run record for ``params`` (JSON-serialisable) made now by this package version."""
+    return {
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "command": command,
+        "version": __version__,
+        "layer": layer,
+        "params": params,
+    }
+
+
+def sidecar_path(path: PathLike) -> Path:
+    """The run-record sidecar of a FlatGeobuf layer (``<file>.hqrs.json``)."""
+    return Path(f"{path}.hqrs.json")
+
+
+@dataclass(frozen=True)
+class EmbeddingSource:
+    """Which model made embedding column ``emb_<key>`` of a layer, as its run record says."""
+
+    key: str
+    model: str
+    arch: str
+    checkpoint: Optional[str]
+    sha256: Optional[str]
+    template: str
+
+    @property
+    def column(self) -> str:
+        """The embedding column (``emb_<key>``)."""
+        return embedding_column(self.key)
+
+
+class LayerRuns(list):
+    """The run records of one layer, oldest first: stored dicts plus typed accessors."""
+
+    def __init__(self, records: Any = (), path: Optional[PathLike] = None) -> None:
+        super().__init__(records)
+        self.path = str(path) if path is not None else None
+
+    def scenes(self) -> dict:
+        """``{source: SceneReading}``: how each scene's pixels are read (the latest record wins)."""
+        from ..tiling.records import SceneReading
+
+        out: dict = {}
+        for run in self:
+            for scene in (run.get("params") or {}).get("scenes", []) or []:
+                out[scene["source"]] = SceneReading.from_dict(scene)
+        return out
+
+    def tasks(self) -> list[dict]:
+        """Every model task recorded (``params.tasks``), oldest first."""
+        return [task for run in self for task in (run.get("params") or {}).get("tasks", []) or []]
+
+    def task_for(self, field: str) -> Optional[dict]:
+        """The last recorded model task that wrote column ``field`` (None when no record says)."""
+        found = None
+        for task in self.tasks():
+            if task.get("field") == field:
+                found = task
+        return found
+
+    def weights_of(self, field: str) -> Optional[str]:
+        """sha256 of the weights of the last recorded run that wrote ``field``."""
+        task = self.task_for(field)
+        return task.get("sha256") if task else None
+
+    def embedding_source(self, keys: list[str], model: Optional[str] = None) -> EmbeddingSource:
+        """The embedding set to search among ``keys`` (the layer's embedding keys): the only one,
+        or the one made by ``model`` (a registry name or key). A model that made none of the
+        layer's embeddings is refused: vectors of different models are not comparable."""
+        where = self.path or "layer"
+        if not keys:
+            raise InputError(f"{where}: has no embeddings; embed the layer first")
+        tasks = {}
+        for task in self.tasks():
+            key = key_of_column(str(task.get("field", "")))
+            if key is not None:
+                tasks[key] = task
+        if model is None:
+            if len(keys) > 1:
+                raise OptionError(f"{where}: holds embeddings of several models ({', '.join(keys)}); choose one",
+                                  option="model")
+            key = keys[0]
+        else:
+            wanted = {model, model.lower()}
+            matches = [k for k in keys if k in wanted or tasks.get(k, {}).get("name") in wanted]
+            if not matches:
+                made_by = ", ".join(tasks[k]["name"] for k in keys if k in tasks) or ", ".join(keys)
+                raise OptionError(
+                    f"{where}: has no embeddings made by {model} (it has: {made_by}); vectors of different "
+                    f"models are not comparable: search with one of those, or embed the layer with {model} first",
+                    option="model")
+            key = matches[0]
+        task = tasks.get(key)
+        if task is None:
+            raise InputError(f"{where}: no run record says which model made {EMBEDDING_PREFIX}{key}; "
+                             "embed the layer again")
+        return EmbeddingSource(key=key, model=task["name"], arch=task["arch"], checkpoint=task.get("checkpoint"),
+                               sha256=task.get("sha256"), template=task.get("template") or "{}")
+
+
+def read_runs(path: PathLike, layer_format: Optional[str] = None) -> LayerRuns:
+    """The run records of the layer file ``path``, oldest first (empty when it has none)."""
+    from .io import layer_format as format_of
+
+    driver = layer_format or format_of(path)
+    if not Path(path).exists():
+        return LayerRuns(path=path)
+    if driver == "GPKG":
+        import pyogrio
+
+        try:
+            names = [name for name, _ in pyogrio.list_layers(path)]
+            if RUNS_TABLE not in names:
+                return LayerRuns(path=path)
+            table = pyogrio.read_dataframe(path, layer=RUNS_TABLE)
+        except Exception as exc:  # pyogrio raises several types for foreign files
+            raise InputError(f"{path}: cannot read its run records ({str(exc).splitlines()[0]}); "
+                             "is it a GeoPackage made by hqrs_geo?") from None
+        runs = table.to_dict("records")
+        for run in runs:
+            run["params"] = _json(run.get("params"), path)
+        return LayerRuns(runs, path)
+    if driver == "Parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            meta = pq.read_schema(path).metadata or {}
+        except Exception as exc:  # pyarrow raises several types for foreign files
+            raise InputError(f"{path}: cannot read as GeoParquet ({str(exc).splitlines()[0]})") from None
+        return LayerRuns(_json(meta.get(PARQUET_KEY, b"[]"), path), path)
+    sidecar = sidecar_path(path)
+    return LayerRuns(_json(sidecar.read_text(), sidecar) if sidecar.exists() else [], path)
+
+
+def _json(text: Any, where: PathLike) -> Any:
+    try:
+        return json.loads(text) if text is not None else {}
+    except (TypeError, ValueError):
+        raise InputError(f"{where}: its run records are not valid JSON; the file was changed outside hqrs_geo") \
+            from None

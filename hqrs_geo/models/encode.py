@@ -1,0 +1,94 @@
+"""Image and text encoders of a loaded model, as normalised numpy vectors.
+
+Every place that turns text or images into embedding vectors outside the batched tile engine
+(search queries, zero-shot classes, evaluation, training validation) goes through here, so
+templates, preprocessing and normalisation are the same everywhere.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Optional
+
+import numpy as np
+
+from ..errors import InputError, OptionError
+from .templates import ZERO_SHOT_TEMPLATES, apply_template
+
+#: Largest image (pixels) read for an image query; bigger files are refused, never decoded.
+MAX_IMAGE_PIXELS = 64_000_000
+
+
+def normalise(vectors: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit length (zero rows stay zero)."""
+    vectors = np.asarray(vectors, dtype=np.float32)
+    norms = np.linalg.norm(vectors, axis=-1, keepdims=True)
+    return vectors / np.where(norms == 0, 1, norms)
+
+
+def text_features(model: Any, tokenizer: Any, texts: Sequence[str], device: Any, batch: int = 256) -> np.ndarray:
+    """Normalised text embeddings of ``texts`` (no template applied) from a raw open_clip model."""
+    import torch
+
+    out = []
+    with torch.inference_mode():
+        for start in range(0, len(texts), batch):
+            tokens = tokenizer(list(texts[start:start + batch])).to(device)
+            out.append(normalise(model.encode_text(tokens).float().cpu().numpy()))
+    return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
+
+
+def text_vectors(loaded: Any, texts: Sequence[str], templates: Sequence[str] = ("{}",)) -> np.ndarray:
+    """One normalised vector per text: the mean over ``templates`` of the normalised text embeddings."""
+    prompts = [apply_template(t, tpl) for t in texts for tpl in templates]
+    per_prompt = text_features(loaded.model, loaded.tokenizer, prompts, loaded.device)
+    return normalise(per_prompt.reshape(len(texts), len(templates), -1).mean(axis=1))
+
+
+def class_vectors(loaded: Any, labels: Sequence[str], templates: Optional[Sequence[str]] = None) -> np.ndarray:
+    """One normalised vector per class label from a template ensemble (default: the model's own
+    template, then :data:`~hqrs_geo.models.templates.ZERO_SHOT_TEMPLATES`)."""
+    own = [loaded.spec.template] if getattr(loaded, "spec", None) is not None else []
+    chosen = list(templates or dict.fromkeys([*own, *ZERO_SHOT_TEMPLATES]))
+    return text_vectors(loaded, labels, chosen)
+
+
+def read_image(path: str) -> np.ndarray:
+    """An image file as ``(H, W, 3)`` uint8 RGB; files declaring more than
+    :data:`MAX_IMAGE_PIXELS` are refused before any pixel is decoded."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            if image.width * image.height > MAX_IMAGE_PIXELS:
+                raise InputError(f"{path}: image of {image.width} x {image.height} px is too large for a query "
+                                 f"(at most {MAX_IMAGE_PIXELS:,} px); crop the area of interest first")
+            return np.array(image.convert("RGB"))
+    except InputError:
+        raise
+    except FileNotFoundError:
+        raise InputError(f"{path}: image file not found; check the path") from None
+    except Image.DecompressionBombError:
+        raise InputError(f"{path}: image is too large for a query; crop the area of interest first") from None
+    except (OSError, UnidentifiedImageError, ValueError):
+        raise InputError(f"{path}: cannot read as an image; give a PNG, JPEG or TIFF file") from None
+
+
+def image_batch_vectors(loaded: Any, images: Any) -> np.ndarray:
+    """Normalised embeddings of a uint8 ``[B, 3, H, W]`` tensor, preprocessed as tiles are."""
+    import torch
+
+    from .preprocess import BatchPreprocess
+
+    preprocess = BatchPreprocess(loaded.preprocess, loaded.device)
+    with torch.inference_mode():
+        return normalise(loaded.model.encode_image(preprocess(images.to(loaded.device))).float().cpu().numpy())
+
+
+def image_vectors(loaded: Any, paths: Sequence[str]) -> np.ndarray:
+    """Normalised image embeddings of image files (any size), preprocessed as tiles are."""
+    import torch
+
+    if not paths:
+        raise OptionError("give at least one image file")
+    vectors = [image_batch_vectors(loaded, torch.from_numpy(read_image(p)).permute(2, 0, 1)[None]) for p in paths]
+    return np.concatenate(vectors)

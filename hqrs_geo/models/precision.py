@@ -1,0 +1,71 @@
+"""The one precision rule, for inference and training alike.
+
+``precision`` is one of :data:`PRECISIONS`:
+
+* ``auto``: bf16 autocast on CUDA where the GPU supports it, else fp16 on CUDA and MPS;
+  plain fp32 on CPU (CPUs without bf16 units are slower in bf16);
+* ``fp32``: no autocast;
+* ``bf16``: bf16 autocast on any device (on CPUs with AVX512-BF16 or AMX about twice as fast);
+* ``fp16``: fp16 autocast, CUDA and MPS only (training adds a gradient scaler).
+"""
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any, Optional
+
+from ..errors import OptionError
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+def check_precision(precision: str) -> str:
+    """``precision`` when it is one of :data:`PRECISIONS` (one-line OptionError otherwise)."""
+    if precision not in PRECISIONS:
+        raise OptionError(f"invalid precision {precision!r}: use one of {', '.join(PRECISIONS)}", option="precision")
+    return precision
+
+
+def autocast_dtype(device: Any, precision: str = "auto") -> Optional[Any]:
+    """The autocast dtype for ``precision`` on ``device`` (None: plain fp32)."""
+    import torch
+
+    check_precision(precision)
+    if precision == "fp32":
+        return None
+    if precision == "bf16":
+        return torch.bfloat16
+    if precision == "fp16":
+        if device.type not in ("cuda", "mps"):
+            raise OptionError("fp16 needs a CUDA or MPS device; use bf16 or fp32 on this device", option="precision")
+        return torch.float16
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device.type == "mps":
+        return torch.float16
+    return None
+
+
+def precision_name(dtype: Optional[Any]) -> str:
+    """``fp32``, ``bf16`` or ``fp16`` for an autocast dtype (recorded with results)."""
+    return {None: "fp32"}.get(dtype, str(dtype).replace("torch.", "").replace("bfloat16", "bf16")
+                                 .replace("float16", "fp16"))
+
+
+def autocast(device: Any, dtype: Optional[Any]) -> contextlib.AbstractContextManager:
+    """``torch.autocast`` for ``dtype`` on ``device``, or a no-op for plain fp32."""
+    import torch
+
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+@contextmanager
+def inference_context(device: Any, dtype: Optional[Any]) -> Iterator[None]:
+    """``torch.inference_mode`` plus autocast when a mixed-precision dtype is given."""
+    import torch
+
+    with torch.inference_mode(), autocast(device, dtype):
+        yield

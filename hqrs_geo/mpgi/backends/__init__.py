@@ -1,0 +1,64 @@
+"""Chat back ends for MpGI: one interface over chat servers and local transformers models.
+
+A VLM describes each tile from several perspectives and an LLM merges the descriptions;
+both steps talk to a :class:`ChatBackend`, built from a recipe table by :func:`make_backend`:
+
+``openai``
+    any OpenAI-compatible ``POST {base_url}/chat/completions`` server (vLLM, Ollama,
+    llama.cpp server, hosted APIs), through the standard library only;
+``transformers``
+    a causal LM loaded with transformers from a folder, a hub id or a GGUF file;
+``transformers-vlm``
+    an image-text-to-text model loaded with transformers (``AutoProcessor``).
+
+Requests are :class:`ChatRequest` objects: OpenAI-style messages, and images (uint8 H x W x 3
+arrays or PNG/JPEG bytes) that go with the last user message. ``complete`` answers a list of
+requests in order; the local back ends batch them, the HTTP back end runs them concurrently.
+
+torch and transformers are imported only when a local back end is built.
+"""
+from __future__ import annotations
+
+from ...errors import OptionError
+from .base import ChatBackend, ChatRequest
+from .local import TransformersLLMBackend, TransformersVLMBackend, smollm2_gguf
+from .openai import OpenAIChatBackend
+
+# --------------------------------------------------------------------------- recipe tables
+
+_BACKENDS: dict[str, tuple[type, tuple[str, ...], tuple[str, ...]]] = {
+    # type: (class, required keys, optional keys)
+    "openai": (OpenAIChatBackend, ("base_url", "model"),
+               ("api_key_env", "timeout", "retries", "concurrency", "backoff", "max_backoff", "supports_images")),
+    "transformers": (TransformersLLMBackend, ("model",), ("gguf_file", "device", "batch_size", "precision", "seed")),
+    "transformers-vlm": (TransformersVLMBackend, ("model",), ("device", "batch_size", "precision", "seed")),
+}
+
+
+def make_backend(config: dict) -> ChatBackend:
+    """Build a back end from a recipe table such as ``{"type": "openai", "base_url": ..., "model": ...}``.
+
+    ``type`` is ``openai``, ``transformers`` or ``transformers-vlm``; an unknown type, a missing
+    or unknown key, or a bad value raises a one-line :class:`OptionError` naming it.
+    """
+    if not isinstance(config, dict):
+        raise OptionError(f"back end config must be a table (dict), not {type(config).__name__}")
+    kind = config.get("type")
+    if kind is None:
+        raise OptionError(f"back end config is missing the key 'type'; use one of {', '.join(_BACKENDS)}")
+    if kind not in _BACKENDS:
+        raise OptionError(f"back end config: unknown type {kind!r}; use one of {', '.join(_BACKENDS)}")
+    backend_class, required, optional = _BACKENDS[kind]
+    for key in required:
+        if config.get(key) is None:
+            raise OptionError(f"back end config (type {kind}) is missing the key {key!r}")
+    unknown = sorted(set(config) - set(required) - set(optional) - {"type"})
+    if unknown:
+        raise OptionError(f"back end config (type {kind}): unknown key {unknown[0]!r}; "
+                          f"known keys: {', '.join(required + optional)}")
+    options = {key: value for key, value in config.items() if key != "type"}
+    return backend_class(**options)
+
+
+__all__ = ["ChatBackend", "ChatRequest", "OpenAIChatBackend", "TransformersLLMBackend", "TransformersVLMBackend",
+           "make_backend", "smollm2_gguf"]

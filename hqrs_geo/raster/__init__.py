@@ -1,0 +1,1 @@
+"""Rasters: where scenes come from, opening and describing them, the 8-bit stretch, lengths."""

@@ -1,0 +1,71 @@
+"""The user's tiling choices (:class:`TileConfig`), validated in one place."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, replace
+from typing import Optional, Union
+
+from rasterio.enums import Resampling
+
+from ..errors import OptionError
+from ..raster.stretch import StretchSpec
+from .grid import DEFAULT_EDGE, EDGE_POLICIES, parse_tile_lengths
+
+DEFAULT_MIN_VALID = 0.5
+
+
+@dataclass(frozen=True)
+class TileConfig:
+    """How scenes are cut into tiles. Every field has a documented default.
+
+    tile_size: ``256`` (pixels of the output tile), ``"64m"`` (ground size).
+    overlap: pixels, ground units or percent of the tile (``"25%"``).
+    gsd: target ground resolution in metres (resampled on read; overviews used when coarser).
+    edge: ``shift`` (default: last tile moved inward), ``pad`` (fill past the edge with
+      nodata) or ``drop`` (partial tiles left out).
+    min_valid: tiles whose valid fraction is below this are skipped (default 0.5).
+    bands: 1-based band numbers for R, G, B (or one band, replicated); default from colour
+      interpretation.
+    stretch: ``auto`` | ``none`` | ``p2,98`` | ``0,3000`` (see :class:`StretchSpec`).
+    crs: output CRS of the footprints (default: the first scene's CRS).
+    resampling: GDAL resampling used when a target ``gsd`` changes the resolution.
+    """
+
+    tile_size: Union[int, str] = 256
+    overlap: Union[int, str] = 0
+    gsd: Optional[float] = None
+    edge: str = DEFAULT_EDGE
+    min_valid: float = DEFAULT_MIN_VALID
+    bands: Optional[tuple[int, ...]] = None
+    stretch: Union[str, StretchSpec] = "auto"
+    crs: Optional[str] = None
+    resampling: str = "bilinear"
+
+    def validated(self) -> "TileConfig":
+        """Return a copy with every option checked (raises :class:`OptionError`)."""
+        parse_tile_lengths(self.tile_size, self.overlap)
+        if self.edge not in EDGE_POLICIES:
+            raise OptionError(f"invalid edge policy {self.edge!r}: use one of {', '.join(EDGE_POLICIES)}")
+        if not 0.0 <= self.min_valid <= 1.0:
+            raise OptionError(f"invalid minimum valid fraction {self.min_valid}: use a value in 0..1")
+        try:
+            Resampling[self.resampling]
+        except KeyError:
+            names = ", ".join(r.name for r in Resampling if r.value < 8)
+            raise OptionError(f"invalid resampling {self.resampling!r}: use one of {names}") from None
+        if self.crs is not None:
+            from pyproj import CRS
+            from pyproj.exceptions import CRSError
+
+            try:
+                CRS.from_user_input(self.crs)
+            except CRSError:
+                raise OptionError(f"invalid CRS {self.crs!r}: use e.g. EPSG:4326") from None
+        stretch = StretchSpec.parse(self.stretch)
+        bands = tuple(int(b) for b in self.bands) if self.bands else None
+        return replace(self, stretch=str(stretch), bands=bands)
+
+    def as_dict(self) -> dict:
+        """JSON-friendly parameters (kept in the layer's run metadata)."""
+        d = asdict(self)
+        d["stretch"] = str(StretchSpec.parse(self.stretch))
+        return d
