@@ -13,7 +13,7 @@ export PYTHONPATH := /usr/share/qgis/python/plugins$(if $(PYTHONPATH),:$(PYTHONP
 
 PLUGIN_ZIP  := dist/hqrs_geo_plugin.zip
 
-.PHONY: demo test bench plugin system-deps venv clean help
+.PHONY: demo test lint bench plugin system-deps venv clean help
 
 help:
 	@echo "make demo   - run the main job on the example scene (sets everything up)"
@@ -45,21 +45,22 @@ $(STAMP): pyproject.toml constraints.txt Makefile | system-deps
 
 venv: system-deps $(STAMP)
 
-test: venv
+# ruff (style, imports, docstrings) and mypy (types) on the package are part of the tests
+lint: venv
+	$(PY) -m ruff check hqrs_geo benchmarks examples
+	$(PY) -m mypy
+
+test: venv lint
 	$(PY) -m pytest -q tests
 
 demo: venv
 	$(PY) examples/demo.py
 
 # TorchGeo is installed for the comparison only (matplotlib>=3.8: Debian's is built for numpy 1).
+# every benchmark prints its ratios (measured side by side in one run); a failing one stops make
 bench: venv
 	$(PY) -m pip install -q -c constraints.txt torchgeo 'matplotlib>=3.8'
-	$(PY) benchmarks/tiling.py
-	$(PY) benchmarks/embed.py
-	$(PY) benchmarks/caption.py
-	$(PY) benchmarks/search.py
-	$(PY) benchmarks/finetune.py
-	$(PY) benchmarks/mpgi.py
+	set -e; for b in tiling embed caption search finetune mpgi; do echo "== benchmarks/$$b.py"; $(PY) benchmarks/$$b.py; done
 
 # The installable plugin ("Install from ZIP"): one top folder, metadata, code, icon, licence.
 plugin:

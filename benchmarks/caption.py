@@ -23,16 +23,14 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from hqrs_geo.models.decoding import DecodingConfig, generate_tokens, naive_greedy_tokens  # noqa: E402
-
-SOT, EOS = 49406, 49407
 
 
 def pick_device(name: str) -> torch.device:
@@ -53,6 +51,9 @@ def build_model(arch: str, device: torch.device) -> torch.nn.Module:
     import open_clip
 
     torch.manual_seed(0)
+    from hqrs_geo.models.registry import register_config_folders
+
+    register_config_folders()  # the shipped configs (hqrs-mini-*) and $HQRS_GEO_MODEL_CONFIGS
     model = open_clip.create_model(arch, pretrained=None)
     proj = model.text_decoder.text_projection
     torch.nn.init.normal_(proj, std=proj.shape[0] ** -0.5)
@@ -80,6 +81,10 @@ def main(argv=None) -> None:
 
     device = pick_device(args.device)
     model = build_model(args.arch, device)
+    from hqrs_geo.models.tokenizers import build_tokenizer
+
+    tokenizer = build_tokenizer(args.arch)  # the architecture's own vocabulary (hqrs-mini has a small one)
+    sot, eos = tokenizer.sot_token_id, tokenizer.eot_token_id
     size = model.visual.image_size
     size = size if isinstance(size, (tuple, list)) else (size, size)
     images = torch.randn(args.batch, 3, *size, generator=torch.Generator().manual_seed(0)).to(device)
@@ -94,12 +99,12 @@ def main(argv=None) -> None:
     print(f"batch {args.batch}, {args.tokens} tokens per caption (min_length = max_length = {args.tokens})")
 
     cached = lambda imgs, n: generate_tokens(  # noqa: E731
-        model, imgs, DecodingConfig(method="greedy", min_length=n, max_length=n), SOT, EOS, model.pad_id)
-    naive = lambda imgs, n: naive_greedy_tokens(model, imgs, n, SOT, EOS, min_length=n)  # noqa: E731
+        model, imgs, DecodingConfig(method="greedy", min_length=n, max_length=n), sot, eos, model.pad_id)
+    naive = lambda imgs, n: naive_greedy_tokens(model, imgs, n, sot, eos, min_length=n)  # noqa: E731
     with torch.inference_mode(), autocast:
         cached(images[:2], 2), naive(images[:2], 2)  # warm-up (kernels, allocator)
         _, encode_s = timed(lambda: model._encode_image(images), device)
-        fast, fast_s = timed(lambda: generate_tokens(model, images, config, SOT, EOS, model.pad_id), device)
+        fast, fast_s = timed(lambda: generate_tokens(model, images, config, sot, eos, model.pad_id), device)
         slow, slow_s = timed(lambda: naive(images, args.tokens), device)
 
     total = args.batch * args.tokens

@@ -22,14 +22,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 def main() -> None:
     import torch
+    from tiling import make_scene
 
     from hqrs_geo import TileConfig
     from hqrs_geo.api import tile
     from hqrs_geo.engine.options import RunOptions
     from hqrs_geo.engine.run import run_models
-    from hqrs_geo.models.precision import autocast_dtype, inference_context
     from hqrs_geo.models.loader import load_model
-    from tiling import make_scene
+    from hqrs_geo.models.precision import autocast_dtype, inference_context
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", default="ViT-B-32")
@@ -44,6 +44,9 @@ def main() -> None:
         import open_clip
 
         torch.manual_seed(0)
+        from hqrs_geo.models.registry import register_config_folders
+
+        register_config_folders()  # the shipped configs (hqrs-mini-*) and $HQRS_GEO_MODEL_CONFIGS
         model = open_clip.create_model(args.arch, pretrained=None)
         ckpt = tmp / f"random-{args.arch}.pt"
         torch.save(model.state_dict(), ckpt)
@@ -82,7 +85,8 @@ def main() -> None:
 
         bare_rate = max(bare(), bare())
         e2e_rate = max(end_to_end(), end_to_end())
-        print(f"device {device} ({torch.cuda.get_device_name(0) if device.type == 'cuda' else f'{torch.get_num_threads()} threads'}), "
+        where = torch.cuda.get_device_name(0) if device.type == "cuda" else f"{torch.get_num_threads()} threads"
+        print(f"device {device} ({where}), "
               f"{args.arch} random weights, precision {str(amp).replace('torch.', '') if amp else 'fp32'}, "
               f"batch {args.batch}, {n} tiles of 256 px -> {size[0]} px")
         print(f"bare forward on ready tensors: {bare_rate:8.1f} tiles/s")

@@ -27,8 +27,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from hqrs_geo.models.precision import autocast, autocast_dtype  # noqa: E402
 from hqrs_geo.training import FinetuneConfig, finetune  # noqa: E402
-from hqrs_geo.training.trainer import _autocast, _loss_fn, build_model  # noqa: E402
+from hqrs_geo.training.trainer import _loss_fn, build_model  # noqa: E402
 
 SHARED_UCM = ROOT.parent / "shared" / "data" / "ucm" / "dataset_ucm.json"
 SAMPLES = ROOT / "tests" / "data" / "ucm_val_samples" / "dataset.json"
@@ -47,7 +48,7 @@ def bare_images_per_s(config: FinetuneConfig, steps: int) -> float:
     texts = tokenizer(["a river runs through a dense residential area with many trees"] * config.batch_size).to(device)
     labels = (torch.arange(config.batch_size) % 21).to(device)  # 21 classes, as UCM
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    autocast, _ = _autocast(device, config.precision)
+    amp = autocast_dtype(device, config.precision)
     loss_fn = _loss_fn(kind, config)
     model.train()
     for i in range(steps + 3):
@@ -55,7 +56,7 @@ def bare_images_per_s(config: FinetuneConfig, steps: int) -> float:
             if device.type == "cuda":
                 torch.cuda.synchronize()
             start = time.perf_counter()
-        with autocast():
+        with autocast(device, amp):
             loss, _ = loss_fn(model(images, texts), labels)
         loss.backward()
         optimizer.step()
@@ -88,7 +89,8 @@ def main() -> None:
     precisions = ["fp32"]
     if args.device.startswith("cuda") or torch.backends.mkldnn.is_available():
         precisions.append("bf16")
-    print(f"arch {args.arch}, batch {batch}, {args.steps} steps, class target {args.class_target}, device {args.device}, "
+    print(f"arch {args.arch}, batch {batch}, {args.steps} steps, class target {args.class_target}, "
+          f"device {args.device}, "
           f"{torch.get_num_threads()} threads, data {args.dataset} ({split})")
     for precision in precisions:
         config = FinetuneConfig(dataset=args.dataset, output="", arch=args.arch, splits=(split,), batch_size=batch,

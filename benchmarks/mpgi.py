@@ -45,13 +45,13 @@ def main() -> None:
 
     from hqrs_geo import TileConfig
     from hqrs_geo.api import tile
-    from hqrs_geo.tiling.dataset import TileDataset
     from hqrs_geo.models.decoding import DecodingConfig, generate_captions
     from hqrs_geo.models.loader import load_model
     from hqrs_geo.models.preprocess import BatchPreprocess
     from hqrs_geo.mpgi.backends import ChatRequest, make_backend
     from hqrs_geo.mpgi.pipeline import resolve_backend_config, run_mpgi
     from hqrs_geo.mpgi.recipe import load_recipe
+    from hqrs_geo.tiling.dataset import TileDataset
 
     work = Path(tempfile.mkdtemp())
     try:

@@ -69,7 +69,8 @@ def clustered(path: Path, n: int, dim: int, clusters: int = 1000, rank: int = 16
         m = int(sizes[c])
         basis = rng.standard_normal((rank, dim), dtype=np.float32) / np.float32(math.sqrt(dim))
         z = rng.standard_normal((m, rank), dtype=np.float32) * np.float32(spread / math.sqrt(rank))
-        x = centres[c] + z @ basis + rng.standard_normal((m, dim), dtype=np.float32) * np.float32(noise / math.sqrt(dim))
+        jitter = rng.standard_normal((m, dim), dtype=np.float32) * np.float32(noise / math.sqrt(dim))
+        x = centres[c] + z @ basis + jitter
         x /= np.linalg.norm(x, axis=1, keepdims=True)
         out[np.sort(slots[start:start + m])] = x
         start += m
@@ -111,14 +112,14 @@ def alternatives(index, queries: np.ndarray, rows_out: list) -> None:
     for s in range(0, len(f32), 65536):
         f32[s:s + 65536] = half[s:s + 65536].float().numpy()
     extra = memory_mb()[0] - rss
-    times, _ = latencies(lambda q: f32 @ q, queries)
+    times, _ = latencies(lambda q, f32=f32: f32 @ q, queries)
     rows_out.append(("alt: float32 copy, numpy sgemv", f"{np.median(times) * 1000:.1f} ms", f"+{extra:.0f} MiB"))
     tf32 = torch.from_numpy(f32)
-    times, _ = latencies(lambda q: torch.mv(tf32, torch.from_numpy(q)), queries)
+    times, _ = latencies(lambda q, tf32=tf32: torch.mv(tf32, torch.from_numpy(q)), queries)
     rows_out.append(("alt: float32 copy, torch.mv", f"{np.median(times) * 1000:.1f} ms", ""))
     del tf32, f32
     bf16 = half.to(torch.bfloat16)
-    times, _ = latencies(lambda q: torch.mv(bf16, torch.from_numpy(q).to(torch.bfloat16)), queries)
+    times, _ = latencies(lambda q, bf16=bf16: torch.mv(bf16, torch.from_numpy(q).to(torch.bfloat16)), queries)
     rows_out.append(("alt: bfloat16 copy, torch.mv", f"{np.median(times) * 1000:.1f} ms", "+1 GiB per 1M x 512"))
     del bf16
     times, _ = latencies(lambda q: torch.mv(half, torch.from_numpy(q).half()), queries)

@@ -1,0 +1,1 @@
+"""Examples of hqrs_geo: the demo job, map rendering, model training scripts."""

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import hqrs_geo as hg
 from hqrs_geo import TileConfig, TileDataset, read_runs, read_tiles, tile_rasters, write_tiles
-from hqrs_geo.tiling.chips import export_chips
 from hqrs_geo.layer.runs import new_run
 from hqrs_geo.progress import Progress
 from hqrs_geo.raster.scene import describe, open_raster
+from hqrs_geo.tiling.chips import export_chips
 
 HERE = Path(__file__).resolve().parent
 SCENE = HERE / "data" / "urban_river_025m_epsg28992.tif"
@@ -96,7 +96,8 @@ def main(out_dir: Path) -> None:
 
     # embed + caption with the shipped demo models (the defaults when no model is named)
     frame = hg.run(str(layer), progress=Progress("auto"))
-    print(f"models  {frame['emb_hqrs_mini_clip_model'].iloc[0]} embeddings ({int(frame['emb_hqrs_mini_clip_dim'].iloc[0])}-d)"
+    dim = int(frame["emb_hqrs_mini_clip_dim"].iloc[0])
+    print(f"models  {frame['emb_hqrs_mini_clip_model'].iloc[0]} embeddings ({dim}-d)"
           f" and {frame['caption_model'].iloc[0]} captions on {len(frame)} tiles")
     for row in frame.head(3).itertuples():
         print(f"        {row.tile_id}: {row.caption}")

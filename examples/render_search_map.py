@@ -17,8 +17,14 @@ os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
 def render(layer_path: str, query: str, png: str, k: int = 20, size: int = 900) -> dict:
     """Search, style, render; returns a summary (top tile, score range)."""
     from qgis.core import (
-        QgsApplication, QgsFillSymbol, QgsGradientColorRamp, QgsGraduatedSymbolRenderer, QgsMapRendererParallelJob, QgsMapSettings,
-        QgsRasterLayer, QgsVectorLayer,
+        QgsApplication,
+        QgsFillSymbol,
+        QgsGradientColorRamp,
+        QgsGraduatedSymbolRenderer,
+        QgsMapRendererParallelJob,
+        QgsMapSettings,
+        QgsRasterLayer,
+        QgsVectorLayer,
     )
     from qgis.PyQt.QtCore import QSize
     from qgis.PyQt.QtGui import QColor

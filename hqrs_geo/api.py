@@ -12,7 +12,7 @@ import os
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any
 
 from .engine.options import RunOptions
 from .engine.run import run_models
@@ -21,7 +21,7 @@ from .layer.io import TileLayer, check_writable, is_layer_path, open_layer
 from .tiling.config import TileConfig
 from .tiling.plan import tile_to_layer
 
-PathOrPaths = Union[str, os.PathLike, Sequence[Union[str, os.PathLike]]]
+PathOrPaths = str | os.PathLike | Sequence[str | os.PathLike]
 
 
 def _as_list(inputs: PathOrPaths) -> list[str]:
@@ -34,14 +34,14 @@ def is_layer_input(inputs: PathOrPaths) -> bool:
     return len(items) == 1 and is_layer_path(items[0])
 
 
-def tile(inputs: PathOrPaths, output: Union[str, os.PathLike], config: Optional[TileConfig] = None,
+def tile(inputs: PathOrPaths, output: str | os.PathLike, config: TileConfig | None = None,
          progress: Any = None) -> Any:
     """Tile rasters into the layer ``output``; returns the layer as written (GeoDataFrame)."""
     return tile_to_layer(_as_list(inputs), output, config, progress).layer
 
 
-def prepare_layer(inputs: PathOrPaths, output: Optional[Union[str, os.PathLike]] = None,
-                  tiling: Optional[TileConfig] = None, progress: Any = None) -> TileLayer:
+def prepare_layer(inputs: PathOrPaths, output: str | os.PathLike | None = None,
+                  tiling: TileConfig | None = None, progress: Any = None) -> TileLayer:
     """The tile layer a model job works on, read once: the given layer (or its copy at
     ``output``), or a new layer at ``output`` made from rasters."""
     items = _as_list(inputs)
@@ -58,7 +58,7 @@ def prepare_layer(inputs: PathOrPaths, output: Optional[Union[str, os.PathLike]]
     return tile_to_layer(items, output, tiling, progress).written
 
 
-def _load(names: Sequence[str], checkpoints: Sequence[Optional[str]], arch: Sequence[Optional[str]], device: str,
+def _load(names: Sequence[str], checkpoints: Sequence[str | None], arch: Sequence[str | None], device: str,
           trust: bool) -> list:
     from .models.loader import load_model
 
@@ -73,18 +73,18 @@ def _load(names: Sequence[str], checkpoints: Sequence[Optional[str]], arch: Sequ
 
 def run(
     inputs: PathOrPaths,
-    output: Optional[Union[str, os.PathLike]] = None,
+    output: str | os.PathLike | None = None,
     embed_models: Sequence[str] = (),
-    caption_model: Optional[str] = None,
-    embed_checkpoints: Sequence[Optional[str]] = (),
-    embed_arch: Sequence[Optional[str]] = (),
-    caption_checkpoint: Optional[str] = None,
-    caption_arch: Optional[str] = None,
+    caption_model: str | None = None,
+    embed_checkpoints: Sequence[str | None] = (),
+    embed_arch: Sequence[str | None] = (),
+    caption_checkpoint: str | None = None,
+    caption_arch: str | None = None,
     decoding: Any = None,
     device: str = "auto",
     trust_checkpoint: bool = False,
-    tiling: Optional[TileConfig] = None,
-    options: Optional[RunOptions] = None,
+    tiling: TileConfig | None = None,
+    options: RunOptions | None = None,
     progress: Any = None,
     command: str = "run",
 ) -> Any:
@@ -110,18 +110,19 @@ def run(
     return run_models(layer, embedders, captioner, decoding, options, progress, command=command)
 
 
-def embed(inputs: PathOrPaths, output: Optional[Union[str, os.PathLike]] = None,
-          model: Union[str, Sequence[str]] = (), checkpoint: Any = None, arch: Any = None, **kw: Any) -> Any:
+def embed(inputs: PathOrPaths, output: str | os.PathLike | None = None,
+          model: str | Sequence[str] = (), checkpoint: Any = None, arch: Any = None, **kw: Any) -> Any:
     """Image embeddings of every tile with one or more models (see :func:`run`)."""
     models = [model] if isinstance(model, str) else list(model)
-    checkpoints = [checkpoint] if isinstance(checkpoint, (str, os.PathLike)) else list(checkpoint or [])
+    checkpoints = [str(checkpoint)] if isinstance(checkpoint, (str, os.PathLike)) else \
+        [str(c) if c is not None else None for c in (checkpoint or [])]
     arches = [arch] if isinstance(arch, str) else list(arch or [])
     return run(inputs, output, embed_models=models, embed_checkpoints=checkpoints, embed_arch=arches,
                command="embed", **kw)
 
 
-def caption(inputs: PathOrPaths, output: Optional[Union[str, os.PathLike]] = None, model: Optional[str] = None,
-            checkpoint: Optional[str] = None, arch: Optional[str] = None, **kw: Any) -> Any:
+def caption(inputs: PathOrPaths, output: str | os.PathLike | None = None, model: str | None = None,
+            checkpoint: str | None = None, arch: str | None = None, **kw: Any) -> Any:
     """Captions of every tile with a CoCa model (see :func:`run`)."""
     return run(inputs, output, caption_model=model, caption_checkpoint=checkpoint, caption_arch=arch,
                command="caption", **kw)

@@ -20,7 +20,7 @@ import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Union
 
 from .errors import HqrsError, OutputError
 
@@ -63,7 +63,7 @@ def check_nonempty(path: Path) -> None:
 
 @contextmanager
 def atomic_path(path: PathLike, copy_existing: bool = False,
-                verify: Optional[Callable[[Path], None]] = check_nonempty) -> Iterator[Path]:
+                verify: Callable[[Path], None] | None = check_nonempty) -> Iterator[Path]:
     """Yield a temporary path beside ``path`` that replaces it when the block succeeds.
 
     ``copy_existing``: the temporary file starts as a copy of ``path`` (for in-place updates);
@@ -123,7 +123,7 @@ def write_text(path: PathLike, text: str) -> None:
     write_bytes(path, text.encode("utf-8"))
 
 
-def write_json(path: PathLike, payload: Any, indent: Optional[int] = 1) -> None:
+def write_json(path: PathLike, payload: Any, indent: int | None = 1) -> None:
     """Write ``payload`` as JSON (UTF-8, keys kept in order) to ``path`` atomically."""
     write_text(path, json.dumps(payload, indent=indent, ensure_ascii=False))
 

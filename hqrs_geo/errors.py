@@ -14,7 +14,7 @@ Messages never name command-line flags: an error about a parameter carries its P
 from __future__ import annotations
 
 import re
-from typing import Callable, Optional
+from collections.abc import Callable
 
 _MENTION = re.compile(r"«([a-z_]+)»")
 
@@ -27,7 +27,7 @@ class HqrsError(Exception):
 
     exit_code = 2
 
-    def __init__(self, message: str = "", *, option: Optional[str] = None) -> None:
+    def __init__(self, message: str = "", *, option: str | None = None) -> None:
         super().__init__(message)
         self.message = message
         self.option = option
@@ -44,7 +44,7 @@ class HqrsError(Exception):
         return text if not self.option else f"{name_of(self.option)}: {text}"
 
 
-def _rebuild(cls: type, message: str, option: Optional[str], exit_code: int) -> HqrsError:
+def _rebuild(cls: type, message: str, option: str | None, exit_code: int) -> HqrsError:
     err = cls(message, option=option)
     err.exit_code = exit_code
     return err

@@ -9,9 +9,9 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from collections.abc import Sequence
-from typing import Any, Optional
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -20,7 +20,7 @@ from .errors import InputError, OptionError
 KS = (1, 5, 10)
 
 
-def load_karpathy(path: str, split: Optional[str] = "val", limit: Optional[int] = None) -> list[dict]:
+def load_karpathy(path: str, split: str | None = "val", limit: int | None = None) -> list[dict]:
     """Records ``{"image": absolute path, "class": str|None, "captions": [str]}`` of one split."""
     file = Path(path)
     try:
@@ -49,13 +49,13 @@ def load_karpathy(path: str, split: Optional[str] = "val", limit: Optional[int] 
 def retrieval_metrics(image_emb: np.ndarray, text_emb: np.ndarray, text_image: Sequence[int]) -> dict:
     """Recall@K (percent) both ways and mR for normalised embeddings; ``text_image[t]`` is the
     image of caption ``t``."""
-    text_image = np.asarray(text_image)
+    owner = np.asarray(text_image)
     sims = image_emb @ text_emb.T  # (images, texts)
     out = {}
     i2t_order = np.argsort(-sims, axis=1, kind="stable")
-    first_hit = np.array([np.flatnonzero(text_image[row] == i)[0] for i, row in enumerate(i2t_order)])
+    first_hit = np.array([np.flatnonzero(owner[row] == i)[0] for i, row in enumerate(i2t_order)])
     t2i_order = np.argsort(-sims.T, axis=1, kind="stable")
-    t2i_rank = np.array([np.flatnonzero(row == text_image[t])[0] for t, row in enumerate(t2i_order)])
+    t2i_rank = np.array([np.flatnonzero(row == owner[t])[0] for t, row in enumerate(t2i_order)])
     for k in KS:
         out[f"i2t_R@{k}"] = 100.0 * float(np.mean(first_hit < k))
     for k in KS:
@@ -67,9 +67,9 @@ def retrieval_metrics(image_emb: np.ndarray, text_emb: np.ndarray, text_image: S
 def zeroshot_metrics(image_emb: np.ndarray, class_emb: np.ndarray, labels: Sequence[int]) -> dict:
     """Top-1 / top-5 accuracy (percent) of nearest-class-embedding classification."""
     order = np.argsort(-(image_emb @ class_emb.T), axis=1, kind="stable")
-    labels = np.asarray(labels)[:, None]
-    return {"top1": 100.0 * float(np.mean(order[:, :1] == labels)),
-            "top5": 100.0 * float(np.mean((order[:, :5] == labels).any(axis=1)))}
+    truth = np.asarray(labels)[:, None]
+    return {"top1": 100.0 * float(np.mean(order[:, :1] == truth)),
+            "top5": 100.0 * float(np.mean((order[:, :5] == truth).any(axis=1)))}
 
 
 def image_embeddings(loaded: Any, paths: Sequence[str]) -> np.ndarray:
@@ -79,7 +79,7 @@ def image_embeddings(loaded: Any, paths: Sequence[str]) -> np.ndarray:
     return image_vectors(loaded, list(paths))
 
 
-def evaluate_retrieval(loaded, dataset: str, split: str = "val", limit: Optional[int] = None) -> dict:
+def evaluate_retrieval(loaded, dataset: str, split: str = "val", limit: int | None = None) -> dict:
     """Retrieval metrics of a loaded CLIP model on one split."""
     from .models.encode import text_vectors
 
@@ -93,8 +93,8 @@ def evaluate_retrieval(loaded, dataset: str, split: str = "val", limit: Optional
     return {"images": len(records), "texts": len(texts), **retrieval_metrics(images, text, owners)}
 
 
-def evaluate_zeroshot(loaded, dataset: str, split: str = "val", templates: Optional[Sequence[str]] = None,
-                      limit: Optional[int] = None) -> dict:
+def evaluate_zeroshot(loaded, dataset: str, split: str = "val", templates: Sequence[str] | None = None,
+                      limit: int | None = None) -> dict:
     """Zero-shot accuracy over the classes of a split, with a template ensemble."""
     from .models.encode import text_vectors
     from .models.templates import ZERO_SHOT_TEMPLATES, class_prompt_name
@@ -139,7 +139,7 @@ def caption_metrics(references: dict, candidates: dict) -> dict:
 
 
 def evaluate_captions(loaded: Any, dataset: str, split: str = "val", decoding: Any = None,
-                      limit: Optional[int] = None, batch_size: int = 32) -> dict:
+                      limit: int | None = None, batch_size: int = 32) -> dict:
     """Caption a split with a CoCa model (the engine's caption task) and score the captions
     against the references."""
     import torch

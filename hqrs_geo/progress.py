@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import sys
 import time
-from typing import Optional, TextIO
+from typing import TextIO
 
 MODES = ("auto", "bar", "json", "none")
 
@@ -17,7 +17,7 @@ MODES = ("auto", "bar", "json", "none")
 class Progress:
     """Counts work done in named stages and reports it in the chosen mode."""
 
-    def __init__(self, mode: str = "auto", stream: Optional[TextIO] = None, interval: float = 0.25):
+    def __init__(self, mode: str = "auto", stream: TextIO | None = None, interval: float = 0.25):
         if mode == "auto":
             mode = "bar" if sys.stderr.isatty() else "none"
         self.mode = mode
@@ -25,7 +25,7 @@ class Progress:
         self.interval = interval
         self.stage = ""
         self.done = 0
-        self.total: Optional[int] = None
+        self.total: int | None = None
         self._bar = None
         self._last = 0.0
 
@@ -39,7 +39,7 @@ class Progress:
             self._out().write(json.dumps(record) + "\n")
             self._out().flush()
 
-    def start(self, stage: str, total: Optional[int], message: str = "", unit: str = "tile", initial: int = 0) -> None:
+    def start(self, stage: str, total: int | None, message: str = "", unit: str = "tile", initial: int = 0) -> None:
         """Begin a stage of ``total`` steps (``None`` when unknown), ``initial`` of them already done."""
         self.close_bar()
         self.stage, self.total, self.done = stage, total, initial

@@ -13,7 +13,7 @@ import signal
 import sys
 import warnings
 from collections.abc import Sequence
-from typing import Any, Optional
+from typing import Any
 
 from .._version import __version__
 from ..errors import Cancelled, HqrsError
@@ -66,7 +66,7 @@ CANCELLED = ("cancelled; outputs were left as they were before this run (finishe
              "beside the output and skipped when you run the same command again)")
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the process exit status."""
     args = build_parser().parse_args(argv)
     progress = Progress("none" if args.quiet else args.progress)

@@ -4,8 +4,15 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from .options import (add_decoding_options, add_engine_options, add_progress_options, add_tiling_options,
-                      decoding_config, finish, tile_config)
+from .options import (
+    add_decoding_options,
+    add_engine_options,
+    add_progress_options,
+    add_tiling_options,
+    decoding_config,
+    finish,
+    tile_config,
+)
 
 HELP = {
     "embed": "image embeddings of tiles (rasters or a tile layer)",
@@ -21,7 +28,7 @@ def register(sub: Any) -> None:
         job.add_argument("inputs", nargs="+", help="one tile layer, or rasters/globs/folders (then -o is required)")
         job.add_argument("-o", "--output", default=None, help="tile layer to write (default: update the input layer)")
         group = job.add_argument_group("models")
-        flags = {}
+        flags: dict[str, str] = {}
         if name in ("embed", "run"):
             prefix = "" if name == "embed" else "embed-"
             group.add_argument(f"--{prefix}model", dest="embed_models",

@@ -74,7 +74,8 @@ def run_models_list(args: argparse.Namespace, progress: Any) -> int:
         if row["bundled"]:
             source = "shipped in the package: small DEMO model, not HQRS-CLIP/RS-CoCa"
         name = row["name"] + (" *" if row["default"] else "")
-        print(f"{name:<22} {row['kind']:<5} {row['arch']:<16} {'present' if row['present'] else 'missing':<10} {source}")
+        present = "present" if row["present"] else "missing"
+        print(f"{name:<22} {row['kind']:<5} {row['arch']:<16} {present:<10} {source}")
     print("* default when no model is named ($HQRS_GEO_EMBED_MODEL / $HQRS_GEO_CAPTION_MODEL change it)")
     print(f"checkpoints are looked for in {cache_dir()} (set HQRS_GEO_HOME to move it); "
           "any open_clip architecture works with --checkpoint")

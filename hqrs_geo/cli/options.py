@@ -13,7 +13,7 @@ import argparse
 import math
 import sys
 from collections.abc import Callable
-from typing import Any, NoReturn, Optional
+from typing import Any, NoReturn
 
 from ..progress import MODES
 from ..tiling.config import DEFAULT_MIN_VALID, TileConfig
@@ -34,7 +34,7 @@ class Parser(argparse.ArgumentParser):
         sys.exit(2)
 
 
-def number(kind: type = float, low: Optional[float] = None, high: Optional[float] = None,
+def number(kind: type = float, low: float | None = None, high: float | None = None,
            low_open: bool = False, high_open: bool = False) -> Callable[[str], Any]:
     """An argparse ``type`` for a finite number (``int`` or ``float``) within ``[low, high]``
     (``low_open``/``high_open`` exclude the bound)."""
@@ -91,7 +91,7 @@ def band_list(text: str) -> tuple[int, ...]:
     return bands
 
 
-def flag_of(option: str, args: Optional[argparse.Namespace] = None) -> str:
+def flag_of(option: str, args: argparse.Namespace | None = None) -> str:
     """The command-line flag of a Python parameter name (``tile_size`` -> ``--tile-size``)."""
     flags = getattr(args, "option_flags", None) or {}
     return flags.get(option) or "--" + option.replace("_", "-")

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any
 
 from ..errors import OptionError
 from ..layer.columns import DTYPES
@@ -16,7 +16,7 @@ class RunOptions:
 
     batch_size: int = 32
     precision: str = "auto"  # see hqrs_geo.models.precision
-    workers: Optional[int] = None  # DataLoader worker processes; default: see worker_count
+    workers: int | None = None  # DataLoader worker processes; default: see worker_count
     embedding_dtype: str = "float16"
     overwrite: bool = False  # recompute results the layer already has
 

@@ -11,7 +11,7 @@ out-of-memory a batch is split in halves and retried, never lost.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any, Optional, Union
+from typing import Any
 
 from ..errors import OptionError
 from ..layer.columns import TILE_ID, has_value
@@ -26,7 +26,7 @@ from .tasks import CaptionTask, EmbedTask
 Row = tuple[str, str, object]  # (tile_id, store key, value)
 
 
-def make_tasks(embedders: Sequence[LoadedModel], captioner: Optional[LoadedModel], decoding: Any,
+def make_tasks(embedders: Sequence[LoadedModel], captioner: LoadedModel | None, decoding: Any,
                options: RunOptions) -> list:
     """The tasks of a job: one :class:`EmbedTask` per embedding model, then the caption task."""
     tasks: list = [EmbedTask(m, options) for m in embedders]
@@ -107,11 +107,11 @@ def run_record_params(tasks: Sequence, options: RunOptions, device: Any) -> dict
 
 
 def run_models(
-    layer: Union[str, TileLayer],
+    layer: str | TileLayer,
     embedders: Sequence[LoadedModel] = (),
-    captioner: Optional[LoadedModel] = None,
+    captioner: LoadedModel | None = None,
     decoding: Any = None,
-    options: Optional[RunOptions] = None,
+    options: RunOptions | None = None,
     progress: Any = None,
     command: str = "run",
 ) -> Any:
@@ -136,8 +136,9 @@ def run_models(
     if progress is not None:
         progress.start(command, len(dataset))
         progress.advance(len(dataset) - len(todo))
-    loader = DataLoader(
-        Subset(dataset, todo), batch_size=options.batch_size, shuffle=False,
+    subset: Any = Subset(dataset, todo)  # type: ignore[arg-type]  # TileDataset is map-style
+    loader: Any = DataLoader(
+        subset, batch_size=options.batch_size, shuffle=False,
         num_workers=options.worker_count(device), collate_fn=collate_tiles, pin_memory=device.type == "cuda",
     )
 

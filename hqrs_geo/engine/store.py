@@ -17,7 +17,6 @@ import sqlite3
 import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Optional, Union
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS results (tile_id TEXT, field TEXT, value, PRIMARY KEY (tile_id, field));
@@ -35,12 +34,12 @@ CREATE INDEX IF NOT EXISTS calls_tile ON calls (tile_id);
 """
 
 
-def partial_path(layer: Union[str, Path]) -> Path:
+def partial_path(layer: str | Path) -> Path:
     """``<layer>.hqrs-partial.sqlite``: the model engine's store beside a layer."""
     return Path(f"{layer}.hqrs-partial.sqlite")
 
 
-def call_cache_path(output: Union[str, Path]) -> Path:
+def call_cache_path(output: str | Path) -> Path:
     """``<output>.hqrs-mpgi.sqlite``: the MpGI call cache beside the output layer."""
     return Path(f"{output}.hqrs-mpgi.sqlite")
 
@@ -54,9 +53,9 @@ def call_key(tile_id: str, stage: str, source: str, prompt: str, backend: str, e
 class ResumeStore:
     """A SQLite file of finished results; opened lazily, committed per :meth:`put` / :meth:`put_call`."""
 
-    def __init__(self, path: Union[str, Path]):
+    def __init__(self, path: str | Path):
         self.path = Path(path)
-        self._db: Optional[sqlite3.Connection] = None
+        self._db: sqlite3.Connection | None = None
         self.hits = 0  # calls answered by get_call
         self.misses = 0
 
@@ -91,7 +90,7 @@ class ResumeStore:
         return dict(self._conn().execute("SELECT tile_id, value FROM results WHERE field = ?", (field,)))
 
     # -- model calls ---------------------------------------------------------------------------
-    def get_call(self, key: str) -> Optional[str]:
+    def get_call(self, key: str) -> str | None:
         """The stored answer of call ``key``, or None (counts hits and misses)."""
         row = self._conn().execute("SELECT text FROM calls WHERE key = ?", (key,)).fetchone()
         if row is None:

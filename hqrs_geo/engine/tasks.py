@@ -8,7 +8,7 @@ use it.
 """
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 
@@ -74,6 +74,7 @@ class EmbedTask(_Task):
         return vectors
 
     def __call__(self, images: Any) -> list:
+        """Embedding BLOBs (see :mod:`hqrs_geo.layer.columns`), one per image."""
         return encode_embeddings(self.vectors(images), self.dtype)
 
     def columns(self) -> dict[str, object]:
@@ -91,7 +92,7 @@ class CaptionTask(_Task):
 
     field = CAPTION
 
-    def __init__(self, loaded: LoadedModel, options: Optional[RunOptions] = None, decoding: Any = None):
+    def __init__(self, loaded: LoadedModel, options: RunOptions | None = None, decoding: Any = None):
         from ..models.decoding import DecodingConfig
 
         if loaded.kind != "coca":
@@ -101,6 +102,7 @@ class CaptionTask(_Task):
         self.decoding = (decoding or DecodingConfig()).validated()
 
     def __call__(self, images: Any) -> list:
+        """Caption texts, one per image."""
         from ..models.decoding import generate_captions
 
         with inference_context(self.loaded.device, self.amp):

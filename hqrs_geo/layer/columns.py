@@ -17,7 +17,7 @@ exactly what was written.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 
@@ -48,7 +48,7 @@ MPGI_FACTS = "mpgi_facts"
 MPGI_RECIPE = "mpgi_recipe"
 
 EMBEDDING_PREFIX = "emb_"
-DTYPES = {"float16": np.dtype("<f2"), "float32": np.dtype("<f4")}
+DTYPES: dict[str, np.dtype] = {"float16": np.dtype("<f2"), "float32": np.dtype("<f4")}
 
 
 def embedding_column(key: str) -> str:
@@ -72,7 +72,7 @@ def embedding_columns(columns: Sequence[str]) -> list[str]:
     return [c for c in columns if c.startswith(EMBEDDING_PREFIX) and f"{c}_dim" in names]
 
 
-def key_of_column(name: str) -> Optional[str]:
+def key_of_column(name: str) -> str | None:
     """The model key of an embedding column name (``emb_<key>``), or None for other columns."""
     return name[len(EMBEDDING_PREFIX):] if name.startswith(EMBEDDING_PREFIX) else None
 
@@ -103,7 +103,7 @@ def decode(values: Sequence, dim: int) -> np.ndarray:
             width = len(value) // dim
             if width not in (2, 4) or len(value) != width * dim:
                 raise InputError(f"embedding of {len(value)} bytes does not hold {dim} float16/float32 values")
-            out[i] = np.frombuffer(value, dtype=DTYPES["float16" if width == 2 else "float32"])
+            out[i] = np.frombuffer(bytes(value), dtype=DTYPES["float16" if width == 2 else "float32"])
         else:
             out[i] = np.asarray(value, dtype=np.float32)
     return out
@@ -114,7 +114,7 @@ def embedding_keys(frame: Any) -> list[str]:
     return [c[len(EMBEDDING_PREFIX):] for c in embedding_columns(list(frame.columns))]
 
 
-def read_embeddings(frame: Any, key: Optional[str] = None) -> tuple[np.ndarray, np.ndarray]:
+def read_embeddings(frame: Any, key: str | None = None) -> tuple[np.ndarray, np.ndarray]:
     """``(mask of rows that have one, float32 matrix of those rows)`` for model ``key``.
 
     With ``key=None`` the layer must hold exactly one model's embeddings.

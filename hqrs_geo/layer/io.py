@@ -16,7 +16,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Union
 
 import pandas as pd
 
@@ -83,7 +83,7 @@ def read_tiles(path: PathLike, layer: str = TILES_LAYER) -> Any:
     return frame.sort_values(TILE_ID, kind="stable").reset_index(drop=True)
 
 
-def _file_state(path: PathLike) -> Optional[tuple[int, int, int]]:
+def _file_state(path: PathLike) -> tuple[int, int, int] | None:
     try:
         st = os.stat(path)
     except OSError:
@@ -102,7 +102,7 @@ class TileLayer:
     path: str
     frame: Any
     runs: LayerRuns
-    state: Optional[tuple[int, int, int]] = None
+    state: tuple[int, int, int] | None = None
 
     def scenes(self) -> dict:
         """``{source: SceneReading}`` of the layer's scenes (see :meth:`LayerRuns.scenes`)."""
@@ -163,9 +163,9 @@ def has_layer(path: PathLike, layer: str) -> bool:
             from None
 
 
-def write_tiles(path: PathLike, tiles: Any, run: Optional[dict] = None, replace_sources: Optional[Sequence[str]] = None,
-                layer: str = TILES_LAYER, replace_all: bool = False, tables: Optional[dict] = None,
-                known: Optional[TileLayer] = None) -> Any:
+def write_tiles(path: PathLike, tiles: Any, run: dict | None = None, replace_sources: Sequence[str] | None = None,
+                layer: str = TILES_LAYER, replace_all: bool = False, tables: dict | None = None,
+                known: TileLayer | None = None) -> Any:
     """Write ``tiles`` to ``path`` atomically, merging with an existing layer; returns what was
     written (GeoDataFrame). See :func:`write_layer` for the parameters."""
     return write_layer(path, tiles, run, replace_sources, layer, replace_all, tables, known).frame
@@ -174,12 +174,12 @@ def write_tiles(path: PathLike, tiles: Any, run: Optional[dict] = None, replace_
 def write_layer(
     path: PathLike,
     tiles: Any,
-    run: Optional[dict] = None,
-    replace_sources: Optional[Sequence[str]] = None,
+    run: dict | None = None,
+    replace_sources: Sequence[str] | None = None,
     layer: str = TILES_LAYER,
     replace_all: bool = False,
-    tables: Optional[dict] = None,
-    known: Optional[TileLayer] = None,
+    tables: dict | None = None,
+    known: TileLayer | None = None,
 ) -> TileLayer:
     """Write ``tiles`` to ``path`` atomically, merging with an existing layer; returns the layer
     as written (tiles ordered by ``tile_id``, run records), ready for the next step.

@@ -20,7 +20,7 @@ import os
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Union
 
 from .._version import __version__
 from ..errors import InputError, OptionError
@@ -55,8 +55,8 @@ class EmbeddingSource:
     key: str
     model: str
     arch: str
-    checkpoint: Optional[str]
-    sha256: Optional[str]
+    checkpoint: str | None
+    sha256: str | None
     template: str
 
     @property
@@ -68,7 +68,7 @@ class EmbeddingSource:
 class LayerRuns(list):
     """The run records of one layer, oldest first: stored dicts plus typed accessors."""
 
-    def __init__(self, records: Any = (), path: Optional[PathLike] = None) -> None:
+    def __init__(self, records: Any = (), path: PathLike | None = None) -> None:
         super().__init__(records)
         self.path = str(path) if path is not None else None
 
@@ -86,7 +86,7 @@ class LayerRuns(list):
         """Every model task recorded (``params.tasks``), oldest first."""
         return [task for run in self for task in (run.get("params") or {}).get("tasks", []) or []]
 
-    def task_for(self, field: str) -> Optional[dict]:
+    def task_for(self, field: str) -> dict | None:
         """The last recorded model task that wrote column ``field`` (None when no record says)."""
         found = None
         for task in self.tasks():
@@ -94,12 +94,12 @@ class LayerRuns(list):
                 found = task
         return found
 
-    def weights_of(self, field: str) -> Optional[str]:
+    def weights_of(self, field: str) -> str | None:
         """sha256 of the weights of the last recorded run that wrote ``field``."""
         task = self.task_for(field)
         return task.get("sha256") if task else None
 
-    def embedding_source(self, keys: list[str], model: Optional[str] = None) -> EmbeddingSource:
+    def embedding_source(self, keys: list[str], model: str | None = None) -> EmbeddingSource:
         """The embedding set to search among ``keys`` (the layer's embedding keys): the only one,
         or the one made by ``model`` (a registry name or key). A model that made none of the
         layer's embeddings is refused: vectors of different models are not comparable."""
@@ -126,15 +126,15 @@ class LayerRuns(list):
                     f"models are not comparable: search with one of those, or embed the layer with {model} first",
                     option="model")
             key = matches[0]
-        task = tasks.get(key)
-        if task is None:
+        found = tasks.get(key)
+        if found is None:
             raise InputError(f"{where}: no run record says which model made {EMBEDDING_PREFIX}{key}; "
                              "embed the layer again")
-        return EmbeddingSource(key=key, model=task["name"], arch=task["arch"], checkpoint=task.get("checkpoint"),
-                               sha256=task.get("sha256"), template=task.get("template") or "{}")
+        return EmbeddingSource(key=key, model=found["name"], arch=found["arch"], checkpoint=found.get("checkpoint"),
+                               sha256=found.get("sha256"), template=found.get("template") or "{}")
 
 
-def read_runs(path: PathLike, layer_format: Optional[str] = None) -> LayerRuns:
+def read_runs(path: PathLike, layer_format: str | None = None) -> LayerRuns:
     """The run records of the layer file ``path``, oldest first (empty when it has none)."""
     from .io import layer_format as format_of
 

@@ -16,7 +16,6 @@ import os
 import pickle
 import zipfile
 from pathlib import Path
-from typing import Optional
 
 from ..errors import InputError
 from .registry import ModelSpec
@@ -33,7 +32,7 @@ def cache_dir() -> Path:
 WEIGHTS_FOLDER = Path(__file__).with_name("weights")
 
 
-def bundled_checkpoint(spec: ModelSpec) -> Optional[Path]:
+def bundled_checkpoint(spec: ModelSpec) -> Path | None:
     """The weights file shipped inside the package for ``spec`` (demo models), if any."""
     if not spec.bundled:
         return None
@@ -43,7 +42,7 @@ def bundled_checkpoint(spec: ModelSpec) -> Optional[Path]:
     return path
 
 
-def cached_checkpoint(spec: ModelSpec) -> Optional[Path]:
+def cached_checkpoint(spec: ModelSpec) -> Path | None:
     """The registry file name in the cache folder, if it is there."""
     if not spec.filename:
         return None
@@ -51,7 +50,7 @@ def cached_checkpoint(spec: ModelSpec) -> Optional[Path]:
     return path if path.is_file() else None
 
 
-def resolve_checkpoint(spec: ModelSpec, checkpoint: Optional[str] = None, download: bool = True) -> Path:
+def resolve_checkpoint(spec: ModelSpec, checkpoint: str | None = None, download: bool = True) -> Path:
     """A local checkpoint path for ``spec`` (downloading it when allowed and possible)."""
     if checkpoint:
         path = Path(checkpoint).expanduser()
@@ -65,7 +64,7 @@ def resolve_checkpoint(spec: ModelSpec, checkpoint: Optional[str] = None, downlo
     if cached:
         return cached
     where = cache_dir() / (spec.filename or f"{spec.key}.pt")
-    if spec.hf_repo and download and os.environ.get("HF_HUB_OFFLINE", "0") in ("0", "", "false"):
+    if spec.hf_repo and spec.hf_file and download and os.environ.get("HF_HUB_OFFLINE", "0") in ("0", "", "false"):
         try:
             from huggingface_hub import hf_hub_download
 

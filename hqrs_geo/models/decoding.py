@@ -37,14 +37,18 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
-from typing import Callable, Iterator, Optional, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..errors import OptionError
+
+#: An open_clip CoCa (its towers are reached by attribute, so it is typed loosely).
+CoCaModel = Any
 
 METHODS = ("greedy", "beam", "sample")
 
@@ -88,13 +92,13 @@ class DecodingConfig:
     repetition_penalty: float = 1.0
     min_length: int = 5
     max_length: int = 30
-    seed: Optional[int] = 0
+    seed: int | None = 0
 
     def as_dict(self) -> dict:
         """The settings as a plain JSON-serialisable dict (for run records)."""
         return asdict(self)
 
-    def validated(self) -> "DecodingConfig":
+    def validated(self) -> DecodingConfig:
         """Return ``self`` if every value is usable, else raise a one-line :class:`OptionError`."""
         if self.method not in METHODS:
             raise OptionError(f"decoding method must be one of {', '.join(METHODS)}, got {self.method!r}")
@@ -124,7 +128,7 @@ class DecodingConfig:
 # ----------------------------------------------------------------------------------------------
 
 
-def _banned_ids(model: nn.Module, sot_id: int, eos_id: int, pad_id: Optional[int]) -> list[int]:
+def _banned_ids(model: CoCaModel, sot_id: int, eos_id: int, pad_id: int | None) -> list[int]:
     """Token ids that are never generated: the start token and the pad id(s) (not end-of-text)."""
     banned = {int(sot_id)}
     if pad_id is not None:
@@ -195,7 +199,7 @@ def _sampling_chooser(config: DecodingConfig, device: torch.device) -> Chooser:
 
 
 @contextlib.contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
+def _eval_mode(model: CoCaModel) -> Iterator[None]:
     """Run with ``model.eval()`` and restore its training flag afterwards."""
     was_training = model.training
     model.eval()
@@ -209,7 +213,7 @@ def _unsupported(reason: str) -> OptionError:
     return OptionError(f"cached caption decoding needs an open_clip CoCa model: {reason}")
 
 
-def _check_attention_block(block: nn.Module, where: str) -> None:
+def _check_attention_block(block: Any, where: str) -> None:
     """The incremental attention reimplements open_clip's ``ResidualAttentionBlock`` exactly."""
     attn = getattr(block, "attn", None)
     if not isinstance(attn, nn.MultiheadAttention) or not hasattr(block, "ln_1") or not hasattr(block, "mlp"):
@@ -218,7 +222,7 @@ def _check_attention_block(block: nn.Module, where: str) -> None:
         raise _unsupported(f"{where} attention has separate/extra key-value projections")
 
 
-def _check_supported(model: nn.Module) -> None:
+def _check_supported(model: CoCaModel) -> None:
     """Raise a one-line OptionError unless ``model`` has the CoCa towers this decoder understands."""
     text, decoder = getattr(model, "text", None), getattr(model, "text_decoder", None)
     if not hasattr(model, "_encode_image") or text is None or decoder is None:
@@ -239,7 +243,7 @@ def _check_supported(model: nn.Module) -> None:
             raise _unsupported("a cross-attention block has no ln_1_kv")
 
 
-def max_caption_length(model: nn.Module) -> int:
+def max_caption_length(model: CoCaModel) -> int:
     """The most tokens one caption can have with ``model`` (its text context length)."""
     text_positions = model.text.positional_embedding.shape[0] - (1 if model.text.cls_emb is not None else 0)
     return int(min(text_positions, model.text_decoder.context_length))
@@ -257,8 +261,8 @@ class _State:
 
     cross: torch.Tensor
     capacity: int
-    text_kv: Optional[torch.Tensor] = None
-    dec_kv: Optional[torch.Tensor] = None
+    text_kv: torch.Tensor | None = None
+    dec_kv: torch.Tensor | None = None
     length: int = 0
 
 
@@ -270,7 +274,7 @@ def _split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
 class _IncrementalCoCa:
     """One-token-at-a-time forward of a CoCa's text tower and multimodal decoder."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: CoCaModel):
         _check_supported(model)
         self.model = model
         self.text = model.text
@@ -295,7 +299,7 @@ class _IncrementalCoCa:
         return _State(cross=torch.stack(layers), capacity=capacity)
 
     @staticmethod
-    def _cross_kv(block: nn.Module, image_embs: torch.Tensor) -> torch.Tensor:
+    def _cross_kv(block: Any, image_embs: torch.Tensor) -> torch.Tensor:
         """[2, images, heads, image tokens, head dim] keys/values of ``ln_1_kv(image_embs)``."""
         attn: nn.MultiheadAttention = block.attn
         width, heads = attn.embed_dim, attn.num_heads
@@ -340,14 +344,15 @@ class _IncrementalCoCa:
         return torch.zeros((layers, 2, rows, heads, capacity, head_dim), dtype=k.dtype, device=k.device)
 
     @staticmethod
-    def _qkv(block: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _qkv(block: Any, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Query, key and value [rows, heads, head dim] of ``ln_1(x)`` for a self-attention block."""
         attn: nn.MultiheadAttention = block.attn
         qkv = F.linear(block.ln_1(x), attn.in_proj_weight, attn.in_proj_bias)
-        return tuple(_split_heads(part, attn.num_heads) for part in qkv.chunk(3, dim=-1))
+        q, k, v = (_split_heads(part, attn.num_heads) for part in qkv.chunk(3, dim=-1))
+        return q, k, v
 
     @staticmethod
-    def _self_attention(block: nn.Module, x: torch.Tensor, kv: torch.Tensor, pos: int,
+    def _self_attention(block: Any, x: torch.Tensor, kv: torch.Tensor, pos: int,
                         q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Finish a causal self-attention block for the newest position, caching its k/v."""
         attn: nn.MultiheadAttention = block.attn
@@ -361,7 +366,7 @@ class _IncrementalCoCa:
         return x + block.ls_2(block.mlp(block.ln_2(x)))
 
     @staticmethod
-    def _cross_attention(block: nn.Module, x: torch.Tensor, cross_kv: torch.Tensor) -> torch.Tensor:
+    def _cross_attention(block: Any, x: torch.Tensor, cross_kv: torch.Tensor) -> torch.Tensor:
         """Cross-attention block: the rows of each image (its beams) query that image's k/v."""
         attn: nn.MultiheadAttention = block.attn
         width, heads = attn.embed_dim, attn.num_heads
@@ -379,7 +384,7 @@ class _IncrementalCoCa:
     # -- batch bookkeeping ---------------------------------------------------------------------
 
     @staticmethod
-    def select(state: _State, rows: torch.Tensor, images: Optional[torch.Tensor] = None) -> None:
+    def select(state: _State, rows: torch.Tensor, images: torch.Tensor | None = None) -> None:
         """Keep/reorder cache rows (``rows``: source row per new row) and, optionally, images."""
         if images is not None:
             state.cross = state.cross.index_select(2, images)
@@ -518,12 +523,12 @@ def _check_images(images: torch.Tensor) -> None:
 
 
 def generate_tokens(
-    model: nn.Module,
+    model: CoCaModel,
     images: torch.Tensor,
-    config: Optional[DecodingConfig],
+    config: DecodingConfig | None,
     sot_id: int,
     eos_id: int,
-    pad_id: Optional[int] = 0,
+    pad_id: int | None = 0,
 ) -> list[list[int]]:
     """Caption token ids for a batch of preprocessed images, decoded with a key/value cache.
 
@@ -550,13 +555,13 @@ def generate_tokens(
 
 
 def naive_greedy_tokens(
-    model: nn.Module,
+    model: CoCaModel,
     images: torch.Tensor,
     max_length: int,
     sot_id: int,
     eos_id: int,
     min_length: int = 0,
-    pad_id: Optional[int] = 0,
+    pad_id: int | None = 0,
 ) -> list[list[int]]:
     """Reference greedy decoding without any cache: a full ``model(images, prefix)`` per token.
 
@@ -609,8 +614,8 @@ def clean_caption(tokenizer, ids: Sequence[int], pad_id: int = 0) -> str:
     return " ".join(text.split())
 
 
-def generate_captions(model: nn.Module, tokenizer, images: torch.Tensor,
-                      config: Optional[DecodingConfig] = None) -> list[str]:
+def generate_captions(model: CoCaModel, tokenizer, images: torch.Tensor,
+                      config: DecodingConfig | None = None) -> list[str]:
     """Captions (clean text) for a batch of preprocessed images; ids come from the tokenizer."""
     pad_id = getattr(model, "pad_id", 0)
     token_ids = generate_tokens(model, images, config, tokenizer.sot_token_id, tokenizer.eot_token_id, pad_id)

@@ -7,7 +7,7 @@ templates, preprocessing and normalisation are the same everywhere.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 
@@ -44,7 +44,7 @@ def text_vectors(loaded: Any, texts: Sequence[str], templates: Sequence[str] = (
     return normalise(per_prompt.reshape(len(texts), len(templates), -1).mean(axis=1))
 
 
-def class_vectors(loaded: Any, labels: Sequence[str], templates: Optional[Sequence[str]] = None) -> np.ndarray:
+def class_vectors(loaded: Any, labels: Sequence[str], templates: Sequence[str] | None = None) -> np.ndarray:
     """One normalised vector per class label from a template ensemble (default: the model's own
     template, then :data:`~hqrs_geo.models.templates.ZERO_SHOT_TEMPLATES`)."""
     own = [loaded.spec.template] if getattr(loaded, "spec", None) is not None else []

@@ -4,7 +4,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from ..errors import InputError
 from .checkpoints import read_state_dict, resolve_checkpoint, sha256_of
@@ -25,8 +25,8 @@ class LoadedModel:
     tokenizer: Any
     preprocess: dict
     device: Any
-    checkpoint: Optional[str] = None
-    sha256: Optional[str] = None
+    checkpoint: str | None = None
+    sha256: str | None = None
     extra: dict = field(default_factory=dict)
 
     @property
@@ -45,7 +45,8 @@ class LoadedModel:
     def describe(self) -> dict:
         """Provenance recorded with every result."""
         return {
-            "name": self.spec.name, "kind": self.spec.kind, "arch": self.spec.arch, "description": self.spec.description,
+            "name": self.spec.name, "kind": self.spec.kind, "arch": self.spec.arch,
+            "description": self.spec.description,
             "demo_model": bool(self.spec.bundled),
             "quick_gelu": self.spec.quick_gelu, "checkpoint": self.checkpoint, "sha256": self.sha256,
             "preprocess": self.preprocess, "template": self.spec.template, "embed_dim": self.embed_dim,
@@ -91,7 +92,7 @@ def _check_keys(model, state: dict, path: Path, spec: ModelSpec, strict: bool) -
         )
 
 
-def weights_sha256(name: str, checkpoint: Optional[str] = None, arch: Optional[str] = None,
+def weights_sha256(name: str, checkpoint: str | None = None, arch: str | None = None,
                    download: bool = True) -> str:
     """sha256 of the weights :func:`load_model` would load for these arguments, without
     building the model (what a result cache keys on, so new weights invalidate it)."""
@@ -102,8 +103,8 @@ def weights_sha256(name: str, checkpoint: Optional[str] = None, arch: Optional[s
 
 def load_model(
     name: str,
-    checkpoint: Optional[str] = None,
-    arch: Optional[str] = None,
+    checkpoint: str | None = None,
+    arch: str | None = None,
     device: str = "auto",
     trust_checkpoint: bool = False,
     strict: bool = True,

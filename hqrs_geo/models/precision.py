@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any, Optional
+from typing import Any
 
 from ..errors import OptionError
 
@@ -27,7 +27,7 @@ def check_precision(precision: str) -> str:
     return precision
 
 
-def autocast_dtype(device: Any, precision: str = "auto") -> Optional[Any]:
+def autocast_dtype(device: Any, precision: str = "auto") -> Any | None:
     """The autocast dtype for ``precision`` on ``device`` (None: plain fp32)."""
     import torch
 
@@ -47,13 +47,13 @@ def autocast_dtype(device: Any, precision: str = "auto") -> Optional[Any]:
     return None
 
 
-def precision_name(dtype: Optional[Any]) -> str:
+def precision_name(dtype: Any | None) -> str:
     """``fp32``, ``bf16`` or ``fp16`` for an autocast dtype (recorded with results)."""
     return {None: "fp32"}.get(dtype, str(dtype).replace("torch.", "").replace("bfloat16", "bf16")
                                  .replace("float16", "fp16"))
 
 
-def autocast(device: Any, dtype: Optional[Any]) -> contextlib.AbstractContextManager:
+def autocast(device: Any, dtype: Any | None) -> contextlib.AbstractContextManager:
     """``torch.autocast`` for ``dtype`` on ``device``, or a no-op for plain fp32."""
     import torch
 
@@ -63,7 +63,7 @@ def autocast(device: Any, dtype: Optional[Any]) -> contextlib.AbstractContextMan
 
 
 @contextmanager
-def inference_context(device: Any, dtype: Optional[Any]) -> Iterator[None]:
+def inference_context(device: Any, dtype: Any | None) -> Iterator[None]:
     """``torch.inference_mode`` plus autocast when a mixed-precision dtype is given."""
     import torch
 

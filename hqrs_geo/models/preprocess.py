@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
+
 class BatchPreprocess:
     """Callable turning uint8 ``[B, 3, H, W]`` tensors into normalised model input."""
 

@@ -13,9 +13,9 @@ custom model together with a checkpoint path.
 from __future__ import annotations
 
 import re
-from pathlib import Path
 from dataclasses import asdict, dataclass, replace
-from typing import Literal, Optional
+from pathlib import Path
+from typing import Literal
 
 from ..errors import OptionError
 from .templates import DEFAULT_TEMPLATE
@@ -31,14 +31,14 @@ class ModelSpec:
     kind: Kind
     arch: str
     description: str
-    filename: Optional[str] = None  # the checkpoint file users put in the cache folder
-    hf_repo: Optional[str] = None  # Hugging Face hub repository, when the weights are published there
-    hf_file: Optional[str] = None
+    filename: str | None = None  # the checkpoint file users put in the cache folder
+    hf_repo: str | None = None  # Hugging Face hub repository, when the weights are published there
+    hf_file: str | None = None
     quick_gelu: bool = False  # OpenAI-initialised CLIPs trained with QuickGELU
     template: str = DEFAULT_TEMPLATE
     obtain: str = ""  # how a user gets the weights when they are not on the hub
     arch_from_filename: bool = False  # the authors' file names carry the architecture
-    bundled: Optional[str] = None  # file in hqrs_geo/models/weights (the shipped demo models)
+    bundled: str | None = None  # file in hqrs_geo/models/weights (the shipped demo models)
 
     @property
     def key(self) -> str:
@@ -151,7 +151,7 @@ def register_config_folders() -> None:
             _registered_folders.add(str(folder))
 
 
-def open_clip_arch(name: str) -> Optional[str]:
+def open_clip_arch(name: str) -> str | None:
     """The open_clip architecture called ``name`` (case and ``/`` insensitive), or None."""
     import open_clip
 
@@ -160,7 +160,7 @@ def open_clip_arch(name: str) -> Optional[str]:
     return lowered.get(name.replace("/", "-").lower())
 
 
-def arch_in_filename(filename: str) -> Optional[str]:
+def arch_in_filename(filename: str) -> str | None:
     """The longest open_clip architecture name found in a checkpoint file name, if any."""
     import open_clip
 
@@ -169,7 +169,7 @@ def arch_in_filename(filename: str) -> Optional[str]:
     return max(found, key=len) if found else None
 
 
-def get_spec(name: str, arch: Optional[str] = None, checkpoint: Optional[str] = None) -> ModelSpec:
+def get_spec(name: str, arch: str | None = None, checkpoint: str | None = None) -> ModelSpec:
     """The spec for ``name``: a registry entry or an open_clip architecture (custom model).
 
     ``arch`` overrides the entry's architecture; for entries whose authors put the

@@ -15,9 +15,10 @@ from __future__ import annotations
 import logging
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import date
-from typing import Any, Optional, Sequence
+from typing import Any
 
 import numpy as np
 import shapely
@@ -58,9 +59,9 @@ class VectorSource:
     """
 
     path: str
-    layer: Optional[str] = None
+    layer: str | None = None
     label: str = ""
-    class_field: Optional[str] = None
+    class_field: str | None = None
 
     def __post_init__(self) -> None:
         self.path = str(self.path)
@@ -143,12 +144,12 @@ class VectorFacts:
     label: str
     kind: str
     count: int = 0
-    area_fraction: Optional[float] = None
-    length_m: Optional[float] = None
-    length_per_km2: Optional[float] = None
+    area_fraction: float | None = None
+    length_m: float | None = None
+    length_per_km2: float | None = None
     classes: list[tuple[str, float]] = field(default_factory=list)
     regions: dict[str, float] = field(default_factory=lambda: dict.fromkeys(REGIONS, 0.0))
-    main_region: Optional[str] = None
+    main_region: str | None = None
 
 
 @dataclass
@@ -163,12 +164,12 @@ class TileFacts:
     tile_id: str
     width_m: float
     height_m: float
-    gsd_m: Optional[float]
+    gsd_m: float | None
     centre_lat: float
     centre_lon: float
-    acquired: Optional[str] = None
-    vegetation_fraction: Optional[float] = None
-    water_fraction: Optional[float] = None
+    acquired: str | None = None
+    vegetation_fraction: float | None = None
+    water_fraction: float | None = None
     vectors: list[VectorFacts] = field(default_factory=list)
     ndvi_threshold: float = 0.3
     ndwi_threshold: float = 0.0
@@ -181,7 +182,7 @@ class TileFacts:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict) -> "TileFacts":
+    def from_dict(cls, d: dict) -> TileFacts:
         """Inverse of :meth:`as_dict` (for facts kept in a cache)."""
         values = dict(d)
         vectors = []
@@ -252,7 +253,7 @@ def _region_index(points: np.ndarray, bounds: np.ndarray) -> np.ndarray:
 
 # --------------------------------------------------------------------------- raster facts
 
-def acquisition_date(src) -> Optional[str]:
+def acquisition_date(src) -> str | None:
     """The acquisition date (ISO ``YYYY-MM-DD``) from an open raster's metadata tags, or None.
 
     Looks at ``ACQUISITIONDATETIME`` / ``ACQUISITION_DATE`` (IMAGERY domain, then default) and
@@ -269,7 +270,7 @@ def acquisition_date(src) -> Optional[str]:
     return None
 
 
-def _parse_date(value: Optional[str]) -> Optional[str]:
+def _parse_date(value: str | None) -> str | None:
     match = _DATE.match(value or "")
     if not match:
         return None
@@ -279,7 +280,7 @@ def _parse_date(value: Optional[str]) -> Optional[str]:
         return None
 
 
-def spectral_bands(src, nir_band: Optional[int] = None) -> Optional[tuple[int, int, int]]:
+def spectral_bands(src, nir_band: int | None = None) -> tuple[int, int, int] | None:
     """1-based (red, green, NIR) band numbers of an open raster, or None when it has no NIR band.
 
     NIR is ``nir_band`` if given, else a band interpreted or described as NIR / near infrared,
@@ -291,7 +292,7 @@ def spectral_bands(src, nir_band: Optional[int] = None) -> Optional[tuple[int, i
     if nir_band is not None:
         if not 1 <= int(nir_band) <= src.count:
             raise OptionError(f"invalid NIR band {nir_band}: {src.name} has bands 1..{src.count}")
-        nir = int(nir_band)
+        nir: int | None = int(nir_band)
     else:
         nir = next((i + 1 for i in range(src.count) if interp[i] == "nir" or _NIR_WORDS.search(names[i])), None)
         if nir is None and src.count == 4 and "alpha" not in interp:
@@ -300,10 +301,11 @@ def spectral_bands(src, nir_band: Optional[int] = None) -> Optional[tuple[int, i
         return None
     others = [i + 1 for i in range(src.count) if i + 1 != nir and interp[i] != "alpha"]
 
-    def find(word: str, taken: tuple) -> Optional[int]:
+    def find(word: str, taken: tuple) -> int | None:
         named = [b for b in others if interp[b - 1] == word or names[b - 1] in (word, word[0])]
         spare = [b for b in others if b not in taken]
-        return (named or spare or [None])[0]
+        found = named or spare
+        return found[0] if found else None
 
     red = find("red", ())
     green = find("green", (red,))
@@ -326,7 +328,7 @@ def _normalised_difference(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 def spectral_fractions(
     src, bands: tuple[int, int, int], window: tuple[int, int, int, int],
     ndvi_threshold: float = 0.3, ndwi_threshold: float = 0.0,
-) -> tuple[Optional[float], Optional[float]]:
+) -> tuple[float | None, float | None]:
     """Fractions of the valid pixels of a window ``(x_off, y_off, width, height)`` above the NDVI / NDWI thresholds.
 
     Masked (nodata, alpha, per-dataset mask) and non-finite pixels in any of the three bands are
@@ -358,15 +360,14 @@ def spectral_fractions(
 class _RasterFacts:
     """Per-tile facts read from the source rasters."""
 
-    acquired: list[Optional[str]]
+    acquired: list[str | None]
     pixel_size_m: np.ndarray
-    vegetation: list[Optional[float]]
-    water: list[Optional[float]]
+    vegetation: list[float | None]
+    water: list[float | None]
 
 
 def _raster_facts(tiles, nir_band, ndvi_threshold, ndwi_threshold, progress) -> _RasterFacts:
     """Open each source raster once: its date, pixel size and, with a NIR band, each tile's spectral fractions."""
-
     n = len(tiles)
     facts = _RasterFacts([None] * n, np.full(n, np.nan), [None] * n, [None] * n)
     rows_by_source: dict[str, list[int]] = {}
@@ -405,12 +406,12 @@ class _Features:
 
     kind: str
     geoms: np.ndarray  # shapely geometries in the metric CRS
-    classes: Optional[np.ndarray]
+    classes: np.ndarray | None
     index: Any = None  # the GeoSeries spatial index over ``geoms``
 
 
 def _kind(geometry_type: str, dims: np.ndarray) -> str:
-    """polygon / line / point from the layer's declared geometry type, else from its features."""
+    """Polygon / line / point from the layer's declared geometry type, else from its features."""
     declared = (geometry_type or "").lower()
     for word, kind in (("polygon", "polygon"), ("line", "line"), ("point", "point")):
         if word in declared:
@@ -456,8 +457,9 @@ def _read_features(source: VectorSource, tiles, crs) -> _Features:
         layer_crs = info.get("crs") or tiles.crs
         if not info.get("crs"):
             log.warning("%s: layer %s has no CRS; assuming the tiles' CRS", source.path, source.layer)
+        minx, miny, maxx, maxy = (float(v) for v in tiles.total_bounds)
         bbox = Transformer.from_crs(tiles.crs, layer_crs, always_xy=True).transform_bounds(
-            *tiles.total_bounds, densify_pts=21)
+            minx, miny, maxx, maxy, densify_pts=21)
         columns = [source.class_field] if source.class_field else []
         frame = pyogrio.read_dataframe(source.path, layer=source.layer, columns=columns, bbox=tuple(bbox))
     except Exception as exc:  # pyogrio / pyproj raise many types
@@ -496,7 +498,7 @@ def _group_union(geoms: np.ndarray, groups: np.ndarray, n: int) -> np.ndarray:
 
 
 def _region_measures(kind: str, clipped: np.ndarray, tile_idx: np.ndarray, bounds: np.ndarray,
-                     unions: Optional[np.ndarray] = None) -> np.ndarray:
+                     unions: np.ndarray | None = None) -> np.ndarray:
     """Measure (area / length / count) of the clipped features in each grid cell of each tile, shape (n, 9).
 
     Polygons are measured through ``unions`` (one per tile), so overlaps are not counted twice.
@@ -510,6 +512,7 @@ def _region_measures(kind: str, clipped: np.ndarray, tile_idx: np.ndarray, bound
         return regions
     boxes = _region_boxes(bounds)
     if kind == "polygon":
+        assert unions is not None, "polygon measures need the per-tile unions"
         return np.nan_to_num(shapely.area(shapely.intersection(unions[:, None], boxes)))
     np.add.at(regions, tile_idx, shapely.length(shapely.intersection(clipped[:, None], boxes[tile_idx])))
     return regions
@@ -552,7 +555,7 @@ def _chunk_facts(features: _Features, label: str, footprints, areas, bounds) -> 
     out = []
     for t in range(n):
         facts = VectorFacts(label=label, kind=kind, count=int(counts[t]), classes=classes[t])
-        if kind == "polygon":
+        if kind == "polygon" and covered is not None:
             facts.area_fraction = float(min(1.0, covered[t] / areas[t])) if areas[t] > 0 else 0.0
         elif kind == "line":
             facts.length_m = float(totals[t])
@@ -616,7 +619,7 @@ def compute_facts(
     vectors: Sequence[VectorSource] = (),
     ndvi_threshold: float = 0.3,
     ndwi_threshold: float = 0.0,
-    nir_band: Optional[int] = None,
+    nir_band: int | None = None,
     progress=None,
 ) -> dict[str, TileFacts]:
     """Facts for every tile of a tile layer (GeoDataFrame from ``read_tiles`` / ``tile_rasters``), keyed by tile_id.

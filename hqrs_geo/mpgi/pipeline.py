@@ -20,9 +20,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional, Sequence
 
 import numpy as np
 
@@ -45,7 +45,7 @@ class Call:
     source: str
     prompt: str
     request: object = None
-    text: Optional[str] = None
+    text: str | None = None
 
 
 def resolve_backend_config(table: dict) -> dict:
@@ -77,7 +77,7 @@ class MpgiRun:
     """One run of the pipeline over a layer (see :func:`run_mpgi`)."""
 
     def __init__(self, layer: str, recipe: Recipe, output: str, vectors: Sequence = (), progress=None,
-                 cancel: Optional[Callable[[], bool]] = None, device: str = "auto"):
+                 cancel: Callable[[], bool] | None = None, device: str = "auto"):
         self.layer, self.recipe, self.output = layer, recipe, output
         self.vectors, self.progress, self.cancel, self.device = list(vectors), progress, cancel, device
         self.cache = ResumeStore(call_cache_path(output))
@@ -110,7 +110,8 @@ class MpgiRun:
             answers = backend.complete([c.request for c in pending])
             for call, text in zip(pending, answers):
                 call.text = text.strip()
-                self.cache.put_call(call.key, call.tile_id, stage, call.source, call.prompt, backend.identity(), call.text)
+                self.cache.put_call(call.key, call.tile_id, stage, call.source, call.prompt, backend.identity(),
+                                    call.text)
                 self.fresh += 1
 
     def _record(self, call: Call) -> None:
@@ -183,7 +184,7 @@ class MpgiRun:
 
         table = self.recipe.raw.get("caption_model", {})
         decoding = DecodingConfig(method=table.get("decoding", "beam")).validated()
-        name = self.recipe.caption_model
+        name = str(self.recipe.caption_model)
         identity = f"engine:{name}:{weights_sha256(name)[:12]}"  # new weights, new cache entries
         task = None
         self._start("caption", len(tile_ids), f"caption model {name}")
@@ -204,9 +205,9 @@ class MpgiRun:
                 if task is None:
                     task = CaptionTask(load_model(name, device=self.device), RunOptions(), decoding)
                 images = [torch.from_numpy(np.ascontiguousarray(c.request)).permute(2, 0, 1) for c in missing]
-                if len({tuple(i.shape) for i in images}) == 1:
-                    images = torch.stack(images).to(task.loaded.device)
-                for call, text in zip(missing, task(images)):
+                same_size = len({tuple(i.shape) for i in images}) == 1
+                for call, text in zip(missing, task(torch.stack(images).to(task.loaded.device) if same_size
+                                                    else images)):
                     call.text = text
                     self.cache.put_call(call.key, call.tile_id, "caption", name, prompt, identity, text)
                     self.fresh += 1
@@ -234,7 +235,8 @@ class MpgiRun:
                 calls = []
                 for tile_id in chunk:
                     prompt = integration_prompt(template, facts[tile_id][1], descriptions[tile_id],
-                                                out["short_captions"], out["max_words_detailed"], out["max_words_short"])
+                                                out["short_captions"], out["max_words_detailed"],
+                                                out["max_words_short"])
                     request = ChatRequest(messages=[{"role": "system", "content": self.recipe.prompts["system"]},
                                                     {"role": "user", "content": prompt}],
                                           max_tokens=int(table.get("max_tokens", 200)),
@@ -248,7 +250,7 @@ class MpgiRun:
                     absent = [v.label for v in tile_facts.vectors if v.count == 0]
                     sources = list(facts[call.tile_id][1]) + [t for _, t in descriptions[call.tile_id]]
                     results[call.tile_id] = clean_captions(
-                        call.text, instructions, sources, absent, out["short_captions"],
+                        call.text or "", instructions, sources, absent, out["short_captions"],
                         out["max_words_detailed"], out["max_words_short"])
                 self._advance(len(chunk))
         finally:
@@ -272,8 +274,8 @@ class MpgiRun:
         return pd.DataFrame(rows, columns=["tile_id", "stage", "source", "prompt", "text"])
 
 
-def run_mpgi(layer: str, recipe: Optional[str | Recipe] = None, vectors: Sequence[str] = (), output: Optional[str] = None,
-             limit: Optional[int] = None, progress=None, cancel: Optional[Callable[[], bool]] = None,
+def run_mpgi(layer: str, recipe: str | Recipe | None = None, vectors: Sequence[str] = (), output: str | None = None,
+             limit: int | None = None, progress=None, cancel: Callable[[], bool] | None = None,
              device: str = "auto"):
     """Run the MpGI pipeline on the tiles of ``layer``; returns the updated tiles (GeoDataFrame).
 

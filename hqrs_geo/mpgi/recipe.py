@@ -11,7 +11,6 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 from ..errors import InputError, OptionError
 
@@ -50,7 +49,7 @@ class Recipe:
         return self.vlm.get("type", "none") != "none"
 
     @property
-    def caption_model(self) -> Optional[str]:
+    def caption_model(self) -> str | None:
         """Engine caption model used as one more perspective, or None."""
         name = self.raw.get("caption_model", {}).get("name", "")
         if not name:
@@ -148,7 +147,7 @@ def _check(raw: dict, source: str) -> None:
     merge_rules(raw.get("rules", {}))
 
 
-def load_recipe(path: Optional[str] = None) -> Recipe:
+def load_recipe(path: str | None = None) -> Recipe:
     """The default recipe, overridden by the TOML file at ``path`` when given; validated."""
     raw = _read_toml(DEFAULT_RECIPE)
     source = "default recipe"

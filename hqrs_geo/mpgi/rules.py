@@ -22,7 +22,8 @@ template to round. The first letter of every sentence is capitalised.
 """
 from __future__ import annotations
 
-from typing import Any, Mapping, Optional
+from collections.abc import Mapping
+from typing import Any
 
 from ..errors import OptionError
 from .facts import UNKNOWN_CLASS, TileFacts, VectorFacts
@@ -65,7 +66,7 @@ _FIELDS = {
 _KIND_RULE = {"polygon": "polygons", "line": "lines", "point": "points"}
 
 
-def merge_rules(rules: Optional[Mapping[str, str]] = None) -> dict[str, str]:
+def merge_rules(rules: Mapping[str, str] | None = None) -> dict[str, str]:
     """:data:`DEFAULT_RULES` with ``rules`` laid over them, every template checked.
 
     Raises :class:`OptionError` (one line) for an unknown rule name or a template that uses an
@@ -127,7 +128,7 @@ def _vector_sentences(v: VectorFacts, rules: Mapping[str, str]) -> list[str]:
     common = {"label": v.label, "noun": noun, "are": "is" if v.count == 1 else "are", "count": v.count,
               "region": v.main_region or "centre"}
     key = _KIND_RULE[v.kind]
-    values = {name: value for name, value in common.items() if name in _FIELDS[key]}
+    values: dict[str, Any] = {name: value for name, value in common.items() if name in _FIELDS[key]}
     if v.kind == "polygon":
         values.update(pct=(v.area_fraction or 0.0) * 100, fraction=v.area_fraction or 0.0)
     elif v.kind == "line":
@@ -143,7 +144,7 @@ def _vector_sentences(v: VectorFacts, rules: Mapping[str, str]) -> list[str]:
     return out
 
 
-def fact_sentences(facts: TileFacts, rules: Optional[Mapping[str, str]] = None) -> list[str]:
+def fact_sentences(facts: TileFacts, rules: Mapping[str, str] | None = None) -> list[str]:
     """Sentences stating the facts of one tile, in a fixed order (size, place, date, cover, layers).
 
     ``rules`` overrides :data:`DEFAULT_RULES` per key; ``""`` leaves that sentence out. Facts that
@@ -172,6 +173,6 @@ def fact_sentences(facts: TileFacts, rules: Optional[Mapping[str, str]] = None) 
     return out
 
 
-def facts_block(facts: TileFacts, rules: Optional[Mapping[str, str]] = None) -> str:
+def facts_block(facts: TileFacts, rules: Mapping[str, str] | None = None) -> str:
     """The fact sentences of one tile, one per line (for prompts)."""
     return "\n".join(fact_sentences(facts, rules))

@@ -10,7 +10,7 @@ import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Optional, TypeVar
+from typing import TypeVar
 
 import rasterio
 from rasterio.enums import ColorInterp
@@ -76,16 +76,16 @@ class SceneInfo:
     height: int
     count: int
     dtypes: tuple[str, ...]
-    crs: Optional[str]
+    crs: str | None
     transform: tuple[float, ...]
     pixel_size: tuple[float, float]
-    pixel_size_m: Optional[tuple[float, float]]
-    nodata: Optional[float]
+    pixel_size_m: tuple[float, float] | None
+    nodata: float | None
     colorinterp: tuple[str, ...]
     mask_flags: tuple[tuple[str, ...], ...]
     overviews: tuple[int, ...]
     block_shapes: tuple[tuple[int, int], ...]
-    compression: Optional[str]
+    compression: str | None
     has_gcps: bool
     has_palette: bool
     bounds: tuple[float, float, float, float]
@@ -108,7 +108,7 @@ class SceneInfo:
         return asdict(self)
 
 
-def _pixel_size_m(src: rasterio.DatasetReader) -> Optional[tuple[float, float]]:
+def _pixel_size_m(src: rasterio.DatasetReader) -> tuple[float, float] | None:
     """Ground size in metres of one pixel step along x and along y, at the scene centre."""
     if src.crs is None:
         return None
@@ -170,7 +170,7 @@ class BandChoice:
     palette: bool = False
 
 
-def choose_bands(info: SceneInfo, requested: Optional[Sequence[int]] = None) -> BandChoice:
+def choose_bands(info: SceneInfo, requested: Sequence[int] | None = None) -> BandChoice:
     """Pick the bands to show as RGB.
 
     Default: red/green/blue by colour interpretation; else the first three non-alpha bands
@@ -195,7 +195,7 @@ def choose_bands(info: SceneInfo, requested: Optional[Sequence[int]] = None) -> 
     if len(usable) >= 3:
         return BandChoice((usable[0], usable[1], usable[2]))
     if len(usable) == 1:
-        return BandChoice((usable[0],) * 3)  # type: ignore[arg-type]
+        return BandChoice((usable[0], usable[0], usable[0]))
     raise InputError(
         f"{info.path}: cannot choose RGB from {info.count} band(s) ({', '.join(info.colorinterp)}); "
         "choose the bands (R,G,B or a single band)", option="bands")

@@ -7,8 +7,8 @@ scene stay comparable. Per-tile stretching is deliberately not offered.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Optional, Sequence, Union
 
 import numpy as np
 import rasterio
@@ -34,7 +34,7 @@ class StretchSpec:
     high: float = 98.0
 
     @classmethod
-    def parse(cls, text: Union[str, "StretchSpec", None]) -> "StretchSpec":
+    def parse(cls, text: str | StretchSpec | None) -> StretchSpec:
         """Parse ``auto``, ``none``, ``p2,98`` (percentiles) or ``0,3000`` (value range)."""
         if text is None:
             return cls()
@@ -49,10 +49,12 @@ class StretchSpec:
             low, high = (float(p) for p in parts)
         except ValueError:
             raise OptionError(
-                f"invalid stretch {text!r}: use auto, none, p2,98 (percentiles) or 0,3000 (value range)", option="stretch"
+                f"invalid stretch {text!r}: use auto, none, p2,98 (percentiles) or 0,3000 (value range)",
+                option="stretch"
             ) from None
         if not high > low or (mode == "percentile" and not (0 <= low < high <= 100)):
-            raise OptionError(f"invalid stretch {text!r}: need low < high (percentiles within 0..100)", option="stretch")
+            raise OptionError(f"invalid stretch {text!r}: need low < high (percentiles within 0..100)",
+                              option="stretch")
         return cls(mode=mode, low=low, high=high)
 
     def __str__(self) -> str:
@@ -65,8 +67,8 @@ class StretchSpec:
 class Scale:
     """Per-band linear map ``(v - low) / (high - low) * 255``; ``None`` bounds mean clip only."""
 
-    low: Optional[tuple[float, ...]] = None
-    high: Optional[tuple[float, ...]] = None
+    low: tuple[float, ...] | None = None
+    high: tuple[float, ...] | None = None
 
     @property
     def identity(self) -> bool:
@@ -91,7 +93,7 @@ class Scale:
         return {"low": list(self.low) if self.low else None, "high": list(self.high) if self.high else None}
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Scale":
+    def from_dict(cls, d: dict) -> Scale:
         """Inverse of :meth:`as_dict`."""
         if not d or d.get("low") is None:
             return cls()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Literal, Union
+from typing import Literal
 
 from ..errors import OptionError
 
@@ -26,7 +26,7 @@ class Length:
         return number + ("" if self.unit == "px" else self.unit)
 
 
-LengthLike = Union[Length, int, float, str]
+LengthLike = Length | int | float | str
 
 
 def parse_length(spec: LengthLike, what: str = "length", allow_percent: bool = False) -> Length:

@@ -69,15 +69,16 @@ import os
 import re
 import time
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence, Union
+from typing import Any
 
 import numpy as np
 
-from ..errors import InputError, OptionError
 from ..atomic import atomic_path
+from ..errors import InputError, OptionError
 
-PathLike = Union[str, os.PathLike]
+PathLike = str | os.PathLike
 
 CACHE_VERSION = 1
 #: From this many queries on, float16 matrices are searched by one chunked float32 GEMM pass.
@@ -88,7 +89,7 @@ CHUNK_ROWS = 4096
 SUBSET_ROWS = 65536
 #: Most neighbours fetched from an ANN index for a masked query before falling back to exact search.
 ANN_MAX_FETCH = 4096
-ANN_DEFAULTS = {
+ANN_DEFAULTS: dict[str, dict[str, Any]] = {
     # 1M x 512 clustered, 2 cores: build ~2.5 min, recall@10 0.97 at ~1 ms per query
     "hnsw": {"M": 32, "efConstruction": 64, "efSearch": 512},
     # same data: build ~11 s, recall@10 1.0 at ~2 ms per query
@@ -99,7 +100,7 @@ FAISS_HINT = "pip install faiss-cpu"
 
 
 def _torch():
-    """torch when installed (the fast float16 kernels), else None."""
+    """Torch when installed (the fast float16 kernels), else None."""
     try:
         import torch
     except ImportError:  # pragma: no cover - torch is installed with the models extra
@@ -123,7 +124,7 @@ def _safe(key: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]", "_", key)
 
 
-def _layer_fingerprint(layer: Path, key: str) -> Optional[dict]:
+def _layer_fingerprint(layer: Path, key: str) -> dict | None:
     try:
         st = os.stat(layer)
     except OSError:
@@ -200,8 +201,8 @@ class VectorIndex:
     ids: np.ndarray
     matrix: np.ndarray
 
-    def __init__(self, matrix: np.ndarray, ids, *, layer: Optional[PathLike] = None, key: Optional[str] = None,
-                 fingerprint: Optional[dict] = None, max_norm: Optional[float] = None):
+    def __init__(self, matrix: np.ndarray, ids, *, layer: PathLike | None = None, key: str | None = None,
+                 fingerprint: dict | None = None, max_norm: float | None = None):
         """Use :meth:`from_matrix` or :meth:`open`; this stores already checked arguments."""
         self.matrix = matrix
         self.ids = ids
@@ -211,14 +212,14 @@ class VectorIndex:
         self._max_norm = max_norm
         self._tensor = None
         self._kernel = "mv16" if matrix.dtype == np.float16 else "mv32"
-        self._ann = None
-        self._ann_info: Optional[dict] = None
-        self._digest: Optional[str] = None
-        self.cache_path: Optional[Path] = None
+        self._ann: Any = None
+        self._ann_info: dict | None = None
+        self._digest: str | None = None
+        self.cache_path: Path | None = None
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def from_matrix(cls, matrix: np.ndarray, ids=None) -> "VectorIndex":
+    def from_matrix(cls, matrix: np.ndarray, ids=None) -> VectorIndex:
         """An index over ``matrix`` (float16 or float32 kept as is and not copied when C-contiguous,
         other types converted to float32); ``ids`` default to the row numbers as strings."""
         if not isinstance(matrix, np.ndarray):
@@ -239,7 +240,7 @@ class VectorIndex:
         return cls(matrix, ids)
 
     @classmethod
-    def open(cls, layer: PathLike, key: str, frame=None) -> "VectorIndex":
+    def open(cls, layer: PathLike, key: str, frame=None) -> VectorIndex:
         """The embeddings of model ``key`` in tile layer ``layer``, memory-mapped from a cache beside it.
 
         The cache (``<layer>.emb_<key>.npy`` / ``.ids.npy`` / ``.json``) is reused while the
@@ -291,7 +292,7 @@ class VectorIndex:
         return {"matrix": Path(f"{base}.npy"), "ids": Path(f"{base}.ids.npy"), "json": Path(f"{base}.json")}
 
     @classmethod
-    def _load_cache(cls, paths: dict, fingerprint: dict, layer: Path, key: str) -> Optional["VectorIndex"]:
+    def _load_cache(cls, paths: dict, fingerprint: dict, layer: Path, key: str) -> VectorIndex | None:
         try:
             meta = json.loads(paths["json"].read_text())
             if meta.get("version") != CACHE_VERSION or meta.get("fingerprint") != fingerprint:
@@ -362,17 +363,19 @@ class VectorIndex:
         if q.ndim == 1:
             q = q[None, :]
         if q.ndim != 2 or q.shape[1] != self.dim:
-            raise OptionError(f"query vectors have shape {np.shape(queries)}; expected ({self.dim},) or (Q, {self.dim})")
+            raise OptionError(f"query vectors have shape {np.shape(queries)}; "
+                              f"expected ({self.dim},) or (Q, {self.dim})")
         if not np.isfinite(q).all():
             raise OptionError("query vectors contain NaN or infinite values")
         return np.ascontiguousarray(q)
 
-    def _check_mask(self, mask) -> Optional[np.ndarray]:
+    def _check_mask(self, mask) -> np.ndarray | None:
         if mask is None:
             return None
         mask = np.asarray(mask)
         if mask.shape != (self.n,) or mask.dtype != bool:
-            raise OptionError(f"mask must be a boolean array of {self.n} values (one per row), got {mask.dtype} {mask.shape}")
+            raise OptionError(f"mask must be a boolean array of {self.n} values (one per row), "
+                              f"got {mask.dtype} {mask.shape}")
         return mask
 
     @staticmethod
@@ -436,7 +439,7 @@ class VectorIndex:
         return np.partition(scores, scores.shape[1] - k, axis=1)[:, scores.shape[1] - k]
 
     def _select(self, fast: np.ndarray, query: np.ndarray, kth: float, eps: float, k: int
-                ) -> Optional[tuple[np.ndarray, np.ndarray]]:
+                ) -> tuple[np.ndarray, np.ndarray] | None:
         """Re-score rows whose fast score may be in the top k; None when the bound was broken."""
         rows = np.flatnonzero(fast >= kth - 2 * eps)
         exact = self._exact(rows, query)
@@ -445,8 +448,8 @@ class VectorIndex:
         return _order(exact, rows, k)
 
     # ------------------------------------------------------------------ search
-    def search(self, queries: np.ndarray, k: int = 10, mask: Optional[np.ndarray] = None,
-               use_ann: Optional[bool] = None) -> tuple[np.ndarray, np.ndarray]:
+    def search(self, queries: np.ndarray, k: int = 10, mask: np.ndarray | None = None,
+               use_ann: bool | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Top ``k`` rows by dot product (cosine similarity for normalised vectors).
 
         ``queries``: ``(D,)`` or ``(Q, D)`` (normalised by the caller). Returns ``(scores, rows)``,
@@ -466,7 +469,7 @@ class VectorIndex:
             return self._search_ann(q, k, mask)
         return self._search_exact(q, k, mask)
 
-    def _search_exact(self, q: np.ndarray, k: int, mask: Optional[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    def _search_exact(self, q: np.ndarray, k: int, mask: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
         n_q, n = len(q), self.n
         allowed = n if mask is None else int(mask.sum())
         k = min(k, allowed)
@@ -488,7 +491,7 @@ class VectorIndex:
             rows[zero] = first
         todo = np.flatnonzero(norms > 0)
         if self._kernel in ("mv16", "mv32") and len(todo) < SMALL_BATCH:
-            for i in todo:
+            for i in map(int, todo):
                 fast = self._mv(q[i], float(norms[i]))
                 if blocked is not None:
                     fast[blocked] = -np.inf
@@ -501,7 +504,7 @@ class VectorIndex:
                     return self._search_exact(q, k, mask)
                 scores[i], rows[i] = result
             return scores, rows
-        for i, (cand, fast) in zip(todo, self._batch_candidates(q[todo], k, mask, norms[todo])):
+        for i, (cand, fast) in zip(map(int, todo), self._batch_candidates(q[todo], k, mask, norms[todo])):
             exact = self._exact(cand, q[i])
             if len(cand) and float(np.abs(fast - exact).max()) > self._eps(float(norms[i]), "gemm") * 1.001:
                 cand = np.flatnonzero(mask) if mask is not None else np.arange(n)  # pragma: no cover
@@ -509,7 +512,7 @@ class VectorIndex:
             scores[i], rows[i] = _order(exact, cand, k)
         return scores, rows
 
-    def _batch_candidates(self, q: np.ndarray, k: int, mask: Optional[np.ndarray], norms: np.ndarray):
+    def _batch_candidates(self, q: np.ndarray, k: int, mask: np.ndarray | None, norms: np.ndarray):
         """One pass over the matrix for all queries: per query, the rows (ascending) whose float32
         GEMM score is within ``2 * eps`` of its k-th best, with those scores.
 
@@ -564,7 +567,7 @@ class VectorIndex:
             part = order[bounds[j]:bounds[j + 1]]
             yield rows[part], fast[part]
 
-    def scores(self, query: np.ndarray, mask: Optional[np.ndarray] = None) -> np.ndarray:
+    def scores(self, query: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
         """float32 scores of every row for one query, ``(N,)``; NaN where ``mask`` is False."""
         q = self._check_queries(query)
         if len(q) != 1:
@@ -575,7 +578,7 @@ class VectorIndex:
             out[~mask] = np.nan
         return out
 
-    def _search_ann(self, q: np.ndarray, k: int, mask: Optional[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    def _search_ann(self, q: np.ndarray, k: int, mask: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
         n = self.n
         allowed = n if mask is None else int(mask.sum())
         k = min(k, allowed)
@@ -602,12 +605,12 @@ class VectorIndex:
         return scores, rows
 
     # ------------------------------------------------------------------ ANN index
-    def _ann_path(self, kind: str, path: Optional[PathLike]) -> Optional[Path]:
+    def _ann_path(self, kind: str, path: PathLike | None) -> Path | None:
         if path is not None:
             return Path(path)
         if self.layer is None or self.fingerprint is None:
             return None
-        return Path(f"{self.layer}.emb_{_safe(self.key)}.{kind}.faiss")
+        return Path(f"{self.layer}.emb_{_safe(str(self.key))}.{kind}.faiss")
 
     def _ann_fingerprint(self) -> dict:
         """What a saved ANN index must have been built from: the layer (or the matrix's content)."""
@@ -664,7 +667,7 @@ class VectorIndex:
         for s in range(0, self.n, chunk):
             yield np.ascontiguousarray(self.matrix[s:s + chunk], dtype=np.float32)
 
-    def build_ann(self, kind: str = "hnsw", path: Optional[PathLike] = None, **params) -> dict:
+    def build_ann(self, kind: str = "hnsw", path: PathLike | None = None, **params) -> dict:
         """Build an inner-product FAISS index, measure it, keep it loaded and save it.
 
         ``kind="hnsw"``: ``IndexHNSWFlat`` (params ``M``, ``efConstruction``, ``efSearch``);
@@ -739,7 +742,7 @@ class VectorIndex:
         except (OSError, RuntimeError) as exc:
             raise InputError(f"{target}: cannot save the ANN index ({exc}); check free space and permissions") from None
 
-    def load_ann(self, path: Optional[PathLike] = None, kind: Optional[str] = None) -> bool:
+    def load_ann(self, path: PathLike | None = None, kind: str | None = None) -> bool:
         """Load a saved ANN index that still matches this matrix; False when missing or stale.
 
         ``path`` defaults to the layer's most recently built ``.hnsw.faiss`` / ``.ivf.faiss``
@@ -748,7 +751,8 @@ class VectorIndex:
         if path is not None:
             candidates = [Path(path)]
         else:  # the most recently built kind first
-            found = [p for p in (self._ann_path(kd, None) for kd in ([kind] if kind else ANN_DEFAULTS)) if p is not None]
+            kinds = [kind] if kind else list(ANN_DEFAULTS)
+            found = [p for p in (self._ann_path(kd, None) for kd in kinds) if p is not None]
             candidates = sorted((p for p in found if p.exists()), key=lambda p: p.stat().st_mtime_ns, reverse=True)
         for target in candidates:
             try:
@@ -773,6 +777,6 @@ class VectorIndex:
         return False
 
     @property
-    def ann_info(self) -> Optional[dict]:
+    def ann_info(self) -> dict | None:
         """Kind, parameters and path of the loaded ANN index (None when none is loaded)."""
         return dict(self._ann_info) if self._ann_info else None

@@ -7,7 +7,6 @@ import re
 import tempfile
 from functools import reduce
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 
@@ -22,7 +21,7 @@ def result_layer_name(query: str) -> str:
     return f"search_{slug or 'results'}"
 
 
-def write_result_layer(layer: str, results, name: str, params: dict, output: Optional[str] = None) -> str:
+def write_result_layer(layer: str, results, name: str, params: dict, output: str | None = None) -> str:
     """Write ranked results as layer ``name`` of the tile GeoPackage (or to ``output``); returns where."""
     target = output or layer
     if layer_format(target) != "GPKG" and output is None:

@@ -8,7 +8,7 @@ exactly those weights.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 
@@ -17,7 +17,7 @@ from ..layer.runs import EmbeddingSource
 from ..models.encode import normalise
 
 
-def load_source_model(source: EmbeddingSource, checkpoint: Optional[str] = None, device: str = "cpu",
+def load_source_model(source: EmbeddingSource, checkpoint: str | None = None, device: str = "cpu",
                       trust_checkpoint: bool = False) -> Any:
     """Load the model of ``source``, checking that the weights are the ones that made the layer."""
     from ..models.loader import load_model
@@ -37,7 +37,7 @@ def load_source_model(source: EmbeddingSource, checkpoint: Optional[str] = None,
     return loaded
 
 
-def combine(positives: np.ndarray, negatives: Optional[np.ndarray] = None, negative_weight: float = 0.5) -> np.ndarray:
+def combine(positives: np.ndarray, negatives: np.ndarray | None = None, negative_weight: float = 0.5) -> np.ndarray:
     """Query from examples: mean of positives minus ``negative_weight`` x mean of negatives, normalised."""
     if len(positives) == 0:
         raise OptionError("give at least one positive example (tile id or image)")

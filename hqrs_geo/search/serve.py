@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import sys
 import time
-from typing import Optional, TextIO
+from typing import TextIO
 
 from ..errors import HqrsError
 from .session import SearchSession
@@ -50,12 +50,13 @@ def answer(session: SearchSession, request: dict) -> dict:
     else:
         raise HqrsError("request needs 'text' or 'similar' (tile ids)")
     return {"results": [
-        {"tile_id": r.tile_id, "score": round(float(r.score), 6), "rank": int(r.rank), "bounds": list(r.geometry.bounds)}
+        {"tile_id": r.tile_id, "score": round(float(r.score), 6), "rank": int(r.rank),
+         "bounds": list(r.geometry.bounds)}
         for r in results.itertuples()
     ]}
 
 
-def serve(session: SearchSession, stdin: Optional[TextIO] = None, stdout: Optional[TextIO] = None) -> int:
+def serve(session: SearchSession, stdin: TextIO | None = None, stdout: TextIO | None = None) -> int:
     """Answer requests until end of input or ``{"op": "quit"}``; returns the number answered."""
     stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
 

@@ -4,7 +4,7 @@ then any number of text / example / zero-shot queries (the QGIS dock keeps one a
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -19,8 +19,8 @@ from .spatial import SpatialFilter
 class SearchSession:
     """Answers queries on ``layer``; the model is loaded on the first query that needs it."""
 
-    def __init__(self, layer: str, model: Optional[str] = None, checkpoint: Optional[str] = None,
-                 device: str = "cpu", use_ann: Optional[bool] = None, trust_checkpoint: bool = False):
+    def __init__(self, layer: str, model: str | None = None, checkpoint: str | None = None,
+                 device: str = "cpu", use_ann: bool | None = None, trust_checkpoint: bool = False):
         from .index import VectorIndex
 
         self.layer = str(layer)
@@ -42,7 +42,7 @@ class SearchSession:
             self._model = load_source_model(self.source, self.checkpoint, self.device, self.trust_checkpoint)
         return self._model
 
-    def mask(self, spatial: Optional[SpatialFilter], exclude: Sequence[str] = ()) -> Optional[np.ndarray]:
+    def mask(self, spatial: SpatialFilter | None, exclude: Sequence[str] = ()) -> np.ndarray | None:
         """Rows of the index allowed by the spatial filter and not excluded (None: all)."""
         if (spatial is None or not spatial.active) and not exclude:
             return None
@@ -58,7 +58,7 @@ class SearchSession:
         frame.insert(2, "rank", np.arange(1, len(frame) + 1))
         return frame.reset_index(drop=True)
 
-    def vector_search(self, query: np.ndarray, k: int = 20, spatial: Optional[SpatialFilter] = None,
+    def vector_search(self, query: np.ndarray, k: int = 20, spatial: SpatialFilter | None = None,
                       exclude: Sequence[str] = ()):
         """Top ``k`` tiles for a normalised query vector, as a GeoDataFrame with ``score``/``rank``."""
         if k < 1:
@@ -76,7 +76,7 @@ class SearchSession:
         vectors = text_vectors(self.model, texts, [self.source.template] if template else ["{}"])
         return combine(vectors)
 
-    def search_text(self, texts, k: int = 20, spatial: Optional[SpatialFilter] = None, template: bool = True):
+    def search_text(self, texts, k: int = 20, spatial: SpatialFilter | None = None, template: bool = True):
         """Tiles ranked by similarity to the text(s)."""
         return self.vector_search(self.text_query(texts, template), k, spatial)
 
@@ -104,27 +104,27 @@ class SearchSession:
 
     def search_similar(self, positive_ids: Sequence[str] = (), negative_ids: Sequence[str] = (),
                        positive_images: Sequence[str] = (), negative_images: Sequence[str] = (),
-                       negative_weight: float = 0.5, k: int = 20, spatial: Optional[SpatialFilter] = None,
+                       negative_weight: float = 0.5, k: int = 20, spatial: SpatialFilter | None = None,
                        include_examples: bool = False):
         """Tiles like the positive examples and unlike the negative ones (tile ids and/or image files)."""
         query = self.similar_query(positive_ids, negative_ids, positive_images, negative_images, negative_weight)
         exclude = () if include_examples else tuple(positive_ids) + tuple(negative_ids)
         return self.vector_search(query, k, spatial, exclude)
 
-    def score_all(self, query: np.ndarray, spatial: Optional[SpatialFilter] = None,
+    def score_all(self, query: np.ndarray, spatial: SpatialFilter | None = None,
                   exclude: Sequence[str] = ()) -> dict[str, float]:
         """``{tile_id: score}`` of every tile with an embedding that passes the filters."""
         all_scores = self.index.scores(query, self.mask(spatial, exclude))
         return {tid: float(s) for tid, s in zip(self.index.ids, all_scores) if s == s}
 
-    def label_vectors(self, labels: Sequence[str], templates: Optional[Sequence[str]] = None) -> np.ndarray:
+    def label_vectors(self, labels: Sequence[str], templates: Sequence[str] | None = None) -> np.ndarray:
         """One normalised vector per label from an ensemble of prompt templates."""
         from ..models.templates import ZERO_SHOT_TEMPLATES
 
         return class_vectors(self.model, labels, templates or list(dict.fromkeys([self.source.template,
                                                                                  *ZERO_SHOT_TEMPLATES])))
 
-    def classify(self, labels: Sequence[str], templates: Optional[Sequence[str]] = None, top_k: int = 3,
+    def classify(self, labels: Sequence[str], templates: Sequence[str] | None = None, top_k: int = 3,
                  write: bool = False):
         """Zero-shot classes for every tile with an embedding: ``label``, ``label_score`` and
         ``label_top`` (``"a:0.61;b:0.22;…"``) columns on a copy of the layer; with ``write`` the

@@ -7,8 +7,8 @@ equidistant projection centred on the point, so it is exact whatever the layer's
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Optional, Sequence
 
 import numpy as np
 import shapely
@@ -16,7 +16,7 @@ import shapely
 from ..errors import InputError, OptionError
 
 
-def _to_layer_crs(geom, src_crs: Optional[str], layer_crs):
+def _to_layer_crs(geom, src_crs: str | None, layer_crs):
     if src_crs is None or layer_crs is None:
         return geom
     from pyproj import CRS, Transformer
@@ -38,12 +38,12 @@ def _segment(geom) -> float:
 class SpatialFilter:
     """Optional box, polygon-layer and near-point filters (all given ones must pass)."""
 
-    bbox: Optional[tuple[float, float, float, float]] = None
-    bbox_crs: Optional[str] = None  # default: the layer's CRS
-    within: Optional[str] = None  # polygon layer path, optionally "path|layername=NAME"
-    near: Optional[tuple[float, float]] = None
+    bbox: tuple[float, float, float, float] | None = None
+    bbox_crs: str | None = None  # default: the layer's CRS
+    within: str | None = None  # polygon layer path, optionally "path|layername=NAME"
+    near: tuple[float, float] | None = None
     near_crs: str = "EPSG:4326"
-    distance: Optional[float] = None  # metres
+    distance: float | None = None  # metres
 
     @property
     def active(self) -> bool:
@@ -65,7 +65,7 @@ class SpatialFilter:
         return keep
 
 
-def bbox_mask(geoms, layer_crs, bbox: Sequence[float], crs: Optional[str] = None) -> np.ndarray:
+def bbox_mask(geoms, layer_crs, bbox: Sequence[float], crs: str | None = None) -> np.ndarray:
     """Tiles intersecting the box ``(minx, miny, maxx, maxy)`` given in ``crs`` (default: layer CRS)."""
     if len(bbox) != 4 or not (bbox[0] < bbox[2] and bbox[1] < bbox[3]):
         raise OptionError(f"invalid bbox {list(bbox)}: use minx,miny,maxx,maxy with min < max")
@@ -101,7 +101,8 @@ def near_mask(geoms, layer_crs, point: Sequence[float], distance_m: float, crs: 
         raise InputError("the layer has no CRS, so distances in metres cannot be measured")
     from pyproj import CRS, Transformer
 
-    lon, lat = Transformer.from_crs(CRS.from_user_input(crs), "EPSG:4326", always_xy=True).transform(*point)
+    x, y = float(point[0]), float(point[1])
+    lon, lat = Transformer.from_crs(CRS.from_user_input(crs), "EPSG:4326", always_xy=True).transform(x, y)
     local = CRS.from_proj4(f"+proj=aeqd +lat_0={lat} +lon_0={lon} +datum=WGS84 +units=m")
     to_local = Transformer.from_crs(CRS.from_user_input(layer_crs), local, always_xy=True)
     local_geoms = shapely.transform(

@@ -18,8 +18,8 @@ import hashlib
 import io
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence, Union
 
 from PIL import Image
 
@@ -33,14 +33,14 @@ from .plan import output_crs, records_to_frame
 IMAGE_FORMATS = {"png": "PNG", "jpg": "JPEG", "jpeg": "JPEG"}
 
 
-def _is_layer(inputs: Sequence[str]) -> bool:
+def _is_layer(inputs: Sequence[str | os.PathLike]) -> bool:
     return len(inputs) == 1 and Path(str(inputs[0])).suffix.lower() in FORMATS
 
 
 def export_chips(
-    inputs: Union[str, os.PathLike, Sequence[Union[str, os.PathLike]]],
-    out_dir: Union[str, os.PathLike],
-    config: Optional[TileConfig] = None,
+    inputs: str | os.PathLike | Sequence[str | os.PathLike],
+    out_dir: str | os.PathLike,
+    config: TileConfig | None = None,
     image_format: str = "png",
     quality: int = 95,
     progress=None,

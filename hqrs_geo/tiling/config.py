@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, replace
-from typing import Optional, Union
 
 from rasterio.enums import Resampling
 
@@ -30,17 +29,17 @@ class TileConfig:
     resampling: GDAL resampling used when a target ``gsd`` changes the resolution.
     """
 
-    tile_size: Union[int, str] = 256
-    overlap: Union[int, str] = 0
-    gsd: Optional[float] = None
+    tile_size: int | str = 256
+    overlap: int | str = 0
+    gsd: float | None = None
     edge: str = DEFAULT_EDGE
     min_valid: float = DEFAULT_MIN_VALID
-    bands: Optional[tuple[int, ...]] = None
-    stretch: Union[str, StretchSpec] = "auto"
-    crs: Optional[str] = None
+    bands: tuple[int, ...] | None = None
+    stretch: str | StretchSpec = "auto"
+    crs: str | None = None
     resampling: str = "bilinear"
 
-    def validated(self) -> "TileConfig":
+    def validated(self) -> TileConfig:
         """Return a copy with every option checked (raises :class:`OptionError`)."""
         parse_tile_lengths(self.tile_size, self.overlap)
         if self.edge not in EDGE_POLICIES:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, Optional, Union
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -41,8 +41,8 @@ class TileDataset:
 
     @classmethod
     def from_rasters(
-        cls, inputs: Union[str, os.PathLike, Sequence[Union[str, os.PathLike]]], config: Optional[TileConfig] = None
-    ) -> "TileDataset":
+        cls, inputs: str | os.PathLike | Sequence[str | os.PathLike], config: TileConfig | None = None
+    ) -> TileDataset:
         """Tile rasters (valid fractions measured, sparse tiles skipped) and serve their pixels."""
         if isinstance(inputs, (str, os.PathLike)):
             inputs = [inputs]
@@ -53,7 +53,7 @@ class TileDataset:
         return cls(records, reader)
 
     @classmethod
-    def from_layer(cls, layer: Union[str, os.PathLike, "TileLayer"]) -> "TileDataset":
+    def from_layer(cls, layer: str | os.PathLike | TileLayer) -> TileDataset:
         """Serve the pixels of the tiles of a tile layer (a path, or a :class:`TileLayer` already
         read), as the layer's run records say each scene is read."""
         from ..layer.io import TileLayer, open_layer
@@ -62,7 +62,7 @@ class TileDataset:
         return cls.from_frame(opened.frame, opened.scenes(), where=opened.path)
 
     @classmethod
-    def from_frame(cls, frame: Any, scenes: dict, where: str = "layer") -> "TileDataset":
+    def from_frame(cls, frame: Any, scenes: dict, where: str = "layer") -> TileDataset:
         """Serve the tiles of a tile-layer GeoDataFrame read with ``scenes`` (``{source: SceneReading}``)."""
         missing = sorted(set(frame["source"]) - set(scenes))
         if missing:

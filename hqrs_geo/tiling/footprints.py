@@ -5,7 +5,7 @@ quadrilateral. When reprojecting, every edge is densified so curved edges stay a
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import shapely
@@ -26,8 +26,8 @@ def _ring_fractions(densify: int) -> np.ndarray:
 def window_polygons(
     windows: Sequence[tuple[int, int, int, int]],
     transform: Affine,
-    src_crs: Optional[str] = None,
-    dst_crs: Optional[str] = None,
+    src_crs: str | None = None,
+    dst_crs: str | None = None,
 ) -> np.ndarray:
     """Polygons for pixel windows ``(col_off, row_off, width, height)``, as a shapely array.
 

@@ -7,8 +7,8 @@ Windows are produced lazily (row-major), so a grid over a huge scene costs no me
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator, Optional
 
 from rasterio.windows import Window
 
@@ -51,7 +51,7 @@ class SceneGrid:
     out_size: tuple[int, int]
     col_offsets: tuple[int, ...]
     row_offsets: tuple[int, ...]
-    gsd_m: Optional[float]
+    gsd_m: float | None
 
     def __len__(self) -> int:
         return len(self.col_offsets) * len(self.row_offsets)
@@ -64,7 +64,7 @@ class SceneGrid:
                 yield row, col, Window(x, y, w, h)
 
 
-def _native_pixels(length: Length, pixel_m: Optional[float], scale: float, what: str, path: str) -> float:
+def _native_pixels(length: Length, pixel_m: float | None, scale: float, what: str, path: str) -> float:
     """A length in native pixels; ``scale`` is native pixels per output pixel."""
     if length.unit == "px":
         return length.value * scale
@@ -77,7 +77,7 @@ def plan_grid(
     info: SceneInfo,
     tile_size: Length,
     overlap: Length,
-    gsd: Optional[float],
+    gsd: float | None,
     edge: str,
 ) -> SceneGrid:
     """Compute the tile grid of a scene; raises a one-line error when the tile cannot fit."""
@@ -86,8 +86,9 @@ def plan_grid(
                          option="gsd")
     if gsd is not None and gsd <= 0:
         raise OptionError(f"invalid ground resolution {gsd}: must be a positive number of metres", option="gsd")
-    res_m = info.pixel_size_m or (None, None)
-    scale = [1.0, 1.0] if gsd is None else [gsd / res_m[0], gsd / res_m[1]]
+    res_m: tuple[float | None, float | None] = info.pixel_size_m or (None, None)
+    scale = [1.0, 1.0] if gsd is None or info.pixel_size_m is None else \
+        [gsd / info.pixel_size_m[0], gsd / info.pixel_size_m[1]]
     window, out, stride = [], [], []
     for axis in (0, 1):
         native = _native_pixels(tile_size, res_m[axis], scale[axis], "tile size", info.path)
@@ -111,7 +112,8 @@ def plan_grid(
     rows = axis_offsets(info.height, window[1], stride[1], edge)
     gsd_m = None
     if info.pixel_size_m is not None:
-        gsd_m = math.sqrt(window[0] * res_m[0] / out[0] * window[1] * res_m[1] / out[1])
+        px, py = info.pixel_size_m
+        gsd_m = math.sqrt(window[0] * px / out[0] * window[1] * py / out[1])
     return SceneGrid(
         width=info.width,
         height=info.height,

@@ -10,16 +10,16 @@ import logging
 import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
-from typing import Any, Optional, Union
+from typing import Any
 
 import numpy as np
 from affine import Affine
 
 from ..errors import InputError
+from ..layer.columns import TILE_COLUMNS
 from ..raster.scene import choose_bands, describe, open_raster, read_pixels
 from ..raster.sources import expand_inputs, scene_keys
 from ..raster.stretch import Scale, StretchSpec, scene_scale
-from ..layer.columns import TILE_COLUMNS
 from .config import DEFAULT_MIN_VALID, TileConfig
 from .footprints import window_polygons
 from .grid import parse_tile_lengths, plan_grid
@@ -28,7 +28,7 @@ from .records import TILE_ID_FORMAT, SceneReading, TileRecord
 
 log = logging.getLogger(__name__)
 
-def prepare_scenes(inputs: Sequence[Union[str, os.PathLike]], config: TileConfig) -> list[SceneReading]:
+def prepare_scenes(inputs: Sequence[str | os.PathLike], config: TileConfig) -> list[SceneReading]:
     """Open every input once: check it, choose bands, compute its one stretch and its grid."""
     config = config.validated()
     tile_size, overlap = parse_tile_lengths(config.tile_size, config.overlap)
@@ -72,7 +72,7 @@ def plan_tiles(
     scenes: Sequence[SceneReading],
     reader: TileReader,
     min_valid: float = DEFAULT_MIN_VALID,
-    on_tile: Optional[Callable[[int], None]] = None,
+    on_tile: Callable[[int], None] | None = None,
 ) -> Iterator[TileRecord]:
     """Stream the records of every tile whose valid fraction reaches ``min_valid``.
 
@@ -87,7 +87,7 @@ def plan_tiles(
                 yield rec
 
 
-def output_crs(scenes: Sequence[SceneReading], requested: Optional[str]) -> Optional[str]:
+def output_crs(scenes: Sequence[SceneReading], requested: str | None) -> str | None:
     """The layer's CRS: the requested one, else the first scene's; None for pixel-space layers."""
     with_crs = [s for s in scenes if s.crs]
     if with_crs and len(with_crs) != len(scenes):
@@ -102,7 +102,7 @@ def output_crs(scenes: Sequence[SceneReading], requested: Optional[str]) -> Opti
     return requested or with_crs[0].crs
 
 
-def records_to_frame(records: Sequence[TileRecord], scenes: Sequence[SceneReading], crs: Optional[str]):
+def records_to_frame(records: Sequence[TileRecord], scenes: Sequence[SceneReading], crs: str | None):
     """A GeoDataFrame of tile records with footprint polygons in ``crs``."""
     import geopandas as gpd
     import pandas as pd
@@ -128,8 +128,8 @@ def records_to_frame(records: Sequence[TileRecord], scenes: Sequence[SceneReadin
 
 
 def tile_rasters(
-    inputs: Union[str, os.PathLike, Sequence[Union[str, os.PathLike]]],
-    config: Optional[TileConfig] = None,
+    inputs: str | os.PathLike | Sequence[str | os.PathLike],
+    config: TileConfig | None = None,
     progress=None,
 ):
     """Tile one or more rasters; returns ``(GeoDataFrame of tiles, list of SceneReading)``.
@@ -141,7 +141,7 @@ def tile_rasters(
     config = (config or TileConfig()).validated()
     scenes = prepare_scenes(list(inputs), config)
     crs = output_crs(scenes, config.crs)
-    total = sum(len(s.grid) for s in scenes)
+    total = sum(len(s.grid) for s in scenes if s.grid is not None)
     if progress is not None:
         progress.start("tile", total)
     with TileReader(scenes) as reader:
@@ -166,8 +166,8 @@ class TilingReport:
         return self.written.frame
 
 
-def tile_to_layer(inputs: Union[str, os.PathLike, Sequence[Union[str, os.PathLike]]], output: Union[str, os.PathLike],
-                  config: Optional[TileConfig] = None, progress: Any = None) -> TilingReport:
+def tile_to_layer(inputs: str | os.PathLike | Sequence[str | os.PathLike], output: str | os.PathLike,
+                  config: TileConfig | None = None, progress: Any = None) -> TilingReport:
     """Tile rasters into the tile layer ``output`` (created, or updated scene by scene) with a run
     record holding the tiling and every scene's reading."""
     from ..layer.io import check_writable, write_layer

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable
-from typing import Optional
 
 import numpy as np
 import rasterio
@@ -45,7 +44,7 @@ class TileReader:
             src.close()
         self._open.clear()
 
-    def __enter__(self) -> "TileReader":
+    def __enter__(self) -> TileReader:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -67,7 +66,7 @@ class TileReader:
         return src
 
     @staticmethod
-    def _placement(rec: TileRecord, scene: SceneReading) -> Optional[tuple[Window, tuple[slice, slice]]]:
+    def _placement(rec: TileRecord, scene: SceneReading) -> tuple[Window, tuple[slice, slice]] | None:
         """The part of the window inside the raster and where it lands in the output tile."""
         x0, y0 = max(rec.x_off, 0), max(rec.y_off, 0)
         x1, y1 = min(rec.x_off + rec.width, scene.width), min(rec.y_off + rec.height, scene.height)

@@ -6,7 +6,6 @@ record, so the pixels of a tile can be read again exactly as when the layer was 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
 
 from rasterio.windows import Window
 
@@ -32,7 +31,7 @@ class TileRecord:
     out_width: int
     out_height: int
     valid_fraction: float = 1.0
-    gsd: Optional[float] = None
+    gsd: float | None = None
 
     @property
     def window(self) -> Window:
@@ -53,10 +52,10 @@ class SceneReading:
     height: int
     dtype: str
     all_valid: bool
-    crs: Optional[str] = None
+    crs: str | None = None
     transform: tuple[float, ...] = ()
-    info: Optional[SceneInfo] = field(default=None, repr=False)
-    grid: Optional[SceneGrid] = field(default=None, repr=False)
+    info: SceneInfo | None = field(default=None, repr=False)
+    grid: SceneGrid | None = field(default=None, repr=False)
 
     def as_dict(self) -> dict:
         """JSON-friendly form."""
@@ -69,7 +68,7 @@ class SceneReading:
         }
 
     @classmethod
-    def from_dict(cls, d: dict) -> "SceneReading":
+    def from_dict(cls, d: dict) -> SceneReading:
         """Inverse of :meth:`as_dict` (used to read tiles of an existing layer)."""
         return cls(
             source=d["source"], key=d["key"],

@@ -9,15 +9,14 @@ from __future__ import annotations
 
 import csv
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence
 
 import numpy as np
 
 from ..errors import InputError, OptionError
 from ..models.templates import CLASS_CAPTION_TEMPLATES, class_prompt_name
-
 
 
 @dataclass
@@ -26,7 +25,7 @@ class CaptionRecord:
 
     image: str
     captions: list[str]
-    label: Optional[str] = None
+    label: str | None = None
 
 
 @dataclass
@@ -112,8 +111,8 @@ def _decode(path: str, size: int):
 
     try:
         with Image.open(path) as image:
-            image = image.convert("RGB").resize((size, size), Image.BICUBIC)
-            return torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1).contiguous()
+            rgb = image.convert("RGB").resize((size, size), Image.Resampling.BICUBIC)
+            return torch.from_numpy(np.asarray(rgb).copy()).permute(2, 0, 1).contiguous()
     except FileNotFoundError:
         raise InputError(f"{path}: image of the dataset not found; check the paths in the dataset file") from None
     except (UnidentifiedImageError, OSError) as exc:
@@ -155,8 +154,7 @@ class CaptionSampler:
     def caption(self, index: int, rng: random.Random) -> str:
         """A caption for image ``index``."""
         record = self.data.records[index]
-        use_class = record.label and (not record.captions or rng.random() < self.prob)
-        if use_class:
+        if record.label and (not record.captions or rng.random() < self.prob):
             return rng.choice(self.templates).format(class_prompt_name(record.label))
         return rng.choice(record.captions)
 

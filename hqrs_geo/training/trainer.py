@@ -25,17 +25,19 @@ import math
 import os
 import random
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Any
 
 import numpy as np
 
-from ..errors import Cancelled, InputError, OptionError
-from .augment import AugmentConfig, augment_batch, normalise
 from ..atomic import atomic_path, write_json
+from ..errors import Cancelled, InputError, OptionError
 from ..models.precision import autocast, autocast_dtype, check_precision, precision_name
+from .augment import AugmentConfig, augment_batch, normalise
 from .data import CaptionSampler, CaptionSet, describe_set, epoch_order, load_caption_set
+
 
 @dataclass
 class FinetuneConfig:
@@ -43,14 +45,14 @@ class FinetuneConfig:
 
     dataset: str
     output: str
-    arch: Optional[str] = None  # open_clip architecture or config JSON to train from
-    model: Optional[str] = None  # registry model whose weights to start from
-    checkpoint: Optional[str] = None  # weights for ``model`` / ``arch``
-    init_from: Optional[str] = None  # warm start: copy tensors whose names and shapes match
+    arch: str | None = None  # open_clip architecture or config JSON to train from
+    model: str | None = None  # registry model whose weights to start from
+    checkpoint: str | None = None  # weights for ``model`` / ``arch``
+    init_from: str | None = None  # warm start: copy tensors whose names and shapes match
     splits: Sequence[str] = ("train",)
-    val_split: Optional[str] = "val"
+    val_split: str | None = "val"
     epochs: int = 10
-    max_steps: Optional[int] = None
+    max_steps: int | None = None
     batch_size: int = 64
     accum_steps: int = 1
     lr: float = 5e-4
@@ -74,7 +76,7 @@ class FinetuneConfig:
     csv_caption_key: str = "caption"
     trust_checkpoint: bool = False
 
-    def validated(self) -> "FinetuneConfig":
+    def validated(self) -> FinetuneConfig:
         """Self, after checking the values; raises :class:`OptionError`."""
         if not (self.arch or self.model):
             raise OptionError("name what to train: «arch» (an architecture or config .json, from scratch) or «model» "
@@ -161,7 +163,6 @@ def build_model(config: FinetuneConfig, device):
     import open_clip
 
     from ..models.loader import quiet_open_clip
-
     from ..models.tokenizers import build_tokenizer
 
     if config.model:
@@ -170,9 +171,10 @@ def build_model(config: FinetuneConfig, device):
         loaded = load_model(config.model, config.checkpoint, config.arch, device=str(device),
                             trust_checkpoint=config.trust_checkpoint)
         model, arch, kind = loaded.model, loaded.spec.arch, loaded.kind
-        source = {"model": loaded.spec.name, "checkpoint": loaded.checkpoint, "sha256": loaded.sha256}
+        source: dict[str, Any] = {"model": loaded.spec.name, "checkpoint": loaded.checkpoint,
+                                  "sha256": loaded.sha256}
     else:
-        arch = _resolve_arch(config.arch)
+        arch = _resolve_arch(str(config.arch))
         with quiet_open_clip():  # "no pretrained weights loaded" is the point of training from scratch
             model = open_clip.create_model(arch, pretrained=None)
         kind = "coca" if hasattr(model, "text_decoder") else "clip"
@@ -229,7 +231,8 @@ def validate(model, tokenizer, data: CaptionSet, preprocess_cfg: dict, device, b
     prep = BatchPreprocess(preprocess_cfg, device)
     with torch.inference_mode():
         images = np.concatenate([
-            model.encode_image(prep(torch.stack(data.pixels[i:i + batch]).to(device)), normalize=True).float().cpu().numpy()
+            model.encode_image(prep(torch.stack(data.pixels[i:i + batch]).to(device)), normalize=True)
+            .float().cpu().numpy()
             for i in range(0, len(data), batch)])
         metrics: dict = {}
         texts = [c for r in data.records for c in r.captions]
@@ -245,7 +248,7 @@ def validate(model, tokenizer, data: CaptionSet, preprocess_cfg: dict, device, b
             emb = text_features(model, tokenizer, prompts, device).reshape(
                 len(classes), len(ZERO_SHOT_TEMPLATES), -1).mean(1)
             emb /= np.linalg.norm(emb, axis=1, keepdims=True)
-            labels = [classes.index(data.records[i].label) for i in labelled]
+            labels = [classes.index(str(data.records[i].label)) for i in labelled]
             metrics.update({f"zs_{k}": v for k, v in zeroshot_metrics(images[labelled], emb, labels).items()})
     model.train(was_training)
     return metrics
@@ -287,7 +290,7 @@ def checkpoint_dir(output: Path) -> Path:
     return output / "checkpoints"
 
 
-def latest_checkpoint(output: Path) -> Optional[Path]:
+def latest_checkpoint(output: Path) -> Path | None:
     """The newest ``step-*.pt`` of a run folder, if any."""
     found = sorted(checkpoint_dir(output).glob("step-*.pt"))
     return found[-1] if found else None
@@ -385,7 +388,7 @@ def _loss_fn(kind: str, config: FinetuneConfig):
 
 
 def finetune(config: FinetuneConfig, resume: bool = False, progress=None,
-             cancel: Optional[Callable[[], bool]] = None) -> dict:
+             cancel: Callable[[], bool] | None = None) -> dict:
     """Run (or resume) a training job; returns the ``train.json`` record.
 
     ``cancel`` is polled between steps; when it returns True (or on KeyboardInterrupt) a
@@ -448,7 +451,7 @@ def finetune(config: FinetuneConfig, resume: bool = False, progress=None,
     if progress is not None:
         progress.start("train", total_steps, f"training {arch} ({kind}) on {len(train)} images", unit="step",
                        initial=state.step)
-    running: Optional[float] = None
+    running: float | None = None
 
     def evaluate_and_select() -> None:
         if val is None:
@@ -479,7 +482,7 @@ def finetune(config: FinetuneConfig, resume: bool = False, progress=None,
                 chosen = order[within * config.batch_size:(within + 1) * config.batch_size]
                 rng = random.Random(config.seed * 7919 + index)
                 texts = tokenizer([sampler.caption(i, rng) for i in chosen]).to(device)
-                labels = torch.tensor([class_ids.get(train.records[i].label, -1) for i in chosen], device=device)
+                labels = torch.tensor([class_ids.get(str(train.records[i].label), -1) for i in chosen], device=device)
                 generator = torch.Generator().manual_seed(config.seed * 1_000_003 + index)
                 images = augment_batch([train.pixels[i] for i in chosen], size, generator, augment, device)
                 images = normalise(images, mean, std)
@@ -489,8 +492,8 @@ def finetune(config: FinetuneConfig, resume: bool = False, progress=None,
                     loss, parts = loss_fn(model(images, texts), labels)
                     loss = loss / config.accum_steps
                 if not torch.isfinite(loss):
-                    raise OptionError(f"loss became {float(loss)} at step {state.step}; lower «lr» or use «precision» fp32",
-                                      option="lr")
+                    raise OptionError(f"loss became {float(loss)} at step {state.step}; lower «lr» or use "
+                                      "«precision» fp32", option="lr")
                 (scaler.scale(loss) if scaler is not None else loss).backward()
             if scaler is not None:
                 scaler.step(optimizer)

