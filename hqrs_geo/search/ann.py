@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import math
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -156,19 +155,6 @@ class AnnIndex:
         if fallback:
             scores[fallback], rows[fallback] = exact.search(q[fallback], k, mask)
         return scores, rows
-
-    def measure(self, exact: ExactSearch) -> tuple[float, float]:
-        """(recall@10 against exact search, median ms per query) on :func:`recall_queries`."""
-        queries = recall_queries(exact.matrix)
-        k = min(10, exact.n)
-        _, truth = exact.search(queries, k, None)
-        hits, times = 0, []
-        for i in range(len(queries)):
-            start = time.perf_counter()
-            _, found = self.search(exact, queries[i:i + 1], k, None)
-            times.append(time.perf_counter() - start)
-            hits += len(np.intersect1d(found[0], truth[i]))
-        return round(hits / (k * len(queries)), 4), round(float(np.median(times)) * 1000, 3)
 
     def save(self, target: Path, fingerprint: dict) -> None:
         """Write the index and its ``.json`` (kind, parameters, ``fingerprint``) atomically."""

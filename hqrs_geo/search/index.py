@@ -9,6 +9,7 @@ Scores are dot products, i.e. cosine similarities for the L2-normalised vectors 
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import time
 from pathlib import Path
@@ -17,10 +18,13 @@ from typing import Any
 import numpy as np
 
 from ..errors import OptionError
-from .ann import ANN_DEFAULTS, RECALL_QUERIES, AnnIndex
+from .ann import ANN_DEFAULTS, ANN_MAX_FETCH, RECALL_QUERIES, AnnIndex
 from .ann import recall_queries as _recall_queries
 from .cache import load_or_build, safe_key
 from .exact import ExactSearch
+from .ivfpq import PART_SHIFT, CompressedIndex, EmbeddingPart
+
+ANN_KINDS = (*ANN_DEFAULTS, "ivfpq")
 
 PathLike = str | os.PathLike
 
@@ -41,7 +45,7 @@ class VectorIndex:
         self.fingerprint = fingerprint
         self.cache_path = cache_path
         self.exact = ExactSearch(matrix, max_norm)
-        self._ann: AnnIndex | None = None
+        self._ann: AnnIndex | CompressedIndex | None = None
         self._ann_info: dict | None = None
         self._digest: str | None = None
 
@@ -145,8 +149,38 @@ class VectorIndex:
             if self._ann is None:
                 raise OptionError("no approximate (ANN) index is loaded: build one with build_ann() or "
                                   "'hqrs-geo index', or search exactly")
+            if isinstance(self._ann, CompressedIndex):
+                return self._search_compressed(self._ann, q, k, mask)
             return self._ann.search(self.exact, q, k, mask)
         return self.exact.search(q, k, mask)
+
+    def _part(self) -> EmbeddingPart:
+        """The matrix as the one part of a compressed index."""
+        name = self.layer.name if self.layer is not None else "matrix"
+        return EmbeddingPart(name, self._ann_fingerprint(), self.matrix)
+
+    def _search_compressed(self, ann: CompressedIndex, q: np.ndarray, k: int, mask: np.ndarray | None
+                           ) -> tuple[np.ndarray, np.ndarray]:
+        allowed = self.n if mask is None else int(mask.sum())
+        k = min(k, allowed)
+        scores = np.zeros((len(q), k), dtype=np.float32)
+        rows = np.zeros((len(q), k), dtype=np.int64)
+        if k == 0:
+            return scores, rows
+        fetch = max(ann.rerank, k) if mask is None else math.ceil(2 * max(ann.rerank, k) * self.n / allowed)
+        if fetch > max(ANN_MAX_FETCH, ann.rerank):  # too selective for the index: exact over the allowed rows
+            return self.exact.search(q, k, mask)
+        row_mask = (1 << PART_SHIFT) - 1
+        keep = None if mask is None else (lambda ids: mask[ids & row_mask])
+        fallback = []
+        for i, (found_scores, ids) in enumerate(ann.search({self._part().name: self._part()}, q, k, keep, fetch)):
+            if len(ids) < k:
+                fallback.append(i)
+                continue
+            scores[i], rows[i] = found_scores, ids & row_mask
+        if fallback:
+            scores[fallback], rows[fallback] = self.exact.search(q[fallback], k, mask)
+        return scores, rows
 
     def scores(self, query: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
         """float32 scores of every row for one query, ``(N,)``; NaN where ``mask`` is False."""
@@ -165,7 +199,8 @@ class VectorIndex:
             return Path(path)
         if self.layer is None or self.fingerprint is None:
             return None
-        return Path(f"{self.layer}.emb_{safe_key(str(self.key))}.{kind}.faiss")
+        suffix = "ivfpq" if kind == "ivfpq" else f"{kind}.faiss"
+        return Path(f"{self.layer}.emb_{safe_key(str(self.key))}.{suffix}")
 
     def _ann_fingerprint(self) -> dict:
         """What a saved ANN index must have been built from: the layer (or the matrix's content)."""
@@ -192,18 +227,46 @@ class VectorIndex:
         "query_p50_ms", "build_seconds", "path", **params}``; recall@10 is measured against
         exact search on ~200 queries made from random rows plus a little noise.
         """
+        if kind not in ANN_KINDS:
+            raise OptionError(f"invalid index kind {kind!r}: use {', '.join(ANN_KINDS)}", option="kind")
         start = time.perf_counter()
+        target = self._ann_path(kind, path)
+        if kind == "ivfpq":
+            if target is None:
+                raise OptionError("an ivfpq index lives on disk: give a folder for it", option="path")
+            compressed = CompressedIndex.build([self._part()], target, **params)
+            build_seconds = time.perf_counter() - start
+            self._ann = compressed
+            recall, p50 = self._measure_ann()
+            size = sum(f.stat().st_size for f in target.rglob("*") if f.is_file() and "shards" not in f.parts)
+            self._ann_info = {"kind": kind, "n": self.n, "dim": self.dim, "recall_at_10": recall,
+                              "query_p50_ms": p50, "build_seconds": round(build_seconds, 3), "path": str(target),
+                              "bytes_on_disk": size, **compressed.params}
+            return dict(self._ann_info)
         ann = AnnIndex.build(self.matrix, kind, **params)
         build_seconds = time.perf_counter() - start
         self._ann = ann
-        recall, p50 = ann.measure(self.exact)
-        target = self._ann_path(kind, path)
+        recall, p50 = self._measure_ann()
         if target is not None:
             ann.save(target, self._ann_fingerprint())
         self._ann_info = {"kind": kind, "n": self.n, "dim": self.dim, "recall_at_10": recall,
                           "query_p50_ms": p50, "build_seconds": round(build_seconds, 3),
                           "path": str(target) if target is not None else None, **ann.params}
         return dict(self._ann_info)
+
+    def _measure_ann(self) -> tuple[float, float]:
+        """(recall@10 against exact search, median ms per query) of the loaded index, on held-out
+        queries (rows plus noise, seeded apart from the build's training sample)."""
+        queries = self.recall_queries(seed=12345)
+        k = min(10, self.n)
+        _, truth = self.exact.search(queries, k, None)
+        hits, times = 0, []
+        for i in range(len(queries)):
+            begin = time.perf_counter()
+            _, found = self.search(queries[i], k, use_ann=True)
+            times.append(time.perf_counter() - begin)
+            hits += len(np.intersect1d(found[0], truth[i]))
+        return round(hits / (k * len(queries)), 4), round(float(np.median(times)) * 1000, 3)
 
     def load_ann(self, path: PathLike | None = None, kind: str | None = None) -> bool:
         """Load a saved ANN index that still matches this matrix; False when missing or stale.
@@ -214,10 +277,18 @@ class VectorIndex:
         if path is not None:
             candidates = [Path(path)]
         else:  # the most recently built kind first
-            kinds = [kind] if kind else list(ANN_DEFAULTS)
+            kinds = [kind] if kind else list(ANN_KINDS)
             found = [p for p in (self._ann_path(kd, None) for kd in kinds) if p is not None]
             candidates = sorted((p for p in found if p.exists()), key=lambda p: p.stat().st_mtime_ns, reverse=True)
         for target in candidates:
+            if target.is_dir():
+                compressed = CompressedIndex.open(target)
+                if compressed is not None and not compressed.stale_parts([self._part()]):
+                    self._ann = compressed
+                    self._ann_info = {"kind": "ivfpq", "n": self.n, "dim": self.dim, "path": str(target),
+                                      **compressed.params}
+                    return True
+                continue
             ann = AnnIndex.load(target, self._ann_fingerprint(), self.n, self.dim)
             if ann is not None:
                 self._ann = ann
