@@ -20,9 +20,9 @@ from qgis.core import (
     QgsVectorLayer,
 )
 
-from .alg_base import HqrsAlgorithm, layer_uri, tr
-from .alg_models import add_tile_layer_input, add_updated_output
-from .alg_params import advanced, static_enum
+from ..base import HqrsAlgorithm, layer_uri, tr
+from ..params import advanced, static_enum
+from .models import add_tile_layer_input, add_updated_output
 
 
 def vector_spec(layer: QgsVectorLayer, class_fields: Dict[str, str]) -> str:
