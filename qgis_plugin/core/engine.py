@@ -64,11 +64,17 @@ def qgis_python() -> str:
     return shutil.which("python3") or shutil.which("python") or "python3"
 
 
+ENGINE_DIR_ENV = "HQRS_GEO_ENGINE_DIR"
+
+
 def default_engine_dir() -> Path:
-    """Where the plugin installs the engine: ``~/.local/share/hqrs_geo/engine`` on Linux (the
+    """Where the plugin installs the engine: ``$HQRS_GEO_ENGINE_DIR`` when set (e.g. an engine an
+    administrator installed for everyone), else ``~/.local/share/hqrs_geo/engine`` on Linux (the
     per-user data folder on Windows and macOS), shared by every QGIS profile."""
     from qgis.PyQt.QtCore import QStandardPaths
 
+    if os.environ.get(ENGINE_DIR_ENV):
+        return Path(os.environ[ENGINE_DIR_ENV])
     base = QStandardPaths.writableLocation(QStandardPaths.GenericDataLocation) or str(Path.home() / ".local" / "share")
     return Path(base) / "hqrs_geo" / "engine"
 

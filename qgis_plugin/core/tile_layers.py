@@ -56,6 +56,11 @@ def engine_layer_file(layer: Optional[QgsMapLayer]) -> Optional[str]:
     return path
 
 
+def engine_layer_uri(path: str) -> str:
+    """The QGIS data source of a tile layer file (``path|layername=tiles`` for GeoPackages)."""
+    return f"{path}|layername={TILES_LAYER}" if path.lower().endswith(".gpkg") else path
+
+
 @dataclass(frozen=True)
 class EmbeddingSet:
     """One model's embeddings on a tile layer: column ``emb_<key>``, made by ``model``."""
