@@ -103,6 +103,23 @@ def parse_error(stderr: Sequence[str], returncode: Optional[int], python: str = 
     return EngineError(tail[-1] if tail else f"the process ended with status {returncode}", "internal")
 
 
+def child_env(program: str, env: Optional[Dict[str, str]] = None) -> Dict[str, str]:
+    """The environment of a child: QGIS's, but a Python other than QGIS's own does not get QGIS's
+    PYTHONPATH/PYTHONHOME (they point at QGIS's libraries, e.g. on OSGeo4W); PYTHONSAFEPATH keeps
+    ``python -m hqrs_geo`` from picking up a folder of that name in QGIS's working directory."""
+    import sys
+
+    env = dict(os.environ if env is None else env, PYTHONUNBUFFERED="1", PYTHONIOENCODING="utf-8", PYTHONSAFEPATH="1")
+    try:
+        own = os.path.abspath(program) == os.path.abspath(sys.executable)  # a venv links to the same binary
+    except (OSError, ValueError):
+        own = False
+    if not own:
+        env.pop("PYTHONPATH", None)
+        env.pop("PYTHONHOME", None)
+    return env
+
+
 class ChildProcess:
     """One child process: stdout lines through a queue, stderr kept, pipes always closed.
 
@@ -114,7 +131,7 @@ class ChildProcess:
                  env: Optional[Dict[str, str]] = None, cwd: Optional[str] = None):
         self.argv = [str(a) for a in argv]
         self.stdin, self.merge_stderr = stdin, merge_stderr
-        self.env = dict(os.environ if env is None else env, PYTHONUNBUFFERED="1", PYTHONIOENCODING="utf-8")
+        self.env = child_env(self.argv[0], env)
         self.cwd = cwd
         self.stderr: List[str] = []
         self.returncode: Optional[int] = None

@@ -140,7 +140,7 @@ def session_key(layer: str, embeddings: str = "", python: Optional[str] = None, 
     from .engine import interpreter
 
     checkpoint = str(settings.value("checkpoint") or "")
-    if checkpoint and model and model != settings.value("model"):
+    if checkpoint and model and model.split(":")[0] != settings.value("model"):
         checkpoint = ""
     device = str(settings.value("device") or "auto")
     return SessionKey(python or interpreter(), str(layer), embeddings or "", device, checkpoint)

@@ -83,7 +83,7 @@ def embedding_sets(layer: Optional[QgsMapLayer]) -> List[EmbeddingSet]:
             request = QgsFeatureRequest().setFilterExpression(f'"{column}" IS NOT NULL').setLimit(1)
             request.setSubsetOfAttributes([column], layer.fields()).setFlags(QgsFeatureRequest.NoGeometry)
             for feature in layer.getFeatures(request):
-                model = str(feature[column]).split(":")[0] or key
+                model = str(feature[column]) or key
         found.append(EmbeddingSet(key, model))
     return found
 

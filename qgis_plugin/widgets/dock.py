@@ -119,6 +119,9 @@ class SearchDock(QDockWidget):
         self.layer_box = LayerBox()
         self.layer_box.setToolTip("Tile layers with embeddings, with the model that made them")
         self.layer_box.about_to_show.connect(self.refresh_layers)
+        self.layer_hint = QLabel("")
+        self.layer_hint.setWordWrap(True)
+        self.layer_hint.setVisible(False)
         self.query = QLineEdit()
         self.query.setPlaceholderText("e.g. a river with a bridge — press Enter")
         self.query.setClearButtonEnabled(True)
@@ -176,6 +179,7 @@ class SearchDock(QDockWidget):
         row4.addWidget(self.engine_label, 1)
         row4.addWidget(self.settings_button)
         layout.addWidget(self.layer_box)
+        layout.addWidget(self.layer_hint)
         layout.addLayout(row1)
         layout.addLayout(row2)
         layout.addWidget(self.table, 1)
@@ -265,12 +269,18 @@ class SearchDock(QDockWidget):
                 if choice.layer_id == current.layer_id and choice.key == current.key:
                     self.layer_box.setCurrentIndex(index)
         self.layer_box.blockSignals(False)
-        if self.layer_box.count() == 0:
-            self.layer_box.setPlaceholderText("no tile layer with embeddings in the project") \
-                if hasattr(self.layer_box, "setPlaceholderText") else None
-            if plain:
-                self.show_status(f"{', '.join(plain)}: no embeddings yet; run Processing ▸ HQRS ▸ Models ▸ Embed "
-                                 "tiles (or Tile, embed and caption) on it first")
+        now = self.current_choice()
+        if now is not None and (current is None or now.layer_id != current.layer_id):
+            self.layer_changed(self.layer_box.currentIndex())
+        hint = ""
+        if plain:
+            hint = (f"{', '.join(plain)}: no embeddings yet; run Processing ▸ HQRS ▸ Models ▸ Embed tiles (or Tile, "
+                    "embed and caption) on it to search it")
+        elif self.layer_box.count() == 0:
+            hint = ("No tile layer with embeddings in the project: make one with Processing ▸ HQRS ▸ Models ▸ Tile, "
+                    "embed and caption")
+        self.layer_hint.setText(f"<small>{hint}</small>" if hint else "")
+        self.layer_hint.setVisible(bool(hint))
 
     def current_choice(self) -> Optional[Choice]:
         """The chosen tile layer and embeddings."""
@@ -289,6 +299,7 @@ class SearchDock(QDockWidget):
             choice = self.layer_box.itemData(index)
             if choice.layer_id == layer.id() and (model is None or model in (choice.model, choice.key)):
                 self.layer_box.setCurrentIndex(index)
+                self.layer_changed(index)
                 return True
         return False
 
