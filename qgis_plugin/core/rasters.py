@@ -4,7 +4,8 @@
   VRT of that pixel window is written next to the output (no pixels copied), so the tile layer's
   ``source`` keeps pointing at real pixels.
 * Other rasters (WMS, XYZ, WCS, ArcGIS…) are written over the extent at a chosen ground
-  resolution to a GeoTIFF with QGIS's raster writer (:class:`QgsRasterFileWriter`).
+  resolution to a GeoTIFF with QGIS's raster writer (:class:`QgsRasterFileWriter`), in a metric
+  CRS (:func:`metric_crs`).
 
 :func:`plan` runs in the main thread (it clones the layer's data provider, as QGIS's own raster
 algorithms do); :func:`materialise` runs in the algorithm's thread.
@@ -32,6 +33,7 @@ from qgis.core import (
     QgsRasterLayer,
     QgsRasterBlockFeedback,
     QgsRasterPipe,
+    QgsRasterProjector,
     QgsRectangle,
     QgsUnitTypes,
 )
@@ -49,6 +51,7 @@ class RasterPlan:
     crs: Optional[QgsCoordinateReferenceSystem] = None
     raster_extent: Optional[QgsRectangle] = None  # the layer's extent, in its CRS
     extent: Optional[QgsRectangle] = None        # in the layer's CRS; None: all of it
+    target_crs: Optional[QgsCoordinateReferenceSystem] = None  # written web layers: a metric CRS
     width_px: int = 0                            # the layer's size (file rasters)
     height_px: int = 0
     transform_context: Optional[QgsCoordinateTransformContext] = None
@@ -97,7 +100,24 @@ def plan(layer: QgsRasterLayer, extent: Optional[QgsRectangle], extent_crs: Opti
             f"HQRS: {layer.name()} is a {layer.providerType()} layer without an end: give an extent (the map "
             "canvas by default) to write at the chosen ground resolution")
     return RasterPlan(layer.name(), provider=layer.dataProvider().clone(), crs=crs,
-                      raster_extent=QgsRectangle(layer.extent()), extent=limited, transform_context=transform_context)
+                      raster_extent=QgsRectangle(layer.extent()), extent=limited, transform_context=transform_context,
+                      target_crs=metric_crs(crs, limited, transform_context))
+
+
+WEB_CRS = ("EPSG:3857", "EPSG:900913", "EPSG:3395", "EPSG:102100")
+
+
+def metric_crs(crs: QgsCoordinateReferenceSystem, extent: QgsRectangle,
+               context: QgsCoordinateTransformContext) -> QgsCoordinateReferenceSystem:
+    """The CRS a web layer is written in: its own when it is a local projected one, else the UTM
+    zone of the extent's centre (web mercator metres are not ground metres: at 52° N a "metre" is
+    0.62 m), so ground resolutions and tile sizes in metres mean what they say."""
+    if crs.isValid() and not crs.isGeographic() and crs.authid() not in WEB_CRS:
+        return crs
+    wgs84 = QgsCoordinateReferenceSystem("EPSG:4326")
+    centre = QgsCoordinateTransform(crs, wgs84, context).transform(extent.center())
+    zone = min(60, max(1, int((centre.x() + 180) // 6) + 1))
+    return QgsCoordinateReferenceSystem(f"EPSG:{(32600 if centre.y() >= 0 else 32700) + zone}")
 
 
 def pixel_window(plan_: RasterPlan) -> Optional[tuple]:
@@ -148,8 +168,11 @@ def materialise(plan_: RasterPlan, folder: str, resolution_m: float, feedback: Q
         return str(vrt)
     if not resolution_m or resolution_m <= 0:
         raise QgsProcessingException("HQRS: give a ground resolution (metres per pixel) for a web or WMS layer")
+    target = plan_.target_crs or plan_.crs
     extent = plan_.extent
-    ground_w, ground_h = ground_size_m(extent, plan_.crs, plan_.transform_context)
+    if target != plan_.crs:
+        extent = QgsCoordinateTransform(plan_.crs, target, plan_.transform_context).transformBoundingBox(extent)
+    ground_w, ground_h = ground_size_m(extent, target, plan_.transform_context)
     cols, rows = max(1, round(ground_w / resolution_m)), max(1, round(ground_h / resolution_m))
     if max(cols, rows) > MAX_SIDE_PX:
         raise QgsProcessingException(
@@ -157,18 +180,23 @@ def materialise(plan_: RasterPlan, folder: str, resolution_m: float, feedback: Q
             "zoom in (a smaller extent) or choose a coarser ground resolution")
     digest = hashlib.sha1(f"{plan_.provider.dataSourceUri()}|{extent.toString(6)}|{resolution_m}".encode()).hexdigest()[:8]
     tif = Path(folder) / f"{slug(plan_.name)}_{resolution_m:g}m_{digest}.tif"
-    feedback.pushInfo(f"Writing {plan_.name} over the extent at {resolution_m:g} m per pixel ({cols} x {rows} px) "
-                      f"to {tif}")
+    feedback.pushInfo(f"Writing {plan_.name} over the extent at {resolution_m:g} m per pixel ({cols} x {rows} px, "
+                      f"{target.authid()}) to {tif}")
     pipe = QgsRasterPipe()
     if not pipe.set(plan_.provider):
         raise QgsProcessingException(f"HQRS: cannot read {plan_.name}")
+    if target != plan_.crs:
+        projector = QgsRasterProjector()
+        projector.setCrs(plan_.crs, target, plan_.transform_context)
+        if not pipe.insert(2, projector):
+            raise QgsProcessingException(f"HQRS: cannot reproject {plan_.name} to {target.authid()}")
     writer = QgsRasterFileWriter(str(tif))
     writer.setOutputFormat("GTiff")
     writer.setCreateOptions(["COMPRESS=DEFLATE", "TILED=YES"])
     block_feedback = QgsRasterBlockFeedback()
     feedback.canceled.connect(block_feedback.cancel)
     block_feedback.progressChanged.connect(feedback.setProgress)
-    error = writer.writeRaster(pipe, cols, rows, extent, plan_.crs, plan_.transform_context, block_feedback)
+    error = writer.writeRaster(pipe, cols, rows, extent, target, plan_.transform_context, block_feedback)
     if feedback.isCanceled():
         raise QgsProcessingException("cancelled: HQRS stopped while writing the raster; no tiles were made")
     if error != QgsRasterFileWriter.NoError or not tif.is_file():

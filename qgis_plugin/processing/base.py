@@ -170,16 +170,24 @@ class HqrsAlgorithm(QgsProcessingAlgorithm):
         self._reload.append(layer)
         return path
 
+    def given(self, parameters: Dict[str, Any], name: str) -> bool:
+        """True when parameter ``name`` has a value: given, or (left out, as scripts do) a default
+        (defaults come from the HQRS settings)."""
+        if name in parameters:
+            return parameters[name] not in (None, "")
+        definition = self.parameterDefinition(name)
+        return definition is not None and definition.defaultValue() not in (None, "")
+
     def optional_number(self, parameters: Dict[str, Any], name: str,
                         context: QgsProcessingContext) -> Optional[float]:
         """The value of an optional number parameter, or None when it is not set."""
-        if parameters.get(name) in (None, ""):
+        if not self.given(parameters, name):
             return None
         return self.parameterAsDouble(parameters, name, context)
 
     def optional_text(self, parameters: Dict[str, Any], name: str, context: QgsProcessingContext) -> str:
         """A string parameter's value stripped ('' when unset)."""
-        if parameters.get(name) is None:
+        if not self.given(parameters, name):
             return ""
         return (self.parameterAsString(parameters, name, context) or "").strip()
 
@@ -203,8 +211,15 @@ class HqrsAlgorithm(QgsProcessingAlgorithm):
     # running -----------------------------------------------------------------------------
     def prepareAlgorithm(self, parameters: Dict[str, Any], context: QgsProcessingContext,  # noqa: N802
                          feedback: QgsProcessingFeedback) -> bool:
-        """Main thread: :meth:`prepare` (look at layers that must not be touched from a worker)."""
-        self.prepare(parameters, context, feedback or QgsProcessingFeedback())
+        """Main thread: :meth:`prepare` (look at layers that must not be touched from a worker).
+
+        Its errors are raised again in :meth:`processAlgorithm`, where Processing shows their text.
+        """
+        self._prepare_error = None
+        try:
+            self.prepare(parameters, context, feedback or QgsProcessingFeedback())
+        except QgsProcessingException as exc:
+            self._prepare_error = exc
         return True
 
     def prepare(self, parameters: Dict[str, Any], context: QgsProcessingContext,
@@ -215,6 +230,8 @@ class HqrsAlgorithm(QgsProcessingAlgorithm):
                          feedback: Optional[QgsProcessingFeedback]) -> Dict[str, Any]:
         """Check the engine first (the one-line set-up message when it is missing), then :meth:`process`."""
         feedback = feedback or QgsProcessingFeedback()
+        if getattr(self, "_prepare_error", None) is not None:
+            raise self._prepare_error
         ensure_engine(feedback)
         return self.process(parameters, context, feedback)
 

@@ -134,7 +134,7 @@ def model_args(alg: Any, parameters: Dict[str, Any], context: QgsProcessingConte
     model = alg.parameterAsEnumString(parameters, f"{prefix}MODEL", context)
     arch = alg.optional_text(parameters, f"{prefix}ARCH", context)
     checkpoint = alg.parameterAsFile(parameters, f"{prefix}CHECKPOINT", context) \
-        if parameters.get(f"{prefix}CHECKPOINT") else ""
+        if alg.given(parameters, f"{prefix}CHECKPOINT") else ""
     if model == CUSTOM_MODEL:
         if not arch:
             raise QgsProcessingException(

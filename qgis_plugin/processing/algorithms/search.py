@@ -52,7 +52,7 @@ def embedding_args(alg: HqrsAlgorithm, parameters: Dict[str, Any], context: QgsP
     embeddings = alg.optional_text(parameters, "EMBEDDINGS", context)
     if embeddings:
         args.append(cli_option("--model", embeddings))
-    if parameters.get("CHECKPOINT"):
+    if alg.given(parameters, "CHECKPOINT"):
         args.append(cli_option("--checkpoint", alg.parameterAsFile(parameters, "CHECKPOINT", context)))
     return args
 
@@ -88,7 +88,7 @@ def search_session(alg: HqrsAlgorithm, parameters: Dict[str, Any], context: QgsP
     """The running search session of ``layer`` (started when there is none: the model loads once)."""
     embeddings = alg.optional_text(parameters, "EMBEDDINGS", context)
     key = sessions.session_key(layer, embeddings)
-    if parameters.get("CHECKPOINT"):
+    if alg.given(parameters, "CHECKPOINT"):
         key = sessions.SessionKey(key.python, key.layer, key.embeddings, key.device,
                                   alg.parameterAsFile(parameters, "CHECKPOINT", context))
     session = sessions.get_session(key)
