@@ -43,8 +43,8 @@ REUSED_PREFIXES = ("nvidia-", "nvidia_", "cuda-", "cuda_")
 PLUGIN_DIR = Path(__file__).resolve().parents[1]
 
 OFFLINE_HELP = (
-    "The package index cannot be reached from this computer. Either connect it (a proxy is taken from the "
-    "HTTPS_PROXY environment variable of QGIS), or install offline: on a computer with internet run\n"
+    "{headline}. Either connect this computer to the package index (a proxy is taken from the HTTPS_PROXY "
+    "environment variable of QGIS), or install offline: on a computer with internet run\n"
     "  python3 -m pip download '{wheel}[{extras}]' -d hqrs-wheels\n"
     "(same operating system and Python {python_version}), copy the folder 'hqrs-wheels' here, add it under "
     "'Wheel folders' and tick 'Only these folders (no index)'.")
@@ -292,8 +292,12 @@ class Installer:
                                  time.monotonic() - started, self.lines)
         except EngineError as exc:
             message = str(exc)
-            if exc.kind == "network":
-                message = OFFLINE_HELP.format(wheel=self.options.wheel or "hqrs_geo",
+            missing = self.options.no_index and exc.kind != "cancelled" and any(
+                marker in message for marker in ("ResolutionImpossible", "conflicting dependencies"))
+            if exc.kind == "network" or missing:
+                headline = (f"The wheel folders do not hold every package the engine needs ({message})"
+                            if self.options.no_index else "The package index cannot be reached from this computer")
+                message = OFFLINE_HELP.format(headline=headline, wheel=self.options.wheel or "hqrs_geo",
                                               extras=",".join(self.options.extras), python_version=self._version())
             elif exc.fix:
                 message = exc.text
