@@ -27,6 +27,7 @@ class HqrsPlugin:
         self.provider = None
         self.dock = None
         self.actions = []
+        self.toolbar_action = None
         self._from_project: Set[str] = set()
 
     def initProcessing(self) -> None:  # noqa: N802 - QGIS API name
@@ -61,6 +62,7 @@ class HqrsPlugin:
             self.iface.addPluginToRasterMenu(MENU, action)
             self.actions.append(action)
         self.iface.addToolBarIcon(search)
+        self.toolbar_action = search
         project = QgsProject.instance()
         project.layersAdded.connect(self.on_layers_added)
         project.readMapLayer.connect(self.on_read_map_layer)
@@ -126,9 +128,10 @@ class HqrsPlugin:
         for action in self.actions:
             if self.iface is not None:
                 self.iface.removePluginRasterMenu(MENU, action)
-                self.iface.removeToolBarIcon(action)
+                if action is self.toolbar_action:
+                    self.iface.removeToolBarIcon(action)
             action.deleteLater()
-        self.actions = []
+        self.actions, self.toolbar_action = [], None
         project = QgsProject.instance()
         for signal, slot in ((project.layersAdded, self.on_layers_added), (project.readMapLayer, self.on_read_map_layer)):
             try:
