@@ -313,3 +313,16 @@ def test_settings_dialog_round_trip_and_background_check(qgis):
         assert text.startswith("engine OK: hqrs_geo ") and " on cpu, " in text and text.endswith(" threads")
     finally:
         settings.set_values(before)
+
+
+def test_example_renders_search_map(qgis, embedded_master, tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from examples.render_search_map import render
+
+    png = tmp_path / "map.png"
+    summary = render(str(embedded_master), QUERY, str(png), k=10, size=300)
+    image = np.asarray(Image.open(png).convert("RGB"))
+    assert image.shape == (300, 300, 3) and image.std() > 10
+    assert summary["top"] == SearchSession(str(embedded_master)).search_text(QUERY, k=1).tile_id[0]
