@@ -30,7 +30,7 @@ TILE_MAP_TIP = ('<b>[% "tile_id" %]</b>[% CASE WHEN "caption" IS NOT NULL THEN \
 HIT_MAP_TIP = ('<b>#[% "rank" %]</b> score [% round("score", 3) %]<br><i>[% "tile_id" %]</i>'
                '[% CASE WHEN "caption" IS NOT NULL THEN \'<br>\' || "caption" ELSE \'\' END %]')
 # score colours, low to high (colour-blind safe, visible on aerial imagery)
-SCORE_COLOURS = ("#3b4cc0", "#7b9ff9", "#f7f7f7", "#f6a385", "#b40426")
+SCORE_COLOURS = ("#4575b4", "#74add1", "#fee090", "#f46d43", "#d73027")
 HIT_FIELDS = (("rank", QVariant.Int), ("score", QVariant.Double), ("tile_id", QVariant.String),
               ("caption", QVariant.String))
 

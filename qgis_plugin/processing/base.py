@@ -62,8 +62,9 @@ def cli_option(flag: str, value: str) -> str:
     return f"{flag}={value}"
 
 
-def ensure_engine(feedback: QgsProcessingFeedback) -> str:
-    """The interpreter to run the engine with; raises the one-line set-up message when it cannot."""
+def ensure_engine(feedback: QgsProcessingFeedback, announce: bool = True) -> str:
+    """The interpreter to run the engine with; raises the one-line set-up message when it cannot.
+    ``announce``: say which engine and device run the job."""
     python = engine.interpreter()
     info = engine.cached(python)
     if info is None:
@@ -71,7 +72,8 @@ def ensure_engine(feedback: QgsProcessingFeedback) -> str:
         info = engine.probe(python)
         if not info.ok:
             raise QgsProcessingException(f"HQRS: {info.problem.text}")
-    feedback.pushInfo(tr("HQRS engine: {}").format(info.summary))
+    if announce:
+        feedback.pushInfo(tr("HQRS engine: {}").format(info.summary))
     return python
 
 
@@ -248,7 +250,7 @@ class HqrsAlgorithm(QgsProcessingAlgorithm):
         Raises QgsProcessingException with the set-up message, ``cancelled: …`` or the engine's
         one-line error in the words of QGIS.
         """
-        python = ensure_engine(feedback)
+        python = ensure_engine(feedback, announce=False)
         args = [str(a) for a in args]
         feedback.pushCommandInfo(" ".join(shlex.quote(a) for a in [python, "-m", "hqrs_geo", *args]))
         existed = {path: os.path.exists(path) for path in outputs}

@@ -203,8 +203,8 @@ def canvas_extent() -> Optional[str]:
 def add_extent_parameters(alg: QgsProcessingAlgorithm) -> None:
     """EXTENT (default: the map canvas) and RESOLUTION (for web/WMS layers)."""
     alg.addParameter(QgsProcessingParameterExtent(
-        "EXTENT", tr("Only this extent (default: the map canvas; clear it for the whole raster)"), canvas_extent(),
+        "EXTENT", tr("Extent (default: the map canvas; empty: the whole raster)"), canvas_extent(),
         True))
     alg.addParameter(QgsProcessingParameterNumber(
-        "RESOLUTION", tr("Ground resolution for web, WMS and XYZ layers (metres per pixel)"),
+        "RESOLUTION", tr("Ground resolution of web/WMS/XYZ layers (m/px)"),
         QgsProcessingParameterNumber.Double, DEFAULT_WEB_RESOLUTION_M, True, 0.01))

@@ -524,13 +524,19 @@ class SearchDock(QDockWidget):
         self.enable_map_tips()
 
     def clear_results(self, keep_table: bool = False) -> None:
-        """Remove the results layers (and the table)."""
+        """Remove the dock's results layers (also those of an earlier session of the plugin) and
+        the table."""
         project = QgsProject.instance()
-        for layer_id in self.result_layer_ids:
+        group = project.layerTreeRoot().findGroup(RESULTS_GROUP)
+        ids = list(self.result_layer_ids)
+        if isinstance(group, QgsLayerTreeGroup):
+            ids += [node.layerId() for node in group.findLayers() if node.layer() is not None
+                    and node.layer().providerType() == "memory"
+                    and node.layer().customProperty(styles.STYLED) in ("hits", "heat")]
+        for layer_id in dict.fromkeys(ids):
             if project.mapLayer(layer_id) is not None:
                 project.removeMapLayer(layer_id)
         self.result_layer_ids = []
-        group = project.layerTreeRoot().findGroup(RESULTS_GROUP)
         if isinstance(group, QgsLayerTreeGroup) and not group.children():
             project.layerTreeRoot().removeChildNode(group)
         if not keep_table:
