@@ -75,6 +75,10 @@ def test_probe_names_versions_and_device(tmp_path):
     bare = engine.probe(str(tmp_path / "bare" / "bin" / "python"), use_cache=False)
     assert not bare.ok and bare.problem.kind == "engine" and "hqrs_geo" in str(bare.problem)
     assert engine.cached(str(tmp_path / "bare" / "bin" / "python")) is None
+    if not info.device.startswith("cuda"):  # this machine has no GPU: asking for one is a settings problem
+        wrong = engine.probe(sys.executable, "cuda:1", use_cache=False)
+        assert not wrong.ok and wrong.problem.kind == "user" and "HQRS settings" in wrong.problem.text
+        assert "cuda:1 was chosen" in str(wrong.problem) and wrong.torch  # torch itself is fine
     gone = engine.probe(str(tmp_path / "nothing"), use_cache=False)
     assert not gone.ok and "does not exist" in str(gone.problem)
 

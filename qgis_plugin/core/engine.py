@@ -34,19 +34,26 @@ try:
     import torch
     out["torch"] = torch.__version__
     out["torch_cuda"] = torch.version.cuda
-    cuda = torch.cuda.is_available()
-    mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
-    if device.startswith("cuda") and not cuda:
-        out["device_problem"] = "device %s was chosen, but torch sees no CUDA GPU" % device
-    if cuda and (device == "auto" or device.startswith("cuda")):
-        index = int(device.split(":")[1]) if ":" in device else 0
-        out["device"] = "cuda: " + torch.cuda.get_device_name(index)
-    elif mps and device in ("auto", "mps"):
-        out["device"] = "mps: Apple GPU"
-    else:
-        out["device"] = "cpu, %d threads" % torch.get_num_threads()
 except Exception as exc:
     out["missing"].append(["torch", "%s: %s" % (type(exc).__name__, exc)])
+else:
+    try:
+        cuda = torch.cuda.is_available()
+        count = torch.cuda.device_count() if cuda else 0
+        mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+        index = int(device.split(":")[1]) if device.startswith("cuda:") else 0
+        if device.startswith("cuda") and index >= count:
+            out["device_problem"] = "device %s was chosen, but torch sees %d CUDA GPU(s)" % (device, count)
+        elif cuda and (device == "auto" or device.startswith("cuda")):
+            out["device"] = "cuda: " + torch.cuda.get_device_name(index)
+        elif mps and device in ("auto", "mps"):
+            out["device"] = "mps: Apple GPU"
+        elif device == "mps":
+            out["device_problem"] = "device mps was chosen, but torch sees no Apple GPU"
+        if "device" not in out and "device_problem" not in out:
+            out["device"] = "cpu, %d threads" % torch.get_num_threads()
+    except Exception as exc:
+        out["device_problem"] = "cannot use device %s: %s: %s" % (device, type(exc).__name__, exc)
 try:
     import open_clip
     out["open_clip"] = open_clip.__version__
