@@ -133,7 +133,8 @@ class HqrsPlugin:
             action.deleteLater()
         self.actions, self.toolbar_action = [], None
         project = QgsProject.instance()
-        for signal, slot in ((project.layersAdded, self.on_layers_added), (project.readMapLayer, self.on_read_map_layer)):
+        for signal, slot in ((project.layersAdded, self.on_layers_added),
+                             (project.readMapLayer, self.on_read_map_layer)):
             try:
                 signal.disconnect(slot)
             except (TypeError, RuntimeError):

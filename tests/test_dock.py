@@ -7,18 +7,18 @@ import sys
 import time
 
 import pytest
+from conftest import EXAMPLE_SCENE, ROOT, write_sparse_scene
 from qgis.core import QgsApplication, QgsProject, QgsSettings, QgsVectorLayer
 from qgis.gui import QgsMapCanvas, QgsMessageBar
 from qgis.PyQt.QtCore import Qt
 from qgis.PyQt.QtTest import QTest
 from qgis.PyQt.QtWidgets import QAction, QPushButton
+from tiny_models import TINY_CLIP, TINY_COCA
 
-from conftest import EXAMPLE_SCENE, ROOT, write_sparse_scene
 from hqrs_geo import TileConfig, read_tiles
 from hqrs_geo.api import caption, embed, tile
 from hqrs_geo.inference import RunOptions
 from hqrs_geo.search.session import SearchSession
-from tiny_models import TINY_CLIP, TINY_COCA
 
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))

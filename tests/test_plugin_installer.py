@@ -20,11 +20,10 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from conftest import EXAMPLE_SCENE, ROOT
 from qgis.core import QgsApplication, QgsProject, QgsSettings, QgsVectorLayer
 from qgis.PyQt.QtCore import Qt
 from qgis.PyQt.QtTest import QTest
-
-from conftest import EXAMPLE_SCENE, ROOT
 
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
@@ -89,7 +88,8 @@ def test_unreachable_index_says_what_to_do(qgis, tmp_path, monkeypatch):
     monkeypatch.delenv("PIP_FIND_LINKS", raising=False)
     empty = tmp_path / "wheels"
     empty.mkdir()
-    options = installer.InstallOptions(venv=str(tmp_path / "env"), wheel=str(tmp_path / "hqrs_geo-0.1.0-py3-none-any.whl"),
+    wheel = str(tmp_path / "hqrs_geo-0.1.0-py3-none-any.whl")
+    options = installer.InstallOptions(venv=str(tmp_path / "env"), wheel=wheel,
                                        base_python="/usr/bin/python3", torch="cpu", find_links=(str(empty),),
                                        no_index=True)
     result = installer.Installer(options).run()

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import rasterio
+from conftest import EXAMPLE_SCENE, ROOT
 from qgis.core import (
     QgsApplication,
     QgsProcessingContext,
@@ -24,12 +25,9 @@ from qgis.core import (
     QgsProcessingOutputLayerDefinition,
     QgsProject,
     QgsRasterLayer,
-    QgsSettings,
     QgsVectorLayer,
 )
 from qgis.PyQt.QtCore import Qt
-
-from conftest import EXAMPLE_SCENE, ROOT
 from tiny_models import TINY_CLIP
 
 if str(ROOT) not in sys.path:
@@ -97,8 +95,8 @@ class TileHandler(BaseHTTPRequestHandler):
 
     def do_GET(self):  # noqa: N802 - http.server API
         from PIL import Image
-        from rasterio.warp import Resampling, reproject
         from rasterio.transform import from_bounds
+        from rasterio.warp import Resampling, reproject
 
         try:
             z, x, y = (int(part) for part in self.path.strip("/").split(".")[0].split("/"))
@@ -188,7 +186,8 @@ def test_file_raster_within_an_extent_reads_only_that_window(processing_run, tmp
     assert abs(extent.xMaximum() - (x0 + 125)) < 1e-6
     assert any(t == "tiling: 4 / 4 tiles" for t in feedback.texts)
     # an extent covering the whole raster reads the file itself; one beside it is refused
-    whole = processing_run("hqrs:tile", {"INPUT": str(scene), "EXTENT": extent_string(x0 - 10, y0 - 10, x1 + 10, y1 + 10),
+    around = extent_string(x0 - 10, y0 - 10, x1 + 10, y1 + 10)
+    whole = processing_run("hqrs:tile", {"INPUT": str(scene), "EXTENT": around,
                                          "TILE_SIZE": 500, "OUTPUT": str(tmp_path / "whole.gpkg")})
     assert {str(f["source"]) for f in QgsVectorLayer(whole["OUTPUT"], "w", "ogr").getFeatures()} == {str(scene)}
     from qgis.core import QgsProcessingException

@@ -9,7 +9,6 @@ import textwrap
 import time
 
 import pytest
-
 from conftest import EXAMPLE_SCENE, ROOT, write_sparse_scene
 
 if str(ROOT) not in sys.path:

@@ -9,7 +9,6 @@ import time
 import zipfile
 
 import pytest
-
 from conftest import ROOT
 
 REQUIRED = ("name", "qgisMinimumVersion", "description", "about", "version", "author", "email",
@@ -61,15 +60,16 @@ def test_importing_the_plugin_imports_neither_torch_nor_the_engine():
 
 
 def test_make_plugin_builds_an_installable_zip_with_the_engine_wheel(tmp_path):
-    result = subprocess.run(["make", "-s", "plugin", f"PLUGIN_ZIP={tmp_path / 'hqrs.zip'}", f"PLUGIN_PY={sys.executable}"],
-                            cwd=ROOT, capture_output=True, text=True)
+    make = ["make", "-s", "plugin", f"PLUGIN_ZIP={tmp_path / 'hqrs.zip'}", f"PLUGIN_PY={sys.executable}"]
+    result = subprocess.run(make, cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     with zipfile.ZipFile(tmp_path / "hqrs.zip") as zf:
         names = zf.namelist()
     tops = {n.split("/")[0] for n in names}
     assert tops == {"hqrs_geo_plugin"}
     for required in ("metadata.txt", "__init__.py", "plugin.py", "icon.png", "LICENSE", "core/runner.py",
-                     "core/registry.py", "processing/provider.py", "processing/algorithms/search.py", "widgets/dock.py"):
+                     "core/registry.py", "processing/provider.py", "processing/algorithms/search.py",
+                     "widgets/dock.py"):
         assert f"hqrs_geo_plugin/{required}" in names
     wheels = [n for n in names if n.startswith("hqrs_geo_plugin/engine/hqrs_geo-") and n.endswith(".whl")]
     assert len(wheels) == 1 and (ROOT / "dist" / wheels[0].split("/")[-1]).is_file()  # also beside the zip
@@ -172,11 +172,11 @@ def test_plugin_loads_fast_starts_nothing_and_unloads(plugin_folder, monkeypatch
 
 
 def test_tile_layers_added_get_outlines_and_caption_tips_once(plugin_folder, monkeypatch, tmp_path):
+    from conftest import EXAMPLE_SCENE
     from qgis import utils
     from qgis.core import QgsApplication, QgsProject, QgsSettings, QgsVectorLayer
     from qgis.PyQt.QtCore import Qt
 
-    from conftest import EXAMPLE_SCENE
     from hqrs_geo import TileConfig
     from hqrs_geo.api import tile
 

@@ -35,7 +35,7 @@ DEFAULTS: Dict[str, Any] = {
 }
 
 # settings that change what a running search session does (it restarts when they change)
-SESSION_SETTINGS = ("interpreter", "device", "checkpoint")
+SESSION_SETTINGS = ("interpreter", "model", "device", "checkpoint")
 
 
 def key(name: str) -> str:
@@ -89,18 +89,3 @@ def set_values(new: Dict[str, Any]) -> List[str]:
 def set_value(name: str, val: Any) -> List[str]:
     """Store one setting (see :func:`set_values`)."""
     return set_values({name: val})
-
-
-def reset(names: Iterable[str]) -> None:
-    """Remove settings (back to their defaults), announcing the change."""
-    settings = QgsSettings()
-    names = list(names)
-    for name in names:
-        settings.remove(key(name))
-    notifier.changed.emit(names)
-
-
-def tile_size_args() -> List[str]:
-    """``--tile-size`` as the settings give it: ``256`` (pixels) or ``64m``."""
-    size = value("tile_size")
-    return ["--tile-size", f"{size:g}m" if value("tile_unit") == "m" else str(int(round(size)))]

@@ -88,11 +88,6 @@ def embedding_sets(layer: Optional[QgsMapLayer]) -> List[EmbeddingSet]:
     return found
 
 
-def has_captions(layer: Optional[QgsMapLayer]) -> bool:
-    """True for a layer with a ``caption`` field."""
-    return isinstance(layer, QgsVectorLayer) and layer.fields().indexOf("caption") >= 0
-
-
 def quote_list(values: Iterable[str]) -> str:
     """``'a', 'b'`` for an expression's IN (…)."""
     return ", ".join("'" + str(v).replace("'", "''") + "'" for v in values)

@@ -31,7 +31,7 @@ from qgis.core import (
 )
 
 from ..core import settings
-from ..core.registry import CLIP_MODELS, COCA_MODELS
+from ..core.registry import CLIP_MODELS
 from .base import cli_option, tr
 
 CUSTOM_MODEL = "custom (architecture + checkpoint)"

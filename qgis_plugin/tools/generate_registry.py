@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import textwrap
 from pathlib import Path
 
 TARGET = Path(__file__).resolve().parents[1] / "core" / "registry.py"
@@ -40,7 +41,12 @@ def render() -> str:
              "# name -> (kind, open_clip architecture, description, shipped with the engine)",
              "MODELS: Dict[str, Tuple[str, str, str, bool]] = {"]
     for spec in ordered(clip) + ordered(coca):
-        lines.append(f"    {spec.name!r}: ({spec.kind!r}, {spec.arch!r}, {spec.description!r}, {bool(spec.bundled)!r}),")
+        lines.append(f"    {spec.name!r}: (")
+        lines.append(f"        {spec.kind!r}, {spec.arch!r},")
+        parts = textwrap.wrap(spec.description, 96, drop_whitespace=False) or [""]
+        lines += [f"        {part!r}" for part in parts[:-1]] + [f"        {parts[-1]!r},"]
+        lines.append(f"        {bool(spec.bundled)!r},")
+        lines.append("    ),")
     lines += ["}", ""]
     for name, specs in (("CLIP_MODELS", ordered(clip)), ("COCA_MODELS", ordered(coca))):
         lines.append(f"{name}: Tuple[str, ...] = (")

@@ -14,8 +14,19 @@ from qgis.gui import QgsCollapsibleGroupBox, QgsFileWidget
 from qgis.PyQt.QtCore import QObject, Qt, pyqtSignal
 from qgis.PyQt.QtGui import QFont
 from qgis.PyQt.QtWidgets import (
-    QCheckBox, QComboBox, QDialog, QDialogButtonBox, QFormLayout, QHBoxLayout, QLabel, QLineEdit, QPlainTextEdit,
-    QProgressBar, QPushButton, QVBoxLayout, QWidget,
+    QCheckBox,
+    QComboBox,
+    QDialog,
+    QDialogButtonBox,
+    QFormLayout,
+    QHBoxLayout,
+    QLabel,
+    QLineEdit,
+    QPlainTextEdit,
+    QProgressBar,
+    QPushButton,
+    QVBoxLayout,
+    QWidget,
 )
 
 from ..core import engine, installer, settings, tasks
@@ -189,8 +200,11 @@ class EngineSetupPanel(QWidget):
         relay = self.relay
 
         def work(task: tasks.CallTask):
-            self.installer = installer.Installer(options, on_log=relay.line.emit,
-                                                 on_progress=lambda p, t: (task.setProgress(p), relay.progress.emit(p, t)),
+            def progress(percent: float, title: str) -> None:
+                task.setProgress(percent)
+                relay.progress.emit(percent, title)
+
+            self.installer = installer.Installer(options, on_log=relay.line.emit, on_progress=progress,
                                                  is_cancelled=task.isCanceled)
             return self.installer.run()
 

@@ -23,8 +23,9 @@ from __future__ import annotations
 
 from typing import List
 
+from ...core.registry import CLIP_MODELS, COCA_MODELS
 from ..base import HqrsAlgorithm
-from ..params import CLIP_MODELS, COCA_MODELS, CUSTOM_MODEL
+from ..params import CUSTOM_MODEL
 from .models import CaptionAlgorithm, EmbedAlgorithm, RunAlgorithm
 from .mpgi import ExportDatasetAlgorithm, MpgiAlgorithm
 from .search import ClassifyAlgorithm, SearchAlgorithm, SimilarAlgorithm

@@ -13,14 +13,13 @@ from qgis.core import (
     QgsProcessingParameterVectorLayer,
 )
 
+from ...core.registry import CLIP_MODELS, COCA_MODELS
 from ..base import HqrsAlgorithm, layer_uri, output_folder, tr
 from ..params import (
-    CLIP_MODELS,
-    COCA_MODELS,
     MODEL_FLAGS,
-    add_extent_parameters,
     add_decoding_parameters,
     add_engine_parameters,
+    add_extent_parameters,
     add_model_parameters,
     add_tiling_parameters,
     decoding_args,

@@ -19,7 +19,8 @@ from qgis.core import (
     QgsRasterLayer,
 )
 
-from ...core.rasters import RasterPlan, slug as file_slug
+from ...core.rasters import RasterPlan
+from ...core.rasters import slug as file_slug
 from ..base import TILES_LAYER, HqrsAlgorithm, layer_uri, output_folder, split_destination, tr
 from ..params import add_extent_parameters, add_tiling_parameters, static_enum, tiling_args
 
