@@ -65,7 +65,8 @@ for dist in md.distributions():
         entries.add(str(dist.locate_file(top)))
 print(json.dumps({"python_version": "%d.%d" % sys.version_info[:2], "entries": sorted(entries)}))
 """
-SITE_SCRIPT = "import json, sys, sysconfig; print(json.dumps([sysconfig.get_paths()['purelib'], '%d.%d' % sys.version_info[:2]]))"
+SITE_SCRIPT = ("import json, sys, sysconfig; "
+               "print(json.dumps([sysconfig.get_paths()['purelib'], '%d.%d' % sys.version_info[:2]]))")
 
 
 def detect_nvidia_gpu(timeout: float = 15.0) -> Optional[str]:

@@ -176,9 +176,10 @@ def materialise(plan_: RasterPlan, folder: str, resolution_m: float, feedback: Q
     cols, rows = max(1, round(ground_w / resolution_m)), max(1, round(ground_h / resolution_m))
     if max(cols, rows) > MAX_SIDE_PX:
         raise QgsProcessingException(
-            f"HQRS: the extent at {resolution_m:g} m per pixel is {cols} x {rows} pixels, more than {MAX_SIDE_PX} a side: "
-            "zoom in (a smaller extent) or choose a coarser ground resolution")
-    digest = hashlib.sha1(f"{plan_.provider.dataSourceUri()}|{extent.toString(6)}|{resolution_m}".encode()).hexdigest()[:8]
+            f"HQRS: the extent at {resolution_m:g} m per pixel is {cols} x {rows} pixels, more than {MAX_SIDE_PX} "
+            "a side: zoom in (a smaller extent) or choose a coarser ground resolution")
+    identity = f"{plan_.provider.dataSourceUri()}|{extent.toString(6)}|{resolution_m}"
+    digest = hashlib.sha1(identity.encode()).hexdigest()[:8]
     tif = Path(folder) / f"{slug(plan_.name)}_{resolution_m:g}m_{digest}.tif"
     feedback.pushInfo(f"Writing {plan_.name} over the extent at {resolution_m:g} m per pixel ({cols} x {rows} px, "
                       f"{target.authid()}) to {tif}")
