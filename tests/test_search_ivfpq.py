@@ -12,7 +12,7 @@ from hqrs_geo.search.index import VectorIndex
 from hqrs_geo.search.ivfpq import PART_SHIFT, CompressedIndex, EmbeddingPart
 
 D = 64
-PARAMS = {"nlist": 32, "m": 16, "nprobe": 8, "rerank": 200, "train_size": 5000}
+PARAMS = {"nlist": 32, "m": 8, "nprobe": 8, "rerank": 200, "train_size": 10000, "opq": 0}
 
 
 def clustered(n: int, seed: int, clusters: int = 40) -> np.ndarray:
@@ -44,7 +44,7 @@ def parts():
 
 @pytest.fixture(scope="module")
 def built(parts, tmp_path_factory):
-    return CompressedIndex.build(parts, tmp_path_factory.mktemp("ivfpq") / "idx", **PARAMS)
+    return CompressedIndex.build(parts, tmp_path_factory.mktemp("ivfpq") / "idx", **{**PARAMS, "opq": 1})
 
 
 def test_recall_and_exact_scores_against_brute_force(parts, built):
@@ -136,6 +136,8 @@ def test_an_interrupted_update_leaves_the_previous_index_usable(parts, tmp_path,
 def test_parameters_are_checked(parts, tmp_path):
     with pytest.raises(OptionError, match="must divide"):
         CompressedIndex.build(parts, tmp_path / "a", **{**PARAMS, "m": 5})
+    with pytest.raises(OptionError, match="opq=-1"):
+        CompressedIndex.build(parts, tmp_path / "a", **{**PARAMS, "opq": -1})
     with pytest.raises(OptionError, match="too few"):
         CompressedIndex.build([EmbeddingPart("s", 1, parts[0].matrix[:300])], tmp_path / "b", **PARAMS)
     with pytest.raises(OptionError, match="unknown ivfpq parameter"):
@@ -145,7 +147,7 @@ def test_parameters_are_checked(parts, tmp_path):
 def test_vector_index_builds_loads_and_masks_ivfpq(tmp_path):
     matrix = clustered(12000, seed=3)
     index = VectorIndex.from_matrix(matrix)
-    report = index.build_ann("ivfpq", path=tmp_path / "m.ivfpq", **PARAMS)
+    report = index.build_ann("ivfpq", path=tmp_path / "m.ivfpq", **{**PARAMS, "rerank": 500})
     assert report["recall_at_10"] >= 0.95 and report["bytes_on_disk"] > 0
     q = queries_near(matrix, 20, seed=5)
     exact = index.search(q, k=10)

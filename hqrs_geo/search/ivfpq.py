@@ -31,9 +31,12 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
+import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -48,12 +51,15 @@ from .exact import dot, order_best
 VERSION = 1
 PART_SHIFT = 32  # global id = part number << 32 | row in part
 CHUNK = 65536
+#: OPQ rotation refinements (FAISS's default 50 costs most of the training time for little recall)
+OPQ_ITERATIONS = 10
 DEFAULTS: dict[str, int | None] = {
     "nlist": None,  # coarse lists; None: about 4 * sqrt(N), between 64 and 65536
     "m": 64,  # PQ sub-vectors (bytes per vector); the dimension must be a multiple
     "nprobe": 48,  # lists scanned per query
     "rerank": 256,  # candidates re-scored exactly
     "train_size": 200_000,  # rows sampled to train OPQ, the coarse quantizer and PQ
+    "opq": 1,  # 1: learn an OPQ rotation before PQ (better codes for correlated dimensions); 0: plain PQ
 }
 
 
@@ -70,6 +76,25 @@ class EmbeddingPart:
     matrix: np.ndarray
 
 
+@contextmanager
+def quiet_native_output() -> Iterator[None]:
+    """Silence what FAISS's C++ code prints to the process's stdout/stderr ("resizing …",
+    clustering warnings): stdout may be a JSON-lines progress stream."""
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    saved = [os.dup(1), os.dup(2)]
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 1)
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        for fd in (*saved, devnull):
+            os.close(fd)
+
+
 def default_nlist(n: int) -> int:
     """Coarse lists for ``n`` vectors: about ``4 * sqrt(n)``, within 64..65536 (and at most n / 39)."""
     return int(max(1, min(65536, max(64, round(4 * math.sqrt(n))), n // 39)))
@@ -84,7 +109,7 @@ def check_params(params: dict, n: int, dim: int) -> dict:
     if merged["nlist"] is None:
         merged["nlist"] = default_nlist(n)
     for name, value in merged.items():
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < (0 if name == "opq" else 1):
             raise OptionError(f"invalid ivfpq parameter {name}={value!r}: use a positive integer")
     if dim % int(merged["m"]):
         raise OptionError(f"ivfpq m={merged['m']} must divide the embedding dimension {dim}")
@@ -137,12 +162,16 @@ class CompressedIndex:
             shutil.rmtree(folder)
         (folder / "shards").mkdir(parents=True)
         started = time.perf_counter()
-        index = faiss.index_factory(dim, f"OPQ{params['m']},IVF{params['nlist']},PQ{params['m']}x8",
-                                    faiss.METRIC_INNER_PRODUCT)
+        # "np": no polysemous training (FAISS's factory default for 8-bit PQ; costly and unused here)
+        opq = f"OPQ{params['m']}," if params["opq"] else ""
+        index = faiss.index_factory(dim, f"{opq}IVF{params['nlist']},PQ{params['m']}x8np", faiss.METRIC_INNER_PRODUCT)
+        if params["opq"]:
+            faiss.downcast_VectorTransform(index.chain.at(0)).niter = OPQ_ITERATIONS
         sample = _sample(parts, params["train_size"])
         if progress:
-            progress(f"training OPQ + IVF{params['nlist']} + PQ{params['m']} on {len(sample):,} vectors")
-        index.train(sample)
+            progress(f"training {opq}IVF{params['nlist']},PQ{params['m']} on {len(sample):,} vectors")
+        with quiet_native_output():
+            index.train(sample)
         del sample
         with atomic_path(folder / "trained.index") as tmp:
             faiss.write_index(index, str(tmp))
@@ -219,11 +248,12 @@ class CompressedIndex:
         trained = faiss.read_index(str(folder / "trained.index"))
         ivfdata = folder / f"merged-{generation}.ivfdata"
         ivfdata.unlink(missing_ok=True)
-        if entries:
-            merge_ondisk(trained, [str(folder / e["shard"]) for e in entries], str(ivfdata))
-        with atomic_path(folder / f"merged-{generation}.index", verify=None) as tmp:
-            faiss.write_index(trained, str(tmp))
-        return faiss.read_index(str(folder / f"merged-{generation}.index"), faiss.IO_FLAG_ONDISK_SAME_DIR)
+        with quiet_native_output():
+            if entries:
+                merge_ondisk(trained, [str(folder / e["shard"]) for e in entries], str(ivfdata))
+            with atomic_path(folder / f"merged-{generation}.index", verify=None) as tmp:
+                faiss.write_index(trained, str(tmp))
+            return faiss.read_index(str(folder / f"merged-{generation}.index"), faiss.IO_FLAG_ONDISK_SAME_DIR)
 
     def _write_meta(self) -> None:
         write_text(self.folder / "index.json", json.dumps(self.meta, indent=1, sort_keys=True, default=str))
@@ -242,7 +272,8 @@ class CompressedIndex:
         faiss = faiss_module()
         path = folder / f"merged-{meta['generation']}.index"
         try:
-            index = faiss.read_index(str(path), faiss.IO_FLAG_ONDISK_SAME_DIR)
+            with quiet_native_output():
+                index = faiss.read_index(str(path), faiss.IO_FLAG_ONDISK_SAME_DIR)
         except RuntimeError:
             return None
         return cls(folder, meta, index)
