@@ -33,12 +33,38 @@ _REASONS = {
     errno.EACCES: "permission denied; choose another output",
     errno.EPERM: "permission denied; choose another output",
     errno.ENOENT: "its folder does not exist; create it or choose another output",
+    errno.EFBIG: "the file is larger than the file system or a limit allows; free space or choose another output",
 }
+
+#: Messages of libraries (SQLite, GDAL, Arrow) that report a failed write without an errno.
+_MESSAGES = (
+    ("no space left", errno.ENOSPC), ("disk is full", errno.ENOSPC), ("database or disk is full", errno.ENOSPC),
+    ("quota exceeded", errno.EDQUOT), ("read-only file system", errno.EROFS), ("readonly database", errno.EROFS),
+    ("read-only database", errno.EROFS), ("permission denied", errno.EACCES), ("file too large", errno.EFBIG),
+    ("file size limit exceeded", errno.EFBIG),
+)
+
+
+def write_failure(exc: BaseException) -> int | None:
+    """The errno of a failed write behind ``exc`` (full disk, read-only file system, permission
+    denied, size limit), also when a library (SQLite, GDAL, Arrow) only says so in its message;
+    None for other errors."""
+    code = getattr(exc, "errno", None)
+    if code in _REASONS and code != errno.ENOENT:
+        return code
+    text = str(exc).lower()
+    for fragment, found in _MESSAGES:
+        if fragment in text:
+            return found
+    cause = exc.__cause__ or exc.__context__
+    return write_failure(cause) if cause is not None and cause is not exc else None
 
 
 def output_error(path: PathLike, exc: BaseException) -> OutputError:
     """A one-line :class:`OutputError` for a failed write of ``path``."""
     code = getattr(exc, "errno", None)
+    if code not in _REASONS:
+        code = write_failure(exc)
     if code in _REASONS:
         return OutputError(f"{path}: cannot write: {_REASONS[code]}")
     text = str(exc).strip()
@@ -95,6 +121,11 @@ def atomic_path(path: PathLike, copy_existing: bool = False,
         if isinstance(exc, HqrsError):  # a user error raised inside the block, already worded
             raise
         raise output_error(target, exc) from None
+    except Exception as exc:  # libraries (SQLite, GDAL, Arrow) report full disks in their own types
+        _remove(tmp)
+        if not isinstance(exc, HqrsError) and write_failure(exc) is not None:
+            raise output_error(target, exc) from None
+        raise
     except BaseException:
         _remove(tmp)
         raise
