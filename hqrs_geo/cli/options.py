@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import re
 import sys
 from collections.abc import Callable
 from typing import Any, NoReturn
@@ -22,14 +23,35 @@ from ..tiling.grid import DEFAULT_EDGE, EDGE_POLICIES
 PROG = "hqrs-geo"
 
 
+_NEGATIVE_VALUE = re.compile(r"^-(\d|\.\d)")
+
+
 class Parser(argparse.ArgumentParser):
-    """An argument parser whose errors are one line: what is wrong, and where to read more."""
+    """An argument parser whose errors are one line: what is wrong, and where to read more.
+
+    A value that starts with ``-`` and a digit (``--tile-size -5m``, ``--overlap -10%``) is read
+    as the option's value (so its own check explains what is wrong), never as an unknown flag.
+    """
+
+    def _parse_optional(self, arg_string: str) -> Any:
+        if _NEGATIVE_VALUE.match(arg_string):
+            return None
+        return super()._parse_optional(arg_string)
 
     def error(self, message: str) -> NoReturn:
-        """Print ``hqrs-geo: error: <message>; see <prog> --help`` and exit with status 2."""
+        """Print ``hqrs-geo: error: <option>: <what>; see <prog> --help`` and exit with status 2."""
+        message = " ".join(message.split())
         message = message.replace("argument ", "", 1) if message.startswith("argument ") else message
-        if message.endswith("expected one argument"):
-            message += " (a value starting with '-' must be written --option=VALUE)"
+        required = re.match(r"the following arguments are required: (.+)$", message)
+        unknown = re.match(r"unrecognized arguments: (.+)$", message)
+        if required:
+            message = f"{required.group(1)}: required but missing; give it"
+        elif unknown:
+            message = f"{unknown.group(1)}: not an option of this command; remove it"
+        elif message.endswith("expected one argument"):
+            message += "; give a value after it (a value starting with '-' may be written --option=VALUE)"
+        elif ": " not in message:
+            message = f"{self.prog}: {message}"
         sys.stderr.write(f"{PROG}: error: {message}; see '{self.prog} --help'\n")
         sys.exit(2)
 
