@@ -46,7 +46,7 @@ def parse_length(spec: LengthLike, what: str = "length", allow_percent: bool = F
         match = _PATTERN.match(text)
         if not match:
             negative = text.strip().startswith("-")
-            raise OptionError(f"{text[:40]!r} is not a {what}" + ("; it must not be negative" if negative else "")
+            raise OptionError(f"{text[:40]!r} is not a valid {what}" + ("; it must not be negative" if negative else "")
                               + f"; {usage}", option=option)
         value, unit = float(match.group(1)), (match.group(2) or "px").lower()
         if unit in _TO_METRES:

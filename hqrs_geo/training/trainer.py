@@ -84,8 +84,8 @@ class FinetuneConfig:
     def validated(self) -> FinetuneConfig:
         """Self, after checking the values; raises :class:`OptionError`."""
         if not (self.arch or self.model):
-            raise OptionError("name what to train: «arch» (an architecture or config .json, from scratch) or «model» "
-                              "(a registry model to fine-tune)", option="arch")
+            raise OptionError("nothing to train; name an architecture or config .json («arch», from scratch) or a "
+                              "registry model («model», to fine-tune)", option="arch")
         for name in ("epochs", "batch_size", "accum_steps", "save_every"):
             if getattr(self, name) < 1:
                 raise OptionError(f"must be at least 1, not {getattr(self, name)!r}", option=name)
