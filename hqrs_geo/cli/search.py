@@ -9,7 +9,6 @@ from typing import Any
 
 from .options import add_progress_options, number, numbers
 
-
 #: Python parameter names whose command-line flag is not ``--name-with-dashes``.
 FLAGS = {"k": "-k", "query": "QUERY", "templates": "--templates-file", "result_layer": "--result-layer"}
 

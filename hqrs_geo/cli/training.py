@@ -52,7 +52,8 @@ def register(sub: Any) -> None:
     data.add_argument("--no-rotate", dest="dihedral", action="store_false", help="no 90 degree rotations/flips")
     opt = tune.add_argument_group("optimisation")
     opt.add_argument("--epochs", type=number(int, 1, 1_000_000), default=10)
-    opt.add_argument("--max-steps", type=number(int, 1, 10**9), default=None, help="stop after this many optimiser steps")
+    opt.add_argument("--max-steps", type=number(int, 1, 10**9), default=None,
+                     help="stop after this many optimiser steps")
     opt.add_argument("--batch-size", type=number(int, 1, 65536), default=64)
     opt.add_argument("--accum-steps", type=number(int, 1, 4096), default=1, help="micro-batches per optimiser step")
     opt.add_argument("--lr", type=number(float, 0, 10, low_open=True), default=5e-4)

@@ -11,9 +11,9 @@ Every value is checked for its type before anything runs (one-line errors naming
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
 import hashlib
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn

@@ -13,6 +13,7 @@ at tiling time without decoding every block:
 from __future__ import annotations
 
 import os
+from functools import partial
 from typing import Any
 
 from rasterio.windows import Window
@@ -89,7 +90,7 @@ def check_pixel_data(src: Any, path: str) -> None:
         # a block as large as the raster (one strip) is only decoded when it is small
         if window.width * window.height * len(bands) > 64_000_000:
             continue
-        read_pixels(path, lambda w=window: src.read(bands, window=w))
+        read_pixels(path, partial(src.read, bands, window=window))
 
 
 __all__ = ["check_pixel_data"]

@@ -93,7 +93,8 @@ def write_score_column(layer: str, scores: dict[str, float], column: str, params
         raise OptionError(f"{column!r} is not a usable column name; use letters, digits and _", option="score_column")
     frame = read_tiles(layer)
     if column.lower() in {c.lower() for c in frame.columns} or column.lower() in ("geometry", "geom", "fid"):
-        earlier = {run.get("params", {}).get("column") for run in read_runs(layer) if run.get("command") == SCORE_COMMAND}
+        earlier = {run.get("params", {}).get("column") for run in read_runs(layer)
+                   if run.get("command") == SCORE_COMMAND}
         if column not in earlier:
             raise OptionError(f"the layer already has a column {column!r} that no earlier search wrote; choose "
                               "another column name", option="score_column")

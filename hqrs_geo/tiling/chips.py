@@ -22,6 +22,7 @@ import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from PIL import Image
 
@@ -53,19 +54,18 @@ def export_chips(
 
     Returns the index GeoDataFrame (tile columns + ``filepath``).
     """
-    if isinstance(inputs, (str, os.PathLike)):
-        inputs = [inputs]
-    inputs = [str(i) for i in inputs]
+    items = [str(inputs)] if isinstance(inputs, (str, os.PathLike)) else [str(i) for i in inputs]
     fmt = str(image_format).lower().lstrip(".")
     if fmt not in IMAGE_FORMATS:
         raise OptionError(f"{image_format!r} is not an image format; use png or jpg", option="image_format")
     if isinstance(quality, bool) or not isinstance(quality, int) or not 1 <= quality <= 100:
         raise OptionError(f"{quality!r} is not a JPEG quality; use a whole number in 1..100", option="quality")
     with output_folder(out_dir) as out:
-        return _export(inputs, out, config, fmt, quality, progress)
+        return _export(items, out, config, fmt, quality, progress)
 
 
 def _export(inputs: list[str], out: Path, config: TileConfig | None, fmt: str, quality: int, progress):
+    params: dict[str, Any]
     if _is_layer(inputs):
         dataset = TileDataset.from_layer(inputs[0])
         frame = read_tiles(inputs[0])

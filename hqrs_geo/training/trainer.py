@@ -429,11 +429,6 @@ def finetune(config: FinetuneConfig, resume: bool = False, progress=None,
     ``cancel`` is polled between steps; when it returns True (or on KeyboardInterrupt) a
     checkpoint is written and :class:`Cancelled` is raised, so ``resume=True`` loses nothing.
     """
-    import torch
-
-    from ..models.device import pick_device
-    from ..models.preprocess import preprocess_config
-
     config.validated()
     output = Path(config.output)
     if output.exists() and not output.is_dir():
