@@ -100,8 +100,10 @@ def atomic_path(path: PathLike, copy_existing: bool = False,
     """
     target = Path(path)
     folder = target.parent if str(target.parent) else Path(".")
+    remove_stale_temporaries(target)
     try:
-        fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=f".tmp{target.suffix}", dir=folder)
+        fd, name = tempfile.mkstemp(prefix=f".{target.name}.{os.getpid()}.", suffix=f".tmp{target.suffix}",
+                                    dir=folder)
         os.close(fd)
     except OSError as exc:
         raise output_error(target, exc) from None
@@ -129,6 +131,44 @@ def atomic_path(path: PathLike, copy_existing: bool = False,
     except BaseException:
         _remove(tmp)
         raise
+
+
+def remove_stale_temporaries(target: Path) -> int:
+    """Remove temporary files of ``target`` left by a process that was killed (SIGKILL, power
+    loss) before it could clean up: their names carry the writer's process id, and only those
+    of processes no longer running are removed. Returns how many were removed."""
+    folder = target.parent if str(target.parent) else Path(".")
+    removed = 0
+    try:
+        candidates = list(folder.glob(f".{glob_escape(target.name)}.*.tmp{glob_escape(target.suffix)}"))
+    except OSError:
+        return 0
+    for candidate in candidates:
+        pid_text = candidate.name[len(target.name) + 2:].split(".", 1)[0]
+        if not pid_text.isdigit() or _alive(int(pid_text)):
+            continue
+        _remove(candidate)
+        removed += 1
+    return removed
+
+
+def glob_escape(text: str) -> str:
+    """``text`` with glob wildcards escaped."""
+    import glob
+
+    return glob.escape(text)
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, ValueError):
+        return True
+    return True
 
 
 def _remove(path: Path) -> None:
