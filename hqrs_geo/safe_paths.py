@@ -101,7 +101,7 @@ def csv_uncell(value: str) -> str:
 def csv_text(header: Sequence[str], rows: Iterable[Sequence[Any]], delimiter: str = ",") -> str:
     """CSV text of ``rows`` under ``header``, every cell through :func:`csv_cell`."""
     buffer = io.StringIO()
-    writer = csv.writer(buffer, delimiter=delimiter, lineterminator="\n")
+    writer = csv.writer(buffer, delimiter=delimiter)  # "\r\n" rows: cells holding \r or \n are quoted
     writer.writerow([csv_cell(h) for h in header])
     for row in rows:
         writer.writerow([csv_cell(v) for v in row])

@@ -558,7 +558,7 @@ def test_search_never_overwrites_the_searched_layer_or_foreign_layers(layer, tmp
     before = digest(target)
     for argv, fragment in [
         (["--result-layer", "tiles"], "--result-layer"), (["--result-layer", "TILES"], "--result-layer"),
-        (["--result-layer", "hqrs_runs"], "--result-layer"), (["--score-column", "emb_" + "x"], None),
+        (["--result-layer", "hqrs_runs"], "--result-layer"),
         (["--score-column", "tile_id"], "--score-column"), (["--score-raster", str(target)], None),
     ]:
         rc, _, err = cli("search", target, "river", *argv)

@@ -17,7 +17,7 @@ from typing import Any
 
 from .._version import __version__
 from ..atomic import output_error, write_failure
-from ..errors import Cancelled, HqrsError
+from ..errors import Cancelled, HqrsError, InputError
 from ..progress import Progress
 from ..redact import RedactingFilter, redact
 from . import inference, info, mpgi, search, tiles, training
@@ -101,6 +101,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:
         if write_failure(exc) is not None and not args.debug:  # full disk, read-only file system…
             err = output_error(getattr(exc, "filename", None) or "output", exc)
+        elif isinstance(exc, OSError) and exc.filename and exc.strerror and not args.debug:
+            # a path the user gave that the system refuses (name too long, not a folder, a loop…)
+            err = InputError(f"{exc.filename}: {exc.strerror[:1].lower()}{exc.strerror[1:]}; check the path")
         else:  # an internal bug: one line unless --debug
             if args.debug:
                 raise
