@@ -60,9 +60,36 @@ def write_failure(exc: BaseException) -> int | None:
     return write_failure(cause) if cause is not None and cause is not exc else None
 
 
-def output_error(path: PathLike, exc: BaseException) -> OutputError:
-    """A one-line :class:`OutputError` for a failed write of ``path``."""
-    code = getattr(exc, "errno", None)
+#: Free bytes below which a failed write is taken for a full disk (GDAL and SQLite often report
+#: it only as "I/O error" or as a damaged file).
+LOW_SPACE = 1 << 20
+
+
+def space_left(folder: PathLike) -> int | None:
+    """Bytes free for this user in the file system of ``folder`` (None when unknown)."""
+    try:
+        stat = os.statvfs(folder)
+    except (OSError, AttributeError):
+        return None
+    return stat.f_bavail * stat.f_frsize
+
+
+def failure_code(exc: BaseException, folder: PathLike | None = None) -> int | None:
+    """:func:`write_failure`, or ENOSPC when the write failed some other way while the file
+    system of ``folder`` is (nearly) full; call it before removing what the failed write left."""
+    code = write_failure(exc)
+    if code is None and folder is not None:
+        free = space_left(folder)
+        if free is not None and free < LOW_SPACE:
+            return errno.ENOSPC
+    return code
+
+
+def output_error(path: PathLike, exc: BaseException, code: int | None = None) -> OutputError:
+    """A one-line :class:`OutputError` for a failed write of ``path`` (``code``: the errno
+    found by :func:`failure_code`, when already known)."""
+    if code is None:
+        code = getattr(exc, "errno", None)
     if code not in _REASONS:
         code = write_failure(exc)
     if code in _REASONS:
@@ -119,14 +146,16 @@ def atomic_path(path: PathLike, copy_existing: bool = False,
         _fsync(tmp)
         os.replace(tmp, target)
     except OSError as exc:
+        code = None if isinstance(exc, HqrsError) else failure_code(exc, folder)
         _remove(tmp)
         if isinstance(exc, HqrsError):  # a user error raised inside the block, already worded
             raise
-        raise output_error(target, exc) from None
+        raise output_error(target, exc, code) from None
     except Exception as exc:  # libraries (SQLite, GDAL, Arrow) report full disks in their own types
+        code = None if isinstance(exc, HqrsError) else failure_code(exc, folder)
         _remove(tmp)
-        if not isinstance(exc, HqrsError) and write_failure(exc) is not None:
-            raise output_error(target, exc) from None
+        if code is not None:
+            raise output_error(target, exc, code) from None
         raise
     except BaseException:
         _remove(tmp)

@@ -19,7 +19,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
-from ..atomic import output_error
+from ..atomic import failure_code, output_error
 from ..errors import OutputError
 from ..redact import redact
 
@@ -85,7 +85,7 @@ class ResumeStore:
             if "unable to open" in text or "not a database" in text or "malformed" in text:
                 raise OutputError(f"{self.path}: cannot use this results store ({exc}); check the folder's "
                                   "permissions, or remove the file to start over") from None
-            raise output_error(self.path, exc) from None
+            raise output_error(self.path, exc, failure_code(exc, self.path.parent)) from None
 
     # -- model results -------------------------------------------------------------------------
     def done(self, fields: Sequence[str]) -> dict[str, set[str]]:
