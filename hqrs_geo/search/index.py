@@ -75,8 +75,8 @@ from typing import Any
 
 import numpy as np
 
-from ..atomic import atomic_path
-from ..errors import InputError, OptionError
+from ..atomic import atomic_path, failure_code, output_error
+from ..errors import InputError, OptionError, OutputError
 
 PathLike = str | os.PathLike
 
@@ -739,8 +739,10 @@ class VectorIndex:
                 faiss.write_index(index, str(tmp))
             _write_json(meta_path, {"version": CACHE_VERSION, "kind": kind, "params": params,
                                     "fingerprint": self._ann_fingerprint()})
+        except OutputError:
+            raise
         except (OSError, RuntimeError) as exc:
-            raise InputError(f"{target}: cannot save the ANN index ({exc}); check free space and permissions") from None
+            raise output_error(target, exc, failure_code(exc, target.parent)) from None
 
     def load_ann(self, path: PathLike | None = None, kind: str | None = None) -> bool:
         """Load a saved ANN index that still matches this matrix; False when missing or stale.
