@@ -169,7 +169,8 @@ def remove_stale_temporaries(target: Path) -> int:
     folder = target.parent if str(target.parent) else Path(".")
     removed = 0
     try:
-        candidates = list(folder.glob(f".{glob_escape(target.name)}.*.tmp{glob_escape(target.suffix)}"))
+        # the temporary file itself and what its writer kept beside it (SQLite's -journal, -wal, -shm)
+        candidates = list(folder.glob(f".{glob_escape(target.name)}.*.tmp{glob_escape(target.suffix)}*"))
     except OSError:
         return 0
     for candidate in candidates:

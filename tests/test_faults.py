@@ -842,14 +842,15 @@ def test_read_only_outputs_give_one_line(tmp_path, scene, layer, tiny_clip_check
 
 # ------------------------------------------------------------ 7 + kills: random SIGKILL/SIGTERM
 
-def _kill_at(argv: list, delay: float, sig: int, cwd: Path | None = None, after: str | None = None) -> int:
+def _kill_at(argv: list, delay: float, sig: int, cwd: Path | None = None, after: str | None = None,
+             done: int = 0) -> int:
     """Start ``hqrs-geo ARGV --progress json`` and send ``sig`` ``delay`` seconds after the
-    stage ``after`` started (or after the start); returns the exit status."""
+    stage ``after`` started and reported ``done`` steps (or after the start); returns the exit status."""
     proc = subprocess.Popen([sys.executable, "-m", "hqrs_geo", *map(str, argv), "--progress", "json"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=cwd)
     if after is not None:
         for line in proc.stdout:  # type: ignore[union-attr]
-            if f'"stage": "{after}"' in line:
+            if f'"stage": "{after}"' in line and json.loads(line).get("done", 0) >= done:
                 break
     time.sleep(delay)
     if proc.poll() is None:
@@ -923,26 +924,37 @@ def tiny_resnet(model_environment) -> str:
     return TINY_RN
 
 
+@pytest.fixture(scope="module")
+def train_dataset(work) -> Path:
+    from test_training import _write_dataset
+
+    folder = work / "train_captions"
+    folder.mkdir()
+    return _write_dataset(folder, per_class=6)  # 12 train images: 3 steps per epoch at batch 4
+
+
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
-def test_stopped_finetune_resumes_bit_identical(eval_dataset, tiny_resnet, tmp_path, sig):
+def test_stopped_finetune_resumes_bit_identical(train_dataset, tiny_resnet, tmp_path, sig):
+    eval_dataset = train_dataset
     from safetensors.torch import load_file
 
     from hqrs_geo.training import FinetuneConfig, finetune
 
-    options = dict(dataset=str(eval_dataset), arch=tiny_resnet, batch_size=4, epochs=2, max_steps=12,
-                   save_every=5, lr=1e-3, warmup_steps=2, seed=1, device="cpu", precision="fp32")
+    options = dict(dataset=str(eval_dataset), arch=tiny_resnet, batch_size=4, epochs=3, max_steps=9,
+                   save_every=4, lr=1e-3, warmup_steps=2, seed=1, device="cpu", precision="fp32")
     straight = tmp_path / "straight"
     finetune(FinetuneConfig(output=str(straight), **options))
     cut = tmp_path / "cut"
-    argv = ["finetune", eval_dataset, "-o", cut, "--arch", tiny_resnet, "--batch-size", "4", "--epochs", "2",
-            "--max-steps", "12", "--save-every", "5", "--lr", "1e-3", "--warmup-steps", "2", "--seed", "1",
+    argv = ["finetune", eval_dataset, "-o", cut, "--arch", tiny_resnet, "--batch-size", "4", "--epochs", "3",
+            "--max-steps", "9", "--save-every", "4", "--lr", "1e-3", "--warmup-steps", "2", "--seed", "1",
             "--device", "cpu", "--precision", "fp32"]
     REPORT["tried"] += 1
-    rc = _kill_at(argv, random.Random(int(sig)).uniform(0.05, 0.6), sig, after="train")
+    rng = random.Random(int(sig))
+    rc = _kill_at(argv, rng.uniform(0.0, 0.2), sig, after="train", done=rng.randint(1, 7))
     if sig == signal.SIGTERM and rc != 0:
         assert rc == 130
     resumed = finetune(FinetuneConfig(output=str(cut), **options), resume=True)
-    assert resumed["steps"] == 12
+    assert resumed["steps"] == 9
     for name in ("model.safetensors", "best.safetensors"):
         a, b = load_file(str(straight / name)), load_file(str(cut / name))
         assert a.keys() == b.keys()

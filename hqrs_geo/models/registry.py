@@ -181,7 +181,7 @@ def get_spec(name: str, arch: str | None = None, checkpoint: str | None = None) 
         if custom_arch is None:
             known = ", ".join(REGISTRY)
             raise OptionError(
-                f"{str(name)[:60]!r} is not a known model; use one of {known}, or an open_clip architecture with a "
+                f"unknown model {str(name)[:60]!r}; use one of {known}, or an open_clip architecture with a "
                 "«checkpoint»", option="model"
             )
         kind: Kind = "coca" if "coca" in custom_arch.lower() else "clip"
@@ -193,7 +193,7 @@ def get_spec(name: str, arch: str | None = None, checkpoint: str | None = None) 
     if arch:
         resolved = open_clip_arch(arch)
         if resolved is None:
-            raise OptionError(f"{str(arch)[:60]!r} is not a known architecture; use an open_clip model name such as "
+            raise OptionError(f"unknown architecture {str(arch)[:60]!r}; use an open_clip model name such as "
                               "ViT-L-14", option="arch")
         spec = replace(spec, arch=resolved)
     elif spec.arch_from_filename and checkpoint:

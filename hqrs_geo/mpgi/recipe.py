@@ -195,6 +195,15 @@ def _check(raw: dict, source: str) -> None:
             fail(f"[{stage}] needs a model")
     if raw["llm"]["type"] == "none":
         fail("[llm] type cannot be none: the integration stage needs an LLM")
+    from .backends import check_backend_config
+
+    for stage in ("vlm", "llm"):
+        table = {k: v for k, v in raw[stage].items() if k not in STAGE_KEYS}
+        if table.get("type") != "none":
+            try:
+                check_backend_config(table)
+            except OptionError as exc:
+                fail(f"[{stage}] {exc}")
     names = [p.get("name") for p in raw.get("perspectives", [])]
     if any(not n for n in names) or len(set(names)) != len(names):
         fail("every [[perspectives]] entry needs a distinct name")
