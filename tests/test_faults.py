@@ -192,6 +192,34 @@ def test_every_numeric_option_refuses_bad_numbers_in_one_line(tmp_path_factory, 
     assert not any(folder.iterdir()), "a refused command wrote something"
 
 
+TYPED = {  # command -> (arguments that reach the option check, options parsed into types or choices)
+    "tile": (["missing.tif", "-o", "o.gpkg"], ["--tile-size", "--overlap", "--bands", "--stretch", "--crs",
+                                               "--resampling", "--edge"]),
+    "export-chips": (["missing.gpkg", "-o", "chips"], ["--format", "--tile-size", "--bands"]),
+    "embed": (["missing.gpkg"], ["--precision", "--embedding-dtype", "--device"]),
+    "caption": (["missing.gpkg"], ["--decoding"]),
+    "search": (["missing.gpkg", "river"], ["--bbox", "--near", "--bbox-crs", "--near-crs"]),
+    "export-dataset": (["missing.gpkg", "-o", "ds"], ["--captions", "--format"]),
+    "index": (["missing.gpkg"], ["--kind"]),
+    "finetune": (["missing.json", "-o", "run", "--arch", TINY_CLIP], ["--precision", "--save-dtype"]),
+}
+BAD_TEXT = st.one_of(st.sampled_from(["", "-", "--", "-5m", "-10%", "1e9", "0,0", "a,b,c", "nan,nan", "1,2,3,4,5",
+                                      "EPSG:0", "p-1,200", "100%", "cuda:99", "../..", "\\x00"]),
+                     st.text(max_size=16))
+
+
+@FAST
+@given(command=st.sampled_from(sorted(TYPED)), data=st.data())
+def test_every_typed_option_refuses_bad_values_in_one_line(tmp_path_factory, command, data):
+    folder = tmp_path_factory.mktemp("types")
+    base, options = TYPED[command]
+    option = data.draw(st.sampled_from(options))
+    value = data.draw(BAD_TEXT).replace("\x00", "")
+    rc, _, err = cli(command, *base, f"{option}={value}", cwd=folder)
+    expect_clean(rc, err)
+    assert not any(folder.iterdir()), "a refused command wrote something"
+
+
 PATH_COMMANDS = {
     "info": lambda p, out: ["info", p],
     "tile": lambda p, out: ["tile", p, "-o", out / "o.gpkg"],
@@ -970,7 +998,7 @@ def test_killed_mpgi_resumes_from_its_call_cache(layer, tmp_path, echo_server, m
     monkeypatch.setenv("HQRS_TEST_KEY", "sk-" + "5" * 20)
     recipe = minimal_recipe(tmp_path, echo_server.server_address[1], )
     plain = fresh(layer, tmp_path / "plain")
-    assert cli("mpgi", plain, "--recipe", recipe, "-q")[0] == 0
+    assert cli("mpgi", plain, "--recipe", recipe, "-q") == (0, "", "")  # -q: nothing at all on the terminal
     cut = fresh(layer, tmp_path / "cut")
     before = digest(cut)
     REPORT["tried"] += 1

@@ -331,10 +331,36 @@ def latest_checkpoint(output: Path) -> Path | None:
     return found[-1] if found else None
 
 
+def _check_zip(tmp: Path) -> None:
+    """A written ``torch.save`` file is a complete zip archive (its central directory is last)."""
+    import errno
+    import zipfile
+
+    if not tmp.is_file() or tmp.stat().st_size == 0 or not zipfile.is_zipfile(tmp):
+        raise OSError(errno.EIO, "the written checkpoint is incomplete")
+
+
+def _check_safetensors(expected: int):
+    """A check of a written safetensors file: its header opens and lists ``expected`` tensors."""
+    def verify(tmp: Path) -> None:
+        import errno
+
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(tmp), framework="pt") as handle:
+                found = len(list(handle.keys()))
+        except Exception as exc:  # safetensors raises its own types for damaged files
+            raise OSError(errno.EIO, f"the written weights cannot be read back ({exc})") from None
+        if found != expected:
+            raise OSError(errno.EIO, f"the written weights hold {found} tensors instead of {expected}")
+    return verify
+
+
 def _atomic_torch_save(payload, path: Path) -> None:
     import torch
 
-    with atomic_path(path) as tmp:
+    with atomic_path(path, verify=_check_zip) as tmp:
         torch.save(payload, tmp)
 
 
@@ -349,7 +375,7 @@ def save_weights(model, path: Path, dtype: str = "fp32") -> None:
         if dtype == "fp16" and value.is_floating_point():
             value = value.to(torch.float16)
         state[key] = value.contiguous().clone()
-    with atomic_path(path) as tmp:
+    with atomic_path(path, verify=_check_safetensors(len(state))) as tmp:
         save_file(state, str(tmp))
         umask = os.umask(0)
         os.umask(umask)
