@@ -19,7 +19,7 @@ help:
 	@echo "make demo   - run the main job on the example scene (sets everything up)"
 	@echo "make test   - run the test suite (sets everything up)"
 	@echo "make bench  - run the benchmarks"
-	@echo "make plugin - build the QGIS plugin zip (dist/hqrs_geo_plugin.zip)"
+	@echo "make plugin - build the QGIS plugin zip (dist/hqrs_geo_plugin.zip) with the engine's wheel"
 
 system-deps:
 	@if ! $(SYSTEM_PY) -c 'import qgis.core' >/dev/null 2>&1 || ! $(SYSTEM_PY) -c 'import ensurepip' >/dev/null 2>&1 \
@@ -62,12 +62,21 @@ bench: venv
 	$(PY) -m pip install -q -c constraints.txt torchgeo 'matplotlib>=3.8'
 	set -e; for b in tiling embed caption search finetune mpgi; do echo "== benchmarks/$$b.py"; $(PY) benchmarks/$$b.py; done
 
-# The installable plugin ("Install from ZIP"): one top folder, metadata, code, icon, licence.
+# The installable plugin ("Install from ZIP"): one top folder with metadata, code, icon, licence,
+# and the engine's wheel (engine/hqrs_geo-*.whl) that the plugin's installer puts into a virtual
+# environment of its own. The model list is regenerated from the engine's registry first.
+# The wheel is also left in dist/ (beside the zip).
+PLUGIN_PY   := $(if $(wildcard $(PY)),$(PY),$(SYSTEM_PY))
 plugin:
-	@rm -rf build/plugin && mkdir -p build/plugin/hqrs_geo_plugin $(dir $(PLUGIN_ZIP))
-	@cp qgis_plugin/*.py qgis_plugin/icon.png metadata.txt LICENSE build/plugin/hqrs_geo_plugin/
+	@$(PLUGIN_PY) -m qgis_plugin.tools.generate_registry
+	@rm -rf build/plugin build/wheel && mkdir -p build/plugin/hqrs_geo_plugin/engine build/wheel dist $(dir $(PLUGIN_ZIP))
+	@$(PLUGIN_PY) -m pip wheel -q --no-deps --no-build-isolation -w build/wheel . >/dev/null
+	@rm -rf hqrs_geo.egg-info && cp build/wheel/hqrs_geo-*.whl dist/ && cp build/wheel/hqrs_geo-*.whl build/plugin/hqrs_geo_plugin/engine/
+	@cd qgis_plugin && find . -name '*.py' -not -path './tools/*' -not -path '*/__pycache__/*' \
+	    -exec cp --parents {} ../build/plugin/hqrs_geo_plugin/ \;
+	@cp qgis_plugin/icon.png metadata.txt LICENSE build/plugin/hqrs_geo_plugin/
 	@rm -f $(PLUGIN_ZIP) && cd build/plugin && python3 -m zipfile -c $(abspath $(PLUGIN_ZIP)) hqrs_geo_plugin
-	@echo "plugin: $(PLUGIN_ZIP)"
+	@echo "plugin: $(PLUGIN_ZIP) (engine wheel: dist/$$(basename build/wheel/hqrs_geo-*.whl))"
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache demo-output

@@ -6,7 +6,7 @@ Data: ``--n`` x ``--dim`` L2-normalised float16 vectors in ``--clusters`` cluste
 each point = cluster centre (unit, random) + a component in a 16-dimensional cluster-specific
 subspace (norm ~0.35, the "meaning" neighbours differ by) + isotropic noise (norm ~0.1),
 normalised. Written chunk by chunk to a ``.npy`` file and memory-mapped, as
-:meth:`hqrs_geo.search.vectors.VectorIndex.open` does with its cache. Queries: random rows
+:meth:`hqrs_geo.search.index.VectorIndex.open` does with its cache. Queries: random rows
 plus noise of norm 0.05, normalised.
 
 Measured: single-query latency p50/p95 of exact search (and of a batch, per query), of
@@ -130,7 +130,8 @@ def alternatives(index, queries: np.ndarray, rows_out: list) -> None:
 
 
 def main() -> None:
-    from hqrs_geo.search.index import ANN_DEFAULTS, VectorIndex
+    from hqrs_geo.search.ann import ANN_DEFAULTS
+    from hqrs_geo.search.index import VectorIndex
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=1_000_000)

@@ -18,6 +18,7 @@ def render(layer_path: str, query: str, png: str, k: int = 20, size: int = 900) 
     """Search, style, render; returns a summary (top tile, score range)."""
     from qgis.core import (
         QgsApplication,
+        QgsClassificationEqualInterval,
         QgsFillSymbol,
         QgsGradientColorRamp,
         QgsGraduatedSymbolRenderer,
@@ -44,7 +45,8 @@ def render(layer_path: str, query: str, png: str, k: int = 20, size: int = 900) 
     symbol.setOpacity(0.55)
     renderer.setSourceSymbol(symbol)
     renderer.setSourceColorRamp(QgsGradientColorRamp(QColor(68, 1, 84), QColor(253, 231, 37)))  # viridis ends
-    renderer.updateClasses(tiles, QgsGraduatedSymbolRenderer.EqualInterval, 5)
+    renderer.setClassificationMethod(QgsClassificationEqualInterval())
+    renderer.updateClasses(tiles, 5)
     tiles.setRenderer(renderer)
     settings = QgsMapSettings()
     settings.setLayers([tiles, scene])

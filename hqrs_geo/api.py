@@ -16,7 +16,7 @@ from typing import Any
 
 from .engine.options import RunOptions
 from .engine.run import run_models
-from .errors import OptionError
+from .errors import Cancelled, OptionError
 from .layer.io import TileLayer, check_writable, is_layer_path, open_layer
 from .tiling.config import TileConfig
 from .tiling.plan import tile_to_layer
@@ -119,7 +119,14 @@ def run(
     if caption_model:
         captioner = _load([caption_model], [caption_checkpoint], [caption_arch], device, trust_checkpoint)[0]
     layer = prepare_layer(inputs, output, tiling, progress)
-    return run_models(layer, embedders, captioner, decoding, options, progress, command=command)
+    try:
+        return run_models(layer, embedders, captioner, decoding, options, progress, command=command)
+    except KeyboardInterrupt:
+        if is_layer_input(inputs):
+            raise
+        raise Cancelled(f"cancelled; {layer.path} holds the new tiles, without this run's model results yet; "
+                        "run the same command again to compute them (finished batches are kept and skipped)") \
+            from None
 
 
 def embed(inputs: PathOrPaths, output: str | os.PathLike | None = None,

@@ -35,9 +35,10 @@ from tiny_models import TINY_CLIP, TINY_COCA
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from qgis_plugin import alg_base, engine  # noqa: E402
-from qgis_plugin.algorithms import CLIP_MODELS, COCA_MODELS, CUSTOM_MODEL  # noqa: E402
-from qgis_plugin.processing_provider import HqrsProvider  # noqa: E402
+from qgis_plugin.core import engine, sessions, settings  # noqa: E402
+from qgis_plugin.processing import base as alg_base  # noqa: E402
+from qgis_plugin.processing.algorithms import CUSTOM_MODEL  # noqa: E402
+from qgis_plugin.processing.provider import HqrsProvider  # noqa: E402
 
 ALGORITHMS = ("tile", "embed", "caption", "run", "search", "similar", "classify", "export_chips", "mpgi",
               "export_dataset")
@@ -61,6 +62,7 @@ def processing_run():
         provider = HqrsProvider()
         assert registry.addProvider(provider)
     yield processing.run
+    sessions.close_all()
     if provider is not None:
         registry.removeProvider(provider)
 
@@ -147,14 +149,6 @@ def test_provider_and_algorithms_load_without_the_engine(processing_run, monkeyp
     # destinations in the "ogr:" form scripts may use
     assert alg_base.split_destination("ogr:dbname='/d/x.gpkg' table=\"found\" (geom)") == ("/d/x.gpkg", "found")
     assert alg_base.split_destination("/d/out.gpkg") == ("/d/out.gpkg", None)
-
-
-def test_model_lists_mirror_the_registry():
-    from hqrs_geo.models.registry import list_models
-
-    built_in = [m for m in list_models() if not m.name.startswith("tiny-test")]
-    assert sorted(CLIP_MODELS) == sorted(m.name for m in built_in if m.kind == "clip")
-    assert sorted(COCA_MODELS) == sorted(m.name for m in built_in if m.kind == "coca")
 
 
 # tiling -----------------------------------------------------------------------------------
@@ -403,7 +397,8 @@ def test_engine_errors_are_one_line(processing_run, tiles):
     with pytest.raises(QgsProcessingException) as caught:
         processing_run("hqrs:search", {"INPUT": str(tiles), "QUERY": "river", "K": 5, "OUTPUT": "TEMPORARY_OUTPUT"})
     message = str(caught.value)
-    assert message.startswith("hqrs-geo: error:") and "has no embeddings" in message
+    assert message.startswith("HQRS: ") and "has no embeddings" in message
+    assert "Processing ▸ HQRS ▸ Models ▸ Embed tiles" in message and "hqrs-geo" not in message  # no CLI advice
     assert "\n" not in message and "Traceback" not in message
     with pytest.raises(QgsProcessingException) as caught:  # a registry model whose checkpoint is not here
         processing_run("hqrs:embed", {"INPUT": str(tiles), "MODEL": "remoteclip-vit-b-32", "DEVICE": "cpu"})
@@ -417,14 +412,14 @@ def test_engine_errors_are_one_line(processing_run, tiles):
 def bare_interpreter(tmp_path):
     """The interpreter setting pointed at a Python without the engine; restored afterwards."""
     python = "/usr/bin/python3"
-    if not Path(python).exists() or engine.engine_problem(python) is None:
+    if not Path(python).exists() or engine.probe(python, use_cache=False).ok:
         subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(tmp_path / "bare")], check=True)
         python = str(tmp_path / "bare" / "bin" / "python")
     lacks = subprocess.run([python, "-c", "import hqrs_geo"], cwd=tmp_path, capture_output=True)
     assert lacks.returncode != 0
-    key = f"{engine.SETTINGS_GROUP}/interpreter"
+    key = settings.key("interpreter")
     previous = QgsSettings().value(key, None)
-    engine.set_setting("interpreter", python)
+    settings.set_value("interpreter", python)
     yield python
     if previous is None:
         QgsSettings().remove(key)
@@ -455,10 +450,10 @@ def test_missing_engine_gives_the_install_message(processing_run, bare_interpret
         with pytest.raises(QgsProcessingException) as caught:
             processing_run(f"hqrs:{name}", minimal_parameters(name, scene, tiles, tmp_path))
         message = str(caught.value)
-        assert "pip install" in message and bare_interpreter in message and "\n" not in message, (name, message)
-        assert message == engine.engine_problem(bare_interpreter)
+        assert "Set up engine" in message and bare_interpreter in message and "\n" not in message, (name, message)
+        assert message == f"HQRS: {engine.probe(bare_interpreter).problem.text}"
     assert sorted(tmp_path.iterdir()) == before  # nothing was written
-    assert bare_interpreter not in alg_base._ENGINE_READY
+    assert engine.cached(bare_interpreter) is None  # failures are never cached
 
 
 # cancelling -------------------------------------------------------------------------------
@@ -506,7 +501,7 @@ def test_cancel_stops_the_engine(processing_run, tmp_path):
     finally:
         backstop.cancel()
         cancel.cancel()
-    assert feedback.isCanceled() and any(t.startswith("tile") for t in feedback.texts)
+    assert feedback.isCanceled() and any(t.startswith("tiling: ") and t.endswith(" tiles") for t in feedback.texts)
     assert time.monotonic() - started < 60
     assert processes_mentioning(str(out)) == []  # the child is gone
     assert not out.exists() or open_layer(f"{out}|layername=tiles").isValid()

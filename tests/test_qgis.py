@@ -10,7 +10,7 @@ from hqrs_geo import read_tiles
 
 @pytest.fixture(scope="session")
 def qgis_app():
-    app = QgsApplication([], False)
+    app = QgsApplication.instance() or QgsApplication([], False)  # one application per process
     app.initQgis()
     yield app
     # exitQgis() at interpreter exit can crash some QGIS builds; the process ends anyway

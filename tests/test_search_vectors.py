@@ -12,7 +12,7 @@ import pytest
 from hqrs_geo import read_tiles, write_tiles
 from hqrs_geo.layer.columns import encode
 from hqrs_geo.errors import InputError, OptionError
-from hqrs_geo.search import index as vectors_module
+from hqrs_geo.search import cache as cache_module
 from hqrs_geo.search.index import VectorIndex
 
 N, D = 20000, 64
@@ -88,7 +88,9 @@ def test_exact_equals_brute_force(random_unit, dtype, n_queries, mask_kind):
 @pytest.mark.parametrize("n_queries", [1, 40])
 def test_exact_without_torch(random_unit, monkeypatch, n_queries):
     """torch is optional (models extra): the numpy fallback gives the same results."""
-    monkeypatch.setattr(vectors_module, "_torch", lambda: None)
+    from hqrs_geo.search import exact as exact_module
+
+    monkeypatch.setattr(exact_module, "torch_or_none", lambda: None)
     index = VectorIndex.from_matrix(random_unit.astype(np.float16))
     queries = unit(np.random.default_rng(9).standard_normal((n_queries, D)))
     mask = np.random.default_rng(10).random(N) < 0.5
@@ -152,8 +154,10 @@ def test_fast_kernel_out_of_bound_falls_back(random_unit, monkeypatch):
     """If the float16 kernel ever broke its error bound, results would stay exact (with a warning)."""
     index = VectorIndex.from_matrix(random_unit.astype(np.float16))
     noise = np.random.default_rng(3).standard_normal(N).astype(np.float32) * 0.05
-    real = VectorIndex._mv
-    monkeypatch.setattr(VectorIndex, "_mv", lambda self, q, norm: real(self, q, norm) + noise)
+    from hqrs_geo.search.exact import ExactSearch
+
+    real = ExactSearch._mv
+    monkeypatch.setattr(ExactSearch, "_mv", lambda self, q, norm: real(self, q, norm) + noise)
     q = random_unit[11]
     with pytest.warns(RuntimeWarning, match="error bound"):
         scores, rows = index.search(q, k=10)
@@ -343,7 +347,7 @@ def test_cache_paths_use_safe_key(example_layer):
     index = VectorIndex.open(example_layer, "a/b", frame=frame)
     assert index.cache_path.name == f"{example_layer.name}.emb_a_b.npy"
     assert index.matrix.dtype == np.float32
-    assert vectors_module._safe("a/b") == "a_b"
+    assert cache_module.safe_key("a/b") == "a_b"
     vectors[3, 1] = np.inf
     frame["emb_bad"] = encode(vectors, "float32")
     frame["emb_bad_dim"] = 8

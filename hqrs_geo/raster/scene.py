@@ -108,23 +108,44 @@ class SceneInfo:
         return asdict(self)
 
 
+#: Projections whose scale at the scene centre is within this of 1 (UTM, national grids) measure
+#: ground sizes in map units; others (Web Mercator: 1 / cos(latitude)) on the ellipsoid.
+SCALE_TOLERANCE = 0.01
+
+
 def _pixel_size_m(src: rasterio.DatasetReader) -> tuple[float, float] | None:
-    """Ground size in metres of one pixel step along x and along y, at the scene centre."""
+    """Ground size in metres of one pixel step along x and along y, at the scene centre.
+
+    Geographic CRSs and projections that distort distances by more than :data:`SCALE_TOLERANCE`
+    at the centre (e.g. Web Mercator) are measured on the WGS84 ellipsoid; other projected CRSs
+    in their own (metre-converted) units.
+    """
     if src.crs is None:
         return None
-    from pyproj import CRS, Geod
+    from pyproj import CRS, Geod, Transformer
 
     crs = CRS.from_wkt(src.crs.to_wkt())
     t = src.transform
+    cx, cy = src.width / 2, src.height / 2
+    x, y = t.c + t.a * cx + t.b * cy, t.f + t.d * cx + t.e * cy
+    geod = Geod(ellps="WGS84")
     if crs.is_geographic:
-        geod = Geod(ellps="WGS84")
-        cx, cy = src.width / 2, src.height / 2
-        lon, lat = t.c + t.a * cx + t.b * cy, t.f + t.d * cx + t.e * cy
-        _, _, dx = geod.inv(lon, lat, lon + t.a, lat + t.d)
-        _, _, dy = geod.inv(lon, lat, lon + t.b, lat + t.e)
+        _, _, dx = geod.inv(x, y, x + t.a, y + t.d)
+        _, _, dy = geod.inv(x, y, x + t.b, y + t.e)
         return float(dx), float(dy)
     factor = crs.axis_info[0].unit_conversion_factor if crs.axis_info else 1.0
-    return float(((t.a**2 + t.d**2) ** 0.5) * factor), float(((t.b**2 + t.e**2) ** 0.5) * factor)
+    map_size = (float(((t.a**2 + t.d**2) ** 0.5) * factor), float(((t.b**2 + t.e**2) ** 0.5) * factor))
+    try:
+        to_lonlat = Transformer.from_crs(crs, "EPSG:4326", always_xy=True)
+        lon, lat = to_lonlat.transform(x, y)
+        lon_x, lat_x = to_lonlat.transform(x + t.a, y + t.d)
+        lon_y, lat_y = to_lonlat.transform(x + t.b, y + t.e)
+        ground = (float(geod.inv(lon, lat, lon_x, lat_x)[2]), float(geod.inv(lon, lat, lon_y, lat_y)[2]))
+    except Exception:  # pyproj raises several types for CRSs it cannot invert
+        return map_size
+    if not all(g > 0 and abs(g / m - 1) <= SCALE_TOLERANCE for g, m in zip(ground, map_size) if m > 0):
+        return ground
+    return map_size
 
 
 def describe(src: rasterio.DatasetReader) -> SceneInfo:

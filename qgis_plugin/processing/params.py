@@ -1,16 +1,20 @@
-"""Parameter sets shared by the HQRS algorithms (tiling, models, device) and their CLI flags.
+"""Parameter sets shared by the HQRS algorithms (rasters, tiling, models, device) and their CLI flags.
 
-Model choice: the provider must load without starting the engine, so the model lists are
-static, mirroring ``hqrs_geo/models/registry.py`` (the test suite checks they match). They are
-enums with static strings, so scripts, batch runs and models store the name
-(``"remoteclip-vit-b-32"``), not a position. The last entry, :data:`CUSTOM_MODEL`, runs any
-open_clip architecture (or a registry name missing here, e.g. one added later) named in the
-ARCH parameter with the CHECKPOINT file. With a registry entry, ARCH overrides the
-architecture and CHECKPOINT the weights file (default: the engine's checkpoint cache).
+Model choice: the provider must load without starting the engine, so the model lists come from
+:mod:`..core.registry`, generated from the engine's registry by ``make plugin`` (a test checks it
+is up to date). They are enums with static strings, so scripts, batch runs and models store the
+name (``"remoteclip-vit-b-32"``), not a position. The last entry, :data:`CUSTOM_MODEL`, runs any
+open_clip architecture (or a registry name missing here, e.g. one added later) named in the ARCH
+parameter with the CHECKPOINT file. With a registry entry, ARCH overrides the architecture and
+CHECKPOINT the weights file (default: the engine's checkpoint cache).
+
+Defaults come from the HQRS settings (model, caption model, checkpoint, device, batch size, tile
+size in pixels or metres, overlap, resolution), read when a dialog or ``processing.run`` creates
+the algorithm.
 """
 from __future__ import annotations
 
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 from qgis.core import (
     QgsProcessingAlgorithm,
@@ -20,27 +24,23 @@ from qgis.core import (
     QgsProcessingParameterCrs,
     QgsProcessingParameterDefinition,
     QgsProcessingParameterEnum,
+    QgsProcessingParameterExtent,
     QgsProcessingParameterFile,
     QgsProcessingParameterNumber,
     QgsProcessingParameterString,
 )
 
-from .alg_base import cli_option, tr
+from ..core import settings
+from ..core.registry import CLIP_MODELS
+from .base import cli_option, tr
 
 CUSTOM_MODEL = "custom (architecture + checkpoint)"
-# the shipped demo models come first: they are the defaults and need no download
-CLIP_MODELS: Tuple[str, ...] = (
-    "hqrs-mini-clip", "hqrs-clip", "openai-vit-b-32", "openai-vit-l-14",
-    "remoteclip-rn50", "remoteclip-vit-b-32", "remoteclip-vit-l-14",
-    "georsclip-vit-b-32", "georsclip-vit-l-14", "georsclip-vit-h-14",
-    "skyclip-vit-b-32", "skyclip-vit-l-14",
-)
-COCA_MODELS: Tuple[str, ...] = ("hqrs-mini-coca", "rs-coca")
-DEVICES = ("auto", "cpu", "cuda")
+DEVICES = settings.DEVICES
 EDGES = ("shift", "pad", "drop")
 DECODINGS = ("greedy", "beam", "sample")
 CHECKPOINT_FILTER = "Checkpoints (*.pt *.pth *.bin *.safetensors *.ckpt);;All files (*.*)"
 DEFAULT_MIN_LENGTH = 5  # the CLI's --min-length default
+DEFAULT_WEB_RESOLUTION_M = 0.5
 
 # the CLI flags of a model's name, architecture and checkpoint, per parameter prefix and job
 MODEL_FLAGS = {
@@ -65,15 +65,17 @@ def static_enum(name: str, description: str, options: Tuple[str, ...], default: 
 # tiling ---------------------------------------------------------------------------------
 def add_tiling_parameters(alg: QgsProcessingAlgorithm, advanced_all: bool = False) -> None:
     """TILE_SIZE, TILE_SIZE_M, OVERLAP, GSD, EDGE, MIN_VALID, CRS, BANDS."""
+    size, metres = settings.value("tile_size"), settings.value("tile_unit") == "m"
+    gsd = settings.value("gsd")
     params = [
         QgsProcessingParameterNumber("TILE_SIZE", tr("Tile size (pixels)"), QgsProcessingParameterNumber.Integer,
-                                     256, False, 8),
+                                     256 if metres else max(8, int(round(size))), False, 8),
         QgsProcessingParameterNumber("TILE_SIZE_M", tr("Tile size in ground metres (overrides the pixel size)"),
-                                     QgsProcessingParameterNumber.Double, None, True, 0.0),
+                                     QgsProcessingParameterNumber.Double, size if metres else None, True, 0.0),
         QgsProcessingParameterNumber("OVERLAP", tr("Overlap (percent of the tile size)"),
-                                     QgsProcessingParameterNumber.Double, 0.0, False, 0.0, 90.0),
+                                     QgsProcessingParameterNumber.Double, settings.value("overlap"), False, 0.0, 90.0),
         QgsProcessingParameterNumber("GSD", tr("Resample to ground resolution (metres per pixel)"),
-                                     QgsProcessingParameterNumber.Double, None, True, 0.0),
+                                     QgsProcessingParameterNumber.Double, gsd if gsd > 0 else None, True, 0.0),
         static_enum("EDGE", tr("Partial tiles at the right/bottom edge"), EDGES, "shift"),
         QgsProcessingParameterNumber("MIN_VALID", tr("Minimum valid fraction of a tile"),
                                      QgsProcessingParameterNumber.Double, 0.5, False, 0.0, 1.0),
@@ -111,13 +113,18 @@ def tiling_args(alg: Any, parameters: Dict[str, Any], context: QgsProcessingCont
 
 # models ---------------------------------------------------------------------------------
 def add_model_parameters(alg: QgsProcessingAlgorithm, prefix: str, names: Tuple[str, ...], label: str) -> None:
-    """<prefix>MODEL (registry names + custom), <prefix>ARCH, <prefix>CHECKPOINT."""
-    alg.addParameter(static_enum(f"{prefix}MODEL", tr(label), names + (CUSTOM_MODEL,), names[0]))
+    """<prefix>MODEL (registry names + custom), <prefix>ARCH, <prefix>CHECKPOINT; defaults from
+    the settings' embedding model (and its checkpoint) or caption model."""
+    clip = names is CLIP_MODELS or names[0] in CLIP_MODELS
+    chosen = settings.value("model" if clip else "caption_model")
+    checkpoint = settings.value("checkpoint") if clip else ""
+    alg.addParameter(static_enum(f"{prefix}MODEL", tr(label), names + (CUSTOM_MODEL,),
+                                 chosen if chosen in names else names[0]))
     alg.addParameter(QgsProcessingParameterString(
         f"{prefix}ARCH", tr("open_clip architecture (custom model; or overrides the model's)"), None, False, True))
     alg.addParameter(QgsProcessingParameterFile(
         f"{prefix}CHECKPOINT", tr("Checkpoint file (default: the engine's checkpoint cache)"),
-        QgsProcessingParameterFile.File, "", None, True, CHECKPOINT_FILTER))
+        QgsProcessingParameterFile.File, "", checkpoint or None, True, CHECKPOINT_FILTER))
 
 
 def model_args(alg: Any, parameters: Dict[str, Any], context: QgsProcessingContext, prefix: str = "",
@@ -127,7 +134,7 @@ def model_args(alg: Any, parameters: Dict[str, Any], context: QgsProcessingConte
     model = alg.parameterAsEnumString(parameters, f"{prefix}MODEL", context)
     arch = alg.optional_text(parameters, f"{prefix}ARCH", context)
     checkpoint = alg.parameterAsFile(parameters, f"{prefix}CHECKPOINT", context) \
-        if parameters.get(f"{prefix}CHECKPOINT") else ""
+        if alg.given(parameters, f"{prefix}CHECKPOINT") else ""
     if model == CUSTOM_MODEL:
         if not arch:
             raise QgsProcessingException(
@@ -142,9 +149,11 @@ def model_args(alg: Any, parameters: Dict[str, Any], context: QgsProcessingConte
 
 def add_engine_parameters(alg: QgsProcessingAlgorithm) -> None:
     """DEVICE, BATCH_SIZE, OVERWRITE and TRUST_CHECKPOINT."""
-    alg.addParameter(static_enum("DEVICE", tr("Device"), DEVICES, "auto"))
+    alg.addParameter(static_enum("DEVICE", tr("Device"), DEVICES, settings.value("device")
+                                 if settings.value("device") in DEVICES else "auto"))
     alg.addParameter(QgsProcessingParameterNumber("BATCH_SIZE", tr("Batch size (tiles)"),
-                                                  QgsProcessingParameterNumber.Integer, 32, False, 1, 4096))
+                                                  QgsProcessingParameterNumber.Integer, settings.value("batch_size"),
+                                                  False, 1, 4096))
     alg.addParameter(advanced(QgsProcessingParameterBoolean(
         "OVERWRITE", tr("Recompute results the layer already has"), False)))
     alg.addParameter(advanced(QgsProcessingParameterBoolean(
@@ -175,3 +184,27 @@ def decoding_args(alg: Any, parameters: Dict[str, Any], context: QgsProcessingCo
     max_length = alg.parameterAsInt(parameters, "MAX_LENGTH", context)
     return ["--decoding", alg.parameterAsEnumString(parameters, "DECODING", context) or "beam",
             "--max-length", str(max_length), "--min-length", str(min(DEFAULT_MIN_LENGTH, max_length))]
+
+
+# rasters ---------------------------------------------------------------------------------
+def canvas_extent() -> Optional[str]:
+    """The map canvas extent as an extent parameter value (None without a QGIS window)."""
+    try:
+        from qgis.utils import iface
+    except ImportError:
+        return None
+    canvas = iface.mapCanvas() if iface is not None else None
+    if canvas is None or canvas.extent().isEmpty():
+        return None
+    rect, crs = canvas.extent(), canvas.mapSettings().destinationCrs()
+    return f"{rect.xMinimum()!r},{rect.xMaximum()!r},{rect.yMinimum()!r},{rect.yMaximum()!r} [{crs.authid()}]"
+
+
+def add_extent_parameters(alg: QgsProcessingAlgorithm) -> None:
+    """EXTENT (default: the map canvas) and RESOLUTION (for web/WMS layers)."""
+    alg.addParameter(QgsProcessingParameterExtent(
+        "EXTENT", tr("Extent (default: the map canvas; empty: the whole raster)"), canvas_extent(),
+        True))
+    alg.addParameter(QgsProcessingParameterNumber(
+        "RESOLUTION", tr("Ground resolution of web/WMS/XYZ layers (m/px)"),
+        QgsProcessingParameterNumber.Double, DEFAULT_WEB_RESOLUTION_M, True, 0.01))

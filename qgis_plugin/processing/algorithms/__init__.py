@@ -1,4 +1,4 @@
-"""The HQRS Processing algorithms, one class each (in the ``alg_*`` modules).
+"""The HQRS Processing algorithms, one class each (modules ``tiles``, ``models``, ``search``, ``mpgi``).
 
 =================  ==========================  ==============================================
 id                 class                       does
@@ -16,18 +16,20 @@ id                 class                       does
 =================  ==========================  ==============================================
 
 Every algorithm runs the engine out of process (``<interpreter> -m hqrs_geo …``), see
-:mod:`.engine`; none imports hqrs_geo or torch into QGIS.
+:mod:`...core.runner` (searches: a shared ``serve-search`` session, :mod:`...core.sessions`);
+none imports hqrs_geo or torch into QGIS.
 """
 from __future__ import annotations
 
 from typing import List
 
-from .alg_base import HqrsAlgorithm
-from .alg_models import CaptionAlgorithm, EmbedAlgorithm, RunAlgorithm
-from .alg_mpgi import ExportDatasetAlgorithm, MpgiAlgorithm
-from .alg_params import CLIP_MODELS, COCA_MODELS, CUSTOM_MODEL
-from .alg_search import ClassifyAlgorithm, SearchAlgorithm, SimilarAlgorithm
-from .alg_tiles import ExportChipsAlgorithm, TileAlgorithm
+from ...core.registry import CLIP_MODELS, COCA_MODELS
+from ..base import HqrsAlgorithm
+from ..params import CUSTOM_MODEL
+from .models import CaptionAlgorithm, EmbedAlgorithm, RunAlgorithm
+from .mpgi import ExportDatasetAlgorithm, MpgiAlgorithm
+from .search import ClassifyAlgorithm, SearchAlgorithm, SimilarAlgorithm
+from .tiles import ExportChipsAlgorithm, TileAlgorithm
 
 ALGORITHM_CLASSES = (TileAlgorithm, EmbedAlgorithm, CaptionAlgorithm, RunAlgorithm,
                      SearchAlgorithm, SimilarAlgorithm, ClassifyAlgorithm, ExportChipsAlgorithm,

@@ -14,12 +14,12 @@ from qgis.PyQt.QtGui import QIcon
 
 from .algorithms import algorithms
 
-ICON = Path(__file__).with_name("icon.png")
+ICON = Path(__file__).resolve().parents[1] / "icon.png"
 VECTOR_EXTENSIONS = ["gpkg", "fgb", "parquet"]  # the tile layer formats the engine writes
 
 
 class HqrsProvider(QgsProcessingProvider):
-    """Processing provider "HQRS" with the tile, model and search algorithms."""
+    """Processing provider "HQRS" with the tile, model, search and MpGI algorithms."""
 
     def id(self) -> str:
         """The provider id: algorithms are ``hqrs:<name>``."""

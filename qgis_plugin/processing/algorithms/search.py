@@ -1,10 +1,14 @@
 """Search algorithms on embedded tile layers: ``hqrs:search``, ``hqrs:similar``, ``hqrs:classify``."""
 from __future__ import annotations
 
+import os
 from typing import Any, Dict, List
 
 from qgis.core import (
+    QgsFeature,
     QgsFeatureRequest,
+    QgsField,
+    QgsFields,
     QgsProcessing,
     QgsProcessingContext,
     QgsProcessingException,
@@ -16,11 +20,17 @@ from qgis.core import (
     QgsProcessingParameterNumber,
     QgsProcessingParameterString,
     QgsProcessingParameterVectorDestination,
+    QgsVectorFileWriter,
+    QgsVectorLayer,
 )
+from qgis.PyQt.QtCore import QVariant
 
-from .alg_base import HqrsAlgorithm, cli_option, layer_uri, slug, split_destination, tr
-from .alg_models import add_tile_layer_input, add_updated_output
-from .alg_params import CHECKPOINT_FILTER, advanced
+from ...core import sessions
+from ...core.runner import EngineError
+from ...core.tile_layers import features_by_tile
+from ..base import HqrsAlgorithm, cli_option, layer_uri, slug, split_destination, tr
+from ..params import CHECKPOINT_FILTER, advanced
+from .models import add_tile_layer_input, add_updated_output
 
 EMBEDDINGS_HELP = ("When the layer holds embeddings of several models, name the one to use in <b>embeddings</b> "
                    "(model name or key). <b>Checkpoint</b> only when the model's checkpoint moved since "
@@ -42,7 +52,7 @@ def embedding_args(alg: HqrsAlgorithm, parameters: Dict[str, Any], context: QgsP
     embeddings = alg.optional_text(parameters, "EMBEDDINGS", context)
     if embeddings:
         args.append(cli_option("--model", embeddings))
-    if parameters.get("CHECKPOINT"):
+    if alg.given(parameters, "CHECKPOINT"):
         args.append(cli_option("--checkpoint", alg.parameterAsFile(parameters, "CHECKPOINT", context)))
     return args
 
@@ -57,23 +67,109 @@ def add_result_parameters(alg: HqrsAlgorithm) -> None:
         "OUTPUT", tr("Results"), QgsProcessing.TypeVectorPolygon))
 
 
-def result_args(alg: HqrsAlgorithm, parameters: Dict[str, Any], context: QgsProcessingContext,
-                default_name: str) -> tuple:
-    """CLI options writing the ranked tiles, the registered destination and the result layer's URI."""
+def result_request(alg: HqrsAlgorithm, parameters: Dict[str, Any], context: QgsProcessingContext,
+                   default_name: str) -> tuple:
+    """The request's k and extent, the registered destination, the result file and its layer name."""
     registered = alg.parameterAsOutputLayer(parameters, "OUTPUT", context)
     path, table = split_destination(registered)
-    name = table or default_name
-    args = ["-k", str(alg.parameterAsInt(parameters, "K", context)),
-            cli_option("--result-layer", name), cli_option("--output", path)]
+    request: Dict[str, Any] = {"k": alg.parameterAsInt(parameters, "K", context)}
     if parameters.get("EXTENT"):
         rect = alg.parameterAsExtent(parameters, "EXTENT", context)
         if not rect.isNull() and not rect.isEmpty():
-            values = (rect.xMinimum(), rect.yMinimum(), rect.xMaximum(), rect.yMaximum())
-            args.append(cli_option("--bbox", ",".join(repr(v) for v in values)))
+            request["bbox"] = [rect.xMinimum(), rect.yMinimum(), rect.xMaximum(), rect.yMaximum()]
             crs = alg.parameterAsExtentCrs(parameters, "EXTENT", context)
             if crs.isValid():
-                args.append(cli_option("--bbox-crs", crs.authid() or crs.toWkt()))
-    return args + embedding_args(alg, parameters, context), registered, layer_uri(path, name), name
+                request["bbox_crs"] = crs.authid() or crs.toWkt()
+    return request, registered, path, table or default_name
+
+
+def search_session(alg: HqrsAlgorithm, parameters: Dict[str, Any], context: QgsProcessingContext, layer: str,
+                   feedback: QgsProcessingFeedback) -> sessions.SearchSession:
+    """The running search session of ``layer`` (started when there is none: the model loads once)."""
+    embeddings = alg.optional_text(parameters, "EMBEDDINGS", context)
+    key = sessions.session_key(layer, embeddings)
+    if alg.given(parameters, "CHECKPOINT"):
+        key = sessions.SessionKey(key.python, key.layer, key.embeddings, key.device,
+                                  alg.parameterAsFile(parameters, "CHECKPOINT", context))
+    session = sessions.get_session(key)
+    if session.running:
+        feedback.pushInfo(tr("Using the running search session of {} (model already loaded)").format(layer))
+    else:
+        feedback.pushInfo(tr("Loading the model of the layer's embeddings on {} (once: later searches of this "
+                             "layer, here or in the HQRS search dock, reuse it)").format(key.device))
+        feedback.setProgressText(tr("loading the model…"))
+    feedback.canceled.connect(session.stop)
+    try:
+        session.start()
+    except EngineError as exc:
+        raise QgsProcessingException(f"HQRS: {exc.text}") from None
+    finally:
+        feedback.canceled.disconnect(session.stop)
+    return session
+
+
+def ask(session: sessions.SearchSession, payload: Dict[str, Any], feedback: QgsProcessingFeedback) -> List[dict]:
+    """One request to the session; its ranked results."""
+    feedback.setProgressText(tr("searching…"))
+    try:
+        response = session.request(payload)
+    except EngineError as exc:
+        raise QgsProcessingException(f"HQRS: {exc.text}") from None
+    results = response.get("results", [])
+    feedback.pushInfo(tr("{} tiles in {:.3f} s").format(len(results), response.get("seconds", 0.0)))
+    return results
+
+
+def write_results(tiles_path: str, results: List[dict], path: str, name: str, context: QgsProcessingContext,
+                  feedback: QgsProcessingFeedback) -> str:
+    """The ranked tiles (their tile columns, ``score`` and ``rank``; no embeddings) as layer
+    ``name`` of ``path``, as the engine writes result layers; returns the layer's URI."""
+    tiles = QgsVectorLayer(layer_uri(tiles_path), "tiles", "ogr")
+    if not tiles.isValid():
+        raise QgsProcessingException(tr("HQRS: cannot read the tile layer {}").format(tiles_path))
+    found = features_by_tile(tiles, [r["tile_id"] for r in results])
+    keep = [f for f in tiles.fields() if not f.name().startswith("emb_") and f.name().lower() != "fid"]
+    fields = QgsFields()
+    for field in keep[:1]:
+        fields.append(field)
+    fields.append(QgsField("score", QVariant.Double))
+    fields.append(QgsField("rank", QVariant.Int))
+    for field in keep[1:]:
+        if field.name() not in ("score", "rank"):
+            fields.append(field)
+    options = QgsVectorFileWriter.SaveVectorOptions()
+    options.driverName = QgsVectorFileWriter.driverForExtension(os.path.splitext(path)[1]) or "GPKG"
+    options.fileEncoding = "UTF-8"
+    if options.driverName == "GPKG":
+        options.layerName = name
+    options.actionOnExistingFile = QgsVectorFileWriter.CreateOrOverwriteLayer if os.path.exists(path) \
+        else QgsVectorFileWriter.CreateOrOverwriteFile
+    writer = QgsVectorFileWriter.create(path, fields, tiles.wkbType(), tiles.crs(), context.transformContext(),
+                                        options)
+    if writer.hasError() != QgsVectorFileWriter.NoError:
+        raise QgsProcessingException(tr("HQRS: cannot write {}: {}").format(path, writer.errorMessage()))
+    for result in results:
+        source = found.get(str(result["tile_id"]))
+        if source is None:
+            continue
+        feature = QgsFeature(fields)
+        feature.setGeometry(source.geometry())
+        for field in fields:
+            if field.name() == "score":
+                feature["score"] = float(result["score"])
+            elif field.name() == "rank":
+                feature["rank"] = int(result["rank"])
+            else:
+                feature[field.name()] = source[field.name()]
+        writer.addFeature(feature)
+    writer.flushBuffer()
+    del writer
+    return layer_uri(path, name) if options.driverName == "GPKG" else path
+
+
+def hits_name(query: str) -> str:
+    """The name of a result layer in QGIS: ``hits: "a river"``."""
+    return f'hits: "{query}"'
 
 
 class SearchAlgorithm(HqrsAlgorithm):
@@ -84,7 +180,9 @@ class SearchAlgorithm(HqrsAlgorithm):
     GROUP = "Search"
     GROUP_ID = "search"
     HELP = ("Ranks the tiles of an embedded tile layer by similarity to a text (e.g. <i>a river with a bridge</i>) "
-            "and writes the best <b>K</b> as a result layer with fields <i>rank</i> and <i>score</i>. "
+            "and writes the best <b>K</b> as a result layer with fields <i>rank</i> and <i>score</i>, loaded as "
+            "<i>hits: \"text\"</i> (outlines coloured by score, rank labels). The first search of a layer loads its "
+            "model; later searches (here or in the HQRS search dock) reuse the running session. "
             "<b>Extent</b> restricts the search to tiles within it (in the extent's CRS).<br>" + EMBEDDINGS_HELP)
 
     def initAlgorithm(self, config: Dict[str, Any] = None) -> None:  # noqa: N802
@@ -100,10 +198,12 @@ class SearchAlgorithm(HqrsAlgorithm):
         query = self.optional_text(parameters, "QUERY", context)
         if not query:
             raise QgsProcessingException(tr("HQRS: give a text to search for"))
-        args, registered, uri, name = result_args(self, parameters, context, f"search_{slug(query) or 'results'}")
-        positional = f" {query}" if query.startswith("-") else query  # never taken for an option
-        self.run_engine(["search", layer, positional, *args], feedback)
-        self.load_output(context, registered, uri, name)
+        request, registered, path, name = result_request(self, parameters, context,
+                                                         f"search_{slug(query) or 'results'}")
+        session = search_session(self, parameters, context, layer, feedback)
+        results = ask(session, {"text": query, **request}, feedback)
+        uri = write_results(layer, results, path, name, context, feedback)
+        self.load_output(context, registered, uri, hits_name(query), kind="hits")
         return {"OUTPUT": uri}
 
 
@@ -160,10 +260,12 @@ class SimilarAlgorithm(HqrsAlgorithm):
                 tr("HQRS: no example tiles: give tile ids or select tiles and tick 'Selected features only'"))
         negatives = split_list(self.optional_text(parameters, "NEGATIVE_IDS", context))
         feedback.pushInfo(tr("Examples: {}").format(", ".join(ids)))
-        args, registered, uri, name = result_args(self, parameters, context, f"similar_{slug('_'.join(ids))}")
-        self.run_engine(["similar", layer, *[cli_option("--tile", i) for i in ids],
-                         *[cli_option("--negative", i) for i in negatives], *args], feedback)
-        self.load_output(context, registered, uri, name)
+        request, registered, path, name = result_request(self, parameters, context,
+                                                         f"similar_{slug('_'.join(ids))}")
+        session = search_session(self, parameters, context, layer, feedback)
+        results = ask(session, {"similar": ids, "negative": negatives, **request}, feedback)
+        uri = write_results(layer, results, path, name, context, feedback)
+        self.load_output(context, registered, uri, hits_name("like " + ", ".join(ids)), kind="hits")
         return {"OUTPUT": uri}
 
 

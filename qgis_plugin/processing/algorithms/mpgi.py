@@ -20,9 +20,9 @@ from qgis.core import (
     QgsVectorLayer,
 )
 
-from .alg_base import HqrsAlgorithm, layer_uri, tr
-from .alg_models import add_tile_layer_input, add_updated_output
-from .alg_params import advanced, static_enum
+from ..base import HqrsAlgorithm, layer_uri, tr
+from ..params import advanced, static_enum
+from .models import add_tile_layer_input, add_updated_output
 
 
 def vector_spec(layer: QgsVectorLayer, class_fields: Dict[str, str]) -> str:
@@ -88,13 +88,13 @@ class MpgiAlgorithm(HqrsAlgorithm):
         """Run ``hqrs-geo mpgi LAYER``."""
         path = self.input_tile_layer(parameters, "INPUT", context, feedback)
         args: List[str] = ["mpgi", path]
-        recipe = self.parameterAsFile(parameters, "RECIPE", context) if parameters.get("RECIPE") else ""
+        recipe = self.parameterAsFile(parameters, "RECIPE", context) if self.given(parameters, "RECIPE") else ""
         if recipe:
             args += ["--recipe", recipe]
         fields = parse_class_fields(self.optional_text(parameters, "CLASS_FIELDS", context))
         for layer in self.parameterAsLayerList(parameters, "VECTORS", context):
             args += ["--vectors", vector_spec(layer, fields)]
-        limit = self.parameterAsInt(parameters, "LIMIT", context) if parameters.get("LIMIT") else 0
+        limit = self.parameterAsInt(parameters, "LIMIT", context) if self.given(parameters, "LIMIT") else 0
         if limit:
             args += ["--limit", str(limit)]
         self.run_engine(args, feedback)

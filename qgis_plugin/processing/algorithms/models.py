@@ -13,13 +13,13 @@ from qgis.core import (
     QgsProcessingParameterVectorLayer,
 )
 
-from .alg_base import HqrsAlgorithm, layer_uri, tr
-from .alg_params import (
-    CLIP_MODELS,
-    COCA_MODELS,
+from ...core.registry import CLIP_MODELS, COCA_MODELS
+from ..base import HqrsAlgorithm, layer_uri, output_folder, tr
+from ..params import (
     MODEL_FLAGS,
     add_decoding_parameters,
     add_engine_parameters,
+    add_extent_parameters,
     add_model_parameters,
     add_tiling_parameters,
     decoding_args,
@@ -27,12 +27,12 @@ from .alg_params import (
     model_args,
     tiling_args,
 )
-from .alg_tiles import add_tile_destination, tile_destination
+from .tiles import EXTENT_HELP, RasterInputAlgorithm, add_tile_destination, tile_destination
 
 MODEL_HELP = ("<b>Model</b>: a registry model (its checkpoint is looked up in the engine's cache unless "
               "<b>checkpoint</b> is given), or <i>custom</i>: any open_clip architecture named in "
               "<b>architecture</b> with its <b>checkpoint</b> file. Run <i>hqrs-geo models</i> to see which "
-              "checkpoints are present. ")
+              "checkpoints are present. Defaults come from the HQRS settings. ")
 RESUME_HELP = ("Tiles that already carry this model's results are skipped unless <b>recompute</b> is ticked; "
                "cancelling keeps finished batches, so running the same job again resumes.")
 
@@ -103,7 +103,7 @@ class CaptionAlgorithm(HqrsAlgorithm):
         return {"OUTPUT": layer_uri(path)}
 
 
-class RunAlgorithm(HqrsAlgorithm):
+class RunAlgorithm(RasterInputAlgorithm):
     """``hqrs:run``: tile a raster, embed and caption its tiles in one pass."""
 
     NAME = "run"
@@ -111,29 +111,30 @@ class RunAlgorithm(HqrsAlgorithm):
     GROUP = "Models"
     GROUP_ID = "models"
     HELP = ("Tiles a raster, then embeds (CLIP) and captions (CoCa) every tile in one pass over the pixels. "
-            "Leave the output empty to write <i>&lt;raster name&gt;_tiles.gpkg</i> next to the raster.<br>"
-            + MODEL_HELP + RESUME_HELP)
+            "In scripts, an unset output writes <i>&lt;raster name&gt;_tiles.gpkg</i> next to the raster.<br>"
+            + EXTENT_HELP + MODEL_HELP + RESUME_HELP)
 
     def initAlgorithm(self, config: Dict[str, Any] = None) -> None:  # noqa: N802
         """Declare the parameters."""
         self.addParameter(QgsProcessingParameterRasterLayer("INPUT", tr("Raster")))
+        add_extent_parameters(self)
         add_model_parameters(self, "EMBED_", CLIP_MODELS, "Embedding model")
         add_model_parameters(self, "CAPTION_", COCA_MODELS, "Caption model (CoCa)")
         add_decoding_parameters(self)
         add_engine_parameters(self)
         add_tiling_parameters(self, advanced_all=True)
-        add_tile_destination(self, "Tile layer [optional: <raster>_tiles.gpkg next to the raster]")
+        add_tile_destination(self, "Tile layer")
 
     def process(self, parameters: Dict[str, Any], context: QgsProcessingContext,
                 feedback: QgsProcessingFeedback) -> Dict[str, Any]:
         """Run ``hqrs-geo run RASTER -o OUT``."""
-        raster = self.raster_path(parameters, "INPUT", context)
-        path, registered = tile_destination(self, parameters, context, raster, feedback)
+        path, registered = tile_destination(self, parameters, context, self.raster_plan, feedback)
+        raster = self.raster_file(self.raster_plan, parameters, context, output_folder(path), feedback)
         self.run_engine(["run", raster, "-o", path,
                          *model_args(self, parameters, context, "EMBED_", MODEL_FLAGS["EMBED_"]),
                          *model_args(self, parameters, context, "CAPTION_", MODEL_FLAGS["CAPTION_"]),
                          *decoding_args(self, parameters, context), *engine_args(self, parameters, context),
-                         *tiling_args(self, parameters, context)], feedback)
+                         *tiling_args(self, parameters, context)], feedback, outputs=[path])
         uri = layer_uri(path)
-        self.load_output(context, registered, uri, Path(path).stem, always=not registered)
+        self.load_output(context, registered, uri, f"tiles: {Path(path).stem}", always=not registered)
         return {"OUTPUT": uri}

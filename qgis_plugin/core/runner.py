@@ -1,0 +1,326 @@
+"""The one way the plugin runs other processes, and the one reader of their errors.
+
+Everything the engine does runs out of process (``<interpreter> -m hqrs_geo …``), so torch/CUDA
+failures or clashing numpy/GDAL builds can never take QGIS down. :class:`ChildProcess` starts a
+child, queues its stdout lines from a reader thread, keeps its stderr, stops it (SIGTERM, then
+kill) and always closes its pipes. On top of it: :func:`run_cli` (a CLI command with
+``--progress json``), the search sessions of :mod:`.sessions` (``serve-search``, JSON lines) and
+the installer's steps (:mod:`.installer`). :func:`parse_error` turns what a failed child left on
+stderr into one :class:`EngineError` with the action that fixes it.
+"""
+from __future__ import annotations
+
+import json
+import os
+import queue
+import re
+import subprocess
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Sequence
+
+ERROR_PREFIX = "hqrs-geo: error: "
+KILL_GRACE_S = 15.0  # after SIGTERM, a child still running this long is killed
+EXIT_USER, EXIT_CANCELLED = 2, 130
+
+# what each engine command is called in QGIS (Processing ▸ HQRS ▸ …), for messages
+ALGORITHM_NAMES = {
+    "tile": "Tiles ▸ Tile raster", "embed": "Models ▸ Embed tiles", "caption": "Models ▸ Caption tiles",
+    "run": "Models ▸ Tile, embed and caption", "search": "Search ▸ Text search", "similar": "Search ▸ Similar tiles",
+    "classify": "Search ▸ Zero-shot classify", "export-chips": "Tiles ▸ Export chips", "mpgi": "Models ▸ MpGI captions",
+    "export-dataset": "Models ▸ Export image-text dataset",
+}
+# CLI flags as the fields of the Processing dialogs and of the HQRS settings name them
+FIELD_NAMES = {
+    "--tile-size": "Tile size", "--overlap": "Overlap", "--gsd": "Resample to ground resolution",
+    "--edge": "Partial tiles at the edge", "--min-valid": "Minimum valid fraction", "--bands": "Bands",
+    "--crs": "CRS of the tile footprints", "--model": "Model", "--embed-model": "Embedding model",
+    "--caption-model": "Caption model", "--arch": "open_clip architecture", "--embed-arch": "open_clip architecture",
+    "--caption-arch": "open_clip architecture", "--checkpoint": "Checkpoint", "--embed-checkpoint": "Checkpoint",
+    "--caption-checkpoint": "Checkpoint", "--device": "Device", "--batch-size": "Batch size",
+    "--trust-checkpoint": "Trust the checkpoint", "--overwrite": "Recompute results", "--labels": "Labels",
+    "--bbox": "Extent", "--tile": "Example tile ids", "--negative": "Negative example tile ids",
+    "--recipe": "Recipe", "--vectors": "Vector layers", "--limit": "Only the first N tiles",
+    "--max-length": "Maximum caption length", "--decoding": "Caption decoding", "-k": "Number of results",
+    "--output": "output", "-o": "output",
+}
+
+
+class EngineError(Exception):
+    """A child process failed; ``str()`` is one line. ``kind``: ``engine`` (the interpreter cannot
+    run the engine: set it up), ``user`` (an input to fix), ``cancelled``, ``network`` (a package
+    index could not be reached) or ``internal``; ``fix`` says what to do (or '')."""
+
+    def __init__(self, message: str, kind: str = "internal", fix: str = ""):
+        super().__init__(message)
+        self.kind, self.fix = kind, fix
+
+    @property
+    def text(self) -> str:
+        """The message with its fix."""
+        return f"{self}; {self.fix}" if self.fix else str(self)
+
+
+SET_UP_ENGINE = "set it up with Raster ▸ HQRS ▸ Set up engine… (or choose its Python in HQRS settings)"
+_MISSING = re.compile(r"No module named '?([A-Za-z0-9_]+)")
+_COMMAND = re.compile(r"'hqrs-geo ([a-z-]+)(?: [^']*)?'")
+_NETWORK = ("Failed to establish a new connection", "Temporary failure in name resolution", "Network is unreachable",
+            "No matching distribution found", "Could not find a version that satisfies", "ConnectTimeout",
+            "Max retries exceeded", "ProxyError", "SSLError")
+
+
+def humanize(message: str) -> str:
+    """Engine advice in the words of QGIS: ``run 'hqrs-geo embed X --model NAME' first`` becomes
+    ``run Processing ▸ HQRS ▸ Models ▸ Embed tiles first``; CLI flags become field names."""
+    def command(match: "re.Match") -> str:
+        name = ALGORITHM_NAMES.get(match.group(1))
+        return f"Processing ▸ HQRS ▸ {name}" if name else match.group(0)
+
+    message = _COMMAND.sub(command, message)
+    for flag in sorted(FIELD_NAMES, key=len, reverse=True):
+        message = re.sub(rf"(?<![\w-]){re.escape(flag)}(?![\w-])", f"'{FIELD_NAMES[flag]}'", message)
+    return message
+
+
+def parse_error(stderr: Sequence[str], returncode: Optional[int], python: str = "") -> EngineError:
+    """One :class:`EngineError` from a failed child's stderr lines and exit status."""
+    lines = [line.rstrip("\n") for line in stderr]
+    reported = [line[len(ERROR_PREFIX):].strip() for line in lines if line.startswith(ERROR_PREFIX)]
+    if returncode == EXIT_CANCELLED or (reported and reported[-1].startswith("cancelled")):
+        return EngineError(reported[-1] if reported else "cancelled", "cancelled")
+    if reported:
+        message = humanize(reported[-1])
+        return EngineError(message, "user" if returncode == EXIT_USER else "internal")
+    text = "\n".join(lines)
+    missing = _MISSING.search(text)
+    if missing:
+        where = f" in {python}" if python else ""
+        return EngineError(f"the engine's Python lacks the module {missing.group(1)}{where}", "engine", SET_UP_ENGINE)
+    if any(marker in text for marker in _NETWORK):
+        return EngineError("the package index could not be reached", "network")
+    tail = [line.strip() for line in lines if line.strip()]
+    return EngineError(tail[-1] if tail else f"the process ended with status {returncode}", "internal")
+
+
+def child_env(program: str, env: Optional[Dict[str, str]] = None) -> Dict[str, str]:
+    """The environment of a child: QGIS's, but a Python other than QGIS's own does not get QGIS's
+    PYTHONPATH/PYTHONHOME (they point at QGIS's libraries, e.g. on OSGeo4W); PYTHONSAFEPATH keeps
+    ``python -m hqrs_geo`` from picking up a folder of that name in QGIS's working directory."""
+    import sys
+
+    env = dict(os.environ if env is None else env, PYTHONUNBUFFERED="1", PYTHONIOENCODING="utf-8", PYTHONSAFEPATH="1")
+    try:
+        own = os.path.abspath(program) == os.path.abspath(sys.executable)  # a venv links to the same binary
+    except (OSError, ValueError):
+        own = False
+    if not own:
+        env.pop("PYTHONPATH", None)
+        env.pop("PYTHONHOME", None)
+    return env
+
+
+class ChildProcess:
+    """One child process: stdout lines through a queue, stderr kept, pipes always closed.
+
+    ``merge_stderr`` sends stderr into the stdout lines (installer logs); ``stdin`` opens a pipe
+    for :meth:`send`.
+    """
+
+    def __init__(self, argv: Sequence[str], stdin: bool = False, merge_stderr: bool = False,
+                 env: Optional[Dict[str, str]] = None, cwd: Optional[str] = None):
+        self.argv = [str(a) for a in argv]
+        self.stdin, self.merge_stderr = stdin, merge_stderr
+        self.env = child_env(self.argv[0], env)
+        self.cwd = cwd
+        self.stderr: List[str] = []
+        self.returncode: Optional[int] = None
+        self._child: Optional[subprocess.Popen] = None
+        self._lines: "queue.Queue[Optional[str]]" = queue.Queue()
+        self._threads: List[threading.Thread] = []
+        self._write_lock = threading.Lock()
+
+    # -- life -------------------------------------------------------------------------------
+    def start(self) -> "ChildProcess":
+        """Start the child; raises EngineError (kind ``engine``) when it cannot be started."""
+        try:
+            self._child = subprocess.Popen(
+                self.argv, stdin=subprocess.PIPE if self.stdin else subprocess.DEVNULL, stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT if self.merge_stderr else subprocess.PIPE, text=True, encoding="utf-8",
+                errors="replace", bufsize=1, env=self.env, cwd=self.cwd, start_new_session=True)
+        except OSError as exc:
+            raise EngineError(f"cannot start {self.argv[0]}: {exc.strerror or exc}", "engine", SET_UP_ENGINE) from None
+        self._spawn(self._pump_stdout)
+        if not self.merge_stderr:
+            self._spawn(self._pump_stderr)
+        return self
+
+    def _spawn(self, target: Callable[[], None]) -> None:
+        thread = threading.Thread(target=target, daemon=True)
+        thread.start()
+        self._threads.append(thread)
+
+    def _pump_stdout(self) -> None:
+        try:
+            for line in self._child.stdout:
+                self._lines.put(line)
+        except (OSError, ValueError):
+            pass
+        self._lines.put(None)
+
+    def _pump_stderr(self) -> None:
+        try:
+            for line in self._child.stderr:
+                self.stderr.append(line)
+        except (OSError, ValueError):
+            pass
+
+    @property
+    def pid(self) -> Optional[int]:
+        """The child's process id."""
+        return self._child.pid if self._child is not None else None
+
+    @property
+    def running(self) -> bool:
+        """True while the child runs."""
+        return self._child is not None and self._child.poll() is None
+
+    # -- talking --------------------------------------------------------------------------
+    def read_line(self, timeout: Optional[float] = None) -> Optional[str]:
+        """The next stdout line; None at the end of output; TimeoutError after ``timeout`` s."""
+        try:
+            return self._lines.get(timeout=timeout)
+        except queue.Empty:
+            raise TimeoutError from None
+
+    def send(self, obj: dict) -> None:
+        """Write one JSON line to the child's stdin."""
+        with self._write_lock:
+            try:
+                self._child.stdin.write(json.dumps(obj) + "\n")
+                self._child.stdin.flush()
+            except (OSError, ValueError, AttributeError) as exc:
+                raise EngineError(f"the process stopped listening ({exc})", "internal") from None
+
+    # -- ending ---------------------------------------------------------------------------
+    def terminate(self) -> None:
+        """Ask the child to stop (SIGTERM: the CLI cancels cleanly)."""
+        if self.running:
+            try:
+                self._child.terminate()
+            except OSError:
+                pass
+
+    def kill(self) -> None:
+        """Stop the child at once."""
+        if self.running:
+            try:
+                self._child.kill()
+            except OSError:
+                pass
+
+    def finish(self, timeout: float = 10.0) -> int:
+        """Wait for the end (killing it after ``timeout`` s), join the readers, close every pipe."""
+        if self._child is None:
+            return self.returncode if self.returncode is not None else -1
+        try:
+            self._child.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self._child.kill()
+            self._child.wait()
+        for thread in self._threads:
+            thread.join(timeout=5)
+        for pipe in (self._child.stdin, self._child.stdout, self._child.stderr):
+            if pipe is not None:
+                try:
+                    pipe.close()
+                except OSError:
+                    pass
+        self.returncode = self._child.returncode
+        self._child = None
+        return self.returncode
+
+    def error(self, python: str = "") -> EngineError:
+        """What went wrong, from stderr (or the merged output) and the exit status."""
+        return parse_error(self.stderr, self.returncode, python)
+
+
+@dataclass
+class CliResult:
+    """How a CLI run ended: ``final`` is its last ``done`` event; ``error`` an EngineError."""
+
+    returncode: int
+    error: Optional[EngineError] = None
+    final: dict = field(default_factory=dict)
+    cancelled: bool = False
+
+    @property
+    def ok(self) -> bool:
+        """True when the command succeeded."""
+        return self.returncode == 0
+
+
+@dataclass
+class Progress:
+    """One ``--progress json`` event in words: ``tiling: 40 / 120 tiles``."""
+
+    stage: str
+    done: int
+    total: Optional[int]
+    message: str
+
+    STAGES = {"tile": "tiling", "run": "embedding and captioning", "embed": "embedding", "caption": "captioning",
+              "chips": "writing chips", "export-chips": "writing chips", "mpgi": "MpGI captions", "load": "loading"}
+
+    @property
+    def percent(self) -> float:
+        """0..100 within the stage."""
+        return 100.0 * self.done / self.total if self.total else 0.0
+
+    @property
+    def text(self) -> str:
+        """``tiling: 40 / 120 tiles`` (or the stage's message)."""
+        name = self.STAGES.get(self.stage, self.stage.replace("_", " "))
+        count = f"{self.done} / {self.total} tiles" if self.total else ""
+        return ": ".join(part for part in (name, count, self.message) if part)
+
+
+def run_cli(args: Sequence[str], python: str, on_progress: Optional[Callable[[Progress], None]] = None,
+            is_cancelled: Optional[Callable[[], bool]] = None, env: Optional[Dict[str, str]] = None) -> CliResult:
+    """Run ``hqrs-geo ARGS --progress json`` to its end, reporting progress and polling for cancel."""
+    child = ChildProcess([python, "-m", "hqrs_geo", *map(str, args), "--progress", "json"], env=env)
+    try:
+        child.start()
+    except EngineError as exc:
+        return CliResult(returncode=127, error=exc)
+    final: dict = {}
+    cancelled, kill_at = False, None
+    while True:
+        if is_cancelled is not None and not cancelled and is_cancelled():
+            cancelled = True
+            child.terminate()
+            kill_at = time.monotonic() + KILL_GRACE_S
+        if kill_at is not None and time.monotonic() > kill_at:
+            child.kill()  # stuck in a long C call: outputs are still safe (atomic writes)
+            kill_at = None
+        try:
+            line = child.read_line(timeout=0.1)
+        except TimeoutError:
+            continue
+        if line is None:
+            break
+        try:
+            event = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if not isinstance(event, dict) or "stage" not in event:  # e.g. a JSON list printed by --json
+            continue
+        if event["stage"] in ("done", "error"):
+            final = event
+        elif on_progress is not None:
+            on_progress(Progress(str(event.get("stage", "")), int(event.get("done") or 0), event.get("total"),
+                                 str(event.get("message") or "")))
+    returncode = child.finish()
+    error = None if returncode == 0 else child.error(python)
+    return CliResult(returncode=returncode, error=error, final=final,
+                     cancelled=cancelled or returncode == EXIT_CANCELLED)

@@ -1,0 +1,141 @@
+"""Tile layers as QGIS sees them: which layers are tile layers, their files, their embeddings,
+the hit features of a search, and thumbnails read from the raster window of a tile.
+
+The column contract is the engine's (README "Tile layers"): ``tile_id``, ``source`` (the raster),
+``x_off``/``y_off``/``width``/``height`` (its pixel window), ``emb_<key>`` + ``emb_<key>_dim``
+(+ ``emb_<key>_model``) per embedding model, ``caption``. Only GeoPackage layer ``tiles`` or a
+single-layer file (GeoParquet, FlatGeobuf) is a tile layer the engine opens.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, Iterable, List, Optional, Tuple
+
+from qgis.core import (
+    QgsFeatureRequest,
+    QgsMapLayer,
+    QgsProviderRegistry,
+    QgsVectorLayer,
+    QgsWkbTypes,
+)
+
+TILES_LAYER = "tiles"
+TILE_COLUMNS = ("tile_id", "source", "x_off", "y_off", "width", "height")
+TILE_SUFFIXES = (".gpkg", ".parquet", ".geoparquet", ".fgb")
+THUMBNAIL_PX = 72
+
+
+def layer_file(layer: Optional[QgsMapLayer]) -> Tuple[Optional[str], Optional[str]]:
+    """(file, sub-layer name) behind an OGR layer; (None, None) for other layers."""
+    if not isinstance(layer, QgsVectorLayer) or layer.providerType() != "ogr":
+        return None, None
+    parts = QgsProviderRegistry.instance().decodeUri("ogr", layer.source())
+    path = str(parts.get("path") or "")
+    return (path or None), (parts.get("layerName") or None)
+
+
+def is_tile_layer(layer: Optional[QgsMapLayer]) -> bool:
+    """A polygon layer with the engine's tile columns."""
+    if not isinstance(layer, QgsVectorLayer) or not layer.isValid():
+        return False
+    if QgsWkbTypes.geometryType(layer.wkbType()) != QgsWkbTypes.PolygonGeometry:
+        return False
+    names = set(layer.fields().names())
+    return all(column in names for column in TILE_COLUMNS)
+
+
+def engine_layer_file(layer: Optional[QgsMapLayer]) -> Optional[str]:
+    """The file the engine can open as this tile layer, or None (a result layer, a memory layer…)."""
+    path, sublayer = layer_file(layer)
+    if not path or Path(path).suffix.lower() not in TILE_SUFFIXES or not os.path.isfile(path):
+        return None
+    if path.lower().endswith(".gpkg") and sublayer not in (None, TILES_LAYER):
+        return None
+    return path
+
+
+def engine_layer_uri(path: str) -> str:
+    """The QGIS data source of a tile layer file (``path|layername=tiles`` for GeoPackages)."""
+    return f"{path}|layername={TILES_LAYER}" if path.lower().endswith(".gpkg") else path
+
+
+@dataclass(frozen=True)
+class EmbeddingSet:
+    """One model's embeddings on a tile layer: column ``emb_<key>``, made by ``model``."""
+
+    key: str
+    model: str
+
+
+def embedding_sets(layer: Optional[QgsMapLayer]) -> List[EmbeddingSet]:
+    """The embedding models of a tile layer (none for other layers)."""
+    if not is_tile_layer(layer):
+        return []
+    names = layer.fields().names()
+    keys = [n[len("emb_"):-len("_dim")] for n in names if n.startswith("emb_") and n.endswith("_dim")]
+    found = []
+    for key in keys:
+        model = key
+        column = f"emb_{key}_model"
+        if column in names:
+            request = QgsFeatureRequest().setFilterExpression(f'"{column}" IS NOT NULL').setLimit(1)
+            request.setSubsetOfAttributes([column], layer.fields()).setFlags(QgsFeatureRequest.NoGeometry)
+            for feature in layer.getFeatures(request):
+                model = str(feature[column]) or key
+        found.append(EmbeddingSet(key, model))
+    return found
+
+
+def quote_list(values: Iterable[str]) -> str:
+    """``'a', 'b'`` for an expression's IN (…)."""
+    return ", ".join("'" + str(v).replace("'", "''") + "'" for v in values)
+
+
+def features_by_tile(layer: QgsVectorLayer, tile_ids: Iterable[str], geometry: bool = True) -> Dict[str, object]:
+    """The features of ``tile_ids`` (one request), by tile id."""
+    ids = list(tile_ids)
+    if not ids:
+        return {}
+    request = QgsFeatureRequest().setFilterExpression(f'"tile_id" IN ({quote_list(ids)})')
+    if not geometry:
+        request.setFlags(QgsFeatureRequest.NoGeometry)
+    return {str(f["tile_id"]): f for f in layer.getFeatures(request)}
+
+
+def thumbnail(source: str, window: Tuple[int, int, int, int], size: int = THUMBNAIL_PX) -> Optional[bytes]:
+    """``size`` x ``size`` RGB888 bytes of a tile's raster window (bands 1-3, or band 1 as grey),
+    read with GDAL at reduced resolution; None when it cannot be read. Safe in worker threads."""
+    try:
+        from osgeo import gdal
+    except ImportError:
+        return None
+    x_off, y_off, width, height = (int(v) for v in window)
+    dataset = gdal.OpenEx(source, gdal.OF_RASTER | gdal.OF_READONLY | gdal.OF_VERBOSE_ERROR)
+    if dataset is None or width <= 0 or height <= 0:
+        return None
+    try:
+        x0, y0 = max(0, x_off), max(0, y_off)
+        x1, y1 = min(dataset.RasterXSize, x_off + width), min(dataset.RasterYSize, y_off + height)
+        if x1 <= x0 or y1 <= y0:
+            return None
+        bands = [1, 2, 3] if dataset.RasterCount >= 3 else [1, 1, 1]
+        byte = all(dataset.GetRasterBand(b).DataType == gdal.GDT_Byte for b in set(bands))
+        if byte:
+            return dataset.ReadRaster(x0, y0, x1 - x0, y1 - y0, buf_xsize=size, buf_ysize=size, buf_type=gdal.GDT_Byte,
+                                      band_list=bands, buf_pixel_space=3, buf_line_space=3 * size, buf_band_space=1)
+        import numpy as np  # other types: a 2-98 % stretch of the window
+
+        planes = []
+        for b in bands:
+            data = dataset.GetRasterBand(b).ReadRaster(x0, y0, x1 - x0, y1 - y0, buf_xsize=size, buf_ysize=size,
+                                                       buf_type=gdal.GDT_Float32)
+            planes.append(np.frombuffer(data, dtype=np.float32).reshape(size, size))
+        stack = np.stack(planes, axis=-1)
+        finite = stack[np.isfinite(stack)]
+        low, high = (np.percentile(finite, (2, 98)) if finite.size else (0.0, 1.0))
+        scaled = np.clip((stack - low) / max(float(high - low), 1e-12) * 255.0, 0, 255)
+        return np.nan_to_num(scaled).astype(np.uint8).tobytes()
+    finally:
+        dataset = None

@@ -1,0 +1,1 @@
+"""Build-time tools of the plugin (not shipped in the plugin zip)."""

@@ -1,0 +1,601 @@
+"""The "HQRS search" dock: type a query, press Enter, see the best tiles over the imagery.
+
+Nothing here waits for the engine in the GUI thread: loading a layer's model, queries, "find
+similar" and engine checks run as QgsTasks (:mod:`..core.tasks`) on the shared search sessions
+(:mod:`..core.sessions`), with their state in the status line and a Cancel button. Results go to
+layers of their own (``hits: "query"``: outlines coloured by score with rank labels; optionally
+``heat: "query"``, a semi-transparent score heat map); the tile layer's style is never touched
+and every tile stays clickable. Errors show in the dock and the message bar with the action that
+fixes them. When the engine is missing, the dock shows the set-up panel instead.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import List, Optional
+
+from qgis.core import (
+    Qgis,
+    QgsCoordinateTransform,
+    QgsGeometry,
+    QgsLayerTreeGroup,
+    QgsMapLayer,
+    QgsProject,
+    QgsVectorLayer,
+)
+from qgis.gui import QgsMapToolIdentifyFeature
+from qgis.PyQt.QtCore import QObject, QSize, Qt, pyqtSignal
+from qgis.PyQt.QtGui import QImage, QPixmap
+from qgis.PyQt.QtWidgets import (
+    QAbstractItemView,
+    QCheckBox,
+    QComboBox,
+    QDockWidget,
+    QHBoxLayout,
+    QHeaderView,
+    QLabel,
+    QLineEdit,
+    QPushButton,
+    QSpinBox,
+    QStackedWidget,
+    QTableWidget,
+    QTableWidgetItem,
+    QToolButton,
+    QVBoxLayout,
+    QWidget,
+)
+
+from ..core import engine, sessions, settings, styles, tasks, tile_layers
+from ..core.runner import EngineError
+from .engine_setup import EngineSetupPanel
+
+RESULTS_GROUP = "HQRS results"
+HEAT_MAX_TILES = 5000  # the heat map ranks at most this many tiles
+COLUMNS = ("", "rank", "score", "caption")
+
+
+@dataclass
+class Choice:
+    """A tile layer and one of its embedding sets, as listed in the layer box."""
+
+    layer_id: str
+    path: str
+    key: str
+    model: str
+    several: bool
+
+
+@dataclass
+class Hit:
+    """One ranked tile, ready for the table and the results layer."""
+
+    result: dict
+    geometry: Optional[QgsGeometry]
+    caption: str
+    thumbnail: Optional[bytes]
+
+
+class Relay(QObject):
+    """Status text from a task's thread to the dock."""
+
+    status = pyqtSignal(str)
+
+
+class LayerBox(QComboBox):
+    """The tile layers with embeddings (one entry per embedding model), refreshed when opened."""
+
+    about_to_show = pyqtSignal()
+
+    def showPopup(self) -> None:  # noqa: N802 - Qt API
+        """Refresh, then open."""
+        self.about_to_show.emit()
+        super().showPopup()
+
+
+class SearchDock(QDockWidget):
+    """Query box, results table and layers, engine status; set-up page when there is no engine."""
+
+    def __init__(self, iface, parent=None):
+        super().__init__("HQRS search", parent)
+        self.setObjectName("HqrsSearchDock")
+        self.iface = iface
+        self.task: Optional[tasks.CallTask] = None
+        self.session: Optional[sessions.SearchSession] = None
+        self.hits: List[Hit] = []
+        self.result_layer_ids: List[str] = []
+        self.query_text = ""
+        self.pick_tool: Optional[QgsMapToolIdentifyFeature] = None
+        self.relay = Relay()
+        self.relay.status.connect(self.show_status)
+        self.pages = QStackedWidget()
+        self.setup_panel = EngineSetupPanel(message_bar=self.message_bar())
+        self.setup_panel.engine_ready.connect(self.on_engine_ready)
+        self.pages.addWidget(self._search_page())
+        self.pages.addWidget(self.setup_panel)
+        self.setWidget(self.pages)
+        project = QgsProject.instance()
+        project.layersAdded.connect(self.refresh_layers)
+        project.layersRemoved.connect(self.refresh_layers)
+        settings.notifier.changed.connect(self.on_settings_changed)
+        self.refresh_layers()
+        self.engine_checked = False
+
+    def showEvent(self, event) -> None:  # noqa: N802 - Qt API
+        """Check the engine the first time the dock is shown (never at plugin load)."""
+        super().showEvent(event)
+        if not self.engine_checked:
+            self.check_engine()
+
+    # -- building ----------------------------------------------------------------------------
+    def _search_page(self) -> QWidget:
+        page = QWidget()
+        layout = QVBoxLayout(page)
+        self.layer_box = LayerBox()
+        self.layer_box.setToolTip("Tile layers with embeddings, with the model that made them")
+        self.layer_box.about_to_show.connect(self.refresh_layers)
+        self.layer_hint = QLabel("")
+        self.layer_hint.setWordWrap(True)
+        self.layer_hint.setVisible(False)
+        self.query = QLineEdit()
+        self.query.setPlaceholderText("e.g. a river with a bridge — press Enter")
+        self.query.setClearButtonEnabled(True)
+        self.search_button = QPushButton("Search")
+        row1 = QHBoxLayout()
+        row1.addWidget(self.query, 1)
+        row1.addWidget(self.search_button)
+        self.k = QSpinBox()
+        self.k.setRange(1, 1000)
+        self.k.setValue(20)
+        self.k.setPrefix("top ")
+        self.similar_button = QPushButton("Find similar")
+        self.similar_button.setToolTip("Tiles like the selected result rows, or the tiles selected on the map")
+        self.pick_button = QToolButton()
+        self.pick_button.setText("Pick tile…")
+        self.pick_button.setCheckable(True)
+        self.pick_button.setToolTip("Click any tile on the map to find tiles like it")
+        self.heatmap = QCheckBox("heat map")
+        self.heatmap.setToolTip(f"Also draw a semi-transparent score heat map of the best {HEAT_MAX_TILES} tiles")
+        self.heatmap.setChecked(settings.value("heatmap"))
+        row2 = QHBoxLayout()
+        for widget in (self.k, self.similar_button, self.pick_button, self.heatmap):
+            row2.addWidget(widget)
+        row2.addStretch(1)
+        self.table = QTableWidget(0, len(COLUMNS))
+        self.table.setHorizontalHeaderLabels(COLUMNS)
+        self.table.verticalHeader().setVisible(False)  # the rank column is the row's number
+        self.table.setEditTriggers(QTableWidget.NoEditTriggers)
+        self.table.setSelectionBehavior(QTableWidget.SelectRows)
+        self.table.setSelectionMode(QAbstractItemView.ExtendedSelection)
+        self.table.setWordWrap(True)
+        self.table.setIconSize(QSize(tile_layers.THUMBNAIL_PX, tile_layers.THUMBNAIL_PX))
+        header = self.table.horizontalHeader()
+        header.setSectionResizeMode(0, QHeaderView.Fixed)
+        header.resizeSection(0, tile_layers.THUMBNAIL_PX + 6)
+        header.setSectionResizeMode(1, QHeaderView.ResizeToContents)
+        header.setSectionResizeMode(2, QHeaderView.ResizeToContents)
+        header.setSectionResizeMode(3, QHeaderView.Stretch)
+        self.status = QLabel("")
+        self.status.setWordWrap(True)
+        self.status.setTextInteractionFlags(Qt.TextSelectableByMouse)
+        self.cancel_button = QPushButton("Cancel")
+        self.cancel_button.setEnabled(False)
+        self.clear_button = QPushButton("Clear results")
+        self.engine_label = QLabel("")
+        self.engine_label.setWordWrap(True)
+        self.settings_button = QToolButton()
+        self.settings_button.setText("Engine…")
+        self.settings_button.setToolTip("Set up the engine or choose its Python")
+        row3 = QHBoxLayout()
+        row3.addWidget(self.status, 1)
+        row3.addWidget(self.cancel_button)
+        row3.addWidget(self.clear_button)
+        row4 = QHBoxLayout()
+        row4.addWidget(self.engine_label, 1)
+        row4.addWidget(self.settings_button)
+        layout.addWidget(self.layer_box)
+        layout.addWidget(self.layer_hint)
+        layout.addLayout(row1)
+        layout.addLayout(row2)
+        layout.addWidget(self.table, 1)
+        layout.addLayout(row3)
+        layout.addLayout(row4)
+        self.query.returnPressed.connect(self.search_text)
+        self.search_button.clicked.connect(self.search_text)
+        self.similar_button.clicked.connect(self.search_similar)
+        self.pick_button.toggled.connect(self.toggle_pick)
+        self.cancel_button.clicked.connect(self.cancel)
+        self.clear_button.clicked.connect(self.clear_results)
+        self.table.cellClicked.connect(self.zoom_to_row)
+        self.layer_box.currentIndexChanged.connect(self.layer_changed)
+        self.heatmap.toggled.connect(lambda on: settings.set_value("heatmap", on))
+        self.settings_button.clicked.connect(self.show_setup)
+        return page
+
+    def message_bar(self):
+        """QGIS's message bar (None without a QGIS window)."""
+        bar = getattr(self.iface, "messageBar", None)
+        return bar() if callable(bar) else None
+
+    # -- engine --------------------------------------------------------------------------------
+    def check_engine(self) -> None:
+        """Probe the engine in the background; show the set-up page when it cannot run."""
+        self.engine_checked = True
+        info = engine.cached()
+        if info is not None:
+            self.engine_label.setText(f"<small>Engine: {info.summary}</small>")
+            return
+        self.engine_label.setText("<small>Engine: checking…</small>")
+        python = engine.interpreter()
+
+        def done(info, error):
+            if error is None and info is not None and info.ok:
+                self.engine_label.setText(f"<small>Engine: {info.summary}</small>")
+                self.pages.setCurrentIndex(0)
+            else:
+                problem = error or info.problem
+                self.engine_label.setText(f"<small>Engine: {problem}</small>")
+                self.show_setup()
+
+        tasks.start(tasks.CallTask("HQRS: checking the engine", lambda _t: engine.probe(python), done,
+                                   can_cancel=False))
+
+    def show_setup(self) -> None:
+        """The set-up page (engine status, installer)."""
+        self.pages.setCurrentIndex(1)
+        if self.isVisible():
+            self.setup_panel.check()
+
+    def on_engine_ready(self, summary: str) -> None:
+        """The engine runs (installed or chosen): back to searching."""
+        self.engine_label.setText(f"<small>Engine: {summary}</small>")
+        self.pages.setCurrentIndex(0)
+        self.show_status("engine ready: type a query and press Enter")
+
+    def on_settings_changed(self, names: list) -> None:
+        """Interpreter, device or checkpoint changed: sessions restart with the next query."""
+        if set(names) & set(settings.SESSION_SETTINGS):
+            self.session = None
+            self.engine_label.setText("<small>Engine: settings changed; checking…</small>")
+            self.check_engine()
+
+    # -- layers --------------------------------------------------------------------------------
+    def refresh_layers(self, *_args) -> None:
+        """List the project's tile layers with embeddings (keeping the current choice)."""
+        current = self.current_choice()
+        self.layer_box.blockSignals(True)
+        self.layer_box.clear()
+        plain = []
+        for layer in QgsProject.instance().mapLayers().values():
+            if not tile_layers.is_tile_layer(layer):
+                continue
+            path = tile_layers.engine_layer_file(layer)
+            sets = tile_layers.embedding_sets(layer)
+            if path is None:
+                continue
+            if not sets:
+                plain.append(layer.name())
+            for item in sets:
+                choice = Choice(layer.id(), path, item.key, item.model, len(sets) > 1)
+                self.layer_box.addItem(f"{layer.name()} — {item.model}", choice)
+        if current is not None:
+            for index in range(self.layer_box.count()):
+                choice = self.layer_box.itemData(index)
+                if choice.layer_id == current.layer_id and choice.key == current.key:
+                    self.layer_box.setCurrentIndex(index)
+        self.layer_box.blockSignals(False)
+        now = self.current_choice()
+        if now is not None and (current is None or now.layer_id != current.layer_id):
+            self.layer_changed(self.layer_box.currentIndex())
+        hint = ""
+        if plain:
+            hint = (f"{', '.join(plain)}: no embeddings yet; run Processing ▸ HQRS ▸ Models ▸ Embed tiles (or Tile, "
+                    "embed and caption) on it to search it")
+        elif self.layer_box.count() == 0:
+            hint = ("No tile layer with embeddings in the project: make one with Processing ▸ HQRS ▸ Models ▸ Tile, "
+                    "embed and caption")
+        self.layer_hint.setText(f"<small>{hint}</small>" if hint else "")
+        self.layer_hint.setVisible(bool(hint))
+
+    def current_choice(self) -> Optional[Choice]:
+        """The chosen tile layer and embeddings."""
+        choice = self.layer_box.currentData() if hasattr(self, "layer_box") else None
+        return choice if isinstance(choice, Choice) else None
+
+    def current_layer(self) -> Optional[QgsVectorLayer]:
+        """The chosen tile layer."""
+        choice = self.current_choice()
+        return QgsProject.instance().mapLayer(choice.layer_id) if choice else None
+
+    def set_layer(self, layer: QgsMapLayer, model: Optional[str] = None) -> bool:
+        """Choose ``layer`` (and the embeddings of ``model``) in the layer box."""
+        self.refresh_layers()
+        for index in range(self.layer_box.count()):
+            choice = self.layer_box.itemData(index)
+            if choice.layer_id == layer.id() and (model is None or model in (choice.model, choice.key)):
+                self.layer_box.setCurrentIndex(index)
+                self.layer_changed(index)
+                return True
+        return False
+
+    def layer_changed(self, _index: int) -> None:
+        """Another layer: its session starts with the first query; caption map tips on."""
+        layer = self.current_layer()
+        if isinstance(layer, QgsVectorLayer):
+            styles.set_tile_map_tips(layer)
+            self.enable_map_tips()
+
+    def enable_map_tips(self) -> None:
+        """Switch QGIS's map tips on (once), so captions show when hovering over tiles."""
+        action = getattr(self.iface, "actionMapTips", None)
+        if callable(action) and action() is not None and not action().isChecked():
+            action().trigger()
+
+    # -- searching -----------------------------------------------------------------------------
+    def search_text(self) -> None:
+        """Enter pressed (or Search clicked)."""
+        text = self.query.text().strip()
+        if text:
+            self.run_request({"text": text}, text)
+
+    def selected_tile_ids(self) -> List[str]:
+        """Examples for "find similar": selected result rows, else selected hits, else selected tiles."""
+        rows = sorted({index.row() for index in self.table.selectedIndexes()})
+        if rows:
+            return [self.hits[r].result["tile_id"] for r in rows if r < len(self.hits)]
+        for layer_id in self.result_layer_ids:
+            layer = QgsProject.instance().mapLayer(layer_id)
+            if isinstance(layer, QgsVectorLayer) and layer.selectedFeatureCount():
+                return [str(f["tile_id"]) for f in layer.selectedFeatures()]
+        layer = self.current_layer()
+        if isinstance(layer, QgsVectorLayer):
+            return [str(f["tile_id"]) for f in layer.selectedFeatures()]
+        return []
+
+    def search_similar(self, tile_ids: Optional[List[str]] = None) -> None:
+        """Tiles like the examples (see :meth:`selected_tile_ids`)."""
+        ids = list(tile_ids) if tile_ids else self.selected_tile_ids()
+        if not ids:
+            return self.show_status("select result rows or tiles on the map first (or use 'Pick tile…')")
+        self.run_request({"similar": ids}, "like " + ", ".join(ids[:3]) + ("…" if len(ids) > 3 else ""))
+
+    def toggle_pick(self, on: bool) -> None:
+        """A map tool: click a tile to find tiles like it."""
+        canvas = self.iface.mapCanvas() if self.iface is not None else None
+        layer = self.current_layer()
+        if canvas is None:
+            return
+        if on and layer is not None:
+            self.pick_tool = QgsMapToolIdentifyFeature(canvas, layer)
+            self.pick_tool.featureIdentified.connect(lambda feature: self.search_similar([str(feature["tile_id"])]))
+            self.pick_tool.deactivated.connect(lambda: self.pick_button.setChecked(False))
+            canvas.setMapTool(self.pick_tool)
+            self.show_status("click a tile on the map")
+        elif self.pick_tool is not None:
+            if canvas.mapTool() is self.pick_tool:
+                canvas.unsetMapTool(self.pick_tool)
+            self.pick_tool = None
+
+    def run_request(self, payload: dict, label: str) -> Optional[tasks.CallTask]:
+        """Start a search task: the session (loading the model when needed), the query, the hits'
+        captions and thumbnails; the GUI stays free meanwhile."""
+        choice = self.current_choice()
+        if choice is None:
+            self.show_status("choose a tile layer with embeddings (run Processing ▸ HQRS ▸ Models ▸ Embed tiles "
+                             "on a tile layer first)")
+            return None
+        if self.task is not None and not self.task.done:
+            self.task.cancel()
+        key = sessions.session_key(choice.path, choice.key if choice.several else "", model=choice.model)
+        session = self.session = sessions.get_session(key)
+        k = self.k.value()
+        heat = self.heatmap.isChecked()
+        relay = self.relay
+        layer_crs = self.current_layer().crs()
+        self.query_text = label
+
+        def work(task: tasks.CallTask):
+            started = time.perf_counter()
+            loaded = None
+            if not session.running:
+                relay.status.emit(f"loading the model of {choice.model} on {key.device}… (once per layer)")
+                session.start()
+                loaded = time.perf_counter() - started
+            relay.status.emit("searching…")
+            want = max(k, min(int(session.info.get("tiles", k)), HEAT_MAX_TILES)) if heat else k
+            response = session.request({**payload, "k": want})
+            results = response.get("results", [])
+            relay.status.emit("reading the hits…")
+            return self._read_hits(choice.path, results, k), results if heat else [], response, loaded
+
+        self.set_busy(True, f"loading the model of {choice.model}…" if not session.running else "searching…")
+        self.task = tasks.start(tasks.CallTask(
+            f"HQRS search: {label}", work, lambda result, error: self._done(result, error, label, layer_crs),
+            on_cancel=session.stop))
+        return self.task
+
+    @staticmethod
+    def _read_hits(path: str, results: List[dict], k: int) -> List[Hit]:
+        """Worker thread: geometries, captions and thumbnails of the best ``k`` results (and
+        geometries of the rest, for the heat map)."""
+        layer = QgsVectorLayer(tile_layers.engine_layer_uri(path), "tiles", "ogr")
+        features = tile_layers.features_by_tile(layer, [r["tile_id"] for r in results])
+        hits = []
+        for i, result in enumerate(results):
+            feature = features.get(str(result["tile_id"]))
+            if feature is None:
+                continue
+            caption = feature["caption"] if layer.fields().indexOf("caption") >= 0 else None
+            thumb = None
+            if i < k:
+                thumb = tile_layers.thumbnail(str(feature["source"]), (feature["x_off"], feature["y_off"],
+                                                                      feature["width"], feature["height"]))
+            hits.append(Hit(result, QgsGeometry(feature.geometry()), str(caption) if caption else "", thumb))
+        return hits
+
+    def _done(self, result, error: Optional[EngineError], label: str, crs) -> None:
+        self.set_busy(False)
+        if error is not None:
+            if error.kind == "cancelled":
+                return self.show_status("cancelled")
+            return self.report(error)
+        hits, _all, response, loaded = result
+        k = self.k.value()
+        self.hits = hits[:k]
+        self.show_results(label, crs, hits if self.heatmap.isChecked() else [])
+        took = f"{len(self.hits)} tiles in {response.get('seconds', 0.0):.3f} s"
+        self.show_status(took + (f" (model loaded in {loaded:.1f} s)" if loaded else ""))
+
+    def set_busy(self, busy: bool, text: str = "") -> None:
+        """Buttons and status while a task runs."""
+        self.cancel_button.setEnabled(busy)
+        self.search_button.setEnabled(not busy)
+        self.similar_button.setEnabled(not busy)
+        if text:
+            self.show_status(text)
+
+    def cancel(self) -> None:
+        """Stop the running search (a model being loaded is dropped: the next query loads it again)."""
+        if self.task is not None and not self.task.done:
+            self.task.cancel()
+
+    # -- presentation --------------------------------------------------------------------------
+    def show_status(self, text: str) -> None:
+        """The status line."""
+        self.status.setText(text)
+
+    def report(self, error: EngineError) -> None:
+        """An error in the dock and in the message bar, with the action that fixes it."""
+        self.show_status(f"<b>search failed</b>: {error.text}")
+        tasks.log(f"search failed: {error.text}", Qgis.Warning)
+        bar = self.message_bar()
+        if error.kind == "engine":
+            self.show_setup()
+        if bar is None:
+            return
+        from qgis.PyQt.QtWidgets import QPushButton as Button
+
+        item = bar.createMessage("HQRS search", error.text)
+        action = None
+        if error.kind == "engine":
+            action = ("Set up engine…", self.show_setup)
+        elif "no embeddings" in str(error):
+            action = ("Embed tiles…", self.open_embed)
+        elif "device" in str(error).lower():
+            action = ("HQRS settings…", self.open_settings)
+        if action is not None:
+            button = Button(action[0])
+            button.clicked.connect(action[1])
+            item.layout().addWidget(button)
+        bar.pushWidget(item, Qgis.Critical if error.kind != "user" else Qgis.Warning, 15)
+
+    def open_embed(self) -> None:
+        """The Embed tiles dialog for the current layer."""
+        import processing
+
+        layer = self.current_layer()
+        dialog = processing.createAlgorithmDialog("hqrs:embed", {"INPUT": layer.id()} if layer else {})
+        if dialog is not None:
+            dialog.show()
+
+    def open_settings(self) -> None:
+        """HQRS settings."""
+        from .settings_dialog import SettingsDialog
+
+        SettingsDialog(self, self.message_bar()).exec_()
+
+    def show_results(self, label: str, crs, heat_hits: List[Hit]) -> None:
+        """The table and the results layers (replacing the previous ones)."""
+        self.clear_results(keep_table=True)
+        self.table.setRowCount(len(self.hits))
+        for row, hit in enumerate(self.hits):
+            thumb = QTableWidgetItem()
+            if hit.thumbnail:
+                size = tile_layers.THUMBNAIL_PX
+                image = QImage(hit.thumbnail, size, size, 3 * size, QImage.Format_RGB888).copy()
+                thumb.setData(Qt.DecorationRole, QPixmap.fromImage(image))
+            rank = QTableWidgetItem(str(hit.result["rank"]))
+            score = QTableWidgetItem(f"{hit.result['score']:.4f}")
+            caption = QTableWidgetItem(hit.caption or "—")
+            tip = f"<b>{hit.result['tile_id']}</b><br>{hit.caption}" if hit.caption else hit.result["tile_id"]
+            for item in (thumb, rank, score, caption):
+                item.setToolTip(tip)
+            for column, item in enumerate((thumb, rank, score, caption)):
+                self.table.setItem(row, column, item)
+        self.table.resizeRowsToContents()
+        project = QgsProject.instance()
+        root = project.layerTreeRoot()
+        group = root.findGroup(RESULTS_GROUP) or root.insertGroup(0, RESULTS_GROUP)
+        layers = []
+        if heat_hits:
+            layers.append(styles.hits_layer(f'heat: "{label}"', crs,
+                                            [(h.result, h.geometry, h.caption) for h in heat_hits], heat=True))
+        layers.append(styles.hits_layer(f'hits: "{label}"', crs,
+                                        [(h.result, h.geometry, h.caption) for h in self.hits]))
+        for layer in layers:
+            project.addMapLayer(layer, False)
+            group.insertLayer(0, layer)
+            self.result_layer_ids.append(layer.id())
+        self.enable_map_tips()
+
+    def clear_results(self, keep_table: bool = False) -> None:
+        """Remove the dock's results layers (also those of an earlier session of the plugin) and
+        the table."""
+        project = QgsProject.instance()
+        group = project.layerTreeRoot().findGroup(RESULTS_GROUP)
+        ids = list(self.result_layer_ids)
+        if isinstance(group, QgsLayerTreeGroup):
+            ids += [node.layerId() for node in group.findLayers() if node.layer() is not None
+                    and node.layer().providerType() == "memory"
+                    and node.layer().customProperty(styles.STYLED) in ("hits", "heat")]
+        for layer_id in dict.fromkeys(ids):
+            if project.mapLayer(layer_id) is not None:
+                project.removeMapLayer(layer_id)
+        self.result_layer_ids = []
+        if isinstance(group, QgsLayerTreeGroup) and not group.children():
+            project.layerTreeRoot().removeChildNode(group)
+        if not keep_table:
+            self.hits = []
+            self.table.setRowCount(0)
+            self.show_status("")
+
+    def results_layer(self) -> Optional[QgsVectorLayer]:
+        """The current hits layer."""
+        for layer_id in reversed(self.result_layer_ids):
+            layer = QgsProject.instance().mapLayer(layer_id)
+            if isinstance(layer, QgsVectorLayer) and layer.name().startswith("hits:"):
+                return layer
+        return None
+
+    def zoom_to_row(self, row: int, _column: int = 0) -> None:
+        """Clicking a result zooms the map to its tile (and flashes it)."""
+        if row >= len(self.hits) or self.iface is None:
+            return
+        hit, layer = self.hits[row], self.results_layer()
+        canvas = self.iface.mapCanvas()
+        crs = layer.crs() if layer is not None else self.current_layer().crs()
+        extent = hit.geometry.boundingBox()
+        transform = QgsCoordinateTransform(crs, canvas.mapSettings().destinationCrs(), QgsProject.instance())
+        extent = transform.transformBoundingBox(extent)
+        extent.scale(2.5)
+        canvas.setExtent(extent)
+        canvas.refresh()
+        if hasattr(canvas, "flashGeometries"):
+            canvas.flashGeometries([hit.geometry], crs)
+
+    def close_sessions(self) -> None:
+        """Stop every search process (plugin unload, QGIS exit)."""
+        if self.task is not None and not self.task.done:
+            self.task.cancel()
+        sessions.close_all()
+
+    def unload(self) -> None:
+        """Disconnect from the project and settings (plugin unload)."""
+        self.toggle_pick(False)
+        self.close_sessions()
+        project = QgsProject.instance()
+        for signal, slot in ((project.layersAdded, self.refresh_layers), (project.layersRemoved, self.refresh_layers),
+                             (settings.notifier.changed, self.on_settings_changed)):
+            try:
+                signal.disconnect(slot)
+            except (TypeError, RuntimeError):
+                pass

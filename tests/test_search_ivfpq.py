@@ -1,0 +1,165 @@
+"""The compressed (OPQ + IVF-PQ, on-disk lists, exact re-ranking) index against brute force,
+its incremental updates and invalidation, and its use through VectorIndex."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from hqrs_geo.errors import OptionError
+from hqrs_geo.search.index import VectorIndex
+from hqrs_geo.search.ivfpq import PART_SHIFT, CompressedIndex, EmbeddingPart
+
+D = 64
+PARAMS = {"nlist": 32, "m": 16, "nprobe": 8, "rerank": 200, "train_size": 5000}
+
+
+def clustered(n: int, seed: int, clusters: int = 40) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((clusters, D)).astype(np.float32)
+    x = centres[rng.integers(0, clusters, n)] + 0.35 * rng.standard_normal((n, D)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    return x.astype(np.float16)
+
+
+def queries_near(matrix: np.ndarray, count: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    q = matrix[rng.choice(len(matrix), count, replace=False)].astype(np.float32)
+    q += 0.05 * rng.standard_normal(q.shape).astype(np.float32) / np.sqrt(D)
+    return q / np.linalg.norm(q, axis=1, keepdims=True)
+
+
+def brute(parts: list[EmbeddingPart], numbers: dict, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    ids = np.concatenate([(np.int64(numbers[p.name]) << PART_SHIFT) + np.arange(len(p.matrix)) for p in parts])
+    scores = np.concatenate([p.matrix.astype(np.float32) @ q for p in parts])
+    order = np.lexsort((ids, -scores))[:k]
+    return scores[order], ids[order]
+
+
+@pytest.fixture(scope="module")
+def parts():
+    return [EmbeddingPart(f"part{i}", {"v": 1}, clustered(4000, seed=i)) for i in range(3)]
+
+
+@pytest.fixture(scope="module")
+def built(parts, tmp_path_factory):
+    return CompressedIndex.build(parts, tmp_path_factory.mktemp("ivfpq") / "idx", **PARAMS)
+
+
+def test_recall_and_exact_scores_against_brute_force(parts, built):
+    numbers = built.part_numbers
+    q = queries_near(np.concatenate([p.matrix for p in parts]), 100, seed=7)
+    results = built.search({p.name: p for p in parts}, q, 10)
+    hits = 0
+    for qi, (scores, ids) in zip(q, results):
+        ref_scores, ref_ids = brute(parts, numbers, qi, 10)
+        hits += len(np.intersect1d(ids, ref_ids))
+        found = dict(zip(ref_ids.tolist(), ref_scores.tolist()))
+        for score, gid in zip(scores, ids):  # every score returned is the exact float32 dot product
+            part = parts[[p.name for p in parts].index(next(n for n, v in numbers.items() if v == gid >> PART_SHIFT))]
+            exact = float(part.matrix[gid & ((1 << PART_SHIFT) - 1)].astype(np.float32) @ qi)
+            assert abs(score - exact) < 1e-5
+            if gid in found:
+                assert abs(score - found[gid]) < 1e-5
+        assert np.all(np.diff(scores) <= 0)
+    assert hits / 1000 >= 0.95
+    assert (built.folder / f"merged-{built.meta['generation']}.ivfdata").stat().st_size > 0
+
+
+def test_ties_are_broken_by_id(tmp_path):
+    base = clustered(3000, seed=11)
+    base[100] = base[200] = base[300]  # three identical rows: equal exact scores
+    part = EmbeddingPart("p", 1, base)
+    index = CompressedIndex.build([part], tmp_path / "idx", **PARAMS)
+    q = base[300].astype(np.float32) / np.linalg.norm(base[300].astype(np.float32))
+    scores, ids = index.search({"p": part}, q[None], 3)[0]
+    assert ids.tolist() == [100, 200, 300] and scores[0] == scores[1] == scores[2]
+
+
+def test_incremental_add_rewrite_and_remove(parts, tmp_path):
+    index = CompressedIndex.build(parts[:2], tmp_path / "idx", **PARAMS)
+    shard0 = index.folder / index.meta["parts"][0]["shard"]
+    stamp = shard0.stat().st_mtime_ns
+    added = EmbeddingPart("part9", {"v": 1}, clustered(3000, seed=9))
+    change = index.update([*parts[:2], added])
+    assert change == {"added": ["part9"], "removed": [], "rewritten": []}
+    assert shard0.stat().st_mtime_ns == stamp  # unchanged parts are not encoded again
+    q = added.matrix[[5, 50]].astype(np.float32)
+    q /= np.linalg.norm(q, axis=1, keepdims=True)
+    by_name = {p.name: p for p in [*parts[:2], added]}
+    top = index.search(by_name, q, 1)
+    assert [int(ids[0] >> PART_SHIFT) for _, ids in top] == [index.part_numbers["part9"]] * 2
+
+    rewritten = EmbeddingPart("part1", {"v": 2}, clustered(4000, seed=21))
+    change = index.update([parts[0], rewritten, added])
+    assert change["rewritten"] == ["part1"] and shard0.stat().st_mtime_ns == stamp
+    q = rewritten.matrix[[3]].astype(np.float32)
+    q /= np.linalg.norm(q, axis=1, keepdims=True)
+    scores, ids = index.search({"part0": parts[0], "part1": rewritten, "part9": added}, q, 1)[0]
+    assert ids[0] == (np.int64(index.part_numbers["part1"]) << PART_SHIFT) + 3
+
+    change = index.update([rewritten, added])
+    assert change["removed"] == ["part0"]
+    gone = index.part_numbers.get("part0")
+    assert gone is None
+    q = parts[0].matrix[:20].astype(np.float32)
+    q /= np.linalg.norm(q, axis=1, keepdims=True)
+    for _, ids in index.search({"part1": rewritten, "part9": added}, q, 10):
+        assert set((ids >> PART_SHIFT).tolist()) <= {index.part_numbers["part1"], index.part_numbers["part9"]}
+    reopened = CompressedIndex.open(index.folder)
+    assert reopened is not None and reopened.stale_parts([rewritten, added]) == []
+    assert reopened.stale_parts([parts[0], added]) == ["part0", "part1"]
+    generations = sorted(p.name for p in index.folder.glob("merged-*"))
+    assert generations == [f"merged-{index.meta['generation']}.index", f"merged-{index.meta['generation']}.ivfdata"]
+
+
+def test_an_interrupted_update_leaves_the_previous_index_usable(parts, tmp_path, monkeypatch):
+    index = CompressedIndex.build(parts[:1], tmp_path / "idx", **PARAMS)
+    generation = index.meta["generation"]
+
+    def boom(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(CompressedIndex, "_merge", staticmethod(boom))
+    with pytest.raises(KeyboardInterrupt):
+        index.update(parts[:2])
+    monkeypatch.undo()
+    again = CompressedIndex.open(tmp_path / "idx")
+    assert again is not None and again.meta["generation"] == generation
+    assert json.loads((tmp_path / "idx" / "index.json").read_text())["parts"][0]["name"] == "part0"
+    q = parts[0].matrix[:3].astype(np.float32)
+    q /= np.linalg.norm(q, axis=1, keepdims=True)
+    assert len(again.search({"part0": parts[0]}, q, 5)) == 3
+
+
+def test_parameters_are_checked(parts, tmp_path):
+    with pytest.raises(OptionError, match="must divide"):
+        CompressedIndex.build(parts, tmp_path / "a", **{**PARAMS, "m": 5})
+    with pytest.raises(OptionError, match="too few"):
+        CompressedIndex.build([EmbeddingPart("s", 1, parts[0].matrix[:300])], tmp_path / "b", **PARAMS)
+    with pytest.raises(OptionError, match="unknown ivfpq parameter"):
+        CompressedIndex.build(parts, tmp_path / "c", efSearch=3)
+
+
+def test_vector_index_builds_loads_and_masks_ivfpq(tmp_path):
+    matrix = clustered(12000, seed=3)
+    index = VectorIndex.from_matrix(matrix)
+    report = index.build_ann("ivfpq", path=tmp_path / "m.ivfpq", **PARAMS)
+    assert report["recall_at_10"] >= 0.95 and report["bytes_on_disk"] > 0
+    q = queries_near(matrix, 20, seed=5)
+    exact = index.search(q, k=10)
+    approx = index.search(q, k=10, use_ann=True)
+    assert np.mean([len(np.intersect1d(a, b)) / 10 for a, b in zip(approx[1], exact[1])]) >= 0.95
+    mask = np.zeros(len(matrix), bool)
+    mask[::3] = True
+    scores, rows = index.search(q, k=10, mask=mask, use_ann=True)
+    assert mask[rows].all()
+    tiny = np.zeros(len(matrix), bool)
+    tiny[[10, 20, 30]] = True  # too selective for the index: exact over the allowed rows
+    _, rows = index.search(q[:2], k=2, mask=tiny, use_ann=True)
+    assert set(rows.ravel().tolist()) <= {10, 20, 30}
+    again = VectorIndex.from_matrix(matrix)
+    assert again.load_ann(tmp_path / "m.ivfpq") and again.ann_info["kind"] == "ivfpq"
+    changed = VectorIndex.from_matrix(matrix[::-1].copy())
+    assert not changed.load_ann(tmp_path / "m.ivfpq")
