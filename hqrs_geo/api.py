@@ -51,11 +51,23 @@ def prepare_layer(inputs: PathOrPaths, output: str | os.PathLike | None = None,
             return open_layer(layer)
         open_layer(layer)  # one-line error now if it is not a tile layer
         check_writable(output)
-        shutil.copy2(layer, output)
+        copy_layer(layer, output)
         return open_layer(output)
     if output is None:
         raise OptionError("rasters were given: name the tile layer to write", option="output")
     return tile_to_layer(items, output, tiling, progress).written
+
+
+def copy_layer(layer: str | os.PathLike, output: str | os.PathLike) -> None:
+    """Copy a tile layer file (and a FlatGeobuf's run-record sidecar) atomically and verified."""
+    from .atomic import atomic_path
+    from .layer.runs import sidecar_path
+
+    with atomic_path(output) as tmp:
+        shutil.copyfile(layer, tmp)
+    if sidecar_path(layer).exists():
+        with atomic_path(sidecar_path(output)) as tmp:
+            shutil.copyfile(sidecar_path(layer), tmp)
 
 
 def _load(names: Sequence[str], checkpoints: Sequence[str | None], arch: Sequence[str | None], device: str,

@@ -33,12 +33,65 @@ _REASONS = {
     errno.EACCES: "permission denied; choose another output",
     errno.EPERM: "permission denied; choose another output",
     errno.ENOENT: "its folder does not exist; create it or choose another output",
+    errno.EFBIG: "the file is larger than the file system or a limit allows; free space or choose another output",
 }
 
+#: Messages of libraries (SQLite, GDAL, Arrow) that report a failed write without an errno.
+_MESSAGES = (
+    ("no space left", errno.ENOSPC), ("disk is full", errno.ENOSPC), ("database or disk is full", errno.ENOSPC),
+    ("quota exceeded", errno.EDQUOT), ("read-only file system", errno.EROFS), ("readonly database", errno.EROFS),
+    ("read-only database", errno.EROFS), ("permission denied", errno.EACCES), ("file too large", errno.EFBIG),
+    ("file size limit exceeded", errno.EFBIG),
+)
 
-def output_error(path: PathLike, exc: BaseException) -> OutputError:
-    """A one-line :class:`OutputError` for a failed write of ``path``."""
+
+def write_failure(exc: BaseException) -> int | None:
+    """The errno of a failed write behind ``exc`` (full disk, read-only file system, permission
+    denied, size limit), also when a library (SQLite, GDAL, Arrow) only says so in its message;
+    None for other errors."""
     code = getattr(exc, "errno", None)
+    if code in _REASONS and code != errno.ENOENT:
+        return code
+    text = str(exc).lower()
+    for fragment, found in _MESSAGES:
+        if fragment in text:
+            return found
+    cause = exc.__cause__ or exc.__context__
+    return write_failure(cause) if cause is not None and cause is not exc else None
+
+
+#: Free bytes below which a failed write is taken for a full disk (GDAL and SQLite often report
+#: it only as "I/O error" or as a damaged file).
+LOW_SPACE = 1 << 20
+
+
+def space_left(folder: PathLike) -> int | None:
+    """Bytes free for this user in the file system of ``folder`` (None when unknown)."""
+    try:
+        stat = os.statvfs(folder)
+    except (OSError, AttributeError):
+        return None
+    return stat.f_bavail * stat.f_frsize
+
+
+def failure_code(exc: BaseException, folder: PathLike | None = None) -> int | None:
+    """:func:`write_failure`, or ENOSPC when the write failed some other way while the file
+    system of ``folder`` is (nearly) full; call it before removing what the failed write left."""
+    code = write_failure(exc)
+    if code is None and folder is not None:
+        free = space_left(folder)
+        if free is not None and free < LOW_SPACE:
+            return errno.ENOSPC
+    return code
+
+
+def output_error(path: PathLike, exc: BaseException, code: int | None = None) -> OutputError:
+    """A one-line :class:`OutputError` for a failed write of ``path`` (``code``: the errno
+    found by :func:`failure_code`, when already known)."""
+    if code is None:
+        code = getattr(exc, "errno", None)
+    if code not in _REASONS:
+        code = write_failure(exc)
     if code in _REASONS:
         return OutputError(f"{path}: cannot write: {_REASONS[code]}")
     text = str(exc).strip()
@@ -74,8 +127,10 @@ def atomic_path(path: PathLike, copy_existing: bool = False,
     """
     target = Path(path)
     folder = target.parent if str(target.parent) else Path(".")
+    remove_stale_temporaries(target)
     try:
-        fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=f".tmp{target.suffix}", dir=folder)
+        fd, name = tempfile.mkstemp(prefix=f".{target.name}.{os.getpid()}.", suffix=f".tmp{target.suffix}",
+                                    dir=folder)
         os.close(fd)
     except OSError as exc:
         raise output_error(target, exc) from None
@@ -91,13 +146,59 @@ def atomic_path(path: PathLike, copy_existing: bool = False,
         _fsync(tmp)
         os.replace(tmp, target)
     except OSError as exc:
+        code = None if isinstance(exc, HqrsError) else failure_code(exc, folder)
         _remove(tmp)
         if isinstance(exc, HqrsError):  # a user error raised inside the block, already worded
             raise
-        raise output_error(target, exc) from None
+        raise output_error(target, exc, code) from None
+    except Exception as exc:  # libraries (SQLite, GDAL, Arrow) report full disks in their own types
+        code = None if isinstance(exc, HqrsError) else failure_code(exc, folder)
+        _remove(tmp)
+        if code is not None:
+            raise output_error(target, exc, code) from None
+        raise
     except BaseException:
         _remove(tmp)
         raise
+
+
+def remove_stale_temporaries(target: Path) -> int:
+    """Remove temporary files of ``target`` left by a process that was killed (SIGKILL, power
+    loss) before it could clean up: their names carry the writer's process id, and only those
+    of processes no longer running are removed. Returns how many were removed."""
+    folder = target.parent if str(target.parent) else Path(".")
+    removed = 0
+    try:
+        # the temporary file itself and what its writer kept beside it (SQLite's -journal, -wal, -shm)
+        candidates = list(folder.glob(f".{glob_escape(target.name)}.*.tmp{glob_escape(target.suffix)}*"))
+    except OSError:
+        return 0
+    for candidate in candidates:
+        pid_text = candidate.name[len(target.name) + 2:].split(".", 1)[0]
+        if not pid_text.isdigit() or _alive(int(pid_text)):
+            continue
+        _remove(candidate)
+        removed += 1
+    return removed
+
+
+def glob_escape(text: str) -> str:
+    """``text`` with glob wildcards escaped."""
+    import glob
+
+    return glob.escape(text)
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, ValueError):
+        return True
+    return True
 
 
 def _remove(path: Path) -> None:

@@ -21,28 +21,49 @@ KS = (1, 5, 10)
 
 
 def load_karpathy(path: str, split: str | None = "val", limit: int | None = None) -> list[dict]:
-    """Records ``{"image": absolute path, "class": str|None, "captions": [str]}`` of one split."""
+    """Records ``{"image": path, "class": str|None, "captions": [str]}`` of one split.
+
+    Image file names are relative to the JSON's folder and must stay inside it
+    (:func:`hqrs_geo.safe_paths.inside`); a malformed file is refused in one line.
+    """
+    from .safe_paths import inside
+
     file = Path(path)
+    if file.is_dir():
+        raise InputError(f"{path}: is a folder; give the dataset's .json file")
+    usage = "needs images[].filename, split and sentences[].raw"
     try:
-        data = json.loads(file.read_text())
-        images = data["images"]
+        data = json.loads(file.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise InputError(f"{path}: file not found") from None
-    except (ValueError, KeyError, TypeError):
-        raise InputError(f"{path}: not a Karpathy-style dataset (needs images[].filename, split, sentences)") from None
+        raise InputError(f"{path}: file not found; check the path") from None
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        raise InputError(f"{path}: not valid JSON; give a Karpathy-style dataset ({usage})") from None
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read ({exc.strerror or exc}); check the file") from None
+    images = data.get("images") if isinstance(data, dict) else None
+    if not isinstance(images, list):
+        raise InputError(f"{path}: not a Karpathy-style dataset: 'images' must be a list ({usage})")
     records = []
-    for item in images:
+    for number, item in enumerate(images):
+        if not isinstance(item, dict) or not isinstance(item.get("filename"), str):
+            raise InputError(f"{path}: images[{number}] is not an object with a filename ({usage})")
         if split and item.get("split") != split:
             continue
+        sentences = item.get("sentences", [])
+        label = item.get("class")
+        if not isinstance(sentences, list) or not all(isinstance(s, dict) for s in sentences) \
+                or not all(isinstance(s.get("raw", ""), str) for s in sentences) \
+                or not (label is None or isinstance(label, (str, int))):
+            raise InputError(f"{path}: images[{number}] has malformed sentences or class ({usage})")
         records.append({
-            "image": str(file.parent / item["filename"]),
-            "class": item.get("class"),
-            "captions": [s["raw"].strip() for s in item.get("sentences", []) if s.get("raw", "").strip()],
+            "image": str(inside(file.parent, item["filename"], "image file name")),
+            "class": None if label is None else str(label),
+            "captions": [s["raw"].strip() for s in sentences if s.get("raw", "").strip()],
         })
     if limit:
         records = records[:limit]
     if not records:
-        raise InputError(f"{path}: no images in split {split!r}")
+        raise InputError(f"{path}: no images in split {split!r}; check the split names")
     return records
 
 

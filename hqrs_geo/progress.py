@@ -46,7 +46,8 @@ class Progress:
         if self.mode == "bar":
             from tqdm import tqdm
 
-            self._bar = tqdm(total=total, desc=stage, unit=unit, file=sys.stderr, dynamic_ncols=True, initial=initial)
+            self._bar = tqdm(total=total, desc=stage, unit=unit, file=sys.stderr, dynamic_ncols=True, initial=initial,
+                             disable=False)  # $TQDM_DISABLE (set by the CLI) silences library bars only
         self.emit(stage, message)
         self._last = time.monotonic()
 

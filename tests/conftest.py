@@ -125,3 +125,13 @@ def write_sparse_scene(path: Path, size: int = 30000) -> Path:
                        transform=Affine(1, 0, 500000, 0, -1, 4000000)) as dst:
         dst.write(np.full((3, 256, 256), 7, np.uint8), window=Window(0, 0, 256, 256))
     return path
+
+
+def pytest_terminal_summary(terminalreporter):
+    """The fuzz/fault suite's counts (tests/test_faults.py), when it ran."""
+    faults = sys.modules.get("test_faults")
+    report = getattr(faults, "REPORT", None)
+    if report and report["tried"]:
+        terminalreporter.write_line(
+            "fault suite: {tried} cases tried, {clean} clean errors, {internal} tracebacks/internal errors, "
+            "{data_lost} data lost, {recovered} faults recovered".format(**report))

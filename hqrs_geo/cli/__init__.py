@@ -16,8 +16,10 @@ from collections.abc import Sequence
 from typing import Any
 
 from .._version import __version__
-from ..errors import Cancelled, HqrsError
+from ..atomic import output_error, write_failure
+from ..errors import Cancelled, HqrsError, InputError
 from ..progress import Progress
+from ..redact import RedactingFilter, redact
 from . import inference, info, mpgi, search, tiles, training
 from .options import PROG, Parser, flag_of
 
@@ -41,13 +43,15 @@ def _configure_logging(quiet: bool, debug: bool) -> None:
     """Our warnings as one line each; library chatter (GDAL, transformers, tqdm) only with --debug."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter(f"{PROG}: warning: %(message)s"))
+    handler.addFilter(RedactingFilter())  # API keys never reach the terminal
     log.handlers[:] = [handler]
     log.propagate = False
     log.setLevel(logging.ERROR if quiet else logging.WARNING)
     if debug:
         logging.basicConfig(level=logging.DEBUG, stream=sys.stderr)
         return
-    for name in ("rasterio", "transformers", "huggingface_hub", "urllib3", "filelock"):
+    for name in ("rasterio", "transformers", "huggingface_hub", "urllib3", "filelock", "tokenizers", "gguf",
+                 "accelerate", "torch", "PIL", "pyogrio", "fiona", "numexpr"):
         logging.getLogger(name).setLevel(logging.CRITICAL)
     warnings.simplefilter("ignore")
     import os
@@ -56,6 +60,16 @@ def _configure_logging(quiet: bool, debug: bool) -> None:
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("HF_HUB_VERBOSITY", "error")
+    os.environ.setdefault("TQDM_DISABLE", "1")  # library progress bars (GGUF de-quantising); ours are our own
+    if "transformers" in sys.modules:  # already imported: its settings were read at import
+        try:
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.set_verbosity_error()
+            hf_logging.disable_progress_bar()
+        except Exception:  # an old or partial transformers: the environment variables above still apply
+            pass
 
 
 def _raise_cancel(signum: int, frame: Any) -> None:
@@ -84,16 +98,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         err = exc
     except MemoryError:
         err = HqrsError("out of memory; use a smaller batch size or tile size, or fewer tiles per run")
-    except Exception as exc:  # an internal bug: one line unless --debug
-        if args.debug:
-            raise
-        err = HqrsError(f"internal error: {type(exc).__name__}: {exc} (rerun with --debug and report it)")
-        err.exit_code = 1
+    except Exception as exc:
+        if write_failure(exc) is not None and not args.debug:  # full disk, read-only file system…
+            err = output_error(getattr(exc, "filename", None) or "output", exc)
+        elif isinstance(exc, OSError) and exc.filename and exc.strerror and not args.debug:
+            # a path the user gave that the system refuses (name too long, not a folder, a loop…)
+            err = InputError(f"{exc.filename}: {exc.strerror[:1].lower()}{exc.strerror[1:]}; check the path")
+        else:  # an internal bug: one line unless --debug
+            if args.debug:
+                raise
+            err = HqrsError(f"internal error: {type(exc).__name__}: {exc} (rerun with --debug and report it)")
+            err.exit_code = 1
     finally:
         signal.signal(signal.SIGTERM, previous)
     if args.debug and not isinstance(err, Cancelled) and err.__cause__:
         raise err
-    message = err.worded(lambda option: flag_of(option, args)).replace("\n", " ")
+    message = redact(" ".join(err.worded(lambda option: flag_of(option, args)).split()))
     progress.fail(message, option=err.option)
     print(f"{PROG}: error: {message}", file=sys.stderr)
     return err.exit_code

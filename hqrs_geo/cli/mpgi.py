@@ -16,7 +16,7 @@ def register(sub: Any) -> None:
     mpgi.add_argument("--recipe", default=None, help="recipe TOML (default: the shipped default recipe)")
     mpgi.add_argument("--vectors", action="append", default=[], metavar="PATH[:LAYER[:CLASS_FIELD]]",
                       help="vector layer for the facts, e.g. osm.gpkg:buildings:building; repeatable")
-    mpgi.add_argument("--limit", type=number(int, 1), default=None, help="only the first N tiles")
+    mpgi.add_argument("--limit", type=number(int, 1, 10**9), default=None, help="only the first N tiles")
     mpgi.add_argument("--device", default="auto", help="device of local models")
     add_progress_options(mpgi)
     mpgi.set_defaults(func=run_mpgi)
@@ -30,7 +30,7 @@ def register(sub: Any) -> None:
     export.add_argument("--val-fraction", type=number(float, 0, 1, high_open=True), default=0.1,
                         help="share of tiles in the val split")
     add_progress_options(export)
-    export.set_defaults(func=run_export_dataset)
+    export.set_defaults(func=run_export_dataset, option_flags={"image_format": "--format"})
 
 
 def run_mpgi(args: argparse.Namespace, progress: Any) -> int:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import re
 import sys
 from collections.abc import Callable
 from typing import Any, NoReturn
@@ -22,14 +23,35 @@ from ..tiling.grid import DEFAULT_EDGE, EDGE_POLICIES
 PROG = "hqrs-geo"
 
 
+_NEGATIVE_VALUE = re.compile(r"^-(\d|\.\d)")
+
+
 class Parser(argparse.ArgumentParser):
-    """An argument parser whose errors are one line: what is wrong, and where to read more."""
+    """An argument parser whose errors are one line: what is wrong, and where to read more.
+
+    A value that starts with ``-`` and a digit (``--tile-size -5m``, ``--overlap -10%``) is read
+    as the option's value (so its own check explains what is wrong), never as an unknown flag.
+    """
+
+    def _parse_optional(self, arg_string: str) -> Any:
+        if _NEGATIVE_VALUE.match(arg_string):
+            return None
+        return super()._parse_optional(arg_string)
 
     def error(self, message: str) -> NoReturn:
-        """Print ``hqrs-geo: error: <message>; see <prog> --help`` and exit with status 2."""
+        """Print ``hqrs-geo: error: <option>: <what>; see <prog> --help`` and exit with status 2."""
+        message = " ".join(message.split())
         message = message.replace("argument ", "", 1) if message.startswith("argument ") else message
-        if message.endswith("expected one argument"):
-            message += " (a value starting with '-' must be written --option=VALUE)"
+        required = re.match(r"the following arguments are required: (.+)$", message)
+        unknown = re.match(r"unrecognized arguments: (.+)$", message)
+        if required:
+            message = f"{required.group(1)}: required but missing; give it"
+        elif unknown:
+            message = f"{unknown.group(1)}: not an option of this command; remove it"
+        elif message.endswith("expected one argument"):
+            message += "; give a value after it (a value starting with '-' may be written --option=VALUE)"
+        elif ": " not in message:
+            message = f"{self.prog}: {message}"
         sys.stderr.write(f"{PROG}: error: {message}; see '{self.prog} --help'\n")
         sys.exit(2)
 
@@ -142,9 +164,9 @@ def add_engine_options(parser: argparse.ArgumentParser) -> None:
 
     group = parser.add_argument_group("engine")
     group.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), cpu, cuda, cuda:N, mps")
-    group.add_argument("--batch-size", type=number(int, 1), default=32,
+    group.add_argument("--batch-size", type=number(int, 1, 65536), default=32,
                        help="tiles per batch (halved on CUDA out-of-memory)")
-    group.add_argument("--workers", type=number(int, 0), default=None,
+    group.add_argument("--workers", type=number(int, 0, 256), default=None,
                        help="tile reader processes (default: min(4, CPUs-1) on GPU; on CPU 0 up to 4 cores, else 1)")
     group.add_argument("--precision", default="auto", choices=PRECISIONS,
                        help="auto: bf16 (or fp16) on CUDA, fp32 on CPU; bf16 also on CPU")
@@ -158,17 +180,17 @@ def add_decoding_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("caption decoding")
     group.add_argument("--decoding", default="beam", choices=("greedy", "beam", "sample"), help="default beam")
     group.add_argument("--beams", type=number(int, 1, 64), default=3, help="beam width (default 3)")
-    group.add_argument("--top-k", type=number(int, 0), default=0,
+    group.add_argument("--top-k", type=number(int, 0, 100_000), default=0,
                        help="sampling: keep the k most likely tokens (0: off)")
     group.add_argument("--top-p", type=number(float, 0, 1, low_open=True), default=1.0,
                        help="sampling: nucleus probability (1.0: off)")
-    group.add_argument("--temperature", type=number(float, 0, low_open=True), default=1.0,
+    group.add_argument("--temperature", type=number(float, 0, 100, low_open=True), default=1.0,
                        help="sampling temperature")
-    group.add_argument("--repetition-penalty", type=number(float, 0, low_open=True), default=1.0,
+    group.add_argument("--repetition-penalty", type=number(float, 0, 100, low_open=True), default=1.0,
                        help="> 1 discourages repeated tokens")
     group.add_argument("--min-length", type=number(int, 0, 1000), default=5, help="minimum caption length in tokens")
     group.add_argument("--max-length", type=number(int, 1, 1000), default=30, help="maximum caption length in tokens")
-    group.add_argument("--seed", type=number(int), default=0, help="sampling seed")
+    group.add_argument("--seed", type=number(int, 0, 2**32 - 1), default=0, help="sampling seed")
 
 
 def decoding_config(args: argparse.Namespace) -> Any:

@@ -9,6 +9,9 @@ from typing import Any
 
 from .options import add_progress_options, number, numbers
 
+#: Python parameter names whose command-line flag is not ``--name-with-dashes``.
+FLAGS = {"k": "-k", "query": "QUERY", "templates": "--templates-file", "result_layer": "--result-layer"}
+
 
 def _add_common(parser: argparse.ArgumentParser, outputs: bool = True) -> None:
     parser.add_argument("layer", help="tile layer with embeddings")
@@ -25,10 +28,10 @@ def _add_common(parser: argparse.ArgumentParser, outputs: bool = True) -> None:
     spatial.add_argument("--within", default=None, help="polygon layer (path or 'path|layername=NAME')")
     spatial.add_argument("--near", type=numbers(2), default=None, help="x,y of a point (in --near-crs)")
     spatial.add_argument("--near-crs", default="EPSG:4326", help="CRS of --near (default EPSG:4326 lon,lat)")
-    spatial.add_argument("--distance", type=number(float, 0), default=None, help="distance from --near in metres")
+    spatial.add_argument("--distance", type=number(float, 0, 1e8), default=None, help="distance from --near in metres")
     if outputs:
         out = parser.add_argument_group("results")
-        out.add_argument("-k", type=number(int, 1), default=20, help="number of results (default 20)")
+        out.add_argument("-k", type=number(int, 1, 1_000_000), default=20, help="number of results (default 20)")
         out.add_argument("--result-layer", nargs="?", const="", default=None,
                          help="also write the ranked tiles as a layer (default name search_<query>)")
         out.add_argument("--output", default=None, help="file for the result layer (default: the tile GeoPackage)")
@@ -44,7 +47,7 @@ def register(sub: Any) -> None:
     _add_common(search)
     search.add_argument("query", nargs="+", help="one or more texts (combined)")
     search.add_argument("--no-template", action="store_true", help="use the text as is, without the model's template")
-    search.set_defaults(func=run_search, kind="text")
+    search.set_defaults(func=run_search, kind="text", option_flags=FLAGS)
 
     similar = sub.add_parser("similar", help="rank tiles by similarity to example tiles or images")
     _add_common(similar)
@@ -55,15 +58,15 @@ def register(sub: Any) -> None:
     similar.add_argument("--negative-weight", type=number(float, 0, 10), default=0.5,
                          help="weight of the negatives' mean (0.5)")
     similar.add_argument("--include-examples", action="store_true", help="keep the example tiles in the results")
-    similar.set_defaults(func=run_search, kind="similar")
+    similar.set_defaults(func=run_search, kind="similar", option_flags=FLAGS)
 
     classify = sub.add_parser("classify", help="zero-shot classes for every tile (label, label_score, label_top)")
     _add_common(classify, outputs=False)
     classify.add_argument("--labels", default=None, help="comma-separated class names")
     classify.add_argument("--labels-file", default=None, help="text file with one class name per line")
     classify.add_argument("--templates-file", default=None, help="prompt templates with {} (one per line)")
-    classify.add_argument("--top-k", type=number(int, 1), default=3, help="classes kept in label_top (default 3)")
-    classify.set_defaults(func=run_classify)
+    classify.add_argument("--top-k", type=number(int, 1, 1000), default=3, help="classes kept in label_top (default 3)")
+    classify.set_defaults(func=run_classify, option_flags=FLAGS)
 
     index = sub.add_parser("index", help="build the approximate nearest-neighbour index of a layer (FAISS)")
     index.add_argument("layer")
@@ -74,7 +77,7 @@ def register(sub: Any) -> None:
 
     serve = sub.add_parser("serve-search", help="answer JSON-lines search requests on stdin/stdout")
     _add_common(serve, outputs=False)
-    serve.set_defaults(func=run_serve)
+    serve.set_defaults(func=run_serve, option_flags=FLAGS)
 
 
 def _session(args: argparse.Namespace) -> Any:

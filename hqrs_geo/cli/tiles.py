@@ -23,7 +23,7 @@ def register(sub: Any) -> None:
     chips.add_argument("--quality", type=number(int, 1, 100), default=95, help="JPEG quality 1-100 (default 95)")
     add_tiling_options(chips)
     add_progress_options(chips)
-    chips.set_defaults(func=run_export_chips)
+    chips.set_defaults(func=run_export_chips, option_flags={"image_format": "--format"})
 
 
 def run_tile(args: argparse.Namespace, progress: Any) -> int:

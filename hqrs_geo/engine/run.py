@@ -15,7 +15,7 @@ from typing import Any
 
 from ..errors import OptionError
 from ..layer.columns import TILE_ID, has_value
-from ..layer.io import TileLayer, open_layer, write_tiles
+from ..layer.io import TileLayer, check_writable, open_layer, write_tiles
 from ..layer.runs import LayerRuns, new_run
 from ..models.loader import LoadedModel
 from ..tiling.dataset import TileDataset, collate_tiles
@@ -128,6 +128,7 @@ def run_models(
     options = (options or RunOptions()).validated()
     tasks = make_tasks(embedders, captioner, decoding, options)
     opened = layer if isinstance(layer, TileLayer) else open_layer(layer)
+    check_writable(opened.path)  # before any model runs: a read-only layer fails now, not after the work
     frame = opened.frame
     dataset = TileDataset.from_frame(frame, opened.scenes(), where=opened.path)
     store = ResumeStore(partial_path(opened.path))

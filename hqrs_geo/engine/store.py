@@ -15,8 +15,13 @@ import hashlib
 import json
 import sqlite3
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
+
+from ..atomic import failure_code, output_error
+from ..errors import OutputError
+from ..redact import redact
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS results (tile_id TEXT, field TEXT, value, PRIMARY KEY (tile_id, field));
@@ -61,11 +66,26 @@ class ResumeStore:
 
     def _conn(self) -> sqlite3.Connection:
         if self._db is None:
-            self._db = sqlite3.connect(self.path, check_same_thread=False)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.executescript(SCHEMA)
-            self._db.commit()
+            with self._writing():
+                self._db = sqlite3.connect(self.path, check_same_thread=False)
+                self._db.execute("PRAGMA journal_mode=WAL")
+                self._db.executescript(SCHEMA)
+                self._db.commit()
         return self._db
+
+    @contextmanager
+    def _writing(self) -> Iterator[None]:
+        """SQLite failures (full disk, read-only folder, a damaged file) as one-line errors."""
+        try:
+            yield
+        except sqlite3.Error as exc:
+            if self._db is not None and "unable to open" in str(exc).lower():
+                self.close()
+            text = str(exc).lower()
+            if "unable to open" in text or "not a database" in text or "malformed" in text:
+                raise OutputError(f"{self.path}: cannot use this results store ({exc}); check the folder's "
+                                  "permissions, or remove the file to start over") from None
+            raise output_error(self.path, exc, failure_code(exc, self.path.parent)) from None
 
     # -- model results -------------------------------------------------------------------------
     def done(self, fields: Sequence[str]) -> dict[str, set[str]]:
@@ -73,26 +93,31 @@ class ResumeStore:
         out: dict[str, set[str]] = {f: set() for f in fields}
         if not self.path.exists():
             return out
-        for tile_id, field in self._conn().execute("SELECT tile_id, field FROM results"):
+        with self._writing():
+            rows = list(self._conn().execute("SELECT tile_id, field FROM results"))
+        for tile_id, field in rows:
             if field in out:
                 out[field].add(tile_id)
         return out
 
     def put(self, rows: Iterable[tuple[str, str, object]]) -> None:
         """Store ``(tile_id, field, value)`` rows in one transaction."""
-        with self._conn() as db:
-            db.executemany("INSERT OR REPLACE INTO results VALUES (?, ?, ?)", list(rows))
+        rows = list(rows)
+        with self._writing(), self._conn() as db:
+            db.executemany("INSERT OR REPLACE INTO results VALUES (?, ?, ?)", rows)
 
     def load(self, field: str) -> dict[str, object]:
         """All stored values of one field."""
         if not self.path.exists():
             return {}
-        return dict(self._conn().execute("SELECT tile_id, value FROM results WHERE field = ?", (field,)))
+        with self._writing():
+            return dict(self._conn().execute("SELECT tile_id, value FROM results WHERE field = ?", (field,)))
 
     # -- model calls ---------------------------------------------------------------------------
     def get_call(self, key: str) -> str | None:
         """The stored answer of call ``key``, or None (counts hits and misses)."""
-        row = self._conn().execute("SELECT text FROM calls WHERE key = ?", (key,)).fetchone()
+        with self._writing():
+            row = self._conn().execute("SELECT text FROM calls WHERE key = ?", (key,)).fetchone()
         if row is None:
             self.misses += 1
             return None
@@ -101,10 +126,11 @@ class ResumeStore:
 
     def put_call(self, key: str, tile_id: str, stage: str, source: str, prompt: str, backend: str,
                  text: str) -> None:
-        """Store one answer with its provenance and commit it."""
-        with self._conn() as db:
+        """Store one answer with its provenance and commit it (secrets masked, see :mod:`hqrs_geo.redact`)."""
+        with self._writing(), self._conn() as db:
             db.execute("INSERT OR REPLACE INTO calls VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                       (key, tile_id, stage, source, prompt, backend, text, time.time()))
+                       (key, tile_id, stage, redact(source), redact(prompt), redact(backend), redact(text),
+                        time.time()))
 
     def count_calls(self) -> int:
         """Number of stored answers."""

@@ -11,16 +11,17 @@ change. :func:`open_layer` reads a layer and its run records once for a whole jo
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Union
 
 import pandas as pd
 
-from ..atomic import atomic_path
+from ..atomic import atomic_path, check_nonempty
 from ..errors import InputError, OutputError
 from .columns import TILE_ID, WINDOW_COLUMNS, decode, embedding_columns
 from .runs import PARQUET_KEY, RUN_FIELDS, RUNS_TABLE, LayerRuns, read_runs, sidecar_path
@@ -225,10 +226,31 @@ def _runs_table(runs: list[dict]) -> pd.DataFrame:
                         columns=list(RUN_FIELDS))
 
 
+def _verifier(driver: str, rows: int, layer: str | None = None) -> Callable[[Path], None]:
+    """A check of a written layer file: it opens, and ``layer`` holds ``rows`` features."""
+    def verify(tmp: Path) -> None:
+        check_nonempty(tmp)
+        try:
+            if driver == "Parquet":
+                import pyarrow.parquet as pq
+
+                found = pq.read_metadata(tmp).num_rows
+            else:
+                import pyogrio
+
+                found = pyogrio.read_info(tmp, layer=layer)["features"]
+        except Exception as exc:  # pyogrio/pyarrow raise many types for damaged files
+            raise OSError(errno.EIO, f"the written file cannot be read back ({str(exc).splitlines()[0][:120]})") \
+                from None
+        if found != rows:
+            raise OSError(errno.EIO, f"the written file holds {found} features instead of {rows}")
+    return verify
+
+
 def _write_gpkg(path: PathLike, frame: Any, runs: list[dict], layer: str, tables: dict) -> None:
     import pyogrio
 
-    with atomic_path(path, copy_existing=True) as tmp:
+    with atomic_path(path, copy_existing=True, verify=_verifier("GPKG", len(frame), layer)) as tmp:
         # through Arrow, so bytes columns (embeddings) become real BLOBs
         pyogrio.write_dataframe(frame, tmp, layer=layer, driver="GPKG", geometry_type="Polygon", use_arrow=True)
         pyogrio.write_dataframe(_runs_table(runs), tmp, layer=RUNS_TABLE, driver="GPKG")
@@ -237,10 +259,10 @@ def _write_gpkg(path: PathLike, frame: Any, runs: list[dict], layer: str, tables
 
 
 def _write_sidecar_tables(path: PathLike, tables: dict) -> None:
-    from ..atomic import write_text
+    from ..safe_paths import file_name, frame_to_csv
 
     for name, table in tables.items():
-        write_text(Path(f"{path}.{name}.csv"), table.to_csv(index=False))
+        frame_to_csv(Path(f"{path}.{file_name(str(name), 'table name')}.csv"), table)
 
 
 def _write_parquet(path: PathLike, frame: Any, runs: list[dict], tables: dict) -> None:
@@ -248,7 +270,7 @@ def _write_parquet(path: PathLike, frame: Any, runs: list[dict], tables: dict) -
 
     vectors = {c: frame[c] for c in embedding_columns(list(frame.columns))}
     _write_sidecar_tables(path, tables)
-    with atomic_path(path, copy_existing=False) as tmp:
+    with atomic_path(path, copy_existing=False, verify=_verifier("Parquet", len(frame))) as tmp:
         frame.drop(columns=list(vectors)).to_parquet(tmp, index=False)
         table = pq.read_table(tmp)
         for name, values in vectors.items():
@@ -282,7 +304,7 @@ def _write_fgb(path: PathLike, frame: Any, runs: list[dict], tables: dict) -> No
     from ..atomic import write_text
 
     _write_sidecar_tables(path, tables)
-    with atomic_path(path, copy_existing=False) as tmp:
+    with atomic_path(path, copy_existing=False, verify=_verifier("FlatGeobuf", len(frame))) as tmp:
         pyogrio.write_dataframe(frame, tmp, driver="FlatGeobuf", geometry_type="Polygon", use_arrow=True)
         write_text(sidecar_path(path), json.dumps(runs, indent=1))
 

@@ -53,7 +53,9 @@ def cached_checkpoint(spec: ModelSpec) -> Path | None:
 def resolve_checkpoint(spec: ModelSpec, checkpoint: str | None = None, download: bool = True) -> Path:
     """A local checkpoint path for ``spec`` (downloading it when allowed and possible)."""
     if checkpoint:
-        path = Path(checkpoint).expanduser()
+        path = Path(os.path.abspath(Path(checkpoint).expanduser()))  # stored in run records: absolute
+        if path.is_dir():
+            raise InputError(f"{checkpoint}: is a folder; give the checkpoint file")
         if not path.is_file():
             raise InputError(f"{checkpoint}: checkpoint file not found; check the path")
         return path
@@ -65,9 +67,16 @@ def resolve_checkpoint(spec: ModelSpec, checkpoint: str | None = None, download:
         return cached
     where = cache_dir() / (spec.filename or f"{spec.key}.pt")
     if spec.hf_repo and spec.hf_file and download and os.environ.get("HF_HUB_OFFLINE", "0") in ("0", "", "false"):
+        unreachable = hub_unreachable()
+        if unreachable:
+            raise InputError(
+                f"model {spec.name} needs {spec.hf_file} from hf-hub {spec.hf_repo}, and the hub cannot be reached "
+                f"({unreachable}); download it elsewhere and put it at {where}, or give its «checkpoint» file")
         try:
             from huggingface_hub import hf_hub_download
+            from huggingface_hub.utils import logging as hub_logging
 
+            hub_logging.set_verbosity_error()  # no retry chatter: one line says what failed
             return Path(hf_hub_download(spec.hf_repo, spec.hf_file, cache_dir=str(cache_dir().parent / "hf")))
         except Exception as exc:  # offline, hub down, gated repo…
             reason = type(exc).__name__
@@ -80,6 +89,25 @@ def resolve_checkpoint(spec: ModelSpec, checkpoint: str | None = None, download:
     raise InputError(
         f"model {spec.name} needs its checkpoint{source}: {how}put it at {where} or give its «checkpoint» file"
     )
+
+
+def hub_unreachable(timeout: float = 5.0) -> str | None:
+    """Why the Hugging Face hub (``$HF_ENDPOINT``, or the HTTPS proxy in the environment) cannot
+    be reached, found in at most ``timeout`` seconds; None when a connection opens. Checked before
+    a download, so an offline machine fails at once instead of after the hub client's retries."""
+    import socket
+    from urllib.parse import urlsplit
+
+    proxy = os.environ.get("HTTPS_PROXY") or os.environ.get("https_proxy")
+    parts = urlsplit(proxy or os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    host, port = parts.hostname, parts.port or (443 if parts.scheme == "https" else 80)
+    if not host:
+        return None
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return None
+    except OSError as exc:
+        return f"{host}: {exc.strerror or type(exc).__name__}"
 
 
 def sha256_of(path: Path, chunk: int = 1 << 22) -> str:

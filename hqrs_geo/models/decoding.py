@@ -117,7 +117,8 @@ class DecodingConfig:
         if not _is_int(self.max_length) or self.max_length < 1:
             raise OptionError(f"max_length must be an integer >= 1, got {self.max_length!r}")
         if self.min_length > self.max_length:
-            raise OptionError(f"min_length ({self.min_length}) must not exceed max_length ({self.max_length})")
+            raise OptionError(f"{self.min_length} is more than the maximum length {self.max_length}; give a smaller "
+                              "minimum or a larger «max_length»", option="min_length")
         if self.seed is not None and not _is_int(self.seed):
             raise OptionError(f"seed must be an integer or None, got {self.seed!r}")
         return self
@@ -542,7 +543,8 @@ def generate_tokens(
     _check_images(images)
     stepper = _IncrementalCoCa(model)
     if config.max_length > stepper.max_length:
-        raise OptionError(f"max_length ({config.max_length}) exceeds the model's text context ({stepper.max_length})")
+        raise OptionError(f"{config.max_length} exceeds the model's text context ({stepper.max_length}); give a "
+                          "smaller maximum length", option="max_length")
     if images.shape[0] == 0:
         return []
     ids = _Tokens(int(sot_id), int(eos_id), tuple(_banned_ids(model, sot_id, eos_id, pad_id)))
@@ -573,7 +575,8 @@ def naive_greedy_tokens(
     DecodingConfig(method="greedy", min_length=min_length, max_length=max_length).validated()
     _check_images(images)
     if max_length > max_caption_length(model):
-        raise OptionError(f"max_length ({max_length}) exceeds the model's text context ({max_caption_length(model)})")
+        raise OptionError(f"{max_length} exceeds the model's text context ({max_caption_length(model)}); give a "
+                          "smaller maximum length", option="max_length")
     banned = _banned_ids(model, sot_id, eos_id, pad_id)
     n = images.shape[0]
     results: list[list[int]] = [[] for _ in range(n)]

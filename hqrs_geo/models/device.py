@@ -19,7 +19,8 @@ def pick_device(name: str = "auto") -> Any:
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise OptionError(f"invalid device {name!r}: use auto, cpu, cuda, cuda:N or mps", option="device") from None
+        raise OptionError(f"{str(name)[:40]!r} is not a device; use auto, cpu, cuda, cuda:N or mps",
+                          option="device") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise OptionError(f"{name} requested but CUDA is not available here; use cpu or auto", option="device")
     if device.type == "mps" and not torch.backends.mps.is_available():

@@ -115,11 +115,15 @@ def load_model(
     Returns a :class:`LoadedModel` in eval mode on the chosen device, with the checkpoint's
     sha256 and the preprocessing it expects.
     """
+    from .registry import REGISTRY
+
+    if arch or not (REGISTRY.get(name) or REGISTRY.get(str(name).lower())):
+        register_config_folders()  # the shipped configs (hqrs-mini-*) and $HQRS_GEO_MODEL_CONFIGS
+    spec = get_spec(name, arch=arch, checkpoint=checkpoint)
+    path = resolve_checkpoint(spec, checkpoint, download=download)  # before the heavy imports: fails fast
+    register_config_folders()
     import open_clip
 
-    register_config_folders()  # the shipped configs (hqrs-mini-*) and $HQRS_GEO_MODEL_CONFIGS
-    spec = get_spec(name, arch=arch, checkpoint=checkpoint)
-    path = resolve_checkpoint(spec, checkpoint, download=download)
     state = read_state_dict(path, trust=trust_checkpoint)
     with quiet_open_clip():
         model = open_clip.create_model(spec.arch, pretrained=None, force_quick_gelu=spec.quick_gelu)

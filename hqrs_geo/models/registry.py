@@ -181,8 +181,8 @@ def get_spec(name: str, arch: str | None = None, checkpoint: str | None = None) 
         if custom_arch is None:
             known = ", ".join(REGISTRY)
             raise OptionError(
-                f"unknown model {name!r}: use one of {known}, or an open_clip architecture with a «checkpoint»",
-                option="model"
+                f"unknown model {str(name)[:60]!r}; use one of {known}, or an open_clip architecture with a "
+                "«checkpoint»", option="model"
             )
         kind: Kind = "coca" if "coca" in custom_arch.lower() else "clip"
         # the checkpoint's name is part of a custom model's name, so two checkpoints of one
@@ -193,7 +193,8 @@ def get_spec(name: str, arch: str | None = None, checkpoint: str | None = None) 
     if arch:
         resolved = open_clip_arch(arch)
         if resolved is None:
-            raise OptionError(f"unknown architecture {arch!r}: use an open_clip model name such as ViT-L-14")
+            raise OptionError(f"unknown architecture {str(arch)[:60]!r}; use an open_clip model name such as "
+                              "ViT-L-14", option="arch")
         spec = replace(spec, arch=resolved)
     elif spec.arch_from_filename and checkpoint:
         from_file = arch_in_filename(str(checkpoint).rsplit("/", 1)[-1])

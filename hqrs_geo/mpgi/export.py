@@ -4,17 +4,20 @@ Writes image chips (``images/``), ``captions.csv`` (open_clip CSV: ``filepath``,
 one row per caption) and ``dataset.json`` (Karpathy style: ``images[].filename``, ``split``,
 ``sentences[].raw``, plus ``tile_id`` and ``class`` when the layer has a ``label``), which is
 exactly what ``hqrs-geo finetune`` reads. The split is a fixed function of the tile id, so
-re-exporting a grown layer keeps every tile in its split.
+re-exporting a grown layer keeps every tile in its split. Every file is written atomically and
+checked (:mod:`hqrs_geo.atomic`), chip names are checked tile ids and CSV cells are neutralised
+(:mod:`hqrs_geo.safe_paths`); a failed export leaves no temporary file and no folder it made
+empty.
 """
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
-import os
 from pathlib import Path
 
+from ..atomic import output_folder, write_json
 from ..errors import InputError, OptionError
+from ..safe_paths import write_csv
 
 CAPTION_SOURCES = ("mpgi", "caption")
 
@@ -35,7 +38,14 @@ def _captions(row, source: str) -> list[str]:
         out.append(detailed.strip())
     short = row.get("mpgi_short")
     if isinstance(short, str) and short.strip():
-        out += [s for s in json.loads(short) if s.strip()]
+        try:
+            items = json.loads(short)
+        except ValueError:
+            items = None
+        if not isinstance(items, list):
+            raise InputError(f"tile {row.get('tile_id')!r}: mpgi_short is not a JSON list of captions; "
+                             "run hqrs-geo mpgi on the layer again")
+        out += [s.strip() for s in items if isinstance(s, str) and s.strip()]
     return out
 
 
@@ -43,26 +53,32 @@ def export_dataset(layer: str, out_dir: str, captions: str = "mpgi", image_forma
                    val_fraction: float = 0.1, progress=None) -> dict:
     """Export the captioned tiles of ``layer`` (see the module docstring); returns counts."""
     from ..layer.io import read_tiles
-    from ..tiling.chips import export_chips
 
     if captions not in CAPTION_SOURCES:
-        raise OptionError(f"must be one of {', '.join(CAPTION_SOURCES)}", option="captions")
-    if not 0.0 <= val_fraction < 1.0:
-        raise OptionError("must lie in [0, 1)", option="val_fraction")
+        raise OptionError(f"{captions!r} is not a caption source; use one of {', '.join(CAPTION_SOURCES)}",
+                          option="captions")
+    if isinstance(val_fraction, bool) or not isinstance(val_fraction, (int, float)) or not 0.0 <= val_fraction < 1.0:
+        raise OptionError(f"{val_fraction!r} is not a fraction; use a number in [0, 1)", option="val_fraction")
     frame = read_tiles(layer)
     column = "mpgi_caption" if captions == "mpgi" else "caption"
     if column not in frame.columns:
         hint = "caption it with MpGI first" if captions == "mpgi" else "caption it first"
         raise InputError(f"{layer}: has no {column} column; {hint}")
-    out = Path(out_dir)
+    with output_folder(out_dir) as out:
+        return _export(layer, frame, out, captions, column, image_format, val_fraction, progress)
+
+
+def _export(layer: str, frame, out: Path, captions: str, column: str, image_format: str, val_fraction: float,
+            progress) -> dict:
+    from ..tiling.chips import export_chips
+
+    captioned = [(row, texts) for row in frame.to_dict("records") if (texts := _captions(row, captions))]
+    if not captioned:
+        raise InputError(f"{layer}: no tile has captions in {column}; nothing to export")
     index = export_chips(layer, out / "images", image_format=image_format, progress=progress)
     files = dict(zip(index["tile_id"], index["filepath"]))
-    images, rows, skipped = [], [], 0
-    for row in frame.to_dict("records"):
-        texts = _captions(row, captions)
-        if not texts:
-            skipped += 1
-            continue
+    images, rows, skipped = [], [], len(frame) - len(captioned)
+    for row, texts in captioned:
         filename = f"images/{files[row['tile_id']]}"
         item = {"filename": filename, "tile_id": row["tile_id"], "split": split_of(row["tile_id"], val_fraction),
                 "sentences": [{"raw": t} for t in texts]}
@@ -70,21 +86,7 @@ def export_dataset(layer: str, out_dir: str, captions: str = "mpgi", image_forma
             item["class"] = row["label"]
         images.append(item)
         rows += [(filename, t) for t in texts]
-    if not images:
-        raise InputError(f"{layer}: no tile has captions in {column}; nothing to export")
-    _write_atomic(out / "dataset.json", json.dumps({"dataset": f"hqrs_geo export of {Path(layer).name}",
-                                                    "images": images}, indent=1, ensure_ascii=False))
-    tmp = out / ".captions.csv.tmp"
-    with open(tmp, "w", newline="", encoding="utf-8") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["filepath", "caption"])
-        writer.writerows(rows)
-    os.replace(tmp, out / "captions.csv")
+    write_json(out / "dataset.json", {"dataset": f"hqrs_geo export of {Path(layer).name}", "images": images})
+    write_csv(out / "captions.csv", ["filepath", "caption"], rows)
     splits = {s: sum(1 for i in images if i["split"] == s) for s in ("train", "val")}
     return {"images": len(images), "captions": len(rows), "skipped": skipped, **splits, "folder": str(out)}
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)

@@ -285,11 +285,12 @@ def run_mpgi(layer: str, recipe: str | Recipe | None = None, vectors: Sequence[s
     ``limit``: only the first N tiles. Re-running resumes from the call cache
     ``<output>.hqrs-mpgi.sqlite``; Ctrl-C (or ``cancel()``) leaves the output untouched.
     """
-    from ..layer.io import read_tiles
+    from ..layer.io import check_writable, read_tiles
     from ..layer.runs import new_run
     from .facts import parse_vector_spec
 
     recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
+    check_writable(output or layer)  # before any model call: a read-only output fails now
     sources = [parse_vector_spec(v) if isinstance(v, str) else v for v in vectors]
     frame = read_tiles(layer)
     if limit is not None:
@@ -354,8 +355,6 @@ class _TilePixels:
 
 def _write(layer: str, output: str, updated, table, run_record: dict):
     """Write the tiles (merged into ``output``) and the sources table in one atomic step."""
-    import shutil
-
     import geopandas as gpd
     import pandas as pd
 
@@ -363,8 +362,11 @@ def _write(layer: str, output: str, updated, table, run_record: dict):
 
     if output != layer and not Path(output).exists():
         if layer_format(layer) != layer_format(output):
-            raise OptionError(f"{output}: write MpGI results to the same format as {layer}", option="output")
-        shutil.copyfile(layer, output)
+            raise OptionError(f"{output}: is another format than {layer}; write MpGI results to the same format",
+                              option="output")
+        from ..api import copy_layer
+
+        copy_layer(layer, output)
     existing = read_tiles(output)
     keep = existing[~existing["tile_id"].isin(updated["tile_id"])]
     merged = gpd.GeoDataFrame(pd.concat([keep, updated], ignore_index=True), geometry=existing.geometry.name,

@@ -2,20 +2,30 @@
 perspectives, fact rules and output counts of the MpGI pipeline.
 
 The package ships ``default_recipe.toml`` (documented in place); a user recipe overrides it
-key by key (tables merged recursively, lists such as ``[[perspectives]]`` replaced whole).
+key by key (tables merged recursively, lists such as ``[[perspectives]]`` replaced whole). A
+back-end table (``[vlm]``, ``[llm]``) that names another ``type`` than the default's starts
+afresh: only the stage options every back end shares (:data:`STAGE_KEYS`) are kept from the
+default, so ``[llm] type = "openai"`` with its ``base_url`` and ``model`` is a complete recipe.
+Every value is checked for its type before anything runs (one-line errors naming the key).
 """
 from __future__ import annotations
 
 import copy
 import hashlib
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NoReturn
 
 from ..errors import InputError, OptionError
 
 DEFAULT_RECIPE = Path(__file__).with_name("default_recipe.toml")
 BACKEND_TYPES = ("none", "openai", "transformers", "transformers-vlm")
+#: Keys of a back-end table that belong to the stage, not to one back end type.
+STAGE_KEYS = ("max_tokens", "temperature")
+TABLES = ("vlm", "llm", "caption_model", "facts", "rules", "output", "prompts")
+SECTIONS = (*TABLES, "perspectives")
 
 
 @dataclass(frozen=True)
@@ -90,11 +100,16 @@ class Recipe:
         return hashlib.sha256(json.dumps(self.raw, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _merge(base: dict, override: dict) -> dict:
+def _merge(base: dict, override: dict, top: bool = True) -> dict:
     out = copy.deepcopy(base)
     for key, value in override.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _merge(out[key], value)
+        if top and key in ("vlm", "llm") and isinstance(value, dict) and isinstance(out.get(key), dict) \
+                and "type" in value and value["type"] != out[key].get("type"):
+            # another back end type: its own defaults, only the stage options of the default kept
+            out[key] = {k: v for k, v in out[key].items() if k in STAGE_KEYS}
+            out[key].update(copy.deepcopy(value))
+        elif isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value, top=False)
         else:
             out[key] = copy.deepcopy(value)
     return out
@@ -103,19 +118,75 @@ def _merge(base: dict, override: dict) -> dict:
 def _read_toml(path: Path) -> dict:
     import tomllib
 
+    if path.is_dir():
+        raise InputError(f"{path}: is a folder; give the recipe's .toml file")
     try:
         with open(path, "rb") as handle:
             return tomllib.load(handle)
     except FileNotFoundError:
-        raise InputError(f"{path}: recipe file not found") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise InputError(f"{path}: not valid TOML ({exc}); fix the recipe") from None
+        raise InputError(f"{path}: recipe file not found; check the path") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        reason = " ".join(str(exc).split())[:160]
+        raise InputError(f"{path}: not valid TOML ({reason}); fix the recipe") from None
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read the recipe ({exc.strerror or exc}); check the file") from None
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value == value \
+        and abs(value) != float("inf")
+
+
+def _check_types(raw: dict, fail: Callable[[str], NoReturn]) -> None:
+    """Every section and value of the merged recipe has the type the pipeline expects."""
+    unknown = sorted(set(raw) - set(SECTIONS))
+    if unknown:
+        fail(f"unknown section {unknown[0]!r}; known: {', '.join(SECTIONS)}")
+    for name in TABLES:
+        if not isinstance(raw.get(name, {}), dict):
+            fail(f"{name} must be a table ([{name}]), not {type(raw[name]).__name__}")
+    for stage in ("vlm", "llm"):
+        table = raw.get(stage, {})
+        if "max_tokens" in table and (not _is_int(table["max_tokens"]) or not 1 <= table["max_tokens"] <= 100_000):
+            fail(f"[{stage}] max_tokens must be a whole number in 1..100000")
+        if "temperature" in table and (not _is_number(table["temperature"]) or not 0 <= table["temperature"] <= 10):
+            fail(f"[{stage}] temperature must be a number in 0..10")
+        if "model" in table and not isinstance(table["model"], str):
+            fail(f"[{stage}] model must be a string")
+    perspectives = raw.get("perspectives", [])
+    if not isinstance(perspectives, list) or not all(isinstance(p, dict) for p in perspectives):
+        fail("perspectives must be a list of [[perspectives]] tables with a name and a prompt")
+    for item in perspectives:
+        if not isinstance(item.get("name"), str) or not isinstance(item.get("prompt"), str):
+            fail("every [[perspectives]] entry needs a name and a prompt (strings)")
+    for key, value in raw.get("prompts", {}).items():
+        if not isinstance(value, str):
+            fail(f"[prompts] {key} must be a string")
+    for key in ("system", "relay", "integration"):
+        if key not in raw.get("prompts", {}):
+            fail(f"[prompts] needs {key}")
+    caption = raw.get("caption_model", {})
+    if not isinstance(caption.get("name", ""), str):
+        fail("[caption_model] name must be a string (\"\" to skip, \"default\" for the shipped model)")
+    if caption.get("decoding", "beam") not in ("greedy", "beam", "sample"):
+        fail("[caption_model] decoding must be greedy, beam or sample")
+    facts = raw.get("facts", {})
+    for key in ("ndvi_threshold", "ndwi_threshold"):
+        if key in facts and (not _is_number(facts[key]) or not -1 <= facts[key] <= 1):
+            fail(f"[facts] {key} must be a number in -1..1")
+    if "nir_band" in facts and (not _is_int(facts["nir_band"]) or facts["nir_band"] < 1):
+        fail("[facts] nir_band must be a band number (1 or more)")
 
 
 def _check(raw: dict, source: str) -> None:
-    def fail(what: str) -> None:
-        raise OptionError(f"{source}: {what}")
+    def fail(what: str) -> NoReturn:
+        raise OptionError(f"{source}: {what}; fix the recipe")
 
+    _check_types(raw, fail)
     for stage in ("vlm", "llm"):
         kind = raw.get(stage, {}).get("type")
         if kind not in BACKEND_TYPES:
@@ -124,6 +195,15 @@ def _check(raw: dict, source: str) -> None:
             fail(f"[{stage}] needs a model")
     if raw["llm"]["type"] == "none":
         fail("[llm] type cannot be none: the integration stage needs an LLM")
+    from .backends import check_backend_config
+
+    for stage in ("vlm", "llm"):
+        table = {k: v for k, v in raw[stage].items() if k not in STAGE_KEYS}
+        if table.get("type") != "none":
+            try:
+                check_backend_config(table)
+            except OptionError as exc:
+                fail(f"[{stage}] {exc}")
     names = [p.get("name") for p in raw.get("perspectives", [])]
     if any(not n for n in names) or len(set(names)) != len(names):
         fail("every [[perspectives]] entry needs a distinct name")
@@ -131,8 +211,8 @@ def _check(raw: dict, source: str) -> None:
         fail("every [[perspectives]] entry needs a prompt")
     out = raw.get("output", {})
     for key in ("short_captions", "max_words_detailed", "max_words_short"):
-        if not isinstance(out.get(key), int) or out[key] < 1:
-            fail(f"[output] {key} must be a positive integer")
+        if not _is_int(out.get(key)) or not 1 <= out[key] <= 10_000:
+            fail(f"[output] {key} must be a whole number in 1..10000")
     prompts = raw.get("prompts", {})
     for key, fields in (("relay", ("facts",)),
                         ("integration", ("facts", "descriptions", "n_short", "max_words_detailed", "max_words_short"))):
@@ -144,7 +224,10 @@ def _check(raw: dict, source: str) -> None:
                  f"it may use {', '.join('{' + f + '}' for f in fields)}")
     from .rules import merge_rules
 
-    merge_rules(raw.get("rules", {}))
+    try:
+        merge_rules(raw.get("rules", {}))
+    except OptionError as exc:
+        fail(f"[rules] {exc}")
 
 
 def load_recipe(path: str | None = None) -> Recipe:

@@ -52,7 +52,9 @@ def expand_inputs(inputs: Sequence[str | os.PathLike]) -> list[str]:
 
 def scene_keys(paths: Sequence[str]) -> dict[str, str]:
     """Short, stable, unique names for scenes (file stems; a path hash is added on clashes)."""
-    stems = {p: Path(p).stem.replace(" ", "_") for p in paths}
+    from ..safe_paths import safe_stem
+
+    stems = {p: safe_stem(Path(p).stem) for p in paths}
     counts: dict[str, int] = {}
     for stem in stems.values():
         counts[stem] = counts.get(stem, 0) + 1

@@ -40,7 +40,7 @@ class StretchSpec:
             return cls()
         if isinstance(text, StretchSpec):
             return text
-        value = text.strip().lower()
+        value = str(text).strip().lower()
         if value in ("auto", "none"):
             return cls(mode=value)
         mode = "percentile" if value.startswith("p") else "range"
@@ -49,12 +49,13 @@ class StretchSpec:
             low, high = (float(p) for p in parts)
         except ValueError:
             raise OptionError(
-                f"invalid stretch {text!r}: use auto, none, p2,98 (percentiles) or 0,3000 (value range)",
+                f"{str(text)[:40]!r} is not a stretch; use auto, none, p2,98 (percentiles) or 0,3000 (value range)",
                 option="stretch"
             ) from None
-        if not high > low or (mode == "percentile" and not (0 <= low < high <= 100)):
-            raise OptionError(f"invalid stretch {text!r}: need low < high (percentiles within 0..100)",
-                              option="stretch")
+        if not (math.isfinite(low) and math.isfinite(high)) or not high > low \
+                or (mode == "percentile" and not (0 <= low < high <= 100)):
+            raise OptionError(f"{str(text)[:40]!r} is not a usable stretch; give finite low < high "
+                              "(percentiles within 0..100)", option="stretch")
         return cls(mode=mode, low=low, high=high)
 
     def __str__(self) -> str:

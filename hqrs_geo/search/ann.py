@@ -27,8 +27,8 @@ from typing import Any
 
 import numpy as np
 
-from ..atomic import atomic_path, write_text
-from ..errors import InputError, OptionError
+from ..atomic import atomic_path, failure_code, output_error, write_text
+from ..errors import OptionError
 from .exact import ExactSearch, order_best
 
 ANN_VERSION = 1
@@ -165,8 +165,7 @@ class AnnIndex:
             with atomic_path(target) as tmp:
                 faiss.write_index(self.index, str(tmp))
         except RuntimeError as exc:
-            raise InputError(f"{target}: cannot save the ANN index ({exc}); check free space and permissions") \
-                from None
+            raise output_error(target, exc, failure_code(exc, target.parent)) from None
         write_text(meta_path, json.dumps({"version": ANN_VERSION, "kind": self.kind, "params": self.params,
                                           "fingerprint": fingerprint}, indent=1, sort_keys=True))
 

@@ -40,7 +40,7 @@ def load_source_model(source: EmbeddingSource, checkpoint: str | None = None, de
 def combine(positives: np.ndarray, negatives: np.ndarray | None = None, negative_weight: float = 0.5) -> np.ndarray:
     """Query from examples: mean of positives minus ``negative_weight`` x mean of negatives, normalised."""
     if len(positives) == 0:
-        raise OptionError("give at least one positive example (tile id or image)")
+        raise OptionError("no positive example; give a tile id or an image", option="tile")
     query = normalise(positives).mean(axis=0)
     if negatives is not None and len(negatives):
         query = query - negative_weight * normalise(negatives).mean(axis=0)

@@ -12,43 +12,193 @@ Responses: ``{"id": 1, "results": [{"tile_id": …, "score": …, "rank": 1, "bo
 "seconds": 0.012}``; a bad request gets ``{"id": …, "error": "one line"}`` and the session
 goes on. The first line written is ``{"ready": true, …}`` once the layer, matrix and model
 are loaded.
+
+Every line gets exactly one answer, blank and malformed ones included; the session ends only at
+end of input or ``{"op": "quit"}``, never on a bad request. :func:`parse_request` is the one
+validator: a JSON object of at most :data:`MAX_LINE` bytes and nesting depth
+:data:`MAX_DEPTH`, known keys only, ``k`` a whole number (not ``true``, not ``2.5``) in
+1..:data:`MAX_K`, finite numbers, texts and tile ids as a string or a list of strings
+(``"similar": "scene_r0001_c0002"`` is one id).
 """
 from __future__ import annotations
 
 import json
+import math
 import sys
 import time
-from typing import TextIO
+from dataclasses import dataclass, field
+from typing import Any, TextIO
 
 from ..errors import HqrsError
 from .session import SearchSession
 from .spatial import SpatialFilter
 
+MAX_LINE = 1 << 20  # bytes of one request line
+MAX_DEPTH = 32  # nesting of JSON arrays/objects in one request
+MAX_K = 10_000
+MAX_ITEMS = 1_000  # texts, tile ids or image paths in one request
+MAX_TEXT = 10_000  # characters of one text, id or path
+OPS = ("search", "ping", "quit")
+KEYS = {"id", "op", "text", "template", "k", "similar", "negative", "similar_images", "negative_images",
+        "negative_weight", "bbox", "bbox_crs", "within", "near", "near_crs", "distance"}
 
-def _filter(request: dict) -> SpatialFilter:
-    return SpatialFilter(
-        bbox=tuple(request["bbox"]) if request.get("bbox") else None, bbox_crs=request.get("bbox_crs"),
-        within=request.get("within"), near=tuple(request["near"]) if request.get("near") else None,
-        near_crs=request.get("near_crs", "EPSG:4326"), distance=request.get("distance"),
-    )
+
+class RequestError(HqrsError):
+    """A request line that cannot be answered (its message goes back as ``error``, with the
+    request's ``id`` when it had a usable one)."""
+
+    request_id: Any = None
 
 
-def answer(session: SearchSession, request: dict) -> dict:
+@dataclass
+class Request:
+    """A validated request."""
+
+    id: Any = None
+    op: str = "search"
+    text: list[str] = field(default_factory=list)
+    template: bool = True
+    k: int = 20
+    similar: list[str] = field(default_factory=list)
+    negative: list[str] = field(default_factory=list)
+    similar_images: list[str] = field(default_factory=list)
+    negative_images: list[str] = field(default_factory=list)
+    negative_weight: float = 0.5
+    spatial: SpatialFilter = field(default_factory=SpatialFilter)
+
+
+def _depth(text: str) -> int:
+    """Deepest nesting of brackets outside strings (checked before parsing, so no recursion)."""
+    depth = deepest = 0
+    in_string = escaped = False
+    for char in text:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif char == "\\":
+                escaped = True
+            elif char == '"':
+                in_string = False
+        elif char == '"':
+            in_string = True
+        elif char in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif char in "]}":
+            depth -= 1
+    return deepest
+
+
+def _strings(request: dict, key: str) -> list[str]:
+    value = request.get(key)
+    if value is None:
+        return []
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, list) or not all(isinstance(v, str) for v in items):
+        raise RequestError(f"'{key}' must be a string or a list of strings")
+    if len(items) > MAX_ITEMS or any(len(v) > MAX_TEXT for v in items):
+        raise RequestError(f"'{key}' is too long (at most {MAX_ITEMS} items of {MAX_TEXT} characters)")
+    return items
+
+
+def _number(request: dict, key: str, low: float, high: float, default: Any = None) -> Any:
+    value = request.get(key, default)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or not low <= value <= high:
+        raise RequestError(f"'{key}' must be a number in {low:g}..{high:g}, not {json.dumps(value)[:40]}")
+    return float(value)
+
+
+def _numbers(request: dict, key: str, count: int) -> tuple[float, ...] | None:
+    value = request.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, list) or len(value) != count or not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value):
+        raise RequestError(f"'{key}' must be a list of {count} finite numbers")
+    return tuple(float(v) for v in value)
+
+
+def _crs_text(request: dict, key: str, default: str | None) -> str | None:
+    value = request.get(key, default)
+    if value is not None and (not isinstance(value, str) or not value.strip() or len(value) > MAX_TEXT):
+        raise RequestError(f"'{key}' must be a CRS string such as \"EPSG:4326\"")
+    return value
+
+
+def parse_request(line: str) -> Request:
+    """The one validator of ``serve-search`` requests: a :class:`Request` from one line, or a
+    :class:`RequestError` whose message says what is wrong (blank lines included)."""
+    if not line.strip():
+        raise RequestError("empty request; send one JSON object per line, e.g. {\"id\": 1, \"text\": \"river\"}")
+    if len(line) > MAX_LINE:
+        raise RequestError(f"request longer than {MAX_LINE} bytes")
+    if _depth(line) > MAX_DEPTH:
+        raise RequestError(f"request nested deeper than {MAX_DEPTH} levels")
+    try:
+        raw = json.loads(line, parse_constant=lambda name: math.nan)
+    except json.JSONDecodeError as exc:
+        raise RequestError(f"not JSON: {exc.msg} at column {exc.colno}") from None
+    except (ValueError, RecursionError, MemoryError) as exc:  # e.g. an integer of 10,000 digits
+        raise RequestError(f"not a usable JSON request ({type(exc).__name__})") from None
+    if not isinstance(raw, dict):
+        raise RequestError("each request must be a JSON object")
+    request_id = raw.get("id")
+    if not (request_id is None or isinstance(request_id, (str, int)) and not isinstance(request_id, bool)
+            and len(str(request_id)) <= 200):
+        raise RequestError("'id' must be a string or a whole number")
+    try:
+        return _validated(raw, request_id)
+    except RequestError as exc:
+        exc.request_id = request_id
+        raise
+
+
+def _validated(raw: dict, request_id: Any) -> Request:
+    unknown = sorted(set(raw) - KEYS)
+    if unknown:
+        raise RequestError(f"unknown key '{str(unknown[0])[:40]}'; known keys: {', '.join(sorted(KEYS))}")
+    op = raw.get("op", "search")
+    if op not in OPS:
+        raise RequestError(f"'op' must be one of {', '.join(OPS)}")
+    k = raw.get("k", 20)
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= MAX_K:
+        raise RequestError(f"'k' must be a whole number in 1..{MAX_K}, not {json.dumps(k)[:40]}")
+    template = raw.get("template", True)
+    if not isinstance(template, bool):
+        raise RequestError("'template' must be true or false")
+    within = raw.get("within")
+    if within is not None and (not isinstance(within, str) or not within.strip() or len(within) > MAX_TEXT):
+        raise RequestError("'within' must be the path of a polygon layer")
+    spatial = SpatialFilter(
+        bbox=_numbers(raw, "bbox", 4), bbox_crs=_crs_text(raw, "bbox_crs", None), within=within,  # type: ignore[arg-type]
+        near=_numbers(raw, "near", 2), near_crs=_crs_text(raw, "near_crs", "EPSG:4326") or "EPSG:4326",  # type: ignore[arg-type]
+        distance=_number(raw, "distance", 0, 1e8))
+    request = Request(
+        id=request_id, op=op, text=[t for t in _strings(raw, "text") if t.strip()], template=template, k=k,
+        similar=_strings(raw, "similar"), negative=_strings(raw, "negative"),
+        similar_images=_strings(raw, "similar_images"), negative_images=_strings(raw, "negative_images"),
+        negative_weight=_number(raw, "negative_weight", 0, 10, 0.5), spatial=spatial)
+    if op == "search" and not (request.text or request.similar or request.similar_images):
+        raise RequestError("request needs 'text' or 'similar' (tile ids) or 'similar_images'")
+    return request
+
+
+def answer(session: SearchSession, request: Request | dict) -> dict:
     """The response object for one request (raises HqrsError for bad requests)."""
-    op = request.get("op", "search")
-    if op == "ping":
+    if isinstance(request, dict):
+        request = parse_request(json.dumps(request))
+    if request.op == "ping":
         return {"pong": True}
-    k = int(request.get("k", 20))
-    spatial = _filter(request)
-    if request.get("similar") or request.get("similar_images"):
+    if request.similar or request.similar_images:
         results = session.search_similar(
-            positive_ids=request.get("similar") or (), negative_ids=request.get("negative") or (),
-            positive_images=request.get("similar_images") or (), negative_images=request.get("negative_images") or (),
-            negative_weight=float(request.get("negative_weight", 0.5)), k=k, spatial=spatial)
-    elif request.get("text"):
-        results = session.search_text(request["text"], k=k, spatial=spatial, template=request.get("template", True))
+            positive_ids=request.similar, negative_ids=request.negative, positive_images=request.similar_images,
+            negative_images=request.negative_images, negative_weight=request.negative_weight, k=request.k,
+            spatial=request.spatial)
     else:
-        raise HqrsError("request needs 'text' or 'similar' (tile ids)")
+        results = session.search_text(request.text, k=request.k, spatial=request.spatial, template=request.template)
     return {"results": [
         {"tile_id": r.tile_id, "score": round(float(r.score), 6), "rank": int(r.rank),
          "bounds": list(r.geometry.bounds)}
@@ -56,36 +206,58 @@ def answer(session: SearchSession, request: dict) -> dict:
     ]}
 
 
+def _read_line(stdin: TextIO) -> str | None:
+    """One line of at most :data:`MAX_LINE` characters; None at end of input. A longer line is
+    skipped to its end and stands as a line of :data:`MAX_LINE` + 1 characters (refused later)."""
+    line = stdin.readline(MAX_LINE + 1)
+    if not line:
+        return None
+    if len(line) > MAX_LINE and not line.endswith("\n"):
+        while True:  # skip the rest of the over-long line
+            rest = stdin.readline(MAX_LINE)
+            if not rest or rest.endswith("\n"):
+                break
+        return "\0" * (MAX_LINE + 1)
+    return line
+
+
 def serve(session: SearchSession, stdin: TextIO | None = None, stdout: TextIO | None = None) -> int:
-    """Answer requests until end of input or ``{"op": "quit"}``; returns the number answered."""
+    """Answer requests until end of input or ``{"op": "quit"}``; returns the number answered.
+
+    Every line gets one answer; a bad request (or a failure while answering it) gets an
+    ``error`` object and the session goes on.
+    """
     stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
 
     def send(obj: dict) -> None:
-        stdout.write(json.dumps(obj) + "\n")
+        stdout.write(json.dumps(obj, allow_nan=False, default=str) + "\n")
         stdout.flush()
 
     send({"ready": True, "layer": session.layer, "model": session.source.model, "tiles": len(session.index.ids)})
     answered = 0
-    for line in stdin:
-        if not line.strip():
-            continue
+    while True:
+        line = _read_line(stdin)
+        if line is None:
+            break
         start = time.perf_counter()
         request_id = None
         try:
-            request = json.loads(line)
-            if not isinstance(request, dict):
-                raise HqrsError("each request must be a JSON object")
-            request_id = request.get("id")
-            if request.get("op") == "quit":
+            request = parse_request(line)
+            request_id = request.id
+            if request.op == "quit":
                 send({"id": request_id, "bye": True})
                 break
             response = answer(session, request)
-        except json.JSONDecodeError as exc:
-            response = {"error": f"not JSON: {exc.msg} at column {exc.colno}"}
         except HqrsError as exc:
-            response = {"error": str(exc)}
-        except (TypeError, ValueError, KeyError) as exc:
-            response = {"error": f"bad request: {type(exc).__name__}: {exc}"}
-        send({"id": request_id, **response, "seconds": round(time.perf_counter() - start, 4)})
+            request_id = request_id if request_id is not None else getattr(exc, "request_id", None)
+            response = {"error": " ".join(str(exc).split())}
+        except (MemoryError, RecursionError) as exc:
+            response = {"error": f"request too large to answer ({type(exc).__name__})"}
+        except Exception as exc:  # an internal bug must not end the session
+            response = {"error": f"internal error: {type(exc).__name__}: {' '.join(str(exc).split())[:200]}"}
+        try:
+            send({"id": request_id, **response, "seconds": round(time.perf_counter() - start, 4)})
+        except ValueError:  # a value JSON cannot carry (NaN score): say so instead
+            send({"id": request_id, "error": "the answer holds values JSON cannot carry (NaN)"})
         answered += 1
     return answered

@@ -62,7 +62,7 @@ class SearchSession:
                       exclude: Sequence[str] = ()):
         """Top ``k`` tiles for a normalised query vector, as a GeoDataFrame with ``score``/``rank``."""
         if k < 1:
-            raise OptionError(f"invalid k {k}: ask for at least one result")
+            raise OptionError(f"{k!r} results asked; ask for at least one", option="k")
         scores, rows = self.index.search(query, k=k, mask=self.mask(spatial, exclude), use_ann=self.use_ann)
         return self._results(scores[0], rows[0])
 
@@ -72,7 +72,7 @@ class SearchSession:
             texts = [texts]
         texts = [t for t in texts if t.strip()]
         if not texts:
-            raise OptionError("empty query: give some text")
+            raise OptionError("the query is empty; give some text", option="query")
         vectors = text_vectors(self.model, texts, [self.source.template] if template else ["{}"])
         return combine(vectors)
 
@@ -85,7 +85,8 @@ class SearchSession:
         lookup = {tid: i for i, tid in enumerate(self.index.ids)}
         missing = [t for t in tile_ids if t not in lookup]
         if missing:
-            raise OptionError(f"unknown tile id {missing[0]!r} (or it has no embedding) in {self.layer}")
+            raise OptionError(f"unknown tile id {str(missing[0])[:80]!r} (or it has no embedding) in {self.layer}; "
+                              "give the id of a tile with an embedding", option="tile")
         return np.asarray(self.index.matrix[[lookup[t] for t in tile_ids]], dtype=np.float32)
 
     def similar_query(self, positive_ids: Sequence[str] = (), negative_ids: Sequence[str] = (),
@@ -99,7 +100,7 @@ class SearchSession:
         if negative_images:
             negs.append(image_vectors(self.model, negative_images))
         if not parts:
-            raise OptionError("give at least one positive example: a tile id or an image file")
+            raise OptionError("no positive example; give a tile id or an image file", option="tile")
         return combine(np.concatenate(parts), np.concatenate(negs) if negs else None, negative_weight)
 
     def search_similar(self, positive_ids: Sequence[str] = (), negative_ids: Sequence[str] = (),
@@ -135,9 +136,10 @@ class SearchSession:
             raise OptionError("every template needs a {} for the class name", option="templates")
         labels = [label.strip() for label in labels if label.strip()]
         if len(labels) < 2:
-            raise OptionError("give at least two labels to choose from")
+            raise OptionError(f"{len(labels)} label(s) given; give at least two labels to choose from",
+                              option="labels")
         if len(set(labels)) != len(labels):
-            raise OptionError("labels must be distinct")
+            raise OptionError("a label is given twice; give distinct labels", option="labels")
         classes = self.label_vectors(labels, templates)
         logits = np.asarray(self.index.matrix, dtype=np.float32) @ classes.T
         scale = float(self.model.model.logit_scale.exp().item()) if hasattr(self.model.model, "logit_scale") else 100.0

@@ -16,12 +16,23 @@ import shapely
 from ..errors import InputError, OptionError
 
 
+def _crs(value, option: str):
+    """A pyproj CRS from user input; a one-line :class:`OptionError` naming ``option`` otherwise."""
+    from pyproj import CRS
+    from pyproj.exceptions import CRSError
+
+    try:
+        return CRS.from_user_input(value)
+    except (CRSError, TypeError, ValueError):
+        raise OptionError(f"{str(value)[:60]!r} is not a CRS; use e.g. EPSG:4326", option=option) from None
+
+
 def _to_layer_crs(geom, src_crs: str | None, layer_crs):
     if src_crs is None or layer_crs is None:
         return geom
     from pyproj import CRS, Transformer
 
-    src, dst = CRS.from_user_input(src_crs), CRS.from_user_input(layer_crs)
+    src, dst = _crs(src_crs, "bbox_crs"), CRS.from_user_input(layer_crs)
     if src == dst:
         return geom
     transformer = Transformer.from_crs(src, dst, always_xy=True)
@@ -67,8 +78,8 @@ class SpatialFilter:
 
 def bbox_mask(geoms, layer_crs, bbox: Sequence[float], crs: str | None = None) -> np.ndarray:
     """Tiles intersecting the box ``(minx, miny, maxx, maxy)`` given in ``crs`` (default: layer CRS)."""
-    if len(bbox) != 4 or not (bbox[0] < bbox[2] and bbox[1] < bbox[3]):
-        raise OptionError(f"invalid bbox {list(bbox)}: use minx,miny,maxx,maxy with min < max")
+    if len(bbox) != 4 or not all(np.isfinite(bbox)) or not (bbox[0] < bbox[2] and bbox[1] < bbox[3]):
+        raise OptionError(f"{list(bbox)} is not a box; use minx,miny,maxx,maxy with min < max", option="bbox")
     area = _to_layer_crs(shapely.box(*bbox), crs, layer_crs)
     return np.asarray(shapely.intersects(geoms, area), dtype=bool)
 
@@ -95,14 +106,17 @@ def within_mask(geoms, layer_crs, source: str) -> np.ndarray:
 
 def near_mask(geoms, layer_crs, point: Sequence[float], distance_m: float, crs: str = "EPSG:4326") -> np.ndarray:
     """Tiles whose footprint is within ``distance_m`` metres of ``point`` (x, y in ``crs``)."""
-    if distance_m < 0:
-        raise OptionError(f"invalid distance {distance_m}: must not be negative")
+    if not np.isfinite(distance_m) or distance_m < 0:
+        raise OptionError(f"{distance_m!r} is not a distance; give metres >= 0", option="distance")
     if layer_crs is None:
-        raise InputError("the layer has no CRS, so distances in metres cannot be measured")
+        raise InputError("the layer has no CRS, so distances in metres cannot be measured; filter with a box instead")
     from pyproj import CRS, Transformer
 
     x, y = float(point[0]), float(point[1])
-    lon, lat = Transformer.from_crs(CRS.from_user_input(crs), "EPSG:4326", always_xy=True).transform(x, y)
+    lon, lat = Transformer.from_crs(_crs(crs, "near_crs"), "EPSG:4326", always_xy=True).transform(x, y)
+    if not (np.isfinite(lon) and np.isfinite(lat) and -180 <= lon <= 180 and -90 <= lat <= 90):
+        raise OptionError(f"{x:g},{y:g} is not a point on the earth in {crs}; check the coordinates and «near_crs»",
+                          option="near")
     local = CRS.from_proj4(f"+proj=aeqd +lat_0={lat} +lon_0={lon} +datum=WGS84 +units=m")
     to_local = Transformer.from_crs(CRS.from_user_input(layer_crs), local, always_xy=True)
     local_geoms = shapely.transform(

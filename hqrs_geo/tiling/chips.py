@@ -7,25 +7,30 @@ Output folder layout::
       index.csv          filepath (relative to the folder), tile_id
       index.gpkg         footprints with tile columns and filepath (layer "tiles")
 
-Each image is written to a temporary name and renamed, so a chip on disk is always complete.
-Re-running with the same parameters keeps the chips already there (resume); other
-parameters rewrite them.
+Each image is written through :func:`hqrs_geo.atomic.write_bytes` (temporary name, checked,
+renamed), so a chip on disk is always complete; chip names are tile ids checked by
+:func:`hqrs_geo.safe_paths.file_name`, so no chip is written outside the folder; the CSV cells
+are neutralised (:func:`hqrs_geo.safe_paths.write_csv`). Re-running with the same parameters
+keeps the chips already there (resume); other parameters rewrite them. A folder the job
+created is removed again when the job fails before writing anything into it.
 """
 from __future__ import annotations
 
-import csv
 import hashlib
 import io
 import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from PIL import Image
 
-from ..errors import OptionError, OutputError
+from ..atomic import output_folder, write_bytes
+from ..errors import OptionError
 from ..layer.io import FORMATS, read_tiles, write_tiles
 from ..layer.runs import new_run, read_runs
+from ..safe_paths import file_name, inside, write_csv
 from .config import TileConfig
 from .dataset import TileDataset
 from .plan import output_crs, records_to_frame
@@ -49,22 +54,18 @@ def export_chips(
 
     Returns the index GeoDataFrame (tile columns + ``filepath``).
     """
-    if isinstance(inputs, (str, os.PathLike)):
-        inputs = [inputs]
-    inputs = [str(i) for i in inputs]
-    fmt = image_format.lower().lstrip(".")
+    items = [str(inputs)] if isinstance(inputs, (str, os.PathLike)) else [str(i) for i in inputs]
+    fmt = str(image_format).lower().lstrip(".")
     if fmt not in IMAGE_FORMATS:
-        raise OptionError(f"invalid image format {image_format!r}: use png or jpg")
-    out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise OutputError(f"{out}: exists and is not a folder; choose a folder for the chips")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise OutputError(f"{out}: cannot create folder ({exc.strerror}); choose another output") from None
-    if not os.access(out, os.W_OK):
-        raise OutputError(f"{out}: not writable (permission denied); choose another output")
+        raise OptionError(f"{image_format!r} is not an image format; use png or jpg", option="image_format")
+    if isinstance(quality, bool) or not isinstance(quality, int) or not 1 <= quality <= 100:
+        raise OptionError(f"{quality!r} is not a JPEG quality; use a whole number in 1..100", option="quality")
+    with output_folder(out_dir) as out:
+        return _export(items, out, config, fmt, quality, progress)
 
+
+def _export(inputs: list[str], out: Path, config: TileConfig | None, fmt: str, quality: int, progress):
+    params: dict[str, Any]
     if _is_layer(inputs):
         dataset = TileDataset.from_layer(inputs[0])
         frame = read_tiles(inputs[0])
@@ -83,23 +84,26 @@ def export_chips(
     resume = bool(previous) and previous[-1]["params"].get("fingerprint") == fingerprint
 
     ext = "jpg" if IMAGE_FORMATS[fmt] == "JPEG" else "png"
-    names = [f"{rec.tile_id}.{ext}" for rec in dataset.records]
+    where = inputs[0] if _is_layer(inputs) else None
+    names = [f"{file_name(rec.tile_id, 'tile id', where)}.{ext}" for rec in dataset.records]
+    targets = [inside(out, name, "chip name") for name in names]
     if progress is not None:
         progress.start("export-chips", len(dataset))
     written = 0
-    for i, name in enumerate(names):
-        target = out / name
-        if not (resume and target.exists()):
-            _, rgb = dataset[i]
-            _save_atomic(Image.fromarray(rgb), target, IMAGE_FORMATS[fmt], quality)
-            written += 1
-        if progress is not None:
-            progress.advance(1)
-    dataset.reader.close()
+    try:
+        for i, target in enumerate(targets):
+            if not (resume and target.is_file() and target.stat().st_size > 0):
+                _, rgb = dataset[i]
+                _save_atomic(Image.fromarray(rgb), target, IMAGE_FORMATS[fmt], quality)
+                written += 1
+            if progress is not None:
+                progress.advance(1)
+    finally:
+        dataset.reader.close()
 
     frame = frame.copy()
     frame["filepath"] = frame["tile_id"].map(dict(zip([r.tile_id for r in dataset.records], names)))
-    _write_csv(out / "index.csv", frame[["filepath", "tile_id"]])
+    write_csv(out / "index.csv", ["filepath", "tile_id"], frame[["filepath", "tile_id"]].itertuples(index=False))
     write_tiles(index_layer, frame, new_run("export-chips", "tiles", {**params, "fingerprint": fingerprint}),
                 replace_sources=frame["source"].unique().tolist() if not frame.empty else [])
     if progress is not None:
@@ -108,17 +112,7 @@ def export_chips(
 
 
 def _save_atomic(image: Image.Image, target: Path, fmt: str, quality: int) -> None:
+    """Encode in memory, then write through :func:`hqrs_geo.atomic.write_bytes` (checked, renamed)."""
     buffer = io.BytesIO()
     image.save(buffer, format=fmt, **({"quality": quality} if fmt == "JPEG" else {}))
-    tmp = target.with_name(f".{target.name}.tmp")
-    tmp.write_bytes(buffer.getvalue())
-    os.replace(tmp, target)
-
-
-def _write_csv(path: Path, table) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(list(table.columns))
-        writer.writerows(table.itertuples(index=False, name=None))
-    os.replace(tmp, path)
+    write_bytes(target, buffer.getvalue())

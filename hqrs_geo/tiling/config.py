@@ -1,6 +1,7 @@
 """The user's tiling choices (:class:`TileConfig`), validated in one place."""
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, replace
 
 from rasterio.enums import Resampling
@@ -43,22 +44,27 @@ class TileConfig:
         """Return a copy with every option checked (raises :class:`OptionError`)."""
         parse_tile_lengths(self.tile_size, self.overlap)
         if self.edge not in EDGE_POLICIES:
-            raise OptionError(f"invalid edge policy {self.edge!r}: use one of {', '.join(EDGE_POLICIES)}")
-        if not 0.0 <= self.min_valid <= 1.0:
-            raise OptionError(f"invalid minimum valid fraction {self.min_valid}: use a value in 0..1")
+            raise OptionError(f"{self.edge!r} is not an edge policy; use one of {', '.join(EDGE_POLICIES)}",
+                              option="edge")
+        if not _number(self.min_valid) or not 0.0 <= self.min_valid <= 1.0:
+            raise OptionError(f"{self.min_valid!r} is not a fraction; use a value in 0..1", option="min_valid")
+        if self.gsd is not None and (not _number(self.gsd) or not math.isfinite(self.gsd) or self.gsd <= 0):
+            raise OptionError(f"{self.gsd!r} is not a ground resolution; give a positive number of metres",
+                              option="gsd")
         try:
-            Resampling[self.resampling]
+            Resampling[str(self.resampling)]
         except KeyError:
             names = ", ".join(r.name for r in Resampling if r.value < 8)
-            raise OptionError(f"invalid resampling {self.resampling!r}: use one of {names}") from None
+            raise OptionError(f"{self.resampling!r} is not a resampling method; use one of {names}",
+                              option="resampling") from None
         if self.crs is not None:
             from pyproj import CRS
             from pyproj.exceptions import CRSError
 
             try:
                 CRS.from_user_input(self.crs)
-            except CRSError:
-                raise OptionError(f"invalid CRS {self.crs!r}: use e.g. EPSG:4326") from None
+            except (CRSError, TypeError, ValueError):
+                raise OptionError(f"{str(self.crs)[:60]!r} is not a CRS; use e.g. EPSG:4326", option="crs") from None
         stretch = StretchSpec.parse(self.stretch)
         bands = tuple(int(b) for b in self.bands) if self.bands else None
         return replace(self, stretch=str(stretch), bands=bands)
@@ -68,3 +74,7 @@ class TileConfig:
         d = asdict(self)
         d["stretch"] = str(StretchSpec.parse(self.stretch))
         return d
+
+
+def _number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)

@@ -67,11 +67,20 @@ class TileDataset:
         missing = sorted(set(frame["source"]) - set(scenes))
         if missing:
             raise InputError(f"{where}: no tiling record for source {missing[0]}; tile that scene again")
+        from .grid import MAX_TILE_SIDE
+
         fields = TileRecord.__dataclass_fields__
         records = [
             TileRecord(**{k: v for k, v in row.items() if k in fields})
             for row in frame.drop(columns=frame.geometry.name).to_dict("records")
         ]
+        for rec in records:  # a layer is a file anyone can edit: bound what a tile may ask to read
+            sizes = (rec.out_width, rec.out_height, rec.width, rec.height)
+            if not all(isinstance(v, (int, np.integer)) and v >= 1 for v in sizes) \
+                    or max(rec.out_width, rec.out_height) > MAX_TILE_SIDE:
+                raise InputError(f"{where}: tile {str(rec.tile_id)[:80]!r} has an unusable size "
+                                 f"({rec.out_width} x {rec.out_height} px, at most {MAX_TILE_SIDE} a side); "
+                                 "tile the scene again")
         return cls(records, TileReader(scenes.values()))
 
 

@@ -22,20 +22,28 @@ from ..raster.sources import expand_inputs, scene_keys
 from ..raster.stretch import Scale, StretchSpec, scene_scale
 from .config import DEFAULT_MIN_VALID, TileConfig
 from .footprints import window_polygons
-from .grid import parse_tile_lengths, plan_grid
+from .grid import MAX_TILES_ENV, max_tiles, parse_tile_lengths, plan_grid
 from .reader import TileReader
 from .records import TILE_ID_FORMAT, SceneReading, TileRecord
 
 log = logging.getLogger(__name__)
 
 def prepare_scenes(inputs: Sequence[str | os.PathLike], config: TileConfig) -> list[SceneReading]:
-    """Open every input once: check it, choose bands, compute its one stretch and its grid."""
+    """Open every input once: check it, choose bands, compute its one stretch and its grid.
+
+    Refused with one line: more tiles than :func:`~hqrs_geo.tiling.grid.max_tiles` over all
+    scenes (counted before any tile exists), and rasters whose pixel data is missing or damaged
+    (:func:`~hqrs_geo.raster.integrity.check_pixel_data`).
+    """
+    from ..raster.integrity import check_pixel_data
+
     config = config.validated()
     tile_size, overlap = parse_tile_lengths(config.tile_size, config.overlap)
     stretch = StretchSpec.parse(config.stretch)
     paths = expand_inputs(inputs)
     keys = scene_keys(paths)
     scenes = []
+    planned = 0
     for path in paths:
         with open_raster(path) as src:
             info = describe(src)
@@ -46,6 +54,11 @@ def prepare_scenes(inputs: Sequence[str | os.PathLike], config: TileConfig) -> l
                 )
             bands = choose_bands(info, config.bands)
             grid = plan_grid(info, tile_size, overlap, config.gsd, config.edge)
+            planned += len(grid)
+            if planned > max_tiles():
+                raise InputError(f"{path}: the scenes so far make {planned:,} tiles, more than {max_tiles():,} per "
+                                 f"job; tile fewer scenes at a time, use a larger tile size, or raise ${MAX_TILES_ENV}")
+            check_pixel_data(src, path)
             scale = Scale() if bands.palette else read_pixels(path, lambda: scene_scale(src, bands.indexes, stretch))
         scenes.append(SceneReading(
             source=path, key=keys[path], bands=bands, scale=scale, resampling=config.resampling,

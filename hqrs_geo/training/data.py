@@ -46,29 +46,42 @@ class CaptionSet:
 
 
 def _sniff_delimiter(path: Path) -> str:
-    head = path.read_text(encoding="utf-8", errors="replace").splitlines()[:1]
-    return "\t" if head and "\t" in head[0] else ","
+    with open(path, encoding="utf-8", errors="replace") as handle:
+        head = handle.readline()
+    return "\t" if "\t" in head else ","
 
 
 def read_csv(path: str, image_key: str = "filepath", caption_key: str = "caption") -> list[CaptionRecord]:
     """Records of an open_clip CSV/TSV file (one row per image-caption pair; tab or comma separated).
-    Relative image paths are taken relative to the file's folder."""
+
+    Relative image paths are taken relative to the file's folder and must stay inside it
+    (:func:`hqrs_geo.safe_paths.inside`; absolute paths are used as they are); cells that
+    hqrs_geo neutralised against spreadsheet formulas are read back as written.
+    """
+    from ..safe_paths import csv_uncell, inside
+
     file = Path(path)
     delimiter = _sniff_delimiter(file)
-    with open(file, newline="", encoding="utf-8") as handle:
-        reader = csv.DictReader(handle, delimiter=delimiter)
-        columns = reader.fieldnames or []
-        missing = [k for k in (image_key, caption_key) if k not in columns]
-        if missing:
-            raise InputError(f"{path}: no column {missing[0]!r} (columns: {', '.join(columns) or 'none'}); "
-                             f"name the columns with «csv_img_key» and «csv_caption_key»")
-        grouped: dict[str, CaptionRecord] = {}
-        for row in reader:
-            image = row[image_key]
-            image = image if Path(image).is_absolute() else str(file.parent / image)
-            record = grouped.setdefault(image, CaptionRecord(image, [], row.get("class") or None))
-            if row[caption_key].strip():
-                record.captions.append(row[caption_key].strip())
+    try:
+        with open(file, newline="", encoding="utf-8") as handle:
+            reader = csv.DictReader(handle, delimiter=delimiter)
+            columns = reader.fieldnames or []
+            missing = [k for k in (image_key, caption_key) if k not in columns]
+            if missing:
+                raise InputError(f"{path}: no column {missing[0]!r} (columns: {', '.join(columns) or 'none'}); "
+                                 f"name the columns with «csv_img_key» and «csv_caption_key»")
+            grouped: dict[str, CaptionRecord] = {}
+            for row in reader:
+                image, caption = csv_uncell(row.get(image_key) or ""), csv_uncell(row.get(caption_key) or "")
+                image = str(inside(file.parent, image, "image path", allow_absolute=True))
+                label = csv_uncell(row.get("class") or "") or None
+                record = grouped.setdefault(image, CaptionRecord(image, [], label))
+                if caption.strip():
+                    record.captions.append(caption.strip())
+    except UnicodeDecodeError:
+        raise InputError(f"{path}: is not UTF-8 text; give an open_clip CSV/TSV file") from None
+    except csv.Error as exc:
+        raise InputError(f"{path}: not a readable CSV file ({exc}); fix the file") from None
     return list(grouped.values())
 
 
@@ -95,8 +108,10 @@ def read_records(path: str, splits: Sequence[str] = ("train",), image_key: str =
                  caption_key: str = "caption") -> list[CaptionRecord]:
     """Records of a dataset file: ``.csv``/``.tsv`` (open_clip) or ``.json`` (Karpathy)."""
     file = Path(path)
+    if file.is_dir():
+        raise InputError(f"{path}: is a folder; give the dataset's .csv, .tsv or .json file")
     if not file.is_file():
-        raise InputError(f"{path}: dataset file not found")
+        raise InputError(f"{path}: dataset file not found; check the path")
     suffix = file.suffix.lower()
     if suffix in (".csv", ".tsv"):
         return read_csv(path, image_key, caption_key)
@@ -109,14 +124,24 @@ def _decode(path: str, size: int):
     import torch
     from PIL import Image, UnidentifiedImageError
 
+    from ..models.encode import MAX_IMAGE_PIXELS
+
     try:
         with Image.open(path) as image:
+            if image.width * image.height > MAX_IMAGE_PIXELS:  # refused before any pixel is decoded
+                raise InputError(f"{path}: image of {image.width} x {image.height} px is too large for training "
+                                 f"(at most {MAX_IMAGE_PIXELS:,} px); resize it or remove it from the dataset")
             rgb = image.convert("RGB").resize((size, size), Image.Resampling.BICUBIC)
             return torch.from_numpy(np.asarray(rgb).copy()).permute(2, 0, 1).contiguous()
+    except InputError:
+        raise
     except FileNotFoundError:
         raise InputError(f"{path}: image of the dataset not found; check the paths in the dataset file") from None
-    except (UnidentifiedImageError, OSError) as exc:
-        raise InputError(f"{path}: cannot read this image ({exc}); remove it from the dataset") from None
+    except Image.DecompressionBombError:
+        raise InputError(f"{path}: image is too large for training; resize it or remove it from the dataset") from None
+    except (UnidentifiedImageError, OSError, ValueError) as exc:
+        reason = " ".join(str(exc).split())[:120]
+        raise InputError(f"{path}: cannot read this image ({reason}); remove it from the dataset") from None
 
 
 def load_caption_set(path: str, splits: Sequence[str], load_size: int, progress=None,

@@ -11,7 +11,10 @@ contrastive + captioning for CoCa). This module adds what a long job on a workst
 * AdamW with open_clip's weight-decay exclusions, linear warm-up then cosine decay;
 * a checkpoint every ``save_every`` steps and on Ctrl-C/SIGTERM (model, optimiser, schedule,
   step), written atomically; ``resume`` continues from the newest one on the same batches,
-  because the image order and augmentations are functions of (seed, step);
+  because the image order and augmentations are functions of (seed, step). Ctrl-C/SIGTERM
+  stop at the end of the current optimiser step (:class:`StopRequest`), so the checkpoint holds
+  a consistent state and a resumed run ends bit-identical to an uninterrupted one; a second
+  signal stops at once and keeps the last checkpoint;
 * validation every epoch (retrieval mean recall, zero-shot top-1 when images have classes,
   and for a CoCa its captioning loss on the references), keeping the best weights (CLIP:
   mean of mR and zero-shot top-1; CoCa: lowest captioning loss);
@@ -24,6 +27,8 @@ import json
 import math
 import os
 import random
+import signal
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -32,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from ..atomic import atomic_path, write_json
+from ..atomic import atomic_path, output_folder, write_json
 from ..errors import Cancelled, InputError, OptionError
 from ..models.precision import autocast, autocast_dtype, check_precision, precision_name
 from .augment import AugmentConfig, augment_batch, normalise
@@ -79,8 +84,8 @@ class FinetuneConfig:
     def validated(self) -> FinetuneConfig:
         """Self, after checking the values; raises :class:`OptionError`."""
         if not (self.arch or self.model):
-            raise OptionError("name what to train: «arch» (an architecture or config .json, from scratch) or «model» "
-                              "(a registry model to fine-tune)", option="arch")
+            raise OptionError("nothing to train; name an architecture or config .json («arch», from scratch) or a "
+                              "registry model («model», to fine-tune)", option="arch")
         for name in ("epochs", "batch_size", "accum_steps", "save_every"):
             if getattr(self, name) < 1:
                 raise OptionError(f"must be at least 1, not {getattr(self, name)!r}", option=name)
@@ -106,6 +111,36 @@ class TrainState:
     best_score: float = -math.inf
     best_step: int = 0
     history: list = field(default_factory=list)
+    running_loss: float | None = None  # the smoothed training loss (kept so a resumed run logs the same)
+
+
+class StopRequest:
+    """Ctrl-C / SIGTERM during training: the first signal asks the loop to stop at the end of
+    the current optimiser step (a consistent state to checkpoint); a second one stops at once
+    (KeyboardInterrupt), keeping only the checkpoints already written. Signal handlers can only
+    be set in the main thread: elsewhere the block changes nothing."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: dict = {}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __enter__(self) -> StopRequest:
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
 
 
 # ---------------------------------------------------------------- model set-up
@@ -296,10 +331,36 @@ def latest_checkpoint(output: Path) -> Path | None:
     return found[-1] if found else None
 
 
+def _check_zip(tmp: Path) -> None:
+    """A written ``torch.save`` file is a complete zip archive (its central directory is last)."""
+    import errno
+    import zipfile
+
+    if not tmp.is_file() or tmp.stat().st_size == 0 or not zipfile.is_zipfile(tmp):
+        raise OSError(errno.EIO, "the written checkpoint is incomplete")
+
+
+def _check_safetensors(expected: int):
+    """A check of a written safetensors file: its header opens and lists ``expected`` tensors."""
+    def verify(tmp: Path) -> None:
+        import errno
+
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(tmp), framework="pt") as handle:
+                found = len(list(handle.keys()))
+        except Exception as exc:  # safetensors raises its own types for damaged files
+            raise OSError(errno.EIO, f"the written weights cannot be read back ({exc})") from None
+        if found != expected:
+            raise OSError(errno.EIO, f"the written weights hold {found} tensors instead of {expected}")
+    return verify
+
+
 def _atomic_torch_save(payload, path: Path) -> None:
     import torch
 
-    with atomic_path(path) as tmp:
+    with atomic_path(path, verify=_check_zip) as tmp:
         torch.save(payload, tmp)
 
 
@@ -314,7 +375,7 @@ def save_weights(model, path: Path, dtype: str = "fp32") -> None:
         if dtype == "fp16" and value.is_floating_point():
             value = value.to(torch.float16)
         state[key] = value.contiguous().clone()
-    with atomic_path(path) as tmp:
+    with atomic_path(path, verify=_check_safetensors(len(state))) as tmp:
         save_file(state, str(tmp))
         umask = os.umask(0)
         os.umask(umask)
@@ -394,19 +455,23 @@ def finetune(config: FinetuneConfig, resume: bool = False, progress=None,
     ``cancel`` is polled between steps; when it returns True (or on KeyboardInterrupt) a
     checkpoint is written and :class:`Cancelled` is raised, so ``resume=True`` loses nothing.
     """
+    config.validated()
+    output = Path(config.output)
+    if output.exists() and not output.is_dir():
+        raise OptionError(f"{output}: is not a folder; give a folder for the run", option="output")
+    if not resume and latest_checkpoint(output) is not None:
+        raise OptionError(f"{output}: holds checkpoints of an earlier run; «resume» it or choose another output folder",
+                          option="output")
+    with output_folder(output):  # a folder this run made is removed again if it fails before writing into it
+        return _finetune(config, output, resume, progress, cancel)
+
+
+def _finetune(config: FinetuneConfig, output: Path, resume: bool, progress,
+              cancel: Callable[[], bool] | None) -> dict:
     import torch
 
     from ..models.device import pick_device
     from ..models.preprocess import preprocess_config
-
-    config.validated()
-    output = Path(config.output)
-    if output.exists() and not output.is_dir():
-        raise OptionError(f"{output}: must be a folder", option="output")
-    if not resume and latest_checkpoint(output) is not None:
-        raise OptionError(f"{output}: holds checkpoints of an earlier run; «resume» it or choose another output folder",
-                          option="output")
-    output.mkdir(parents=True, exist_ok=True)
     from .data import read_records
 
     read_records(config.dataset, list(config.splits), config.csv_img_key, config.csv_caption_key)  # fail early
@@ -451,8 +516,6 @@ def finetune(config: FinetuneConfig, resume: bool = False, progress=None,
     if progress is not None:
         progress.start("train", total_steps, f"training {arch} ({kind}) on {len(train)} images", unit="step",
                        initial=state.step)
-    running: float | None = None
-
     def evaluate_and_select() -> None:
         if val is None:
             return
@@ -468,57 +531,68 @@ def finetune(config: FinetuneConfig, resume: bool = False, progress=None,
                               for k in ("mR", "zs_top1", "caption_loss") if k in metrics)
             progress.message(f"step {state.step}: val {shown} (best step {state.best_step})")
 
-    try:
-        while state.step < total_steps:
-            if cancel is not None and cancel():
-                raise KeyboardInterrupt
-            for group in optimizer.param_groups:
-                group["lr"] = config.lr * lr_factor(state.step, config.warmup_steps, total_steps)
-            parts: dict = {}
-            for micro in range(config.accum_steps):
-                index = state.step * config.accum_steps + micro  # global micro-batch number
-                epoch, within = divmod(index, micro_per_epoch)
-                order = epoch_order(len(train), config.seed, epoch)
-                chosen = order[within * config.batch_size:(within + 1) * config.batch_size]
-                rng = random.Random(config.seed * 7919 + index)
-                texts = tokenizer([sampler.caption(i, rng) for i in chosen]).to(device)
-                labels = torch.tensor([class_ids.get(str(train.records[i].label), -1) for i in chosen], device=device)
-                generator = torch.Generator().manual_seed(config.seed * 1_000_003 + index)
-                images = augment_batch([train.pixels[i] for i in chosen], size, generator, augment, device)
-                images = normalise(images, mean, std)
-                if channels_last:
-                    images = images.contiguous(memory_format=torch.channels_last)
-                with autocast(device, amp_dtype):
-                    loss, parts = loss_fn(model(images, texts), labels)
-                    loss = loss / config.accum_steps
-                if not torch.isfinite(loss):
-                    raise OptionError(f"loss became {float(loss)} at step {state.step}; lower «lr» or use "
-                                      "«precision» fp32", option="lr")
-                (scaler.scale(loss) if scaler is not None else loss).backward()
-            if scaler is not None:
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            with torch.no_grad():
-                model.logit_scale.clamp_(0, math.log(100))
-            state.step += 1
-            value = sum(parts.values())
-            running = value if running is None else 0.98 * running + 0.02 * value
-            if progress is not None:
-                progress.advance()
-                progress.postfix(loss=f"{running:.3f}", **{k: f"{v:.3f}" for k, v in parts.items()})
-            if state.step % steps_per_epoch == 0 or state.step == total_steps:
-                state.history.append({"step": state.step, "train_loss": running})
-                evaluate_and_select()
-            if state.step % config.save_every == 0 and state.step < total_steps:
-                save_checkpoint(output, model, optimizer, scaler, state, config, config.keep_checkpoints)
-    except KeyboardInterrupt:
-        if state.step > 0:
+    def one_step() -> None:
+        """One optimiser step (all its micro-batches), then validation and checkpoints when due."""
+        for group in optimizer.param_groups:
+            group["lr"] = config.lr * lr_factor(state.step, config.warmup_steps, total_steps)
+        parts: dict = {}
+        for micro in range(config.accum_steps):
+            index = state.step * config.accum_steps + micro  # global micro-batch number
+            epoch, within = divmod(index, micro_per_epoch)
+            order = epoch_order(len(train), config.seed, epoch)
+            chosen = order[within * config.batch_size:(within + 1) * config.batch_size]
+            rng = random.Random(config.seed * 7919 + index)
+            texts = tokenizer([sampler.caption(i, rng) for i in chosen]).to(device)
+            labels = torch.tensor([class_ids.get(str(train.records[i].label), -1) for i in chosen], device=device)
+            generator = torch.Generator().manual_seed(config.seed * 1_000_003 + index)
+            images = augment_batch([train.pixels[i] for i in chosen], size, generator, augment, device)
+            images = normalise(images, mean, std)
+            if channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+            with autocast(device, amp_dtype):
+                loss, parts = loss_fn(model(images, texts), labels)
+                loss = loss / config.accum_steps
+            if not torch.isfinite(loss):
+                raise OptionError(f"loss became {float(loss)} at step {state.step}; lower «lr» or use "
+                                  "«precision» fp32", option="lr")
+            (scaler.scale(loss) if scaler is not None else loss).backward()
+        if scaler is not None:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            model.logit_scale.clamp_(0, math.log(100))
+        state.step += 1
+        value = sum(parts.values())
+        running = value if state.running_loss is None else 0.98 * state.running_loss + 0.02 * value
+        state.running_loss = running
+        if progress is not None:
+            progress.advance()
+            progress.postfix(loss=f"{running:.3f}", **{k: f"{v:.3f}" for k, v in parts.items()})
+        if state.step % steps_per_epoch == 0 or state.step == total_steps:
+            state.history.append({"step": state.step, "train_loss": running})
+            evaluate_and_select()
+        if state.step % config.save_every == 0 and state.step < total_steps:
             save_checkpoint(output, model, optimizer, scaler, state, config, config.keep_checkpoints)
-        raise Cancelled(f"training cancelled at step {state.step}; checkpoint written, re-run with «resume» "
-                        "to continue") from None
+
+    stop = StopRequest()
+    try:
+        with stop:
+            while state.step < total_steps:
+                if stop.requested or (cancel is not None and cancel()):  # between steps: a consistent state
+                    if state.step > 0:
+                        save_checkpoint(output, model, optimizer, scaler, state, config, config.keep_checkpoints)
+                    raise Cancelled(f"training cancelled at step {state.step}; " + (
+                        "checkpoint written, re-run with «resume» to continue" if state.step else
+                        "no step was done, so nothing was kept; run it again"))
+                one_step()
+    except KeyboardInterrupt:  # a second signal: stopped mid-step, that state is not written
+        kept = latest_checkpoint(output)
+        raise Cancelled(f"training stopped at once during step {state.step + 1}; "
+                        + (f"the last checkpoint ({kept.name}) is kept, re-run with «resume» to continue from it"
+                           if kept else "no checkpoint was written yet")) from None
     save_checkpoint(output, model, optimizer, scaler, state, config, config.keep_checkpoints)
     save_weights(model, output / "model.safetensors", config.save_dtype)
     if progress is not None:

@@ -35,12 +35,17 @@ _BACKENDS: dict[str, tuple[type, tuple[str, ...], tuple[str, ...]]] = {
 }
 
 
-def make_backend(config: dict) -> ChatBackend:
-    """Build a back end from a recipe table such as ``{"type": "openai", "base_url": ..., "model": ...}``.
+#: Types of the back-end options (checked when a recipe is read, before any work).
+_OPTION_TYPES: dict[str, tuple[type, ...]] = {
+    "base_url": (str,), "model": (str,), "api_key_env": (str,), "gguf_file": (str,), "device": (str,),
+    "precision": (str,), "timeout": (int, float), "backoff": (int, float), "max_backoff": (int, float),
+    "retries": (int,), "concurrency": (int,), "batch_size": (int,), "seed": (int,), "supports_images": (bool,),
+}
 
-    ``type`` is ``openai``, ``transformers`` or ``transformers-vlm``; an unknown type, a missing
-    or unknown key, or a bad value raises a one-line :class:`OptionError` naming it.
-    """
+
+def check_backend_config(config: dict) -> tuple[type, dict]:
+    """The back-end class and its keyword options for a recipe table, after checking the type,
+    the required and known keys and each value's type; a one-line :class:`OptionError` otherwise."""
     if not isinstance(config, dict):
         raise OptionError(f"back end config must be a table (dict), not {type(config).__name__}")
     kind = config.get("type")
@@ -51,14 +56,30 @@ def make_backend(config: dict) -> ChatBackend:
     backend_class, required, optional = _BACKENDS[kind]
     for key in required:
         if config.get(key) is None:
-            raise OptionError(f"back end config (type {kind}) is missing the key {key!r}")
+            raise OptionError(f"back end config (type {kind}) is missing the key {key!r}; add it to the recipe")
     unknown = sorted(set(config) - set(required) - set(optional) - {"type"})
     if unknown:
         raise OptionError(f"back end config (type {kind}): unknown key {unknown[0]!r}; "
                           f"known keys: {', '.join(required + optional)}")
-    options = {key: value for key, value in config.items() if key != "type"}
+    for key, value in config.items():
+        expected = _OPTION_TYPES.get(key)
+        if expected is None or value is None:
+            continue
+        if not isinstance(value, expected) or (bool not in expected and isinstance(value, bool)):
+            names = " or ".join("number" if t in (int, float) else t.__name__ for t in expected)
+            raise OptionError(f"back end option {key}: {str(value)[:40]!r} is not a {names}; fix it in the recipe")
+    return backend_class, {key: value for key, value in config.items() if key != "type"}
+
+
+def make_backend(config: dict) -> ChatBackend:
+    """Build a back end from a recipe table such as ``{"type": "openai", "base_url": ..., "model": ...}``.
+
+    ``type`` is ``openai``, ``transformers`` or ``transformers-vlm``; an unknown type, a missing
+    or unknown key, or a bad value raises a one-line :class:`OptionError` naming it.
+    """
+    backend_class, options = check_backend_config(config)
     return backend_class(**options)
 
 
 __all__ = ["ChatBackend", "ChatRequest", "OpenAIChatBackend", "TransformersLLMBackend", "TransformersVLMBackend",
-           "make_backend", "smollm2_gguf"]
+           "check_backend_config", "make_backend", "smollm2_gguf"]

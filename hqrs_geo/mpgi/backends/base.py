@@ -169,21 +169,24 @@ def _error_text(exc: BaseException) -> str:
 def _count(name: str, value: Any, minimum: int) -> int:
     """A whole-number option >= ``minimum``."""
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise OptionError(f"back end option {name} must be a whole number >= {minimum}, not {value!r}")
+        raise OptionError(f"back end option {name}: {str(value)[:40]!r} is not a whole number >= {minimum}; "
+                          "fix it in the recipe")
     return value
 
 
 def _seconds(name: str, value: Any, minimum: float = 0.0) -> float:
     """A number-of-seconds option > ``minimum``."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= minimum:
-        raise OptionError(f"back end option {name} must be a number of seconds > {minimum:g}, not {value!r}")
+        raise OptionError(f"back end option {name}: {str(value)[:40]!r} is not a number of seconds > {minimum:g}; "
+                          "fix it in the recipe")
     return float(value)
 
 
 def _text(name: str, value: Any) -> str:
     """A non-empty string option."""
     if not isinstance(value, str) or not value.strip():
-        raise OptionError(f"back end option {name} must be a non-empty string, not {value!r}")
+        raise OptionError(f"back end option {name}: {str(value)[:40]!r} is not a non-empty string; "
+                          "fix it in the recipe")
     return value.strip()
 
 

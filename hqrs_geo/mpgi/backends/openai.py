@@ -6,6 +6,8 @@ import json
 import logging
 import os
 import random
+import socket
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -15,6 +17,7 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from ...errors import InputError, OptionError
+from ...redact import redact, register
 from .base import (
     ChatBackend,
     ChatRequest,
@@ -123,8 +126,10 @@ class OpenAIChatBackend(ChatBackend):
     """A model behind an OpenAI-compatible ``POST {base_url}/chat/completions`` server.
 
     The API key is read from the environment variable ``api_key_env`` (none sent when unset in
-    the config) and only ever goes into the ``Authorization`` header. Each attempt waits at most
-    ``timeout`` seconds for the server (per socket operation). Connection errors, timeouts,
+    the config) and only ever goes into the ``Authorization`` header; an answer that echoes it is
+    masked before it is returned (:mod:`hqrs_geo.redact`). Each attempt (connect, send, the whole
+    answer) takes at most ``timeout`` seconds in total, however slowly the server sends: then its
+    connection is shut down and the attempt counts as a timeout. Connection errors, timeouts,
     HTTP 429 and 5xx are retried ``retries`` times with exponential back-off from ``backoff``
     seconds, with jitter, waiting at least what ``Retry-After`` asks, never more than
     ``max_backoff``; other HTTP errors fail at once. ``complete`` keeps at most ``concurrency``
@@ -158,6 +163,7 @@ class OpenAIChatBackend(ChatBackend):
         if not key:
             raise OptionError(f"environment variable {env} (api_key_env) is not set; export it with the API key, "
                               "or drop api_key_env for a server without keys")
+        register(key)
         return key
 
     def identity(self) -> str:
@@ -186,7 +192,7 @@ class OpenAIChatBackend(ChatBackend):
             raise InputError(f"chat server {self.public_url} answered JSON without choices[0].message.content "
                              f"({self._redact(_one_line(json.dumps(data), 80))}); check that base_url points at an "
                              "OpenAI-compatible /v1 endpoint")
-        return answer.strip()
+        return self._redact(answer).strip()
 
     def _post(self, payload: bytes) -> Any:
         """POST with retries; the parsed JSON answer."""
@@ -217,21 +223,31 @@ class OpenAIChatBackend(ChatBackend):
         return headers
 
     def _post_once(self, payload: bytes) -> Any:
-        """One POST; returns the parsed JSON, raises :class:`_Transient` or a one-line user error."""
+        """One POST; returns the parsed JSON, raises :class:`_Transient` or a one-line user error.
+
+        The whole attempt is bounded by ``timeout``: a watchdog shuts the connection down when the
+        deadline passes (a server that sends one byte a second cannot keep it alive).
+        """
         request = urllib.request.Request(self.url, data=payload, headers=self._headers(), method="POST")
+        watchdog = _Deadline(self.timeout)
+        opener = urllib.request.build_opener(_DeadlineHTTPHandler(watchdog), _DeadlineHTTPSHandler(watchdog))
         try:
-            with urllib.request.urlopen(request, timeout=self.timeout) as response:
-                raw = response.read()
+            with watchdog, opener.open(request, timeout=self.timeout) as response:
+                raw = _read_all(response, watchdog)
         except urllib.error.HTTPError as err:
+            if watchdog.expired:
+                raise _Transient("timeout", f"no complete answer within {self.timeout:g}s") from None
             raise self._http_error(err) from None
         except urllib.error.URLError as err:
-            if isinstance(err.reason, TimeoutError):
-                raise _Transient("timeout", f"no answer within {self.timeout:g}s") from None
+            if watchdog.expired or isinstance(err.reason, TimeoutError):
+                raise _Transient("timeout", f"no complete answer within {self.timeout:g}s") from None
             reason = err.reason if isinstance(err.reason, BaseException) else OSError(str(err.reason))
             raise _Transient("unreachable", _error_text(reason)) from None
         except TimeoutError:
-            raise _Transient("timeout", f"no answer within {self.timeout:g}s") from None
-        except (OSError, http.client.HTTPException) as err:
+            raise _Transient("timeout", f"no complete answer within {self.timeout:g}s") from None
+        except (OSError, ValueError, http.client.HTTPException) as err:
+            if watchdog.expired:
+                raise _Transient("timeout", f"no complete answer within {self.timeout:g}s") from None
             raise _Transient("unreachable", _error_text(err)) from None
         try:
             return json.loads(raw)
@@ -273,7 +289,113 @@ class OpenAIChatBackend(ChatBackend):
                           "check the server's log, or raise retries")
 
     def _redact(self, text: str) -> str:
-        """``text`` with the API key masked (servers sometimes echo it)."""
-        return text.replace(self._api_key, "***") if self._api_key else text
+        """``text`` with the API key (and any other registered secret) masked: servers sometimes echo it."""
+        text = text.replace(self._api_key, "***") if self._api_key else text
+        return redact(text)
+
+
+class _Deadline:
+    """A watchdog over one HTTP attempt: when ``seconds`` have passed, the connections it
+    watches are shut down, so any blocked read ends at once (``expired`` then says why)."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.expired = False
+        self._connections: list[http.client.HTTPConnection] = []
+        self._lock = threading.Lock()
+        self._timer: threading.Timer | None = None
+        self._end = 0.0
+
+    def __enter__(self) -> _Deadline:
+        return self
+
+    def start(self) -> None:
+        """Start the clock (on the first connection)."""
+        if self._timer is None:
+            self._end = time.monotonic() + self.seconds
+            self._timer = threading.Timer(self.seconds, self._expire)
+            self._timer.daemon = True
+            self._timer.start()
+
+    def remaining(self) -> float:
+        """Seconds left (at least a millisecond, so socket timeouts stay valid)."""
+        return max(0.001, self._end - time.monotonic()) if self._timer is not None else self.seconds
+
+    def watch(self, connection: http.client.HTTPConnection) -> None:
+        """Shut ``connection`` down when the deadline passes."""
+        self.start()
+        with self._lock:
+            self._connections.append(connection)
+            if self.expired:
+                _shutdown(connection)
+
+    def _expire(self) -> None:
+        with self._lock:
+            self.expired = True
+            for connection in self._connections:
+                _shutdown(connection)
+
+    def __exit__(self, *exc: object) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+
+
+def _shutdown(connection: http.client.HTTPConnection) -> None:
+    sock = getattr(connection, "sock", None)
+    if sock is not None:
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+
+def _read_all(response: Any, watchdog: _Deadline, chunk: int = 1 << 16) -> bytes:
+    """The whole body, checking the deadline between reads."""
+    parts = []
+    while True:
+        if watchdog.expired:
+            raise TimeoutError("deadline passed")
+        block = response.read(chunk)
+        if not block:
+            break
+        parts.append(block)
+    if watchdog.expired:
+        raise TimeoutError("deadline passed")
+    return b"".join(parts)
+
+
+class _DeadlineHTTPHandler(urllib.request.HTTPHandler):
+    """urllib's HTTP handler, with each connection watched by a :class:`_Deadline`."""
+
+    def __init__(self, watchdog: _Deadline) -> None:
+        super().__init__()
+        self.watchdog = watchdog
+
+    def http_open(self, req: Any) -> Any:  # noqa: D102 - urllib's hook
+        return self.do_open(_watched(http.client.HTTPConnection, self.watchdog), req)
+
+
+def _watched(cls: type, watchdog: _Deadline) -> Any:
+    """A connection factory for urllib's ``do_open``: connections of ``cls`` watched by ``watchdog``."""
+    def make(host: str, **kwargs: Any) -> Any:
+        kwargs["timeout"] = min(float(kwargs.get("timeout") or watchdog.seconds), watchdog.remaining())
+        connection = cls(host, **kwargs)
+        watchdog.watch(connection)
+        return connection
+    return make
+
+
+class _DeadlineHTTPSHandler(urllib.request.HTTPSHandler):
+    """urllib's HTTPS handler, with each connection watched by a :class:`_Deadline`."""
+
+    def __init__(self, watchdog: _Deadline) -> None:
+        super().__init__()
+        self.watchdog = watchdog
+
+    def https_open(self, req: Any) -> Any:  # noqa: D102 - urllib's hook
+        extra: dict[str, Any] = {"context": getattr(self, "_context", None)}
+        if getattr(self, "_check_hostname", None) is not None:
+            extra["check_hostname"] = self._check_hostname  # type: ignore[attr-defined]
+        return self.do_open(_watched(http.client.HTTPSConnection, self.watchdog), req, **extra)
 
 
