@@ -245,7 +245,7 @@ def test_ann_saved_and_validated_with_matrix_digest(tmp_path, clustered_index):
     assert not VectorIndex.from_matrix(changed).load_ann(tmp_path / "missing.faiss")
     with pytest.raises(OptionError, match="unknown hnsw parameter 'nprobe'"):
         index.build_ann("hnsw", nprobe=3)
-    with pytest.raises(OptionError, match="hnsw or ivf"):
+    with pytest.raises(OptionError, match="hnsw, ivf"):
         index.build_ann("lsh")
 
 
