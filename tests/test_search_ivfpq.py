@@ -165,3 +165,33 @@ def test_vector_index_builds_loads_and_masks_ivfpq(tmp_path):
     assert again.load_ann(tmp_path / "m.ivfpq") and again.ann_info["kind"] == "ivfpq"
     changed = VectorIndex.from_matrix(matrix[::-1].copy())
     assert not changed.load_ann(tmp_path / "m.ivfpq")
+
+
+def test_auto_kind_follows_size_and_memory():
+    from hqrs_geo.search.choose import choose_kind
+
+    gib = 1 << 30
+    assert choose_kind(100_000, 512, 16 * gib)[0] == "exact"
+    kind, reason = choose_kind(2_000_000, 512, 24 * gib)
+    assert kind == "ivf" and "3.8 GiB" in reason
+    kind, reason = choose_kind(10_000_000, 512, 24 * gib)
+    assert kind == "ivfpq" and "19.1 GiB" in reason
+
+
+def test_index_command_auto_and_ivfpq(example_layer, tiny_clip_checkpoint):
+    import json as _json
+
+    from conftest import run_cli
+    from tiny_models import TINY_CLIP
+
+    from hqrs_geo.api import embed
+
+    embed(example_layer, model=TINY_CLIP, checkpoint=str(tiny_clip_checkpoint), device="cpu")
+    auto = run_cli("index", example_layer, "--progress", "none")
+    assert auto.returncode == 0, auto.stderr
+    report = _json.loads(auto.stdout.strip().splitlines()[-1])
+    assert report["kind"] == "exact" and "no index is needed" in report["reason"]
+    bad = run_cli("index", example_layer, "--kind", "ivfpq", "--param", "nprobe=x")
+    assert bad.returncode == 2 and "--param" in bad.stderr and "Traceback" not in bad.stderr
+    few = run_cli("index", example_layer, "--kind", "ivfpq", "--param", "m=8")
+    assert few.returncode == 2 and "too few" in few.stderr  # 64 tiles cannot train 256-centroid codes

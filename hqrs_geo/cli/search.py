@@ -68,10 +68,17 @@ def register(sub: Any) -> None:
     classify.add_argument("--top-k", type=number(int, 1, 1000), default=3, help="classes kept in label_top (default 3)")
     classify.set_defaults(func=run_classify, option_flags=FLAGS)
 
-    index = sub.add_parser("index", help="build the approximate nearest-neighbour index of a layer (FAISS)")
+    from ..search.choose import KINDS
+
+    index = sub.add_parser("index", help="build the nearest-neighbour index of a layer (FAISS), or say none is needed")
     index.add_argument("layer")
     index.add_argument("--model", default=None, help="which embeddings when the layer has several")
-    index.add_argument("--kind", choices=("hnsw", "ivf"), default="hnsw")
+    index.add_argument("--kind", choices=KINDS, default="auto",
+                       help="auto (by size and available memory, says why), exact (no index), hnsw, ivf, or ivfpq "
+                            "(compressed, inverted lists on disk, for tens of millions of tiles)")
+    index.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
+                       help="index parameter, e.g. nprobe=32, rerank=256, nlist=4096, m=64 (ivfpq); M=32, "
+                            "efSearch=512 (hnsw); repeatable")
     add_progress_options(index)
     index.set_defaults(func=run_index)
 
@@ -162,9 +169,25 @@ def run_index(args: argparse.Namespace, progress: Any) -> int:
 
     opened = open_layer(args.layer)
     source = opened.runs.embedding_source(embedding_keys(opened.frame), args.model)
-    report = VectorIndex.open(args.layer, source.key, frame=opened.frame).build_ann(kind=args.kind)
+    vectors = VectorIndex.open(args.layer, source.key, frame=opened.frame)
+    report = vectors.build_index(args.kind, **_index_params(args.param))
     print(json.dumps(report))
     return 0
+
+
+def _index_params(items: list[str]) -> dict:
+    """``NAME=VALUE`` pairs as a dict of integers (one-line errors)."""
+    from ..errors import OptionError
+
+    params = {}
+    for item in items:
+        name, _, value = item.partition("=")
+        try:
+            params[name.strip()] = int(value)
+        except ValueError:
+            raise OptionError(f"invalid index parameter {item!r}: use NAME=INTEGER, e.g. nprobe=32",
+                              option="param") from None
+    return params
 
 
 def run_serve(args: argparse.Namespace, progress: Any) -> int:

@@ -254,6 +254,28 @@ class VectorIndex:
                           "path": str(target) if target is not None else None, **ann.params}
         return dict(self._ann_info)
 
+    def build_index(self, kind: str = "auto", **params: Any) -> dict:
+        """Build the index ``kind`` (``auto``: chosen by size and available memory, see
+        :mod:`.choose`; ``exact``: none, exact search is measured) and return its report with
+        the reason for the choice."""
+        from .choose import KINDS, choose_kind
+
+        if kind not in KINDS:
+            raise OptionError(f"invalid index kind {kind!r}: use {', '.join(KINDS)}", option="kind")
+        reason = f"{kind} asked for"
+        if kind == "auto":
+            kind, reason = choose_kind(self.n, self.dim)
+        if kind != "exact":
+            return {**self.build_ann(kind, **params), "reason": reason}
+        queries = self.recall_queries(count=50, seed=12345)
+        times = []
+        for q in queries:
+            begin = time.perf_counter()
+            self.search(q, 10)
+            times.append(time.perf_counter() - begin)
+        return {"kind": "exact", "n": self.n, "dim": self.dim, "recall_at_10": 1.0,
+                "query_p50_ms": round(float(np.median(times)) * 1000, 3), "reason": reason}
+
     def _measure_ann(self) -> tuple[float, float]:
         """(recall@10 against exact search, median ms per query) of the loaded index, on held-out
         queries (rows plus noise, seeded apart from the build's training sample)."""
