@@ -15,6 +15,18 @@ exact search; ANN build time; memory (VmRSS before/after mapping the matrix, aft
 searches touched it, after each index build; VmHWM the peak). Exact results are checked
 against a brute-force float32 computation on a few queries.
 Targets: exact p50 < 150 ms; ANN p50 < 5 ms at recall@10 >= 0.95 (1,000,000 x 512, 2 cores).
+
+Archive scale (``--archive 1000000,10000000``): for each size, the compressed index (OPQ +
+IVF-PQ, on-disk inverted lists, exact re-ranking; ``hqrs-geo index --kind ivfpq``) is built
+in a child process and queried in another one, so each phase's peak RSS (VmHWM) is its own:
+build time, index bytes on disk, peak RSS building and querying, p50/p95 of single queries and
+the per-query time of a batch, recall@10 against exact search (ground truth by the exact
+batch path over the memory-mapped float16 matrix). ``--real-mix F`` makes a share F of the
+rows real: embeddings of real tiles (the example scene, the shared scenes, UC Merced) by the
+shipped hqrs-mini-clip, placed in the 512-d space by a fixed random isometry (which keeps
+every inner product) and jittered. The last size's figures and the growth between the sizes
+give the 100M projection. Targets (10M x 512, 2 cores): p50 < 20 ms at recall@10 >= 0.95,
+query RSS < 3 GB, build < 30 min.
 """
 from __future__ import annotations
 
@@ -129,6 +141,168 @@ def alternatives(index, queries: np.ndarray, rows_out: list) -> None:
                      f"x {len(index.matrix) / 65536:.1f} for all rows"))
 
 
+ARCHIVE_P50_MS = 20.0
+ARCHIVE_RSS_MB = 3 * 1024
+ARCHIVE_BUILD_S = 30 * 60
+
+
+def real_embeddings(limit: int = 6000) -> np.ndarray:
+    """Unit embeddings of real tiles and images by the shipped hqrs-mini-clip (rows, 256)."""
+    import torch
+
+    from hqrs_geo import TileConfig, TileDataset
+    from hqrs_geo.models.encode import image_batch_vectors, image_vectors
+    from hqrs_geo.models.loader import load_model
+
+    root = Path(__file__).resolve().parents[1]
+    loaded = load_model("hqrs-mini-clip", device="cpu")
+    scenes = [root / "examples" / "data" / "urban_river_025m_epsg28992.tif",
+              *sorted((root.parent / "shared" / "data" / "scenes").glob("*.tif"))]
+    out = []
+    for scene in scenes:
+        if not scene.exists():
+            continue
+        ds = TileDataset.from_rasters(str(scene), TileConfig(tile_size=128, overlap="50%"))
+        for start in range(0, len(ds), 64):
+            batch = np.stack([ds[i][1] for i in range(start, min(start + 64, len(ds)))])
+            out.append(image_batch_vectors(loaded, torch.from_numpy(batch).permute(0, 3, 1, 2)))
+    ucm = sorted((root.parent / "shared" / "data" / "ucm").rglob("*.jpg"))[:2100]
+    for start in range(0, len(ucm), 64):
+        out.append(image_vectors(loaded, [str(p) for p in ucm[start:start + 64]]))
+    vectors = np.concatenate(out)[:limit]
+    return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+
+
+def mix_real(path: Path, share: float, seed: int = 0, noise: float = 0.15) -> int:
+    """Replace a share of the rows of the matrix at ``path`` by jittered real embeddings, placed
+    in its space by a fixed random isometry; returns how many rows were replaced."""
+    matrix = np.load(path, mmap_mode="r+")
+    n, dim = matrix.shape
+    real = real_embeddings()
+    rng = np.random.default_rng(seed + 99)
+    basis, _ = np.linalg.qr(rng.standard_normal((dim, real.shape[1])).astype(np.float32))  # dim x 256, orthonormal
+    rows = np.sort(rng.choice(n, size=int(share * n), replace=False))
+    for start in range(0, len(rows), 262144):
+        chunk = rows[start:start + 262144]
+        x = real[rng.integers(0, len(real), len(chunk))] @ basis.T
+        x += rng.standard_normal(x.shape).astype(np.float32) * np.float32(noise / math.sqrt(dim))
+        x /= np.linalg.norm(x, axis=1, keepdims=True)
+        matrix[chunk] = x.astype(np.float16)
+    matrix.flush()
+    return len(rows)
+
+
+ARCHIVE_CHILD = r"""
+import json, sys, time
+import numpy as np
+sys.path.insert(0, sys.argv[1])
+from hqrs_geo.search.index import VectorIndex
+
+def hwm():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+
+phase, matrix_path, folder, queries_path, params = sys.argv[2:7]
+params = json.loads(params)
+index = VectorIndex.from_matrix(np.load(matrix_path, mmap_mode="r"))
+if phase == "build":
+    start = time.perf_counter()
+    report = index.build_ann("ivfpq", path=folder, **params)
+    print(json.dumps({"seconds": time.perf_counter() - start, "peak_rss_mb": hwm(), "report": report}))
+else:
+    assert index.load_ann(folder), "index not loaded"
+    queries = np.load(queries_path)
+    k = 10
+    for q in queries[:5]:
+        index.search(q, k, use_ann=True)  # warm-up: coarse quantizer, first lists paged in
+    times, rows = [], []
+    for q in queries:
+        start = time.perf_counter()
+        rows.append(index.search(q, k, use_ann=True)[1][0])
+        times.append(time.perf_counter() - start)
+    start = time.perf_counter()
+    index.search(queries, k, use_ann=True)
+    batch = (time.perf_counter() - start) / len(queries)
+    np.save(queries_path + ".found.npy", np.stack(rows))
+    print(json.dumps({"p50_ms": float(np.median(times)) * 1000, "p95_ms": float(np.percentile(times, 95)) * 1000,
+                      "batch_ms": batch * 1000, "peak_rss_mb": hwm()}))
+"""
+
+
+def archive(sizes: list[int], dim: int, real_share: float, queries_n: int, folder: str | None, params: dict) -> None:
+    """The archive-scale measurements (see the module docstring)."""
+    import json
+    import subprocess
+
+    from hqrs_geo.search.exact import ExactSearch
+
+    root = str(Path(__file__).resolve().parents[1])
+    results = []
+    for n in sizes:
+        with tempfile.TemporaryDirectory(dir=folder) as tmp:
+            path = Path(tmp) / "matrix.npy"
+            start = time.perf_counter()
+            clustered(path, n, dim, clusters=max(10, n // 1000))
+            mixed = mix_real(path, real_share) if real_share > 0 else 0
+            print(f"{n:,} x {dim}: generated in {time.perf_counter() - start:.0f} s "
+                  f"({mixed:,} rows real-derived)", flush=True)
+            matrix = np.load(path, mmap_mode="r")
+            rng = np.random.default_rng(12345)
+            pick = np.sort(rng.choice(n, size=queries_n, replace=False))
+            queries = np.asarray(matrix[pick], dtype=np.float32)
+            queries += rng.standard_normal(queries.shape).astype(np.float32) * np.float32(0.05 / math.sqrt(dim))
+            queries /= np.linalg.norm(queries, axis=1, keepdims=True)
+            start = time.perf_counter()
+            _, truth = ExactSearch(matrix).search(queries, 10, None)
+            exact_batch = (time.perf_counter() - start) / queries_n
+            qpath = str(Path(tmp) / "queries.npy")
+            np.save(qpath, queries)
+            index_dir = str(Path(tmp) / "index.ivfpq")
+            runs = {}
+            for phase in ("build", "query"):
+                done = subprocess.run([sys.executable, "-c", ARCHIVE_CHILD, root, phase, str(path), index_dir, qpath,
+                                       json.dumps(params)], capture_output=True, text=True)
+                if done.returncode != 0:
+                    raise SystemExit(f"{phase} failed: {done.stderr.strip().splitlines()[-1:]}")
+                runs[phase] = json.loads(done.stdout.strip().splitlines()[-1])
+            found = np.load(qpath + ".found.npy")
+            rec = recall(found, truth)
+            size = sum(f.stat().st_size for f in Path(index_dir).rglob("*") if f.is_file() and "shards" not in f.parts)
+            report = runs["build"]["report"]
+            results.append({"n": n, "build_s": runs["build"]["seconds"], "build_rss": runs["build"]["peak_rss_mb"],
+                            "bytes": size, "p50": runs["query"]["p50_ms"], "p95": runs["query"]["p95_ms"],
+                            "batch": runs["query"]["batch_ms"], "query_rss": runs["query"]["peak_rss_mb"],
+                            "recall": rec, "exact_batch_ms": exact_batch * 1000, "params": report})
+            r = results[-1]
+            print(f"  build {r['build_s']:.0f} s (peak RSS {r['build_rss']:.0f} MiB), index {size / 2**20:.0f} MiB "
+                  f"on disk ({size / n:.1f} B/vector); query p50 {r['p50']:.2f} ms, p95 {r['p95']:.2f} ms, "
+                  f"batch {r['batch']:.2f} ms/query, peak RSS {r['query_rss']:.0f} MiB; recall@10 {rec:.4f} "
+                  f"(exact batch {exact_batch * 1000:.1f} ms/query)", flush=True)
+    last = results[-1]
+    print()
+    print(f"targets at {last['n']:,} x {dim}:")
+    for name, good, shown in (
+            (f"p50 < {ARCHIVE_P50_MS:.0f} ms at recall@10 >= {ANN_RECALL}", last["p50"] < ARCHIVE_P50_MS
+             and last["recall"] >= ANN_RECALL, f"{last['p50']:.2f} ms, {last['recall']:.4f}"),
+            (f"query RSS < {ARCHIVE_RSS_MB / 1024:.0f} GB", last["query_rss"] < ARCHIVE_RSS_MB,
+             f"{last['query_rss']:.0f} MiB"),
+            (f"build < {ARCHIVE_BUILD_S / 60:.0f} min", last["build_s"] < ARCHIVE_BUILD_S, f"{last['build_s']:.0f} s")):
+        print(f"  {name}: {'PASS' if good else 'FAIL'} ({shown})")
+    if len(results) >= 2:
+        a, b = results[-2], results[-1]
+        growth = math.log(b["p50"] / a["p50"]) / math.log(b["n"] / a["n"])
+        p100 = b["p50"] * (1e8 / b["n"]) ** growth
+        disk100 = b["bytes"] / b["n"] * 1e8
+        print()
+        print(f"100M projection: index {b['bytes'] / b['n']:.1f} B/vector x 1e8 = {disk100 / 2**30:.1f} GiB on disk "
+              f"(+ {2 * dim} B/vector of float16 vectors for re-ranking = {2 * dim * 1e8 / 2**30:.0f} GiB); "
+              f"p50 grows as n^{growth:.2f} between {a['n']:,} and {b['n']:,} rows: "
+              f"{b['p50']:.1f} ms x ({1e8:.0e} / {b['n']:.0e})^{growth:.2f} = {p100:.1f} ms; "
+              f"build time x {1e8 / b['n']:.0f} (linear in the rows encoded) = "
+              f"{b['build_s'] * 1e8 / b['n'] / 60:.0f} min")
+
+
 def main() -> None:
     from hqrs_geo.search.ann import ANN_DEFAULTS
     from hqrs_geo.search.index import VectorIndex
@@ -146,7 +320,16 @@ def main() -> None:
     parser.add_argument("--alternatives", action=argparse.BooleanOptionalAction, default=True,
                         help="also time the rejected exact-search strategies (float32 / bfloat16 copies)")
     parser.add_argument("--dir", default=None, help="folder for the matrix file (default: a temporary one)")
+    parser.add_argument("--archive", default=None, metavar="N1,N2,...",
+                        help="archive scale: build and query the compressed (ivfpq) index at these sizes instead")
+    parser.add_argument("--real-mix", type=float, default=0.2,
+                        help="archive scale: share of rows made from real tile embeddings (default 0.2)")
     args = parser.parse_args()
+    if args.archive:
+        ivfpq = {item.split("=", 1)[0][len("ivfpq."):]: int(item.split("=", 1)[1])
+                 for item in args.param if item.startswith("ivfpq.")}
+        archive([int(v) for v in args.archive.split(",")], args.dim, args.real_mix, args.queries, args.dir, ivfpq)
+        return
     params = {kind: {} for kind in ANN_DEFAULTS}
     for item in args.param:
         name, value = item.split("=", 1)
