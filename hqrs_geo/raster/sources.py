@@ -50,9 +50,11 @@ def expand_inputs(inputs: Sequence[str | os.PathLike]) -> list[str]:
     return list(dict.fromkeys(found))
 
 
-def scene_keys(paths: Sequence[str]) -> dict[str, str]:
-    """Short, stable, unique names for scenes (file stems; a path hash is added on clashes)."""
-    stems = {p: Path(p).stem.replace(" ", "_") for p in paths}
+def scene_keys(paths: Sequence[str], names: dict[str, str | None] | None = None) -> dict[str, str]:
+    """Short, stable, unique names for scenes: ``names[path]`` when given (a STAC item id), else
+    the file stem; a path hash is added on clashes."""
+    names = names or {}
+    stems = {p: names.get(p) or Path(p).stem.replace(" ", "_") for p in paths}
     counts: dict[str, int] = {}
     for stem in stems.values():
         counts[stem] = counts.get(stem, 0) + 1
