@@ -158,11 +158,12 @@ def run(
                 raise OptionError(f"{items[0]}: a dataset is updated in place; leave out «output» (merge it into a "
                                   "GeoPackage to get a copy)", option="output")
             return update_dataset(items[0], plan, options, progress, command)
+        assert output is not None
         return run_dataset(items, output, plan, tiling, options, scale, progress, command, source_filter)
     if source_filter is not None and not is_layer_input(items):
         from .raster.catalog import resolve_sources
 
-        inputs = resolve_sources(items, source_filter)
+        inputs = resolve_sources(items, source_filter)  # type: ignore[assignment]
     embedders = _load(list(embed_models), list(embed_checkpoints), list(embed_arch), device, trust_checkpoint)
     captioner = None
     if caption_model:

@@ -18,12 +18,12 @@ from typing import Any
 from .._version import __version__
 from ..errors import Cancelled, HqrsError
 from ..progress import Progress
-from . import inference, info, mpgi, search, tiles, training
+from . import dataset, inference, info, mpgi, search, tiles, training
 from .options import PROG, Parser, flag_of
 
 log = logging.getLogger("hqrs_geo")
 
-COMMAND_GROUPS = (info, tiles, inference, search, training, mpgi)
+COMMAND_GROUPS = (info, tiles, inference, search, training, mpgi, dataset)
 
 
 def build_parser() -> argparse.ArgumentParser:

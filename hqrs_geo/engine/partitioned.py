@@ -391,6 +391,7 @@ def _drive(executor: Any, units: list[Unit], waiting: dict[str, set], manifest: 
     finished: set[str] = set()
     saved = time.monotonic()
     started = time.monotonic()
+    last = [0.0]
     if progress is not None:
         progress.start(command, report.scenes, unit="scene", initial=report.skipped)
 
@@ -398,11 +399,18 @@ def _drive(executor: Any, units: list[Unit], waiting: dict[str, set], manifest: 
         if key in finished:
             return
         finished.add(key)
-        if progress is not None:
+        if progress is None:
+            return
+        rate = round(report.tiles / max(time.monotonic() - started, 1e-9), 1)
+        if progress.mode == "json":  # one object per finished scene, at most every interval
+            progress.done += 1
+            now = time.monotonic()
+            if now - last[0] >= progress.interval or progress.done >= report.scenes:
+                last[0] = now
+                progress.emit(command, tiles=report.tiles, tiles_per_s=rate, failed=len(report.failed))
+        else:
+            progress.postfix(tiles=report.tiles, tiles_per_s=rate, failed=len(report.failed))
             progress.advance(1)
-            elapsed = max(time.monotonic() - started, 1e-9)
-            progress.postfix(tiles=report.tiles, tiles_per_s=round(report.tiles / elapsed, 1),
-                             failed=len(report.failed))
 
     while queue or executor.busy():
         while queue and executor.room():
@@ -452,7 +460,7 @@ def _drive(executor: Any, units: list[Unit], waiting: dict[str, set], manifest: 
 
 def _record_scene(manifest: Manifest, unit: Unit, outcome: Outcome) -> None:
     scene = outcome.scene
-    if scene is None or outcome.blocks is None:
+    if scene is None or scene.grid is None or outcome.blocks is None:
         return
     from .units import grid_dict
 
@@ -513,7 +521,8 @@ def update_dataset(path: str | os.PathLike, plan: ModelPlan, options: RunOptions
             frame = layer.frame
             dataset = TileDataset.from_frame(frame, layer.scenes(), where=str(part_file))
             # each part's own records say which weights made its values (stale ones are recomputed)
-            todo, keep = tiles_to_do(frame, dataset.records, tasks, _NoStore(), layer.runs, options.overwrite)
+            todo, keep = tiles_to_do(frame, dataset.records, tasks, _NoStore(), layer.runs,  # type: ignore[arg-type]
+                                     options.overwrite)
             if progress is not None:
                 progress.advance(len(frame) - len(todo))
             if not todo:

@@ -207,7 +207,7 @@ def frame_bounds(frame: Any) -> tuple[list[float] | None, list[float] | None]:
         from pyproj import Transformer
 
         transformer = Transformer.from_crs(frame.crs, "EPSG:4326", always_xy=True)
-        box = transformer.transform_bounds(*bounds, densify_pts=21)
+        box = transformer.transform_bounds(bounds[0], bounds[1], bounds[2], bounds[3], densify_pts=21)
         wgs84 = [float(v) for v in box]
     return bounds, wgs84
 
@@ -297,7 +297,7 @@ def _bbox_in(manifest: Manifest, bbox: Sequence[float], bbox_crs: str | None) ->
     if CRS.from_user_input(bbox_crs) == CRS.from_user_input(manifest.crs):
         return tuple(float(v) for v in bbox)
     transformer = Transformer.from_crs(bbox_crs, manifest.crs, always_xy=True)
-    return tuple(float(v) for v in transformer.transform_bounds(*bbox, densify_pts=21))
+    return tuple(float(v) for v in transformer.transform_bounds(bbox[0], bbox[1], bbox[2], bbox[3], densify_pts=21))
 
 
 def _overlaps(a: Sequence[float] | None, b: Sequence[float]) -> bool:
@@ -441,9 +441,9 @@ def _as_blobs(frame: Any) -> Any:
         first = np.asarray(values[present].iloc[0])
         dtype = "float16" if first.dtype == np.float16 else "float32"
         blobs = encode(np.stack([np.asarray(v) for v in values[present]]), dtype)
-        out = [None] * len(values)
+        out: list[bytes | None] = [None] * len(values)
         for i, blob in zip(np.flatnonzero(present.to_numpy()), blobs):
-            out[i] = blob
+            out[int(i)] = blob
         frame[name] = out
     return frame
 

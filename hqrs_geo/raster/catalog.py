@@ -175,14 +175,11 @@ def _item_matches(item: Any, flt: SourceFilter) -> bool:
         props = item.properties
         first = item.datetime or _parse_instant(str(props.get("start_datetime") or ""), False)
         last = item.datetime or _parse_instant(str(props.get("end_datetime") or ""), True)
-        if first is None and last is None:
+        first, last = first or last, last or first
+        if first is None or last is None:
             return False
-        first = first or last
-        last = last or first
-        if first.tzinfo is None:
-            first = first.replace(tzinfo=timezone.utc)
-        if last.tzinfo is None:
-            last = last.replace(tzinfo=timezone.utc)
+        first = first if first.tzinfo else first.replace(tzinfo=timezone.utc)
+        last = last if last.tzinfo else last.replace(tzinfo=timezone.utc)
         if (end is not None and first > end) or (start is not None and last < start):
             return False
     return True
@@ -248,7 +245,7 @@ def _stac_items(href: str) -> Iterator[Any]:
                 yield item
         elif kind in ("Catalog", "Collection"):
             root = pystac.read_dict(data, href=location)
-            yield from root.get_items(recursive=True)  # type: ignore[union-attr]
+            yield from root.get_items(recursive=True)  # type: ignore[attr-defined]
         else:
             raise InputError(f"{href}: not a STAC Item, ItemCollection or Catalog (type {kind!r})")
     except HqrsError:
