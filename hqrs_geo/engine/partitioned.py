@@ -372,7 +372,8 @@ def run_dataset(
             units, report.skipped, waiting = plan_units(entries, manifest, fingerprint)
             manifest.runs.append({"run_id": len(manifest.runs) + 1, **run})
             manifest.save()
-            ctx = JobContext(str(folder), config, crs, fingerprint, run, specs, scale.block_tiles, options.batch_size)
+            ctx = JobContext(str(folder.resolve()), config, crs, fingerprint, run, specs, scale.block_tiles,
+                             options.batch_size)
             executor.begin(ctx)
             _drive(executor, units, waiting, manifest, report, scale, progress, command)
         finally:
