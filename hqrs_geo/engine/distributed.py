@@ -176,8 +176,9 @@ class RayExecutor:
 
     def _new_actor(self) -> Any:
         r = self.resources
-        cls = self.ray.remote(ModelWorker).options(
+        cls = self.ray.remote(ModelWorker).options(  # spread over the nodes: each node's reads feed its worker
             num_cpus=r["cpw"], num_gpus=r["gpw"], max_restarts=WORKER_RESTARTS, max_task_retries=WORKER_RESTARTS,
+            scheduling_strategy="SPREAD",
         )
         return cls.remote(self.plan, self.options, r["device"], r["threads"])
 
