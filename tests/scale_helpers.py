@@ -348,16 +348,18 @@ def _descendants(root: int) -> list[int]:
 def compare_layers(got, expected, atol: float = 2e-3) -> None:
     """Tile for tile: same ids, windows, valid fractions, footprints; embeddings within ``atol``;
     captions identical."""
-    from hqrs_geo.layer.columns import read_embeddings
+    from hqrs_geo.layer.columns import embedding_keys, read_embeddings
 
     assert list(got["tile_id"]) == list(expected["tile_id"])
     for column in ("source", "row", "col", "x_off", "y_off", "width", "height", "out_width", "out_height"):
         assert list(got[column]) == list(expected[column]), column
     assert np.allclose(got["valid_fraction"].to_numpy(float), expected["valid_fraction"].to_numpy(float))
     assert got.geometry.geom_equals_exact(expected.geometry.to_crs(got.crs), 1e-9).all()
-    present_a, a = read_embeddings(got)
-    present_b, b = read_embeddings(expected)
-    assert present_a.all() and present_b.all()
-    assert np.abs(a - b).max() <= atol, np.abs(a - b).max()
+    assert embedding_keys(got) == embedding_keys(expected) and embedding_keys(got)
+    for key in embedding_keys(expected):
+        present_a, a = read_embeddings(got, key)
+        present_b, b = read_embeddings(expected, key)
+        assert present_a.all() and present_b.all()
+        assert np.abs(a - b).max() <= atol, (key, np.abs(a - b).max())
     if "caption" in expected.columns:
         assert list(got["caption"]) == list(expected["caption"])

@@ -7,12 +7,12 @@ import json
 import numpy as np
 import pytest
 from rasterio.windows import Window
+from scale_helpers import EXAMPLE_SCENE, RangeServer, stac_item, wgs84_bounds, write_crop
 
 from hqrs_geo import InputError, OptionError, TileConfig, TileDataset, read_tiles
 from hqrs_geo.api import tile
 from hqrs_geo.layer.columns import SOURCE_URL, STAC_ITEM
 from hqrs_geo.raster.catalog import SourceFilter, gdal_path, resolve_sources, source_url
-from scale_helpers import EXAMPLE_SCENE, RangeServer, stac_item, wgs84_bounds, write_crop
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +34,8 @@ def test_paths_urls_lists_and_keys(tmp_path, served):
     listing = tmp_path / "sources.txt"
     listing.write_text(f"# my archive\nx/scene.tif\n\n{two}\n{server.url('a.tif')}\ns3://bucket/key/c.tif\n")
     entries = resolve_sources([str(listing), str(one)])  # the duplicate of x/scene.tif is dropped
-    assert [e.path for e in entries] == [str(one), str(two), f"/vsicurl/{server.url('a.tif')}", "/vsis3/bucket/key/c.tif"]
+    assert [e.path for e in entries] == [str(one), str(two), f"/vsicurl/{server.url('a.tif')}",
+                                         "/vsis3/bucket/key/c.tif"]
     assert [e.url for e in entries][2:] == [server.url("a.tif"), "s3://bucket/key/c.tif"]
     keys = [e.key for e in entries]
     assert len(set(keys)) == 4 and keys[0].startswith("scene-") and keys[2] == "a" and keys[3] == "c"
@@ -62,8 +63,9 @@ def test_cog_over_http_reads_like_the_local_file(tmp_path, served):
 
 
 def test_unreachable_url_is_one_line():
-    from hqrs_geo.tiling.plan import prepare_scenes
     from scale_helpers import free_port
+
+    from hqrs_geo.tiling.plan import prepare_scenes
 
     with pytest.raises(InputError) as err:
         prepare_scenes([f"http://127.0.0.1:{free_port()}/missing.tif"], TileConfig())

@@ -84,7 +84,7 @@ def finish_dataset(args: argparse.Namespace, progress: Any, report: Any) -> int:
     progress.finish(report.summary().splitlines()[0], tiles=report.tiles, scenes=report.scenes,
                     skipped=report.skipped, finished=report.done, failed=failed,
                     output=str(report.output))
-    if progress.mode != "json" and (not args.quiet or report.failed):
+    if report.failed or (not args.quiet and progress.mode != "json"):  # failed scenes: always on stderr
         print(report.summary(), file=sys.stderr)
     return EXIT_FAILED_SCENES if report.failed else 0
 

@@ -24,7 +24,7 @@ from pathlib import Path
 from PIL import Image
 
 from ..errors import OptionError, OutputError
-from ..layer.io import FORMATS, read_tiles, write_tiles
+from ..layer.io import is_layer_path, read_tiles, write_tiles
 from ..layer.runs import new_run, read_runs
 from .config import TileConfig
 from .dataset import TileDataset
@@ -34,7 +34,7 @@ IMAGE_FORMATS = {"png": "PNG", "jpg": "JPEG", "jpeg": "JPEG"}
 
 
 def _is_layer(inputs: Sequence[str | os.PathLike]) -> bool:
-    return len(inputs) == 1 and Path(str(inputs[0])).suffix.lower() in FORMATS
+    return len(inputs) == 1 and is_layer_path(inputs[0])  # a layer file or a dataset folder
 
 
 def export_chips(
