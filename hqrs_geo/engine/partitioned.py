@@ -30,7 +30,16 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import HqrsError, OptionError, OutputError
-from ..layer.dataset import Manifest, is_dataset, open_manifest, part_record, part_runs, sha256_file, write_part
+from ..layer.dataset import (
+    Manifest,
+    is_dataset,
+    open_manifest,
+    part_name,
+    part_record,
+    part_runs,
+    sha256_file,
+    write_part,
+)
 from ..raster.catalog import SourceEntry, SourceFilter, resolve_sources
 from ..tiling.config import TileConfig
 from .options import RunOptions
@@ -293,13 +302,14 @@ def _tidy(manifest: Manifest, fingerprint: str) -> int:
         import geopandas as gpd
 
         bounds, wgs84 = frame_bounds(gpd.read_parquet(path, columns=["geometry"]))
-        entry = {k: v for k, v in record.items() if k not in ("reading", "grid")}
+        entry = {k: v for k, v in record.items() if k not in ("reading", "grid", "block_rows")}
         manifest.add_part({**entry, "tiles": int(tiles), "bounds": bounds, "bounds_wgs84": wgs84,
                            "crs": manifest.crs, "sha256": sha256_file(path), "bytes": path.stat().st_size})
         scene = manifest.scenes.setdefault(record["scene"], {})
         if not scene.get("reading"):
             scene.update(source=record["source"], url=record.get("url"), item=record.get("item"),
-                         reading=record["reading"], grid=record["grid"], blocks=record["blocks"])
+                         reading=record["reading"], grid=record["grid"], blocks=record["blocks"],
+                         block_rows=record.get("block_rows"))
         adopted += 1
     return adopted
 
@@ -439,8 +449,13 @@ def _drive(executor: Any, units: list[Unit], waiting: dict[str, set], manifest: 
                 assert outcome.scene is not None and outcome.blocks is not None
                 _record_scene(manifest, unit, outcome)
                 blocks = outcome.blocks
-                waiting[key] = set(range(len(blocks)))
-                for b in reversed(range(len(blocks))):
+                done = _blocks_done(manifest, key, blocks)  # parts an earlier, interrupted run wrote
+                waiting[key] = set(range(len(blocks))) - done
+                if not waiting[key]:
+                    _complete_scene(manifest, key, manifest.parts[part_name(key, 0, len(blocks))])
+                    report.done += 1
+                    finish(key)
+                for b in reversed(sorted(waiting[key])):
                     queue.appendleft(Unit(unit.entry, b, len(blocks), tuple(blocks[b]), outcome.scene))
             else:
                 part = outcome.part or {}
@@ -457,6 +472,18 @@ def _drive(executor: Any, units: list[Unit], waiting: dict[str, set], manifest: 
         if time.monotonic() - saved >= scale.manifest_interval:
             manifest.save()
             saved = time.monotonic()
+
+
+def _blocks_done(manifest: Manifest, key: str, blocks: list) -> set[int]:
+    """Blocks of scene ``key`` whose part the current job already made (same rows and blocking)."""
+    done = set()
+    for name in manifest.scene_parts(key):
+        part = manifest.parts[name]
+        block = int(part.get("block", -1))
+        if part.get("fingerprint") == manifest.fingerprint and part.get("blocks") == len(blocks) \
+                and 0 <= block < len(blocks) and list(part.get("rows") or []) == list(blocks[block]):
+            done.add(block)
+    return done
 
 
 def _record_scene(manifest: Manifest, unit: Unit, outcome: Outcome) -> None:
@@ -477,8 +504,6 @@ def _complete_scene(manifest: Manifest, key: str, part: dict) -> None:
     """A scene has all its parts: count its tiles, drop parts of an older blocking or job."""
     scene = manifest.scenes[key]
     blocks = int(scene.get("blocks", 1))
-    from ..layer.dataset import part_name
-
     keep = {part_name(key, b, blocks) for b in range(blocks)}
     for name in manifest.drop_obsolete_parts(key, keep):
         (manifest.folder / name).unlink(missing_ok=True)

@@ -248,7 +248,7 @@ def part_facts(unit: Unit, status: dict, ctx: JobContext) -> dict:
     return {"name": part_name(unit.key, block, len(blocks)), "scene": unit.key, "block": block,
             "blocks": len(blocks), "rows": rows, "source": unit.entry.path, "url": unit.entry.url,
             "item": unit.entry.item, "fingerprint": ctx.fingerprint, "reading": scene.as_dict(),
-            "grid": grid_dict(scene.grid)}
+            "grid": grid_dict(scene.grid), "block_rows": [list(b) for b in blocks]}
 
 
 def empty_part(unit: Unit, status: dict, ctx: JobContext) -> dict:
@@ -260,7 +260,7 @@ def empty_part(unit: Unit, status: dict, ctx: JobContext) -> dict:
 
 
 def _manifest_entry(facts: dict) -> dict:
-    return {k: v for k, v in facts.items() if k not in ("reading", "grid")}
+    return {k: v for k, v in facts.items() if k not in ("reading", "grid", "block_rows")}
 
 
 def write_unit(unit: Unit, status: dict, frame: Any, stored: dict, ctx: JobContext) -> dict:
