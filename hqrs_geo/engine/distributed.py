@@ -9,7 +9,8 @@ pixels never pass through the driver:
 * a **model worker** actor (:class:`ModelWorker`; one per GPU, or per ``gpus_per_worker``
   GPUs, or one per node on CPU clusters) loads the job's models once and runs
   :func:`~hqrs_geo.engine.units.infer_unit` on each unit; a worker computes one unit while
-  the read tasks of the next ones run on the CPUs (two units queued per worker at most);
+  the read tasks of the next ones run on the CPUs (a GPU worker runs two units at once, so
+  one's host-to-device copy and result conversion overlap the other's compute);
 * a CPU **write task** (:func:`write_task`): results into the frame, the part written
   atomically to the dataset folder (which must be reachable from every node).
 
@@ -179,6 +180,7 @@ class RayExecutor:
         cls = self.ray.remote(ModelWorker).options(  # spread over the nodes: each node's reads feed its worker
             num_cpus=r["cpw"], num_gpus=r["gpw"], max_restarts=WORKER_RESTARTS, max_task_retries=WORKER_RESTARTS,
             scheduling_strategy="SPREAD",
+            max_concurrency=2 if r["gpw"] else 1,  # GPU: one unit's transfer overlaps the other's compute
         )
         return cls.remote(self.plan, self.options, r["device"], r["threads"])
 

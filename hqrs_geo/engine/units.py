@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -223,10 +224,10 @@ def infer_unit(tasks: list, tile_ids: list[str], pixels: np.ndarray, batch_size:
     device = tasks[0].loaded.device
     records = [_Id(t) for t in tile_ids]
     for start in range(0, len(records), batch_size):
-        batch = torch.from_numpy(np.array(pixels[start:start + batch_size]))  # a writable copy of shared memory
-        if device.type == "cuda":
-            batch = batch.pin_memory()
-        images = batch.to(device, non_blocking=True)
+        with warnings.catch_warnings():  # pixels may be read-only shared memory (Ray): they are only read
+            warnings.simplefilter("ignore", UserWarning)
+            batch = torch.from_numpy(np.ascontiguousarray(pixels[start:start + batch_size]))
+        images = batch.to(device)
         for tile_id, key, value in run_batch(tasks, images, records[start:start + batch_size],
                                              on_oom or (lambda n: None)):
             stored[key][tile_id] = value
