@@ -174,7 +174,7 @@ def cpu_mode(args) -> None:
 
 
 DRIVER = r"""
-import json, resource, sys, time
+import json, resource, sys, time  # noqa: E401
 import hqrs_geo as hg
 from hqrs_geo.engine.partitioned import ScaleOptions
 import ray, logging
@@ -187,7 +187,9 @@ start = time.time()
 report = hg.run(paths, sys.argv[3] + "/", embed_models=["hqrs-mini-clip"], device="cpu",
                 tiling=hg.TileConfig(tile_size=128), scale=ScaleOptions(engine="ray", manifest_interval=5))
 assert not report.failed and report.tiles == len(paths), report.summary()
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+status = dict(line.split(":", 1) for line in open("/proc/self/status"))
+peak = int(status["VmHWM"].split()[0]) / 1024  # not ru_maxrss: it keeps the forking parent's peak
+assert "torch" not in sys.modules, "the Ray driver imported torch"
 print(json.dumps([base, peak, time.time() - start]))
 """
 
