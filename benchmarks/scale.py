@@ -1,6 +1,6 @@
 """Scale-out: the Ray engine against the single-process engine, and the driver's memory.
 
-    python benchmarks/scale.py [--scenes 16] [--size 1024] [--arch hqrs-mini-clip] [--memory-scenes 1000]
+    python benchmarks/scale.py [--scenes 32] [--size 2048] [--arch hqrs-mini-clip] [--memory-scenes 1000]
     python benchmarks/scale.py --gpu [--gpu-scenes 40] [--caption-tiles 512]     # on a machine with a CUDA GPU
 
 CPU mode (this machine), in one run:
@@ -309,8 +309,8 @@ def gpu_mode(args) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--scenes", type=int, default=16, help="CPU mode: scenes")
-    parser.add_argument("--size", type=int, default=1024, help="CPU mode: scene size in px (256-px tiles)")
+    parser.add_argument("--scenes", type=int, default=32, help="CPU mode: scenes")
+    parser.add_argument("--size", type=int, default=2048, help="CPU mode: scene size in px (256-px tiles)")
     parser.add_argument("--arch", default="hqrs-mini-clip", help="CPU mode: embedding model")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--memory-scenes", type=int, default=1000, help="CPU mode: scenes of the memory test (0: off)")
