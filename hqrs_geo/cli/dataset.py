@@ -40,7 +40,8 @@ def add_scale_options(parser: argparse.ArgumentParser, workers: bool = False) ->
     """The partitioned engine's options (``workers``: also add ``--workers``, for commands without
     the engine options)."""
     group = parser.add_argument_group(
-        "scale-out (with a folder as output: a partitioned GeoParquet dataset, resumable)")
+        "scale-out (with a folder as output: a partitioned GeoParquet dataset, resumable; with --engine ray, "
+        "--workers is the number of model workers)")
     group.add_argument("--engine", choices=("local", "ray"), default="local",
                        help="local: this process (default); ray: CPU tasks and model workers on a Ray cluster")
     group.add_argument("--ray-address", default=None,
