@@ -25,6 +25,8 @@ from .tiling.records import TileRecord
 _LAZY = {
     "tile": ".api", "run": ".api", "embed": ".api", "caption": ".api",
     "RunOptions": ".engine.options",
+    "ScaleOptions": ".engine.partitioned", "DatasetReport": ".engine.partitioned",
+    "SourceFilter": ".raster.catalog", "merge_dataset": ".layer.dataset",
     "DecodingConfig": ".models.decoding",
     "load_model": ".models.loader",
     "search_text": ".search.api", "search_similar": ".search.api", "classify": ".search.api",
@@ -35,11 +37,11 @@ _LAZY = {
 }
 
 __all__ = [
-    "DecodingConfig", "FinetuneConfig", "HqrsError", "InputError", "OptionError", "OutputError", "RunOptions",
-    "SearchSession", "SpatialFilter", "TileConfig", "TileDataset", "TileReader", "TileRecord", "__version__",
-    "caption", "classify", "collate_tiles", "embed", "export_dataset", "finetune", "load_model", "load_recipe",
-    "open_layer", "read_embeddings", "read_runs", "read_tiles", "run", "run_mpgi", "search_similar", "search_text",
-    "tile", "tile_rasters", "write_tiles",
+    "DatasetReport", "DecodingConfig", "FinetuneConfig", "HqrsError", "InputError", "OptionError", "OutputError",
+    "RunOptions", "ScaleOptions", "SearchSession", "SourceFilter", "SpatialFilter", "TileConfig", "TileDataset",
+    "TileReader", "TileRecord", "__version__", "caption", "classify", "collate_tiles", "embed", "export_dataset",
+    "finetune", "load_model", "load_recipe", "merge_dataset", "open_layer", "read_embeddings", "read_runs",
+    "read_tiles", "run", "run_mpgi", "search_similar", "search_text", "tile", "tile_rasters", "write_tiles",
 ]
 
 

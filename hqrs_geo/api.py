@@ -4,7 +4,12 @@
     tiles = hg.run("scene.tif", "tiles.gpkg", embed_models=["remoteclip-vit-b-32"], caption_model="rs-coca")
 
 Inputs are rasters (tiled first) or one existing tile layer (updated in place, or copied to
-``output`` first when given).
+``output`` first when given). Rasters may be named by paths, globs, folders, lists, URLs and STAC
+documents (:mod:`hqrs_geo.raster.catalog`; ``source_filter`` picks the STAC asset and filters
+items). An ``output`` folder (a name ending in ``/`` or without extension) is a partitioned
+dataset (:mod:`hqrs_geo.layer.dataset`) made by the partitioned engine, in this process or on a
+Ray cluster (``scale=ScaleOptions(engine="ray")``, :mod:`hqrs_geo.engine.partitioned`): those
+calls return a :class:`~hqrs_geo.engine.partitioned.DatasetReport` instead of the tiles.
 """
 from __future__ import annotations
 
@@ -17,6 +22,7 @@ from typing import Any
 from .engine.options import RunOptions
 from .engine.run import run_models
 from .errors import Cancelled, OptionError
+from .layer.dataset import is_dataset
 from .layer.io import TileLayer, check_writable, is_layer_path, open_layer
 from .tiling.config import TileConfig
 from .tiling.plan import tile_to_layer
@@ -24,20 +30,54 @@ from .tiling.plan import tile_to_layer
 PathOrPaths = str | os.PathLike | Sequence[str | os.PathLike]
 
 
-def _as_list(inputs: PathOrPaths) -> list[str]:
-    return [str(inputs)] if isinstance(inputs, (str, os.PathLike)) else [str(i) for i in inputs]
+def _as_list(inputs: Any) -> list:
+    from .raster.catalog import SourceEntry
+
+    if isinstance(inputs, (str, os.PathLike, SourceEntry)):
+        inputs = [inputs]
+    return [i if isinstance(i, SourceEntry) else str(i) for i in inputs]
+
+
+def _wants_dataset(items: list, output: Any, scale: Any) -> bool:
+    """True when a job writes a partitioned dataset (a folder output, or the Ray engine)."""
+    from .engine.partitioned import ScaleOptions
+    from .layer.dataset import is_dataset_output
+
+    engine = (scale or ScaleOptions()).engine
+    if output is None or is_layer_input(items):
+        if engine != "local":
+            raise OptionError("the Ray engine tiles rasters into a dataset folder: give rasters and a folder as "
+                              "«output» (model jobs on an existing dataset run in this process)", option="engine")
+        return False
+    if is_dataset_output(output):
+        return True
+    if engine != "local":
+        raise OptionError(f"{output}: the Ray engine writes a partitioned dataset: give a folder (e.g. tiles/), "
+                          "then merge it into one GeoPackage", option="output")
+    return False
 
 
 def is_layer_input(inputs: PathOrPaths) -> bool:
-    """True when ``inputs`` is a single tile-layer file (by extension)."""
+    """True when ``inputs`` is a single tile-layer file (by extension) or dataset folder."""
     items = _as_list(inputs)
-    return len(items) == 1 and is_layer_path(items[0])
+    return len(items) == 1 and isinstance(items[0], str) and is_layer_path(items[0])
 
 
 def tile(inputs: PathOrPaths, output: str | os.PathLike, config: TileConfig | None = None,
-         progress: Any = None) -> Any:
-    """Tile rasters into the layer ``output``; returns the layer as written (GeoDataFrame)."""
-    return tile_to_layer(_as_list(inputs), output, config, progress).layer
+         progress: Any = None, source_filter: Any = None, scale: Any = None) -> Any:
+    """Tile rasters into the layer ``output``; returns the layer as written (GeoDataFrame), or
+    for a dataset folder ``output`` the :class:`~hqrs_geo.engine.partitioned.DatasetReport`."""
+    items = _as_list(inputs)
+    if _wants_dataset(items, output, scale):
+        from .engine.partitioned import run_dataset
+
+        return run_dataset(items, output, None, config, scale=scale, progress=progress, command="tile",
+                           source_filter=source_filter)
+    if source_filter is not None:
+        from .raster.catalog import resolve_sources
+
+        items = resolve_sources(items, source_filter)
+    return tile_to_layer(items, output, config, progress).layer
 
 
 def prepare_layer(inputs: PathOrPaths, output: str | os.PathLike | None = None,
@@ -99,9 +139,14 @@ def run(
     options: RunOptions | None = None,
     progress: Any = None,
     command: str = "run",
+    source_filter: Any = None,
+    scale: Any = None,
 ) -> Any:
     """Tile (when rasters are given), embed with every ``embed_models`` and caption with
-    ``caption_model``, in one pass over the tiles. Returns the updated layer (GeoDataFrame).
+    ``caption_model``, in one pass over the tiles. Returns the updated layer (GeoDataFrame), or
+    for a dataset folder ``output`` (``scale``: :class:`~hqrs_geo.engine.partitioned.ScaleOptions`,
+    e.g. the Ray engine) the :class:`~hqrs_geo.engine.partitioned.DatasetReport`; a dataset given
+    as input is updated in place, part by part, and its tiles are returned.
 
     With no model named, the defaults are used (``$HQRS_GEO_EMBED_MODEL`` /
     ``$HQRS_GEO_CAPTION_MODEL``, else the shipped demo models hqrs-mini-clip / hqrs-mini-coca):
@@ -114,6 +159,23 @@ def run(
             embed_models = [default_embed_model()]
         if command != "embed":
             caption_model = default_caption_model()
+    items = _as_list(inputs)
+    if _wants_dataset(items, output, scale) or (is_layer_input(items) and is_dataset(items[0])):
+        from .engine.partitioned import ModelPlan, run_dataset, update_dataset
+
+        plan = ModelPlan(list(embed_models), list(embed_checkpoints), list(embed_arch), caption_model,
+                         caption_checkpoint, caption_arch, decoding, device, trust_checkpoint)
+        if is_layer_input(items):
+            if output is not None and Path(output).resolve() != Path(items[0]).resolve():
+                raise OptionError(f"{items[0]}: a dataset is updated in place; leave out «output» (merge it into a "
+                                  "GeoPackage to get a copy)", option="output")
+            return update_dataset(items[0], plan, options, progress, command)
+        assert output is not None
+        return run_dataset(items, output, plan, tiling, options, scale, progress, command, source_filter)
+    if source_filter is not None and not is_layer_input(items):
+        from .raster.catalog import resolve_sources
+
+        inputs = resolve_sources(items, source_filter)  # type: ignore[assignment]
     embedders = _load(list(embed_models), list(embed_checkpoints), list(embed_arch), device, trust_checkpoint)
     captioner = None
     if caption_model:

@@ -22,6 +22,7 @@ SMOKE = {
                        "targets at 20,000 x 64"),
     "finetune": (["--steps", "1", "--batch", "8", "--dataset", str(SAMPLES)], "ratio"),
     "mpgi": (["--tiles", "2", "--max-tokens", "8", "--batch", "2"], "pipeline/bare"),
+    "scale": (["--scenes", "2", "--size", "256", "--batch", "4", "--memory-scenes", "20"], "ratio Ray / single-process"),
 }
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from .dataset import add_scale_options, add_source_options, finish_dataset, scale_options, source_filter
 from .options import (
     add_decoding_options,
     add_engine_options,
@@ -25,8 +26,11 @@ def register(sub: Any) -> None:
     """Add the ``embed``, ``caption`` and ``run`` commands."""
     for name, helptext in HELP.items():
         job = sub.add_parser(name, help=helptext)
-        job.add_argument("inputs", nargs="+", help="one tile layer, or rasters/globs/folders (then -o is required)")
-        job.add_argument("-o", "--output", default=None, help="tile layer to write (default: update the input layer)")
+        job.add_argument("inputs", nargs="+", help="one tile layer or dataset folder, or rasters/globs/folders/lists/"
+                                                    "URLs/STAC JSON (then -o is required)")
+        job.add_argument("-o", "--output", default=None,
+                         help="tile layer to write (default: update the input layer); a folder (DATASET/) makes a "
+                              "partitioned GeoParquet dataset")
         group = job.add_argument_group("models")
         flags: dict[str, str] = {}
         if name in ("embed", "run"):
@@ -55,6 +59,8 @@ def register(sub: Any) -> None:
         group.add_argument("--trust-checkpoint", action="store_true",
                            help="allow checkpoints that need pickle code execution (only from trusted sources)")
         add_engine_options(job)
+        add_scale_options(job)
+        add_source_options(job)
         add_tiling_options(job)
         add_progress_options(job)
         job.set_defaults(func=run_job, job=name, option_flags=flags)
@@ -64,9 +70,12 @@ def run_job(args: argparse.Namespace, progress: Any) -> int:
     """``hqrs-geo embed|caption|run``: model inference over tiles, results on the layer."""
     from ..api import run
     from ..engine.options import RunOptions
+    from ..engine.partitioned import DatasetReport
 
     decoding = decoding_config(args) if args.job in ("caption", "run") else None
-    options = RunOptions(batch_size=args.batch_size, precision=args.precision, workers=args.workers,
+    scale = scale_options(args)
+    options = RunOptions(batch_size=args.batch_size, precision=args.precision,
+                         workers=None if scale.engine == "ray" else args.workers,
                          embedding_dtype=args.embedding_dtype, overwrite=args.overwrite).validated()
     frame = run(
         args.inputs, args.output,
@@ -75,7 +84,10 @@ def run_job(args: argparse.Namespace, progress: Any) -> int:
         caption_checkpoint=getattr(args, "caption_checkpoint", None), caption_arch=getattr(args, "caption_arch", None),
         decoding=decoding, device=args.device, trust_checkpoint=args.trust_checkpoint,
         tiling=tile_config(args), options=options, progress=progress, command=args.job,
+        source_filter=source_filter(args), scale=scale,
     )
+    if isinstance(frame, DatasetReport):
+        return finish_dataset(args, progress, frame)
     output = args.output or args.inputs[0]
     summary = f"{len(frame)} tile(s) in {output} now carry the results of {args.job}"
     return finish(args, progress, summary, tiles=len(frame), output=str(output))

@@ -4,14 +4,19 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from ..layer.dataset import is_dataset_output
+from .dataset import add_scale_options, add_source_options, finish_dataset, scale_options, source_filter
 from .options import add_progress_options, add_tiling_options, finish, number, tile_config
 
 
 def register(sub: Any) -> None:
     """Add the ``tile`` and ``export-chips`` commands."""
     tile = sub.add_parser("tile", help="cut rasters into a tile layer (GeoPackage, GeoParquet or FlatGeobuf)")
-    tile.add_argument("rasters", nargs="+", help="rasters, globs (quoted) or folders")
-    tile.add_argument("-o", "--output", required=True, help="tile layer: .gpkg (default format), .parquet or .fgb")
+    tile.add_argument("rasters", nargs="+", help="rasters, globs (quoted), folders, lists, URLs or STAC JSON")
+    tile.add_argument("-o", "--output", required=True, help="tile layer: .gpkg (default format), .parquet or .fgb; "
+                                                           "a folder (DATASET/) makes a partitioned GeoParquet dataset")
+    add_scale_options(tile, workers=True)
+    add_source_options(tile)
     add_tiling_options(tile)
     add_progress_options(tile)
     tile.set_defaults(func=run_tile)
@@ -27,11 +32,19 @@ def register(sub: Any) -> None:
 
 
 def run_tile(args: argparse.Namespace, progress: Any) -> int:
-    """``hqrs-geo tile``: rasters to a tile layer."""
+    """``hqrs-geo tile``: rasters to a tile layer (or a partitioned dataset)."""
+    from ..api import tile
+    from ..raster.catalog import resolve_sources
     from ..tiling.plan import tile_to_layer
 
     config = tile_config(args)
-    report = tile_to_layer(args.rasters, args.output, config, progress=progress)
+    filters = source_filter(args)
+    scale = scale_options(args)
+    if is_dataset_output(args.output) or scale.engine != "local":
+        report = tile(args.rasters, args.output, config, progress=progress, source_filter=filters, scale=scale)
+        return finish_dataset(args, progress, report)
+    rasters = resolve_sources(args.rasters, filters) if filters.asset or filters.active else args.rasters
+    report = tile_to_layer(rasters, args.output, config, progress=progress)  # type: ignore[arg-type]
     new, held = len(report.tiles), len(report.layer)
     summary = (f"{new} tile(s) from {len(report.scenes)} scene(s) written to {args.output} "
                f"({report.examined - new} skipped below valid fraction {config.min_valid}; layer holds {held})")

@@ -8,6 +8,7 @@ use it.
 """
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import numpy as np
@@ -87,6 +88,15 @@ class EmbedTask(_Task):
         return {**super().describe(), "dtype": self.dtype}
 
 
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
+
+
+def clean_caption(text: str) -> str:
+    """A caption without control characters (byte-level BPE can decode to any byte; a NUL would
+    cut the text short in a GeoPackage and not in GeoParquet), tabs and newlines as spaces."""
+    return _CONTROL.sub("", text.replace("\t", " ").replace("\n", " ")).strip()
+
+
 class CaptionTask(_Task):
     """Captions from a CoCa model with the project's own cached decoder."""
 
@@ -106,7 +116,8 @@ class CaptionTask(_Task):
         from ..models.decoding import generate_captions
 
         with inference_context(self.loaded.device, self.amp):
-            return generate_captions(self.loaded.model, self.loaded.tokenizer, self.inputs(images), self.decoding)
+            texts = generate_captions(self.loaded.model, self.loaded.tokenizer, self.inputs(images), self.decoding)
+        return [clean_caption(t) for t in texts]
 
     def columns(self) -> dict[str, object]:
         """Constant columns written beside the caption."""

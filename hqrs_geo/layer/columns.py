@@ -1,7 +1,11 @@
 """The column contract of tile layers: every column name hqrs_geo reads or writes, and how
 embeddings are stored.
 
-Tiles: :data:`TILE_COLUMNS` (then the footprint geometry). Results added later: ``caption``
+Tiles: :data:`TILE_COLUMNS` (then the footprint geometry). Scenes found by URL or in a STAC
+catalog (:mod:`hqrs_geo.raster.catalog`), and every tile of a partitioned dataset
+(:mod:`hqrs_geo.layer.dataset`), also carry :data:`PROVENANCE_COLUMNS`: ``source_url`` (the
+scene's URL — ``https://…``, ``s3://…`` — or the absolute path of a local file) and
+``stac_item`` (the STAC item id, empty otherwise). Results added later: ``caption``
 and ``caption_model``; ``label``, ``label_score``, ``label_top`` (zero-shot classes);
 ``mpgi_caption``, ``mpgi_short``, ``mpgi_facts``, ``mpgi_recipe`` (MpGI). For a model with key
 ``K`` (:attr:`hqrs_geo.models.registry.ModelSpec.key`):
@@ -31,6 +35,10 @@ TILE_COLUMNS = (
     TILE_ID, SOURCE, "row", "col", "x_off", "y_off", "width", "height",
     "out_width", "out_height", "valid_fraction", "gsd",
 )
+SOURCE_URL = "source_url"
+STAC_ITEM = "stac_item"
+#: Where a tile's scene was found: its URL (or path) and STAC item id (see the module docstring).
+PROVENANCE_COLUMNS = (SOURCE_URL, STAC_ITEM)
 #: The columns that locate a tile's pixels: a tile keeps its results only while these are unchanged.
 WINDOW_COLUMNS = (SOURCE, "x_off", "y_off", "width", "height", "out_width", "out_height")
 

@@ -24,6 +24,7 @@ import pandas as pd
 from ..atomic import atomic_path, check_nonempty
 from ..errors import InputError, OutputError
 from .columns import TILE_ID, WINDOW_COLUMNS, decode, embedding_columns
+from .dataset import is_dataset, read_dataset_tiles, write_dataset_layer
 from .runs import PARQUET_KEY, RUN_FIELDS, RUNS_TABLE, LayerRuns, read_runs, sidecar_path
 
 FORMATS = {".gpkg": "GPKG", ".parquet": "Parquet", ".geoparquet": "Parquet", ".fgb": "FlatGeobuf"}
@@ -32,7 +33,10 @@ PathLike = Union[str, "os.PathLike[str]"]
 
 
 def layer_format(path: PathLike) -> str:
-    """The driver for ``path`` by its extension; a one-line error for unsupported ones."""
+    """The driver for ``path`` by its extension (``Dataset`` for a dataset folder, see
+    :mod:`hqrs_geo.layer.dataset`); a one-line error for unsupported ones."""
+    if is_dataset(path):
+        return "Dataset"
     suffix = Path(path).suffix.lower()
     if suffix not in FORMATS:
         raise OutputError(f"{path}: unsupported layer format {suffix or '(none)'!r}; use .gpkg, .parquet or .fgb")
@@ -40,13 +44,16 @@ def layer_format(path: PathLike) -> str:
 
 
 def is_layer_path(path: PathLike) -> bool:
-    """True when ``path`` names a tile-layer file by its extension."""
-    return Path(str(path)).suffix.lower() in FORMATS
+    """True when ``path`` names a tile-layer file by its extension, or is a dataset folder."""
+    return Path(str(path)).suffix.lower() in FORMATS or is_dataset(path)
 
 
 def check_writable(path: PathLike) -> None:
     """Fail early, before any work, when ``path`` cannot be written."""
-    layer_format(path)
+    if layer_format(path) == "Dataset":
+        if not os.access(path, os.W_OK):
+            raise OutputError(f"{path}: not writable (permission denied); choose another output")
+        return
     target = Path(path)
     folder = target.parent if str(target.parent) else Path(".")
     if not folder.is_dir():
@@ -60,12 +67,14 @@ def check_writable(path: PathLike) -> None:
 def read_tiles(path: PathLike, layer: str = TILES_LAYER) -> Any:
     """Read a tile layer as a GeoDataFrame ordered by ``tile_id`` (scene, row, column).
 
-    One-line errors for missing or foreign files.
+    One-line errors for missing or foreign files. A dataset folder is read whole.
     """
     import geopandas as gpd
     import pyogrio
 
     driver = layer_format(path)
+    if driver == "Dataset":
+        return read_dataset_tiles(path)
     if not Path(path).exists():
         raise InputError(f"{path}: file not found; tile a raster into a layer first")
     if Path(path).is_dir():
@@ -153,7 +162,7 @@ def has_layer(path: PathLike, layer: str) -> bool:
     """True when the file exists and holds ``layer`` (always True for single-layer formats)."""
     if not Path(path).exists():
         return False
-    if layer_format(path) != "GPKG":
+    if layer_format(path) != "GPKG":  # single-layer formats and datasets
         return True
     import pyogrio
 
@@ -194,6 +203,8 @@ def write_layer(
     """
     check_writable(path)
     driver = layer_format(path)
+    if driver == "Dataset":
+        return write_dataset_layer(path, tiles, run, replace_sources, layer, replace_all, tables)
     reuse = known is not None and layer == TILES_LAYER and Path(known.path) == Path(path) and known.unchanged()
     existing = None
     if reuse and known is not None:

@@ -139,6 +139,10 @@ def read_runs(path: PathLike, layer_format: str | None = None) -> LayerRuns:
     from .io import layer_format as format_of
 
     driver = layer_format or format_of(path)
+    if driver == "Dataset":
+        from .dataset import read_dataset_runs
+
+        return read_dataset_runs(path)
     if not Path(path).exists():
         return LayerRuns(path=path)
     if driver == "GPKG":

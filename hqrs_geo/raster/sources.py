@@ -50,11 +50,13 @@ def expand_inputs(inputs: Sequence[str | os.PathLike]) -> list[str]:
     return list(dict.fromkeys(found))
 
 
-def scene_keys(paths: Sequence[str]) -> dict[str, str]:
-    """Short, stable, unique names for scenes (file stems; a path hash is added on clashes)."""
+def scene_keys(paths: Sequence[str], names: dict[str, str | None] | None = None) -> dict[str, str]:
+    """Short, stable, unique names for scenes: ``names[path]`` when given (a STAC item id), else
+    the file stem, made safe for file names; a path hash is added on clashes."""
     from ..safe_paths import safe_stem
 
-    stems = {p: safe_stem(Path(p).stem) for p in paths}
+    names = names or {}
+    stems = {p: safe_stem(names.get(p) or Path(p).stem) for p in paths}
     counts: dict[str, int] = {}
     for stem in stems.values():
         counts[stem] = counts.get(stem, 0) + 1

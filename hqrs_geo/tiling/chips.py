@@ -28,7 +28,7 @@ from PIL import Image
 
 from ..atomic import output_folder, write_bytes
 from ..errors import OptionError
-from ..layer.io import FORMATS, read_tiles, write_tiles
+from ..layer.io import is_layer_path, read_tiles, write_tiles
 from ..layer.runs import new_run, read_runs
 from ..safe_paths import file_name, inside, write_csv
 from .config import TileConfig
@@ -39,7 +39,7 @@ IMAGE_FORMATS = {"png": "PNG", "jpg": "JPEG", "jpeg": "JPEG"}
 
 
 def _is_layer(inputs: Sequence[str | os.PathLike]) -> bool:
-    return len(inputs) == 1 and Path(str(inputs[0])).suffix.lower() in FORMATS
+    return len(inputs) == 1 and is_layer_path(inputs[0])  # a layer file or a dataset folder
 
 
 def export_chips(

@@ -16,9 +16,9 @@ import numpy as np
 from affine import Affine
 
 from ..errors import InputError
-from ..layer.columns import TILE_COLUMNS
+from ..layer.columns import SOURCE, SOURCE_URL, STAC_ITEM, TILE_COLUMNS
+from ..raster.catalog import resolve_sources
 from ..raster.scene import choose_bands, describe, open_raster, read_pixels
-from ..raster.sources import expand_inputs, scene_keys
 from ..raster.stretch import Scale, StretchSpec, scene_scale
 from .config import DEFAULT_MIN_VALID, TileConfig
 from .footprints import window_polygons
@@ -28,11 +28,13 @@ from .records import TILE_ID_FORMAT, SceneReading, TileRecord
 
 log = logging.getLogger(__name__)
 
-def prepare_scenes(inputs: Sequence[str | os.PathLike], config: TileConfig) -> list[SceneReading]:
+def prepare_scenes(inputs: Sequence[Any], config: TileConfig) -> list[SceneReading]:
     """Open every input once: check it, choose bands, compute its one stretch and its grid.
 
-    Refused with one line: more tiles than :func:`~hqrs_geo.tiling.grid.max_tiles` over all
-    scenes (counted before any tile exists), and rasters whose pixel data is missing or damaged
+    ``inputs``: paths, globs, folders, lists, URLs, STAC documents (see
+    :func:`~hqrs_geo.raster.catalog.resolve_sources`) or entries it resolved. Refused with one
+    line: more tiles than :func:`~hqrs_geo.tiling.grid.max_tiles` over all scenes (counted
+    before any tile exists), and rasters whose pixel data is missing or damaged
     (:func:`~hqrs_geo.raster.integrity.check_pixel_data`).
     """
     from ..raster.integrity import check_pixel_data
@@ -40,11 +42,10 @@ def prepare_scenes(inputs: Sequence[str | os.PathLike], config: TileConfig) -> l
     config = config.validated()
     tile_size, overlap = parse_tile_lengths(config.tile_size, config.overlap)
     stretch = StretchSpec.parse(config.stretch)
-    paths = expand_inputs(inputs)
-    keys = scene_keys(paths)
     scenes = []
     planned = 0
-    for path in paths:
+    for entry in resolve_sources(inputs):
+        path = entry.path
         with open_raster(path) as src:
             info = describe(src)
             if info.crs is None and info.has_gcps:
@@ -61,10 +62,11 @@ def prepare_scenes(inputs: Sequence[str | os.PathLike], config: TileConfig) -> l
             check_pixel_data(src, path)
             scale = Scale() if bands.palette else read_pixels(path, lambda: scene_scale(src, bands.indexes, stretch))
         scenes.append(SceneReading(
-            source=path, key=keys[path], bands=bands, scale=scale, resampling=config.resampling,
+            source=path, key=entry.key, bands=bands, scale=scale, resampling=config.resampling,
             width=info.width, height=info.height, dtype=info.dtypes[bands.indexes[0] - 1],
             all_valid=info.all_valid and not info.is_float, crs=info.crs,
             transform=info.transform, info=info, grid=grid,
+            url=entry.url if entry.url != path else None, item=entry.item,
         ))
     return scenes
 
@@ -86,13 +88,17 @@ def plan_tiles(
     reader: TileReader,
     min_valid: float = DEFAULT_MIN_VALID,
     on_tile: Callable[[int], None] | None = None,
+    rows: tuple[int, int] | None = None,
 ) -> Iterator[TileRecord]:
     """Stream the records of every tile whose valid fraction reaches ``min_valid``.
 
-    ``on_tile(1)`` is called for every grid cell examined (kept or skipped), for progress.
+    ``on_tile(1)`` is called for every grid cell examined (kept or skipped), for progress;
+    ``rows``: only the grid rows ``[first, last)`` (a block of a large scene).
     """
     for scene in scenes:
         for rec in scene_records(scene):
+            if rows is not None and not rows[0] <= rec.row < rows[1]:
+                continue
             rec.valid_fraction = round(reader.valid_fraction(rec), 6)
             if on_tile:
                 on_tile(1)
@@ -137,6 +143,10 @@ def records_to_frame(records: Sequence[TileRecord], scenes: Sequence[SceneReadin
     frame = frame.astype({c: "int64" for c in ("row", "col", "x_off", "y_off", "width", "height",
                                                  "out_width", "out_height")})
     frame = frame.astype({"valid_fraction": "float64", "gsd": "float64"})
+    if any(s.url or s.item for s in scenes):  # scenes found by URL or in a STAC catalog: say where
+        found = {s.source: (s.url or s.source, s.item) for s in scenes}
+        frame[SOURCE_URL] = frame[SOURCE].map(lambda src: found[src][0]).astype(object)
+        frame[STAC_ITEM] = frame[SOURCE].map(lambda src: found[src][1]).astype(object)
     return gpd.GeoDataFrame(frame, geometry=gpd.GeoSeries(polys, crs=crs), crs=crs)
 
 

@@ -54,6 +54,8 @@ class SceneReading:
     all_valid: bool
     crs: str | None = None
     transform: tuple[float, ...] = ()
+    url: str | None = None  # where the scene was found (URL or path), when it differs from ``source``
+    item: str | None = None  # STAC item id
     info: SceneInfo | None = field(default=None, repr=False)
     grid: SceneGrid | None = field(default=None, repr=False)
 
@@ -65,6 +67,7 @@ class SceneReading:
             "resampling": self.resampling, "width": self.width, "height": self.height,
             "dtype": self.dtype, "all_valid": self.all_valid, "crs": self.crs,
             "transform": list(self.transform),
+            **({"url": self.url} if self.url else {}), **({"item": self.item} if self.item else {}),
         }
 
     @classmethod
@@ -75,5 +78,5 @@ class SceneReading:
             bands=BandChoice(tuple(d["bands"]), bool(d.get("palette"))),
             scale=Scale.from_dict(d["scale"]), resampling=d["resampling"],
             width=d["width"], height=d["height"], dtype=d["dtype"], all_valid=d["all_valid"],
-            crs=d.get("crs"), transform=tuple(d.get("transform") or ()),
+            crs=d.get("crs"), transform=tuple(d.get("transform") or ()), url=d.get("url"), item=d.get("item"),
         )

@@ -1,0 +1,190 @@
+"""The Ray engine on a real two-node Ray cluster on this machine (``ray start --head`` on
+127.0.0.2 and a second ``ray start --address`` node on 127.0.0.3, each with its own raylet):
+12 scenes mixing local GeoTIFFs, COGs read over HTTP range requests and STAC items give the
+tiles and values of the single-process engine, also after a worker process is killed, the
+second node leaves, or the driver is killed and the command run again."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+import hqrs_geo as hg
+from hqrs_geo.engine.options import RunOptions
+from hqrs_geo.layer.dataset import MANIFEST
+from hqrs_geo.models.decoding import DecodingConfig
+from scale_helpers import ROOT, RangeServer, RayCluster, archive, compare_layers, free_port, processes_named
+from tiny_models import TINY_CLIP, TINY_COCA
+
+pytest.importorskip("ray")
+pytestmark = pytest.mark.timeout(900)
+
+TILING = ["--tile-size", "128", "--crs", "EPSG:4326"]
+CONFIG = hg.TileConfig(tile_size=128, crs="EPSG:4326")
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    server = RangeServer(tmp_path_factory.mktemp("http"))
+    yield server
+    server.close()
+
+
+@pytest.fixture(scope="module")
+def scenes(served, tmp_path_factory):
+    return archive(tmp_path_factory.mktemp("archive"), served)
+
+
+@pytest.fixture(scope="module")
+def env(model_environment):
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+            "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory, env):
+    temp = tmp_path_factory.mktemp("ray")
+    nodes = RayCluster(temp, env)
+    yield nodes
+    nodes.stop()
+
+
+def model_args(clip, coca) -> list[str]:
+    return ["--embed-model", TINY_CLIP, "--embed-checkpoint", str(clip), "--caption-model", TINY_COCA,
+            "--caption-checkpoint", str(coca), "--decoding", "greedy", "--max-length", "8", "--batch-size", "4",
+            "--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def reference(scenes, tmp_path_factory, tiny_clip_checkpoint, tiny_coca_checkpoint):
+    """The single-process engine's GeoPackage of the 12 scenes."""
+    out = tmp_path_factory.mktemp("ref") / "ref.gpkg"
+    hg.run(scenes["sources"], out, embed_models=[TINY_CLIP], embed_checkpoints=[str(tiny_clip_checkpoint)],
+           caption_model=TINY_COCA, caption_checkpoint=str(tiny_coca_checkpoint),
+           decoding=DecodingConfig(method="greedy", max_length=8), device="cpu", tiling=CONFIG,
+           options=RunOptions(batch_size=4))
+    return hg.read_tiles(out)
+
+
+def ray_command(scenes, out, cluster, clip, coca, *extra) -> list[str]:
+    return [sys.executable, "-m", "hqrs_geo", "run", *scenes["sources"], "-o", f"{out}/", *TILING,
+            *model_args(clip, coca), "--engine", "ray", "--ray-address", cluster.address, "--workers", "2",
+            "--cpus-per-worker", "1", "--block-tiles", "8", "--progress", "json", *extra]
+
+
+def start(command, env) -> subprocess.Popen:
+    return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for_scenes(proc: subprocess.Popen, done: int, timeout: float = 300) -> list[dict]:
+    """Read the JSON progress until ``done`` scenes are finished; the events read."""
+    events, deadline = [], time.monotonic() + timeout
+    assert proc.stdout is not None
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        event = json.loads(line)
+        events.append(event)
+        if event["stage"] == "run" and event["done"] >= done:
+            return events
+    raise AssertionError(f"the run did not reach {done} scenes: {events} {proc.stderr.read() if proc.stderr else ''}")
+
+
+def finish(proc: subprocess.Popen, timeout: float = 600) -> tuple[int, str, str]:
+    out, err = proc.communicate(timeout=timeout)
+    return proc.returncode, out, err
+
+
+def test_ray_engine_equals_the_single_process_engine(cluster, scenes, reference, tmp_path, env,
+                                                     tiny_clip_checkpoint, tiny_coca_checkpoint):
+    out = tmp_path / "ds"
+    code, stdout, stderr = finish(start(ray_command(scenes, out, cluster, tiny_clip_checkpoint,
+                                                    tiny_coca_checkpoint), env))
+    assert code == 0, stderr[-3000:]
+    final = json.loads(stdout.strip().splitlines()[-1])
+    assert final["stage"] == "done" and final["scenes"] == 12 and final["failed"] == []
+    assert final["tiles"] == len(reference)
+    tiles = hg.read_tiles(out)
+    compare_layers(tiles, reference)
+    assert tiles.stac_item.notna().sum() == len(tiles) // 3 and tiles.source_url.str.startswith("http").any()
+    manifest = json.loads((out / MANIFEST).read_text())
+    assert manifest["failed"] == {} and len(manifest["scenes"]) == 12
+    assert sum(p["tiles"] for p in manifest["parts"].values()) == len(reference)
+    runs = hg.read_runs(out)
+    assert runs[-1]["params"]["engine"] == "ray"
+
+
+def test_a_killed_worker_process_changes_nothing(cluster, scenes, reference, tmp_path, env,
+                                                  tiny_clip_checkpoint, tiny_coca_checkpoint):
+    out = tmp_path / "ds"
+    proc = start(ray_command(scenes, out, cluster, tiny_clip_checkpoint, tiny_coca_checkpoint), env)
+    wait_for_scenes(proc, 2)
+    workers = processes_named("ray::ModelWorker")
+    assert workers, "no model worker process found"
+    os.kill(workers[0], signal.SIGKILL)
+    code, _, stderr = finish(proc)
+    assert code == 0, stderr[-3000:]
+    compare_layers(hg.read_tiles(out), reference)
+    assert json.loads((out / MANIFEST).read_text())["failed"] == {}
+
+
+def test_a_killed_driver_resumes_without_recomputing(cluster, scenes, reference, tmp_path, env,
+                                                     tiny_clip_checkpoint, tiny_coca_checkpoint):
+    out = tmp_path / "ds"
+    command = ray_command(scenes, out, cluster, tiny_clip_checkpoint, tiny_coca_checkpoint)
+    proc = start(command, env)
+    wait_for_scenes(proc, 3)
+    proc.kill()
+    proc.wait(timeout=60)
+    first = {p.name: p.stat().st_ino for p in out.glob("*.parquet")}
+    assert first
+    code, stdout, stderr = finish(start(command, env))
+    assert code == 0, stderr[-3000:]
+    final = json.loads(stdout.strip().splitlines()[-1])
+    assert final["skipped"] >= 3 and final["skipped"] + final["finished"] == 12
+    after = {p.name: p.stat().st_ino for p in out.glob("*.parquet")}
+    assert {n: after[n] for n in first} == first  # finished parts were not computed again
+    compare_layers(hg.read_tiles(out), reference)
+
+
+def test_failed_scenes_are_recorded_and_only_they_are_retried(cluster, scenes, served, tmp_path, env,
+                                                              tiny_clip_checkpoint, tiny_coca_checkpoint):
+    folder = served.httpd.folder
+    good = next(s for s in scenes["sources"] if s.startswith("http"))
+    (folder / "corrupt.tif").write_bytes((folder / good.rsplit("/", 1)[1]).read_bytes()[:5000])
+    dead = f"http://127.0.0.1:{free_port()}/unreachable.tif"
+    out = tmp_path / "ds"
+    command = [sys.executable, "-m", "hqrs_geo", "run", good, served.url("corrupt.tif"), dead, "-o", f"{out}/",
+               *TILING, *model_args(tiny_clip_checkpoint, tiny_coca_checkpoint), "--engine", "ray",
+               "--ray-address", cluster.address, "--workers", "1", "--cpus-per-worker", "1", "--progress", "json"]
+    code, stdout, stderr = finish(start(command, env))
+    assert code == 3, stderr[-3000:]
+    assert "corrupt" in stderr and "unreachable" in stderr
+    failed = json.loads((out / MANIFEST).read_text())["failed"]
+    assert set(failed) == {"corrupt", "unreachable"} and all("\n" not in f["error"] for f in failed.values())
+    kept = {p.name: p.stat().st_ino for p in out.glob("*.parquet")}
+    (folder / "corrupt.tif").write_bytes((folder / good.rsplit("/", 1)[1]).read_bytes())  # repaired
+    code, stdout, stderr = finish(start(command, env))
+    final = json.loads(stdout.strip().splitlines()[-1])
+    assert code == 3 and final["finished"] == 1 and final["skipped"] == 1, stderr[-3000:]
+    assert {p.name: p.stat().st_ino for p in out.glob("*.parquet") if p.name in kept} == kept
+    assert set(json.loads((out / MANIFEST).read_text())["failed"]) == {"unreachable"}
+
+
+def test_a_node_that_leaves_changes_nothing(cluster, scenes, reference, tmp_path, env,
+                                            tiny_clip_checkpoint, tiny_coca_checkpoint):
+    """Last in this module: the cluster keeps one node afterwards."""
+    out = tmp_path / "ds"
+    proc = start(ray_command(scenes, out, cluster, tiny_clip_checkpoint, tiny_coca_checkpoint), env)
+    wait_for_scenes(proc, 2)
+    cluster.stop_worker()
+    code, _, stderr = finish(proc)
+    assert code == 0, stderr[-3000:]
+    compare_layers(hg.read_tiles(out), reference)
+    assert json.loads((out / MANIFEST).read_text())["failed"] == {}
