@@ -172,7 +172,7 @@ def test_layer_commands_work_on_a_dataset(tmp_path, dataset, reference, tiny_cli
     labels = run_cli("classify", out, "--labels", "water,buildings", "--model", key)
     assert labels.returncode == 0, labels.stderr
     assert set(hg.read_tiles(out).label.dropna()) <= {"water", "buildings"} and hg.read_tiles(out).label.notna().all()
-    index = run_cli("index", out, "--kind", "ivf", "--model", key)
+    index = run_cli("index", out, "--kind", "auto", "--model", key)
     assert index.returncode == 0, index.stderr
     merged = tmp_path / "merged.gpkg"
     box = reference.total_bounds

@@ -88,9 +88,9 @@ def register(sub: Any) -> None:
 
 
 def _session(args: argparse.Namespace) -> Any:
-    from ..search.session import SearchSession
+    from ..search.partitioned import open_session
 
-    return SearchSession(args.layer, model=args.model, checkpoint=args.checkpoint, device=args.device,
+    return open_session(args.layer, model=args.model, checkpoint=args.checkpoint, device=args.device,
                          use_ann=args.ann, trust_checkpoint=args.trust_checkpoint)
 
 
@@ -164,9 +164,17 @@ def run_classify(args: argparse.Namespace, progress: Any) -> int:
 def run_index(args: argparse.Namespace, progress: Any) -> int:
     """``hqrs-geo index``: build and store the ANN index, report its recall@10."""
     from ..layer.columns import embedding_keys
+    from ..layer.dataset import is_dataset
     from ..layer.io import open_layer
     from ..search.index import VectorIndex
 
+    if is_dataset(args.layer):  # part by part: nothing is loaded whole
+        from ..search.partitioned import DatasetIndex, DatasetSession
+
+        key = DatasetSession.embedding_key(args.layer, args.model)
+        report = DatasetIndex.open(args.layer, key).build_index(args.kind, **_index_params(args.param))
+        print(json.dumps(report))
+        return 0
     opened = open_layer(args.layer)
     source = opened.runs.embedding_source(embedding_keys(opened.frame), args.model)
     vectors = VectorIndex.open(args.layer, source.key, frame=opened.frame)

@@ -1,30 +1,32 @@
 """Search functions for notebooks: each returns a GeoDataFrame with a ``score`` column.
 
-For many queries on one layer, keep a :class:`~hqrs_geo.search.session.SearchSession`.
+For many queries on one layer, keep a :class:`~hqrs_geo.search.session.SearchSession`
+(:func:`~hqrs_geo.search.partitioned.open_session` opens the right session for a layer file or
+a dataset folder).
 """
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-from .session import SearchSession
+from .partitioned import open_session
 from .spatial import SpatialFilter
 
 
 def search_text(layer: str, query: str | Sequence[str], k: int = 20, model: str | None = None,
                 spatial: SpatialFilter | None = None, **session_options):
     """Tiles of ``layer`` ranked by similarity to the text(s) ``query``."""
-    return SearchSession(layer, model=model, **session_options).search_text(query, k=k, spatial=spatial)
+    return open_session(layer, model=model, **session_options).search_text(query, k=k, spatial=spatial)
 
 
 def search_similar(layer: str, tiles: Sequence[str] = (), images: Sequence[str] = (), negative: Sequence[str] = (),
                    negative_images: Sequence[str] = (), negative_weight: float = 0.5, k: int = 20,
                    model: str | None = None, spatial: SpatialFilter | None = None, **session_options):
     """Tiles of ``layer`` like the example tiles/images and unlike the negative ones."""
-    session = SearchSession(layer, model=model, **session_options)
+    session = open_session(layer, model=model, **session_options)
     return session.search_similar(tiles, negative, images, negative_images, negative_weight, k, spatial)
 
 
 def classify(layer: str, labels: Sequence[str], templates: Sequence[str] | None = None, top_k: int = 3,
              model: str | None = None, **session_options):
     """Zero-shot ``label``, ``label_score``, ``label_top`` for every tile (the layer is not modified)."""
-    return SearchSession(layer, model=model, **session_options).classify(labels, templates, top_k)
+    return open_session(layer, model=model, **session_options).classify(labels, templates, top_k)

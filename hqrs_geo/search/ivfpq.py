@@ -156,7 +156,7 @@ class CompressedIndex:
         params = check_params(params, n, dim)
         if n < 39 * params["nlist"] or n < 256:
             raise OptionError(f"{n} vectors are too few for an ivfpq index with {params['nlist']} lists; "
-                              "search exactly, or use a smaller «nlist»")
+                              "search exactly, or use fewer lists (nlist)")
         faiss = faiss_module()
         if folder.exists():
             shutil.rmtree(folder)

@@ -30,7 +30,6 @@ from dataclasses import dataclass, field
 from typing import Any, TextIO
 
 from ..errors import HqrsError
-from .session import SearchSession
 from .spatial import SpatialFilter
 
 MAX_LINE = 1 << 20  # bytes of one request line
@@ -186,7 +185,7 @@ def _validated(raw: dict, request_id: Any) -> Request:
     return request
 
 
-def answer(session: SearchSession, request: Request | dict) -> dict:
+def answer(session: Any, request: Request | dict) -> dict:
     """The response object for one request (raises HqrsError for bad requests)."""
     if isinstance(request, dict):
         request = parse_request(json.dumps(request))
@@ -221,7 +220,7 @@ def _read_line(stdin: TextIO) -> str | None:
     return line
 
 
-def serve(session: SearchSession, stdin: TextIO | None = None, stdout: TextIO | None = None) -> int:
+def serve(session: Any, stdin: TextIO | None = None, stdout: TextIO | None = None) -> int:
     """Answer requests until end of input or ``{"op": "quit"}``; returns the number answered.
 
     Every line gets one answer; a bad request (or a failure while answering it) gets an
@@ -233,7 +232,7 @@ def serve(session: SearchSession, stdin: TextIO | None = None, stdout: TextIO | 
         stdout.write(json.dumps(obj, allow_nan=False, default=str) + "\n")
         stdout.flush()
 
-    send({"ready": True, "layer": session.layer, "model": session.source.model, "tiles": len(session.index.ids)})
+    send({"ready": True, "layer": session.layer, "model": session.source.model, "tiles": session.index.n})
     answered = 0
     while True:
         line = _read_line(stdin)

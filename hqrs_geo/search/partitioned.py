@@ -1,0 +1,559 @@
+"""Search over a partitioned dataset (a folder of GeoParquet parts and a manifest) at archive scale.
+
+Nothing is loaded whole. Each part's embeddings of one model are decoded once into a cache in
+``DATASET/_search/`` (memory-mapped float16 ``.npy`` with the tile ids and each tile's footprint
+bounds beside it, rebuilt when the part's sha256 in the manifest changes), so opening a dataset
+of millions of tiles costs milliseconds and its vectors are shared through the page cache.
+
+Queries go part by part: spatial filters prune whole parts first (their bounds in the manifest),
+then rows by their footprint bounds (cheap, from the cache), and only the remaining rows' real
+footprints are tested (read from the part): the same rows as filtering every tile after the
+fact. Exact search runs the exact kernels on each part and merges the parts' top k; with the
+compressed index (``hqrs-geo index DATASET --kind ivfpq``, built over all parts in
+``DATASET/_search/emb_<key>.ivfpq`` and updated part by part as the dataset grows), candidates
+come from the index and are re-scored exactly. Result rows are read from their parts, with the
+part's name, so hits can be exported as chips or shown in QGIS.
+
+:class:`DatasetSession` answers the same queries as :class:`~hqrs_geo.search.session.SearchSession`
+(text, example tiles, zero-shot classes); :func:`open_session` picks the right one for a path.
+"""
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..atomic import atomic_path, write_text
+from ..errors import InputError, OptionError
+from ..layer.columns import TILE_ID, embedding_column, embedding_columns
+from ..layer.dataset import Manifest, open_manifest
+from .exact import ExactSearch, max_row_norm
+from .ivfpq import PART_SHIFT, CompressedIndex, EmbeddingPart
+from .spatial import SpatialFilter
+
+SEARCH_FOLDER = "_search"
+CACHE_VERSION = 1
+
+
+@dataclass
+class PartVectors:
+    """One part's vectors of one model: matrix, tile ids and footprint bounds (memory-mapped)."""
+
+    name: str
+    path: Path
+    sha256: str
+    matrix: np.ndarray  # (n, D) float16 / float32
+    ids: np.ndarray  # (n,) bytes
+    bounds: np.ndarray  # (n, 4) float64 minx, miny, maxx, maxy
+    rows: np.ndarray  # (n,) row of each vector in the part file
+    part_bounds: list | None = None
+
+    def __post_init__(self) -> None:
+        self.exact = ExactSearch(self.matrix, max_row_norm(self.matrix) if len(self.matrix) else 0.0)
+
+    def as_embedding_part(self) -> EmbeddingPart:
+        """The part as an input of the compressed index."""
+        return EmbeddingPart(self.name, self.sha256, self.matrix)
+
+
+def _cache_files(folder: Path, part: str, key: str) -> dict[str, Path]:
+    base = folder / SEARCH_FOLDER / f"{part}.emb_{key}"
+    return {"matrix": Path(f"{base}.npy"), "ids": Path(f"{base}.ids.npy"), "bounds": Path(f"{base}.bounds.npy"),
+            "rows": Path(f"{base}.rows.npy"), "meta": Path(f"{base}.json")}
+
+
+def _decode_part(path: Path, key: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(matrix, ids, bounds, rows) of the tiles of a part that have an embedding of ``key``."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+    import shapely
+
+    column = embedding_column(key)
+    try:
+        table = pq.read_table(path, columns=[column, TILE_ID, "geometry"])
+    except Exception as exc:  # pyarrow raises many types for damaged files and missing columns
+        raise InputError(f"{path}: cannot read the embeddings {column} of this part ({str(exc).splitlines()[0]}); "
+                         "embed the dataset with this model first") from None
+    values = table.column(column).combine_chunks()
+    present = np.asarray(pc.is_valid(values).to_numpy(zero_copy_only=False), dtype=bool)
+    rows = np.flatnonzero(present)
+    dim = values.type.list_size
+    flat = values.filter(pc.is_valid(values)).flatten().to_numpy(zero_copy_only=False)
+    matrix = np.asarray(flat).reshape(len(rows), dim)
+    ids = np.asarray(table.column(TILE_ID).to_numpy(zero_copy_only=False)[present]).astype("S")
+    geometry = shapely.from_wkb(np.asarray(table.column("geometry").to_numpy(zero_copy_only=False))[present])
+    bounds = shapely.bounds(geometry).astype(np.float64)
+    return matrix, ids, bounds, rows.astype(np.int64)
+
+
+def part_vectors(folder: Path, name: str, info: dict, key: str) -> PartVectors:
+    """The cached vectors of part ``name`` (decoded and cached on first use or when it changed)."""
+    files = _cache_files(folder, name, key)
+    sha256 = str(info.get("sha256", ""))
+    try:
+        meta = json.loads(files["meta"].read_text())
+        if meta.get("version") == CACHE_VERSION and meta.get("sha256") == sha256:
+            loaded = {k: np.load(files[k], mmap_mode="r", allow_pickle=False) for k in ("matrix", "ids", "bounds",
+                                                                                       "rows")}
+            return PartVectors(name, folder / name, sha256, loaded["matrix"], loaded["ids"], loaded["bounds"],
+                               loaded["rows"], info.get("bounds"))
+    except (OSError, ValueError, KeyError):
+        pass
+    matrix, ids, bounds, rows = _decode_part(folder / name, key)
+    if not np.isfinite(np.asarray(matrix, dtype=np.float32)).all():
+        raise InputError(f"{folder / name}: embeddings {key} contain NaN or infinite values; embed the dataset again")
+    files["matrix"].parent.mkdir(exist_ok=True)
+    try:
+        for part, array in (("matrix", matrix), ("ids", ids), ("bounds", bounds), ("rows", rows)):
+            with atomic_path(files[part], verify=None) as tmp, open(tmp, "wb") as handle:
+                np.save(handle, array, allow_pickle=False)
+        write_text(files["meta"], json.dumps({"version": CACHE_VERSION, "sha256": sha256, "n": int(len(ids))}))
+    except OSError:  # a read-only dataset: search from memory
+        return PartVectors(name, folder / name, sha256, matrix, ids, bounds, rows, info.get("bounds"))
+    return part_vectors(folder, name, info, key)
+
+
+def _area_bounds(spatial: SpatialFilter, crs: Any) -> tuple[float, float, float, float] | None:
+    """Conservative bounds (in ``crs``) of the area a filter can keep; None when it does not limit space."""
+    import shapely
+
+    from .spatial import _to_layer_crs
+
+    boxes = []
+    if spatial.bbox is not None:
+        boxes.append(_to_layer_crs(shapely.box(*spatial.bbox), spatial.bbox_crs, crs).bounds)
+    if spatial.near is not None and spatial.distance is not None and crs is not None:
+        from pyproj import CRS, Transformer
+
+        x, y = float(spatial.near[0]), float(spatial.near[1])
+        lon, lat = Transformer.from_crs(CRS.from_user_input(spatial.near_crs), "EPSG:4326",
+                                        always_xy=True).transform(x, y)
+        local = f"+proj=aeqd +lat_0={lat} +lon_0={lon} +datum=WGS84 +units=m"
+        circle = shapely.Point(0, 0).buffer(spatial.distance * 1.01 + 1.0, 64)
+        boxes.append(_to_layer_crs(circle, local, crs).bounds)
+    if spatial.within is not None:
+        import geopandas as gpd
+
+        path, _, layer = spatial.within.partition("|layername=")
+        try:
+            polygons = gpd.read_file(path, layer=layer or None)
+        except Exception as exc:  # pyogrio raises several types for foreign files
+            raise InputError(f"{path}: cannot read polygons ({str(exc).splitlines()[0]}); give a vector layer") \
+                from None
+        if polygons.crs is not None and crs is not None:
+            polygons = polygons.to_crs(crs)
+        if not polygons.empty:
+            boxes.append(tuple(float(v) for v in polygons.total_bounds))
+    if not boxes:
+        return None
+    return (max(b[0] for b in boxes), max(b[1] for b in boxes), min(b[2] for b in boxes), min(b[3] for b in boxes))
+
+
+def _overlap(bounds: np.ndarray, area: Sequence[float]) -> np.ndarray:
+    return ~((bounds[:, 0] > area[2]) | (bounds[:, 2] < area[0]) | (bounds[:, 1] > area[3]) | (bounds[:, 3] < area[1]))
+
+
+class DatasetIndex:
+    """The vectors of one model over a dataset's parts, searched part by part."""
+
+    def __init__(self, folder: Path, key: str, manifest: Manifest, parts: list[PartVectors]):
+        self.folder, self.key, self.manifest, self.parts = folder, key, manifest, parts
+        self.by_name = {p.name: p for p in parts}
+        self._ann: CompressedIndex | None = None
+
+    @classmethod
+    def open(cls, folder: str | Path, key: str) -> DatasetIndex:
+        """The vectors of model ``key`` in every part of the dataset at ``folder``."""
+        folder = Path(folder)
+        manifest = open_manifest(folder)
+        parts = [part_vectors(folder, name, info, key) for name, info in sorted(manifest.parts.items())
+                 if info.get("tiles", 0) > 0]
+        return cls(folder, key, manifest, [p for p in parts if len(p.ids)])
+
+    @property
+    def n(self) -> int:
+        """Tiles with an embedding."""
+        return sum(len(p.ids) for p in self.parts)
+
+    @property
+    def dim(self) -> int:
+        """Embedding dimension."""
+        return int(self.parts[0].matrix.shape[1]) if self.parts else 0
+
+    # ------------------------------------------------------------------ filters
+    def masks(self, spatial: SpatialFilter | None = None, exclude: Sequence[str] = ()) -> dict[str, np.ndarray | None]:
+        """Per part, the rows allowed (None: all of them); parts left out entirely are absent."""
+        import geopandas as gpd
+        import pyarrow.parquet as pq
+        import shapely
+
+        active = spatial is not None and spatial.active
+        area = _area_bounds(spatial, self.manifest.crs) if active and spatial is not None else None
+        wanted = np.asarray([e.encode() for e in exclude], dtype="S") if exclude else None
+        out: dict[str, np.ndarray | None] = {}
+        for part in self.parts:
+            if area is not None and part.part_bounds is not None and not _overlap(np.asarray([part.part_bounds]),
+                                                                                   area)[0]:
+                continue
+            mask = None
+            if active and spatial is not None:
+                mask = _overlap(part.bounds, area) if area is not None else np.ones(len(part.ids), bool)
+                if mask.any():
+                    rows = part.rows[mask]
+                    table = pq.read_table(part.path, columns=["geometry"]).take(rows)
+                    geoms = gpd.GeoDataFrame(geometry=shapely.from_wkb(
+                        np.asarray(table.column("geometry").to_numpy(zero_copy_only=False))), crs=self.manifest.crs)
+                    mask[np.flatnonzero(mask)] = spatial.mask(geoms)
+                if not mask.any():
+                    continue
+            if wanted is not None:
+                drop = np.isin(part.ids, wanted)
+                if drop.any():
+                    mask = ~drop if mask is None else mask & ~drop
+            out[part.name] = mask
+        return out
+
+    # ------------------------------------------------------------------ search
+    def search(self, queries: np.ndarray, k: int, masks: dict[str, np.ndarray | None] | None = None,
+               use_ann: bool = False) -> list[list[tuple[float, str, int]]]:
+        """Per query, the best ``k`` as ``(score, part name, index in the part's vectors)``, best
+        first; ties by part then row."""
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+            raise OptionError(f"invalid k {k!r}: ask for at least one result", option="k")
+        q = np.ascontiguousarray(np.atleast_2d(np.asarray(queries, dtype=np.float32)))
+        if q.shape[1] != self.dim:
+            raise OptionError(f"query vectors have dimension {q.shape[1]}, the dataset's embeddings {self.dim}")
+        masks = masks if masks is not None else {p.name: None for p in self.parts}
+        if use_ann:
+            if self._ann is None:
+                raise OptionError("no approximate index is loaded for this dataset: build one with "
+                                  "'hqrs-geo index DATASET', or search exactly")
+            return self._search_compressed(q, int(k), masks)
+        order = {p.name: i for i, p in enumerate(self.parts)}
+        best: list[list[tuple[float, int, int]]] = [[] for _ in q]
+        for name, mask in masks.items():
+            part = self.by_name[name]
+            allowed = len(part.ids) if mask is None else int(mask.sum())
+            if allowed == 0:
+                continue
+            scores, rows = part.exact.search(q, min(int(k), allowed), mask)
+            for i in range(len(q)):
+                best[i].extend((float(s), order[name], int(r)) for s, r in zip(scores[i], rows[i]))
+        out = []
+        for hits in best:
+            hits.sort(key=lambda h: (-h[0], h[1], h[2]))
+            out.append([(s, self.parts[p].name, r) for s, p, r in hits[:k]])
+        return out
+
+    def _search_compressed(self, q: np.ndarray, k: int, masks: dict[str, np.ndarray | None]
+                           ) -> list[list[tuple[float, str, int]]]:
+        ann = self._ann
+        assert ann is not None
+        number_to_name = {number: name for name, number in ann.part_numbers.items()}
+        allowed_total = sum(len(self.by_name[n].ids) if m is None else int(m.sum()) for n, m in masks.items())
+        if allowed_total == 0:
+            return [[] for _ in q]
+        fetch = math.ceil(max(ann.rerank, k) * self.n / allowed_total) * (1 if allowed_total == self.n else 2)
+        if fetch > max(4096, ann.rerank):  # too selective for the index: exact over the allowed rows
+            return self.search(q, k, masks)
+        row_mask = (1 << PART_SHIFT) - 1
+
+        def keep(ids: np.ndarray) -> np.ndarray:
+            ok = np.zeros(len(ids), dtype=bool)
+            for i, gid in enumerate(ids):
+                name = number_to_name.get(int(gid >> PART_SHIFT))
+                if name in masks:
+                    mask = masks[name]
+                    ok[i] = mask is None or bool(mask[int(gid & row_mask)])
+            return ok
+
+        found = ann.search({p.name: p.as_embedding_part() for p in self.parts}, q, k, keep, fetch)
+        out = []
+        for i, (scores, ids) in enumerate(found):
+            if len(ids) < min(k, allowed_total):
+                out.append(self.search(q[i:i + 1], k, masks)[0])
+                continue
+            out.append([(float(s), number_to_name[int(g >> PART_SHIFT)], int(g & row_mask))
+                        for s, g in zip(scores, ids)])
+        return out
+
+    # ------------------------------------------------------------------ vectors of tiles
+    def tile_vectors(self, tile_ids: Sequence[str]) -> np.ndarray:
+        """Stored embeddings of tiles by id (one-line error for unknown ids)."""
+        wanted = [t.encode() for t in tile_ids]
+        found: dict[bytes, np.ndarray] = {}
+        for part in self.parts:
+            hit = np.flatnonzero(np.isin(part.ids, np.asarray(wanted, dtype="S")))
+            for i in hit:
+                found[bytes(part.ids[i])] = np.asarray(part.matrix[i], dtype=np.float32)
+        missing = [t for t, w in zip(tile_ids, wanted) if w not in found]
+        if missing:
+            raise OptionError(f"unknown tile id {missing[0]!r} (or it has no embedding) in {self.folder}")
+        return np.stack([found[w] for w in wanted])
+
+    # ------------------------------------------------------------------ the compressed index
+    def index_folder(self) -> Path:
+        """Where the dataset's compressed index lives."""
+        return self.folder / SEARCH_FOLDER / f"emb_{self.key}.ivfpq"
+
+    def load_ann(self) -> bool:
+        """Load the compressed index when it covers exactly the current parts."""
+        ann = CompressedIndex.open(self.index_folder())
+        if ann is None or ann.stale_parts([p.as_embedding_part() for p in self.parts]):
+            return False
+        self._ann = ann
+        return True
+
+    def build_index(self, kind: str = "auto", **params: Any) -> dict:
+        """Build or update the dataset's index (``auto``: exact while small, else ivfpq); returns
+        a report with recall@10 against exact search on held-out queries."""
+        import time
+
+        from .choose import choose_kind
+
+        if kind not in ("auto", "exact", "ivfpq"):
+            raise OptionError(f"a dataset is indexed with auto, exact or ivfpq, not {kind!r}", option="kind")
+        reason = f"{kind} asked for"
+        if kind == "auto":
+            kind, reason = choose_kind(self.n, self.dim)
+            if kind == "ivf":
+                kind, reason = "ivfpq", reason + "; datasets use the compressed index, which grows part by part"
+        report: dict[str, Any] = {"kind": kind, "n": self.n, "dim": self.dim, "parts": len(self.parts),
+                                  "reason": reason}
+        if kind == "exact":
+            return {**report, "recall_at_10": 1.0, **self._latency(use_ann=False)}
+        start = time.perf_counter()
+        existing = CompressedIndex.open(self.index_folder())
+        parts = [p.as_embedding_part() for p in self.parts]
+        if existing is not None and not params and existing.meta["dim"] == self.dim:
+            report["update"] = existing.update(parts)
+            self._ann = existing
+        else:
+            self._ann = CompressedIndex.build(parts, self.index_folder(), **params)
+        report["build_seconds"] = round(time.perf_counter() - start, 2)
+        report["path"] = str(self.index_folder())
+        report.update(self._ann.params)
+        report["bytes_on_disk"] = sum(f.stat().st_size for f in self.index_folder().rglob("*")
+                                      if f.is_file() and "shards" not in f.parts)
+        return {**report, **self._latency(use_ann=True)}
+
+    def _latency(self, use_ann: bool) -> dict:
+        import time
+
+        rng = np.random.default_rng(12345)
+        queries = []
+        for _ in range(min(100, self.n)):
+            part = self.parts[int(rng.integers(len(self.parts)))]
+            q = np.asarray(part.matrix[int(rng.integers(len(part.ids)))], dtype=np.float32)
+            q = q + rng.standard_normal(q.shape).astype(np.float32) * np.float32(0.05 / math.sqrt(self.dim))
+            queries.append(q / np.linalg.norm(q))
+        q = np.stack(queries)
+        truth = self.search(q, 10)
+        hits, times = 0, []
+        for i in range(len(q)):
+            begin = time.perf_counter()
+            found = self.search(q[i:i + 1], 10, use_ann=use_ann)[0]
+            times.append(time.perf_counter() - begin)
+            hits += len({(n, r) for _, n, r in found} & {(n, r) for _, n, r in truth[i]})
+        return {"recall_at_10": round(hits / (10 * len(q)), 4),
+                "query_p50_ms": round(float(np.median(times)) * 1000, 3)}
+
+
+class DatasetSession:
+    """Queries on a dataset folder: the API of :class:`~hqrs_geo.search.session.SearchSession`."""
+
+    def __init__(self, layer: str, model: str | None = None, checkpoint: str | None = None, device: str = "cpu",
+                 use_ann: bool | None = None, trust_checkpoint: bool = False):
+        from ..layer.dataset import DatasetRuns
+
+        self.layer = str(layer)
+        manifest = open_manifest(self.layer)
+        self.source = DatasetRuns(manifest).embedding_source(self._keys(manifest), model)
+        self.index = DatasetIndex.open(self.layer, self.source.key)
+        self.checkpoint, self.device, self.trust_checkpoint = checkpoint, device, trust_checkpoint
+        self.use_ann = bool(use_ann) and self.index.load_ann()
+        self._model = None
+
+    @classmethod
+    def embedding_key(cls, layer: str, model: str | None = None) -> str:
+        """The key of the embeddings of ``model`` in the dataset (the only one when None)."""
+        from ..layer.dataset import DatasetRuns
+
+        manifest = open_manifest(layer)
+        return DatasetRuns(manifest).embedding_source(cls._keys(manifest), model).key
+
+    @staticmethod
+    def _keys(manifest: Manifest) -> list[str]:
+        import pyarrow.parquet as pq
+
+        for path in manifest.part_files():
+            names = pq.read_schema(path).names
+            return [c[len("emb_"):] for c in embedding_columns(names)]
+        return []
+
+    @property
+    def model(self) -> Any:
+        """The dataset's own model (loaded once)."""
+        if self._model is None:
+            from .queries import load_source_model
+
+            self._model = load_source_model(self.source, self.checkpoint, self.device, self.trust_checkpoint)
+        return self._model
+
+    def _rows(self, hits: list[tuple[float, str, int]]) -> Any:
+        """The result rows (tile columns and footprints, no embeddings) read from their parts."""
+        import geopandas as gpd
+        import pandas as pd
+        import pyarrow.parquet as pq
+        import shapely
+
+        crs = self.index.manifest.crs
+        frames = []
+        for name in dict.fromkeys(n for _, n, _ in hits):
+            part = self.index.by_name[name]
+            picks = [(rank, int(part.rows[r])) for rank, (_, n, r) in enumerate(hits) if n == name]
+            names = pq.read_schema(part.path).names
+            vectors = set(embedding_columns(names))
+            table = pq.read_table(part.path, columns=[c for c in names if c not in vectors])
+            table = table.take([r for _, r in picks])
+            frame = table.drop(["geometry"]).to_pandas()
+            geometry = shapely.from_wkb(np.asarray(table.column("geometry").to_numpy(zero_copy_only=False)))
+            frame = gpd.GeoDataFrame(frame, geometry=gpd.GeoSeries(geometry, crs=crs), crs=crs)
+            frame.insert(1, "part", name)
+            frame["_rank"] = [rank for rank, _ in picks]
+            frames.append(frame)
+        if not frames:
+            return gpd.GeoDataFrame({TILE_ID: [], "score": [], "rank": []}, geometry=gpd.GeoSeries([], crs=crs),
+                                    crs=crs)
+        frame = pd.concat(frames, ignore_index=True).sort_values("_rank").drop(columns="_rank")
+        frame = gpd.GeoDataFrame(frame, geometry="geometry", crs=crs).reset_index(drop=True)
+        frame.insert(1, "score", [h[0] for h in hits])
+        frame.insert(2, "rank", np.arange(1, len(frame) + 1))
+        return frame
+
+    def vector_search(self, query: np.ndarray, k: int = 20, spatial: SpatialFilter | None = None,
+                      exclude: Sequence[str] = ()) -> Any:
+        """Top ``k`` tiles for a normalised query vector (GeoDataFrame with ``score``, ``rank``, ``part``)."""
+        masks = self.index.masks(spatial, exclude)
+        return self._rows(self.index.search(query, k, masks, use_ann=self.use_ann)[0])
+
+    def text_query(self, texts: Sequence[str], template: bool = True) -> np.ndarray:
+        """Normalised query vector for one or more texts (combined by their mean)."""
+        from ..models.encode import text_vectors
+        from .queries import combine
+
+        if isinstance(texts, str):
+            texts = [texts]
+        texts = [t for t in texts if t.strip()]
+        if not texts:
+            raise OptionError("empty query: give some text")
+        return combine(text_vectors(self.model, texts, [self.source.template] if template else ["{}"]))
+
+    def search_text(self, texts: Any, k: int = 20, spatial: SpatialFilter | None = None, template: bool = True) -> Any:
+        """Tiles ranked by similarity to the text(s)."""
+        return self.vector_search(self.text_query(texts, template), k, spatial)
+
+    def tile_vectors(self, tile_ids: Sequence[str]) -> np.ndarray:
+        """Stored embeddings of tiles (one-line error for unknown ids)."""
+        return self.index.tile_vectors(tile_ids)
+
+    def similar_query(self, positive_ids: Sequence[str] = (), negative_ids: Sequence[str] = (),
+                      positive_images: Sequence[str] = (), negative_images: Sequence[str] = (),
+                      negative_weight: float = 0.5) -> np.ndarray:
+        """Query vector from examples: mean of positives minus weighted mean of negatives."""
+        from ..models.encode import image_vectors
+        from .queries import combine
+
+        parts = [self.tile_vectors(positive_ids)] if positive_ids else []
+        if positive_images:
+            parts.append(image_vectors(self.model, positive_images))
+        negs = [self.tile_vectors(negative_ids)] if negative_ids else []
+        if negative_images:
+            negs.append(image_vectors(self.model, negative_images))
+        if not parts:
+            raise OptionError("give at least one positive example: a tile id or an image file")
+        return combine(np.concatenate(parts), np.concatenate(negs) if negs else None, negative_weight)
+
+    def search_similar(self, positive_ids: Sequence[str] = (), negative_ids: Sequence[str] = (),
+                       positive_images: Sequence[str] = (), negative_images: Sequence[str] = (),
+                       negative_weight: float = 0.5, k: int = 20, spatial: SpatialFilter | None = None,
+                       include_examples: bool = False) -> Any:
+        """Tiles like the positive examples and unlike the negative ones."""
+        query = self.similar_query(positive_ids, negative_ids, positive_images, negative_images, negative_weight)
+        exclude = () if include_examples else tuple(positive_ids) + tuple(negative_ids)
+        return self.vector_search(query, k, spatial, exclude)
+
+    def score_all(self, query: np.ndarray, spatial: SpatialFilter | None = None,
+                  exclude: Sequence[str] = ()) -> dict[str, float]:
+        """Scores of every tile cannot be written back as one column of a dataset."""
+        raise OptionError("score columns and score rasters are made per layer: merge the area of interest into a "
+                          "GeoPackage first (hqrs-geo merge DATASET -o area.gpkg --bbox …)", option="score_column")
+
+    def classify(self, labels: Sequence[str], templates: Sequence[str] | None = None, top_k: int = 3,
+                 write: bool = False) -> Any:
+        """Zero-shot ``label``/``label_score``/``label_top`` for every tile, part by part; with
+        ``write`` each part is rewritten with the columns (and the manifest gets a run record).
+        Returns the tiles of every part (without embeddings) with the label columns."""
+        import geopandas as gpd
+        import pandas as pd
+
+        from ..layer.dataset import write_dataset_layer
+        from ..layer.runs import new_run
+        from ..models.encode import class_vectors
+        from ..models.templates import ZERO_SHOT_TEMPLATES
+
+        if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < 1:
+            raise OptionError(f"invalid top_k {top_k!r}: keep at least one class", option="top_k")
+        if templates is not None and any("{}" not in t for t in templates):
+            raise OptionError("every template needs a {} for the class name", option="templates")
+        labels = [label.strip() for label in labels if label.strip()]
+        if len(labels) < 2:
+            raise OptionError("give at least two labels to choose from")
+        if len(set(labels)) != len(labels):
+            raise OptionError("labels must be distinct")
+        classes = class_vectors(self.model, labels, templates or list(dict.fromkeys([self.source.template,
+                                                                                      *ZERO_SHOT_TEMPLATES])))
+        scale = float(self.model.model.logit_scale.exp().item()) if hasattr(self.model.model, "logit_scale") else 100.0
+        names = np.asarray(labels, dtype=object)
+        frames = []
+        for part in self.index.parts:
+            frame = gpd.read_parquet(part.path)
+            logits = np.asarray(part.matrix, dtype=np.float32) @ classes.T
+            probs = np.exp((logits - logits.max(axis=1, keepdims=True)) * scale)
+            probs /= probs.sum(axis=1, keepdims=True)
+            order = np.argsort(-probs, axis=1, kind="stable")[:, :top_k]
+            frame["label"], frame["label_score"], frame["label_top"] = None, np.nan, None
+            at = frame.index[part.rows]
+            frame.loc[at, "label"] = names[order[:, 0]]
+            frame.loc[at, "label_score"] = probs[np.arange(len(probs)), order[:, 0]]
+            frame.loc[at, "label_top"] = [";".join(f"{names[j]}:{p[j]:.3f}" for j in row)
+                                          for row, p in zip(order, probs)]
+            if write:
+                write_dataset_layer(self.layer, frame, None, replace_sources=[])
+            frames.append(frame.drop(columns=embedding_columns(list(frame.columns))))
+        if write:
+            manifest = open_manifest(self.layer)
+            params = {"labels": labels, "templates": list(templates) if templates else None,
+                      "model": self.source.model}
+            manifest.runs.append({"run_id": len(manifest.runs) + 1, **new_run("classify", "tiles", params)})
+            manifest.save()
+        if not frames:
+            return gpd.GeoDataFrame({"tile_id": []}, geometry=gpd.GeoSeries([]), crs=self.index.manifest.crs)
+        return gpd.GeoDataFrame(pd.concat(frames, ignore_index=True), geometry="geometry", crs=self.index.manifest.crs)
+
+
+def open_session(layer: str, **options: Any) -> Any:
+    """A search session for ``layer``: :class:`DatasetSession` for a dataset folder, else
+    :class:`~hqrs_geo.search.session.SearchSession`."""
+    from ..layer.dataset import is_dataset
+
+    if is_dataset(layer):
+        return DatasetSession(layer, **options)
+    from .session import SearchSession
+
+    return SearchSession(layer, **options)
