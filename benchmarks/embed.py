@@ -37,6 +37,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--size", type=int, default=2048, help="scene size in pixels (256-px tiles)")
     parser.add_argument("--workers", type=int, default=None)
+    parser.add_argument("--layer-format", default="gpkg", choices=("gpkg", "parquet"),
+                        help="tile layer written and read by the end-to-end run")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -56,7 +58,7 @@ def main() -> None:
         amp = autocast_dtype(device)
         scene = tmp / "scene.tif"
         make_scene(scene, args.size)
-        layer = tmp / "tiles.gpkg"
+        layer = tmp / f"tiles.{args.layer_format}"
         tiles = tile(scene, layer, TileConfig(tile_size=256))
         n = len(tiles)
         size = loaded.preprocess["size"]
