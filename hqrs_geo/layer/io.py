@@ -70,7 +70,6 @@ def read_tiles(path: PathLike, layer: str = TILES_LAYER) -> Any:
     One-line errors for missing or foreign files. A dataset folder is read whole.
     """
     import geopandas as gpd
-    import pyogrio
 
     driver = layer_format(path)
     if driver == "Dataset":
@@ -82,10 +81,10 @@ def read_tiles(path: PathLike, layer: str = TILES_LAYER) -> Any:
     try:
         if driver == "Parquet":
             frame = gpd.read_parquet(path)
-        elif driver == "GPKG":
-            frame = pyogrio.read_dataframe(path, layer=layer)
         else:
-            frame = pyogrio.read_dataframe(path)
+            import pyogrio
+
+            frame = pyogrio.read_dataframe(path, layer=layer) if driver == "GPKG" else pyogrio.read_dataframe(path)
     except Exception as exc:  # pyogrio/pyarrow raise many types for foreign files
         raise InputError(f"{path}: cannot read layer {layer!r} ({str(exc).splitlines()[0]})") from None
     if TILE_ID not in frame.columns:
