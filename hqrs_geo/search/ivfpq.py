@@ -54,7 +54,7 @@ CHUNK = 65536
 #: OPQ rotation refinements (FAISS's default 50 costs most of the training time for little recall)
 OPQ_ITERATIONS = 10
 DEFAULTS: dict[str, int | None] = {
-    "nlist": None,  # coarse lists; None: about 4 * sqrt(N), between 64 and 65536
+    "nlist": None,  # coarse lists; None: about sqrt(N), between 64 and 65536
     "m": 64,  # PQ sub-vectors (bytes per vector); the dimension must be a multiple
     "nprobe": 48,  # lists scanned per query
     "rerank": 256,  # candidates re-scored exactly
@@ -96,8 +96,12 @@ def quiet_native_output() -> Iterator[None]:
 
 
 def default_nlist(n: int) -> int:
-    """Coarse lists for ``n`` vectors: about ``4 * sqrt(n)``, within 64..65536 (and at most n / 39)."""
-    return int(max(1, min(65536, max(64, round(4 * math.sqrt(n))), n // 39)))
+    """Coarse lists for ``n`` vectors: about ``sqrt(n)``, within 64..65536 (and at most n / 39).
+
+    Encoding assigns every vector to its nearest list, a cost linear in ``nlist``: at 10M rows
+    sqrt(N) = 3,162 lists keeps a 2-core build well under 30 minutes, and with ``nprobe`` 48 a
+    query scans ~1.5 % of the codes."""
+    return int(max(1, min(65536, max(64, round(math.sqrt(n))), n // 39)))
 
 
 def check_params(params: dict, n: int, dim: int) -> dict:
