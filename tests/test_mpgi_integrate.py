@@ -78,7 +78,7 @@ def test_default_recipe_and_overrides(tmp_path):
     ('[vlm]\ntype = "gpt"\n', "type must be one of"),
     ('[llm]\ntype = "openai"\nmodel = ""\n', r"\[llm\] needs a model"),
     ('[prompts]\nrelay = "{fact}"\n', "unknown placeholder"),
-    ('[output]\nshort_captions = 0\n', "positive integer"),
+    ('[output]\nshort_captions = 0\n', "whole number in 1..10000"),
     ('[rules]\nnonsense = "x"\n', "nonsense"),
 ])
 def test_bad_recipes_give_one_line_errors(tmp_path, text, message):

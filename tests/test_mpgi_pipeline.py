@@ -150,6 +150,8 @@ def _cache_rows(path: Path) -> dict:
     if not path.exists():
         return {}
     with sqlite3.connect(path) as db:
+        if not db.execute("SELECT 1 FROM sqlite_master WHERE name = 'calls'").fetchone():
+            return {}  # the run has created the file but not yet its tables
         return {k: (stage, created) for k, stage, created in db.execute("SELECT key, stage, created FROM calls")}
 
 

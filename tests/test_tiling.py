@@ -111,6 +111,9 @@ def test_valid_fraction_from_alpha_internal_mask_and_msk(tmp_path, rng):
     with rasterio.Env(GDAL_TIFF_INTERNAL_MASK=False), rasterio.open(sidecar, "r+") as dst:
         dst.write_mask((valid * 255).astype(np.uint8))
     assert (tmp_path / "sidecar.tif.msk").exists()
+    from hqrs_geo.raster.catalog import remote_defaults
+
+    remote_defaults()  # a remote catalog read earlier in the process must not hide local sidecars
     for path in (alpha, internal, sidecar):
         tiles, _ = tile_rasters(path, TileConfig(tile_size=128, min_valid=0))
         first = tiles[(tiles.row == 0)].sort_values("col").valid_fraction.tolist()

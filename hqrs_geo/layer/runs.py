@@ -105,7 +105,7 @@ class LayerRuns(list):
         layer's embeddings is refused: vectors of different models are not comparable."""
         where = self.path or "layer"
         if not keys:
-            raise InputError(f"{where}: has no embeddings; embed the layer first")
+            raise InputError(f"{where}: has no embeddings; run 'hqrs-geo embed {where}' first")
         tasks = {}
         for task in self.tasks():
             key = key_of_column(str(task.get("field", "")))

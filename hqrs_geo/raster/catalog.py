@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import HqrsError, InputError, OptionError
-from .sources import is_gdal_virtual, scene_keys
+from .sources import is_gdal_virtual, is_network, scene_keys
 
 LIST_SUFFIXES = (".txt", ".lst")
 STAC_SUFFIXES = (".json", ".geojson")
@@ -39,9 +39,10 @@ DEFAULT_ASSETS = ("visual", "rgb", "image", "data")
 RASTER_MEDIA = ("image/tiff", "image/vnd.stac.geotiff", "image/jp2", "application/x-vrt")
 _CLOUD = {"s3://": "/vsis3/", "gs://": "/vsigs/", "az://": "/vsiaz/"}
 
-#: GDAL settings for remote reads (set only when the user has not set them).
+#: GDAL settings for remote reads (set only when the user has not set them). Directory listing is
+#: turned off per network open (:func:`hqrs_geo.raster.scene.open_dataset`), not process-wide, so
+#: local scenes keep their sidecars (``.msk``, ``.aux.xml``, world files).
 REMOTE_DEFAULTS = {
-    "GDAL_DISABLE_READDIR_ON_OPEN": "EMPTY_DIR",  # no directory listing per opened COG
     "GDAL_HTTP_MAX_RETRY": "3",
     "GDAL_HTTP_RETRY_DELAY": "1",
     "GDAL_HTTP_CONNECTTIMEOUT": "20",
@@ -50,7 +51,7 @@ REMOTE_DEFAULTS = {
 
 
 def remote_defaults() -> None:
-    """Set GDAL's network options for COG reads (retries, timeouts, no directory listing)
+    """Set GDAL's network options for COG reads (retries, timeouts)
     unless the environment already sets them; child processes inherit them."""
     for name, value in REMOTE_DEFAULTS.items():
         os.environ.setdefault(name, value)
@@ -68,7 +69,7 @@ class SourceEntry:
     @property
     def remote(self) -> bool:
         """True when the scene is read over the network."""
-        return self.path.startswith(("/vsicurl", "/vsis3", "/vsigs", "/vsiaz", "/vsiadls", "/vsioss", "/vsiswift"))
+        return is_network(self.path)
 
     def as_dict(self) -> dict:
         """JSON form (the dataset manifest keeps one per scene)."""

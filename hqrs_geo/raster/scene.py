@@ -17,7 +17,7 @@ from rasterio.enums import ColorInterp
 from rasterio.errors import NotGeoreferencedWarning, RasterioError
 
 from ..errors import InputError
-from .sources import is_gdal_virtual
+from .sources import is_gdal_virtual, is_network
 
 T = TypeVar("T")
 
@@ -33,16 +33,26 @@ def limit_gdal_cache() -> None:
         set_gdal_config("GDAL_CACHEMAX", GDAL_CACHE_MB)
 
 
+def open_dataset(path: str) -> rasterio.DatasetReader:
+    """``rasterio.open`` with the block cache capped; a network path is opened without GDAL's
+    directory listing (one request per COG instead of a listing per folder) unless the user set
+    ``GDAL_DISABLE_READDIR_ON_OPEN``. Raises rasterio's errors; :func:`open_raster` words them."""
+    limit_gdal_cache()
+    if is_network(path) and "GDAL_DISABLE_READDIR_ON_OPEN" not in os.environ:
+        with rasterio.Env(GDAL_DISABLE_READDIR_ON_OPEN="EMPTY_DIR"):
+            return rasterio.open(path)
+    return rasterio.open(path)
+
+
 @contextmanager
 def open_raster(path: str) -> Iterator[rasterio.DatasetReader]:
     """Open ``path`` with rasterio, turning every opening failure into a one-line InputError."""
     if not is_gdal_virtual(path) and not os.path.exists(path):
         raise InputError(f"{path}: file not found; check the path")
-    limit_gdal_cache()
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", NotGeoreferencedWarning)
-            src = rasterio.open(path)
+            src = open_dataset(path)
     except RasterioError as exc:
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         if "not recognized as" in reason or "not a supported file format" in reason:

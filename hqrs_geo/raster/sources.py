@@ -14,9 +14,17 @@ RASTER_SUFFIXES = (".tif", ".tiff", ".vrt", ".img", ".jp2", ".png", ".jpg", ".jp
 _GLOB_CHARS = set("*?[")
 
 
+NETWORK_PREFIXES = ("/vsicurl", "/vsis3", "/vsigs", "/vsiaz", "/vsiadls", "/vsioss", "/vsiswift")
+
+
 def is_gdal_virtual(path: str) -> bool:
     """True for GDAL virtual file system paths (``/vsicurl/…``, ``/vsizip/…``)."""
     return str(path).startswith("/vsi")
+
+
+def is_network(path: str) -> bool:
+    """True for GDAL paths read over the network (``/vsicurl/…``, ``/vsis3/…``, …)."""
+    return str(path).startswith(NETWORK_PREFIXES)
 
 
 def expand_inputs(inputs: Sequence[str | os.PathLike]) -> list[str]:

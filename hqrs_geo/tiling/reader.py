@@ -12,7 +12,7 @@ from rasterio.errors import RasterioError
 from rasterio.windows import Window
 
 from ..errors import InputError
-from ..raster.scene import limit_gdal_cache, read_pixels
+from ..raster.scene import open_dataset, read_pixels
 from .records import SceneReading, TileRecord
 
 
@@ -57,9 +57,8 @@ class TileReader:
         if src is None:
             if source not in self.scenes:
                 raise InputError(f"{source}: not one of the scenes of this tile set")
-            limit_gdal_cache()
             try:
-                src = rasterio.open(source)
+                src = open_dataset(source)
             except RasterioError as exc:
                 raise InputError(f"{source}: cannot open ({str(exc).splitlines()[0]}); was it moved?") from None
             self._open[source] = src
