@@ -262,3 +262,14 @@ def _rmdir_if_empty(folder: Path) -> None:
         folder.rmdir()
     except OSError:
         pass
+
+
+def sha256_file(path: PathLike, chunk: int = 1 << 22) -> str:
+    """Hex SHA-256 of a file's bytes (recorded with results, checked for parts and weights)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()

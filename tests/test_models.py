@@ -7,12 +7,13 @@ import shutil
 import pytest
 import torch
 from safetensors.torch import save_file
+from tiny_models import TINY_CLIP, TINY_COCA, build_tiny
 
+from hqrs_geo.atomic import sha256_file
 from hqrs_geo.errors import InputError, OptionError
-from hqrs_geo.models.checkpoints import cache_dir, sha256_of
+from hqrs_geo.models.checkpoints import cache_dir
 from hqrs_geo.models.loader import load_model
 from hqrs_geo.models.registry import REGISTRY, get_spec, list_models
-from tiny_models import TINY_CLIP, TINY_COCA, build_tiny
 
 
 def _same_weights(a, b) -> bool:
@@ -52,7 +53,7 @@ def test_checkpoint_formats_load_identically(tmp_path, fmt):
         torch.jit.save(traced, str(path))
     loaded = load_model(TINY_CLIP, checkpoint=str(path), device="cpu")
     assert _same_weights(loaded.model, reference)
-    assert loaded.sha256 == sha256_of(path) and len(loaded.sha256) == 64
+    assert loaded.sha256 == sha256_file(path) and len(loaded.sha256) == 64
     assert loaded.preprocess["size"] == [64, 64] and loaded.embed_dim == 32
     assert not loaded.model.training
 

@@ -40,7 +40,6 @@ dataset folder, so every command that reads or updates a tile layer works on one
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import time
@@ -49,7 +48,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..atomic import atomic_path, write_json
+from ..atomic import atomic_path, sha256_file, write_json
 from ..errors import InputError, OutputError
 from .columns import (
     PROVENANCE_COLUMNS,
@@ -186,15 +185,6 @@ def _string_columns(table: Any) -> Any:
         elif pa.types.is_large_string(column.type):
             table = table.set_column(i, pa.field(column.name, pa.string()), table.column(i).cast(pa.string()))
     return table
-
-
-def sha256_file(path: PathLike, chunk: int = 1 << 20) -> str:
-    """sha256 of a file's bytes."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def frame_bounds(frame: Any) -> tuple[list[float] | None, list[float] | None]:

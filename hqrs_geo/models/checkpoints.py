@@ -11,7 +11,6 @@ Wrappers (``{"state_dict": …}``, ``{"model": …}``) and ``module.`` prefixes 
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import pickle
 import zipfile
@@ -108,15 +107,6 @@ def hub_unreachable(timeout: float = 5.0) -> str | None:
             return None
     except OSError as exc:
         return f"{host}: {exc.strerror or type(exc).__name__}"
-
-
-def sha256_of(path: Path, chunk: int = 1 << 22) -> str:
-    """Hex SHA-256 of a file (recorded with every result)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _is_torchscript(path: Path) -> bool:

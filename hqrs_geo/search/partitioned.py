@@ -34,6 +34,7 @@ from ..layer.columns import TILE_ID, embedding_column, embedding_columns
 from ..layer.dataset import Manifest, open_manifest
 from .exact import ExactSearch, max_row_norm
 from .ivfpq import PART_SHIFT, CompressedIndex, EmbeddingPart
+from .session import BaseSession
 from .spatial import SpatialFilter
 
 SEARCH_FOLDER = "_search"
@@ -364,7 +365,7 @@ class DatasetIndex:
                 "query_p50_ms": round(float(np.median(times)) * 1000, 3)}
 
 
-class DatasetSession:
+class DatasetSession(BaseSession):
     """Queries on a dataset folder: the API of :class:`~hqrs_geo.search.session.SearchSession`."""
 
     def __init__(self, layer: str, model: str | None = None, checkpoint: str | None = None, device: str = "cpu",
@@ -395,15 +396,6 @@ class DatasetSession:
             names = pq.read_schema(path).names
             return [c[len("emb_"):] for c in embedding_columns(names)]
         return []
-
-    @property
-    def model(self) -> Any:
-        """The dataset's own model (loaded once)."""
-        if self._model is None:
-            from .queries import load_source_model
-
-            self._model = load_source_model(self.source, self.checkpoint, self.device, self.trust_checkpoint)
-        return self._model
 
     def _rows(self, hits: list[tuple[float, str, int]]) -> Any:
         """The result rows (tile columns and footprints, no embeddings) read from their parts."""
@@ -442,51 +434,9 @@ class DatasetSession:
         masks = self.index.masks(spatial, exclude)
         return self._rows(self.index.search(query, k, masks, use_ann=self.use_ann)[0])
 
-    def text_query(self, texts: Sequence[str], template: bool = True) -> np.ndarray:
-        """Normalised query vector for one or more texts (combined by their mean)."""
-        from ..models.encode import text_vectors
-        from .queries import combine
-
-        if isinstance(texts, str):
-            texts = [texts]
-        texts = [t for t in texts if t.strip()]
-        if not texts:
-            raise OptionError("empty query: give some text")
-        return combine(text_vectors(self.model, texts, [self.source.template] if template else ["{}"]))
-
-    def search_text(self, texts: Any, k: int = 20, spatial: SpatialFilter | None = None, template: bool = True) -> Any:
-        """Tiles ranked by similarity to the text(s)."""
-        return self.vector_search(self.text_query(texts, template), k, spatial)
-
     def tile_vectors(self, tile_ids: Sequence[str]) -> np.ndarray:
         """Stored embeddings of tiles (one-line error for unknown ids)."""
         return self.index.tile_vectors(tile_ids)
-
-    def similar_query(self, positive_ids: Sequence[str] = (), negative_ids: Sequence[str] = (),
-                      positive_images: Sequence[str] = (), negative_images: Sequence[str] = (),
-                      negative_weight: float = 0.5) -> np.ndarray:
-        """Query vector from examples: mean of positives minus weighted mean of negatives."""
-        from ..models.encode import image_vectors
-        from .queries import combine
-
-        parts = [self.tile_vectors(positive_ids)] if positive_ids else []
-        if positive_images:
-            parts.append(image_vectors(self.model, positive_images))
-        negs = [self.tile_vectors(negative_ids)] if negative_ids else []
-        if negative_images:
-            negs.append(image_vectors(self.model, negative_images))
-        if not parts:
-            raise OptionError("give at least one positive example: a tile id or an image file")
-        return combine(np.concatenate(parts), np.concatenate(negs) if negs else None, negative_weight)
-
-    def search_similar(self, positive_ids: Sequence[str] = (), negative_ids: Sequence[str] = (),
-                       positive_images: Sequence[str] = (), negative_images: Sequence[str] = (),
-                       negative_weight: float = 0.5, k: int = 20, spatial: SpatialFilter | None = None,
-                       include_examples: bool = False) -> Any:
-        """Tiles like the positive examples and unlike the negative ones."""
-        query = self.similar_query(positive_ids, negative_ids, positive_images, negative_images, negative_weight)
-        exclude = () if include_examples else tuple(positive_ids) + tuple(negative_ids)
-        return self.vector_search(query, k, spatial, exclude)
 
     def score_all(self, query: np.ndarray, spatial: SpatialFilter | None = None,
                   exclude: Sequence[str] = ()) -> dict[str, float]:
@@ -504,47 +454,23 @@ class DatasetSession:
 
         from ..layer.dataset import write_dataset_layer
         from ..layer.runs import new_run
-        from ..models.encode import class_vectors
-        from ..models.templates import ZERO_SHOT_TEMPLATES
 
-        if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < 1:
-            raise OptionError(f"invalid top_k {top_k!r}: keep at least one class", option="top_k")
-        if templates is not None and any("{}" not in t for t in templates):
-            raise OptionError("every template needs a {} for the class name", option="templates")
-        labels = [label.strip() for label in labels if label.strip()]
-        if len(labels) < 2:
-            raise OptionError("give at least two labels to choose from")
-        if len(set(labels)) != len(labels):
-            raise OptionError("labels must be distinct")
-        classes = class_vectors(self.model, labels, templates or list(dict.fromkeys([self.source.template,
-                                                                                      *ZERO_SHOT_TEMPLATES])))
-        scale = float(self.model.model.logit_scale.exp().item()) if hasattr(self.model.model, "logit_scale") else 100.0
-        names = np.asarray(labels, dtype=object)
+        zero_shot = self.zero_shot(labels, templates, top_k)
         frames = []
         for part in self.index.parts:
-            frame = gpd.read_parquet(part.path)
-            logits = np.asarray(part.matrix, dtype=np.float32) @ classes.T
-            probs = np.exp((logits - logits.max(axis=1, keepdims=True)) * scale)
-            probs /= probs.sum(axis=1, keepdims=True)
-            order = np.argsort(-probs, axis=1, kind="stable")[:, :top_k]
-            frame["label"], frame["label_score"], frame["label_top"] = None, np.nan, None
-            at = frame.index[part.rows]
-            frame.loc[at, "label"] = names[order[:, 0]]
-            frame.loc[at, "label_score"] = probs[np.arange(len(probs)), order[:, 0]]
-            frame.loc[at, "label_top"] = [";".join(f"{names[j]}:{p[j]:.3f}" for j in row)
-                                          for row, p in zip(order, probs)]
+            frame = zero_shot.columns(gpd.read_parquet(part.path), part.rows, part.matrix)
             if write:
                 write_dataset_layer(self.layer, frame, None, replace_sources=[])
             frames.append(frame.drop(columns=embedding_columns(list(frame.columns))))
         if write:
             manifest = open_manifest(self.layer)
-            params = {"labels": labels, "templates": list(templates) if templates else None,
-                      "model": self.source.model}
-            manifest.runs.append({"run_id": len(manifest.runs) + 1, **new_run("classify", "tiles", params)})
+            run = new_run("classify", "tiles", zero_shot.params(templates, self.source.model))
+            manifest.runs.append({"run_id": len(manifest.runs) + 1, **run})
             manifest.save()
+        crs = self.index.manifest.crs
         if not frames:
-            return gpd.GeoDataFrame({"tile_id": []}, geometry=gpd.GeoSeries([]), crs=self.index.manifest.crs)
-        return gpd.GeoDataFrame(pd.concat(frames, ignore_index=True), geometry="geometry", crs=self.index.manifest.crs)
+            return gpd.GeoDataFrame({TILE_ID: []}, geometry=gpd.GeoSeries([], crs=crs), crs=crs)
+        return gpd.GeoDataFrame(pd.concat(frames, ignore_index=True), geometry="geometry", crs=crs)
 
 
 def open_session(layer: str, **options: Any) -> Any:

@@ -5,18 +5,143 @@ then any number of text / example / zero-shot queries (the QGIS dock keeps one a
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
 from ..errors import OptionError
 from ..layer.columns import embedding_keys
 from ..layer.io import open_layer
+from ..layer.runs import EmbeddingSource
 from ..models.encode import class_vectors, image_vectors, text_vectors
 from .queries import combine, load_source_model
 from .spatial import SpatialFilter
 
 
-class SearchSession:
+class BaseSession:
+    """What every search session shares: the model of the embeddings (loaded on first use) and
+    the queries built with it. Subclasses provide ``vector_search``, ``tile_vectors`` and
+    ``classify`` over their storage (one layer, or a partitioned dataset)."""
+
+    layer: str
+    source: EmbeddingSource
+    checkpoint: str | None = None
+    device: str = "cpu"
+    trust_checkpoint: bool = False
+    _model: Any = None
+
+    @property
+    def model(self) -> Any:
+        """The embeddings' own model (loaded once)."""
+        if self._model is None:
+            self._model = load_source_model(self.source, self.checkpoint, self.device, self.trust_checkpoint)
+        return self._model
+
+    def vector_search(self, query: np.ndarray, k: int = 20, spatial: SpatialFilter | None = None,
+                      exclude: Sequence[str] = ()) -> Any:
+        """Top ``k`` tiles for a normalised query vector (GeoDataFrame with ``score`` and ``rank``)."""
+        raise NotImplementedError
+
+    def tile_vectors(self, tile_ids: Sequence[str]) -> np.ndarray:
+        """Stored embeddings of tiles (one-line error for unknown ids)."""
+        raise NotImplementedError
+
+    def text_query(self, texts: Sequence[str], template: bool = True) -> np.ndarray:
+        """Normalised query vector for one or more texts (combined by their mean)."""
+        if isinstance(texts, str):
+            texts = [texts]
+        texts = [t for t in texts if t.strip()]
+        if not texts:
+            raise OptionError("the query is empty; give some text", option="query")
+        vectors = text_vectors(self.model, texts, [self.source.template] if template else ["{}"])
+        return combine(vectors)
+
+    def search_text(self, texts: Any, k: int = 20, spatial: SpatialFilter | None = None,
+                    template: bool = True) -> Any:
+        """Tiles ranked by similarity to the text(s)."""
+        return self.vector_search(self.text_query(texts, template), k, spatial)
+
+    def similar_query(self, positive_ids: Sequence[str] = (), negative_ids: Sequence[str] = (),
+                      positive_images: Sequence[str] = (), negative_images: Sequence[str] = (),
+                      negative_weight: float = 0.5) -> np.ndarray:
+        """Query vector from examples: mean of positives minus weighted mean of negatives."""
+        parts = [self.tile_vectors(positive_ids)] if positive_ids else []
+        if positive_images:
+            parts.append(image_vectors(self.model, positive_images))
+        negs = [self.tile_vectors(negative_ids)] if negative_ids else []
+        if negative_images:
+            negs.append(image_vectors(self.model, negative_images))
+        if not parts:
+            raise OptionError("no positive example; give a tile id or an image file", option="tile")
+        return combine(np.concatenate(parts), np.concatenate(negs) if negs else None, negative_weight)
+
+    def search_similar(self, positive_ids: Sequence[str] = (), negative_ids: Sequence[str] = (),
+                       positive_images: Sequence[str] = (), negative_images: Sequence[str] = (),
+                       negative_weight: float = 0.5, k: int = 20, spatial: SpatialFilter | None = None,
+                       include_examples: bool = False) -> Any:
+        """Tiles like the positive examples and unlike the negative ones (tile ids and/or image files)."""
+        query = self.similar_query(positive_ids, negative_ids, positive_images, negative_images, negative_weight)
+        exclude = () if include_examples else tuple(positive_ids) + tuple(negative_ids)
+        return self.vector_search(query, k, spatial, exclude)
+
+    def label_vectors(self, labels: Sequence[str], templates: Sequence[str] | None = None) -> np.ndarray:
+        """One normalised vector per label from an ensemble of prompt templates."""
+        from ..models.templates import ZERO_SHOT_TEMPLATES
+
+        return class_vectors(self.model, labels, templates or list(dict.fromkeys([self.source.template,
+                                                                                 *ZERO_SHOT_TEMPLATES])))
+
+    def zero_shot(self, labels: Sequence[str], templates: Sequence[str] | None = None, top_k: int = 3
+                  ) -> ZeroShot:
+        """The checked labels and their class vectors, ready to label rows of vectors."""
+        if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < 1:
+            raise OptionError(f"invalid top_k {top_k!r}: keep at least one class", option="top_k")
+        if templates is not None and any("{}" not in t for t in templates):
+            raise OptionError("every template needs a {} for the class name", option="templates")
+        labels = [label.strip() for label in labels if label.strip()]
+        if len(labels) < 2:
+            raise OptionError(f"{len(labels)} label(s) given; give at least two labels to choose from",
+                              option="labels")
+        if len(set(labels)) != len(labels):
+            raise OptionError("a label is given twice; give distinct labels", option="labels")
+        model = self.model.model
+        scale = float(model.logit_scale.exp().item()) if hasattr(model, "logit_scale") else 100.0
+        return ZeroShot(labels, self.label_vectors(labels, templates), scale, int(top_k))
+
+
+class ZeroShot:
+    """Zero-shot labelling of embedding rows: softmax over the class vectors with the model's
+    logit scale; ``label``, ``label_score`` and ``label_top`` (``"a:0.61;b:0.22;…"``)."""
+
+    def __init__(self, labels: list[str], classes: np.ndarray, scale: float, top_k: int):
+        self.labels, self.classes, self.scale, self.top_k = labels, classes, scale, top_k
+
+    def label(self, vectors: np.ndarray) -> tuple[list, np.ndarray, list[str]]:
+        """``(label, label_score, label_top)`` of every row of ``vectors``."""
+        logits = np.asarray(vectors, dtype=np.float32) @ self.classes.T
+        probs = np.exp((logits - logits.max(axis=1, keepdims=True)) * self.scale)
+        probs /= probs.sum(axis=1, keepdims=True)
+        order = np.argsort(-probs, axis=1, kind="stable")[:, :self.top_k]
+        names = np.asarray(self.labels, dtype=object)
+        tops = [";".join(f"{names[j]}:{p[j]:.3f}" for j in row) for row, p in zip(order, probs)]
+        return list(names[order[:, 0]]), probs[np.arange(len(probs)), order[:, 0]], tops
+
+    def columns(self, frame: Any, rows: np.ndarray, vectors: np.ndarray) -> Any:
+        """``frame`` with the label columns set at ``rows`` from ``vectors`` (others empty)."""
+        label, score, top = self.label(vectors)
+        frame["label"], frame["label_score"], frame["label_top"] = None, np.nan, None
+        at = frame.index[rows]
+        frame.loc[at, "label"] = label
+        frame.loc[at, "label_score"] = score
+        frame.loc[at, "label_top"] = top
+        return frame
+
+    def params(self, templates: Sequence[str] | None, model: str) -> dict:
+        """The run-record parameters of a classification."""
+        return {"labels": list(self.labels), "templates": list(templates) if templates else None, "model": model}
+
+
+class SearchSession(BaseSession):
     """Answers queries on ``layer``; the model is loaded on the first query that needs it."""
 
     def __init__(self, layer: str, model: str | None = None, checkpoint: str | None = None,
@@ -34,13 +159,6 @@ class SearchSession:
         self.checkpoint, self.device = checkpoint, device
         self.use_ann = bool(use_ann) and self.index.load_ann()
         self._model = None
-
-    @property
-    def model(self):
-        """The layer's own model (loaded once)."""
-        if self._model is None:
-            self._model = load_source_model(self.source, self.checkpoint, self.device, self.trust_checkpoint)
-        return self._model
 
     def mask(self, spatial: SpatialFilter | None, exclude: Sequence[str] = ()) -> np.ndarray | None:
         """Rows of the index allowed by the spatial filter and not excluded (None: all)."""
@@ -66,20 +184,6 @@ class SearchSession:
         scores, rows = self.index.search(query, k=k, mask=self.mask(spatial, exclude), use_ann=self.use_ann)
         return self._results(scores[0], rows[0])
 
-    def text_query(self, texts: Sequence[str], template: bool = True) -> np.ndarray:
-        """Normalised query vector for one or more texts (combined by their mean)."""
-        if isinstance(texts, str):
-            texts = [texts]
-        texts = [t for t in texts if t.strip()]
-        if not texts:
-            raise OptionError("the query is empty; give some text", option="query")
-        vectors = text_vectors(self.model, texts, [self.source.template] if template else ["{}"])
-        return combine(vectors)
-
-    def search_text(self, texts, k: int = 20, spatial: SpatialFilter | None = None, template: bool = True):
-        """Tiles ranked by similarity to the text(s)."""
-        return self.vector_search(self.text_query(texts, template), k, spatial)
-
     def tile_vectors(self, tile_ids: Sequence[str]) -> np.ndarray:
         """Stored embeddings of tiles (one-line error for unknown ids)."""
         lookup = {tid: i for i, tid in enumerate(self.index.ids)}
@@ -89,79 +193,24 @@ class SearchSession:
                               "give the id of a tile with an embedding", option="tile")
         return np.asarray(self.index.matrix[[lookup[t] for t in tile_ids]], dtype=np.float32)
 
-    def similar_query(self, positive_ids: Sequence[str] = (), negative_ids: Sequence[str] = (),
-                      positive_images: Sequence[str] = (), negative_images: Sequence[str] = (),
-                      negative_weight: float = 0.5) -> np.ndarray:
-        """Query vector from examples: mean of positives minus weighted mean of negatives."""
-        parts = [self.tile_vectors(positive_ids)] if positive_ids else []
-        if positive_images:
-            parts.append(image_vectors(self.model, positive_images))
-        negs = [self.tile_vectors(negative_ids)] if negative_ids else []
-        if negative_images:
-            negs.append(image_vectors(self.model, negative_images))
-        if not parts:
-            raise OptionError("no positive example; give a tile id or an image file", option="tile")
-        return combine(np.concatenate(parts), np.concatenate(negs) if negs else None, negative_weight)
-
-    def search_similar(self, positive_ids: Sequence[str] = (), negative_ids: Sequence[str] = (),
-                       positive_images: Sequence[str] = (), negative_images: Sequence[str] = (),
-                       negative_weight: float = 0.5, k: int = 20, spatial: SpatialFilter | None = None,
-                       include_examples: bool = False):
-        """Tiles like the positive examples and unlike the negative ones (tile ids and/or image files)."""
-        query = self.similar_query(positive_ids, negative_ids, positive_images, negative_images, negative_weight)
-        exclude = () if include_examples else tuple(positive_ids) + tuple(negative_ids)
-        return self.vector_search(query, k, spatial, exclude)
-
     def score_all(self, query: np.ndarray, spatial: SpatialFilter | None = None,
                   exclude: Sequence[str] = ()) -> dict[str, float]:
         """``{tile_id: score}`` of every tile with an embedding that passes the filters."""
         all_scores = self.index.scores(query, self.mask(spatial, exclude))
         return {tid: float(s) for tid, s in zip(self.index.ids, all_scores) if s == s}
 
-    def label_vectors(self, labels: Sequence[str], templates: Sequence[str] | None = None) -> np.ndarray:
-        """One normalised vector per label from an ensemble of prompt templates."""
-        from ..models.templates import ZERO_SHOT_TEMPLATES
-
-        return class_vectors(self.model, labels, templates or list(dict.fromkeys([self.source.template,
-                                                                                 *ZERO_SHOT_TEMPLATES])))
-
     def classify(self, labels: Sequence[str], templates: Sequence[str] | None = None, top_k: int = 3,
-                 write: bool = False):
+                 write: bool = False) -> Any:
         """Zero-shot classes for every tile with an embedding: ``label``, ``label_score`` and
         ``label_top`` (``"a:0.61;b:0.22;…"``) columns on a copy of the layer; with ``write`` the
         columns are also written to the layer (with a run record)."""
-        if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < 1:
-            raise OptionError(f"invalid top_k {top_k!r}: keep at least one class", option="top_k")
-        if templates is not None and any("{}" not in t for t in templates):
-            raise OptionError("every template needs a {} for the class name", option="templates")
-        labels = [label.strip() for label in labels if label.strip()]
-        if len(labels) < 2:
-            raise OptionError(f"{len(labels)} label(s) given; give at least two labels to choose from",
-                              option="labels")
-        if len(set(labels)) != len(labels):
-            raise OptionError("a label is given twice; give distinct labels", option="labels")
-        classes = self.label_vectors(labels, templates)
-        logits = np.asarray(self.index.matrix, dtype=np.float32) @ classes.T
-        scale = float(self.model.model.logit_scale.exp().item()) if hasattr(self.model.model, "logit_scale") else 100.0
-        probs = np.exp((logits - logits.max(axis=1, keepdims=True)) * scale)
-        probs /= probs.sum(axis=1, keepdims=True)
-        order = np.argsort(-probs, axis=1, kind="stable")[:, :top_k]
-        frame = self.frame.copy()
-        frame["label"] = None
-        frame["label_score"] = np.nan
-        frame["label_top"] = None
-        names = np.asarray(labels, dtype=object)
-        frame.loc[frame.index[self.rows], "label"] = names[order[:, 0]]
-        frame.loc[frame.index[self.rows], "label_score"] = probs[np.arange(len(probs)), order[:, 0]]
-        frame.loc[frame.index[self.rows], "label_top"] = [
-            ";".join(f"{names[j]}:{p[j]:.3f}" for j in row) for row, p in zip(order, probs)
-        ]
+        zero_shot = self.zero_shot(labels, templates, top_k)
+        frame = zero_shot.columns(self.frame.copy(), self.rows, self.index.matrix)
         if write:
             from ..layer.io import write_tiles
             from ..layer.runs import new_run
 
-            params = {"labels": list(labels), "templates": list(templates) if templates else None,
-                      "model": self.source.model}
-            frame = write_tiles(self.layer, frame, new_run("classify", "tiles", params),
+            frame = write_tiles(self.layer, frame, new_run("classify", "tiles", zero_shot.params(templates,
+                                                                                                 self.source.model)),
                                 replace_sources=list(frame["source"].unique()), known=self.opened)
         return frame

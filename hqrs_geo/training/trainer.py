@@ -597,7 +597,7 @@ def _finetune(config: FinetuneConfig, output: Path, resume: bool, progress,
     save_weights(model, output / "model.safetensors", config.save_dtype)
     if progress is not None:
         progress.close_bar()
-    from ..models.checkpoints import sha256_of
+    from ..atomic import sha256_file
 
     record = {
         "arch": arch, "kind": kind, "source": source, "config": asdict(config), "device": str(device),
@@ -606,10 +606,10 @@ def _finetune(config: FinetuneConfig, output: Path, resume: bool, progress,
         "final": state.history[-1]["val"] if val is not None and state.history and "val" in state.history[-1] else None,
         "best": {"step": state.best_step, "score": state.best_score} if val is not None else None,
         "history": state.history, "seconds_this_session": round(time.monotonic() - started, 1),
-        "weights": {"model": "model.safetensors", "sha256": sha256_of(output / "model.safetensors")},
+        "weights": {"model": "model.safetensors", "sha256": sha256_file(output / "model.safetensors")},
     }
     if val is not None and (output / "best.safetensors").is_file():
         record["weights"]["best"] = "best.safetensors"
-        record["weights"]["best_sha256"] = sha256_of(output / "best.safetensors")
+        record["weights"]["best_sha256"] = sha256_file(output / "best.safetensors")
     write_json(output / "train.json", record)
     return record
