@@ -7,7 +7,7 @@ module with the engine's interpreter::
     python -m qgis_plugin.tools.generate_registry            # rewrite the module
     python -m qgis_plugin.tools.generate_registry --check    # exit 1 when it is out of date
 
-``tests/test_plugin_registry.py`` checks that the committed module is up to date.
+``tests/plugin/test_plugin_runner.py`` checks that the committed module is up to date.
 """
 from __future__ import annotations
 
