@@ -35,30 +35,10 @@ if str(ROOT) not in sys.path:
 
 from qgis_plugin.core import sessions, settings  # noqa: E402
 from qgis_plugin.processing.algorithms import CUSTOM_MODEL  # noqa: E402
-from qgis_plugin.processing.provider import HqrsProvider  # noqa: E402
+from processing_fixture import processing_run  # noqa: E402,F401  (the shared fixture)
 
 pytestmark = pytest.mark.filterwarnings("error::DeprecationWarning:qgis_plugin", "error::ResourceWarning")
 SCENE_BOUNDS = (127375.0, 428000.0, 127625.0, 428250.0)  # the example scene, EPSG:28992
-
-
-@pytest.fixture(scope="module")
-def processing_run():
-    app = QgsApplication.instance() or QgsApplication([], False)
-    app.initQgis()
-    from processing.core.Processing import Processing
-
-    Processing.initialize()
-    import processing
-
-    registry = QgsApplication.processingRegistry()
-    provider = None
-    if registry.providerById("hqrs") is None:
-        provider = HqrsProvider()
-        assert registry.addProvider(provider)
-    yield processing.run
-    sessions.close_all()
-    if provider is not None:
-        registry.removeProvider(provider)
 
 
 @pytest.fixture(autouse=True)

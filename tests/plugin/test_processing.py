@@ -39,32 +39,12 @@ from qgis_plugin.core import engine, sessions, settings  # noqa: E402
 from qgis_plugin.processing import base as alg_base  # noqa: E402
 from qgis_plugin.processing.algorithms import CUSTOM_MODEL  # noqa: E402
 from qgis_plugin.processing.provider import HqrsProvider  # noqa: E402
+from processing_fixture import processing_run  # noqa: E402,F401  (the shared fixture)
 
 ALGORITHMS = ("tile", "embed", "caption", "run", "search", "similar", "classify", "export_chips", "mpgi",
               "export_dataset")
 TILE_COLUMNS = ("tile_id", "source", "row", "col", "x_off", "y_off", "width", "height", "valid_fraction", "gsd")
 EMBEDDING = "emb_hqrs_test_tiny_clip_tiny_clip"
-
-
-@pytest.fixture(scope="module")
-def processing_run():
-    """QGIS with Processing initialised and the HQRS provider registered; yields ``processing.run``."""
-    app = QgsApplication.instance() or QgsApplication([], False)
-    app.initQgis()
-    from processing.core.Processing import Processing
-
-    Processing.initialize()
-    import processing
-
-    registry = QgsApplication.processingRegistry()
-    provider = None
-    if registry.providerById("hqrs") is None:
-        provider = HqrsProvider()
-        assert registry.addProvider(provider)
-    yield processing.run
-    sessions.close_all()
-    if provider is not None:
-        registry.removeProvider(provider)
 
 
 def open_layer(uri: str) -> QgsVectorLayer:
