@@ -615,9 +615,8 @@ class SearchDock(QDockWidget):
         self.hits = hits[:k]
         self.hits_choice = choice
         self.show_results(label, crs, hits if self.heatmap.isChecked() else [])
-        took = f"{len(self.hits)} tiles in {response.get('seconds', 0.0):.3f} s"
-        if choice.dataset:
-            took += f" of the dataset's {tiles:,}"
+        found = f"{len(self.hits)} of the dataset's {tiles:,} tiles" if choice.dataset else f"{len(self.hits)} tiles"
+        took = f"{found} in {response.get('seconds', 0.0):.3f} s"
         self.show_status(took + (f" (model loaded in {loaded:.1f} s)" if loaded else ""))
         self.merge_button.setVisible(choice.dataset)
         self.merge_button.setEnabled(bool(self.hits) and not self.merging)
@@ -836,9 +835,12 @@ class SearchDock(QDockWidget):
         sessions.close_all()
 
     def unload(self) -> None:
-        """Disconnect from the project and settings (plugin unload)."""
+        """Disconnect from the project and settings, stop searches and merges (plugin unload)."""
         self.toggle_pick(False)
         self.close_sessions()
+        if self.merging and self.merge_task is not None:
+            self.merge_task.on_done = None  # the dock may be gone when it ends
+            self.merge_task.cancel()
         for dialog in (self.folder_dialog, self.merge_dialog):
             if dialog is not None:
                 dialog.close()
