@@ -13,6 +13,16 @@ Responses: ``{"id": 1, "results": [{"tile_id": …, "score": …, "rank": 1, "bo
 goes on. The first line written is ``{"ready": true, …}`` once the layer, matrix and model
 are loaded.
 
+The ready message: ``layer`` (the path served), ``model`` (the model that made the embeddings),
+``tiles`` (tiles with an embedding), ``crs`` (the CRS of every footprint and ``bounds``:
+``"EPSG:28992"``, or WKT when it has no authority code; null when unknown), ``kind``
+(``"layer"`` or ``"dataset"``), ``embeddings`` (the key of the searched column ``emb_<key>``)
+and, for a dataset, ``parts``. Each result: ``tile_id``, ``score``, ``rank``, ``bounds``
+(``[minx, miny, maxx, maxy]`` in ``crs``), ``wkt`` (the footprint), ``source`` (the raster
+GDAL opens) and ``window`` (``[x_off, y_off, width, height]``: the tile's pixels in it, e.g. for
+thumbnails or chips), ``caption`` when the tile has one, and ``part`` (its part file) for a
+dataset. Clients ignore keys they do not know: later versions only add keys.
+
 Every line gets exactly one answer, blank and malformed ones included; the session ends only at
 end of input or ``{"op": "quit"}``, never on a bad request. :func:`parse_request` is the one
 validator: a JSON object of at most :data:`MAX_LINE` bytes and nesting depth
@@ -198,11 +208,63 @@ def answer(session: Any, request: Request | dict) -> dict:
             spatial=request.spatial)
     else:
         results = session.search_text(request.text, k=request.k, spatial=request.spatial, template=request.template)
-    return {"results": [
-        {"tile_id": r.tile_id, "score": round(float(r.score), 6), "rank": int(r.rank),
-         "bounds": list(r.geometry.bounds)}
-        for r in results.itertuples()
-    ]}
+    return {"results": [_result(row) for row in results.to_dict("records")]}
+
+
+WINDOW = ("x_off", "y_off", "width", "height")
+
+
+def _result(row: dict) -> dict:
+    """One result object (see the module docstring) from a result row."""
+    geometry = row["geometry"]
+    out: dict[str, Any] = {"tile_id": str(row["tile_id"]), "score": round(float(row["score"]), 6),
+                           "rank": int(row["rank"]), "bounds": [float(v) for v in geometry.bounds],
+                           "wkt": geometry.wkt}
+    if isinstance(row.get("part"), str):
+        out["part"] = row["part"]
+    if isinstance(row.get("source"), str):
+        out["source"] = row["source"]
+    if all(_whole(row.get(name)) for name in WINDOW):
+        out["window"] = [int(row[name]) for name in WINDOW]
+    caption = row.get("caption")
+    if isinstance(caption, str) and caption:
+        out["caption"] = caption
+    return out
+
+
+def _whole(value: Any) -> bool:
+    """A finite number (of a window column; missing values read as NaN or None)."""
+    try:
+        return value is not None and not isinstance(value, bool) and math.isfinite(float(value))
+    except (TypeError, ValueError):
+        return False
+
+
+def crs_text(crs: Any) -> str | None:
+    """A CRS as ``AUTHORITY:CODE`` when it has one, else WKT; None when unknown."""
+    if crs is None:
+        return None
+    from pyproj import CRS
+
+    try:
+        parsed = CRS.from_user_input(crs)
+    except Exception:  # pyproj raises CRSError and others for strings it cannot read
+        return str(crs)
+    authority = parsed.to_authority(min_confidence=90)
+    return ":".join(authority) if authority else parsed.to_wkt()
+
+
+def ready_message(session: Any) -> dict:
+    """The first line of a session: what is served (see the module docstring)."""
+    from .partitioned import DatasetSession
+
+    dataset = isinstance(session, DatasetSession)
+    crs = session.index.manifest.crs if dataset else getattr(getattr(session, "frame", None), "crs", None)
+    message = {"ready": True, "layer": session.layer, "model": session.source.model, "tiles": int(session.index.n),
+               "crs": crs_text(crs), "kind": "dataset" if dataset else "layer", "embeddings": session.source.key}
+    if dataset:
+        message["parts"] = len(session.index.parts)
+    return message
 
 
 def _read_line(stdin: TextIO) -> str | None:
@@ -232,7 +294,7 @@ def serve(session: Any, stdin: TextIO | None = None, stdout: TextIO | None = Non
         stdout.write(json.dumps(obj, allow_nan=False, default=str) + "\n")
         stdout.flush()
 
-    send({"ready": True, "layer": session.layer, "model": session.source.model, "tiles": session.index.n})
+    send(ready_message(session))
     answered = 0
     while True:
         line = _read_line(stdin)

@@ -7,20 +7,32 @@ layers of their own (``hits: "query"``: outlines coloured by score with rank lab
 ``heat: "query"``, a semi-transparent score heat map); the tile layer's style is never touched
 and every tile stays clickable. Errors show in the dock and the message bar with the action that
 fixes them. When the engine is missing, the dock shows the set-up panel instead.
+
+Besides the project's tile layers, the layer list holds partitioned datasets ("Open dataset…":
+a folder of GeoParquet parts with ``_manifest.json``), listed with their tile count and
+embedding model from the manifest and searched through a ``serve-search DATASET`` session without
+being loaded into QGIS: the hits' footprints, captions and raster windows come with the results.
+"Merge area…" writes the tiles of the hits' area to a GeoPackage (``hqrs-geo merge --bbox``, in
+the background) and adds it to the map.
 """
 from __future__ import annotations
 
+import os
+import re
 import time
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import List, Optional, Sequence, Tuple
 
 from qgis.core import (
     Qgis,
+    QgsApplication,
+    QgsCoordinateReferenceSystem,
     QgsCoordinateTransform,
     QgsGeometry,
     QgsLayerTreeGroup,
     QgsMapLayer,
     QgsProject,
+    QgsRectangle,
     QgsVectorLayer,
 )
 from qgis.gui import QgsMapToolIdentifyFeature
@@ -31,6 +43,7 @@ from qgis.PyQt.QtWidgets import (
     QCheckBox,
     QComboBox,
     QDockWidget,
+    QFileDialog,
     QHBoxLayout,
     QHeaderView,
     QLabel,
@@ -45,24 +58,32 @@ from qgis.PyQt.QtWidgets import (
     QWidget,
 )
 
-from ..core import engine, sessions, settings, styles, tasks, tile_layers
+from ..core import datasets, engine, sessions, settings, styles, tasks, tile_layers
 from ..core.runner import EngineError
 from .engine_setup import EngineSetupPanel
 
 RESULTS_GROUP = "HQRS results"
 HEAT_MAX_TILES = 5000  # the heat map ranks at most this many tiles
 COLUMNS = ("", "rank", "score", "caption")
+OPEN_DATASET = "open-dataset"  # item data of the layer box's "Open dataset…" entry
 
 
 @dataclass
 class Choice:
-    """A tile layer and one of its embedding sets, as listed in the layer box."""
+    """A tile layer (or a dataset folder: ``dataset``, no layer id) and one of its embedding sets,
+    as listed in the layer box."""
 
     layer_id: str
     path: str
     key: str
     model: str
     several: bool
+    dataset: bool = False
+
+    @property
+    def ident(self) -> Tuple[str, str]:
+        """What the entry stands for, across refreshes of the list."""
+        return (self.layer_id or self.path, self.key)
 
 
 @dataclass
@@ -104,6 +125,13 @@ class SearchDock(QDockWidget):
         self.hits: List[Hit] = []
         self.result_layer_ids: List[str] = []
         self.query_text = ""
+        self.hits_choice: Optional[Choice] = None  # what the hits were found in
+        self.last_choice: Optional[Choice] = None
+        self.folder_dialog: Optional[QFileDialog] = None
+        self.merge_dialog: Optional[QFileDialog] = None
+        self.merge_task: Optional[tasks.EngineTask] = None
+        self.merging = False
+        self.merged_layer_id: Optional[str] = None
         self.pick_tool: Optional[QgsMapToolIdentifyFeature] = None
         self.relay = Relay()
         self.relay.status.connect(self.show_status)
@@ -113,9 +141,8 @@ class SearchDock(QDockWidget):
         self.pages.addWidget(self._search_page())
         self.pages.addWidget(self.setup_panel)
         self.setWidget(self.pages)
-        project = QgsProject.instance()
-        project.layersAdded.connect(self.refresh_layers)
-        project.layersRemoved.connect(self.refresh_layers)
+        for signal in self._project_signals():
+            signal.connect(self.refresh_layers)
         settings.notifier.changed.connect(self.on_settings_changed)
         self.refresh_layers()
         self.engine_checked = False
@@ -131,8 +158,15 @@ class SearchDock(QDockWidget):
         page = QWidget()
         layout = QVBoxLayout(page)
         self.layer_box = LayerBox()
-        self.layer_box.setToolTip("Tile layers with embeddings, with the model that made them")
+        self.layer_box.setToolTip("Tile layers and datasets with embeddings, with the model that made them")
         self.layer_box.about_to_show.connect(self.refresh_layers)
+        self.dataset_button = QToolButton()
+        self.dataset_button.setIcon(QgsApplication.getThemeIcon("/mActionFileOpen.svg"))
+        self.dataset_button.setToolTip("Open a dataset folder (GeoParquet parts with _manifest.json, made by "
+                                       "'hqrs-geo run … -o FOLDER/') to search it without loading it")
+        row0 = QHBoxLayout()
+        row0.addWidget(self.layer_box, 1)
+        row0.addWidget(self.dataset_button)
         self.layer_hint = QLabel("")
         self.layer_hint.setWordWrap(True)
         self.layer_hint.setVisible(False)
@@ -180,6 +214,10 @@ class SearchDock(QDockWidget):
         self.cancel_button = QPushButton("Cancel")
         self.cancel_button.setEnabled(False)
         self.clear_button = QPushButton("Clear results")
+        self.merge_button = QPushButton("Merge area…")
+        self.merge_button.setToolTip("Write the dataset's tiles in the area of the hits (the selected rows, else all) "
+                                     "to a GeoPackage and add it to the map")
+        self.merge_button.setVisible(False)
         self.engine_label = QLabel("")
         self.engine_label.setWordWrap(True)
         self.settings_button = QToolButton()
@@ -188,11 +226,12 @@ class SearchDock(QDockWidget):
         row3 = QHBoxLayout()
         row3.addWidget(self.status, 1)
         row3.addWidget(self.cancel_button)
+        row3.addWidget(self.merge_button)
         row3.addWidget(self.clear_button)
         row4 = QHBoxLayout()
         row4.addWidget(self.engine_label, 1)
         row4.addWidget(self.settings_button)
-        layout.addWidget(self.layer_box)
+        layout.addLayout(row0)
         layout.addWidget(self.layer_hint)
         layout.addLayout(row1)
         layout.addLayout(row2)
@@ -207,6 +246,9 @@ class SearchDock(QDockWidget):
         self.clear_button.clicked.connect(self.clear_results)
         self.table.cellClicked.connect(self.zoom_to_row)
         self.layer_box.currentIndexChanged.connect(self.layer_changed)
+        self.layer_box.activated.connect(self.layer_activated)
+        self.dataset_button.clicked.connect(self.browse_dataset)
+        self.merge_button.clicked.connect(self.merge_hits)
         self.heatmap.toggled.connect(lambda on: settings.set_value("heatmap", on))
         self.settings_button.clicked.connect(self.show_setup)
         return page
@@ -258,10 +300,16 @@ class SearchDock(QDockWidget):
             self.engine_label.setText("<small>Engine: settings changed; checking…</small>")
             self.check_engine()
 
-    # -- layers --------------------------------------------------------------------------------
+    # -- layers and datasets ------------------------------------------------------------------
+    @staticmethod
+    def _project_signals() -> list:
+        project = QgsProject.instance()
+        return [project.layersAdded, project.layersRemoved, project.cleared, project.readProject]
+
     def refresh_layers(self, *_args) -> None:
-        """List the project's tile layers with embeddings (keeping the current choice)."""
-        current = self.current_choice()
+        """List the project's tile layers with embeddings and its datasets (keeping the current
+        choice), then the "Open dataset…" entry."""
+        current = self.current_choice() or self.last_choice
         self.layer_box.blockSignals(True)
         self.layer_box.clear()
         plain = []
@@ -277,41 +325,68 @@ class SearchDock(QDockWidget):
             for item in sets:
                 choice = Choice(layer.id(), path, item.key, item.model, len(sets) > 1)
                 self.layer_box.addItem(f"{layer.name()} — {item.model}", choice)
+        folder = QgsApplication.getThemeIcon("/mIconFolder.svg")
+        for path in datasets.project_datasets():
+            try:
+                info = datasets.read_dataset(path)
+            except datasets.DatasetError as exc:  # moved or deleted since: say so, keep it listed
+                self.layer_box.addItem(folder, f"{os.path.basename(path)}/ — unavailable", None)
+                self.layer_box.setItemData(self.layer_box.count() - 1, str(exc), Qt.ToolTipRole)
+                continue
+            if not info.embeddings:
+                plain.append(f"{info.name}/")
+            for item in info.embeddings:
+                choice = Choice("", info.path, item.key, item.model, len(info.embeddings) > 1, dataset=True)
+                self.layer_box.addItem(folder, f"{info.name}/ — {info.tiles:,} tiles — {item.model}", choice)
+                self.layer_box.setItemData(self.layer_box.count() - 1,
+                                           f"<b>dataset {info.path}</b><br>{info.summary()}<br>"
+                                           f"embeddings: {item.model}", Qt.ToolTipRole)
+        choices = self.layer_box.count()
+        self.layer_box.addItem(QgsApplication.getThemeIcon("/mActionFileOpen.svg"), "Open dataset…", OPEN_DATASET)
+        self.layer_box.setItemData(self.layer_box.count() - 1, self.dataset_button.toolTip(), Qt.ToolTipRole)
         if current is not None:
-            for index in range(self.layer_box.count()):
+            for index in range(choices):
                 choice = self.layer_box.itemData(index)
-                if choice.layer_id == current.layer_id and choice.key == current.key:
+                if isinstance(choice, Choice) and choice.ident == current.ident:
                     self.layer_box.setCurrentIndex(index)
         self.layer_box.blockSignals(False)
         now = self.current_choice()
-        if now is not None and (current is None or now.layer_id != current.layer_id):
+        if now is not None and (current is None or now.ident != current.ident):
             self.layer_changed(self.layer_box.currentIndex())
         hint = ""
         if plain:
             hint = (f"{', '.join(plain)}: no embeddings yet; run Processing ▸ HQRS ▸ Models ▸ Embed tiles (or Tile, "
-                    "embed and caption) on it to search it")
-        elif self.layer_box.count() == 0:
+                    "embed and caption) on it to search it (a dataset: hqrs-geo embed FOLDER)")
+        elif choices == 0:
             hint = ("No tile layer with embeddings in the project: make one with Processing ▸ HQRS ▸ Models ▸ Tile, "
-                    "embed and caption")
+                    "embed and caption, or open a dataset folder")
         self.layer_hint.setText(f"<small>{hint}</small>" if hint else "")
         self.layer_hint.setVisible(bool(hint))
 
     def current_choice(self) -> Optional[Choice]:
-        """The chosen tile layer and embeddings."""
+        """The chosen tile layer (or dataset) and embeddings."""
         choice = self.layer_box.currentData() if hasattr(self, "layer_box") else None
         return choice if isinstance(choice, Choice) else None
 
     def current_layer(self) -> Optional[QgsVectorLayer]:
-        """The chosen tile layer."""
+        """The chosen tile layer (None for a dataset)."""
         choice = self.current_choice()
-        return QgsProject.instance().mapLayer(choice.layer_id) if choice else None
+        return QgsProject.instance().mapLayer(choice.layer_id) if choice and choice.layer_id else None
 
     def set_layer(self, layer: QgsMapLayer, model: Optional[str] = None) -> bool:
         """Choose ``layer`` (and the embeddings of ``model``) in the layer box."""
+        return self._select(lambda c: c.layer_id == layer.id(), model)
+
+    def set_dataset(self, path: str, model: Optional[str] = None) -> bool:
+        """Choose the dataset at ``path`` (and the embeddings of ``model``) in the layer box."""
+        folder = datasets.normalise(path)
+        return self._select(lambda c: c.dataset and c.path == folder, model)
+
+    def _select(self, match, model: Optional[str]) -> bool:
         self.refresh_layers()
         for index in range(self.layer_box.count()):
             choice = self.layer_box.itemData(index)
-            if choice.layer_id == layer.id() and (model is None or model in (choice.model, choice.key)):
+            if isinstance(choice, Choice) and match(choice) and (model is None or model in (choice.model, choice.key)):
                 self.layer_box.setCurrentIndex(index)
                 self.layer_changed(index)
                 return True
@@ -319,10 +394,69 @@ class SearchDock(QDockWidget):
 
     def layer_changed(self, _index: int) -> None:
         """Another layer: its session starts with the first query; caption map tips on."""
+        choice = self.current_choice()
+        if choice is not None:
+            self.last_choice = choice
         layer = self.current_layer()
         if isinstance(layer, QgsVectorLayer):
             styles.set_tile_map_tips(layer)
             self.enable_map_tips()
+
+    def layer_activated(self, index: int) -> None:
+        """An entry picked by the user: "Open dataset…" opens the folder browser (the list goes back
+        to the previous choice until a dataset is chosen)."""
+        if self.layer_box.itemData(index) != OPEN_DATASET:
+            return
+        if self.last_choice is not None:
+            self.refresh_layers()  # back to the previous choice
+        self.browse_dataset()
+
+    def browse_dataset(self) -> QFileDialog:
+        """A folder browser for a dataset (not modal: QGIS stays usable); the chosen folder is
+        opened with :meth:`add_dataset`."""
+        if self.folder_dialog is not None:
+            self.folder_dialog.close()
+        known = datasets.project_datasets()
+        start = os.path.dirname(known[-1]) if known else (QgsProject.instance().homePath() or os.path.expanduser("~"))
+        dialog = QFileDialog(self, "Open a dataset folder (GeoParquet parts with _manifest.json)", start)
+        dialog.setFileMode(QFileDialog.Directory)
+        dialog.setOption(QFileDialog.ShowDirsOnly, True)
+        dialog.fileSelected.connect(self.add_dataset)
+        dialog.finished.connect(lambda _result: self._dialog_closed("folder_dialog"))
+        self.folder_dialog = dialog
+        dialog.open()
+        return dialog
+
+    def _dialog_closed(self, name: str) -> None:
+        """A file dialog of the dock (``folder_dialog`` or ``merge_dialog``) was closed: forget and delete it."""
+        dialog = getattr(self, name)
+        setattr(self, name, None)
+        if dialog is not None:
+            dialog.deleteLater()
+
+    def add_dataset(self, path: str, model: Optional[str] = None) -> bool:
+        """Add the dataset at ``path`` to the list (and the project) and choose it; says what is
+        wrong when it is no dataset or has no embeddings."""
+        try:
+            info = datasets.read_dataset(path)
+        except datasets.DatasetError as exc:
+            self.warn(str(exc))
+            return False
+        if not info.embeddings:
+            self.warn(f"{info.path}: no embeddings yet ({info.summary()}); embed it first: hqrs-geo embed {info.path}")
+            return False
+        datasets.remember(info.path)
+        found = self.set_dataset(info.path, model)
+        if found:
+            self.show_status(f"dataset {info.name}: {info.summary()}; type a query and press Enter")
+        return found
+
+    def warn(self, text: str) -> None:
+        """A problem with what the user chose: the status line and the message bar."""
+        self.show_status(text)
+        bar = self.message_bar()
+        if bar is not None:
+            bar.pushMessage("HQRS search", text, Qgis.Warning, 10)
 
     def enable_map_tips(self) -> None:
         """Switch QGIS's map tips on (once), so captions show when hovering over tiles."""
@@ -361,8 +495,13 @@ class SearchDock(QDockWidget):
     def toggle_pick(self, on: bool) -> None:
         """A map tool: click a tile to find tiles like it."""
         canvas = self.iface.mapCanvas() if self.iface is not None else None
-        layer = self.current_layer()
+        choice = self.current_choice()
+        layer = self.results_layer() if choice is not None and choice.dataset else self.current_layer()
         if canvas is None:
+            return
+        if on and layer is None and choice is not None and choice.dataset:
+            self.pick_button.setChecked(False)
+            self.show_status("a dataset is not on the map: search it first, then pick a tile among the hits")
             return
         if on and layer is not None:
             self.pick_tool = QgsMapToolIdentifyFeature(canvas, layer)
@@ -390,14 +529,23 @@ class SearchDock(QDockWidget):
         k = self.k.value()
         heat = self.heatmap.isChecked()
         relay = self.relay
-        layer_crs = self.current_layer().crs()
+        layer = self.current_layer()
+        layer_crs = layer.crs() if layer is not None else None
+        crs_text = ""
+        if choice.dataset:
+            try:
+                crs_text = datasets.read_dataset(choice.path).crs  # an engine's ready message says it too
+            except datasets.DatasetError as exc:
+                self.warn(str(exc))
+                return None
         self.query_text = label
+        what = "dataset" if choice.dataset else "layer"
 
         def work(task: tasks.CallTask):
             started = time.perf_counter()
             loaded = None
             if not session.running:
-                relay.status.emit(f"loading the model of {choice.model} on {key.device}… (once per layer)")
+                relay.status.emit(f"loading the model of {choice.model} on {key.device}… (once per {what})")
                 session.start()
                 loaded = time.perf_counter() - started
             relay.status.emit("searching…")
@@ -405,18 +553,37 @@ class SearchDock(QDockWidget):
             response = session.request({**payload, "k": want})
             results = response.get("results", [])
             relay.status.emit("reading the hits…")
-            return self._read_hits(choice.path, results, k), results if heat else [], response, loaded
+            hits = self._dataset_hits(results, k) if choice.dataset else self._read_hits(choice.path, results, k)
+            return hits, session.info.get("crs") or crs_text, response, loaded, int(session.info.get("tiles", 0))
 
         self.set_busy(True, f"loading the model of {choice.model}…" if not session.running else "searching…")
         self.task = tasks.start(tasks.CallTask(
-            f"HQRS search: {label}", work, lambda result, error: self._done(result, error, label, layer_crs),
+            f"HQRS search: {label}", work, lambda result, error: self._done(result, error, label, choice, layer_crs),
             on_cancel=session.stop))
         return self.task
 
     @staticmethod
+    def _dataset_hits(results: List[dict], k: int) -> List[Hit]:
+        """Worker thread: hits of a dataset from the results alone (footprint, caption; thumbnails
+        of the best ``k`` read from their raster windows)."""
+        hits = []
+        for i, result in enumerate(results):
+            geometry = QgsGeometry.fromWkt(str(result.get("wkt") or ""))
+            if geometry.isNull() or geometry.isEmpty():  # an engine without footprints: the bounds
+                bounds = result.get("bounds") or []
+                if len(bounds) != 4:
+                    continue
+                geometry = QgsGeometry.fromRect(QgsRectangle(*(float(v) for v in bounds)))
+            thumb = None
+            if i < k and result.get("source") and len(result.get("window") or []) == 4:
+                thumb = tile_layers.thumbnail(str(result["source"]), tuple(result["window"]))
+            hits.append(Hit(result, geometry, str(result.get("caption") or ""), thumb))
+        return hits
+
+    @staticmethod
     def _read_hits(path: str, results: List[dict], k: int) -> List[Hit]:
         """Worker thread: geometries, captions and thumbnails of the best ``k`` results (and
-        geometries of the rest, for the heat map)."""
+        geometries of the rest, for the heat map) from the tile layer's features."""
         layer = QgsVectorLayer(tile_layers.engine_layer_uri(path), "tiles", "ogr")
         features = tile_layers.features_by_tile(layer, [r["tile_id"] for r in results])
         hits = []
@@ -432,18 +599,27 @@ class SearchDock(QDockWidget):
             hits.append(Hit(result, QgsGeometry(feature.geometry()), str(caption) if caption else "", thumb))
         return hits
 
-    def _done(self, result, error: Optional[EngineError], label: str, crs) -> None:
+    def _done(self, result, error: Optional[EngineError], label: str, choice: Choice, layer_crs) -> None:
         self.set_busy(False)
         if error is not None:
             if error.kind == "cancelled":
                 return self.show_status("cancelled")
             return self.report(error)
-        hits, _all, response, loaded = result
+        hits, crs_text, response, loaded, tiles = result
+        crs = layer_crs
+        if choice.dataset or crs is None:
+            crs = QgsCoordinateReferenceSystem()
+            if crs_text:
+                crs.createFromUserInput(crs_text)
         k = self.k.value()
         self.hits = hits[:k]
+        self.hits_choice = choice
         self.show_results(label, crs, hits if self.heatmap.isChecked() else [])
-        took = f"{len(self.hits)} tiles in {response.get('seconds', 0.0):.3f} s"
+        found = f"{len(self.hits)} of the dataset's {tiles:,} tiles" if choice.dataset else f"{len(self.hits)} tiles"
+        took = f"{found} in {response.get('seconds', 0.0):.3f} s"
         self.show_status(took + (f" (model loaded in {loaded:.1f} s)" if loaded else ""))
+        self.merge_button.setVisible(choice.dataset)
+        self.merge_button.setEnabled(bool(self.hits) and not self.merging)
 
     def set_busy(self, busy: bool, text: str = "") -> None:
         """Buttons and status while a task runs."""
@@ -555,6 +731,8 @@ class SearchDock(QDockWidget):
             project.layerTreeRoot().removeChildNode(group)
         if not keep_table:
             self.hits = []
+            self.hits_choice = None
+            self.merge_button.setVisible(False)
             self.table.setRowCount(0)
             self.show_status("")
 
@@ -570,9 +748,11 @@ class SearchDock(QDockWidget):
         """Clicking a result zooms the map to its tile (and flashes it)."""
         if row >= len(self.hits) or self.iface is None:
             return
-        hit, layer = self.hits[row], self.results_layer()
+        hit, layer = self.hits[row], self.results_layer() or self.current_layer()
+        if layer is None:  # the results layer was removed and a dataset has none
+            return
         canvas = self.iface.mapCanvas()
-        crs = layer.crs() if layer is not None else self.current_layer().crs()
+        crs = layer.crs()
         extent = hit.geometry.boundingBox()
         transform = QgsCoordinateTransform(crs, canvas.mapSettings().destinationCrs(), QgsProject.instance())
         extent = transform.transformBoundingBox(extent)
@@ -582,6 +762,72 @@ class SearchDock(QDockWidget):
         if hasattr(canvas, "flashGeometries"):
             canvas.flashGeometries([hit.geometry], crs)
 
+    # -- merging a dataset's area -------------------------------------------------------------
+    def merge_area(self) -> Optional[Tuple[float, float, float, float]]:
+        """The bounding box (in the dataset's CRS) of the selected result rows, else of all hits."""
+        rows = sorted({index.row() for index in self.table.selectedIndexes()})
+        hits = [self.hits[r] for r in rows if r < len(self.hits)] or self.hits
+        if not hits:
+            return None
+        box = QgsRectangle(hits[0].geometry.boundingBox())
+        for hit in hits[1:]:
+            box.combineExtentWith(hit.geometry.boundingBox())
+        return (box.xMinimum(), box.yMinimum(), box.xMaximum(), box.yMaximum())
+
+    def merge_hits(self) -> Optional[QFileDialog]:
+        """Ask where to write the tiles of the hits' area (a GeoPackage), then :meth:`start_merge`."""
+        choice, area = self.hits_choice, self.merge_area()
+        if choice is None or not choice.dataset or area is None:
+            self.show_status("search a dataset first: the area of its hits is merged")
+            return None
+        slug = re.sub(r"[^\w]+", "_", self.query_text).strip("_")[:40] or "hits"
+        suggested = os.path.join(os.path.dirname(choice.path), f"{os.path.basename(choice.path)}_{slug}.gpkg")
+        dialog = QFileDialog(self, "Merge the hits' area into a GeoPackage", os.path.dirname(suggested),
+                             "GeoPackage (*.gpkg)")
+        dialog.setAcceptMode(QFileDialog.AcceptSave)
+        dialog.setDefaultSuffix("gpkg")
+        dialog.selectFile(suggested)
+        label = self.query_text
+        dialog.fileSelected.connect(lambda output: self.start_merge(choice.path, area, output, label))
+        dialog.finished.connect(lambda _result: self._dialog_closed("merge_dialog"))
+        self.merge_dialog = dialog
+        dialog.open()
+        return dialog
+
+    def start_merge(self, dataset: str, area: Sequence[float], output: str, label: str = "") -> tasks.EngineTask:
+        """``hqrs-geo merge DATASET -o OUTPUT --bbox AREA`` in the background; the layer is added
+        to the map when it is written."""
+        try:
+            tiles, parts = datasets.read_dataset(dataset).tiles_in(area)
+            estimate = f" (at most {tiles:,} tiles of {parts:,} parts)"
+        except datasets.DatasetError:
+            estimate = ""
+        name = os.path.basename(dataset)
+        args = ["merge", dataset, "-o", output, "--bbox=" + ",".join(repr(float(v)) for v in area)]
+        self.merging = True
+        self.merge_button.setEnabled(False)
+        self.show_status(f"merging the hits' area of {name}{estimate} into {os.path.basename(output)}…")
+        title = f'{name}: "{label}" area' if label else f"{name}: area"
+
+        def done(result) -> None:
+            self.merging = False
+            self.merge_button.setEnabled(bool(self.hits))
+            if not result.ok:
+                text = "cancelled" if result.cancelled else (result.error.text if result.error else "failed")
+                return self.show_status(f"<b>merge failed</b>: {text}")
+            layer = QgsVectorLayer(tile_layers.engine_layer_uri(output), title, "ogr")
+            if not layer.isValid():
+                return self.show_status(f"<b>merge failed</b>: {output} cannot be opened")
+            QgsProject.instance().addMapLayer(layer)
+            self.merged_layer_id = layer.id()
+            count = int(result.final.get("tiles", layer.featureCount()))
+            self.show_status(f"{count:,} tiles of {name} merged into {output}; added to the map (searchable from "
+                             "the list)")
+
+        self.merge_task = tasks.start(tasks.EngineTask(f"HQRS: merge {name}", args, on_done=done,
+                                                       message_bar=self.message_bar()))
+        return self.merge_task
+
     def close_sessions(self) -> None:
         """Stop every search process (plugin unload, QGIS exit)."""
         if self.task is not None and not self.task.done:
@@ -589,12 +835,17 @@ class SearchDock(QDockWidget):
         sessions.close_all()
 
     def unload(self) -> None:
-        """Disconnect from the project and settings (plugin unload)."""
+        """Disconnect from the project and settings, stop searches and merges (plugin unload)."""
         self.toggle_pick(False)
         self.close_sessions()
-        project = QgsProject.instance()
-        for signal, slot in ((project.layersAdded, self.refresh_layers), (project.layersRemoved, self.refresh_layers),
-                             (settings.notifier.changed, self.on_settings_changed)):
+        if self.merging and self.merge_task is not None:
+            self.merge_task.on_done = None  # the dock may be gone when it ends
+            self.merge_task.cancel()
+        for dialog in (self.folder_dialog, self.merge_dialog):
+            if dialog is not None:
+                dialog.close()
+        connected = [(signal, self.refresh_layers) for signal in self._project_signals()]
+        for signal, slot in (*connected, (settings.notifier.changed, self.on_settings_changed)):
             try:
                 signal.disconnect(slot)
             except (TypeError, RuntimeError):

@@ -2,14 +2,16 @@
 processes: nothing blocks the GUI, results go to layers of their own, errors carry their fix."""
 from __future__ import annotations
 
+import json
 import shutil
 import sys
 import time
 
 import pytest
 from conftest import EXAMPLE_SCENE, ROOT, write_sparse_scene
-from qgis.core import QgsApplication, QgsProject, QgsSettings, QgsVectorLayer
+from qgis.core import QgsApplication, QgsGeometry, QgsProject, QgsSettings, QgsVectorLayer
 from qgis.gui import QgsMapCanvas, QgsMessageBar
+from qgis.PyQt import sip
 from qgis.PyQt.QtCore import Qt
 from qgis.PyQt.QtTest import QTest
 from qgis.PyQt.QtWidgets import QAction, QPushButton
@@ -109,6 +111,15 @@ def dock(qgis):
     yield widget
     widget.clear_results()
     widget.unload()
+    # searches that were cancelled (or replaced by a newer one) end in the background: their
+    # callbacks must not find the dock deleted
+    wait_for(lambda: QgsApplication.taskManager().countActiveTasks() == 0, 60)
+    QgsApplication.processEvents()
+    # delete the widgets now, not at interpreter exit: a combo box popup that was shown, or a message
+    # bar item with a timeout, crash it then
+    iface.bar.clearWidgets()
+    for item in (widget, iface.bar, iface.canvas):
+        sip.delete(item)
 
 
 def run_query(dock, text: str) -> float:
@@ -205,7 +216,8 @@ def test_layer_list_shows_tile_layers_with_their_embedding_models(dock, embedded
     QgsProject.instance().addMapLayers(layers)
     try:
         dock.refresh_layers()
-        entries = [dock.layer_box.itemText(i) for i in range(dock.layer_box.count())]
+        assert dock.layer_box.itemText(dock.layer_box.count() - 1) == "Open dataset…"  # always last
+        entries = [dock.layer_box.itemText(i) for i in range(dock.layer_box.count() - 1)]
         assert len(entries) == 2 and all(e.startswith("two — ") for e in entries)  # one per model
         assert entries[0] != entries[1] and any("other" in e for e in entries)
         assert "plain: no embeddings yet" in dock.layer_hint.text() and "Embed tiles" in dock.layer_hint.text()
@@ -326,3 +338,141 @@ def test_example_renders_search_map(qgis, embedded_master, tmp_path):
     image = np.asarray(Image.open(png).convert("RGB"))
     assert image.shape == (300, 300, 3) and image.std() > 10
     assert summary["top"] == SearchSession(str(embedded_master)).search_text(QUERY, k=1).tile_id[0]
+
+
+# -------------------------------------------------------------------- datasets (partitioned folders)
+@pytest.fixture(scope="module")
+def dataset_folder(tmp_path_factory, tiny_clip_checkpoint, tiny_coca_checkpoint):
+    """Three crops of the example scene as a partitioned dataset: 48 tiles in 6 parts, with
+    tiny-CLIP embeddings and tiny-CoCa captions; and a dataset of the same crops without embeddings."""
+    from rasterio.windows import Window
+    from scale_helpers import write_crop
+
+    from hqrs_geo.api import run
+    from hqrs_geo.engine.partitioned import ScaleOptions
+    from hqrs_geo.models.decoding import DecodingConfig
+
+    folder = tmp_path_factory.mktemp("dock_dataset")
+    windows = [Window(0, 0, 500, 500), Window(500, 0, 500, 500), Window(0, 500, 500, 500)]
+    crops = [str(write_crop(EXAMPLE_SCENE, folder / f"q{i}.tif", w, cog=False)) for i, w in enumerate(windows)]
+    run(crops, f"{folder}/archive/", embed_models=[TINY_CLIP], embed_checkpoints=[str(tiny_clip_checkpoint)],
+        caption_model=TINY_COCA, caption_checkpoint=str(tiny_coca_checkpoint),
+        decoding=DecodingConfig(method="greedy", max_length=6, min_length=1), device="cpu",
+        tiling=TileConfig(tile_size=125), options=RunOptions(batch_size=32), scale=ScaleOptions(block_tiles=8))
+    tile(crops, f"{folder}/plain/", TileConfig(tile_size=250))
+    return folder
+
+
+def open_dataset_from_the_list(dock, folder) -> bool:
+    """Pick "Open dataset…" in the layer list's popup (as a user does) and choose ``folder`` in the browser."""
+    box = dock.layer_box
+    box.showPopup()
+    view = box.view()
+    entry = view.visualRect(view.model().index(box.count() - 1, 0)).center()  # the last entry: "Open dataset…"
+    QTest.mouseClick(view.viewport(), Qt.LeftButton, Qt.NoModifier, entry)
+    assert not view.isVisible()
+    dialog = dock.folder_dialog
+    assert dialog is not None and dialog.isVisible()
+    dialog.selectFile(str(folder))
+    dialog.accept()
+    return dock.folder_dialog is None
+
+
+def test_dock_searches_a_dataset_folder_without_loading_it(dock, dataset_folder, tmp_path):
+    from hqrs_geo.layer.dataset import read_dataset_tiles
+    from hqrs_geo.search.partitioned import DatasetSession
+    from qgis_plugin.core import datasets
+
+    archive = dataset_folder / "archive"
+    manifest = json.loads((archive / "_manifest.json").read_text())
+    project = QgsProject.instance()
+    layers_before = set(project.mapLayers())
+    try:
+        assert dock.layer_box.itemText(dock.layer_box.count() - 1) == "Open dataset…"
+        # not a dataset, a dataset without embeddings: said in the dock and the message bar
+        assert open_dataset_from_the_list(dock, dataset_folder)
+        assert "not a dataset (no _manifest.json)" in dock.status.text()
+        assert "not a dataset" in dock.iface_stand_in.bar.currentItem().text()
+        assert not dock.add_dataset(str(dataset_folder / "plain"))
+        assert "no embeddings yet" in dock.status.text() and "hqrs-geo embed" in dock.status.text()
+        assert not dock.add_dataset(str(archive / "_search")) and "inside a dataset; choose its parent" in \
+            dock.status.text()
+        # the dataset: listed with its tile count and model, chosen, nothing loaded into QGIS
+        assert open_dataset_from_the_list(dock, archive)
+        choice = dock.current_choice()
+        assert choice.dataset and choice.path == str(archive) and choice.layer_id == ""
+        text = dock.layer_box.currentText()
+        assert text == f"archive/ — 48 tiles — {DatasetSession(str(archive)).source.model}", text
+        tip = dock.layer_box.itemData(dock.layer_box.currentIndex(), Qt.ToolTipRole)
+        assert f"48 tiles in {len(manifest['parts'])} parts, 3 scenes, EPSG:28992" in tip
+        assert datasets.project_datasets() == [str(archive)]  # remembered in the project
+        assert set(project.mapLayers()) == layers_before
+        # a query: in the background, through serve-search DATASET
+        dock.k.setValue(5)
+        assert run_query(dock, QUERY) < 0.5
+        assert "loading the model" in dock.status.text() and dock.cancel_button.isEnabled()
+        wait_for(lambda: dock.task.done)
+        assert dock.status.text().startswith("5 of the dataset's 48 tiles in "), dock.status.text()
+        assert [key.layer for key in sessions.running_sessions()] == [str(archive)]
+        expected = DatasetSession(str(archive)).search_text(QUERY, k=5)
+        assert [h.result["tile_id"] for h in dock.hits] == expected.tile_id.tolist()
+        assert [round(h.result["score"], 4) for h in dock.hits] == [round(s, 4) for s in expected.score]
+        assert [dock.table.item(r, 1).text() for r in range(5)] == ["1", "2", "3", "4", "5"]
+        assert [dock.table.item(r, 3).text() for r in range(5)] == expected.caption.tolist()
+        thumbnail = dock.table.item(0, 0).data(Qt.DecorationRole)
+        assert thumbnail is not None and thumbnail.width() == 72 and not thumbnail.toImage().isGrayscale()
+        # the thumbnail is the tile's window of its own raster (not another tile's)
+        from qgis_plugin.core.tile_layers import thumbnail as read_thumbnail
+
+        top = expected.iloc[0]
+        assert dock.hits[0].thumbnail == read_thumbnail(top.source, (top.x_off, top.y_off, top.width, top.height))
+        hits = dock.results_layer()
+        assert hits.name() == f'hits: "{QUERY}"' and hits.featureCount() == 5
+        assert hits.crs().authid() == "EPSG:28992"
+        assert hits.renderer().type() == "graduatedSymbol" and hits.labelsEnabled()
+        footprints = {f["tile_id"]: f.geometry() for f in hits.getFeatures()}
+        for row in expected.itertuples():
+            assert footprints[row.tile_id].equals(QgsGeometry.fromWkt(row.geometry.wkt))
+        assert set(project.mapLayers()) - layers_before == {hits.id()}  # only the results layer
+        # find similar from a result row, zoom to a row
+        dock.table.selectRow(2)
+        example = dock.hits[2].result["tile_id"]
+        dock.search_similar()
+        wait_for(lambda: dock.task.done)
+        assert [h.result["tile_id"] for h in dock.hits] == \
+            DatasetSession(str(archive)).search_similar([example], k=5).tile_id.tolist()
+        dock.zoom_to_row(0)
+        assert dock.iface_stand_in.canvas.extent().contains(dock.hits[0].geometry.boundingBox())
+        # merge the area of the selected hits to a GeoPackage, in the background; it loads as a tile layer
+        assert dock.merge_button.isVisibleTo(dock) and dock.merge_button.isEnabled()
+        dock.table.clearSelection()
+        dock.table.selectRow(0)
+        area = dock.merge_area()
+        box = dock.hits[0].geometry.boundingBox()
+        assert area == (box.xMinimum(), box.yMinimum(), box.xMaximum(), box.yMaximum())
+        QTest.mouseClick(dock.merge_button, Qt.LeftButton)
+        dialog = dock.merge_dialog
+        assert dialog is not None and dialog.selectedFiles()[0].endswith(".gpkg")
+        assert dialog.selectedFiles()[0].startswith(str(dataset_folder / f"archive_like_{example}"))
+        output = tmp_path / "area.gpkg"
+        dialog.selectFile(str(output))
+        dialog.accept()
+        assert dock.merging and "merging the hits' area of archive (at most " in dock.status.text()
+        wait_for(lambda: not dock.merging, 120)
+        merged = project.mapLayer(dock.merged_layer_id)
+        assert merged is not None and merged.isValid(), dock.status.text()
+        assert merged.name().startswith('archive: "like ') and merged.name().endswith('" area')
+        reference = read_dataset_tiles(archive, bbox=area)
+        assert sorted(f["tile_id"] for f in merged.getFeatures()) == sorted(reference.tile_id)
+        assert "merged into" in dock.status.text() and f"{len(reference)} tiles of archive" in dock.status.text()
+        dock.refresh_layers()  # the merged area is a tile layer with embeddings: searchable from the list
+        assert any(dock.layer_box.itemData(i).layer_id == merged.id() for i in range(dock.layer_box.count())
+                   if isinstance(dock.layer_box.itemData(i), type(choice)))
+        dock.clear_results()
+        assert not dock.merge_button.isVisibleTo(dock) and dock.results_layer() is None
+    finally:
+        datasets.forget(str(archive))
+        for layer_id in set(project.mapLayers()) - layers_before:
+            project.removeMapLayer(layer_id)
+    dock.refresh_layers()
+    assert all(not getattr(dock.layer_box.itemData(i), "dataset", False) for i in range(dock.layer_box.count()))

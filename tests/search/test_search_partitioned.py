@@ -4,6 +4,7 @@ compressed index over the parts (grown part by part), classify written back, ser
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -131,10 +132,40 @@ def test_classify_writes_every_part_like_the_layer(world, tmp_path):
     assert hg.read_runs(dataset)[-1]["command"] == "classify"
 
 
-def test_serve_search_on_a_dataset(world):
-    child = subprocess.run([sys.executable, "-m", "hqrs_geo", "serve-search", str(world["dataset"])],
-                           input='{"id": 1, "text": "a river", "k": 3}\n{"id": 2, "op": "quit"}\n',
-                           capture_output=True, text=True, cwd=ROOT, timeout=300)
-    lines = [json.loads(line) for line in child.stdout.splitlines()]
-    assert lines[0]["ready"] and lines[0]["tiles"] == 768
-    assert [r["rank"] for r in lines[1]["results"]] == [1, 2, 3]
+def _serve(path):
+    return subprocess.Popen([sys.executable, "-m", "hqrs_geo", "serve-search", str(path)], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+
+
+def test_serve_search_on_a_dataset_says_crs_part_source_and_window(world):
+    """The ready message names the CRS; every result its footprint, part, raster and pixel window
+    (what the QGIS dock needs to draw hits and thumbnails without the dataset loaded); the keys of
+    earlier versions are unchanged."""
+    requests = '{"id": 1, "text": "a river", "k": 5}\n{"id": 2, "similar": "%s", "k": 2}\n{"id": 3, "op": "quit"}\n'
+    merged = hg.read_tiles(world["merged"]).set_index("tile_id")
+    first = merged.index[0]
+    children = [_serve(path) for path in (world["dataset"], world["merged"])]  # both load at once
+    (dataset_out, dataset_err), (layer_out, layer_err) = (c.communicate(requests % first, timeout=300)
+                                                          for c in children)
+    assert all(c.returncode == 0 for c in children), dataset_err + layer_err
+    ours, theirs = ([json.loads(line) for line in out.splitlines()] for out in (dataset_out, layer_out))
+    manifest = json.loads((world["dataset"] / "_manifest.json").read_text())
+    assert ours[0] == {"ready": True, "layer": str(world["dataset"]), "model": theirs[0]["model"], "tiles": 768,
+                       "crs": "EPSG:28992", "kind": "dataset", "embeddings": theirs[0]["embeddings"],
+                       "parts": len(manifest["parts"])}
+    assert theirs[0]["crs"] == manifest["crs"] == "EPSG:28992" and theirs[0]["kind"] == "layer"
+    assert theirs[0]["tiles"] == 768 and "parts" not in theirs[0]
+    for mine, reference in zip(ours[1:3], theirs[1:3]):
+        assert [(r["tile_id"], r["score"], r["rank"]) for r in mine["results"]] == \
+            [(r["tile_id"], r["score"], r["rank"]) for r in reference["results"]]
+        for hit, same in zip(mine["results"], reference["results"]):
+            row = merged.loc[hit["tile_id"]]
+            assert hit["part"] in manifest["parts"] and "part" not in same
+            assert manifest["parts"][hit["part"]]["scene"] == hit["tile_id"].rsplit("_r", 1)[0]
+            assert hit["source"] == same["source"] == row["source"] and os.path.isfile(hit["source"])
+            assert hit["window"] == same["window"] == [int(row[c]) for c in ("x_off", "y_off", "width", "height")]
+            assert shapely.from_wkt(hit["wkt"]).equals(row.geometry)
+            assert hit["bounds"] == same["bounds"] == list(row.geometry.bounds)
+            assert "caption" not in hit  # this dataset has no captions
+    assert first not in [r["tile_id"] for r in ours[2]["results"]]
+    assert ours[3]["bye"] and theirs[3]["bye"]
