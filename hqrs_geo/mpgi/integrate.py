@@ -179,14 +179,14 @@ class Checker:
         norm = _norm(sentence)
         if not norm:
             return "empty"
+        if len(norm) > 12 and norm in self.instructions:
+            return "echoes the prompt"
         for reason, pattern in METADATA:
             if pattern.search(sentence):
                 return reason
         praise = self.data.boilerplate.search(sentence)
         if praise:
             return f"praise or boilerplate ({praise.group(0).lower()!r})"
-        if len(norm) > 12 and norm in self.instructions:
-            return "echoes the prompt"
         invented = _numbers(sentence) - self.allowed_numbers
         if invented:
             return f"number {sorted(invented)[0]} is in no source"
@@ -206,9 +206,9 @@ def sentence_issue(sentence: str, sources: Sequence[str] = (), absent: Sequence[
 
     ``sources``: the facts and descriptions the caption may draw on; ``absent``: vector layer labels
     with no feature in the tile; ``prompt_instructions``: the prompt text an answer must not echo.
-    Reasons: ``gives coordinates``, ``states the ground size``, ``states the pixel size``,
-    ``gives a date``, ``praise or boilerplate ('...')``, ``echoes the prompt``, ``number N is in no
-    source``, ``mentions X, which the facts say are absent``, ``names X, which no source mentions``.
+    Reasons, in the order checked: ``echoes the prompt``, ``gives coordinates``, ``states the ground
+    size``, ``states the pixel size``, ``gives a date``, ``praise or boilerplate ('...')``, ``number N
+    is in no source``, ``mentions X, which the facts say are absent``, ``names X, which no source mentions``.
     """
     return Checker(prompt_instructions, sources, absent).problem(sentence)
 
