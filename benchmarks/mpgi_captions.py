@@ -221,6 +221,9 @@ def main() -> None:
             if done.returncode != 0:
                 raise SystemExit(f"baseline run failed: {done.stderr.strip()[-500:]}")
             old = captions_of(old_layer, tile_of)
+            from hqrs_geo import read_runs
+
+            old_fresh = read_runs(old_layer)[-1]["params"]["fresh_calls"]  # 0: the same answers as this run
 
         decoding = DecodingConfig(method=recipe.raw["caption_model"].get("decoding", "beam")).validated()
         task = CaptionTask(load_model(recipe.caption_model, device="cpu"), decoding=decoding)
@@ -245,7 +248,8 @@ def main() -> None:
     print(f"{len(records)} images of UCM-captions {args.split} ({args.per_class} per class, {classes} classes); "
           f"offline default recipe (no VLM, {recipe.caption_model} {decoding.method}, SmolLM2-135M); "
           f"CPU {torch.get_num_threads()} threads")
-    print(f"pipeline {new_seconds:.0f} s" + (f"; baseline {old_seconds:.0f} s" if old is not None else "")
+    print(f"pipeline {new_seconds:.0f} s" + (f"; baseline {old_seconds:.0f} s ({old_fresh} fresh model calls)"
+                                             if old is not None else "")
           + f"; caption stage equals the caption model alone on {same}/{len(records)} images")
     print(f"{'system':58s} {'BLEU-4':>7s} {'METEOR':>7s} {'ROUGE-L':>7s} {'CIDEr':>7s}")
     for name, m in systems.items():
