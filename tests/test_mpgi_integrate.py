@@ -109,6 +109,16 @@ def test_filled_captions_come_from_content_only():
     assert not any(m in out.detailed for m in METADATA)
 
 
+def test_a_single_content_sentence_is_both_detailed_and_short():
+    """Offline recipe on a bare RGB image: the caption model is the only content; metadata facts are
+    not used, and the tile still gets a short caption."""
+    caption = "many boats docked neatly at the harbor and the water is deep blue ."
+    answer = "The image is a stunning example of aerial photography. It covers 78 m by 78 m of ground."
+    out = clean_captions(answer, INSTRUCTIONS, METADATA + [caption], [], 5, 40, 25, fill=[caption])
+    assert out.detailed == caption and out.short == [caption] and out.filled == 2
+    assert len(out.dropped) == 2
+
+
 @pytest.mark.parametrize("sentence, reason", [
     ("Its centre lies at 33.9994° S, 20.5064° E.", "gives coordinates"),
     ("The latitude of the town is about 34 degrees south.", "gives coordinates"),

@@ -18,7 +18,9 @@ is checked before it reaches the layer:
 * length limits in words; duplicates (exact or near: token Jaccard >= 0.8) removed;
 * when the LLM gives fewer captions than asked, the rest is filled with distinct sentences
   from the ``fill`` texts (the descriptions and the content facts: never metadata), and the
-  record says how many were filled.
+  record says how many were filled; a short caption repeats the detailed one only when the
+  sources hold no other usable sentence (a tile never ends up without a short caption while
+  there is content to draw on).
 
 :func:`sentence_issue` is the same check for one sentence (benchmarks count with it).
 """
@@ -287,4 +289,11 @@ def clean_captions(answer: str, prompt_instructions: str, sources: Sequence[str]
             continue
         short.append(candidate)
         filled += 1
+    if not short and n_short > 0:
+        # the only content there is went into the filled detailed caption: repeat it rather than
+        # leave the tile without a short caption
+        usable = [c for c in (_limit(s, max_words_short) for s in pool) if not checker.problem(c)]
+        if usable:
+            short.append(usable[0])
+            filled += 1
     return Captions(detailed=detailed, short=short[:n_short], dropped=dropped, filled=filled)
