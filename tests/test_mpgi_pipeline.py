@@ -163,8 +163,9 @@ def test_offline_default_recipe_captions_hold_no_metadata(tmp_path):
     sources = pyogrio.read_dataframe(layer, layer="mpgi_sources")
     captioned = read_tiles(layer).dropna(subset=["mpgi_caption"])
     assert len(captioned) == 2
-    metadata = re.compile(r"°|\blatitude|\blongitude|per pixel|resolution|\d\s*m by \d|of ground|acquired|"
-                          r"stunning|aerial photography|captured from", re.IGNORECASE)
+    metadata = re.compile(r"°|\blatitude|\blongitude|per pixel|resolution|of ground|acquired|stunning|"
+                          r"\d[\s-]*(?:m|meters?|metres?)?[\s-]*by[\s-]*\d|aerial photography|captured from",
+                          re.IGNORECASE)
     for row in captioned.itertuples():
         mine = sources[sources.tile_id == row.tile_id]
         facts = list(mine[mine.stage == "facts"].text)

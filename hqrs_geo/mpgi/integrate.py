@@ -46,7 +46,7 @@ METADATA = (
     ("gives coordinates", re.compile(
         r"\d\s*°|\b(?:latitude|longitude|coordinates?|lat/lon)\b|\b\d{1,3}\.\d{3,}\s*[NSEW]\b", re.IGNORECASE)),
     ("states the ground size", re.compile(
-        rf"\d[\d.,]*\s*{_UNIT}?\s*(?:by|x|×)\s*\d[\d.,]*\s*{_UNIT}\b|\bof ground\b"
+        rf"\d[\d.,]*[\s-]*{_UNIT}?[\s-]*(?:by|x|×)[\s-]*\d[\d.,]*[\s-]*{_UNIT}\b|\bof ground\b"
         rf"|\b(?:image|tile|scene|picture|photo|it)\s+(?:covers|spans|measures|extends over)\b[^.]*?\d[\d.,]*\s*"
         rf"(?:{_UNIT}|ha|hectares?|acres?|square|km²|m²)\b|\b(?:ground|tile|image) (?:size|extent|footprint)\b",
         re.IGNORECASE)),
