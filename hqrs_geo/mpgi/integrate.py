@@ -40,7 +40,8 @@ BULLET = re.compile(r"^\s*(?:[-*\u2022]|\d+[.)])\s+")
 CHECKS_FILE = Path(__file__).with_name("checks.toml")
 
 _UNIT = r"(?:m|km|metres?|meters?|kilometres?|kilometers?|ft|feet|miles?)"
-_MONTH = r"(?:jan|feb|mar|apr|may|jun|jul|aug|sep|sept|oct|nov|dec)[a-z]*\.?"
+_MONTH = (r"(?:january|february|march|april|may|june|july|august|september|october|november|december"
+          r"|jan|feb|mar|apr|jun|jul|aug|sept|sep|oct|nov|dec)\.?")
 # (reason, pattern): metadata a caption must not state, checked in this order
 METADATA = (
     ("gives coordinates", re.compile(
