@@ -9,7 +9,8 @@ Stages, each with its own progress bar, each model call cached (:mod:`hqrs_geo.m
    description;
    ``caption``: the engine's caption model (default: the shipped hqrs-mini-coca) captions it;
 2. ``integrate``: the LLM merges descriptions and facts into one detailed and N short
-   captions, checked by :mod:`.integrate`.
+   captions, checked by :mod:`.integrate`: only content (descriptions and content facts) becomes
+   a caption; coordinates, sizes, dates, boilerplate and unsupported objects are dropped.
 
 Results: ``mpgi_caption`` (detailed), ``mpgi_short`` (JSON list), ``mpgi_facts`` (JSON) and
 ``mpgi_recipe`` (fingerprint) on the tile layer; every perspective, relay, caption, fact and
@@ -119,15 +120,19 @@ class MpgiRun:
 
     # -- stages ----------------------------------------------------------------------------
     def facts(self, frame) -> dict:
-        """Facts and their sentences per tile."""
+        """Per tile: (facts, all fact sentences, content fact sentences); see :data:`.rules.RULE_KINDS`."""
         from .facts import compute_facts
-        from .rules import fact_sentences
+        from .rules import RULE_KINDS, rule_sentences
 
         options = self.recipe.facts
         facts = compute_facts(frame, self.vectors, ndvi_threshold=options.get("ndvi_threshold", 0.3),
                               ndwi_threshold=options.get("ndwi_threshold", 0.0), nir_band=options.get("nir_band"),
                               progress=self.progress)
-        return {tile: (f, fact_sentences(f, self.recipe.rules)) for tile, f in facts.items()}
+        out = {}
+        for tile, f in facts.items():
+            pairs = rule_sentences(f, self.recipe.rules)
+            out[tile] = (f, [text for _, text in pairs], [text for key, text in pairs if RULE_KINDS[key] == "content"])
+        return out
 
     def describe(self, dataset, tile_ids: list[str], facts: dict) -> dict[str, list[tuple[str, str]]]:
         """Stage 1: (source, text) descriptions per tile from the VLM (perspectives, relay) and
@@ -248,10 +253,12 @@ class MpgiRun:
                     self._record(call)
                     tile_facts: TileFacts = facts[call.tile_id][0]
                     absent = [v.label for v in tile_facts.vectors if v.count == 0]
-                    sources = list(facts[call.tile_id][1]) + [t for _, t in descriptions[call.tile_id]]
+                    described = [t for _, t in descriptions[call.tile_id]]
+                    sources = list(facts[call.tile_id][1]) + described
+                    fill = list(facts[call.tile_id][2]) + described  # content only: metadata is no caption
                     results[call.tile_id] = clean_captions(
                         call.text or "", instructions, sources, absent, out["short_captions"],
-                        out["max_words_detailed"], out["max_words_short"])
+                        out["max_words_detailed"], out["max_words_short"], fill=fill)
                 self._advance(len(chunk))
         finally:
             backend.close()

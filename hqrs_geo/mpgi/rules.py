@@ -41,6 +41,15 @@ DEFAULT_RULES: dict[str, str] = {
     "classes": "Most {label} are {classes}.",
 }
 
+# What each rule's sentence is about: "metadata" (where, when and how the image was taken: never
+# training text, only context for the LLM) or "content" (what the tile shows: may become a caption).
+RULE_KINDS: dict[str, str] = {
+    "size": "metadata", "location": "metadata", "date": "metadata",
+    "vegetation": "content", "water": "content", "polygons": "content", "lines": "content",
+    "points": "content", "absent": "content", "classes": "content",
+}
+FACT_KINDS = ("metadata", "content")
+
 MAX_CLASSES = 3  # classes named in the ``classes`` sentence
 MIN_CLASS_SHARE = 0.1  # smaller classes are left out of it (the first is always named)
 
@@ -120,10 +129,10 @@ def _classes_text(pairs: list[tuple[str, float]]) -> str:
     return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
 
 
-def _vector_sentences(v: VectorFacts, rules: Mapping[str, str]) -> list[str]:
-    """The sentences about one vector layer in one tile."""
+def _vector_sentences(v: VectorFacts, rules: Mapping[str, str]) -> list[tuple[str, str]]:
+    """The (rule, sentence) pairs about one vector layer in one tile."""
     if v.count == 0:
-        return [_format("absent", rules["absent"], {"label": v.label})] if rules["absent"] else []
+        return [("absent", _format("absent", rules["absent"], {"label": v.label}))] if rules["absent"] else []
     noun = singular(v.label) if v.count == 1 else v.label
     common = {"label": v.label, "noun": noun, "are": "is" if v.count == 1 else "are", "count": v.count,
               "region": v.main_region or "centre"}
@@ -134,43 +143,51 @@ def _vector_sentences(v: VectorFacts, rules: Mapping[str, str]) -> list[str]:
     elif v.kind == "line":
         length = v.length_m or 0.0
         values.update(length=length, length_km=length / 1000, density=v.length_per_km2 or 0.0)
-    out = [_format(key, rules[key], values)] if rules[key] else []
+    out = [(key, _format(key, rules[key], values))] if rules[key] else []
     known = [p for p in v.classes if p[0] != UNKNOWN_CLASS]
     if rules["classes"] and known:
-        out.append(_format("classes", rules["classes"], {
+        out.append(("classes", _format("classes", rules["classes"], {
             "label": v.label, "noun": noun, "count": v.count, "classes": _classes_text(v.classes),
             "top": v.classes[0][0], "top_pct": v.classes[0][1] * 100,
-        }))
+        })))
     return out
 
 
-def fact_sentences(facts: TileFacts, rules: Mapping[str, str] | None = None) -> list[str]:
-    """Sentences stating the facts of one tile, in a fixed order (size, place, date, cover, layers).
+def rule_sentences(facts: TileFacts, rules: Mapping[str, str] | None = None) -> list[tuple[str, str]]:
+    """``(rule, sentence)`` pairs stating the facts of one tile, in a fixed order (size, place, date,
+    cover, layers); :data:`RULE_KINDS` says whether a rule's sentence is metadata or content.
 
     ``rules`` overrides :data:`DEFAULT_RULES` per key; ``""`` leaves that sentence out. Facts that
     are unknown (no date, no NIR band) give no sentence.
     """
     rules = merge_rules(rules)
-    out = []
+    out: list[tuple[str, str]] = []
     if rules["size"]:
-        out.append(_format("size", rules["size"], {
+        out.append(("size", _format("size", rules["size"], {
             "width_m": facts.width_m, "height_m": facts.height_m,
-            "gsd_m": facts.gsd_m if facts.gsd_m is not None else float("nan")}))
+            "gsd_m": facts.gsd_m if facts.gsd_m is not None else float("nan")})))
     if rules["location"]:
-        out.append(_format("location", rules["location"], {
+        out.append(("location", _format("location", rules["location"], {
             "lat": abs(facts.centre_lat), "lon": abs(facts.centre_lon),
             "ns": "N" if facts.centre_lat >= 0 else "S", "ew": "E" if facts.centre_lon >= 0 else "W",
-            "centre_lat": facts.centre_lat, "centre_lon": facts.centre_lon}))
+            "centre_lat": facts.centre_lat, "centre_lon": facts.centre_lon})))
     if rules["date"] and facts.acquired:
-        out.append(_format("date", rules["date"], {"date": facts.acquired}))
+        out.append(("date", _format("date", rules["date"], {"date": facts.acquired})))
     for key, fraction, threshold in (("vegetation", facts.vegetation_fraction, facts.ndvi_threshold),
                                      ("water", facts.water_fraction, facts.ndwi_threshold)):
         if rules[key] and fraction is not None:
-            out.append(_format(key, rules[key], {"pct": fraction * 100, "fraction": fraction,
-                                                 "threshold": threshold}))
+            out.append((key, _format(key, rules[key], {"pct": fraction * 100, "fraction": fraction,
+                                                       "threshold": threshold})))
     for vector in facts.vectors:
         out.extend(_vector_sentences(vector, rules))
     return out
+
+
+def fact_sentences(facts: TileFacts, rules: Mapping[str, str] | None = None, kind: str | None = None) -> list[str]:
+    """The sentences of :func:`rule_sentences`; with ``kind`` ("metadata" or "content") only that kind's."""
+    if kind is not None and kind not in FACT_KINDS:
+        raise ValueError(f"unknown fact kind {kind!r}: use one of {', '.join(FACT_KINDS)}")
+    return [text for key, text in rule_sentences(facts, rules) if kind is None or RULE_KINDS[key] == kind]
 
 
 def facts_block(facts: TileFacts, rules: Mapping[str, str] | None = None) -> str:

@@ -350,6 +350,24 @@ def test_fact_sentences_default_rules():
     ]
 
 
+def test_fact_kinds_split_metadata_from_content():
+    from hqrs_geo.mpgi.integrate import sentence_issue
+    from hqrs_geo.mpgi.rules import RULE_KINDS, rule_sentences
+
+    assert set(RULE_KINDS) == set(DEFAULT_RULES) and set(RULE_KINDS.values()) == {"metadata", "content"}
+    facts = _hand_facts()
+    everything = fact_sentences(facts)
+    metadata, content = fact_sentences(facts, kind="metadata"), fact_sentences(facts, kind="content")
+    assert metadata == everything[:3] and content == everything[3:]
+    assert [key for key, _ in rule_sentences(facts)][:3] == ["size", "location", "date"]
+    # the caption checks agree with the kinds: every default metadata sentence is caught, no content one
+    assert all(sentence_issue(s, everything) in ("gives coordinates", "states the ground size", "gives a date")
+               for s in metadata)
+    assert [sentence_issue(s, everything) for s in content] == [""] * len(content)
+    with pytest.raises(ValueError, match="unknown fact kind"):
+        fact_sentences(facts, kind="other")
+
+
 def test_rules_can_be_overridden_and_disabled():
     rules = {"size": "", "location": "", "absent": "", "date": None,
              "polygons": "{count} {label} ({pct:.1f}%).", "lines": "{label}: {length_km:.1f} km."}

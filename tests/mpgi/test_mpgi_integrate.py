@@ -1,10 +1,21 @@
 """MpGI recipe loading and the checks on the LLM's captions (no model needed)."""
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from hqrs_geo.errors import InputError, OptionError
-from hqrs_geo.mpgi.integrate import clean_captions, integration_prompt, sentences
+from hqrs_geo.mpgi.integrate import (
+    Checker,
+    check_data,
+    clean_captions,
+    integration_prompt,
+    issue_category,
+    lexicon_terms,
+    sentence_issue,
+    sentences,
+)
 from hqrs_geo.mpgi.recipe import load_recipe
 
 INSTRUCTIONS = ("Write one detailed caption of at most 40 words, then 3 short captions. "
@@ -21,7 +32,7 @@ def _clean(answer: str, absent=("schools",), n_short: int = 3):
 def test_well_formed_answer_is_kept_and_limited():
     answer = ("DETAILED: A residential area with 12 buildings along a road. Gardens surround the houses.\n"
               "- Houses and gardens beside a road.\n- A road crosses a residential area.\n"
-              "- Twelve buildings in the north of a neighbourhood with many green gardens and trees everywhere.")
+              "- Twelve buildings in the north of a neighbourhood with many green gardens and houses everywhere.")
     out = _clean(answer)
     assert out.detailed == "A residential area with 12 buildings along a road. Gardens surround the houses."
     assert out.short[:2] == ["Houses and gardens beside a road.", "A road crosses a residential area."]
@@ -51,6 +62,106 @@ def test_missing_captions_are_filled_from_the_sources_without_duplicates():
 def test_garbage_answer_still_gives_grounded_captions():
     out = _clean("DETAILED:\n\n")
     assert out.detailed and all(s.rstrip(".") in " ".join(SOURCES) for s in sentences(out.detailed))
+
+
+# what the offline default recipe used to write (main before issue 17): metadata facts as captions
+METADATA = ["The image covers about 127 m by 128 m of ground at 2.5 m per pixel.",
+            "Its centre lies at 33.9994° S, 20.5064° E.",
+            "It was acquired on 2021-03-04."]
+
+
+def test_metadata_praise_and_unsupported_objects_are_dropped_with_their_reason():
+    answer = ("DETAILED: The image is a stunning example of aerial photography, captured from a remote location. "
+              "A residential area with houses and gardens beside a road. Its centre lies at 33.9994° S, 20.5064° E. "
+              "Two airplanes wait beside the houses.\n"
+              "- The image covers about 127 m by 128 m of ground.\n"
+              "- The ground resolution is 2.5 m per pixel.\n"
+              "- It was acquired on 2021-03-04.\n"
+              "- This image shows a view of a town.\n"
+              "- A tennis court next to the road.\n"
+              "- Houses and gardens beside a road.\n")
+    out = clean_captions(answer, INSTRUCTIONS, SOURCES + METADATA, [], 3, 40, 12)
+    assert out.detailed == "A residential area with houses and gardens beside a road."
+    reasons = {d.partition(". (")[0] + ".": d.partition(". (")[2][:-1] for d in out.dropped}
+    assert reasons["The image is a stunning example of aerial photography, captured from a remote location."] \
+        == "praise or boilerplate ('stunning')"
+    assert reasons["Its centre lies at 33.9994° S, 20.5064° E."] == "gives coordinates"
+    assert reasons["Two airplanes wait beside the houses."] == "names airplanes, which no source mentions"
+    assert reasons["The image covers about 127 m by 128 m of ground."] == "states the ground size"
+    assert reasons["The ground resolution is 2.5 m per pixel."] == "states the pixel size"
+    assert reasons["It was acquired on 2021-03-04."] == "gives a date"
+    assert reasons["This image shows a view of a town."].startswith("praise or boilerplate")
+    assert reasons["A tennis court next to the road."] == "names tennis court, which no source mentions"
+    assert out.short[0] == "Houses and gardens beside a road."
+    # the numbers of the metadata are in the sources, so only the new checks can have caught them
+    for caption in [out.detailed, *out.short]:
+        assert not re.search(r"°|per pixel|\d+ m by|2021", caption), caption
+
+
+def test_filled_captions_come_from_content_only():
+    """The fill pool is the content texts: metadata facts never become a caption, even as filler."""
+    content = SOURCES[:2]
+    out = clean_captions("", INSTRUCTIONS, SOURCES + METADATA, [], 5, 40, 25, fill=content)
+    assert out.short and set(out.short) <= {s for t in content for s in sentences(t)}
+    # without a separate fill list the checks still keep metadata out
+    out = clean_captions("", INSTRUCTIONS, METADATA + SOURCES, [], 5, 40, 25)
+    assert out.short and not set(out.short) & set(METADATA) and out.detailed
+    assert not any(m in out.detailed for m in METADATA)
+
+
+def test_a_single_content_sentence_is_both_detailed_and_short():
+    """Offline recipe on a bare RGB image: the caption model is the only content; metadata facts are
+    not used, and the tile still gets a short caption."""
+    caption = "many boats docked neatly at the harbor and the water is deep blue ."
+    answer = "The image is a stunning example of aerial photography. It covers 78 m by 78 m of ground."
+    out = clean_captions(answer, INSTRUCTIONS, METADATA + [caption], [], 5, 40, 25, fill=[caption])
+    assert out.detailed == caption and out.short == [caption] and out.filled == 2
+    assert len(out.dropped) == 2
+
+
+@pytest.mark.parametrize("sentence, reason", [
+    ("Its centre lies at 33.9994° S, 20.5064° E.", "gives coordinates"),
+    ("The latitude of the town is about 34 degrees south.", "gives coordinates"),
+    ("The tile spans 640 m of houses.", "states the ground size"),
+    ("A 128 x 128 m patch of farmland.", "states the ground size"),
+    ("The image is a 78-meter-by-78-meter mobile home park.", "states the ground size"),
+    ("The image covers a 78-m by 78-m area with a villa.", "states the ground size"),
+    ("A stark reminder of the impact of climate change on the forest.", "praise or boilerplate ('reminder of')"),
+    ("At a resolution of 0.3 m the roofs are sharp.", "states the pixel size"),
+    ("Houses seen at 30 cm/px.", "states the pixel size"),
+    ("Houses photographed in March 2019.", "gives a date"),
+    ("It was acquired on 2019-03-02.", "gives a date"),
+    ("A beautiful residential area.", "praise or boilerplate ('beautiful')"),
+    ("The image captures a breathtaking view of houses.", "praise or boilerplate ('breathtaking')"),
+    ("Ships are moored in the harbour.", "names ships, which no source mentions"),
+    ("A swimming pool behind a house.", "names swimming pool, which no source mentions"),
+    ("There are 40 houses.", "number 40 is in no source"),
+    # synonyms of what a source names are supported; generic words are never flagged
+    ("Homes with green lawns line a street.", ""),
+    ("A dense neighbourhood of houses with plenty of vegetation.", ""),
+    ("Roads run for about 450 m through the image, mostly in the centre.", ""),
+    ("There are 12 buildings covering about 30% of the image, mostly in the north part.", ""),
+])
+def test_sentence_issue(sentence, reason):
+    sources = SOURCES + ["Many buildings and green lawns are in a dense residential area."]
+    assert sentence_issue(sentence, sources) == reason
+
+
+def test_lexicon_terms_and_issue_categories():
+    # longer terms win over the words inside them; plurals of every shape are found
+    assert lexicon_terms("A tennis court, a car park, two lorries and ferries by a trailer park.") == [
+        ("tennis court", "sport"), ("car park", "parking"), ("lorries", "vehicle"), ("ferries", "boat"),
+        ("trailer park", "mobile_home")]
+    assert lexicon_terms("Vegetation and plants in the area.") == []
+    data = check_data()
+    assert all(pattern.search(term) for term, _, pattern in data.terms)  # every term finds itself
+    assert Checker("", ["A harbour."], []).supported == {"harbour"}
+    assert [issue_category(sentence_issue(s, SOURCES)) for s in
+            ("", "Two ships.", "There are 99 houses.", "A stunning town.", "Houses by a road.")] == [
+        "empty", "unsupported content", "invented number", "praise or boilerplate", "clean"]
+    assert issue_category(sentence_issue("There are no schools.", SOURCES, ["schools"])) == "clean"
+    assert issue_category(sentence_issue("There are no schools.", SOURCES)) == "unsupported content"
+    assert issue_category(sentence_issue("A school.", SOURCES, ["schools"])) == "contradicts the facts"
 
 
 def test_integration_prompt_labels_sources():

@@ -146,6 +146,39 @@ def test_pipeline_with_a_chat_server_vlm_osm_facts_and_smollm2(town_layer, tmp_p
     assert record["command"] == "mpgi" and record["params"]["fresh_calls"] == 2 * 6 + 2 + 2
 
 
+def test_offline_default_recipe_captions_hold_no_metadata(tmp_path):
+    """The offline default recipe (no VLM, shipped caption model, real SmolLM2) on the example
+    scene: the facts give the LLM coordinates and sizes, yet no caption states them."""
+    import pyogrio
+
+    from hqrs_geo import read_tiles
+    from hqrs_geo.mpgi.integrate import sentence_issue, sentences
+    from hqrs_geo.mpgi.pipeline import run_mpgi
+
+    layer = tmp_path / "tiles.gpkg"
+    assert run_cli("tile", str(EXAMPLE_SCENE), "-o", str(layer), "--tile-size", "250", "--quiet").returncode == 0
+    recipe = tmp_path / "r.toml"
+    recipe.write_text("[llm]\nbatch_size = 2\nmax_tokens = 120\n")
+    run_mpgi(str(layer), str(recipe), limit=2)
+    sources = pyogrio.read_dataframe(layer, layer="mpgi_sources")
+    captioned = read_tiles(layer).dropna(subset=["mpgi_caption"])
+    assert len(captioned) == 2
+    metadata = re.compile(r"°|\blatitude|\blongitude|per pixel|resolution|of ground|acquired|stunning|"
+                          r"\d[\s-]*(?:m|meters?|metres?)?[\s-]*by[\s-]*\d|aerial photography|captured from",
+                          re.IGNORECASE)
+    for row in captioned.itertuples():
+        mine = sources[sources.tile_id == row.tile_id]
+        facts = list(mine[mine.stage == "facts"].text)
+        assert any("centre lies at" in f for f in facts) and any("per pixel" in f for f in facts)  # given to the LLM
+        shorts = json.loads(row.mpgi_short)
+        assert 1 <= len(shorts) <= 5 and len(set(shorts)) == len(shorts)
+        inputs = list(mine[mine.stage.isin(["facts", "caption"])].text)
+        for caption in [row.mpgi_caption, *shorts]:
+            assert not metadata.search(caption), caption
+            assert not any(f.rstrip(".") in caption for f in facts if metadata.search(f)), caption
+            assert all(sentence_issue(s, inputs) == "" for s in sentences(caption)), caption
+
+
 def _cache_rows(path: Path) -> dict:
     if not path.exists():
         return {}
