@@ -13,9 +13,13 @@ Writes (in ``-o``; image paths are written relative to it):
   class labels, so that training-time selection measures what ``hqrs-geo eval`` measures on
   ``dataset_ucm.json``). ``class`` of training images is the unified concept of
   ``caption_rules.DATASET_CLASSES`` (one class for UCM "agricultural" and AID "Farmland"...).
-* ``train_coca.json``: the same, but UCM images keep only their human captions (the rule
-  captions of the class-labelled sets still teach the captioner other places); UCM
-  ``unlabelled`` images are left out (no human captions).
+* ``train_coca.json``: the same, but UCM images keep only their human captions, and the rule
+  captions of the class-labelled sets are plain statements ("There is a bridge over a river.",
+  descriptive sentences) rather than image-description prompts; UCM ``unlabelled`` images are
+  left out (no human captions).
+
+UCM training images are listed ``--ucm-repeat`` times (2), to weigh the small human-captioned
+set against the larger class-labelled ones.
 * ``holdout_siri.json``: the held-out set (split ``test``, original class names, no sentences)
   for ``hqrs-geo eval zeroshot holdout_siri.json --split test``. Never used for training or
   model selection.
@@ -60,7 +64,7 @@ def class_folders(root: Path) -> list[tuple[str, Path]]:
     return found
 
 
-def ucm_records(path: Path, out: Path, rule_n: int, for_coca: bool) -> list[dict]:
+def ucm_records(path: Path, out: Path, rule_n: int, for_coca: bool, repeat: int = 1) -> list[dict]:
     data = json.loads(path.read_text())
     mapping = DATASET_CLASSES["ucm"]
     records = []
@@ -83,12 +87,12 @@ def ucm_records(path: Path, out: Path, rule_n: int, for_coca: bool) -> list[dict
             # protocol on dataset_ucm.json prompts with it
             n = rule_n if sentences else max(rule_n, 5)
             extra = rule_captions(concept, rng, n, extra_names=(item["class"],))
-        records.append({"filename": _rel(image, out), "class": concept, "split": "train", "source": "ucm",
-                        "source_class": item["class"], "sentences": [{"raw": s} for s in sentences + extra]})
+        records += [{"filename": _rel(image, out), "class": concept, "split": "train", "source": "ucm",
+                     "source_class": item["class"], "sentences": [{"raw": s} for s in sentences + extra]}] * repeat
     return records
 
 
-def labelled_records(name: str, root: Path, out: Path, rule_n: int) -> list[dict]:
+def labelled_records(name: str, root: Path, out: Path, rule_n: int, style: str) -> list[dict]:
     mapping = DATASET_CLASSES[name]
     records = []
     for folder, image in class_folders(root):
@@ -96,7 +100,7 @@ def labelled_records(name: str, root: Path, out: Path, rule_n: int) -> list[dict
             raise SystemExit(f"{root}: class folder {folder!r} has no rule in caption_rules.DATASET_CLASSES[{name!r}]")
         concept = mapping[folder]
         rng = random.Random(_seed(f"{name}/{folder}/{image.name}"))
-        captions = rule_captions(concept, rng, rule_n)
+        captions = rule_captions(concept, rng, rule_n, style=style)
         records.append({"filename": _rel(image, out), "class": concept, "split": "train", "source": name,
                         "source_class": folder, "sentences": [{"raw": c} for c in captions]})
     return records
@@ -123,6 +127,8 @@ def main(argv=None) -> None:
     parser.add_argument("--rule-captions", type=int, default=5, help="rule captions per class-labelled image [5]")
     parser.add_argument("--ucm-rule-captions", type=int, default=2,
                         help="rule captions added to each captioned UCM image in train_clip.json [2]")
+    parser.add_argument("--ucm-repeat", type=int, default=2,
+                        help="times each UCM training image is listed (weights UCM against the larger sets) [2]")
     args = parser.parse_args(argv)
     out = args.output
     out.mkdir(parents=True, exist_ok=True)
@@ -130,9 +136,11 @@ def main(argv=None) -> None:
     if unknown:
         raise SystemExit(f"caption_rules: concepts without rules: {sorted(unknown)}")
 
-    extra = labelled_records("aid", args.aid, out, args.rule_captions) if args.aid else []
-    clip = ucm_records(args.ucm, out, args.ucm_rule_captions, for_coca=False) + extra
-    coca = ucm_records(args.ucm, out, 0, for_coca=True) + extra
+    aid = args.aid
+    clip = ucm_records(args.ucm, out, args.ucm_rule_captions, False, args.ucm_repeat) + (
+        labelled_records("aid", aid, out, args.rule_captions, "clip") if aid else [])
+    coca = ucm_records(args.ucm, out, 0, True, args.ucm_repeat) + (
+        labelled_records("aid", aid, out, args.rule_captions, "caption") if aid else [])
     manifest = {"options": {k: str(v) for k, v in vars(args).items()}, "files": {}}
     for name, images in (("train_clip", clip), ("train_coca", coca)):
         manifest["files"][f"{name}.json"] = {

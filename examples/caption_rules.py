@@ -39,6 +39,24 @@ TEMPLATES = (
     "{}.",
 )
 
+# frames of the captioner's training text (plain statements, like UCM-captions); the first
+# set for names with an article ("a bridge"), the second for plural and mass nouns ("fields")
+CAPTION_TEMPLATES = (
+    "there is {}.",
+    "this is {}.",
+    "it is {}.",
+    "here is {}.",
+    "{} is shown in this image.",
+    "{}.",
+)
+CAPTION_TEMPLATES_PLURAL = (
+    "{}.",
+    "{} seen from above.",
+    "an image of {}.",
+    "the image shows {}.",
+    "there are {} in this image.",
+)
+
 # frames that join a name and a detail sentence into one caption
 COMBINED = (
     "{name_cap} seen from above. {detail_cap}",
@@ -297,10 +315,17 @@ def _cap(text: str) -> str:
     return text[:1].upper() + text[1:]
 
 
-def rule_captions(concept: str, rng: random.Random, n: int = 5, extra_names: Sequence[str] = ()) -> list[str]:
+def rule_captions(concept: str, rng: random.Random, n: int = 5, extra_names: Sequence[str] = (),
+                  style: str = "clip") -> list[str]:
     """``n`` distinct captions for one image of ``concept``: a mix of template + synonym
     sentences, descriptive sentences and both joined. ``extra_names`` (e.g. the source data
-    set's own label) join the synonyms."""
+    set's own label) join the synonyms. ``style="clip"`` frames names with :data:`TEMPLATES`
+    (image-description prompts, for the contrastive model); ``style="caption"`` with
+    :data:`CAPTION_TEMPLATES` (plain statements, for the captioner)."""
+    def frames(name: str) -> Sequence[str]:
+        if style == "clip":
+            return TEMPLATES
+        return CAPTION_TEMPLATES if name.split()[0] in ("a", "an", "the") else CAPTION_TEMPLATES_PLURAL
     rule = CONCEPTS[concept]
     names = list(rule["names"]) + [x for x in extra_names if x not in rule["names"]]
     details = list(rule["details"])
@@ -312,7 +337,7 @@ def rule_captions(concept: str, rng: random.Random, n: int = 5, extra_names: Seq
         kind = kinds[attempt % len(kinds)] if attempt < len(kinds) else rng.choice(kinds)
         name = rng.choice(names)
         if kind == "template":
-            text = rng.choice(TEMPLATES).format(name)
+            text = rng.choice(frames(name)).format(name)
         elif kind == "detail":
             text = rng.choice(details)
         else:
