@@ -18,8 +18,8 @@ Writes (in ``-o``; image paths are written relative to it):
   descriptive sentences) rather than image-description prompts; UCM ``unlabelled`` images are
   left out (no human captions).
 
-UCM training images are listed ``--ucm-repeat`` times (2), to weigh the small human-captioned
-set against the larger class-labelled ones.
+UCM training images are listed ``--ucm-repeat`` times (2; ``--coca-ucm-repeat`` 3 in
+train_coca.json), to weigh the small human-captioned set against the larger class-labelled ones.
 * ``holdout_siri.json``: the held-out set (split ``test``, original class names, no sentences)
   for ``hqrs-geo eval zeroshot holdout_siri.json --split test``. Never used for training or
   model selection.
@@ -128,7 +128,10 @@ def main(argv=None) -> None:
     parser.add_argument("--ucm-rule-captions", type=int, default=2,
                         help="rule captions added to each captioned UCM image in train_clip.json [2]")
     parser.add_argument("--ucm-repeat", type=int, default=2,
-                        help="times each UCM training image is listed (weights UCM against the larger sets) [2]")
+                        help="times each UCM training image is listed in train_clip.json (weighs UCM against the "
+                             "larger sets) [2]")
+    parser.add_argument("--coca-ucm-repeat", type=int, default=3,
+                        help="the same for train_coca.json (its only human captions) [3]")
     args = parser.parse_args(argv)
     out = args.output
     out.mkdir(parents=True, exist_ok=True)
@@ -139,7 +142,7 @@ def main(argv=None) -> None:
     aid = args.aid
     clip = ucm_records(args.ucm, out, args.ucm_rule_captions, False, args.ucm_repeat) + (
         labelled_records("aid", aid, out, args.rule_captions, "clip") if aid else [])
-    coca = ucm_records(args.ucm, out, 0, True, args.ucm_repeat) + (
+    coca = ucm_records(args.ucm, out, 0, True, args.coca_ucm_repeat) + (
         labelled_records("aid", aid, out, args.rule_captions, "caption") if aid else [])
     manifest = {"options": {k: str(v) for k, v in vars(args).items()}, "files": {}}
     for name, images in (("train_clip", clip), ("train_coca", coca)):
