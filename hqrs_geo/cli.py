@@ -606,7 +606,7 @@ def cmd_models(args: argparse.Namespace, progress: Progress) -> int:
     for row in rows:
         source = f"hf-hub {row['hf_repo']}/{row['hf_file']}" if row["hf_repo"] else (row["obtain"] or "built in")
         if row["bundled"]:
-            source = "shipped in the package: small DEMO model (UC Merced), not HQRS-CLIP/RS-CoCa"
+            source = "shipped in the package: small DEMO model (UC Merced + AID), not HQRS-CLIP/RS-CoCa"
         name = row["name"] + (" *" if row["default"] else "")
         print(f"{name:<22} {row['kind']:<5} {row['arch']:<16} {'present' if row['present'] else 'missing':<10} {source}")
     print("* default when no model is named ($HQRS_GEO_EMBED_MODEL / $HQRS_GEO_CAPTION_MODEL change it)")
