@@ -7,9 +7,10 @@
 #       --aid AID_DIR --holdout-siri SIRI_DIR -o DATA            # once (see docs/training-data.md)
 #   bash examples/train_hqrs_mini.sh DATA [RUN_DIR]
 #
-# CPU (2 cores with AVX512-BF16, --precision bf16, machine otherwise idle): CLIP 3376 steps about
-# 45 minutes, CoCa 2260 steps about 55 minutes (the shipped run took longer in wall time, sharing
-# its cores; train.json records it). On a CUDA GPU drop --precision (AMP is automatic): minutes.
+# CPU (2 cores with AVX512-BF16, --precision bf16, machine otherwise idle): CLIP 2532 steps about
+# 35 minutes, CoCa 1800 steps about 45 minutes. On a busy shared machine run them with
+# OMP_NUM_THREADS=1 (two threads stall each other under contention); the shipped runs took hours
+# of wall time that way. On a CUDA GPU drop --precision (AMP is automatic): minutes.
 set -euo pipefail
 DATA=${1:?usage: train_hqrs_mini.sh DATA_DIR [RUN_DIR]}
 RUNS=${2:-runs}
@@ -22,13 +23,13 @@ UCM=${UCM:-../shared/data/ucm/dataset_ucm.json}
 # Captions: UCM-captions + rule captions of the class labels; half of each contrastive target goes
 # to the other images of the same (unified) class in the batch (--class-target 0.5).
 $HG finetune "$DATA/train_clip.json" --arch hqrs-mini-clip -o "$RUNS/hqrs-mini-clip" --split train \
-    --class-target 0.5 --epochs 16 --batch-size 64 --lr 1e-3 --warmup-steps 200 --seed 0 \
+    --class-target 0.5 --epochs 12 --batch-size 64 --lr 1e-3 --warmup-steps 200 --seed 0 \
     --precision bf16 --save-every 500 --save-dtype fp16 --progress bar
 
 # CoCa: ViT image tower (96 px, 12 px patches), contrastive + captioning loss; UCM's human
 # captions and the plain-statement rule captions of AID.
 $HG finetune "$DATA/train_coca.json" --arch hqrs-mini-coca -o "$RUNS/hqrs-mini-coca" --split train \
-    --epochs 10 --batch-size 64 --lr 1e-3 --warmup-steps 200 --seed 0 \
+    --epochs 8 --batch-size 64 --lr 1e-3 --warmup-steps 200 --seed 0 \
     --precision bf16 --save-every 500 --save-dtype fp16 --progress bar
 
 # The CLIP ships its best epoch on UCM val (mean of mR and zero-shot top-1); the CoCa its last
