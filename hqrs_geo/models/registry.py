@@ -2,7 +2,7 @@
 
 Entries name an open_clip architecture and where the weights come from. Weights are never
 bundled, except the project's own small demo models (``hqrs-mini-clip``, ``hqrs-mini-coca``,
-trained on UC Merced by ``hqrs-geo finetune``), which ship inside the package and are the
+trained on UC Merced and AID by ``hqrs-geo finetune``), which ship inside the package and are the
 defaults when no other model is configured. Other weights are resolved by
 :mod:`hqrs_geo.models.checkpoints` from a local path, the cache folder, or the Hugging Face
 hub when online.
@@ -50,8 +50,8 @@ class ModelSpec:
         return asdict(self)
 
 
-MINI_NOTE = ("small DEMO model trained by hqrs_geo on UC Merced (21 classes, 0.3 m aerial RGB); "
-             "ships with the package, no download; not HQRS-CLIP/RS-CoCa")
+MINI_NOTE = ("small DEMO model trained by hqrs_geo on UC Merced captions and AID scene classes (40 classes, "
+             "0.3-8 m aerial/satellite RGB); ships with the package, no download; not HQRS-CLIP/RS-CoCa")
 
 
 def _entries() -> list[ModelSpec]:

@@ -1,0 +1,168 @@
+"""Assemble the hqrs-mini training set: UCM-captions + class-labelled scene sets turned into
+captions by rule (``examples/caption_rules.py``), as Karpathy-style JSON for ``hqrs-geo finetune``,
+plus the held-out out-of-domain evaluation set as its own JSON.
+
+    python examples/build_training_set.py --ucm ../shared/data/ucm/dataset_ucm.json \\
+        --aid DATA/aid/AID --holdout-siri "DATA/siri_whu/12class_tif" -o DATA/hqrs17
+
+Writes (in ``-o``; image paths are written relative to it):
+
+* ``train_clip.json``: split ``train`` = UCM train + unlabelled (their UCM-captions, plus
+  ``--ucm-rule-captions`` rule captions each) + every AID image (``--rule-captions`` rule
+  captions each); split ``val`` = the UCM val split unchanged (its sentences and its original
+  class labels, so that training-time selection measures what ``hqrs-geo eval`` measures on
+  ``dataset_ucm.json``). ``class`` of training images is the unified concept of
+  ``caption_rules.DATASET_CLASSES`` (one class for UCM "agricultural" and AID "Farmland"...).
+* ``train_coca.json``: the same, but UCM images keep only their human captions, and the rule
+  captions of the class-labelled sets are plain statements ("There is a bridge over a river.",
+  descriptive sentences) rather than image-description prompts; UCM ``unlabelled`` images are
+  left out (no human captions).
+
+UCM training images are listed ``--ucm-repeat`` times (2; ``--coca-ucm-repeat`` 3 in
+train_coca.json), to weigh the small human-captioned set against the larger class-labelled ones.
+* ``holdout_siri.json``: the held-out set (split ``test``, original class names, no sentences)
+  for ``hqrs-geo eval zeroshot holdout_siri.json --split test``. Never used for training or
+  model selection.
+* ``manifest.json``: counts per source and class, the options, and a sha256 of each JSON.
+
+Everything is deterministic (captions are drawn with a RNG seeded by the image's path).
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import random
+import sys
+from collections import Counter
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from caption_rules import CONCEPTS, DATASET_CLASSES, rule_captions  # noqa: E402
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp"}
+
+
+def _seed(text: str) -> int:
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big")
+
+
+def _rel(path: Path, out: Path) -> str:
+    return os.path.relpath(path.resolve(), out.resolve())
+
+
+def class_folders(root: Path) -> list[tuple[str, Path]]:
+    """(class folder name, image path) for every image under ``root/<class>/``, sorted."""
+    found = []
+    for folder in sorted(p for p in root.iterdir() if p.is_dir()):
+        for image in sorted(folder.iterdir()):
+            if image.suffix.lower() in IMAGE_SUFFIXES:
+                found.append((folder.name, image))
+    if not found:
+        raise SystemExit(f"{root}: no class folders with images")
+    return found
+
+
+def ucm_records(path: Path, out: Path, rule_n: int, for_coca: bool, repeat: int = 1) -> list[dict]:
+    data = json.loads(path.read_text())
+    mapping = DATASET_CLASSES["ucm"]
+    records = []
+    for item in data["images"]:
+        image = path.parent / item["filename"]
+        sentences = [s["raw"].strip() for s in item.get("sentences", []) if s.get("raw", "").strip()]
+        if item["split"] == "val":  # model selection only: unchanged
+            records.append({"filename": _rel(image, out), "class": item["class"], "split": "val",
+                            "source": "ucm", "sentences": [{"raw": s} for s in sentences]})
+            continue
+        if item["split"] not in ("train", "unlabelled"):
+            continue
+        if for_coca and not sentences:
+            continue
+        concept = mapping[item["class"]]
+        extra = []
+        if not for_coca:
+            rng = random.Random(_seed("ucm/" + item["filename"]))
+            # the UCM label itself ("baseballdiamond") is one of the names: the zero-shot
+            # protocol on dataset_ucm.json prompts with it
+            n = rule_n if sentences else max(rule_n, 5)
+            extra = rule_captions(concept, rng, n, extra_names=(item["class"],))
+        records += [{"filename": _rel(image, out), "class": concept, "split": "train", "source": "ucm",
+                     "source_class": item["class"], "sentences": [{"raw": s} for s in sentences + extra]}] * repeat
+    return records
+
+
+def labelled_records(name: str, root: Path, out: Path, rule_n: int, style: str) -> list[dict]:
+    mapping = DATASET_CLASSES[name]
+    records = []
+    for folder, image in class_folders(root):
+        if folder not in mapping:
+            raise SystemExit(f"{root}: class folder {folder!r} has no rule in caption_rules.DATASET_CLASSES[{name!r}]")
+        concept = mapping[folder]
+        rng = random.Random(_seed(f"{name}/{folder}/{image.name}"))
+        captions = rule_captions(concept, rng, rule_n, style=style)
+        records.append({"filename": _rel(image, out), "class": concept, "split": "train", "source": name,
+                        "source_class": folder, "sentences": [{"raw": c} for c in captions]})
+    return records
+
+
+def holdout_records(root: Path, out: Path) -> list[dict]:
+    return [{"filename": _rel(image, out), "class": folder.lower(), "split": "test", "source": "siri-whu",
+             "sentences": []} for folder, image in class_folders(root)]
+
+
+def write(path: Path, name: str, images: list[dict]) -> str:
+    payload = {"dataset": name, "images": images}
+    text = json.dumps(payload, indent=1)
+    path.write_text(text)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--ucm", required=True, type=Path, help="UCM-captions Karpathy JSON (dataset_ucm.json)")
+    parser.add_argument("--aid", type=Path, help="AID root: one folder per class")
+    parser.add_argument("--holdout-siri", type=Path, help="SIRI-WHU root (12 class folders): held-out eval set")
+    parser.add_argument("-o", "--output", required=True, type=Path)
+    parser.add_argument("--rule-captions", type=int, default=5, help="rule captions per class-labelled image [5]")
+    parser.add_argument("--ucm-rule-captions", type=int, default=2,
+                        help="rule captions added to each captioned UCM image in train_clip.json [2]")
+    parser.add_argument("--ucm-repeat", type=int, default=2,
+                        help="times each UCM training image is listed in train_clip.json (weighs UCM against the "
+                             "larger sets) [2]")
+    parser.add_argument("--coca-ucm-repeat", type=int, default=3,
+                        help="the same for train_coca.json (its only human captions) [3]")
+    args = parser.parse_args(argv)
+    out = args.output
+    out.mkdir(parents=True, exist_ok=True)
+    unknown = {c for m in DATASET_CLASSES.values() for c in m.values()} - set(CONCEPTS)
+    if unknown:
+        raise SystemExit(f"caption_rules: concepts without rules: {sorted(unknown)}")
+
+    aid = args.aid
+    clip = ucm_records(args.ucm, out, args.ucm_rule_captions, False, args.ucm_repeat) + (
+        labelled_records("aid", aid, out, args.rule_captions, "clip") if aid else [])
+    coca = ucm_records(args.ucm, out, 0, True, args.coca_ucm_repeat) + (
+        labelled_records("aid", aid, out, args.rule_captions, "caption") if aid else [])
+    manifest = {"options": {k: str(v) for k, v in vars(args).items()}, "files": {}}
+    for name, images in (("train_clip", clip), ("train_coca", coca)):
+        manifest["files"][f"{name}.json"] = {
+            "sha256": write(out / f"{name}.json", name, images),
+            "splits": dict(Counter(i["split"] for i in images)),
+            "train_by_source": dict(Counter(i["source"] for i in images if i["split"] == "train")),
+            "train_sentences": sum(len(i["sentences"]) for i in images if i["split"] == "train"),
+            "train_classes": dict(sorted(Counter(i["class"] for i in images if i["split"] == "train").items())),
+        }
+    if args.holdout_siri:
+        held = holdout_records(args.holdout_siri, out)
+        manifest["files"]["holdout_siri.json"] = {
+            "sha256": write(out / "holdout_siri.json", "siri-whu (held out)", held),
+            "images": len(held), "classes": dict(sorted(Counter(i["class"] for i in held).items())),
+        }
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    for name, info in manifest["files"].items():
+        print(name, {k: v for k, v in info.items() if k not in ("train_classes", "classes")})
+
+
+if __name__ == "__main__":
+    main()
