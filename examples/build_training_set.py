@@ -1,8 +1,8 @@
-"""Assemble the hqrs-mini training set: UCM-captions + class-labelled scene sets turned into
+r"""Assemble the hqrs-mini training set: UCM-captions + class-labelled scene sets turned into
 captions by rule (``examples/caption_rules.py``), as Karpathy-style JSON for ``hqrs-geo finetune``,
 plus the held-out out-of-domain evaluation set as its own JSON.
 
-    python examples/build_training_set.py --ucm ../shared/data/ucm/dataset_ucm.json \\
+    python examples/build_training_set.py --ucm ../shared/data/ucm/dataset_ucm.json \
         --aid DATA/aid/AID --holdout-siri "DATA/siri_whu/12class_tif" -o DATA/hqrs17
 
 Writes (in ``-o``; image paths are written relative to it):

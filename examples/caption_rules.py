@@ -19,7 +19,7 @@ type (buildings, roads, parking, port, fields...); the held-out evaluation set (
 from __future__ import annotations
 
 import random
-from typing import Sequence
+from collections.abc import Sequence
 
 # frames for one class name; "{}" is a noun phrase from CONCEPTS[...]["names"]
 TEMPLATES = (
@@ -179,7 +179,8 @@ CONCEPTS: dict[str, dict[str, Sequence[str]]] = {
     },
     "golf course": {
         "names": ("a golf course", "golf courses", "a golf club", "fairways and greens"),
-        "details": ("green turf and sand bunkers make up the golf course.", "trees line the fairways of the golf course.",
+        "details": ("green turf and sand bunkers make up the golf course.",
+                    "trees line the fairways of the golf course.",
                     "a golf course with a pond and some trees."),
     },
     "harbor": {
@@ -262,7 +263,8 @@ CONCEPTS: dict[str, dict[str, Sequence[str]]] = {
     },
     "school": {
         "names": ("a school", "a school campus", "school buildings", "a campus", "a university campus"),
-        "details": ("school buildings stand next to a sports ground.", "the campus has several buildings and a playground.",
+        "details": ("school buildings stand next to a sports ground.",
+                    "the campus has several buildings and a playground.",
                     "a school with a running track and some trees."),
     },
     "square": {

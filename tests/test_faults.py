@@ -30,10 +30,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import rasterio
+from conftest import EXAMPLE_SCENE, write_raster
+from http_helpers import send_body
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
-from conftest import EXAMPLE_SCENE, write_raster
 from tiny_models import TINY_CLIP
 
 REPORT = {"tried": 0, "clean": 0, "internal": 0, "data_lost": 0, "recovered": 0}
@@ -330,18 +330,12 @@ class EchoLLM(BaseHTTPRequestHandler):
         body = json.loads(self.rfile.read(length))
         auth = self.headers.get("Authorization", "")
         if self.server.mode == "deny":  # type: ignore[attr-defined]
-            payload = json.dumps({"error": {"message": f"bad key {auth}"}}).encode()
-            self.send_response(401)
-        else:
-            prompt = body["messages"][-1]["content"]
-            words = " ".join(sorted(set(re.findall(r"[a-z]{4,}", prompt.lower())))[:6])
-            text = f"A tile with {words}. Key was {auth}.\n- short one {words}.\n- {auth} again."
-            payload = json.dumps({"choices": [{"message": {"content": text}}]}).encode()
-            self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(payload)))
-        self.end_headers()
-        self.wfile.write(payload)
+            send_body(self, 401, json.dumps({"error": {"message": f"bad key {auth}"}}).encode())
+            return
+        prompt = body["messages"][-1]["content"]
+        words = " ".join(sorted(set(re.findall(r"[a-z]{4,}", prompt.lower())))[:6])
+        text = f"A tile with {words}. Key was {auth}.\n- short one {words}.\n- {auth} again."
+        send_body(self, 200, json.dumps({"choices": [{"message": {"content": text}}]}).encode())
 
     def log_message(self, *args):
         pass
@@ -615,7 +609,6 @@ def test_search_never_overwrites_the_searched_layer_or_foreign_layers(layer, tmp
 
 def test_embed_refuses_nan_outputs_and_writes_nothing(layer, tmp_path):
     import torch
-
     from tiny_models import build_tiny
 
     model, _, _ = build_tiny(TINY_CLIP)
@@ -637,7 +630,6 @@ def test_layers_embedded_with_a_trusted_pickle_checkpoint_can_be_searched_anywhe
     import argparse as ap
 
     import torch
-
     from tiny_models import build_tiny
 
     model, _, _ = build_tiny(TINY_CLIP)
@@ -917,8 +909,8 @@ def test_killed_tiling_keeps_the_previous_layer_and_a_rerun_matches(scene, tmp_p
 
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
 def test_killed_embedding_resumes_to_the_uninterrupted_result(layer, tmp_path, tiny_clip_checkpoint, sig):
-    from hqrs_geo.layer.io import read_tiles
     from hqrs_geo.layer.columns import read_embeddings
+    from hqrs_geo.layer.io import read_tiles
 
     plain = fresh(layer, tmp_path / "plain")
     cut = fresh(layer, tmp_path / "cut")

