@@ -46,7 +46,7 @@ def _captions(row, source: str) -> list[str]:
             raise InputError(f"tile {row.get('tile_id')!r}: mpgi_short is not a JSON list of captions; "
                              "run hqrs-geo mpgi on the layer again")
         out += [s.strip() for s in items if isinstance(s, str) and s.strip()]
-    return out
+    return list(dict.fromkeys(out))  # a sentence twice (detailed = short) says nothing more
 
 
 def export_dataset(layer: str, out_dir: str, captions: str = "mpgi", image_format: str = "jpg",
