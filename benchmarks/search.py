@@ -193,7 +193,7 @@ def mix_real(path: Path, share: float, seed: int = 0, noise: float = 0.15) -> in
 
 
 ARCHIVE_CHILD = r"""
-import json, sys, time
+import json, os, sys, time
 import numpy as np
 sys.path.insert(0, sys.argv[1])
 from hqrs_geo.search.index import VectorIndex
@@ -205,7 +205,9 @@ def hwm():
 
 phase, matrix_path, folder, queries_path, params = sys.argv[2:7]
 params = json.loads(params)
-index = VectorIndex.from_matrix(np.load(matrix_path, mmap_mode="r"))
+stat = os.stat(matrix_path)  # the file identifies the matrix, as a layer's cache does
+index = VectorIndex.from_matrix(np.load(matrix_path, mmap_mode="r"),
+                                fingerprint={"file": matrix_path, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns})
 if phase == "build":
     start = time.perf_counter()
     report = index.build_ann("ivfpq", path=folder, **params)

@@ -21,7 +21,7 @@ from ..errors import OptionError
 from .ann import ANN_DEFAULTS, ANN_MAX_FETCH, RECALL_QUERIES, AnnIndex
 from .ann import recall_queries as _recall_queries
 from .cache import load_or_build, safe_key
-from .exact import ExactSearch
+from .exact import ExactSearch, row_blocks
 from .ivfpq import PART_SHIFT, CompressedIndex, EmbeddingPart
 
 ANN_KINDS = (*ANN_DEFAULTS, "ivfpq")
@@ -51,9 +51,11 @@ class VectorIndex:
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def from_matrix(cls, matrix: np.ndarray, ids: Any = None) -> VectorIndex:
+    def from_matrix(cls, matrix: np.ndarray, ids: Any = None, fingerprint: dict | None = None) -> VectorIndex:
         """An index over ``matrix`` (float16 or float32 kept as is and not copied when C-contiguous,
-        other types converted to float32); ``ids`` default to the row numbers as strings."""
+        other types converted to float32); ``ids`` default to the row numbers as strings.
+        ``fingerprint``: what identifies the matrix's source (e.g. its file's size and mtime), so
+        saved indexes are matched without hashing every row."""
         if not isinstance(matrix, np.ndarray):
             matrix = np.asarray(matrix)
         if matrix.ndim != 2 or matrix.shape[1] == 0:
@@ -69,7 +71,7 @@ class VectorIndex:
             ids = ids.astype(str)
         if ids.shape != (len(matrix),):
             raise OptionError(f"{len(ids)} ids for {len(matrix)} embedding rows: give one id per row")
-        return cls(matrix, ids)
+        return cls(matrix, ids, fingerprint=fingerprint)
 
     @classmethod
     def open(cls, layer: PathLike, key: str, frame: Any = None) -> VectorIndex:
@@ -210,8 +212,8 @@ class VectorIndex:
             h = hashlib.blake2b(digest_size=16)
             h.update(f"{self.n}x{self.dim}:{self.matrix.dtype.name}".encode())
             h.update(self.ids.tobytes())
-            for s in range(0, self.n, 65536):
-                h.update(np.ascontiguousarray(self.matrix[s:s + 65536]).tobytes())
+            for _, rows in row_blocks(self.matrix):
+                h.update(np.ascontiguousarray(rows).tobytes())
             self._digest = h.hexdigest()
         return {"digest": self._digest, "n": self.n, "dim": self.dim}
 
@@ -237,7 +239,15 @@ class VectorIndex:
             compressed = CompressedIndex.build([self._part()], target, **params)
             build_seconds = time.perf_counter() - start
             self._ann = compressed
-            recall, p50 = self._measure_ann()
+            truth = self._exact_truth()
+            measured: dict[str, float] = {}
+
+            def recall_now() -> float:
+                measured["recall"], measured["p50"] = self._measure_ann(truth)
+                return measured["recall"]
+
+            compressed.calibrate(recall_now)
+            recall, p50 = measured["recall"], measured["p50"]
             size = sum(f.stat().st_size for f in target.rglob("*") if f.is_file() and "shards" not in f.parts)
             self._ann_info = {"kind": kind, "n": self.n, "dim": self.dim, "recall_at_10": recall,
                               "query_p50_ms": p50, "build_seconds": round(build_seconds, 3), "path": str(target),
@@ -246,7 +256,7 @@ class VectorIndex:
         ann = AnnIndex.build(self.matrix, kind, **params)
         build_seconds = time.perf_counter() - start
         self._ann = ann
-        recall, p50 = self._measure_ann()
+        recall, p50 = self._measure_ann(self._exact_truth())
         if target is not None:
             ann.save(target, self._ann_fingerprint())
         self._ann_info = {"kind": kind, "n": self.n, "dim": self.dim, "recall_at_10": recall,
@@ -276,18 +286,23 @@ class VectorIndex:
         return {"kind": "exact", "n": self.n, "dim": self.dim, "recall_at_10": 1.0,
                 "query_p50_ms": round(float(np.median(times)) * 1000, 3), "reason": reason}
 
-    def _measure_ann(self) -> tuple[float, float]:
-        """(recall@10 against exact search, median ms per query) of the loaded index, on held-out
-        queries (rows plus noise, seeded apart from the build's training sample)."""
+    def _exact_truth(self) -> tuple[np.ndarray, np.ndarray]:
+        """Held-out queries (rows plus noise, seeded apart from the build's training sample) and
+        their exact top 10."""
         queries = self.recall_queries(seed=12345)
+        return queries, self.exact.search(queries, min(10, self.n), None)[1]
+
+    def _measure_ann(self, truth: tuple[np.ndarray, np.ndarray]) -> tuple[float, float]:
+        """(recall@10 against exact search, median ms per query) of the loaded index on the
+        queries of :meth:`_exact_truth`."""
+        queries, truth_rows = truth
         k = min(10, self.n)
-        _, truth = self.exact.search(queries, k, None)
         hits, times = 0, []
         for i in range(len(queries)):
             begin = time.perf_counter()
             _, found = self.search(queries[i], k, use_ann=True)
             times.append(time.perf_counter() - begin)
-            hits += len(np.intersect1d(found[0], truth[i]))
+            hits += len(np.intersect1d(found[0], truth_rows[i]))
         return round(hits / (k * len(queries)), 4), round(float(np.median(times)) * 1000, 3)
 
     def load_ann(self, path: PathLike | None = None, kind: str | None = None) -> bool:

@@ -46,11 +46,15 @@ import numpy as np
 from ..atomic import atomic_path, write_text
 from ..errors import InputError, OptionError
 from .ann import faiss_module
-from .exact import dot, order_best
+from .exact import dot, order_best, row_blocks
 
 VERSION = 1
 PART_SHIFT = 32  # global id = part number << 32 | row in part
 CHUNK = 65536
+#: recall@10 the build aims for when it chooses ``nprobe`` itself (see CompressedIndex.calibrate)
+TARGET_RECALL = 0.95
+#: ``nprobe`` is doubled up to this many lists while calibrating
+MAX_NPROBE = 1024
 #: OPQ rotation refinements (FAISS's default 50 costs most of the training time for little recall)
 OPQ_ITERATIONS = 10
 DEFAULTS: dict[str, int | None] = {
@@ -157,6 +161,7 @@ class CompressedIndex:
             raise OptionError("cannot build an index without embeddings")
         dim = int(parts[0].matrix.shape[1])
         n = sum(len(p.matrix) for p in parts)
+        given = dict(params)
         params = check_params(params, n, dim)
         if n < 39 * params["nlist"] or n < 256:
             raise OptionError(f"{n} vectors are too few for an ivfpq index with {params['nlist']} lists; "
@@ -180,6 +185,7 @@ class CompressedIndex:
         with atomic_path(folder / "trained.index") as tmp:
             faiss.write_index(index, str(tmp))
         meta = {"version": VERSION, "dim": dim, "params": params, "parts": [], "generation": 0,
+                "nprobe_given": given.get("nprobe") is not None,
                 "train_seconds": round(time.perf_counter() - started, 1)}
         built = cls._update(folder, meta, parts, progress)
         built.meta["build_seconds"] = round(time.perf_counter() - started, 1)
@@ -219,8 +225,8 @@ class CompressedIndex:
             if progress:
                 progress(f"encoding {part.name} ({len(part.matrix):,} vectors)")
             index = faiss.read_index(str(folder / "trained.index"))
-            for s in range(0, len(part.matrix), CHUNK):
-                block = np.ascontiguousarray(part.matrix[s:s + CHUNK], dtype=np.float32)
+            for s, rows in row_blocks(part.matrix, CHUNK):
+                block = np.ascontiguousarray(rows, dtype=np.float32)
                 ids = (np.int64(number) << PART_SHIFT) + np.arange(s, s + len(block), dtype=np.int64)
                 index.add_with_ids(block, ids)
             with atomic_path(folder / shard) as tmp:
@@ -287,6 +293,26 @@ class CompressedIndex:
         indexed = {p["name"]: p["fingerprint"] for p in self.meta["parts"]}
         now = {p.name: p.fingerprint for p in parts}
         return sorted({k for k in now if indexed.get(k) != now[k]} | (set(indexed) - set(now)))
+
+    def calibrate(self, recall: Callable[[], float], target: float = TARGET_RECALL) -> float:
+        """Choose ``nprobe``: double it (up to the lists there are, at most MAX_NPROBE) until
+        ``recall()`` — recall@10 against exact search on held-out queries, measured by the caller
+        with the current setting — reaches ``target``; the choice is kept in the index's metadata.
+        An ``nprobe`` the user gave is kept as is. Returns the last recall measured.
+
+        The share of lists a query must scan for a given recall falls slowly with the size of
+        the index, so a fixed ``nprobe`` that is ample at 1M rows misses neighbours at 10M."""
+        reached = recall()
+        if self.meta.get("nprobe_given"):
+            return reached
+        limit = min(int(self.params["nlist"]), MAX_NPROBE)
+        while reached < target and self.nprobe < limit:
+            self.set_search(min(2 * self.nprobe, limit), self.rerank)
+            reached = recall()
+        self.params["nprobe"] = self.nprobe
+        self.meta["calibrated"] = {"nprobe": self.nprobe, "recall_at_10": round(reached, 4), "target": target}
+        self._write_meta()
+        return reached
 
     # ------------------------------------------------------------------ search
     def set_search(self, nprobe: int, rerank: int) -> None:

@@ -195,3 +195,58 @@ def test_index_command_auto_and_ivfpq(example_layer, tiny_clip_checkpoint):
     assert bad.returncode == 2 and "--param" in bad.stderr and "Traceback" not in bad.stderr
     few = run_cli("index", example_layer, "--kind", "ivfpq", "--param", "m=8")
     assert few.returncode == 2 and "too few" in few.stderr  # 64 tiles cannot train 256-centroid codes
+
+
+def test_nprobe_is_calibrated_to_the_target_recall_unless_given(tmp_path):
+    """nprobe doubles from its default until the measured recall reaches the target (and stops at
+    the lists there are); the choice is stored and used when the index is opened again; an nprobe
+    the user gave stays, even below the target."""
+    matrix = clustered(40000, seed=11, clusters=200)
+    params = {"nlist": 1024, "m": 16, "rerank": 100, "train_size": 40000, "opq": 0}
+    report = VectorIndex.from_matrix(matrix).build_ann("ivfpq", path=tmp_path / "auto", **params)
+    assert report["recall_at_10"] >= 0.95
+    index = CompressedIndex.open(tmp_path / "auto")
+    assert index is not None and index.nprobe == report["nprobe"] >= 48
+
+    seen = []
+
+    def recall() -> float:  # a stand-in measurement: recall grows with the lists probed
+        seen.append(index.nprobe)
+        return min(1.0, index.nprobe / 200)
+
+    index.set_search(48, 100)
+    assert index.calibrate(recall) == 0.96 and seen == [48, 96, 192]
+    assert CompressedIndex.open(tmp_path / "auto").nprobe == 192  # kept in index.json
+    seen.clear()
+    index.set_search(48, 100)
+    assert index.calibrate(lambda: (seen.append(index.nprobe), 0.1)[1]) == 0.1 and seen[-1] == 1024  # all lists
+
+    given = VectorIndex.from_matrix(matrix).build_ann("ivfpq", path=tmp_path / "given", nprobe=1, **params)
+    assert given["nprobe"] == 1 and given["recall_at_10"] < report["recall_at_10"]
+
+
+def test_passes_over_a_memory_map_keep_memory_flat(tmp_path):
+    """row_blocks hands read pages back: reading a 256 MB map leaves far less than that resident."""
+    from hqrs_geo.search.exact import row_blocks
+
+    path = tmp_path / "big.npy"
+    big = np.lib.format.open_memmap(path, mode="w+", dtype=np.float16, shape=(262144, 512))
+    for s in range(0, len(big), 65536):
+        big[s:s + 65536] = 1
+    big.flush()
+    del big
+
+    def rss_mb() -> float:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+        return float("nan")
+
+    matrix = np.load(path, mmap_mode="r")
+    before = rss_mb()
+    total = sum(float(rows[:, 0].sum()) for _, rows in row_blocks(matrix, 16384))
+    assert total == len(matrix)
+    assert rss_mb() - before < 64  # without dropping pages: about 256 MB more
+    for s in range(0, len(matrix), 16384):  # the same pass without dropping pages, for contrast
+        float(np.asarray(matrix[s:s + 16384])[:, 0].sum())
+    assert rss_mb() - before > 128
