@@ -53,8 +53,9 @@ PART_SHIFT = 32  # global id = part number << 32 | row in part
 CHUNK = 65536
 #: recall@10 the build aims for when it chooses ``nprobe`` itself (see CompressedIndex.calibrate)
 TARGET_RECALL = 0.95
-#: ``nprobe`` is doubled up to this many lists while calibrating
+#: ``nprobe`` is doubled up to this many lists while calibrating, while a doubling gains MIN_GAIN
 MAX_NPROBE = 1024
+MIN_GAIN = 0.005
 #: OPQ rotation refinements (FAISS's default 50 costs most of the training time for little recall)
 OPQ_ITERATIONS = 10
 DEFAULTS: dict[str, int | None] = {
@@ -297,8 +298,11 @@ class CompressedIndex:
     def calibrate(self, recall: Callable[[], float], target: float = TARGET_RECALL) -> float:
         """Choose ``nprobe``: double it (up to the lists there are, at most MAX_NPROBE) until
         ``recall()`` — recall@10 against exact search on held-out queries, measured by the caller
-        with the current setting — reaches ``target``; the choice is kept in the index's metadata.
-        An ``nprobe`` the user gave is kept as is. Returns the last recall measured.
+        with the current setting — reaches ``target``, or until a doubling gains less than
+        MIN_GAIN (the missing neighbours are then lost among the ``rerank`` candidates, not in
+        unprobed lists, and more lists would only cost time: the previous setting is kept). The
+        choice is kept in the index's metadata; an ``nprobe`` the user gave is kept as is. Returns
+        the recall of the setting chosen.
 
         The share of lists a query must scan for a given recall falls slowly with the size of
         the index, so a fixed ``nprobe`` that is ample at 1M rows misses neighbours at 10M."""
@@ -307,8 +311,13 @@ class CompressedIndex:
             return reached
         limit = min(int(self.params["nlist"]), MAX_NPROBE)
         while reached < target and self.nprobe < limit:
+            before, before_recall = self.nprobe, reached
             self.set_search(min(2 * self.nprobe, limit), self.rerank)
             reached = recall()
+            if reached - before_recall < MIN_GAIN:
+                self.set_search(before, self.rerank)
+                reached = recall()  # measured again, so the caller's figures are the chosen setting's
+                break
         self.params["nprobe"] = self.nprobe
         self.meta["calibrated"] = {"nprobe": self.nprobe, "recall_at_10": round(reached, 4), "target": target}
         self._write_meta()

@@ -217,9 +217,14 @@ def test_nprobe_is_calibrated_to_the_target_recall_unless_given(tmp_path):
     index.set_search(48, 100)
     assert index.calibrate(recall) == 0.96 and seen == [48, 96, 192]
     assert CompressedIndex.open(tmp_path / "auto").nprobe == 192  # kept in index.json
-    seen.clear()
+    seen.clear()  # recall that saturates below the target: doubling stops and the cheaper setting stays
     index.set_search(48, 100)
-    assert index.calibrate(lambda: (seen.append(index.nprobe), 0.1)[1]) == 0.1 and seen[-1] == 1024  # all lists
+    assert index.calibrate(lambda: (seen.append(index.nprobe), min(0.9, index.nprobe / 200))[1]) == 0.9
+    assert seen == [48, 96, 192, 384, 192] and index.nprobe == 192
+    seen.clear()  # up to every list when each doubling helps
+    index.set_search(48, 100)
+    assert index.calibrate(lambda: (seen.append(index.nprobe), index.nprobe / 2048)[1]) == 0.5
+    assert seen == [48, 96, 192, 384, 768, 1024]
 
     given = VectorIndex.from_matrix(matrix).build_ann("ivfpq", path=tmp_path / "given", nprobe=1, **params)
     assert given["nprobe"] == 1 and given["recall_at_10"] < report["recall_at_10"]
