@@ -86,12 +86,12 @@ class VectorIndex:
     @property
     def n(self) -> int:
         """Number of rows (tiles with an embedding)."""
-        return int(self.matrix.shape[0])
+        return self.exact.n
 
     @property
     def dim(self) -> int:
         """Embedding dimension."""
-        return int(self.matrix.shape[1])
+        return self.exact.dim
 
     def __len__(self) -> int:
         return self.n
