@@ -5,7 +5,7 @@ plus the held-out out-of-domain evaluation set as its own JSON.
     python examples/build_training_set.py --ucm ../shared/data/ucm/dataset_ucm.json \
         --aid DATA/aid/AID --holdout-siri "DATA/siri_whu/12class_tif" -o DATA/hqrs17
 
-Writes (in ``-o``; image paths are written relative to it):
+Writes (in ``-o``; image paths are written absolute, so the JSON reads from anywhere on this machine):
 
 * ``train_clip.json``: split ``train`` = UCM train + unlabelled (their UCM-captions, plus
   ``--ucm-rule-captions`` rule captions each) + every AID image (``--rule-captions`` rule
@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
 import random
 import sys
 from collections import Counter
@@ -48,8 +47,9 @@ def _seed(text: str) -> int:
     return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big")
 
 
-def _rel(path: Path, out: Path) -> str:
-    return os.path.relpath(path.resolve(), out.resolve())
+def _absolute(path: Path) -> str:
+    """The image's absolute path (``hqrs-geo`` refuses relative names that leave ``out``)."""
+    return str(path.resolve())
 
 
 def class_folders(root: Path) -> list[tuple[str, Path]]:
@@ -72,7 +72,7 @@ def ucm_records(path: Path, out: Path, rule_n: int, for_coca: bool, repeat: int 
         image = path.parent / item["filename"]
         sentences = [s["raw"].strip() for s in item.get("sentences", []) if s.get("raw", "").strip()]
         if item["split"] == "val":  # model selection only: unchanged
-            records.append({"filename": _rel(image, out), "class": item["class"], "split": "val",
+            records.append({"filename": _absolute(image), "class": item["class"], "split": "val",
                             "source": "ucm", "sentences": [{"raw": s} for s in sentences]})
             continue
         if item["split"] not in ("train", "unlabelled"):
@@ -87,7 +87,7 @@ def ucm_records(path: Path, out: Path, rule_n: int, for_coca: bool, repeat: int 
             # protocol on dataset_ucm.json prompts with it
             n = rule_n if sentences else max(rule_n, 5)
             extra = rule_captions(concept, rng, n, extra_names=(item["class"],))
-        records += [{"filename": _rel(image, out), "class": concept, "split": "train", "source": "ucm",
+        records += [{"filename": _absolute(image), "class": concept, "split": "train", "source": "ucm",
                      "source_class": item["class"], "sentences": [{"raw": s} for s in sentences + extra]}] * repeat
     return records
 
@@ -101,13 +101,13 @@ def labelled_records(name: str, root: Path, out: Path, rule_n: int, style: str) 
         concept = mapping[folder]
         rng = random.Random(_seed(f"{name}/{folder}/{image.name}"))
         captions = rule_captions(concept, rng, rule_n, style=style)
-        records.append({"filename": _rel(image, out), "class": concept, "split": "train", "source": name,
+        records.append({"filename": _absolute(image), "class": concept, "split": "train", "source": name,
                         "source_class": folder, "sentences": [{"raw": c} for c in captions]})
     return records
 
 
 def holdout_records(root: Path, out: Path) -> list[dict]:
-    return [{"filename": _rel(image, out), "class": folder.lower(), "split": "test", "source": "siri-whu",
+    return [{"filename": _absolute(image), "class": folder.lower(), "split": "test", "source": "siri-whu",
              "sentences": []} for folder, image in class_folders(root)]
 
 

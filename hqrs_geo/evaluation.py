@@ -23,8 +23,9 @@ KS = (1, 5, 10)
 def load_karpathy(path: str, split: str | None = "val", limit: int | None = None) -> list[dict]:
     """Records ``{"image": path, "class": str|None, "captions": [str]}`` of one split.
 
-    Image file names are relative to the JSON's folder and must stay inside it
-    (:func:`hqrs_geo.safe_paths.inside`); a malformed file is refused in one line.
+    Relative image file names are taken relative to the JSON's folder and must stay inside it
+    (:func:`hqrs_geo.safe_paths.inside`); absolute ones are used as they are (the rule of an
+    open_clip CSV); a malformed file is refused in one line.
     """
     from .safe_paths import inside
 
@@ -56,7 +57,7 @@ def load_karpathy(path: str, split: str | None = "val", limit: int | None = None
                 or not (label is None or isinstance(label, (str, int))):
             raise InputError(f"{path}: images[{number}] has malformed sentences or class ({usage})")
         records.append({
-            "image": str(inside(file.parent, item["filename"], "image file name")),
+            "image": str(inside(file.parent, item["filename"], "image file name", allow_absolute=True)),
             "class": None if label is None else str(label),
             "captions": [s["raw"].strip() for s in sentences if s.get("raw", "").strip()],
         })

@@ -1,0 +1,45 @@
+"""examples/build_training_set.py: its JSON is read by finetune and eval from anywhere."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _image(path: Path, value: int) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.full((32, 32, 3), value, np.uint8)).save(path)
+
+
+def test_training_set_images_outside_the_output_folder_are_read_by_finetune_and_eval(tmp_path):
+    from hqrs_geo.evaluation import load_karpathy
+    from hqrs_geo.training.data import read_records
+
+    ucm = tmp_path / "sources" / "ucm"
+    images = []
+    for n, (cls, split) in enumerate([("agricultural", "train"), ("river", "train"), ("river", "val")]):
+        _image(ucm / "images" / cls / f"{cls}{n}.jpg", 40 * n)
+        images.append({"filename": f"images/{cls}/{cls}{n}.jpg", "class": cls, "split": split,
+                       "sentences": [{"raw": f"a {cls} scene ."}]})
+    (ucm / "dataset_ucm.json").write_text(json.dumps({"images": images}))
+    for cls in ("Farmland", "Parking"):
+        _image(tmp_path / "sources" / "aid" / cls / f"{cls.lower()}_1.jpg", 200)
+    _image(tmp_path / "sources" / "siri" / "pond" / "0001.tif", 90)
+    out = tmp_path / "elsewhere" / "set"
+    done = subprocess.run([sys.executable, str(ROOT / "examples" / "build_training_set.py"),
+                           "--ucm", str(ucm / "dataset_ucm.json"), "--aid", str(tmp_path / "sources" / "aid"),
+                           "--holdout-siri", str(tmp_path / "sources" / "siri"), "-o", str(out)],
+                          capture_output=True, text=True, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    train = read_records(str(out / "train_clip.json"), ("train",))
+    assert {r.label for r in train} == {"farmland", "river", "parking lot"}
+    assert all(Path(r.image).is_file() for r in train)
+    assert any(len(r.captions) > 2 for r in train if r.label == "parking lot")  # rule captions
+    held = load_karpathy(str(out / "holdout_siri.json"), "test")
+    assert [(Path(r["image"]).name, r["class"]) for r in held] == [("0001.tif", "pond")]
+    val = load_karpathy(str(out / "train_clip.json"), "val")
+    assert [r["class"] for r in val] == ["river"] and Path(val[0]["image"]).is_file()
