@@ -48,6 +48,8 @@ from ..errors import OptionError
 SMALL_BATCH = 8
 #: Rows converted to float32 at a time in the GEMM pass (fits the L2 cache at D = 512).
 CHUNK_ROWS = 4096
+#: The batch pass hands read pages back (:func:`drop_pages`) after this many chunks (65,536 rows).
+DROP_EVERY = 16
 #: A mask allowing at most this many rows (and at most 1/8 of them) is searched on those rows only.
 SUBSET_ROWS = 65536
 
@@ -334,3 +336,5 @@ class ExactSearch:
                 buf[:len(chunk)].copy_(chunk)
                 chunk = buf[:len(chunk)]
             yield s, chunk
+            if (s // CHUNK_ROWS) % DROP_EVERY == DROP_EVERY - 1:
+                drop_pages(self.matrix)  # one pass over a 10 GB map must not leave 10 GB resident

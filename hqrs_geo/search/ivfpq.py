@@ -46,15 +46,17 @@ import numpy as np
 from ..atomic import atomic_path, write_text
 from ..errors import InputError, OptionError
 from .ann import faiss_module
-from .exact import dot, order_best, row_blocks
+from .exact import dot, drop_pages, order_best, row_blocks
 
 VERSION = 1
 PART_SHIFT = 32  # global id = part number << 32 | row in part
 CHUNK = 65536
 #: recall@10 the build aims for when it chooses ``nprobe`` itself (see CompressedIndex.calibrate)
 TARGET_RECALL = 0.95
-#: ``nprobe`` is doubled up to this many lists while calibrating, while a doubling gains MIN_GAIN
+#: while calibrating, ``nprobe`` is doubled up to this many lists, while a doubling gains MIN_GAIN
 MAX_NPROBE = 1024
+#: ``rerank`` is doubled up to this many candidates (each one is a row read from the float16 vectors)
+MAX_RERANK = 4096
 MIN_GAIN = 0.005
 #: OPQ rotation refinements (FAISS's default 50 costs most of the training time for little recall)
 OPQ_ITERATIONS = 10
@@ -186,7 +188,7 @@ class CompressedIndex:
         with atomic_path(folder / "trained.index") as tmp:
             faiss.write_index(index, str(tmp))
         meta = {"version": VERSION, "dim": dim, "params": params, "parts": [], "generation": 0,
-                "nprobe_given": given.get("nprobe") is not None,
+                "nprobe_given": given.get("nprobe") is not None, "rerank_given": given.get("rerank") is not None,
                 "train_seconds": round(time.perf_counter() - started, 1)}
         built = cls._update(folder, meta, parts, progress)
         built.meta["build_seconds"] = round(time.perf_counter() - started, 1)
@@ -296,30 +298,45 @@ class CompressedIndex:
         return sorted({k for k in now if indexed.get(k) != now[k]} | (set(indexed) - set(now)))
 
     def calibrate(self, recall: Callable[[], float], target: float = TARGET_RECALL) -> float:
-        """Choose ``nprobe``: double it (up to the lists there are, at most MAX_NPROBE) until
-        ``recall()`` — recall@10 against exact search on held-out queries, measured by the caller
-        with the current setting — reaches ``target``, or until a doubling gains less than
-        MIN_GAIN (the missing neighbours are then lost among the ``rerank`` candidates, not in
-        unprobed lists, and more lists would only cost time: the previous setting is kept). The
-        choice is kept in the index's metadata; an ``nprobe`` the user gave is kept as is. Returns
-        the recall of the setting chosen.
+        """Choose ``nprobe`` and ``rerank``: while ``recall()`` — recall@10 against exact search on
+        held-out queries, measured by the caller with the current setting — is below ``target``,
+        try doubling each (``nprobe`` up to the lists there are and MAX_NPROBE, ``rerank`` up to
+        MAX_RERANK) and keep the doubling that gains more, if it gains at least MIN_GAIN; stop
+        when neither does. The choice is kept in the index's metadata; a setting the user gave
+        is kept as is. Returns the recall of the setting chosen.
 
-        The share of lists a query must scan for a given recall falls slowly with the size of
-        the index, so a fixed ``nprobe`` that is ample at 1M rows misses neighbours at 10M."""
+        The two knobs lose different neighbours: ``nprobe`` those in lists not scanned (the
+        share of lists a query must scan falls slowly with the size of the index, so a fixed
+        ``nprobe`` ample at 1M rows misses neighbours at 10M), ``rerank`` those the 8-bit codes
+        cannot tell apart — near-duplicates, which archives hold many of (overlapping tiles,
+        water, forest): when a query has more near-equal rows than ``rerank`` candidates, its
+        exact top 10 are a lottery among them whatever the lists probed."""
         reached = recall()
-        if self.meta.get("nprobe_given"):
-            return reached
-        limit = min(int(self.params["nlist"]), MAX_NPROBE)
-        while reached < target and self.nprobe < limit:
-            before, before_recall = self.nprobe, reached
-            self.set_search(min(2 * self.nprobe, limit), self.rerank)
-            reached = recall()
-            if reached - before_recall < MIN_GAIN:
-                self.set_search(before, self.rerank)
-                reached = recall()  # measured again, so the caller's figures are the chosen setting's
+        limits = {"nprobe": min(int(self.params["nlist"]), MAX_NPROBE), "rerank": MAX_RERANK}
+        knobs = [k for k in ("nprobe", "rerank") if not self.meta.get(f"{k}_given")]
+        tried = [{"nprobe": self.nprobe, "rerank": self.rerank, "recall_at_10": round(reached, 4)}]
+        while reached < target:
+            now = {"nprobe": self.nprobe, "rerank": self.rerank}
+            best: tuple[float, dict] | None = None
+            for knob in knobs:
+                if now[knob] >= limits[knob]:
+                    continue
+                setting = {**now, knob: min(2 * now[knob], limits[knob])}
+                self.set_search(setting["nprobe"], setting["rerank"])
+                gained = recall()
+                tried.append({**setting, "recall_at_10": round(gained, 4)})
+                if gained - reached >= MIN_GAIN and (best is None or gained > best[0]):
+                    best = (gained, setting)
+            if best is None:
+                self.set_search(now["nprobe"], now["rerank"])
                 break
-        self.params["nprobe"] = self.nprobe
-        self.meta["calibrated"] = {"nprobe": self.nprobe, "recall_at_10": round(reached, 4), "target": target}
+            reached, setting = best
+            self.set_search(setting["nprobe"], setting["rerank"])
+        if tried[-1] != {"nprobe": self.nprobe, "rerank": self.rerank, "recall_at_10": round(reached, 4)}:
+            reached = recall()  # measured again, so the caller's figures are the chosen setting's
+        self.params["nprobe"], self.params["rerank"] = self.nprobe, self.rerank
+        self.meta["calibrated"] = {"nprobe": self.nprobe, "rerank": self.rerank, "recall_at_10": round(reached, 4),
+                                   "target": target, "tried": tried}
         self._write_meta()
         return reached
 
@@ -358,5 +375,6 @@ class CompressedIndex:
                     raise InputError(f"{self.folder}: the index names a part that is gone; update the index")
                 sel = np.flatnonzero(numbers == number)  # rows ascending: ids are sorted
                 scores[sel] = dot(np.asarray(part.matrix[rows[sel]], dtype=np.float32), q)
+                drop_pages(part.matrix)  # scattered rows: keep the process from holding the map's pages
             out.append(order_best(scores, cand, k))
         return out

@@ -197,9 +197,10 @@ def test_index_command_auto_and_ivfpq(example_layer, tiny_clip_checkpoint):
     assert few.returncode == 2 and "too few" in few.stderr  # 64 tiles cannot train 256-centroid codes
 
 
-def test_nprobe_is_calibrated_to_the_target_recall_unless_given(tmp_path):
+def test_nprobe_and_rerank_are_calibrated_to_the_target_recall_unless_given(tmp_path):
     """nprobe doubles from its default until the measured recall reaches the target (and stops at
-    the lists there are); the choice is stored and used when the index is opened again; an nprobe
+    the lists there are); with rerank free too, each step keeps the doubling that gains more; the
+    choice is stored and used when the index is opened again; an nprobe
     the user gave stays, even below the target."""
     matrix = clustered(40000, seed=11, clusters=200)
     params = {"nlist": 1024, "m": 16, "rerank": 100, "train_size": 40000, "opq": 0}
@@ -228,16 +229,58 @@ def test_nprobe_is_calibrated_to_the_target_recall_unless_given(tmp_path):
 
     given = VectorIndex.from_matrix(matrix).build_ann("ivfpq", path=tmp_path / "given", nprobe=1, **params)
     assert given["nprobe"] == 1 and given["recall_at_10"] < report["recall_at_10"]
+    index.meta["rerank_given"] = False  # both knobs free: each step keeps the doubling that gains more
+    seen.clear()
+    index.set_search(48, 100)
+
+    def near_duplicates() -> float:  # a stand-in: only more candidates help
+        seen.append((index.nprobe, index.rerank))
+        return min(1.0, 0.5 + index.rerank / 1000)
+
+    assert index.calibrate(near_duplicates) == 1.0
+    assert seen == [(48, 100), (96, 100), (48, 200), (96, 200), (48, 400), (96, 400), (48, 800)]
+    again = CompressedIndex.open(tmp_path / "auto")
+    assert (again.nprobe, again.rerank) == (48, 800)
+
+
+def test_near_duplicates_raise_rerank_until_the_exact_top_10_is_found(tmp_path):
+    """A quarter of the rows are jittered copies of 10 vectors (1,000 each: overlapping tiles,
+    water, forest); 8-bit codes cannot order them, so the exact top 10 of a query among them is
+    found only when the re-ranked candidates hold them all: calibration doubles ``rerank`` from
+    256, not ``nprobe``, and reaches the target recall against brute force."""
+    rng = np.random.default_rng(5)
+    matrix = clustered(40000, seed=12, clusters=200).astype(np.float32)
+    originals = rng.standard_normal((10, D)).astype(np.float32)
+    rows = rng.choice(len(matrix), 10000, replace=False)
+    copies = originals[np.arange(10000) % 10] + 0.15 / np.sqrt(D) * rng.standard_normal((10000, D)).astype(np.float32)
+    matrix[rows] = copies / np.linalg.norm(copies, axis=1, keepdims=True)
+    matrix = matrix.astype(np.float16)
+    params = {"nlist": 256, "m": 16, "train_size": 40000, "opq": 0}
+    vectors = VectorIndex.from_matrix(matrix)
+    report = vectors.build_ann("ivfpq", path=tmp_path / "dup", **params)
+    assert report["rerank"] >= 1024 and report["nprobe"] == 48 and report["recall_at_10"] >= 0.95
+    tried = json.loads((tmp_path / "dup" / "index.json").read_text())["calibrated"]["tried"]
+    assert tried[0]["rerank"] == 256 and tried[0]["recall_at_10"] < 0.95  # the default missed
+    queries = queries_near(matrix, 40, seed=3)
+    exact = matrix.astype(np.float32) @ queries.T
+    hits = 0
+    for j, q in enumerate(queries):
+        rows_found = vectors.search(q, 10, use_ann=True)[1][0]
+        hits += len(set(rows_found) & set(np.argsort(-exact[:, j], kind="stable")[:10]))
+    assert hits / 400 >= 0.95
 
 
 def test_passes_over_a_memory_map_keep_memory_flat(tmp_path):
-    """row_blocks hands read pages back: reading a 256 MB map leaves far less than that resident."""
-    from hqrs_geo.search.exact import row_blocks
+    """row_blocks, the exact batch pass and the re-ranking of an ivfpq search hand read pages back:
+    reading a 256 MB map leaves far less than that resident."""
+    from hqrs_geo.search.exact import ExactSearch, row_blocks
 
     path = tmp_path / "big.npy"
     big = np.lib.format.open_memmap(path, mode="w+", dtype=np.float16, shape=(262144, 512))
-    for s in range(0, len(big), 65536):
-        big[s:s + 65536] = 1
+    rng = np.random.default_rng(0)
+    for s in range(0, len(big), 65536):  # distinct rows (first column 1, counted below)
+        big[s:s + 65536] = rng.standard_normal((65536, 512)).astype(np.float16) * np.float16(0.05)
+        big[s:s + 65536, 0] = 1
     big.flush()
     del big
 
@@ -252,6 +295,15 @@ def test_passes_over_a_memory_map_keep_memory_flat(tmp_path):
     total = sum(float(rows[:, 0].sum()) for _, rows in row_blocks(matrix, 16384))
     assert total == len(matrix)
     assert rss_mb() - before < 64  # without dropping pages: about 256 MB more
+    queries = rng.standard_normal((16, 512)).astype(np.float32)  # a batch: the chunked GEMM pass over every row
+    assert ExactSearch(matrix).search(queries, 10, None)[1].shape == (16, 10)
+    assert rss_mb() - before < 64
+    part = EmbeddingPart("big", "f", matrix)
+    index = CompressedIndex.__new__(CompressedIndex)  # only the re-ranking of search(): candidates given
+    index.meta, index.rerank = {"parts": [{"name": "big", "number": 0}]}, 4096
+    index.candidates = lambda q, fetch: np.random.default_rng(0).choice(len(matrix), (len(q), fetch))  # scattered
+    found = index.search({"big": part}, queries[:8], 10)
+    assert len(found) == 8 and rss_mb() - before < 64  # 32,768 scattered rows: up to 256 MB mapped around them
     for s in range(0, len(matrix), 16384):  # the same pass without dropping pages, for contrast
         float(np.asarray(matrix[s:s + 16384])[:, 0].sum())
     assert rss_mb() - before > 128
