@@ -46,7 +46,7 @@ import numpy as np
 from ..atomic import atomic_path, write_text
 from ..errors import InputError, OptionError
 from .ann import faiss_module
-from .exact import dot, drop_pages, order_best, row_blocks
+from .exact import dot, order_best, read_rows, row_blocks
 
 VERSION = 1
 PART_SHIFT = 32  # global id = part number << 32 | row in part
@@ -374,7 +374,6 @@ class CompressedIndex:
                 if part is None:
                     raise InputError(f"{self.folder}: the index names a part that is gone; update the index")
                 sel = np.flatnonzero(numbers == number)  # rows ascending: ids are sorted
-                scores[sel] = dot(np.asarray(part.matrix[rows[sel]], dtype=np.float32), q)
-                drop_pages(part.matrix)  # scattered rows: keep the process from holding the map's pages
+                scores[sel] = dot(read_rows(part.matrix, rows[sel]), q)
             out.append(order_best(scores, cand, k))
         return out

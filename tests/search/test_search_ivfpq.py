@@ -307,3 +307,21 @@ def test_passes_over_a_memory_map_keep_memory_flat(tmp_path):
     for s in range(0, len(matrix), 16384):  # the same pass without dropping pages, for contrast
         float(np.asarray(matrix[s:s + 16384])[:, 0].sum())
     assert rss_mb() - before > 128
+
+
+def test_read_rows_equals_indexing_for_maps_their_slices_and_arrays(tmp_path):
+    """Rows read by pread from a memory map's file are the rows the map holds, also for a slice
+    of the map (row 0 elsewhere in the file) and for maps and arrays it does not read by file."""
+    from hqrs_geo.search.exact import _file_position, read_rows
+
+    data = clustered(5000, seed=4)
+    np.save(tmp_path / "m.npy", data)
+    mapped = np.load(tmp_path / "m.npy", mmap_mode="r")
+    rows = np.array([0, 1, 17, 2500, 4999])
+    for matrix in (mapped, mapped[1000:4000], mapped[1234:], np.load(tmp_path / "m.npy", mmap_mode="c"), data,
+                   data.astype(np.float32), mapped[::2]):
+        picked = rows[rows < len(matrix)]
+        assert np.array_equal(read_rows(matrix, picked), np.asarray(matrix[picked], dtype=np.float32))
+    assert _file_position(mapped[1000:4000]) == (str(tmp_path / "m.npy"), _file_position(mapped)[1] + 1000 * D * 2)
+    assert _file_position(mapped[::2]) is None and _file_position(data) is None
+    assert read_rows(mapped, np.array([], dtype=np.int64)).shape == (0, D)
