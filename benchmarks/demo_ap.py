@@ -42,20 +42,17 @@ def average_precision(scores: np.ndarray, positive: np.ndarray) -> float:
 
 def tile_scene(folder: Path) -> Path:
     """The demo's tiling of the demo scene, as a GeoPackage layer."""
-    from hqrs_geo import TileConfig, tile_rasters, write_tiles
-    from hqrs_geo.layers import new_run
+    from hqrs_geo import TileConfig
+    from hqrs_geo.api import tile
 
-    config = TileConfig(tile_size="64m", overlap="50%")
-    tiles, scenes = tile_rasters(SCENE, config)
     layer = folder / "tiles.gpkg"
-    params = {"tiling": config.as_dict(), "scenes": [s.as_dict() for s in scenes]}
-    write_tiles(layer, tiles, new_run("tile", "tiles", params), replace_sources=[str(SCENE)])
+    tile(str(SCENE), layer, TileConfig(tile_size="64m", overlap="50%"))
     return layer
 
 
 def demo_ap(model: str, checkpoint=None, arch=None, template=None) -> dict:
     import hqrs_geo as hg
-    from hqrs_geo.search.queries import text_vectors
+    from hqrs_geo.models.encode import text_vectors
 
     labels = json.loads(LABELS.read_text())
     with tempfile.TemporaryDirectory() as tmp:

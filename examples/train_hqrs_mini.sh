@@ -9,7 +9,8 @@
 #
 # CPU (--precision bf16): measured on a shared 2-core machine with one thread per run, the two
 # runs side by side (OMP_NUM_THREADS=1; two threads each stall each other): CLIP 23 steps/min
-# (2532 steps, about 1 h 50 min), CoCa 14 steps/min (1800 steps, about 2 h 10 min). Both resume
+# (2532 steps, about 1 h 50 min), CoCa 14 steps/min (1800 steps, about 2 h 10 min); CLIP stage 2
+# (1266 steps) 55 min with the machine otherwise mostly idle. All resume
 # with --resume after an interruption. On a CUDA GPU drop --precision (AMP is automatic): minutes.
 set -euo pipefail
 DATA=${1:?usage: train_hqrs_mini.sh DATA_DIR [RUN_DIR]}
@@ -26,6 +27,12 @@ $HG finetune "$DATA/train_clip.json" --arch hqrs-mini-clip -o "$RUNS/hqrs-mini-c
     --class-target 0.5 --epochs 12 --batch-size 64 --lr 1e-3 --warmup-steps 200 --seed 0 \
     --precision bf16 --save-every 500 --save-dtype fp16 --progress bar
 
+# CLIP stage 2: a warm restart from stage 1's last weights on the same data, lower peak lr (stage 1
+# was still improving on val when its schedule ended).
+$HG finetune "$DATA/train_clip.json" --arch hqrs-mini-clip --init-from "$RUNS/hqrs-mini-clip/model.safetensors" \
+    -o "$RUNS/hqrs-mini-clip-s2" --split train --class-target 0.5 --epochs 6 --batch-size 64 --lr 4e-4 \
+    --warmup-steps 60 --seed 1 --precision bf16 --save-every 500 --save-dtype fp16 --progress bar
+
 # CoCa: ViT image tower (96 px, 12 px patches), contrastive + captioning loss; UCM's human
 # captions and the plain-statement rule captions of AID.
 $HG finetune "$DATA/train_coca.json" --arch hqrs-mini-coca -o "$RUNS/hqrs-mini-coca" --split train \
@@ -33,10 +40,11 @@ $HG finetune "$DATA/train_coca.json" --arch hqrs-mini-coca -o "$RUNS/hqrs-mini-c
     --precision bf16 --save-every 500 --save-dtype fp16 --progress bar
 
 # Both ship their last weights (val is reported per epoch in train.json, not used to choose;
-# for the shipped CLIP the best epoch on val was the last one anyway).
-cp "$RUNS/hqrs-mini-clip/model.safetensors" "$WEIGHTS/hqrs-mini-clip.safetensors"
+# for both CLIP stages the best epoch on val was the last one anyway).
+cp "$RUNS/hqrs-mini-clip-s2/model.safetensors" "$WEIGHTS/hqrs-mini-clip.safetensors"
 cp "$RUNS/hqrs-mini-coca/model.safetensors" "$WEIGHTS/hqrs-mini-coca.safetensors"
-cp "$RUNS/hqrs-mini-clip/train.json" "$WEIGHTS/hqrs-mini-clip.train.json"
+cp "$RUNS/hqrs-mini-clip/train.json" "$WEIGHTS/hqrs-mini-clip.stage1.train.json"
+cp "$RUNS/hqrs-mini-clip-s2/train.json" "$WEIGHTS/hqrs-mini-clip.train.json"
 cp "$RUNS/hqrs-mini-coca/train.json" "$WEIGHTS/hqrs-mini-coca.train.json"
 
 # evaluation: UCM val split (210 images of UCM-captions) and the held-out SIRI-WHU set
