@@ -129,7 +129,8 @@ def check_params(params: dict, n: int, dim: int) -> dict:
 
 
 def _sample(parts: Sequence[EmbeddingPart], size: int, seed: int = 0) -> np.ndarray:
-    """``size`` rows drawn evenly from all parts (sorted within each part, for sequential reads)."""
+    """``size`` rows drawn evenly from all parts (sorted within each part, read by
+    :func:`~.exact.read_rows`, so a sample of a memory map does not leave the map resident)."""
     total = sum(len(p.matrix) for p in parts)
     rng = np.random.default_rng(seed)
     picks = np.sort(rng.choice(total, size=min(size, total), replace=False))
@@ -138,7 +139,7 @@ def _sample(parts: Sequence[EmbeddingPart], size: int, seed: int = 0) -> np.ndar
         n = len(part.matrix)
         local = picks[(picks >= start) & (picks < start + n)] - start
         if len(local):
-            out.append(np.asarray(part.matrix[local], dtype=np.float32))
+            out.append(read_rows(part.matrix, local))
         start += n
     return np.ascontiguousarray(np.concatenate(out))
 

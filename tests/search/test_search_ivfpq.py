@@ -271,8 +271,8 @@ def test_near_duplicates_raise_rerank_until_the_exact_top_10_is_found(tmp_path):
 
 
 def test_passes_over_a_memory_map_keep_memory_flat(tmp_path):
-    """row_blocks, the exact batch pass and the re-ranking of an ivfpq search hand read pages back:
-    reading a 256 MB map leaves far less than that resident."""
+    """row_blocks, the exact batch pass, the training sample and the re-ranking of an ivfpq search
+    hand read pages back or read by file: reading a 256 MB map leaves far less than that resident."""
     from hqrs_geo.search.exact import ExactSearch, row_blocks
 
     path = tmp_path / "big.npy"
@@ -304,6 +304,10 @@ def test_passes_over_a_memory_map_keep_memory_flat(tmp_path):
     index.candidates = lambda q, fetch: np.random.default_rng(0).choice(len(matrix), (len(q), fetch))  # scattered
     found = index.search({"big": part}, queries[:8], 10)
     assert len(found) == 8 and rss_mb() - before < 64  # 32,768 scattered rows: up to 256 MB mapped around them
+    from hqrs_geo.search.ivfpq import _sample
+
+    assert _sample([part], 8000).shape == (8000, 512)  # the training sample: scattered rows too
+    assert rss_mb() - before < 64
     for s in range(0, len(matrix), 16384):  # the same pass without dropping pages, for contrast
         float(np.asarray(matrix[s:s + 16384])[:, 0].sum())
     assert rss_mb() - before > 128
