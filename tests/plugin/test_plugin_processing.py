@@ -11,6 +11,7 @@ import sqlite3
 import sys
 import threading
 import time
+import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -71,7 +72,9 @@ def extent_string(x0, y0, x1, y1, crs="EPSG:28992") -> str:
 
 # an XYZ server of real imagery -----------------------------------------------------------------
 class TileHandler(BaseHTTPRequestHandler):
-    """``/{z}/{x}/{y}.png``: the example GeoTIFF warped into the web-mercator tile (PNG)."""
+    """``/<run>/{z}/{x}/{y}.png``: the example GeoTIFF warped into the web-mercator tile (PNG). The
+    ``<run>`` part is new for each server, so tiles in Qt's disk cache (which outlives the tests)
+    from an earlier server on the same port are never used."""
 
     requests = 0
 
@@ -81,7 +84,7 @@ class TileHandler(BaseHTTPRequestHandler):
         from rasterio.warp import Resampling, reproject
 
         try:
-            z, x, y = (int(part) for part in self.path.strip("/").split(".")[0].split("/"))
+            z, x, y = (int(part) for part in self.path.strip("/").split(".")[0].split("/")[-3:])
         except ValueError:
             self.send_error(404)
             return
@@ -108,7 +111,7 @@ def xyz_server():
     server = ThreadingHTTPServer(("127.0.0.1", 0), TileHandler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
+    yield f"http://127.0.0.1:{server.server_address[1]}/{uuid.uuid4().hex}"
     server.shutdown()
     server.server_close()
 
