@@ -284,11 +284,15 @@ def test_passes_over_a_memory_map_keep_memory_flat(tmp_path):
     big.flush()
     del big
 
-    def rss_mb() -> float:  # resident pages of files (the map), not the heap other tests may grow
-        for line in open("/proc/self/status"):
-            if line.startswith("RssFile:"):
-                return int(line.split()[1]) / 1024
-        return float("nan")
+    def rss_mb() -> float:  # resident pages of the map itself (libraries paged in meanwhile do not count)
+        resident, ours = 0, False
+        for line in open("/proc/self/smaps"):
+            head = line.split()
+            if head and "-" in head[0] and len(head) >= 5:  # a mapping's header line
+                ours = line.rstrip().endswith(str(path))
+            elif ours and head and head[0] == "Rss:":
+                resident += int(head[1])
+        return resident / 1024
 
     matrix = np.load(path, mmap_mode="r")
     before = rss_mb()
