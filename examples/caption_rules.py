@@ -205,6 +205,18 @@ CONCEPTS: dict[str, dict[str, Sequence[str]]] = {
         "details": ("the land is covered with green grass.", "a large meadow with a few trees.",
                     "grass grows over the whole area.", "there is a piece of green grassland."),
     },
+    "orchard": {
+        "names": ("an orchard", "orchards", "a vineyard", "vineyards", "a plantation", "fruit trees in rows",
+                  "permanent crops", "an olive grove"),
+        "details": ("trees are planted in regular rows.", "rows of vines cover the slopes.",
+                    "small trees stand in a regular grid.", "the plantation is divided into plots."),
+    },
+    "lake": {
+        "names": ("a lake", "a large lake", "the sea", "open water", "a body of water", "a reservoir", "water",
+                  "the coast of a lake"),
+        "details": ("dark blue water covers the whole image.", "the water surface is calm and smooth.",
+                    "a large area of water with no buildings.", "the shore runs along one side of the water."),
+    },
     "mountain": {
         "names": ("mountains", "a mountain", "mountain ridges", "hills", "rugged mountain terrain", "a mountain range"),
         "details": ("the ridges of the mountains cast shadows.", "green mountains with valleys between them.",
@@ -309,6 +321,11 @@ DATASET_CLASSES: dict[str, dict[str, str]] = {
         "Pond": "pond", "Port": "harbor", "RailwayStation": "railway station", "Resort": "resort", "River": "river",
         "School": "school", "SparseResidential": "sparse residential", "Square": "square", "Stadium": "stadium",
         "StorageTanks": "storage tanks", "Viaduct": "viaduct",
+    },
+    "eurosat": {  # EuroSAT RGB (Sentinel-2, 10 m, 64 px; folder names)
+        "AnnualCrop": "farmland", "Forest": "forest", "HerbaceousVegetation": "meadow", "Highway": "freeway",
+        "Industrial": "industrial area", "Pasture": "meadow", "PermanentCrop": "orchard",
+        "Residential": "medium residential", "River": "river", "SeaLake": "lake",
     },
 }
 

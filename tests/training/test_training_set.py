@@ -28,15 +28,20 @@ def test_training_set_images_outside_the_output_folder_are_read_by_finetune_and_
     (ucm / "dataset_ucm.json").write_text(json.dumps({"images": images}))
     for cls in ("Farmland", "Parking"):
         _image(tmp_path / "sources" / "aid" / cls / f"{cls.lower()}_1.jpg", 200)
+    for cls in ("SeaLake", "PermanentCrop"):  # EuroSAT: 3 images per class, 2 kept per class
+        for n in range(3):
+            _image(tmp_path / "sources" / "eurosat" / cls / f"{cls}_{n}.jpg", 10 * n)
     _image(tmp_path / "sources" / "siri" / "pond" / "0001.tif", 90)
     out = tmp_path / "elsewhere" / "set"
     done = subprocess.run([sys.executable, str(ROOT / "examples" / "build_training_set.py"),
                            "--ucm", str(ucm / "dataset_ucm.json"), "--aid", str(tmp_path / "sources" / "aid"),
+                           "--eurosat", str(tmp_path / "sources" / "eurosat"), "--eurosat-per-class", "2",
                            "--holdout-siri", str(tmp_path / "sources" / "siri"), "-o", str(out)],
                           capture_output=True, text=True, cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     train = read_records(str(out / "train_clip.json"), ("train",))
-    assert {r.label for r in train} == {"farmland", "river", "parking lot"}
+    assert {r.label for r in train} == {"farmland", "river", "parking lot", "lake", "orchard"}
+    assert sum(r.label == "lake" for r in train) == 2 and sum(r.label == "orchard" for r in train) == 2
     assert all(Path(r.image).is_file() for r in train)
     assert any(len(r.captions) > 2 for r in train if r.label == "parking lot")  # rule captions
     held = load_karpathy(str(out / "holdout_siri.json"), "test")
