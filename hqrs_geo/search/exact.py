@@ -38,6 +38,7 @@ import math
 import mmap
 import os
 import warnings
+import weakref
 from collections.abc import Iterator
 from typing import Any
 
@@ -84,9 +85,33 @@ def drop_pages(matrix: np.ndarray) -> None:
             pass
 
 
-def _file_position(matrix: np.ndarray) -> tuple[str, int] | None:
-    """(file, byte offset of row 0) of a read-only, C-contiguous memory-mapped 2-D matrix (a
-    ``np.memmap`` or a slice of one); None for anything else."""
+#: (device major, minor, inode) of the file each memory map maps, read once from /proc/self/maps
+_MAPPED_FILES: weakref.WeakKeyDictionary[mmap.mmap, tuple[int, int, int] | None] = weakref.WeakKeyDictionary()
+
+
+def _mapped_file(mapped: mmap.mmap, base: int) -> tuple[int, int, int] | None:
+    """The kernel's record of which file the map starting at address ``base`` maps (the path may
+    have been replaced by a newer file since); None where /proc/self/maps cannot tell."""
+    if mapped not in _MAPPED_FILES:
+        found = None
+        try:
+            with open("/proc/self/maps") as maps:
+                for line in maps:
+                    fields = line.split()
+                    start, end = (int(x, 16) for x in fields[0].split("-"))
+                    if start <= base < end and len(fields) >= 5:
+                        major, minor = (int(x, 16) for x in fields[3].split(":"))
+                        found = (major, minor, int(fields[4]))
+                        break
+        except (OSError, ValueError):
+            found = None
+        _MAPPED_FILES[mapped] = found
+    return _MAPPED_FILES[mapped]
+
+
+def _file_position(matrix: np.ndarray) -> tuple[str, int, tuple[int, int, int]] | None:
+    """(file, byte offset of row 0, the mapped file's identity) of a read-only, C-contiguous
+    memory-mapped 2-D matrix (a ``np.memmap`` or a slice of one); None for anything else."""
     mapped, name = getattr(matrix, "_mmap", None), getattr(matrix, "filename", None)
     if not isinstance(matrix, np.memmap) or matrix.mode != "r" or matrix.ndim != 2 \
             or not matrix.flags.c_contiguous or mapped is None or not name or not hasattr(os, "preadv"):
@@ -95,8 +120,11 @@ def _file_position(matrix: np.ndarray) -> tuple[str, int] | None:
         base = np.frombuffer(mapped, dtype=np.uint8).ctypes.data  # where the map starts in memory
     except (ValueError, TypeError):  # a closed map
         return None
+    identity = _mapped_file(mapped, base)
+    if identity is None:
+        return None
     start = matrix.offset - matrix.offset % mmap.ALLOCATIONGRANULARITY  # the file offset numpy mapped from
-    return os.fspath(name), start + matrix.ctypes.data - base
+    return os.fspath(name), start + matrix.ctypes.data - base, identity
 
 
 def read_rows(matrix: np.ndarray, rows: np.ndarray) -> np.ndarray:
@@ -104,17 +132,28 @@ def read_rows(matrix: np.ndarray, rows: np.ndarray) -> np.ndarray:
     from its file with ``pread``, not through the map: touching scattered rows of a map makes the
     kernel map their neighbours' pages into the process as well (fault-around), which leaves the
     process holding much of the file and costs about 3x the time (measured on a 2M x 512 float16
-    map in the page cache, 2,048 rows: 19.4 ms through the map, 6.1 ms by pread)."""
+    map in the page cache, 2,048 rows: 19.4 ms through the map, 6.1 ms by pread). Requests for more
+    than a sixteenth of the rows are dense enough to read through the map (pages dropped after)."""
     rows = np.asarray(rows, dtype=np.int64)
     where = _file_position(matrix) if len(rows) else None
     if where is None or rows.min() < 0 or rows.max() >= len(matrix):
         return np.asarray(matrix[rows], dtype=np.float32)
-    path, first = where
+    if len(rows) > max(len(matrix) // 16, 4096):
+        out32 = np.asarray(matrix[rows], dtype=np.float32)
+        drop_pages(matrix)
+        return out32
+    path, first, identity = where
     width = matrix.shape[1] * matrix.dtype.itemsize
     out = np.empty((len(rows), matrix.shape[1]), dtype=matrix.dtype)
     view = out.data.cast("B")
-    fd = os.open(path, os.O_RDONLY)
     try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # the file is gone (the map keeps its data): read through the map
+        return np.asarray(matrix[rows], dtype=np.float32)
+    try:
+        now = os.fstat(fd)
+        if (os.major(now.st_dev), os.minor(now.st_dev), now.st_ino) != identity:
+            return np.asarray(matrix[rows], dtype=np.float32)  # replaced by a newer file: the map holds ours
         for i, row in enumerate(rows.tolist()):
             if os.preadv(fd, [view[i * width:(i + 1) * width]], first + row * width) != width:
                 raise InputError(f"{path}: shorter than its rows; the embeddings cache is damaged: build it again")
@@ -199,8 +238,7 @@ class ExactSearch:
         """float32 scores of ``rows`` (ascending row numbers) for one query: the reference values."""
         out = np.empty(len(rows), dtype=np.float32)
         for s in range(0, len(rows), 65536):
-            block = np.asarray(self.matrix[rows[s:s + 65536]], dtype=np.float32)
-            out[s:s + 65536] = dot(block, query)
+            out[s:s + 65536] = dot(read_rows(self.matrix, rows[s:s + 65536]), query)
         return out
 
     def _eps(self, norm: float, kernel: str) -> float:
@@ -370,11 +408,14 @@ class ExactSearch:
 
         matrix = self._tensor_view()
         buf = torch.empty((min(CHUNK_ROWS, self.n), self.dim), dtype=torch.float32)
-        for s in range(0, self.n, CHUNK_ROWS):
-            chunk = matrix[s:s + CHUNK_ROWS]
-            if chunk.dtype != torch.float32:
-                buf[:len(chunk)].copy_(chunk)
-                chunk = buf[:len(chunk)]
-            yield s, chunk
-            if (s // CHUNK_ROWS) % DROP_EVERY == DROP_EVERY - 1:
-                drop_pages(self.matrix)  # one pass over a 10 GB map must not leave 10 GB resident
+        try:
+            for s in range(0, self.n, CHUNK_ROWS):
+                chunk = matrix[s:s + CHUNK_ROWS]
+                if chunk.dtype != torch.float32:
+                    buf[:len(chunk)].copy_(chunk)
+                    chunk = buf[:len(chunk)]
+                yield s, chunk
+                if (s // CHUNK_ROWS) % DROP_EVERY == DROP_EVERY - 1:
+                    drop_pages(self.matrix)  # one pass over a 10 GB map must not leave 10 GB resident
+        finally:
+            drop_pages(self.matrix)  # the last group's pages too, and those of a pass stopped early
