@@ -1,20 +1,27 @@
 #!/usr/bin/env bash
 # Reproduces the shipped demo models hqrs-mini-clip and hqrs-mini-coca with `hqrs-geo finetune`
-# from the training set of examples/build_training_set.py (UCM-captions + AID through the class
-# caption rules; docs/training-data.md), evaluates them, and copies the weights into the package.
+# from the training sets of examples/build_training_set.py (UCM-captions + AID through the class
+# caption rules; EuroSAT added for the CLIP's third stage; docs/training-data.md), evaluates
+# them, and copies the weights into the package.
 #
 #   python examples/build_training_set.py --ucm ../shared/data/ucm/dataset_ucm.json \
 #       --aid AID_DIR --holdout-siri SIRI_DIR -o DATA            # once (see docs/training-data.md)
-#   bash examples/train_hqrs_mini.sh DATA [RUN_DIR]
+#   python examples/build_training_set.py --ucm ../shared/data/ucm/dataset_ucm.json \
+#       --aid AID_DIR --eurosat EUROSAT_DIR --holdout-siri SIRI_DIR -o DATA_EU   # + EuroSAT (later stages)
+#   bash examples/train_hqrs_mini.sh DATA DATA_EU [RUN_DIR]
 #
-# CPU (--precision bf16): measured on a shared 2-core machine with one thread per run, the two
-# runs side by side (OMP_NUM_THREADS=1; two threads each stall each other): CLIP 23 steps/min
-# (2532 steps, about 1 h 50 min), CoCa 14 steps/min (1800 steps, about 2 h 10 min); CLIP stage 2
-# (1266 steps) 55 min with the machine otherwise mostly idle. All resume
-# with --resume after an interruption. On a CUDA GPU drop --precision (AMP is automatic): minutes.
+# Time, CPU only, one thread per run (OMP_NUM_THREADS=1), measured on shared 2-core machines:
+# stage 1 and CLIP stage 2 with --precision bf16 on a CPU with AVX512-BF16: CLIP 23 steps/min
+# (2532 steps, about 1 h 50 min), CoCa 14 steps/min (1800 steps, about 2 h 10 min), side by
+# side; CLIP stage 2 (1266 steps) 55 min. CLIP stage 3 with --precision fp32 on an AVX2-only
+# CPU (there bf16 is emulated: 2 steps/min against 21 in fp32; set PRECISION=fp32 on such CPUs):
+# 1104 steps in 57 min, beside a CoCa run on the other core. All resume with --resume after an
+# interruption. On a CUDA GPU drop --precision (AMP is automatic): minutes.
 set -euo pipefail
-DATA=${1:?usage: train_hqrs_mini.sh DATA_DIR [RUN_DIR]}
-RUNS=${2:-runs}
+DATA=${1:?usage: train_hqrs_mini.sh DATA_DIR DATA_EUROSAT_DIR [RUN_DIR]}
+DATA_EU=${2:?usage: train_hqrs_mini.sh DATA_DIR DATA_EUROSAT_DIR [RUN_DIR]}
+RUNS=${3:-runs}
+PRECISION=${PRECISION:-bf16}
 PY=${PY:-.venv/bin/python}
 HG="$PY -m hqrs_geo"
 WEIGHTS=hqrs_geo/models/weights
@@ -25,31 +32,39 @@ UCM=${UCM:-../shared/data/ucm/dataset_ucm.json}
 # to the other images of the same (unified) class in the batch (--class-target 0.5).
 $HG finetune "$DATA/train_clip.json" --arch hqrs-mini-clip -o "$RUNS/hqrs-mini-clip" --split train \
     --class-target 0.5 --epochs 12 --batch-size 64 --lr 1e-3 --warmup-steps 200 --seed 0 \
-    --precision bf16 --save-every 500 --save-dtype fp16 --progress bar
+    --precision $PRECISION --save-every 500 --save-dtype fp16 --progress bar
 
 # CLIP stage 2: a warm restart from stage 1's last weights on the same data, lower peak lr (stage 1
 # was still improving on val when its schedule ended).
 $HG finetune "$DATA/train_clip.json" --arch hqrs-mini-clip --init-from "$RUNS/hqrs-mini-clip/model.safetensors" \
     -o "$RUNS/hqrs-mini-clip-s2" --split train --class-target 0.5 --epochs 6 --batch-size 64 --lr 4e-4 \
-    --warmup-steps 60 --seed 1 --precision bf16 --save-every 500 --save-dtype fp16 --progress bar
+    --warmup-steps 60 --seed 1 --precision $PRECISION --save-every 500 --save-dtype fp16 --progress bar
+
+# CLIP stage 3: a warm restart from stage 2 on the set with EuroSAT added (Sentinel-2, 10 m,
+# Europe: another sensor, scale and continent), 3 epochs.
+$HG finetune "$DATA_EU/train_clip.json" --arch hqrs-mini-clip --init-from "$RUNS/hqrs-mini-clip-s2/model.safetensors" \
+    -o "$RUNS/hqrs-mini-clip-s3" --split train --class-target 0.5 --epochs 3 --batch-size 64 --lr 4e-4 \
+    --warmup-steps 60 --seed 2 --precision $PRECISION --save-every 200 --save-dtype fp16 --progress bar
 
 # CoCa: ViT image tower (96 px, 12 px patches), contrastive + captioning loss; UCM's human
 # captions and the plain-statement rule captions of AID.
 $HG finetune "$DATA/train_coca.json" --arch hqrs-mini-coca -o "$RUNS/hqrs-mini-coca" --split train \
     --epochs 8 --batch-size 64 --lr 1e-3 --warmup-steps 200 --seed 0 \
-    --precision bf16 --save-every 500 --save-dtype fp16 --progress bar
+    --precision $PRECISION --save-every 500 --save-dtype fp16 --progress bar
 
 # Both ship their last weights (val is reported per epoch in train.json, not used to choose;
-# for both CLIP stages the best epoch on val was the last one anyway).
-cp "$RUNS/hqrs-mini-clip-s2/model.safetensors" "$WEIGHTS/hqrs-mini-clip.safetensors"
+# for all three CLIP stages the best epoch on val was the last one anyway).
+cp "$RUNS/hqrs-mini-clip-s3/model.safetensors" "$WEIGHTS/hqrs-mini-clip.safetensors"
 cp "$RUNS/hqrs-mini-coca/model.safetensors" "$WEIGHTS/hqrs-mini-coca.safetensors"
 cp "$RUNS/hqrs-mini-clip/train.json" "$WEIGHTS/hqrs-mini-clip.stage1.train.json"
-cp "$RUNS/hqrs-mini-clip-s2/train.json" "$WEIGHTS/hqrs-mini-clip.train.json"
+cp "$RUNS/hqrs-mini-clip-s2/train.json" "$WEIGHTS/hqrs-mini-clip.stage2.train.json"
+cp "$RUNS/hqrs-mini-clip-s3/train.json" "$WEIGHTS/hqrs-mini-clip.train.json"
+cp "$DATA_EU/manifest.json" "$WEIGHTS/training-set.manifest.json"
 cp "$RUNS/hqrs-mini-coca/train.json" "$WEIGHTS/hqrs-mini-coca.train.json"
 
 # evaluation: UCM val split (210 images of UCM-captions) and the held-out SIRI-WHU set
 $HG eval retrieval "$UCM" --model hqrs-mini-clip --json "$WEIGHTS/eval-retrieval.json"
 $HG eval zeroshot "$UCM" --model hqrs-mini-clip --json "$WEIGHTS/eval-zeroshot.json"
-$HG eval zeroshot "$DATA/holdout_siri.json" --split test --model hqrs-mini-clip --json "$WEIGHTS/eval-zeroshot-siri.json"
+$HG eval zeroshot "$DATA_EU/holdout_siri.json" --split test --model hqrs-mini-clip --json "$WEIGHTS/eval-zeroshot-siri.json"
 $HG eval caption "$UCM" --model hqrs-mini-coca --decoding beam --beams 3 --json "$WEIGHTS/eval-caption.json"
 $PY benchmarks/demo_ap.py --model hqrs-mini-clip --json "$WEIGHTS/eval-demo-ap.json"

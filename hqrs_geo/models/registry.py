@@ -2,7 +2,7 @@
 
 Entries name an open_clip architecture and where the weights come from. Weights are never
 bundled, except the project's own small demo models (``hqrs-mini-clip``, ``hqrs-mini-coca``,
-trained on UC Merced and AID by ``hqrs-geo finetune``), which ship inside the package and are the
+trained on UC Merced, AID and EuroSAT by ``hqrs-geo finetune``), which ship inside the package and are the
 defaults when no other model is configured. Other weights are resolved by
 :mod:`hqrs_geo.models.checkpoints` from a local path, the cache folder, or the Hugging Face
 hub when online.
@@ -50,15 +50,17 @@ class ModelSpec:
         return asdict(self)
 
 
-MINI_NOTE = ("small DEMO model trained by hqrs_geo on UC Merced captions and AID scene classes (40 classes, "
-             "0.3-8 m aerial/satellite RGB); ships with the package, no download; not HQRS-CLIP/RS-CoCa")
+MINI_NOTE = ("small DEMO model trained by hqrs_geo on UC Merced captions and {sets} scene classes ({classes} "
+             "classes, {gsd} aerial/satellite RGB); ships with the package, no download; not HQRS-CLIP/RS-CoCa")
 
 
 def _entries() -> list[ModelSpec]:
     specs = [
-        ModelSpec("hqrs-mini-clip", "clip", "hqrs-mini-clip", f"hqrs-mini CLIP (ResNet 128 px): {MINI_NOTE}",
+        ModelSpec("hqrs-mini-clip", "clip", "hqrs-mini-clip", "hqrs-mini CLIP (ResNet 128 px): "
+                  + MINI_NOTE.format(sets="AID and EuroSAT", classes=42, gsd="0.3-10 m"),
                   bundled="hqrs-mini-clip.safetensors", template="an aerial image of {}."),
-        ModelSpec("hqrs-mini-coca", "coca", "hqrs-mini-coca", f"hqrs-mini CoCa (ViT 96 px): {MINI_NOTE}",
+        ModelSpec("hqrs-mini-coca", "coca", "hqrs-mini-coca", "hqrs-mini CoCa (ViT 96 px): "
+                  + MINI_NOTE.format(sets="AID", classes=40, gsd="0.3-8 m"),
                   bundled="hqrs-mini-coca.safetensors", template="an aerial image of {}."),
         ModelSpec(
             "hqrs-clip", "clip", "ViT-B-32",
