@@ -340,6 +340,8 @@ def main() -> None:
 
     rows_out = []  # (measure, value, note)
     wall0, psi0 = time.perf_counter(), cpu_pressure_us()
+    if args.dir:
+        Path(args.dir).mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
         path = Path(tmp) / "matrix.npy"
         start = time.perf_counter()
