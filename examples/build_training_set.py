@@ -23,6 +23,9 @@ train_coca.json), to weigh the small human-captioned set against the larger clas
 * ``holdout_siri.json``: the held-out set (split ``test``, original class names, no sentences)
   for ``hqrs-geo eval zeroshot holdout_siri.json --split test``. Never used for training or
   model selection.
+* ``val_eurosat.json`` (with ``--eurosat-val N``): N EuroSAT images per class from those the training
+  subset left out (split ``val``, unified concept names): a second selection set from a source other
+  than UCM, so that choosing between models does not look at UCM alone, nor at the held-out set.
 * ``manifest.json``: counts per source and class, the options, and a sha256 of each JSON.
 
 Everything is deterministic (captions are drawn with a RNG seeded by the image's path).
@@ -92,19 +95,25 @@ def ucm_records(path: Path, out: Path, rule_n: int, for_coca: bool, repeat: int 
     return records
 
 
+def seeded_subset(name: str, found: list[tuple[str, Path]], per_class: int,
+                  skip: int = 0) -> list[tuple[str, Path]]:
+    """``per_class`` images of each class, after the first ``skip``, in an order fixed by a hash of the names."""
+    ranked = sorted(found, key=lambda f: _seed(f"{name}/{f[0]}/{f[1].name}"))
+    seen = Counter[str]()
+    chosen = set()
+    for folder, image in ranked:
+        seen[folder] += 1
+        if skip < seen[folder] <= skip + per_class:
+            chosen.add(image)
+    return [f for f in found if f[1] in chosen]
+
+
 def labelled_records(name: str, root: Path, out: Path, rule_n: int, style: str,
                      per_class: int | None = None) -> list[dict]:
     mapping = DATASET_CLASSES[name]
     found = class_folders(root)
-    if per_class is not None:  # a fixed, seeded subset of each class (ordered by a hash of the name)
-        ranked = sorted(found, key=lambda f: _seed(f"{name}/{f[0]}/{f[1].name}"))
-        kept = Counter[str]()
-        chosen = set()
-        for folder, image in ranked:
-            if kept[folder] < per_class:
-                kept[folder] += 1
-                chosen.add(image)
-        found = [f for f in found if f[1] in chosen]
+    if per_class is not None:  # a fixed, seeded subset of each class
+        found = seeded_subset(name, found, per_class)
     records = []
     for folder, image in found:
         if folder not in mapping:
@@ -115,6 +124,14 @@ def labelled_records(name: str, root: Path, out: Path, rule_n: int, style: str,
         records.append({"filename": _absolute(image), "class": concept, "split": "train", "source": name,
                         "source_class": folder, "sentences": [{"raw": c} for c in captions]})
     return records
+
+
+def selection_records(name: str, root: Path, per_class: int, skip: int) -> list[dict]:
+    """Images of a labelled set that its training subset (the first ``skip`` per class) left out."""
+    mapping = DATASET_CLASSES[name]
+    return [{"filename": _absolute(image), "class": mapping[folder], "split": "val", "source": name,
+             "source_class": folder, "sentences": []}
+            for folder, image in seeded_subset(name, class_folders(root), per_class, skip)]
 
 
 def holdout_records(root: Path, out: Path) -> list[dict]:
@@ -136,6 +153,8 @@ def main(argv=None) -> None:
     parser.add_argument("--eurosat", type=Path, help="EuroSAT RGB root (2750/: one folder per class)")
     parser.add_argument("--eurosat-per-class", type=int, default=1000,
                         help="EuroSAT images per class (a seeded subset; the set has 2000-3000 each) [1000]")
+    parser.add_argument("--eurosat-val", type=int, default=0,
+                        help="write val_eurosat.json: this many EuroSAT images per class that training left out [0]")
     parser.add_argument("--holdout-siri", type=Path, help="SIRI-WHU root (12 class folders): held-out eval set")
     parser.add_argument("-o", "--output", required=True, type=Path)
     parser.add_argument("--rule-captions", type=int, default=5, help="rule captions per class-labelled image [5]")
@@ -168,6 +187,12 @@ def main(argv=None) -> None:
             "train_by_source": dict(Counter(i["source"] for i in images if i["split"] == "train")),
             "train_sentences": sum(len(i["sentences"]) for i in images if i["split"] == "train"),
             "train_classes": dict(sorted(Counter(i["class"] for i in images if i["split"] == "train").items())),
+        }
+    if args.eurosat and args.eurosat_val:
+        chosen = selection_records("eurosat", args.eurosat, args.eurosat_val, args.eurosat_per_class)
+        manifest["files"]["val_eurosat.json"] = {
+            "sha256": write(out / "val_eurosat.json", "eurosat (selection, not trained on)", chosen),
+            "images": len(chosen), "classes": dict(sorted(Counter(i["class"] for i in chosen).items())),
         }
     if args.holdout_siri:
         held = holdout_records(args.holdout_siri, out)

@@ -28,14 +28,15 @@ def test_training_set_images_outside_the_output_folder_are_read_by_finetune_and_
     (ucm / "dataset_ucm.json").write_text(json.dumps({"images": images}))
     for cls in ("Farmland", "Parking"):
         _image(tmp_path / "sources" / "aid" / cls / f"{cls.lower()}_1.jpg", 200)
-    for cls in ("SeaLake", "PermanentCrop"):  # EuroSAT: 3 images per class, 2 kept per class
-        for n in range(3):
+    for cls in ("SeaLake", "PermanentCrop"):  # EuroSAT: 4 per class, 2 trained on, 1 for selection
+        for n in range(4):
             _image(tmp_path / "sources" / "eurosat" / cls / f"{cls}_{n}.jpg", 10 * n)
     _image(tmp_path / "sources" / "siri" / "pond" / "0001.tif", 90)
     out = tmp_path / "elsewhere" / "set"
     done = subprocess.run([sys.executable, str(ROOT / "examples" / "build_training_set.py"),
                            "--ucm", str(ucm / "dataset_ucm.json"), "--aid", str(tmp_path / "sources" / "aid"),
                            "--eurosat", str(tmp_path / "sources" / "eurosat"), "--eurosat-per-class", "2",
+                           "--eurosat-val", "1",
                            "--holdout-siri", str(tmp_path / "sources" / "siri"), "-o", str(out)],
                           capture_output=True, text=True, cwd=tmp_path)
     assert done.returncode == 0, done.stderr
@@ -48,3 +49,7 @@ def test_training_set_images_outside_the_output_folder_are_read_by_finetune_and_
     assert [(Path(r["image"]).name, r["class"]) for r in held] == [("0001.tif", "pond")]
     val = load_karpathy(str(out / "train_clip.json"), "val")
     assert [r["class"] for r in val] == ["river"] and Path(val[0]["image"]).is_file()
+    chosen = load_karpathy(str(out / "val_eurosat.json"), "val")
+    assert sorted(r["class"] for r in chosen) == ["lake", "orchard"]
+    trained = {r.image for r in train}
+    assert not trained & {r["image"] for r in chosen}  # images training left out
