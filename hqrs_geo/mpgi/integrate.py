@@ -8,14 +8,16 @@ is checked before it reaches the layer:
   tile), and so is praise or boilerplate (the phrases in ``checks.toml``);
 * instruction text echoed back is removed (sentences that occur in the prompt's own
   instructions, markers such as ``DETAILED:``);
-* no invented counts: a sentence with a number that occurs in none of the facts and
-  descriptions is dropped;
+* no invented counts: a sentence with a number that occurs in none of the content facts and
+  descriptions is dropped (the numbers of metadata facts, coordinates and sizes, count for none:
+  "a length of 78 meters" is not licensed by "covers about 78 m by 78 m");
 * nothing the facts contradict: a sentence naming a vector layer the facts say is absent
   from the tile (``There are no buildings``) is dropped unless it is itself a negation;
 * nothing the sources do not support: a sentence naming a visual object or land-cover term of
   the lexicon in ``checks.toml`` whose group (the term and its synonyms) occurs in none of the
   facts and descriptions is dropped (``names airplanes, which no source mentions``);
-* length limits in words; duplicates (exact or near: token Jaccard >= 0.8) removed;
+* length limits in words; duplicates (exact or near: token Jaccard >= 0.8) removed, also a
+  sentence of the detailed caption that repeats one before it;
 * when the LLM gives fewer captions than asked, the rest is filled with distinct sentences
   from the ``fill`` texts (the descriptions and the content facts: never metadata), and the
   record says how many were filled; a short caption repeats the detailed one only when the
@@ -113,6 +115,14 @@ def _near_duplicate(a: str, b: str) -> bool:
     return len(wa & wb) / len(wa | wb) >= 0.8
 
 
+def _metadata_reason(sentence: str) -> str:
+    """The :data:`METADATA` reason ``sentence`` matches first ("" when none)."""
+    for reason, pattern in METADATA:
+        if pattern.search(sentence):
+            return reason
+    return ""
+
+
 def _singular(label: str) -> str:
     return label[:-1] if label.endswith("s") else label
 
@@ -173,7 +183,9 @@ class Checker:
                  data: CheckData | None = None):
         self.data = data or check_data()
         self.instructions = _norm(prompt_instructions)
-        self.allowed_numbers = set().union(*(_numbers(s) for s in sources)) if sources else set()
+        # numbers of metadata sentences (coordinates, ground size...) license no number in a caption
+        content = [s for text in sources for s in sentences(text) if not _metadata_reason(s)]
+        self.allowed_numbers = set().union(*(_numbers(s) for s in content)) if content else set()
         self.absent = [a.lower() for a in absent]
         self.supported = {group for text in [*sources, *absent] for _, group in lexicon_terms(text, self.data)}
 
@@ -184,9 +196,9 @@ class Checker:
             return "empty"
         if len(norm) > 12 and norm in self.instructions:
             return "echoes the prompt"
-        for reason, pattern in METADATA:
-            if pattern.search(sentence):
-                return reason
+        reason = _metadata_reason(sentence)
+        if reason:
+            return reason
         praise = self.data.boilerplate.search(sentence)
         if praise:
             return f"praise or boilerplate ({praise.group(0).lower()!r})"
@@ -263,7 +275,12 @@ def clean_captions(answer: str, prompt_instructions: str, sources: Sequence[str]
         return not reason
 
     detailed_lines, bullets = _candidates(answer)
-    detailed_sents = [s for line in detailed_lines for s in sentences(line) if keep(s)]
+    detailed_sents: list[str] = []
+    for s in (s for line in detailed_lines for s in sentences(line)):
+        if any(_near_duplicate(s, d) for d in detailed_sents):
+            dropped.append(f"{s} (repeats an earlier sentence)")
+        elif keep(s):
+            detailed_sents.append(s)
     detailed = _limit(" ".join(detailed_sents), max_words_detailed)
     short: list[str] = []
     for line in bullets:

@@ -119,6 +119,27 @@ def test_a_single_content_sentence_is_both_detailed_and_short():
     assert len(out.dropped) == 2
 
 
+def test_numbers_of_metadata_license_nothing_and_repeats_are_dropped():
+    """Seen in the offline benchmark (SmolLM2-135M on UCM val): a size built from the centre's
+    longitude and the tile's width, a sentence said three times, and a moral."""
+    metadata = ["The image covers about 78 m by 78 m of ground at 0.3 m per pixel.",
+                "Its centre lies at 34.3371° N, 117.9671° W."]
+    caption = "lots of cars parked neatly in the parking lot ."
+    answer = ("DETAILED: The image is a massive vehicle, with a length of 78 meters and a width of 117.9671 meters. "
+              "Cars are parked in a parking lot. Cars are parked in a parking lot. cars are parked in a parking lot! "
+              "The image is a perfect example of how technology can be used to enhance our understanding of the "
+              "natural world.")
+    out = clean_captions(answer, INSTRUCTIONS, metadata + [caption], [], 3, 60, 25, fill=[caption])
+    assert out.detailed == "Cars are parked in a parking lot."
+    reasons = " | ".join(out.dropped)
+    assert "number 117.9671 is in no source" in reasons or "number 78 is in no source" in reasons
+    assert reasons.count("repeats an earlier sentence") == 2
+    assert "praise or boilerplate ('perfect example')" in reasons
+    # a number stated by a content fact or a description is still allowed
+    assert sentence_issue("There are 12 buildings.", SOURCES + metadata) == ""
+    assert sentence_issue("A road of 78 m.", SOURCES + metadata) == "number 78 is in no source"
+
+
 @pytest.mark.parametrize("sentence, reason", [
     ("Its centre lies at 33.9994° S, 20.5064° E.", "gives coordinates"),
     ("The latitude of the town is about 34 degrees south.", "gives coordinates"),
