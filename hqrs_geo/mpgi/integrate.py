@@ -17,7 +17,8 @@ is checked before it reaches the layer:
   the lexicon in ``checks.toml`` whose group (the term and its synonyms) occurs in none of the
   facts and descriptions is dropped (``names airplanes, which no source mentions``);
 * length limits in words; duplicates (exact or near: token Jaccard >= 0.8) removed, also a
-  sentence of the detailed caption that repeats one before it;
+  sentence of the detailed caption that repeats one before it or only its words (an answer cut
+  off by the token limit: "The image is a straight");
 * when the LLM gives fewer captions than asked, the rest is filled with distinct sentences
   from the ``fill`` texts (the descriptions and the content facts: never metadata), and the
   record says how many were filled; a short caption repeats the detailed one only when the
@@ -277,7 +278,7 @@ def clean_captions(answer: str, prompt_instructions: str, sources: Sequence[str]
     detailed_lines, bullets = _candidates(answer)
     detailed_sents: list[str] = []
     for s in (s for line in detailed_lines for s in sentences(line)):
-        if any(_near_duplicate(s, d) for d in detailed_sents):
+        if any(_near_duplicate(s, d) or set(_words(s)) <= set(_words(d)) for d in detailed_sents):
             dropped.append(f"{s} (repeats an earlier sentence)")
         elif keep(s):
             detailed_sents.append(s)

@@ -128,12 +128,12 @@ def test_numbers_of_metadata_license_nothing_and_repeats_are_dropped():
     answer = ("DETAILED: The image is a massive vehicle, with a length of 78 meters and a width of 117.9671 meters. "
               "Cars are parked in a parking lot. Cars are parked in a parking lot. cars are parked in a parking lot! "
               "The image is a perfect example of how technology can be used to enhance our understanding of the "
-              "natural world.")
+              "natural world. Cars are parked")  # cut off by the token limit
     out = clean_captions(answer, INSTRUCTIONS, metadata + [caption], [], 3, 60, 25, fill=[caption])
     assert out.detailed == "Cars are parked in a parking lot."
     reasons = " | ".join(out.dropped)
     assert "number 117.9671 is in no source" in reasons or "number 78 is in no source" in reasons
-    assert reasons.count("repeats an earlier sentence") == 2
+    assert reasons.count("repeats an earlier sentence") == 3
     assert "praise or boilerplate ('perfect example')" in reasons
     # a number stated by a content fact or a description is still allowed
     assert sentence_issue("There are 12 buildings.", SOURCES + metadata) == ""
