@@ -7,20 +7,24 @@
 #   python examples/build_training_set.py --ucm ../shared/data/ucm/dataset_ucm.json \
 #       --aid AID_DIR --holdout-siri SIRI_DIR -o DATA            # once (see docs/training-data.md)
 #   python examples/build_training_set.py --ucm ../shared/data/ucm/dataset_ucm.json \
-#       --aid AID_DIR --eurosat EUROSAT_DIR --holdout-siri SIRI_DIR -o DATA_EU   # + EuroSAT (later stages)
-#   bash examples/train_hqrs_mini.sh DATA DATA_EU [RUN_DIR]
+#       --aid AID_DIR --eurosat EUROSAT_DIR --holdout-siri SIRI_DIR -o DATA_EU   # + EuroSAT (stage 3)
+#   python examples/build_training_set.py --ucm ../shared/data/ucm/dataset_ucm.json --ucm-repeat 6 \
+#       --aid AID_DIR --eurosat EUROSAT_DIR --eurosat-val 200 --holdout-siri SIRI_DIR -o DATA_EU6  # stage 4
+#   bash examples/train_hqrs_mini.sh DATA DATA_EU DATA_EU6 [RUN_DIR]
 #
 # Time, CPU only, one thread per run (OMP_NUM_THREADS=1), measured on shared 2-core machines:
 # stage 1 and CLIP stage 2 with --precision bf16 on a CPU with AVX512-BF16: CLIP 23 steps/min
 # (2532 steps, about 1 h 50 min), CoCa 14 steps/min (1800 steps, about 2 h 10 min), side by
 # side; CLIP stage 2 (1266 steps) 55 min. CLIP stage 3 with --precision fp32 on an AVX2-only
 # CPU (there bf16 is emulated: 2 steps/min against 21 in fp32; set PRECISION=fp32 on such CPUs):
-# 1104 steps in 57 min, beside a CoCa run on the other core. All resume with --resume after an
+# 1104 steps in 57 min, beside a CoCa run on the other core; stage 4 (fp32, same CPU) 1437 steps
+# in 89 min beside another training run. All resume with --resume after an
 # interruption. On a CUDA GPU drop --precision (AMP is automatic): minutes.
 set -euo pipefail
 DATA=${1:?usage: train_hqrs_mini.sh DATA_DIR DATA_EUROSAT_DIR [RUN_DIR]}
-DATA_EU=${2:?usage: train_hqrs_mini.sh DATA_DIR DATA_EUROSAT_DIR [RUN_DIR]}
-RUNS=${3:-runs}
+DATA_EU=${2:?usage: train_hqrs_mini.sh DATA_DIR DATA_EUROSAT_DIR DATA_EUROSAT_UCM6_DIR [RUN_DIR]}
+DATA_EU6=${3:?usage: train_hqrs_mini.sh DATA_DIR DATA_EUROSAT_DIR DATA_EUROSAT_UCM6_DIR [RUN_DIR]}
+RUNS=${4:-runs}
 PRECISION=${PRECISION:-bf16}
 PY=${PY:-.venv/bin/python}
 HG="$PY -m hqrs_geo"
@@ -46,6 +50,12 @@ $HG finetune "$DATA_EU/train_clip.json" --arch hqrs-mini-clip --init-from "$RUNS
     -o "$RUNS/hqrs-mini-clip-s3" --split train --class-target 0.5 --epochs 3 --batch-size 64 --lr 4e-4 \
     --warmup-steps 60 --seed 2 --precision $PRECISION --save-every 200 --save-dtype fp16 --progress bar
 
+# CLIP stage 4: a warm restart from stage 3 on the same images with UCM's human-captioned images
+# listed 6 times instead of 2 (--ucm-repeat 6: a third of the batches), 3 epochs at a lower peak lr.
+$HG finetune "$DATA_EU6/train_clip.json" --arch hqrs-mini-clip --init-from "$RUNS/hqrs-mini-clip-s3/model.safetensors" \
+    -o "$RUNS/hqrs-mini-clip-s4" --split train --class-target 0.5 --epochs 3 --batch-size 64 --lr 3e-4 \
+    --warmup-steps 60 --seed 4 --precision $PRECISION --save-every 200 --save-dtype fp16 --progress bar
+
 # CoCa: ViT image tower (96 px, 12 px patches), contrastive + captioning loss; UCM's human
 # captions and the plain-statement rule captions of AID.
 $HG finetune "$DATA/train_coca.json" --arch hqrs-mini-coca -o "$RUNS/hqrs-mini-coca" --split train \
@@ -53,18 +63,20 @@ $HG finetune "$DATA/train_coca.json" --arch hqrs-mini-coca -o "$RUNS/hqrs-mini-c
     --precision $PRECISION --save-every 500 --save-dtype fp16 --progress bar
 
 # Both ship their last weights (val is reported per epoch in train.json, not used to choose;
-# for all three CLIP stages the best epoch on val was the last one anyway).
-cp "$RUNS/hqrs-mini-clip-s3/model.safetensors" "$WEIGHTS/hqrs-mini-clip.safetensors"
+# for all four CLIP stages the best epoch on val was the last one anyway).
+cp "$RUNS/hqrs-mini-clip-s4/model.safetensors" "$WEIGHTS/hqrs-mini-clip.safetensors"
 cp "$RUNS/hqrs-mini-coca/model.safetensors" "$WEIGHTS/hqrs-mini-coca.safetensors"
 cp "$RUNS/hqrs-mini-clip/train.json" "$WEIGHTS/hqrs-mini-clip.stage1.train.json"
 cp "$RUNS/hqrs-mini-clip-s2/train.json" "$WEIGHTS/hqrs-mini-clip.stage2.train.json"
-cp "$RUNS/hqrs-mini-clip-s3/train.json" "$WEIGHTS/hqrs-mini-clip.train.json"
-cp "$DATA_EU/manifest.json" "$WEIGHTS/training-set.manifest.json"
+cp "$RUNS/hqrs-mini-clip-s3/train.json" "$WEIGHTS/hqrs-mini-clip.stage3.train.json"
+cp "$RUNS/hqrs-mini-clip-s4/train.json" "$WEIGHTS/hqrs-mini-clip.train.json"
+cp "$DATA_EU6/manifest.json" "$WEIGHTS/training-set.manifest.json"
 cp "$RUNS/hqrs-mini-coca/train.json" "$WEIGHTS/hqrs-mini-coca.train.json"
 
 # evaluation: UCM val split (210 images of UCM-captions) and the held-out SIRI-WHU set
 $HG eval retrieval "$UCM" --model hqrs-mini-clip --json "$WEIGHTS/eval-retrieval.json"
 $HG eval zeroshot "$UCM" --model hqrs-mini-clip --json "$WEIGHTS/eval-zeroshot.json"
+$HG eval zeroshot "$DATA_EU6/val_eurosat.json" --split val --model hqrs-mini-clip --json "$WEIGHTS/eval-zeroshot-eurosat.json"
 $HG eval zeroshot "$DATA_EU/holdout_siri.json" --split test --model hqrs-mini-clip --json "$WEIGHTS/eval-zeroshot-siri.json"
 $HG eval caption "$UCM" --model hqrs-mini-coca --decoding beam --beams 3 --json "$WEIGHTS/eval-caption.json"
 $PY benchmarks/demo_ap.py --model hqrs-mini-clip --json "$WEIGHTS/eval-demo-ap.json"
