@@ -116,6 +116,12 @@ def _near_duplicate(a: str, b: str) -> bool:
     return len(wa & wb) / len(wa | wb) >= 0.8
 
 
+def _repeats(sentence: str, earlier: str) -> bool:
+    """``sentence`` says nothing ``earlier`` did not: a near duplicate, or only its words (a fragment)."""
+    words = set(_words(sentence))
+    return _near_duplicate(sentence, earlier) or bool(words) and words <= set(_words(earlier))
+
+
 def _metadata_reason(sentence: str) -> str:
     """The :data:`METADATA` reason ``sentence`` matches first ("" when none)."""
     for reason, pattern in METADATA:
@@ -278,9 +284,11 @@ def clean_captions(answer: str, prompt_instructions: str, sources: Sequence[str]
     detailed_lines, bullets = _candidates(answer)
     detailed_sents: list[str] = []
     for s in (s for line in detailed_lines for s in sentences(line)):
-        if any(_near_duplicate(s, d) or set(_words(s)) <= set(_words(d)) for d in detailed_sents):
+        if not keep(s):
+            continue
+        if any(_repeats(s, d) for d in detailed_sents):
             dropped.append(f"{s} (repeats an earlier sentence)")
-        elif keep(s):
+        else:
             detailed_sents.append(s)
     detailed = _limit(" ".join(detailed_sents), max_words_detailed)
     short: list[str] = []
