@@ -8,7 +8,6 @@ Tile layers added to the project get an outline style and caption map tips once.
 from __future__ import annotations
 
 import os
-from typing import Set
 
 from qgis.core import QgsApplication, QgsProject, QgsSingleSymbolRenderer, QgsVectorLayer
 from qgis.PyQt.QtCore import Qt, QTimer
@@ -28,7 +27,7 @@ class HqrsPlugin:
         self.dock = None
         self.actions = []
         self.toolbar_action = None
-        self._from_project: Set[str] = set()
+        self._from_project: set[str] = set()
 
     def initProcessing(self) -> None:  # noqa: N802 - QGIS API name
         """Register the "HQRS" Processing provider (also called by QGIS without a GUI)."""

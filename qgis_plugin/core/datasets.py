@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple
 
 from qgis.core import QgsProject
 
@@ -41,8 +41,8 @@ class DatasetInfo:
     tiles: int
     scenes: int
     failed: int
-    embeddings: Tuple[EmbeddingSet, ...]
-    part_bounds: Tuple[Tuple[Optional[Tuple[float, float, float, float]], int], ...]
+    embeddings: tuple[EmbeddingSet, ...]
+    part_bounds: tuple[tuple[tuple[float, float, float, float] | None, int], ...]
 
     @property
     def parts(self) -> int:
@@ -54,7 +54,7 @@ class DatasetInfo:
         text = f"{self.tiles:,} tiles in {self.parts:,} parts, {self.scenes:,} scenes, {self.crs or 'CRS unknown'}"
         return text + (f"; {self.failed} scene(s) failed in its last job" if self.failed else "")
 
-    def tiles_in(self, bbox: Sequence[float]) -> Tuple[int, int]:
+    def tiles_in(self, bbox: Sequence[float]) -> tuple[int, int]:
         """(tiles, parts) of the parts whose bounds overlap ``bbox`` (in the dataset's CRS): an upper
         bound of the tiles a merge of that area writes."""
         x0, y0, x1, y1 = bbox
@@ -76,7 +76,7 @@ def is_dataset(path: str) -> bool:
     return os.path.isfile(os.path.join(str(path), MANIFEST))
 
 
-_cache: Dict[str, Tuple[Tuple[int, int], DatasetInfo]] = {}
+_cache: dict[str, tuple[tuple[int, int], DatasetInfo]] = {}
 
 
 def read_dataset(path: str) -> DatasetInfo:
@@ -118,7 +118,7 @@ def _info(folder: str, data: dict) -> DatasetInfo:
             box = part.get("bounds")
             ok = isinstance(box, list) and len(box) == 4 and all(isinstance(v, (int, float)) for v in box)
             bounds.append((tuple(float(v) for v in box) if ok else None, count))
-    models: Dict[str, str] = {}
+    models: dict[str, str] = {}
     for run in data.get("runs") or []:
         for task in ((run or {}).get("params") or {}).get("tasks") or []:
             column = str((task or {}).get("field") or "")
@@ -132,7 +132,7 @@ def _info(folder: str, data: dict) -> DatasetInfo:
         part_bounds=tuple(bounds))  # type: ignore[arg-type]
 
 
-def project_datasets() -> List[str]:
+def project_datasets() -> list[str]:
     """The dataset folders opened in the current project (in the order they were opened)."""
     paths, _ok = QgsProject.instance().readListEntry(PROJECT_SCOPE, PROJECT_KEY)
     return [p for p in dict.fromkeys(paths or []) if p]

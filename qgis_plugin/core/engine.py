@@ -16,7 +16,6 @@ import sys
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional
 
 from . import settings
 from .runner import SET_UP_ENGINE, ChildProcess, EngineError
@@ -92,7 +91,7 @@ def venv_python(venv: Path) -> Path:
     return venv / "Scripts" / "python.exe" if os.name == "nt" else venv / "bin" / "python"
 
 
-def installed_engine() -> Optional[str]:
+def installed_engine() -> str | None:
     """The interpreter of the environment the plugin installed, when there is one."""
     python = venv_python(default_engine_dir())
     return str(python) if python.is_file() else None
@@ -108,12 +107,12 @@ class EngineInfo:
     """What :func:`probe` found; ``problem`` is None when the engine can run."""
 
     python: str
-    hqrs_geo: Optional[str] = None
-    torch: Optional[str] = None
-    device: Optional[str] = None
-    python_version: Optional[str] = None
-    problem: Optional[EngineError] = None
-    raw: Dict = field(default_factory=dict)
+    hqrs_geo: str | None = None
+    torch: str | None = None
+    device: str | None = None
+    python_version: str | None = None
+    problem: EngineError | None = None
+    raw: dict = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -128,11 +127,11 @@ class EngineInfo:
         return f"hqrs_geo {self.hqrs_geo}, torch {self.torch} on {self.device}"
 
 
-_cache: Dict[tuple, EngineInfo] = {}
+_cache: dict[tuple, EngineInfo] = {}
 _cache_lock = threading.Lock()
 
 
-def probe(python: Optional[str] = None, device: Optional[str] = None, timeout: float = 180.0,
+def probe(python: str | None = None, device: str | None = None, timeout: float = 180.0,
           use_cache: bool = True) -> EngineInfo:
     """Ask ``python`` what it can do (blocking: seconds; call it from a task in the GUI).
 
@@ -166,7 +165,7 @@ def probe(python: Optional[str] = None, device: Optional[str] = None, timeout: f
         return EngineInfo(python, problem=child.error(python))
     info = EngineInfo(python, raw.get("hqrs_geo"), raw.get("torch"), raw.get("device"), raw.get("python_version"),
                       raw=raw)
-    missing: List = raw.get("missing") or []
+    missing: list = raw.get("missing") or []
     if missing:
         names = ", ".join(name for name, _ in missing)
         info.problem = EngineError(f"the engine is not installed in {python} (missing: {names})", "engine",
@@ -179,14 +178,14 @@ def probe(python: Optional[str] = None, device: Optional[str] = None, timeout: f
     return info
 
 
-def forget(python: Optional[str] = None) -> None:
+def forget(python: str | None = None) -> None:
     """Drop cached probes (of ``python``, or all)."""
     with _cache_lock:
         for cache_key in [k for k in _cache if python is None or k[0] == python]:
             del _cache[cache_key]
 
 
-def cached(python: Optional[str] = None, device: Optional[str] = None) -> Optional[EngineInfo]:
+def cached(python: str | None = None, device: str | None = None) -> EngineInfo | None:
     """The cached successful probe, if any (never starts a process)."""
     with _cache_lock:
         return _cache.get((python or interpreter(), device or str(settings.value("device"))))

@@ -27,9 +27,10 @@ import shutil
 import socket
 import time
 import urllib.parse
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import Callable
 
 from .runner import ChildProcess, EngineError
 
@@ -69,7 +70,7 @@ SITE_SCRIPT = ("import json, sys, sysconfig; "
                "print(json.dumps([sysconfig.get_paths()['purelib'], '%d.%d' % sys.version_info[:2]]))")
 
 
-def detect_nvidia_gpu(timeout: float = 15.0) -> Optional[str]:
+def detect_nvidia_gpu(timeout: float = 15.0) -> str | None:
     """The first NVIDIA GPU's name as ``nvidia-smi`` reports it, or None."""
     smi = shutil.which("nvidia-smi")
     if smi is None:
@@ -85,7 +86,7 @@ def detect_nvidia_gpu(timeout: float = 15.0) -> Optional[str]:
     return line.strip() if line and line.strip() and child.returncode == 0 else None
 
 
-def bundled_wheels() -> List[str]:
+def bundled_wheels() -> list[str]:
     """hqrs_geo wheels shipped with the plugin (``engine/`` in the zip) or beside it (``dist/``)."""
     found = []
     for folder in (PLUGIN_DIR / "engine", PLUGIN_DIR.parent / "dist"):
@@ -116,10 +117,10 @@ class InstallOptions:
     base_python: str = ""                       # creates the environment ('' = QGIS's Python)
     torch: str = "auto"                         # auto | cuda | cpu | reuse
     reuse_torch_from: str = ""                  # torch="reuse": the Python whose torch to link
-    extras: Tuple[str, ...] = DEFAULT_EXTRAS
-    find_links: Tuple[str, ...] = ()            # wheel folders (offline installs)
+    extras: tuple[str, ...] = DEFAULT_EXTRAS
+    find_links: tuple[str, ...] = ()            # wheel folders (offline installs)
     no_index: bool = False                      # only the wheel folders, no package index
-    gpu: Optional[str] = None                   # filled by :func:`choose_torch`
+    gpu: str | None = None                   # filled by :func:`choose_torch`
 
     @property
     def python(self) -> str:
@@ -138,7 +139,7 @@ class InstallOptions:
         return self.wheel + ("" if "[" in self.wheel else extras)
 
 
-def choose_torch(options: InstallOptions) -> Tuple[str, str]:
+def choose_torch(options: InstallOptions) -> tuple[str, str]:
     """(``cuda`` | ``cpu`` | ``reuse``, the reason in words)."""
     if options.torch == "reuse":
         return "reuse", f"reusing the PyTorch of {options.reuse_torch_from} (nothing downloaded)"
@@ -155,14 +156,14 @@ class Step:
     """One installer step: a command line, or a function given the log callback."""
 
     title: str
-    argv: Optional[List[str]] = None
-    call: Optional[Callable[[Callable[[str], None]], None]] = None
-    fallback: Optional["Step"] = None           # tried when this step fails for a network reason
+    argv: list[str] | None = None
+    call: Callable[[Callable[[str], None]], None] | None = None
+    fallback: Step | None = None           # tried when this step fails for a network reason
     weight: float = 1.0
 
 
-def pip_args(options: InstallOptions) -> List[str]:
-    """pip options every install step shares (wheel folders, no index)."""
+def pip_args(options: InstallOptions) -> list[str]:
+    """Pip options every install step shares (wheel folders, no index)."""
     args = ["--disable-pip-version-check", "--no-input", "--progress-bar", "off"]
     for folder in options.find_links:
         args += ["--find-links", folder]
@@ -171,7 +172,7 @@ def pip_args(options: InstallOptions) -> List[str]:
     return args
 
 
-def plan(options: InstallOptions) -> List[Step]:
+def plan(options: InstallOptions) -> list[Step]:
     """The steps that install the engine (see the module's docstring)."""
     from .engine import qgis_python
 
@@ -241,22 +242,22 @@ class InstallResult:
     python: str
     message: str
     seconds: float = 0.0
-    log: List[str] = field(default_factory=list)
+    log: list[str] = field(default_factory=list)
 
 
 class Installer:
     """Runs :func:`plan`'s steps; ``on_log(line)`` and ``on_progress(percent, title)`` report,
     ``is_cancelled()`` is polled; :meth:`cancel` stops the running step."""
 
-    def __init__(self, options: InstallOptions, on_log: Optional[Callable[[str], None]] = None,
-                 on_progress: Optional[Callable[[float, str], None]] = None,
-                 is_cancelled: Optional[Callable[[], bool]] = None):
+    def __init__(self, options: InstallOptions, on_log: Callable[[str], None] | None = None,
+                 on_progress: Callable[[float, str], None] | None = None,
+                 is_cancelled: Callable[[], bool] | None = None):
         self.options = options
         self.on_log = on_log or (lambda line: None)
         self.on_progress = on_progress or (lambda percent, title: None)
         self.is_cancelled = is_cancelled or (lambda: False)
-        self.lines: List[str] = []
-        self._child: Optional[ChildProcess] = None
+        self.lines: list[str] = []
+        self._child: ChildProcess | None = None
 
     def log(self, line: str) -> None:
         """One log line."""
@@ -308,7 +309,7 @@ class Installer:
     def _version(self) -> str:
         import sys
 
-        return "%d.%d" % sys.version_info[:2]
+        return f"{sys.version_info[0]}.{sys.version_info[1]}"
 
     def run_step(self, step: Step) -> None:
         """One step (its fallback when it fails for want of a network)."""
@@ -321,7 +322,7 @@ class Installer:
         self.log("$ " + " ".join(step.argv))
         child = self._child = ChildProcess(step.argv, merge_stderr=True)
         child.start()
-        output: List[str] = []
+        output: list[str] = []
         while True:
             if self.is_cancelled():
                 child.terminate()

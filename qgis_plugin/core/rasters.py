@@ -18,7 +18,6 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 from qgis.core import (
     QgsCoordinateReferenceSystem,
@@ -46,15 +45,15 @@ class RasterPlan:
     """What to hand the engine for one raster parameter."""
 
     name: str
-    path: Optional[str] = None                   # a GDAL file (or data source) to read directly
+    path: str | None = None                   # a GDAL file (or data source) to read directly
     provider: object = None                      # a clone of a non-file provider, to write
-    crs: Optional[QgsCoordinateReferenceSystem] = None
-    raster_extent: Optional[QgsRectangle] = None  # the layer's extent, in its CRS
-    extent: Optional[QgsRectangle] = None        # in the layer's CRS; None: all of it
-    target_crs: Optional[QgsCoordinateReferenceSystem] = None  # written web layers: a metric CRS
+    crs: QgsCoordinateReferenceSystem | None = None
+    raster_extent: QgsRectangle | None = None  # the layer's extent, in its CRS
+    extent: QgsRectangle | None = None        # in the layer's CRS; None: all of it
+    target_crs: QgsCoordinateReferenceSystem | None = None  # written web layers: a metric CRS
     width_px: int = 0                            # the layer's size (file rasters)
     height_px: int = 0
-    transform_context: Optional[QgsCoordinateTransformContext] = None
+    transform_context: QgsCoordinateTransformContext | None = None
 
     @property
     def is_file(self) -> bool:
@@ -67,7 +66,7 @@ def slug(text: str, limit: int = 40) -> str:
     return re.sub(r"[^0-9A-Za-z]+", "_", text).strip("_")[:limit] or "raster"
 
 
-def gdal_source(layer: QgsRasterLayer) -> Optional[str]:
+def gdal_source(layer: QgsRasterLayer) -> str | None:
     """The GDAL data source of a GDAL-provider layer (a file, /vsi… path or GDAL connection)."""
     if layer.providerType() != "gdal":
         return None
@@ -75,7 +74,7 @@ def gdal_source(layer: QgsRasterLayer) -> Optional[str]:
     return str(parts.get("path") or layer.source())
 
 
-def plan(layer: QgsRasterLayer, extent: Optional[QgsRectangle], extent_crs: Optional[QgsCoordinateReferenceSystem],
+def plan(layer: QgsRasterLayer, extent: QgsRectangle | None, extent_crs: QgsCoordinateReferenceSystem | None,
          transform_context: QgsCoordinateTransformContext) -> RasterPlan:
     """Main thread: what :func:`materialise` needs (the extent moved into the layer's CRS)."""
     if layer is None or not layer.isValid():
@@ -120,7 +119,7 @@ def metric_crs(crs: QgsCoordinateReferenceSystem, extent: QgsRectangle,
     return QgsCoordinateReferenceSystem(f"EPSG:{(32600 if centre.y() >= 0 else 32700) + zone}")
 
 
-def pixel_window(plan_: RasterPlan) -> Optional[tuple]:
+def pixel_window(plan_: RasterPlan) -> tuple | None:
     """(x_off, y_off, width, height) of the extent in a file raster; None for all of it."""
     if plan_.extent is None or not plan_.width_px:
         return None

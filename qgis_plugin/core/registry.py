@@ -6,10 +6,8 @@ The shipped demo models come first in each list: they are the defaults and need 
 
 from __future__ import annotations
 
-from typing import Dict, Tuple
-
 # name -> (kind, open_clip architecture, description, shipped with the engine)
-MODELS: Dict[str, Tuple[str, str, str, bool]] = {
+MODELS: dict[str, tuple[str, str, str, bool]] = {
     'hqrs-mini-clip': (
         'clip', 'hqrs-mini-clip',
         'hqrs-mini CLIP (ResNet 128 px): small DEMO model trained by hqrs_geo on UC Merced (21 classes, '
@@ -84,7 +82,7 @@ MODELS: Dict[str, Tuple[str, str, str, bool]] = {
     ),
 }
 
-CLIP_MODELS: Tuple[str, ...] = (
+CLIP_MODELS: tuple[str, ...] = (
     'hqrs-mini-clip',
     'hqrs-clip',
     'openai-vit-b-32',
@@ -98,7 +96,7 @@ CLIP_MODELS: Tuple[str, ...] = (
     'skyclip-vit-b-32',
     'skyclip-vit-l-14',
 )
-COCA_MODELS: Tuple[str, ...] = (
+COCA_MODELS: tuple[str, ...] = (
     'hqrs-mini-coca',
     'rs-coca',
 )

@@ -17,8 +17,9 @@ import re
 import subprocess
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable
 
 ERROR_PREFIX = "hqrs-geo: error: "
 KILL_GRACE_S = 15.0  # after SIGTERM, a child still running this long is killed
@@ -73,7 +74,7 @@ _NETWORK = ("Failed to establish a new connection", "Temporary failure in name r
 def humanize(message: str) -> str:
     """Engine advice in the words of QGIS: ``run 'hqrs-geo embed X --model NAME' first`` becomes
     ``run Processing ▸ HQRS ▸ Models ▸ Embed tiles first``; CLI flags become field names."""
-    def command(match: "re.Match") -> str:
+    def command(match: re.Match) -> str:
         name = ALGORITHM_NAMES.get(match.group(1))
         return f"Processing ▸ HQRS ▸ {name}" if name else match.group(0)
 
@@ -83,7 +84,7 @@ def humanize(message: str) -> str:
     return message
 
 
-def parse_error(stderr: Sequence[str], returncode: Optional[int], python: str = "") -> EngineError:
+def parse_error(stderr: Sequence[str], returncode: int | None, python: str = "") -> EngineError:
     """One :class:`EngineError` from a failed child's stderr lines and exit status."""
     lines = [line.rstrip("\n") for line in stderr]
     reported = [line[len(ERROR_PREFIX):].strip() for line in lines if line.startswith(ERROR_PREFIX)]
@@ -103,7 +104,7 @@ def parse_error(stderr: Sequence[str], returncode: Optional[int], python: str = 
     return EngineError(tail[-1] if tail else f"the process ended with status {returncode}", "internal")
 
 
-def child_env(program: str, env: Optional[Dict[str, str]] = None) -> Dict[str, str]:
+def child_env(program: str, env: dict[str, str] | None = None) -> dict[str, str]:
     """The environment of a child: QGIS's, but a Python other than QGIS's own does not get QGIS's
     PYTHONPATH/PYTHONHOME (they point at QGIS's libraries, e.g. on OSGeo4W); PYTHONSAFEPATH keeps
     ``python -m hqrs_geo`` from picking up a folder of that name in QGIS's working directory."""
@@ -128,20 +129,20 @@ class ChildProcess:
     """
 
     def __init__(self, argv: Sequence[str], stdin: bool = False, merge_stderr: bool = False,
-                 env: Optional[Dict[str, str]] = None, cwd: Optional[str] = None):
+                 env: dict[str, str] | None = None, cwd: str | None = None):
         self.argv = [str(a) for a in argv]
         self.stdin, self.merge_stderr = stdin, merge_stderr
         self.env = child_env(self.argv[0], env)
         self.cwd = cwd
-        self.stderr: List[str] = []
-        self.returncode: Optional[int] = None
-        self._child: Optional[subprocess.Popen] = None
-        self._lines: "queue.Queue[Optional[str]]" = queue.Queue()
-        self._threads: List[threading.Thread] = []
+        self.stderr: list[str] = []
+        self.returncode: int | None = None
+        self._child: subprocess.Popen | None = None
+        self._lines: queue.Queue[str | None] = queue.Queue()
+        self._threads: list[threading.Thread] = []
         self._write_lock = threading.Lock()
 
     # -- life -------------------------------------------------------------------------------
-    def start(self) -> "ChildProcess":
+    def start(self) -> ChildProcess:
         """Start the child; raises EngineError (kind ``engine``) when it cannot be started."""
         try:
             self._child = subprocess.Popen(
@@ -176,7 +177,7 @@ class ChildProcess:
             pass
 
     @property
-    def pid(self) -> Optional[int]:
+    def pid(self) -> int | None:
         """The child's process id."""
         return self._child.pid if self._child is not None else None
 
@@ -186,7 +187,7 @@ class ChildProcess:
         return self._child is not None and self._child.poll() is None
 
     # -- talking --------------------------------------------------------------------------
-    def read_line(self, timeout: Optional[float] = None) -> Optional[str]:
+    def read_line(self, timeout: float | None = None) -> str | None:
         """The next stdout line; None at the end of output; TimeoutError after ``timeout`` s."""
         try:
             return self._lines.get(timeout=timeout)
@@ -250,7 +251,7 @@ class CliResult:
     """How a CLI run ended: ``final`` is its last ``done`` event; ``error`` an EngineError."""
 
     returncode: int
-    error: Optional[EngineError] = None
+    error: EngineError | None = None
     final: dict = field(default_factory=dict)
     cancelled: bool = False
 
@@ -266,7 +267,7 @@ class Progress:
 
     stage: str
     done: int
-    total: Optional[int]
+    total: int | None
     message: str
 
     STAGES = {"tile": "tiling", "run": "embedding and captioning", "embed": "embedding", "caption": "captioning",
@@ -285,8 +286,8 @@ class Progress:
         return ": ".join(part for part in (name, count, self.message) if part)
 
 
-def run_cli(args: Sequence[str], python: str, on_progress: Optional[Callable[[Progress], None]] = None,
-            is_cancelled: Optional[Callable[[], bool]] = None, env: Optional[Dict[str, str]] = None) -> CliResult:
+def run_cli(args: Sequence[str], python: str, on_progress: Callable[[Progress], None] | None = None,
+            is_cancelled: Callable[[], bool] | None = None, env: dict[str, str] | None = None) -> CliResult:
     """Run ``hqrs-geo ARGS --progress json`` to its end, reporting progress and polling for cancel."""
     child = ChildProcess([python, "-m", "hqrs_geo", *map(str, args), "--progress", "json"], env=env)
     try:

@@ -13,7 +13,6 @@ import atexit
 import json
 import threading
 from dataclasses import dataclass
-from typing import Dict, Optional
 
 from . import settings
 from .runner import ChildProcess, EngineError
@@ -48,7 +47,7 @@ class SearchSession:
     def __init__(self, key: SessionKey):
         self.key = key
         self.info: dict = {}
-        self._child: Optional[ChildProcess] = None
+        self._child: ChildProcess | None = None
         self._lock = threading.RLock()
         self._next_id = 0
         self._closed = False
@@ -127,11 +126,11 @@ class SearchSession:
             self._stop_child()
 
 
-_pool: Dict[SessionKey, SearchSession] = {}
+_pool: dict[SessionKey, SearchSession] = {}
 _pool_lock = threading.Lock()
 
 
-def session_key(layer: str, embeddings: str = "", python: Optional[str] = None, model: str = "") -> SessionKey:
+def session_key(layer: str, embeddings: str = "", python: str | None = None, model: str = "") -> SessionKey:
     """The key of the session for ``layer`` with the current settings.
 
     The checkpoint setting applies when ``model`` (the model that made the embeddings) is the

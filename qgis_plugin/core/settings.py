@@ -8,7 +8,8 @@ saved, so search sessions restart with the new values.
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Iterable, List
+from collections.abc import Iterable
+from typing import Any
 
 from qgis.core import QgsSettings
 from qgis.PyQt.QtCore import QObject, pyqtSignal
@@ -20,7 +21,7 @@ DEVICES = ("auto", "cpu", "cuda", "mps")
 TILE_UNITS = ("px", "m")
 
 # name -> default (its type is the setting's type)
-DEFAULTS: Dict[str, Any] = {
+DEFAULTS: dict[str, Any] = {
     "interpreter": "",        # the engine's Python; '' = the engine the plugin installed, else QGIS's Python
     "model": DEFAULT_CLIP,    # embedding model (Embed tiles, Tile + embed + caption)
     "caption_model": DEFAULT_COCA,
@@ -57,7 +58,7 @@ def value(name: str) -> Any:
         return default
 
 
-def values(names: Iterable[str] = ()) -> Dict[str, Any]:
+def values(names: Iterable[str] = ()) -> dict[str, Any]:
     """Several settings at once (all when ``names`` is empty)."""
     return {name: value(name) for name in (list(names) or DEFAULTS)}
 
@@ -71,7 +72,7 @@ class SettingsNotifier(QObject):
 notifier = SettingsNotifier()
 
 
-def set_values(new: Dict[str, Any]) -> List[str]:
+def set_values(new: dict[str, Any]) -> list[str]:
     """Store settings; returns (and announces) the names whose value changed."""
     settings = QgsSettings()
     changed = []
@@ -86,6 +87,6 @@ def set_values(new: Dict[str, Any]) -> List[str]:
     return changed
 
 
-def set_value(name: str, val: Any) -> List[str]:
+def set_value(name: str, val: Any) -> list[str]:
     """Store one setting (see :func:`set_values`)."""
     return set_values({name: val})

@@ -6,7 +6,7 @@ replaced afterwards); search results always go to layers of their own.
 """
 from __future__ import annotations
 
-from typing import List, Sequence, Tuple
+from collections.abc import Sequence
 
 from qgis.core import (
     QgsFeature,
@@ -71,7 +71,7 @@ def set_tile_map_tips(layer: QgsVectorLayer, force: bool = False) -> None:
         layer.setDisplayExpression('"tile_id"')
 
 
-def score_ranges(scores: Sequence[float], symbol_for, classes: int = 5) -> List[QgsRendererRange]:
+def score_ranges(scores: Sequence[float], symbol_for, classes: int = 5) -> list[QgsRendererRange]:
     """Equal-interval ranges over the scores, one symbol each (``symbol_for(colour)``)."""
     low, high = (min(scores), max(scores)) if scores else (0.0, 1.0)
     if high - low < 1e-9:
@@ -86,7 +86,7 @@ def score_ranges(scores: Sequence[float], symbol_for, classes: int = 5) -> List[
     return ranges
 
 
-def hits_layer(name: str, crs, hits: Sequence[Tuple[dict, QgsGeometry, str]], heat: bool = False) -> QgsVectorLayer:
+def hits_layer(name: str, crs, hits: Sequence[tuple[dict, QgsGeometry, str]], heat: bool = False) -> QgsVectorLayer:
     """A memory layer of ranked tiles: ``hits`` = (result, geometry, caption) in rank order.
 
     ``heat``: semi-transparent fills coloured by score (the heat map); else outlines coloured by

@@ -7,14 +7,15 @@ collected, crashing it).
 """
 from __future__ import annotations
 
-from typing import Any, Callable, List, Optional, Sequence, Set
+from collections.abc import Sequence
+from typing import Any, Callable
 
 from qgis.core import Qgis, QgsApplication, QgsMessageLog, QgsTask
 
 from .runner import CliResult, EngineError, Progress, run_cli
 
 LOG_TAG = "HQRS"
-_alive: Set[QgsTask] = set()
+_alive: set[QgsTask] = set()
 
 
 def log(message: str, level=Qgis.Info) -> None:
@@ -38,13 +39,13 @@ class CallTask(QgsTask):
     ``on_cancel`` runs (in the main thread) when the task is cancelled, e.g. to stop a process.
     """
 
-    def __init__(self, description: str, fn: Callable[["CallTask"], Any],
-                 on_done: Optional[Callable[[Any, Optional[EngineError]], None]] = None,
-                 on_cancel: Optional[Callable[[], None]] = None, can_cancel: bool = True):
+    def __init__(self, description: str, fn: Callable[[CallTask], Any],
+                 on_done: Callable[[Any, EngineError | None], None] | None = None,
+                 on_cancel: Callable[[], None] | None = None, can_cancel: bool = True):
         super().__init__(description, QgsTask.CanCancel if can_cancel else QgsTask.Flags())
         self.fn, self.on_done, self.on_cancel = fn, on_done, on_cancel
         self.result: Any = None
-        self.error: Optional[EngineError] = None
+        self.error: EngineError | None = None
         self.done = False
 
     def run(self) -> bool:
@@ -83,15 +84,15 @@ class EngineTask(QgsTask):
     The CLI's one-line error goes to the message log and, with ``message_bar``, to the bar.
     """
 
-    def __init__(self, description: str, args: Sequence[str], on_done: Optional[Callable[[CliResult], None]] = None,
-                 python: Optional[str] = None, message_bar=None):
+    def __init__(self, description: str, args: Sequence[str], on_done: Callable[[CliResult], None] | None = None,
+                 python: str | None = None, message_bar=None):
         super().__init__(description, QgsTask.CanCancel)
-        self.args: List[str] = [str(a) for a in args]
+        self.args: list[str] = [str(a) for a in args]
         self.on_done = on_done
         self.python = python
         self.message_bar = message_bar
-        self.result: Optional[CliResult] = None
-        self.last: Optional[Progress] = None
+        self.result: CliResult | None = None
+        self.last: Progress | None = None
 
     def run(self) -> bool:
         """Worker thread: run the CLI, mirroring its progress."""

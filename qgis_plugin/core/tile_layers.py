@@ -9,9 +9,9 @@ single-layer file (GeoParquet, FlatGeobuf) is a tile layer the engine opens.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Iterable, List, Optional, Tuple
 
 from qgis.core import (
     QgsFeatureRequest,
@@ -27,7 +27,7 @@ TILE_SUFFIXES = (".gpkg", ".parquet", ".geoparquet", ".fgb")
 THUMBNAIL_PX = 72
 
 
-def layer_file(layer: Optional[QgsMapLayer]) -> Tuple[Optional[str], Optional[str]]:
+def layer_file(layer: QgsMapLayer | None) -> tuple[str | None, str | None]:
     """(file, sub-layer name) behind an OGR layer; (None, None) for other layers."""
     if not isinstance(layer, QgsVectorLayer) or layer.providerType() != "ogr":
         return None, None
@@ -36,7 +36,7 @@ def layer_file(layer: Optional[QgsMapLayer]) -> Tuple[Optional[str], Optional[st
     return (path or None), (parts.get("layerName") or None)
 
 
-def is_tile_layer(layer: Optional[QgsMapLayer]) -> bool:
+def is_tile_layer(layer: QgsMapLayer | None) -> bool:
     """A polygon layer with the engine's tile columns."""
     if not isinstance(layer, QgsVectorLayer) or not layer.isValid():
         return False
@@ -46,7 +46,7 @@ def is_tile_layer(layer: Optional[QgsMapLayer]) -> bool:
     return all(column in names for column in TILE_COLUMNS)
 
 
-def engine_layer_file(layer: Optional[QgsMapLayer]) -> Optional[str]:
+def engine_layer_file(layer: QgsMapLayer | None) -> str | None:
     """The file the engine can open as this tile layer, or None (a result layer, a memory layer…)."""
     path, sublayer = layer_file(layer)
     if not path or Path(path).suffix.lower() not in TILE_SUFFIXES or not os.path.isfile(path):
@@ -69,7 +69,7 @@ class EmbeddingSet:
     model: str
 
 
-def embedding_sets(layer: Optional[QgsMapLayer]) -> List[EmbeddingSet]:
+def embedding_sets(layer: QgsMapLayer | None) -> list[EmbeddingSet]:
     """The embedding models of a tile layer (none for other layers)."""
     if not is_tile_layer(layer):
         return []
@@ -93,7 +93,7 @@ def quote_list(values: Iterable[str]) -> str:
     return ", ".join("'" + str(v).replace("'", "''") + "'" for v in values)
 
 
-def features_by_tile(layer: QgsVectorLayer, tile_ids: Iterable[str], geometry: bool = True) -> Dict[str, object]:
+def features_by_tile(layer: QgsVectorLayer, tile_ids: Iterable[str], geometry: bool = True) -> dict[str, object]:
     """The features of ``tile_ids`` (one request), by tile id."""
     ids = list(tile_ids)
     if not ids:
@@ -104,7 +104,7 @@ def features_by_tile(layer: QgsVectorLayer, tile_ids: Iterable[str], geometry: b
     return {str(f["tile_id"]): f for f in layer.getFeatures(request)}
 
 
-def thumbnail(source: str, window: Tuple[int, int, int, int], size: int = THUMBNAIL_PX) -> Optional[bytes]:
+def thumbnail(source: str, window: tuple[int, int, int, int], size: int = THUMBNAIL_PX) -> bytes | None:
     """``size`` x ``size`` RGB888 bytes of a tile's raster window (bands 1-3, or band 1 as grey),
     read with GDAL at reduced resolution; None when it cannot be read. Safe in worker threads."""
     try:

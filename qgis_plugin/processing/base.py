@@ -10,8 +10,9 @@ from __future__ import annotations
 import os
 import re
 import shlex
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any
 
 from qgis.core import (
     QgsMapLayer,
@@ -44,7 +45,7 @@ def layer_uri(path: str, layer_name: str = TILES_LAYER) -> str:
     return f"{path}|layername={layer_name}" if path.lower().endswith(".gpkg") else path
 
 
-def split_destination(destination: str) -> Tuple[str, Optional[str]]:
+def split_destination(destination: str) -> tuple[str, str | None]:
     """File path and table of a vector destination (a path or an ``ogr:dbname='…' table="…"`` URI)."""
     match = _OGR_DESTINATION.match(destination)
     if match:
@@ -97,7 +98,7 @@ class StylePostProcessor(QgsProcessingLayerPostProcessorInterface):
             styles.style_tile_layer(layer, force=True)
 
 
-_post_processors: List[StylePostProcessor] = []  # QGIS does not own them: keep them alive
+_post_processors: list[StylePostProcessor] = []  # QGIS does not own them: keep them alive
 
 
 class HqrsAlgorithm(QgsProcessingAlgorithm):
@@ -116,10 +117,10 @@ class HqrsAlgorithm(QgsProcessingAlgorithm):
 
     def __init__(self) -> None:
         super().__init__()
-        self._reload: List[QgsMapLayer] = []
+        self._reload: list[QgsMapLayer] = []
 
     # identity ----------------------------------------------------------------------------
-    def createInstance(self) -> "HqrsAlgorithm":  # noqa: N802 - QGIS API name
+    def createInstance(self) -> HqrsAlgorithm:  # noqa: N802 - QGIS API name
         """A fresh instance of the same algorithm (Processing runs copies)."""
         return type(self)()
 
@@ -148,7 +149,7 @@ class HqrsAlgorithm(QgsProcessingAlgorithm):
         return QIcon(str(ICON))
 
     # inputs ------------------------------------------------------------------------------
-    def tile_layer_path(self, layer: Optional[QgsMapLayer], feedback: QgsProcessingFeedback) -> str:
+    def tile_layer_path(self, layer: QgsMapLayer | None, feedback: QgsProcessingFeedback) -> str:
         """The file of a tile layer (GeoPackage, GeoParquet, FlatGeobuf made by 'Tile raster')."""
         if not isinstance(layer, QgsVectorLayer):
             raise QgsProcessingException(tr("HQRS: no tile layer given"))
@@ -164,7 +165,7 @@ class HqrsAlgorithm(QgsProcessingAlgorithm):
                    "make one with Processing ▸ HQRS ▸ Tiles ▸ Tile raster first").format(layer.name()))
         return path
 
-    def input_tile_layer(self, parameters: Dict[str, Any], name: str, context: QgsProcessingContext,
+    def input_tile_layer(self, parameters: dict[str, Any], name: str, context: QgsProcessingContext,
                          feedback: QgsProcessingFeedback) -> str:
         """The file of the tile layer parameter ``name``; remembers the layer to reload it after."""
         layer = self.parameterAsVectorLayer(parameters, name, context)
@@ -172,7 +173,7 @@ class HqrsAlgorithm(QgsProcessingAlgorithm):
         self._reload.append(layer)
         return path
 
-    def given(self, parameters: Dict[str, Any], name: str) -> bool:
+    def given(self, parameters: dict[str, Any], name: str) -> bool:
         """True when parameter ``name`` has a value: given, or (left out, as scripts do) a default
         (defaults come from the HQRS settings)."""
         if name in parameters:
@@ -180,20 +181,20 @@ class HqrsAlgorithm(QgsProcessingAlgorithm):
         definition = self.parameterDefinition(name)
         return definition is not None and definition.defaultValue() not in (None, "")
 
-    def optional_number(self, parameters: Dict[str, Any], name: str,
-                        context: QgsProcessingContext) -> Optional[float]:
+    def optional_number(self, parameters: dict[str, Any], name: str,
+                        context: QgsProcessingContext) -> float | None:
         """The value of an optional number parameter, or None when it is not set."""
         if not self.given(parameters, name):
             return None
         return self.parameterAsDouble(parameters, name, context)
 
-    def optional_text(self, parameters: Dict[str, Any], name: str, context: QgsProcessingContext) -> str:
+    def optional_text(self, parameters: dict[str, Any], name: str, context: QgsProcessingContext) -> str:
         """A string parameter's value stripped ('' when unset)."""
         if not self.given(parameters, name):
             return ""
         return (self.parameterAsString(parameters, name, context) or "").strip()
 
-    def plan_raster(self, parameters: Dict[str, Any], name: str, context: QgsProcessingContext) -> rasters.RasterPlan:
+    def plan_raster(self, parameters: dict[str, Any], name: str, context: QgsProcessingContext) -> rasters.RasterPlan:
         """Main thread: the raster parameter ``name`` limited to EXTENT (see :mod:`..core.rasters`)."""
         layer = self.parameterAsRasterLayer(parameters, name, context)
         if layer is None:
@@ -204,14 +205,14 @@ class HqrsAlgorithm(QgsProcessingAlgorithm):
             crs = self.parameterAsExtentCrs(parameters, "EXTENT", context)
         return rasters.plan(layer, extent, crs, context.transformContext())
 
-    def raster_file(self, plan: rasters.RasterPlan, parameters: Dict[str, Any], context: QgsProcessingContext,
+    def raster_file(self, plan: rasters.RasterPlan, parameters: dict[str, Any], context: QgsProcessingContext,
                     folder: str, feedback: QgsProcessingFeedback) -> str:
         """The raster file for the engine (the layer's file, a window of it, or a written GeoTIFF)."""
         resolution = self.optional_number(parameters, "RESOLUTION", context) or 0.0
         return rasters.materialise(plan, folder, resolution, feedback)
 
     # running -----------------------------------------------------------------------------
-    def prepareAlgorithm(self, parameters: Dict[str, Any], context: QgsProcessingContext,  # noqa: N802
+    def prepareAlgorithm(self, parameters: dict[str, Any], context: QgsProcessingContext,  # noqa: N802
                          feedback: QgsProcessingFeedback) -> bool:
         """Main thread: :meth:`prepare` (look at layers that must not be touched from a worker).
 
@@ -224,12 +225,12 @@ class HqrsAlgorithm(QgsProcessingAlgorithm):
             self._prepare_error = exc
         return True
 
-    def prepare(self, parameters: Dict[str, Any], context: QgsProcessingContext,
+    def prepare(self, parameters: dict[str, Any], context: QgsProcessingContext,
                 feedback: QgsProcessingFeedback) -> None:
         """Main-thread preparation (in subclasses)."""
 
-    def processAlgorithm(self, parameters: Dict[str, Any], context: QgsProcessingContext,  # noqa: N802
-                         feedback: Optional[QgsProcessingFeedback]) -> Dict[str, Any]:
+    def processAlgorithm(self, parameters: dict[str, Any], context: QgsProcessingContext,  # noqa: N802
+                         feedback: QgsProcessingFeedback | None) -> dict[str, Any]:
         """Check the engine first (the one-line set-up message when it is missing), then :meth:`process`."""
         feedback = feedback or QgsProcessingFeedback()
         if getattr(self, "_prepare_error", None) is not None:
@@ -237,8 +238,8 @@ class HqrsAlgorithm(QgsProcessingAlgorithm):
         ensure_engine(feedback)
         return self.process(parameters, context, feedback)
 
-    def process(self, parameters: Dict[str, Any], context: QgsProcessingContext,
-                feedback: QgsProcessingFeedback) -> Dict[str, Any]:
+    def process(self, parameters: dict[str, Any], context: QgsProcessingContext,
+                feedback: QgsProcessingFeedback) -> dict[str, Any]:
         """Evaluate the parameters, run the engine and return the outputs (in subclasses)."""
         raise NotImplementedError
 
@@ -312,7 +313,7 @@ class HqrsAlgorithm(QgsProcessingAlgorithm):
         context.setLayersToLoadOnCompletion(layers)
 
     def postProcessAlgorithm(self, context: QgsProcessingContext,  # noqa: N802
-                             feedback: QgsProcessingFeedback) -> Dict[str, Any]:
+                             feedback: QgsProcessingFeedback) -> dict[str, Any]:
         """Reload input layers the engine updated on disk (new fields), in their own thread."""
         for layer in self._reload:
             try:

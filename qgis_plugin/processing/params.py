@@ -14,7 +14,7 @@ the algorithm.
 """
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any
 
 from qgis.core import (
     QgsProcessingAlgorithm,
@@ -56,7 +56,7 @@ def advanced(param: QgsProcessingParameterDefinition) -> QgsProcessingParameterD
     return param
 
 
-def static_enum(name: str, description: str, options: Tuple[str, ...], default: str,
+def static_enum(name: str, description: str, options: tuple[str, ...], default: str,
                 optional: bool = False) -> QgsProcessingParameterEnum:
     """An enum parameter whose values are the option strings themselves."""
     return QgsProcessingParameterEnum(name, description, list(options), False, default, optional, True)
@@ -87,7 +87,7 @@ def add_tiling_parameters(alg: QgsProcessingAlgorithm, advanced_all: bool = Fals
         alg.addParameter(advanced(param) if advanced_all and index > 0 else param)
 
 
-def tiling_args(alg: Any, parameters: Dict[str, Any], context: QgsProcessingContext) -> List[str]:
+def tiling_args(alg: Any, parameters: dict[str, Any], context: QgsProcessingContext) -> list[str]:
     """The CLI tiling options for the parameters of :func:`add_tiling_parameters`."""
     metres = alg.optional_number(parameters, "TILE_SIZE_M", context)
     if metres:
@@ -112,7 +112,7 @@ def tiling_args(alg: Any, parameters: Dict[str, Any], context: QgsProcessingCont
 
 
 # models ---------------------------------------------------------------------------------
-def add_model_parameters(alg: QgsProcessingAlgorithm, prefix: str, names: Tuple[str, ...], label: str) -> None:
+def add_model_parameters(alg: QgsProcessingAlgorithm, prefix: str, names: tuple[str, ...], label: str) -> None:
     """<prefix>MODEL (registry names + custom), <prefix>ARCH, <prefix>CHECKPOINT; defaults from
     the settings' embedding model (and its checkpoint) or caption model."""
     clip = names is CLIP_MODELS or names[0] in CLIP_MODELS
@@ -127,8 +127,8 @@ def add_model_parameters(alg: QgsProcessingAlgorithm, prefix: str, names: Tuple[
         QgsProcessingParameterFile.File, "", checkpoint or None, True, CHECKPOINT_FILTER))
 
 
-def model_args(alg: Any, parameters: Dict[str, Any], context: QgsProcessingContext, prefix: str = "",
-               flags: Tuple[str, str, str] = MODEL_FLAGS[""]) -> List[str]:
+def model_args(alg: Any, parameters: dict[str, Any], context: QgsProcessingContext, prefix: str = "",
+               flags: tuple[str, str, str] = MODEL_FLAGS[""]) -> list[str]:
     """CLI options naming the model chosen by the parameters of :func:`add_model_parameters`."""
     model_flag, arch_flag, checkpoint_flag = flags
     model = alg.parameterAsEnumString(parameters, f"{prefix}MODEL", context)
@@ -161,7 +161,7 @@ def add_engine_parameters(alg: QgsProcessingAlgorithm) -> None:
         False)))
 
 
-def engine_args(alg: Any, parameters: Dict[str, Any], context: QgsProcessingContext) -> List[str]:
+def engine_args(alg: Any, parameters: dict[str, Any], context: QgsProcessingContext) -> list[str]:
     """CLI options for the parameters of :func:`add_engine_parameters`."""
     args = ["--device", alg.parameterAsEnumString(parameters, "DEVICE", context) or "auto",
             "--batch-size", str(alg.parameterAsInt(parameters, "BATCH_SIZE", context))]
@@ -179,7 +179,7 @@ def add_decoding_parameters(alg: QgsProcessingAlgorithm) -> None:
                                                   QgsProcessingParameterNumber.Integer, 30, False, 1, 256))
 
 
-def decoding_args(alg: Any, parameters: Dict[str, Any], context: QgsProcessingContext) -> List[str]:
+def decoding_args(alg: Any, parameters: dict[str, Any], context: QgsProcessingContext) -> list[str]:
     """CLI options for the parameters of :func:`add_decoding_parameters`."""
     max_length = alg.parameterAsInt(parameters, "MAX_LENGTH", context)
     return ["--decoding", alg.parameterAsEnumString(parameters, "DECODING", context) or "beam",
@@ -187,7 +187,7 @@ def decoding_args(alg: Any, parameters: Dict[str, Any], context: QgsProcessingCo
 
 
 # rasters ---------------------------------------------------------------------------------
-def canvas_extent() -> Optional[str]:
+def canvas_extent() -> str | None:
     """The map canvas extent as an extent parameter value (None without a QGIS window)."""
     try:
         from qgis.utils import iface

@@ -7,7 +7,6 @@ only when they run. Register it from the plugin with
 from __future__ import annotations
 
 from pathlib import Path
-from typing import List
 
 from qgis.core import QgsProcessingProvider
 from qgis.PyQt.QtGui import QIcon
@@ -46,7 +45,7 @@ class HqrsProvider(QgsProcessingProvider):
         """No memory layers: the engine writes files (temporary outputs become temporary files)."""
         return False
 
-    def supportedOutputVectorLayerExtensions(self) -> List[str]:  # noqa: N802
+    def supportedOutputVectorLayerExtensions(self) -> list[str]:  # noqa: N802
         """Vector outputs are tile layers: GeoPackage (default), FlatGeobuf, GeoParquet."""
         return list(VECTOR_EXTENSIONS)
 

@@ -20,8 +20,8 @@ from __future__ import annotations
 import os
 import re
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple
 
 from qgis.core import (
     Qgis,
@@ -81,7 +81,7 @@ class Choice:
     dataset: bool = False
 
     @property
-    def ident(self) -> Tuple[str, str]:
+    def ident(self) -> tuple[str, str]:
         """What the entry stands for, across refreshes of the list."""
         return (self.layer_id or self.path, self.key)
 
@@ -91,9 +91,9 @@ class Hit:
     """One ranked tile, ready for the table and the results layer."""
 
     result: dict
-    geometry: Optional[QgsGeometry]
+    geometry: QgsGeometry | None
     caption: str
-    thumbnail: Optional[bytes]
+    thumbnail: bytes | None
 
 
 class Relay(QObject):
@@ -120,19 +120,19 @@ class SearchDock(QDockWidget):
         super().__init__("HQRS search", parent)
         self.setObjectName("HqrsSearchDock")
         self.iface = iface
-        self.task: Optional[tasks.CallTask] = None
-        self.session: Optional[sessions.SearchSession] = None
-        self.hits: List[Hit] = []
-        self.result_layer_ids: List[str] = []
+        self.task: tasks.CallTask | None = None
+        self.session: sessions.SearchSession | None = None
+        self.hits: list[Hit] = []
+        self.result_layer_ids: list[str] = []
         self.query_text = ""
-        self.hits_choice: Optional[Choice] = None  # what the hits were found in
-        self.last_choice: Optional[Choice] = None
-        self.folder_dialog: Optional[QFileDialog] = None
-        self.merge_dialog: Optional[QFileDialog] = None
-        self.merge_task: Optional[tasks.EngineTask] = None
+        self.hits_choice: Choice | None = None  # what the hits were found in
+        self.last_choice: Choice | None = None
+        self.folder_dialog: QFileDialog | None = None
+        self.merge_dialog: QFileDialog | None = None
+        self.merge_task: tasks.EngineTask | None = None
         self.merging = False
-        self.merged_layer_id: Optional[str] = None
-        self.pick_tool: Optional[QgsMapToolIdentifyFeature] = None
+        self.merged_layer_id: str | None = None
+        self.pick_tool: QgsMapToolIdentifyFeature | None = None
         self.relay = Relay()
         self.relay.status.connect(self.show_status)
         self.pages = QStackedWidget()
@@ -363,26 +363,26 @@ class SearchDock(QDockWidget):
         self.layer_hint.setText(f"<small>{hint}</small>" if hint else "")
         self.layer_hint.setVisible(bool(hint))
 
-    def current_choice(self) -> Optional[Choice]:
+    def current_choice(self) -> Choice | None:
         """The chosen tile layer (or dataset) and embeddings."""
         choice = self.layer_box.currentData() if hasattr(self, "layer_box") else None
         return choice if isinstance(choice, Choice) else None
 
-    def current_layer(self) -> Optional[QgsVectorLayer]:
+    def current_layer(self) -> QgsVectorLayer | None:
         """The chosen tile layer (None for a dataset)."""
         choice = self.current_choice()
         return QgsProject.instance().mapLayer(choice.layer_id) if choice and choice.layer_id else None
 
-    def set_layer(self, layer: QgsMapLayer, model: Optional[str] = None) -> bool:
+    def set_layer(self, layer: QgsMapLayer, model: str | None = None) -> bool:
         """Choose ``layer`` (and the embeddings of ``model``) in the layer box."""
         return self._select(lambda c: c.layer_id == layer.id(), model)
 
-    def set_dataset(self, path: str, model: Optional[str] = None) -> bool:
+    def set_dataset(self, path: str, model: str | None = None) -> bool:
         """Choose the dataset at ``path`` (and the embeddings of ``model``) in the layer box."""
         folder = datasets.normalise(path)
         return self._select(lambda c: c.dataset and c.path == folder, model)
 
-    def _select(self, match, model: Optional[str]) -> bool:
+    def _select(self, match, model: str | None) -> bool:
         self.refresh_layers()
         for index in range(self.layer_box.count()):
             choice = self.layer_box.itemData(index)
@@ -434,7 +434,7 @@ class SearchDock(QDockWidget):
         if dialog is not None:
             dialog.deleteLater()
 
-    def add_dataset(self, path: str, model: Optional[str] = None) -> bool:
+    def add_dataset(self, path: str, model: str | None = None) -> bool:
         """Add the dataset at ``path`` to the list (and the project) and choose it; says what is
         wrong when it is no dataset or has no embeddings."""
         try:
@@ -471,7 +471,7 @@ class SearchDock(QDockWidget):
         if text:
             self.run_request({"text": text}, text)
 
-    def selected_tile_ids(self) -> List[str]:
+    def selected_tile_ids(self) -> list[str]:
         """Examples for "find similar": selected result rows, else selected hits, else selected tiles."""
         rows = sorted({index.row() for index in self.table.selectedIndexes()})
         if rows:
@@ -485,7 +485,7 @@ class SearchDock(QDockWidget):
             return [str(f["tile_id"]) for f in layer.selectedFeatures()]
         return []
 
-    def search_similar(self, tile_ids: Optional[List[str]] = None) -> None:
+    def search_similar(self, tile_ids: list[str] | None = None) -> None:
         """Tiles like the examples (see :meth:`selected_tile_ids`)."""
         ids = list(tile_ids) if tile_ids else self.selected_tile_ids()
         if not ids:
@@ -514,7 +514,7 @@ class SearchDock(QDockWidget):
                 canvas.unsetMapTool(self.pick_tool)
             self.pick_tool = None
 
-    def run_request(self, payload: dict, label: str) -> Optional[tasks.CallTask]:
+    def run_request(self, payload: dict, label: str) -> tasks.CallTask | None:
         """Start a search task: the session (loading the model when needed), the query, the hits'
         captions and thumbnails; the GUI stays free meanwhile."""
         choice = self.current_choice()
@@ -563,7 +563,7 @@ class SearchDock(QDockWidget):
         return self.task
 
     @staticmethod
-    def _dataset_hits(results: List[dict], k: int) -> List[Hit]:
+    def _dataset_hits(results: list[dict], k: int) -> list[Hit]:
         """Worker thread: hits of a dataset from the results alone (footprint, caption; thumbnails
         of the best ``k`` read from their raster windows)."""
         hits = []
@@ -581,7 +581,7 @@ class SearchDock(QDockWidget):
         return hits
 
     @staticmethod
-    def _read_hits(path: str, results: List[dict], k: int) -> List[Hit]:
+    def _read_hits(path: str, results: list[dict], k: int) -> list[Hit]:
         """Worker thread: geometries, captions and thumbnails of the best ``k`` results (and
         geometries of the rest, for the heat map) from the tile layer's features."""
         layer = QgsVectorLayer(tile_layers.engine_layer_uri(path), "tiles", "ogr")
@@ -599,7 +599,7 @@ class SearchDock(QDockWidget):
             hits.append(Hit(result, QgsGeometry(feature.geometry()), str(caption) if caption else "", thumb))
         return hits
 
-    def _done(self, result, error: Optional[EngineError], label: str, choice: Choice, layer_crs) -> None:
+    def _done(self, result, error: EngineError | None, label: str, choice: Choice, layer_crs) -> None:
         self.set_busy(False)
         if error is not None:
             if error.kind == "cancelled":
@@ -679,7 +679,7 @@ class SearchDock(QDockWidget):
 
         SettingsDialog(self, self.message_bar()).exec_()
 
-    def show_results(self, label: str, crs, heat_hits: List[Hit]) -> None:
+    def show_results(self, label: str, crs, heat_hits: list[Hit]) -> None:
         """The table and the results layers (replacing the previous ones)."""
         self.clear_results(keep_table=True)
         self.table.setRowCount(len(self.hits))
@@ -736,7 +736,7 @@ class SearchDock(QDockWidget):
             self.table.setRowCount(0)
             self.show_status("")
 
-    def results_layer(self) -> Optional[QgsVectorLayer]:
+    def results_layer(self) -> QgsVectorLayer | None:
         """The current hits layer."""
         for layer_id in reversed(self.result_layer_ids):
             layer = QgsProject.instance().mapLayer(layer_id)
@@ -763,7 +763,7 @@ class SearchDock(QDockWidget):
             canvas.flashGeometries([hit.geometry], crs)
 
     # -- merging a dataset's area -------------------------------------------------------------
-    def merge_area(self) -> Optional[Tuple[float, float, float, float]]:
+    def merge_area(self) -> tuple[float, float, float, float] | None:
         """The bounding box (in the dataset's CRS) of the selected result rows, else of all hits."""
         rows = sorted({index.row() for index in self.table.selectedIndexes()})
         hits = [self.hits[r] for r in rows if r < len(self.hits)] or self.hits
@@ -774,7 +774,7 @@ class SearchDock(QDockWidget):
             box.combineExtentWith(hit.geometry.boundingBox())
         return (box.xMinimum(), box.yMinimum(), box.xMaximum(), box.yMaximum())
 
-    def merge_hits(self) -> Optional[QFileDialog]:
+    def merge_hits(self) -> QFileDialog | None:
         """Ask where to write the tiles of the hits' area (a GeoPackage), then :meth:`start_merge`."""
         choice, area = self.hits_choice, self.merge_area()
         if choice is None or not choice.dataset or area is None:

@@ -7,7 +7,6 @@ uses it without restarting QGIS.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 from qgis.core import Qgis, QgsSettings
 from qgis.gui import QgsCollapsibleGroupBox, QgsFileWidget
@@ -51,8 +50,8 @@ class EngineSetupPanel(QWidget):
     def __init__(self, parent=None, message_bar=None):
         super().__init__(parent)
         self.message_bar = message_bar
-        self.task: Optional[tasks.CallTask] = None
-        self.installer: Optional[installer.Installer] = None
+        self.task: tasks.CallTask | None = None
+        self.installer: installer.Installer | None = None
         layout = QVBoxLayout(self)
         title = QLabel("<b>Set up the HQRS engine</b>")
         intro = QLabel("The models run in a Python environment of their own (PyTorch, open_clip), never inside "
@@ -138,7 +137,7 @@ class EngineSetupPanel(QWidget):
 
     # -- state -------------------------------------------------------------------------------
     def torch_choice(self) -> str:
-        """auto | cpu | cuda | reuse."""
+        """Auto | cpu | cuda | reuse."""
         return str(self.torch.currentData())
 
     def check(self) -> None:
@@ -157,7 +156,7 @@ class EngineSetupPanel(QWidget):
 
         tasks.start(tasks.CallTask("HQRS: checking the engine", work, self._checked, can_cancel=False))
 
-    def _checked(self, result, error: Optional[EngineError]) -> None:
+    def _checked(self, result, error: EngineError | None) -> None:
         self.checking = False
         if error is not None or result is None:
             self.status.setText(f"Check failed: {error}")
@@ -187,7 +186,7 @@ class EngineSetupPanel(QWidget):
             find_links=links, no_index=self.no_index.isChecked())
 
     # -- installing ------------------------------------------------------------------------
-    def install(self, options: Optional[installer.InstallOptions] = None) -> tasks.CallTask:
+    def install(self, options: installer.InstallOptions | None = None) -> tasks.CallTask:
         """Start the installation task (``options`` default to the form's)."""
         options = options if isinstance(options, installer.InstallOptions) else self.options()
         self.log.clear()
@@ -230,7 +229,7 @@ class EngineSetupPanel(QWidget):
         self.progress.setValue(int(percent))
         self.step.setText(title)
 
-    def _installed(self, result, error: Optional[EngineError]) -> None:
+    def _installed(self, result, error: EngineError | None) -> None:
         self.install_button.setEnabled(True)
         self.cancel_button.setEnabled(False)
         self.task = None

@@ -3,8 +3,6 @@ default models, checkpoint, device, batch size and tiling. Each one reaches the 
 :mod:`..core.settings`."""
 from __future__ import annotations
 
-from typing import Optional
-
 from qgis.gui import QgsFileWidget
 from qgis.PyQt.QtWidgets import (
     QComboBox,
@@ -99,7 +97,7 @@ class SettingsDialog(QDialog):
         buttons.rejected.connect(self.reject)
         self.check.clicked.connect(self.check_engine)
         self.setup.clicked.connect(self.open_setup)
-        self.task: Optional[tasks.CallTask] = None
+        self.task: tasks.CallTask | None = None
 
     @staticmethod
     def _models(names, chosen: str) -> QComboBox:
@@ -117,7 +115,7 @@ class SettingsDialog(QDialog):
         self.check_result.setText("checking… (importing torch takes a few seconds)")
         self.check.setEnabled(False)
 
-        def done(info, error: Optional[EngineError]) -> None:
+        def done(info, error: EngineError | None) -> None:
             self.check.setEnabled(True)
             if error is not None or info is None:
                 self.check_result.setText(f"check failed: {error}")

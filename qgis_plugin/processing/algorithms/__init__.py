@@ -21,8 +21,6 @@ none imports hqrs_geo or torch into QGIS.
 """
 from __future__ import annotations
 
-from typing import List
-
 from ...core.registry import CLIP_MODELS, COCA_MODELS
 from ..base import HqrsAlgorithm
 from ..params import CUSTOM_MODEL
@@ -36,7 +34,7 @@ ALGORITHM_CLASSES = (TileAlgorithm, EmbedAlgorithm, CaptionAlgorithm, RunAlgorit
                      MpgiAlgorithm, ExportDatasetAlgorithm)
 
 
-def algorithms() -> List[HqrsAlgorithm]:
+def algorithms() -> list[HqrsAlgorithm]:
     """A new instance of every HQRS algorithm."""
     return [cls() for cls in ALGORITHM_CLASSES]
 

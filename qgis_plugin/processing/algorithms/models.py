@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any
 
 from qgis.core import (
     QgsProcessing,
@@ -58,15 +58,15 @@ class EmbedAlgorithm(HqrsAlgorithm):
             "(field <i>emb_&lt;model&gt;</i>), for text search, similar tiles and zero-shot classes.<br>"
             + MODEL_HELP + RESUME_HELP)
 
-    def initAlgorithm(self, config: Dict[str, Any] = None) -> None:  # noqa: N802
+    def initAlgorithm(self, config: dict[str, Any] = None) -> None:  # noqa: N802
         """Declare the parameters."""
         add_tile_layer_input(self)
         add_model_parameters(self, "", CLIP_MODELS, "Embedding model")
         add_engine_parameters(self)
         add_updated_output(self)
 
-    def process(self, parameters: Dict[str, Any], context: QgsProcessingContext,
-                feedback: QgsProcessingFeedback) -> Dict[str, Any]:
+    def process(self, parameters: dict[str, Any], context: QgsProcessingContext,
+                feedback: QgsProcessingFeedback) -> dict[str, Any]:
         """Run ``hqrs-geo embed LAYER``."""
         path = self.input_tile_layer(parameters, "INPUT", context, feedback)
         self.run_engine(["embed", path, *model_args(self, parameters, context),
@@ -85,7 +85,7 @@ class CaptionAlgorithm(HqrsAlgorithm):
             "<b>Decoding</b>: greedy (fastest), beam (default) or sample. <b>Maximum length</b> in tokens.<br>"
             + MODEL_HELP + RESUME_HELP)
 
-    def initAlgorithm(self, config: Dict[str, Any] = None) -> None:  # noqa: N802
+    def initAlgorithm(self, config: dict[str, Any] = None) -> None:  # noqa: N802
         """Declare the parameters."""
         add_tile_layer_input(self)
         add_model_parameters(self, "", COCA_MODELS, "Caption model (CoCa)")
@@ -93,8 +93,8 @@ class CaptionAlgorithm(HqrsAlgorithm):
         add_engine_parameters(self)
         add_updated_output(self)
 
-    def process(self, parameters: Dict[str, Any], context: QgsProcessingContext,
-                feedback: QgsProcessingFeedback) -> Dict[str, Any]:
+    def process(self, parameters: dict[str, Any], context: QgsProcessingContext,
+                feedback: QgsProcessingFeedback) -> dict[str, Any]:
         """Run ``hqrs-geo caption LAYER``."""
         path = self.input_tile_layer(parameters, "INPUT", context, feedback)
         self.run_engine(["caption", path, *model_args(self, parameters, context),
@@ -114,7 +114,7 @@ class RunAlgorithm(RasterInputAlgorithm):
             "In scripts, an unset output writes <i>&lt;raster name&gt;_tiles.gpkg</i> next to the raster.<br>"
             + EXTENT_HELP + MODEL_HELP + RESUME_HELP)
 
-    def initAlgorithm(self, config: Dict[str, Any] = None) -> None:  # noqa: N802
+    def initAlgorithm(self, config: dict[str, Any] = None) -> None:  # noqa: N802
         """Declare the parameters."""
         self.addParameter(QgsProcessingParameterRasterLayer("INPUT", tr("Raster")))
         add_extent_parameters(self)
@@ -125,8 +125,8 @@ class RunAlgorithm(RasterInputAlgorithm):
         add_tiling_parameters(self, advanced_all=True)
         add_tile_destination(self, "Tile layer")
 
-    def process(self, parameters: Dict[str, Any], context: QgsProcessingContext,
-                feedback: QgsProcessingFeedback) -> Dict[str, Any]:
+    def process(self, parameters: dict[str, Any], context: QgsProcessingContext,
+                feedback: QgsProcessingFeedback) -> dict[str, Any]:
         """Run ``hqrs-geo run RASTER -o OUT``."""
         path, registered = tile_destination(self, parameters, context, self.raster_plan, feedback)
         raster = self.raster_file(self.raster_plan, parameters, context, output_folder(path), feedback)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from typing import Any, Dict, List
+from typing import Any
 
 from qgis.core import (
     QgsProcessing,
@@ -25,7 +25,7 @@ from ..params import advanced, static_enum
 from .models import add_tile_layer_input, add_updated_output
 
 
-def vector_spec(layer: QgsVectorLayer, class_fields: Dict[str, str]) -> str:
+def vector_spec(layer: QgsVectorLayer, class_fields: dict[str, str]) -> str:
     """``PATH[:LAYER[:CLASS_FIELD]]`` of a file-based vector layer, as ``hqrs-geo mpgi --vectors`` takes it."""
     parts = QgsProviderRegistry.instance().decodeUri(layer.providerType(), layer.source())
     path = str(parts.get("path") or "")
@@ -40,9 +40,9 @@ def vector_spec(layer: QgsVectorLayer, class_fields: Dict[str, str]) -> str:
     return spec + (f":{field}" if field else "")
 
 
-def parse_class_fields(text: str) -> Dict[str, str]:
+def parse_class_fields(text: str) -> dict[str, str]:
     """``buildings=building, roads=highway`` -> {layer name: field}."""
-    out: Dict[str, str] = {}
+    out: dict[str, str] = {}
     for item in filter(None, (p.strip() for p in text.split(","))):
         if "=" not in item:
             raise QgsProcessingException(tr("HQRS: class fields are written layer=field, not {}").format(item))
@@ -67,7 +67,7 @@ class MpgiAlgorithm(HqrsAlgorithm):
             "without one the offline default runs (no VLM, the shipped caption model, SmolLM2 for merging). "
             "Every model call is cached beside the layer, so running again after a cancel resumes.")
 
-    def initAlgorithm(self, config: Dict[str, Any] = None) -> None:  # noqa: N802
+    def initAlgorithm(self, config: dict[str, Any] = None) -> None:  # noqa: N802
         """Declare the parameters."""
         add_tile_layer_input(self)
         self.addParameter(QgsProcessingParameterFile(
@@ -83,11 +83,11 @@ class MpgiAlgorithm(HqrsAlgorithm):
             "LIMIT", tr("Only the first N tiles (0: all)"), QgsProcessingParameterNumber.Integer, 0, True, 0)))
         add_updated_output(self)
 
-    def process(self, parameters: Dict[str, Any], context: QgsProcessingContext,
-                feedback: QgsProcessingFeedback) -> Dict[str, Any]:
+    def process(self, parameters: dict[str, Any], context: QgsProcessingContext,
+                feedback: QgsProcessingFeedback) -> dict[str, Any]:
         """Run ``hqrs-geo mpgi LAYER``."""
         path = self.input_tile_layer(parameters, "INPUT", context, feedback)
-        args: List[str] = ["mpgi", path]
+        args: list[str] = ["mpgi", path]
         recipe = self.parameterAsFile(parameters, "RECIPE", context) if self.given(parameters, "RECIPE") else ""
         if recipe:
             args += ["--recipe", recipe]
@@ -113,7 +113,7 @@ class ExportDatasetAlgorithm(HqrsAlgorithm):
             "<i>hqrs-geo finetune</i>. <b>Captions</b>: <i>mpgi</i> (detailed + short MpGI captions) or "
             "<i>caption</i> (the caption model's field).")
 
-    def initAlgorithm(self, config: Dict[str, Any] = None) -> None:  # noqa: N802
+    def initAlgorithm(self, config: dict[str, Any] = None) -> None:  # noqa: N802
         """Declare the parameters."""
         add_tile_layer_input(self)
         self.addParameter(static_enum("CAPTIONS", tr("Captions"), ("mpgi", "caption"), "mpgi"))
@@ -124,8 +124,8 @@ class ExportDatasetAlgorithm(HqrsAlgorithm):
         self.addParameter(QgsProcessingParameterFolderDestination("OUTPUT", tr("Dataset folder")))
         self.addOutput(QgsProcessingOutputNumber("IMAGES", tr("Number of images")))
 
-    def process(self, parameters: Dict[str, Any], context: QgsProcessingContext,
-                feedback: QgsProcessingFeedback) -> Dict[str, Any]:
+    def process(self, parameters: dict[str, Any], context: QgsProcessingContext,
+                feedback: QgsProcessingFeedback) -> dict[str, Any]:
         """Run ``hqrs-geo export-dataset``."""
         path = self.input_tile_layer(parameters, "INPUT", context, feedback)
         folder = self.parameterAsFileOutput(parameters, "OUTPUT", context)

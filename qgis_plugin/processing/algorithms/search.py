@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import os
-from typing import Any, Dict, List
+from typing import Any
 
 from qgis.core import (
     QgsFeature,
@@ -46,7 +46,7 @@ def add_embedding_choice(alg: HqrsAlgorithm) -> None:
         QgsProcessingParameterFile.File, "", None, True, CHECKPOINT_FILTER)))
 
 
-def embedding_args(alg: HqrsAlgorithm, parameters: Dict[str, Any], context: QgsProcessingContext) -> List[str]:
+def embedding_args(alg: HqrsAlgorithm, parameters: dict[str, Any], context: QgsProcessingContext) -> list[str]:
     """CLI options for :func:`add_embedding_choice`."""
     args = []
     embeddings = alg.optional_text(parameters, "EMBEDDINGS", context)
@@ -67,12 +67,12 @@ def add_result_parameters(alg: HqrsAlgorithm) -> None:
         "OUTPUT", tr("Results"), QgsProcessing.TypeVectorPolygon))
 
 
-def result_request(alg: HqrsAlgorithm, parameters: Dict[str, Any], context: QgsProcessingContext,
+def result_request(alg: HqrsAlgorithm, parameters: dict[str, Any], context: QgsProcessingContext,
                    default_name: str) -> tuple:
     """The request's k and extent, the registered destination, the result file and its layer name."""
     registered = alg.parameterAsOutputLayer(parameters, "OUTPUT", context)
     path, table = split_destination(registered)
-    request: Dict[str, Any] = {"k": alg.parameterAsInt(parameters, "K", context)}
+    request: dict[str, Any] = {"k": alg.parameterAsInt(parameters, "K", context)}
     if parameters.get("EXTENT"):
         rect = alg.parameterAsExtent(parameters, "EXTENT", context)
         if not rect.isNull() and not rect.isEmpty():
@@ -83,7 +83,7 @@ def result_request(alg: HqrsAlgorithm, parameters: Dict[str, Any], context: QgsP
     return request, registered, path, table or default_name
 
 
-def search_session(alg: HqrsAlgorithm, parameters: Dict[str, Any], context: QgsProcessingContext, layer: str,
+def search_session(alg: HqrsAlgorithm, parameters: dict[str, Any], context: QgsProcessingContext, layer: str,
                    feedback: QgsProcessingFeedback) -> sessions.SearchSession:
     """The running search session of ``layer`` (started when there is none: the model loads once)."""
     embeddings = alg.optional_text(parameters, "EMBEDDINGS", context)
@@ -108,7 +108,7 @@ def search_session(alg: HqrsAlgorithm, parameters: Dict[str, Any], context: QgsP
     return session
 
 
-def ask(session: sessions.SearchSession, payload: Dict[str, Any], feedback: QgsProcessingFeedback) -> List[dict]:
+def ask(session: sessions.SearchSession, payload: dict[str, Any], feedback: QgsProcessingFeedback) -> list[dict]:
     """One request to the session; its ranked results."""
     feedback.setProgressText(tr("searching…"))
     try:
@@ -120,7 +120,7 @@ def ask(session: sessions.SearchSession, payload: Dict[str, Any], feedback: QgsP
     return results
 
 
-def write_results(tiles_path: str, results: List[dict], path: str, name: str, context: QgsProcessingContext,
+def write_results(tiles_path: str, results: list[dict], path: str, name: str, context: QgsProcessingContext,
                   feedback: QgsProcessingFeedback) -> str:
     """The ranked tiles (their tile columns, ``score`` and ``rank``; no embeddings) as layer
     ``name`` of ``path``, as the engine writes result layers; returns the layer's URI."""
@@ -185,14 +185,14 @@ class SearchAlgorithm(HqrsAlgorithm):
             "model; later searches (here or in the HQRS search dock) reuse the running session. "
             "<b>Extent</b> restricts the search to tiles within it (in the extent's CRS).<br>" + EMBEDDINGS_HELP)
 
-    def initAlgorithm(self, config: Dict[str, Any] = None) -> None:  # noqa: N802
+    def initAlgorithm(self, config: dict[str, Any] = None) -> None:  # noqa: N802
         """Declare the parameters."""
         add_tile_layer_input(self)
         self.addParameter(QgsProcessingParameterString("QUERY", tr("Text")))
         add_result_parameters(self)
 
-    def process(self, parameters: Dict[str, Any], context: QgsProcessingContext,
-                feedback: QgsProcessingFeedback) -> Dict[str, Any]:
+    def process(self, parameters: dict[str, Any], context: QgsProcessingContext,
+                feedback: QgsProcessingFeedback) -> dict[str, Any]:
         """Run ``hqrs-geo search LAYER TEXT``."""
         layer = self.input_tile_layer(parameters, "INPUT", context, feedback)
         query = self.optional_text(parameters, "QUERY", context)
@@ -207,7 +207,7 @@ class SearchAlgorithm(HqrsAlgorithm):
         return {"OUTPUT": uri}
 
 
-def split_list(text: str) -> List[str]:
+def split_list(text: str) -> list[str]:
     """The non-empty items of a comma-separated string (tile ids, labels)."""
     return [part.strip() for part in (text or "").split(",") if part.strip()]
 
@@ -224,7 +224,7 @@ class SimilarAlgorithm(HqrsAlgorithm):
             "ticked for the tile layer, the selected tiles. <b>Negative tile ids</b> steer away from tiles "
             "like those. The examples themselves are left out of the results.<br>" + EMBEDDINGS_HELP)
 
-    def initAlgorithm(self, config: Dict[str, Any] = None) -> None:  # noqa: N802
+    def initAlgorithm(self, config: dict[str, Any] = None) -> None:  # noqa: N802
         """Declare the parameters."""
         self.addParameter(QgsProcessingParameterFeatureSource(
             "INPUT", tr("Tile layer (selected features: the example tiles)"), [QgsProcessing.TypeVectorPolygon]))
@@ -234,7 +234,7 @@ class SimilarAlgorithm(HqrsAlgorithm):
             "NEGATIVE_IDS", tr("Negative example tile ids (comma-separated)"), None, False, True)))
         add_result_parameters(self)
 
-    def selected_ids(self, parameters: Dict[str, Any], context: QgsProcessingContext) -> List[str]:
+    def selected_ids(self, parameters: dict[str, Any], context: QgsProcessingContext) -> list[str]:
         """The tile ids of the selected features, when the input is limited to them."""
         value = parameters.get("INPUT")
         if not (isinstance(value, QgsProcessingFeatureSourceDefinition) and value.selectedFeaturesOnly):
@@ -246,8 +246,8 @@ class SimilarAlgorithm(HqrsAlgorithm):
         request.setFlags(QgsFeatureRequest.NoGeometry)
         return [str(f["tile_id"]) for f in source.getFeatures(request)]
 
-    def process(self, parameters: Dict[str, Any], context: QgsProcessingContext,
-                feedback: QgsProcessingFeedback) -> Dict[str, Any]:
+    def process(self, parameters: dict[str, Any], context: QgsProcessingContext,
+                feedback: QgsProcessingFeedback) -> dict[str, Any]:
         """Run ``hqrs-geo similar LAYER --tile ID …``."""
         value = parameters.get("INPUT")
         whole = dict(parameters, INPUT=value.source) \
@@ -280,7 +280,7 @@ class ClassifyAlgorithm(HqrsAlgorithm):
             "(comma-separated class names, e.g. <i>river,forest,parking lot</i>): fields <i>label</i>, "
             "<i>label_score</i> and <i>label_top</i> (the best <b>top k</b> with scores).<br>" + EMBEDDINGS_HELP)
 
-    def initAlgorithm(self, config: Dict[str, Any] = None) -> None:  # noqa: N802
+    def initAlgorithm(self, config: dict[str, Any] = None) -> None:  # noqa: N802
         """Declare the parameters."""
         add_tile_layer_input(self)
         self.addParameter(QgsProcessingParameterString("LABELS", tr("Labels (comma-separated)")))
@@ -289,8 +289,8 @@ class ClassifyAlgorithm(HqrsAlgorithm):
         add_embedding_choice(self)
         add_updated_output(self)
 
-    def process(self, parameters: Dict[str, Any], context: QgsProcessingContext,
-                feedback: QgsProcessingFeedback) -> Dict[str, Any]:
+    def process(self, parameters: dict[str, Any], context: QgsProcessingContext,
+                feedback: QgsProcessingFeedback) -> dict[str, Any]:
         """Run ``hqrs-geo classify LAYER --labels …``."""
         layer = self.input_tile_layer(parameters, "INPUT", context, feedback)
         labels = ",".join(split_list(self.optional_text(parameters, "LABELS", context)))

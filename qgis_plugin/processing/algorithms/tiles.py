@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple
+from typing import Any
 
 from qgis.core import (
     QgsProcessing,
@@ -46,8 +46,8 @@ def add_tile_destination(alg: HqrsAlgorithm, description: str) -> None:
         "OUTPUT", tr(description), QgsProcessing.TypeVectorPolygon, None, True, True))
 
 
-def tile_destination(alg: HqrsAlgorithm, parameters: Dict[str, Any], context: QgsProcessingContext,
-                     plan: RasterPlan, feedback: QgsProcessingFeedback) -> Tuple[str, str]:
+def tile_destination(alg: HqrsAlgorithm, parameters: dict[str, Any], context: QgsProcessingContext,
+                     plan: RasterPlan, feedback: QgsProcessingFeedback) -> tuple[str, str]:
     """The tile layer file to write and the destination Processing registered ('' when unset)."""
     registered = alg.parameterAsOutputLayer(parameters, "OUTPUT", context) or "" \
         if parameters.get("OUTPUT") not in (None, "") else ""
@@ -66,9 +66,9 @@ class RasterInputAlgorithm(HqrsAlgorithm):
 
     def __init__(self) -> None:
         super().__init__()
-        self.raster_plan: Optional[RasterPlan] = None
+        self.raster_plan: RasterPlan | None = None
 
-    def prepare(self, parameters: Dict[str, Any], context: QgsProcessingContext,
+    def prepare(self, parameters: dict[str, Any], context: QgsProcessingContext,
                 feedback: QgsProcessingFeedback) -> None:
         """Main thread: look at the raster layer (and clone a web layer's provider)."""
         layer = self.parameterAsLayer(parameters, "INPUT", context)
@@ -92,15 +92,15 @@ class TileAlgorithm(RasterInputAlgorithm):
             "In scripts, an unset output writes <i>&lt;raster name&gt;_tiles.gpkg</i> next to the raster. "
             "Writing a scene again into an existing tile layer replaces that scene's tiles.")
 
-    def initAlgorithm(self, config: Dict[str, Any] = None) -> None:  # noqa: N802
+    def initAlgorithm(self, config: dict[str, Any] = None) -> None:  # noqa: N802
         """Declare the parameters."""
         self.addParameter(QgsProcessingParameterRasterLayer("INPUT", tr("Raster")))
         add_extent_parameters(self)
         add_tiling_parameters(self)
         add_tile_destination(self, "Tile layer")
 
-    def process(self, parameters: Dict[str, Any], context: QgsProcessingContext,
-                feedback: QgsProcessingFeedback) -> Dict[str, Any]:
+    def process(self, parameters: dict[str, Any], context: QgsProcessingContext,
+                feedback: QgsProcessingFeedback) -> dict[str, Any]:
         """Run ``hqrs-geo tile``."""
         path, registered = tile_destination(self, parameters, context, self.raster_plan, feedback)
         raster = self.raster_file(self.raster_plan, parameters, context, output_folder(path), feedback)
@@ -124,7 +124,7 @@ class ExportChipsAlgorithm(RasterInputAlgorithm):
             "tiles as they are; extent and tiling parameters are ignored). Running again with the same parameters "
             "keeps the chips already written.")
 
-    def initAlgorithm(self, config: Dict[str, Any] = None) -> None:  # noqa: N802
+    def initAlgorithm(self, config: dict[str, Any] = None) -> None:  # noqa: N802
         """Declare the parameters."""
         self.addParameter(QgsProcessingParameterMapLayer(
             "INPUT", tr("Raster or tile layer"), None, False,
@@ -136,8 +136,8 @@ class ExportChipsAlgorithm(RasterInputAlgorithm):
         self.addOutput(QgsProcessingOutputVectorLayer("INDEX", tr("Chip index"), QgsProcessing.TypeVectorPolygon))
         self.addOutput(QgsProcessingOutputNumber("CHIPS", tr("Number of chips")))
 
-    def process(self, parameters: Dict[str, Any], context: QgsProcessingContext,
-                feedback: QgsProcessingFeedback) -> Dict[str, Any]:
+    def process(self, parameters: dict[str, Any], context: QgsProcessingContext,
+                feedback: QgsProcessingFeedback) -> dict[str, Any]:
         """Run ``hqrs-geo export-chips``."""
         folder = self.parameterAsFileOutput(parameters, "OUTPUT", context)
         fmt = self.parameterAsEnumString(parameters, "FORMAT", context) or "png"
