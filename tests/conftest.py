@@ -1,31 +1,75 @@
-"""Shared fixtures: rasters written with rasterio in the tests, and the real scenes."""
+"""Shared fixtures: rasters written with rasterio in the tests, the real scenes, and a hermetic session.
+
+At import (before QGIS, Qt, pip, huggingface_hub, torch or Ray read them) the test session gets
+its own HOME, XDG folders, QGIS profile, engine folder (empty: no engine), HQRS_GEO_HOME,
+HF_HOME and TORCH_HOME, all under one temporary folder (:data:`TEST_HOME`) removed at the end;
+child processes inherit them. PATH, the venv and PYTHONPATH are kept. Nothing a user installed or
+configured in their home (an engine, QGIS settings, caches) can change a result.
+"""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
-from typing import Optional
-
-import numpy as np
-import pytest
-import rasterio
-from affine import Affine
-from rasterio.crs import CRS
 
 ROOT = Path(__file__).resolve().parents[1]
+
+# variable -> folder under TEST_HOME (HOME first: the XDG folders are where they are in a real home)
+HERMETIC_DIRS = {
+    "HOME": "home",
+    "XDG_CONFIG_HOME": "home/.config",
+    "XDG_DATA_HOME": "home/.local/share",
+    "XDG_CACHE_HOME": "home/.cache",
+    "XDG_STATE_HOME": "home/.local/state",
+    "XDG_RUNTIME_DIR": "runtime",
+    "QGIS_CUSTOM_CONFIG_PATH": "qgis",  # a standalone QgsApplication's profiles folder
+    "HQRS_GEO_ENGINE_DIR": "engine",    # empty: the plugin finds no installed engine
+    "HQRS_GEO_HOME": "hqrs_geo",        # checkpoint cache
+    "HF_HOME": "huggingface",
+    "TORCH_HOME": "torch",
+}
+HERMETIC_VARS = tuple(HERMETIC_DIRS)
+
+
+def _isolate() -> Path:
+    """Point every HERMETIC_DIRS variable at a new folder under one temporary folder; return it."""
+    home = Path(tempfile.mkdtemp(prefix="hqrs-tests-"))
+    for name, relative in HERMETIC_DIRS.items():
+        folder = home / relative
+        folder.mkdir(parents=True, exist_ok=True)
+        os.environ[name] = str(folder)
+    (home / "runtime").chmod(0o700)  # Qt insists on a private runtime folder
+    return home
+
+
+TEST_HOME = _isolate()
+
+import numpy as np  # noqa: E402  (after the isolation: nothing may read the real home first)
+import pytest  # noqa: E402
+import rasterio  # noqa: E402
+from affine import Affine  # noqa: E402
+from rasterio.crs import CRS  # noqa: E402
+
 SHARED_SCENES = ROOT.parent / "shared" / "data" / "scenes"
 EXAMPLE_SCENE = ROOT / "examples" / "data" / "urban_river_025m_epsg28992.tif"
 
 os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
 
 
+def pytest_unconfigure(config):
+    """Remove the session's temporary home."""
+    shutil.rmtree(TEST_HOME, ignore_errors=True)
+
+
 def write_raster(
     path: Path,
     data: np.ndarray,
     transform: Affine = Affine(0.5, 0, 500000, 0, -0.5, 4000000),
-    crs: Optional[str] = "EPSG:32633",
-    nodata: Optional[float] = None,
+    crs: str | None = "EPSG:32633",
+    nodata: float | None = None,
     colorinterp=None,
     tiled: bool = True,
     **profile,
@@ -37,7 +81,8 @@ def write_raster(
         transform=transform, crs=CRS.from_user_input(crs) if crs else None, nodata=nodata,
     )
     if tiled and width >= 16 and height >= 16:
-        opts.update(tiled=True, blockxsize=16 * max(1, min(width, 256) // 16), blockysize=16 * max(1, min(height, 256) // 16))
+        opts.update(tiled=True, blockxsize=16 * max(1, min(width, 256) // 16),
+                    blockysize=16 * max(1, min(height, 256) // 16))
     opts.update(profile)
     with rasterio.open(path, "w", **opts) as dst:
         dst.write(data)
@@ -58,7 +103,7 @@ def rgb_raster(tmp_path, rng) -> Path:
     return write_raster(tmp_path / "rgb.tif", data)
 
 
-def run_cli(*args: str, cwd: Optional[Path] = None, timeout: float = 600, **kwargs) -> subprocess.CompletedProcess:
+def run_cli(*args: str, cwd: Path | None = None, timeout: float = 600, **kwargs) -> subprocess.CompletedProcess:
     """Run ``python -m hqrs_geo ARGS`` in a child process and capture its output."""
     return subprocess.run(
         [sys.executable, "-m", "hqrs_geo", *map(str, args)],
@@ -74,7 +119,6 @@ def model_environment(tmp_path_factory):
     configs = tmp_path_factory.mktemp("model_configs")
     register_tiny_configs(configs)
     os.environ["HQRS_GEO_MODEL_CONFIGS"] = str(configs)
-    os.environ["HQRS_GEO_HOME"] = str(tmp_path_factory.mktemp("hqrs_home"))
     os.environ["HF_HUB_OFFLINE"] = "1"
     yield configs
 
