@@ -72,19 +72,35 @@ bench: venv
 	set -e; for b in tiling embed caption search finetune mpgi scale; do echo "== benchmarks/$$b.py"; $(PY) benchmarks/$$b.py; done
 
 # The installable plugin ("Install from ZIP"): one top folder with metadata, code, icon, licence,
-# and the engine's wheel (engine/hqrs_geo-*.whl) that the plugin's installer puts into a virtual
-# environment of its own. The model list is regenerated from the engine's registry first.
-# The wheel is also left in dist/ (beside the zip).
-PLUGIN_PY   := $(if $(wildcard $(PY)),$(PY),$(SYSTEM_PY))
-plugin:
-	@$(PLUGIN_PY) -m qgis_plugin.tools.generate_registry
-	@rm -rf build/plugin build/wheel && mkdir -p build/plugin/hqrs_geo_plugin/engine build/wheel dist $(dir $(PLUGIN_ZIP))
-	@$(PLUGIN_PY) -m pip wheel -q --no-deps --no-build-isolation -w build/wheel . >/dev/null
-	@rm -rf hqrs_geo.egg-info && cp build/wheel/hqrs_geo-*.whl dist/ && cp build/wheel/hqrs_geo-*.whl build/plugin/hqrs_geo_plugin/engine/
+# the engine's wheel (engine/hqrs_geo-*.whl) that the plugin's installer puts into a virtual
+# environment of its own, and the project's pins beside it (engine/constraints.txt), which that
+# install resolves with. The wheel is also left in dist/ (beside the zip).
+# Needs neither .venv nor the engine's dependencies: the wheel is built in a small environment of
+# its own (build/plugin-venv: pyproject.toml's [build-system] requires, ~25 MB, made once from the
+# package index; BUILD_PY makes it). The committed model list (qgis_plugin/core/registry.py) is
+# packaged as it is: the tests check it is current. Writes only under build/ and dist/.
+BUILD_PY    := $(SYSTEM_PY)
+BUILD_VENV  := build/plugin-venv
+BUILD_STAMP := $(BUILD_VENV)/.ready
+
+$(BUILD_STAMP): pyproject.toml qgis_plugin/tools/build_requires.py
+	@rm -rf $(BUILD_VENV)
+	@$(BUILD_PY) -m venv $(BUILD_VENV) >/dev/null || { echo "make plugin: $(BUILD_PY) cannot make a virtual environment: install python3-venv (apt-get install python3-venv)" >&2; exit 1; }
+	@$(BUILD_VENV)/bin/python qgis_plugin/tools/build_requires.py pyproject.toml > $(BUILD_VENV)/build-requires.txt
+	@$(BUILD_VENV)/bin/python -m pip install -q --disable-pip-version-check -r $(BUILD_VENV)/build-requires.txt \
+	  || { echo "make plugin: cannot install the build requirements ($$(paste -sd' ' $(BUILD_VENV)/build-requires.txt)) into $(BUILD_VENV): is the package index reachable?" >&2; exit 1; }
+	@touch $@
+
+plugin: $(BUILD_STAMP)
+	@rm -rf build/plugin build/wheel build/lib build/bdist.* && mkdir -p build/plugin/hqrs_geo_plugin/engine build/wheel dist $(dir $(PLUGIN_ZIP))
+	@had_egg_info=$$([ -e hqrs_geo.egg-info ] && echo 1); \
+	  $(BUILD_VENV)/bin/python -m pip wheel -q --disable-pip-version-check --no-deps --no-build-isolation -w build/wheel . >/dev/null; rc=$$?; \
+	  [ -n "$$had_egg_info" ] || rm -rf hqrs_geo.egg-info; exit $$rc
+	@cp build/wheel/hqrs_geo-*.whl dist/ && cp build/wheel/hqrs_geo-*.whl constraints.txt build/plugin/hqrs_geo_plugin/engine/
 	@cd qgis_plugin && find . -name '*.py' -not -path './tools/*' -not -path '*/__pycache__/*' \
 	    -exec cp --parents {} ../build/plugin/hqrs_geo_plugin/ \;
 	@cp qgis_plugin/icon.png metadata.txt LICENSE build/plugin/hqrs_geo_plugin/
-	@rm -f $(PLUGIN_ZIP) && cd build/plugin && python3 -m zipfile -c $(abspath $(PLUGIN_ZIP)) hqrs_geo_plugin
+	@rm -f $(PLUGIN_ZIP) && cd build/plugin && $(abspath $(BUILD_VENV))/bin/python -m zipfile -c $(abspath $(PLUGIN_ZIP)) hqrs_geo_plugin
 	@echo "plugin: $(PLUGIN_ZIP) (engine wheel: dist/$$(basename build/wheel/hqrs_geo-*.whl))"
 
 clean:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import configparser
+import os
 import shutil
 import subprocess
 import sys
@@ -59,21 +60,63 @@ def test_importing_the_plugin_imports_neither_torch_nor_the_engine():
     assert child.stdout.strip().splitlines()[-1] == "[]"
 
 
-def test_make_plugin_builds_an_installable_zip_with_the_engine_wheel(tmp_path):
-    make = ["make", "-s", "plugin", f"PLUGIN_ZIP={tmp_path / 'hqrs.zip'}", f"PLUGIN_PY={sys.executable}"]
-    result = subprocess.run(make, cwd=ROOT, capture_output=True, text=True)
+def _tracked_state(paths: list[str]) -> dict[str, tuple[int, int]]:
+    """(mtime_ns, size) of the tracked files under ``paths`` (relative to the repository)."""
+    listed = subprocess.run(["git", "ls-files", "-z", "--", *paths], cwd=ROOT, capture_output=True, text=True,
+                            check=True).stdout.split("\0")
+    return {name: ((ROOT / name).stat().st_mtime_ns, (ROOT / name).stat().st_size)
+            for name in listed if name and (ROOT / name).exists()}
+
+
+def test_make_plugin_builds_an_installable_zip_with_the_engine_wheel_and_the_pins(tmp_path):
+    if shutil.which("git") is None or not (ROOT / ".git").exists():
+        pytest.skip("needs a git checkout (to check that make plugin rewrites no tracked file)")
+    # what a build could plausibly write to: the plugin's sources and the top-level files
+    watched = ["qgis_plugin", "Makefile", "pyproject.toml", "constraints.txt", "metadata.txt", "LICENSE", "README.md"]
+    before = _tracked_state(watched)
+    # PY=false: the plugin build must not use the project's environment (.venv); it makes its own
+    make = ["make", "-s", "plugin", f"PLUGIN_ZIP={tmp_path / 'hqrs.zip'}", "PY=false", f"VENV={tmp_path / 'no-venv'}"]
+    env = dict(os.environ, PIP_CONFIG_FILE=os.devnull)
+    result = subprocess.run(make, cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)
     assert result.returncode == 0, result.stderr
+    assert _tracked_state(watched) == before  # nothing tracked rewritten (the model list is packaged as it is)
+    assert not (tmp_path / "no-venv").exists()
     with zipfile.ZipFile(tmp_path / "hqrs.zip") as zf:
         names = zf.namelist()
+        packaged = {name: zf.read(f"hqrs_geo_plugin/{name}") for name in ("core/registry.py", "engine/constraints.txt")}
     tops = {n.split("/")[0] for n in names}
     assert tops == {"hqrs_geo_plugin"}
     for required in ("metadata.txt", "__init__.py", "plugin.py", "icon.png", "LICENSE", "core/runner.py",
                      "core/registry.py", "processing/provider.py", "processing/algorithms/search.py",
-                     "widgets/dock.py"):
+                     "widgets/dock.py", "engine/constraints.txt"):
         assert f"hqrs_geo_plugin/{required}" in names
     wheels = [n for n in names if n.startswith("hqrs_geo_plugin/engine/hqrs_geo-") and n.endswith(".whl")]
     assert len(wheels) == 1 and (ROOT / "dist" / wheels[0].split("/")[-1]).is_file()  # also beside the zip
     assert not [n for n in names if "__pycache__" in n or n.endswith((".pyc", ".so")) or "/tools/" in n]
+    # the committed model list and the project's pins (the installer resolves with them), byte for byte
+    assert packaged["core/registry.py"] == (ROOT / "qgis_plugin" / "core" / "registry.py").read_bytes()
+    assert packaged["engine/constraints.txt"] == (ROOT / "constraints.txt").read_bytes()
+    assert b"torch==" in packaged["engine/constraints.txt"] and b"torchvision==" in packaged["engine/constraints.txt"]
+
+
+def test_the_build_requirements_are_read_with_and_without_tomllib(tmp_path, monkeypatch):
+    import tomllib
+
+    from qgis_plugin.tools.build_requires import build_requires, main
+
+    ours = tomllib.loads((ROOT / "pyproject.toml").read_text())["build-system"]["requires"]
+    assert build_requires(ROOT / "pyproject.toml") == ours and any(r.startswith("setuptools") for r in ours)
+    pyproject = tmp_path / "pyproject.toml"
+    pyproject.write_text('[project]\nname = "x"\n\n[build-system]\nbuild-backend = "b"\n'
+                         'requires = ["setuptools >= 77", "wheel"]\n\n[tool.x]\nrequires = ["no"]\n')
+    assert build_requires(pyproject) == ["setuptools >= 77", "wheel"]
+    monkeypatch.setitem(sys.modules, "tomllib", None)  # Python 3.10: no tomllib
+    assert build_requires(pyproject) == ["setuptools >= 77", "wheel"]
+    assert build_requires(ROOT / "pyproject.toml") == ours
+    pyproject.write_text('[project]\nname = "x"\n')
+    with pytest.raises(ValueError, match="no \\[build-system\\] requires"):
+        build_requires(pyproject)
+    assert main([str(pyproject)]) == 1
 
 
 _APP = None
