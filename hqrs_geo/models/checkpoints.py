@@ -2,8 +2,12 @@
 
 Resolution order for a model's weights: an explicit path; the cache folder
 (``$HQRS_GEO_HOME/checkpoints``, default ``~/.cache/hqrs_geo/checkpoints``) under the
-registry's file name; a Hugging Face hub download when the model is published there and the
-machine is online. Otherwise one line says which file is needed and where to put it.
+registry's file name; an earlier hub download in the hub cache (``$HQRS_GEO_HOME/hf``), also
+when offline (``HF_HUB_OFFLINE=1``); a Hugging Face hub download (``$HF_ENDPOINT``) when the
+model is published there and the machine is online. A download cut off half-way resumes where
+it stopped (a few tries in one call, and again on the next call). An entry that declares a
+``sha256`` has the file it resolves to checked against it. Otherwise one line says which file
+is needed and where to put it.
 
 Reading: safetensors; PyTorch files with ``torch.load(weights_only=True)`` (a file that needs
 pickle code execution is refused unless ``trust=True``); OpenAI TorchScript archives.
@@ -11,15 +15,21 @@ Wrappers (``{"state_dict": …}``, ``{"model": …}``) and ``module.`` prefixes 
 """
 from __future__ import annotations
 
+import logging
 import os
 import pickle
+import time
 import zipfile
+from functools import lru_cache
 from pathlib import Path
 
 from ..errors import InputError
 from .registry import ModelSpec
 
 OPENAI_EXTRA_KEYS = ("input_resolution", "context_length", "vocab_size")
+DOWNLOAD_TRIES = 3  # a connection dropped mid-file is resumed (HTTP Range) this many times in one call
+
+log = logging.getLogger(__name__)
 
 
 def cache_dir() -> Path:
@@ -41,12 +51,136 @@ def bundled_checkpoint(spec: ModelSpec) -> Path | None:
     return path
 
 
-def cached_checkpoint(spec: ModelSpec) -> Path | None:
-    """The registry file name in the cache folder, if it is there."""
-    if not spec.filename:
+def hub_cache_dir() -> Path:
+    """Folder of the Hugging Face hub cache that registry downloads go to (``$HQRS_GEO_HOME/hf``)."""
+    return cache_dir().parent / "hf"
+
+
+def hub_offline() -> bool:
+    """Whether ``$HF_HUB_OFFLINE`` forbids the hub (the values huggingface_hub itself reads as true)."""
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in ("1", "ON", "YES", "TRUE")
+
+
+def hub_cached_checkpoint(spec: ModelSpec) -> Path | None:
+    """The file an earlier hub download of ``spec`` left in the hub cache, if any (no network)."""
+    if not (spec.hf_repo and spec.hf_file):
         return None
-    path = cache_dir() / spec.filename
-    return path if path.is_file() else None
+    if not (hub_cache_dir() / f"models--{spec.hf_repo.replace('/', '--')}").is_dir():
+        return None  # nothing downloaded from this repository: no need to import the hub client
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:
+        return None
+    found = try_to_load_from_cache(spec.hf_repo, spec.hf_file, cache_dir=str(hub_cache_dir()))
+    return Path(found) if isinstance(found, str) and os.path.isfile(found) else None
+
+
+def cached_checkpoint(spec: ModelSpec) -> Path | None:
+    """The registry file name in the cache folder, else an earlier hub download, if either is there."""
+    if spec.filename:
+        path = cache_dir() / spec.filename
+        if path.is_file():
+            return path
+    return hub_cached_checkpoint(spec)
+
+
+@lru_cache(maxsize=64)
+def _sha256_of(path: str, size: int, mtime_ns: int) -> str:
+    from ..atomic import sha256_file
+
+    return sha256_file(path)
+
+
+def checkpoint_sha256(path: Path | str) -> str:
+    """sha256 of a checkpoint file, computed once per file version (path, size, modification time)."""
+    real = os.path.realpath(path)
+    info = os.stat(real)
+    return _sha256_of(real, info.st_size, info.st_mtime_ns)
+
+
+def _remove_hub_file(path: Path) -> None:
+    """Remove a hub cache entry (the snapshot link and the blob it points at)."""
+    blob = Path(os.path.realpath(path))
+    for item in (path, blob):
+        try:
+            item.unlink()
+        except OSError:
+            pass
+
+
+def verify_checkpoint(spec: ModelSpec, path: Path, from_hub: bool) -> Path:
+    """``path`` when ``spec`` declares no sha256 or the file has it; else a one-line
+    :class:`InputError` (a hub download that does not match is removed, so the next try fetches it again)."""
+    if not spec.sha256:
+        return path
+    found = checkpoint_sha256(path)
+    if found == spec.sha256.lower():
+        return path
+    if from_hub:
+        _remove_hub_file(path)
+        raise InputError(
+            f"model {spec.name}: {spec.hf_file} from hf-hub {spec.hf_repo} has sha256 {found[:16]}…, the registry "
+            f"expects {spec.sha256[:16]}…; the download was removed: run again to fetch it again, or check the entry")
+    raise InputError(
+        f"{path}: sha256 {found[:16]}… is not the checkpoint of model {spec.name} (the registry expects "
+        f"{spec.sha256[:16]}…); replace the file, or give it as «checkpoint»")
+
+
+def _transient_errors() -> tuple[type[BaseException], ...]:
+    """Network errors after which a download is worth resuming (the hub client's HTTP library's)."""
+    found: list[type[BaseException]] = []
+    try:
+        import requests
+
+        found += [requests.exceptions.ChunkedEncodingError, requests.exceptions.ConnectionError,
+                  requests.exceptions.Timeout]
+    except ImportError:
+        pass
+    try:
+        import httpx  # huggingface_hub >= 1.0
+
+        found.append(httpx.TransportError)
+    except ImportError:
+        pass
+    return tuple(found)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0][:160]}" if text else type(exc).__name__
+
+
+def _partial_bytes(spec: ModelSpec) -> int:
+    """Bytes of unfinished downloads (``*.incomplete`` blobs) of ``spec``'s hub repository."""
+    assert spec.hf_repo
+    blobs = hub_cache_dir() / f"models--{spec.hf_repo.replace('/', '--')}" / "blobs"
+    return sum(p.stat().st_size for p in blobs.glob("*.incomplete")) if blobs.is_dir() else 0
+
+
+def download_from_hub(spec: ModelSpec) -> Path:
+    """Download ``spec``'s file from the hub (``$HF_ENDPOINT``) into :func:`hub_cache_dir`.
+
+    A try cut off by the network (or one that ended short: urllib3 1.x does not check the length)
+    is resumed from where it stopped, with an HTTP Range request, up to :data:`DOWNLOAD_TRIES` times;
+    what is left unfinished is resumed by the next call."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.utils import logging as hub_logging
+
+    assert spec.hf_repo and spec.hf_file
+    hub_logging.set_verbosity_error()  # no retry chatter: one line says what failed
+    transient = _transient_errors()
+    for attempt in range(1, DOWNLOAD_TRIES + 1):
+        before = _partial_bytes(spec)
+        try:
+            return Path(hf_hub_download(spec.hf_repo, spec.hf_file, cache_dir=str(hub_cache_dir())))
+        except Exception as exc:
+            progressed = _partial_bytes(spec) > before
+            if attempt == DOWNLOAD_TRIES or not (progressed or isinstance(exc, transient)):
+                raise
+            log.warning("download of %s from hf-hub %s cut off (%s); resuming", spec.hf_file, spec.hf_repo,
+                        _first_line(exc))
+            time.sleep(0.5 * attempt)
+    raise AssertionError("unreachable")
 
 
 def resolve_checkpoint(spec: ModelSpec, checkpoint: str | None = None, download: bool = True) -> Path:
@@ -61,28 +195,27 @@ def resolve_checkpoint(spec: ModelSpec, checkpoint: str | None = None, download:
     bundled = bundled_checkpoint(spec)
     if bundled:
         return bundled
-    cached = cached_checkpoint(spec)
-    if cached:
-        return cached
+    if spec.filename and (cache_dir() / spec.filename).is_file():
+        return verify_checkpoint(spec, cache_dir() / spec.filename, from_hub=False)
+    from_cache = hub_cached_checkpoint(spec)
+    if from_cache:
+        return verify_checkpoint(spec, from_cache, from_hub=True)
     where = cache_dir() / (spec.filename or f"{spec.key}.pt")
-    if spec.hf_repo and spec.hf_file and download and os.environ.get("HF_HUB_OFFLINE", "0") in ("0", "", "false"):
+    if spec.hf_repo and spec.hf_file and download and not hub_offline():
         unreachable = hub_unreachable()
         if unreachable:
             raise InputError(
                 f"model {spec.name} needs {spec.hf_file} from hf-hub {spec.hf_repo}, and the hub cannot be reached "
                 f"({unreachable}); download it elsewhere and put it at {where}, or give its «checkpoint» file")
         try:
-            from huggingface_hub import hf_hub_download
-            from huggingface_hub.utils import logging as hub_logging
-
-            hub_logging.set_verbosity_error()  # no retry chatter: one line says what failed
-            return Path(hf_hub_download(spec.hf_repo, spec.hf_file, cache_dir=str(cache_dir().parent / "hf")))
+            path = download_from_hub(spec)
         except Exception as exc:  # offline, hub down, gated repo…
-            reason = type(exc).__name__
             raise InputError(
                 f"model {spec.name} needs {spec.hf_file} from hf-hub {spec.hf_repo}, which could not be "
-                f"downloaded ({reason}); download it elsewhere and put it at {where}, or give its «checkpoint» file"
+                f"downloaded ({_first_line(exc)}); download it elsewhere and put it at {where}, or give its "
+                "«checkpoint» file"
             ) from None
+        return verify_checkpoint(spec, path, from_hub=True)
     source = f" (hf-hub {spec.hf_repo}, file {spec.hf_file})" if spec.hf_repo else ""
     how = f"{spec.obtain}, then " if spec.obtain and not spec.hf_repo else ""
     raise InputError(

@@ -6,9 +6,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..atomic import sha256_file
 from ..errors import InputError
-from .checkpoints import read_state_dict, resolve_checkpoint
+from .checkpoints import checkpoint_sha256, read_state_dict, resolve_checkpoint
 from .device import pick_device
 from .preprocess import preprocess_config
 from .registry import ModelSpec, get_spec, register_config_folders
@@ -99,7 +98,7 @@ def weights_sha256(name: str, checkpoint: str | None = None, arch: str | None = 
     building the model (what a result cache keys on, so new weights invalidate it)."""
     register_config_folders()
     spec = get_spec(name, arch=arch, checkpoint=checkpoint)
-    return sha256_file(resolve_checkpoint(spec, checkpoint, download=download))
+    return checkpoint_sha256(resolve_checkpoint(spec, checkpoint, download=download))
 
 
 def load_model(
@@ -137,5 +136,5 @@ def load_model(
     model = model.to(target).eval()
     return LoadedModel(
         spec=spec, model=model, tokenizer=build_tokenizer(spec.arch), preprocess=preprocess_config(model),
-        device=target, checkpoint=str(path), sha256=sha256_file(path),
+        device=target, checkpoint=str(path), sha256=checkpoint_sha256(path),
     )

@@ -39,6 +39,7 @@ class ModelSpec:
     obtain: str = ""  # how a user gets the weights when they are not on the hub
     arch_from_filename: bool = False  # the authors' file names carry the architecture
     bundled: str | None = None  # file in hqrs_geo/models/weights (the shipped demo models)
+    sha256: str | None = None  # when set, the resolved (downloaded or cached) file must have this sha256
 
     @property
     def key(self) -> str:
