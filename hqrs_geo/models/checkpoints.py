@@ -85,17 +85,22 @@ def cached_checkpoint(spec: ModelSpec) -> Path | None:
 
 
 @lru_cache(maxsize=64)
-def _sha256_of(path: str, size: int, mtime_ns: int) -> str:
+def _sha256_of(path: str, inode: int, size: int, mtime_ns: int, ctime_ns: int) -> str:
     from ..atomic import sha256_file
 
     return sha256_file(path)
 
 
 def checkpoint_sha256(path: Path | str) -> str:
-    """sha256 of a checkpoint file, computed once per file version (path, size, modification time)."""
+    """sha256 of a checkpoint file, computed once per file version (inode, size, times) when the
+    file has not changed for a few seconds (file times are coarse: a file written just now is hashed again)."""
+    from ..atomic import sha256_file
+
     real = os.path.realpath(path)
     info = os.stat(real)
-    return _sha256_of(real, info.st_size, info.st_mtime_ns)
+    if time.time() - max(info.st_mtime, info.st_ctime) < 5:
+        return sha256_file(real)
+    return _sha256_of(real, info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns)
 
 
 def _remove_hub_file(path: Path) -> None:
