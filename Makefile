@@ -54,9 +54,10 @@ $(STAMP): pyproject.toml constraints.txt Makefile | system-deps
 
 venv: system-deps $(STAMP)
 
-# ruff (style, imports, docstrings) and mypy (types) on the package are part of the tests
+# ruff (style, imports, docstrings) and mypy (types) on the package and the QGIS plugin are part
+# of the tests (mypy's files: [tool.mypy] in pyproject.toml)
 lint: venv
-	$(PY) -m ruff check hqrs_geo benchmarks examples
+	$(PY) -m ruff check hqrs_geo qgis_plugin benchmarks examples
 	$(PY) -m mypy
 
 test: venv lint

@@ -110,14 +110,16 @@ def read_dataset(path: str) -> DatasetInfo:
 
 def _info(folder: str, data: dict) -> DatasetInfo:
     parts = data.get("parts") or {}
-    bounds = []
+    bounds: list[tuple[tuple[float, float, float, float] | None, int]] = []
     for name in sorted(parts):
         part = parts[name] if isinstance(parts[name], dict) else {}
         count = int(part.get("tiles") or 0)
         if count > 0:
             box = part.get("bounds")
-            ok = isinstance(box, list) and len(box) == 4 and all(isinstance(v, (int, float)) for v in box)
-            bounds.append((tuple(float(v) for v in box) if ok else None, count))
+            if isinstance(box, list) and len(box) == 4 and all(isinstance(v, (int, float)) for v in box):
+                bounds.append(((float(box[0]), float(box[1]), float(box[2]), float(box[3])), count))
+            else:
+                bounds.append((None, count))
     models: dict[str, str] = {}
     for run in data.get("runs") or []:
         for task in ((run or {}).get("params") or {}).get("tasks") or []:
@@ -129,7 +131,7 @@ def _info(folder: str, data: dict) -> DatasetInfo:
         tiles=sum(count for _, count in bounds), scenes=len(data.get("scenes") or {}),
         failed=len(data.get("failed") or {}),
         embeddings=tuple(EmbeddingSet(key, model) for key, model in models.items()),
-        part_bounds=tuple(bounds))  # type: ignore[arg-type]
+        part_bounds=tuple(bounds))
 
 
 def project_datasets() -> list[str]:

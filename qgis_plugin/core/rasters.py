@@ -18,6 +18,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from qgis.core import (
     QgsCoordinateReferenceSystem,
@@ -46,7 +47,7 @@ class RasterPlan:
 
     name: str
     path: str | None = None                   # a GDAL file (or data source) to read directly
-    provider: object = None                      # a clone of a non-file provider, to write
+    provider: Any = None                         # a clone of a non-file provider (QgsRasterDataProvider), to write
     crs: QgsCoordinateReferenceSystem | None = None
     raster_extent: QgsRectangle | None = None  # the layer's extent, in its CRS
     extent: QgsRectangle | None = None        # in the layer's CRS; None: all of it
@@ -121,14 +122,14 @@ def metric_crs(crs: QgsCoordinateReferenceSystem, extent: QgsRectangle,
 
 def pixel_window(plan_: RasterPlan) -> tuple | None:
     """(x_off, y_off, width, height) of the extent in a file raster; None for all of it."""
-    if plan_.extent is None or not plan_.width_px:
+    full, extent = plan_.raster_extent, plan_.extent
+    if extent is None or full is None or not plan_.width_px:
         return None
-    full = plan_.raster_extent
     px_w, px_h = full.width() / plan_.width_px, full.height() / plan_.height_px
-    x0 = max(0, int(math.floor((plan_.extent.xMinimum() - full.xMinimum()) / px_w + 1e-6)))
-    x1 = min(plan_.width_px, int(math.ceil((plan_.extent.xMaximum() - full.xMinimum()) / px_w - 1e-6)))
-    y0 = max(0, int(math.floor((full.yMaximum() - plan_.extent.yMaximum()) / px_h + 1e-6)))
-    y1 = min(plan_.height_px, int(math.ceil((full.yMaximum() - plan_.extent.yMinimum()) / px_h - 1e-6)))
+    x0 = max(0, int(math.floor((extent.xMinimum() - full.xMinimum()) / px_w + 1e-6)))
+    x1 = min(plan_.width_px, int(math.ceil((extent.xMaximum() - full.xMinimum()) / px_w - 1e-6)))
+    y0 = max(0, int(math.floor((full.yMaximum() - extent.yMaximum()) / px_h + 1e-6)))
+    y1 = min(plan_.height_px, int(math.ceil((full.yMaximum() - extent.yMinimum()) / px_h - 1e-6)))
     if x0 == 0 and y0 == 0 and x1 == plan_.width_px and y1 == plan_.height_px:
         return None
     if x1 <= x0 or y1 <= y0:
@@ -153,22 +154,23 @@ def materialise(plan_: RasterPlan, folder: str, resolution_m: float, feedback: Q
     """The raster file for the engine: the file itself, a VRT of its window, or a GeoTIFF written
     from a non-file layer at ``resolution_m`` metres per pixel, in ``folder``."""
     os.makedirs(folder, exist_ok=True)
-    if plan_.is_file:
+    if plan_.path is not None:  # a file raster (plan_.is_file)
+        source = plan_.path
         window = pixel_window(plan_)
         if window is None:
-            return plan_.path
+            return source
         from osgeo import gdal
 
         x, y, w, h = window
-        vrt = Path(folder) / f"{slug(Path(plan_.path).stem)}_x{x}_y{y}_{w}x{h}.vrt"
-        feedback.pushInfo(f"Only the extent: pixels {x},{y} to {x + w},{y + h} of {plan_.path} ({vrt.name})")
-        if gdal.Translate(str(vrt), plan_.path, format="VRT", srcWin=[x, y, w, h]) is None:
+        vrt = Path(folder) / f"{slug(Path(source).stem)}_x{x}_y{y}_{w}x{h}.vrt"
+        feedback.pushInfo(f"Only the extent: pixels {x},{y} to {x + w},{y + h} of {source} ({vrt.name})")
+        if gdal.Translate(str(vrt), source, format="VRT", srcWin=[x, y, w, h]) is None:
             raise QgsProcessingException(f"HQRS: cannot write {vrt}: {gdal.GetLastErrorMsg()}")
         return str(vrt)
     if not resolution_m or resolution_m <= 0:
         raise QgsProcessingException("HQRS: give a ground resolution (metres per pixel) for a web or WMS layer")
-    target = plan_.target_crs or plan_.crs
-    extent = plan_.extent
+    target, extent = plan_.target_crs or plan_.crs, plan_.extent
+    assert target is not None and extent is not None, "plan() gives a web layer an extent and a CRS"
     if target != plan_.crs:
         extent = QgsCoordinateTransform(plan_.crs, target, plan_.transform_context).transformBoundingBox(extent)
     ground_w, ground_h = ground_size_m(extent, target, plan_.transform_context)

@@ -19,7 +19,7 @@ import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import IO, Callable
 
 ERROR_PREFIX = "hqrs-geo: error: "
 KILL_GRACE_S = 15.0  # after SIGTERM, a child still running this long is killed
@@ -145,33 +145,34 @@ class ChildProcess:
     def start(self) -> ChildProcess:
         """Start the child; raises EngineError (kind ``engine``) when it cannot be started."""
         try:
-            self._child = subprocess.Popen(
+            child = self._child = subprocess.Popen(
                 self.argv, stdin=subprocess.PIPE if self.stdin else subprocess.DEVNULL, stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT if self.merge_stderr else subprocess.PIPE, text=True, encoding="utf-8",
                 errors="replace", bufsize=1, env=self.env, cwd=self.cwd, start_new_session=True)
         except OSError as exc:
             raise EngineError(f"cannot start {self.argv[0]}: {exc.strerror or exc}", "engine", SET_UP_ENGINE) from None
-        self._spawn(self._pump_stdout)
-        if not self.merge_stderr:
-            self._spawn(self._pump_stderr)
+        assert child.stdout is not None  # a pipe (stderr too, unless merged into it)
+        self._spawn(self._pump_stdout, child.stdout)
+        if child.stderr is not None:
+            self._spawn(self._pump_stderr, child.stderr)
         return self
 
-    def _spawn(self, target: Callable[[], None]) -> None:
-        thread = threading.Thread(target=target, daemon=True)
+    def _spawn(self, target: Callable[[IO[str]], None], stream: IO[str]) -> None:
+        thread = threading.Thread(target=target, args=(stream,), daemon=True)
         thread.start()
         self._threads.append(thread)
 
-    def _pump_stdout(self) -> None:
+    def _pump_stdout(self, stream: IO[str]) -> None:
         try:
-            for line in self._child.stdout:
+            for line in stream:
                 self._lines.put(line)
         except (OSError, ValueError):
             pass
         self._lines.put(None)
 
-    def _pump_stderr(self) -> None:
+    def _pump_stderr(self, stream: IO[str]) -> None:
         try:
-            for line in self._child.stderr:
+            for line in stream:
                 self.stderr.append(line)
         except (OSError, ValueError):
             pass
@@ -196,17 +197,20 @@ class ChildProcess:
 
     def send(self, obj: dict) -> None:
         """Write one JSON line to the child's stdin."""
+        stdin = self._child.stdin if self._child is not None else None
         with self._write_lock:
             try:
-                self._child.stdin.write(json.dumps(obj) + "\n")
-                self._child.stdin.flush()
-            except (OSError, ValueError, AttributeError) as exc:
+                if stdin is None:
+                    raise ValueError("it has no input pipe")
+                stdin.write(json.dumps(obj) + "\n")
+                stdin.flush()
+            except (OSError, ValueError) as exc:
                 raise EngineError(f"the process stopped listening ({exc})", "internal") from None
 
     # -- ending ---------------------------------------------------------------------------
     def terminate(self) -> None:
         """Ask the child to stop (SIGTERM: the CLI cancels cleanly)."""
-        if self.running:
+        if self._child is not None and self.running:
             try:
                 self._child.terminate()
             except OSError:
@@ -214,7 +218,7 @@ class ChildProcess:
 
     def kill(self) -> None:
         """Stop the child at once."""
-        if self.running:
+        if self._child is not None and self.running:
             try:
                 self._child.kill()
             except OSError:

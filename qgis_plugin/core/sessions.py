@@ -91,8 +91,11 @@ class SearchSession:
         an error answer (kind ``user``) or a process that ended."""
         with self._lock:
             self.start()
+            child = self._child
+            if child is None:  # closed from another thread since
+                raise EngineError("the search session was stopped", "cancelled")
             self._next_id += 1
-            self._child.send({"id": self._next_id, **payload})
+            child.send({"id": self._next_id, **payload})
             response = self._read(timeout)
         if "error" in response:
             from .runner import humanize

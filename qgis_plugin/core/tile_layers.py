@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from qgis.core import (
+    QgsFeature,
     QgsFeatureRequest,
     QgsMapLayer,
     QgsProviderRegistry,
@@ -71,7 +72,7 @@ class EmbeddingSet:
 
 def embedding_sets(layer: QgsMapLayer | None) -> list[EmbeddingSet]:
     """The embedding models of a tile layer (none for other layers)."""
-    if not is_tile_layer(layer):
+    if layer is None or not is_tile_layer(layer):
         return []
     names = layer.fields().names()
     keys = [n[len("emb_"):-len("_dim")] for n in names if n.startswith("emb_") and n.endswith("_dim")]
@@ -93,7 +94,7 @@ def quote_list(values: Iterable[str]) -> str:
     return ", ".join("'" + str(v).replace("'", "''") + "'" for v in values)
 
 
-def features_by_tile(layer: QgsVectorLayer, tile_ids: Iterable[str], geometry: bool = True) -> dict[str, object]:
+def features_by_tile(layer: QgsVectorLayer, tile_ids: Iterable[str], geometry: bool = True) -> dict[str, QgsFeature]:
     """The features of ``tile_ids`` (one request), by tile id."""
     ids = list(tile_ids)
     if not ids:

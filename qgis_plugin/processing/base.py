@@ -71,7 +71,7 @@ def ensure_engine(feedback: QgsProcessingFeedback, announce: bool = True) -> str
     if info is None:
         feedback.pushInfo(tr("Checking the HQRS engine in {}").format(python))
         info = engine.probe(python)
-        if not info.ok:
+        if info.problem is not None:
             raise QgsProcessingException(f"HQRS: {info.problem.text}")
     if announce:
         feedback.pushInfo(tr("HQRS engine: {}").format(info.summary))
@@ -218,7 +218,7 @@ class HqrsAlgorithm(QgsProcessingAlgorithm):
 
         Its errors are raised again in :meth:`processAlgorithm`, where Processing shows their text.
         """
-        self._prepare_error = None
+        self._prepare_error: Exception | None = None
         try:
             self.prepare(parameters, context, feedback or QgsProcessingFeedback())
         except QgsProcessingException as exc:
@@ -233,8 +233,9 @@ class HqrsAlgorithm(QgsProcessingAlgorithm):
                          feedback: QgsProcessingFeedback | None) -> dict[str, Any]:
         """Check the engine first (the one-line set-up message when it is missing), then :meth:`process`."""
         feedback = feedback or QgsProcessingFeedback()
-        if getattr(self, "_prepare_error", None) is not None:
-            raise self._prepare_error
+        error: Exception | None = getattr(self, "_prepare_error", None)
+        if error is not None:
+            raise error
         ensure_engine(feedback)
         return self.process(parameters, context, feedback)
 

@@ -91,7 +91,7 @@ class Hit:
     """One ranked tile, ready for the table and the results layer."""
 
     result: dict
-    geometry: QgsGeometry | None
+    geometry: QgsGeometry
     caption: str
     thumbnail: bytes | None
 

@@ -58,7 +58,7 @@ class EmbedAlgorithm(HqrsAlgorithm):
             "(field <i>emb_&lt;model&gt;</i>), for text search, similar tiles and zero-shot classes.<br>"
             + MODEL_HELP + RESUME_HELP)
 
-    def initAlgorithm(self, config: dict[str, Any] = None) -> None:  # noqa: N802
+    def initAlgorithm(self, config: dict[str, Any] | None = None) -> None:  # noqa: N802
         """Declare the parameters."""
         add_tile_layer_input(self)
         add_model_parameters(self, "", CLIP_MODELS, "Embedding model")
@@ -85,7 +85,7 @@ class CaptionAlgorithm(HqrsAlgorithm):
             "<b>Decoding</b>: greedy (fastest), beam (default) or sample. <b>Maximum length</b> in tokens.<br>"
             + MODEL_HELP + RESUME_HELP)
 
-    def initAlgorithm(self, config: dict[str, Any] = None) -> None:  # noqa: N802
+    def initAlgorithm(self, config: dict[str, Any] | None = None) -> None:  # noqa: N802
         """Declare the parameters."""
         add_tile_layer_input(self)
         add_model_parameters(self, "", COCA_MODELS, "Caption model (CoCa)")
@@ -114,7 +114,7 @@ class RunAlgorithm(RasterInputAlgorithm):
             "In scripts, an unset output writes <i>&lt;raster name&gt;_tiles.gpkg</i> next to the raster.<br>"
             + EXTENT_HELP + MODEL_HELP + RESUME_HELP)
 
-    def initAlgorithm(self, config: dict[str, Any] = None) -> None:  # noqa: N802
+    def initAlgorithm(self, config: dict[str, Any] | None = None) -> None:  # noqa: N802
         """Declare the parameters."""
         self.addParameter(QgsProcessingParameterRasterLayer("INPUT", tr("Raster")))
         add_extent_parameters(self)
@@ -128,8 +128,9 @@ class RunAlgorithm(RasterInputAlgorithm):
     def process(self, parameters: dict[str, Any], context: QgsProcessingContext,
                 feedback: QgsProcessingFeedback) -> dict[str, Any]:
         """Run ``hqrs-geo run RASTER -o OUT``."""
-        path, registered = tile_destination(self, parameters, context, self.raster_plan, feedback)
-        raster = self.raster_file(self.raster_plan, parameters, context, output_folder(path), feedback)
+        plan = self.planned_raster()
+        path, registered = tile_destination(self, parameters, context, plan, feedback)
+        raster = self.raster_file(plan, parameters, context, output_folder(path), feedback)
         self.run_engine(["run", raster, "-o", path,
                          *model_args(self, parameters, context, "EMBED_", MODEL_FLAGS["EMBED_"]),
                          *model_args(self, parameters, context, "CAPTION_", MODEL_FLAGS["CAPTION_"]),

@@ -67,7 +67,7 @@ class MpgiAlgorithm(HqrsAlgorithm):
             "without one the offline default runs (no VLM, the shipped caption model, SmolLM2 for merging). "
             "Every model call is cached beside the layer, so running again after a cancel resumes.")
 
-    def initAlgorithm(self, config: dict[str, Any] = None) -> None:  # noqa: N802
+    def initAlgorithm(self, config: dict[str, Any] | None = None) -> None:  # noqa: N802
         """Declare the parameters."""
         add_tile_layer_input(self)
         self.addParameter(QgsProcessingParameterFile(
@@ -113,7 +113,7 @@ class ExportDatasetAlgorithm(HqrsAlgorithm):
             "<i>hqrs-geo finetune</i>. <b>Captions</b>: <i>mpgi</i> (detailed + short MpGI captions) or "
             "<i>caption</i> (the caption model's field).")
 
-    def initAlgorithm(self, config: dict[str, Any] = None) -> None:  # noqa: N802
+    def initAlgorithm(self, config: dict[str, Any] | None = None) -> None:  # noqa: N802
         """Declare the parameters."""
         add_tile_layer_input(self)
         self.addParameter(static_enum("CAPTIONS", tr("Captions"), ("mpgi", "caption"), "mpgi"))

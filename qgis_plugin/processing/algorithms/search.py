@@ -185,7 +185,7 @@ class SearchAlgorithm(HqrsAlgorithm):
             "model; later searches (here or in the HQRS search dock) reuse the running session. "
             "<b>Extent</b> restricts the search to tiles within it (in the extent's CRS).<br>" + EMBEDDINGS_HELP)
 
-    def initAlgorithm(self, config: dict[str, Any] = None) -> None:  # noqa: N802
+    def initAlgorithm(self, config: dict[str, Any] | None = None) -> None:  # noqa: N802
         """Declare the parameters."""
         add_tile_layer_input(self)
         self.addParameter(QgsProcessingParameterString("QUERY", tr("Text")))
@@ -224,7 +224,7 @@ class SimilarAlgorithm(HqrsAlgorithm):
             "ticked for the tile layer, the selected tiles. <b>Negative tile ids</b> steer away from tiles "
             "like those. The examples themselves are left out of the results.<br>" + EMBEDDINGS_HELP)
 
-    def initAlgorithm(self, config: dict[str, Any] = None) -> None:  # noqa: N802
+    def initAlgorithm(self, config: dict[str, Any] | None = None) -> None:  # noqa: N802
         """Declare the parameters."""
         self.addParameter(QgsProcessingParameterFeatureSource(
             "INPUT", tr("Tile layer (selected features: the example tiles)"), [QgsProcessing.TypeVectorPolygon]))
@@ -280,7 +280,7 @@ class ClassifyAlgorithm(HqrsAlgorithm):
             "(comma-separated class names, e.g. <i>river,forest,parking lot</i>): fields <i>label</i>, "
             "<i>label_score</i> and <i>label_top</i> (the best <b>top k</b> with scores).<br>" + EMBEDDINGS_HELP)
 
-    def initAlgorithm(self, config: dict[str, Any] = None) -> None:  # noqa: N802
+    def initAlgorithm(self, config: dict[str, Any] | None = None) -> None:  # noqa: N802
         """Declare the parameters."""
         add_tile_layer_input(self)
         self.addParameter(QgsProcessingParameterString("LABELS", tr("Labels (comma-separated)")))

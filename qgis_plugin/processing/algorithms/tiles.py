@@ -8,6 +8,7 @@ from typing import Any
 from qgis.core import (
     QgsProcessing,
     QgsProcessingContext,
+    QgsProcessingException,
     QgsProcessingFeedback,
     QgsProcessingOutputNumber,
     QgsProcessingOutputVectorLayer,
@@ -34,7 +35,7 @@ EXTENT_HELP = ("<b>Extent</b>: only the pixels within it (the map canvas when th
 def default_tiles_path(plan: RasterPlan) -> str:
     """Where tiles go when no output is given: ``<raster folder>/<raster stem>_tiles.gpkg`` for a
     local file, else a temporary GeoPackage."""
-    if plan.is_file and os.path.isfile(plan.path):
+    if plan.path is not None and os.path.isfile(plan.path):  # a local file raster
         source = Path(plan.path)
         return str(source.with_name(f"{source.stem}_tiles.gpkg"))
     return QgsProcessingUtils.generateTempFilename(f"{file_slug(plan.name)}_tiles.gpkg")
@@ -75,6 +76,12 @@ class RasterInputAlgorithm(HqrsAlgorithm):
         self.raster_plan = self.plan_raster(parameters, "INPUT", context) \
             if isinstance(layer, QgsRasterLayer) or layer is None else None
 
+    def planned_raster(self) -> RasterPlan:
+        """The raster plan :meth:`prepare` made (a one-line error when the input was no raster)."""
+        if self.raster_plan is None:
+            raise QgsProcessingException("HQRS: the input is not a raster layer: choose a raster")
+        return self.raster_plan
+
 
 class TileAlgorithm(RasterInputAlgorithm):
     """``hqrs:tile``: cut a raster into a tile layer (GeoPackage, GeoParquet or FlatGeobuf)."""
@@ -92,7 +99,7 @@ class TileAlgorithm(RasterInputAlgorithm):
             "In scripts, an unset output writes <i>&lt;raster name&gt;_tiles.gpkg</i> next to the raster. "
             "Writing a scene again into an existing tile layer replaces that scene's tiles.")
 
-    def initAlgorithm(self, config: dict[str, Any] = None) -> None:  # noqa: N802
+    def initAlgorithm(self, config: dict[str, Any] | None = None) -> None:  # noqa: N802
         """Declare the parameters."""
         self.addParameter(QgsProcessingParameterRasterLayer("INPUT", tr("Raster")))
         add_extent_parameters(self)
@@ -102,8 +109,9 @@ class TileAlgorithm(RasterInputAlgorithm):
     def process(self, parameters: dict[str, Any], context: QgsProcessingContext,
                 feedback: QgsProcessingFeedback) -> dict[str, Any]:
         """Run ``hqrs-geo tile``."""
-        path, registered = tile_destination(self, parameters, context, self.raster_plan, feedback)
-        raster = self.raster_file(self.raster_plan, parameters, context, output_folder(path), feedback)
+        plan = self.planned_raster()
+        path, registered = tile_destination(self, parameters, context, plan, feedback)
+        raster = self.raster_file(plan, parameters, context, output_folder(path), feedback)
         self.run_engine(["tile", raster, "-o", path, *tiling_args(self, parameters, context)], feedback,
                         outputs=[path])
         uri = layer_uri(path)
@@ -124,7 +132,7 @@ class ExportChipsAlgorithm(RasterInputAlgorithm):
             "tiles as they are; extent and tiling parameters are ignored). Running again with the same parameters "
             "keeps the chips already written.")
 
-    def initAlgorithm(self, config: dict[str, Any] = None) -> None:  # noqa: N802
+    def initAlgorithm(self, config: dict[str, Any] | None = None) -> None:  # noqa: N802
         """Declare the parameters."""
         self.addParameter(QgsProcessingParameterMapLayer(
             "INPUT", tr("Raster or tile layer"), None, False,
