@@ -53,8 +53,78 @@ import rasterio  # noqa: E402
 from affine import Affine  # noqa: E402
 from rasterio.crs import CRS  # noqa: E402
 
-SHARED_SCENES = ROOT.parent / "shared" / "data" / "scenes"
 EXAMPLE_SCENE = ROOT / "examples" / "data" / "urban_river_025m_epsg28992.tif"
+
+# Committed small crops of real scenes (MIT / public domain; tests/data/README.md says how each was cut)
+TEST_DATA = ROOT / "tests" / "data"
+NAIP_SCENE = TEST_DATA / "scenes" / "naip_rgbn_5m_epsg26914_256px.tif"  # R, G, B, NIR; DEFLATE; nodata 0
+DRONE_SCENE = TEST_DATA / "scenes" / "drone_farm_002m_epsg32753_192px.tif"  # RGB, 1.8 cm, striped, nodata 0
+UCM_SAMPLES = TEST_DATA / "ucm_val_samples" / "dataset.json"  # the first UCM val image of each of 21 classes
+
+# The shared data beside the clone (``../shared``; CI has it, a user's clone has not). Tests that
+# need it skip without it, saying which file (:func:`shared_data`). HQRS_TEST_SHARED moves it
+# (HQRS_TEST_SHARED=/nonexistent shows what runs without it).
+SHARED = Path(os.environ.get("HQRS_TEST_SHARED") or ROOT.parent / "shared")
+SHARED_DATA = SHARED / "data"
+SHARED_SCENES = SHARED_DATA / "scenes"
+
+
+def shared_missing(*relative: str) -> str | None:
+    """Why a test needing these files of the shared data (relative to ``../shared/data``) cannot run, or None."""
+    missing = [name for name in relative if not (SHARED_DATA / name).exists()]
+    if not missing:
+        return None
+    where = os.environ.get("HQRS_TEST_SHARED") or "../shared"
+    return f"needs {', '.join(f'{where}/data/{name}' for name in missing)}: not found"
+
+
+def needs_shared(*relative: str) -> pytest.MarkDecorator:
+    """A skip mark for a test (or parameter) that needs these files of the shared data."""
+    reason = shared_missing(*relative)
+    return pytest.mark.skipif(reason is not None, reason=reason or "")
+
+
+def shared_data(*relative: str) -> list[Path]:
+    """The paths of these files of the shared data; skips the calling test (or fixture) without them."""
+    reason = shared_missing(*relative)
+    if reason:
+        pytest.skip(reason)
+    return [SHARED_DATA / name for name in relative]
+
+
+GEOGRAPHIC_RES = 4e-6  # degrees: about 0.27 m east-west and 0.44 m north-south at the scene's 52° N
+
+
+def geographic_scene() -> Path:
+    """The example scene warped to EPSG:4326 with an alpha band (R, G, B, alpha; DEFLATE; 0 outside
+    the source): a geographic scene laid out like the Swellendam aerials of ``../shared``, on a
+    grid fixed by :data:`GEOGRAPHIC_RES` (913 x 566 px). Made once per session under TEST_HOME."""
+    from rasterio.enums import ColorInterp, Resampling
+    from rasterio.warp import reproject, transform_bounds
+
+    path = TEST_HOME / "scenes" / "urban_river_epsg4326.tif"
+    if path.exists():
+        return path
+    res = GEOGRAPHIC_RES
+    with rasterio.open(EXAMPLE_SCENE) as src:
+        left, bottom, right, top = transform_bounds(src.crs, "EPSG:4326", *src.bounds)
+        left, top = np.floor(left / res) * res, np.ceil(top / res) * res
+        width, height = int(np.ceil((right - left) / res)), int(np.ceil((top - bottom) / res))
+        transform = Affine(res, 0, left, 0, -res, top)
+        pixels = np.zeros((4, height, width), np.uint8)
+        source = np.concatenate([src.read(), np.full((1, src.height, src.width), 255, np.uint8)])
+        for band in range(4):
+            reproject(source[band], pixels[band], src_transform=src.transform, src_crs=src.crs,
+                      dst_transform=transform, dst_crs="EPSG:4326", resampling=Resampling.nearest)
+    path.parent.mkdir(exist_ok=True)
+    tmp = path.with_suffix(".tmp.tif")
+    with rasterio.open(tmp, "w", driver="GTiff", width=width, height=height, count=4, dtype="uint8",
+                       crs="EPSG:4326", transform=transform, compress="deflate", photometric="RGB",
+                       alpha="YES") as dst:
+        dst.write(pixels)
+        dst.colorinterp = (ColorInterp.red, ColorInterp.green, ColorInterp.blue, ColorInterp.alpha)
+    tmp.replace(path)
+    return path
 
 os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
 

@@ -1,6 +1,7 @@
 """Real parts for the scale-out tests: an HTTP server with range requests on 127.0.0.1, COGs
-cut from the example and shared scenes, STAC items pointing at them, and a two-node Ray
-cluster on loopback addresses (each node its own raylet)."""
+cut from the example scene and the test scenes (tests/data, and the example scene warped to
+EPSG:4326), STAC items pointing at them, a two-node Ray cluster on loopback addresses (each node
+its own raylet), and snapshots of a dataset folder's parts."""
 from __future__ import annotations
 
 import json
@@ -17,13 +18,10 @@ from pathlib import Path
 
 import numpy as np
 import rasterio
+from conftest import DRONE_SCENE, EXAMPLE_SCENE, NAIP_SCENE, geographic_scene
 from rasterio.windows import Window
 
 ROOT = Path(__file__).resolve().parents[1]
-EXAMPLE_SCENE = ROOT / "examples" / "data" / "urban_river_025m_epsg28992.tif"
-SHARED_SCENES = ROOT.parent / "shared" / "data" / "scenes"
-if not SHARED_SCENES.is_dir():  # a worktree beside main: the shared data is next to the worktrees
-    SHARED_SCENES = Path("/work/shared/data/scenes")
 
 
 # -- HTTP with range requests -------------------------------------------------------------------
@@ -143,15 +141,19 @@ def write_crop(source: Path, target: Path, window: Window, cog: bool) -> Path:
 
 
 def scene_crops(folder: Path, size=(512, 384)) -> list[tuple[Path, Window]]:
-    """Windows of the example scene and the shared scenes, 12 in all."""
+    """Windows of the test scenes, 12 in all: the example scene's four corners (``size``), the
+    drone and NAIP crops' top-left and bottom-right (3/4 of their size), and the four corners of
+    the example scene warped to EPSG:4326 (``size``)."""
     w, h = size
     plan = [(EXAMPLE_SCENE, Window(0, 0, w, h)), (EXAMPLE_SCENE, Window(488, 0, w, h)),
             (EXAMPLE_SCENE, Window(0, 616, w, h)), (EXAMPLE_SCENE, Window(488, 616, w, h))]
-    for name in ("drone_farm_002m_epsg32753.tif", "naip_rgbn_5m_epsg26914.tif",
-                 "swellendam_3320D_epsg4326.tif", "swellendam_3420B_epsg4326.tif"):
-        path = SHARED_SCENES / name
+    for path in (DRONE_SCENE, NAIP_SCENE):
         with rasterio.open(path) as src:
-            plan += [(path, Window(0, 0, w, h)), (path, Window(src.width - w, src.height - h, w, h))]
+            cw, ch = min(w, src.width * 3 // 4), min(h, src.height * 3 // 4)
+            plan += [(path, Window(0, 0, cw, ch)), (path, Window(src.width - cw, src.height - ch, cw, ch))]
+    path = geographic_scene()
+    with rasterio.open(path) as src:
+        plan += [(path, Window(x, y, w, h)) for x in (0, src.width - w) for y in (0, src.height - h)]
     return plan
 
 
@@ -363,3 +365,12 @@ def compare_layers(got, expected, atol: float = 2e-3) -> None:
         assert np.abs(a - b).max() <= atol, (key, np.abs(a - b).max())
     if "caption" in expected.columns:
         assert list(got["caption"]) == list(expected["caption"])
+
+
+# -- a dataset folder's parts --------------------------------------------------------------------
+def parts(folder: Path) -> dict[str, int]:
+    """The finished part files of a dataset folder (name -> inode, which changes when a part is
+    written again). A writer's temporary files (``.NAME.PID.RANDOM.tmp.parquet``: hidden, and
+    removed by the next run when their writer was killed) are not parts."""
+    return {path.name: path.stat().st_ino for path in folder.glob("*.parquet")
+            if not path.name.startswith(".") and ".tmp" not in path.name}

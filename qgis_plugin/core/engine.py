@@ -14,8 +14,10 @@ import os
 import shutil
 import sys
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from . import settings
 from .runner import SET_UP_ENGINE, ChildProcess, EngineError
@@ -59,6 +61,90 @@ try:
 except Exception as exc:
     out["missing"].append(["open_clip", "%s: %s" % (type(exc).__name__, exc)])
 print(json.dumps(out))
+"""
+
+
+REPAIR_ENGINE = ("repair it with Raster ▸ HQRS ▸ Set up engine… ▸ Install engine (it reinstalls torch and torchvision "
+                 "with the project's pinned pair), or choose the Python of a working engine in HQRS settings")
+
+# The engine self-test, run in the engine's own Python after an installation: each check in turn,
+# a JSON line before each (so a crash names the check it happened in), one result line at the end.
+SELF_TEST_CHECKS = ("torch", "torchvision", "open_clip", "hqrs_geo", "model", "embed")
+SELF_TEST_MODEL = "hqrs-mini-clip"  # the demo model shipped inside the wheel: nothing is downloaded
+SELF_TEST = r"""
+import json, sys, time, traceback
+checks, model_name = sys.argv[1].split(","), sys.argv[2]
+state = {}
+
+def say(obj):
+    sys.stdout.write(json.dumps(obj) + "\n")
+    sys.stdout.flush()
+
+def check_torch():
+    import torch
+    state["torch"] = torch
+    return "torch %s" % torch.__version__
+
+def check_torchvision():
+    import torch, torchvision
+    from torchvision.ops import nms
+    boxes = torch.tensor([[0.0, 0.0, 10.0, 10.0], [1.0, 1.0, 10.0, 10.0], [20.0, 20.0, 30.0, 30.0]])
+    kept = [int(i) for i in nms(boxes, torch.tensor([0.9, 0.8, 0.7]), 0.5)]
+    if kept != [0, 2]:
+        raise AssertionError("torchvision.ops.nms kept boxes %s of a case whose answer is [0, 2]" % kept)
+    return "torchvision %s (ops.nms)" % torchvision.__version__
+
+def check_open_clip():
+    import open_clip
+    return "open_clip %s" % open_clip.__version__
+
+def check_hqrs_geo():
+    import hqrs_geo
+    return "hqrs_geo %s" % hqrs_geo.__version__
+
+def check_model():
+    from hqrs_geo.models.loader import load_model
+    state["model"] = load_model(model_name, device="cpu", download=False)
+    return "%s loaded on cpu" % model_name
+
+def check_embed():
+    import torch
+    from hqrs_geo.models.encode import image_batch_vectors
+    model = state.get("model")
+    if model is None:
+        from hqrs_geo.models.loader import load_model
+        model = load_model(model_name, device="cpu", download=False)
+    tile = torch.randint(0, 256, (1, 3, 64, 64), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    vector = image_batch_vectors(model, tile)
+    norm = float((vector.astype("float64") ** 2).sum()) ** 0.5
+    if vector.shape[0] != 1 or abs(norm - 1.0) > 1e-3:
+        raise AssertionError("the embedding of a random tile has shape %s and norm %.4f (expected 1 row of norm 1)"
+                             % (tuple(vector.shape), norm))
+    return "one 64x64 tile embedded: %d dimensions" % vector.shape[1]
+
+versions = {}
+try:
+    from importlib import metadata
+    for dist in ("torch", "torchvision", "open_clip_torch", "hqrs_geo"):
+        try:
+            versions[dist] = metadata.version(dist)
+        except Exception:
+            pass
+except Exception:
+    pass
+result = {"result": True, "passed": [], "versions": versions, "python": sys.executable}
+for name in checks:
+    say({"check": name})
+    started = time.monotonic()
+    try:
+        detail = globals()["check_" + name]()
+    except BaseException as exc:
+        text = str(exc).strip().splitlines()
+        result.update(failed=name, error="%s: %s" % (type(exc).__name__, text[0] if text else ""),
+                      traceback=traceback.format_exc()[-6000:])
+        break
+    result["passed"].append([name, detail, round(time.monotonic() - started, 2)])
+say(result)
 """
 
 
@@ -166,10 +252,15 @@ def probe(python: str | None = None, device: str | None = None, timeout: float =
     info = EngineInfo(python, raw.get("hqrs_geo"), raw.get("torch"), raw.get("device"), raw.get("python_version"),
                       raw=raw)
     missing: list = raw.get("missing") or []
-    if missing:
-        names = ", ".join(name for name, _ in missing)
-        info.problem = EngineError(f"the engine is not installed in {python} (missing: {names})", "engine",
-                                   SET_UP_ENGINE)
+    absent = [name for name, error in missing if error.startswith("ModuleNotFoundError")]
+    broken = [(name, error) for name, error in missing if not error.startswith("ModuleNotFoundError")]
+    if broken:  # installed, but its import fails: say how (e.g. torchvision's operators missing)
+        name, error = broken[0]
+        info.problem = EngineError(f"the engine in {python} is broken: importing {name} raised {error}", "engine",
+                                   REPAIR_ENGINE)
+    elif absent:
+        info.problem = EngineError(f"the engine is not installed in {python} (missing: {', '.join(absent)})",
+                                   "engine", SET_UP_ENGINE)
     elif raw.get("device_problem"):
         info.problem = EngineError(raw["device_problem"], "user", "choose another device in HQRS settings")
     else:
@@ -197,3 +288,104 @@ def _on_settings_changed(names: list) -> None:
 
 
 settings.notifier.changed.connect(_on_settings_changed)
+
+
+@dataclass
+class SelfTest:
+    """How :func:`self_test` ended: ``failed`` names the check that failed (None when all passed),
+    ``error`` is its exception as ``Type: message`` (or what a crashed process left on stderr)."""
+
+    python: str
+    checks: tuple[str, ...]
+    passed: list = field(default_factory=list)        # [check, what it found, seconds]
+    failed: str | None = None
+    error: str = ""
+    detail: str = ""                                  # the traceback (or stderr) of the failure
+    versions: dict = field(default_factory=dict)      # distribution -> version (torch, torchvision, …)
+    seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        """True when every check passed."""
+        return self.failed is None
+
+    @property
+    def summary(self) -> str:
+        """``self-test passed: torch 2.14.1+cpu, …`` or ``self-test failed at torchvision: RuntimeError: …``."""
+        if self.ok:
+            return "self-test passed (" + "; ".join(detail for _, detail, _ in self.passed) + f"; {self.seconds:.0f} s)"
+        return f"self-test failed at {CHECK_NAMES.get(self.failed or '', self.failed)}: {self.error}"
+
+
+CHECK_NAMES = {"torch": "import torch", "torchvision": "torchvision.ops.nms", "open_clip": "import open_clip",
+               "hqrs_geo": "import hqrs_geo", "model": f"loading the shipped model {SELF_TEST_MODEL}",
+               "embed": "embedding one tile on the CPU"}
+
+
+def self_test(python: str, checks: Sequence[str] = SELF_TEST_CHECKS, model: str = SELF_TEST_MODEL,
+              timeout: float = 600.0, on_line: Callable[[str], None] | None = None) -> SelfTest:
+    """Run the engine self-test in ``python`` (a child process; blocking: seconds).
+
+    The checks, in order: import torch; run ``torchvision.ops.nms`` on three boxes; import
+    open_clip and hqrs_geo; load the shipped model ``model`` on the CPU (nothing is downloaded);
+    embed one random 64×64 tile. It stops at the first failure and keeps that exception's text.
+    ``on_line`` receives a line per check as it starts and ends.
+    """
+    import time
+
+    unknown = [name for name in checks if name not in SELF_TEST_CHECKS]
+    if unknown:
+        raise ValueError(f"unknown self-test checks {unknown}; known: {SELF_TEST_CHECKS}")
+    report = on_line or (lambda line: None)
+    outcome = SelfTest(python, tuple(checks))
+    started = time.monotonic()
+    child = ChildProcess([python, "-c", SELF_TEST, ",".join(checks), model])
+    current = None
+    try:
+        child.start()
+        while True:
+            remaining = timeout - (time.monotonic() - started)
+            line = child.read_line(timeout=max(remaining, 0.01))
+            if line is None:
+                break
+            try:
+                message = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a library printing to stdout
+            if not isinstance(message, dict):
+                continue
+            if "check" in message:
+                current = message["check"]
+                report(f"self-test: {CHECK_NAMES.get(current, current)}…")
+            elif "result" in message:
+                outcome.passed = message.get("passed") or []
+                outcome.versions = message.get("versions") or {}
+                outcome.failed = message.get("failed")
+                outcome.error = message.get("error", "")
+                outcome.detail = message.get("traceback", "")
+                current = None
+    except TimeoutError:
+        child.kill()
+        outcome.failed = current or "torch"
+        outcome.error = f"no answer within {timeout:.0f} s"
+    except EngineError as exc:
+        outcome.failed, outcome.error = "torch", str(exc)
+    finally:
+        child.finish(timeout=10)
+    if current is not None and outcome.failed is None:  # the process died inside a check
+        stderr = [line.strip() for line in child.stderr if line.strip()]
+        outcome.failed = current
+        status = child.returncode
+        how = f"killed by signal {-status}" if status is not None and status < 0 else f"exit status {status}"
+        outcome.error = f"the process ended ({how}): {stderr[-1] if stderr else 'nothing on stderr'}"
+        outcome.detail = "\n".join(stderr[-40:])
+    elif current is None and not outcome.passed and outcome.failed is None and checks:
+        stderr = [line.strip() for line in child.stderr if line.strip()]
+        outcome.failed = checks[0]
+        outcome.error = stderr[-1] if stderr else f"{python} gave no self-test result"
+    for name, detail, _seconds in outcome.passed:
+        report(f"self-test: {CHECK_NAMES.get(name, name)}: ok ({detail})")
+    if outcome.failed:
+        report(f"self-test: {CHECK_NAMES.get(outcome.failed, outcome.failed)}: FAILED: {outcome.error}")
+    outcome.seconds = time.monotonic() - started
+    return outcome

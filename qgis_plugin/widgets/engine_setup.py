@@ -1,11 +1,16 @@
 """Finding or installing the engine: the panel shown on first run (in the dock) and from the menu.
 
-Installing runs :class:`..core.installer.Installer` in a QgsTask (progress bar, log, cancel);
-on success the ``interpreter`` setting points at the new environment, so the dock's next query
-uses it without restarting QGIS.
+Installing runs :class:`..core.installer.Installer` in a QgsTask (progress bar, log, cancel).
+Before it starts the panel shows what the chosen build costs (download and disk, from
+:data:`..core.installer.ENGINE_SIZES`) and the pinned torch/torchvision pair. An installation
+ends with the engine self-test; when it fails, the task is marked failed and the real error with
+what to do goes to the panel, the message bar and the log (HQRS tab). On success the
+``interpreter`` setting points at the new environment, so the dock's next query uses it without
+restarting QGIS.
 """
 from __future__ import annotations
 
+import html
 from pathlib import Path
 
 from qgis.core import Qgis, QgsSettings
@@ -28,7 +33,7 @@ from qgis.PyQt.QtWidgets import (
     QWidget,
 )
 
-from ..core import engine, installer, settings, tasks
+from ..core import engine, installer, sessions, settings, tasks
 from ..core.runner import EngineError
 
 TORCH_CHOICES = (("auto", "Automatic: CUDA build with an NVIDIA GPU, else CPU build"), ("cpu", "CPU build"),
@@ -50,6 +55,7 @@ class EngineSetupPanel(QWidget):
     def __init__(self, parent=None, message_bar=None):
         super().__init__(parent)
         self.message_bar = message_bar
+        self.gpu: str | None = None
         self.task: tasks.CallTask | None = None
         self.installer: installer.Installer | None = None
         layout = QVBoxLayout(self)
@@ -71,6 +77,8 @@ class EngineSetupPanel(QWidget):
         self.reuse_from = QgsFileWidget()
         self.reuse_from.setDialogTitle("Python of the environment whose PyTorch to reuse")
         self.reuse_from.setEnabled(False)
+        self.size = QLabel("")
+        self.size.setWordWrap(True)
         self.wheel = QgsFileWidget()
         self.wheel.setFilter("Python wheels (*.whl)")
         wheels = installer.bundled_wheels()
@@ -79,6 +87,7 @@ class EngineSetupPanel(QWidget):
         form.addRow("Environment folder", self.venv)
         form.addRow("PyTorch", self.torch)
         form.addRow("  its Python", self.reuse_from)
+        form.addRow("Expected size", self.size)
         form.addRow("hqrs_geo wheel", self.wheel)
         advanced = QgsCollapsibleGroupBox("Advanced")
         advanced.setCollapsed(True)
@@ -90,10 +99,12 @@ class EngineSetupPanel(QWidget):
         self.no_index = QCheckBox("Only these folders (no package index: offline install)")
         self.mpgi = QCheckBox("MpGI captions (transformers, gguf)")
         self.mpgi.setChecked(True)
+        self.replace = QCheckBox("Replace the environment (delete the existing one and install anew)")
         advanced_form.addRow("Create it with", self.base_python)
         advanced_form.addRow("Wheel folders", self.find_links)
         advanced_form.addRow("", self.no_index)
         advanced_form.addRow("Extras", self.mpgi)
+        advanced_form.addRow("", self.replace)
         buttons = QHBoxLayout()
         self.install_button = QPushButton("Install engine")
         self.install_button.setDefault(True)
@@ -124,6 +135,8 @@ class EngineSetupPanel(QWidget):
         self.relay.line.connect(self.add_log)
         self.relay.progress.connect(self.show_progress)
         self.torch.currentIndexChanged.connect(lambda _i: self.reuse_from.setEnabled(self.torch_choice() == "reuse"))
+        self.torch.currentIndexChanged.connect(lambda _i: self.show_size())
+        self.show_size()
         self.install_button.clicked.connect(self.install)
         self.cancel_button.clicked.connect(self.cancel)
         self.existing_button.clicked.connect(self.choose_existing)
@@ -139,6 +152,29 @@ class EngineSetupPanel(QWidget):
     def torch_choice(self) -> str:
         """Auto | cpu | cuda | reuse."""
         return str(self.torch.currentData())
+
+    def build_kind(self) -> str:
+        """The build an installation would get now: ``cpu`` | ``cuda`` | ``reuse`` (auto: by the GPU found)."""
+        choice = self.torch_choice()
+        if choice == "auto":
+            return "cuda" if self.gpu else "cpu"
+        return choice
+
+    def show_size(self) -> None:
+        """The chosen build's download and disk size, and the pinned pair, before anything starts."""
+        kind = self.build_kind()
+        size = installer.ENGINE_SIZES[kind]
+        try:
+            pins = installer.pins_text(installer.read_pins(installer.constraints_file()))
+        except EngineError as exc:
+            self.size.setText(f"<b>{exc.text}</b>")
+            return
+        extra = ""
+        if kind == "cpu":
+            cuda = installer.ENGINE_SIZES["cuda"]
+            extra = (f"; when the PyTorch CPU index cannot be reached, PyPI's build instead (on Linux the CUDA "
+                     f"one: {cuda.download_gb:g} GB download, {cuda.disk_gb:g} GB on disk)")
+        self.size.setText(f"{size.label}: <b>{installer.size_text(kind)}</b> ({pins}, pinned){extra}")
 
     def check(self) -> None:
         """Probe the current engine and the machine (GPU, index) in the background."""
@@ -172,6 +208,8 @@ class EngineSetupPanel(QWidget):
             text = f"<b>No engine yet</b>: {info.problem}"
         self.status.setText(f"{text}<br>This computer: {machine}; {index}.")
         self.torch.setItemText(0, f"Automatic: {'CUDA build (' + gpu + ')' if gpu else 'CPU build (no NVIDIA GPU)'}")
+        self.gpu = gpu
+        self.show_size()
         if info.ok:
             self.engine_ready.emit(info.summary)
 
@@ -183,7 +221,7 @@ class EngineSetupPanel(QWidget):
             venv=self.venv.filePath().strip() or str(engine.default_engine_dir()),
             wheel=self.wheel.filePath().strip() or "hqrs_geo", base_python=self.base_python.filePath().strip(),
             torch=self.torch_choice(), reuse_torch_from=self.reuse_from.filePath().strip(), extras=extras,
-            find_links=links, no_index=self.no_index.isChecked())
+            find_links=links, no_index=self.no_index.isChecked(), replace=self.replace.isChecked())
 
     # -- installing ------------------------------------------------------------------------
     def install(self, options: installer.InstallOptions | None = None) -> tasks.CallTask:
@@ -196,6 +234,8 @@ class EngineSetupPanel(QWidget):
         self.install_button.setEnabled(False)
         self.cancel_button.setEnabled(True)
         self.step.setText(f"Installing the engine into {options.venv}…")
+        if any(key.python == options.python for key in sessions.running_sessions()):
+            sessions.close_all()  # a search process must not run from files being reinstalled
         relay = self.relay
 
         def work(task: tasks.CallTask):
@@ -205,7 +245,10 @@ class EngineSetupPanel(QWidget):
 
             self.installer = installer.Installer(options, on_log=relay.line.emit, on_progress=progress,
                                                  is_cancelled=task.isCanceled)
-            return self.installer.run()
+            result = self.installer.run()
+            if not result.ok:
+                raise installer.InstallFailed(result)  # the task fails: QGIS's task list says so
+            return result
 
         self.task = tasks.start(tasks.CallTask("HQRS: installing the engine", work, self._installed,
                                                on_cancel=self._stop_installer))
@@ -234,15 +277,25 @@ class EngineSetupPanel(QWidget):
         self.cancel_button.setEnabled(False)
         self.task = None
         if error is not None or result is None or not result.ok:
-            message = str(error) if error is not None else (result.message if result else "failed")
-            self.step.setText(f"<b>Not installed</b>: {message}".replace("\n", "<br>"))
-            self._bar(f"engine not installed: {message.splitlines()[0]}", Qgis.Warning)
+            if isinstance(error, installer.InstallFailed):
+                result = error.result
+            message = result.message if result is not None and not result.ok else (
+                error.text if error is not None else "failed")
+            if error is not None and error.kind == "cancelled":
+                message = str(error) if result is None else result.message
+            first = message.splitlines()[0]
+            self.step.setText("<b>Not installed</b>: " + html.escape(message).replace("\n", "<br>"))
+            self._bar(f"engine not installed: {first}", Qgis.Info if error and error.kind == "cancelled"
+                      else Qgis.Critical)
+            tasks.log(f"engine not installed in {result.python if result else ''}: {message}", Qgis.Critical)
+            self.check()
             return
         self.progress.setValue(100)
         settings.set_value("interpreter", result.python)
-        self.step.setText(f"<b>{result.message}</b> ({result.seconds:.0f} s). The search dock and the Processing "
-                          "algorithms use it now.")
+        self.step.setText(f"<b>{html.escape(result.message)}</b> ({result.seconds:.0f} s). The search dock and the "
+                          "Processing algorithms use it now.")
         self._bar(result.message, Qgis.Success)
+        tasks.log(result.message, Qgis.Success)
         self.check()
 
     def choose_existing(self) -> None:
@@ -272,7 +325,7 @@ class EngineSetupPanel(QWidget):
 
     def _bar(self, text: str, level) -> None:
         if self.message_bar is not None:
-            self.message_bar.pushMessage("HQRS", text, level, 10)
+            self.message_bar.pushMessage("HQRS", text, level, 0 if level == Qgis.Critical else 10)
 
 
 class EngineSetupDialog(QDialog):

@@ -11,7 +11,16 @@ import numpy as np
 import pytest
 from conftest import run_cli
 from rasterio.windows import Window
-from scale_helpers import EXAMPLE_SCENE, RangeServer, compare_layers, free_port, stac_item, wgs84_bounds, write_crop
+from scale_helpers import (
+    EXAMPLE_SCENE,
+    RangeServer,
+    compare_layers,
+    free_port,
+    parts,
+    stac_item,
+    wgs84_bounds,
+    write_crop,
+)
 from tiny_models import TINY_CLIP, TINY_COCA
 
 import hqrs_geo as hg
@@ -106,7 +115,7 @@ def test_duckdb_and_geopandas_read_the_parts(dataset):
 def test_rerun_recomputes_nothing_and_adopts_parts_the_manifest_missed(dataset, scenes, tiny_clip_checkpoint,
                                                                       tiny_coca_checkpoint, reference):
     out, _ = dataset
-    before = {p.name: p.stat().st_ino for p in out.glob("*.parquet")}
+    before = parts(out)
     # a driver killed after writing parts but before its manifest write: the parts are not listed
     manifest = Manifest.load(out)
     dropped = sorted(manifest.parts)[:3]
@@ -116,7 +125,7 @@ def test_rerun_recomputes_nothing_and_adopts_parts_the_manifest_missed(dataset, 
     report = hg.run(scenes["sources"], out, tiling=CONFIG, options=RunOptions(batch_size=8),
                     scale=ScaleOptions(block_tiles=6), **_models(tiny_clip_checkpoint, tiny_coca_checkpoint))
     assert (report.done, report.skipped, report.tiles) == (0, 3, 0)
-    assert {p.name: p.stat().st_ino for p in out.glob("*.parquet")} == before
+    assert parts(out) == before
     assert set(dropped) <= set(Manifest.load(out).parts)
     compare_layers(hg.read_tiles(out), reference)
 
@@ -136,11 +145,11 @@ def test_failed_scenes_are_recorded_and_only_they_are_retried(tmp_path, scenes):
     manifest = json.loads((out / MANIFEST).read_text())
     assert set(manifest["failed"]) == {"broken", "gone"}
     assert all("\n" not in f["error"] and f["error"] for f in manifest["failed"].values())
-    kept = {p.name: p.stat().st_ino for p in out.glob("*.parquet")}
+    kept = parts(out)
     write_crop(EXAMPLE_SCENE, broken, Window(0, 0, 256, 256), cog=False)  # repaired
     second = run_cli(*args)
     assert second.returncode == 3 and "1 scene(s) finished" in second.stderr and "1 already done" in second.stderr
-    assert {p.name: p.stat().st_ino for p in out.glob("*.parquet") if p.name in kept} == kept
+    assert {n: i for n, i in parts(out).items() if n in kept} == kept
     assert set(json.loads((out / MANIFEST).read_text())["failed"]) == {"gone"}
     assert len(hg.read_tiles(out)) == 12 + 4
 

@@ -13,13 +13,13 @@ import sys
 import time
 
 import pytest
+from scale_helpers import ROOT, RangeServer, RayCluster, archive, compare_layers, free_port, parts, processes_named
+from tiny_models import TINY_CLIP, TINY_COCA
 
 import hqrs_geo as hg
 from hqrs_geo.engine.options import RunOptions
 from hqrs_geo.layer.dataset import MANIFEST
 from hqrs_geo.models.decoding import DecodingConfig
-from scale_helpers import ROOT, RangeServer, RayCluster, archive, compare_layers, free_port, processes_named
-from tiny_models import TINY_CLIP, TINY_COCA
 
 pytest.importorskip("ray")
 pytestmark = pytest.mark.timeout(900)
@@ -101,6 +101,20 @@ def finish(proc: subprocess.Popen, timeout: float = 600) -> tuple[int, str, str]
     return proc.returncode, out, err
 
 
+def test_part_snapshots_ignore_a_writers_temporaries(tmp_path):
+    """The snapshots the resume tests compare hold parts only: the temporary file a writer (or a
+    killed run) has beside them is not one (it once failed the killed-driver test with
+    ``KeyError: '.s06_naip.b0001.parquet.27604.yli9_ljh.tmp.parquet'``)."""
+    from hqrs_geo.atomic import atomic_path
+
+    (tmp_path / "s00_urban.b0000.parquet").write_bytes(b"part")
+    with atomic_path(tmp_path / "s06_naip.b0001.parquet") as tmp:
+        tmp.write_bytes(b"being written")
+        assert tmp.name.startswith(".s06_naip.b0001.parquet.") and tmp.name.endswith(".tmp.parquet")
+        assert list(parts(tmp_path)) == ["s00_urban.b0000.parquet"]
+    assert sorted(parts(tmp_path)) == ["s00_urban.b0000.parquet", "s06_naip.b0001.parquet"]
+
+
 def test_ray_engine_equals_the_single_process_engine(cluster, scenes, reference, tmp_path, env,
                                                      tiny_clip_checkpoint, tiny_coca_checkpoint):
     out = tmp_path / "ds"
@@ -142,13 +156,13 @@ def test_a_killed_driver_resumes_without_recomputing(cluster, scenes, reference,
     wait_for_scenes(proc, 3)
     proc.kill()
     proc.wait(timeout=60)
-    first = {p.name: p.stat().st_ino for p in out.glob("*.parquet")}
+    first = parts(out)
     assert first
     code, stdout, stderr = finish(start(command, env))
     assert code == 0, stderr[-3000:]
     final = json.loads(stdout.strip().splitlines()[-1])
     assert final["skipped"] >= 3 and final["skipped"] + final["finished"] == 12
-    after = {p.name: p.stat().st_ino for p in out.glob("*.parquet")}
+    after = parts(out)
     assert {n: after[n] for n in first} == first  # finished parts were not computed again
     compare_layers(hg.read_tiles(out), reference)
 
@@ -168,12 +182,12 @@ def test_failed_scenes_are_recorded_and_only_they_are_retried(cluster, scenes, s
     assert "corrupt" in stderr and "unreachable" in stderr
     failed = json.loads((out / MANIFEST).read_text())["failed"]
     assert set(failed) == {"corrupt", "unreachable"} and all("\n" not in f["error"] for f in failed.values())
-    kept = {p.name: p.stat().st_ino for p in out.glob("*.parquet")}
+    kept = parts(out)
     (folder / "corrupt.tif").write_bytes((folder / good.rsplit("/", 1)[1]).read_bytes())  # repaired
     code, stdout, stderr = finish(start(command, env))
     final = json.loads(stdout.strip().splitlines()[-1])
     assert code == 3 and final["finished"] == 1 and final["skipped"] == 1, stderr[-3000:]
-    assert {p.name: p.stat().st_ino for p in out.glob("*.parquet") if p.name in kept} == kept
+    assert {n: i for n, i in parts(out).items() if n in kept} == kept
     assert set(json.loads((out / MANIFEST).read_text())["failed"]) == {"unreachable"}
 
 

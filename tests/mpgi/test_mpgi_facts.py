@@ -8,35 +8,29 @@ import numpy as np
 import pytest
 import rasterio
 from affine import Affine
+from conftest import NAIP_SCENE, SHARED_SCENES, geographic_scene, shared_data, write_raster
 from pyproj import Geod, Transformer
 from rasterio.windows import Window
 from shapely.geometry import LineString, Point, Polygon, box
 
-from conftest import SHARED_SCENES, write_raster
-from hqrs_geo.errors import InputError, OptionError
-from hqrs_geo.mpgi.facts import (REGIONS, TileFacts, VectorFacts, VectorSource, compute_facts, parse_vector_spec)
-from hqrs_geo.mpgi.rules import DEFAULT_RULES, fact_sentences, facts_block, merge_rules
 from hqrs_geo import TileConfig, tile_rasters
+from hqrs_geo.errors import InputError, OptionError
+from hqrs_geo.mpgi.facts import REGIONS, TileFacts, VectorFacts, VectorSource, compute_facts, parse_vector_spec
+from hqrs_geo.mpgi.rules import DEFAULT_RULES, fact_sentences, facts_block, merge_rules
 
 SWELLENDAM = SHARED_SCENES / "swellendam_3420B_epsg4326.tif"
 OSM = SHARED_SCENES / "swellendam_osm.gpkg"
-NAIP = SHARED_SCENES / "naip_rgbn_5m_epsg26914.tif"
+NAIP = NAIP_SCENE  # a 256 px crop of ../shared's NAIP scene: R, G, B, NIR, 5 m
 UTM_34S = "EPSG:32734"  # Swellendam, 20.5° E: the metric CRS the facts must use there
 REL = 1e-6
-
-
-def _need(*paths):
-    missing = [p.name for p in paths if not p.exists()]
-    if missing:
-        pytest.skip(f"shared scene(s) not available: {', '.join(missing)}")
 
 
 # --------------------------------------------------------------------------- fixtures
 
 @pytest.fixture(scope="module")
 def swellendam():
-    """The 3420B scene tiled at 256 px, and its facts with buildings and roads."""
-    _need(SWELLENDAM, OSM)
+    """The 3420B scene tiled at 256 px, and its facts with buildings and roads (GPL data: only in ../shared)."""
+    shared_data("scenes/swellendam_3420B_epsg4326.tif", "scenes/swellendam_osm.gpkg")
     tiles, _ = tile_rasters(SWELLENDAM, TileConfig(tile_size=256))
     sources = [parse_vector_spec(f"{OSM}:buildings:building"), parse_vector_spec(f"{OSM}:roads:highway")]
     return tiles, compute_facts(tiles, sources)
@@ -44,10 +38,20 @@ def swellendam():
 
 @pytest.fixture(scope="module")
 def naip():
-    """The NAIP RGBN scene tiled at 256 px, and its facts."""
-    _need(NAIP)
-    tiles, _ = tile_rasters(NAIP, TileConfig(tile_size=256))
+    """The NAIP RGBN scene tiled at 128 px, and its facts."""
+    tiles, _ = tile_rasters(NAIP, TileConfig(tile_size=128))
     return tiles, compute_facts(tiles, ndvi_threshold=0.3, ndwi_threshold=0.0)
+
+
+@pytest.fixture(scope="module", params=["urban_river_epsg4326", "swellendam_3420B"])
+def geographic(request):
+    """A geographic (EPSG:4326) R, G, B + alpha scene tiled at 256 px, its tiles and facts: the
+    example scene warped to EPSG:4326, and (with ../shared) the Swellendam 3420B aerial."""
+    if request.param == "swellendam_3420B":
+        return (SWELLENDAM, *request.getfixturevalue("swellendam"))
+    path = geographic_scene()
+    tiles, _ = tile_rasters(path, TileConfig(tile_size=256))
+    return path, tiles, compute_facts(tiles)
 
 
 def _tile_frame(tiles, i: int, crs: str) -> gpd.GeoDataFrame:
@@ -230,8 +234,8 @@ def test_vegetation_and_water_fractions_match_numpy(naip):
     assert any(0 < f.vegetation_fraction < 1 for f in facts.values())
 
 
-def test_spectral_facts_need_a_nir_band(swellendam, naip):
-    _, rgb_facts = swellendam  # RGB + alpha: no NIR band
+def test_spectral_facts_need_a_nir_band(geographic, naip):
+    _, _, rgb_facts = geographic  # RGB + alpha: no NIR band
     assert all(f.vegetation_fraction is None and f.water_fraction is None for f in rgb_facts.values())
     tiles, facts = naip
     explicit = compute_facts(tiles.iloc[:2], nir_band=4)
@@ -247,17 +251,17 @@ def test_size_gsd_and_centre_on_naip(naip):
     with rasterio.open(NAIP) as src:
         for row in tiles.itertuples():
             f = facts[row.tile_id]
-            assert f.width_m == pytest.approx(256 * 5.0) and f.height_m == pytest.approx(256 * 5.0)
+            assert f.width_m == pytest.approx(128 * 5.0) and f.height_m == pytest.approx(128 * 5.0)
             assert f.gsd_m == pytest.approx(5.0)
             x, y = src.transform * (row.x_off + row.width / 2, row.y_off + row.height / 2)
             lon, lat = to_wgs84.transform(x, y)
             assert (f.centre_lat, f.centre_lon) == pytest.approx((lat, lon), abs=1e-7)
 
 
-def test_size_and_gsd_on_a_geographic_scene(swellendam):
-    tiles, facts = swellendam
+def test_size_and_gsd_on_a_geographic_scene(geographic):
+    path, tiles, facts = geographic
     geod = Geod(ellps="WGS84")
-    with rasterio.open(SWELLENDAM) as src:
+    with rasterio.open(path) as src:
         t = src.transform
         for row in tiles.iloc[::7].itertuples():
             f = facts[row.tile_id]

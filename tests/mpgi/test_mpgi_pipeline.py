@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import EXAMPLE_SCENE, SHARED_SCENES, run_cli
+from conftest import EXAMPLE_SCENE, SHARED_SCENES, run_cli, shared_data
 from http_helpers import send_body
 
 pytestmark = pytest.mark.skipif(
@@ -75,9 +75,8 @@ def _content_words(text: str) -> set[str]:
 
 @pytest.fixture(scope="module")
 def town_layer(tmp_path_factory) -> Path:
-    """Two 256-px tiles of the Swellendam scene that contain OSM buildings."""
-    if not (SCENE.exists() and OSM.exists()):
-        pytest.skip("shared Swellendam data not present")
+    """Two 256-px tiles of the Swellendam scene that contain OSM buildings (GPL data: only in ../shared)."""
+    shared_data("scenes/swellendam_3420B_epsg4326.tif", "scenes/swellendam_osm.gpkg")
     from hqrs_geo import TileConfig, tile_rasters, write_tiles
     from hqrs_geo.layer.runs import new_run
     from hqrs_geo.mpgi.facts import VectorSource, compute_facts

@@ -2,9 +2,9 @@
 from __future__ import annotations
 
 import pytest
+from conftest import EXAMPLE_SCENE, geographic_scene, run_cli
 from qgis.core import QgsApplication, QgsFeatureRequest, QgsRasterLayer, QgsVectorLayer
 
-from conftest import EXAMPLE_SCENE, SHARED_SCENES, run_cli
 from hqrs_geo import read_tiles
 
 
@@ -19,10 +19,11 @@ def qgis_app():
 @pytest.mark.parametrize("suffix", [".gpkg", ".fgb"])
 @pytest.mark.parametrize("scene, crs_args, authid", [
     (EXAMPLE_SCENE, [], "EPSG:28992"),
-    (SHARED_SCENES / "swellendam_3420B_epsg4326.tif", [], "EPSG:4326"),
+    ("geographic", [], "EPSG:4326"),  # R, G, B, alpha in EPSG:4326, like the Swellendam aerials
     (EXAMPLE_SCENE, ["--crs", "EPSG:4326"], "EPSG:4326"),
 ])
 def test_layer_opens_in_qgis(qgis_app, tmp_path, suffix, scene, crs_args, authid):
+    scene = geographic_scene() if scene == "geographic" else scene
     out = tmp_path / f"tiles{suffix}"
     result = run_cli("tile", scene, "-o", out, "--tile-size", "128", "-q", *crs_args)
     assert result.returncode == 0, result.stderr

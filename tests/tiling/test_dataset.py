@@ -6,16 +6,16 @@ import pickle
 import numpy as np
 import rasterio
 import torch
+from conftest import EXAMPLE_SCENE, NAIP_SCENE
 from rasterio.windows import Window
 from torch.utils.data import DataLoader
 
-from conftest import EXAMPLE_SCENE, SHARED_SCENES
 from hqrs_geo import TileConfig, TileDataset, collate_tiles, read_tiles, tile_rasters, write_tiles
 from hqrs_geo.layer.runs import new_run
 
 
 def test_dataloader_workers_preserve_order_and_pixels():
-    ds = TileDataset.from_rasters([EXAMPLE_SCENE, SHARED_SCENES / "naip_rgbn_5m_epsg26914.tif"],
+    ds = TileDataset.from_rasters([EXAMPLE_SCENE, NAIP_SCENE],
                                   TileConfig(tile_size=128, overlap=32, edge="drop"))
     assert len(ds) > 50
     loader = DataLoader(ds, batch_size=16, num_workers=2, collate_fn=collate_tiles,

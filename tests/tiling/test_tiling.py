@@ -6,11 +6,13 @@ import pytest
 import rasterio
 import shapely
 from affine import Affine
+from conftest import DRONE_SCENE, EXAMPLE_SCENE, NAIP_SCENE, SHARED_DATA, geographic_scene, needs_shared, write_raster
 from pyproj import Transformer
 from rasterio.enums import ColorInterp
-from rasterio.windows import Window, bounds as window_bounds, transform as window_transform
+from rasterio.windows import Window
+from rasterio.windows import bounds as window_bounds
+from rasterio.windows import transform as window_transform
 
-from conftest import SHARED_SCENES, write_raster
 from hqrs_geo import TileConfig, TileDataset, tile_rasters
 from hqrs_geo.errors import InputError
 from hqrs_geo.raster.stretch import StretchSpec
@@ -281,13 +283,16 @@ def test_scene_without_valid_pixels_gives_empty_frame(tmp_path):
 
 
 @pytest.mark.parametrize("name, size, count", [
-    ("urban_river_025m_epsg28992.tif", "64m", 16),
-    ("naip_rgbn_5m_epsg26914.tif", 256, 12),
-    ("swellendam_3320D_epsg4326.tif", 256, 25),
+    ("example", "64m", 16),
+    ("naip", 100, 9),  # R, G, B, NIR (no colour tags): the first three bands
+    ("drone", 64, 9),
+    ("geographic", 256, 12),  # EPSG:4326, R, G, B, alpha
+    pytest.param("scenes/swellendam_3320D_epsg4326.tif", 256, 25,
+                 marks=needs_shared("scenes/swellendam_3320D_epsg4326.tif")),
 ])
 def test_real_scenes(name, size, count):
-    path = SHARED_SCENES / name
-    assert path.exists(), f"shared scene missing: {path}"
+    path = {"example": EXAMPLE_SCENE, "naip": NAIP_SCENE, "drone": DRONE_SCENE}.get(name) or (
+        geographic_scene() if name == "geographic" else SHARED_DATA / name)
     tiles, scenes = tile_rasters(path, TileConfig(tile_size=size, min_valid=0))
     with rasterio.open(path) as src:
         cols = len(sorted({min(x, src.width - tiles.width.iloc[0]) for x in range(0, src.width, tiles.width.iloc[0])}))

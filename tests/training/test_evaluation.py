@@ -5,13 +5,13 @@ import json
 
 import numpy as np
 import pytest
-
-from conftest import ROOT, run_cli
-from hqrs_geo.evaluation import load_karpathy, retrieval_metrics, zeroshot_metrics
-from hqrs_geo.models.encode import normalise
+from conftest import UCM_SAMPLES, run_cli
 from tiny_models import TINY_CLIP
 
-UCM = ROOT.parent / "shared" / "data" / "ucm" / "dataset_ucm.json"
+from hqrs_geo.evaluation import load_karpathy, retrieval_metrics, zeroshot_metrics
+from hqrs_geo.models.encode import normalise
+
+UCM = UCM_SAMPLES  # UCM val images with their UCM-captions, one per class (21), committed in tests/data
 
 
 def reference_recall(sims, owners, k):
@@ -47,7 +47,6 @@ def test_zeroshot_metrics_match_reference():
 
 
 def test_eval_cli_on_ucm(tmp_path, tiny_clip_checkpoint):
-    assert UCM.exists(), f"shared UCM data missing: {UCM}"
     records = load_karpathy(str(UCM), "val", limit=21)
     assert len(records) == 21 and all(len(r["captions"]) == 5 for r in records)
     out = tmp_path / "r.json"
