@@ -177,6 +177,9 @@ def plugin_folder(tmp_path, monkeypatch):
 
     global _APP
     _APP = QgsApplication.instance() or QgsApplication([], False)
+    # with its providers: a layer made before initQgis() creates the provider registry without them
+    # (later tests in this process then get invalid WMS/XYZ layers)
+    _APP.initQgis()
     plugin_dir = tmp_path / "hqrs_geo_plugin"
     shutil.copytree(ROOT / "qgis_plugin", plugin_dir, ignore=shutil.ignore_patterns("__pycache__", "tools"))
     shutil.copy(ROOT / "metadata.txt", plugin_dir / "metadata.txt")
