@@ -67,6 +67,9 @@ def test_torch_is_chosen_for_the_machine(tmp_path, monkeypatch):
     assert kind == "cpu" and "no NVIDIA GPU" in reason
     steps = installer.plan(options)
     torch_step = next(s for s in steps if s.title.startswith("PyTorch"))
+    constraints = str(installer.constraints_file())
+    assert all(s.argv[s.argv.index("-c") + 1] == constraints for s in steps[1:])  # every pip step: the pins
+    assert torch_step.fallback.argv[torch_step.fallback.argv.index("-c") + 1] == constraints
     assert installer.PYTORCH_CPU_INDEX in torch_step.argv and torch_step.fallback is not None
     assert installer.PYTORCH_CPU_INDEX not in torch_step.fallback.argv  # PyPI's build when the CPU index is away
     assert steps[-1].argv[-1] == "/w/hqrs_geo-0.1.0-py3-none-any.whl[models,mpgi]"
@@ -175,6 +178,13 @@ def test_first_run_installs_the_engine_and_searches_without_restarting(qgis, tmp
         python = str(engine.venv_python(tmp_path / "engine"))
         assert settings.value("interpreter") == python and "engine installed" in dock.setup_panel.step.text()
         assert "Creating the environment" in log and "reusing the PyTorch" in log
+        # the real self-test ran in the new environment: the shipped model loaded and embedded a tile
+        assert task.result.self_test.checks == engine.SELF_TEST_CHECKS and task.result.self_test.ok
+        assert "self-test: loading the shipped model hqrs-mini-clip: ok" in log
+        assert "self-test: embedding one tile on the CPU: ok (one 64x64 tile embedded" in log
+        assert "engine installed and self-tested" in dock.setup_panel.step.text() and "GB on disk" in log
+        # the hqrs_geo step ran with the pins (derived from the reused torch, which is the pinned pair here)
+        assert f"-c {tmp_path / 'engine' / 'hqrs-reused-constraints.txt'}" in log
         wait_for(lambda: dock.pages.currentIndex() == 0, 120)  # back to searching, no restart
         where = subprocess.run([python, "-c", "import hqrs_geo, torch; print(hqrs_geo.__file__)"],
                                capture_output=True, text=True, env={"PATH": os.environ["PATH"]}, cwd=tmp_path)
