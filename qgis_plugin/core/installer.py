@@ -67,12 +67,13 @@ class EngineSize:
 
 
 # The one place for the sizes shown before an installation starts (and used for the disk check).
-# Measured for issue 22 with pip --no-compile: CPU build (torch 2.13.0+cpu, whose wheel is the size
-# of 2.14.1+cpu): 0.41 GB downloaded, 1.47 GB on disk; CUDA build (PyPI's torch 2.14.1 with its
-# NVIDIA libraries): 3.23 GB downloaded, about 6 GB on disk; reuse: the rest only.
+# Measured for issue 22 (Linux, Python 3.11, pip --no-compile): CPU build (torch 2.13.0+cpu, a
+# wheel of the size of 2.14.1+cpu; the CPU index could not be reached there): 0.41 GB downloaded,
+# 1.47 GB on disk; CUDA build (PyPI's torch 2.14.1 with its NVIDIA libraries, installed by the
+# panel in QGIS 3.22): 3.23 GB downloaded, 6.32 GB on disk; reuse: the rest only.
 ENGINE_SIZES = {
     "cpu": EngineSize(0.45, 1.5, "CPU build of PyTorch"),
-    "cuda": EngineSize(3.3, 6.0, "CUDA build of PyTorch"),
+    "cuda": EngineSize(3.3, 6.3, "CUDA build of PyTorch"),
     "reuse": EngineSize(0.25, 0.8, "PyTorch reused from another environment"),
 }
 
@@ -448,6 +449,7 @@ class Installer:
         self.lines: list[str] = []
         self.notes: list[str] = []       # said again in the final message (e.g. PyPI's build instead of the CPU one)
         self.action = ""
+        self.percent = 0.0
         self._child: ChildProcess | None = None
 
     def log(self, line: str) -> None:
@@ -568,7 +570,8 @@ class Installer:
         total = sum(step.weight for step in steps) + 1.0
         done = 0.0
         for step in steps:
-            self.on_progress(100.0 * done / total, step.title)
+            self.percent = 100.0 * done / total
+            self.on_progress(self.percent, step.title)
             self.run_step(step)
             done += step.weight
         if self.is_cancelled():
@@ -663,6 +666,7 @@ class Installer:
             host = urllib.parse.urlsplit(step.reachable).hostname
             self.log(f"(no connection to {host}); trying: {step.fallback.title}")
             self.notes.append(f"PyTorch came from PyPI ({host} could not be reached)")
+            self.on_progress(self.percent, step.fallback.title)
             return self.run_step(step.fallback)
         assert step.argv is not None
         self.log("$ " + shlex.join(step.argv))
@@ -695,6 +699,7 @@ class Installer:
             if error.kind in ("network", "not-found") and step.fallback is not None:
                 self.log(f"({error}); trying: {step.fallback.title}")
                 self.notes.append(f"PyTorch came from PyPI (the CPU index: {error})")
+                self.on_progress(self.percent, step.fallback.title)
                 return self.run_step(step.fallback)
             raise error
 

@@ -56,6 +56,7 @@ class EngineSetupPanel(QWidget):
         super().__init__(parent)
         self.message_bar = message_bar
         self.gpu: str | None = None
+        self.cpu_index_online: bool | None = None  # None: not checked yet
         self.task: tasks.CallTask | None = None
         self.installer: installer.Installer | None = None
         layout = QVBoxLayout(self)
@@ -172,8 +173,13 @@ class EngineSetupPanel(QWidget):
         extra = ""
         if kind == "cpu":
             cuda = installer.ENGINE_SIZES["cuda"]
-            extra = (f"; when the PyTorch CPU index cannot be reached, PyPI's build instead (on Linux the CUDA "
-                     f"one: {cuda.download_gb:g} GB download, {cuda.disk_gb:g} GB on disk)")
+            instead = (f"PyPI's build instead (on Linux the CUDA one: {cuda.download_gb:g} GB download, "
+                       f"{cuda.disk_gb:g} GB on disk)")
+            if self.cpu_index_online is False:
+                host = installer.PYTORCH_CPU_INDEX.split("/")[2]
+                extra = f"; <b>the PyTorch CPU index ({host}) cannot be reached from this computer</b>: {instead}"
+            else:
+                extra = f"; when the PyTorch CPU index cannot be reached, {instead}"
         self.size.setText(f"{size.label}: <b>{installer.size_text(kind)}</b> ({pins}, pinned){extra}")
 
     def check(self) -> None:
@@ -188,7 +194,8 @@ class EngineSetupPanel(QWidget):
             info = engine.probe(python, use_cache=False)
             gpu = installer.detect_nvidia_gpu()
             online = installer.index_reachable()
-            return info, gpu, online
+            cpu_online = installer.index_reachable(installer.PYTORCH_CPU_INDEX)
+            return info, gpu, online, cpu_online
 
         tasks.start(tasks.CallTask("HQRS: checking the engine", work, self._checked, can_cancel=False))
 
@@ -197,8 +204,8 @@ class EngineSetupPanel(QWidget):
         if error is not None or result is None:
             self.status.setText(f"Check failed: {error}")
             return
-        info, gpu, online = result
-        machine = f"NVIDIA GPU: {gpu}" if gpu else "no NVIDIA GPU (the CPU build of PyTorch will be installed)"
+        info, gpu, online, self.cpu_index_online = result
+        machine = f"NVIDIA GPU: {gpu}" if gpu else "no NVIDIA GPU (the CPU build of PyTorch is chosen)"
         index = "package index reachable" if online else \
             "<b>the package index (pypi.org) cannot be reached</b>: connect this computer, or give wheel folders " \
             "under Advanced and tick 'Only these folders' (see the guide: docs/qgis-plugin.md)"
