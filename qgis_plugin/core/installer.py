@@ -32,6 +32,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import re
 import shlex
 import shutil
 import socket
@@ -457,6 +458,10 @@ class Installer:
         self.lines.append(line)
         self.on_log(line)
 
+    def _note(self, text: str) -> None:
+        if text not in self.notes:
+            self.notes.append(text)
+
     def cancel(self) -> None:
         """Stop the running step."""
         child = self._child
@@ -665,7 +670,7 @@ class Installer:
         if step.reachable and step.fallback is not None and not index_reachable(step.reachable):
             host = urllib.parse.urlsplit(step.reachable).hostname
             self.log(f"(no connection to {host}); trying: {step.fallback.title}")
-            self.notes.append(f"PyTorch came from PyPI ({host} could not be reached)")
+            self._note(f"PyTorch came from PyPI ({host} could not be reached)")
             self.on_progress(self.percent, step.fallback.title)
             return self.run_step(step.fallback)
         assert step.argv is not None
@@ -698,7 +703,7 @@ class Installer:
                                     "network")
             if error.kind in ("network", "not-found") and step.fallback is not None:
                 self.log(f"({error}); trying: {step.fallback.title}")
-                self.notes.append(f"PyTorch came from PyPI (the CPU index: {error})")
+                self._note(f"PyTorch came from PyPI (the CPU index: {error})")
                 self.on_progress(self.percent, step.fallback.title)
                 return self.run_step(step.fallback)
             raise error
@@ -709,6 +714,23 @@ _CONNECTION = ("Failed to establish a new connection", "Temporary failure in nam
                "Max retries exceeded", "ProxyError", "SSLError", "Connection refused", "Read timed out",
                "connection broken by")
 _NOT_FOUND = ("No matching distribution found", "Could not find a version that satisfies")
+
+
+def connection_reason(output: Sequence[str]) -> str:
+    """``no connection to the index (ProxyError: Cannot connect to proxy. [Errno 111] Connection
+    refused)`` from pip's last connection warning."""
+    lines = [line for line in output if any(marker in line for marker in _CONNECTION)]
+    if not lines:
+        return "no connection to the index"
+    last = lines[-1]
+    parts = []
+    broken = re.search(r"connection broken by '(\w+)\((?:'([^']*)')?", last)
+    if broken:
+        parts.append(broken.group(1) + (f": {broken.group(2)}" if broken.group(2) else ""))
+    errno = re.search(r"\[Errno -?\d+\][^'\")]*", last)
+    if errno:
+        parts.append(errno.group(0).strip())
+    return f"no connection to the index ({' '.join(parts) if parts else last.strip()[:200]})"
 
 
 def pip_error(output: Sequence[str], code: int, title: str = "") -> EngineError:
@@ -729,7 +751,7 @@ def pip_error(output: Sequence[str], code: int, title: str = "") -> EngineError:
     if "No space left on device" in text:
         return EngineError(where, "user", "free disk space or choose an environment folder on another disk")
     if any(marker in text for marker in _CONNECTION):
-        return EngineError(where, "network")
+        return EngineError(f"pip failed at '{title}': {connection_reason(output)}", "network")
     if any(marker in text for marker in _NOT_FOUND):
         return EngineError(where, "not-found", "that index has no build of a pinned package for the environment's "
                            "Python and this platform: create the environment with another Python (3.10 or newer) "

@@ -212,7 +212,8 @@ class EngineSetupPanel(QWidget):
         if info.ok:
             text = f"<b>Engine ready</b>: {info.summary}<br><small>{info.python}</small>"
         else:
-            text = f"<b>No engine yet</b>: {info.problem}"
+            heading = "Engine broken" if "is broken" in str(info.problem) else "No engine yet"
+            text = f"<b>{heading}</b>: {html.escape(str(info.problem))}"
         self.status.setText(f"{text}<br>This computer: {machine}; {index}.")
         self.torch.setItemText(0, f"Automatic: {'CUDA build (' + gpu + ')' if gpu else 'CPU build (no NVIDIA GPU)'}")
         self.gpu = gpu
@@ -295,8 +296,7 @@ class EngineSetupPanel(QWidget):
             self._bar(f"engine not installed: {first}", Qgis.Info if error and error.kind == "cancelled"
                       else Qgis.Critical)
             tasks.log(f"engine not installed in {result.python if result else ''}: {message}", Qgis.Critical)
-            self.check()
-            return
+            return  # no check here: a working engine elsewhere would switch the dock away from this message
         self.progress.setValue(100)
         settings.set_value("interpreter", result.python)
         self.step.setText(f"<b>{html.escape(result.message)}</b> ({result.seconds:.0f} s). The search dock and the "

@@ -108,6 +108,8 @@ def test_unreachable_index_says_what_to_do(qgis, tmp_path, monkeypatch):
     options.no_index, options.find_links = False, ()
     result = installer.Installer(options).run()
     assert not result.ok and result.message.startswith("The package index cannot be reached from this computer")
+    assert "no connection to " in result.message  # the reason pip gave, not its ResolutionImpossible line
+    assert "pip download -d hqrs-wheels -c constraints.txt" in result.message
     assert any("trying: PyTorch from PyPI" in line for line in result.log)
     assert not any(line.startswith("== Creating the environment") for line in result.log)  # it exists already
 
