@@ -15,11 +15,12 @@ PLUGIN_ZIP  := dist/hqrs_geo_plugin.zip
 # free disk space (GB) the install checks for first: .venv takes 7.1 GB, pip unpacks beside it
 NEED_GB     := 10
 
-.PHONY: demo test lint bench plugin system-deps venv clean help
+.PHONY: demo test test-fast lint bench plugin system-deps venv clean help
 
 help:
 	@echo "make demo   - run the main job on the example scene (sets everything up)"
 	@echo "make test   - run the test suite (sets everything up)"
+	@echo "make test-fast - the tests not marked slow, between edits (needs the venv of make test)"
 	@echo "make bench  - run the benchmarks"
 	@echo "make plugin - build the QGIS plugin zip (dist/hqrs_geo_plugin.zip) with the engine's wheel"
 
@@ -60,8 +61,18 @@ lint: venv
 	$(PY) -m ruff check hqrs_geo qgis_plugin benchmarks examples
 	$(PY) -m mypy
 
+# The whole suite in parallel: one pytest-xdist worker per core (TEST_WORKERS=1 runs it in one
+# process), idle workers take queued tests from busy ones (worksteal); the slowest 15 are listed.
+TEST_WORKERS ?= auto
 test: venv lint
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist worksteal --durations=15 tests
+
+# Between edits (under 90 s): everything not marked `slow` (real installs, Ray clusters, the
+# real LLM, kill-and-resume runs, benchmark smoke runs; the marker's list is in tests/conftest.py).
+# No lint, no install check: run `make test` before committing.
+test-fast:
+	@test -x $(PY) || { echo "make test-fast: no .venv yet: run make test once (it installs everything)"; exit 1; }
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist worksteal -m "not slow" tests
 
 demo: venv
 	$(PY) examples/demo.py
