@@ -326,7 +326,7 @@ def test_a_broken_import_fails_the_task_with_its_error_and_a_retry_repairs_it(qg
         panel.deleteLater()
 
 
-def test_an_environment_repair_cannot_fix_is_replaced_and_a_dead_one_too(qgis, index, pip_env, tmp_path):
+def test_an_environment_repair_cannot_fix_is_replaced(qgis, index, pip_env, tmp_path):
     venv = tmp_path / "engine"
     assert installer.Installer(options_for(index, venv)).run().ok
     # a dependency that pip believes installed, its files gone: repairing (torch pair, hqrs_geo) leaves it broken
@@ -339,12 +339,6 @@ def test_an_environment_repair_cannot_fix_is_replaced_and_a_dead_one_too(qgis, i
     assert "ModuleNotFoundError: No module named 'geo_dep'" in log
     assert f"replacing the broken environment at {venv} (repairing did not make it work)" in log
     assert result.action == "replaced" and installed(venv)["torch"] == "2.14.1+cpu"
-    # an environment whose Python is gone is replaced at once
-    engine.venv_python(venv).unlink()
-    result = installer.Installer(options_for(index, venv)).run()
-    assert result.ok and result.action == "replaced"
-    assert f"replacing the broken environment at {venv} (its Python {engine.venv_python(venv)} is missing)" in \
-        "\n".join(result.log)
     assert [p.name for p in tmp_path.iterdir() if p.name != "pip-cache"] == ["engine"]  # one environment
     # a folder that is not an environment is never deleted
     other = tmp_path / "documents"
@@ -355,12 +349,20 @@ def test_an_environment_repair_cannot_fix_is_replaced_and_a_dead_one_too(qgis, i
     assert (other / "notes.txt").read_text() == "keep me"
 
 
-def test_unreachable_cpu_index_falls_back_to_pypi_and_says_it_is_the_cuda_build(qgis, index, pip_env, tmp_path):
-    venv = tmp_path / "engine"
+def test_a_dead_environment_is_replaced_and_an_unreachable_cpu_index_gives_pypis_cuda_build(qgis, index, pip_env,
+                                                                                             tmp_path):
+    venv = tmp_path / "engine"  # an environment whose Python is gone (e.g. QGIS's Python was upgraded)
+    (venv / "bin").mkdir(parents=True)
+    (venv / "pyvenv.cfg").write_text("home = /usr/bin\n")
+    (venv / "lib" / "leftover.txt").parent.mkdir()
+    (venv / "lib" / "leftover.txt").write_text("x" * 1000)
     options = options_for(index, venv, cpu_index_url="http://127.0.0.1:9/whl/cpu")  # nothing listens there
     result = installer.Installer(options).run()
     assert result.ok, "\n".join(result.log[-30:])
     log = "\n".join(result.log)
+    assert f"replacing the broken environment at {venv} (its Python {engine.venv_python(venv)} is missing)" in log
+    assert result.action == "replaced" and not (venv / "lib" / "leftover.txt").exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name != "pip-cache"] == ["engine"]  # one environment
     assert "(no connection to 127.0.0.1); trying: PyTorch from PyPI" in log
     cuda = installer.ENGINE_SIZES["cuda"]
     assert f"on Linux PyPI's build is the large CUDA one: about {cuda.download_gb:g} GB to download, " \
