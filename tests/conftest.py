@@ -241,11 +241,75 @@ def write_sparse_scene(path: Path, size: int = 30000) -> Path:
     return path
 
 
-def pytest_terminal_summary(terminalreporter):
-    """The fuzz/fault suite's counts (tests/test_faults.py), when it ran."""
+# What `make test-fast` leaves out: tests of seconds to minutes each (a node id, or the start of
+# one: a file, a test with all its parameters). One list, so the working loop's cut is seen at once.
+SLOW = (
+    "tests/test_benchmarks.py",                        # every benchmark's smoke run, in child processes
+    "tests/test_hermetic.py",                          # a child pytest in a planted user home
+    "tests/test_faults.py::test_killed_",              # kill -9 / SIGTERM and resume, in child processes
+    "tests/test_faults.py::test_stopped_finetune_resumes_bit_identical",
+    "tests/engine/test_ray_engine.py",                 # real Ray clusters
+    "tests/mpgi/test_mpgi_pipeline.py",                # the real SmolLM2 over real tiles
+    "tests/mpgi/test_mpgi_backends.py::test_smollm2_",
+    "tests/mpgi/test_mpgi_backends.py::test_http_server_backed_by_smollm2",
+    "tests/plugin/test_plugin_installer.py::test_first_run_installs_the_engine_and_searches_without_restarting",
+    "tests/plugin/test_processing.py::test_mpgi_captions_with_vector_facts_then_export_dataset",
+    "tests/models/test_hub_download.py",               # downloads from a local hub in child processes
+    "tests/tiling/test_memory.py",                     # a 40,000 px scene
+    "tests/training/test_evaluation.py::test_eval_cli_on_ucm",
+    "tests/training/test_evaluation.py::test_eval_caption_cli",
+    "tests/training/test_evaluation.py::test_caption_metrics_behave",  # Java (METEOR, SPICE)
+    "tests/training/test_training.py::test_finetune_cli_trains_and_refuses_bad_input",
+    "tests/training/test_training.py::test_coca_training_has_both_losses_and_captions_after_loading",
+    "tests/engine/test_engine.py::test_captions_match_direct_decoding",
+    "tests/engine/test_engine.py::test_cli_",
+    "tests/engine/test_partitioned.py::test_layer_commands_work_on_a_dataset",
+    "tests/search/test_search_partitioned.py::test_serve_search_on_a_dataset",
+    "tests/search/test_search_ivfpq.py::test_nprobe_and_rerank_are_calibrated",
+    "tests/search/test_search_ivfpq.py::test_near_duplicates_raise_rerank",
+    "tests/models/test_decoding.py::test_beam_search_",
+    "tests/models/test_decoding.py::test_sampling_is_seeded",
+    "tests/plugin/test_dock.py::test_settings_changes_restart_search_sessions",
+    "tests/plugin/test_plugin_processing.py::test_every_setting_reaches_the_engine",
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Mark the tests of :data:`SLOW` ``slow``."""
+    for item in items:
+        if item.nodeid.startswith(SLOW):
+            item.add_marker(pytest.mark.slow)
+
+
+def _fault_counts() -> dict | None:
     faults = sys.modules.get("test_faults")
     report = getattr(faults, "REPORT", None)
-    if report and report["tried"]:
+    return dict(report) if report and report["tried"] else None
+
+
+def pytest_sessionfinish(session):
+    """A pytest-xdist worker hands its fault-suite counts to the controller."""
+    counts = _fault_counts()
+    if counts and hasattr(session.config, "workeroutput"):
+        session.config.workeroutput["fault_counts"] = counts
+
+
+_WORKER_FAULT_COUNTS: list[dict] = []
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node, error):
+    """The controller collects each worker's fault-suite counts (pytest-xdist)."""
+    counts = getattr(node, "workeroutput", {}).get("fault_counts")
+    if counts:
+        _WORKER_FAULT_COUNTS.append(counts)
+
+
+def pytest_terminal_summary(terminalreporter):
+    """The fuzz/fault suite's counts (tests/test_faults.py), when it ran (summed over xdist workers)."""
+    parts = _WORKER_FAULT_COUNTS + ([counts] if (counts := _fault_counts()) else [])
+    if parts:
+        report = {key: sum(part.get(key, 0) for part in parts) for key in parts[0]}
         terminalreporter.write_line(
             "fault suite: {tried} cases tried, {clean} clean errors, {internal} tracebacks/internal errors, "
             "{data_lost} data lost, {recovered} faults recovered".format(**report))
