@@ -6,9 +6,12 @@ import inspect
 import logging
 import os
 import re
+import shutil
+import tempfile
 from abc import abstractmethod
 from collections.abc import Callable, Hashable, Iterator, Sequence
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 from ...errors import InputError, OptionError
@@ -209,6 +212,84 @@ def _load_gguf_causal_lm(source: str, gguf_file: str):
     return model_class.from_pretrained(None, config=config, state_dict=tensors)
 
 
+def gguf_cache_dir() -> Path:
+    """Folder of GGUF models converted to transformers' own format (``$HQRS_GEO_HOME/gguf``,
+    default ``~/.cache/hqrs_geo/gguf``)."""
+    from ...models.checkpoints import cache_dir
+
+    return cache_dir().parent / "gguf"
+
+
+def converted_gguf_folder(path: str) -> Path:
+    """Where the conversion of the GGUF file ``path`` is kept: one folder per file content
+    (sha256) and transformers version, so a changed file or a new transformers converts again."""
+    import transformers
+
+    from ...models.checkpoints import checkpoint_sha256
+
+    digest = checkpoint_sha256(path)[:16]
+    return gguf_cache_dir() / f"{Path(path).stem}.{digest}.transformers-{transformers.__version__}"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # another user's process: alive
+        return True
+    return True
+
+
+def _save_converted(folder: Path, tokenizer, net) -> None:
+    """Save a converted GGUF model to ``folder`` (written beside it, then renamed: a folder that
+    exists is complete). Best effort: a failure (full disk, read-only cache) is logged, not raised;
+    leftovers of conversions killed half-way are removed."""
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        for stale in folder.parent.glob(f".{folder.name}.*.tmp"):
+            pid = stale.name[len(folder.name) + 2:-len(".tmp")].split(".")[0]
+            if pid.isdigit() and not _pid_alive(int(pid)):
+                shutil.rmtree(stale, ignore_errors=True)
+        work = Path(tempfile.mkdtemp(prefix=f".{folder.name}.{os.getpid()}.", suffix=".tmp", dir=folder.parent))
+        try:
+            net.save_pretrained(work, safe_serialization=True)
+            tokenizer.save_pretrained(work)
+            os.rename(work, folder)
+        except OSError:
+            shutil.rmtree(work, ignore_errors=True)
+            if not folder.is_dir():  # not another process converting at the same time
+                raise
+    except OSError as err:
+        log.warning("could not keep the converted GGUF model in %s (%s); the next run converts it again",
+                    folder, _error_text(err))
+
+
+def _load_gguf_cached(source: str, gguf_file: str):
+    """(tokenizer, model) of a GGUF causal LM. A local file is converted once (transformers parses
+    and dequantises a GGUF in pure Python: a minute for SmolLM2-135M on a busy CPU) and kept in
+    :func:`gguf_cache_dir` in transformers' format (float32 safetensors: the same weights, loaded
+    in about a second); a hub GGUF is converted each time."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = os.path.join(source, gguf_file)
+    folder = converted_gguf_folder(path) if os.path.isfile(path) else None
+    if folder is not None and folder.is_dir():
+        try:
+            return (AutoTokenizer.from_pretrained(folder),
+                    AutoModelForCausalLM.from_pretrained(folder, **_dtype_kwargs(torch.float32)))
+        except (OSError, ValueError) as err:  # damaged: convert again
+            log.warning("the converted GGUF model in %s is unreadable (%s); converting again", folder,
+                        _error_text(err))
+            shutil.rmtree(folder, ignore_errors=True)
+    tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=gguf_file)
+    net = _load_gguf_causal_lm(source, gguf_file)
+    if folder is not None:
+        _save_converted(folder, tokenizer, net)
+    return tokenizer, net
+
+
 class TransformersLLMBackend(_TransformersBackend):
     """A causal LM through transformers: a folder, a hub id, or a GGUF file (``gguf_file``).
 
@@ -236,12 +317,11 @@ class TransformersLLMBackend(_TransformersBackend):
     def _load(self):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        extra = {"gguf_file": self.gguf_file} if self.gguf_file else {}
         with _loading(self.model, "causal LM"):
-            tokenizer = AutoTokenizer.from_pretrained(self._source, **extra)
             if self.gguf_file:
-                net = _load_gguf_causal_lm(self._source, self.gguf_file)
+                tokenizer, net = _load_gguf_cached(self._source, self.gguf_file)
             else:
+                tokenizer = AutoTokenizer.from_pretrained(self._source)
                 net = AutoModelForCausalLM.from_pretrained(self._source, **_dtype_kwargs(self.dtype))
         if not tokenizer.chat_template:
             raise OptionError(f"model {self.model} has no chat template (a base model?); use an instruct/chat model")
