@@ -168,9 +168,9 @@ def detect_nvidia_gpu(timeout: float = 15.0) -> str | None:
         line = child.read_line(timeout=timeout)
     except (EngineError, TimeoutError):
         line = None
-    child.kill()
-    child.finish(timeout=5)
-    return line.strip() if line and line.strip() and child.returncode == 0 else None
+        child.kill()
+    code = child.finish(timeout=5)  # its own exit status (killing it before it ended read as no GPU)
+    return line.strip() if line and line.strip() and code == 0 else None
 
 
 def bundled_wheels() -> list[str]:
@@ -571,6 +571,8 @@ class Installer:
         if not repair:
             kind = "reuse" if self.options.torch == "reuse" else ("cuda" if self.options.torch == "cuda"
                                                                    or self.options.gpu else "cpu")
+            if kind == "cpu" and not self.options.no_index and not index_reachable(self.options.cpu_index_url):
+                kind = "cuda"  # PyPI's build will come instead
             self._check_disk(kind)
         total = sum(step.weight for step in steps) + 1.0
         done = 0.0
