@@ -253,6 +253,7 @@ SLOW = (
     "tests/mpgi/test_mpgi_backends.py::test_smollm2_",
     "tests/mpgi/test_mpgi_backends.py::test_http_server_backed_by_smollm2",
     "tests/plugin/test_plugin_installer.py::test_first_run_installs_the_engine_and_searches_without_restarting",
+    "tests/plugin/test_installer_index.py",            # real pip into new environments (stand-in wheels)
     "tests/plugin/test_processing.py::test_mpgi_captions_with_vector_facts_then_export_dataset",
     "tests/models/test_hub_download.py",               # downloads from a local hub in child processes
     "tests/tiling/test_memory.py",                     # a 40,000 px scene
