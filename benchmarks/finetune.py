@@ -1,12 +1,12 @@
 """Training throughput: ``hqrs-geo finetune``'s loop vs a bare open_clip training step, in one run.
 
-    python benchmarks/finetune.py [--arch hqrs-mini-clip] [--steps 40] [--batch 64] [--class-target 0.5]
-                                  [--dataset ../shared/data/ucm/dataset_ucm.json] [--device cpu]
+    python benchmarks/finetune.py [--arch hqrs-mini-clip] [--steps 40] [--warmup 3] [--batch 64]
+                                  [--class-target 0.5] [--dataset ../shared/data/ucm/dataset_ucm.json] [--device cpu]
 
 For each precision (fp32, and bf16 autocast when the device supports it) it measures
 
   * bare: ``model(images, texts)`` + open_clip ``ClipLoss``/``CoCaLoss`` + backward + AdamW step
-    on one ready batch of random tensors, i.e. the model's own cost;
+    on one ready batch of random tensors, i.e. the model's own cost (after ``--warmup`` untimed steps);
   * finetune: :func:`hqrs_geo.training.finetune` for the same number of steps on real images
     (decoded once beforehand, then per step: caption sampling, tokenisation, batch
     augmentation, normalisation, forward/backward/step, logit-scale clamp, progress), timed by
@@ -35,8 +35,8 @@ SHARED_UCM = ROOT.parent / "shared" / "data" / "ucm" / "dataset_ucm.json"
 SAMPLES = ROOT / "tests" / "data" / "ucm_val_samples" / "dataset.json"
 
 
-def bare_images_per_s(config: FinetuneConfig, steps: int) -> float:
-    """Images/s of forward + loss + backward + step on one fixed random batch."""
+def bare_images_per_s(config: FinetuneConfig, steps: int, warmup: int = 3) -> float:
+    """Images/s of forward + loss + backward + step on one fixed random batch, after ``warmup`` untimed steps."""
     device = torch.device(config.device)
     model, tokenizer, arch, kind, _ = build_model(config, device)
     size = model.visual.image_size
@@ -51,8 +51,8 @@ def bare_images_per_s(config: FinetuneConfig, steps: int) -> float:
     amp = autocast_dtype(device, config.precision)
     loss_fn = _loss_fn(kind, config)
     model.train()
-    for i in range(steps + 3):
-        if i == 3:
+    for i in range(steps + warmup):
+        if i == warmup:
             if device.type == "cuda":
                 torch.cuda.synchronize()
             start = time.perf_counter()
@@ -79,6 +79,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", default="hqrs-mini-clip")
     parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--warmup", type=int, default=3, help="untimed bare steps before the timed ones")
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--class-target", type=float, default=0.5, help="as the shipped hqrs-mini-clip recipe")
@@ -96,7 +97,7 @@ def main() -> None:
         config = FinetuneConfig(dataset=args.dataset, output="", arch=args.arch, splits=(split,), batch_size=batch,
                                 device=args.device, precision=precision, seed=0,
                                 class_target=args.class_target)
-        bare = bare_images_per_s(config, args.steps)
+        bare = bare_images_per_s(config, args.steps, args.warmup)
         loop = loop_images_per_s(config, args.steps)
         print(f"{precision:>5}: bare step {bare:7.1f} img/s | finetune loop {loop:7.1f} img/s | "
               f"ratio {loop / bare:.2f}")
