@@ -69,6 +69,21 @@ def _recipe(path: Path, vlm_url: str = "", llm_batch: int = 2, max_tokens: int =
     return path
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One CPU thread for torch here and in the CLI children (OMP_NUM_THREADS): SmolLM2's small
+    matrix products cost about 200 times more CPU with 2 OpenMP threads on 2 busy cores."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("OMP_NUM_THREADS", "1")
+        patch.setenv("MKL_NUM_THREADS", "1")
+        yield
+    torch.set_num_threads(before)
+
+
 def _content_words(text: str) -> set[str]:
     return set(re.findall(r"[a-z]+", text.lower())) - STOP
 
@@ -196,7 +211,7 @@ def test_killed_run_resumes_without_repeating_finished_calls(tmp_path):
     while time.monotonic() < deadline and child.poll() is None:
         if sum(stage == "integrate" for stage, _ in _cache_rows(cache).values()) >= 1:
             break
-        time.sleep(0.2)
+        time.sleep(0.05)
     assert child.poll() is None, child.stderr.read().decode()
     os.kill(child.pid, signal.SIGKILL)
     child.wait()
