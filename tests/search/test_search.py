@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import geopandas as gpd
 import numpy as np
@@ -13,7 +15,8 @@ import rasterio
 import shapely
 import torch
 
-from conftest import EXAMPLE_SCENE, run_cli
+from conftest import EXAMPLE_SCENE
+from fork_runner import run_cli
 from hqrs_geo import TileConfig, read_embeddings, read_runs, read_tiles
 from hqrs_geo.api import embed, tile
 from hqrs_geo.engine.options import RunOptions
@@ -27,13 +30,21 @@ from tiny_models import TINY_CLIP
 TEMPLATE = "a satellite image of {}."
 
 
-@pytest.fixture
-def searchable(tmp_path, tiny_clip_checkpoint):
-    layer = tmp_path / "s.gpkg"
+@pytest.fixture(scope="module")
+def searchable(tmp_path_factory, tiny_clip_checkpoint):
+    """The example scene in 64 tiles with tiny-CLIP embeddings: read-only (tests that write use
+    :func:`writable`)."""
+    layer = tmp_path_factory.mktemp("searchable") / "s.gpkg"
     tile(EXAMPLE_SCENE, layer, TileConfig(tile_size=125))
     embed(layer, model=TINY_CLIP, checkpoint=str(tiny_clip_checkpoint), device="cpu",
           options=RunOptions(workers=0, embedding_dtype="float32"))
     return layer
+
+
+@pytest.fixture
+def writable(searchable, tmp_path):
+    """A private copy of :func:`searchable`."""
+    return Path(shutil.copy(searchable, tmp_path / "s.gpkg"))
 
 
 def brute_force(layer, query, k, keep=None):
@@ -138,10 +149,10 @@ def test_negative_examples_and_ensembles_on_crafted_vectors():
         combine(np.zeros((0, 4)))
 
 
-def test_classify_with_template_ensemble(searchable, tiny_clip_checkpoint):
+def test_classify_with_template_ensemble(writable, tiny_clip_checkpoint):
     from hqrs_geo.models.templates import ZERO_SHOT_TEMPLATES as RS_TEMPLATES
 
-    session = SearchSession(str(searchable))
+    session = SearchSession(str(writable))
     labels = ["river", "forest", "parking lot"]
     frame = session.classify(labels, top_k=2)
     templates = list(dict.fromkeys([TEMPLATE, *RS_TEMPLATES]))
@@ -150,34 +161,34 @@ def test_classify_with_template_ensemble(searchable, tiny_clip_checkpoint):
         vectors = encode_text(tiny_clip_checkpoint, [t.format(label) for t in templates])
         per_label.append(normalise(vectors.mean(0)[None])[0])
     per_label = np.stack(per_label)
-    _, matrix = read_embeddings(read_tiles(searchable))
+    _, matrix = read_embeddings(read_tiles(writable))
     expected = np.array(labels)[np.argmax(matrix @ per_label.T, axis=1)]
     assert frame.label.tolist() == expected.tolist()
     assert frame.label_top.str.count(":").eq(2).all() and frame.label_score.between(0, 1).all()
     single = session.label_vectors(labels, [TEMPLATE])
     assert not np.allclose(single, per_label)  # the ensemble is not the single template
-    result = run_cli("classify", searchable, "--labels", "river,forest,parking lot", "-q")
+    result = run_cli("classify", writable, "--labels", "river,forest,parking lot", "-q")
     assert result.returncode == 0, result.stderr
-    stored = read_tiles(searchable)
-    assert stored.label.tolist() == expected.tolist() and read_runs(searchable)[-1]["command"] == "classify"
+    stored = read_tiles(writable)
+    assert stored.label.tolist() == expected.tolist() and read_runs(writable)[-1]["command"] == "classify"
 
 
-def test_result_layer_score_column_and_raster_open_in_qgis(searchable, tmp_path):
+def test_result_layer_score_column_and_raster_open_in_qgis(writable, tmp_path):
     from qgis.core import QgsApplication, QgsRasterLayer, QgsVectorLayer
 
     app = QgsApplication.instance() or QgsApplication([], False)
     app.initQgis()
     raster = tmp_path / "score.tif"
-    result = run_cli("search", searchable, "water", "-k", "7", "--result-layer", "--score-column", "water_score",
+    result = run_cli("search", writable, "water", "-k", "7", "--result-layer", "--score-column", "water_score",
                      "--score-raster", raster, "--json")
     assert result.returncode == 0, result.stderr
     ranked = json.loads(result.stdout)
     assert [r["rank"] for r in ranked] == list(range(1, 8))
-    layer = QgsVectorLayer(f"{searchable}|layername=search_water", "r", "ogr")
+    layer = QgsVectorLayer(f"{writable}|layername=search_water", "r", "ogr")
     assert layer.isValid() and layer.featureCount() == 7 and "score" in layer.fields().names()
     scores = {f["tile_id"]: f["score"] for f in layer.getFeatures()}
     assert scores == pytest.approx({r["tile_id"]: r["score"] for r in ranked}, abs=1e-6)
-    tiles = read_tiles(searchable)
+    tiles = read_tiles(writable)
     assert tiles.water_score.notna().all()
     top = tiles.sort_values("water_score", ascending=False, kind="stable").tile_id.head(7).tolist()
     assert top == [r["tile_id"] for r in ranked]

@@ -12,7 +12,8 @@ import geopandas as gpd
 import numpy as np
 import pytest
 import shapely
-from conftest import ROOT, run_cli
+from conftest import ROOT
+from fork_runner import run_cli
 from rasterio.windows import Window
 from scale_helpers import EXAMPLE_SCENE, write_crop
 from tiny_models import TINY_CLIP
