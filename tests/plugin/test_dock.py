@@ -87,7 +87,7 @@ def embedded_master(tmp_path_factory, tiny_clip_checkpoint, tiny_coca_checkpoint
     from hqrs_geo.models.decoding import DecodingConfig
 
     caption(path, model=TINY_COCA, checkpoint=str(tiny_coca_checkpoint), device="cpu", options=options,
-            decoding=DecodingConfig(method="greedy", max_length=6, min_length=1))
+            decoding=DecodingConfig(method="greedy", max_length=4, min_length=1))
     return path
 
 
@@ -254,21 +254,26 @@ def test_errors_show_in_the_dock_and_message_bar_with_their_fix(dock, project_la
     assert [b.text() for b in item.findChildren(QPushButton)] == ["Set up engine…"]
 
 
-def test_settings_changes_restart_search_sessions(dock, project_layer):
-    assert dock.set_layer(project_layer)
+@pytest.fixture
+def saved_device():
+    """The device setting, restored after the test's dock is gone (requested before ``dock``): a
+    dock would check the engine again for the restored device, a process the test does not need."""
     previous = settings.value("device")
-    try:
-        settings.set_value("device", "auto")
-        run_query(dock, QUERY)
-        wait_for(lambda: dock.task.done)
-        assert [key.device for key in sessions.running_sessions()] == ["auto"]
-        settings.set_value("device", "cpu")
-        assert sessions.running_sessions() == []  # closed: the next query starts one with the new device
-        run_query(dock, QUERY)
-        wait_for(lambda: dock.task.done)
-        assert [key.device for key in sessions.running_sessions()] == ["cpu"] and dock.table.rowCount() == 20
-    finally:
-        settings.set_value("device", previous)
+    yield
+    settings.set_value("device", previous)
+
+
+def test_settings_changes_restart_search_sessions(saved_device, dock, project_layer):
+    assert dock.set_layer(project_layer)
+    settings.set_value("device", "auto")
+    run_query(dock, QUERY)
+    wait_for(lambda: dock.task.done)
+    assert [key.device for key in sessions.running_sessions()] == ["auto"]
+    settings.set_value("device", "cpu")
+    assert sessions.running_sessions() == []  # closed: the next query starts one with the new device
+    run_query(dock, QUERY)
+    wait_for(lambda: dock.task.done)
+    assert [key.device for key in sessions.running_sessions()] == ["cpu"] and dock.table.rowCount() == 20
 
 
 def test_engine_task_progress_and_cancel(qgis, tmp_path):
@@ -354,7 +359,7 @@ def dataset_folder(tmp_path_factory, tiny_clip_checkpoint, tiny_coca_checkpoint)
     crops = [str(write_crop(EXAMPLE_SCENE, folder / f"q{i}.tif", w, cog=False)) for i, w in enumerate(windows)]
     run(crops, f"{folder}/archive/", embed_models=[TINY_CLIP], embed_checkpoints=[str(tiny_clip_checkpoint)],
         caption_model=TINY_COCA, caption_checkpoint=str(tiny_coca_checkpoint),
-        decoding=DecodingConfig(method="greedy", max_length=6, min_length=1), device="cpu",
+        decoding=DecodingConfig(method="greedy", max_length=4, min_length=1), device="cpu",
         tiling=TileConfig(tile_size=125), options=RunOptions(batch_size=32), scale=ScaleOptions(block_tiles=8))
     tile(crops, f"{folder}/plain/", TileConfig(tile_size=250))
     return folder
