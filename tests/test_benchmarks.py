@@ -26,7 +26,7 @@ SMOKE = {
                        "targets at 4,000 x 32"),
     "demo_ap": ([], "mean AP"),
     "finetune": (["--steps", "1", "--warmup", "0", "--batch", "2", "--dataset", str(SAMPLES)], "ratio"),
-    "mpgi": (["--tiles", "2", "--max-tokens", "8", "--batch", "2"], "pipeline/bare"),
+    "mpgi": (["--tiles", "2", "--max-tokens", "8", "--batch", "2", "--threads", "1"], "pipeline/bare"),
     "scale": (["--scenes", "2", "--size", "256", "--batch", "1", "--memory-scenes", "1"], "ratio Ray / single-process"),
 }
 
