@@ -111,6 +111,8 @@ class ForkServer:
         self.buffer = b""
         self.child = subprocess.Popen([sys.executable, "-c", SERVER, json.dumps(preload)], stdin=subprocess.PIPE,
                                       stdout=subprocess.PIPE, stderr=self.log, bufsize=0, start_new_session=True)
+        assert self.child.stdin is not None and self.child.stdout is not None
+        self.requests, self.answers = self.child.stdin, self.child.stdout
         if not self._answer(startup_timeout).get("ready"):
             raise RuntimeError(f"the fork server did not start: {(self.folder / 'server.log').read_text()[-2000:]}")
 
@@ -119,10 +121,10 @@ class ForkServer:
         deadline = None if timeout is None else time.monotonic() + timeout
         while b"\n" not in self.buffer:
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
-            ready, _, _ = select.select([self.child.stdout], [], [], left)
+            ready, _, _ = select.select([self.answers], [], [], left)
             if not ready:
                 raise subprocess.TimeoutExpired(self.child.args, timeout or 0)
-            chunk = os.read(self.child.stdout.fileno(), 65536)
+            chunk = os.read(self.answers.fileno(), 65536)
             if not chunk:
                 raise RuntimeError(f"the fork server ended: {(self.folder / 'server.log').read_text()[-2000:]}")
             self.buffer += chunk
@@ -138,7 +140,7 @@ class ForkServer:
             out, err = self.folder / f"{self.count}.out", self.folder / f"{self.count}.err"
             job = {"module": module if script is None else None, "script": script, "args": args,
                    "cwd": str(cwd or os.getcwd()), "env": dict(os.environ), "stdout": str(out), "stderr": str(err)}
-            self.child.stdin.write(json.dumps(job).encode() + b"\n")
+            self.requests.write(json.dumps(job).encode() + b"\n")
             pid = self._answer(60)["pid"]
             try:
                 answer = self._answer(timeout)
@@ -156,14 +158,16 @@ class ForkServer:
 
     def close(self) -> None:
         """End the server (and whatever a run left in its session)."""
-        if self.child.poll() is None:
-            self.child.stdin.close()
-            try:
-                self.child.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.child.pid, signal.SIGKILL)
-                self.child.wait()
-        self.child.stdout.close()
+        try:
+            self.requests.close()  # the server ends at the end of its input
+        except OSError:
+            pass
+        try:
+            self.child.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.child.pid, signal.SIGKILL)
+            self.child.wait()
+        self.answers.close()
         self.log.close()
         shutil.rmtree(self.folder, ignore_errors=True)
 
