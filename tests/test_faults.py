@@ -987,31 +987,47 @@ def train_dataset(work) -> Path:
     return _write_dataset(folder, per_class=6)  # 12 train images: 3 steps per epoch at batch 4
 
 
+# 12 training images at batch 4: 3 steps an epoch; 2 epochs (a new epoch's order, validation and
+# model selection at steps 3 and 6) and a checkpoint every 2 steps
+FINETUNE = {"batch_size": 4, "epochs": 2, "max_steps": 6, "save_every": 2, "lr": 1e-3, "warmup_steps": 2, "seed": 1,
+            "device": "cpu", "precision": "fp32"}
+
+
+@pytest.fixture(scope="module")
+def straight_finetune(train_dataset, tiny_resnet, work) -> Path:
+    """The uninterrupted run the stopped-and-resumed ones must equal bit for bit (made once, only read)."""
+    from hqrs_geo.training import FinetuneConfig, finetune
+
+    straight = work / "straight_finetune"
+    finetune(FinetuneConfig(output=str(straight), dataset=str(train_dataset), arch=tiny_resnet, **FINETUNE))
+    return straight
+
+
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
-def test_stopped_finetune_resumes_bit_identical(train_dataset, tiny_resnet, tmp_path, sig):
-    eval_dataset = train_dataset
+def test_stopped_finetune_resumes_bit_identical(train_dataset, tiny_resnet, straight_finetune, tmp_path, sig):
     from safetensors.torch import load_file
 
     from hqrs_geo.training import FinetuneConfig, finetune
+    from hqrs_geo.training.trainer import latest_checkpoint
 
-    options = dict(dataset=str(eval_dataset), arch=tiny_resnet, batch_size=4, epochs=3, max_steps=9,
-                   save_every=4, lr=1e-3, warmup_steps=2, seed=1, device="cpu", precision="fp32")
-    straight = tmp_path / "straight"
-    finetune(FinetuneConfig(output=str(straight), **options))
     cut = tmp_path / "cut"
-    argv = ["finetune", eval_dataset, "-o", cut, "--arch", tiny_resnet, "--batch-size", "4", "--epochs", "3",
-            "--max-steps", "9", "--save-every", "4", "--lr", "1e-3", "--warmup-steps", "2", "--seed", "1",
-            "--device", "cpu", "--precision", "fp32"]
+    argv = ["finetune", train_dataset, "-o", cut, "--arch", tiny_resnet]
+    for key, value in FINETUNE.items():
+        argv += [f"--{key.replace('_', '-')}", str(value)]
     REPORT["tried"] += 1
     rng = random.Random(int(sig))
+    # stopped after step 3 to 5 (of 6): a checkpoint exists (step 2 or 4, or the step a SIGTERM stopped
+    # at), so the resumed run continues from a saved state rather than training again from the start
     rc, _ = _kill_landed(argv, rng.uniform(0.0, 0.2), sig, prepare=lambda: shutil.rmtree(cut, ignore_errors=True),
-                         after="train", done=rng.randint(1, 7))
+                         after="train", done=rng.randint(3, 5))
     if sig == signal.SIGTERM:
         assert rc == 130
-    resumed = finetune(FinetuneConfig(output=str(cut), **options), resume=True)
-    assert resumed["steps"] == 9
+    assert latest_checkpoint(cut) is not None
+    resumed = finetune(FinetuneConfig(output=str(cut), dataset=str(train_dataset), arch=tiny_resnet, **FINETUNE),
+                       resume=True)
+    assert resumed["steps"] == FINETUNE["max_steps"]
     for name in ("model.safetensors", "best.safetensors"):
-        a, b = load_file(str(straight / name)), load_file(str(cut / name))
+        a, b = load_file(str(straight_finetune / name)), load_file(str(cut / name))
         assert a.keys() == b.keys()
         different = [k for k in a if not np.array_equal(a[k].numpy(), b[k].numpy())]
         if different:
