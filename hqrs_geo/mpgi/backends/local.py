@@ -279,7 +279,7 @@ def _load_gguf_cached(source: str, gguf_file: str):
         try:
             return (AutoTokenizer.from_pretrained(folder),
                     AutoModelForCausalLM.from_pretrained(folder, **_dtype_kwargs(torch.float32)))
-        except (OSError, ValueError) as err:  # damaged: convert again
+        except Exception as err:  # damaged (cut short, edited): convert again
             log.warning("the converted GGUF model in %s is unreadable (%s); converting again", folder,
                         _error_text(err))
             shutil.rmtree(folder, ignore_errors=True)
