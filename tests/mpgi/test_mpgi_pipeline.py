@@ -19,7 +19,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import EXAMPLE_SCENE, SHARED_SCENES, run_cli, shared_data
+from conftest import EXAMPLE_SCENE, SHARED_SCENES, shared_data
+from fork_runner import run_cli  # python -m hqrs_geo in a fork of a process that has imported torch: no import cost
 from http_helpers import send_body
 
 pytestmark = pytest.mark.skipif(
@@ -71,8 +72,9 @@ def _recipe(path: Path, vlm_url: str = "", llm_batch: int = 2, max_tokens: int =
 
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
-    """One CPU thread for torch here and in the CLI children (OMP_NUM_THREADS): SmolLM2's small
-    matrix products cost about 200 times more CPU with 2 OpenMP threads on 2 busy cores."""
+    """One CPU thread for torch here and in the CLI children (OMP_NUM_THREADS; the fork server of
+    :mod:`fork_runner` starts again with it): SmolLM2's small matrix products cost about 200 times
+    more CPU with 2 OpenMP threads on 2 busy cores."""
     import torch
 
     before = torch.get_num_threads()
