@@ -177,12 +177,13 @@ def wgs84_bounds(path: Path) -> tuple[float, float, float, float]:
         return tuple(transform_bounds(src.crs, "EPSG:4326", *src.bounds))
 
 
-def archive(folder: Path, server: RangeServer) -> dict:
-    """12 scenes: 4 local GeoTIFFs, 4 COGs by URL, 4 COGs through a STAC ItemCollection."""
+def archive(folder: Path, server: RangeServer, size=(512, 384)) -> dict:
+    """12 scenes: 4 local GeoTIFFs, 4 COGs by URL, 4 COGs through a STAC ItemCollection (crops of
+    ``size`` pixels, see :func:`scene_crops`)."""
     local_dir, served = folder / "local", server.httpd.folder  # type: ignore[attr-defined]
     local_dir.mkdir(parents=True, exist_ok=True)
     sources, features = [], []
-    for i, (source, window) in enumerate(scene_crops(folder)):
+    for i, (source, window) in enumerate(scene_crops(folder, size)):
         name = f"s{i:02d}_{source.stem.split('_')[0]}.tif"
         if i % 3 == 0:
             sources.append(str(write_crop(source, local_dir / name, window, cog=False)))
@@ -261,9 +262,13 @@ def processes_named(name: str) -> list[int]:
 
 class RayCluster:
     """``ray start --head`` on 127.0.0.2 plus ``ray start --address … --block`` on 127.0.0.3: two
-    nodes, each with its own raylet and object store, all on loopback addresses."""
+    nodes, each with its own raylet and object store, all on loopback addresses. Neither node runs
+    a log monitor (the engine does not forward worker logs to the driver). Every process a method
+    finds or kills is one of this cluster's (under its temporary folder): other clusters on the
+    same addresses (another test session, another pytest-xdist worker) are never touched."""
 
     HEAD_IP, WORKER_IP = "127.0.0.2", "127.0.0.3"
+    STARTED = "Ray runtime started."  # printed by ``ray start`` once the node is registered with the GCS
 
     def __init__(self, temp: Path, env: dict, head_cpus: int = 3, worker_cpus: int = 2):
         self.temp = Path(temp)
@@ -276,7 +281,7 @@ class RayCluster:
         head = subprocess.run(
             [self.ray, "start", "--head", f"--node-ip-address={self.HEAD_IP}", f"--port={self.port}",
              f"--num-cpus={head_cpus}", "--object-store-memory=150000000", "--include-dashboard=false",
-             f"--temp-dir={self.temp}", f"--dashboard-agent-listen-port={free_port()}",
+             "--include-log-monitor=false", f"--temp-dir={self.temp}", f"--dashboard-agent-listen-port={free_port()}",
              f"--ray-client-server-port={free_port()}", "--disable-usage-stats"],
             env=self.env, capture_output=True, text=True, timeout=180)
         if head.returncode != 0:
@@ -290,36 +295,45 @@ class RayCluster:
         return f"{self.HEAD_IP}:{self.port}"
 
     def start_worker(self) -> None:
-        log = open(self.temp / "worker-node.log", "w")
-        self.worker = subprocess.Popen(
-            [self.ray, "start", f"--address={self.address}", f"--node-ip-address={self.WORKER_IP}",
-             f"--num-cpus={self.worker_cpus}", "--object-store-memory=100000000",
-             f"--dashboard-agent-listen-port={free_port()}", "--disable-usage-stats", "--block"],
-            env=self.env, stdout=log, stderr=subprocess.STDOUT)
+        """The second node joins; returns once ``ray start`` says it is registered (no polling
+        driver: each would cost a Python process and a Ray connection)."""
+        path = self.temp / "worker-node.log"
+        with open(path, "w") as log:
+            self.worker = subprocess.Popen(
+                [self.ray, "start", f"--address={self.address}", f"--node-ip-address={self.WORKER_IP}",
+                 f"--num-cpus={self.worker_cpus}", "--object-store-memory=100000000", "--include-log-monitor=false",
+                 f"--dashboard-agent-listen-port={free_port()}", "--disable-usage-stats", "--block"],
+                env=self.env, stdout=log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
-            if self.alive_nodes() == 2:
+            if self.STARTED in path.read_text(errors="replace"):
                 return
             if self.worker.poll() is not None:
                 break
-            time.sleep(1)
+            time.sleep(0.1)
         self.stop()
-        raise RuntimeError(f"the second Ray node did not join: {(self.temp / 'worker-node.log').read_text()[-2000:]}")
+        raise RuntimeError(f"the second Ray node did not join: {path.read_text()[-2000:]}")
 
     def alive_nodes(self) -> int:
         out = subprocess.run([sys.executable, "-c", (
-            "import ray, logging; ray.init(address=%r, logging_level=logging.ERROR); "
-            "print(sum(1 for n in ray.nodes() if n['Alive']))") % self.address],
+            f"import ray, logging; ray.init(address={self.address!r}, logging_level=logging.ERROR); "
+            "print(sum(1 for n in ray.nodes() if n['Alive']))")],
             env=self.env, capture_output=True, text=True, timeout=60)
         match = re.search(r"^(\d+)\s*$", out.stdout, re.M)
         return int(match.group(1)) if match else 0
 
+    def processes_named(self, name: str) -> list[int]:
+        """This cluster's live processes whose command line starts with ``name`` (e.g. ``ray::ModelWorker``)."""
+        ours = set(_tree(str(self.temp)))
+        return [pid for pid in processes_named(name) if pid in ours]
+
     def stop_worker(self) -> None:
         """The second node leaves: its ``ray start`` and every process it started are killed."""
         if self.worker is not None:
-            pids = [self.worker.pid, *_tree(f"--node-ip-address={self.WORKER_IP}")]
+            node = set(_tree(f"--node-ip-address={self.WORKER_IP}")) & set(_tree(str(self.temp)))
+            pids = {self.worker.pid, *node}
             kids = {p for root in pids for p in _descendants(root)}
-            kill_processes(sorted(set(pids) | kids), grace=0.5)
+            kill_processes(sorted(pids | kids), grace=0.5)
             self.worker.wait(timeout=30)
             self.worker = None
 

@@ -2,7 +2,13 @@
 127.0.0.2 and a second ``ray start --address`` node on 127.0.0.3, each with its own raylet):
 12 scenes mixing local GeoTIFFs, COGs read over HTTP range requests and STAC items give the
 tiles and values of the single-process engine, also after a worker process is killed, the
-second node leaves, or the driver is killed and the command run again."""
+second node leaves, or the driver is killed and the command run again.
+
+One cluster serves the module; a test that sends the second node away leaves it to be started
+again by the next test that needs it, so the tests run in any order. At most 4 scenes are under way
+at once (``--in-flight``): each concurrent read or write task is a Ray worker process with its own
+interpreter and imports. The head node has 3 CPUs: when the second node leaves, both model workers
+(1 CPU each) and the reads must fit on it."""
 from __future__ import annotations
 
 import json
@@ -13,7 +19,7 @@ import sys
 import time
 
 import pytest
-from scale_helpers import ROOT, RangeServer, RayCluster, archive, compare_layers, free_port, parts, processes_named
+from scale_helpers import ROOT, RangeServer, RayCluster, archive, compare_layers, free_port, parts
 from tiny_models import TINY_CLIP, TINY_COCA
 
 import hqrs_geo as hg
@@ -26,6 +32,7 @@ pytestmark = pytest.mark.timeout(900)
 
 TILING = ["--tile-size", "128", "--crs", "EPSG:4326"]
 CONFIG = hg.TileConfig(tile_size=128, crs="EPSG:4326")
+SCENE_SIZE = (384, 256)  # 3 x 2 tiles of 128 px in the larger crops, partial tiles in the drone and NAIP crops
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +44,7 @@ def served(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def scenes(served, tmp_path_factory):
-    return archive(tmp_path_factory.mktemp("archive"), served)
+    return archive(tmp_path_factory.mktemp("archive"), served, size=SCENE_SIZE)
 
 
 @pytest.fixture(scope="module")
@@ -47,11 +54,19 @@ def env(model_environment):
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory, env):
+def two_nodes(tmp_path_factory, env):
     temp = tmp_path_factory.mktemp("ray")
-    nodes = RayCluster(temp, env)
+    nodes = RayCluster(temp, env, head_cpus=3, worker_cpus=2)
     yield nodes
     nodes.stop()
+
+
+@pytest.fixture
+def cluster(two_nodes):
+    """The module's cluster with both nodes (the second started again if a test sent it away)."""
+    if two_nodes.worker is None:
+        two_nodes.start_worker()
+    return two_nodes
 
 
 def model_args(clip, coca) -> list[str]:
@@ -71,10 +86,10 @@ def reference(scenes, tmp_path_factory, tiny_clip_checkpoint, tiny_coca_checkpoi
     return hg.read_tiles(out)
 
 
-def ray_command(scenes, out, cluster, clip, coca, *extra) -> list[str]:
+def ray_command(scenes, out, cluster, clip, coca, *extra, workers: int = 2) -> list[str]:
     return [sys.executable, "-m", "hqrs_geo", "run", *scenes["sources"], "-o", f"{out}/", *TILING,
-            *model_args(clip, coca), "--engine", "ray", "--ray-address", cluster.address, "--workers", "2",
-            "--cpus-per-worker", "1", "--block-tiles", "8", "--progress", "json", *extra]
+            *model_args(clip, coca), "--engine", "ray", "--ray-address", cluster.address, "--workers", str(workers),
+            "--cpus-per-worker", "1", "--block-tiles", "8", "--in-flight", "4", "--progress", "json", *extra]
 
 
 def start(command, env) -> subprocess.Popen:
@@ -139,9 +154,10 @@ def test_ray_engine_equals_the_single_process_engine(cluster, scenes, reference,
 def test_a_killed_worker_process_changes_nothing(cluster, scenes, reference, tmp_path, env,
                                                   tiny_clip_checkpoint, tiny_coca_checkpoint):
     out = tmp_path / "ds"
-    proc = start(ray_command(scenes, out, cluster, tiny_clip_checkpoint, tiny_coca_checkpoint), env)
+    # one model worker: no other worker can take its units over, its restart must
+    proc = start(ray_command(scenes, out, cluster, tiny_clip_checkpoint, tiny_coca_checkpoint, workers=1), env)
     wait_for_scenes(proc, 2)
-    workers = processes_named("ray::ModelWorker")
+    workers = cluster.processes_named("ray::ModelWorker")
     assert workers, "no model worker process found"
     os.kill(workers[0], signal.SIGKILL)
     code, _, stderr = finish(proc)
@@ -153,7 +169,8 @@ def test_a_killed_worker_process_changes_nothing(cluster, scenes, reference, tmp
 def test_a_killed_driver_resumes_without_recomputing(cluster, scenes, reference, tmp_path, env,
                                                      tiny_clip_checkpoint, tiny_coca_checkpoint):
     out = tmp_path / "ds"
-    command = ray_command(scenes, out, cluster, tiny_clip_checkpoint, tiny_coca_checkpoint)
+    # one model worker: resuming is the driver's business (its manifest and parts), not the workers'
+    command = ray_command(scenes, out, cluster, tiny_clip_checkpoint, tiny_coca_checkpoint, workers=1)
     proc = start(command, env)
     wait_for_scenes(proc, 3)
     proc.kill()
@@ -195,7 +212,7 @@ def test_failed_scenes_are_recorded_and_only_they_are_retried(cluster, scenes, s
 
 def test_a_node_that_leaves_changes_nothing(cluster, scenes, reference, tmp_path, env,
                                             tiny_clip_checkpoint, tiny_coca_checkpoint):
-    """Last in this module: the cluster keeps one node afterwards."""
+    """The cluster keeps one node afterwards (the ``cluster`` fixture starts the second again)."""
     out = tmp_path / "ds"
     proc = start(ray_command(scenes, out, cluster, tiny_clip_checkpoint, tiny_coca_checkpoint), env)
     wait_for_scenes(proc, 2)
