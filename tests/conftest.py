@@ -47,6 +47,13 @@ def _isolate() -> Path:
 
 TEST_HOME = _isolate()
 
+# One math thread per process (torch's OpenMP, MKL; OpenBLAS follows OMP_NUM_THREADS), also in child
+# processes: the suite runs a pytest-xdist worker per core and most tests start children, so more
+# threads only oversubscribe the cores, and OpenMP's spinning threads made the small products of
+# the LLM tests up to 200x dearer in CPU on 2 busy cores. A value set by the caller is kept.
+for _variable in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_variable, "1")
+
 import numpy as np  # noqa: E402  (after the isolation: nothing may read the real home first)
 import pytest  # noqa: E402
 import rasterio  # noqa: E402
