@@ -60,11 +60,27 @@ def test_eval_cli_on_ucm(tmp_path, tiny_clip_checkpoint):
     assert result.returncode == 0, result.stderr
     report = json.loads(out.read_text())
     assert report["classes"] >= 2 and 0 <= report["top1"] <= report["top5"] <= 100
-    bad = run_cli("eval", "retrieval", tmp_path / "none.json", "--model", TINY_CLIP, "--checkpoint", tiny_clip_checkpoint)
+    bad = run_cli("eval", "retrieval", tmp_path / "none.json", "--model", TINY_CLIP,
+                  "--checkpoint", tiny_clip_checkpoint)
     assert bad.returncode == 2 and "file not found" in bad.stderr
 
 
-def test_caption_metrics_behave():
+@pytest.fixture
+def one_meteor(monkeypatch):
+    """Every METEOR scorer caption_metrics makes in this test is one real METEOR process: each
+    new one is a Java process that loads METEOR's paraphrase table (about 7 CPU seconds); the
+    scorer keeps no state between the sets it scores."""
+    from pycocoevalcap.meteor import meteor
+
+    scorer = meteor.Meteor()
+    monkeypatch.setattr(meteor, "Meteor", lambda: scorer)
+    yield scorer
+    scorer.meteor_p.stdin.close()
+    scorer.meteor_p.kill()
+    scorer.meteor_p.wait()
+
+
+def test_caption_metrics_behave(one_meteor):
     from hqrs_geo.evaluation import caption_metrics
 
     refs = {"1": ["There is a piece of farmland .", "It is a piece of cropland ."],
