@@ -278,7 +278,13 @@ SLOW = (
     "tests/models/test_decoding.py::test_beam_search_",
     "tests/models/test_decoding.py::test_sampling_is_seeded",
     "tests/plugin/test_dock.py::test_settings_changes_restart_search_sessions",
-    "tests/plugin/test_plugin_processing.py::test_every_setting_reaches_the_engine",
+    "tests/plugin/test_dock.py::test_layer_list_shows_tile_layers_with_their_embedding_models",
+    "tests/plugin/test_dock.py::test_settings_dialog_round_trip_and_background_check",
+    "tests/plugin/test_processing.py",                 # Processing algorithms driving engine processes
+    "tests/plugin/test_plugin_processing.py",
+    "tests/plugin/test_plugin_runner.py::test_probe_names_versions_and_device",
+    "tests/plugin/test_plugin_runner.py::test_no_resource_warnings_from_processes",
+    "tests/test_faults.py::test_layers_embedded_with_a_trusted_pickle_checkpoint",
 )
 
 
