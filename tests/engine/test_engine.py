@@ -8,17 +8,19 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from PIL import Image
-
 from conftest import EXAMPLE_SCENE, run_cli
+from PIL import Image
+from rasterio.windows import Window
+from scale_helpers import write_crop
+from tiny_models import TINY_CLIP
+
 from hqrs_geo import TileConfig, TileDataset, read_runs, read_tiles
 from hqrs_geo.api import embed, tile
-from hqrs_geo.layer.columns import decode, embedding_keys, read_embeddings
 from hqrs_geo.engine.options import RunOptions
 from hqrs_geo.engine.run import run_batch, run_models
+from hqrs_geo.layer.columns import decode, embedding_keys, read_embeddings
 from hqrs_geo.models.loader import load_model
 from hqrs_geo.models.preprocess import BatchPreprocess
-from tiny_models import TINY_CLIP
 
 
 def reference_embeddings(loaded, layer):
@@ -35,8 +37,10 @@ def reference_embeddings(loaded, layer):
 
 @pytest.mark.parametrize("tile_size", [64, 125])  # exactly the model size, and resized 125 -> 64
 def test_embeddings_match_plain_open_clip(tmp_path, tiny_clip_checkpoint, tile_size):
+    # a 500 px crop: 64 tiles of 64 px (the last row and column shifted inward), 16 of 125 px
+    scene = write_crop(EXAMPLE_SCENE, tmp_path / "crop.tif", Window(250, 250, 500, 500), cog=False)
     layer = tmp_path / "t.gpkg"
-    tile(EXAMPLE_SCENE, layer, TileConfig(tile_size=tile_size))
+    tile(scene, layer, TileConfig(tile_size=tile_size))
     loaded = load_model(TINY_CLIP, checkpoint=str(tiny_clip_checkpoint), device="cpu")
     frame = run_models(str(layer), [loaded], options=RunOptions(batch_size=7, workers=2, embedding_dtype="float32"))
     ids, expected = reference_embeddings(loaded, layer)
@@ -98,8 +102,9 @@ def test_storage_round_trip_and_two_models(tmp_path, example_layer, tiny_clip_ch
     assert run_record["command"] == "embed" and len(task["sha256"]) == 64 and task["dtype"] == "float16"
     assert task["preprocess"]["size"] == [64, 64]
     # GeoParquet: a fixed-size list column with the same values
-    from hqrs_geo.layer.io import write_tiles
     import pyarrow.parquet as pq
+
+    from hqrs_geo.layer.io import write_tiles
 
     write_tiles(tmp_path / "t.parquet", frame)
     schema = pq.read_schema(tmp_path / "t.parquet")
@@ -213,21 +218,21 @@ def test_out_of_memory_halves_the_batch(tmp_path):
     assert sizes and max(sizes) <= 6
 
 
-def test_cli_embed_run_and_errors(tmp_path, tiny_clip_checkpoint):
+def test_cli_embed_run_and_errors(tmp_path):
+    """One embedding run of a scene (tiled on the way) with no model named: the shipped demo model.
+    (``embed --model NAME --checkpoint FILE`` on the command line: the fault suite's kill tests.)"""
     out = tmp_path / "run.gpkg"
-    result = run_cli("embed", EXAMPLE_SCENE, "-o", out, "--tile-size", "250", "--model", TINY_CLIP,
-                     "--checkpoint", tiny_clip_checkpoint, "--device", "cpu", "--progress", "json", "--workers", "1")
+    result = run_cli("embed", EXAMPLE_SCENE, "-o", out, "--tile-size", "250", "--device", "cpu", "--progress", "json",
+                     "--workers", "1")
     assert result.returncode == 0, result.stderr
-    events = [json.loads(l) for l in result.stdout.splitlines()]
+    events = [json.loads(line) for line in result.stdout.splitlines()]
     assert {"tile", "embed", "done"} <= {e["stage"] for e in events}
     frame = read_tiles(out)
     assert len(frame) == 16 and read_embeddings(frame)[0].all()
+    assert (frame["emb_hqrs_mini_clip_model"] == "hqrs-mini-clip").all()
     missing = run_cli("embed", out, "--model", "remoteclip-vit-b-32", "--device", "cpu")
     assert missing.returncode == 2 and "Traceback" not in missing.stderr
     assert "RemoteCLIP-ViT-B-32.pt" in missing.stderr and len(missing.stderr.strip().splitlines()) == 1
-    defaulted = run_cli("embed", out, "--device", "cpu", "--quiet")  # no model named: the shipped demo model
-    assert defaulted.returncode == 0, defaulted.stderr
-    assert (read_tiles(out)["emb_hqrs_mini_clip_model"] == "hqrs-mini-clip").all()
     listing = run_cli("models", "--json")
     rows = {m["name"]: m for m in json.loads(listing.stdout)}
     assert listing.returncode == 0 and "rs-coca" in rows and not rows["rs-coca"]["present"]
@@ -237,7 +242,8 @@ def test_cli_embed_run_and_errors(tmp_path, tiny_clip_checkpoint):
 def test_auto_device_and_precision(example_layer, tiny_clip_checkpoint):
     """On a CUDA machine this runs the CUDA path (bf16/fp16 autocast, pinned memory); on CPU, fp32."""
     loaded = load_model(TINY_CLIP, checkpoint=str(tiny_clip_checkpoint), device="auto")
-    frame = run_models(str(example_layer), [loaded], options=RunOptions(batch_size=16, workers=1, embedding_dtype="float32"))
+    frame = run_models(str(example_layer), [loaded],
+                       options=RunOptions(batch_size=16, workers=1, embedding_dtype="float32"))
     task = read_runs(example_layer)[-1]["params"]["tasks"][0]
     assert task["precision"] == ("fp32" if loaded.device.type == "cpu" else task["precision"])
     assert read_runs(example_layer)[-1]["params"]["device"].startswith(loaded.device.type)
@@ -250,22 +256,25 @@ def test_auto_device_and_precision(example_layer, tiny_clip_checkpoint):
 
 def test_captions_match_direct_decoding(tmp_path, tiny_coca_checkpoint):
     import open_clip
-
-    from hqrs_geo.models.decoding import DecodingConfig, generate_captions
     from tiny_models import TINY_COCA
 
+    from hqrs_geo.models.decoding import DecodingConfig, generate_captions
+
+    scene = write_crop(EXAMPLE_SCENE, tmp_path / "crop.tif", Window(300, 200, 256, 256), cog=False)
     layer = tmp_path / "c.gpkg"
-    tile(EXAMPLE_SCENE, layer, TileConfig(tile_size=64))
+    tile(scene, layer, TileConfig(tile_size=64))  # 16 tiles: batches of 5, 5, 5 and 1
     loaded = load_model(TINY_COCA, checkpoint=str(tiny_coca_checkpoint), device="cpu")
     config = DecodingConfig(method="greedy", min_length=3, max_length=12)
     frame = run_models(str(layer), captioner=loaded, decoding=config, options=RunOptions(batch_size=5, workers=0),
                        command="caption")
-    preprocess = open_clip.image_transform(64, is_train=False, mean=loaded.preprocess["mean"], std=loaded.preprocess["std"])
+    preprocess = open_clip.image_transform(64, is_train=False, mean=loaded.preprocess["mean"],
+                                           std=loaded.preprocess["std"])
     ds = TileDataset.from_layer(layer)
-    images = torch.stack([preprocess(Image.fromarray(np.ascontiguousarray(ds[i][1]))) for i in range(8)])
+    assert len(ds) == len(frame) == 16
+    images = torch.stack([preprocess(Image.fromarray(np.ascontiguousarray(ds[i][1]))) for i in range(len(ds))])
     with torch.inference_mode():
         expected = generate_captions(loaded.model, loaded.tokenizer, images, config)
-    got = frame.set_index("tile_id").loc[[r.tile_id for r in ds.records[:8]], "caption"].tolist()
+    got = frame.set_index("tile_id").loc[[r.tile_id for r in ds.records], "caption"].tolist()
     assert got == expected and all(len(c) > 0 for c in got)
     assert "<end_of_text>" not in " ".join(got) and "<start_of_text>" not in " ".join(got)
     assert set(frame["caption_model"]) == {loaded.spec.name}
