@@ -14,6 +14,7 @@ import math
 
 import pytest
 import torch
+from tiny_models import CONFIGS, TINY_COCA, build_tiny, register_tiny_configs
 
 from hqrs_geo.errors import OptionError
 from hqrs_geo.models.decoding import (
@@ -24,7 +25,6 @@ from hqrs_geo.models.decoding import (
     generate_tokens,
     naive_greedy_tokens,
 )
-from tiny_models import CONFIGS, TINY_COCA, build_tiny, register_tiny_configs
 
 SOT, EOS, PAD = 49406, 49407, 0
 # tiny_models' CoCa has embed_dim 32 but a 64-wide decoder, so its image tokens (embed_dim wide)
@@ -42,6 +42,17 @@ def _caption_configs() -> dict:
     variant["text_cfg"].update(heads=4, ls_init_value=0.5)
     variant["multimodal_cfg"].update(heads=4, ls_init_value=0.5)
     return {CAPTION_COCA: base, VARIANT_COCA: variant}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Decode with one torch thread: these tensors are tiny, and two OpenMP threads on a busy
+    machine (another pytest-xdist worker, child processes) wait for each other at every op:
+    with torch's default of one thread per core this module took 122 CPU seconds instead of 9."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")
