@@ -13,10 +13,13 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import pytest
 from scale_helpers import ROOT, RangeServer, RayCluster, archive, compare_layers, free_port, parts
@@ -54,11 +57,14 @@ def env(model_environment):
 
 
 @pytest.fixture(scope="module")
-def two_nodes(tmp_path_factory, env):
-    temp = tmp_path_factory.mktemp("ray")
+def two_nodes(env):
+    # a short folder: Ray's sockets live under it and AF_UNIX paths stop at 107 bytes, which pytest's
+    # own temporary folders pass under pytest-xdist (/tmp/pytest-of-USER/pytest-NNN/popen-gwN/...)
+    temp = Path(tempfile.mkdtemp(prefix="ray", dir="/tmp" if os.path.isdir("/tmp") else None))
     nodes = RayCluster(temp, env, head_cpus=3, worker_cpus=2)
     yield nodes
     nodes.stop()
+    shutil.rmtree(temp, ignore_errors=True)
 
 
 @pytest.fixture
