@@ -295,35 +295,45 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.slow)
 
 
-def _fault_counts() -> dict | None:
-    faults = sys.modules.get("test_faults")
-    report = getattr(faults, "REPORT", None)
+FAULT_REPORTS = {"fault_counts": "test_faults", "archive_counts": "archive_report"}
+
+
+def _fault_counts(module: str) -> dict | None:
+    report = getattr(sys.modules.get(module), "REPORT", None)
     return dict(report) if report and report["tried"] else None
 
 
 def pytest_sessionfinish(session):
     """A pytest-xdist worker hands its fault-suite counts to the controller."""
-    counts = _fault_counts()
-    if counts and hasattr(session.config, "workeroutput"):
-        session.config.workeroutput["fault_counts"] = counts
+    for key, module in FAULT_REPORTS.items():
+        counts = _fault_counts(module)
+        if counts and hasattr(session.config, "workeroutput"):
+            session.config.workeroutput[key] = counts
 
 
-_WORKER_FAULT_COUNTS: list[dict] = []
+_WORKER_FAULT_COUNTS: dict[str, list[dict]] = {key: [] for key in FAULT_REPORTS}
 
 
 @pytest.hookimpl(optionalhook=True)
 def pytest_testnodedown(node, error):
     """The controller collects each worker's fault-suite counts (pytest-xdist)."""
-    counts = getattr(node, "workeroutput", {}).get("fault_counts")
-    if counts:
-        _WORKER_FAULT_COUNTS.append(counts)
+    for key in FAULT_REPORTS:
+        counts = getattr(node, "workeroutput", {}).get(key)
+        if counts:
+            _WORKER_FAULT_COUNTS[key].append(counts)
+
+
+def _summed(key: str) -> dict | None:
+    parts = _WORKER_FAULT_COUNTS[key] + ([counts] if (counts := _fault_counts(FAULT_REPORTS[key])) else [])
+    return {name: sum(part.get(name, 0) for part in parts) for name in parts[0]} if parts else None
 
 
 def pytest_terminal_summary(terminalreporter):
-    """The fuzz/fault suite's counts (tests/test_faults.py), when it ran (summed over xdist workers)."""
-    parts = _WORKER_FAULT_COUNTS + ([counts] if (counts := _fault_counts()) else [])
-    if parts:
-        report = {key: sum(part.get(key, 0) for part in parts) for key in parts[0]}
+    """The fault suites' counts (tests/test_faults.py, tests/archive_report.py), summed over xdist workers."""
+    if report := _summed("fault_counts"):
         terminalreporter.write_line(
             "fault suite: {tried} cases tried, {clean} clean errors, {internal} tracebacks/internal errors, "
             "{data_lost} data lost, {recovered} faults recovered".format(**report))
+    if report := _summed("archive_counts"):
+        terminalreporter.write_line("archive fault suite: " + ", ".join(f"{v} {k.replace('_', ' ')}"
+                                                                       for k, v in report.items()))
