@@ -236,6 +236,10 @@ class SearchDock(QDockWidget):
         layout.addLayout(row1)
         layout.addLayout(row2)
         layout.addWidget(self.table, 1)
+        from .fewshot_panel import FewShotPanel  # label tiles, find all like them, review, refit
+
+        self.fewshot = FewShotPanel(self)
+        layout.addWidget(self.fewshot)
         layout.addLayout(row3)
         layout.addLayout(row4)
         self.query.returnPressed.connect(self.search_text)
@@ -837,6 +841,7 @@ class SearchDock(QDockWidget):
     def unload(self) -> None:
         """Disconnect from the project and settings, stop searches and merges (plugin unload)."""
         self.toggle_pick(False)
+        self.fewshot.unload()
         self.close_sessions()
         if self.merging and self.merge_task is not None:
             self.merge_task.on_done = None  # the dock may be gone when it ends
