@@ -30,7 +30,7 @@ ALGORITHM_NAMES = {
     "tile": "Tiles ▸ Tile raster", "embed": "Models ▸ Embed tiles", "caption": "Models ▸ Caption tiles",
     "run": "Models ▸ Tile, embed and caption", "search": "Search ▸ Text search", "similar": "Search ▸ Similar tiles",
     "classify": "Search ▸ Zero-shot classify", "export-chips": "Tiles ▸ Export chips", "mpgi": "Models ▸ MpGI captions",
-    "export-dataset": "Models ▸ Export image-text dataset",
+    "export-dataset": "Models ▸ Export image-text dataset", "detect": "Search ▸ Detect from examples",
 }
 # CLI flags as the fields of the Processing dialogs and of the HQRS settings name them
 FIELD_NAMES = {
@@ -41,7 +41,8 @@ FIELD_NAMES = {
     "--caption-arch": "open_clip architecture", "--checkpoint": "Checkpoint", "--embed-checkpoint": "Checkpoint",
     "--caption-checkpoint": "Checkpoint", "--device": "Device", "--batch-size": "Batch size",
     "--trust-checkpoint": "Trust the checkpoint", "--overwrite": "Recompute results", "--labels": "Labels",
-    "--bbox": "Extent", "--tile": "Example tile ids", "--negative": "Negative example tile ids",
+    "--bbox": "Extent", "--tile": "Example tile ids", "--pos": "Positive example tile ids",
+    "--neg": "Negative example tile ids", "--labels-from": "Use the labels saved with the layer", "--negative": "Negative example tile ids",
     "--recipe": "Recipe", "--vectors": "Vector layers", "--limit": "Only the first N tiles",
     "--max-length": "Maximum caption length", "--decoding": "Caption decoding", "-k": "Number of results",
     "--output": "output", "-o": "output",

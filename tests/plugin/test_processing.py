@@ -42,7 +42,7 @@ from qgis_plugin.processing.provider import HqrsProvider  # noqa: E402
 from processing_fixture import processing_run  # noqa: E402,F401  (the shared fixture)
 
 ALGORITHMS = ("tile", "embed", "caption", "run", "search", "similar", "classify", "export_chips", "mpgi",
-              "export_dataset")
+              "export_dataset", "detect")
 TILE_COLUMNS = ("tile_id", "source", "row", "col", "x_off", "y_off", "width", "height", "valid_fraction", "gsd")
 EMBEDDING = "emb_hqrs_test_tiny_clip_tiny_clip"
 
@@ -423,6 +423,7 @@ def minimal_parameters(name: str, scene: Path, tiles: Path, out: Path) -> dict:
         "export_chips": {"INPUT": str(scene), "OUTPUT": str(out / "chips")},
         "mpgi": {"INPUT": str(tiles)},
         "export_dataset": {"INPUT": str(tiles), "OUTPUT": str(out / "dataset")},
+        "detect": {"INPUT": str(tiles), "POSITIVE_IDS": "x", "OUTPUT": "TEMPORARY_OUTPUT"},
     }[name]
 
 

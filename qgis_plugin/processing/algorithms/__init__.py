@@ -1,4 +1,4 @@
-"""The HQRS Processing algorithms, one class each (modules ``tiles``, ``models``, ``search``, ``mpgi``).
+"""The HQRS Processing algorithms, one class each (modules ``tiles``, ``models``, ``search``, ``mpgi``, ``detect``).
 
 =================  ==========================  ==============================================
 id                 class                       does
@@ -10,6 +10,7 @@ id                 class                       does
 ``hqrs:search``        :class:`SearchAlgorithm`        text search, ranked result layer
 ``hqrs:similar``       :class:`SimilarAlgorithm`       tiles like example tiles, ranked result layer
 ``hqrs:classify``      :class:`ClassifyAlgorithm`      zero-shot labels onto a tile layer
+``hqrs:detect``        :class:`DetectAlgorithm`        few-shot detection layer from example tiles
 ``hqrs:export_chips``  :class:`ExportChipsAlgorithm`   tiles as PNG/JPEG files with an index
 ``hqrs:mpgi``          :class:`MpgiAlgorithm`          MpGI captions onto a tile layer
 ``hqrs:export_dataset`` :class:`ExportDatasetAlgorithm` captioned tiles as an image-text dataset
@@ -24,6 +25,7 @@ from __future__ import annotations
 from ...core.registry import CLIP_MODELS, COCA_MODELS
 from ..base import HqrsAlgorithm
 from ..params import CUSTOM_MODEL
+from .detect import DetectAlgorithm
 from .models import CaptionAlgorithm, EmbedAlgorithm, RunAlgorithm
 from .mpgi import ExportDatasetAlgorithm, MpgiAlgorithm
 from .search import ClassifyAlgorithm, SearchAlgorithm, SimilarAlgorithm
@@ -31,7 +33,7 @@ from .tiles import ExportChipsAlgorithm, TileAlgorithm
 
 ALGORITHM_CLASSES = (TileAlgorithm, EmbedAlgorithm, CaptionAlgorithm, RunAlgorithm,
                      SearchAlgorithm, SimilarAlgorithm, ClassifyAlgorithm, ExportChipsAlgorithm,
-                     MpgiAlgorithm, ExportDatasetAlgorithm)
+                     MpgiAlgorithm, ExportDatasetAlgorithm, DetectAlgorithm)
 
 
 def algorithms() -> list[HqrsAlgorithm]:
