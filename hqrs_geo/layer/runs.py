@@ -33,13 +33,16 @@ PathLike = Union[str, "os.PathLike[str]"]
 
 
 def new_run(command: str, layer: str, params: dict) -> dict:
-    """A run record for ``params`` (JSON-serialisable) made now by this package version."""
+    """A run record for ``params`` (JSON-serialisable) made now by this package version; URLs in
+    it lose their credentials and registered secrets are masked (:func:`hqrs_geo.redact.redact_all`)."""
+    from ..redact import redact_all
+
     return {
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "command": command,
         "version": __version__,
         "layer": layer,
-        "params": params,
+        "params": redact_all(params),
     }
 
 
@@ -98,6 +101,16 @@ class LayerRuns(list):
         """sha256 of the weights of the last recorded run that wrote ``field``."""
         task = self.task_for(field)
         return task.get("sha256") if task else None
+
+    def labels(self) -> dict:
+        """The few-shot labels last saved with the layer (run records ``labels``):
+        ``{"positive": [...], "negative": [...], "name": ...}``; empty lists when none were saved."""
+        for run in reversed(self):
+            if run.get("command") == "labels":
+                params = run.get("params") or {}
+                return {"positive": [str(t) for t in params.get("positive") or []],
+                        "negative": [str(t) for t in params.get("negative") or []], "name": params.get("name")}
+        return {"positive": [], "negative": [], "name": None}
 
     def embedding_source(self, keys: list[str], model: str | None = None) -> EmbeddingSource:
         """The embedding set to search among ``keys`` (the layer's embedding keys): the only one,

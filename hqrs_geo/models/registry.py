@@ -40,6 +40,9 @@ class ModelSpec:
     arch_from_filename: bool = False  # the authors' file names carry the architecture
     bundled: str | None = None  # file in hqrs_geo/models/weights (the shipped demo models)
     sha256: str | None = None  # when set, the resolved (downloaded or cached) file must have this sha256
+    # text-image cosine scores: (at or below: no real match, at or above: a strong match), measured
+    # (benchmarks/fewshot.py --calibrate); None: DEFAULT_SCORE_SCALE
+    score_scale: tuple[float, float] | None = None
 
     @property
     def key(self) -> str:
@@ -59,7 +62,7 @@ def _entries() -> list[ModelSpec]:
     specs = [
         ModelSpec("hqrs-mini-clip", "clip", "hqrs-mini-clip", "hqrs-mini CLIP (ResNet 128 px): "
                   + MINI_NOTE.format(sets="AID and EuroSAT", classes=42, gsd="0.3-10 m"),
-                  bundled="hqrs-mini-clip.safetensors", template="an aerial image of {}."),
+                  bundled="hqrs-mini-clip.safetensors", template="an aerial image of {}.", score_scale=(0.44, 0.67)),
         ModelSpec("hqrs-mini-coca", "coca", "hqrs-mini-coca", "hqrs-mini CoCa (ViT 96 px): "
                   + MINI_NOTE.format(sets="AID", classes=40, gsd="0.3-8 m"),
                   bundled="hqrs-mini-coca.safetensors", template="an aerial image of {}."),
@@ -102,6 +105,19 @@ def _entries() -> list[ModelSpec]:
 
 
 REGISTRY: dict[str, ModelSpec] = {spec.name: spec for spec in _entries()}
+
+#: Score scale of models without a measured one: typical of CLIP ViT-B text-image cosines
+#: (unrelated pairs about 0.1-0.2, matching captions about 0.25-0.35).
+DEFAULT_SCORE_SCALE = (0.2, 0.3)
+
+
+def score_scale(name: str | None) -> dict:
+    """``{"none": a, "good": b}``: text-image cosine scores of model ``name`` at or below ``a``
+    mean no real match, at or above ``b`` a strong one (the registry's measured calibration;
+    :data:`DEFAULT_SCORE_SCALE` for models without one, custom models included)."""
+    spec = REGISTRY.get(str(name)) or REGISTRY.get(str(name).lower()) if name else None
+    none, good = (spec.score_scale if spec is not None and spec.score_scale else None) or DEFAULT_SCORE_SCALE
+    return {"none": float(none), "good": float(good)}
 
 DEFAULT_EMBED_ENV = "HQRS_GEO_EMBED_MODEL"
 DEFAULT_CAPTION_ENV = "HQRS_GEO_CAPTION_MODEL"

@@ -30,3 +30,17 @@ def classify(layer: str, labels: Sequence[str], templates: Sequence[str] | None 
              model: str | None = None, **session_options):
     """Zero-shot ``label``, ``label_score``, ``label_top`` for every tile (the layer is not modified)."""
     return open_session(layer, model=model, **session_options).classify(labels, templates, top_k)
+
+
+def detect(layer: str, positive: Sequence[str], negative: Sequence[str] = (), method: str = "logistic",
+           k: int | None = 1000, threshold: float = 0.5, model: str | None = None,
+           spatial: SpatialFilter | None = None, **session_options):
+    """Few-shot detection (:mod:`hqrs_geo.search.fewshot`): the tiles of ``layer`` most like the
+    ``positive`` tile ids and unlike the ``negative`` ones, at most ``k`` (None: all) with a
+    probability at or above ``threshold``, best first (``score`` = probability, ``rank``,
+    ``train_label`` = 1 / -1 for the labelled tiles)."""
+    from .fewshot import detect as run_detect
+
+    frame, _ = run_detect(open_session(layer, model=model, **session_options), positive, negative, method, k,
+                          threshold, spatial)
+    return frame

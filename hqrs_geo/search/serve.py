@@ -23,6 +23,30 @@ GDAL opens) and ``window`` (``[x_off, y_off, width, height]``: the tile's pixels
 thumbnails or chips), ``caption`` when the tile has one, and ``part`` (its part file) for a
 dataset. Clients ignore keys they do not know: later versions only add keys.
 
+Several layers, one model: any request may carry ``"layer": PATH`` (a tile layer file or a
+dataset folder); it is answered on that layer, opened on first use and kept open, and the
+session's model (loaded once) serves every layer whose embeddings it made; a layer embedded by
+another model is refused (``open it in its own session``). Without ``layer``, the layer named
+on the command line. ``{"op": "open", "layer": PATH}`` answers ``{"opened": {…}}`` (the ready
+message's fields for that layer), ``{"op": "close", "layer": PATH}`` ``{"closed": PATH}``.
+The ready / opened message also holds ``score_scale`` ``{"none": a, "good": b}``: cosine scores
+of this model at or below ``none`` mean no real match, at or above ``good`` a strong one
+(:func:`hqrs_geo.models.registry.score_scale`).
+
+Few-shot detection (:mod:`.fewshot`)::
+
+    {"id": 7, "op": "detect", "positive": ["t1", "t2"], "negative": ["t9"], "method": "logistic",
+     "k": 1000, "threshold": 0.5}
+
+fits a light classifier on the labelled tiles' embeddings and scores every tile (the spatial keys
+apply); the answer's ``results`` carry ``score`` (the probability, 0..1) and ``label`` (the
+tile's own training label: 1, -1 or null), at most ``k`` (default 1000) at or above
+``threshold`` (default 0.5), and ``detector``: ``method``, ``positives``, ``negatives``,
+``background`` (weak negatives drawn when none were given), ``tiles`` (scored), ``above`` (at or
+over the threshold), ``threshold``, ``fit_seconds``, ``score_seconds``. Labels are kept with the
+layer: ``{"op": "save_labels", "positive": [...], "negative": [...], "name": "…"}`` answers
+``{"saved": n}``, ``{"op": "labels"}`` ``{"positive": [...], "negative": [...], "name": …}``.
+
 Every line gets exactly one answer, blank and malformed ones included; the session ends only at
 end of input or ``{"op": "quit"}``, never on a bad request. :func:`parse_request` is the one
 validator: a JSON object of at most :data:`MAX_LINE` bytes and nesting depth
@@ -47,9 +71,11 @@ MAX_DEPTH = 32  # nesting of JSON arrays/objects in one request
 MAX_K = 10_000
 MAX_ITEMS = 1_000  # texts, tile ids or image paths in one request
 MAX_TEXT = 10_000  # characters of one text, id or path
-OPS = ("search", "ping", "quit")
+OPS = ("search", "ping", "quit", "open", "close", "detect", "save_labels", "labels")
 KEYS = {"id", "op", "text", "template", "k", "similar", "negative", "similar_images", "negative_images",
-        "negative_weight", "bbox", "bbox_crs", "within", "near", "near_crs", "distance"}
+        "negative_weight", "bbox", "bbox_crs", "within", "near", "near_crs", "distance", "layer", "positive",
+        "method", "threshold", "name"}
+DETECT_K = 1000  # default k of a detect request
 
 
 class RequestError(HqrsError):
@@ -74,6 +100,11 @@ class Request:
     negative_images: list[str] = field(default_factory=list)
     negative_weight: float = 0.5
     spatial: SpatialFilter = field(default_factory=SpatialFilter)
+    layer: str | None = None
+    positive: list[str] = field(default_factory=list)
+    method: str = "logistic"
+    threshold: float = 0.5
+    name: str | None = None
 
 
 def _depth(text: str) -> int:
@@ -172,7 +203,7 @@ def _validated(raw: dict, request_id: Any) -> Request:
     op = raw.get("op", "search")
     if op not in OPS:
         raise RequestError(f"'op' must be one of {', '.join(OPS)}")
-    k = raw.get("k", 20)
+    k = raw.get("k", DETECT_K if op == "detect" else 20)
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= MAX_K:
         raise RequestError(f"'k' must be a whole number in 1..{MAX_K}, not {json.dumps(k)[:40]}")
     template = raw.get("template", True)
@@ -181,6 +212,19 @@ def _validated(raw: dict, request_id: Any) -> Request:
     within = raw.get("within")
     if within is not None and (not isinstance(within, str) or not within.strip() or len(within) > MAX_TEXT):
         raise RequestError("'within' must be the path of a polygon layer")
+    layer = raw.get("layer")
+    if layer is not None and (not isinstance(layer, str) or not layer.strip() or len(layer) > MAX_TEXT):
+        raise RequestError("'layer' must be the path of a tile layer file or dataset folder")
+    if op in ("open", "close") and layer is None:
+        raise RequestError(f"'{op}' needs 'layer': the path of a tile layer file or dataset folder")
+    from .fewshot import METHODS
+
+    method = raw.get("method", "logistic")
+    if method not in METHODS:
+        raise RequestError(f"'method' must be one of {', '.join(METHODS)}, not {json.dumps(method)[:40]}")
+    name = raw.get("name")
+    if name is not None and (not isinstance(name, str) or len(name) > 200):
+        raise RequestError("'name' must be a text of at most 200 characters")
     spatial = SpatialFilter(
         bbox=_numbers(raw, "bbox", 4), bbox_crs=_crs_text(raw, "bbox_crs", None), within=within,  # type: ignore[arg-type]
         near=_numbers(raw, "near", 2), near_crs=_crs_text(raw, "near_crs", "EPSG:4326") or "EPSG:4326",  # type: ignore[arg-type]
@@ -189,18 +233,100 @@ def _validated(raw: dict, request_id: Any) -> Request:
         id=request_id, op=op, text=[t for t in _strings(raw, "text") if t.strip()], template=template, k=k,
         similar=_strings(raw, "similar"), negative=_strings(raw, "negative"),
         similar_images=_strings(raw, "similar_images"), negative_images=_strings(raw, "negative_images"),
-        negative_weight=_number(raw, "negative_weight", 0, 10, 0.5), spatial=spatial)
+        negative_weight=_number(raw, "negative_weight", 0, 10, 0.5), spatial=spatial, layer=layer,
+        positive=_strings(raw, "positive"), method=method, threshold=_number(raw, "threshold", 0, 1, 0.5), name=name)
     if op == "search" and not (request.text or request.similar or request.similar_images):
         raise RequestError("request needs 'text' or 'similar' (tile ids) or 'similar_images'")
+    if op == "detect" and not request.positive:
+        raise RequestError("'detect' needs 'positive': at least one tile id of what to find")
+    both = set(request.positive) & set(request.negative) if op in ("detect", "save_labels") else set()
+    if both:
+        raise RequestError(f"tile {sorted(both)[0][:80]!r} is both positive and negative; keep it in one list")
     return request
 
 
+def _layer_key(path: str) -> str:
+    import os
+
+    return os.path.realpath(path)
+
+
+class Sessions:
+    """The layers one serve-search process answers on: the command line's, and every layer opened
+    by a request's ``layer``, all served by the first session's model (loaded once)."""
+
+    def __init__(self, first: Any, opener: Any = None):
+        self.first = first
+        self.opened: dict[str, Any] = {_layer_key(first.layer): first}
+        self._opener = opener
+
+    def _open(self, path: str) -> Any:
+        from ..errors import OptionError
+        from .partitioned import open_session
+
+        first = self.first
+        options = {"checkpoint": first.checkpoint, "device": first.device, "use_ann": bool(first.use_ann),
+                   "trust_checkpoint": first.trust_checkpoint}
+        ours = first.source
+        try:
+            session = open_session(path, model=ours.model, **options)
+        except OptionError as exc:
+            if "not comparable" not in str(exc):
+                raise
+            try:
+                theirs = open_session(path, **options).source.model
+            except HqrsError:
+                theirs = "other models"
+            raise RequestError(f"{path} was embedded with {theirs}; this session serves {ours.model}: "
+                               "open it in its own session") from None
+        if ours.sha256 and session.source.sha256 and ours.sha256 != session.source.sha256:
+            raise RequestError(f"{path} was embedded with {session.source.model} (weights "
+                               f"{session.source.sha256[:12]}); this session serves {ours.model} (weights "
+                               f"{ours.sha256[:12]}): open it in its own session")
+        session._model = first._model  # the one model of this session (loaded once)
+        return session
+
+    def get(self, layer: str | None) -> Any:
+        """The session of ``layer`` (the command line's when None), opened on first use and again
+        when its file changed since."""
+        if layer is None:
+            return self.first
+        key = _layer_key(layer)
+        session = self.opened.get(key)
+        opened = getattr(session, "opened", None)
+        if session is not None and opened is not None and not opened.unchanged():
+            session = None  # rewritten since (embedded again, …): read it anew
+        if session is None:
+            session = self._open(layer)
+            self.opened[key] = session
+        return session
+
+    def close(self, layer: str) -> str:
+        """Forget an opened layer (the command line's stays: it holds the model)."""
+        key = _layer_key(layer)
+        if key != _layer_key(self.first.layer):
+            self.opened.pop(key, None)
+        return layer
+
+
 def answer(session: Any, request: Request | dict) -> dict:
-    """The response object for one request (raises HqrsError for bad requests)."""
+    """The response object for one request (raises HqrsError for bad requests); ``session``: a
+    search session or :class:`Sessions`."""
     if isinstance(request, dict):
         request = parse_request(json.dumps(request))
     if request.op == "ping":
         return {"pong": True}
+    sessions = session if isinstance(session, Sessions) else Sessions(session)
+    if request.op == "close":
+        assert request.layer is not None
+        return {"closed": sessions.close(request.layer)}
+    session = sessions.get(request.layer)
+    if request.op == "open":
+        message = ready_message(session)
+        del message["ready"]
+        return {"opened": message}
+    if request.op in ("detect", "save_labels", "labels"):
+        return _fewshot(session, request)
     if request.similar or request.similar_images:
         results = session.search_similar(
             positive_ids=request.similar, negative_ids=request.negative, positive_images=request.similar_images,
@@ -209,6 +335,24 @@ def answer(session: Any, request: Request | dict) -> dict:
     else:
         results = session.search_text(request.text, k=request.k, spatial=request.spatial, template=request.template)
     return {"results": [_result(row) for row in results.to_dict("records")]}
+
+
+def _fewshot(session: Any, request: Request) -> dict:
+    """The answer of a ``detect``, ``save_labels`` or ``labels`` request."""
+    from . import fewshot
+
+    if request.op == "labels":
+        return fewshot.saved_labels(session.layer)
+    if request.op == "save_labels":
+        return {"saved": fewshot.save_labels(session, request.positive, request.negative, request.name)}
+    frame, detection = fewshot.detect(session, request.positive, request.negative, request.method, request.k,
+                                      request.threshold, request.spatial)
+    results = []
+    for row in frame.to_dict("records"):
+        out = _result(row)
+        out["label"] = row.get("train_label")
+        results.append(out)
+    return {"results": results, "detector": detection.summary()}
 
 
 WINDOW = ("x_off", "y_off", "width", "height")
@@ -264,6 +408,9 @@ def ready_message(session: Any) -> dict:
                "crs": crs_text(crs), "kind": "dataset" if dataset else "layer", "embeddings": session.source.key}
     if dataset:
         message["parts"] = len(session.index.parts)
+    from ..models.registry import score_scale
+
+    message["score_scale"] = score_scale(session.source.model)
     return message
 
 
@@ -295,6 +442,7 @@ def serve(session: Any, stdin: TextIO | None = None, stdout: TextIO | None = Non
         stdout.flush()
 
     send(ready_message(session))
+    sessions = Sessions(session)
     answered = 0
     while True:
         line = _read_line(stdin)
@@ -308,7 +456,7 @@ def serve(session: Any, stdin: TextIO | None = None, stdout: TextIO | None = Non
             if request.op == "quit":
                 send({"id": request_id, "bye": True})
                 break
-            response = answer(session, request)
+            response = answer(sessions, request)
         except HqrsError as exc:
             request_id = request_id if request_id is not None else getattr(exc, "request_id", None)
             response = {"error": " ".join(str(exc).split())}

@@ -153,7 +153,7 @@ def test_serve_search_on_a_dataset_says_crs_part_source_and_window(world):
     manifest = json.loads((world["dataset"] / "_manifest.json").read_text())
     assert ours[0] == {"ready": True, "layer": str(world["dataset"]), "model": theirs[0]["model"], "tiles": 768,
                        "crs": "EPSG:28992", "kind": "dataset", "embeddings": theirs[0]["embeddings"],
-                       "parts": len(manifest["parts"])}
+                       "parts": len(manifest["parts"]), "score_scale": theirs[0]["score_scale"]}
     assert theirs[0]["crs"] == manifest["crs"] == "EPSG:28992" and theirs[0]["kind"] == "layer"
     assert theirs[0]["tiles"] == 768 and "parts" not in theirs[0]
     for mine, reference in zip(ours[1:3], theirs[1:3]):
