@@ -282,6 +282,8 @@ SLOW = (
     "tests/plugin/test_dock.py::test_settings_dialog_round_trip_and_background_check",
     "tests/plugin/test_processing.py",                 # Processing algorithms driving engine processes
     "tests/plugin/test_plugin_processing.py",
+    "tests/plugin/test_fewshot_dock.py::test_labels_survive_closing_and_reopening",  # two engine sessions
+    "tests/plugin/test_fewshot_dock.py::test_detect_from_examples_processing",
     "tests/plugin/test_plugin_runner.py::test_probe_names_versions_and_device",
     "tests/plugin/test_plugin_runner.py::test_no_resource_warnings_from_processes",
     "tests/test_faults.py::test_layers_embedded_with_a_trusted_pickle_checkpoint",

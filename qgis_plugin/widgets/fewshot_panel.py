@@ -12,6 +12,7 @@ QGIS was closed. "Export training set…" saves them and opens Export image-text
 """
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING, Any
 
 from qgis.core import (
@@ -526,7 +527,8 @@ class FewShotPanel(QgsCollapsibleGroupBox):
                     group.insertChildNode(0, node.clone())
                     node.parent().removeChildNode(node)
         detections.fill_detection_layer(layer, found, threshold)
-        name = self.dock.current_layer().name() if self.dock.current_layer() is not None else "dataset"
+        tile_layer = self.dock.current_layer()
+        name = tile_layer.name() if tile_layer is not None else os.path.basename(choice.path.rstrip("/\\"))
         layer.setName(f"detections: {name} (probability ≥ {threshold:g})")
         labels = self.labels(choice.path)
         for item in found:  # footprints of labels that came without one (restored, from a dataset)
