@@ -18,30 +18,57 @@ Memory is bounded whatever the archive size: at most ``in_flight`` units are bet
 read and their write, and the driver holds only references and small status records.
 
 Faults: a read or write task whose worker process or node dies is retried by Ray; a model
-worker that dies is restarted (its models loaded again) and its calls are retried; a unit
-whose work is lost anyway (an object lost with its node, a worker that keeps dying) is put
-back in the queue (up to ``max_attempts``); an error of the scene itself (corrupt file,
-unreachable URL, NaN embeddings) is returned as a failed unit. Parts are written atomically,
-so a unit computed twice leaves one part.
+worker whose process dies is restarted on its node (its models loaded again) and its calls are
+retried. Each model worker is pinned to a node, placed so that it fits there beside the other
+workers and half a core for reading: when a node leaves the cluster its workers are retired, not
+moved onto the survivors (where they would take the CPUs the reads need, and the job would wait
+for good), and the job goes on with the workers left, saying so; when none is left, one is
+started on a surviving node. A unit whose work is lost (an object lost with its node, a worker
+that keeps dying) or that is under way longer than ``unit_timeout`` seconds is put back in the
+queue (up to ``max_attempts``); an error of the scene itself (corrupt file, unreachable URL, NaN
+embeddings) is returned as a failed unit. Parts are written atomically, so a unit computed twice
+leaves one part.
+
+The driver's own Ray instance (no cluster address) is shut down on every exit path; its
+processes carry the driver's identity in their environment (:data:`OWNER_VARIABLE`), so the
+processes left by a driver killed with SIGKILL are found and stopped by the next run, and no
+other Ray instance is ever touched.
 """
 from __future__ import annotations
 
 import logging
 import math
 import os
+import signal
+import socket
+import tempfile
+import threading
+import time
 from collections import deque
+from pathlib import Path
 from typing import Any
 
 from ..errors import HqrsError, InputError, OptionError, OutputError
 from .options import RunOptions
 from .units import JobContext, Outcome, TaskSpec, Unit, empty_part, infer_unit, read_unit, write_unit
 
-#: Environment variables forwarded to the workers (model search paths, offline mode, GDAL settings).
-FORWARDED_PREFIXES = ("HQRS_GEO_", "HF_HUB_OFFLINE", "HF_HOME", "GDAL_", "CPL_", "VSI_", "TORCH_HOME")
+log = logging.getLogger("hqrs_geo")
+
+#: Environment variables forwarded to the workers (model search paths, the Hugging Face hub's
+#: settings: endpoint, offline mode, cache, timeouts; GDAL settings).
+FORWARDED_PREFIXES = ("HQRS_GEO_", "HF_", "GDAL_", "CPL_", "VSI_", "TORCH_HOME")
 #: Variables never forwarded (credentials stay with each node's own configuration).
 SECRET_WORDS = ("KEY", "TOKEN", "SECRET", "PASSWORD", "USERPWD", "HEADER", "CREDENTIAL", "AUTH")
 QUEUED_PER_WORKER = 2
 WORKER_RESTARTS = 3
+#: Seconds a unit may be under way (read, computed, written) before it is put back in the queue.
+UNIT_TIMEOUT = 1800.0
+#: Seconds between checks of the cluster's nodes (and of the units' deadlines) while waiting.
+POLL_SECONDS = 2.0
+#: Seconds to wait for a cluster address to accept a connection.
+CONNECT_SECONDS = 5.0
+#: The variable that marks the processes of a Ray instance this driver started ("PID:START").
+OWNER_VARIABLE = "HQRS_RAY_OWNER"
 
 
 def _ray() -> Any:
@@ -103,6 +130,130 @@ class ModelWorker:
         return infer_unit(self.tasks, ids, pixels, batch_size)
 
 
+# -- this driver's own Ray processes ------------------------------------------------------------------
+def _start_time(pid: int) -> str | None:
+    """The start time of process ``pid`` (clock ticks since boot), or None when it is gone."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def owner_mark() -> str:
+    """The identity of this process, ``PID:START`` (a later process with the same pid differs)."""
+    return f"{os.getpid()}:{_start_time(os.getpid())}"
+
+
+def _owner_alive(mark: str) -> bool:
+    pid, _, start = mark.partition(":")
+    return pid.isdigit() and _start_time(int(pid)) == start
+
+
+def leftover_processes() -> list[int]:
+    """Processes of this user left by a Ray instance whose driver is gone: they carry
+    :data:`OWNER_VARIABLE` and the process it names is no longer running (Linux; elsewhere none)."""
+    found = []
+    needle = f"{OWNER_VARIABLE}=".encode()
+    uid = os.getuid() if hasattr(os, "getuid") else None
+    try:
+        pids = [int(p) for p in os.listdir("/proc") if p.isdigit()]
+    except OSError:
+        return []
+    for pid in pids:
+        if pid == os.getpid():
+            continue
+        try:
+            if uid is not None and os.stat(f"/proc/{pid}").st_uid != uid:
+                continue
+            environ = Path(f"/proc/{pid}/environ").read_bytes()
+        except OSError:
+            continue
+        for entry in environ.split(b"\0"):
+            if entry.startswith(needle):
+                if not _owner_alive(entry[len(needle):].decode(errors="replace")):
+                    found.append(pid)
+                break
+    return found
+
+
+def stop_processes(pids: list[int], grace: float = 3.0) -> None:
+    """SIGTERM, then SIGKILL after ``grace`` seconds for those still running."""
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except OSError:
+            pass
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline and any(_start_time(p) for p in pids):
+        time.sleep(0.1)
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
+
+
+def clean_leftovers() -> int:
+    """Stop what an earlier driver killed with SIGKILL left of its own Ray instance; how many."""
+    pids = leftover_processes()
+    if pids:
+        stop_processes(pids)
+        log.warning(f"stopped {len(pids)} process(es) left by an earlier Ray run that was killed")
+    return len(pids)
+
+
+# -- connecting ----------------------------------------------------------------------------------------
+def check_address(address: str) -> None:
+    """A one-line error unless something accepts connections at ``HOST:PORT`` within
+    :data:`CONNECT_SECONDS` (``auto``, and addresses without a port, are left to Ray)."""
+    target = address.split("://", 1)[-1]
+    host, sep, port = target.rpartition(":")
+    if not sep or not port.isdigit():
+        return
+    host = host.strip("[]")
+    try:
+        with socket.create_connection((host, int(port)), timeout=CONNECT_SECONDS):
+            return
+    except TimeoutError:
+        reason = f"no answer in {CONNECT_SECONDS:g} s"
+    except OSError as exc:
+        reason = (exc.strerror or str(exc) or type(exc).__name__).lower()
+    raise OptionError(f"no Ray cluster answers at {address} ({reason}); check «ray_address», or start one there "
+                      "with 'ray start --head'", option="ray_address")
+
+
+AUTH_WORDS = ("InvalidAuthToken", "UNAUTHENTICATED", "Unauthenticated", "AuthenticationError",
+              "authentication token", "auth token")
+
+
+def _auth_error(address: str) -> OptionError:
+    return OptionError(f"the Ray cluster at {address} requires an authentication token: set RAY_AUTH_TOKEN (or "
+                       "RAY_AUTH_TOKEN_PATH) to the cluster's token ('ray get-auth-token' on its head node)",
+                       option="ray_address")
+
+
+class _CapturedStderr:
+    """Redirects file descriptor 2 to a temporary file (Ray's C++ core writes there directly)."""
+
+    def __enter__(self) -> _CapturedStderr:
+        self.file = tempfile.TemporaryFile()
+        try:
+            self.saved: int | None = os.dup(2)
+            os.dup2(self.file.fileno(), 2)
+        except OSError:
+            self.saved = None
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.saved is not None:
+            os.dup2(self.saved, 2)
+            os.close(self.saved)
+
+    def text(self) -> str:
+        self.file.seek(0)
+        return self.file.read().decode(errors="replace")
+
+
 # -- the executor -------------------------------------------------------------------------------------
 class RayExecutor:
     """Submits units to a Ray cluster and returns their outcomes (see the module docstring)."""
@@ -113,39 +264,75 @@ class RayExecutor:
         self.plan, self.options, self.scale, self.progress = plan, options, scale, progress
         self.ray = _ray()
         self.owns = False
-        self.actors: list = []
-        self.nodes: list[str | None] = []
+        self.actors: list = []  # None: a worker retired with its node
+        self.nodes: list[str] = []
         self.load: list[int] = []
         self.pending: dict = {}  # object ref -> (stage, unit, extra)
+        self.since: dict[int, float] = {}  # id(unit) -> when it was submitted
         self.ready: deque = deque()  # read units waiting for a free worker
         self.inflight = 0
         self.replacements = 0
         self.ctx_ref: Any = None
         self.specs: list[TaskSpec] = []
+        self.alive: dict[str, dict] = {}
+        self.resources: dict[str, Any] = {}
+        self.checked = 0.0
+        self.timeout = float(getattr(scale, "unit_timeout", None) or UNIT_TIMEOUT)
 
     # -- cluster and workers ------------------------------------------------------------------
     def _init(self) -> None:
         ray = self.ray
         if ray.is_initialized():  # a caller's own Ray session
             return
+        clean_leftovers()
         address = self.scale.ray_address or os.environ.get("RAY_ADDRESS")
+        if address and address not in ("auto", "local"):
+            check_address(address)
         kwargs: dict = {"logging_level": logging.ERROR, "log_to_driver": False,
                         "runtime_env": {"env_vars": worker_env()}}
+        main = threading.current_thread() is threading.main_thread()
+        handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)} if main else {}
+        started = not address or address == "local"
+        if started:
+            os.environ[OWNER_VARIABLE] = owner_mark()  # inherited by every process of the new instance
+        captured = _CapturedStderr()
         try:
-            if address:
-                ray.init(address=address, **kwargs)
-            else:
-                ray.init(include_dashboard=False, **kwargs)
-        except (ConnectionError, RuntimeError, ValueError) as exc:
-            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise OptionError(f"cannot connect to the Ray cluster at {address or 'this machine'} ({reason}); start it "
-                              "with 'ray start --head' or check «ray_address»", option="ray_address") from None
+            with captured:
+                if address:
+                    ray.init(address=address, **kwargs)
+                else:
+                    ray.init(include_dashboard=False, **kwargs)
+        except (ConnectionError, RuntimeError, ValueError, TimeoutError, ray.exceptions.RayError) as exc:
+            text = str(exc).strip()
+            if address and any(w in text or w in captured.text() for w in AUTH_WORDS):
+                raise _auth_error(address) from None
+            reason = text.splitlines()[0] if text else type(exc).__name__
+            raise OptionError(f"cannot connect to the Ray cluster at {address or 'this machine'} ({reason[:300]}); "
+                              "start it with 'ray start --head' or check «ray_address»", option="ray_address") from None
+        finally:
+            os.environ.pop(OWNER_VARIABLE, None)
+            for sig, handler in handlers.items():  # Ray's own handlers end the process with exit 15 and a dump
+                if handler is not None:
+                    signal.signal(sig, handler)
         self.owns = True
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug(captured.text())
+        else:
+            try:  # Ray prints cluster events (a node that died...) to stdout: the job says what matters itself
+                import ray._private.worker as ray_worker
+
+                ray_worker._worker_logs_enabled = False
+            except (ImportError, AttributeError):
+                pass
+
+    def _alive_nodes(self) -> dict[str, dict]:
+        """Alive nodes: id -> total resources."""
+        return {n["NodeID"]: dict(n.get("Resources", {})) for n in self.ray.nodes() if n.get("Alive")}
 
     def _plan_resources(self) -> dict:
         ray, scale, plan = self.ray, self.scale, self.plan
-        nodes = [n for n in ray.nodes() if n.get("Alive")]
-        cpus = [float(n.get("Resources", {}).get("CPU", 0)) for n in nodes] or [1.0]
+        self.alive = self._alive_nodes()
+        cpus = [float(r.get("CPU", 0)) for r in self.alive.values()] or [1.0]
         gpus = float(ray.cluster_resources().get("GPU", 0))
         models = plan is not None and not plan.empty
         device = plan.device if models else "cpu"
@@ -158,28 +345,62 @@ class RayExecutor:
         if gpw > gpus:
             raise OptionError(f"{gpw:g} GPU(s) per worker, but the cluster has {gpus:g}", option="gpus_per_worker")
         io_cpus = 1.0 if gpw else 0.5
+        # sized from the smallest node: a worker (and a read) fits on any node, so one can always
+        # be started again on whatever node survives
         cpw = float(scale.cpus_per_worker) if scale.cpus_per_worker else (1.0 if gpw else max(0.5, min(cpus) - io_cpus))
         workers = 0
+        self.resources = {"cpw": cpw, "gpw": gpw, "io_cpus": io_cpus}
+        placed: list[str] = []
         if models:
-            workers = scale.workers or (max(1, int(gpus // gpw)) if gpw else len(nodes))
-            if workers * cpw + io_cpus > sum(cpus) + 1e-9 or (gpw and workers * gpw > gpus + 1e-9):
+            workers = scale.workers or (max(1, int(gpus // gpw)) if gpw else len(self.alive))
+            placed = self._place(workers, [])
+            if len(placed) < workers:
                 raise OptionError(
                     f"{workers} worker(s) of {cpw:g} CPU(s) and {gpw:g} GPU(s), plus {io_cpus:g} CPU for reading, "
-                    f"do not fit the cluster ({sum(cpus):g} CPUs, {gpus:g} GPUs); use fewer «workers» or "
-                    "«cpus_per_worker»",
+                    f"do not fit the cluster's nodes ({', '.join(f'{c:g}' for c in cpus)} CPUs, {gpus:g} GPUs); use "
+                    "fewer «workers» or «cpus_per_worker»",
                     option="workers")
         free = max(0.0, sum(cpus) - workers * cpw)
         in_flight = scale.in_flight or min(64, QUEUED_PER_WORKER * workers + max(1, int(free / io_cpus)))
         device_of_workers = "cuda" if gpw else "cpu"
         return {"workers": workers, "cpw": cpw, "gpw": gpw, "io_cpus": io_cpus, "in_flight": in_flight,
                 "device": device_of_workers if device in ("auto", "cuda", "cpu") else device,
-                "threads": max(1, math.ceil(cpw)) if not gpw else None}
+                "threads": max(1, math.ceil(cpw)) if not gpw else None, "placed": placed}
 
-    def _new_actor(self) -> Any:
+    def _place(self, count: int, taken: list[str | None]) -> list[str]:
+        """Nodes for ``count`` more workers beside those on ``taken``: each on the node with the
+        most CPUs left, where it fits, keeping ``io_cpus`` free somewhere for the reads."""
         r = self.resources
-        cls = self.ray.remote(ModelWorker).options(  # spread over the nodes: each node's reads feed its worker
+        free = {node: [float(res.get("CPU", 0)), float(res.get("GPU", 0))] for node, res in self.alive.items()}
+        for node in taken:
+            if node in free:
+                free[node][0] -= r["cpw"]
+                free[node][1] -= r["gpw"]
+        placed: list[str] = []
+        eps = 1e-9
+        for _ in range(count):
+            fits = [n for n, (c, g) in free.items() if c + eps >= r["cpw"] and g + eps >= r["gpw"]]
+            fits.sort(key=lambda n: (-free[n][0], n))
+            chosen = None
+            for node in fits:
+                left = sum(c for c in (v[0] for v in free.values())) - r["cpw"]
+                if left + eps >= r["io_cpus"]:
+                    chosen = node
+                    break
+            if chosen is None:
+                break
+            free[chosen][0] -= r["cpw"]
+            free[chosen][1] -= r["gpw"]
+            placed.append(chosen)
+        return placed
+
+    def _new_actor(self, node: str) -> Any:
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        r = self.resources
+        cls = self.ray.remote(ModelWorker).options(  # pinned: restarted on its node, never moved onto another
             num_cpus=r["cpw"], num_gpus=r["gpw"], max_restarts=WORKER_RESTARTS, max_task_retries=WORKER_RESTARTS,
-            scheduling_strategy="SPREAD",
+            scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=node, soft=False),
             max_concurrency=2 if r["gpw"] else 1,  # GPU: one unit's transfer overlaps the other's compute
         )
         return cls.remote(self.plan, self.options, r["device"], r["threads"])
@@ -192,15 +413,16 @@ class RayExecutor:
         r = self.resources
         self.read_fn, self.write_fn = ray.remote(read_task), ray.remote(write_task)
         self.io_options = {"num_cpus": r["io_cpus"], "max_retries": 3}
-        self.actors = [self._new_actor() for _ in range(r["workers"])]
+        self.nodes = list(r["placed"])
+        self.actors = [self._new_actor(node) for node in self.nodes]
         self.load = [0] * len(self.actors)
         self.specs = []
+        self.checked = time.monotonic()
         if self.actors:
             self.specs = self._get(self.actors[0].specs.remote())
-            self.nodes = [self._node(a) for a in self.actors]
         if self.progress is not None and self.actors:
             self.progress.message(f"ray: {len(self.actors)} model worker(s) of {r['cpw']:g} CPU(s) and {r['gpw']:g} "
-                                  f"GPU(s), {r['in_flight']} unit(s) in flight")
+                                  f"GPU(s) on {len(set(self.nodes))} node(s), {r['in_flight']} unit(s) in flight")
         return self.specs
 
     def _get(self, ref: Any) -> Any:
@@ -215,16 +437,15 @@ class RayExecutor:
             raise InputError(f"the model worker could not start ({str(exc).splitlines()[0]}); check the model "
                              "and the cluster's memory") from None
 
-    def _node(self, actor: Any) -> str | None:
-        try:
-            return self.ray.get(actor.node.remote(), timeout=60)
-        except Exception:  # a worker that cannot say where it is gets no locality
-            return None
-
     def begin(self, ctx: JobContext) -> None:
         """Put the job's context in the object store (one copy for every task)."""
         self.ctx = ctx
         self.ctx_ref = self.ray.put(ctx)
+
+    def _say(self, text: str) -> None:
+        log.warning(text)
+        if self.progress is not None and getattr(self.progress, "mode", None) == "json":
+            self.progress.message(text)
 
     # -- the queue -----------------------------------------------------------------------------
     def room(self) -> bool:
@@ -235,14 +456,20 @@ class RayExecutor:
         """True while some unit is under way."""
         return self.inflight > 0
 
+    def _live(self) -> list[int]:
+        return [i for i, a in enumerate(self.actors) if a is not None]
+
+    def _least_loaded(self) -> int | None:
+        live = self._live()
+        return min(live, key=lambda i: self.load[i]) if live else None
+
     def submit(self, unit: Unit) -> None:
         """Start a unit's read task, on the node of the least loaded worker."""
         options: dict = {}
-        worker = None
-        if self.actors:
-            worker = min(range(len(self.actors)), key=lambda i: self.load[i])
+        worker = self._least_loaded() if self.actors else None
+        if worker is not None:
             self.load[worker] += 1  # counted from the read on, so reads spread over the workers
-            node = self.nodes[worker] if worker < len(self.nodes) else None
+            node = self.nodes[worker]
             if node:
                 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
@@ -250,6 +477,7 @@ class RayExecutor:
         status, frame, payload = self.read_fn.options(num_returns=3, **self.io_options, **options).remote(
             unit, self.ctx_ref)
         self.pending[status] = ("read", unit, (frame, payload, worker))
+        self.since[id(unit)] = time.monotonic()
         self.inflight += 1
 
     def _release(self, worker: int | None) -> None:
@@ -260,6 +488,14 @@ class RayExecutor:
         """Hand read units to their workers: infer, then the write that waits for it."""
         while self.ready:
             unit, status, status_ref, frame_ref, payload_ref, worker = self.ready.popleft()
+            if self.actors[worker] is None:  # its worker left with its node: another one takes the unit
+                self._release(worker)
+                worker = self._least_loaded()
+                if worker is None:
+                    self.ready.appendleft((unit, status, status_ref, frame_ref, payload_ref, worker))
+                    self._ensure_worker()
+                    continue
+                self.load[worker] += 1
             infer = self.actors[worker].infer.remote(payload_ref, self.ctx.batch_size)
             write = self.write_fn.options(**self.io_options).remote(unit, status_ref, frame_ref, infer, self.ctx_ref)
             self.pending[infer] = ("infer", unit, worker)
@@ -272,17 +508,98 @@ class RayExecutor:
         outcomes: list[Outcome] = []
         while not outcomes:
             refs = list(self.pending)
-            done, _ = ray.wait(refs, num_returns=1, fetch_local=False)
-            done, _ = ray.wait(refs, num_returns=len(refs), timeout=0, fetch_local=False) if len(refs) > 1 \
-                else (done, None)
+            done: list = []
+            if refs:
+                done, _ = ray.wait(refs, num_returns=1, timeout=POLL_SECONDS, fetch_local=False)
+                if done and len(refs) > 1:
+                    done, _ = ray.wait(refs, num_returns=len(refs), timeout=0, fetch_local=False)
             for ref in done:
+                if ref not in self.pending:  # dropped with its unit meanwhile
+                    continue
                 stage, unit, extra = self.pending.pop(ref)
                 outcome = getattr(self, f"_after_{stage}")(ref, unit, extra)
                 if outcome is not None:
-                    self.inflight -= 1
-                    outcomes.append(outcome)
+                    outcomes.append(self._finished(outcome))
+            if not refs or time.monotonic() - self.checked >= POLL_SECONDS:
+                outcomes += self._check()
             self._dispatch()
         return outcomes
+
+    def _finished(self, outcome: Outcome) -> Outcome:
+        self.inflight -= 1
+        self.since.pop(id(outcome.unit), None)
+        return outcome
+
+    # -- nodes that leave, units that wait too long ----------------------------------------------
+    def _check(self) -> list[Outcome]:
+        """Retire the workers of nodes that left; put units past their deadline back in the queue."""
+        self.checked = time.monotonic()
+        try:
+            alive = self._alive_nodes()
+        except Exception:  # the cluster did not answer this time: check again later
+            return []
+        gone = set(self.alive) - set(alive)
+        self.alive = alive
+        if gone:
+            retired = [i for i in self._live() if self.nodes[i] in gone]
+            for i in retired:
+                self._retire(i)
+            left = len(self._live())
+            self._say(f"ray: {len(gone)} node(s) left the cluster; going on with {len(alive)} node(s) and "
+                      f"{left} model worker(s)" + (" (starting one on a surviving node)" if self.actors and not left
+                                                   else ""))
+            if self.actors and not left:
+                self._ensure_worker()
+        outcomes: list[Outcome] = []
+        now = time.monotonic()
+        late = {id(u): u for _, u, _ in self.pending.values() if now - self.since.get(id(u), now) > self.timeout}
+        late.update({id(e[0]): e[0] for e in self.ready if now - self.since.get(id(e[0]), now) > self.timeout})
+        for unit in late.values():
+            outcomes.append(self._finished(self._drop(unit, f"under way more than {self.timeout:g} s")))
+        return outcomes
+
+    def _drop(self, unit: Unit, reason: str) -> Outcome:
+        """Forget every call of ``unit`` (cancelled where Ray can) and put it back in the queue."""
+        for ref in [r for r, (_, u, _) in self.pending.items() if u is unit]:
+            stage, _, extra = self.pending.pop(ref)
+            if stage == "read":
+                self._release(extra[2])
+            elif stage == "infer":
+                self._release(extra)
+            try:
+                self.ray.cancel(ref)
+            except Exception:  # finished or already gone
+                pass
+        kept: deque = deque()
+        for entry in self.ready:
+            if entry[0] is unit:
+                self._release(entry[5])
+            else:
+                kept.append(entry)
+        self.ready = kept
+        return Outcome(unit, "retry", error=reason)
+
+    def _retire(self, worker: int) -> None:
+        """A worker whose node left: killed (Ray must not move it onto a survivor), its slot emptied."""
+        actor = self.actors[worker]
+        self.actors[worker] = None
+        try:
+            self.ray.kill(actor, no_restart=True)
+        except Exception:  # already gone
+            pass
+
+    def _ensure_worker(self) -> None:
+        """At least one model worker: started on a surviving node where it fits, else a one-line error."""
+        if self._live() or not self.actors:
+            return
+        placed = self._place(1, [])
+        if not placed:
+            r = self.resources
+            raise InputError(f"no node left in the Ray cluster can hold a model worker of {r['cpw']:g} CPU(s) and "
+                             f"{r['gpw']:g} GPU(s); run the same command again to resume when the cluster has one")
+        self.actors.append(self._new_actor(placed[0]))
+        self.nodes.append(placed[0])
+        self.load.append(0)
 
     def _system_error(self, exc: BaseException) -> bool:
         errors = self.ray.exceptions
@@ -290,6 +607,7 @@ class RayExecutor:
             "RayActorError", "WorkerCrashedError", "ObjectLostError", "OwnerDiedError", "NodeDiedError",
             "ObjectReconstructionFailedError", "ObjectFetchTimedOutError", "TaskCancelledError",
             "ActorUnavailableError", "RaySystemError", "ObjectStoreFullError", "OutOfMemoryError",
+            "TaskUnschedulableError", "ActorUnschedulableError",
         ) if hasattr(errors, name))
         return isinstance(exc, lost)
 
@@ -350,6 +668,12 @@ class RayExecutor:
         return Outcome(unit, "retry", error=_short(exc))
 
     def _replace(self, worker: int) -> None:
+        """A worker that died: started again on its node while the node is alive, else retired."""
+        if self.actors[worker] is None:  # retired already (its node left)
+            return
+        self._check_nodes_now()
+        if self.actors[worker] is None:
+            return
         if self.replacements >= max(3, 2 * len(self.actors)):
             raise InputError(f"model workers keep dying ({self.replacements} replaced); check the cluster's "
                              "memory and logs, then run the same command again to resume")
@@ -358,13 +682,26 @@ class RayExecutor:
         except Exception:  # already gone
             pass
         self.replacements += 1
-        self.actors[worker] = self._new_actor()
-        self.nodes[worker] = self._node(self.actors[worker])
+        node = self.nodes[worker]
+        self.actors[worker] = self._new_actor(node) if node in self.alive else None
+        if self.actors[worker] is None:
+            self._ensure_worker()
+
+    def _check_nodes_now(self) -> None:
+        try:
+            alive = self._alive_nodes()
+        except Exception:
+            return
+        for i in self._live():
+            if self.nodes[i] not in alive:
+                self._retire(i)
 
     def close(self) -> None:
         """Stop the workers; leave the cluster (and shut down a Ray instance this executor started)."""
         ray = self.ray
         for actor in self.actors:
+            if actor is None:
+                continue
             try:
                 ray.kill(actor, no_restart=True)
             except Exception:  # already gone
