@@ -90,7 +90,8 @@ def run_detect(args: argparse.Namespace, progress: Any) -> int:
     detection = fewshot.score(session, detector, args.k, args.threshold, spatial)
     frame = fewshot.result_frame(session, detection)
     if args.output is not None:
-        out = frame.rename(columns={"score": "detect_prob", "rank": "detect_rank", "train_label": "detect_label"})
+        out = frame.drop(columns=[c for c in (*COLUMNS, "detect_label") if c in frame.columns])  # a former run's
+        out = out.rename(columns={"score": "detect_prob", "rank": "detect_rank", "train_label": "detect_label"})
         written = write_result_layer(args.layer, out, "detections", params, args.output)
     else:
         write_columns(session, detector, spatial, params)

@@ -24,8 +24,9 @@ def register(sub: Any) -> None:
     export = sub.add_parser("export-dataset", help="captioned tiles as chips + open_clip CSV + Karpathy JSON")
     export.add_argument("layer")
     export.add_argument("-o", "--output", required=True, help="dataset folder")
-    export.add_argument("--captions", choices=("mpgi", "caption"), default="mpgi",
-                        help="mpgi: detailed + short MpGI captions (default); caption: the caption column")
+    export.add_argument("--captions", choices=("mpgi", "caption", "labels"), default="mpgi",
+                        help="mpgi: detailed + short MpGI captions (default); caption: the caption column; labels: "
+                             "the few-shot labels saved with the layer (class positive/negative)")
     export.add_argument("--format", choices=("jpg", "png"), default="jpg")
     export.add_argument("--val-fraction", type=number(float, 0, 1, high_open=True), default=0.1,
                         help="share of tiles in the val split")
