@@ -43,7 +43,7 @@ def run_tile(args: argparse.Namespace, progress: Any) -> int:
     if is_dataset_output(args.output) or scale.engine != "local":
         report = tile(args.rasters, args.output, config, progress=progress, source_filter=filters, scale=scale)
         return finish_dataset(args, progress, report)
-    rasters = resolve_sources(args.rasters, filters) if filters.asset or filters.active else args.rasters
+    rasters = resolve_sources(args.rasters, filters) if filters != type(filters)() else args.rasters
     report = tile_to_layer(rasters, args.output, config, progress=progress)  # type: ignore[arg-type]
     new, held = len(report.tiles), len(report.layer)
     summary = (f"{new} tile(s) from {len(report.scenes)} scene(s) written to {args.output} "

@@ -149,8 +149,10 @@ def scene_with_grid(reading: dict, grid: dict) -> SceneReading:
 
 
 def one_line(exc: BaseException) -> str:
-    """An exception as the one-line message recorded for a failed scene."""
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    """An exception as the one-line message recorded for a failed scene (without credentials)."""
+    from ..redact import redact
+
+    text = redact(str(exc).strip().splitlines()[0]) if str(exc).strip() else ""
     if isinstance(exc, HqrsError):
         return text
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
@@ -248,8 +250,8 @@ def part_facts(unit: Unit, status: dict, ctx: JobContext) -> dict:
     rows = list(status.get("rows") or blocks[block])
     return {"name": part_name(unit.key, block, len(blocks)), "scene": unit.key, "block": block,
             "blocks": len(blocks), "rows": rows, "source": unit.entry.path, "url": unit.entry.url,
-            "item": unit.entry.item, "fingerprint": ctx.fingerprint, "reading": scene.as_dict(),
-            "grid": grid_dict(scene.grid), "block_rows": [list(b) for b in blocks]}
+            "item": unit.entry.item, "catalog": unit.entry.catalog, "fingerprint": ctx.fingerprint,
+            "reading": scene.as_dict(), "grid": grid_dict(scene.grid), "block_rows": [list(b) for b in blocks]}
 
 
 def empty_part(unit: Unit, status: dict, ctx: JobContext) -> dict:

@@ -18,19 +18,34 @@ Each entry keeps what GDAL opens (``path``), where the scene was found (``url``:
 the absolute path of a local file) and its STAC item id; tiles record the last two in the
 columns ``source_url`` and ``stac_item`` (:mod:`hqrs_geo.layer.columns`). Scene keys (the
 prefix of tile ids) are the item id for STAC items and the file stem otherwise.
+
+Credentials are never part of an entry's ``path`` or ``url``: a user name and password or a
+query-string token (``?token=``, ``?sig=``, ``X-Amz-*``…) in a URL the user gives, or in a STAC
+asset's href, is stripped (:func:`hqrs_geo.redact.public_url`); the URL with its credentials is
+kept in memory only and used by the read itself (:func:`hqrs_geo.raster.scene.open_dataset`).
+
+A STAC document read over the network may only point at network assets (http(s), ``s3://``,
+``gs://``, ``az://``, ``/vsicurl/``…) and network links, never at local files, unless
+``allow_local_assets`` is set. Network reads (STAC JSON, rasters) keep to the limits of
+:mod:`hqrs_geo.raster.network`.
 """
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
 from ..errors import HqrsError, InputError, OptionError
+from ..redact import public_url, redact, remember
 from .sources import is_gdal_virtual, is_network, scene_keys
+
+log = logging.getLogger(__name__)
 
 LIST_SUFFIXES = (".txt", ".lst")
 STAC_SUFFIXES = (".json", ".geojson")
@@ -39,32 +54,45 @@ DEFAULT_ASSETS = ("visual", "rgb", "image", "data")
 RASTER_MEDIA = ("image/tiff", "image/vnd.stac.geotiff", "image/jp2", "application/x-vrt")
 _CLOUD = {"s3://": "/vsis3/", "gs://": "/vsigs/", "az://": "/vsiaz/"}
 
-#: GDAL settings for remote reads (set only when the user has not set them). Directory listing is
-#: turned off per network open (:func:`hqrs_geo.raster.scene.open_dataset`), not process-wide, so
-#: local scenes keep their sidecars (``.msk``, ``.aux.xml``, world files).
-REMOTE_DEFAULTS = {
-    "GDAL_HTTP_MAX_RETRY": "3",
-    "GDAL_HTTP_RETRY_DELAY": "1",
-    "GDAL_HTTP_CONNECTTIMEOUT": "20",
-    "GDAL_HTTP_TIMEOUT": "120",
-}
-
-
 def remote_defaults() -> None:
-    """Set GDAL's network options for COG reads (retries, timeouts)
-    unless the environment already sets them; child processes inherit them."""
-    for name, value in REMOTE_DEFAULTS.items():
-        os.environ.setdefault(name, value)
+    """Set GDAL's network options (timeouts, retries) from the network limits
+    (:mod:`hqrs_geo.raster.network`); child processes inherit them."""
+    from .network import apply_gdal_options
+
+    apply_gdal_options()
 
 
 @dataclass(frozen=True)
 class SourceEntry:
-    """One scene to read: what GDAL opens, where it was found, its STAC item, its key."""
+    """One scene to read: what GDAL opens (``path``), where it was found (``url``), its STAC item,
+    its key; for STAC items also the catalog it came from (``catalog``), its WGS 84 ``bbox`` and
+    its CRS when the item states it (projection extension).
+
+    ``path`` and ``url`` never hold credentials. ``real``, when set, is the path to open with
+    them: it is not shown (repr), compared or written (:meth:`as_dict`); it travels with the entry
+    to other processes (pickle) and is kept there in memory only (:func:`hqrs_geo.redact.remember`).
+    """
 
     path: str
     url: str
     item: str | None = None
     key: str = ""
+    catalog: str | None = None
+    bbox: tuple[float, float, float, float] | None = None
+    crs: str | None = None
+    real: str | None = field(default=None, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.real:
+            remember(self.path, self.real)
+
+    def __reduce__(self) -> tuple:  # rebuilt through __init__: the credentials are remembered there too
+        return (SourceEntry, (self.path, self.url, self.item, self.key, self.catalog, self.bbox, self.crs,
+                              self.real))
+
+    def with_key(self, key: str) -> SourceEntry:
+        """The same entry with scene key ``key``."""
+        return SourceEntry(self.path, self.url, self.item, key, self.catalog, self.bbox, self.crs, self.real)
 
     @property
     def remote(self) -> bool:
@@ -72,17 +100,30 @@ class SourceEntry:
         return is_network(self.path)
 
     def as_dict(self) -> dict:
-        """JSON form (the dataset manifest keeps one per scene)."""
-        return {"path": self.path, "url": self.url, "item": self.item, "key": self.key}
+        """JSON form (without credentials)."""
+        return {"path": self.path, "url": self.url, "item": self.item, "key": self.key,
+                **({"catalog": self.catalog} if self.catalog else {})}
+
+
+def entry_for(path: str, url: str | None = None, **facts: Any) -> SourceEntry:
+    """The entry of a GDAL ``path`` (which may hold credentials): public path and URL, with the
+    credentials kept in memory for the read."""
+    public = public_url(path)
+    return SourceEntry(path=public, url=public_url(url) if url is not None else source_url(public),
+                       real=path if public != path else None, **facts)
 
 
 @dataclass(frozen=True)
 class SourceFilter:
-    """Choices applied to STAC inputs: the asset key and the bbox/datetime filters."""
+    """Choices applied to STAC inputs: the asset key, the bbox/datetime filters, whether a
+    catalog read over the network may point at local files (``allow_local_assets``), and whether
+    a dataset keeps the parts of items since removed from their catalog (``keep_removed``)."""
 
     asset: str | None = None
     bbox: tuple[float, float, float, float] | None = None
     datetime: str | None = None
+    allow_local_assets: bool = False
+    keep_removed: bool = False
 
     def validated(self) -> SourceFilter:
         """Check the values (one-line OptionError)."""
@@ -206,52 +247,112 @@ def choose_asset(item: Any, key: str | None) -> Any:
                      f"({', '.join(assets) or 'none'}); choose one with «asset»")
 
 
+def _read_text(href: str) -> str:
+    """A STAC document's text: over HTTP(S) within the network limits, else from a local file."""
+    if href.startswith(("http://", "https://")):
+        from .network import fetch
+
+        data = fetch(href)
+    elif _is_url(href):
+        raise InputError(f"{public_url(href)}: STAC documents are read over http(s) or from local files; "
+                         "give an https:// URL of the catalog")
+    else:
+        data = Path(href.removeprefix("file://")).read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise InputError(f"{public_url(href)}: not a STAC document (not UTF-8 text)") from None
+
+
 def _read_json(href: str) -> dict:
     try:
-        if _is_url(href):
-            import pystac
-
-            data = pystac.StacIO.default().read_json(href)
-        else:
-            data = json.loads(Path(href).read_text(encoding="utf-8"))
+        data = json.loads(_read_text(href))
+    except HqrsError:
+        raise
     except (OSError, ValueError) as exc:
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise InputError(f"{href}: cannot read STAC JSON ({reason}); check the path or URL") from None
-    except Exception as exc:  # pystac's StacIO raises urllib's errors and its own
-        raise InputError(f"{href}: cannot read STAC JSON ({type(exc).__name__}: {exc}); check the URL") from None
+        reason = redact(str(exc).splitlines()[0]) if str(exc) else type(exc).__name__
+        raise InputError(f"{public_url(href)}: cannot read STAC JSON ({reason}); check the path or URL") from None
     if not isinstance(data, dict):
-        raise InputError(f"{href}: not a STAC Item, ItemCollection or Catalog (JSON is not an object)")
+        raise InputError(f"{public_url(href)}: not a STAC Item, ItemCollection or Catalog (JSON is not an object)")
     return data
 
 
-def _stac_items(href: str) -> Iterator[Any]:
+def _stac_io(root: str, allow_local: bool) -> Any:
+    """A pystac StacIO that reads links within the network limits and, for a catalog read over the
+    network (``root``), refuses links to local files unless ``allow_local``."""
+    import pystac
+
+    remote = _is_url(root)
+
+    class GuardedStacIO(pystac.StacIO):
+        def read_text(self, source: Any, *args: Any, **kwargs: Any) -> str:
+            href = str(os.fspath(source))
+            if remote and not allow_local and not _is_url(href):
+                raise InputError(f"{public_url(root)}: links to the local file {href}; a catalog read over the "
+                                 "network may only point at http(s) or cloud locations (allow local files with "
+                                 "«allow_local_assets» if you trust it)")
+            return _read_text(href)
+
+        def write_text(self, dest: Any, txt: str, *args: Any, **kwargs: Any) -> None:
+            raise InputError("STAC catalogs are only read here")
+
+    return GuardedStacIO()
+
+
+@contextmanager
+def _default_stac_io(io: Any) -> Iterator[None]:
+    """The default StacIO of pystac set to ``io`` while a catalog's links are followed."""
+    import pystac
+
+    previous = pystac.StacIO._default_io
+    pystac.StacIO.set_default(lambda: io)
+    try:
+        yield
+    finally:
+        pystac.StacIO._default_io = previous
+
+
+def _stac_items(href: str, allow_local: bool = False) -> Iterator[Any]:
     """The items of a STAC JSON document (Item, ItemCollection, Catalog or Collection)."""
     try:
         import pystac
     except ImportError:
-        raise InputError(f"{href}: reading STAC needs pystac; pip install 'hqrs_geo[scale]'") from None
+        raise InputError(f"{public_url(href)}: reading STAC needs pystac; pip install 'hqrs_geo[scale]'") from None
     data = _read_json(href)
     kind = data.get("type")
     location = href if _is_url(href) else os.path.abspath(href)
+    shown = public_url(href)
+    io = _stac_io(href, allow_local)
     try:
-        if kind == "Feature":
-            yield pystac.Item.from_dict(data, href=location, preserve_dict=False)
-        elif kind == "FeatureCollection":
-            for feature in data.get("features", []):
-                item = pystac.Item.from_dict(feature, preserve_dict=False)
-                if item.get_self_href() is None:
-                    item.set_self_href(location)
-                yield item
-        elif kind in ("Catalog", "Collection"):
-            root = pystac.read_dict(data, href=location)
-            yield from root.get_items(recursive=True)  # type: ignore[attr-defined]
-        else:
-            raise InputError(f"{href}: not a STAC Item, ItemCollection or Catalog (type {kind!r})")
+        with _default_stac_io(io):
+            if kind == "Feature":
+                yield pystac.Item.from_dict(data, href=location, preserve_dict=False)
+            elif kind == "FeatureCollection":
+                features = data.get("features")
+                if not isinstance(features, list):
+                    raise InputError(f"{shown}: an ItemCollection without a list of features")
+                for feature in features:
+                    if not isinstance(feature, dict) or feature.get("type") != "Feature":
+                        raise InputError(f"{shown}: a feature of the ItemCollection is not a STAC Item")
+                    item = pystac.Item.from_dict(feature, preserve_dict=False)
+                    if item.get_self_href() is None:
+                        item.set_self_href(location)
+                    yield item
+            elif kind in ("Catalog", "Collection"):
+                root = pystac.read_dict(data, href=location, stac_io=io)
+                for item in root.get_items(recursive=True):  # type: ignore[attr-defined]
+                    if not isinstance(item, pystac.Item):
+                        where = public_url(item.get_self_href() or "?") if hasattr(item, "get_self_href") else "?"
+                        raise InputError(f"{shown}: an 'item' link points at a {type(item).__name__} ({where}), not "
+                                         "an Item; fix the link (rel 'child' for catalogs and collections)")
+                    yield item
+            else:
+                raise InputError(f"{shown}: not a STAC Item, ItemCollection or Catalog (type {kind!r})")
     except HqrsError:
         raise
     except Exception as exc:  # pystac raises many types on broken catalogs
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise InputError(f"{href}: cannot read STAC catalog ({reason})") from None
+        reason = redact(str(exc).splitlines()[0]) if str(exc) else type(exc).__name__
+        raise InputError(f"{shown}: cannot read STAC catalog ({reason})") from None
 
 
 def _asset_href(item: Any, asset: Any) -> str:
@@ -267,16 +368,42 @@ def _asset_href(item: Any, asset: Any) -> str:
     return href
 
 
-def _stac_entries(href: str, flt: SourceFilter) -> list[SourceEntry]:
+def _item_crs(item: Any, asset: Any) -> str | None:
+    """The CRS an item or its asset states (STAC projection extension), if any."""
+    for props in (getattr(asset, "extra_fields", None) or {}, item.properties or {}):
+        code = props.get("proj:code") or (f"EPSG:{props['proj:epsg']}" if props.get("proj:epsg") else None)
+        if isinstance(code, str) and code:
+            return code
+    return None
+
+
+def _stac_entries(href: str, flt: SourceFilter, members: dict[str, set[str]] | None = None) -> list[SourceEntry]:
+    """The entries of the items of ``href`` that pass the filters; ``members`` gets the ids of all
+    its items (filtered or not) under the catalog's public href."""
     out = []
-    for item in _stac_items(href):
+    catalog = public_url(href if _is_url(href) else os.path.abspath(href))
+    ids = members.setdefault(catalog, set()) if members is not None else set()
+    remote = _is_url(href)
+    for item in _stac_items(href, flt.allow_local_assets):
+        ids.add(item.id)
         if not _item_matches(item, flt):
             continue
-        url = _asset_href(item, choose_asset(item, flt.asset))
+        asset = choose_asset(item, flt.asset)
+        url = _asset_href(item, asset)
+        local = not (_is_url(url) or is_network(url))
+        if remote and local and not flt.allow_local_assets:
+            raise InputError(f"STAC item {item.id} of {public_url(href)}: its asset is the local file "
+                             f"{public_url(url)}; a catalog read over the network may only point at http(s) or "
+                             "cloud assets (allow local files with «allow_local_assets» if you trust it)")
         if url.startswith("file://"):
             url = url[len("file://"):]
-        path = gdal_path(url)
-        out.append(SourceEntry(path=path, url=url if _is_url(url) else os.path.abspath(url), item=item.id))
+        facts = {"item": item.id, "catalog": catalog, "crs": _item_crs(item, asset),
+                 "bbox": tuple(float(v) for v in item.bbox[:4]) if item.bbox and len(item.bbox) >= 4 else None}
+        if local:
+            path = os.path.abspath(url)
+            out.append(SourceEntry(path=path, url=path, **facts))
+        else:
+            out.append(entry_for(gdal_path(url), url, **facts))
     return out
 
 
@@ -300,7 +427,8 @@ def _list_lines(path: str) -> list[str]:
     return lines
 
 
-def _resolve(items: Iterable[Any], flt: SourceFilter, depth: int = 0) -> Iterator[SourceEntry]:
+def _resolve(items: Iterable[Any], flt: SourceFilter, members: dict[str, set[str]],
+             depth: int = 0) -> Iterator[SourceEntry]:
     from .sources import expand_inputs
 
     for item in items:
@@ -309,22 +437,30 @@ def _resolve(items: Iterable[Any], flt: SourceFilter, depth: int = 0) -> Iterato
             continue
         text = str(item)
         if _is_stac(text):
-            yield from _stac_entries(text, flt)
+            yield from _stac_entries(text, flt, members)
         elif _is_list(text):
             if depth > 4:
                 raise InputError(f"{text}: lists of sources nest too deep")
-            yield from _resolve(_list_lines(text), flt, depth + 1)
+            yield from _resolve(_list_lines(text), flt, members, depth + 1)
         elif _is_url(text) or is_gdal_virtual(text):
-            path = gdal_path(text)
-            yield SourceEntry(path=path, url=source_url(path))
+            yield entry_for(gdal_path(text))
         else:
             for path in expand_inputs([text]):
                 yield SourceEntry(path=path, url=path)
 
 
-def resolve_sources(inputs: Sequence[Any] | str | os.PathLike, flt: SourceFilter | None = None) -> list[SourceEntry]:
-    """Every scene named by ``inputs`` (paths, globs, folders, lists, URLs, STAC documents or
-    entries already resolved), in order, de-duplicated, each with its unique scene key."""
+@dataclass
+class Resolution:
+    """What the sources name: the scenes (``entries``, in order, unique) and, per STAC catalog
+    read (its public href), the ids of all its items, filtered or not (``catalogs``)."""
+
+    entries: list[SourceEntry]
+    catalogs: dict[str, set[str]] = field(default_factory=dict)
+
+
+def resolve_catalog(inputs: Sequence[Any] | str | os.PathLike, flt: SourceFilter | None = None) -> Resolution:
+    """Like :func:`resolve_sources`, with the item ids of every STAC catalog read (a dataset
+    compares them with the items it holds: :func:`removed_scenes`)."""
     if isinstance(inputs, (str, os.PathLike, SourceEntry)):
         inputs = [inputs]
     flt = (flt or SourceFilter()).validated()
@@ -333,18 +469,77 @@ def resolve_sources(inputs: Sequence[Any] | str | os.PathLike, flt: SourceFilter
         raise OptionError("bbox and datetime filter STAC items, and no STAC input was given; "
                           "remove the filter or give a STAC Item, ItemCollection or Catalog",
                           option="bbox" if flt.bbox is not None else "datetime")
+    members: dict[str, set[str]] = {}
     entries: dict[str, SourceEntry] = {}
-    for entry in _resolve(inputs, flt):
-        entries.setdefault(entry.path, entry)
+    shared: dict[str, list[str]] = {}
+    for entry in _resolve(inputs, flt, members):
+        first = entries.setdefault(entry.path, entry)
+        if first is not entry and entry.item and entry.item != first.item:
+            shared.setdefault(entry.path, [first.item or first.path]).append(entry.item)
     if not entries:
         raise InputError("no input rasters: the sources (after the STAC filters) name no scene")
+    for path, items in shared.items():
+        log.warning("STAC items %s share one asset (%s): it is read once, as the scene of item %s",
+                    ", ".join(items), entries[path].url, items[0])
     if any(e.remote for e in entries.values()):
         remote_defaults()
     missing = [e for e in entries.values() if not e.key]
     names = {e.path: _safe_name(e.item) if e.item else None for e in missing}
     keys = scene_keys([e.path for e in missing], names)
-    resolved = [e if e.key else SourceEntry(e.path, e.url, e.item, keys[e.path]) for e in entries.values()]
-    return resolved
+    return Resolution([e if e.key else e.with_key(keys[e.path]) for e in entries.values()], members)
+
+
+def resolve_sources(inputs: Sequence[Any] | str | os.PathLike, flt: SourceFilter | None = None) -> list[SourceEntry]:
+    """Every scene named by ``inputs`` (paths, globs, folders, lists, URLs, STAC documents or
+    entries already resolved), in order, de-duplicated, each with its unique scene key. Items
+    of STAC catalogs that share one asset are one scene (a warning names them)."""
+    return resolve_catalog(inputs, flt).entries
+
+
+def removed_scenes(scenes: dict[str, dict], catalogs: dict[str, set[str]]) -> list[str]:
+    """Keys of a dataset's ``scenes`` (manifest entries with ``catalog`` and ``item``) whose item
+    is no longer in its catalog, for the catalogs read now (``catalogs``: see :class:`Resolution`)."""
+    return [key for key, scene in scenes.items()
+            if isinstance(scene, dict) and scene.get("catalog") in catalogs and scene.get("item")
+            and scene["item"] not in catalogs[scene["catalog"]]]
+
+
+#: The CRS of a dataset whose scenes are in several CRSs (unless the user chooses one).
+COMMON_CRS = "EPSG:4326"
+
+
+def common_crs(entries: Sequence[SourceEntry], sample: int = 20) -> str | None:
+    """The CRS that suits all scenes of a new dataset: the scenes' CRS when they share one, else
+    :data:`COMMON_CRS` (with a warning: footprints in one distant UTM zone would be distorted);
+    None when no scene has a CRS. The CRSs STAC items state are used as they are; up to
+    ``sample`` other scenes, spread over the list, are opened."""
+    from .scene import describe, open_raster
+
+    stated = {e.crs for e in entries if e.crs}
+    others = [e for e in entries if not e.crs]
+    if len(others) > sample:
+        step = (len(others) - 1) / (sample - 1)
+        others = [others[round(i * step)] for i in range(sample)]
+    found: set[str] = set(stated)
+    for entry in others:
+        try:
+            with open_raster(entry.path) as src:
+                crs = describe(src).crs
+        except (HqrsError, OSError):
+            continue
+        if crs:
+            found.add(crs)
+    if len(found) <= 1:
+        return next(iter(found), None)
+    from pyproj import CRS
+
+    distinct = {CRS.from_user_input(c).to_string() for c in found}
+    if len(distinct) == 1:
+        return next(iter(found))
+    shown = ", ".join(sorted(distinct)[:5]) + (", …" if len(distinct) > 5 else "")
+    log.warning("the scenes are in %d CRSs (%s): the dataset's footprints are in %s; choose another with «crs»",
+                len(distinct), shown, COMMON_CRS)
+    return COMMON_CRS
 
 
 def _safe_name(text: str) -> str:

@@ -17,6 +17,7 @@ from rasterio.enums import ColorInterp
 from rasterio.errors import NotGeoreferencedWarning, RasterioError
 
 from ..errors import InputError
+from .network import NetworkTimeout
 from .sources import is_gdal_virtual, is_network
 
 T = TypeVar("T")
@@ -34,46 +35,145 @@ def limit_gdal_cache() -> None:
 
 
 def open_dataset(path: str) -> rasterio.DatasetReader:
-    """``rasterio.open`` with the block cache capped; a network path is opened without GDAL's
-    directory listing (one request per COG instead of a listing per folder) unless the user set
-    ``GDAL_DISABLE_READDIR_ON_OPEN``. Raises rasterio's errors; :func:`open_raster` words them."""
+    """``rasterio.open`` with the block cache capped. A network path is opened
+
+    * with the credentials :mod:`hqrs_geo.redact` keeps in memory for it (``path`` itself is the
+      public form, the one stored and shown);
+    * within the network limits (:mod:`hqrs_geo.raster.network`: connect and read timeouts, a
+      deadline; interruptible by Ctrl-C/SIGTERM);
+    * without GDAL's directory listing (one request per COG instead of a listing per folder)
+      unless the user set ``GDAL_DISABLE_READDIR_ON_OPEN``.
+
+    Raises rasterio's errors (and :class:`~hqrs_geo.raster.network.NetworkTimeout`);
+    :func:`open_raster` words them."""
     limit_gdal_cache()
-    if is_network(path) and "GDAL_DISABLE_READDIR_ON_OPEN" not in os.environ:
-        with rasterio.Env(GDAL_DISABLE_READDIR_ON_OPEN="EMPTY_DIR"):
-            return rasterio.open(path)
-    return rasterio.open(path)
+    if not is_network(path):
+        return rasterio.open(path)
+    from ..redact import reveal
+    from .network import apply_gdal_options, bounded
+
+    apply_gdal_options()
+    real = reveal(path)
+
+    def open_remote() -> rasterio.DatasetReader:
+        if "GDAL_DISABLE_READDIR_ON_OPEN" not in os.environ:
+            with rasterio.Env(GDAL_DISABLE_READDIR_ON_OPEN="EMPTY_DIR"):
+                return rasterio.open(real)
+        return rasterio.open(real)
+
+    return bounded(open_remote, path)
+
+
+def failure_reason(path: str, exc: BaseException) -> str:
+    """The first line of a rasterio/GDAL error of ``path``, without credentials."""
+    from ..redact import public_url, redact, reveal
+
+    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    real = reveal(path)
+    if real != path:
+        text = text.replace(real, path)
+    return redact(text.replace(public_url(real), public_url(path)))
+
+
+def network_error(path: str, exc: BaseException) -> InputError | None:
+    """For a network raster ``path``: a one-line error that fits a failed read (an HTTP status, a
+    timeout, a refused connection); None otherwise."""
+    if not is_network(path):
+        return None
+    from .network import network_reason
+
+    reason = network_reason(path, failure_reason(path, exc))
+    return InputError(reason) if reason else None
+
+
+#: Seconds a network raster that failed to open (HTTP error, timeout) fails again at once with the
+#: same error instead of being asked again (GDAL keeps the failure too and would only say
+#: "not recognized as being in a supported file format").
+FAILURE_MEMORY = 300.0
+_failures: dict[str, tuple[float, InputError]] = {}
+
+
+def _remembered_failure(path: str) -> InputError | None:
+    import time
+
+    seen = _failures.get(path)
+    if seen is None or time.monotonic() - seen[0] > FAILURE_MEMORY:
+        _failures.pop(path, None)
+        return None
+    return seen[1]
+
+
+def _remember_failure(path: str, error: InputError) -> InputError:
+    import time
+
+    _failures[path] = (time.monotonic(), error)
+    return error
 
 
 @contextmanager
 def open_raster(path: str) -> Iterator[rasterio.DatasetReader]:
-    """Open ``path`` with rasterio, turning every opening failure into a one-line InputError."""
+    """Open ``path`` with rasterio, turning every opening failure into a one-line InputError.
+    A network raster whose read is still under way when the block ends (a read past its
+    deadline, Ctrl-C) is left to that read instead of being closed under it."""
+    from ..redact import public_url
+
     if not is_gdal_virtual(path) and not os.path.exists(path):
         raise InputError(f"{path}: file not found; check the path")
+    shown = public_url(path)
+    known = _remembered_failure(path) if is_network(path) else None
+    if known is not None:
+        raise InputError(str(known))
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", NotGeoreferencedWarning)
             src = open_dataset(path)
+    except NetworkTimeout as exc:
+        raise _remember_failure(path, exc) from None
     except RasterioError as exc:
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        reason = failure_reason(path, exc)
+        network = network_error(path, exc)
+        if network is not None:
+            raise _remember_failure(path, network) from None
         if "not recognized as" in reason or "not a supported file format" in reason:
-            raise InputError(f"{path}: not a raster GDAL can read; give a GeoTIFF, COG or VRT") from None
-        raise InputError(f"{path}: cannot open as a raster ({reason}); check the file is complete") from None
-    if src.count == 0:
-        src.close()
-        raise InputError(f"{path}: has no raster bands (is it a vector file?); give a raster")
-    with src:
+            raise InputError(f"{shown}: not a raster GDAL can read; give a GeoTIFF, COG or VRT") from None
+        if is_network(path):
+            raise InputError(f"{shown}: cannot open as a raster ({reason}); check the URL") from None
+        raise InputError(f"{shown}: cannot open as a raster ({reason}); check the file is complete") from None
+    try:
+        if src.count == 0:
+            raise InputError(f"{shown}: has no raster bands (is it a vector file?); give a raster")
         yield src
+    finally:
+        if not (is_network(path) and _busy(path)):
+            src.close()
+
+
+def _busy(path: str) -> bool:
+    from .network import busy
+
+    return busy(path)
 
 
 def read_pixels(path: str, read: Callable[[], T]) -> T:
     """Run ``read()`` (a pixel read of the raster ``path``), turning GDAL errors (corrupt
-    blocks, truncated files) into one line."""
+    blocks, truncated files; for network rasters: HTTP errors, timeouts) into one line. A
+    network read runs within the network limits (:func:`hqrs_geo.raster.network.bounded`)."""
     try:
+        if is_network(path):
+            from .network import bounded
+
+            return bounded(read, path)
         return read()
     except RasterioError as exc:
         cause = exc.__cause__ if exc.__cause__ is not None and str(exc.__cause__) else exc
-        reason = str(cause).splitlines()[0] if str(cause) else type(cause).__name__
-        raise InputError(f"{path}: cannot read pixels ({reason}); the file may be corrupt or truncated") from None
+        network = network_error(path, cause)
+        if network is not None:
+            raise network from None
+        reason = failure_reason(path, cause)
+        from ..redact import public_url
+
+        raise InputError(f"{public_url(path)}: cannot read pixels ({reason}); the file may be corrupt or truncated") \
+            from None
 
 
 @dataclass(frozen=True)
@@ -158,6 +258,12 @@ def _pixel_size_m(src: rasterio.DatasetReader) -> tuple[float, float] | None:
     return map_size
 
 
+def _public_name(name: str) -> str:
+    from ..redact import public_url
+
+    return public_url(name)
+
+
 def describe(src: rasterio.DatasetReader) -> SceneInfo:
     """Collect the facts of an open dataset into a :class:`SceneInfo`."""
     t = src.transform
@@ -170,7 +276,7 @@ def describe(src: rasterio.DatasetReader) -> SceneInfo:
         pass
     flags = tuple(tuple(f.name for f in band_flags) for band_flags in src.mask_flag_enums)
     return SceneInfo(
-        path=src.name,
+        path=_public_name(src.name),
         driver=src.driver,
         width=src.width,
         height=src.height,

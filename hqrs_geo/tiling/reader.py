@@ -3,7 +3,8 @@ into an ``(H, W, 3)`` uint8 RGB array and a validity mask, with the scene's one 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from typing import TypeVar
 
 import numpy as np
 import rasterio
@@ -12,8 +13,12 @@ from rasterio.errors import RasterioError
 from rasterio.windows import Window
 
 from ..errors import InputError
-from ..raster.scene import open_dataset, read_pixels
+from ..raster.network import NetworkTimeout, busy
+from ..raster.scene import failure_reason, network_error, open_dataset, read_pixels
+from ..raster.sources import is_network
 from .records import SceneReading, TileRecord
+
+T = TypeVar("T")
 
 
 class TileReader:
@@ -39,9 +44,11 @@ class TileReader:
         self._pid = os.getpid()
 
     def close(self) -> None:
-        """Close every raster this process opened."""
-        for src in self._open.values():
-            src.close()
+        """Close every raster this process opened (a network raster whose read is still under way,
+        abandoned past its deadline or by Ctrl-C, is left to that read: it closes when it ends)."""
+        for source, src in self._open.items():
+            if not (is_network(source) and busy(source)):
+                src.close()
         self._open.clear()
 
     def __enter__(self) -> TileReader:
@@ -60,9 +67,21 @@ class TileReader:
             try:
                 src = open_dataset(source)
             except RasterioError as exc:
-                raise InputError(f"{source}: cannot open ({str(exc).splitlines()[0]}); was it moved?") from None
+                network = network_error(source, exc)
+                if network is not None:
+                    raise network from None
+                raise InputError(f"{source}: cannot open ({failure_reason(source, exc)}); was it moved?") from None
             self._open[source] = src
         return src
+
+    def _pixels(self, source: str, read: Callable[[], T]) -> T:
+        """``read()`` through :func:`~hqrs_geo.raster.scene.read_pixels`; a network read past its
+        deadline leaves its dataset to the abandoned read (the next read opens a fresh one)."""
+        try:
+            return read_pixels(source, read)
+        except NetworkTimeout:
+            self._open.pop(source, None)
+            raise
 
     @staticmethod
     def _placement(rec: TileRecord, scene: SceneReading) -> tuple[Window, tuple[slice, slice]] | None:
@@ -108,7 +127,7 @@ class TileReader:
         if scene.all_valid:
             return shape[0] * shape[1] / total
         src = self._dataset(rec.source)
-        valid = read_pixels(rec.source, lambda: self._read_valid(src, scene, inner, shape))
+        valid = self._pixels(rec.source, lambda: self._read_valid(src, scene, inner, shape))
         return float(np.count_nonzero(valid)) / total
 
     def read(self, rec: TileRecord) -> tuple[np.ndarray, np.ndarray]:
@@ -136,7 +155,7 @@ class TileReader:
                 data = np.moveaxis(src.read(indexes, window=inner, out_shape=(3, *shape), resampling=resampling), 0, -1)
             return data, self._read_valid(src, scene, inner, shape, data)
 
-        data, ok = read_pixels(rec.source, read_block)
+        data, ok = self._pixels(rec.source, read_block)
         tile = data if scene.bands.palette else scene.scale.apply(data)
         if not scene.all_valid:
             tile[~ok] = 0

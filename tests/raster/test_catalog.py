@@ -125,5 +125,5 @@ def test_stac_catalog_local_and_by_url(tmp_path, served):
     assert [(e.item, e.path) for e in local] == [("scene-a", str(folder / "a.tif")), ("scene-b", str(folder / "b.tif"))]
     remote = resolve_sources([server.url("stac/catalog.json")])
     assert [e.path for e in remote] == [f"/vsicurl/{server.url('a.tif')}", f"/vsicurl/{server.url('b.tif')}"]
-    with pytest.raises(InputError, match="cannot read STAC JSON"):
+    with pytest.raises(InputError, match="none.json: does not exist on the server .HTTP 404."):
         resolve_sources([server.url("stac/none.json")])
