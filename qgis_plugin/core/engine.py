@@ -41,20 +41,36 @@ else:
     try:
         cuda = torch.cuda.is_available()
         count = torch.cuda.device_count() if cuda else 0
-        mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
-        index = int(device.split(":")[1]) if device.startswith("cuda:") else 0
+        mps = (sys.platform == "darwin" and getattr(torch.backends, "mps", None) is not None
+               and torch.backends.mps.is_available())
+        names = {"cpu": "%d threads" % torch.get_num_threads()}
+        for i in range(count):
+            names["cuda" if i == 0 else "cuda:%d" % i] = torch.cuda.get_device_name(i)
+        if mps:
+            names["mps"] = "Apple GPU"
+        out["devices"] = list(names)
+        out["device_names"] = names
+        instead = "auto or cpu" if not (count or mps) else ", ".join(["auto"] + list(names))
+        index = int(device.split(":")[1]) if device.startswith("cuda:") and device[5:].isdigit() else 0
         if device.startswith("cuda") and index >= count:
-            out["device_problem"] = "device %s was chosen, but torch sees %d CUDA GPU(s)" % (device, count)
+            seen = "no CUDA GPU" if count == 0 else "%d CUDA GPU(s)" % count
+            out["device_problem"] = "device %s was chosen, but torch sees %s here" % (device, seen)
+            out["device_instead"] = instead
         elif cuda and (device == "auto" or device.startswith("cuda")):
             out["device"] = "cuda: " + torch.cuda.get_device_name(index)
         elif mps and device in ("auto", "mps"):
             out["device"] = "mps: Apple GPU"
         elif device == "mps":
-            out["device_problem"] = "device mps was chosen, but torch sees no Apple GPU"
+            out["device_problem"] = "device mps was chosen, but torch sees no Apple GPU (MPS) here"
+            out["device_instead"] = instead
+        elif device not in ("auto", "cpu"):
+            out["device_problem"] = "%s is not a device the engine knows" % device
+            out["device_instead"] = instead
         if "device" not in out and "device_problem" not in out:
             out["device"] = "cpu, %d threads" % torch.get_num_threads()
     except Exception as exc:
         out["device_problem"] = "cannot use device %s: %s: %s" % (device, type(exc).__name__, exc)
+        out["device_instead"] = "cpu"
 try:
     import open_clip
     out["open_clip"] = open_clip.__version__
@@ -202,12 +218,37 @@ class EngineInfo:
 
     @property
     def ok(self) -> bool:
-        """True when the engine can run."""
+        """True when the engine can run on the chosen device."""
         return self.problem is None
+
+    @property
+    def installed(self) -> bool:
+        """True when the engine is installed and works, whatever the device setting says (a device
+        problem is a setting to change, never an engine to install)."""
+        return self.problem is None or self.device_problem is not None
+
+    @property
+    def device_problem(self) -> EngineError | None:
+        """The problem when it is only the chosen device (not available here), else None."""
+        return self.problem if self.problem is not None and "device_problem" in self.raw else None
+
+    @property
+    def devices(self) -> list[str]:
+        """The devices this engine can use (always ``cpu``; ``cuda``, ``cuda:1``… for the GPUs torch
+        sees; ``mps`` on a Mac with MPS), without ``auto``; ``[]`` when unknown (an older engine
+        probe or a broken engine)."""
+        return [str(d) for d in self.raw.get("devices") or []]
+
+    def device_label(self, device: str) -> str:
+        """``cuda (NVIDIA H100)``, ``cpu (8 threads)``, or the name alone."""
+        name = (self.raw.get("device_names") or {}).get(device)
+        return f"{device} ({name})" if name else device
 
     @property
     def summary(self) -> str:
         """``hqrs_geo 0.1.0, torch 2.14.1 on cuda: NVIDIA H100`` or the problem."""
+        if self.device_problem is not None:
+            return f"hqrs_geo {self.hqrs_geo}, torch {self.torch}; {self.device_problem.text}"
         if self.problem is not None:
             return self.problem.text
         return f"hqrs_geo {self.hqrs_geo}, torch {self.torch} on {self.device}"
@@ -221,8 +262,9 @@ def probe(python: str | None = None, device: str | None = None, timeout: float =
           use_cache: bool = True) -> EngineInfo:
     """Ask ``python`` what it can do (blocking: seconds; call it from a task in the GUI).
 
-    Successful probes are cached per (interpreter, device); failures never are, so installing
-    the engine takes effect on the next call.
+    Probes of a working engine are cached per (interpreter, device), a device it does not have
+    included (that is a setting to change); an engine that cannot run never is, so installing it
+    takes effect on the next call.
     """
     python = python or interpreter()
     device = device or str(settings.value("device"))
@@ -261,9 +303,11 @@ def probe(python: str | None = None, device: str | None = None, timeout: float =
     elif absent:
         info.problem = EngineError(f"the engine is not installed in {python} (missing: {', '.join(absent)})",
                                    "engine", SET_UP_ENGINE)
-    elif raw.get("device_problem"):
-        info.problem = EngineError(raw["device_problem"], "user", "choose another device in HQRS settings")
     else:
+        if raw.get("device_problem"):  # the engine works; the device setting names one it does not have
+            instead = raw.get("device_instead") or "another device"
+            info.problem = EngineError(raw["device_problem"], "user",
+                                       f"choose {instead} as the device in HQRS settings")
         with _cache_lock:
             _cache[cache_key] = info
     return info
@@ -277,13 +321,13 @@ def forget(python: str | None = None) -> None:
 
 
 def cached(python: str | None = None, device: str | None = None) -> EngineInfo | None:
-    """The cached successful probe, if any (never starts a process)."""
+    """The cached probe of a working engine, if any (never starts a process)."""
     with _cache_lock:
         return _cache.get((python or interpreter(), device or str(settings.value("device"))))
 
 
 def _on_settings_changed(names: list) -> None:
-    if "interpreter" in names or "device" in names:
+    if "interpreter" in names:  # probes are kept per device: another device needs no new probe
         forget()
 
 

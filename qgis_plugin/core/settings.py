@@ -8,6 +8,7 @@ saved, so search sessions restart with the new values.
 """
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterable
 from typing import Any
 
@@ -17,7 +18,8 @@ from qgis.PyQt.QtCore import QObject, pyqtSignal
 from .registry import DEFAULT_CLIP, DEFAULT_COCA
 
 GROUP = "hqrs_geo"
-DEVICES = ("auto", "cpu", "cuda", "mps")
+# every device a setting may name; the settings dialog offers only those the engine reports
+DEVICES = ("auto", "cpu", "cuda", "mps") if sys.platform == "darwin" else ("auto", "cpu", "cuda")
 TILE_UNITS = ("px", "m")
 
 # name -> default (its type is the setting's type)

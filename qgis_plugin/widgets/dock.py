@@ -14,6 +14,13 @@ embedding model from the manifest and searched through a ``serve-search DATASET`
 being loaded into QGIS: the hits' footprints, captions and raster windows come with the results.
 "Merge area…" writes the tiles of the hits' area to a GeoPackage (``hqrs-geo merge --bbox``, in
 the background) and adds it to the map.
+
+Hits are coloured on the model's fixed score scale (``score_scale`` of the session's ready
+message), the same score the same colour in every query; when the best score is at or below the
+scale's "no real match" level the status line says so. Nothing stale stays: the table, the hits
+and any answer still on its way are dropped the moment the chosen layer changes or is removed; a
+query replaced by a newer one is said in the status line; the "no embeddings yet" hint follows the
+layers' fields (it updates when an Embed, Caption or classify run ends).
 """
 from __future__ import annotations
 
@@ -36,7 +43,7 @@ from qgis.core import (
     QgsVectorLayer,
 )
 from qgis.gui import QgsMapToolIdentifyFeature
-from qgis.PyQt.QtCore import QObject, QSize, Qt, pyqtSignal
+from qgis.PyQt.QtCore import QObject, QSize, Qt, QTimer, pyqtSignal
 from qgis.PyQt.QtGui import QImage, QPixmap
 from qgis.PyQt.QtWidgets import (
     QAbstractItemView,
@@ -97,9 +104,11 @@ class Hit:
 
 
 class Relay(QObject):
-    """Status text from a task's thread to the dock."""
+    """Status text from a task's thread to the dock (``task_status``: with the number of the
+    request it is about, so a dropped request's lines never reach the status line)."""
 
     status = pyqtSignal(str)
+    task_status = pyqtSignal(int, str)
 
 
 class LayerBox(QComboBox):
@@ -135,6 +144,17 @@ class SearchDock(QDockWidget):
         self.pick_tool: QgsMapToolIdentifyFeature | None = None
         self.relay = Relay()
         self.relay.status.connect(self.show_status)
+        self.relay.task_status.connect(self.on_task_status)
+        self.generation = 0  # number of the latest request: answers of older ones are dropped
+        self.scale = styles.score_scale(None)  # the score scale of the hits shown
+        self.active_choice: Choice | None = None  # the layer the table, hits and status are about
+        self.watched: set[str] = set()  # ids of the vector layers whose field changes refresh the list
+        self.file_stamps: dict[str, tuple] = {}  # layer id -> its file's stamp, for layers without embeddings
+        self.refresh_timer = QTimer(self)
+        self.refresh_timer.setSingleShot(True)
+        self.refresh_timer.setInterval(0)
+        self.refresh_timer.timeout.connect(self.refresh_layers)
+        QgsApplication.taskManager().taskAdded.connect(self.on_task_added)
         self.pages = QStackedWidget()
         self.setup_panel = EngineSetupPanel(message_bar=self.message_bar())
         self.setup_panel.engine_ready.connect(self.on_engine_ready)
@@ -162,8 +182,8 @@ class SearchDock(QDockWidget):
         self.layer_box.about_to_show.connect(self.refresh_layers)
         self.dataset_button = QToolButton()
         self.dataset_button.setIcon(QgsApplication.getThemeIcon("/mActionFileOpen.svg"))
-        self.dataset_button.setToolTip("Open a dataset folder (GeoParquet parts with _manifest.json, made by "
-                                       "'hqrs-geo run … -o FOLDER/') to search it without loading it")
+        self.dataset_button.setToolTip("Open a dataset folder (GeoParquet parts with _manifest.json, written by the "
+                                       "HQRS engine) to search it without loading it")
         row0 = QHBoxLayout()
         row0.addWidget(self.layer_box, 1)
         row0.addWidget(self.dataset_button)
@@ -269,14 +289,18 @@ class SearchDock(QDockWidget):
         info = engine.cached()
         if info is not None:
             self.engine_label.setText(f"<small>Engine: {info.summary}</small>")
+            if info.device_problem is not None:
+                self.show_status(f"<b>{info.device_problem.text}</b>")
             return
         self.engine_label.setText("<small>Engine: checking…</small>")
         python = engine.interpreter()
 
         def done(info, error):
-            if error is None and info is not None and info.ok:
+            if error is None and info is not None and info.installed:  # a wrong device is a setting, not set-up
                 self.engine_label.setText(f"<small>Engine: {info.summary}</small>")
                 self.pages.setCurrentIndex(0)
+                if info.device_problem is not None:
+                    self.show_status(f"<b>{info.device_problem.text}</b>")
             else:
                 problem = error or info.problem
                 self.engine_label.setText(f"<small>Engine: {problem}</small>")
@@ -321,9 +345,11 @@ class SearchDock(QDockWidget):
             if not tile_layers.is_tile_layer(layer):
                 continue
             path = tile_layers.engine_layer_file(layer)
-            sets = tile_layers.embedding_sets(layer)
             if path is None:
                 continue
+            self.watch(layer)
+            self.reload_if_written(layer, path)
+            sets = tile_layers.embedding_sets(layer)
             if not sets:
                 plain.append(layer.name())
             for item in sets:
@@ -357,10 +383,12 @@ class SearchDock(QDockWidget):
         now = self.current_choice()
         if now is not None and (current is None or now.ident != current.ident):
             self.layer_changed(self.layer_box.currentIndex())
+        elif now is None and self.active_choice is not None:  # the layer went and none is left
+            self.drop_state()
         hint = ""
         if plain:
             hint = (f"{', '.join(plain)}: no embeddings yet; run Processing ▸ HQRS ▸ Models ▸ Embed tiles (or Tile, "
-                    "embed and caption) on it to search it (a dataset: hqrs-geo embed FOLDER)")
+                    "embed and caption) on it to search it")
         elif choices == 0:
             hint = ("No tile layer with embeddings in the project: make one with Processing ▸ HQRS ▸ Models ▸ Tile, "
                     "embed and caption, or open a dataset folder")
@@ -397,14 +425,73 @@ class SearchDock(QDockWidget):
         return False
 
     def layer_changed(self, _index: int) -> None:
-        """Another layer: its session starts with the first query; caption map tips on."""
+        """Another layer: the previous one's table, hits and pending answers go at once; its session
+        starts with the first query; caption map tips on."""
         choice = self.current_choice()
         if choice is not None:
             self.last_choice = choice
+        if self.active_choice is not None and (choice is None or choice.ident != self.active_choice.ident):
+            self.drop_state()
+        self.active_choice = choice
         layer = self.current_layer()
         if isinstance(layer, QgsVectorLayer):
             styles.set_tile_map_tips(layer)
             self.enable_map_tips()
+
+    def drop_state(self) -> None:
+        """Forget everything about the previous layer: the table, the hits layers, the pick tool,
+        and the answer of a request still on its way (dropped when it comes)."""
+        self.generation += 1
+        self.active_choice = None
+        if self.pick_button.isChecked():
+            self.pick_button.setChecked(False)
+        self.set_busy(False)
+        self.clear_results()
+
+    def watch(self, layer: QgsMapLayer) -> None:
+        """Refresh the list when ``layer``'s fields or data change (an Embed, Caption or classify
+        run reloads its input layer when it ends)."""
+        if layer.id() in self.watched or not isinstance(layer, QgsVectorLayer):
+            return
+        self.watched.add(layer.id())
+        layer.updatedFields.connect(self.refresh_timer.start)
+        layer.dataSourceChanged.connect(self.refresh_timer.start)
+        layer.willBeDeleted.connect(lambda layer_id=layer.id(): self.watched.discard(layer_id))
+
+    @staticmethod
+    def file_stamp(path: str) -> tuple:
+        """Modification times and sizes of a layer file (and of a GeoPackage's write-ahead log)."""
+        stamp: list[tuple[int, int] | None] = []
+        for name in (path, path + "-wal"):
+            try:
+                info = os.stat(name)
+                stamp.append((info.st_mtime_ns, info.st_size))
+            except OSError:
+                stamp.append(None)
+        return tuple(stamp)
+
+    def reload_if_written(self, layer: QgsMapLayer, path: str) -> None:
+        """A tile layer without embeddings whose file was written since it was last seen (by an
+        engine run outside this QGIS, or one that did not reload it) is reloaded, so new fields show."""
+        if not isinstance(layer, QgsVectorLayer):
+            return
+        stamp = self.file_stamp(path)
+        before = self.file_stamps.get(layer.id())
+        self.file_stamps[layer.id()] = stamp
+        if before is not None and before != stamp and not tile_layers.embedding_sets(layer):
+            layer.reload()
+
+    def on_task_added(self, task_id: int) -> None:
+        """Any background task (a Processing run among them): the list is refreshed when it ends."""
+        task = QgsApplication.taskManager().task(task_id)
+        if task is not None:
+            task.taskCompleted.connect(self.refresh_timer.start)
+            task.taskTerminated.connect(self.refresh_timer.start)
+
+    def on_task_status(self, generation: int, text: str) -> None:
+        """A status line from a request's task, shown only while that request is the latest."""
+        if generation == self.generation:
+            self.show_status(text)
 
     def layer_activated(self, index: int) -> None:
         """An entry picked by the user: "Open dataset…" opens the folder browser (the list goes back
@@ -447,7 +534,8 @@ class SearchDock(QDockWidget):
             self.warn(str(exc))
             return False
         if not info.embeddings:
-            self.warn(f"{info.path}: no embeddings yet ({info.summary()}); embed it first: hqrs-geo embed {info.path}")
+            self.warn(f"{info.path}: no embeddings yet ({info.summary()}); it was written without an embedding "
+                      "model: only a dataset written with embeddings can be searched here")
             return False
         datasets.remember(info.path)
         found = self.set_dataset(info.path, model)
@@ -478,6 +566,9 @@ class SearchDock(QDockWidget):
     def selected_tile_ids(self) -> list[str]:
         """Examples for "find similar": selected result rows, else selected hits, else selected tiles."""
         rows = sorted({index.row() for index in self.table.selectedIndexes()})
+        current = self.current_choice()
+        if rows and (self.hits_choice is None or current is None or self.hits_choice.ident != current.ident):
+            return []  # rows of another layer (never shown: they go when the layer changes)
         if rows:
             return [self.hits[r].result["tile_id"] for r in rows if r < len(self.hits)]
         for layer_id in self.result_layer_ids:
@@ -526,8 +617,12 @@ class SearchDock(QDockWidget):
             self.show_status("choose a tile layer with embeddings (run Processing ▸ HQRS ▸ Models ▸ Embed tiles "
                              "on a tile layer first)")
             return None
-        if self.task is not None and not self.task.done:
-            self.task.cancel()
+        replaced = self.query_text if self.task is not None and not self.task.done else None
+        # a request still running is not cancelled (that would stop its session and its loaded
+        # model): it ends in the background and its answer is dropped
+        self.generation += 1
+        generation = self.generation
+        self.active_choice = choice
         key = sessions.session_key(choice.path, choice.key if choice.several else "", model=choice.model)
         session = self.session = sessions.get_session(key)
         k = self.k.value()
@@ -549,21 +644,28 @@ class SearchDock(QDockWidget):
             started = time.perf_counter()
             loaded = None
             if not session.running:
-                relay.status.emit(f"loading the model of {choice.model} on {key.device}… (once per {what})")
+                relay.task_status.emit(generation, f"{before}loading the model of {choice.model} on {key.device}… "
+                                                   f"(once per {what})")
                 session.start()
                 loaded = time.perf_counter() - started
-            relay.status.emit("searching…")
+            relay.task_status.emit(generation, f"{before}searching…")
             want = max(k, min(int(session.info.get("tiles", k)), HEAT_MAX_TILES)) if heat else k
             response = session.request({**payload, "k": want})
             results = response.get("results", [])
-            relay.status.emit("reading the hits…")
+            relay.task_status.emit(generation, f"{before}reading the hits…")
             hits = self._dataset_hits(results, k) if choice.dataset else self._read_hits(choice.path, results, k)
-            return hits, session.info.get("crs") or crs_text, response, loaded, int(session.info.get("tiles", 0))
+            return (hits, session.info.get("crs") or crs_text, response, loaded, int(session.info.get("tiles", 0)),
+                    dict(session.info))
 
-        self.set_busy(True, f"loading the model of {choice.model}…" if not session.running else "searching…")
-        self.task = tasks.start(tasks.CallTask(
-            f"HQRS search: {label}", work, lambda result, error: self._done(result, error, label, choice, layer_crs),
-            on_cancel=session.stop))
+        before = f"'{replaced}' replaced by '{label}': " if replaced is not None else ""
+        similar = "similar" in payload
+        self.set_busy(True, before + (f"loading the model of {choice.model}…" if not session.running else "searching…"))
+
+        def done(result, error) -> None:
+            if generation == self.generation:  # else: replaced by a newer request, or the layer changed
+                self._done(result, error, label, choice, layer_crs, similar)
+
+        self.task = tasks.start(tasks.CallTask(f"HQRS search: {label}", work, done, on_cancel=session.stop))
         return self.task
 
     @staticmethod
@@ -603,13 +705,15 @@ class SearchDock(QDockWidget):
             hits.append(Hit(result, QgsGeometry(feature.geometry()), str(caption) if caption else "", thumb))
         return hits
 
-    def _done(self, result, error: EngineError | None, label: str, choice: Choice, layer_crs) -> None:
+    def _done(self, result, error: EngineError | None, label: str, choice: Choice, layer_crs,
+              similar: bool = False) -> None:
         self.set_busy(False)
         if error is not None:
             if error.kind == "cancelled":
                 return self.show_status("cancelled")
             return self.report(error)
-        hits, crs_text, response, loaded, tiles = result
+        hits, crs_text, response, loaded, tiles, info = result
+        self.scale = styles.score_scale(info, similar)
         crs = layer_crs
         if choice.dataset or crs is None:
             crs = QgsCoordinateReferenceSystem()
@@ -621,6 +725,9 @@ class SearchDock(QDockWidget):
         self.show_results(label, crs, hits if self.heatmap.isChecked() else [])
         found = f"{len(self.hits)} of the dataset's {tiles:,} tiles" if choice.dataset else f"{len(self.hits)} tiles"
         took = f"{found} in {response.get('seconds', 0.0):.3f} s"
+        best = max((float(h.result["score"]) for h in self.hits), default=None)
+        if best is not None and not self.scale.is_match(best):
+            took = f"no good match for '{label}' (best score {best:.2f}); {took}"
         self.show_status(took + (f" (model loaded in {loaded:.1f} s)" if loaded else ""))
         self.merge_button.setVisible(choice.dataset)
         self.merge_button.setEnabled(bool(self.hits) and not self.merging)
@@ -708,9 +815,10 @@ class SearchDock(QDockWidget):
         layers = []
         if heat_hits:
             layers.append(styles.hits_layer(f'heat: "{label}"', crs,
-                                            [(h.result, h.geometry, h.caption) for h in heat_hits], heat=True))
+                                            [(h.result, h.geometry, h.caption) for h in heat_hits], heat=True,
+                                            scale=self.scale))
         layers.append(styles.hits_layer(f'hits: "{label}"', crs,
-                                        [(h.result, h.geometry, h.caption) for h in self.hits]))
+                                        [(h.result, h.geometry, h.caption) for h in self.hits], scale=self.scale))
         for layer in layers:
             project.addMapLayer(layer, False)
             group.insertLayer(0, layer)
@@ -849,7 +957,9 @@ class SearchDock(QDockWidget):
         for dialog in (self.folder_dialog, self.merge_dialog):
             if dialog is not None:
                 dialog.close()
+        self.refresh_timer.stop()
         connected = [(signal, self.refresh_layers) for signal in self._project_signals()]
+        connected.append((QgsApplication.taskManager().taskAdded, self.on_task_added))
         for signal, slot in (*connected, (settings.notifier.changed, self.on_settings_changed)):
             try:
                 signal.disconnect(slot)

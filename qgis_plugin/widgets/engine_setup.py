@@ -211,6 +211,9 @@ class EngineSetupPanel(QWidget):
             "under Advanced and tick 'Only these folders' (see the guide: docs/qgis-plugin.md)"
         if info.ok:
             text = f"<b>Engine ready</b>: {info.summary}<br><small>{info.python}</small>"
+        elif info.installed:  # only the device setting is wrong: a setting to change, nothing to install
+            text = (f"<b>Engine ready</b>: hqrs_geo {info.hqrs_geo}, torch {info.torch}<br><b>but</b> "
+                    f"{html.escape(info.problem.text if info.problem else '')}<br><small>{info.python}</small>")
         else:
             heading = "Engine broken" if "is broken" in str(info.problem) else "No engine yet"
             text = f"<b>{heading}</b>: {html.escape(str(info.problem))}"
@@ -218,7 +221,7 @@ class EngineSetupPanel(QWidget):
         self.torch.setItemText(0, f"Automatic: {'CUDA build (' + gpu + ')' if gpu else 'CPU build (no NVIDIA GPU)'}")
         self.gpu = gpu
         self.show_size()
-        if info.ok:
+        if info.installed:
             self.engine_ready.emit(info.summary)
 
     def options(self) -> installer.InstallOptions:
@@ -319,7 +322,7 @@ class EngineSetupPanel(QWidget):
         self.status.setText(f"Checking {python}…")
 
         def done(info, error):
-            if error is None and info is not None and info.ok:
+            if error is None and info is not None and info.installed:
                 settings.set_value("interpreter", python)
                 self.status.setText(f"<b>Engine ready</b>: {info.summary}<br><small>{python}</small>")
                 self.engine_ready.emit(info.summary)

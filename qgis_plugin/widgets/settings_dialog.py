@@ -4,6 +4,7 @@ default models, checkpoint, device, batch size and tiling. Each one reaches the 
 from __future__ import annotations
 
 from qgis.gui import QgsFileWidget
+from qgis.PyQt import sip
 from qgis.PyQt.QtWidgets import (
     QComboBox,
     QDialog,
@@ -54,8 +55,12 @@ class SettingsDialog(QDialog):
         self.checkpoint.setFilePath(current["checkpoint"])
         self.checkpoint.lineEdit().setPlaceholderText("default: the engine's checkpoint cache")
         self.device = QComboBox()
-        self.device.addItems(list(settings.DEVICES))
-        self.device.setCurrentText(current["device"])
+        self.device_note = QLabel("")
+        self.device_note.setWordWrap(True)
+        self.devices: list[str] | None = None  # what the engine reported (None: not known yet)
+        self.devices_python: str | None = None  # the interpreter that reported them
+        self.device_task: tasks.CallTask | None = None
+        self._fill_devices(None, current["device"])
         self.batch = QSpinBox()
         self.batch.setRange(1, 4096)
         self.batch.setValue(current["batch_size"])
@@ -83,7 +88,7 @@ class SettingsDialog(QDialog):
         self.gsd.setValue(current["gsd"])
         for label, widget in (("Engine's Python", self.interpreter), ("", engine_row), ("", self.check_result),
                               ("Embedding model", self.model), ("Its checkpoint", self.checkpoint),
-                              ("Caption model", self.caption_model), ("Device", self.device),
+                              ("Caption model", self.caption_model), ("Device", self.device), ("", self.device_note),
                               ("Batch size", self.batch), ("Tile size", tile_row), ("Overlap", self.overlap),
                               ("Resample to (m/px)", self.gsd)):
             form.addRow(label, widget)
@@ -97,7 +102,82 @@ class SettingsDialog(QDialog):
         buttons.rejected.connect(self.reject)
         self.check.clicked.connect(self.check_engine)
         self.setup.clicked.connect(self.open_setup)
+        self.device.currentIndexChanged.connect(self._device_chosen)
+        self.interpreter.fileChanged.connect(lambda _path: self.list_devices())
         self.task: tasks.CallTask | None = None
+        self.list_devices()
+
+    # -- devices -------------------------------------------------------------------------------
+    def _python(self) -> str:
+        return self.interpreter.filePath().strip() or engine.interpreter()
+
+    def list_devices(self) -> tasks.CallTask | None:
+        """Offer the devices the chosen engine reports (a cached probe at once, else one in the
+        background: importing torch takes seconds)."""
+        python, device = self._python(), self.device.currentData() or settings.value("device")
+        info = engine.cached(python, device) or engine.cached(python, "auto")
+        if info is not None and info.devices:
+            self._devices_known(info, python)
+            return None
+        self.device_note.setText("<small>checking which devices this engine can use…</small>")
+
+        def done(info, error) -> None:
+            if sip.isdeleted(self.device_note):
+                return
+            if error is None and info is not None and info.installed and info.devices:
+                self._devices_known(info, python)
+            else:
+                self.devices, self.devices_python = None, None
+                self._fill_devices(None, self.device.currentData())
+                self.device_note.setText("<small>the devices are listed once the engine runs (Set up engine…)"
+                                         "</small>")
+
+        self.device_task = tasks.start(tasks.CallTask(
+            "HQRS: listing the engine's devices", lambda _t: engine.probe(python, device), done, can_cancel=False))
+        return self.device_task
+
+    def _devices_known(self, info: engine.EngineInfo, python: str) -> None:
+        self.devices, self.devices_python = info.devices, python
+        self._fill_devices(info, self.device.currentData() or settings.value("device"))
+
+    def _fill_devices(self, info: engine.EngineInfo | None, chosen: str) -> None:
+        """auto, then the engine's devices (cpu only while they are not known); a chosen device the
+        engine does not have stays listed, marked, with a note saying what to choose."""
+        from qgis.PyQt.QtCore import Qt
+
+        self.device.blockSignals(True)
+        self.device.clear()
+        self.device.addItem("auto", "auto")
+        self.device.setItemData(0, "the best this engine has: a CUDA GPU, else Apple MPS, else the CPU", Qt.ToolTipRole)
+        for name in (self.devices or ["cpu"]):
+            self.device.addItem(name, name)
+            self.device.setItemData(self.device.count() - 1, info.device_label(name) if info else name,
+                                    Qt.ToolTipRole)
+        if self.device.findData(chosen) < 0 and chosen:
+            self.device.addItem(f"{chosen} (not available here)" if self.devices is not None else chosen, chosen)
+        self.device.setCurrentIndex(max(0, self.device.findData(chosen)))
+        self.device.blockSignals(False)
+        self._device_chosen()
+
+    def unavailable_device(self) -> str | None:
+        """The chosen device when the engine reported its devices and it is not one of them."""
+        chosen = str(self.device.currentData() or "")
+        if self.devices is None or self.devices_python != self._python() or chosen in ("auto", *self.devices):
+            return None
+        return chosen
+
+    def device_advice(self, device: str) -> str:
+        """What to choose instead of ``device`` (one line)."""
+        instead = " or ".join(["auto", *(self.devices or ["cpu"])][:3])
+        what = "CUDA GPU" if device.startswith("cuda") else "Apple GPU (MPS)" if device == "mps" else device
+        return f"{device} is not available here (this engine's torch sees no {what}): choose {instead}"
+
+    def _device_chosen(self, *_args) -> None:
+        device = self.unavailable_device()
+        if device is not None:
+            self.device_note.setText(f"<small><b>{self.device_advice(device)}</b></small>")
+        elif self.devices is not None:
+            self.device_note.setText("<small>this engine can use: " + ", ".join(["auto", *self.devices]) + "</small>")
 
     @staticmethod
     def _models(names, chosen: str) -> QComboBox:
@@ -111,7 +191,7 @@ class SettingsDialog(QDialog):
     def check_engine(self) -> tasks.CallTask:
         """Check the chosen interpreter in the background; the result shows which device it uses."""
         python = self.interpreter.filePath().strip() or None
-        device = self.device.currentText()
+        device = self.device.currentData() or "auto"
         self.check_result.setText("checking… (importing torch takes a few seconds)")
         self.check.setEnabled(False)
 
@@ -123,6 +203,8 @@ class SettingsDialog(QDialog):
                 self.check_result.setText(f"engine OK: {info.summary}")
             else:
                 self.check_result.setText(info.problem.text)
+            if info is not None and info.installed and info.devices and not sip.isdeleted(self.device):
+                self._devices_known(info, python or engine.interpreter())
 
         self.task = tasks.start(tasks.CallTask(
             "HQRS: checking the engine", lambda _t: engine.probe(python, device, use_cache=False), done,
@@ -138,11 +220,17 @@ class SettingsDialog(QDialog):
         dialog.exec_()
 
     def save(self) -> None:
-        """Store the settings (announcing what changed) and close."""
+        """Store the settings (announcing what changed) and close; a device the engine does not
+        have is refused with what to choose instead."""
+        device = self.unavailable_device()
+        if device is not None:
+            self.device_note.setText(f"<small><b>{self.device_advice(device)}</b></small>")
+            self.device.setFocus()
+            return
         settings.set_values({
             "interpreter": self.interpreter.filePath().strip(), "model": self.model.currentData(),
             "caption_model": self.caption_model.currentData(), "checkpoint": self.checkpoint.filePath().strip(),
-            "device": self.device.currentText(), "batch_size": self.batch.value(),
+            "device": self.device.currentData() or "auto", "batch_size": self.batch.value(),
             "tile_size": self.tile_size.value(), "tile_unit": self.tile_unit.currentData(),
             "overlap": self.overlap.value(), "gsd": self.gsd.value()})
         self.accept()
