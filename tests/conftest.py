@@ -273,6 +273,8 @@ SLOW = (
     "tests/engine/test_engine.py::test_cli_",
     "tests/engine/test_partitioned.py::test_layer_commands_work_on_a_dataset",
     "tests/search/test_search_partitioned.py::test_serve_search_on_a_dataset",
+    "tests/search/test_fewshot.py::test_serve_search_detect_layers_and_labels",  # a serve-search child, 3 layers
+    "tests/cli/test_detect.py::test_detect_writes_columns_and_a_detection_layer",  # four CLI runs
     "tests/search/test_search_ivfpq.py::test_nprobe_and_rerank_are_calibrated",
     "tests/search/test_search_ivfpq.py::test_near_duplicates_raise_rerank",
     "tests/models/test_decoding.py::test_beam_search_",
