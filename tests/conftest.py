@@ -282,6 +282,7 @@ SLOW = (
     "tests/plugin/test_dock.py::test_settings_changes_restart_search_sessions",
     "tests/plugin/test_dock.py::test_layer_list_shows_tile_layers_with_their_embedding_models",
     "tests/plugin/test_dock.py::test_settings_dialog_round_trip_and_background_check",
+    "tests/plugin/test_dock.py::test_zero_shot_classes_are_drawn_with_a_legend_over_the_imagery",  # classify CLI run
     "tests/plugin/test_processing.py",                 # Processing algorithms driving engine processes
     "tests/plugin/test_plugin_processing.py",
     "tests/plugin/test_fewshot_dock.py::test_labels_survive_closing_and_reopening",  # two engine sessions

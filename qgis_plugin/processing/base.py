@@ -79,11 +79,12 @@ def ensure_engine(feedback: QgsProcessingFeedback, announce: bool = True) -> str
 
 
 class StylePostProcessor(QgsProcessingLayerPostProcessorInterface):
-    """Gives a loaded output its name and HQRS style (tile outlines, or score-coloured hits)."""
+    """Gives a loaded output its name and HQRS style (tile outlines, score-coloured hits on the
+    model's ``scale``, or zero-shot ``classes`` in the order of ``labels``, above the imagery)."""
 
-    def __init__(self, name: str, kind: str):
+    def __init__(self, name: str, kind: str, scale: styles.ScoreScale | None = None, labels: Sequence[str] = ()):
         super().__init__()
-        self.name, self.kind = name, kind
+        self.name, self.kind, self.scale, self.labels = name, kind, scale, tuple(labels)
 
     def postProcessLayer(self, layer: QgsMapLayer, context: QgsProcessingContext,  # noqa: N802 - QGIS API
                          feedback: QgsProcessingFeedback) -> None:
@@ -92,8 +93,13 @@ class StylePostProcessor(QgsProcessingLayerPostProcessorInterface):
             return
         layer.setName(self.name)
         if self.kind == "hits" and layer.fields().indexOf("score") >= 0:
-            scores = [f["score"] for f in layer.getFeatures() if f["score"] is not None]
-            styles.style_hits(layer, scores)
+            styles.style_hits(layer, scale=self.scale)
+        elif self.kind == "classes" and layer.fields().indexOf("label") >= 0:
+            styles.style_classes(layer, self.labels)
+            project = context.project()  # None: the current project
+            styles.replace_classes_layers(layer, project)
+            styles.above_imagery(layer, project)
+            styles.show_feature_counts(layer, project)
         else:
             styles.style_tile_layer(layer, force=True)
 
@@ -289,9 +295,10 @@ class HqrsAlgorithm(QgsProcessingAlgorithm):
     # outputs -----------------------------------------------------------------------------
     @staticmethod
     def load_output(context: QgsProcessingContext, registered: str, uri: str, name: str,
-                    output: str = "OUTPUT", always: bool = False, kind: str = "tiles") -> None:
-        """Make Processing load ``uri`` (named ``name``, styled as ``kind``: tiles or hits) where it
-        would have loaded ``registered`` (the plain file).
+                    output: str = "OUTPUT", always: bool = False, kind: str = "tiles",
+                    scale: styles.ScoreScale | None = None, labels: Sequence[str] = ()) -> None:
+        """Make Processing load ``uri`` (named ``name``, styled as ``kind``: tiles, hits or classes;
+        see :class:`StylePostProcessor`) where it would have loaded ``registered`` (the plain file).
 
         ``always``: load it even though Processing did not ask (an output left unset that the
         algorithm placed itself).
@@ -307,7 +314,7 @@ class HqrsAlgorithm(QgsProcessingAlgorithm):
             return
         details.name = name
         details.forceName = True
-        processor = StylePostProcessor(name, kind)
+        processor = StylePostProcessor(name, kind, scale, labels)
         _post_processors.append(processor)
         details.setPostProcessor(processor)
         layers[uri] = details

@@ -9,11 +9,13 @@ import time
 
 import pytest
 from conftest import EXAMPLE_SCENE, ROOT, write_sparse_scene
+from processing_fixture import processing_run  # noqa: F401 - a fixture
 from project_layers import tile_layer_in_project
 from qgis.core import QgsApplication, QgsGeometry, QgsProject, QgsSettings, QgsVectorLayer
 from qgis.gui import QgsMapCanvas, QgsMessageBar
 from qgis.PyQt import sip
 from qgis.PyQt.QtCore import Qt
+from qgis.PyQt.QtGui import QColor
 from qgis.PyQt.QtTest import QTest
 from qgis.PyQt.QtWidgets import QAction, QPushButton
 from tiny_models import TINY_CLIP, TINY_COCA
@@ -396,7 +398,7 @@ def test_dock_searches_a_dataset_folder_without_loading_it(dock, dataset_folder,
         assert "not a dataset (no _manifest.json)" in dock.status.text()
         assert "not a dataset" in dock.iface_stand_in.bar.currentItem().text()
         assert not dock.add_dataset(str(dataset_folder / "plain"))
-        assert "no embeddings yet" in dock.status.text() and "hqrs-geo embed" in dock.status.text()
+        assert "no embeddings yet" in dock.status.text() and "hqrs-geo" not in dock.status.text()
         assert not dock.add_dataset(str(archive / "_search")) and "inside a dataset; choose its parent" in \
             dock.status.text()
         # the dataset: listed with its tile count and model, chosen, nothing loaded into QGIS
@@ -478,3 +480,279 @@ def test_dock_searches_a_dataset_folder_without_loading_it(dock, dataset_folder,
             project.removeMapLayer(layer_id)
     dock.refresh_layers()
     assert all(not getattr(dock.layer_box.itemData(i), "dataset", False) for i in range(dock.layer_box.count()))
+
+
+# -------------------------------------------------------------------- results on the map, no stale state
+def symbol_colour(layer, feature) -> tuple:
+    """The fill and outline colours (RGBA) the layer's renderer draws ``feature`` with."""
+    from qgis.core import QgsRenderContext
+
+    context = QgsRenderContext()
+    renderer = layer.renderer().clone()
+    renderer.startRender(context, layer.fields())
+    symbol = renderer.symbolForFeature(feature, context)
+    renderer.stopRender(context)
+    assert symbol is not None, feature.attributes()
+    first = symbol.symbolLayer(0)
+    return first.fillColor().getRgb(), first.strokeColor().getRgb(), first.brushStyle()
+
+
+def test_hit_colours_are_absolute_on_the_models_score_scale(qgis):
+    from qgis.core import QgsCoordinateReferenceSystem, QgsRectangle
+
+    from qgis_plugin.core import styles
+
+    scale = styles.score_scale({"score_scale": {"none": 0.2, "good": 0.3}})
+    assert (scale.none, scale.good) == (0.2, 0.3)
+    assert styles.score_scale({}) == styles.score_scale({"score_scale": "broken"}) == \
+        styles.ScoreScale(styles.DEFAULT_SCORE_SCALE["none"], styles.DEFAULT_SCORE_SCALE["good"])
+    assert styles.score_scale({"score_scale": {"none": 0.2, "good": 0.3, "similar": {"none": 0.6, "good": 0.9}}},
+                              similar=True) == styles.ScoreScale(0.6, 0.9)
+    crs = QgsCoordinateReferenceSystem("EPSG:28992")
+
+    def layer_of(scores):
+        hits = [({"rank": i + 1, "score": s, "tile_id": f"t{i}"}, QgsGeometry.fromRect(QgsRectangle(i, 0, i + 1, 1)),
+                 "") for i, s in enumerate(scores)]
+        return styles.hits_layer("hits", crs, hits, scale=scale)
+
+    # a query that matches nothing (0.04-0.10) and one that matches (0.12-0.36): the same score, the same colour
+    nothing, matches = layer_of([0.10, 0.07, 0.04]), layer_of([0.36, 0.26, 0.12])
+    colour = {f["score"]: symbol_colour(layer, f)[1] for layer in (nothing, matches) for f in layer.getFeatures()}
+    grey, red = styles.SCORE_COLOURS[0], styles.SCORE_COLOURS[-1]
+    assert {colour[0.10][:3], colour[0.07][:3], colour[0.04][:3], colour[0.12][:3]} == {QColor(grey).getRgb()[:3]}
+    assert colour[0.36][:3] == QColor(red).getRgb()[:3]
+    assert colour[0.26][:3] not in (colour[0.36][:3], colour[0.10][:3])
+    assert all(symbol_colour(nothing, f)[2] == Qt.NoBrush for f in nothing.getFeatures())  # outlines only
+    legend = [r.label() for r in nothing.renderer().ranges()]
+    assert legend[0] == "≤ 0.20 no real match" and legend[-1] == "≥ 0.30 strong match"
+    assert nothing.customProperty(styles.SCALE) == [0.2, 0.3]
+
+
+def test_detection_style_is_graduated_on_the_probability(qgis):
+    from qgis.core import QgsFeature
+
+    from qgis_plugin.core import styles
+
+    for field in ("detect_prob", "score"):
+        layer = QgsVectorLayer(f"Polygon?crs=EPSG:28992&field=tile_id:string&field={field}:double&field=rank:integer",
+                               "detections", "memory")
+        features = []
+        for i, p in enumerate((0.3, 0.55, 0.75, 0.95, 1.0)):
+            feature = QgsFeature(layer.fields())
+            feature.setGeometry(QgsGeometry.fromWkt(f"POLYGON(({i} 0,{i + 1} 0,{i + 1} 1,{i} 1,{i} 0))"))
+            feature.setAttributes([f"t{i}", p, i + 1])
+            features.append(feature)
+        layer.dataProvider().addFeatures(features)
+        styles.detection_style(layer)
+        renderer = layer.renderer()
+        assert renderer.type() == "graduatedSymbol" and renderer.classAttribute() == field
+        assert [(r.lowerValue(), r.upperValue()) for r in renderer.ranges()][1:] == \
+            [(0.5, 0.6), (0.6, 0.7), (0.7, 0.8), (0.8, 0.9), (0.9, 1.0)]  # fixed classes, whatever the data
+        drawn = {f[field]: symbol_colour(layer, f) for f in layer.getFeatures()}
+        assert drawn[0.3][2] == Qt.NoBrush  # below 0.5: a thin outline
+        for p, colour in ((0.55, styles.DETECTION_COLOURS[1]), (0.95, styles.DETECTION_COLOURS[5]),
+                          (1.0, styles.DETECTION_COLOURS[5])):
+            fill, stroke, _ = drawn[p]
+            assert stroke[:3] == QColor(colour).getRgb()[:3] and 0 < fill[3] < 255  # see-through over the imagery
+        assert "probability" in layer.mapTipTemplate() and layer.customProperty(styles.STYLED) == "detections"
+    with pytest.raises(ValueError, match="no probability field"):
+        styles.detection_style(QgsVectorLayer("Polygon?crs=EPSG:28992&field=x:double", "x", "memory"))
+
+
+def test_results_go_above_the_imagery(qgis, tmp_path):
+    from qgis.core import QgsRasterLayer
+
+    from qgis_plugin.core import styles
+
+    project = QgsProject.instance()
+    raster = QgsRasterLayer(str(EXAMPLE_SCENE), "imagery")
+    below = QgsVectorLayer("Polygon?crs=EPSG:28992", "result", "memory")
+    project.addMapLayer(below, False)
+    project.layerTreeRoot().addLayer(below)  # at the bottom
+    project.addMapLayer(raster)
+    try:
+        order = [n.layer() for n in project.layerTreeRoot().findLayers()]
+        assert order.index(raster) < order.index(below)
+        styles.above_imagery(below)
+        order = [n.layer() for n in project.layerTreeRoot().findLayers()]
+        assert order.index(below) < order.index(raster) and order.count(below) == 1
+    finally:
+        project.removeMapLayers([raster.id(), below.id()])
+
+
+def test_no_good_match_is_said_and_not_painted_red(dock, project_layer, monkeypatch):
+    from qgis_plugin.core import styles
+
+    assert dock.set_layer(project_layer)
+    dock.k.setValue(5)
+    run_query(dock, QUERY)
+    wait_for(lambda: dock.task.done)
+    info = dock.session.info
+    scale = styles.score_scale(info)
+    hits = dock.results_layer()
+    assert [(r.lowerValue(), r.label()) for r in hits.renderer().ranges()][0] == \
+        (-1.0, f"≤ {scale.none:.2f} no real match")  # the model's scale, not the query's scores
+    # a model whose calibration puts every score of this query below "no real match"
+    best = max(h.result["score"] for h in dock.hits)
+    monkeypatch.setitem(info, "score_scale", {"none": best + 0.01, "good": best + 0.1})
+    run_query(dock, QUERY)
+    wait_for(lambda: dock.task.done)
+    assert f"no good match for '{QUERY}' (best score {best:.2f}" in dock.status.text(), dock.status.text()
+    hits = dock.results_layer()
+    grey = QColor(styles.SCORE_COLOURS[0]).getRgb()[:3]
+    assert all(symbol_colour(hits, f)[1][:3] == grey for f in hits.getFeatures())
+    monkeypatch.setitem(info, "score_scale", {"none": best - 0.1, "good": best - 0.01})
+    run_query(dock, QUERY)
+    wait_for(lambda: dock.task.done)
+    assert "no good match" not in dock.status.text() and dock.status.text().startswith("5 tiles in ")
+    # a query replaced by a newer one before it ended: said in the status line, not a failed task
+    from qgis.core import QgsTask
+
+    run_query(dock, "a river")
+    first = dock.task
+    run_query(dock, "a bridge")
+    assert "'a river' replaced by 'a bridge'" in dock.status.text(), dock.status.text()
+    wait_for(lambda: first.done and dock.task.done)
+    assert first.status() == QgsTask.Complete  # ended normally, not a failed task in QGIS' list
+    assert dock.results_layer().name() == 'hits: "a bridge"' and len(dock.result_layer_ids) == 1
+    assert dock.status.text().startswith("5 tiles in ") and len(sessions.running_sessions()) == 1
+
+
+@pytest.fixture
+def two_layers(embedded_master, tmp_path):
+    """Two copies of the embedded tile layer in the project ("north", "south")."""
+    layers = [QgsVectorLayer(f"{shutil.copy(embedded_master, tmp_path / f'{name}.gpkg')}|layername=tiles", name, "ogr")
+              for name in ("north", "south")]
+    ids = [layer.id() for layer in layers]
+    QgsProject.instance().addMapLayers(layers)
+    yield layers
+    for layer_id in ids:  # those the test did not remove
+        if QgsProject.instance().mapLayer(layer_id) is not None:
+            QgsProject.instance().removeMapLayer(layer_id)
+
+
+def results_group():
+    return QgsProject.instance().layerTreeRoot().findGroup("HQRS results")
+
+
+def test_switching_or_removing_a_layer_leaves_no_stale_rows(dock, two_layers):
+    north, south = two_layers
+    assert dock.set_layer(north)
+    dock.k.setValue(5)
+    run_query(dock, QUERY)
+    wait_for(lambda: dock.task.done)
+    assert dock.table.rowCount() == 5 and dock.results_layer() is not None, dock.status.text()
+    # another layer in the list: the table and the hits go at once (before any query of the new layer)
+    index = next(i for i in range(dock.layer_box.count()) if getattr(dock.layer_box.itemData(i), "layer_id", "")
+                 == south.id())
+    dock.layer_box.setCurrentIndex(index)
+    assert dock.table.rowCount() == 0 and dock.hits == [] and dock.results_layer() is None
+    assert results_group() is None and dock.status.text() == ""
+    dock.table.selectAll()
+    dock.search_similar()
+    assert "select result rows or tiles" in dock.status.text()  # nothing left to find similar tiles of
+    # a query in flight when the layer changes: its answer is dropped, not shown for the other layer
+    run_query(dock, "parking lot")
+    flying = dock.task
+    assert dock.set_layer(north)
+    wait_for(lambda: flying.done)
+    QgsApplication.processEvents()
+    assert dock.table.rowCount() == 0 and dock.results_layer() is None and not dock.cancel_button.isEnabled()
+    # the searched layer is removed: the dock moves to the other layer without the removed one's rows
+    run_query(dock, QUERY)
+    wait_for(lambda: dock.task.done)
+    assert dock.table.rowCount() == 5
+    QgsProject.instance().removeMapLayer(north.id())
+    assert dock.current_choice().layer_id == south.id()
+    assert dock.table.rowCount() == 0 and dock.hits == [] and results_group() is None
+    assert dock.selected_tile_ids() == []
+    # the last layer removed: nothing left at all
+    run_query(dock, QUERY)
+    wait_for(lambda: dock.task.done)
+    assert dock.table.rowCount() == 5
+    QgsProject.instance().removeMapLayer(south.id())
+    assert dock.current_choice() is None and dock.table.rowCount() == 0 and results_group() is None
+
+
+def test_the_embeddings_hint_follows_finished_runs(dock, tmp_path, tiny_clip_checkpoint):
+    from qgis_plugin.core import tasks
+
+    plain = tmp_path / "plain.gpkg"
+    tile(EXAMPLE_SCENE, plain, TileConfig(tile_size=500))
+    with tile_layer_in_project(plain, "plain") as layer:
+        dock.refresh_layers()
+        assert "plain: no embeddings yet" in dock.layer_hint.text() and dock.layer_hint.isVisibleTo(dock)
+        assert "hqrs-geo" not in dock.layer_hint.text() and "Embed tiles" in dock.layer_hint.text()
+        # an engine run in a background task (as Processing runs one) writes embeddings into the file
+        task = tasks.start(tasks.CallTask("embed", lambda _t: embed(
+            plain, model=TINY_CLIP, checkpoint=str(tiny_clip_checkpoint), device="cpu",
+            options=RunOptions(workers=0))))
+        wait_for(lambda: task.done, 120)
+        wait_for(lambda: not dock.layer_hint.isVisibleTo(dock), 5)  # no refresh by hand
+        assert any(dock.layer_box.itemData(i).layer_id == layer.id() for i in range(dock.layer_box.count() - 1))
+
+
+def test_help_and_hints_name_gui_actions_not_terminal_commands(qgis):
+    import re
+
+    from qgis_plugin.processing.algorithms import algorithms
+
+    for alg in algorithms():
+        assert not re.search(r"hqrs-geo \w", alg.shortHelpString()), (alg.name(), alg.shortHelpString())
+    source = (ROOT / "qgis_plugin" / "widgets" / "dock.py").read_text()
+    texts = re.findall(r'"((?:[^"\\]|\\.)*)"', source.split('"""', 2)[2])  # string literals after the docstring
+    assert not [t for t in texts if "hqrs-geo " in t and "``" not in t]
+
+
+def test_zero_shot_classes_are_drawn_with_a_legend_over_the_imagery(processing_run, project_layer):  # noqa: F811
+    import processing
+    from qgis.core import QgsLayerTreeModel, QgsRasterLayer
+
+    project = QgsProject.instance()
+    imagery = QgsRasterLayer(str(EXAMPLE_SCENE), "imagery")
+    project.addMapLayer(imagery)  # the imagery above the tile layer, as an analyst adds it
+    style_before, imagery_id = project_layer.renderer().dump(), imagery.id()
+    labels = ["river", "forest", "parking lot"]
+    try:
+        processing.runAndLoadResults("hqrs:classify", {"INPUT": project_layer, "LABELS": ", ".join(labels)})
+        found = [layer for layer in project.mapLayers().values() if layer.name().startswith("classes: ")]
+        assert len(found) == 1
+        classes = found[0]
+        assert classes.name() == "classes: river, forest, parking lot" and classes.id() != project_layer.id()
+        assert classes.featureCount() == project_layer.featureCount() == 64
+        written = {f["label"] for f in classes.getFeatures()}
+        renderer = classes.renderer()
+        assert renderer.type() == "categorizedSymbol" and renderer.classAttribute() == "label"
+        assert [c.value() for c in renderer.categories()] == [label for label in labels if label in written]
+        for category in renderer.categories():  # see-through fill, solid outline in the class colour
+            fill, stroke = category.symbol().color(), category.symbol().symbolLayer(0).strokeColor()
+            assert 0 < fill.alpha() < 255 and stroke.alpha() == 255 and fill.rgb() == stroke.rgb()
+        assert len({c.symbol().color().rgb() for c in renderer.categories()}) == len(renderer.categories())
+        assert classes.labelsEnabled() and classes.labeling().settings().fieldName == "label"
+        assert "label_score" in classes.mapTipTemplate()
+        # the legend: one entry per class with its tile count; the layer above the imagery
+        node = project.layerTreeRoot().findLayer(classes.id())
+        model = QgsLayerTreeModel(project.layerTreeRoot())
+        legend = [n.data(Qt.DisplayRole) for n in model.layerLegendNodes(node)]
+        counts = {label: sum(f["label"] == label for f in classes.getFeatures()) for label in written}
+        wait_for(lambda: all("N/A" not in n.data(Qt.DisplayRole) for n in model.layerLegendNodes(node)), 30)
+        legend = [n.data(Qt.DisplayRole) for n in model.layerLegendNodes(node)]  # counted in the background
+        assert legend == [f"{c.value()} [{counts[c.value()]}]" for c in renderer.categories()], legend
+        order = [n.layer() for n in project.layerTreeRoot().findLayers()]
+        assert order.index(classes) < order.index(imagery) < order.index(project_layer)
+        assert project_layer.renderer().dump() == style_before  # the tile layer's own style untouched
+        # a new run's layer replaces the earlier one (as Processing loads it)
+        from qgis.core import QgsProcessingContext, QgsProcessingFeedback
+
+        from qgis_plugin.processing.base import StylePostProcessor
+
+        again = QgsVectorLayer(classes.source(), "new", "ogr")
+        project.addMapLayer(again)
+        StylePostProcessor("classes: water, roofs", "classes", labels=["water"]).postProcessLayer(
+            again, QgsProcessingContext(), QgsProcessingFeedback())
+        found = [layer for layer in project.mapLayers().values() if layer.name().startswith("classes: ")]
+        assert found == [again] and again.renderer().type() == "categorizedSymbol"
+    finally:
+        for layer in list(project.mapLayers().values()):
+            if layer.name().startswith("classes: ") or layer.id() == imagery_id:
+                project.removeMapLayer(layer.id())

@@ -31,8 +31,10 @@ from .tiles import EXTENT_HELP, RasterInputAlgorithm, add_tile_destination, tile
 
 MODEL_HELP = ("<b>Model</b>: a registry model (its checkpoint is looked up in the engine's cache unless "
               "<b>checkpoint</b> is given), or <i>custom</i>: any open_clip architecture named in "
-              "<b>architecture</b> with its <b>checkpoint</b> file. Run <i>hqrs-geo models</i> to see which "
-              "checkpoints are present. Defaults come from the HQRS settings. ")
+              "<b>architecture</b> with its <b>checkpoint</b> file. The shipped demo models (<i>hqrs-mini-…</i>) need "
+              "no checkpoint; for another model give its file here or once in <i>Raster ▸ HQRS ▸ HQRS "
+              "settings…</i> (<i>Its checkpoint</i>; <i>Check engine</i> tests it). Defaults come from the HQRS "
+              "settings. ")
 RESUME_HELP = ("Tiles that already carry this model's results are skipped unless <b>recompute</b> is ticked; "
                "cancelling keeps finished batches, so running the same job again resumes.")
 

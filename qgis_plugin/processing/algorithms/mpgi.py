@@ -110,7 +110,8 @@ class ExportDatasetAlgorithm(HqrsAlgorithm):
     GROUP_ID = "models"
     HELP = ("Writes the captioned tiles as an image-text dataset: <i>images/</i>, <i>captions.csv</i> (open_clip "
             "CSV) and <i>dataset.json</i> (Karpathy style, train/val split by tile id), the input of "
-            "<i>hqrs-geo finetune</i>. <b>Captions</b>: <i>mpgi</i> (detailed + short MpGI captions) or "
+            "fine-tuning a CLIP model (outside QGIS: see the plugin's documentation). <b>Captions</b>: "
+            "<i>mpgi</i> (detailed + short MpGI captions) or "
             "<i>caption</i> (the caption model's field).")
 
     def initAlgorithm(self, config: dict[str, Any] | None = None) -> None:  # noqa: N802

@@ -25,7 +25,7 @@ from qgis.core import (
 )
 from qgis.PyQt.QtCore import QVariant
 
-from ...core import sessions
+from ...core import sessions, styles
 from ...core.runner import EngineError
 from ...core.tile_layers import features_by_tile
 from ..base import HqrsAlgorithm, cli_option, layer_uri, slug, split_destination, tr
@@ -181,7 +181,8 @@ class SearchAlgorithm(HqrsAlgorithm):
     GROUP_ID = "search"
     HELP = ("Ranks the tiles of an embedded tile layer by similarity to a text (e.g. <i>a river with a bridge</i>) "
             "and writes the best <b>K</b> as a result layer with fields <i>rank</i> and <i>score</i>, loaded as "
-            "<i>hits: \"text\"</i> (outlines coloured by score, rank labels). The first search of a layer loads its "
+            "<i>hits: \"text\"</i> (outlines coloured by score on the model's fixed score scale, so a text that "
+            "matches nothing stays grey; rank labels). The first search of a layer loads its "
             "model; later searches (here or in the HQRS search dock) reuse the running session. "
             "<b>Extent</b> restricts the search to tiles within it (in the extent's CRS).<br>" + EMBEDDINGS_HELP)
 
@@ -203,7 +204,8 @@ class SearchAlgorithm(HqrsAlgorithm):
         session = search_session(self, parameters, context, layer, feedback)
         results = ask(session, {"text": query, **request}, feedback)
         uri = write_results(layer, results, path, name, context, feedback)
-        self.load_output(context, registered, uri, hits_name(query), kind="hits")
+        self.load_output(context, registered, uri, hits_name(query), kind="hits",
+                         scale=styles.score_scale(session.info))
         return {"OUTPUT": uri}
 
 
@@ -265,7 +267,8 @@ class SimilarAlgorithm(HqrsAlgorithm):
         session = search_session(self, parameters, context, layer, feedback)
         results = ask(session, {"similar": ids, "negative": negatives, **request}, feedback)
         uri = write_results(layer, results, path, name, context, feedback)
-        self.load_output(context, registered, uri, hits_name("like " + ", ".join(ids)), kind="hits")
+        self.load_output(context, registered, uri, hits_name("like " + ", ".join(ids)), kind="hits",
+                         scale=styles.score_scale(session.info, similar=True))
         return {"OUTPUT": uri}
 
 
@@ -278,7 +281,11 @@ class ClassifyAlgorithm(HqrsAlgorithm):
     GROUP_ID = "search"
     HELP = ("Gives every tile of an embedded tile layer the most similar of the <b>labels</b> "
             "(comma-separated class names, e.g. <i>river,forest,parking lot</i>): fields <i>label</i>, "
-            "<i>label_score</i> and <i>label_top</i> (the best <b>top k</b> with scores).<br>" + EMBEDDINGS_HELP)
+            "<i>label_score</i> and <i>label_top</i> (the best <b>top k</b> with scores). The classes are drawn on "
+            "the map as a layer of their own above the imagery, <i>classes: …</i>: one semi-transparent colour "
+            "per label with the label on each tile, a legend with each class's tile count, and map tips with "
+            "the score (the tile layer's own style is left as it is; a new run replaces the layer).<br>"
+            + EMBEDDINGS_HELP)
 
     def initAlgorithm(self, config: dict[str, Any] | None = None) -> None:  # noqa: N802
         """Declare the parameters."""
@@ -293,10 +300,14 @@ class ClassifyAlgorithm(HqrsAlgorithm):
                 feedback: QgsProcessingFeedback) -> dict[str, Any]:
         """Run ``hqrs-geo classify LAYER --labels …``."""
         layer = self.input_tile_layer(parameters, "INPUT", context, feedback)
-        labels = ",".join(split_list(self.optional_text(parameters, "LABELS", context)))
+        classes = split_list(self.optional_text(parameters, "LABELS", context))
+        labels = ",".join(classes)
         if not labels:
             raise QgsProcessingException(tr("HQRS: give the class names as comma-separated labels"))
         self.run_engine(["classify", layer, cli_option("--labels", labels),
                          "--top-k", str(self.parameterAsInt(parameters, "TOP_K", context)),
                          *embedding_args(self, parameters, context)], feedback)
+        # the classes on the map: a layer of its own over the same file (the tile layer's style untouched)
+        self.load_output(context, "", styles.classes_layer_uri(layer_uri(layer)), styles.classes_layer_name(classes),
+                         always=True, kind="classes", labels=classes)
         return {"OUTPUT": layer_uri(layer)}
