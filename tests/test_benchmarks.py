@@ -25,6 +25,8 @@ SMOKE = {
                         "--param", "ivfpq.m=4", "--param", "ivfpq.train_size=2000", "--param", "ivfpq.opq=0"],
                        "targets at 4,000 x 32"),
     "demo_ap": ([], "mean AP"),
+    "fewshot": (["--draws", "1", "--shots", "1,3", "--timing", "2000", "--repeat", "1", "--heldout", "none",
+                 "--calibrate", "no"], "few-shot vs text AP"),
     "finetune": (["--steps", "1", "--warmup", "0", "--batch", "2", "--dataset", str(SAMPLES)], "ratio"),
     "mpgi": (["--tiles", "2", "--max-tokens", "8", "--batch", "2", "--threads", "1"], "pipeline/bare"),
     "scale": (["--scenes", "2", "--size", "256", "--batch", "1", "--memory-scenes", "1"], "ratio Ray / single-process"),
