@@ -20,11 +20,9 @@ from qgis.core import (
     QgsField,
     QgsFillSymbol,
     QgsGeometry,
-    QgsGraduatedSymbolRenderer,
     QgsPalLayerSettings,
     QgsRectangle,
     QgsRendererCategory,
-    QgsRendererRange,
     QgsTextBufferSettings,
     QgsTextFormat,
     QgsVectorLayer,
@@ -43,10 +41,6 @@ LAYER_PATH = "hqrs/detect-layer"  # custom property: the tile layer file a label
 DETECT_FIELDS = (("tile_id", QVariant.String), ("detect_prob", QVariant.Double), ("detect_rank", QVariant.Int),
                  ("label", QVariant.Int), ("caption", QVariant.String))
 LABEL_FIELDS = (("tile_id", QVariant.String), ("label", QVariant.Int))
-# probability classes of the detection style: fixed, so a refit that changes the probabilities
-# changes the colours (a relative scale would repaint the same tiles in the same colours)
-PROBABILITY_BREAKS = (0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
-PROBABILITY_COLOURS = ("#ffffb2", "#fecc5c", "#fd8d3c", "#f03b20", "#bd0026")
 DETECTION_MAP_TIP = ('<b>#[% "detect_rank" %]</b> probability [% round("detect_prob", 3) %]<br>'
                      '<i>[% "tile_id" %]</i>[% CASE WHEN "label" = 1 THEN \' (labelled positive)\' '
                      'WHEN "label" = -1 THEN \' (labelled negative)\' ELSE \'\' END %]'
@@ -188,9 +182,9 @@ def detection_layer(name: str, crs, path: str) -> QgsVectorLayer:
     return layer
 
 
-def fill_detection_layer(layer: QgsVectorLayer, found: Sequence[Detection], threshold: float = 0.5) -> None:
+def fill_detection_layer(layer: QgsVectorLayer, found: Sequence[Detection]) -> None:
     """Replace the features of a detection layer with ``found`` (a refit updates the same layer)
-    and style it (probability classes from ``threshold`` up)."""
+    and style it."""
     provider = layer.dataProvider()
     provider.truncate()
     features = []
@@ -202,55 +196,17 @@ def fill_detection_layer(layer: QgsVectorLayer, found: Sequence[Detection], thre
     provider.addFeatures(features)
     layer.updateExtents()
     layer.removeSelection()
-    style_detections(layer, threshold)
+    style_detections(layer)
 
 
-def style_detections(layer: QgsVectorLayer, threshold: float = 0.5) -> None:
-    """The graduated probability style of a detection layer: the shared
-    ``styles.detection_style`` when the plugin has one, else :func:`probability_style`."""
-    shared = getattr(styles, "detection_style", None)
-    if callable(shared):
-        shared(layer)
-    else:
-        probability_style(layer, threshold)
+def style_detections(layer: QgsVectorLayer) -> None:
+    """The plugin's graduated probability style of detections (:func:`..styles.detection_style`),
+    with map tips that also say which tiles are labelled examples."""
+    styles.detection_style(layer, "detect_prob")
     layer.setMapTipTemplate(DETECTION_MAP_TIP)
     layer.setDisplayExpression('"tile_id"')
     layer.setCustomProperty(styles.STYLED, DETECTIONS)
     layer.triggerRepaint()
-
-
-def probability_style(layer: QgsVectorLayer, threshold: float = 0.5) -> None:
-    """Semi-transparent fills with solid outlines, yellow (at the threshold) to dark red
-    (probability 1), in fixed classes; probability labels on the best tiles."""
-    low = min(max(float(threshold), 0.0), 0.99)
-    breaks = [low] + [b for b in PROBABILITY_BREAKS if b > low + 1e-9]
-    if len(breaks) < 2:
-        breaks = [low, 1.0]
-    colours = PROBABILITY_COLOURS[-(len(breaks) - 1):]
-    ranges = []
-    for i, colour in enumerate(colours):
-        ranges.append(QgsRendererRange(breaks[i], breaks[i + 1], _fill(colour),
-                                       f"probability {breaks[i]:.2f} – {breaks[i + 1]:.2f}"))
-    renderer = QgsGraduatedSymbolRenderer("detect_prob", ranges)
-    renderer.setSourceSymbol(_fill(PROBABILITY_COLOURS[-1]))
-    layer.setRenderer(renderer)
-    labels = QgsPalLayerSettings()
-    labels.isExpression = True
-    labels.fieldName = 'CASE WHEN "detect_rank" <= 30 THEN format_number("detect_prob", 2) END'
-    labels.placement = QgsPalLayerSettings.OverPoint
-    labels.setFormat(_text_format("#ffffff", "#202020", 9))
-    layer.setLabeling(QgsVectorLayerSimpleLabeling(labels))
-    layer.setLabelsEnabled(True)
-
-
-def _fill(colour: str, alpha: int = 90) -> QgsFillSymbol:
-    fill = QColor(colour)
-    fill.setAlpha(alpha)
-    symbol = QgsFillSymbol.createSimple({"style": "solid", "outline_style": "solid", "outline_width": "0.6",
-                                         "outline_width_unit": "MM"})
-    symbol.symbolLayer(0).setFillColor(fill)
-    symbol.symbolLayer(0).setStrokeColor(QColor(colour))
-    return symbol
 
 
 def _text_format(colour: str, halo: str, size: float) -> QgsTextFormat:

@@ -526,7 +526,7 @@ class FewShotPanel(QgsCollapsibleGroupBox):
                 if node is not None and isinstance(group, QgsLayerTreeGroup):
                     group.insertChildNode(0, node.clone())
                     node.parent().removeChildNode(node)
-        detections.fill_detection_layer(layer, found, threshold)
+        detections.fill_detection_layer(layer, found)
         tile_layer = self.dock.current_layer()
         name = tile_layer.name() if tile_layer is not None else os.path.basename(choice.path.rstrip("/\\"))
         layer.setName(f"detections: {name} (probability ≥ {threshold:g})")
@@ -551,6 +551,7 @@ class FewShotPanel(QgsCollapsibleGroupBox):
         """The best detections in the table (rank, probability, label, tile)."""
         rows = self.found[:TABLE_ROWS]
         self.table.setRowCount(len(rows))
+        self.table.scrollToTop()
         labels = self.labels()
         for row, item in enumerate(rows):
             tile = QTableWidgetItem(item.caption or item.tile_id)

@@ -31,16 +31,16 @@ DETECTIONS_LAYER = "detections"  # the layer the engine writes into the output G
 class DetectionStyle(QgsProcessingLayerPostProcessorInterface):
     """Names the loaded detection layer and gives it the graduated probability style."""
 
-    def __init__(self, name: str, threshold: float):
+    def __init__(self, name: str):
         super().__init__()
-        self.name, self.threshold = name, threshold
+        self.name = name
 
     def postProcessLayer(self, layer: QgsMapLayer, context: QgsProcessingContext,  # noqa: N802 - QGIS API
                          feedback: QgsProcessingFeedback) -> None:
         """Main thread, after the layer was added to the project."""
         if isinstance(layer, QgsVectorLayer) and layer.fields().indexOf("detect_prob") >= 0:
             layer.setName(self.name)
-            detections.style_detections(layer, self.threshold)
+            detections.style_detections(layer)
 
 
 _styles: list[DetectionStyle] = []  # QGIS does not own them: keep them alive
@@ -124,12 +124,11 @@ class DetectAlgorithm(HqrsAlgorithm):
         self.run_engine(args, feedback, outputs=[path])
         uri = layer_uri(path, DETECTIONS_LAYER) if path.lower().endswith(".gpkg") else path
         name = os.path.splitext(os.path.basename(layer))[0]
-        self.load_detections(context, registered, uri, f"detections: {name}", threshold)
+        self.load_detections(context, registered, uri, f"detections: {name}")
         return {"OUTPUT": uri}
 
     @staticmethod
-    def load_detections(context: QgsProcessingContext, registered: str, uri: str, name: str,
-                        threshold: float) -> None:
+    def load_detections(context: QgsProcessingContext, registered: str, uri: str, name: str) -> None:
         """Make Processing load the detection layer ``uri`` (where it would have loaded the plain
         file), named ``name`` and styled by probability."""
         layers = context.layersToLoadOnCompletion()
@@ -138,7 +137,7 @@ class DetectAlgorithm(HqrsAlgorithm):
             return
         details.name = name
         details.forceName = True
-        style = DetectionStyle(name, threshold)
+        style = DetectionStyle(name)
         _styles.append(style)
         details.setPostProcessor(style)
         layers[uri] = details
