@@ -327,6 +327,23 @@ class RayCluster:
         ours = set(_tree(str(self.temp)))
         return [pid for pid in processes_named(name) if pid in ours]
 
+    def worker_processes(self) -> list[int]:
+        """The second node's processes: its ``ray start`` and everything it started."""
+        node = set(_tree(f"--node-ip-address={self.WORKER_IP}")) & set(_tree(str(self.temp)))
+        pids = node | ({self.worker.pid} if self.worker is not None else set())
+        return sorted(pids | {p for root in pids for p in _descendants(root)})
+
+    def worker_raylet(self) -> int:
+        """The pid of the second node's raylet."""
+        for pid in self.worker_processes():
+            try:
+                cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if cmd and cmd[0].endswith(b"/raylet") and any(self.WORKER_IP.encode() in a for a in cmd):
+                return pid
+        raise AssertionError("the second node has no raylet")
+
     def stop_worker(self) -> None:
         """The second node leaves: its ``ray start`` and every process it started are killed."""
         if self.worker is not None:

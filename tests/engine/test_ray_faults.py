@@ -1,0 +1,215 @@
+"""Faults of the Ray engine, each on a real Ray instance started by the test: a node lost
+mid-job on clusters of equal nodes (1+1 and 2+2 CPUs, the second node on 127.0.0.3 killed by
+SIGKILL of its raylet or SIGTERM of all its processes) finishes with the values of the
+single-process engine; a cluster address where nothing answers is a one-line error in seconds;
+SIGTERM ends a run with exit 130 and only JSON on stdout; the processes of a local Ray instance
+whose driver was killed with SIGKILL are stopped by the next run, and a run leaves none of its
+own. Each case is counted with :func:`archive_report.record`."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+from archive_report import record
+from scale_helpers import ROOT, RangeServer, RayCluster, archive, compare_layers, free_port, kill_processes
+from tiny_models import TINY_CLIP
+
+import hqrs_geo as hg
+from hqrs_geo.engine.distributed import OWNER_VARIABLE, worker_env
+from hqrs_geo.engine.options import RunOptions
+
+pytest.importorskip("ray")
+pytestmark = pytest.mark.timeout(600)
+
+TILING = ["--tile-size", "128", "--crs", "EPSG:4326"]
+CONFIG = hg.TileConfig(tile_size=128, crs="EPSG:4326")
+SCENE_SIZE = (384, 256)  # 64 tiles in the 12 scenes
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    server = RangeServer(tmp_path_factory.mktemp("http"))
+    yield server
+    server.close()
+
+
+@pytest.fixture(scope="module")
+def scenes(served, tmp_path_factory):
+    return archive(tmp_path_factory.mktemp("archive"), served, size=SCENE_SIZE)
+
+
+@pytest.fixture(scope="module")
+def env(model_environment):
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+            "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+
+
+@pytest.fixture(scope="module")
+def reference(scenes, tmp_path_factory, tiny_clip_checkpoint):
+    """The single-process engine's tiles and embeddings of the 12 scenes."""
+    out = tmp_path_factory.mktemp("ref") / "ref.gpkg"
+    hg.run(scenes["sources"], out, embed_models=[TINY_CLIP], embed_checkpoints=[str(tiny_clip_checkpoint)],
+           device="cpu", tiling=CONFIG, options=RunOptions(batch_size=4))
+    return hg.read_tiles(out)
+
+
+@pytest.fixture
+def short_temp():
+    # Ray's sockets live under the cluster's folder and AF_UNIX paths stop at 107 bytes
+    temp = Path(tempfile.mkdtemp(prefix="rayf", dir="/tmp" if os.path.isdir("/tmp") else None))
+    yield temp
+    shutil.rmtree(temp, ignore_errors=True)
+
+
+def command(scenes, out, clip, *extra) -> list[str]:
+    return [sys.executable, "-m", "hqrs_geo", "run", *scenes["sources"], "-o", f"{out}/", *TILING,
+            "--embed-model", TINY_CLIP, "--embed-checkpoint", str(clip), "--batch-size", "4", "--device", "cpu",
+            "--engine", "ray", "--block-tiles", "8", "--progress", "json", *extra]
+
+
+def start(cmd, env) -> subprocess.Popen:
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def until_scenes(proc: subprocess.Popen, done: int) -> list[str]:
+    """Stdout lines up to the first progress object with ``done`` finished scenes."""
+    assert proc.stdout is not None
+    lines = []
+    while True:
+        line = proc.stdout.readline()
+        if not line:
+            raise AssertionError(f"the run ended early: {lines} {proc.stderr.read() if proc.stderr else ''}")
+        lines.append(line)
+        event = json.loads(line)
+        if event["stage"] == "run" and event["done"] >= done:
+            return lines
+
+
+def only_json(lines: list[str]) -> list[dict]:
+    """Every stdout line is a JSON object (the progress protocol); the objects."""
+    events = []
+    for line in lines:
+        if line.strip():
+            try:
+                events.append(json.loads(line))
+            except ValueError:
+                raise AssertionError(f"not JSON on stdout: {line!r}") from None
+    return events
+
+
+def owned_by(pid: int) -> list[int]:
+    """Live processes carrying the mark of a Ray instance started by driver ``pid``."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            environ = Path(f"/proc/{entry}/environ").read_bytes().split(b"\0")
+            state = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if state != "Z" and f"{OWNER_VARIABLE}={pid}:".encode() in [e[:len(OWNER_VARIABLE) + len(str(pid)) + 2]
+                                                                    for e in environ]:
+            found.append(int(entry))
+    return found
+
+
+@pytest.mark.parametrize("cpus,how", [(1, "raylet SIGKILL"), (2, "SIGTERM of the node's processes")])
+def test_a_node_lost_mid_job_changes_nothing(cpus, how, scenes, reference, tmp_path, env, short_temp,
+                                             tiny_clip_checkpoint):
+    """Equal nodes: a model worker per node, sized from the smallest; the lost node's worker is
+    retired (it would not fit beside the survivor's worker and the reads), the job finishes on
+    the surviving node with the single-process engine's values, and says what happened."""
+    cluster = RayCluster(short_temp, env, head_cpus=cpus, worker_cpus=cpus)
+    proc = None
+    try:
+        out = tmp_path / "ds"
+        proc = start(command(scenes, out, tiny_clip_checkpoint, "--ray-address", cluster.address), env)
+        lines = until_scenes(proc, 1)
+        if how == "raylet SIGKILL":
+            os.kill(cluster.worker_raylet(), signal.SIGKILL)
+        else:
+            kill_processes(cluster.worker_processes(), grace=10.0)
+        lost = time.monotonic()
+        stdout, stderr = proc.communicate(timeout=300)
+        seconds = time.monotonic() - lost
+        assert proc.returncode == 0, stderr[-3000:]
+        events = only_json(lines + stdout.splitlines())
+        assert events[-1]["stage"] == "done" and events[-1]["failed"] == [] and events[-1]["scenes"] == 12
+        assert any("1 node(s) left the cluster" in e["message"] for e in events), events
+        assert "node(s) left the cluster" in stderr
+        compare_layers(hg.read_tiles(out), reference)
+        record(node_losses_survived=1)
+        print(f"{cpus}+{cpus} CPUs, {how}: finished {seconds:.1f} s after the loss")
+    finally:
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+        cluster.stop()
+
+
+def test_an_address_where_nothing_answers_is_one_line(tmp_path, env, scenes, tiny_clip_checkpoint):
+    address = f"127.0.0.2:{free_port()}"
+    started = time.monotonic()
+    done = subprocess.run(command(scenes, tmp_path / "ds", tiny_clip_checkpoint, "--ray-address", address),
+                          env=env, capture_output=True, text=True, timeout=120)
+    seconds = time.monotonic() - started
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and f"no Ray cluster answers at {address} (connection refused)" in lines[0], lines
+    assert seconds < 60
+    record(clean=1)
+
+
+def test_hub_settings_reach_the_workers_and_secrets_do_not(monkeypatch):
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9/mirror")
+    monkeypatch.setenv("HF_HUB_ETAG_TIMEOUT", "3")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_TOKEN", "hf_secret")
+    monkeypatch.setenv("HQRS_GEO_API_KEY", "sk-secret")
+    monkeypatch.setenv(OWNER_VARIABLE, "1:2")
+    env = worker_env()
+    assert env["HF_ENDPOINT"] == "http://127.0.0.1:9/mirror" and env["HF_HUB_ETAG_TIMEOUT"] == "3"
+    assert env["HF_HUB_OFFLINE"] == "1"
+    assert not {"HF_TOKEN", "HQRS_GEO_API_KEY", OWNER_VARIABLE} & set(env)
+
+
+def test_sigterm_and_a_killed_drivers_leftovers(scenes, tmp_path, env, tiny_clip_checkpoint):
+    """A local Ray instance (no address): ``kill -9`` of its driver leaves its processes running;
+    the next run stops them (and only them) before it starts its own; SIGTERM of that run ends it
+    with exit 130, one line on stderr, only JSON on stdout, and none of its processes left."""
+    killed = start(command(scenes, tmp_path / "a", tiny_clip_checkpoint), env)
+    until_scenes(killed, 1)
+    killed.kill()
+    killed.wait(timeout=60)
+    time.sleep(1)
+    left = owned_by(killed.pid)
+    assert left, "a driver killed with SIGKILL left no process of its Ray instance (nothing to clean)"
+
+    run = start(command(scenes, tmp_path / "b", tiny_clip_checkpoint), env)
+    lines = until_scenes(run, 1)
+    assert not owned_by(killed.pid), "the next run did not stop the killed driver's Ray processes"
+    assert owned_by(run.pid)
+    started = time.monotonic()
+    run.send_signal(signal.SIGTERM)
+    stdout, stderr = run.communicate(timeout=120)
+    seconds = time.monotonic() - started
+    assert run.returncode == 130, stderr[-3000:]
+    events = only_json(lines + stdout.splitlines())
+    assert events[-1]["stage"] == "error" and "cancelled" in events[-1]["message"]
+    assert "SIGTERM" not in stderr and "PC:" not in stderr
+    assert [line for line in stderr.splitlines() if "error" in line] == [f"hqrs-geo: error: {events[-1]['message']}"]
+    deadline = time.monotonic() + 15
+    while owned_by(run.pid) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not owned_by(run.pid), "the cancelled run left processes of its Ray instance"
+    record(clean=1)      # SIGTERM: exit 130, one line
+    record(recovered=1)  # a killed driver's processes stopped by the next run
+    print(f"SIGTERM to exit: {seconds:.1f} s; {len(left)} process(es) of the killed driver stopped")
