@@ -57,6 +57,9 @@ def add_scale_options(parser: argparse.ArgumentParser, workers: bool = False) ->
                        help="grid cells per work unit; larger scenes are split into blocks (default 1024)")
     group.add_argument("--in-flight", type=number(int, 1), default=None,
                        help="Ray engine: units under way at once (bounds memory; default 2 per worker + free CPUs)")
+    group.add_argument("--unit-timeout", type=number(float, 0, low_open=True), default=1800.0, metavar="S",
+                       help="Ray engine: seconds a unit may be under way before it is put back in the queue "
+                            "(default 1800)")
 
 
 def source_filter(args: argparse.Namespace) -> Any:
@@ -74,7 +77,7 @@ def scale_options(args: argparse.Namespace) -> Any:
     return ScaleOptions(
         engine=args.engine, ray_address=args.ray_address, workers=args.workers if ray else None,
         gpus_per_worker=args.gpus_per_worker, cpus_per_worker=args.cpus_per_worker, block_tiles=args.block_tiles,
-        in_flight=args.in_flight,
+        in_flight=args.in_flight, unit_timeout=args.unit_timeout,
     ).validated()
 
 

@@ -73,7 +73,8 @@ class ScaleOptions:
     torch threads on CPU; default 1 with GPUs, else all of the smallest node less half a core for
     reading). block_tiles: grid cells per unit; larger scenes are split into blocks of whole
     rows. in_flight: units read, computed or written at once (default 3 per worker + 2): the
-    memory bound. manifest_interval: seconds between manifest writes.
+    memory bound. manifest_interval: seconds between manifest writes. unit_timeout (Ray): seconds
+    a unit may be under way (read, computed, written) before it is put back in the queue.
     """
 
     engine: str = "local"
@@ -85,6 +86,7 @@ class ScaleOptions:
     in_flight: int | None = None
     manifest_interval: float = 5.0
     max_attempts: int = 3
+    unit_timeout: float = 1800.0
 
     def validated(self) -> ScaleOptions:
         """Check values (one-line OptionError)."""
@@ -98,6 +100,10 @@ class ScaleOptions:
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0):
                 raise OptionError(f"invalid value {value!r}: use 0 or more", option=name)
+        if isinstance(self.unit_timeout, bool) or not isinstance(self.unit_timeout, (int, float)) \
+                or not 0 < self.unit_timeout < float("inf"):
+            raise OptionError(f"invalid value {self.unit_timeout!r}: use a number of seconds above 0",
+                              option="unit_timeout")
         if self.cpus_per_worker == 0:
             raise OptionError("a worker needs some CPU: use a value above 0", option="cpus_per_worker")
         if self.engine != "ray" and any(v is not None for v in (self.ray_address, self.gpus_per_worker,
