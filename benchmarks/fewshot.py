@@ -14,7 +14,7 @@ AP (what :mod:`hqrs_geo.search.fewshot` does in the product, through a real tile
 * a held-out labelled set the shipped models never saw (they were trained on UC Merced, AID and
   EuroSAT): the Swellendam aerial scene ``swellendam_3420B_epsg4326.tif`` (~2.5 m, South Africa,
   ``../shared/data/scenes``) in 64-px tiles (~160 m), labelled from the OpenStreetMap layers of
-  ``swellendam_osm.gpkg``: *buildings* (mapped building footprints cover at least 2 % of the
+  ``swellendam_osm.gpkg``: *buildings* (at least one mapped building footprint in the
   tile), *roads* (at least 100 m of mapped road in the tile) and *open land* (no mapped building
   and no road); only tiles inside the extent of the mapped buildings are used. Text queries:
   "buildings", "a road", "farmland".
@@ -97,14 +97,14 @@ def swellendam_set(folder: Path, model: str) -> tuple[str, dict, dict]:
     for i, cell in enumerate(cells.geometry.values):
         hits = building_tree.query(cell, predicate="intersects")
         if len(hits):
-            built[i] = shapely.intersection(buildings.geometry.values[hits], cell).area.sum() / cell.area
+            built[i] = shapely.area(shapely.intersection(buildings.geometry.values[hits], cell)).sum() / cell.area
         hits = road_tree.query(cell, predicate="intersects")
         if len(hits):
-            road_m[i] = shapely.intersection(roads.geometry.values[hits], cell).length.sum()
+            road_m[i] = shapely.length(shapely.intersection(roads.geometry.values[hits], cell)).sum()
     keep = inside.to_numpy()
     ids = tiles.tile_id.to_numpy()[keep]
     built, road_m = built[keep], road_m[keep]
-    classes = {"buildings": dict(zip(ids, (built >= 0.02).astype(int))),
+    classes = {"buildings": dict(zip(ids, (built > 0).astype(int))),
                "roads": dict(zip(ids, (road_m >= 100).astype(int))),
                "open land": dict(zip(ids, ((built == 0) & (road_m == 0)).astype(int)))}
     return str(layer), classes, dict(HELDOUT_QUERIES)
