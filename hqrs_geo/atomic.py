@@ -9,14 +9,22 @@ failure the temporary file is removed and an :class:`OSError` becomes a one-line
 
 :func:`output_folder` does the same for folders a job creates: a folder made by a job that
 then fails is removed again when nothing was kept in it.
+
+:func:`folder_lock` makes a read-modify-write of an output (a tile layer merged with new
+tiles, a dataset's manifest) one step among processes: an advisory ``flock`` on the output's
+folder (no lock file is left behind), held only while the output is read and replaced, so two
+jobs writing the same output at once keep each other's results.
 """
 from __future__ import annotations
 
 import errno
 import json
 import os
+import re
 import shutil
 import tempfile
+import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -182,6 +190,28 @@ def remove_stale_temporaries(target: Path) -> int:
     return removed
 
 
+#: ``.<target name>.<pid>.<random>.tmp<suffix>``: the temporary files of :func:`atomic_path`.
+_TEMPORARY = re.compile(r"^\.(?P<target>.+)\.(?P<pid>\d+)\.[^.]+\.tmp")
+
+
+def remove_stale_temporaries_in(folder: PathLike) -> int:
+    """Remove the temporary files left in ``folder`` by writers that are no longer running
+    (:func:`remove_stale_temporaries` for every target at once); those of running processes,
+    such as another job writing into the same folder, are kept. Returns how many were removed."""
+    removed = 0
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return 0
+    for name in names:
+        found = _TEMPORARY.match(name)
+        if found is None or _alive(int(found.group("pid"))):
+            continue
+        _remove(Path(folder) / name)
+        removed += 1
+    return removed
+
+
 def glob_escape(text: str) -> str:
     """``text`` with glob wildcards escaped."""
     import glob
@@ -262,6 +292,82 @@ def _rmdir_if_empty(folder: Path) -> None:
         folder.rmdir()
     except OSError:
         pass
+
+
+#: Seconds a writer waits for another job to finish writing the same output (:func:`folder_lock`).
+LOCK_WAIT = 600.0
+_LOCKS: dict[str, list] = {}  # real path -> [RLock, depth, file descriptor]
+_LOCKS_GUARD = threading.Lock()
+
+
+class LockBusy(OutputError):
+    """Another job held an output's lock for longer than the wait allowed."""
+
+
+@contextmanager
+def folder_lock(folder: PathLike, what: PathLike | None = None, wait: float | None = None) -> Iterator[None]:
+    """Hold an exclusive advisory lock on ``folder`` (``flock`` on the folder itself, so no lock
+    file is left behind) while the block runs: other processes (and threads) taking the same
+    lock wait for it. Re-entrant within a thread. ``what`` (the output being written) names the
+    output in the one-line :class:`LockBusy` error raised when the lock is not free within
+    ``wait`` seconds (default :data:`LOCK_WAIT`). Where the file system has no locks, the block
+    runs without one."""
+    key = os.path.realpath(folder)
+    deadline = time.monotonic() + (LOCK_WAIT if wait is None else wait)
+    with _LOCKS_GUARD:
+        entry = _LOCKS.setdefault(key, [threading.RLock(), 0, None])
+    guard: Any = entry[0]
+    if not guard.acquire(timeout=max(0.0, deadline - time.monotonic())):
+        raise _busy(what or folder)
+    try:
+        if entry[1] == 0:
+            entry[2] = _flock(key, deadline, what or folder)
+        entry[1] += 1
+        try:
+            yield
+        finally:
+            entry[1] -= 1
+            if entry[1] == 0 and entry[2] is not None:
+                os.close(entry[2])  # closing the descriptor releases the flock
+                entry[2] = None
+    finally:
+        guard.release()
+
+
+def _busy(what: PathLike) -> LockBusy:
+    return LockBusy(f"{what}: another job is writing it; wait for that job to end or choose another output")
+
+
+def _flock(folder: str, deadline: float, what: PathLike) -> int | None:
+    """An open descriptor of ``folder`` holding its exclusive flock (None: no locking here)."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: no flock
+        return None
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return None
+    delay = 0.01
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return fd
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                os.close(fd)
+                raise _busy(what) from None
+            time.sleep(delay)
+            delay = min(delay * 2, 0.25)
+        except OSError:  # a file system without locks (some network shares)
+            os.close(fd)
+            return None
+
+
+def file_facts(path: PathLike) -> dict:
+    """``sha256``, ``bytes`` and ``mtime_ns`` of a file: what a dataset records of each part."""
+    stat = os.stat(path)
+    return {"sha256": sha256_file(path), "bytes": int(stat.st_size), "mtime_ns": int(stat.st_mtime_ns)}
 
 
 def sha256_file(path: PathLike, chunk: int = 1 << 22) -> str:

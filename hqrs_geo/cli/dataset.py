@@ -21,12 +21,15 @@ def register(sub: Any) -> None:
     merge.add_argument("--bbox", type=numbers(4), default=None,
                        help="only tiles intersecting minx,miny,maxx,maxy (in --bbox-crs); parts outside are not read")
     merge.add_argument("--bbox-crs", default=None, help="CRS of --bbox (default: the dataset's)")
+    merge.add_argument("--overwrite", action="store_true",
+                       help="replace the tile layer the output already holds (refused without it)")
     add_progress_options(merge)
     merge.set_defaults(func=run_merge)
 
 
 def add_source_options(parser: argparse.ArgumentParser) -> None:
-    """``--asset``, ``--bbox``, ``--datetime``: choices applied to STAC inputs."""
+    """``--asset``, ``--bbox``, ``--datetime``, ``--allow-local-assets``, ``--keep-removed``: choices
+    applied to STAC inputs; ``--http-*``: the limits of network reads."""
     group = parser.add_argument_group("catalog inputs (STAC Item/ItemCollection/Catalog JSON, local or URL)")
     group.add_argument("--asset", default=None,
                        help="asset key of each STAC item to read (default: 'visual', or the one RGB/visual asset)")
@@ -34,6 +37,21 @@ def add_source_options(parser: argparse.ArgumentParser) -> None:
                        help="only STAC items intersecting min_lon,min_lat,max_lon,max_lat (WGS 84)")
     group.add_argument("--datetime", default=None,
                        help="only STAC items of this date or range: 2021-06-01, 2021-01-01/2021-12-31, ../2021-12-31")
+    group.add_argument("--allow-local-assets", action="store_true",
+                       help="let a STAC catalog read over the network point at local files (refused by default)")
+    group.add_argument("--keep-removed", action="store_true",
+                       help="dataset output: keep the parts of items no longer in their STAC catalog "
+                            "(default: dropped, with a warning)")
+    net = parser.add_argument_group("network reads (COGs, STAC; defaults from $HQRS_GEO_HTTP_*)")
+    net.add_argument("--http-connect-timeout", type=number(float, 0, 600, low_open=True), default=None,
+                     metavar="S", help="seconds to connect (default 10)")
+    net.add_argument("--http-read-timeout", type=number(float, 0, 3600, low_open=True), default=None,
+                     metavar="S", help="seconds without data before a request is given up (default 30)")
+    net.add_argument("--http-deadline", type=number(float, 0, 86400, low_open=True), default=None, metavar="S",
+                     help="seconds one read (a scene's opening, a tile, a STAC document) may take in all, "
+                          "retries included (default 120)")
+    net.add_argument("--http-retries", type=number(int, 0, 20), default=None, metavar="N",
+                     help="retries of a failed request (timeouts, HTTP 429/5xx; default 3)")
 
 
 def add_scale_options(parser: argparse.ArgumentParser, workers: bool = False) -> None:
@@ -63,10 +81,14 @@ def add_scale_options(parser: argparse.ArgumentParser, workers: bool = False) ->
 
 
 def source_filter(args: argparse.Namespace) -> Any:
-    """The :class:`~hqrs_geo.raster.catalog.SourceFilter` of :func:`add_source_options`."""
+    """The :class:`~hqrs_geo.raster.catalog.SourceFilter` of :func:`add_source_options`; the
+    network limits given are set for this process and its children (:mod:`hqrs_geo.raster.network`)."""
     from ..raster.catalog import SourceFilter
+    from ..raster.network import set_limits
 
-    return SourceFilter(asset=args.asset, bbox=args.bbox, datetime=args.datetime).validated()
+    set_limits(args.http_connect_timeout, args.http_read_timeout, args.http_deadline, args.http_retries)
+    return SourceFilter(asset=args.asset, bbox=args.bbox, datetime=args.datetime,
+                        allow_local_assets=args.allow_local_assets, keep_removed=args.keep_removed).validated()
 
 
 def scale_options(args: argparse.Namespace) -> Any:
@@ -97,6 +119,7 @@ def run_merge(args: argparse.Namespace, progress: Any) -> int:
     """``hqrs-geo merge``: a dataset as one tile layer."""
     from ..layer.dataset import merge_dataset
 
-    merged = merge_dataset(args.dataset, args.output, bbox=args.bbox, bbox_crs=args.bbox_crs)
+    merged = merge_dataset(args.dataset, args.output, bbox=args.bbox, bbox_crs=args.bbox_crs,
+                           overwrite=args.overwrite)
     summary = f"{len(merged.frame)} tile(s) of {args.dataset} written to {args.output}"
     return finish(args, progress, summary, tiles=len(merged.frame), output=str(args.output))

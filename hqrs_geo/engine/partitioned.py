@@ -32,15 +32,16 @@ from typing import Any
 from ..errors import HqrsError, OptionError, OutputError
 from ..layer.dataset import (
     Manifest,
+    commit_part,
     is_dataset,
     open_manifest,
+    part_crs,
     part_name,
+    part_problem,
     part_record,
-    part_runs,
-    sha256_file,
-    write_part,
+    verified_part,
 )
-from ..raster.catalog import SourceEntry, SourceFilter, resolve_sources
+from ..raster.catalog import SourceEntry, SourceFilter, common_crs, removed_scenes, resolve_catalog
 from ..tiling.config import TileConfig
 from .options import RunOptions
 from .units import (
@@ -269,53 +270,77 @@ def _check_folder(folder: Path) -> None:
 
 
 def dataset_crs(entries: Sequence[SourceEntry], config: TileConfig) -> str | None:
-    """The CRS of a new dataset's footprints: the requested one, else the first readable scene's."""
+    """The CRS of a new dataset's footprints: the requested one, else the one that suits all
+    scenes (theirs when they share one, else EPSG:4326: :func:`~hqrs_geo.raster.catalog.common_crs`)."""
     if config.crs:
         return str(config.crs)
-    from ..raster.scene import describe, open_raster
-
-    for entry in entries[:20]:
-        try:
-            with open_raster(entry.path) as src:
-                return describe(src).crs
-        except (HqrsError, OSError):
-            continue
-    return None
+    return common_crs(entries)
 
 
-def _tidy(manifest: Manifest, fingerprint: str) -> int:
-    """Make the manifest match the folder: remove temporary files of killed writers, forget
-    parts whose file is gone, adopt parts written after the last manifest write. Returns the
-    number of parts adopted."""
+def drop_removed(manifest: Manifest, catalogs: dict[str, set], keep: bool) -> list[str]:
+    """Scenes of items no longer in their STAC catalog (one read now): reported, and their parts
+    dropped from the manifest and the folder unless ``keep``. Returns their keys."""
+    import logging
+
+    removed = removed_scenes({**manifest.failed, **manifest.scenes}, catalogs)
+    if not removed:
+        return removed
+    shown = ", ".join(removed[:10]) + (f" and {len(removed) - 10} more" if len(removed) > 10 else "")
+    if keep:
+        logging.getLogger(__name__).warning("%d scene(s) are no longer in their STAC catalog and are kept "
+                                            "(«keep_removed»): %s", len(removed), shown)
+        return removed
+    for key in removed:
+        for name in manifest.drop_obsolete_parts(key, ()):
+            (manifest.folder / name).unlink(missing_ok=True)
+        manifest.scenes.pop(key, None)
+        manifest.failed.pop(key, None)
+    logging.getLogger(__name__).warning("%d scene(s) are no longer in their STAC catalog; their parts were "
+                                        "dropped (keep them with «keep_removed»): %s", len(removed), shown)
+    return removed
+
+
+def _tidy(manifest: Manifest, fingerprint: str, progress: Any = None) -> int:
+    """Make the manifest match the folder: remove temporary files of killed writers (not those of
+    jobs still writing), forget parts whose file is gone or is not the file the manifest lists
+    (truncated, emptied, changed: their scenes are computed again, with a message), adopt parts
+    written after the last manifest write. Returns the number of parts adopted."""
+    from ..atomic import file_facts, remove_stale_temporaries_in
+
     folder = manifest.folder
-    for tmp in folder.glob(".*.tmp*"):
-        tmp.unlink(missing_ok=True)
+    remove_stale_temporaries_in(folder)
     for name, part in list(manifest.parts.items()):
-        if part.get("tiles", 0) > 0 and not (folder / name).exists():
-            del manifest.parts[name]
+        problem = part_problem(folder, name, part, full=False) if part.get("tiles", 0) > 0 else None
+        if problem is None:
+            continue
+        del manifest.parts[name]
+        if problem != "it is missing" and progress is not None:
+            progress.message(f"{folder / name}: {problem}; computing this part again")
     adopted = 0
     for path in sorted(folder.glob("*.parquet")):
         if path.name in manifest.parts:
             continue
         record = part_record(path)
-        if not record or record.get("name") != path.name:
+        if not record or record.get("name") != path.name or not isinstance(record.get("scene"), str):
             continue
+        import geopandas as gpd
         import pyarrow.parquet as pq
 
         from ..layer.dataset import frame_bounds
 
-        tiles = pq.ParquetFile(path).metadata.num_rows
-        import geopandas as gpd
-
-        bounds, wgs84 = frame_bounds(gpd.read_parquet(path, columns=["geometry"]))
+        try:
+            tiles = pq.ParquetFile(path).metadata.num_rows
+            bounds, wgs84 = frame_bounds(gpd.read_parquet(path, columns=["geometry"]))
+        except Exception:  # pyarrow raises many types for damaged files: the scene is computed again
+            continue
         entry = {k: v for k, v in record.items() if k not in ("reading", "grid", "block_rows")}
         manifest.add_part({**entry, "tiles": int(tiles), "bounds": bounds, "bounds_wgs84": wgs84,
-                           "crs": manifest.crs, "sha256": sha256_file(path), "bytes": path.stat().st_size})
+                           "crs": part_crs(path), **file_facts(path)})
         scene = manifest.scenes.setdefault(record["scene"], {})
         if not scene.get("reading"):
             scene.update(source=record["source"], url=record.get("url"), item=record.get("item"),
-                         reading=record["reading"], grid=record["grid"], blocks=record["blocks"],
-                         block_rows=record.get("block_rows"))
+                         catalog=record.get("catalog"), reading=record["reading"], grid=record["grid"],
+                         blocks=record["blocks"], block_rows=record.get("block_rows"))
         adopted += 1
     return adopted
 
@@ -368,37 +393,66 @@ def run_dataset(
     scale = (scale or ScaleOptions()).validated()
     folder = Path(output)
     _check_folder(folder)
-    entries = resolve_sources(sources, source_filter)
+    resolution = resolve_catalog(sources, source_filter)
+    entries = resolution.entries
     manifest = Manifest.load(folder) if is_dataset(folder) else Manifest(folder)
     report = DatasetReport(str(output), scenes=len(entries), engine=scale.engine)
     started = time.monotonic()
     executor = make_executor(scale, plan, options, progress)
+    created = not is_dataset(folder)
     with output_folder(folder):
         try:
             specs = executor.start()
             known = bool(manifest.scenes or manifest.parts)
             crs = manifest.crs if known else dataset_crs(entries, config)
-            fingerprint = job_fingerprint(config, crs, specs)
-            params = {"tiling": config.as_dict(), "tasks": [s.description for s in specs], "crs": crs,
-                      "fingerprint": fingerprint, "batch_size": options.batch_size, "engine": scale.engine,
-                      "block_tiles": scale.block_tiles, "sources": len(entries)}
-            run = new_run(command, "tiles", params)
-            manifest.crs, manifest.fingerprint = crs, fingerprint
-            _tidy(manifest, fingerprint)
-            units, report.skipped, waiting = plan_units(entries, manifest, fingerprint)
-            manifest.runs.append({"run_id": len(manifest.runs) + 1, **run})
-            manifest.save()
+            with manifest.locked():  # another job may be starting on this dataset: one CRS for both
+                manifest.refresh()
+                if manifest.scenes or manifest.parts:
+                    crs = manifest.crs
+                fingerprint = job_fingerprint(config, crs, specs)
+                params = {"tiling": config.as_dict(), "tasks": [s.description for s in specs], "crs": crs,
+                          "fingerprint": fingerprint, "batch_size": options.batch_size, "engine": scale.engine,
+                          "block_tiles": scale.block_tiles, "sources": len(entries)}
+                run = new_run(command, "tiles", params)
+                manifest.crs, manifest.fingerprint = crs, fingerprint
+                _tidy(manifest, fingerprint, progress)
+                drop_removed(manifest, resolution.catalogs, bool(source_filter and source_filter.keep_removed))
+                units, report.skipped, waiting = plan_units(entries, manifest, fingerprint)
+                manifest.runs.append({"run_id": len(manifest.runs) + 1, **run})
+                manifest.save()
             ctx = JobContext(str(folder.resolve()), config, crs, fingerprint, run, specs, scale.block_tiles,
                              options.batch_size)
             executor.begin(ctx)
             _drive(executor, units, waiting, manifest, report, scale, progress, command)
-        finally:
+        except BaseException:
             try:
-                manifest.save()
+                _save_or_forget(manifest, created)
             finally:
                 executor.close()
+            raise
+        try:
+            manifest.save()
+        finally:
+            executor.close()
     report.seconds = time.monotonic() - started
     return report
+
+
+def _save_or_forget(manifest: Manifest, created: bool) -> None:
+    """After a failed job: save what it finished, or, for a dataset this job created that holds
+    no part (say the disk was full from the start), remove the manifest so that no empty
+    dataset is left behind."""
+    from ..layer.dataset import manifest_path
+
+    try:
+        with manifest.locked():
+            manifest.refresh()
+            if created and not manifest.parts and len(manifest.runs) <= 1:
+                manifest_path(manifest.folder).unlink(missing_ok=True)
+                return
+            manifest.save()
+    except HqrsError:  # the job's own error (say a full disk) is the one to report
+        pass
 
 
 def _drive(executor: Any, units: list[Unit], waiting: dict[str, set], manifest: Manifest, report: DatasetReport,
@@ -438,7 +492,8 @@ def _drive(executor: Any, units: list[Unit], waiting: dict[str, set], manifest: 
             if outcome.kind == "failed":
                 error = outcome.error or "failed"
                 manifest.failed[key] = {"source": unit.entry.path, "url": unit.entry.url, "item": unit.entry.item,
-                                        "error": error, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+                                        "catalog": unit.entry.catalog, "error": error,
+                                        "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
                 report.failed[key] = error
                 finish(key)
             elif outcome.kind == "retry":
@@ -502,8 +557,9 @@ def _record_scene(manifest: Manifest, unit: Unit, outcome: Outcome) -> None:
     if entry.get("source") == unit.entry.path and entry.get("blocks") == len(outcome.blocks) and entry.get("grid"):
         return
     manifest.scenes[unit.key] = {"source": unit.entry.path, "url": unit.entry.url, "item": unit.entry.item,
-                                 "reading": scene.as_dict(), "grid": grid_dict(scene.grid),
-                                 "blocks": len(outcome.blocks), "block_rows": [list(b) for b in outcome.blocks]}
+                                 "catalog": unit.entry.catalog, "reading": scene.as_dict(),
+                                 "grid": grid_dict(scene.grid), "blocks": len(outcome.blocks),
+                                 "block_rows": [list(b) for b in outcome.blocks]}
 
 
 def _complete_scene(manifest: Manifest, key: str, part: dict) -> None:
@@ -529,7 +585,8 @@ def update_dataset(path: str | os.PathLike, plan: ModelPlan, options: RunOptions
                    progress: Any = None, command: str = "run") -> Any:
     """Run ``plan``'s models over the tiles of the dataset at ``path`` that lack their results
     (or all tiles with ``options.overwrite``, or when other weights made a column), part by part:
-    each part is rewritten atomically when done, so an interrupted job resumes with the next
+    each part is rewritten atomically when done and recorded in the manifest at once
+    (:func:`~hqrs_geo.layer.dataset.commit_part`), so an interrupted job resumes with the next
     part. Returns the dataset's tiles (GeoDataFrame)."""
     from ..layer.io import open_layer, read_tiles
     from ..layer.runs import new_run
@@ -546,9 +603,9 @@ def update_dataset(path: str | os.PathLike, plan: ModelPlan, options: RunOptions
     if progress is not None:
         progress.start(command, total)
     manifest.runs.append({"run_id": len(manifest.runs) + 1, **run})
-    saved = time.monotonic()
     try:
         for part_file in files:
+            verified_part(manifest, part_file.name)  # a damaged part is named, not read
             layer = open_layer(part_file)
             frame = layer.frame
             dataset = TileDataset.from_frame(frame, layer.scenes(), where=str(part_file))
@@ -565,11 +622,7 @@ def update_dataset(path: str | os.PathLike, plan: ModelPlan, options: RunOptions
             ids = [dataset.records[i].tile_id for i in todo]
             stored = infer_unit(tasks, ids, pixels, options.batch_size)
             frame = fill_columns(frame, specs, stored, keep)
-            facts = write_part(part_file, frame, [*part_runs(part_file), {"run_id": len(layer.runs) + 1, **run}])
-            manifest.parts[part_file.name] = {**manifest.parts[part_file.name], **facts}
-            if time.monotonic() - saved >= 5.0:
-                manifest.save()
-                saved = time.monotonic()
+            commit_part(manifest, part_file.name, frame, run)  # the part and its manifest entry, as one step
             if progress is not None:
                 progress.advance(len(todo))
     finally:

@@ -40,7 +40,10 @@ dataset folder, so every command that reads or updates a tile layer works on one
 """
 from __future__ import annotations
 
+import copy
+import functools
 import json
+import math
 import os
 import time
 from collections.abc import Iterable, Sequence
@@ -48,7 +51,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..atomic import atomic_path, sha256_file, write_json
+from ..atomic import atomic_path, file_facts, folder_lock, sha256_file, write_json
 from ..errors import InputError, OutputError
 from .columns import (
     PROVENANCE_COLUMNS,
@@ -93,9 +96,24 @@ def part_name(scene: str, block: int, blocks: int) -> str:
 
 
 # -- the manifest ---------------------------------------------------------------------------------
+_SECTIONS = ("crs", "fingerprint", "runs", "scenes", "parts", "failed")
+
+
+def _empty_sections() -> dict:
+    return {"crs": None, "fingerprint": None, "runs": [], "scenes": {}, "parts": {}, "failed": {}}
+
+
 @dataclass
 class Manifest:
-    """The manifest of a dataset, in memory; :meth:`save` writes it atomically."""
+    """The manifest of a dataset, in memory.
+
+    :meth:`load` validates what it reads (one-line :class:`InputError` naming the file and the
+    key at fault). :meth:`save` is a transaction: under the dataset's lock
+    (:func:`~hqrs_geo.atomic.folder_lock`) it reads the manifest on disk again, applies what
+    this job changed since it read it (parts, scenes and failures added, changed or dropped; run
+    records appended) on top of what other jobs wrote meanwhile, and writes the result
+    atomically. So jobs writing into one dataset at once never drop each other's parts.
+    """
 
     folder: Path
     crs: str | None = None
@@ -104,25 +122,25 @@ class Manifest:
     scenes: dict = field(default_factory=dict)
     parts: dict = field(default_factory=dict)
     failed: dict = field(default_factory=dict)
+    _base: dict = field(default_factory=_empty_sections, repr=False, compare=False)
 
     @classmethod
     def load(cls, folder: PathLike) -> Manifest:
         """The manifest of ``folder`` (an empty one when the folder has none yet)."""
-        path = manifest_path(folder)
-        if not path.exists():
-            return cls(Path(folder))
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:
-            raise InputError(f"{path}: cannot read the dataset manifest ({exc}); was it changed outside hqrs_geo?") \
-                from None
-        if not isinstance(data, dict) or data.get("format") != FORMAT:
-            raise InputError(f"{path}: not an hqrs_geo dataset manifest; choose another output folder")
-        if int(data.get("version", 0)) > VERSION:
-            raise InputError(f"{path}: dataset format version {data.get('version')} is newer than this "
-                             "hqrs_geo reads; upgrade hqrs_geo")
-        return cls(Path(folder), data.get("crs"), data.get("fingerprint"), list(data.get("runs", [])),
-                   dict(data.get("scenes", {})), dict(data.get("parts", {})), dict(data.get("failed", {})))
+        manifest = cls(Path(folder))
+        data = _read_manifest(manifest_path(folder))
+        if data is not None:
+            manifest._adopt(data)
+        return manifest
+
+    def _sections(self) -> dict:
+        return copy.deepcopy({name: getattr(self, name) for name in _SECTIONS})
+
+    def _adopt(self, data: dict) -> None:
+        """Take ``data`` (validated sections) as the state of this manifest and of the disk."""
+        for name in _SECTIONS:
+            setattr(self, name, copy.deepcopy(data.get(name, _empty_sections()[name])))
+        self._base = self._sections()
 
     def as_dict(self) -> dict:
         """The JSON document."""
@@ -130,15 +148,39 @@ class Manifest:
                 "crs": self.crs, "fingerprint": self.fingerprint, "runs": self.runs, "scenes": self.scenes,
                 "parts": self.parts, "failed": self.failed}
 
+    def locked(self) -> Any:
+        """The dataset's lock (re-entrant): hold it to make a read, change and save of the manifest
+        (and the part files it lists) one step among jobs."""
+        return folder_lock(self.folder, manifest_path(self.folder))
+
+    def refresh(self) -> None:
+        """Take in what other jobs saved since this manifest was read, keeping this job's
+        changes (call it under :meth:`locked` before deciding from the manifest)."""
+        data = _read_manifest(manifest_path(self.folder))
+        if data is None:
+            return
+        merged = _merge_sections(self.folder, self._base, self._sections(), data)
+        for name in _SECTIONS:
+            setattr(self, name, merged[name])
+        self._base = copy.deepcopy(data)
+
     def save(self) -> None:
-        """Write the manifest atomically (the folder is created when missing)."""
+        """Write the manifest atomically, merged with what other jobs saved meanwhile (the folder
+        is created when missing)."""
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             from ..atomic import output_error
 
             raise output_error(self.folder, exc) from None
-        write_json(manifest_path(self.folder), self.as_dict(), indent=None)
+        with self.locked():
+            data = _read_manifest(manifest_path(self.folder))
+            merged = self._sections() if data is None else _merge_sections(self.folder, self._base,
+                                                                           self._sections(), data)
+            for name in _SECTIONS:
+                setattr(self, name, merged[name])
+            write_json(manifest_path(self.folder), self.as_dict(), indent=None)
+            self._base = self._sections()
 
     def part_files(self) -> list[Path]:
         """Paths of the parts with tiles, ordered by name."""
@@ -174,6 +216,319 @@ class Manifest:
         return gone
 
 
+def _merge_sections(folder: Path, base: dict, mine: dict, theirs: dict) -> dict:
+    """``theirs`` (the manifest on disk now) with the changes from ``base`` to ``mine`` (this job's)
+    applied: entries this job added, changed or removed; run records it appended (numbered after
+    theirs); ``crs`` and ``fingerprint`` when this job set them. A part both changed is the one
+    whose entry matches the file in the folder."""
+    merged = copy.deepcopy(theirs)
+    for name in ("crs", "fingerprint"):
+        if mine.get(name) != base.get(name):
+            merged[name] = mine.get(name)
+    added = mine["runs"][len(base["runs"]):]
+    for run in added:
+        merged["runs"].append({**run, "run_id": len(merged["runs"]) + 1} if "run_id" in run else run)
+    for section in ("scenes", "parts", "failed"):
+        before, now, result = base[section], mine[section], merged[section]
+        for key in set(before) | set(now):
+            if before.get(key) == now.get(key):
+                continue
+            if key not in now:
+                result.pop(key, None)
+            elif section == "parts" and key in result and result[key] != before.get(key):
+                result[key] = _entry_on_disk(folder / key, now[key], result[key])
+            else:
+                result[key] = now[key]
+    return merged
+
+
+def _entry_on_disk(path: Path, mine: dict, theirs: dict) -> dict:
+    """Of two entries of one part written by two jobs, the one that describes the file now there."""
+    try:
+        stat = path.stat()
+    except OSError:
+        return mine if not mine.get("tiles") else theirs
+    for entry in (mine, theirs):
+        if entry.get("bytes") == stat.st_size and entry.get("mtime_ns") == stat.st_mtime_ns:
+            return entry
+    digest = sha256_file(path)
+    return mine if mine.get("sha256") == digest else theirs
+
+
+# -- validating what a manifest says ----------------------------------------------------------------
+def _read_manifest(path: Path) -> dict | None:
+    """The validated sections of the manifest at ``path`` (None when there is none)."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(f"{path}: cannot read the dataset manifest ({exc}); check the file's permissions") \
+            from None
+    try:
+        data = json.loads(text)
+    except ValueError as exc:
+        raise InputError(f"{path}: the dataset manifest is not valid JSON ({exc}); was it changed outside "
+                         "hqrs_geo? Restore it, or write the dataset again into a new folder") from None
+    return validate_manifest(data, path)
+
+
+def _bad(path: PathLike, key: str, problem: str, advice: str = "fix that value, or restore the manifest") \
+        -> InputError:
+    return InputError(f"{path}: key {key} {problem}; {advice}")
+
+
+def _is_int(value: Any, low: int = 0) -> bool:
+    return type(value) is int and value >= low
+
+
+def _is_number(value: Any) -> bool:
+    return type(value) in (int, float) and math.isfinite(value)
+
+
+def _check_bounds(path: PathLike, key: str, value: Any) -> None:
+    if value is None:
+        return
+    if not (isinstance(value, list) and len(value) == 4 and all(_is_number(v) for v in value)
+            and value[0] <= value[2] and value[1] <= value[3]):
+        raise _bad(path, key, f"is {_shown(value)}, not [minx, miny, maxx, maxy] with min <= max")
+
+
+def _shown(value: Any) -> str:
+    text = json.dumps(value, ensure_ascii=True, default=str)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+@functools.lru_cache(maxsize=64)
+def _crs_problem(text: str) -> str | None:
+    from pyproj import CRS
+    from pyproj.exceptions import CRSError
+
+    try:
+        CRS.from_user_input(text)
+    except (CRSError, TypeError, ValueError):
+        return "is not a CRS pyproj knows"
+    return None
+
+
+def _check_crs(path: PathLike, key: str, value: Any) -> None:
+    if value is None:
+        return
+    problem = "is not text" if not isinstance(value, str) else _crs_problem(value)
+    if problem:
+        raise _bad(path, key, f"{_shown(value)} {problem}", "give the CRS the parts are in (e.g. EPSG:3857), "
+                                                             "or restore the manifest")
+
+
+def part_name_problem(name: Any) -> str | None:
+    """Why ``name`` cannot be a part of a dataset (None when it can): a part is one plain file
+    name ending in ``.parquet`` inside the dataset folder, not hidden (``.``) nor reserved (``_``)."""
+    from ..safe_paths import unsafe_name_reason
+
+    if not isinstance(name, str):
+        return "is not text"
+    reason = unsafe_name_reason(name)
+    if reason is not None:
+        return f"is not a plain file name inside the dataset folder ({reason})"
+    if not name.endswith(PART_SUFFIX) or name.startswith((".", "_")):
+        return f"is not a part file name (<scene>{PART_SUFFIX}, not starting with '.' or '_')"
+    return None
+
+
+_PART_INTS = {"block": 0, "blocks": 0, "tiles": 0, "bytes": 0, "mtime_ns": 0}
+_TEXT_OR_NONE = ("scene", "source", "url", "item", "fingerprint", "name")
+
+
+def _check_part(path: PathLike, name: str, part: Any) -> None:
+    where = f"parts[{_shown(name)}]"
+    if not isinstance(part, dict):
+        raise _bad(path, where, f"is {_shown(part)}, not an object", "remove that entry (running the job again "
+                                                                     "recomputes its part), or restore the manifest")
+    for key in _TEXT_OR_NONE:
+        if part.get(key) is not None and not isinstance(part[key], str):
+            raise _bad(path, f"{where}.{key}", f"is {_shown(part[key])}, not text")
+    if not isinstance(part.get("scene"), str):
+        raise _bad(path, f"{where}.scene", "is missing", "remove that entry, or restore the manifest")
+    if part.get("name") is not None and part["name"] != name:
+        raise _bad(path, f"{where}.name", f"is {_shown(part['name'])}, not the entry's own name")
+    for key, low in _PART_INTS.items():
+        if part.get(key) is not None and not _is_int(part[key], low):
+            raise _bad(path, f"{where}.{key}", f"is {_shown(part[key])}, not a whole number of at least {low}")
+    if not _is_int(part.get("tiles")):
+        raise _bad(path, f"{where}.tiles", "is missing", "remove that entry, or restore the manifest")
+    rows = part.get("rows")
+    if rows is not None and not (isinstance(rows, list) and len(rows) == 2 and all(_is_int(v) for v in rows)
+                                 and rows[0] <= rows[1]):
+        raise _bad(path, f"{where}.rows", f"is {_shown(rows)}, not [first, last] grid rows")
+    _check_bounds(path, f"{where}.bounds", part.get("bounds"))
+    _check_bounds(path, f"{where}.bounds_wgs84", part.get("bounds_wgs84"))
+    _check_crs(path, f"{where}.crs", part.get("crs"))
+    if part["tiles"] > 0:
+        digest = part.get("sha256")
+        if not (isinstance(digest, str) and len(digest) == 64 and all(c in "0123456789abcdef" for c in digest)):
+            raise _bad(path, f"{where}.sha256", f"is {_shown(digest)}, not the SHA-256 of the part",
+                       "remove that entry (running the job again recomputes its part), or restore the manifest")
+        if not _is_int(part.get("bytes")):
+            raise _bad(path, f"{where}.bytes", "is missing", "remove that entry, or restore the manifest")
+
+
+def validate_manifest(data: Any, path: PathLike) -> dict:
+    """The sections of a manifest document, after checking every value hqrs_geo uses (format,
+    version, CRS, part names and facts, scenes, failures, run records): a one-line
+    :class:`InputError` naming the file and the key otherwise."""
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        raise InputError(f"{path}: not an hqrs_geo dataset manifest; choose another folder")
+    version: Any = data.get("version")
+    if not _is_int(version, 1):
+        raise _bad(path, "version", f"is {_shown(version)}, not a format version (a whole number such as {VERSION})")
+    if version > VERSION:
+        raise InputError(f"{path}: dataset format version {version} is newer than this hqrs_geo reads; "
+                         "upgrade hqrs_geo")
+    _check_crs(path, "crs", data.get("crs"))
+    if data.get("fingerprint") is not None and not isinstance(data["fingerprint"], str):
+        raise _bad(path, "fingerprint", f"is {_shown(data['fingerprint'])}, not text")
+    out = _empty_sections()
+    out["crs"], out["fingerprint"] = data.get("crs"), data.get("fingerprint")
+    runs = data.get("runs", [])
+    if not isinstance(runs, list) or not all(isinstance(r, dict) and isinstance(r.get("params", {}), dict)
+                                             for r in runs):
+        raise _bad(path, "runs", "is not a list of run records")
+    out["runs"] = runs
+    for section in ("scenes", "parts", "failed"):
+        value = data.get(section, {})
+        if not isinstance(value, dict):
+            raise _bad(path, section, f"is {_shown(value)}, not an object of entries by name")
+        out[section] = value
+    for name, part in out["parts"].items():
+        problem = part_name_problem(name)
+        if problem:
+            raise _bad(path, f"parts[{_shown(name)}]", problem, "remove that entry, or restore the manifest")
+        _check_part(path, name, part)
+    for key, scene in out["scenes"].items():
+        where = f"scenes[{_shown(key)}]"
+        if not isinstance(scene, dict):
+            raise _bad(path, where, f"is {_shown(scene)}, not an object", "remove that entry (running the job "
+                                                                          "again reads the scene again)")
+        for name in ("blocks", "tiles"):
+            if scene.get(name) is not None and not _is_int(scene[name]):
+                raise _bad(path, f"{where}.{name}", f"is {_shown(scene[name])}, not a whole number")
+        for name in ("reading", "grid"):
+            if scene.get(name) is not None and not isinstance(scene[name], dict):
+                raise _bad(path, f"{where}.{name}", f"is {_shown(scene[name])}, not an object")
+        ranges = scene.get("block_rows")
+        if ranges is not None and not (isinstance(ranges, list) and all(
+                isinstance(r, list) and len(r) == 2 and all(_is_int(v) for v in r) for r in ranges)):
+            raise _bad(path, f"{where}.block_rows", f"is {_shown(ranges)}, not a list of [first, last] rows")
+        if scene.get("source") is not None and not isinstance(scene["source"], str):
+            raise _bad(path, f"{where}.source", f"is {_shown(scene['source'])}, not text")
+    for key, failure in out["failed"].items():
+        if not isinstance(failure, dict):
+            raise _bad(path, f"failed[{_shown(key)}]", f"is {_shown(failure)}, not an object",
+                       "remove that entry (running the job again retries the scene)")
+    return out
+
+
+# -- checking parts against the manifest ----------------------------------------------------------
+_VERIFIED: dict[tuple, bool] = {}  # parts whose sha256 was checked in this process, by file identity
+
+
+def part_path(folder: PathLike, name: str) -> Path:
+    """The path of part ``name`` of the dataset at ``folder`` (refused when it would leave the folder)."""
+    from ..safe_paths import inside
+
+    problem = part_name_problem(name)
+    if problem:
+        raise InputError(f"{manifest_path(folder)}: part {_shown(name)} {problem}; remove that entry")
+    return inside(folder, name, what="part")
+
+
+def part_problem(folder: PathLike, name: str, info: dict, full: bool = True) -> str | None:
+    """Why the file of part ``name`` does not match its manifest entry ``info`` (None when it does):
+    missing, another size, or (``full``) another SHA-256. Without ``full`` an unchanged size and
+    modification time are taken as the file written (the check a resumed job makes of every part);
+    with it the bytes are hashed, once per process while the file is unchanged."""
+    path = Path(folder) / name
+    try:
+        stat = path.stat()
+    except FileNotFoundError:
+        return "it is missing"
+    except OSError as exc:
+        return f"it cannot be read ({exc.strerror or exc})"
+    if not path.is_file():
+        return "it is not a file"
+    expected = info.get("bytes")
+    if expected is not None and stat.st_size != expected:
+        return f"it holds {stat.st_size} bytes, the manifest says {expected}"
+    digest = info.get("sha256")
+    if not digest:
+        return None
+    key = (os.path.realpath(path), stat.st_size, stat.st_mtime_ns, stat.st_ino, digest)
+    if key in _VERIFIED or (not full and info.get("mtime_ns") == stat.st_mtime_ns):
+        return None
+    try:
+        found = sha256_file(path)
+    except OSError as exc:
+        return f"it cannot be read ({exc.strerror or exc})"
+    if found != digest:
+        return "its SHA-256 differs from the manifest's: it was changed or damaged after it was written"
+    if len(_VERIFIED) > 100_000:
+        _VERIFIED.clear()
+    _VERIFIED[key] = True
+    return None
+
+
+def verified_part(manifest: Manifest, name: str) -> Path:
+    """The path of part ``name``, after checking the file is the one the manifest lists
+    (:func:`part_problem`); a one-line :class:`InputError` naming the part otherwise. A part
+    replaced by another job since ``manifest`` was read is taken with its new entry."""
+    path = part_path(manifest.folder, name)
+    problem = part_problem(manifest.folder, name, manifest.parts[name])
+    if problem is None:
+        return path
+    fresh = _read_manifest(manifest_path(manifest.folder)) or _empty_sections()
+    entry = fresh["parts"].get(name)
+    if entry is not None and entry != manifest.parts[name] and part_problem(manifest.folder, name, entry) is None:
+        manifest.parts[name] = entry
+        return path
+    raise InputError(f"{path}: this part of dataset {manifest.folder} is damaged or was changed ({problem}); "
+                     "run the job that made the dataset again: it computes this part again")
+
+
+def part_crs(path: PathLike) -> str | None:
+    """The CRS of a part's footprints as its GeoParquet metadata says (None when it has none)."""
+    import pyarrow.parquet as pq
+
+    try:
+        meta = pq.read_schema(path).metadata or {}
+        geo = json.loads(meta.get(b"geo", b"{}"))
+        column = geo.get("columns", {}).get(geo.get("primary_column", "geometry"), {})
+    except Exception:  # pyarrow raises many types for damaged files
+        return None
+    if "crs" not in column:
+        return "OGC:CRS84"  # the GeoParquet default
+    return crs_text(column["crs"])
+
+
+def crs_text(value: Any) -> str | None:
+    """A CRS (pyproj, PROJJSON, text) as the short text a manifest stores (``EPSG:3857``)."""
+    if value is None:
+        return None
+    from pyproj import CRS
+
+    crs = CRS.from_user_input(value)
+    found = crs.to_authority()
+    return f"{found[0]}:{found[1]}" if found else crs.to_wkt()
+
+
+def same_crs(a: Any, b: Any) -> bool:
+    """True when two CRS (any form pyproj reads; None: none) are the same."""
+    if a is None or b is None:
+        return a is None and b is None
+    from pyproj import CRS
+
+    return bool(CRS.from_user_input(a).equals(CRS.from_user_input(b), ignore_axis_order=True))
+
+
 # -- parts ----------------------------------------------------------------------------------------
 def _string_columns(table: Any) -> Any:
     """Columns that are all empty (Arrow type null) become strings, so every part has one schema."""
@@ -204,7 +559,7 @@ def frame_bounds(frame: Any) -> tuple[list[float] | None, list[float] | None]:
 
 def write_part(path: PathLike, frame: Any, runs: list[dict]) -> dict:
     """Write one part (a GeoParquet tile layer) atomically; returns its file facts
-    (``tiles``, ``bounds``, ``bounds_wgs84``, ``crs``, ``sha256``, ``bytes``)."""
+    (``tiles``, ``bounds``, ``bounds_wgs84``, ``crs``, ``sha256``, ``bytes``, ``mtime_ns``)."""
     import pyarrow.parquet as pq
 
     from .io import _fixed_size_list
@@ -226,8 +581,7 @@ def write_part(path: PathLike, frame: Any, runs: list[dict]) -> dict:
         pq.write_table(table.replace_schema_metadata(meta), tmp)
     bounds, wgs84 = frame_bounds(frame)
     crs = frame.crs.to_string() if frame.crs is not None else None
-    return {"tiles": int(len(frame)), "bounds": bounds, "bounds_wgs84": wgs84, "crs": crs,
-            "sha256": sha256_file(path), "bytes": os.path.getsize(path)}
+    return {"tiles": int(len(frame)), "bounds": bounds, "bounds_wgs84": wgs84, "crs": crs, **file_facts(path)}
 
 
 def part_runs(path: PathLike) -> list[dict]:
@@ -250,23 +604,66 @@ def part_record(path: PathLike) -> dict | None:
     return None
 
 
-def _read_parts(files: Sequence[Path], where: PathLike) -> Any:
+def _embedding_sizes(path: Path) -> dict[str, int]:
+    """``{embedding column: values per vector}`` of a part, from its schema."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    schema = pq.read_schema(path)
+    return {name: schema.field(name).type.list_size for name in embedding_columns(schema.names)
+            if pa.types.is_fixed_size_list(schema.field(name).type)}
+
+
+def check_embedding_sizes(sizes: dict[str, dict[str, int]], where: PathLike) -> None:
+    """Refuse parts whose embeddings have another dimension than most parts' (``sizes``: per
+    part path, :func:`_embedding_sizes`), naming the first such part."""
+    from collections import Counter
+
+    columns = {column for found in sizes.values() for column in found}
+    for column in sorted(columns):
+        counts = Counter(found[column] for found in sizes.values() if column in found)
+        if len(counts) < 2:
+            continue
+        usual = counts.most_common(1)[0][0]
+        odd = next(path for path, found in sizes.items() if found.get(column, usual) != usual)
+        raise InputError(f"{odd}: its embeddings {column} have {sizes[odd][column]} values, the other parts of "
+                         f"dataset {where} {usual}; embed the dataset again with one model («overwrite»), or "
+                         "remove this part")
+
+
+def _read_parts(manifest: Manifest, names: Sequence[str], where: PathLike) -> Any:
+    """The tiles of parts ``names`` (each checked against the manifest, :func:`verified_part`),
+    footprints in the dataset's CRS (a part in another CRS is reprojected)."""
     import geopandas as gpd
     import pandas as pd
 
-    frames = []
-    for path in files:
+    frames, sizes = [], {}
+    for name in names:
+        path = verified_part(manifest, name)
         try:
-            frames.append(gpd.read_parquet(path))
+            sizes[str(path)] = _embedding_sizes(path)
+            frame = gpd.read_parquet(path)
         except Exception as exc:  # pyarrow raises many types for damaged files
             raise InputError(f"{path}: cannot read this part of dataset {where} ({str(exc).splitlines()[0]}); "
-                             "run the job that made it again") from None
+                             "run the job that made the dataset again") from None
+        frames.append(_in_dataset_crs(frame, manifest, path))
+    check_embedding_sizes(sizes, where)
     if not frames:
         return None
     if len(frames) == 1:
         return frames[0]
     frame = pd.concat(frames, ignore_index=True)
     return gpd.GeoDataFrame(frame, geometry=frames[0].geometry.name, crs=frames[0].crs)
+
+
+def _in_dataset_crs(frame: Any, manifest: Manifest, path: PathLike) -> Any:
+    """A part's tiles with footprints in the dataset's CRS (reprojected when the part is in another)."""
+    if manifest.crs is None or same_crs(frame.crs, manifest.crs):
+        return frame
+    if frame.crs is None:
+        raise InputError(f"{path}: this part has no CRS, the dataset {manifest.folder} is in {manifest.crs}; run "
+                         "the job that made the dataset again")
+    return frame.to_crs(manifest.crs)
 
 
 def _empty_frame(manifest: Manifest) -> Any:
@@ -278,20 +675,19 @@ def _empty_frame(manifest: Manifest) -> Any:
                             geometry=gpd.GeoSeries([], crs=manifest.crs), crs=manifest.crs)
 
 
-def _bbox_in(manifest: Manifest, bbox: Sequence[float], bbox_crs: str | None) -> tuple[float, ...]:
-    """``bbox`` (in ``bbox_crs``, default the dataset's CRS) in the dataset's CRS."""
-    if bbox_crs is None or manifest.crs is None:
+def _box_in(bbox: Sequence[float], bbox_crs: str | None, crs: str | None) -> tuple[float, ...]:
+    """``bbox`` (in ``bbox_crs``; None: already in ``crs``) as bounds in ``crs``."""
+    if bbox_crs is None or crs is None or same_crs(bbox_crs, crs):
         return tuple(float(v) for v in bbox)
-    from pyproj import CRS, Transformer
+    from pyproj import Transformer
 
-    if CRS.from_user_input(bbox_crs) == CRS.from_user_input(manifest.crs):
-        return tuple(float(v) for v in bbox)
-    transformer = Transformer.from_crs(bbox_crs, manifest.crs, always_xy=True)
+    transformer = Transformer.from_crs(bbox_crs, crs, always_xy=True)
     return tuple(float(v) for v in transformer.transform_bounds(bbox[0], bbox[1], bbox[2], bbox[3], densify_pts=21))
 
 
 def _overlaps(a: Sequence[float] | None, b: Sequence[float]) -> bool:
-    return a is not None and not (a[0] > b[2] or a[2] < b[0] or a[1] > b[3] or a[3] < b[1])
+    return a is not None and all(math.isfinite(v) for v in b) and not (
+        a[0] > b[2] or a[2] < b[0] or a[1] > b[3] or a[3] < b[1])
 
 
 # -- reading --------------------------------------------------------------------------------------
@@ -305,21 +701,30 @@ def open_manifest(path: PathLike) -> Manifest:
 
 
 def read_dataset_tiles(path: PathLike, bbox: Sequence[float] | None = None, bbox_crs: str | None = None) -> Any:
-    """The tiles of a dataset as one GeoDataFrame ordered by ``tile_id``; with ``bbox`` only the
-    tiles intersecting it (parts outside it are not read)."""
+    """The tiles of a dataset as one GeoDataFrame ordered by ``tile_id``, footprints in the
+    dataset's CRS; with ``bbox`` (in ``bbox_crs``, default the dataset's CRS) only the tiles
+    intersecting it (parts outside it are not read). Every part read is checked against its
+    manifest entry first (:func:`verified_part`)."""
     import shapely
 
+    from ..search.spatial import validate_box
+
+    validate_box(bbox, bbox_crs)
     manifest = open_manifest(path)
-    files = manifest.part_files()
+    names = [name for name in sorted(manifest.parts) if manifest.parts[name].get("tiles", 0) > 0]
     box = None
     if bbox is not None:
-        box = _bbox_in(manifest, bbox, bbox_crs)
-        files = [f for f in files if _overlaps(manifest.parts[f.name].get("bounds"), box)]
-    missing = [f for f in files if not f.exists()]
-    if missing:
-        raise InputError(f"{missing[0]}: a part listed in the manifest of {path} is missing; "
-                         "run the job that made the dataset again")
-    frame = _read_parts(files, path)
+        box = _box_in(bbox, bbox_crs, manifest.crs)
+        boxes: dict[Any, tuple[float, ...]] = {}
+
+        def box_of(crs: Any) -> tuple[float, ...]:
+            if crs not in boxes:  # a part in another CRS records its bounds in its own CRS
+                boxes[crs] = _box_in(bbox, bbox_crs or manifest.crs, crs)
+            return boxes[crs]
+
+        names = [n for n in names if _overlaps(manifest.parts[n].get("bounds"),
+                                               box_of(manifest.parts[n].get("crs") or manifest.crs))]
+    frame = _read_parts(manifest, names, path)
     if frame is None:
         frame = _empty_frame(manifest)
     if box is not None and not frame.empty:
@@ -339,9 +744,14 @@ class DatasetRuns(LayerRuns):
         from ..tiling.records import SceneReading
 
         out = super().scenes()
-        for scene in self.manifest.scenes.values():
+        for key, scene in self.manifest.scenes.items():
             if scene.get("reading"):
-                out[scene["reading"]["source"]] = SceneReading.from_dict(scene["reading"])
+                try:
+                    out[scene["reading"]["source"]] = SceneReading.from_dict(scene["reading"])
+                except (KeyError, TypeError, ValueError, AttributeError) as exc:
+                    raise _bad(manifest_path(self.manifest.folder), f"scenes[{_shown(key)}].reading",
+                               f"is not a scene reading ({type(exc).__name__}: {exc})",
+                               "remove that scene's entry and run the job that made the dataset again") from None
         return out
 
 
@@ -383,7 +793,7 @@ def write_dataset_layer(path: PathLike, tiles: Any, run: dict | None = None,
         raise OutputError(f"{path}: a dataset holds tile parts only; write result layers and tables to a "
                           "GeoPackage («output»), or merge the dataset into one first")
     manifest = open_manifest(path)
-    if tiles.crs is not None and manifest.crs is not None and tiles.crs != manifest.crs:
+    if tiles.crs is not None and manifest.crs is not None and not same_crs(tiles.crs, manifest.crs):
         raise OutputError(f"{path}: the dataset is in {manifest.crs}, the tiles in {tiles.crs}; write tiles in the "
                           "dataset's CRS")
     parts = _part_of_rows(manifest, tiles)
@@ -401,19 +811,53 @@ def write_dataset_layer(path: PathLike, tiles: Any, run: dict | None = None,
     if run is not None:
         manifest.runs.append({"run_id": len(manifest.runs) + 1, **run})
     for name in sorted(touched):
-        rows = tiles[parts == name]
-        target = manifest.folder / name
-        if rows.empty:
-            target.unlink(missing_ok=True)
-            manifest.parts[name] = {**manifest.parts[name], "tiles": 0, "bounds": None, "bounds_wgs84": None}
-            continue
-        runs = part_runs(target) if target.exists() else []
-        if run is not None:
-            runs.append({"run_id": len(runs) + 1, **run})
-        manifest.parts[name] = {**manifest.parts[name], **write_part(target, rows, runs)}
+        commit_part(manifest, name, tiles[parts == name], run)
     manifest.save()
     frame = tiles.sort_values(TILE_ID, kind="stable").reset_index(drop=True) if TILE_ID in tiles.columns else tiles
     return TileLayer(str(path), frame, DatasetRuns(manifest), _file_state(path))
+
+
+def commit_part(manifest: Manifest, name: str, rows: Any, run: dict | None = None) -> None:
+    """Rewrite part ``name`` with ``rows`` (its tiles with new or changed columns; none: the part
+    is emptied) and record it in the manifest on disk, both under the dataset's lock: the
+    manifest never lists a part file that is not there. Columns another job added to the part
+    since this job read it are kept."""
+    target = part_path(manifest.folder, name)
+    with manifest.locked():
+        manifest.refresh()
+        if name not in manifest.parts:  # another job dropped it (its scene was made again)
+            return
+        if rows.empty:
+            target.unlink(missing_ok=True)
+            manifest.parts[name] = {**manifest.parts[name], "tiles": 0, "bounds": None, "bounds_wgs84": None}
+        else:
+            runs = part_runs(target) if target.exists() else []
+            if run is not None:
+                runs.append({"run_id": len(runs) + 1, **run})
+            rows = _keep_columns_of(manifest, name, target, rows)
+            manifest.parts[name] = {**manifest.parts[name], **write_part(target, rows, runs)}
+        manifest.save()
+
+
+def _keep_columns_of(manifest: Manifest, name: str, target: Path, rows: Any) -> Any:
+    """``rows`` with the result columns the part file on disk has and ``rows`` lacks (written by
+    another job meanwhile), matched by tile id."""
+    import pyarrow.parquet as pq
+
+    if not target.exists() or part_problem(manifest.folder, name, manifest.parts[name]) is not None:
+        return rows
+    try:
+        names = pq.read_schema(target).names
+    except Exception:  # pyarrow raises many types for damaged files: nothing to keep
+        return rows
+    missing = [c for c in names if c not in rows.columns and c != "geometry"]
+    if not missing or TILE_ID not in names:
+        return rows
+    import geopandas as gpd
+
+    found = gpd.read_parquet(target, columns=[TILE_ID, *missing, "geometry"]).drop(columns="geometry")
+    rows = rows.merge(found, on=TILE_ID, how="left")
+    return rows
 
 
 # -- merging into one layer -----------------------------------------------------------------------
@@ -439,34 +883,60 @@ def _as_blobs(frame: Any) -> Any:
 
 
 def merge_dataset(path: PathLike, output: PathLike, bbox: Sequence[float] | None = None,
-                  bbox_crs: str | None = None) -> Any:
+                  bbox_crs: str | None = None, overwrite: bool = False) -> Any:
     """Write the tiles of the dataset at ``path`` (those intersecting ``bbox``, in ``bbox_crs`` or
     the dataset's CRS) as one tile layer ``output`` (GeoPackage for QGIS, GeoParquet or
     FlatGeobuf), with the dataset's run records and the readings of its scenes: every command
-    works on the merged layer as on the dataset. Returns the merged layer as a :class:`TileLayer`."""
+    works on the merged layer as on the dataset. ``output`` must be outside the dataset; an
+    existing tile layer there is replaced only with ``overwrite``. Parts in another CRS than the
+    dataset's are reprojected. Returns the merged layer as a :class:`TileLayer`."""
+    from ..atomic import folder_lock
+    from ..search.spatial import validate_box
     from .io import TileLayer, _file_state, _write_fgb, _write_gpkg, _write_parquet, check_writable, layer_format
     from .runs import new_run
 
+    validate_box(bbox, bbox_crs)
     if is_dataset(output):
         raise OutputError(f"{output}: is a dataset; merge into a file ending in .gpkg, .parquet or .fgb")
-    check_writable(output)
     manifest = open_manifest(path)
-    frame = read_dataset_tiles(path, bbox, bbox_crs)
-    sources = set(frame[SOURCE]) if not frame.empty else set()
-    readings = [s["reading"] for s in manifest.scenes.values() if s.get("reading") and s.get("source") in sources]
-    params = {"dataset": str(Path(path).resolve()), "bbox": list(bbox) if bbox is not None else None,
-              "bbox_crs": bbox_crs, "parts": len(manifest.part_files()), "scenes": readings}
-    runs = [*manifest.runs, {"run_id": len(manifest.runs) + 1, **new_run("merge", "tiles", params)}]
-    for name in (SOURCE_URL, STAC_ITEM):
-        if name in frame.columns:
-            frame[name] = frame[name].astype(object)
+    folder, target = Path(path).resolve(), Path(output).resolve()
+    if folder == target or folder in target.parents:
+        raise OutputError(f"{output}: is inside the dataset {path} being merged; write the merged layer outside "
+                          "the dataset folder")
+    check_writable(output)
     driver = layer_format(output)
-    if driver == "Parquet":
-        _write_parquet(output, frame, runs, {})
-    else:
-        frame = _as_blobs(frame.copy())
-        (_write_gpkg(output, frame, runs, "tiles", {}) if driver == "GPKG" else _write_fgb(output, frame, runs, {}))
+    with folder_lock(target.parent, output):
+        if not overwrite:
+            _refuse_existing_layer(output, driver)
+        frame = read_dataset_tiles(path, bbox, bbox_crs)
+        sources = set(frame[SOURCE]) if not frame.empty else set()
+        readings = [s["reading"] for s in manifest.scenes.values()
+                    if s.get("reading") and s.get("source") in sources]
+        params = {"dataset": str(folder), "bbox": list(bbox) if bbox is not None else None,
+                  "bbox_crs": bbox_crs, "parts": len(manifest.part_files()), "scenes": readings}
+        runs = [*manifest.runs, {"run_id": len(manifest.runs) + 1, **new_run("merge", "tiles", params)}]
+        for name in (SOURCE_URL, STAC_ITEM):
+            if name in frame.columns:
+                frame[name] = frame[name].astype(object)
+        if driver == "Parquet":
+            _write_parquet(output, frame, runs, {})
+        else:
+            frame = _as_blobs(frame.copy())
+            (_write_gpkg(output, frame, runs, "tiles", {}) if driver == "GPKG"
+             else _write_fgb(output, frame, runs, {}))
     return TileLayer(str(output), frame, LayerRuns(runs, output), _file_state(output))
+
+
+def _refuse_existing_layer(output: PathLike, driver: str) -> None:
+    """A one-line error when ``output`` already holds a tile layer (a GeoPackage may hold other layers)."""
+    from .io import TILES_LAYER, has_layer
+
+    if not Path(output).exists():
+        return
+    if driver == "GPKG" and not has_layer(output, TILES_LAYER):
+        return
+    raise OutputError(f"{output}: already holds a tile layer; add «overwrite» to replace it, or choose another "
+                      "output")
 
 
 def dataset_summary(path: PathLike) -> dict:
@@ -478,6 +948,8 @@ def dataset_summary(path: PathLike) -> dict:
             "crs": manifest.crs}
 
 
-__all__ = ["FORMAT", "MANIFEST", "DatasetRuns", "Manifest", "dataset_summary", "is_dataset",
-           "is_dataset_output", "merge_dataset", "open_manifest", "part_name", "part_record", "part_runs",
-           "read_dataset_runs", "read_dataset_tiles", "write_dataset_layer", "write_part"]
+__all__ = ["FORMAT", "MANIFEST", "DatasetRuns", "Manifest", "check_embedding_sizes", "commit_part", "crs_text",
+           "dataset_summary", "is_dataset", "is_dataset_output", "merge_dataset", "open_manifest", "part_crs",
+           "part_name", "part_name_problem", "part_path", "part_problem", "part_record", "part_runs",
+           "read_dataset_runs", "read_dataset_tiles", "same_crs", "validate_manifest", "verified_part",
+           "write_dataset_layer", "write_part"]

@@ -21,7 +21,7 @@ from typing import Any, Union
 
 import pandas as pd
 
-from ..atomic import atomic_path, check_nonempty
+from ..atomic import atomic_path, check_nonempty, folder_lock
 from ..errors import InputError, OutputError
 from .columns import TILE_ID, WINDOW_COLUMNS, decode, embedding_columns
 from .dataset import is_dataset, read_dataset_tiles, write_dataset_layer
@@ -147,14 +147,16 @@ def merge_tiles(existing: Any, new: Any, replace_sources: Sequence[str]) -> Any:
             f"write a new file or tile in the layer's CRS {existing.crs.to_string() if existing.crs else '(none)'}"
         )
     replaced = existing["source"].isin(list(replace_sources))
+    if new.empty:  # no tiles (e.g. an all-nodata scene): nothing to add, whatever its CRS
+        return gpd.GeoDataFrame(existing[~replaced].reset_index(drop=True), geometry=existing.geometry.name,
+                                crs=existing.crs)
     old = existing[replaced]
     extra = [c for c in existing.columns if c not in new.columns and c != existing.geometry.name]
     if extra and not old.empty:
         carry = old[[TILE_ID, *WINDOW_COLUMNS, *extra]]
         new = new.merge(carry, on=[TILE_ID, *WINDOW_COLUMNS], how="left")
     merged = pd.concat([existing[~replaced], new], ignore_index=True)
-    return gpd.GeoDataFrame(merged, geometry=existing.geometry.name if new.empty else new.geometry.name,
-                            crs=existing.crs if new.empty else new.crs)
+    return gpd.GeoDataFrame(merged, geometry=new.geometry.name, crs=new.crs)
 
 
 def has_layer(path: PathLike, layer: str) -> bool:
@@ -204,6 +206,14 @@ def write_layer(
     driver = layer_format(path)
     if driver == "Dataset":
         return write_dataset_layer(path, tiles, run, replace_sources, layer, replace_all, tables)
+    folder = Path(path).parent if str(Path(path).parent) else Path(".")
+    with folder_lock(folder, path):  # another job's read-modify-write of this layer finishes first
+        return _write_layer(path, driver, tiles, run, replace_sources, layer, replace_all, tables, known)
+
+
+def _write_layer(path: PathLike, driver: str, tiles: Any, run: dict | None, replace_sources: Sequence[str] | None,
+                 layer: str, replace_all: bool, tables: dict | None, known: TileLayer | None) -> TileLayer:
+    """:func:`write_layer` of a layer file, under its folder's lock."""
     reuse = known is not None and layer == TILES_LAYER and Path(known.path) == Path(path) and known.unchanged()
     existing = None
     if reuse and known is not None:

@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -31,14 +31,14 @@ import numpy as np
 from ..atomic import atomic_path, write_text
 from ..errors import InputError, OptionError
 from ..layer.columns import TILE_ID, embedding_column, embedding_columns
-from ..layer.dataset import Manifest, open_manifest
+from ..layer.dataset import Manifest, open_manifest, part_crs, same_crs, verified_part
 from .exact import ExactSearch, max_row_norm
 from .ivfpq import PART_SHIFT, CompressedIndex, EmbeddingPart
 from .session import BaseSession
 from .spatial import SpatialFilter
 
 SEARCH_FOLDER = "_search"
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: the part's CRS in the cache's metadata
 
 
 @dataclass
@@ -53,6 +53,7 @@ class PartVectors:
     bounds: np.ndarray  # (n, 4) float64 minx, miny, maxx, maxy
     rows: np.ndarray  # (n,) row of each vector in the part file
     part_bounds: list | None = None
+    crs: str | None = None  # the CRS of the part's footprints (and of ``bounds``)
 
     def __post_init__(self) -> None:
         self.exact = ExactSearch(self.matrix, max_row_norm(self.matrix) if len(self.matrix) else 0.0)
@@ -69,7 +70,8 @@ def _cache_files(folder: Path, part: str, key: str) -> dict[str, Path]:
 
 
 def _decode_part(path: Path, key: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """(matrix, ids, bounds, rows) of the tiles of a part that have an embedding of ``key``."""
+    """(matrix, ids, bounds, rows) of the tiles of a part that have an embedding of ``key``
+    (``bounds`` in the part's own CRS)."""
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
     import shapely
@@ -81,6 +83,9 @@ def _decode_part(path: Path, key: str) -> tuple[np.ndarray, np.ndarray, np.ndarr
         raise InputError(f"{path}: cannot read the embeddings {column} of this part ({str(exc).splitlines()[0]}); "
                          "embed the dataset with this model first") from None
     values = table.column(column).combine_chunks()
+    if not hasattr(values.type, "list_size"):
+        raise InputError(f"{path}: the embeddings {column} of this part are not vectors of one size; embed the "
+                         "dataset again («overwrite»)")
     present = np.asarray(pc.is_valid(values).to_numpy(zero_copy_only=False), dtype=bool)
     rows = np.flatnonzero(present)
     dim = values.type.list_size
@@ -92,8 +97,10 @@ def _decode_part(path: Path, key: str) -> tuple[np.ndarray, np.ndarray, np.ndarr
     return matrix, ids, bounds, rows.astype(np.int64)
 
 
-def part_vectors(folder: Path, name: str, info: dict, key: str) -> PartVectors:
-    """The cached vectors of part ``name`` (decoded and cached on first use or when it changed)."""
+def part_vectors(manifest: Manifest, name: str, key: str) -> PartVectors:
+    """The cached vectors of part ``name`` (decoded and cached on first use or when it changed;
+    the part is checked against its manifest entry before it is decoded)."""
+    folder, info = manifest.folder, manifest.parts[name]
     files = _cache_files(folder, name, key)
     sha256 = str(info.get("sha256", ""))
     try:
@@ -101,22 +108,26 @@ def part_vectors(folder: Path, name: str, info: dict, key: str) -> PartVectors:
         if meta.get("version") == CACHE_VERSION and meta.get("sha256") == sha256:
             loaded = {k: np.load(files[k], mmap_mode="r", allow_pickle=False) for k in ("matrix", "ids", "bounds",
                                                                                        "rows")}
-            return PartVectors(name, folder / name, sha256, loaded["matrix"], loaded["ids"], loaded["bounds"],
-                               loaded["rows"], info.get("bounds"))
-    except (OSError, ValueError, KeyError):
+            if len({len(loaded[k]) for k in loaded}) == 1:
+                return PartVectors(name, folder / name, sha256, loaded["matrix"], loaded["ids"], loaded["bounds"],
+                                   loaded["rows"], info.get("bounds"), meta.get("crs"))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         pass
-    matrix, ids, bounds, rows = _decode_part(folder / name, key)
+    path = verified_part(manifest, name)
+    matrix, ids, bounds, rows = _decode_part(path, key)
     if not np.isfinite(np.asarray(matrix, dtype=np.float32)).all():
-        raise InputError(f"{folder / name}: embeddings {key} contain NaN or infinite values; embed the dataset again")
-    files["matrix"].parent.mkdir(exist_ok=True)
+        raise InputError(f"{path}: embeddings {key} contain NaN or infinite values; embed the dataset again")
+    crs = part_crs(path)
     try:
+        files["matrix"].parent.mkdir(exist_ok=True)
         for part, array in (("matrix", matrix), ("ids", ids), ("bounds", bounds), ("rows", rows)):
             with atomic_path(files[part], verify=None) as tmp, open(tmp, "wb") as handle:
                 np.save(handle, array, allow_pickle=False)
-        write_text(files["meta"], json.dumps({"version": CACHE_VERSION, "sha256": sha256, "n": int(len(ids))}))
+        write_text(files["meta"], json.dumps({"version": CACHE_VERSION, "sha256": sha256, "n": int(len(ids)),
+                                              "crs": crs}))
     except OSError:  # a read-only dataset: search from memory
-        return PartVectors(name, folder / name, sha256, matrix, ids, bounds, rows, info.get("bounds"))
-    return part_vectors(folder, name, info, key)
+        return PartVectors(name, path, sha256, matrix, ids, bounds, rows, info.get("bounds"), crs)
+    return part_vectors(manifest, name, key)
 
 
 def _area_bounds(spatial: SpatialFilter, crs: Any) -> tuple[float, float, float, float] | None:
@@ -170,11 +181,21 @@ class DatasetIndex:
     @classmethod
     def open(cls, folder: str | Path, key: str) -> DatasetIndex:
         """The vectors of model ``key`` in every part of the dataset at ``folder``."""
+        from collections import Counter
+
         folder = Path(folder)
         manifest = open_manifest(folder)
-        parts = [part_vectors(folder, name, info, key) for name, info in sorted(manifest.parts.items())
+        parts = [part_vectors(manifest, name, key) for name, info in sorted(manifest.parts.items())
                  if info.get("tiles", 0) > 0]
-        return cls(folder, key, manifest, [p for p in parts if len(p.ids)])
+        parts = [p for p in parts if len(p.ids)]
+        dims = Counter(int(p.matrix.shape[1]) for p in parts)
+        if len(dims) > 1:  # a part embedded by another model: refused by name, never a wrong score
+            usual = dims.most_common(1)[0][0]
+            odd = next(p for p in parts if p.matrix.shape[1] != usual)
+            raise InputError(f"{odd.path}: its embeddings emb_{key} have {odd.matrix.shape[1]} values, the other "
+                             f"parts of dataset {folder} {usual}; embed the dataset again with one model "
+                             "(«overwrite»), or remove this part")
+        return cls(folder, key, manifest, parts)
 
     @property
     def n(self) -> int:
@@ -194,10 +215,16 @@ class DatasetIndex:
         import shapely
 
         active = spatial is not None and spatial.active
-        area = _area_bounds(spatial, self.manifest.crs) if active and spatial is not None else None
+        if active and spatial is not None and spatial.bbox is not None and spatial.bbox_crs is None:
+            spatial = replace(spatial, bbox_crs=self.manifest.crs)  # the box is in the dataset's CRS
+        areas: dict[Any, tuple[float, float, float, float] | None] = {}
         wanted = np.asarray([e.encode() for e in exclude], dtype="S") if exclude else None
         out: dict[str, np.ndarray | None] = {}
         for part in self.parts:
+            crs = part.crs or self.manifest.crs  # a part in another CRS is filtered in its own
+            if active and spatial is not None and crs not in areas:
+                areas[crs] = _area_bounds(spatial, crs)
+            area = areas.get(crs)
             if area is not None and part.part_bounds is not None and not _overlap(np.asarray([part.part_bounds]),
                                                                                    area)[0]:
                 continue
@@ -206,9 +233,9 @@ class DatasetIndex:
                 mask = _overlap(part.bounds, area) if area is not None else np.ones(len(part.ids), bool)
                 if mask.any():
                     rows = part.rows[mask]
-                    table = pq.read_table(part.path, columns=["geometry"]).take(rows)
+                    table = pq.read_table(verified_part(self.manifest, part.name), columns=["geometry"]).take(rows)
                     geoms = gpd.GeoDataFrame(geometry=shapely.from_wkb(
-                        np.asarray(table.column("geometry").to_numpy(zero_copy_only=False))), crs=self.manifest.crs)
+                        np.asarray(table.column("geometry").to_numpy(zero_copy_only=False))), crs=crs)
                     mask[np.flatnonzero(mask)] = spatial.mask(geoms)
                 if not mask.any():
                     continue
@@ -400,7 +427,7 @@ class DatasetSession(BaseSession):
         import pyarrow.parquet as pq
 
         for path in manifest.part_files():
-            names = pq.read_schema(path).names
+            names = pq.read_schema(verified_part(manifest, path.name)).names
             return [c[len("emb_"):] for c in embedding_columns(names)]
         return []
 
@@ -416,13 +443,17 @@ class DatasetSession(BaseSession):
         for name in dict.fromkeys(n for _, n, _ in hits):
             part = self.index.by_name[name]
             picks = [(rank, int(part.rows[r])) for rank, (_, n, r) in enumerate(hits) if n == name]
-            names = pq.read_schema(part.path).names
+            path = verified_part(self.index.manifest, name)
+            names = pq.read_schema(path).names
             vectors = set(embedding_columns(names))
-            table = pq.read_table(part.path, columns=[c for c in names if c not in vectors])
+            table = pq.read_table(path, columns=[c for c in names if c not in vectors])
             table = table.take([r for _, r in picks])
             frame = table.drop(["geometry"]).to_pandas()
             geometry = shapely.from_wkb(np.asarray(table.column("geometry").to_numpy(zero_copy_only=False)))
-            frame = gpd.GeoDataFrame(frame, geometry=gpd.GeoSeries(geometry, crs=crs), crs=crs)
+            own = part.crs or crs
+            frame = gpd.GeoDataFrame(frame, geometry=gpd.GeoSeries(geometry, crs=own), crs=own)
+            if crs is not None and own is not None and not same_crs(own, crs):
+                frame = frame.to_crs(crs)  # a part in another CRS: footprints in the dataset's
             frame.insert(1, "part", name)
             frame["_rank"] = [rank for rank, _ in picks]
             frames.append(frame)
@@ -463,9 +494,13 @@ class DatasetSession(BaseSession):
         from ..layer.runs import new_run
 
         zero_shot = self.zero_shot(labels, templates, top_k)
+        crs = self.index.manifest.crs
         frames = []
         for part in self.index.parts:
-            frame = zero_shot.columns(gpd.read_parquet(part.path), part.rows, part.matrix)
+            tiles = gpd.read_parquet(verified_part(self.index.manifest, part.name))
+            if crs is not None and tiles.crs is not None and not same_crs(tiles.crs, crs):
+                tiles = tiles.to_crs(crs)  # a part in another CRS is written back in the dataset's
+            frame = zero_shot.columns(tiles, part.rows, part.matrix)
             if write:
                 write_dataset_layer(self.layer, frame, None, replace_sources=[])
             frames.append(frame.drop(columns=embedding_columns(list(frame.columns))))
@@ -474,7 +509,6 @@ class DatasetSession(BaseSession):
             run = new_run("classify", "tiles", zero_shot.params(templates, self.source.model))
             manifest.runs.append({"run_id": len(manifest.runs) + 1, **run})
             manifest.save()
-        crs = self.index.manifest.crs
         if not frames:
             return gpd.GeoDataFrame({TILE_ID: []}, geometry=gpd.GeoSeries([], crs=crs), crs=crs)
         return gpd.GeoDataFrame(pd.concat(frames, ignore_index=True), geometry="geometry", crs=crs)

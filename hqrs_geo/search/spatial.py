@@ -45,6 +45,26 @@ def _segment(geom) -> float:
     return max(maxx - minx, maxy - miny, 1e-9) / 32
 
 
+def validate_box(bbox: Sequence[float] | None, bbox_crs: str | None = None) -> None:
+    """Check a box filter before any work: ``bbox`` is four finite numbers ``minx, miny, maxx,
+    maxy`` with min < max, ``bbox_crs`` a CRS pyproj knows and given only with a box (one-line
+    :class:`OptionError` otherwise)."""
+    if bbox_crs is not None:
+        if bbox is None:
+            raise OptionError("a CRS for the box was given without a box: add «bbox», or leave «bbox_crs» out",
+                              option="bbox_crs")
+        _crs(bbox_crs, "bbox_crs")
+    if bbox is None:
+        return
+    try:
+        values = [float(v) for v in bbox]
+    except (TypeError, ValueError):
+        values = []
+    if len(values) != 4 or not all(np.isfinite(values)) or not (values[0] < values[2] and values[1] < values[3]):
+        raise OptionError(f"{list(bbox) if isinstance(bbox, (list, tuple)) else bbox!r} is not a box; use "
+                          "minx,miny,maxx,maxy with min < max", option="bbox")
+
+
 @dataclass(frozen=True)
 class SpatialFilter:
     """Optional box, polygon-layer and near-point filters (all given ones must pass)."""
@@ -55,6 +75,9 @@ class SpatialFilter:
     near: tuple[float, float] | None = None
     near_crs: str = "EPSG:4326"
     distance: float | None = None  # metres
+
+    def __post_init__(self) -> None:
+        validate_box(self.bbox, self.bbox_crs)
 
     @property
     def active(self) -> bool:
@@ -78,8 +101,7 @@ class SpatialFilter:
 
 def bbox_mask(geoms, layer_crs, bbox: Sequence[float], crs: str | None = None) -> np.ndarray:
     """Tiles intersecting the box ``(minx, miny, maxx, maxy)`` given in ``crs`` (default: layer CRS)."""
-    if len(bbox) != 4 or not all(np.isfinite(bbox)) or not (bbox[0] < bbox[2] and bbox[1] < bbox[3]):
-        raise OptionError(f"{list(bbox)} is not a box; use minx,miny,maxx,maxy with min < max", option="bbox")
+    validate_box(bbox, crs)
     area = _to_layer_crs(shapely.box(*bbox), crs, layer_crs)
     return np.asarray(shapely.intersects(geoms, area), dtype=bool)
 
