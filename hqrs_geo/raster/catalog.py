@@ -351,11 +351,18 @@ def _stac_items(href: str, allow_local: bool = False) -> Iterator[Any]:
     except HqrsError:
         raise
     except Exception as exc:  # pystac raises many types on broken catalogs
+        cause: BaseException | None = exc
+        while cause is not None:  # pystac wraps what our StacIO raised (a refused link, a timeout)
+            if isinstance(cause, HqrsError):
+                raise cause from None
+            cause = cause.__cause__ or cause.__context__
         reason = redact(str(exc).splitlines()[0]) if str(exc) else type(exc).__name__
         raise InputError(f"{shown}: cannot read STAC catalog ({reason})") from None
 
 
 def _asset_href(item: Any, asset: Any) -> str:
+    if (asset.href or "").startswith("file://"):
+        return asset.href
     href = asset.get_absolute_href() or asset.href
     if not _is_url(href) and not os.path.isabs(href):
         base = item.get_self_href()
