@@ -33,7 +33,7 @@ from qgis.core import (
     QgsVectorLayer,
     QgsVectorLayerSimpleLabeling,
 )
-from qgis.PyQt.QtCore import QVariant
+from qgis.PyQt.QtCore import Qt, QVariant
 from qgis.PyQt.QtGui import QColor, QFont
 
 STYLED = "hqrs/styled"  # custom property: the plugin styled this layer once
@@ -177,7 +177,10 @@ def style_hits(layer: QgsVectorLayer, heat: bool = False, scale: ScoreScale | No
             return QgsFillSymbol.createSimple({"color": fill.name(QColor.HexArgb), "outline_style": "no"})
     else:
         def symbol_for(colour: str, index: int) -> QgsFillSymbol:
-            return outline_symbol(colour, 0.4 if index == 0 else 0.9, 200 if index == 0 else 255)
+            symbol = outline_symbol(colour, 0.4 if index == 0 else 0.9, 200 if index == 0 else 255)
+            if index == 0:  # no real match: dashed, unlike the tile layer's own outlines
+                symbol.symbolLayer(0).setStrokeStyle(Qt.DashLine)
+            return symbol
     scale = scale or score_scale(None)
     renderer = QgsGraduatedSymbolRenderer("score", score_ranges(scale, symbol_for))
     renderer.setSourceSymbol(symbol_for(SCORE_COLOURS[-1], len(SCORE_COLOURS) - 1))
@@ -341,10 +344,12 @@ def above_imagery(layer: QgsVectorLayer, project: QgsProject | None = None) -> N
 
 
 def show_feature_counts(layer: QgsVectorLayer, project: QgsProject | None = None) -> None:
-    """The legend shows each class's tile count."""
+    """The legend shows each class's tile count, unfolded in the layers panel."""
     node = (project or QgsProject.instance()).layerTreeRoot().findLayer(layer.id())
     if node is not None:
         node.setCustomProperty("showFeatureCount", True)
+        node.setExpanded(False)  # a node already marked expanded is not unfolded again by the view: toggle
+        node.setExpanded(True)
 
 
 def replace_classes_layers(layer: QgsVectorLayer, project: QgsProject | None = None) -> None:

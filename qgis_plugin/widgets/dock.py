@@ -342,8 +342,8 @@ class SearchDock(QDockWidget):
         self.layer_box.clear()
         plain = []
         for layer in QgsProject.instance().mapLayers().values():
-            if not tile_layers.is_tile_layer(layer):
-                continue
+            if not tile_layers.is_tile_layer(layer) or layer.customProperty(styles.STYLED) == "classes":
+                continue  # (a zero-shot classes layer shows the tiles of a tile layer listed on its own)
             path = tile_layers.engine_layer_file(layer)
             if path is None:
                 continue
