@@ -88,11 +88,15 @@ class HqrsPlugin:
             QTimer.singleShot(0, lambda: self.style_new_tile_layers(ids))
 
     def style_new_tile_layers(self, layer_ids) -> None:
-        """Outlines over the imagery and caption map tips for tile layers with QGIS's default look."""
+        """Outlines over the imagery and caption map tips for tile layers with QGIS's default look;
+        tile and result layers above the imagery, their embedding columns hidden (see
+        :func:`.core.tile_layers.settle_new_layer`)."""
         from .core import styles, tile_layers
 
         for layer_id in layer_ids:
             layer = QgsProject.instance().mapLayer(layer_id)
+            if layer is not None and (tile_layers.is_tile_layer(layer) or layer.customProperty(styles.STYLED)):
+                tile_layers.settle_new_layer(layer, new=layer_id not in self._from_project)
             if layer_id in self._from_project or not tile_layers.is_tile_layer(layer):
                 continue
             if layer.customProperty(styles.STYLED) or not isinstance(layer.renderer(), QgsSingleSymbolRenderer):

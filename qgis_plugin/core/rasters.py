@@ -192,15 +192,64 @@ def materialise(plan_: RasterPlan, folder: str, resolution_m: float, feedback: Q
         projector.setCrs(plan_.crs, target, plan_.transform_context)
         if not pipe.insert(2, projector):
             raise QgsProcessingException(f"HQRS: cannot reproject {plan_.name} to {target.authid()}")
-    writer = QgsRasterFileWriter(str(tif))
+    part = tif.with_name(tif.stem + ".part.tif")  # renamed once complete: never a half-written GeoTIFF
+    writer = QgsRasterFileWriter(str(part))
     writer.setOutputFormat("GTiff")
     writer.setCreateOptions(["COMPRESS=DEFLATE", "TILED=YES"])
     block_feedback = QgsRasterBlockFeedback()
     feedback.canceled.connect(block_feedback.cancel)
     block_feedback.progressChanged.connect(feedback.setProgress)
-    error = writer.writeRaster(pipe, cols, rows, extent, target, plan_.transform_context, block_feedback)
-    if feedback.isCanceled():
-        raise QgsProcessingException("cancelled: HQRS stopped while writing the raster; no tiles were made")
-    if error != QgsRasterFileWriter.NoError or not tif.is_file():
-        raise QgsProcessingException(f"HQRS: writing {plan_.name} to {tif} failed (raster writer error {int(error)})")
+    try:
+        error = writer.writeRaster(pipe, cols, rows, extent, target, plan_.transform_context, block_feedback)
+        if feedback.isCanceled():
+            raise QgsProcessingException("cancelled: HQRS stopped while writing the raster; no tiles were made")
+        if error != QgsRasterFileWriter.NoError or not part.is_file():
+            raise QgsProcessingException(
+                f"HQRS: writing {plan_.name} to {tif} failed (raster writer error {int(error)})")
+        stamp_crs(str(part), target)
+        os.replace(part, tif)
+    finally:
+        for leftover in (part, Path(str(part) + ".aux.xml")):
+            if leftover.exists():
+                leftover.unlink()
     return str(tif)
+
+
+def complete_srs(crs: QgsCoordinateReferenceSystem) -> Any:
+    """``crs`` as a GDAL ``osr.SpatialReference`` with its full definition: built from the EPSG
+    database when it has an EPSG code (so its WKT carries the code), else from its WKT."""
+    from osgeo import osr
+
+    srs = osr.SpatialReference()
+    srs.SetAxisMappingStrategy(osr.OAMS_TRADITIONAL_GIS_ORDER)
+    authority, _, code = crs.authid().partition(":")
+    if authority.upper() == "EPSG" and code.isdigit() and srs.ImportFromEPSG(int(code)) == 0:
+        return srs
+    wkt = crs.toWkt(QgsCoordinateReferenceSystem.WKT_PREFERRED_GDAL)
+    if not wkt or srs.SetFromUserInput(wkt) != 0:
+        raise QgsProcessingException(f"HQRS: the CRS {crs.authid() or crs.description()} has no definition GDAL can "
+                                     "write: choose a layer or extent in another CRS")
+    return srs
+
+
+def stamp_crs(path: str, crs: QgsCoordinateReferenceSystem) -> str:
+    """Write the complete definition of ``crs`` (WKT with its EPSG code) into the GeoTIFF ``path``
+    and check that it reads back with that code; returns the WKT. A GeoTIFF whose CRS reads as a
+    code without a definition draws nowhere once it has to be reprojected (a project in another
+    CRS), and neither do the tiles made from it."""
+    from osgeo import gdal
+
+    srs = complete_srs(crs)
+    wkt = srs.ExportToWkt()
+    dataset = gdal.Open(path, gdal.GA_Update)
+    if dataset is None or dataset.SetProjection(wkt) != 0:
+        raise QgsProcessingException(f"HQRS: cannot write the CRS into {path}: {gdal.GetLastErrorMsg()}")
+    dataset.FlushCache()
+    dataset = None
+    check = gdal.Open(path)
+    written = check.GetSpatialRef() if check is not None else None
+    code = srs.GetAuthorityCode(None)
+    if written is None or not written.ExportToWkt() or (code and written.GetAuthorityCode(None) != code):
+        raise QgsProcessingException(f"HQRS: {path} does not read back as {crs.authid() or 'its CRS'}; "
+                                     "choose another extent or ground resolution and run again")
+    return wkt

@@ -14,18 +14,26 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from qgis.core import (
+    QgsCoordinateReferenceSystem,
+    QgsEditorWidgetSetup,
     QgsFeature,
     QgsFeatureRequest,
+    QgsLayerTree,
+    QgsLayerTreeGroup,
     QgsMapLayer,
+    QgsMapLayerType,
+    QgsProject,
     QgsProviderRegistry,
     QgsVectorLayer,
     QgsWkbTypes,
 )
+from qgis.PyQt.QtCore import QVariant
 
 TILES_LAYER = "tiles"
 TILE_COLUMNS = ("tile_id", "source", "x_off", "y_off", "width", "height")
 TILE_SUFFIXES = (".gpkg", ".parquet", ".geoparquet", ".fgb")
 THUMBNAIL_PX = 72
+MAKE_TILE_LAYER = "Processing ▸ HQRS ▸ Tiles ▸ Tile raster (or Models ▸ Tile, embed and caption)"
 
 
 def layer_file(layer: QgsMapLayer | None) -> tuple[str | None, str | None]:
@@ -140,3 +148,118 @@ def thumbnail(source: str, window: tuple[int, int, int, int], size: int = THUMBN
         return np.nan_to_num(scaled).astype(np.uint8).tobytes()
     finally:
         dataset = None
+
+
+def gpkg_tables(path: str) -> list[str] | None:
+    """The feature tables of a GeoPackage (from ``gpkg_contents``); None when it cannot be read."""
+    import sqlite3
+
+    try:
+        with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as db:
+            return [str(row[0]) for row in db.execute(
+                "SELECT table_name FROM gpkg_contents WHERE data_type = 'features' ORDER BY table_name")]
+    except sqlite3.Error:
+        return None
+
+
+def not_a_tile_layer(layer: QgsMapLayer | None) -> str:
+    """Why ``layer`` cannot be used as a tile layer, in one line with what to do (for a layer that
+    :func:`engine_layer_file` refused)."""
+    name = layer.name() if layer is not None else "the layer"
+    file, sublayer = layer_file(layer)
+    if file and file.lower().endswith(".gpkg") and os.path.isfile(file):
+        tables = gpkg_tables(file)
+        if tables is not None and TILES_LAYER not in tables:
+            return f"{file} has no tile layer: make one with the Processing algorithm {MAKE_TILE_LAYER}"
+        if sublayer and sublayer != TILES_LAYER:
+            return (f"{name} is the '{sublayer}' layer of {file}, not its tile layer: choose the layer "
+                    f"'{TILES_LAYER}' of that file")
+    return (f"{name} is not a tile layer file (GeoPackage, GeoParquet or FlatGeobuf); make one with the Processing "
+            f"algorithm {MAKE_TILE_LAYER} first")
+
+
+# -- how tile layers and results sit in the project -------------------------------------------
+EMBEDDING_WIDGET = "Hidden"
+
+
+def embedding_columns(layer: QgsVectorLayer) -> list[str]:
+    """The binary columns of a layer (``emb_<key>`` embeddings: raw float vectors, unreadable as text)."""
+    return [field.name() for field in layer.fields() if field.type() == QVariant.ByteArray]
+
+
+def hide_embedding_columns(layer: QgsVectorLayer) -> list[str]:
+    """Hide the embedding (binary) columns in the attribute table and forms (editor widget
+    ``Hidden``, hidden table column); their dimension stays visible in ``emb_<key>_dim``. Returns
+    the hidden names."""
+    if not isinstance(layer, QgsVectorLayer):
+        return []
+    names = embedding_columns(layer)
+    if not names:
+        return []
+    for name in names:
+        layer.setEditorWidgetSetup(layer.fields().indexOf(name), QgsEditorWidgetSetup(EMBEDDING_WIDGET, {}))
+    config = layer.attributeTableConfig()
+    columns = config.columns()
+    for column in columns:
+        if column.name in names:
+            column.hidden = True
+    config.setColumns(columns)
+    layer.setAttributeTableConfig(config)
+    return names
+
+
+def complete_crs(layer: QgsMapLayer) -> bool:
+    """Give a layer whose CRS names an authority code but has no definition (an empty WKT: it
+    cannot be transformed, so it draws nowhere in a project of another CRS) the full CRS of that
+    code. Returns True when it was completed."""
+    crs = layer.crs()
+    if crs.isValid() and crs.toWkt():
+        return False
+    authid = crs.authid()
+    if not authid:
+        return False
+    full = QgsCoordinateReferenceSystem(authid)
+    if not full.isValid() or not full.toWkt():
+        return False
+    layer.setCrs(full)
+    return True
+
+
+def place_above_imagery(layer: QgsMapLayer, project: QgsProject | None = None) -> bool:
+    """Move a new vector layer that landed below a raster layer of the project (QGIS inserts new
+    layers at the current layer's place) to just above the topmost raster, so it is drawn over the
+    imagery. Returns True when it was moved."""
+    root = (project or QgsProject.instance()).layerTreeRoot()
+    node = root.findLayer(layer.id())
+    if node is None:
+        return False
+    order = root.findLayers()  # top (drawn last) first
+    mine = next(i for i, n in enumerate(order) if n is node)
+    rasters = [i for i, n in enumerate(order[:mine])
+               if n.layer() is not None and n.layer().type() == QgsMapLayerType.RasterLayer]
+    if not rasters:
+        return False
+    target = order[rasters[0]]
+    parent = target.parent()
+    if not QgsLayerTree.isGroup(parent):
+        return False
+    assert isinstance(parent, QgsLayerTreeGroup)
+    index = parent.children().index(target)
+    old_parent = node.parent()
+    clone = node.clone()
+    parent.insertChildNode(index, clone)
+    if isinstance(old_parent, QgsLayerTreeGroup):
+        old_parent.removeChildNode(node)
+    return True
+
+
+def settle_new_layer(layer: QgsMapLayer, new: bool = True) -> None:
+    """What every tile or result layer gets when it is added: embedding columns hidden, a complete
+    CRS, and (a ``new`` layer, not one read from a project) a place above the imagery."""
+    if not isinstance(layer, QgsVectorLayer):
+        return
+    hide_embedding_columns(layer)
+    if complete_crs(layer):
+        layer.triggerRepaint()
+    if new:
+        place_above_imagery(layer)

@@ -29,7 +29,7 @@ from qgis.PyQt.QtGui import QIcon
 
 from ..core import engine, rasters, styles
 from ..core.runner import Progress, run_cli
-from ..core.tile_layers import TILES_LAYER, engine_layer_file, layer_file
+from ..core.tile_layers import TILES_LAYER, engine_layer_file, not_a_tile_layer
 
 ICON = Path(__file__).resolve().parents[1] / "icon.png"
 _OGR_DESTINATION = re.compile(r"^ogr:dbname='(?P<path>.*)' table=\"(?P<table>[^\"]*)\"")
@@ -160,15 +160,8 @@ class HqrsAlgorithm(QgsProcessingAlgorithm):
         if not isinstance(layer, QgsVectorLayer):
             raise QgsProcessingException(tr("HQRS: no tile layer given"))
         path = engine_layer_file(layer)
-        if path is None:
-            file, sublayer = layer_file(layer)
-            if file and sublayer and sublayer != TILES_LAYER and os.path.isfile(file):
-                raise QgsProcessingException(
-                    tr("HQRS: {} is the '{}' layer of {}, not its tile layer: choose the layer 'tiles' of that file")
-                    .format(layer.name(), sublayer, file))
-            raise QgsProcessingException(
-                tr("HQRS: {} is not a tile layer file (GeoPackage, GeoParquet or FlatGeobuf); "
-                   "make one with Processing ▸ HQRS ▸ Tiles ▸ Tile raster first").format(layer.name()))
+        if path is None:  # an empty GeoPackage, another table of one, a file of another kind
+            raise QgsProcessingException("HQRS: " + not_a_tile_layer(layer))
         return path
 
     def input_tile_layer(self, parameters: dict[str, Any], name: str, context: QgsProcessingContext,
