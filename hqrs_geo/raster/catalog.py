@@ -527,7 +527,7 @@ def common_crs(entries: Sequence[SourceEntry], sample: int = 20) -> str | None:
     if len(others) > sample:
         step = (len(others) - 1) / (sample - 1)
         others = [others[round(i * step)] for i in range(sample)]
-    found: set[str] = set(stated)
+    found: list[str] = list(stated)
     for entry in others:
         try:
             with open_raster(entry.path) as src:
@@ -535,17 +535,29 @@ def common_crs(entries: Sequence[SourceEntry], sample: int = 20) -> str | None:
         except (HqrsError, OSError):
             continue
         if crs:
-            found.add(crs)
+            found.append(crs)
+    return suited_crs(found, "dataset")
+
+
+def suited_crs(crss: Iterable[str], what: str = "layer") -> str | None:
+    """The CRS of footprints of scenes in ``crss``: theirs when they share one (the first form
+    given), else :data:`COMMON_CRS` with a warning naming them; None when there is none."""
+    found = list(dict.fromkeys(c for c in crss if c))
     if len(found) <= 1:
         return next(iter(found), None)
     from pyproj import CRS
 
-    distinct = {CRS.from_user_input(c).to_string() for c in found}
+    distinct = set()
+    for crs in found:
+        try:
+            distinct.add(CRS.from_user_input(crs).to_string())
+        except Exception:  # pyproj's CRSError and friends: an odd CRS is a CRS of its own here
+            distinct.add(crs)
     if len(distinct) == 1:
-        return next(iter(found))
+        return found[0]
     shown = ", ".join(sorted(distinct)[:5]) + (", …" if len(distinct) > 5 else "")
-    log.warning("the scenes are in %d CRSs (%s): the dataset's footprints are in %s; choose another with «crs»",
-                len(distinct), shown, COMMON_CRS)
+    log.warning("the scenes are in %d CRSs (%s): the %s's footprints are in %s; choose another with «crs»",
+                len(distinct), shown, what, COMMON_CRS)
     return COMMON_CRS
 
 

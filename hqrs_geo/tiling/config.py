@@ -26,7 +26,7 @@ class TileConfig:
     bands: 1-based band numbers for R, G, B (or one band, replicated); default from colour
       interpretation.
     stretch: ``auto`` | ``none`` | ``p2,98`` | ``0,3000`` (see :class:`StretchSpec`).
-    crs: output CRS of the footprints (default: the first scene's CRS).
+    crs: output CRS of the footprints (default: the scenes' CRS when they share one, else EPSG:4326).
     resampling: GDAL resampling used when a target ``gsd`` changes the resolution.
     """
 

@@ -107,7 +107,9 @@ def plan_tiles(
 
 
 def output_crs(scenes: Sequence[SceneReading], requested: str | None) -> str | None:
-    """The layer's CRS: the requested one, else the first scene's; None for pixel-space layers."""
+    """The layer's CRS: the requested one, else the scenes' when they share one, else EPSG:4326
+    (scenes in several UTM zones: no zone distorts the others' footprints; a warning says so);
+    None for pixel-space layers."""
     with_crs = [s for s in scenes if s.crs]
     if with_crs and len(with_crs) != len(scenes):
         missing = next(s.source for s in scenes if not s.crs)
@@ -118,7 +120,11 @@ def output_crs(scenes: Sequence[SceneReading], requested: str | None) -> str | N
         log.warning("%s: has no CRS; footprints are in pixel coordinates and the layer has no CRS",
                     scenes[0].source)
         return None
-    return requested or with_crs[0].crs
+    if requested:
+        return requested
+    from ..raster.catalog import suited_crs
+
+    return suited_crs(s.crs for s in with_crs if s.crs)
 
 
 def records_to_frame(records: Sequence[TileRecord], scenes: Sequence[SceneReading], crs: str | None):

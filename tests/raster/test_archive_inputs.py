@@ -586,6 +586,10 @@ def test_scenes_in_several_utm_zones_get_a_crs_that_suits_all(tmp_path, rng):
             expected = transform_bounds(src.crs, "EPSG:4326", *src.bounds)
         part = next(p for p in manifest["parts"].values() if p["scene"] == path.stem)
         assert np.allclose(part["bounds"], expected, atol=1e-5), (path.stem, part["bounds"], expected)
+    layer = run_cli("tile", *paths, "-o", tmp_path / "zones.gpkg", "--tile-size", "32")  # a layer: the same rule
+    from hqrs_geo import read_tiles
+
+    assert layer.returncode == 0 and "3 CRSs" in layer.stderr and read_tiles(tmp_path / "zones.gpkg").crs == "EPSG:4326"
     # scenes of one zone keep it
     one = run_cli("tile", paths[0], "-o", f"{tmp_path / 'ONE'}/", "--tile-size", "32")
     assert one.returncode == 0 and json.loads((tmp_path / "ONE" / "_manifest.json").read_text())["crs"] == "EPSG:32631"
