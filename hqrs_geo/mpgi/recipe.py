@@ -203,7 +203,7 @@ def _check(raw: dict, source: str) -> None:
             try:
                 check_backend_config(table)
             except OptionError as exc:
-                fail(f"[{stage}] {exc}")
+                fail(f"[{stage}] {str(exc).removesuffix('; fix it in the recipe')}")
     names = [p.get("name") for p in raw.get("perspectives", [])]
     if any(not n for n in names) or len(set(names)) != len(names):
         fail("every [[perspectives]] entry needs a distinct name")

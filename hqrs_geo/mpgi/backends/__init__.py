@@ -20,7 +20,7 @@ torch and transformers are imported only when a local back end is built.
 from __future__ import annotations
 
 from ...errors import OptionError
-from .base import ChatBackend, ChatRequest
+from .base import ChatBackend, ChatRequest, check_ranges
 from .local import TransformersLLMBackend, TransformersVLMBackend, smollm2_gguf
 from .openai import OpenAIChatBackend
 
@@ -68,6 +68,7 @@ def check_backend_config(config: dict) -> tuple[type, dict]:
         if not isinstance(value, expected) or (bool not in expected and isinstance(value, bool)):
             names = " or ".join("number" if t in (int, float) else t.__name__ for t in expected)
             raise OptionError(f"back end option {key}: {str(value)[:40]!r} is not a {names}; fix it in the recipe")
+    check_ranges(config)
     return backend_class, {key: value for key, value in config.items() if key != "type"}
 
 

@@ -166,20 +166,46 @@ def _error_text(exc: BaseException) -> str:
     return _one_line(str(exc) or type(exc).__name__)
 
 
+#: Ranges of the numeric back-end options, checked when a recipe is read and when a back end is
+#: built: ``name: (low, high)``; seconds must be finite and above ``low``, counts at least ``low``.
+#: A request therefore waits at most ``(retries + 1) * timeout`` plus its back-offs (each at most
+#: ``max_backoff``): with the highest values about 4.2 days, with the defaults
+#: (60 s, 4 retries, back-off from 1 s, at most 60 s) under 6 minutes.
+LIMITS: dict[str, tuple[float, float]] = {
+    "timeout": (0.0, 3600.0), "backoff": (0.0, 600.0), "max_backoff": (0.0, 3600.0),
+    "retries": (0, 100), "concurrency": (1, 64), "batch_size": (1, 4096), "seed": (0, 2**63 - 1),
+}
+
+
 def _count(name: str, value: Any, minimum: int) -> int:
-    """A whole-number option >= ``minimum``."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise OptionError(f"back end option {name}: {str(value)[:40]!r} is not a whole number >= {minimum}; "
+    """A whole-number option >= ``minimum`` (and within :data:`LIMITS` when it has a range there)."""
+    low, high = LIMITS.get(name, (minimum, float("inf")))
+    low = max(low, minimum)
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        span = f">= {low:g}" if high == float("inf") else f"in {low:g}..{high:g}"
+        raise OptionError(f"back end option {name}: {str(value)[:40]!r} is not a whole number {span}; "
                           "fix it in the recipe")
     return value
 
 
 def _seconds(name: str, value: Any, minimum: float = 0.0) -> float:
-    """A number-of-seconds option > ``minimum``."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= minimum:
-        raise OptionError(f"back end option {name}: {str(value)[:40]!r} is not a number of seconds > {minimum:g}; "
-                          "fix it in the recipe")
+    """A finite number-of-seconds option > ``minimum`` (and at most its :data:`LIMITS` bound)."""
+    high = LIMITS.get(name, (minimum, 86400.0))[1]
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not minimum < value <= high:
+        raise OptionError(f"back end option {name}: {str(value)[:40]!r} is not a number of seconds above "
+                          f"{minimum:g} and at most {high:g}; fix it in the recipe")
     return float(value)
+
+
+def check_ranges(config: dict) -> None:
+    """A one-line :class:`OptionError` for a numeric option of ``config`` outside :data:`LIMITS`."""
+    for key, value in config.items():
+        if key not in LIMITS or value is None:
+            continue
+        if key in ("timeout", "backoff", "max_backoff"):
+            _seconds(key, value)
+        else:
+            _count(key, value, int(LIMITS[key][0]))
 
 
 def _text(name: str, value: Any) -> str:

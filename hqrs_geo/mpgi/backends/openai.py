@@ -16,7 +16,7 @@ from email.utils import parsedate_to_datetime
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-from ...errors import InputError, OptionError
+from ...errors import Cancelled, InputError, OptionError
 from ...redact import redact, register
 from .base import (
     ChatBackend,
@@ -133,7 +133,12 @@ class OpenAIChatBackend(ChatBackend):
     HTTP 429 and 5xx are retried ``retries`` times with exponential back-off from ``backoff``
     seconds, with jitter, waiting at least what ``Retry-After`` asks, never more than
     ``max_backoff``; other HTTP errors fail at once. ``complete`` keeps at most ``concurrency``
-    requests in flight.
+    requests in flight. One request therefore ends within ``(retries + 1) * timeout`` plus its
+    back-offs; every value is range-checked (:data:`~.base.LIMITS`).
+
+    When ``complete`` is interrupted (Ctrl-C, SIGTERM through the CLI, or one request failing
+    for good), or :meth:`close` is called, every request still in flight is stopped at once: its
+    connection is shut down and it is not retried, so the call returns within a second.
     """
 
     kind = "openai"
@@ -153,6 +158,24 @@ class OpenAIChatBackend(ChatBackend):
         self.backoff = _seconds("backoff", backoff)
         self.max_backoff = _seconds("max_backoff", max_backoff)
         self.supports_images = bool(supports_images)
+        self._stop = threading.Event()
+        self._closed = False
+        self._live: set[_Deadline] = set()
+        self._live_lock = threading.Lock()
+
+    def abort(self) -> None:
+        """Stop every request in flight now (connections shut down, no retries); used on
+        interruption and by :meth:`close`."""
+        self._stop.set()
+        with self._live_lock:
+            live = list(self._live)
+        for watchdog in live:
+            watchdog.expire(cancelled=True)
+
+    def close(self) -> None:
+        """Stop what is in flight; the back end is unusable afterwards."""
+        self._closed = True
+        self.abort()
 
     @staticmethod
     def _read_key(env: str | None) -> str | None:
@@ -171,17 +194,34 @@ class OpenAIChatBackend(ChatBackend):
         return f"{self.kind}:{self.model}:{_public_url(self.base_url)}"
 
     def _complete(self, requests: list[ChatRequest]) -> list[str]:
+        if self._closed:
+            raise Cancelled("the chat back end was closed")
         workers = min(self.concurrency, len(requests))
         if workers == 1:
             return [self._complete_one(request) for request in requests]
-        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="mpgi-chat") as pool:
-            futures = [pool.submit(self._complete_one, request) for request in requests]
-            try:
-                return [future.result() for future in futures]
-            except BaseException:
-                for future in futures:
-                    future.cancel()
-                raise
+        pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="mpgi-chat")
+        futures = [pool.submit(self._complete_or_stop, request) for request in requests]
+        try:
+            return [future.result() for future in futures]
+        except BaseException:
+            # the first failure (or Ctrl-C / SIGTERM in this thread) ends the others at once:
+            # their connections are shut down and they are not retried
+            self.abort()
+            raise
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+            if not self._closed:
+                self._stop.clear()  # the next call starts afresh
+
+    def _complete_or_stop(self, request: ChatRequest) -> str:
+        """One request in a worker thread; when it fails for good, the others stop at once."""
+        if self._stop.is_set():
+            raise Cancelled("chat request stopped")
+        try:
+            return self._complete_one(request)
+        except BaseException:
+            self.abort()
+            raise
 
     def _complete_one(self, request: ChatRequest) -> str:
         body = {"model": self.model, "messages": _openai_messages(request),
@@ -201,17 +241,20 @@ class OpenAIChatBackend(ChatBackend):
             try:
                 return self._post_once(payload)
             except _Transient as failure:
+                if failure.kind == "cancelled" or self._stop.is_set():
+                    raise Cancelled("chat request stopped") from None
                 if attempt == self.retries:
                     raise self._give_up(failure, attempt + 1) from None
                 delay = self._delay(attempt, failure.retry_after)
                 attempt += 1
                 log.warning("chat server %s: %s; retry %d/%d in %.2fs", self.public_url, failure.detail,
                             attempt, self.retries, delay)
-                time.sleep(delay)
+                if self._stop.wait(delay):
+                    raise Cancelled("chat request stopped") from None
 
     def _delay(self, attempt: int, retry_after: float | None) -> float:
         """Exponential back-off with jitter, at least ``Retry-After``, at most ``max_backoff``."""
-        delay = self.backoff * (2 ** attempt) * random.uniform(1.0, 1.5)
+        delay = self.backoff * (2.0 ** min(attempt, 64)) * random.uniform(1.0, 1.5)
         if retry_after is not None:
             delay = max(delay, retry_after)
         return min(delay, self.max_backoff)
@@ -231,24 +274,22 @@ class OpenAIChatBackend(ChatBackend):
         request = urllib.request.Request(self.url, data=payload, headers=self._headers(), method="POST")
         watchdog = _Deadline(self.timeout)
         opener = urllib.request.build_opener(_DeadlineHTTPHandler(watchdog), _DeadlineHTTPSHandler(watchdog))
+        with self._live_lock:
+            self._live.add(watchdog)
         try:
+            if self._stop.is_set():
+                raise _Transient("cancelled", "stopped")
             with watchdog, opener.open(request, timeout=self.timeout) as response:
                 raw = _read_all(response, watchdog)
-        except urllib.error.HTTPError as err:
-            if watchdog.expired:
-                raise _Transient("timeout", f"no complete answer within {self.timeout:g}s") from None
-            raise self._http_error(err) from None
-        except urllib.error.URLError as err:
-            if watchdog.expired or isinstance(err.reason, TimeoutError):
-                raise _Transient("timeout", f"no complete answer within {self.timeout:g}s") from None
-            reason = err.reason if isinstance(err.reason, BaseException) else OSError(str(err.reason))
-            raise _Transient("unreachable", _error_text(reason)) from None
-        except TimeoutError:
-            raise _Transient("timeout", f"no complete answer within {self.timeout:g}s") from None
-        except (OSError, ValueError, http.client.HTTPException) as err:
-            if watchdog.expired:
-                raise _Transient("timeout", f"no complete answer within {self.timeout:g}s") from None
-            raise _Transient("unreachable", _error_text(err)) from None
+        except _Transient:
+            raise
+        except BaseException as err:
+            if watchdog.cancelled:
+                raise _Transient("cancelled", "stopped") from None
+            raise self._attempt_error(err, watchdog) from None
+        finally:
+            with self._live_lock:
+                self._live.discard(watchdog)
         try:
             return json.loads(raw)
         except ValueError:
@@ -256,6 +297,23 @@ class OpenAIChatBackend(ChatBackend):
             raise InputError(f"chat server {self.public_url} answered with something that is not JSON "
                              f"({snippet!r}); check that base_url points at an OpenAI-compatible /v1 endpoint") \
                 from None
+
+    def _attempt_error(self, err: BaseException, watchdog: _Deadline) -> BaseException:
+        """What a failed attempt raises: :class:`_Transient` to retry, a user error, or ``err``
+        itself when it is not a network failure (KeyboardInterrupt and the like)."""
+        timeout = _Transient("timeout", f"no complete answer within {self.timeout:g}s")
+        if isinstance(err, urllib.error.HTTPError):
+            return timeout if watchdog.expired else self._http_error(err)
+        if isinstance(err, urllib.error.URLError):
+            if watchdog.expired or isinstance(err.reason, TimeoutError):
+                return timeout
+            reason = err.reason if isinstance(err.reason, BaseException) else OSError(str(err.reason))
+            return _Transient("unreachable", _error_text(reason))
+        if isinstance(err, TimeoutError):
+            return timeout
+        if isinstance(err, (OSError, ValueError, http.client.HTTPException)):
+            return timeout if watchdog.expired else _Transient("unreachable", _error_text(err))
+        return err
 
     def _http_error(self, err: urllib.error.HTTPError) -> Exception:
         """The error to raise (or retry) for an HTTP error status."""
@@ -295,13 +353,19 @@ class OpenAIChatBackend(ChatBackend):
 
 
 class _Deadline:
-    """A watchdog over one HTTP attempt: when ``seconds`` have passed, the connections it
-    watches are shut down, so any blocked read ends at once (``expired`` then says why)."""
+    """A watchdog over one HTTP attempt: when ``seconds`` have passed, the sockets it watches are
+    shut down, so any blocked read ends at once (``expired`` then says why; ``cancelled`` when
+    :meth:`expire` was called because the whole call was stopped).
+
+    The sockets are taken when they connect: urllib drops the connection's reference to its
+    socket once the headers are in, while the body is still read from it (a server that sends
+    its headers, then one byte a second, would otherwise never be cut off)."""
 
     def __init__(self, seconds: float) -> None:
         self.seconds = seconds
         self.expired = False
-        self._connections: list[http.client.HTTPConnection] = []
+        self.cancelled = False
+        self._sockets: list[socket.socket] = []
         self._lock = threading.Lock()
         self._timer: threading.Timer | None = None
         self._end = 0.0
@@ -311,42 +375,42 @@ class _Deadline:
 
     def start(self) -> None:
         """Start the clock (on the first connection)."""
-        if self._timer is None:
-            self._end = time.monotonic() + self.seconds
-            self._timer = threading.Timer(self.seconds, self._expire)
-            self._timer.daemon = True
-            self._timer.start()
+        with self._lock:
+            if self._timer is None:
+                self._end = time.monotonic() + self.seconds
+                self._timer = threading.Timer(self.seconds, self.expire)
+                self._timer.daemon = True
+                self._timer.start()
 
     def remaining(self) -> float:
         """Seconds left (at least a millisecond, so socket timeouts stay valid)."""
         return max(0.001, self._end - time.monotonic()) if self._timer is not None else self.seconds
 
-    def watch(self, connection: http.client.HTTPConnection) -> None:
-        """Shut ``connection`` down when the deadline passes."""
-        self.start()
+    def watch(self, sock: socket.socket) -> None:
+        """Shut ``sock`` down when the deadline passes (at once when it already has)."""
         with self._lock:
-            self._connections.append(connection)
+            self._sockets.append(sock)
             if self.expired:
-                _shutdown(connection)
+                _shutdown(sock)
 
-    def _expire(self) -> None:
+    def expire(self, cancelled: bool = False) -> None:
+        """End the attempt now: every watched socket is shut down."""
         with self._lock:
             self.expired = True
-            for connection in self._connections:
-                _shutdown(connection)
+            self.cancelled = self.cancelled or cancelled
+            for sock in self._sockets:
+                _shutdown(sock)
 
     def __exit__(self, *exc: object) -> None:
         if self._timer is not None:
             self._timer.cancel()
 
 
-def _shutdown(connection: http.client.HTTPConnection) -> None:
-    sock = getattr(connection, "sock", None)
-    if sock is not None:
-        try:
-            sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
+def _shutdown(sock: socket.socket) -> None:
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
 
 
 def _read_all(response: Any, watchdog: _Deadline, chunk: int = 1 << 16) -> bytes:
@@ -355,7 +419,7 @@ def _read_all(response: Any, watchdog: _Deadline, chunk: int = 1 << 16) -> bytes
     while True:
         if watchdog.expired:
             raise TimeoutError("deadline passed")
-        block = response.read(chunk)
+        block = response.read1(chunk) if hasattr(response, "read1") else response.read(chunk)
         if not block:
             break
         parts.append(block)
@@ -376,12 +440,17 @@ class _DeadlineHTTPHandler(urllib.request.HTTPHandler):
 
 
 def _watched(cls: type, watchdog: _Deadline) -> Any:
-    """A connection factory for urllib's ``do_open``: connections of ``cls`` watched by ``watchdog``."""
+    """A connection factory for urllib's ``do_open``: connections of ``cls`` whose socket is
+    watched by ``watchdog`` from the moment it connects."""
+    class Watched(cls):
+        def connect(self) -> None:
+            super().connect()
+            watchdog.watch(self.sock)
+
     def make(host: str, **kwargs: Any) -> Any:
+        watchdog.start()
         kwargs["timeout"] = min(float(kwargs.get("timeout") or watchdog.seconds), watchdog.remaining())
-        connection = cls(host, **kwargs)
-        watchdog.watch(connection)
-        return connection
+        return Watched(host, **kwargs)
     return make
 
 
