@@ -253,6 +253,7 @@ def write_sparse_scene(path: Path, size: int = 30000) -> Path:
 SLOW = (
     "tests/test_benchmarks.py",                        # every benchmark's smoke run, in child processes
     "tests/test_hermetic.py",                          # a child pytest in a planted user home
+    "tests/mpgi/test_backend_deadlines.py::test_sigterm_",  # a real CLI child process stopped by SIGTERM
     "tests/test_faults.py::test_killed_",              # kill -9 / SIGTERM and resume, in child processes
     "tests/test_faults.py::test_stopped_finetune_resumes_bit_identical",
     "tests/engine/test_ray_engine.py",                 # real Ray clusters
