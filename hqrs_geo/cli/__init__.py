@@ -49,6 +49,8 @@ def _configure_logging(quiet: bool, debug: bool) -> None:
     log.setLevel(logging.ERROR if quiet else logging.WARNING)
     if debug:
         logging.basicConfig(level=logging.DEBUG, stream=sys.stderr)
+        for root_handler in logging.getLogger().handlers:  # GDAL's messages quote URLs: no credentials
+            root_handler.addFilter(RedactingFilter())
         return
     for name in ("rasterio", "transformers", "huggingface_hub", "urllib3", "filelock", "tokenizers", "gguf",
                  "accelerate", "torch", "PIL", "pyogrio", "fiona", "numexpr"):
