@@ -441,7 +441,7 @@ class FewShotPanel(QgsCollapsibleGroupBox):
         self.save_labels()
         import processing
 
-        dialog = processing.createAlgorithmDialog("hqrs:export_dataset", {"INPUT": layer.id()})
+        dialog = processing.createAlgorithmDialog("hqrs:export_dataset", {"INPUT": layer.id(), "CAPTIONS": "labels"})
         if dialog is not None:
             dialog.show()
 

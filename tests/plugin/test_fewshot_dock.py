@@ -286,6 +286,12 @@ def test_detect_from_examples_processing(processing_run, embedded, tmp_path):  #
                                            "OUTPUT": str(tmp_path / "again.gpkg")})
     assert {f["tile_id"]: f["detect_prob"] for f in QgsVectorLayer(again["OUTPUT"], "a", "ogr").getFeatures()} \
         == pytest.approx(drawn, abs=1e-5)
+    # the saved labels as a training set (what the dock's Export training set… opens)
+    exported = processing_run("hqrs:export_dataset", {"INPUT": tiles, "CAPTIONS": "labels", "FORMAT": "png",
+                                                      "OUTPUT": str(tmp_path / "training")})
+    assert exported["IMAGES"] == 3
+    classes = (tmp_path / "training" / "labels.csv").read_text()
+    assert all(tile_id in classes for tile_id in (ids[0], ids[1], ids[30])) and "negative" in classes
     with pytest.raises(QgsProcessingException) as caught:
         processing_run("hqrs:detect", {"INPUT": tiles, "OUTPUT": str(tmp_path / "none.gpkg")})
     assert "no positive example" in str(caught.value) and "\n" not in str(caught.value)

@@ -111,13 +111,14 @@ class ExportDatasetAlgorithm(HqrsAlgorithm):
     HELP = ("Writes the captioned tiles as an image-text dataset: <i>images/</i>, <i>captions.csv</i> (open_clip "
             "CSV) and <i>dataset.json</i> (Karpathy style, train/val split by tile id), the input of "
             "fine-tuning a CLIP model (outside QGIS: see the plugin's documentation). <b>Captions</b>: "
-            "<i>mpgi</i> (detailed + short MpGI captions) or "
-            "<i>caption</i> (the caption model's field).")
+            "<i>mpgi</i> (detailed + short MpGI captions), "
+            "<i>caption</i> (the caption model's field) or <i>labels</i> (the few-shot labels saved with the "
+            "layer from the HQRS search dock: the labelled tiles only, class positive/negative).")
 
     def initAlgorithm(self, config: dict[str, Any] | None = None) -> None:  # noqa: N802
         """Declare the parameters."""
         add_tile_layer_input(self)
-        self.addParameter(static_enum("CAPTIONS", tr("Captions"), ("mpgi", "caption"), "mpgi"))
+        self.addParameter(static_enum("CAPTIONS", tr("Captions"), ("mpgi", "caption", "labels"), "mpgi"))
         self.addParameter(static_enum("FORMAT", tr("Image format"), ("jpg", "png"), "jpg"))
         self.addParameter(QgsProcessingParameterNumber(
             "VAL_FRACTION", tr("Share of tiles in the val split"), QgsProcessingParameterNumber.Double, 0.1,
