@@ -24,9 +24,13 @@ def register(sub: Any) -> None:
 
 def run_info(args: argparse.Namespace, progress: Any) -> int:
     """``hqrs-geo info``: print the facts of one raster."""
+    from ..raster.catalog import entry_for, gdal_path
     from ..raster.scene import describe, open_raster
 
-    with open_raster(args.raster) as src:
+    raster = str(args.raster)
+    if raster.startswith(("http://", "https://", "s3://", "gs://", "az://")):  # a URL: read as a tile job reads it
+        raster = entry_for(gdal_path(raster)).path
+    with open_raster(raster) as src:
         info = describe(src)
     if args.json:
         print(json.dumps(info.as_dict(), indent=2, default=str))

@@ -594,3 +594,16 @@ def test_scenes_in_several_utm_zones_get_a_crs_that_suits_all(tmp_path, rng):
     one = run_cli("tile", paths[0], "-o", f"{tmp_path / 'ONE'}/", "--tile-size", "32")
     assert one.returncode == 0 and json.loads((tmp_path / "ONE" / "_manifest.json").read_text())["crs"] == "EPSG:32631"
     assert SourceEntry("p", "p", crs="EPSG:32631").crs == "EPSG:32631"
+
+
+def test_info_reads_urls_without_showing_credentials(served):
+    server, _, _ = served
+    for url, status in ((URL_FORMS["password"](server), 0), (server.url(f"code/404/a.tif?token={TOKEN}"), 2),
+                        (server.url("auth/a.tif", auth="user:bad-SECRET@"), 2)):
+        result = run_cli("info", url, "--json") if status == 0 else run_cli("info", url)
+        seen = _case(result, expect_error=status != 0)
+        assert result.returncode == status and not seen["stored"] and not seen["internal"], seen
+        if status == 0:
+            assert json.loads(result.stdout)["path"] == f"/vsicurl/{public_url(url)}"
+        else:
+            assert seen["clean"] and ("HTTP 404" in seen["errors"][0] or "HTTP 401" in seen["errors"][0])
