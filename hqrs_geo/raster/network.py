@@ -234,6 +234,9 @@ def network_reason(path: str, message: str) -> str | None:
     if match:
         return http_advice(path, int(match.group(1)))
     lowered = text.lower()
+    if "connection timed out" in lowered or "connect timed out" in lowered:
+        return (f"{where}: no connection within the connect timeout ({text[:160]}); check the URL and that the "
+                "server is up, or allow more time with $HQRS_GEO_HTTP_CONNECT_TIMEOUT")
     if "timed out" in lowered or "timeout" in lowered or "too slow" in lowered:
         return (f"{where}: the server did not answer in time ({text[:160]}); check the server, or allow more time "
                 "with $HQRS_GEO_HTTP_READ_TIMEOUT or $HQRS_GEO_HTTP_DEADLINE")
@@ -251,17 +254,21 @@ def _opener(chosen: NetworkLimits) -> urllib.request.OpenerDirector:
     """A urllib opener whose HTTP(S) connections connect within ``connect_timeout`` and then wait
     at most ``read_timeout`` for each piece of the answer."""
 
+    def connect(connection: HTTPConnection, connect: Callable[[], None]) -> None:
+        connection.timeout = chosen.connect_timeout
+        try:
+            connect()
+        except TimeoutError:
+            raise TimeoutError(f"connection timed out after {chosen.connect_timeout:g} s") from None
+        connection.sock.settimeout(chosen.read_timeout)
+
     class Http(HTTPConnection):
         def connect(self) -> None:
-            self.timeout = chosen.connect_timeout
-            super().connect()
-            self.sock.settimeout(chosen.read_timeout)
+            connect(self, super().connect)
 
     class Https(HTTPSConnection):
         def connect(self) -> None:
-            self.timeout = chosen.connect_timeout
-            super().connect()
-            self.sock.settimeout(chosen.read_timeout)
+            connect(self, super().connect)
 
     http_class: Any = Http
     https_class: Any = Https

@@ -143,7 +143,10 @@ class ArchiveServer:
 
 
 class StallServer:
-    """Accepts every connection and never reads or answers (the peer waits for ever)."""
+    """Accepts every connection and never reads or answers (the peer waits for ever).
+
+    ``backlog_url(path)``: a port whose listen queue is full (never accepted), so a connection
+    to it is never established (the connect timeout's case)."""
 
     def __init__(self):
         self.sock = socket.socket()
@@ -152,6 +155,21 @@ class StallServer:
         self.connections: list[socket.socket] = []
         self.host = f"127.0.0.1:{self.sock.getsockname()[1]}"
         threading.Thread(target=self._accept, daemon=True).start()
+        self.full = socket.socket()
+        self.full.bind(("127.0.0.1", 0))
+        self.full.listen(0)
+        self.fillers = []
+        for _ in range(3):  # fill the queue: later SYNs are dropped
+            filler = socket.socket()
+            filler.setblocking(False)
+            try:
+                filler.connect(self.full.getsockname())
+            except BlockingIOError:
+                pass
+            self.fillers.append(filler)
+
+    def backlog_url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.full.getsockname()[1]}/{path}"
 
     def _accept(self) -> None:
         while True:
@@ -166,7 +184,7 @@ class StallServer:
 
     def close(self) -> None:
         self.sock.close()
-        for conn in self.connections:
+        for conn in [*self.connections, *self.fillers, self.full]:
             conn.close()
 
 
@@ -219,6 +237,8 @@ def _case(result, *outputs: Path, expect_error: bool, bound: float | None = None
 
 
 def _timed(*args, **kwargs):
+    """``run_cli(*args)`` and its seconds; the fork server is started first (not timed)."""
+    run_cli("--version")
     started = time.monotonic()
     result = run_cli(*args, **kwargs)
     return result, time.monotonic() - started
@@ -419,6 +439,8 @@ STALLS = {  # what stalls: (inputs, output, exit status, words of the error)
     "dripping tif": (lambda sv, st: [sv.url("drip/a.tif")], "c.gpkg", 2, "no answer|did not answer|not a raster"),
     "dripping STAC": (lambda sv, st: [sv.url("drip/d.json")], "d.gpkg", 2, "no answer|did not answer"),
     "pixels stall": (lambda sv, st: [sv.url("after/2/c.tif")], "e.gpkg", 2, "no answer|did not answer"),
+    "no connection, tif": (lambda sv, st: [st.backlog_url("a.tif")], "f.gpkg", 2, "no connection|no answer"),
+    "no connection, STAC": (lambda sv, st: [st.backlog_url("c.json")], "g.gpkg", 2, "no connection|no answer"),
 }
 
 
