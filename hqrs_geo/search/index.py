@@ -22,7 +22,7 @@ from .ann import ANN_DEFAULTS, ANN_MAX_FETCH, RECALL_QUERIES, AnnIndex
 from .ann import recall_queries as _recall_queries
 from .cache import load_or_build, safe_key
 from .exact import ExactSearch, row_blocks
-from .ivfpq import PART_SHIFT, CompressedIndex, EmbeddingPart
+from .ivfpq import PART_SHIFT, CompressedIndex, CorruptIndex, EmbeddingPart
 
 ANN_KINDS = (*ANN_DEFAULTS, "ivfpq")
 
@@ -175,7 +175,11 @@ class VectorIndex:
         row_mask = (1 << PART_SHIFT) - 1
         keep = None if mask is None else (lambda ids: mask[ids & row_mask])
         fallback = []
-        for i, (found_scores, ids) in enumerate(ann.search({self._part().name: self._part()}, q, k, keep, fetch)):
+        try:
+            found = ann.search({self._part().name: self._part()}, q, k, keep, fetch)
+        except CorruptIndex:  # damaged (warned once, naming the command that rebuilds it): exact search
+            return self.exact.search(q, k, mask)
+        for i, (found_scores, ids) in enumerate(found):
             if len(ids) < k:
                 fallback.append(i)
                 continue

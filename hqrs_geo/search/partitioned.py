@@ -33,7 +33,7 @@ from ..errors import InputError, OptionError
 from ..layer.columns import TILE_ID, embedding_column, embedding_columns
 from ..layer.dataset import Manifest, open_manifest, part_crs, same_crs, verified_part
 from .exact import ExactSearch, max_row_norm
-from .ivfpq import PART_SHIFT, CompressedIndex, EmbeddingPart
+from .ivfpq import PART_SHIFT, CompressedIndex, CorruptIndex, EmbeddingPart
 from .session import BaseSession
 from .spatial import SpatialFilter
 
@@ -300,7 +300,10 @@ class DatasetIndex:
                     ok[i] = mask is None or bool(mask[int(gid & row_mask)])
             return ok
 
-        found = ann.search({p.name: p.as_embedding_part() for p in self.parts}, q, k, keep, fetch)
+        try:
+            found = ann.search({p.name: p.as_embedding_part() for p in self.parts}, q, k, keep, fetch)
+        except CorruptIndex:  # damaged (warned once, naming the command that rebuilds it): exact search
+            return self.search(q, k, masks)
         out = []
         for i, (scores, ids) in enumerate(found):
             if len(ids) < min(k, allowed_total):

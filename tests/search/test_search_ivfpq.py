@@ -111,7 +111,7 @@ def test_incremental_add_rewrite_and_remove(parts, tmp_path):
     assert reopened is not None and reopened.stale_parts([rewritten, added]) == []
     assert reopened.stale_parts([parts[0], added]) == ["part0", "part1"]
     generations = sorted(p.name for p in index.folder.glob("merged-*"))
-    assert generations == [f"merged-{index.meta['generation']}.index", f"merged-{index.meta['generation']}.ivfdata"]
+    assert generations == [f"merged-{index.meta['generation']}{suffix}" for suffix in (".crc32", ".index", ".ivfdata")]
 
 
 def test_an_interrupted_update_leaves_the_previous_index_usable(parts, tmp_path, monkeypatch):
@@ -305,6 +305,7 @@ def test_passes_over_a_memory_map_keep_memory_flat(tmp_path):
     part = EmbeddingPart("big", "f", matrix)
     index = CompressedIndex.__new__(CompressedIndex)  # only the re-ranking of search(): candidates given
     index.meta, index.rerank = {"parts": [{"name": "big", "number": 0}]}, 4096
+    index.part_rows = {0: len(matrix)}
     index.candidates = lambda q, fetch: np.random.default_rng(0).choice(len(matrix), (len(q), fetch))  # scattered
     found = index.search({"big": part}, queries[:8], 10)
     assert len(found) == 8 and rss_mb() - before < 64  # 32,768 scattered rows: up to 256 MB mapped around them
