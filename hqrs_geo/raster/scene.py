@@ -5,6 +5,7 @@ All rasterio/GDAL failures on opening (:func:`open_raster`) and on reading pixel
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -93,12 +94,20 @@ FAILURE_MEMORY = 300.0
 _failures: dict[str, tuple[float, InputError]] = {}
 
 
+def _failure_key(path: str) -> str:
+    """What a failure is remembered by: the path with its credentials (new credentials: a new try)."""
+    from ..redact import reveal
+
+    return hashlib.sha256(reveal(path).encode()).hexdigest()
+
+
 def _remembered_failure(path: str) -> InputError | None:
     import time
 
-    seen = _failures.get(path)
+    key = _failure_key(path)
+    seen = _failures.get(key)
     if seen is None or time.monotonic() - seen[0] > FAILURE_MEMORY:
-        _failures.pop(path, None)
+        _failures.pop(key, None)
         return None
     return seen[1]
 
@@ -106,7 +115,7 @@ def _remembered_failure(path: str) -> InputError | None:
 def _remember_failure(path: str, error: InputError) -> InputError:
     import time
 
-    _failures[path] = (time.monotonic(), error)
+    _failures[_failure_key(path)] = (time.monotonic(), error)
     return error
 
 

@@ -629,3 +629,23 @@ def test_info_reads_urls_without_showing_credentials(served):
             assert json.loads(result.stdout)["path"] == f"/vsicurl/{public_url(url)}"
         else:
             assert seen["clean"] and ("HTTP 404" in seen["errors"][0] or "HTTP 401" in seen["errors"][0])
+
+
+def test_new_credentials_are_tried_again_in_the_same_process(served):
+    """A failed opening is remembered per URL *with* its credentials: a corrected password is
+    tried at once (a long-lived process such as the QGIS plugin's), the same wrong one is not."""
+    from hqrs_geo.raster.scene import open_raster
+
+    server, _, _ = served
+    wrong = resolve_sources([server.url("auth/c.tif", auth="user:wrong-SECRET-2@")])[0]
+    for _ in range(2):  # the second answer comes from memory, in the same words
+        with pytest.raises(InputError, match="asks for credentials .HTTP 401.") as caught:
+            with open_raster(wrong.path):
+                pass
+        assert "SECRET" not in str(caught.value)
+        record(clean=1)
+    right = resolve_sources([server.url("auth/c.tif", auth=f"user:{PASSWORD}@")])[0]
+    assert right.path == wrong.path  # one public path: the credentials given last are used
+    with open_raster(right.path) as src:
+        assert src.count == 3
+    record()
