@@ -133,6 +133,9 @@ def plan_grid(
     window, out, stride = [], [], []
     for axis in (0, 1):
         native = _native_pixels(tile_size, res_m[axis], scale[axis], "tile size", info.path)
+        if tile_size.unit != "px" and native < 1:
+            raise OptionError(f"a tile of {tile_size} is smaller than one pixel of {info.path} "
+                              f"({res_m[axis]:.4g} m); give a larger tile size", option="tile_size")
         win = max(1, round(native))
         out_px = tile_size.value if tile_size.unit == "px" else max(1, round(win / scale[axis]))
         if overlap.unit == "%":

@@ -649,3 +649,17 @@ def test_new_credentials_are_tried_again_in_the_same_process(served):
     with open_raster(right.path) as src:
         assert src.count == 3
     record()
+
+
+@pytest.mark.parametrize("spec", ["0.0001m", "0.01ft", "1e3", "nan", "inf", "-1", "0", "99999999999m", "5%", "12 px px",
+                                  "0x10", "２５６"])
+def test_hostile_tile_sizes_are_one_line_errors(served, spec):
+    from hqrs_geo import TileConfig, tile_rasters
+    from hqrs_geo.errors import HqrsError
+
+    _, _, folder = served
+    with pytest.raises(HqrsError) as caught:
+        tile_rasters(str(folder / "a.tif"), TileConfig(tile_size=spec))
+    named = caught.value.option == "tile_size" or "tile size" in str(caught.value)
+    record(clean=int("\n" not in str(caught.value) and named))
+    assert "\n" not in str(caught.value) and named, str(caught.value)
