@@ -24,7 +24,10 @@ that class (seeded); no negatives are given, so the detector draws unlabelled ba
 weak negatives, as the dock's first "Find all like these" does. AP is computed over the tiles
 that were not given as examples, for the logistic detector, the query-vector baseline and the
 text query (the same tiles, so the numbers compare), averaged over the draws. Classes with fewer
-than n + 1 positive tiles are left out at that n.
+than n + 1 positive tiles are left out at that n. "reviewed": one round of the review loop, the
+logistic detector's best ``--review`` hits (10) judged by the labels, true ones accepted as
+positives and false ones rejected as negatives, refitted, AP over the tiles still unlabelled
+(beside it, the text query's AP on those same tiles).
 
 Timing: refit (3 positives, weak negatives drawn) and rescore of every row (best 1,000 kept, the
 detect request's default) on ``--timing`` sizes of synthetic unit float16 vectors of the model's
@@ -111,8 +114,11 @@ def swellendam_set(folder: Path, model: str) -> tuple[str, dict, dict]:
 
 
 # ---------------------------------------------------------------------------------- AP
-def fewshot_ap(layer: str, classes: dict, queries: dict, shots: list[int], draws: int, seed: int = 0) -> dict:
-    """Per class and number of positives: mean AP of logistic, query and the text query."""
+def fewshot_ap(layer: str, classes: dict, queries: dict, shots: list[int], draws: int, seed: int = 0,
+               review: int = 10) -> dict:
+    """Per class and number of positives: mean AP of logistic, query and the text query, and of
+    the logistic detector after one review round of its best ``review`` hits (true ones accepted
+    as positives, false ones rejected as negatives), with the text query on the same tiles."""
     import hqrs_geo as hg
     from hqrs_geo.search import fewshot
 
@@ -132,7 +138,8 @@ def fewshot_ap(layer: str, classes: dict, queries: dict, shots: list[int], draws
             pool = np.flatnonzero(positive & evaluated)
             if len(pool) < n + 1:
                 continue
-            results: dict[str, list[float]] = {"logistic": [], "query": [], "text": []}
+            results: dict[str, list[float]] = {"logistic": [], "query": [], "text": [], "reviewed": [],
+                                               "text_reviewed": []}
             for _ in range(draws):
                 picks = rng.choice(pool, size=n, replace=False)
                 rest = evaluated.copy()
@@ -142,7 +149,18 @@ def fewshot_ap(layer: str, classes: dict, queries: dict, shots: list[int], draws
                     detector = fewshot.fit(session, list(ids[picks]), method=method)
                     prob = np.concatenate([p for _, p in fewshot.probabilities(session, detector)])
                     results[method].append(average_precision(prob[rest], positive[rest]))
-            row[n] = {k: float(np.mean(v)) for k, v in results.items()}
+                    if method == "logistic" and review:
+                        ranked = [int(i) for i in np.argsort(-prob, kind="stable") if rest[i]][:review]
+                        accepted = list(picks) + [i for i in ranked if positive[i]]
+                        rejected = [i for i in ranked if not positive[i]]
+                        refit = fewshot.fit(session, list(ids[accepted]), list(ids[rejected]))
+                        again = np.concatenate([p for _, p in fewshot.probabilities(session, refit)])
+                        left = rest.copy()
+                        left[ranked] = False
+                        if positive[left].any():
+                            results["reviewed"].append(average_precision(again[left], positive[left]))
+                            results["text_reviewed"].append(average_precision(text_scores[left], positive[left]))
+            row[n] = {k: float(np.mean(v)) if v else float("nan") for k, v in results.items()}
         out[label] = row
     return out
 
@@ -151,7 +169,7 @@ def print_ap(title: str, table: dict, shots: list[int]) -> None:
     print(f"\n{title}: few-shot vs text AP (mean over draws; AP over the tiles not given as examples)")
     head = f"{'class':<11} {'pos/tiles':>9}  {'text(all)':>9}"
     for n in shots:
-        head += f"  | {n:>2}-shot logistic  query   text"
+        head += f"  | {n:>2}-shot logistic  query   text  reviewed   text"
     print(head)
     means: dict = {}
     for label, row in table.items():
@@ -159,17 +177,19 @@ def print_ap(title: str, table: dict, shots: list[int]) -> None:
         for n in shots:
             if n in row:
                 r = row[n]
-                line += f"  |        {r['logistic']:7.3f} {r['query']:6.3f} {r['text']:6.3f}"
-                for k in ("logistic", "query", "text"):
+                line += (f"  |        {r['logistic']:7.3f} {r['query']:6.3f} {r['text']:6.3f}  "
+                         f"{r['reviewed']:8.3f} {r['text_reviewed']:6.3f}")
+                for k in ("logistic", "query", "text", "reviewed", "text_reviewed"):
                     means.setdefault((n, k), []).append(r[k])
             else:
-                line += "  |            (too few positives)"
+                line += "  |            (too few positives)                  "
         print(line)
     line = f"{'mean':<11} {'':>9}  {np.mean([r['text_AP_all'] for r in table.values()]):9.3f}"
     for n in shots:
         if (n, "logistic") in means:
             line += (f"  |        {np.mean(means[(n, 'logistic')]):7.3f} {np.mean(means[(n, 'query')]):6.3f} "
-                     f"{np.mean(means[(n, 'text')]):6.3f}")
+                     f"{np.mean(means[(n, 'text')]):6.3f}  {np.nanmean(means[(n, 'reviewed')]):8.3f} "
+                     f"{np.nanmean(means[(n, 'text_reviewed')]):6.3f}")
     print(line)
 
 
@@ -266,6 +286,7 @@ def main() -> None:
     parser.add_argument("--model", default="hqrs-mini-clip")
     parser.add_argument("--shots", default="1,3,10", help="numbers of positive tiles, comma-separated")
     parser.add_argument("--draws", type=int, default=20, help="random draws of positives per class and number")
+    parser.add_argument("--review", type=int, default=10, help="hits reviewed in the review round (0: none)")
     parser.add_argument("--heldout", choices=("swellendam", "none"), default="swellendam")
     parser.add_argument("--timing", default="100000,10000000", help="synthetic layer sizes to time ('' for none)")
     parser.add_argument("--repeat", type=int, default=5, help="timed runs per size (after one warm-up)")
@@ -277,12 +298,12 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         layer, classes, queries = demo_set(folder, args.model)
-        result["demo"] = fewshot_ap(layer, classes, queries, shots, args.draws)
+        result["demo"] = fewshot_ap(layer, classes, queries, shots, args.draws, review=args.review)
         print_ap(f"demo scene ({args.model})", result["demo"], shots)
         if args.heldout == "swellendam":
             if SWELLENDAM.exists() and OSM.exists():
                 layer, classes, queries = swellendam_set(folder, args.model)
-                result["swellendam"] = fewshot_ap(layer, classes, queries, shots, args.draws)
+                result["swellendam"] = fewshot_ap(layer, classes, queries, shots, args.draws, review=args.review)
                 print_ap(f"held-out Swellendam 3420B, OSM labels ({args.model})", result["swellendam"], shots)
             else:
                 print(f"\nheld-out set skipped: {SWELLENDAM} or {OSM} missing")

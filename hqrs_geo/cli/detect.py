@@ -16,7 +16,7 @@ DETECT_COMMAND = "detect"
 
 def register(sub: Any) -> None:
     """Add the ``detect`` command."""
-    from ..search.fewshot import DEFAULT_C, METHODS
+    from ..search.fewshot import BACKGROUND, DEFAULT_C, METHODS
     from .search import _add_common
 
     detect = sub.add_parser("detect", help="find all tiles like the positive examples (few-shot classifier on the "
@@ -26,8 +26,8 @@ def register(sub: Any) -> None:
     group.add_argument("--pos", nargs="+", action="extend", default=[], metavar="ID",
                        help="positive example tile ids (what to find)")
     group.add_argument("--neg", nargs="+", action="extend", default=[], metavar="ID",
-                       help="negative example tile ids (what not to find); without any, random tiles stand in "
-                            "as weak negatives")
+                       help="negative example tile ids (what not to find); random tiles join them as weak "
+                            "negatives (--background)")
     group.add_argument("--labels-from", nargs="?", const="saved", default=None, metavar="LAYER",
                        help="use the labels saved with LAYER (alone or 'saved': the labels saved with this layer) "
                             "as well as --pos/--neg")
@@ -41,6 +41,8 @@ def register(sub: Any) -> None:
                        help="at most this many detections in -o (default: all at or above the threshold)")
     group.add_argument("--c", type=number(float, 0, 1e12, low_open=True), default=DEFAULT_C,
                        help=f"inverse L2 regularisation of the logistic regression (default {DEFAULT_C:g})")
+    group.add_argument("--background", type=number(int, 0, 100_000), default=BACKGROUND,
+                       help=f"unlabelled tiles drawn as weak negatives (default {BACKGROUND}; 0: none, give --neg)")
     group.add_argument("-o", "--output", default=None,
                        help="write the detections (tiles at or above the threshold) to this layer (.gpkg or "
                             ".parquet); without it, columns detect_prob and detect_rank are written into LAYER")
@@ -83,7 +85,7 @@ def run_detect(args: argparse.Namespace, progress: Any) -> int:
                           "with -o OUT.gpkg", option="output")
     session = _session(args)
     spatial = _spatial(args)
-    detector = fewshot.fit(session, positive, negative, args.method, args.c)
+    detector = fewshot.fit(session, positive, negative, args.method, args.c, args.background)
     params = {"method": args.method, "positive": detector.positives, "negative": detector.negatives,
               "threshold": args.threshold, "model": session.source.model, "background": detector.background,
               "filters": {k: v for k, v in vars(spatial).items() if v is not None}}

@@ -14,12 +14,15 @@ The two methods:
   class-balance weights (each class weighs half of the labelled rows, so the probability's
   prior is 1/2 whatever the numbers of positives and negatives), solved by Newton's method
   (IRLS) in numpy: ``minimise sum_i s_i log(1 + exp(-y_i (w . x_i + b))) + ||w||^2 / (2 C)``.
-  With no negative given, :data:`BACKGROUND` unlabelled tiles drawn at random (a fixed seed, the
-  positives left out) stand in as *weak* negatives: most tiles of a scene are not the wanted
-  class, so they teach the classifier what "anything else" looks like; some of them may in fact
-  be positives, which is why real negatives, when given, replace them.
+  :data:`BACKGROUND` unlabelled tiles drawn at random (a fixed seed, so every refit of a layer
+  draws the same tiles; the labelled ones left out) join the negatives as *weak* negatives: most
+  tiles of a scene are not the wanted class, so they teach the classifier what "anything else"
+  looks like. Some of them may in fact be positives, so they are weak: with real negatives given,
+  the weak ones weigh half of the negative class and the real ones the other half (two rejected
+  hits count as much as 256 random tiles), without real negatives they are the negative class.
+  ``background=0`` leaves them out (then at least one real negative is needed).
 * ``"query"``: no training, the query vector ``q = 2 mean(pos) - mean(neg)`` (normalised; the
-  weak negatives stand in for missing negatives, as above), scored by cosine ``s = x . q``.
+  weak negatives stand in when no negative is given), scored by cosine ``s = x . q``.
   Its probability is a stated rule: a logistic curve of ``s`` that is 1/2 halfway between the
   mean score of the positives and of the negatives, 0.9 at the positives' mean and 0.1 at the
   negatives' mean (``scale = 2 ln 9 / (mean_pos - mean_neg)``). It only orders tiles as the
@@ -32,7 +35,6 @@ from __future__ import annotations
 
 import math
 import time
-import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -47,8 +49,10 @@ METHODS = ("logistic", "query")
 #: (10-shot mean AP 0.02-0.03 lower) and smaller C squeezes every probability toward 0.5; 3 keeps
 #: the ranking and a usable spread of probabilities.
 DEFAULT_C = 3.0
-#: Unlabelled tiles drawn as weak negatives when no negative is given.
+#: Unlabelled tiles drawn as weak negatives.
 BACKGROUND = 512
+#: Seed of the weak negatives' draw (fixed: refits of one layer draw the same tiles).
+BACKGROUND_SEED = 20240
 #: Most labelled tiles of one detector (positives plus negatives).
 MAX_LABELS = 10_000
 
@@ -121,6 +125,19 @@ def fit_logistic(x: np.ndarray, y: np.ndarray, weights: np.ndarray | None = None
     return theta[:-1], float(theta[-1])
 
 
+def label_weights(positives: int, negatives: int, weak: int) -> np.ndarray:
+    """Sample weights of ``positives``, then ``negatives``, then ``weak`` negatives (in that
+    order): each class weighs half of the total; within the negatives, real and weak ones weigh
+    half each when both are present."""
+    total = positives + negatives + weak
+    half = total / 2.0
+    if negatives and weak:
+        neg, bg = half / 2 / negatives, half / 2 / weak
+    else:
+        neg = bg = half / max(negatives + weak, 1)
+    return np.concatenate([np.full(positives, half / max(positives, 1)), np.full(negatives, neg), np.full(weak, bg)])
+
+
 def balanced_weights(y: np.ndarray) -> np.ndarray:
     """Sample weights giving each class half of the total (scikit-learn's ``class_weight="balanced"``)."""
     y = np.asarray(y)
@@ -144,7 +161,7 @@ class Detector:
     bias: float
     positives: list[str]
     negatives: list[str]
-    background: int = 0  # weak negatives drawn (no negative given)
+    background: int = 0  # weak negatives drawn
     fit_seconds: float = 0.0
 
     def probability(self, cosine: np.ndarray) -> np.ndarray:
@@ -223,29 +240,29 @@ def background_vectors(session: Any, count: int, exclude: Sequence[str], seed: i
     return vectors[:count]
 
 
-def _seed(positive: Sequence[str]) -> int:
-    """A seed fixed by the positives: the same labels draw the same weak negatives."""
-    return zlib.crc32("\n".join(sorted(positive)).encode())
-
-
 def fit(session: Any, positive: Sequence[str], negative: Sequence[str] = (), method: str = "logistic",
         c: float = DEFAULT_C, background: int = BACKGROUND) -> Detector:
     """Fit a detector on the stored embeddings of the labelled tiles of ``session`` (see the
-    module docstring); one-line errors for no positive, unknown ids, a tile in both lists."""
+    module docstring; ``background``: weak negatives to draw); one-line errors for no positive,
+    unknown ids, a tile in both lists."""
     if method not in METHODS:
         raise OptionError(f"unknown method {str(method)[:40]!r}; use one of {', '.join(METHODS)}", option="method")
     start = time.perf_counter()
     positive, negative = _check_ids(positive, negative)
     pos = session.tile_vectors(positive)
-    neg = session.tile_vectors(negative) if negative else None
-    drawn = 0
-    if neg is None:
-        neg = background_vectors(session, background, positive, _seed(positive))
-        drawn = len(neg)
-        if drawn == 0:
-            raise OptionError("every tile is a positive; mark some tiles as negatives (or fewer positives)",
-                              option="negative")
+    if isinstance(background, bool) or not isinstance(background, (int, np.integer)) or background < 0:
+        raise OptionError(f"background must be a whole number of tiles >= 0, not {background!r}",
+                          option="background")
+    neg = session.tile_vectors(negative) if negative else np.zeros((0, pos.shape[1]), dtype=np.float32)
+    weak = np.zeros((0, pos.shape[1]), dtype=np.float32)
+    if background and (method == "logistic" or not negative):
+        weak = background_vectors(session, int(background), positive + negative, BACKGROUND_SEED)
+    drawn = len(weak)
+    if not negative and not drawn:
+        raise OptionError("no negative to learn from: mark some tiles as negatives (every other tile is a "
+                          "positive, or no weak negatives were asked for)", option="negative")
     if method == "query":
+        neg = neg if negative else weak
         q = 2.0 * pos.mean(axis=0) - neg.mean(axis=0)
         norm = float(np.linalg.norm(q))
         if norm == 0 or not math.isfinite(norm):
@@ -258,9 +275,9 @@ def fit(session: Any, positive: Sequence[str], negative: Sequence[str] = (), met
         detector = Detector("query", q.astype(np.float32), scale, -scale * (mean_pos + mean_neg) / 2, positive,
                             negative, drawn)
     else:
-        x = np.concatenate([pos, neg])
-        y = np.concatenate([np.ones(len(pos)), np.zeros(len(neg))])
-        w, b = fit_logistic(x, y, balanced_weights(y), c)
+        x = np.concatenate([pos, neg, weak])
+        y = np.concatenate([np.ones(len(pos)), np.zeros(len(neg) + len(weak))])
+        w, b = fit_logistic(x, y, label_weights(len(pos), len(neg), len(weak)), c)
         norm = float(np.linalg.norm(w))
         if norm == 0:
             raise OptionError("the classifier learned nothing from these examples; give other examples",
@@ -366,10 +383,10 @@ def result_frame(session: Any, detection: Detection) -> Any:
 
 
 def detect(session: Any, positive: Sequence[str], negative: Sequence[str] = (), method: str = "logistic",
-           k: int | None = 1000, threshold: float = 0.5, spatial: Any = None, c: float = DEFAULT_C
-           ) -> tuple[Any, Detection]:
+           k: int | None = 1000, threshold: float = 0.5, spatial: Any = None, c: float = DEFAULT_C,
+           background: int = BACKGROUND) -> tuple[Any, Detection]:
     """Fit and score in one call: ``(result GeoDataFrame, Detection)``."""
-    detector = fit(session, positive, negative, method, c)
+    detector = fit(session, positive, negative, method, c, background)
     detection = score(session, detector, k, threshold, spatial)
     return result_frame(session, detection), detection
 

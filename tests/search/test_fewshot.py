@@ -69,12 +69,22 @@ def test_logistic_detection_equals_an_independent_fit(layer):
     session = SearchSession(str(layer))
     ids, matrix = _matrix(layer)
     pos, neg = list(ids[[3, 4, 12]]), list(ids[[40, 50]])
-    frame, detection = fewshot.detect(session, pos, neg, k=10, threshold=0.3)
+    frame, detection = fewshot.detect(session, pos, neg, k=10, threshold=0.3, background=0)
     x = np.concatenate([matrix[[3, 4, 12]], matrix[[40, 50]]])
     y = np.array([1, 1, 1, 0, 0])
     reference = LogisticRegression(C=fewshot.DEFAULT_C, tol=1e-12, max_iter=100_000)
     reference.fit(x, y, sample_weight=fewshot.balanced_weights(y))
     expected = reference.predict_proba(matrix)[:, 1]
+    # with weak negatives (the default): real and weak negatives weigh half of the negative class each
+    weak = fewshot.background_vectors(session, fewshot.BACKGROUND, pos + neg, fewshot.BACKGROUND_SEED)
+    assert len(weak) == 59 and not any(np.allclose(w, matrix[i]) for w in weak for i in (3, 4, 12, 40, 50))
+    total = 3 + 2 + 59
+    weights = np.concatenate([np.full(3, total / 6), np.full(2, total / 8), np.full(59, total / 4 / 59)])
+    both = LogisticRegression(C=fewshot.DEFAULT_C, tol=1e-12, max_iter=100_000).fit(
+        np.concatenate([x, weak]), np.concatenate([y, np.zeros(59)]), sample_weight=weights)
+    detector = fewshot.fit(session, pos, neg)
+    assert detector.background == 59
+    assert np.allclose(detector.probability(matrix @ detector.vector), both.predict_proba(matrix)[:, 1], atol=1e-5)
     order = np.lexsort((np.arange(len(ids)), -expected))
     above = int((expected >= 0.3).sum())
     assert detection.tiles == 64 and detection.above == above and detection.detector.background == 0
@@ -122,6 +132,10 @@ def test_one_line_errors(layer):
                           (([first], [first]), "both positive and negative")]:
         with pytest.raises(hg.OptionError, match=message):
             fewshot.fit(session, *args)
+    with pytest.raises(hg.OptionError, match="no negative to learn from"):
+        fewshot.fit(session, [first], background=0)
+    with pytest.raises(hg.OptionError, match="background must be a whole number"):
+        fewshot.fit(session, [first], background=-1)
     with pytest.raises(hg.OptionError, match="unknown method"):
         fewshot.fit(session, [first], method="svm")
     with pytest.raises(hg.OptionError, match="threshold must be a probability"):
