@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -202,10 +203,21 @@ def datetime_range(text: str) -> tuple[datetime | None, datetime | None]:
     return start, end
 
 
+def _bbox2d(item: Any) -> tuple[float, float, float, float] | None:
+    """An item's bbox as (min lon, min lat, max lon, max lat); None when it has no usable one."""
+    box = item.bbox
+    if not isinstance(box, (list, tuple)) or len(box) not in (4, 6) \
+            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in box):
+        return None
+    if len(box) == 6:  # 3-D: min x, y, z, max x, y, z
+        box = [box[0], box[1], box[3], box[4]]
+    return float(box[0]), float(box[1]), float(box[2]), float(box[3])
+
+
 def _item_matches(item: Any, flt: SourceFilter) -> bool:
     if flt.bbox is not None:
-        box = item.bbox
-        if not box:
+        box = _bbox2d(item)
+        if box is None:
             return False
         b = flt.bbox
         if box[0] > b[2] or box[2] < b[0] or box[1] > b[3] or box[3] < b[1]:
@@ -269,6 +281,8 @@ def _read_json(href: str) -> dict:
         data = json.loads(_read_text(href))
     except HqrsError:
         raise
+    except RecursionError:
+        raise InputError(f"{public_url(href)}: the JSON nests too deep to be a STAC document") from None
     except (OSError, ValueError) as exc:
         reason = redact(str(exc).splitlines()[0]) if str(exc) else type(exc).__name__
         raise InputError(f"{public_url(href)}: cannot read STAC JSON ({reason}); check the path or URL") from None
@@ -356,7 +370,11 @@ def _stac_items(href: str, allow_local: bool = False) -> Iterator[Any]:
             if isinstance(cause, HqrsError):
                 raise cause from None
             cause = cause.__cause__ or cause.__context__
+        if isinstance(exc, RecursionError):
+            raise InputError(f"{shown}: cannot read STAC catalog (its links form a cycle or nest too deep)") from None
         reason = redact(str(exc).splitlines()[0]) if str(exc) else type(exc).__name__
+        if isinstance(exc, KeyError):
+            reason = f"a required key is missing: {reason}"
         raise InputError(f"{shown}: cannot read STAC catalog ({reason})") from None
 
 
@@ -378,9 +396,13 @@ def _asset_href(item: Any, asset: Any) -> str:
 def _item_crs(item: Any, asset: Any) -> str | None:
     """The CRS an item or its asset states (STAC projection extension), if any."""
     for props in (getattr(asset, "extra_fields", None) or {}, item.properties or {}):
-        code = props.get("proj:code") or (f"EPSG:{props['proj:epsg']}" if props.get("proj:epsg") else None)
-        if isinstance(code, str) and code:
+        if not isinstance(props, dict):
+            continue
+        code, epsg = props.get("proj:code"), props.get("proj:epsg")
+        if isinstance(code, str) and code.count(":") == 1 and all(code.split(":")):
             return code
+        if isinstance(epsg, int) and not isinstance(epsg, bool) and epsg > 0:
+            return f"EPSG:{epsg}"
     return None
 
 
@@ -392,6 +414,8 @@ def _stac_entries(href: str, flt: SourceFilter, members: dict[str, set[str]] | N
     ids = members.setdefault(catalog, set()) if members is not None else set()
     remote = _is_url(href)
     for item in _stac_items(href, flt.allow_local_assets):
+        if not isinstance(item.id, str) or not item.id.strip():
+            raise InputError(f"{public_url(href)}: a STAC item without a text id ({item.id!r}); fix the catalog")
         ids.add(item.id)
         if not _item_matches(item, flt):
             continue
@@ -405,7 +429,7 @@ def _stac_entries(href: str, flt: SourceFilter, members: dict[str, set[str]] | N
         if url.startswith("file://"):
             url = url[len("file://"):]
         facts = {"item": item.id, "catalog": catalog, "crs": _item_crs(item, asset),
-                 "bbox": tuple(float(v) for v in item.bbox[:4]) if item.bbox and len(item.bbox) >= 4 else None}
+                 "bbox": _bbox2d(item)}
         if local:
             path = os.path.abspath(url)
             out.append(SourceEntry(path=path, url=path, **facts))

@@ -663,3 +663,63 @@ def test_hostile_tile_sizes_are_one_line_errors(served, spec):
     named = caught.value.option == "tile_size" or "tile size" in str(caught.value)
     record(clean=int("\n" not in str(caught.value) and named))
     assert "\n" not in str(caught.value) and named, str(caught.value)
+
+
+def _hostile_stac() -> dict[str, str | bytes]:
+    good = {"type": "Feature", "stac_version": "1.0.0", "id": "x", "geometry": None, "bbox": [0, 0, 1, 1],
+            "properties": {"datetime": "2021-01-01T00:00:00Z"}, "links": [],
+            "assets": {"visual": {"href": "http://127.0.0.1:9/a.tif", "type": "image/tiff"}}}
+
+    def catalog(links):
+        return json.dumps({"type": "Catalog", "stac_version": "1.0.0", "id": "c", "description": "d", "links": links})
+
+    return {
+        "array": "[1,2]", "string": '"x"', "null": "null", "empty": "", "garbage": "{{{", "bad-utf8": b"\xff\xfe{}",
+        "deep": "[" * 100000 + "]" * 100000, "deep-object": '{"type":"Feature","a":' + "[" * 50000 + "]" * 50000 + "}",
+        "no-type": json.dumps({"id": "x"}),
+        "features-null": json.dumps({"type": "FeatureCollection", "features": None}),
+        "features-text": json.dumps({"type": "FeatureCollection", "features": "abc"}),
+        "feature-number": json.dumps({"type": "FeatureCollection", "features": [1]}),
+        "no-assets": json.dumps({**good, "assets": {}}), "assets-list": json.dumps({**good, "assets": []}),
+        "href-null": json.dumps({**good, "assets": {"visual": {"href": None}}}),
+        "href-number": json.dumps({**good, "assets": {"visual": {"href": 5}}}),
+        "bbox-short": json.dumps({**good, "bbox": [0, 1]}), "bbox-text": json.dumps({**good, "bbox": "abc"}),
+        "bbox-nan": json.dumps({**good, "bbox": [0, 0, float("nan"), 1]}),
+        "no-id": json.dumps({k: v for k, v in good.items() if k != "id"}), "id-number": json.dumps({**good, "id": 5}),
+        "id-path": json.dumps({**good, "id": "../../etc/passwd"}),
+        "properties-null": json.dumps({**good, "properties": None}),
+        "datetime-word": json.dumps({**good, "properties": {"datetime": "yesterday"}}),
+        "links-text": json.dumps({**good, "links": "x"}),
+        "proj-text": json.dumps({**good, "properties": {"datetime": "2021-01-01T00:00:00Z", "proj:epsg": "abc"}}),
+        "child-cycle": catalog([{"rel": "child", "href": "./child-cycle.json"}]),
+        "links-null": catalog(None), "child-missing": catalog([{"rel": "child", "href": "./nope.json"}]),
+        "item-link-without-href": catalog([{"rel": "item"}]),
+    }
+
+
+def test_hostile_stac_documents_are_one_line_errors(served, tmp_path):
+    """Broken STAC documents, local and over HTTP, with every filter: a scene list or a one-line
+    error, never an internal error."""
+    from hqrs_geo.errors import HqrsError
+
+    server, _, folder = served
+    filters = (SourceFilter(), SourceFilter(datetime="2021-01-01"), SourceFilter(bbox=(0, 0, 1, 1)),
+               SourceFilter(asset="visual"))
+    for name, text in _hostile_stac().items():
+        for where in (tmp_path, folder):
+            path = where / f"{name}.json"
+            path.write_bytes(text if isinstance(text, bytes) else text.encode())
+            source = str(path) if where == tmp_path else server.url(path.name)
+            outcome = {"clean": 0, "internal": 0}
+            for flt in filters:
+                try:
+                    entries = resolve_sources([source], flt)
+                    assert all(isinstance(e.key, str) and "/" not in e.key for e in entries)
+                except HqrsError as exc:
+                    outcome["clean"] = int("\n" not in str(exc))
+                    assert "\n" not in str(exc), str(exc)
+                except Exception as exc:  # an internal error: counted, then failed
+                    outcome["internal"] = 1
+                    record(**outcome)
+                    raise AssertionError(f"{name} ({source}): {type(exc).__name__}: {exc}") from exc
+            record(**outcome)
