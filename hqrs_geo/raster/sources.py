@@ -27,6 +27,11 @@ def is_network(path: str) -> bool:
     return str(path).startswith(NETWORK_PREFIXES)
 
 
+def shown(text: str, limit: int = 200) -> str:
+    """``text`` shortened for an error line (a path or pattern thousands of characters long)."""
+    return text if len(text) <= limit else f"{text[:limit - 50]}…{text[-40:]}"
+
+
 def expand_inputs(inputs: Sequence[str | os.PathLike]) -> list[str]:
     """Expand paths, globs and folders into an ordered, de-duplicated list of raster paths."""
     found: list[str] = []
@@ -37,7 +42,7 @@ def expand_inputs(inputs: Sequence[str | os.PathLike]) -> list[str]:
         elif _GLOB_CHARS & set(text):
             matches = sorted(m for m in glob.glob(text, recursive=True) if os.path.isfile(m))
             if not matches:
-                raise InputError(f"no files match {text!r}: check the pattern (quote it in the shell)")
+                raise InputError(f"no files match {shown(text)!r}: check the pattern (quote it in the shell)")
             found.extend(os.path.abspath(m) for m in matches)
         elif os.path.isdir(text):
             matches = sorted(
@@ -46,11 +51,11 @@ def expand_inputs(inputs: Sequence[str | os.PathLike]) -> list[str]:
             )
             if not matches:
                 raise InputError(
-                    f"no rasters in folder {text}: expected files ending in {', '.join(RASTER_SUFFIXES)}"
+                    f"no rasters in folder {shown(text)}: expected files ending in {', '.join(RASTER_SUFFIXES)}"
                 )
             found.extend(os.path.abspath(m) for m in matches)
         elif not os.path.exists(text):
-            raise InputError(f"{text}: file not found; check the path")
+            raise InputError(f"{shown(text)}: file not found; check the path")
         else:
             found.append(os.path.abspath(text))
     if not found:

@@ -723,3 +723,23 @@ def test_hostile_stac_documents_are_one_line_errors(served, tmp_path):
                     record(**outcome)
                     raise AssertionError(f"{name} ({source}): {type(exc).__name__}: {exc}") from exc
             record(**outcome)
+
+
+def test_hostile_source_lists(tmp_path):
+    from hqrs_geo.errors import HqrsError
+
+    (tmp_path / "self.txt").write_text("self.txt\n")
+    (tmp_path / "binary.txt").write_bytes(b"\x00\x01\xff\n")
+    (tmp_path / "long.txt").write_text("a" * 1_000_000 + "\n")
+    (tmp_path / "empty.txt").write_text("# nothing\n\n")
+    for name, words in (("self", "nest too deep"), ("binary", "cannot read the list"), ("long", "file not found"),
+                        ("empty", "empty")):
+        with pytest.raises(HqrsError, match=words) as caught:
+            resolve_sources([str(tmp_path / f"{name}.txt")])
+        one_line = "\n" not in str(caught.value) and len(str(caught.value)) < 600
+        record(clean=int(one_line))
+        assert one_line, str(caught.value)[:300]
+    (tmp_path / "creds.txt").write_text(f"http://u:{PASSWORD}@127.0.0.1:9/a.tif?token={TOKEN}\n")
+    entry = resolve_sources([str(tmp_path / "creds.txt")])[0]
+    record(credentials_stored=int(any(s in entry.path + entry.url for s in SECRETS)))
+    assert (entry.path, entry.url) == ("/vsicurl/http://127.0.0.1:9/a.tif", "http://127.0.0.1:9/a.tif")
