@@ -835,12 +835,17 @@ class SearchDock(QDockWidget):
             ids += [node.layerId() for node in group.findLayers() if node.layer() is not None
                     and node.layer().providerType() == "memory"
                     and node.layer().customProperty(styles.STYLED) in ("hits", "heat")]
+        removed = False
         for layer_id in dict.fromkeys(ids):
             if project.mapLayer(layer_id) is not None:
                 project.removeMapLayer(layer_id)
+                removed = True
         self.result_layer_ids = []
         if isinstance(group, QgsLayerTreeGroup) and not group.children():
             project.layerTreeRoot().removeChildNode(group)
+        canvas = self.iface.mapCanvas() if removed and self.iface is not None else None
+        if canvas is not None:
+            canvas.refresh()  # QGIS keeps drawing removed layers' last image until the next refresh
         if not keep_table:
             self.hits = []
             self.hits_choice = None
