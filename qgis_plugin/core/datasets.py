@@ -89,8 +89,8 @@ def read_dataset(path: str) -> DatasetInfo:
         if os.path.isfile(os.path.join(os.path.dirname(folder), MANIFEST)):
             raise DatasetError(f"{folder}: is a folder inside a dataset; choose its parent "
                                f"{os.path.dirname(folder)}") from None
-        raise DatasetError(f"{folder}: not a dataset (no {MANIFEST}); choose the folder written by "
-                           "'hqrs-geo run SOURCES -o FOLDER/'") from None
+        raise DatasetError(f"{folder}: not a dataset (no {MANIFEST}); choose a dataset folder written by the "
+                           "HQRS engine (GeoParquet parts with their manifest)") from None
     stamp = (stat.st_mtime_ns, stat.st_size)
     cached = _cache.get(folder)
     if cached is not None and cached[0] == stamp:

@@ -395,7 +395,7 @@ def test_dock_searches_a_dataset_folder_without_loading_it(dock, dataset_folder,
         assert dock.layer_box.itemText(dock.layer_box.count() - 1) == "Open dataset…"
         # not a dataset, a dataset without embeddings: said in the dock and the message bar
         assert open_dataset_from_the_list(dock, dataset_folder)
-        assert "not a dataset (no _manifest.json)" in dock.status.text()
+        assert "not a dataset (no _manifest.json)" in dock.status.text() and "hqrs-geo" not in dock.status.text()
         assert "not a dataset" in dock.iface_stand_in.bar.currentItem().text()
         assert not dock.add_dataset(str(dataset_folder / "plain"))
         assert "no embeddings yet" in dock.status.text() and "hqrs-geo" not in dock.status.text()
