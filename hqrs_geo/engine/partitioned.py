@@ -499,7 +499,7 @@ def _drive(executor: Any, units: list[Unit], waiting: dict[str, set], manifest: 
             elif outcome.kind == "retry":
                 unit.attempts += 1
                 if unit.attempts >= scale.max_attempts:
-                    error = f"{unit.entry.path}: lost its worker {unit.attempts} times ({outcome.error}); run again"
+                    error = f"{unit.entry.path}: lost {unit.attempts} times ({outcome.error}); run again"
                     manifest.failed[key] = {"source": unit.entry.path, "url": unit.entry.url,
                                             "item": unit.entry.item, "error": error}
                     report.failed[key] = error
