@@ -25,7 +25,8 @@ from qgis.core import (
     QgsVectorLayer,
 )
 from qgis.gui import QgsCollapsibleGroupBox
-from qgis.PyQt.QtCore import QObject, Qt, pyqtSignal
+from qgis.PyQt import sip
+from qgis.PyQt.QtCore import QObject, Qt, QTimer, pyqtSignal
 from qgis.PyQt.QtWidgets import (
     QAbstractItemView,
     QComboBox,
@@ -79,6 +80,8 @@ class FewShotPanel(QgsCollapsibleGroupBox):
         self._build()
         dock.layer_box.currentIndexChanged.connect(self.choice_changed)
         QgsProject.instance().layersWillBeRemoved.connect(self.layers_removed)
+        for signal in self._project_signals():  # the dock refreshes its list then (signals blocked)
+            signal.connect(self.choice_changed_later)
         self.path = self.current_path()
         self.update_counts()
 
@@ -211,6 +214,8 @@ class FewShotPanel(QgsCollapsibleGroupBox):
     def choice_changed(self, _index: int = 0) -> None:
         """The dock shows another layer: its labels (restored when its session runs), no rows of
         the previous layer's detection."""
+        if sip.isdeleted(self):
+            return
         path = self.current_path()
         if path == self.path:
             return
@@ -225,6 +230,20 @@ class FewShotPanel(QgsCollapsibleGroupBox):
         if choice is not None and self.session(choice).running:
             self.restore_labels()
         self.update_counts()
+
+    def sync(self) -> None:
+        """Catch up with the dock's current layer (the dock may change it with its signals blocked)."""
+        if self.current_path() != self.path:
+            self.choice_changed()
+
+    @staticmethod
+    def _project_signals() -> list:
+        project = QgsProject.instance()
+        return [project.layersAdded, project.layersRemoved, project.cleared, project.readProject]
+
+    def choice_changed_later(self, *_args) -> None:
+        """After the dock has refreshed its layer list (it does so on the same project signals)."""
+        QTimer.singleShot(0, self.choice_changed)
 
     def layers_removed(self, layer_ids: list) -> None:
         """The labels layer removed by the user: drawn again on the next label."""
@@ -259,6 +278,10 @@ class FewShotPanel(QgsCollapsibleGroupBox):
                 canvas.unsetMapTool(self.tool)
             self.tool = None
             return
+        if self.current_path() != self.path:  # another layer since: start from its state
+            self.choice_changed()
+            self.label_button.setChecked(True)  # toggled again, now on the current layer
+            return
         target = self.dock.current_layer() or self.detection_layer() or self.dock.results_layer()
         if target is None:
             self.label_button.setChecked(False)
@@ -283,6 +306,7 @@ class FewShotPanel(QgsCollapsibleGroupBox):
     def label_tiles(self, tile_ids: list[str], mark: int, geometries: dict[str, QgsGeometry] | None = None) -> None:
         """Label ``tile_ids`` (positive or negative), with their footprints when given, else from
         the current tile layer."""
+        self.sync()
         geometries = dict(geometries or {})
         missing = [t for t in tile_ids if t not in geometries]
         layer = self.dock.current_layer()
@@ -296,6 +320,7 @@ class FewShotPanel(QgsCollapsibleGroupBox):
 
     def add_hits(self) -> None:
         """The search's selected hits (else all of them) become positives."""
+        self.sync()
         dock = self.dock
         choice = dock.current_choice()
         if not dock.hits or choice is None or dock.hits_choice is None or dock.hits_choice.ident != choice.ident:
@@ -367,6 +392,7 @@ class FewShotPanel(QgsCollapsibleGroupBox):
     def restore_labels(self) -> tasks.CallTask | None:
         """Ask the engine for the labels saved with the current layer (once per layer); they are
         merged with the labels given since (those win)."""
+        self.sync()
         choice = self.dock.current_choice()
         if choice is None or choice.path in self.restored:
             return None
@@ -402,6 +428,7 @@ class FewShotPanel(QgsCollapsibleGroupBox):
 
     def save_labels(self) -> tasks.CallTask | None:
         """Store the current labels with the tile layer (the engine's run record)."""
+        self.sync()
         choice = self.dock.current_choice()
         if choice is None:
             self.show_status("choose a tile layer first")
@@ -449,6 +476,7 @@ class FewShotPanel(QgsCollapsibleGroupBox):
     def find_all(self) -> tasks.CallTask | None:
         """"Find all like these" (and Refit): the ``detect`` request in a task; its answer fills
         the detection layer. A request still running is replaced (its answer is dropped)."""
+        self.sync()
         choice = self.dock.current_choice()
         if choice is None:
             self.show_status("choose a tile layer with embeddings above")
@@ -620,8 +648,9 @@ class FewShotPanel(QgsCollapsibleGroupBox):
         for task in [self.task, *self.side_tasks]:
             if task is not None and not task.done:
                 task.on_done = None
+        connected = [(signal, self.choice_changed_later) for signal in self._project_signals()]
         for signal, slot in ((self.dock.layer_box.currentIndexChanged, self.choice_changed),
-                             (QgsProject.instance().layersWillBeRemoved, self.layers_removed)):
+                             (QgsProject.instance().layersWillBeRemoved, self.layers_removed), *connected):
             try:
                 signal.disconnect(slot)
             except (TypeError, RuntimeError):
