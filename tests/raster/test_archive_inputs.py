@@ -284,9 +284,12 @@ def test_wrong_credentials_are_worded_and_not_stored(served, tmp_path):
     server, _, _ = served
     wrong = server.url("auth/b.tif", auth="user:wrong-SECRET-pw@")
     token = server.url("token/b.tif?token=bad-SECRET-tok")
-    result = run_cli("tile", wrong, token, "-o", f"{tmp_path / 'DS'}/", "--tile-size", "128", *LIMITS)
+    result = run_cli("tile", wrong, token, "-o", f"{tmp_path / 'DS'}/", "--tile-size", "128", "--progress", "json",
+                     *LIMITS)
     seen = _case(result, tmp_path / "DS", expect_error=True)
     assert result.returncode == 3 and seen["clean"] and not seen["stored"]
+    lines = [json.loads(line) for line in result.stdout.splitlines()]  # nothing but JSON on stdout
+    assert len(lines[-1]["failed"]) == 2 and all("credentials" in f["error"] for f in lines[-1]["failed"])
     failed = json.loads((tmp_path / "DS" / "_manifest.json").read_text())["failed"]
     errors = sorted(v["error"] for v in failed.values())
     assert len(errors) == 2 and "asks for credentials (HTTP 401)" in errors[0]
