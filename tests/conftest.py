@@ -254,9 +254,12 @@ SLOW = (
     "tests/test_benchmarks.py",                        # every benchmark's smoke run, in child processes
     "tests/test_hermetic.py",                          # a child pytest in a planted user home
     "tests/mpgi/test_backend_deadlines.py::test_sigterm_",  # a real CLI child process stopped by SIGTERM
+    "tests/search/test_index_faults.py::test_serve_search_",  # a real serve-search child process
     "tests/test_faults.py::test_killed_",              # kill -9 / SIGTERM and resume, in child processes
     "tests/test_faults.py::test_stopped_finetune_resumes_bit_identical",
     "tests/engine/test_ray_engine.py",                 # real Ray clusters
+    "tests/engine/test_ray_faults.py::test_a_",        # Ray clusters and local instances: nodes lost, tokens
+    "tests/engine/test_ray_faults.py::test_sigterm_",
     "tests/mpgi/test_mpgi_pipeline.py",                # the real SmolLM2 over real tiles
     "tests/mpgi/test_mpgi_backends.py::test_smollm2_",
     "tests/mpgi/test_mpgi_backends.py::test_http_server_backed_by_smollm2",
