@@ -9,7 +9,8 @@ single-layer file (GeoParquet, FlatGeobuf) is a tile layer the engine opens.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -209,20 +210,47 @@ def hide_embedding_columns(layer: QgsVectorLayer) -> list[str]:
 
 
 def complete_crs(layer: QgsMapLayer) -> bool:
-    """Give a layer whose CRS names an authority code but has no definition (an empty WKT: it
-    cannot be transformed, so it draws nowhere in a project of another CRS) the full CRS of that
-    code. Returns True when it was completed."""
+    """Give ``layer`` a CRS object made now, in this thread (call it from the main thread), from
+    its definition (WKT; its authority code when the WKT is already lost). Returns True when set.
+
+    QGIS 3.22 caches a CRS per definition together with the PROJ objects of the thread that first
+    made it, and frees those when that thread ends: a layer read with that CRS after a worker
+    thread (a search, a Processing algorithm) first read the same file keeps a CRS that names its
+    code but has no definition once the thread is gone (an empty WKT): it cannot be transformed, so
+    it draws nowhere in a project of another CRS, though map tips still find its features. The
+    cache is emptied first, so the new object is made here and lives as long as the application.
+    """
     crs = layer.crs()
-    if crs.isValid() and crs.toWkt():
-        return False
+    wkt = crs.toWkt(QgsCoordinateReferenceSystem.WKT_PREFERRED) if crs.isValid() else ""
     authid = crs.authid()
-    if not authid:
+    if not wkt and not authid:
         return False
-    full = QgsCoordinateReferenceSystem(authid)
-    if not full.isValid() or not full.toWkt():
+    forget_crs_cache()
+    fresh = QgsCoordinateReferenceSystem.fromWkt(wkt) if wkt else QgsCoordinateReferenceSystem(authid)
+    if (not fresh.isValid() or not fresh.toWkt()) and authid:
+        fresh = QgsCoordinateReferenceSystem(authid)
+    if not fresh.isValid() or not fresh.toWkt():
         return False
-    layer.setCrs(full)
+    layer.setCrs(fresh)
     return True
+
+
+def forget_crs_cache() -> None:
+    """Empty QGIS's CRS cache (see :func:`complete_crs`): what a worker thread cached is made
+    again by the next thread that needs it."""
+    QgsCoordinateReferenceSystem.invalidateCache()
+
+
+@contextmanager
+def opened_in_worker(uri: str, name: str = "tiles") -> Iterator[QgsVectorLayer]:
+    """The OGR layer ``uri`` for a worker thread; when the block ends, the CRS cache entries it may
+    have made are dropped (they die with the thread: see :func:`complete_crs`), so layers read
+    later in the main thread get a CRS of their own."""
+    layer = QgsVectorLayer(uri, name, "ogr")
+    try:
+        yield layer
+    finally:
+        forget_crs_cache()
 
 
 def place_above_imagery(layer: QgsMapLayer, project: QgsProject | None = None) -> bool:
@@ -254,8 +282,9 @@ def place_above_imagery(layer: QgsMapLayer, project: QgsProject | None = None) -
 
 
 def settle_new_layer(layer: QgsMapLayer, new: bool = True) -> None:
-    """What every tile or result layer gets when it is added: embedding columns hidden, a complete
-    CRS, and (a ``new`` layer, not one read from a project) a place above the imagery."""
+    """What every tile or result layer gets when it is added (main thread): embedding columns
+    hidden, a CRS of its own that outlives worker threads (:func:`complete_crs`), and (a ``new``
+    layer, not one read from a project) a place above the imagery."""
     if not isinstance(layer, QgsVectorLayer):
         return
     hide_embedding_columns(layer)

@@ -690,14 +690,15 @@ class SearchDock(QDockWidget):
     def _read_hits(path: str, results: list[dict], k: int) -> list[Hit]:
         """Worker thread: geometries, captions and thumbnails of the best ``k`` results (and
         geometries of the rest, for the heat map) from the tile layer's features."""
-        layer = QgsVectorLayer(tile_layers.engine_layer_uri(path), "tiles", "ogr")
-        features = tile_layers.features_by_tile(layer, [r["tile_id"] for r in results])
+        with tile_layers.opened_in_worker(tile_layers.engine_layer_uri(path)) as layer:  # keeps the CRS cache sound
+            features = tile_layers.features_by_tile(layer, [r["tile_id"] for r in results])
+            has_caption = layer.fields().indexOf("caption") >= 0
         hits = []
         for i, result in enumerate(results):
             feature = features.get(str(result["tile_id"]))
             if feature is None:
                 continue
-            caption = feature["caption"] if layer.fields().indexOf("caption") >= 0 else None
+            caption = feature["caption"] if has_caption else None
             thumb = None
             if i < k:
                 thumb = tile_layers.thumbnail(str(feature["source"]), (feature["x_off"], feature["y_off"],

@@ -17,7 +17,7 @@ from qgis.core import (
     QgsCoordinateReferenceSystem,
     QgsCoordinateTransform,
     QgsFillSymbol,
-    QgsMapRendererSequentialJob,
+    QgsMapRendererParallelJob,
     QgsMapSettings,
     QgsProcessingException,
     QgsProject,
@@ -74,7 +74,7 @@ def render(project: QgsProject, extent: QgsRectangle, size: int = 400) -> np.nda
     settings.setOutputSize(QSize(size, size))
     settings.setExtent(extent)
     settings.setBackgroundColor(QColor("black"))
-    job = QgsMapRendererSequentialJob(settings)
+    job = QgsMapRendererParallelJob(settings)
     job.start()
     job.waitForFinished()
     image = job.renderedImage().convertToFormat(4)  # QImage.Format_RGB32
@@ -189,3 +189,76 @@ def test_an_empty_geopackage_is_named_as_one(processing_run, tmp_path):  # noqa:
 
 def project_context():
     return QgsProject.instance().transformContext()
+
+
+def test_layers_read_after_a_worker_thread_keep_a_complete_crs(processing_run, project_4326, tmp_path):  # noqa: F811
+    """QGIS 3.22 frees the PROJ objects of the CRSs a worker thread cached when the thread ends: a
+    layer read afterwards with that CRS draws nowhere. Settled layers and layers read after
+    :func:`opened_in_worker` keep a complete CRS."""
+    import time
+
+    from qgis.core import QgsApplication
+    from qgis.PyQt.QtCore import QThreadPool
+
+    from hqrs_geo import TileConfig
+    from hqrs_geo.api import tile
+    from qgis_plugin.core import tasks
+
+    path = tmp_path / "tiles.gpkg"
+    tile(EXAMPLE_SCENE, path, TileConfig(tile_size=250))
+    uri = f"{path}|layername=tiles"
+    pool = QThreadPool.globalInstance()
+    expiry = pool.expiryTimeout()
+    pool.setExpiryTimeout(100)  # worker threads end 0.1 s after their task
+
+    def in_worker(fn) -> None:
+        done: list = []
+        tasks.start(tasks.CallTask("HQRS test: read in a worker", fn, lambda result, error: done.append(error)))
+        while not done:
+            QgsApplication.processEvents()
+            time.sleep(0.01)
+        assert done == [None]
+
+    def thread_ended() -> None:
+        time.sleep(1.5)  # idle for longer than the expiry: the worker thread ends
+        QgsApplication.processEvents()
+
+    def outline(layer):
+        layer.setRenderer(QgsSingleSymbolRenderer(QgsFillSymbol.createSimple(
+            {"style": "no", "outline_style": "solid", "outline_color": "255,0,255,255", "outline_width": "0.6"})))
+        return layer
+
+    try:
+        project = project_4326
+        view = QgsCoordinateTransform(QgsCoordinateReferenceSystem("EPSG:28992"), project.crs(), project
+                                      ).transformBoundingBox(QgsRectangle(*SCENE_BOUNDS))
+        tile_layers.forget_crs_cache()
+        in_worker(lambda _task: QgsVectorLayer(uri, "worker", "ogr").featureCount())
+        plain = QgsVectorLayer(uri, "plain", "ogr")  # read while the worker thread still exists
+        thread_ended()
+        # QGIS 3.22 (here): its definition went with the thread, its code is left (an empty WKT)
+        fault = plain.crs().authid() == "EPSG:28992" and not plain.crs().toWkt()
+        # the same, settled as the plugin settles every new tile layer: it keeps its CRS and draws
+        tile_layers.forget_crs_cache()
+        in_worker(lambda _task: QgsVectorLayer(uri, "worker", "ogr").featureCount())
+        settled = QgsVectorLayer(uri, "settled", "ogr")
+        tile_layers.settle_new_layer(settled, new=False)
+        thread_ended()
+        assert settled.crs().authid() == "EPSG:28992" and "Amersfoort" in settled.crs().toWkt()
+        print(f"\na layer read while a worker thread lived: {'empty' if fault else 'complete'} WKT after the "
+              "thread ended; settled: complete")
+        project.addMapLayer(outline(settled))
+        assert magenta_pixels(render(project, view)) > 1000
+        # a worker that reads through opened_in_worker leaves nothing behind
+        tile_layers.forget_crs_cache()
+
+        def read(_task):
+            with tile_layers.opened_in_worker(uri) as layer:
+                return layer.featureCount()
+
+        in_worker(read)
+        later = QgsVectorLayer(uri, "later", "ogr")
+        thread_ended()
+        assert later.crs().authid() == "EPSG:28992" and "Amersfoort" in later.crs().toWkt()
+    finally:
+        pool.setExpiryTimeout(expiry)

@@ -21,13 +21,12 @@ from qgis.core import (
     QgsProcessingParameterString,
     QgsProcessingParameterVectorDestination,
     QgsVectorFileWriter,
-    QgsVectorLayer,
 )
 from qgis.PyQt.QtCore import QVariant
 
 from ...core import sessions, styles
 from ...core.runner import EngineError
-from ...core.tile_layers import features_by_tile
+from ...core.tile_layers import features_by_tile, opened_in_worker
 from ..base import HqrsAlgorithm, cli_option, layer_uri, slug, split_destination, tr
 from ..params import CHECKPOINT_FILTER, advanced
 from .models import add_tile_layer_input, add_updated_output
@@ -124,11 +123,12 @@ def write_results(tiles_path: str, results: list[dict], path: str, name: str, co
                   feedback: QgsProcessingFeedback) -> str:
     """The ranked tiles (their tile columns, ``score`` and ``rank``; no embeddings) as layer
     ``name`` of ``path``, as the engine writes result layers; returns the layer's URI."""
-    tiles = QgsVectorLayer(layer_uri(tiles_path), "tiles", "ogr")
-    if not tiles.isValid():
-        raise QgsProcessingException(tr("HQRS: cannot read the tile layer {}").format(tiles_path))
-    found = features_by_tile(tiles, [r["tile_id"] for r in results])
-    keep = [f for f in tiles.fields() if not f.name().startswith("emb_") and f.name().lower() != "fid"]
+    with opened_in_worker(layer_uri(tiles_path)) as tiles:  # an algorithm's thread: keeps the CRS cache sound
+        if not tiles.isValid():
+            raise QgsProcessingException(tr("HQRS: cannot read the tile layer {}").format(tiles_path))
+        found = features_by_tile(tiles, [r["tile_id"] for r in results])
+        source_fields, source_crs, wkb = tiles.fields(), tiles.crs(), tiles.wkbType()
+    keep = [f for f in source_fields if not f.name().startswith("emb_") and f.name().lower() != "fid"]
     fields = QgsFields()
     for field in keep[:1]:
         fields.append(field)
@@ -144,7 +144,7 @@ def write_results(tiles_path: str, results: list[dict], path: str, name: str, co
         options.layerName = name
     options.actionOnExistingFile = QgsVectorFileWriter.CreateOrOverwriteLayer if os.path.exists(path) \
         else QgsVectorFileWriter.CreateOrOverwriteFile
-    writer = QgsVectorFileWriter.create(path, fields, tiles.wkbType(), tiles.crs(), context.transformContext(),
+    writer = QgsVectorFileWriter.create(path, fields, wkb, source_crs, context.transformContext(),
                                         options)
     if writer.hasError() != QgsVectorFileWriter.NoError:
         raise QgsProcessingException(tr("HQRS: cannot write {}: {}").format(path, writer.errorMessage()))
