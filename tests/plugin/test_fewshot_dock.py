@@ -242,6 +242,12 @@ def test_requests_replace_cancel_and_explain(dock, layer):
     panel = dock.fewshot
     assert panel.find_all() is None and "no positive example" in panel.status.text()
     panel.label_tiles([tile_ids(layer)[5]], detections.POSITIVE)
+    cancelled = panel.find_all()
+    assert panel.cancel_button.isEnabled()
+    QTest.mouseClick(panel.cancel_button, Qt.LeftButton)
+    wait_for(lambda: cancelled.done)
+    assert panel.status.text() == "detection cancelled" and not panel.cancel_button.isEnabled()
+    assert panel.detection_layer() is None
     first = panel.find_all()
     second = panel.find_all()  # the first is still loading the model: replaced, and said so
     assert "replaced by this one" in panel.status.text()
