@@ -42,7 +42,7 @@ fits a light classifier on the labelled tiles' embeddings and scores every tile 
 apply); the answer's ``results`` carry ``score`` (the probability, 0..1) and ``label`` (the
 tile's own training label: 1, -1 or null), at most ``k`` (default 1000) at or above
 ``threshold`` (default 0.5), and ``detector``: ``method``, ``positives``, ``negatives``,
-``background`` (weak negatives drawn when none were given), ``tiles`` (scored), ``above`` (at or
+``background`` (unlabelled tiles drawn as weak negatives), ``tiles`` (scored), ``above`` (at or
 over the threshold), ``threshold``, ``fit_seconds``, ``score_seconds``. Labels are kept with the
 layer: ``{"op": "save_labels", "positive": [...], "negative": [...], "name": "…"}`` answers
 ``{"saved": n}``, ``{"op": "labels"}`` ``{"positive": [...], "negative": [...], "name": …}``.
