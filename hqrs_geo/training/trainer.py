@@ -400,17 +400,34 @@ def save_checkpoint(output: Path, model, optimizer, scaler, state: TrainState, c
 def _restore(path: Path, model, optimizer, scaler, config: FinetuneConfig) -> TrainState:
     import torch
 
-    payload = torch.load(path, map_location="cpu", weights_only=True)
-    saved = json.loads(payload["config"])
+    def foreign(reason: str) -> InputError:
+        return InputError(f"{path}: not a checkpoint this trainer wrote ({' '.join(reason.split())[:120]}); it was "
+                          f"not loaded (nothing in it ran): move it out of {path.parent}, or train into a new «output»")
+
+    try:  # weights_only: a pickle that would run code is refused by torch before anything runs
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # UnpicklingError, a cut-short zip (RuntimeError), EOFError, ...
+        raise foreign(f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None
+    if not isinstance(payload, dict) or not {"model", "optimizer", "state", "config"} <= set(payload):
+        raise foreign("it lacks the model, optimizer, state and config this trainer saves")
+    try:
+        saved = json.loads(payload["config"])
+        if not isinstance(saved, dict) or not isinstance(payload["state"], dict):
+            raise ValueError("config or state is not a table")
+    except (TypeError, ValueError) as exc:
+        raise foreign(str(exc)) from None
     for key in ("arch", "model", "batch_size", "accum_steps", "seed", "dataset"):
         if saved.get(key) != (list(v) if isinstance(v := getattr(config, key), tuple) else v):
             raise OptionError(f"{path}: checkpoint was trained with {key}={saved.get(key)!r}, not "
                               f"{getattr(config, key)!r}; use the same options to resume, or a new «output»")
-    model.load_state_dict(payload["model"])
-    optimizer.load_state_dict(payload["optimizer"])
-    if scaler is not None and payload.get("scaler"):
-        scaler.load_state_dict(payload["scaler"])
-    return TrainState(**payload["state"])
+    try:
+        model.load_state_dict(payload["model"])
+        optimizer.load_state_dict(payload["optimizer"])
+        if scaler is not None and payload.get("scaler"):
+            scaler.load_state_dict(payload["scaler"])
+        return TrainState(**payload["state"])
+    except (RuntimeError, KeyError, TypeError, ValueError) as exc:
+        raise foreign(f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None
 
 
 # ---------------------------------------------------------------- the loop
