@@ -23,17 +23,28 @@ def register(sub: Any) -> None:
 
 
 def run_info(args: argparse.Namespace, progress: Any) -> int:
-    """``hqrs-geo info``: print the facts of one raster."""
+    """``hqrs-geo info``: print the facts of one raster; a raster whose pixel data is cut short
+    or damaged (:func:`~hqrs_geo.raster.integrity.check_pixel_data`) gets its facts printed with
+    an ``integrity`` line, then the one-line error and exit status 2."""
+    from ..errors import InputError
     from ..raster.catalog import entry_for, gdal_path
+    from ..raster.integrity import check_pixel_data
     from ..raster.scene import describe, open_raster
 
     raster = str(args.raster)
     if raster.startswith(("http://", "https://", "s3://", "gs://", "az://")):  # a URL: read as a tile job reads it
         raster = entry_for(gdal_path(raster)).path
+    damage: InputError | None = None
     with open_raster(raster) as src:
         info = describe(src)
+        try:
+            check_pixel_data(src, raster)
+        except InputError as err:
+            damage = err
     if args.json:
-        print(json.dumps(info.as_dict(), indent=2, default=str))
+        print(json.dumps({**info.as_dict(), "integrity": str(damage) if damage else "ok"}, indent=2, default=str))
+        if damage:
+            raise damage
         return 0
     res = info.pixel_size
     lines = [
@@ -51,7 +62,10 @@ def run_info(args: argparse.Namespace, progress: Any) -> int:
     ]
     if info.has_gcps and not info.crs:
         lines.append("note:        georeferenced by GCPs only; warp it (gdalwarp) before tiling")
+    lines.append(f"integrity:   {'DAMAGED (see the error below)' if damage else 'ok (block offsets, sample decoded)'}")
     print("\n".join(lines))
+    if damage:
+        raise damage
     return 0
 
 
