@@ -44,4 +44,8 @@ def combine(positives: np.ndarray, negatives: np.ndarray | None = None, negative
     query = normalise(positives).mean(axis=0)
     if negatives is not None and len(negatives):
         query = query - negative_weight * normalise(negatives).mean(axis=0)
+        if float(np.linalg.norm(query)) < 1e-6:  # e.g. the same tile given as positive and negative, weight 1
+            raise OptionError("the negative examples cancel the positive ones: the query is a zero vector and every "
+                              "score would be 0; do not give a tile as both, or lower «negative_weight»",
+                              option="negative_weight")
     return normalise(query[None])[0]
