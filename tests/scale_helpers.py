@@ -271,9 +271,11 @@ class RayCluster:
     STARTED = "Ray runtime started."  # printed by ``ray start`` once the node is registered with the GCS
 
     def __init__(self, temp: Path, env: dict, head_cpus: int = 3, worker_cpus: int = 2):
+        """Start the head (``env``'s ``RAY_AUTH_MODE``, else ``disabled``) and, unless
+        ``worker_cpus`` is 0, the second node."""
         self.temp = Path(temp)
         self.port = free_port()
-        self.env = {**env, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
+        self.env = {"RAY_AUTH_MODE": "disabled", **env, "RAY_USAGE_STATS_ENABLED": "0",
                     "RAY_health_check_period_ms": "1000", "RAY_health_check_failure_threshold": "3",
                     "RAY_health_check_initial_delay_ms": "1000"}
         self.ray = str(Path(sys.executable).with_name("ray"))
@@ -288,7 +290,8 @@ class RayCluster:
             self.stop()
             raise RuntimeError(f"ray start --head failed: {head.stderr[-2000:]}")
         self.worker_cpus = worker_cpus
-        self.start_worker()
+        if worker_cpus:  # 0: the head node alone
+            self.start_worker()
 
     @property
     def address(self) -> str:

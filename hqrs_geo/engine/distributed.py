@@ -67,6 +67,8 @@ UNIT_TIMEOUT = 1800.0
 POLL_SECONDS = 2.0
 #: Seconds to wait for a cluster address to accept a connection.
 CONNECT_SECONDS = 5.0
+#: The key-value namespace of the read tasks' start marks.
+MARK_NAMESPACE = "hqrs_geo"
 #: The variable that marks the processes of a Ray instance this driver started ("PID:START").
 OWNER_VARIABLE = "HQRS_RAY_OWNER"
 
@@ -87,13 +89,27 @@ def worker_env() -> dict[str, str]:
 
 
 # -- what runs on the cluster ------------------------------------------------------------------------
-def read_task(unit: Unit, ctx: JobContext) -> tuple[dict, Any, Any]:
+def _started(mark: str | None) -> None:
+    """Say that a task started, under the key ``mark`` of the cluster's key-value store: the
+    driver's unit timeout counts from there (a unit queued behind others is not late)."""
+    if mark:
+        try:
+            from ray.experimental.internal_kv import _internal_kv_put
+
+            _internal_kv_put(mark, b"1", namespace=MARK_NAMESPACE)
+        except Exception:  # no mark: the driver counts from the submission
+            pass
+
+
+def read_task(unit: Unit, ctx: JobContext, mark: str | None = None) -> tuple[dict, Any, Any]:
     """Ray task: :func:`~hqrs_geo.engine.units.read_unit` (three returns)."""
+    _started(mark)
     return read_unit(unit, ctx)
 
 
-def write_task(unit: Unit, status: dict, frame: Any, stored: dict, ctx: JobContext) -> dict:
+def write_task(unit: Unit, status: dict, frame: Any, stored: dict, ctx: JobContext, mark: str | None = None) -> dict:
     """Ray task: :func:`~hqrs_geo.engine.units.write_unit`."""
+    _started(mark)
     return write_unit(unit, status, frame, stored, ctx)
 
 
@@ -236,7 +252,7 @@ def _check_authentication(address: str) -> None:
     """A one-line error when the cluster at ``address`` refuses this client's token (one GCS
     request, under a second, instead of ``ray.init``'s 20 retries a second apart)."""
     try:
-        from ray._raylet import GcsClient  # Ray's own client; not part of its stable API
+        from ray._raylet import GcsClient  # type: ignore[attr-defined]  # not part of Ray's stable API
         from ray.exceptions import AuthenticationError
     except ImportError:
         return
@@ -285,6 +301,11 @@ class RayExecutor:
         self.load: list[int] = []
         self.pending: dict = {}  # object ref -> (stage, unit, extra)
         self.since: dict[int, float] = {}  # id(unit) -> when it was submitted
+        self.marks: dict[int, str] = {}  # id(unit) -> the key its read task sets when it starts
+        self.began: dict[int, float] = {}  # id(unit) -> when the driver saw its read start
+        self.progress_at = time.monotonic()  # the last time a unit started or finished
+        self.serial = 0
+        self.job = ""
         self.ready: deque = deque()  # read units waiting for a free worker
         self.inflight = 0
         self.replacements = 0
@@ -459,6 +480,7 @@ class RayExecutor:
         """Put the job's context in the object store (one copy for every task)."""
         self.ctx = ctx
         self.ctx_ref = self.ray.put(ctx)
+        self.job = self.ray.get_runtime_context().get_job_id()
 
     def _say(self, text: str) -> None:
         log.warning(text)
@@ -493,10 +515,29 @@ class RayExecutor:
 
                 options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(node_id=node, soft=True)
         status, frame, payload = self.read_fn.options(num_returns=3, **self.io_options, **options).remote(
-            unit, self.ctx_ref)
+            unit, self.ctx_ref, self._waiting(unit))
         self.pending[status] = ("read", unit, (frame, payload, worker))
-        self.since[id(unit)] = time.monotonic()
         self.inflight += 1
+
+    def _waiting(self, unit: Unit) -> str:
+        """The unit waits for its next task to start (read or write); the mark that task sets."""
+        key = id(unit)
+        self._forget_mark(key)
+        self.serial += 1
+        self.marks[key] = f"started:{self.job}:{self.serial}"
+        self.since[key] = time.monotonic()
+        self.began.pop(key, None)
+        return self.marks[key]
+
+    def _forget_mark(self, key: int) -> None:
+        mark = self.marks.pop(key, None)
+        if mark:
+            try:
+                from ray.experimental.internal_kv import _internal_kv_del
+
+                _internal_kv_del(mark, namespace=MARK_NAMESPACE)
+            except Exception:  # a mark left behind is a few bytes
+                pass
 
     def _release(self, worker: int | None) -> None:
         if worker is not None and worker < len(self.load):
@@ -515,7 +556,8 @@ class RayExecutor:
                     continue
                 self.load[worker] += 1
             infer = self.actors[worker].infer.remote(payload_ref, self.ctx.batch_size)
-            write = self.write_fn.options(**self.io_options).remote(unit, status_ref, frame_ref, infer, self.ctx_ref)
+            write = self.write_fn.options(**self.io_options).remote(unit, status_ref, frame_ref, infer, self.ctx_ref,
+                                                                     self._waiting(unit))
             self.pending[infer] = ("infer", unit, worker)
             self.pending[write] = ("write", unit, (status, worker))
 
@@ -545,7 +587,11 @@ class RayExecutor:
 
     def _finished(self, outcome: Outcome) -> Outcome:
         self.inflight -= 1
-        self.since.pop(id(outcome.unit), None)
+        self.progress_at = time.monotonic()
+        key = id(outcome.unit)
+        self.since.pop(key, None)
+        self.began.pop(key, None)
+        self._forget_mark(key)
         return outcome
 
     # -- nodes that leave, units that wait too long ----------------------------------------------
@@ -569,12 +615,41 @@ class RayExecutor:
             if self.actors and not left:
                 self._ensure_worker()
         outcomes: list[Outcome] = []
+        under_way = {id(u): u for _, u, _ in self.pending.values()}
+        under_way.update({id(e[0]): e[0] for e in self.ready})
+        self._see_starts(under_way)
+        # first the units whose task runs past the timeout; a re-plan gives those waiting behind
+        # them (for the same CPUs) a fresh timeout
         now = time.monotonic()
-        late = {id(u): u for _, u, _ in self.pending.values() if now - self.since.get(id(u), now) > self.timeout}
-        late.update({id(e[0]): e[0] for e in self.ready if now - self.since.get(id(e[0]), now) > self.timeout})
-        for unit in late.values():
-            outcomes.append(self._finished(self._drop(unit, f"under way more than {self.timeout:g} s")))
+        reason = f"under way more than the unit timeout, {self.timeout:g} s"
+        for key, unit in under_way.items():
+            began = self.began.get(key)
+            if began is not None and now - began > self.timeout:
+                outcomes.append(self._finished(self._drop(unit, reason)))
+        if not outcomes:  # then those waiting to start while nothing started, finished or was re-planned
+            for key, unit in under_way.items():
+                if key not in self.began and now - max(self.since.get(key, now), self.progress_at) > self.timeout:
+                    outcomes.append(self._finished(self._drop(unit, reason)))
         return outcomes
+
+    def _see_starts(self, units: dict[int, Unit]) -> None:
+        """Note the units whose read task said it started (see :func:`read_task`)."""
+        waiting = [key for key in units if key not in self.began and key in self.marks]
+        if not waiting:
+            return
+        try:
+            from ray.experimental.internal_kv import _internal_kv_get
+        except ImportError:
+            return
+        now = time.monotonic()
+        for key in waiting:
+            try:
+                started = _internal_kv_get(self.marks[key], namespace=MARK_NAMESPACE)
+            except Exception:  # the cluster did not answer: counted from the submission
+                started = b"1"
+            if started:
+                self.began[key] = now
+                self.progress_at = now
 
     def _drop(self, unit: Unit, reason: str) -> Outcome:
         """Forget every call of ``unit`` (cancelled where Ray can) and put it back in the queue."""
@@ -584,9 +659,9 @@ class RayExecutor:
                 self._release(extra[2])
             elif stage == "infer":
                 self._release(extra)
-            try:
-                self.ray.cancel(ref)
-            except Exception:  # finished or already gone
+            try:  # a stuck read or write (a stalled network read) is ended with its worker process
+                self.ray.cancel(ref, force=stage != "infer")
+            except Exception:  # finished or already gone; a model worker's call cannot be forced
                 pass
         kept: deque = deque()
         for entry in self.ready:
@@ -648,9 +723,11 @@ class RayExecutor:
             return Outcome(unit, "part", part=empty_part(unit, status, self.ctx), scene=status["scene"],
                            blocks=status["blocks"])
         if worker is None:  # tiling only: straight to the writer
-            write = self.write_fn.options(**self.io_options).remote(unit, ref, frame_ref, {}, self.ctx_ref)
+            write = self.write_fn.options(**self.io_options).remote(unit, ref, frame_ref, {}, self.ctx_ref,
+                                                                     self._waiting(unit))
             self.pending[write] = ("write", unit, (status, None))
         else:
+            self._waiting(unit)  # for a model worker, then for its write
             self.ready.append((unit, status, ref, frame_ref, payload_ref, worker))
         return None
 

@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -25,6 +26,7 @@ from tiny_models import TINY_CLIP
 import hqrs_geo as hg
 from hqrs_geo.engine.distributed import OWNER_VARIABLE, worker_env
 from hqrs_geo.engine.options import RunOptions
+from hqrs_geo.layer.dataset import MANIFEST
 
 pytest.importorskip("ray")
 pytestmark = pytest.mark.timeout(600)
@@ -133,7 +135,7 @@ def test_a_node_lost_mid_job_changes_nothing(cpus, how, scenes, reference, tmp_p
     try:
         out = tmp_path / "ds"
         proc = start(command(scenes, out, tiny_clip_checkpoint, "--ray-address", cluster.address), env)
-        lines = until_scenes(proc, 1)
+        lines = until_scenes(proc, 0)  # both workers loaded, the first units submitted: the job has work left
         if how == "raylet SIGKILL":
             os.kill(cluster.worker_raylet(), signal.SIGKILL)
         else:
@@ -149,6 +151,25 @@ def test_a_node_lost_mid_job_changes_nothing(cpus, how, scenes, reference, tmp_p
         compare_layers(hg.read_tiles(out), reference)
         record(node_losses_survived=1)
         print(f"{cpus}+{cpus} CPUs, {how}: finished {seconds:.1f} s after the loss")
+        if cpus == 1:  # on the surviving node: a unit stuck on a server that never answers is re-planned
+            with socket.socket() as stall:  # connections are accepted by the kernel, never answered
+                stall.bind(("127.0.0.1", 0))
+                stall.listen(16)
+                url = f"http://127.0.0.1:{stall.getsockname()[1]}/stalled.tif"
+                started = time.monotonic()
+                done = subprocess.run(
+                    command({"sources": [url, scenes["sources"][0]]}, tmp_path / "late", tiny_clip_checkpoint,
+                            "--ray-address", cluster.address, "--unit-timeout", "5"),
+                    env=env, capture_output=True, text=True, timeout=300)
+                seconds = time.monotonic() - started
+            assert done.returncode == 3, done.stderr[-3000:]
+            failed = json.loads((tmp_path / "late" / MANIFEST).read_text())["failed"]
+            assert only_json(done.stdout.splitlines())[-1]["finished"] == 1, failed
+            assert list(failed) == ["stalled"], failed
+            assert "lost 3 times (under way more than the unit timeout, 5 s)" in failed["stalled"]["error"], failed
+            assert seconds < 150
+            record(clean=1)
+            print(f"unit timeout 5 s: the stalled scene failed after 3 tries, the other finished, in {seconds:.1f} s")
     finally:
         if proc is not None and proc.poll() is None:
             proc.kill()
@@ -166,6 +187,26 @@ def test_an_address_where_nothing_answers_is_one_line(tmp_path, env, scenes, tin
     assert len(lines) == 1 and f"no Ray cluster answers at {address} (connection refused)" in lines[0], lines
     assert seconds < 60
     record(clean=1)
+
+
+def test_a_cluster_that_requires_a_token_is_one_line(tmp_path, env, scenes, short_temp, tiny_clip_checkpoint):
+    token = "hqrs-test-token-0123456789abcdef0123456789"
+    cluster = RayCluster(short_temp, {**env, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token}, head_cpus=1,
+                         worker_cpus=0)
+    try:
+        started = time.monotonic()
+        done = subprocess.run(command(scenes, tmp_path / "ds", tiny_clip_checkpoint, "--ray-address",
+                                      cluster.address), env=env, capture_output=True, text=True, timeout=120)
+        seconds = time.monotonic() - started
+    finally:
+        cluster.stop()
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "requires an authentication token: set RAY_AUTH_TOKEN" in lines[0], lines
+    assert token not in done.stderr + done.stdout
+    assert seconds < 60
+    record(clean=1)
+    print(f"token refused: one line in {seconds:.1f} s")
 
 
 def test_hub_settings_reach_the_workers_and_secrets_do_not(monkeypatch):
