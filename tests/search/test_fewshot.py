@@ -226,9 +226,10 @@ def _serve(path):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
 
 
-def test_serve_search_detect_layers_and_labels(layer, tmp_path, tiny_clip_checkpoint):
+def test_serve_search_detect_layers_and_labels(layer, dataset, tmp_path, tiny_clip_checkpoint):
     """One child process: the ready message's score scale, detect, save/read labels, a second layer
-    of the same model opened by a request's "layer", a layer of another model refused, close."""
+    and a dataset of the same model opened by a request's "layer", a layer of another model
+    refused, close."""
     from tiny_models import build_tiny
 
     first = shutil.copy(layer, tmp_path / "first.gpkg")
@@ -280,6 +281,15 @@ def test_serve_search_detect_layers_and_labels(layer, tmp_path, tiny_clip_checkp
         assert ask({"id": 10, "op": "labels", "layer": str(second)})["positive"] == []
         refused = ask({"id": 11, "text": "river", "layer": str(other)})["error"]
         assert refused.startswith(f"{other} was embedded with ") and "open it in its own session" in refused
+        folder, merged = dataset
+        on_dataset = ask({"id": 14, "op": "open", "layer": str(folder)})["opened"]
+        assert on_dataset["kind"] == "dataset" and on_dataset["tiles"] == 288 and on_dataset["parts"] >= 4
+        merged_ids = list(SearchSession(str(merged)).index.ids)
+        found = ask({"id": 15, "op": "detect", "layer": str(folder), "positive": merged_ids[5:8], "k": 4,
+                     "threshold": 0})
+        reference, _ = fewshot.detect(SearchSession(str(merged)), merged_ids[5:8], k=4, threshold=0.0)
+        assert [r["tile_id"] for r in found["results"]] == list(reference.tile_id)
+        assert all("part" in r for r in found["results"]) and found["detector"]["tiles"] == 288
         assert ask({"id": 12, "op": "close", "layer": str(second)})["closed"] == str(second)
         assert "error" in ask({"id": 13, "op": "open", "layer": str(tmp_path / "missing.gpkg")})
         assert ask({"op": "quit"})["bye"]
