@@ -228,3 +228,15 @@ def test_index_params_out_of_range_are_one_line_errors(world, tmp_path, value):
             ok = done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1 and name in done.stderr
         record(clean=int(ok), internal=int("Traceback" in done.stderr or "internal error" in done.stderr))
         assert ok, (name, value, done.returncode, done.stderr)
+
+
+def test_similar_with_negatives_that_cancel_the_positives_says_so(world):
+    """``similar --tile X --negative X --negative-weight 1``: the query is a zero vector (every
+    score 0): a one-line error naming --negative-weight, not a table of zeros."""
+    tile = ranked_ids(world["exact"]["ds"])[0]
+    done = run_cli("similar", world["dataset"], "--tile", tile, "--negative", tile, "--negative-weight", "1")
+    ok = done.returncode == 2 and "--negative-weight" in done.stderr and len(done.stderr.strip().splitlines()) == 1
+    record(clean=int(ok), data_lost=int(done.returncode == 0), internal=int("Traceback" in done.stderr))
+    assert ok, (done.returncode, done.stdout[-300:], done.stderr)
+    half = run_cli("similar", world["dataset"], "--tile", tile, "--negative", tile, "--negative-weight", "0.5")
+    assert half.returncode == 0 and len(ranked_ids(half.stdout)) > 0, half.stderr
