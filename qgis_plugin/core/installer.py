@@ -48,6 +48,12 @@ from .runner import ChildProcess, EngineError
 
 PYTORCH_CPU_INDEX = "https://download.pytorch.org/whl/cpu"
 PYPI = "https://pypi.org/simple"
+#: pip's own socket timeout and retries per connection (its defaults: 15 s, 5 retries)
+PIP_TIMEOUT, PIP_RETRIES = 60, 3
+#: a pip step that neither prints a line nor reads STALL_BYTES (downloads and files, /proc/PID/io
+#: on Linux) for this many seconds is stalled (a server that answers nothing, or a byte a second):
+#: it is stopped with a message; a step ends after STEP_SECONDS whatever it does
+STALL_SECONDS, STALL_BYTES, STEP_SECONDS = 180.0, 64 * 1024, 4 * 3600.0
 DEFAULT_EXTRAS = ("models", "mpgi")
 TORCH_PACKAGES = ("torch", "torchvision")
 # distributions linked from another environment by torch="reuse" (the large binary ones)
@@ -231,6 +237,8 @@ class InstallOptions:
     cpu_index_url: str = PYTORCH_CPU_INDEX      # where the CPU build of torch comes from
     self_test_checks: tuple[str, ...] | None = None  # None = every check of :func:`engine.self_test`
     gpu: str | None = None                      # filled by :func:`choose_torch`
+    stall_seconds: float = STALL_SECONDS        # a pip step without progress this long is stopped
+    step_seconds: float = STEP_SECONDS          # the most one pip step may take
 
     @property
     def python(self) -> str:
@@ -290,7 +298,7 @@ def pip_args(options: InstallOptions, constraints: str) -> list[str]:
     """Pip options every install step shares: the pins, wheel folders, no index, no .pyc files
     (they would add a fifth to the engine's size; Python writes those it needs on first use)."""
     args = ["--disable-pip-version-check", "--no-input", "--progress-bar", "off", "--no-compile",
-            "-c", constraints]
+            "--timeout", str(PIP_TIMEOUT), "--retries", str(PIP_RETRIES), "-c", constraints]
     for folder in options.find_links:
         args += ["--find-links", folder]
     if options.no_index:
@@ -680,15 +688,20 @@ class Installer:
         child = self._child = ChildProcess(step.argv, merge_stderr=True)
         child.start()
         output: list[str] = []
+        watch = _Progress(child.pid, self.options.stall_seconds, self.options.step_seconds)
+        stalled = ""
         while True:
             if self.is_cancelled():
                 child.terminate()
             try:
                 line = child.read_line(timeout=0.2)
             except TimeoutError:
+                if not stalled and (stalled := watch.stalled()):
+                    child.terminate()
                 continue
             if line is None:
                 break
+            watch.moved()
             line = line.rstrip()
             output.append(line)
             if line:
@@ -698,6 +711,11 @@ class Installer:
         if self.is_cancelled():
             raise EngineError("cancelled: the environment may be half installed; 'Install engine' repairs it",
                               "cancelled")
+        if stalled:
+            hosts = sorted({urllib.parse.urlsplit(a).hostname or "" for a in step.argv if "://" in a} - {""})
+            where = f" (from {', '.join(hosts)})" if hosts else ""
+            raise EngineError(f"'{step.name or step.title}' {stalled}{where}: a download stalled; check the "
+                              "connection and the wheel URL, then 'Install engine' again", "network")
         if code != 0:
             error = pip_error(output, code, step.name or step.title)
             if error.kind in ("not-found", "internal") and step.index and not index_reachable(step.index):
@@ -709,6 +727,45 @@ class Installer:
                 self.on_progress(self.percent, step.fallback.title)
                 return self.run_step(step.fallback)
             raise error
+
+
+class _Progress:
+    """Whether a child still makes progress: a line of output, or STALL_BYTES more read by the
+    process (``rchar`` of ``/proc/PID/io``: network and files; elsewhere only lines count)."""
+
+    def __init__(self, pid: int | None, stall_seconds: float, step_seconds: float):
+        self.pid, self.stall_seconds = pid, stall_seconds
+        self.started = self.last = time.monotonic()
+        self.deadline = self.started + step_seconds
+        self.read = self._rchar()
+
+    def _rchar(self) -> int | None:
+        try:
+            with open(f"/proc/{self.pid}/io") as handle:
+                for line in handle:
+                    if line.startswith("rchar:"):
+                        return int(line.split()[1])
+        except (OSError, ValueError):
+            pass
+        return None
+
+    def moved(self) -> None:
+        """A line came."""
+        self.last = time.monotonic()
+
+    def stalled(self) -> str:
+        """Why the child counts as stalled ('' while it makes progress)."""
+        now = time.monotonic()
+        read = self._rchar()
+        if read is not None and self.read is not None and read - self.read >= STALL_BYTES:
+            self.read, self.last = read, now
+        elif read is not None and self.read is None:
+            self.read = read
+        if now - self.last > self.stall_seconds:
+            return f"made no progress for {self.stall_seconds:g} s (no output, under {STALL_BYTES // 1024} KiB read)"
+        if now > self.deadline:
+            return f"ran past its {(self.deadline - self.started) / 60:g}-minute limit"
+        return ""
 
 
 _CONNECTION = ("Failed to establish a new connection", "Temporary failure in name resolution",
