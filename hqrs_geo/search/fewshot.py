@@ -317,16 +317,30 @@ def _masks(session: Any, spatial: Any, parts: list[Block]) -> list[np.ndarray | 
     return [session.mask(spatial)]
 
 
-def probabilities(session: Any, detector: Detector, spatial: Any = None) -> Iterator[tuple[int, np.ndarray]]:
-    """``(block number, probabilities of its rows)`` for every block (NaN where filtered out),
-    one block at a time: memory stays that of one part's scores."""
+def cosines(session: Any, detector: Detector, spatial: Any = None) -> Iterator[tuple[int, np.ndarray]]:
+    """``(block number, x . vector of its rows)`` for every block (NaN where filtered out), one
+    block at a time: memory stays that of one part's scores."""
     parts = blocks(session)
     query = detector.vector[None, :].astype(np.float32)
     for i, (block, mask) in enumerate(zip(parts, _masks(session, spatial, parts))):
         if mask is False or len(block.ids) == 0:
             continue
-        cosine = block.exact.scores(query, mask if isinstance(mask, np.ndarray) else None)
+        yield i, block.exact.scores(query, mask if isinstance(mask, np.ndarray) else None)
+
+
+def probabilities(session: Any, detector: Detector, spatial: Any = None) -> Iterator[tuple[int, np.ndarray]]:
+    """``(block number, probabilities of its rows)`` for every block (NaN where filtered out)."""
+    for i, cosine in cosines(session, detector, spatial):
         yield i, detector.probability(cosine)
+
+
+def _cosine_cut(detector: Detector, threshold: float) -> float:
+    """A cosine below which no row can reach ``threshold`` (a little below the exact cut: rows
+    between it and the cut are decided by their computed probability)."""
+    if threshold <= 0:
+        return -math.inf
+    logit = 40.0 if threshold >= 1 else math.log(threshold / (1 - threshold))  # sigmoid(40) rounds to 1
+    return (logit - 1e-6 - detector.bias) / detector.scale - 1e-6
 
 
 def check_threshold(threshold: Any) -> float:
@@ -345,14 +359,19 @@ def score(session: Any, detector: Detector, k: int | None = 1000, threshold: flo
     start = time.perf_counter()
     found = Detection(detector, threshold)
     kept: list[tuple[np.ndarray, int, np.ndarray]] = []
-    for i, prob in probabilities(session, detector, spatial):
-        valid = ~np.isnan(prob)
-        found.tiles += int(valid.sum())
-        rows = np.flatnonzero(valid & (prob >= threshold))
+    cut = _cosine_cut(detector, threshold)
+    for i, cosine in cosines(session, detector, spatial):
+        found.tiles += int(np.count_nonzero(~np.isnan(cosine)))
+        rows = np.flatnonzero(cosine >= cut)  # NaN (filtered out) is never >=
+        prob = detector.probability(cosine[rows])  # probabilities of the candidates only
+        keep = prob >= threshold
+        rows, prob = rows[keep], prob[keep]
         found.above += len(rows)
         if k is not None and len(rows) > k:
-            rows = rows[np.argpartition(-prob[rows], k - 1)[:k]]
-        kept.append((prob[rows], i, rows))
+            kth = np.partition(prob, len(prob) - k)[len(prob) - k]
+            best = prob >= kth  # ties at the k-th kept: the merge below orders them by block and row
+            rows, prob = rows[best], prob[best]
+        kept.append((prob, i, rows))
     if kept:
         probs = np.concatenate([p for p, _, _ in kept])
         which = np.concatenate([np.full(len(r), i) for _, i, r in kept])
