@@ -20,6 +20,7 @@ a stale one.
 from __future__ import annotations
 
 import json
+import logging
 import math
 from collections.abc import Iterator
 from pathlib import Path
@@ -41,6 +42,7 @@ ANN_DEFAULTS: dict[str, dict[str, Any]] = {
     "ivf": {"nlist": None, "nprobe": 16},  # nlist None: about sqrt(N)
 }
 RECALL_QUERIES = 200
+log = logging.getLogger(__name__)
 FAISS_HINT = "pip install faiss-cpu"
 
 
@@ -171,20 +173,39 @@ class AnnIndex:
 
     @classmethod
     def load(cls, target: Path, fingerprint: dict, n: int, dim: int) -> AnnIndex | None:
-        """The index saved at ``target`` when its fingerprint, size and dimension still match, else None."""
-        try:
-            meta = json.loads(Path(f"{target}.json").read_text())
-        except (OSError, ValueError):
+        """The index saved at ``target`` when its fingerprint, size and dimension still match, else
+        None: silently when it is missing or was built from other embeddings (stale), with a
+        one-line warning naming the command that rebuilds it when its files are damaged."""
+        def damaged(problem: str) -> AnnIndex | None:
+            kind = meta.get("kind") if isinstance(meta, dict) and meta.get("kind") in ANN_DEFAULTS else "hnsw"
+            layer = str(target).split(".emb_")[0]
+            log.warning("%s: %s; the index is not used (searches are exact) until 'hqrs-geo index %s --kind %s' "
+                        "rebuilds it", target, problem, layer, kind)
             return None
-        if meta.get("version") != ANN_VERSION or meta.get("kind") not in ANN_DEFAULTS or not target.exists():
+
+        meta: Any = None
+        try:
+            meta = json.loads(Path(f"{target}.json").read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as exc:
+            return damaged(f"its .json is not readable JSON ({' '.join(str(exc).split())[:80]})")
+        if not isinstance(meta, dict) or meta.get("version") != ANN_VERSION or meta.get("kind") not in ANN_DEFAULTS:
+            return damaged("its .json is not an index description of this version")
+        if not target.exists():
             return None
         if meta.get("fingerprint") != fingerprint:
             return None
+        try:
+            saved = meta.get("params")
+            params = ann_params(meta["kind"], saved if isinstance(saved, dict) else {}, n)
+        except OptionError as exc:
+            return damaged(f"its .json holds {exc}")
         faiss = faiss_module()
         try:
             index = faiss.read_index(str(target))
-        except RuntimeError:
-            return None
+        except RuntimeError as exc:
+            return damaged(f"FAISS cannot read it ({' '.join(str(exc).split())[:80]})")
         if index.ntotal != n or index.d != dim:
-            return None
-        return cls(index, meta["kind"], meta["params"])
+            return damaged(f"it holds {index.ntotal} vectors of dimension {index.d}, the layer {n} of {dim}")
+        return cls(index, meta["kind"], params)

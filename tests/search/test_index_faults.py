@@ -240,3 +240,27 @@ def test_similar_with_negatives_that_cancel_the_positives_says_so(world):
     assert ok, (done.returncode, done.stdout[-300:], done.stderr)
     half = run_cli("similar", world["dataset"], "--tile", tile, "--negative", tile, "--negative-weight", "0.5")
     assert half.returncode == 0 and len(ranked_ids(half.stdout)) > 0, half.stderr
+
+
+@pytest.mark.parametrize("kind, damage", [("hnsw", "cut"), ("ivf", "cut"), ("ivf", "nprobe x"), ("hnsw", "json")])
+def test_a_damaged_faiss_index_of_a_layer_warns_and_searches_exactly(world, tmp_path, kind, damage):
+    """The in-memory FAISS indexes (HNSW, IVF-Flat) of a layer: a file cut short or a .json
+    edited by hand is not used; one warning names the command that rebuilds it."""
+    target = tmp_path / world["layer"].name
+    shutil.copy(world["layer"], target)
+    built = run_cli("index", target, "--kind", kind)
+    assert built.returncode == 0, built.stderr
+    (path,) = tmp_path.glob(f"{target.name}.emb_*.{kind}.faiss")
+    meta = Path(f"{path}.json")
+    if damage == "cut":
+        os.truncate(path, path.stat().st_size // 2)
+    elif damage == "nprobe x":
+        meta.write_text(json.dumps({**json.loads(meta.read_text()), "params": {"nlist": 8, "nprobe": "x"}}))
+    else:
+        meta.write_text("[]")
+    started = time.monotonic()
+    done = run_cli("search", target, *QUERY, "--ann")
+    counts = judge(done, world["exact"]["layer"], time.monotonic() - started)
+    record(**counts)
+    assert counts["clean"] == 1, (done.returncode, done.stderr[-600:])
+    assert f"hqrs-geo index {target} --kind {kind}" in done.stderr
