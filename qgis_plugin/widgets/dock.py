@@ -291,6 +291,8 @@ class SearchDock(QDockWidget):
             self.engine_label.setText(f"<small>Engine: {info.summary}</small>")
             if info.device_problem is not None:
                 self.show_status(f"<b>{info.device_problem.text}</b>")
+            elif "as the device in HQRS settings" in self.status.text():  # the device was changed since
+                self.show_status(f"device ready: {info.device}")
             return
         self.engine_label.setText("<small>Engine: checking…</small>")
         python = engine.interpreter()
@@ -301,6 +303,8 @@ class SearchDock(QDockWidget):
                 self.pages.setCurrentIndex(0)
                 if info.device_problem is not None:
                     self.show_status(f"<b>{info.device_problem.text}</b>")
+                elif "as the device in HQRS settings" in self.status.text():  # the device was changed since
+                    self.show_status(f"device ready: {info.device}")
             else:
                 problem = error or info.problem
                 self.engine_label.setText(f"<small>Engine: {problem}</small>")

@@ -128,6 +128,9 @@ def test_dock_with_a_missing_gpu_stays_on_the_search_page(this_engine):
         assert "No engine yet" not in label + status and "Install engine" not in label + status
         assert "choose auto or cpu as the device in HQRS settings" in status
         assert "choose auto or cpu" in label and "hqrs_geo " in label
+        settings.set_value("device", "cpu")  # the advice followed: the message goes
+        wait_for(lambda: "checking" not in dock.engine_label.text())
+        assert dock.status.text().startswith("device ready: cpu") and "choose" not in dock.engine_label.text()
         # the set-up panel, opened anyway, says the engine is ready (what its check found, without
         # the GPU and package index look-ups)
         dock.setup_panel._checked((engine.probe(sys.executable, "cuda"), None, True, True), None)
