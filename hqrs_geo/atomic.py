@@ -50,6 +50,9 @@ _MESSAGES = (
     ("quota exceeded", errno.EDQUOT), ("read-only file system", errno.EROFS), ("readonly database", errno.EROFS),
     ("read-only database", errno.EROFS), ("permission denied", errno.EACCES), ("file too large", errno.EFBIG),
     ("file size limit exceeded", errno.EFBIG),
+    # SQLite rolls a transaction back by itself when the disk fills (SQLITE_FULL, SQLITE_IOERR) and
+    # frees its journal; GDAL then reports only that its own ROLLBACK found no transaction
+    ("cannot rollback - no transaction is active", errno.ENOSPC), ("disk i/o error", errno.ENOSPC),
 )
 
 
@@ -57,8 +60,8 @@ def write_failure(exc: BaseException) -> int | None:
     """The errno of a failed write behind ``exc`` (full disk, read-only file system, permission
     denied, size limit), also when a library (SQLite, GDAL, Arrow) only says so in its message;
     None for other errors."""
-    code = getattr(exc, "errno", None)
-    if code in _REASONS and code != errno.ENOENT:
+    code = getattr(exc, "errno", None) if isinstance(exc, OSError) else None  # GDAL's errors carry an
+    if code in _REASONS and code != errno.ENOENT:                               # ``errno`` of their own
         return code
     text = str(exc).lower()
     for fragment, found in _MESSAGES:
@@ -96,8 +99,8 @@ def failure_code(exc: BaseException, folder: PathLike | None = None) -> int | No
 def output_error(path: PathLike, exc: BaseException, code: int | None = None) -> OutputError:
     """A one-line :class:`OutputError` for a failed write of ``path`` (``code``: the errno
     found by :func:`failure_code`, when already known)."""
-    if code is None:
-        code = getattr(exc, "errno", None)
+    if code is None and isinstance(exc, OSError):
+        code = exc.errno
     if code not in _REASONS:
         code = write_failure(exc)
     if code in _REASONS:
@@ -300,6 +303,15 @@ _LOCKS: dict[str, list] = {}  # real path -> [RLock, depth, file descriptor]
 _LOCKS_GUARD = threading.Lock()
 
 
+def lock_wait() -> float:
+    """Seconds a writer waits for another job's lock: ``$HQRS_GEO_LOCK_WAIT`` or :data:`LOCK_WAIT`."""
+    try:
+        value = float(os.environ.get("HQRS_GEO_LOCK_WAIT", LOCK_WAIT))
+    except ValueError:
+        return LOCK_WAIT
+    return value if value >= 0 and value == value else LOCK_WAIT
+
+
 class LockBusy(OutputError):
     """Another job held an output's lock for longer than the wait allowed."""
 
@@ -310,10 +322,10 @@ def folder_lock(folder: PathLike, what: PathLike | None = None, wait: float | No
     file is left behind) while the block runs: other processes (and threads) taking the same
     lock wait for it. Re-entrant within a thread. ``what`` (the output being written) names the
     output in the one-line :class:`LockBusy` error raised when the lock is not free within
-    ``wait`` seconds (default :data:`LOCK_WAIT`). Where the file system has no locks, the block
+    ``wait`` seconds (default :func:`lock_wait`). Where the file system has no locks, the block
     runs without one."""
     key = os.path.realpath(folder)
-    deadline = time.monotonic() + (LOCK_WAIT if wait is None else wait)
+    deadline = time.monotonic() + (lock_wait() if wait is None else wait)
     with _LOCKS_GUARD:
         entry = _LOCKS.setdefault(key, [threading.RLock(), 0, None])
     guard: Any = entry[0]

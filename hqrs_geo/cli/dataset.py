@@ -78,6 +78,9 @@ def add_scale_options(parser: argparse.ArgumentParser, workers: bool = False) ->
     group.add_argument("--unit-timeout", type=number(float, 0, low_open=True), default=1800.0, metavar="S",
                        help="Ray engine: seconds a unit may be under way before it is put back in the queue "
                             "(default 1800)")
+    group.add_argument("--verify-parts", action="store_true",
+                       help="check the SHA-256 of every finished part before resuming (finds parts damaged in "
+                            "place; by default their size and time are checked, and reads check the SHA-256)")
 
 
 def source_filter(args: argparse.Namespace) -> Any:
@@ -99,7 +102,7 @@ def scale_options(args: argparse.Namespace) -> Any:
     return ScaleOptions(
         engine=args.engine, ray_address=args.ray_address, workers=args.workers if ray else None,
         gpus_per_worker=args.gpus_per_worker, cpus_per_worker=args.cpus_per_worker, block_tiles=args.block_tiles,
-        in_flight=args.in_flight, unit_timeout=args.unit_timeout,
+        in_flight=args.in_flight, unit_timeout=args.unit_timeout, verify_parts=args.verify_parts,
     ).validated()
 
 

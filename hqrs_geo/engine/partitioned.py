@@ -76,6 +76,9 @@ class ScaleOptions:
     rows. in_flight: units read, computed or written at once (default 3 per worker + 2): the
     memory bound. manifest_interval: seconds between manifest writes. unit_timeout (Ray): seconds
     a unit may be under way (read, computed, written) before it is put back in the queue.
+    verify_parts: at resume, check every finished part's SHA-256 (finds parts damaged in place,
+    such as bit rot, with their size and time unchanged; by default a part counts as finished
+    while its size and modification time are the manifest's; reads always check the SHA-256).
     """
 
     engine: str = "local"
@@ -88,6 +91,7 @@ class ScaleOptions:
     manifest_interval: float = 5.0
     max_attempts: int = 3
     unit_timeout: float = 1800.0
+    verify_parts: bool = False
 
     def validated(self) -> ScaleOptions:
         """Check values (one-line OptionError)."""
@@ -300,25 +304,30 @@ def drop_removed(manifest: Manifest, catalogs: dict[str, set], keep: bool) -> li
     return removed
 
 
-def _tidy(manifest: Manifest, fingerprint: str, progress: Any = None) -> int:
+def _tidy(manifest: Manifest, fingerprint: str, verify: bool = False) -> int:
     """Make the manifest match the folder: remove temporary files of killed writers (not those of
     jobs still writing), forget parts whose file is gone or is not the file the manifest lists
-    (truncated, emptied, changed: their scenes are computed again, with a message), adopt parts
-    written after the last manifest write. Returns the number of parts adopted."""
+    (truncated, emptied, changed: their scenes are computed again, with a warning), adopt parts
+    written after the last manifest write (``verify``: check every part's SHA-256, not only its
+    size and modification time). Returns the number of parts adopted."""
     from ..atomic import file_facts, remove_stale_temporaries_in
 
     folder = manifest.folder
     remove_stale_temporaries_in(folder)
+    damaged = set()
     for name, part in list(manifest.parts.items()):
-        problem = part_problem(folder, name, part, full=False) if part.get("tiles", 0) > 0 else None
+        problem = part_problem(folder, name, part, full=verify) if part.get("tiles", 0) > 0 else None
         if problem is None:
             continue
         del manifest.parts[name]
-        if problem != "it is missing" and progress is not None:
-            progress.message(f"{folder / name}: {problem}; computing this part again")
+        if problem != "it is missing":
+            import logging
+
+            damaged.add(name)  # never adopted below: its file is computed again
+            logging.getLogger(__name__).warning("%s: %s; computing this part again", folder / name, problem)
     adopted = 0
     for path in sorted(folder.glob("*.parquet")):
-        if path.name in manifest.parts:
+        if path.name in manifest.parts or path.name in damaged:
             continue
         record = part_record(path)
         if not record or record.get("name") != path.name or not isinstance(record.get("scene"), str):
@@ -415,7 +424,7 @@ def run_dataset(
                           "block_tiles": scale.block_tiles, "sources": len(entries)}
                 run = new_run(command, "tiles", params)
                 manifest.crs, manifest.fingerprint = crs, fingerprint
-                _tidy(manifest, fingerprint, progress)
+                _tidy(manifest, fingerprint, scale.verify_parts)
                 drop_removed(manifest, resolution.catalogs, bool(source_filter and source_filter.keep_removed))
                 units, report.skipped, waiting = plan_units(entries, manifest, fingerprint)
                 manifest.runs.append({"run_id": len(manifest.runs) + 1, **run})

@@ -219,8 +219,9 @@ class Manifest:
 def _merge_sections(folder: Path, base: dict, mine: dict, theirs: dict) -> dict:
     """``theirs`` (the manifest on disk now) with the changes from ``base`` to ``mine`` (this job's)
     applied: entries this job added, changed or removed; run records it appended (numbered after
-    theirs); ``crs`` and ``fingerprint`` when this job set them. A part both changed is the one
-    whose entry matches the file in the folder."""
+    theirs); ``crs`` and ``fingerprint`` when this job set them. An entry this job removed that
+    another job changed meanwhile stays; a part both changed is the one whose entry matches the
+    file in the folder."""
     merged = copy.deepcopy(theirs)
     for name in ("crs", "fingerprint"):
         if mine.get(name) != base.get(name):
@@ -234,7 +235,8 @@ def _merge_sections(folder: Path, base: dict, mine: dict, theirs: dict) -> dict:
             if before.get(key) == now.get(key):
                 continue
             if key not in now:
-                result.pop(key, None)
+                if result.get(key) == before.get(key):  # another job's newer entry stays
+                    result.pop(key, None)
             elif section == "parts" and key in result and result[key] != before.get(key):
                 result[key] = _entry_on_disk(folder / key, now[key], result[key])
             else:
@@ -372,6 +374,17 @@ def _check_part(path: PathLike, name: str, part: Any) -> None:
             raise _bad(path, f"{where}.bytes", "is missing", "remove that entry, or restore the manifest")
 
 
+def _check_reading(path: PathLike, where: str, reading: dict) -> None:
+    """A scene's ``reading`` must be one hqrs_geo can read the scene's pixels with again."""
+    from ..tiling.records import SceneReading
+
+    try:
+        SceneReading.from_dict(reading)
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise _bad(path, f"{where}.reading", f"is not a scene reading ({type(exc).__name__}: {exc})",
+                   "remove that scene's entry and run the job that made the dataset again") from None
+
+
 def validate_manifest(data: Any, path: PathLike) -> dict:
     """The sections of a manifest document, after checking every value hqrs_geo uses (format,
     version, CRS, part names and facts, scenes, failures, run records): a one-line
@@ -421,6 +434,8 @@ def validate_manifest(data: Any, path: PathLike) -> dict:
             raise _bad(path, f"{where}.block_rows", f"is {_shown(ranges)}, not a list of [first, last] rows")
         if scene.get("source") is not None and not isinstance(scene["source"], str):
             raise _bad(path, f"{where}.source", f"is {_shown(scene['source'])}, not text")
+        if scene.get("reading"):
+            _check_reading(path, where, scene["reading"])
     for key, failure in out["failed"].items():
         if not isinstance(failure, dict):
             raise _bad(path, f"failed[{_shown(key)}]", f"is {_shown(failure)}, not an object",
@@ -490,8 +505,17 @@ def verified_part(manifest: Manifest, name: str) -> Path:
     if entry is not None and entry != manifest.parts[name] and part_problem(manifest.folder, name, entry) is None:
         manifest.parts[name] = entry
         return path
+    info = manifest.parts[name]
+    try:
+        stat = path.stat()
+        in_place = stat.st_size == info.get("bytes") and stat.st_mtime_ns == info.get("mtime_ns")
+    except OSError:
+        in_place = False
+    again = ("run the job that made the dataset again with «verify_parts» (its size and time are unchanged): "
+             "it computes this part again") if in_place else \
+        "run the job that made the dataset again: it computes this part again"
     raise InputError(f"{path}: this part of dataset {manifest.folder} is damaged or was changed ({problem}); "
-                     "run the job that made the dataset again: it computes this part again")
+                     f"{again}")
 
 
 def part_crs(path: PathLike) -> str | None:
@@ -604,12 +628,10 @@ def part_record(path: PathLike) -> dict | None:
     return None
 
 
-def _embedding_sizes(path: Path) -> dict[str, int]:
-    """``{embedding column: values per vector}`` of a part, from its schema."""
+def _embedding_sizes(schema: Any) -> dict[str, int]:
+    """``{embedding column: values per vector}`` of a part, from its Arrow schema."""
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
-    schema = pq.read_schema(path)
     return {name: schema.field(name).type.list_size for name in embedding_columns(schema.names)
             if pa.types.is_fixed_size_list(schema.field(name).type)}
 
@@ -636,16 +658,22 @@ def _read_parts(manifest: Manifest, names: Sequence[str], where: PathLike) -> An
     footprints in the dataset's CRS (a part in another CRS is reprojected)."""
     import geopandas as gpd
     import pandas as pd
+    import pyarrow.parquet as pq
 
     frames, sizes = [], {}
     for name in names:
         path = verified_part(manifest, name)
         try:
-            sizes[str(path)] = _embedding_sizes(path)
+            meta = pq.read_metadata(path)
+            sizes[str(path)] = _embedding_sizes(meta.schema.to_arrow_schema())
             frame = gpd.read_parquet(path)
         except Exception as exc:  # pyarrow raises many types for damaged files
             raise InputError(f"{path}: cannot read this part of dataset {where} ({str(exc).splitlines()[0]}); "
                              "run the job that made the dataset again") from None
+        listed = manifest.parts[name].get("tiles")
+        if meta.num_rows != listed:  # the file is the one written (SHA-256): its entry was changed
+            raise _bad(manifest_path(manifest.folder), f"parts[{_shown(name)}].tiles",
+                       f"is {listed}, the part holds {meta.num_rows} tiles", "restore the manifest")
         frames.append(_in_dataset_crs(frame, manifest, path))
     check_embedding_sizes(sizes, where)
     if not frames:

@@ -926,6 +926,8 @@ class SearchDock(QDockWidget):
             estimate = ""
         name = os.path.basename(dataset)
         args = ["merge", dataset, "-o", output, "--bbox=" + ",".join(repr(float(v)) for v in area)]
+        if os.path.exists(output):  # the save dialog asked whether to replace it
+            args.append("--overwrite")
         self.merging = True
         self.merge_button.setEnabled(False)
         self.show_status(f"merging the hits' area of {name}{estimate} into {os.path.basename(output)}…")
