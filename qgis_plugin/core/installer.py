@@ -48,7 +48,8 @@ from .runner import ChildProcess, EngineError
 
 PYTORCH_CPU_INDEX = "https://download.pytorch.org/whl/cpu"
 PYPI = "https://pypi.org/simple"
-#: pip's own socket timeout and retries per connection (its defaults: 15 s, 5 retries)
+#: pip's own socket timeout and retries per connection (its defaults: 15 s, 5 retries), given to
+#: every pip step as PIP_TIMEOUT / PIP_RETRIES unless the user's environment sets them
 PIP_TIMEOUT, PIP_RETRIES = 60, 3
 #: a pip step that neither prints a line nor reads STALL_BYTES (downloads and files, /proc/PID/io
 #: on Linux) for this many seconds is stalled (a server that answers nothing, or a byte a second):
@@ -298,7 +299,7 @@ def pip_args(options: InstallOptions, constraints: str) -> list[str]:
     """Pip options every install step shares: the pins, wheel folders, no index, no .pyc files
     (they would add a fifth to the engine's size; Python writes those it needs on first use)."""
     args = ["--disable-pip-version-check", "--no-input", "--progress-bar", "off", "--no-compile",
-            "--timeout", str(PIP_TIMEOUT), "--retries", str(PIP_RETRIES), "-c", constraints]
+            "-c", constraints]
     for folder in options.find_links:
         args += ["--find-links", folder]
     if options.no_index:
@@ -685,7 +686,8 @@ class Installer:
             return self.run_step(step.fallback)
         assert step.argv is not None
         self.log("$ " + shlex.join(step.argv))
-        child = self._child = ChildProcess(step.argv, merge_stderr=True)
+        env = {"PIP_TIMEOUT": str(PIP_TIMEOUT), "PIP_RETRIES": str(PIP_RETRIES), **os.environ}
+        child = self._child = ChildProcess(step.argv, merge_stderr=True, env=env)
         child.start()
         output: list[str] = []
         watch = _Progress(child.pid, self.options.stall_seconds, self.options.step_seconds)
