@@ -39,6 +39,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import re
 import signal
 import socket
 import tempfile
@@ -312,6 +313,7 @@ class RayExecutor:
         self.ctx_ref: Any = None
         self.specs: list[TaskSpec] = []
         self.alive: dict[str, dict] = {}
+        self.gone: set[str] = set()  # nodes a pinned worker could not be scheduled on (gone before the GCS says so)
         self.resources: dict[str, Any] = {}
         self.checked = 0.0
         self.timeout = float(getattr(scale, "unit_timeout", None) or UNIT_TIMEOUT)
@@ -365,8 +367,9 @@ class RayExecutor:
                 pass
 
     def _alive_nodes(self) -> dict[str, dict]:
-        """Alive nodes: id -> total resources."""
-        return {n["NodeID"]: dict(n.get("Resources", {})) for n in self.ray.nodes() if n.get("Alive")}
+        """Alive nodes (less those Ray already refused to schedule on): id -> total resources."""
+        return {n["NodeID"]: dict(n.get("Resources", {})) for n in self.ray.nodes()
+                if n.get("Alive") and n["NodeID"] not in self.gone}
 
     def _plan_resources(self) -> dict:
         ray, scale, plan = self.ray, self.scale, self.plan
@@ -598,22 +601,7 @@ class RayExecutor:
     def _check(self) -> list[Outcome]:
         """Retire the workers of nodes that left; put units past their deadline back in the queue."""
         self.checked = time.monotonic()
-        try:
-            alive = self._alive_nodes()
-        except Exception:  # the cluster did not answer this time: check again later
-            return []
-        gone = set(self.alive) - set(alive)
-        self.alive = alive
-        if gone:
-            retired = [i for i in self._live() if self.nodes[i] in gone]
-            for i in retired:
-                self._retire(i)
-            left = len(self._live())
-            self._say(f"ray: {len(gone)} node(s) left the cluster; going on with {len(alive)} node(s) and "
-                      f"{left} model worker(s)" + (" (starting one on a surviving node)" if self.actors and not left
-                                                   else ""))
-            if self.actors and not left:
-                self._ensure_worker()
+        self._check_nodes_now()
         outcomes: list[Outcome] = []
         under_way = {id(u): u for _, u, _ in self.pending.values()}
         under_way.update({id(e[0]): e[0] for e in self.ready})
@@ -650,6 +638,17 @@ class RayExecutor:
             if started:
                 self.began[key] = now
                 self.progress_at = now
+
+    def _nodes_left(self, gone: set[str]) -> None:
+        """Retire the workers of nodes that left, say so, and keep at least one worker."""
+        for i in self._live():
+            if self.nodes[i] in gone:
+                self._retire(i)
+        left = len(self._live())
+        self._say(f"ray: {len(gone)} node(s) left the cluster; going on with {len(self.alive)} node(s) and "
+                  f"{left} model worker(s)" + (" (starting one on a surviving node)" if self.actors and not left
+                                               else ""))
+        self._ensure_worker()
 
     def _drop(self, unit: Unit, reason: str) -> Outcome:
         """Forget every call of ``unit`` (cancelled where Ray can) and put it back in the queue."""
@@ -756,9 +755,19 @@ class RayExecutor:
         return Outcome(unit, "part", part=part, scene=status["scene"], blocks=status["blocks"])
 
     def _lost(self, unit: Unit, worker: int | None, exc: BaseException) -> Outcome:
-        """A unit whose work was lost with a process or node: replace a dead worker, retry the unit."""
-        if worker is not None and isinstance(exc, self.ray.exceptions.RayActorError) \
-                and not isinstance(exc, getattr(self.ray.exceptions, "ActorUnavailableError", ())):
+        """A unit whose work was lost with a process or node: replace a dead worker (retire one
+        whose node is gone), retry the unit."""
+        errors = self.ray.exceptions
+        unschedulable = isinstance(exc, getattr(errors, "ActorUnschedulableError", ()))
+        if worker is not None and (unschedulable or (isinstance(exc, errors.RayActorError)
+                                                     and NODE_DIED.search(str(exc)))):
+            node = self.nodes[worker]
+            if node not in self.gone:  # its node is gone (pinned workers are never moved)
+                self.gone.add(node)
+                self.alive.pop(node, None)
+                self._nodes_left({node})
+        elif worker is not None and isinstance(exc, errors.RayActorError) \
+                and not isinstance(exc, getattr(errors, "ActorUnavailableError", ())):
             self._replace(worker)
         return Outcome(unit, "retry", error=_short(exc))
 
@@ -783,13 +792,15 @@ class RayExecutor:
             self._ensure_worker()
 
     def _check_nodes_now(self) -> None:
+        """Retire the workers of nodes that left (and say so)."""
         try:
             alive = self._alive_nodes()
-        except Exception:
+        except Exception:  # the cluster did not answer this time: check again later
             return
-        for i in self._live():
-            if self.nodes[i] not in alive:
-                self._retire(i)
+        gone = set(self.alive) - set(alive)
+        self.alive = alive
+        if gone:
+            self._nodes_left(gone)
 
     def close(self) -> None:
         """Stop the workers; leave the cluster (and shut down a Ray instance this executor started)."""
@@ -804,6 +815,10 @@ class RayExecutor:
         self.actors, self.pending = [], {}
         if self.owns and ray.is_initialized():
             ray.shutdown()
+
+
+#: How Ray says that an actor died with its node (before the GCS lists the node as dead).
+NODE_DIED = re.compile(r"\bnode\b[^\n]*\b(?:died|dead)\b", re.IGNORECASE)
 
 
 def _short(exc: BaseException) -> str:
