@@ -11,7 +11,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from email.utils import parsedate_to_datetime
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -203,6 +203,13 @@ class OpenAIChatBackend(ChatBackend):
         futures = [pool.submit(self._complete_or_stop, request) for request in requests]
         try:
             return [future.result() for future in futures]
+        except Cancelled:  # stopped because another request failed for good: raise that one's error
+            wait(futures)
+            for future in futures:
+                error = future.exception()
+                if error is not None and not isinstance(error, Cancelled):
+                    raise error from None
+            raise
         except BaseException:
             # the first failure (or Ctrl-C / SIGTERM in this thread) ends the others at once:
             # their connections are shut down and they are not retried
