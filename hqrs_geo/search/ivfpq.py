@@ -388,8 +388,8 @@ class CompressedIndex:
         entries = []
         trained = meta.get("files", {}).get("trained")
         if trained is not None and _file_problem(folder / "trained.index", trained):
-            raise CorruptIndex(f"{folder}: {_file_problem(folder / 'trained.index', trained)}; "
-                               f"rebuild the index with '{rebuild_command(folder)}' and a --param")
+            raise CorruptIndex(f"{folder}: {_file_problem(folder / 'trained.index', trained)}; the index cannot be "
+                               f"updated: delete {folder} and run '{rebuild_command(folder)}' to build it anew")
         for part in parts:
             old = kept.get(part.name)
             if old is not None and old["fingerprint"] == part.fingerprint and old.get("rows") == len(part.matrix):
