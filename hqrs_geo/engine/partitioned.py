@@ -469,7 +469,7 @@ def _drive(executor: Any, units: list[Unit], waiting: dict[str, set], manifest: 
     """The driver loop: submit while there is room, record each outcome."""
     queue: deque[Unit] = deque(units)
     finished: set[str] = set()
-    saved = time.monotonic()
+    saved, took = time.monotonic(), 0.0
     started = time.monotonic()
     last = [0.0]
     if progress is not None:
@@ -539,9 +539,11 @@ def _drive(executor: Any, units: list[Unit], waiting: dict[str, set], manifest: 
                     _complete_scene(manifest, key, part)
                     report.done += 1
                     finish(key)
-        if time.monotonic() - saved >= scale.manifest_interval:
+        if time.monotonic() - saved >= max(scale.manifest_interval, 10 * took):  # a large manifest: at most
+            begun = time.monotonic()                                                 # a tenth of the time saving
             manifest.save()
             saved = time.monotonic()
+            took = saved - begun
 
 
 def _blocks_done(manifest: Manifest, key: str, blocks: list) -> set[int]:

@@ -40,18 +40,18 @@ dataset folder, so every command that reads or updates a tile layer works on one
 """
 from __future__ import annotations
 
-import copy
 import functools
 import json
 import math
 import os
+import re
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..atomic import atomic_path, file_facts, folder_lock, sha256_file, write_json
+from ..atomic import atomic_path, file_facts, folder_lock, sha256_file, write_text
 from ..errors import InputError, OutputError
 from .columns import (
     PROVENANCE_COLUMNS,
@@ -128,19 +128,16 @@ class Manifest:
     def load(cls, folder: PathLike) -> Manifest:
         """The manifest of ``folder`` (an empty one when the folder has none yet)."""
         manifest = cls(Path(folder))
-        data = _read_manifest(manifest_path(folder))
-        if data is not None:
-            manifest._adopt(data)
+        read = _read_manifest(manifest_path(folder), snapshot=True)
+        if read is not None:
+            data, manifest._base = read
+            for name in _SECTIONS:
+                setattr(manifest, name, data[name])
         return manifest
 
     def _sections(self) -> dict:
-        return copy.deepcopy({name: getattr(self, name) for name in _SECTIONS})
-
-    def _adopt(self, data: dict) -> None:
-        """Take ``data`` (validated sections) as the state of this manifest and of the disk."""
-        for name in _SECTIONS:
-            setattr(self, name, copy.deepcopy(data.get(name, _empty_sections()[name])))
-        self._base = self._sections()
+        """The sections as this job sees them (not copied: the merge only reads them)."""
+        return {name: getattr(self, name) for name in _SECTIONS}
 
     def as_dict(self) -> dict:
         """The JSON document."""
@@ -156,13 +153,14 @@ class Manifest:
     def refresh(self) -> None:
         """Take in what other jobs saved since this manifest was read, keeping this job's
         changes (call it under :meth:`locked` before deciding from the manifest)."""
-        data = _read_manifest(manifest_path(self.folder))
-        if data is None:
+        read = _read_manifest(manifest_path(self.folder), snapshot=True)
+        if read is None:
             return
+        data, snapshot = read
         merged = _merge_sections(self.folder, self._base, self._sections(), data)
         for name in _SECTIONS:
             setattr(self, name, merged[name])
-        self._base = copy.deepcopy(data)
+        self._base = snapshot
 
     def save(self) -> None:
         """Write the manifest atomically, merged with what other jobs saved meanwhile (the folder
@@ -179,8 +177,10 @@ class Manifest:
                                                                            self._sections(), data)
             for name in _SECTIONS:
                 setattr(self, name, merged[name])
-            write_json(manifest_path(self.folder), self.as_dict(), indent=None)
-            self._base = self._sections()
+            text = json.dumps(self.as_dict(), ensure_ascii=False)
+            write_text(manifest_path(self.folder), text)
+            written = json.loads(text)  # a snapshot of the disk that later in-place changes cannot touch
+            self._base = {name: written[name] for name in _SECTIONS}
 
     def part_files(self) -> list[Path]:
         """Paths of the parts with tiles, ordered by name."""
@@ -222,7 +222,7 @@ def _merge_sections(folder: Path, base: dict, mine: dict, theirs: dict) -> dict:
     theirs); ``crs`` and ``fingerprint`` when this job set them. An entry this job removed that
     another job changed meanwhile stays; a part both changed is the one whose entry matches the
     file in the folder."""
-    merged = copy.deepcopy(theirs)
+    merged = theirs  # read for this merge: ours to change
     for name in ("crs", "fingerprint"):
         if mine.get(name) != base.get(name):
             merged[name] = mine.get(name)
@@ -258,8 +258,9 @@ def _entry_on_disk(path: Path, mine: dict, theirs: dict) -> dict:
 
 
 # -- validating what a manifest says ----------------------------------------------------------------
-def _read_manifest(path: Path) -> dict | None:
-    """The validated sections of the manifest at ``path`` (None when there is none)."""
+def _read_manifest(path: Path, snapshot: bool = False) -> Any:
+    """The validated sections of the manifest at ``path`` (None when there is none); with
+    ``snapshot`` also a second, independent copy of them."""
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
@@ -272,7 +273,11 @@ def _read_manifest(path: Path) -> dict | None:
     except ValueError as exc:
         raise InputError(f"{path}: the dataset manifest is not valid JSON ({exc}); was it changed outside "
                          "hqrs_geo? Restore it, or write the dataset again into a new folder") from None
-    return validate_manifest(data, path)
+    sections = validate_manifest(data, path)
+    if not snapshot:
+        return sections
+    again = json.loads(text)
+    return sections, {name: again[name] if name in again else _empty_sections()[name] for name in _SECTIONS}
 
 
 def _bad(path: PathLike, key: str, problem: str, advice: str = "fix that value, or restore the manifest") \
@@ -337,6 +342,7 @@ def part_name_problem(name: Any) -> str | None:
     return None
 
 
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 _PART_INTS = {"block": 0, "blocks": 0, "tiles": 0, "bytes": 0, "mtime_ns": 0}
 _TEXT_OR_NONE = ("scene", "source", "url", "item", "fingerprint", "name")
 
@@ -367,7 +373,7 @@ def _check_part(path: PathLike, name: str, part: Any) -> None:
     _check_crs(path, f"{where}.crs", part.get("crs"))
     if part["tiles"] > 0:
         digest = part.get("sha256")
-        if not (isinstance(digest, str) and len(digest) == 64 and all(c in "0123456789abcdef" for c in digest)):
+        if not (isinstance(digest, str) and _SHA256.fullmatch(digest)):
             raise _bad(path, f"{where}.sha256", f"is {_shown(digest)}, not the SHA-256 of the part",
                        "remove that entry (running the job again recomputes its part), or restore the manifest")
         if not _is_int(part.get("bytes")):
