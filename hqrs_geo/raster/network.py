@@ -32,6 +32,7 @@ from __future__ import annotations
 import base64
 import math
 import os
+import queue
 import re
 import threading
 import time
@@ -161,11 +162,49 @@ def busy(key: str) -> bool:
         return _busy.get(key, 0) > 0
 
 
+class _Helper:
+    """The helper thread of one calling thread: it runs that thread's network reads one after the
+    other, so GDAL's connections (kept per thread) are reused from read to read. Abandoned after a
+    read past its deadline or an interrupted wait (it ends when that read ends); ended when its
+    calling thread ends (this object is then collected)."""
+
+    def __init__(self) -> None:
+        self.jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self.thread = threading.Thread(target=_serve, args=(self.jobs,), name="hqrs-network-read", daemon=True)
+        self.thread.start()
+
+    def abandon(self) -> None:
+        """Let the thread end after the read it runs."""
+        self.jobs.put(None)
+
+    def __del__(self) -> None:
+        self.jobs.put(None)
+
+
+def _serve(jobs: queue.SimpleQueue) -> None:
+    while True:
+        job = jobs.get()
+        if job is None:
+            return
+        job()
+
+
+_helpers = threading.local()
+
+
+def _helper() -> _Helper:
+    helper = getattr(_helpers, "helper", None)
+    if helper is None or not helper.thread.is_alive():  # none yet, or a forked process
+        helper = _helpers.helper = _Helper()
+    return helper
+
+
 def bounded(call: Callable[[], T], key: str, what: str | None = None, deadline: float | None = None) -> T:
-    """``call()`` run in a helper thread, waited for at most ``deadline`` seconds (default: the
-    limits' deadline). Past it: :class:`NetworkTimeout` naming ``what`` (default ``key``, made
-    public); the helper is abandoned (it ends with GDAL's or the socket's own timeouts). The wait
-    is interruptible: Ctrl-C and SIGTERM are raised in the caller at once."""
+    """``call()`` run in this thread's helper thread, waited for at most ``deadline`` seconds
+    (default: the limits' deadline). Past it: :class:`NetworkTimeout` naming ``what`` (default
+    ``key``, made public); the helper is abandoned (it ends with GDAL's or the socket's own
+    timeouts) and the next read gets a new one. The wait is interruptible: Ctrl-C and SIGTERM are
+    raised in the caller at once."""
     seconds = limits().deadline if deadline is None else deadline
     box: dict = {}
     done = threading.Event()
@@ -184,14 +223,20 @@ def bounded(call: Callable[[], T], key: str, what: str | None = None, deadline: 
 
     with _busy_lock:
         _busy[key] = _busy.get(key, 0) + 1
-    worker = threading.Thread(target=run, name="hqrs-network-read", daemon=True)
-    worker.start()
+    helper = _helper()
+    helper.jobs.put(run)
     end = time.monotonic() + seconds
-    while not done.wait(max(0.0, min(_POLL, end - time.monotonic()))):
-        if time.monotonic() >= end:
-            raise NetworkTimeout(f"{public_url(what or key)}: no answer within the {seconds:g} s deadline of one "
-                                 "read (the server accepted the connection but sent too little); check the server, "
-                                 "or allow more time with $HQRS_GEO_HTTP_DEADLINE")
+    try:
+        while not done.wait(max(0.0, min(_POLL, end - time.monotonic()))):
+            if time.monotonic() >= end:
+                raise NetworkTimeout(f"{public_url(what or key)}: no answer within the {seconds:g} s deadline of "
+                                     "one read (the server accepted the connection but sent too little); check the "
+                                     "server, or allow more time with $HQRS_GEO_HTTP_DEADLINE")
+    except BaseException:
+        if not done.is_set():
+            _helpers.helper = None
+            helper.abandon()
+        raise
     if "error" in box:
         raise box["error"]
     return box["value"]

@@ -746,3 +746,36 @@ def test_hostile_source_lists(tmp_path):
     entry = resolve_sources([str(tmp_path / "creds.txt")])[0]
     record(credentials_stored=int(any(s in entry.path + entry.url for s in SECRETS)))
     assert (entry.path, entry.url) == ("/vsicurl/http://127.0.0.1:9/a.tif", "http://127.0.0.1:9/a.tif")
+
+
+def test_reads_within_limits_reuse_their_connections(served):
+    """Reads run in one helper thread per calling thread, so GDAL keeps its connection from read to
+    read (a thread per read opened a connection, and a TLS handshake, per tile)."""
+    from http.server import ThreadingHTTPServer
+
+    from hqrs_geo import TileConfig, tile_rasters
+
+    _, _, folder = served
+
+    class KeepAlive(ArchiveHandler):
+        protocol_version = "HTTP/1.1"
+
+    class Counting(ThreadingHTTPServer):
+        daemon_threads = True
+        connections = 0
+
+        def verify_request(self, request, client_address) -> bool:  # noqa: ANN001 (socketserver's API)
+            Counting.connections += 1
+            return True
+
+    httpd = Counting(("127.0.0.1", 0), KeepAlive)
+    httpd.folder, httpd.requests = Path(folder).resolve(), []  # type: ignore[attr-defined]
+    httpd.stopping, httpd.lock, httpd.served = threading.Event(), threading.Lock(), {}  # type: ignore[attr-defined]
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        tiles, _ = tile_rasters(f"http://127.0.0.1:{httpd.server_address[1]}/b.tif", TileConfig(tile_size=32))
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    assert len(tiles) == 64 and len(httpd.requests) >= 2  # type: ignore[attr-defined]
+    assert Counting.connections <= 2, (Counting.connections, len(httpd.requests))  # type: ignore[attr-defined]
