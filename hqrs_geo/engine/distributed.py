@@ -552,11 +552,9 @@ class RayExecutor:
             unit, status, status_ref, frame_ref, payload_ref, worker = self.ready.popleft()
             if self.actors[worker] is None:  # its worker left with its node: another one takes the unit
                 self._release(worker)
+                self._ensure_worker()  # (a one-line error when no node can hold one)
                 worker = self._least_loaded()
-                if worker is None:
-                    self.ready.appendleft((unit, status, status_ref, frame_ref, payload_ref, worker))
-                    self._ensure_worker()
-                    continue
+                assert worker is not None
                 self.load[worker] += 1
             infer = self.actors[worker].infer.remote(payload_ref, self.ctx.batch_size)
             write = self.write_fn.options(**self.io_options).remote(unit, status_ref, frame_ref, infer, self.ctx_ref,
@@ -583,6 +581,8 @@ class RayExecutor:
                 outcome = getattr(self, f"_after_{stage}")(ref, unit, extra)
                 if outcome is not None:
                     outcomes.append(self._finished(outcome))
+            if not refs:  # (only units waiting for a worker: no busy loop)
+                time.sleep(0.1)
             if not refs or time.monotonic() - self.checked >= POLL_SECONDS:
                 outcomes += self._check()
             self._dispatch()
