@@ -148,6 +148,11 @@ DAMAGE = {
     "parts' numbers swapped": edit_json(swap_numbers),
     "version 'x'": edit_json(lambda meta: {**meta, "version": "x"}),
     "parts null": edit_json(lambda meta: {**meta, "parts": None}),
+    # an index written before sizes and checksums were recorded: the lists' extents still guard the map
+    "older index, ivfdata cut to 50%": lambda folder: (
+        edit_json(lambda meta: {k: v for k, v in meta.items() if k != "files"})(folder), truncate(0.5)(folder)),
+    "older index, ivfdata emptied": lambda folder: (
+        edit_json(lambda meta: {k: v for k, v in meta.items() if k != "files"})(folder), truncate(0.0)(folder)),
 }
 
 
