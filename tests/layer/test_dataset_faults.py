@@ -339,6 +339,20 @@ def test_two_appends_to_one_geopackage_keep_both_scenes(world, tmp_path, trial):
     record(recovered=1)
 
 
+def test_columns_written_by_two_jobs_from_the_same_read_are_both_kept(world, tmp_path):
+    dataset = copy(world["dataset"], tmp_path / "DS")
+    first, second = hg.read_tiles(dataset), hg.read_tiles(dataset)  # two jobs read the dataset
+    first["label_a"] = "water"
+    second["label_b"] = "roof"
+    hg.write_tiles(dataset, first)  # the first job writes its column back ...
+    hg.write_tiles(dataset, second)  # ... then the second, from what it read before
+    tiles = read_dataset_tiles(dataset)
+    kept = {"label_a", "label_b"} <= set(tiles.columns) and (tiles.label_a == "water").all() and (
+        tiles.label_b == "roof").all() and len(tiles) == TILES
+    record(**({"recovered": 1} if kept else {"data_lost": 1}))
+    assert kept, sorted(tiles.columns)
+
+
 def test_an_output_another_job_holds_is_a_one_line_error(world, tmp_path):
     out = tmp_path / "held"
     out.mkdir()
