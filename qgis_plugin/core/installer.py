@@ -607,8 +607,10 @@ class Installer:
 
         engine.forget(self.options.python)
         info = engine.probe(self.options.python, use_cache=False)
-        if not info.ok:
+        if not info.installed:  # a device the machine lacks is a setting to change, not a failed install
             raise info.problem or EngineError("the engine probe failed", "engine")
+        if info.device_problem is not None:
+            self.log(f"engine installed; {info.device_problem}")
         return info.summary
 
     def _self_test_error(self, outcome) -> EngineError:
