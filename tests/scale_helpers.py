@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
 import socket
 import subprocess
 import sys
@@ -20,6 +19,8 @@ import numpy as np
 import rasterio
 from conftest import DRONE_SCENE, EXAMPLE_SCENE, NAIP_SCENE, geographic_scene
 from rasterio.windows import Window
+
+from hqrs_geo.engine.distributed import stop_processes as kill_processes
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -220,22 +221,6 @@ def _tree(marker: str) -> list[int]:
                 found.add(pid)
                 grew = True
     return sorted(found)
-
-
-def kill_processes(pids, grace: float = 3.0) -> None:
-    for pid in pids:
-        try:
-            os.kill(pid, signal.SIGTERM)
-        except OSError:
-            pass
-    deadline = time.monotonic() + grace
-    while time.monotonic() < deadline and any(_alive(p) for p in pids):
-        time.sleep(0.1)
-    for pid in pids:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except OSError:
-            pass
 
 
 def _alive(pid: int) -> bool:

@@ -156,6 +156,14 @@ def _start_time(pid: int) -> str | None:
         return None
 
 
+def _running(pid: int) -> bool:
+    """True while process ``pid`` exists and is not a zombie (ended, waiting for its parent)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
 def owner_mark() -> str:
     """The identity of this process, ``PID:START`` (a later process with the same pid differs)."""
     return f"{os.getpid()}:{_start_time(os.getpid())}"
@@ -201,7 +209,7 @@ def stop_processes(pids: list[int], grace: float = 3.0) -> None:
         except OSError:
             pass
     deadline = time.monotonic() + grace
-    while time.monotonic() < deadline and any(_start_time(p) for p in pids):
+    while time.monotonic() < deadline and any(_running(p) for p in pids):
         time.sleep(0.1)
     for pid in pids:
         try:

@@ -15,10 +15,12 @@ from pathlib import Path
 from typing import Any
 
 from qgis.core import (
+    QgsFeatureRequest,
     QgsMapLayer,
     QgsProcessingAlgorithm,
     QgsProcessingContext,
     QgsProcessingException,
+    QgsProcessingFeatureSourceDefinition,
     QgsProcessingFeedback,
     QgsProcessingLayerPostProcessorInterface,
     QgsProcessingUtils,
@@ -171,6 +173,27 @@ class HqrsAlgorithm(QgsProcessingAlgorithm):
         path = self.tile_layer_path(layer, feedback)
         self._reload.append(layer)
         return path
+
+    def whole_tile_layer(self, parameters: dict[str, Any], name: str, context: QgsProcessingContext,
+                         feedback: QgsProcessingFeedback) -> str:
+        """The file of tile layer parameter ``name`` as a whole, also when only its selected features
+        were given (those are the examples, read by :meth:`selected_tile_ids`)."""
+        value = parameters.get(name)
+        whole = dict(parameters, **{name: value.source}) \
+            if isinstance(value, QgsProcessingFeatureSourceDefinition) else parameters
+        return self.input_tile_layer(whole, name, context, feedback)
+
+    def selected_tile_ids(self, parameters: dict[str, Any], name: str, context: QgsProcessingContext) -> list[str]:
+        """The tile ids of the selected features of parameter ``name``, when it is limited to them."""
+        value = parameters.get(name)
+        if not (isinstance(value, QgsProcessingFeatureSourceDefinition) and value.selectedFeaturesOnly):
+            return []
+        source = self.parameterAsSource(parameters, name, context)
+        if source is None or source.fields().indexOf("tile_id") < 0:
+            raise QgsProcessingException(tr("HQRS: the input has no tile_id field; choose a tile layer"))
+        request = QgsFeatureRequest().setSubsetOfAttributes(["tile_id"], source.fields())
+        request.setFlags(QgsFeatureRequest.NoGeometry)
+        return [str(f["tile_id"]) for f in source.getFeatures(request)]
 
     def given(self, parameters: dict[str, Any], name: str) -> bool:
         """True when parameter ``name`` has a value: given, or (left out, as scripts do) a default

@@ -9,7 +9,6 @@ from qgis.core import (
     QgsProcessing,
     QgsProcessingContext,
     QgsProcessingException,
-    QgsProcessingFeatureSourceDefinition,
     QgsProcessingFeedback,
     QgsProcessingLayerPostProcessorInterface,
     QgsProcessingParameterBoolean,
@@ -83,25 +82,12 @@ class DetectAlgorithm(HqrsAlgorithm):
         self.addParameter(QgsProcessingParameterVectorDestination(
             "OUTPUT", tr("Detections"), QgsProcessing.TypeVectorPolygon))
 
-    def selected_ids(self, parameters: dict[str, Any], context: QgsProcessingContext) -> list[str]:
-        """The tile ids of the selected features, when the input is limited to them."""
-        value = parameters.get("INPUT")
-        if not (isinstance(value, QgsProcessingFeatureSourceDefinition) and value.selectedFeaturesOnly):
-            return []
-        source = self.parameterAsSource(parameters, "INPUT", context)
-        if source is None or source.fields().indexOf("tile_id") < 0:
-            raise QgsProcessingException(tr("HQRS: the input has no tile_id field; choose a tile layer"))
-        return [str(f["tile_id"]) for f in source.getFeatures()]
-
     def process(self, parameters: dict[str, Any], context: QgsProcessingContext,
                 feedback: QgsProcessingFeedback) -> dict[str, Any]:
         """Run ``hqrs-geo detect LAYER --pos ID … --neg ID … -o OUTPUT``."""
-        value = parameters.get("INPUT")
-        whole = dict(parameters, INPUT=value.source) \
-            if isinstance(value, QgsProcessingFeatureSourceDefinition) else parameters  # the layer, not a selection
-        layer = self.input_tile_layer(whole, "INPUT", context, feedback)
+        layer = self.whole_tile_layer(parameters, "INPUT", context, feedback)
         positive = split_list(self.optional_text(parameters, "POSITIVE_IDS", context))
-        positive += [i for i in self.selected_ids(parameters, context) if i not in positive]
+        positive += [i for i in self.selected_tile_ids(parameters, "INPUT", context) if i not in positive]
         negative = [i for i in split_list(self.optional_text(parameters, "NEGATIVE_IDS", context))
                     if i not in positive]
         saved = self.parameterAsBool(parameters, "SAVED_LABELS", context)

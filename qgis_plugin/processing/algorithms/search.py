@@ -6,13 +6,11 @@ from typing import Any
 
 from qgis.core import (
     QgsFeature,
-    QgsFeatureRequest,
     QgsField,
     QgsFields,
     QgsProcessing,
     QgsProcessingContext,
     QgsProcessingException,
-    QgsProcessingFeatureSourceDefinition,
     QgsProcessingFeedback,
     QgsProcessingParameterExtent,
     QgsProcessingParameterFeatureSource,
@@ -236,27 +234,12 @@ class SimilarAlgorithm(HqrsAlgorithm):
             "NEGATIVE_IDS", tr("Negative example tile ids (comma-separated)"), None, False, True)))
         add_result_parameters(self)
 
-    def selected_ids(self, parameters: dict[str, Any], context: QgsProcessingContext) -> list[str]:
-        """The tile ids of the selected features, when the input is limited to them."""
-        value = parameters.get("INPUT")
-        if not (isinstance(value, QgsProcessingFeatureSourceDefinition) and value.selectedFeaturesOnly):
-            return []
-        source = self.parameterAsSource(parameters, "INPUT", context)
-        if source is None or source.fields().indexOf("tile_id") < 0:
-            raise QgsProcessingException(tr("HQRS: the input has no tile_id field; choose a tile layer"))
-        request = QgsFeatureRequest().setSubsetOfAttributes(["tile_id"], source.fields())
-        request.setFlags(QgsFeatureRequest.NoGeometry)
-        return [str(f["tile_id"]) for f in source.getFeatures(request)]
-
     def process(self, parameters: dict[str, Any], context: QgsProcessingContext,
                 feedback: QgsProcessingFeedback) -> dict[str, Any]:
         """Run ``hqrs-geo similar LAYER --tile ID …``."""
-        value = parameters.get("INPUT")
-        whole = dict(parameters, INPUT=value.source) \
-            if isinstance(value, QgsProcessingFeatureSourceDefinition) else parameters  # the layer, not a selection
-        layer = self.input_tile_layer(whole, "INPUT", context, feedback)
+        layer = self.whole_tile_layer(parameters, "INPUT", context, feedback)
         ids = split_list(self.optional_text(parameters, "TILE_IDS", context))
-        ids += [i for i in self.selected_ids(parameters, context) if i not in ids]
+        ids += [i for i in self.selected_tile_ids(parameters, "INPUT", context) if i not in ids]
         if not ids:
             raise QgsProcessingException(
                 tr("HQRS: no example tiles: give tile ids or select tiles and tick 'Selected features only'"))
