@@ -75,7 +75,7 @@ class EngineSize:
 
 
 # The one place for the sizes shown before an installation starts (and used for the disk check).
-# Measured for issue 22 (Linux, Python 3.11, pip --no-compile): CPU build (torch 2.13.0+cpu, a
+# Measured (Linux, Python 3.11, pip --no-compile): CPU build (torch 2.13.0+cpu, a
 # wheel of the size of 2.14.1+cpu; the CPU index could not be reached there): 0.41 GB downloaded,
 # 1.47 GB on disk; CUDA build (PyPI's torch 2.14.1 with its NVIDIA libraries, installed by the
 # panel in QGIS 3.22): 3.23 GB downloaded, 6.32 GB on disk; reuse: the rest only.
