@@ -132,3 +132,48 @@ class LocalHub:
         handler.wfile.flush()
         handler.close_connection = True
         handler.connection.shutdown(socket.SHUT_RDWR)
+
+
+class StallServer:
+    """A server on 127.0.0.1 that accepts connections and never finishes an answer: ``drip``
+    sends a 200 head announcing a long body, then one byte (``byte``) a second; otherwise it reads
+    the request and says nothing. ``url`` ends with ``path``; ``connections`` counts the accepted ones."""
+
+    def __init__(self, drip: bool, path: str = "/", content_type: str = "application/json",
+                 byte: bytes = b" ", length: int = 100_000) -> None:
+        self.drip, self.byte = drip, byte
+        self.head = (f"HTTP/1.1 200 OK\r\nContent-Type: {content_type}\r\n"
+                     f"Content-Length: {length}\r\n\r\n").encode()
+        self.connections = 0
+        self.stopped = threading.Event()
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(64)
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}{path}"
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while not self.stopped.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.connections += 1
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        with conn:
+            try:
+                conn.recv(1 << 16)
+                if self.drip:
+                    conn.sendall(self.head)
+                while not self.stopped.wait(1.0):
+                    if self.drip:
+                        conn.sendall(self.byte)
+            except OSError:
+                return
+
+    def close(self) -> None:
+        """Stop accepting and end every answer."""
+        self.stopped.set()
+        self.sock.close()

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -17,52 +16,13 @@ import pytest
 from archive_report import record
 from conftest import EXAMPLE_SCENE
 from fork_runner import run_cli
+from http_helpers import StallServer
 
 from hqrs_geo.errors import Cancelled, InputError, OptionError
 from hqrs_geo.mpgi.backends import ChatRequest, make_backend
 from hqrs_geo.mpgi.recipe import load_recipe
 
 SLACK = 1.5  # seconds a stopped wait may take beyond its bound on a busy 2-core machine
-
-
-class StallServer:
-    """Accepts connections; ``drip``: answers 200 with a long Content-Length, then one byte a
-    second; else reads the request and never answers."""
-
-    def __init__(self, drip: bool) -> None:
-        self.drip = drip
-        self.connections = 0
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(64)
-        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}/v1"
-        self.stopped = threading.Event()
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while not self.stopped.is_set():
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            self.connections += 1
-            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
-
-    def _serve(self, conn: socket.socket) -> None:
-        with conn:
-            try:
-                conn.recv(1 << 16)
-                if self.drip:
-                    conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 100000\r\n\r\n")
-                while not self.stopped.wait(1.0):
-                    if self.drip:
-                        conn.sendall(b" ")
-            except OSError:
-                return
-
-    def close(self) -> None:
-        self.stopped.set()
-        self.sock.close()
 
 
 @pytest.fixture
@@ -72,7 +32,7 @@ def stall(monkeypatch):
     servers: list[StallServer] = []
 
     def start(drip: bool = True) -> StallServer:
-        servers.append(StallServer(drip))
+        servers.append(StallServer(drip, path="/v1"))
         return servers[-1]
 
     yield start

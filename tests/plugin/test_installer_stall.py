@@ -5,54 +5,21 @@ Counted in the archive fault suite."""
 from __future__ import annotations
 
 import os
-import socket
 import sys
 import threading
 import time
 
 import pytest
 from archive_report import record
+from http_helpers import StallServer
 
 from qgis_plugin.core import installer
 from qgis_plugin.core.runner import EngineError
 
 STALL = 4.0  # seconds without progress that stop the step here (180 s by default)
+WHEEL = {"path": "/hqrs_geo-0.1.0-py3-none-any.whl", "content_type": "application/octet-stream",
+         "byte": b"P", "length": 50_000_000}
 SLACK = 8.0  # pip's start-up, SIGTERM and the pipe closing on a busy 2-core machine
-
-
-class StallServer:
-    def __init__(self, drip: bool) -> None:
-        self.drip, self.stopped = drip, threading.Event()
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(16)
-        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}/hqrs_geo-0.1.0-py3-none-any.whl"
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
-
-    def _serve(self, conn: socket.socket) -> None:
-        with conn:
-            try:
-                conn.recv(1 << 16)
-                if self.drip:
-                    conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\n"
-                                 b"Content-Length: 50000000\r\n\r\n")
-                while not self.stopped.wait(1.0):
-                    if self.drip:
-                        conn.sendall(b"P")
-            except OSError:
-                return
-
-    def close(self) -> None:
-        self.stopped.set()
-        self.sock.close()
 
 
 @pytest.fixture
@@ -72,7 +39,7 @@ def download_step(url: str, folder) -> installer.Step:
 
 @pytest.mark.parametrize("drip", [True, False], ids=["drip", "silent"])
 def test_a_stalled_wheel_download_ends_within_its_limit(tmp_path, pip_env, drip):
-    server = StallServer(drip)
+    server = StallServer(drip, **WHEEL)
     try:
         options = installer.InstallOptions(venv=str(tmp_path / "venv"), wheel=server.url, stall_seconds=STALL)
         started = time.monotonic()
@@ -89,7 +56,7 @@ def test_a_stalled_wheel_download_ends_within_its_limit(tmp_path, pip_env, drip)
 
 
 def test_cancel_still_stops_a_stalled_download(tmp_path, pip_env):
-    server = StallServer(True)
+    server = StallServer(True, **WHEEL)
     cancelled = threading.Event()
     try:
         options = installer.InstallOptions(venv=str(tmp_path / "venv"), wheel=server.url)  # the default limit
