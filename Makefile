@@ -81,7 +81,7 @@ demo: venv
 # every benchmark prints its ratios (measured side by side in one run); a failing one stops make
 bench: venv
 	$(PY) -m pip install -q -c constraints.txt torchgeo 'matplotlib>=3.8'
-	set -e; for b in tiling embed caption search finetune mpgi scale; do echo "== benchmarks/$$b.py"; $(PY) benchmarks/$$b.py; done
+	set -e; for b in tiling embed caption search finetune mpgi scale fewshot; do echo "== benchmarks/$$b.py"; $(PY) benchmarks/$$b.py; done
 
 # The installable plugin ("Install from ZIP"): one top folder with metadata, code, icon, licence,
 # the engine's wheel (engine/hqrs_geo-*.whl) that the plugin's installer puts into a virtual
