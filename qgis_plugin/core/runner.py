@@ -31,6 +31,7 @@ ALGORITHM_NAMES = {
     "run": "Models ▸ Tile, embed and caption", "search": "Search ▸ Text search", "similar": "Search ▸ Similar tiles",
     "classify": "Search ▸ Zero-shot classify", "export-chips": "Tiles ▸ Export chips", "mpgi": "Models ▸ MpGI captions",
     "export-dataset": "Models ▸ Export image-text dataset", "detect": "Search ▸ Detect from examples",
+    "change": "Search ▸ Compare two dates",
 }
 # CLI flags as the fields of the Processing dialogs and of the HQRS settings name them
 FIELD_NAMES = {
@@ -47,6 +48,8 @@ FIELD_NAMES = {
     "--recipe": "Recipe", "--vectors": "Vector layers", "--limit": "Only the first N tiles",
     "--max-length": "Maximum caption length", "--decoding": "Caption decoding", "-k": "Number of results",
     "--output": "output", "-o": "output",
+    "--became": "Tiles that became…", "--stopped": "Tiles that stopped being…", "--threshold": "Threshold",
+    "--min-overlap": "Least valid overlap", "--no-captions": "Caption both dates",
 }
 
 

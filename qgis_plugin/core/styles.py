@@ -11,6 +11,7 @@ layers of their own.
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -359,3 +360,117 @@ def replace_classes_layers(layer: QgsVectorLayer, project: QgsProject | None = N
         if other.id() != layer.id() and isinstance(other, QgsVectorLayer) \
                 and other.customProperty(STYLED) == "classes" and other.source() == layer.source():
             project.removeMapLayer(other.id())
+
+
+# -- change between two dates --------------------------------------------------------------------
+#: change score (robust z of the embedding distance within the pair of scenes) classes: upper
+#: bounds as multiples of the "changed" threshold, colours from clear to dark red
+CHANGE_CLASSES = ((1 / 3, "#ffffff", "unchanged"), (2 / 3, "#fee08b", "little change"),
+                  (1.0, "#fdae61", "some change"), (5 / 3, "#f46d43", "changed"),
+                  (math.inf, "#b2182b", "strongly changed"))
+NOT_COMPARED_COLOUR = "#8c8c8c"
+NOT_COMPARED_VALUE = -1.0e9  # what the renderer's expression gives a tile without a change score
+CHANGE_STYLE = "change"  # STYLED value of a change layer
+CHANGE_MAP_TIP = ('[% CASE WHEN "change_score" IS NULL THEN \'<b>not compared</b>\' ELSE '
+                  '\'<b>#\' || "change_rank" || \'</b> change score \' || round("change_score", 2) END %]'
+                  '<br><i>[% "tile_id" %]</i>')
+
+
+def change_ranges(threshold: float = 3.0) -> list[tuple[float, float, str, str]]:
+    """(low, high, colour, legend text) of the change classes for ``threshold`` (the engine's
+    ``--threshold``: a tile pair with a change score at or above it counts as changed)."""
+    threshold = threshold if math.isfinite(threshold) and threshold > 0 else 3.0
+    ranges, low = [], -math.inf
+    for factor, colour, label in CHANGE_CLASSES:
+        high = factor * threshold
+        if math.isinf(low):
+            text = f"{label} (< {high:.1f})"
+        elif math.isinf(high):
+            text = f"{label} (≥ {low:.1f})"
+        else:
+            text = f"{label} ({low:.1f} – {high:.1f})"
+        ranges.append((low, high, colour, text))
+        low = high
+    return ranges
+
+
+def change_style(layer: QgsVectorLayer, threshold: float | None = None) -> None:
+    """A change layer (``change_score`` per tile pair): graduated on the change score, legend from
+    "unchanged" (outline only, the imagery shows) through "little change", "some change",
+    "changed" (from ``threshold``, the run's ``changed`` threshold; default: the layer's run record
+    or 3) to "strongly changed" (semi-transparent yellow to dark red fills); tiles that were not
+    compared (no change score) grey hatched; the rank of every changed tile as a label; map tips
+    with the rank, score and the captions or classes of both dates."""
+    names = layer.fields().names()
+    if "change_score" not in names:
+        raise ValueError(f"{layer.name()}: no change_score field; is it a change layer?")
+    threshold = float(threshold) if threshold is not None else change_threshold(layer)
+    ranges = []
+    for i, (low, high, colour, text) in enumerate(change_ranges(threshold)):
+        if i == 0:  # unchanged: a faint outline, nothing over the imagery
+            symbol = outline_symbol("#ffffff", 0.2, 110)
+        else:
+            fill = QColor(colour)
+            fill.setAlpha(70 + 25 * i)
+            symbol = QgsFillSymbol.createSimple({"color": fill.name(QColor.HexArgb), "outline_style": "solid",
+                                                 "outline_width": str(0.3 + 0.15 * i), "outline_width_unit": "MM"})
+            symbol.symbolLayer(0).setStrokeColor(QColor(colour))
+        top = 1.0e9 if math.isinf(high) else high - 1e-9
+        ranges.append(QgsRendererRange(max(low, NOT_COMPARED_VALUE / 2), top, symbol, text))
+    grey = QColor(NOT_COMPARED_COLOUR)
+    hatched = QgsFillSymbol.createSimple({"color": grey.name(), "style": "b_diagonal", "outline_style": "solid",
+                                          "outline_width": "0.3", "outline_width_unit": "MM"})
+    hatched.symbolLayer(0).setStrokeColor(grey)
+    ranges.append(QgsRendererRange(NOT_COMPARED_VALUE - 1, NOT_COMPARED_VALUE + 1, hatched, "not compared"))
+    renderer = QgsGraduatedSymbolRenderer(f'coalesce("change_score", {NOT_COMPARED_VALUE:.0f})', ranges)
+    renderer.setSourceSymbol(ranges[-2].symbol().clone())
+    layer.setRenderer(renderer)
+    labels = QgsPalLayerSettings()
+    labels.isExpression = True
+    if "change_rank" not in names:
+        labels.fieldName = "''"
+    elif "changed" in names:
+        labels.fieldName = 'CASE WHEN "changed" THEN "change_rank" END'
+    else:
+        labels.fieldName = f'CASE WHEN "change_score" >= {threshold!r} THEN "change_rank" END'
+    labels.placement = QgsPalLayerSettings.OverPoint
+    labels.setFormat(halo_text(9))
+    layer.setLabeling(QgsVectorLayerSimpleLabeling(labels))
+    layer.setLabelsEnabled(True)
+    tip = CHANGE_MAP_TIP
+    if "class_change" in names:
+        tip += '[% CASE WHEN "class_change" <> \'\' THEN \'<br>\' || "class_change" ELSE \'\' END %]'
+    if "caption_before" in names and "caption_after" in names:
+        tip += ("[% CASE WHEN \"caption_before\" IS NOT NULL OR \"caption_after\" IS NOT NULL THEN "
+                "'<br>before: ' || coalesce(\"caption_before\", '—') || '<br>after: ' || "
+                "coalesce(\"caption_after\", '—') ELSE '' END %]")
+    for name, text in (("became_score", "became"), ("stopped_score", "stopped")):
+        if name in names:
+            tip += f'<br>{text} score [% round("{name}", 3) %]'
+    layer.setMapTipTemplate(tip)
+    layer.setDisplayExpression('"tile_id"')
+    layer.setCustomProperty(STYLED, CHANGE_STYLE)
+    layer.triggerRepaint()
+
+
+def change_threshold(layer: QgsVectorLayer) -> float:
+    """The ``changed`` threshold of a change layer: the run record's (``hqrs_runs`` of a GeoPackage,
+    command ``change``), else the engine's default, 3."""
+    import json
+    import sqlite3
+
+    from qgis.core import QgsProviderRegistry
+
+    parts = QgsProviderRegistry.instance().decodeUri(layer.providerType(), layer.source())
+    path = str(parts.get("path") or "")
+    if path.lower().endswith(".gpkg"):
+        try:
+            with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as db:
+                rows = db.execute("SELECT params FROM hqrs_runs WHERE command = 'change' ORDER BY rowid DESC "
+                                  "LIMIT 1").fetchall()
+            value = float(json.loads(rows[0][0]).get("threshold")) if rows else math.nan
+            if math.isfinite(value) and value > 0:
+                return value
+        except (sqlite3.Error, ValueError, TypeError, KeyError, IndexError):
+            pass
+    return 3.0

@@ -260,6 +260,9 @@ class SearchDock(QDockWidget):
 
         self.fewshot = FewShotPanel(self)
         layout.addWidget(self.fewshot)
+        from .change_panel import ChangePanel  # compare with another date: change layer, most changed tiles
+        self.changes = ChangePanel(self)
+        layout.addWidget(self.changes)
         layout.addLayout(row3)
         layout.addLayout(row4)
         self.query.returnPressed.connect(self.search_text)
@@ -962,6 +965,7 @@ class SearchDock(QDockWidget):
         """Disconnect from the project and settings, stop searches and merges (plugin unload)."""
         self.toggle_pick(False)
         self.fewshot.unload()
+        self.changes.unload()
         self.close_sessions()
         if self.merging and self.merge_task is not None:
             self.merge_task.on_done = None  # the dock may be gone when it ends

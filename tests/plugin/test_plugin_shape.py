@@ -15,7 +15,8 @@ from conftest import ROOT
 REQUIRED = ("name", "qgisMinimumVersion", "description", "about", "version", "author", "email",
             "repository", "tracker", "homepage", "category", "icon", "experimental")
 ALGORITHMS = ("Tile raster", "Export chips", "Embed tiles", "Caption tiles", "Tile + embed + caption", "MpGI captions",
-              "Export image-text dataset", "Text search", "Similar tiles", "Zero-shot classify", "Detect from examples")
+              "Export image-text dataset", "Text search", "Similar tiles", "Zero-shot classify", "Detect from examples",
+              "Compare two dates")
 
 
 def test_metadata_is_complete_and_current():
@@ -28,8 +29,8 @@ def test_metadata_is_complete_and_current():
     assert (ROOT / "qgis_plugin" / general["icon"]).exists()  # relative to the plugin folder
     assert general["hasProcessingProvider"] == "yes"
     assert general["category"] == "Raster"  # and the menu is Raster ▸ HQRS (see below)
-    assert all(name in general["about"] for name in ALGORITHMS) and "11 algorithms" in general["about"]
-    assert "11 algorithms" in general["changelog"]
+    assert all(name in general["about"] for name in ALGORITHMS) and "12 algorithms" in general["about"]
+    assert "12 algorithms" in general["changelog"]
     assert "pip install" not in general["about"]  # the plugin installs its engine itself
     import hqrs_geo
 
@@ -47,7 +48,7 @@ def test_layout_and_texts():
     assert text.count("def parse_error(") == 1 and text.count('"hqrs-geo: error: "') == 1  # one error parser
     from qgis_plugin.processing.algorithms import ALGORITHM_CLASSES
 
-    assert len(ALGORITHM_CLASSES) == 11
+    assert len(ALGORITHM_CLASSES) == 12
 
 
 def test_importing_the_plugin_imports_neither_torch_nor_the_engine():

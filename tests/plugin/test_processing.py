@@ -42,7 +42,7 @@ from qgis_plugin.processing.provider import HqrsProvider  # noqa: E402
 from processing_fixture import processing_run  # noqa: E402,F401  (the shared fixture)
 
 ALGORITHMS = ("tile", "embed", "caption", "run", "search", "similar", "classify", "export_chips", "mpgi",
-              "export_dataset", "detect")
+              "export_dataset", "detect", "change")
 TILE_COLUMNS = ("tile_id", "source", "row", "col", "x_off", "y_off", "width", "height", "valid_fraction", "gsd")
 EMBEDDING = "emb_hqrs_test_tiny_clip_tiny_clip"
 
@@ -120,7 +120,7 @@ def test_provider_and_algorithms_load_without_the_engine(processing_run, monkeyp
         assert type(copy) is type(alg) and copy is not alg
         assert alg.displayName() and alg.group() and alg.groupId() and alg.shortHelpString()
         names = [p.name() for p in alg.parameterDefinitions()]
-        assert "INPUT" in names and ("OUTPUT" in names or "OUTPUT" in [o.name() for o in alg.outputDefinitions()])
+        assert ("INPUT" in names or {"BEFORE", "AFTER"} <= set(names)) and ("OUTPUT" in names or "OUTPUT" in [o.name() for o in alg.outputDefinitions()])
     tile = registry.createAlgorithmById("hqrs:tile")
     assert {"TILE_SIZE", "TILE_SIZE_M", "OVERLAP", "GSD", "EDGE", "MIN_VALID", "CRS"} <= \
         {p.name() for p in tile.parameterDefinitions()}

@@ -1,4 +1,5 @@
-"""The HQRS Processing algorithms, one class each (modules ``tiles``, ``models``, ``search``, ``mpgi``, ``detect``).
+"""The HQRS Processing algorithms, one class each (modules ``tiles``, ``models``, ``search``, ``mpgi``, ``detect``,
+``change``).
 
 =================  ==========================  ==============================================
 id                 class                       does
@@ -11,6 +12,7 @@ id                 class                       does
 ``hqrs:similar``       :class:`SimilarAlgorithm`       tiles like example tiles, ranked result layer
 ``hqrs:classify``      :class:`ClassifyAlgorithm`      zero-shot labels onto a tile layer
 ``hqrs:detect``        :class:`DetectAlgorithm`        few-shot detection layer from example tiles
+``hqrs:change``        :class:`ChangeAlgorithm`        change layer of two dates (compare two dates)
 ``hqrs:export_chips``  :class:`ExportChipsAlgorithm`   tiles as PNG/JPEG files with an index
 ``hqrs:mpgi``          :class:`MpgiAlgorithm`          MpGI captions onto a tile layer
 ``hqrs:export_dataset`` :class:`ExportDatasetAlgorithm` captioned tiles as an image-text dataset
@@ -25,6 +27,7 @@ from __future__ import annotations
 from ...core.registry import CLIP_MODELS, COCA_MODELS
 from ..base import HqrsAlgorithm
 from ..params import CUSTOM_MODEL
+from .change import ChangeAlgorithm
 from .detect import DetectAlgorithm
 from .models import CaptionAlgorithm, EmbedAlgorithm, RunAlgorithm
 from .mpgi import ExportDatasetAlgorithm, MpgiAlgorithm
@@ -33,7 +36,7 @@ from .tiles import ExportChipsAlgorithm, TileAlgorithm
 
 ALGORITHM_CLASSES = (TileAlgorithm, EmbedAlgorithm, CaptionAlgorithm, RunAlgorithm,
                      SearchAlgorithm, SimilarAlgorithm, ClassifyAlgorithm, ExportChipsAlgorithm,
-                     MpgiAlgorithm, ExportDatasetAlgorithm, DetectAlgorithm)
+                     MpgiAlgorithm, ExportDatasetAlgorithm, DetectAlgorithm, ChangeAlgorithm)
 
 
 def algorithms() -> list[HqrsAlgorithm]:
