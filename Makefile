@@ -15,10 +15,11 @@ PLUGIN_ZIP  := dist/hqrs_geo_plugin.zip
 # free disk space (GB) the install checks for first: .venv takes 7.1 GB, pip unpacks beside it
 NEED_GB     := 10
 
-.PHONY: demo test test-fast lint bench plugin system-deps venv clean help
+.PHONY: demo demo-change test test-fast lint bench plugin system-deps venv clean help
 
 help:
 	@echo "make demo   - run the main job on the example scene (sets everything up)"
+	@echo "make demo-change - what changed between two dates of a real Landsat pair (sets everything up)"
 	@echo "make test   - run the test suite (sets everything up)"
 	@echo "make test-fast - the tests not marked slow, between edits (needs the venv of make test)"
 	@echo "make bench  - run the benchmarks"
@@ -76,6 +77,9 @@ test-fast:
 
 demo: venv
 	$(PY) examples/demo.py
+
+demo-change: venv
+	$(PY) examples/change_demo.py
 
 # TorchGeo is installed for the comparison only (matplotlib>=3.8: Debian's is built for numpy 1).
 # every benchmark prints its ratios (measured side by side in one run); a failing one stops make
