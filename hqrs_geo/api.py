@@ -64,10 +64,23 @@ def is_layer_input(inputs: PathOrPaths) -> bool:
 
 
 def tile(inputs: PathOrPaths, output: str | os.PathLike, config: TileConfig | None = None,
-         progress: Any = None, source_filter: Any = None, scale: Any = None) -> Any:
+         progress: Any = None, source_filter: Any = None, scale: Any = None,
+         like: str | os.PathLike | None = None) -> Any:
     """Tile rasters into the layer ``output``; returns the layer as written (GeoDataFrame), or
-    for a dataset folder ``output`` the :class:`~hqrs_geo.engine.partitioned.DatasetReport`."""
+    for a dataset folder ``output`` the :class:`~hqrs_geo.engine.partitioned.DatasetReport`.
+
+    ``like``: a tile layer (an earlier date) whose grid the tiles follow: same tile ids and
+    footprints, read from ``inputs`` resampled onto its scenes' pixel grids
+    (:func:`hqrs_geo.tiling.coregister.tile_like`)."""
     items = _as_list(inputs)
+    if like is not None:
+        from .tiling.coregister import tile_like
+
+        if source_filter is not None:
+            from .raster.catalog import resolve_sources
+
+            items = resolve_sources(items, source_filter)
+        return tile_like(like, items, output, config, progress).layer
     if _wants_dataset(items, output, scale):
         from .engine.partitioned import run_dataset
 

@@ -15,6 +15,9 @@ def register(sub: Any) -> None:
     tile.add_argument("rasters", nargs="+", help="rasters, globs (quoted), folders, lists, URLs or STAC JSON")
     tile.add_argument("-o", "--output", required=True, help="tile layer: .gpkg (default format), .parquet or .fgb; "
                                                            "a folder (DATASET/) makes a partitioned GeoParquet dataset")
+    tile.add_argument("--like", metavar="REFERENCE", default=None,
+                      help="tile on the grid of this tile layer (an earlier date): the same tiles (ids, footprints), "
+                           "read from the rasters resampled onto its scenes' pixel grids")
     add_scale_options(tile, workers=True)
     add_source_options(tile)
     add_tiling_options(tile)
@@ -40,6 +43,8 @@ def run_tile(args: argparse.Namespace, progress: Any) -> int:
     config = tile_config(args)
     filters = source_filter(args)
     scale = scale_options(args)
+    if args.like is not None:
+        return _run_tile_like(args, progress, config, filters, scale)
     if is_dataset_output(args.output) or scale.engine != "local":
         report = tile(args.rasters, args.output, config, progress=progress, source_filter=filters, scale=scale)
         return finish_dataset(args, progress, report)
@@ -51,6 +56,23 @@ def run_tile(args: argparse.Namespace, progress: Any) -> int:
     if new == 0:
         summary = (f"no tile reached valid fraction {config.min_valid} (scene without valid pixels?); "
                    f"{args.output} holds an empty tile layer")
+    return finish(args, progress, summary, tiles=new, output=str(args.output))
+
+
+def _run_tile_like(args: argparse.Namespace, progress: Any, config: Any, filters: Any, scale: Any) -> int:
+    """``hqrs-geo tile --like REFERENCE``: rasters of a later date on the grid of a tile layer."""
+    from ..errors import OptionError
+    from ..raster.catalog import resolve_sources
+    from ..tiling.coregister import tile_like
+
+    if is_dataset_output(args.output) or scale.engine != "local":
+        raise OptionError(f"{args.output}: tiling like a layer writes one layer file (.gpkg, .parquet or .fgb); "
+                          "give a file name and leave out «engine»", option="output")
+    rasters = resolve_sources(args.rasters, filters) if filters != type(filters)() else args.rasters
+    report = tile_like(args.like, rasters, args.output, config, progress=progress)
+    new, held = len(report.tiles), len(report.layer)
+    summary = (f"{new} tile(s) like {args.like} from {len(report.scenes)} scene(s) written to {args.output} "
+               f"({report.examined - new} left out below their valid fraction; layer holds {held})")
     return finish(args, progress, summary, tiles=new, output=str(args.output))
 
 

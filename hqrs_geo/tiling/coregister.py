@@ -1,0 +1,388 @@
+"""Co-registered tiling: a later date tiled on the grid of an existing tile layer.
+
+:func:`tile_like` reads the reference layer's run records (every scene's CRS, transform, size and
+the tiling options), resamples the new rasters onto each reference scene's own pixel grid, writes
+those pixels once per scene as a tiled, DEFLATE-compressed GeoTIFF with an internal valid mask
+(``<output>.aligned/<scene key>.tif``), and writes a tile layer whose tiles are the reference's
+own: same ``tile_id``, row, column, pixel window, output size and footprint. Only the valid
+fraction is measured again, on the new pixels; tiles below ``min_valid`` are left out. The new
+layer is an ordinary tile layer (its scenes are the aligned files), so the model engine embeds and
+captions it unchanged, and tiles of the two dates pair by ``tile_id``.
+
+Several rasters for one date make a mosaic: at each pixel the first input (in the order given)
+with a valid pixel there wins. Each date keeps its own stretch (computed on its own pixels) and
+its bands are chosen as in normal tiling (the options, else colour interpretation).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, fields
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import rasterio
+from affine import Affine
+from rasterio.enums import ColorInterp, Resampling
+from rasterio.vrt import WarpedVRT
+from rasterio.windows import Window
+
+from ..errors import InputError
+from ..layer.columns import SOURCE, TILE_COLUMNS, TILE_ID
+from ..raster.catalog import resolve_sources
+from ..raster.scene import BandChoice, choose_bands, describe, open_dataset, open_raster, read_pixels
+from .config import TileConfig
+from .plan import TilingReport, prepare_scenes
+from .reader import TileReader
+from .records import SceneReading, TileRecord
+
+log = logging.getLogger(__name__)
+
+ALIGNED_SUFFIX = ".aligned"
+#: GeoTIFF tag of an aligned file: what it was made from (a rerun with the same reuses the file).
+ALIGNED_TAG = "HQRS_GEO_ALIGNED"
+#: Side of the blocks the aligned pixels are warped and written in (memory stays flat).
+BLOCK = 1024
+#: Stand-in CRS for co-registering rasters that both have none (only their transforms count).
+_PIXEL_CRS = "EPSG:3857"
+#: Options of the new date; the grid options (tile size, overlap, gsd, edge, crs) are the reference's.
+DATE_OPTIONS = ("min_valid", "bands", "stretch", "resampling")
+GRID_OPTIONS = ("tile_size", "overlap", "gsd", "edge", "crs")
+
+
+@dataclass
+class _Input:
+    """One raster of the new date: its facts and the bands it contributes."""
+
+    path: str
+    crs: str | None
+    transform: Affine
+    width: int
+    height: int
+    bands: BandChoice
+    dtype: str
+    nodata: float | None
+    has_alpha: bool
+    colormap: dict | None
+    stamp: list
+
+
+def aligned_folder(output: str | os.PathLike) -> Path:
+    """Where the aligned pixels of the layer ``output`` are kept: ``<output>.aligned/``."""
+    return Path(f"{output}{ALIGNED_SUFFIX}")
+
+
+def _reference_layer(reference: str | os.PathLike) -> Any:
+    """The reference as a :class:`~hqrs_geo.layer.io.TileLayer`, with one-line errors."""
+    from ..layer.dataset import is_dataset
+    from ..layer.io import is_layer_path, open_layer
+
+    if is_dataset(reference):
+        raise InputError(f"{reference}: tiling like a partitioned dataset is not yet supported for datasets; "
+                         "merge it first (hqrs-geo merge) and give the merged layer")
+    if not is_layer_path(reference):
+        raise InputError(f"{reference}: is not a tile layer (.gpkg, .parquet or .fgb); give the layer of the "
+                         "earlier date (tile its raster first)")
+    if not Path(reference).exists():
+        raise InputError(f"{reference}: file not found; tile the earlier date into a layer first")
+    return open_layer(reference)
+
+
+def _reference_tiling(layer: Any) -> dict:
+    """The tiling options of the reference's last tiling run."""
+    for run in reversed(layer.runs):
+        tiling = (run.get("params") or {}).get("tiling")
+        if isinstance(tiling, dict):
+            return tiling
+    return {}
+
+
+def effective_config(tiling: dict, config: TileConfig | None) -> TileConfig:
+    """The options of the new date: the reference's tiling, with the date options of ``config``
+    (``min_valid``, ``bands``, ``stretch``, ``resampling``) where they differ from the defaults.
+    Grid options of ``config`` are ignored (the grid is the reference's); a warning says so."""
+    known = {f.name for f in fields(TileConfig)}
+    base = {k: v for k, v in tiling.items() if k in known}
+    if base.get("bands") is not None:
+        base["bands"] = tuple(base["bands"])
+    merged = TileConfig(**base)
+    if config is not None:
+        default = TileConfig()
+        changes = {name: getattr(config, name) for name in DATE_OPTIONS
+                   if getattr(config, name) != getattr(default, name)}
+        ignored = [name for name in GRID_OPTIONS if str(getattr(config, name)) != str(getattr(default, name))
+                   and str(getattr(config, name)) != str(getattr(merged, name))]
+        if ignored:
+            log.warning("%s: ignored; tiles made like a reference layer follow its grid",
+                        ", ".join(ignored))
+        merged = TileConfig(**{**{f.name: getattr(merged, f.name) for f in fields(TileConfig)}, **changes})
+    return merged.validated()
+
+
+def _describe_inputs(inputs: Sequence[Any], config: TileConfig) -> list[_Input]:
+    found = []
+    for entry in resolve_sources(inputs):
+        with open_raster(entry.path) as src:
+            info = describe(src)
+            if info.crs is None and info.has_gcps:
+                raise InputError(f"{entry.path}: is georeferenced by GCPs only; warp it first "
+                                 "(gdalwarp -r bilinear in.tif out.tif) and tile the result")
+            bands = choose_bands(info, config.bands)
+            colormap = src.colormap(bands.indexes[0]) if bands.palette else None
+            has_alpha = ColorInterp.alpha in src.colorinterp
+        stat = os.stat(entry.path) if os.path.isfile(entry.path) else None
+        found.append(_Input(
+            path=entry.path, crs=info.crs, transform=Affine(*info.transform), width=info.width, height=info.height,
+            bands=bands, dtype=info.dtypes[bands.indexes[0] - 1], nodata=info.nodata, has_alpha=has_alpha,
+            colormap=colormap, stamp=[entry.path, stat.st_size if stat else None, stat.st_mtime_ns if stat else None],
+        ))
+    return found
+
+
+def _unique_bands(choice: BandChoice) -> list[int]:
+    """The input bands written to the aligned file: R, G, B, or the one band (replicated or palette)."""
+    return [choice.indexes[0]] if len(set(choice.indexes)) == 1 else list(choice.indexes)
+
+
+def _check_mosaic(items: list[_Input]) -> None:
+    first = items[0]
+    for other in items[1:]:
+        if other.dtype != first.dtype or len(_unique_bands(other.bands)) != len(_unique_bands(first.bands)) \
+                or other.bands.palette != first.bands.palette:
+            raise InputError(f"{other.path}: its bands ({len(_unique_bands(other.bands))} x {other.dtype}) differ "
+                             f"from those of {first.path} ({len(_unique_bands(first.bands))} x {first.dtype}); "
+                             "give rasters of one kind for one date")
+
+
+def _corners(transform: Affine, width: int, height: int) -> tuple[float, float, float, float]:
+    xs, ys = zip(*(transform * (c, r) for c, r in ((0, 0), (width, 0), (0, height), (width, height))))
+    return min(xs), min(ys), max(xs), max(ys)
+
+
+def _overlaps(scene: SceneReading, item: _Input) -> bool:
+    """True when the input's extent meets the scene's (bounding boxes in the scene's CRS)."""
+    left, bottom, right, top = _corners(Affine(*scene.transform), scene.width, scene.height)
+    bounds = _corners(item.transform, item.width, item.height)
+    if scene.crs and item.crs and item.crs != scene.crs:
+        from rasterio.warp import transform_bounds
+
+        try:
+            bounds = transform_bounds(item.crs, scene.crs, *bounds, densify_pts=21)
+        except Exception:  # noqa: BLE001 - a CRS pair pyproj cannot relate: let the warp decide
+            return True
+        if not all(np.isfinite(bounds)):
+            return True
+    return bounds[0] < right and bounds[2] > left and bounds[1] < top and bounds[3] > bottom
+
+
+def _check_crs(reference: str, scenes: Sequence[SceneReading], items: Sequence[_Input]) -> None:
+    with_crs = [s for s in scenes if s.crs]
+    for item in items:
+        if item.crs is None and with_crs:
+            raise InputError(f"{item.path}: has no CRS while the scenes of {reference} are in {with_crs[0].crs}; "
+                             "georeference it first (gdal_translate -a_srs or gdalwarp)")
+        if item.crs is not None and len(with_crs) < len(scenes):
+            raise InputError(f"{item.path}: is in {item.crs} while the scenes of {reference} have no CRS; "
+                             "the dates cannot be co-registered: give rasters without CRS, or tile the earlier "
+                             "date from a georeferenced raster")
+
+
+def _recipe(scene: SceneReading, items: Sequence[_Input], resampling: str) -> dict:
+    """What an aligned file is made from (stored in it; equal recipes reuse the file)."""
+    return {"crs": scene.crs, "transform": list(scene.transform), "width": scene.width, "height": scene.height,
+            "resampling": resampling, "inputs": [[*i.stamp, list(i.bands.indexes), i.bands.palette] for i in items]}
+
+
+def _reusable(target: Path, recipe: dict) -> bool:
+    if not target.is_file():
+        return False
+    try:
+        with rasterio.open(target) as src:
+            return bool(json.loads(src.tags().get(ALIGNED_TAG, "null")) == recipe)
+    except (rasterio.errors.RasterioError, ValueError):
+        return False
+
+
+def _blocks(width: int, height: int) -> list[Window]:
+    return [Window(x, y, min(BLOCK, width - x), min(BLOCK, height - y))
+            for y in range(0, height, BLOCK) for x in range(0, width, BLOCK)]
+
+
+def align_scene(scene: SceneReading, items: Sequence[_Input], target: Path, resampling: str,
+                progress: Any = None) -> None:
+    """Warp ``items`` (first valid pixel wins) onto the pixel grid of ``scene`` and write the
+    result to ``target`` atomically: tiled, DEFLATE, the bands of the first input, an internal mask."""
+    from ..atomic import atomic_path
+
+    first = items[0]
+    indexes = _unique_bands(first.bands)
+    method = Resampling.nearest if first.bands.palette else Resampling[resampling]
+    transform = Affine(*scene.transform)
+    crs = scene.crs or _PIXEL_CRS
+    dtype = np.dtype(first.dtype)
+    recipe = _recipe(scene, items, resampling)
+    profile = dict(driver="GTiff", width=scene.width, height=scene.height, count=len(indexes), dtype=first.dtype,
+                   crs=scene.crs, transform=transform, tiled=True, blockxsize=256, blockysize=256,
+                   compress="deflate", predictor=3 if dtype.kind == "f" else 2, BIGTIFF="IF_SAFER")
+    if len(indexes) == 3:
+        profile["photometric"] = "RGB"
+    with atomic_path(target) as tmp, rasterio.Env(GDAL_TIFF_INTERNAL_MASK=True), \
+            rasterio.open(tmp, "w", **profile) as dst:
+        sources: list = []
+        vrts: list = []
+        try:
+            for item in items:
+                sources.append(open_dataset(item.path))
+                vrts.append(WarpedVRT(sources[-1], src_crs=item.crs or _PIXEL_CRS, crs=crs, transform=transform,
+                                      width=scene.width, height=scene.height, resampling=method,
+                                      add_alpha=not item.has_alpha))
+            for window in _blocks(scene.width, scene.height):
+                shape = (int(window.height), int(window.width))
+                data = np.zeros((len(indexes), *shape), dtype)
+                filled = np.zeros(shape, bool)
+                for item, vrt in zip(items, vrts):
+                    block, valid = read_pixels(item.path, partial(_read_block, vrt, item, window))
+                    take = valid & ~filled
+                    if take.any():
+                        data[:, take] = block[:, take]
+                        filled |= take
+                    if filled.all():
+                        break
+                dst.write(data, window=window)
+                dst.write_mask(filled.astype(np.uint8) * 255, window=window)
+                if progress is not None:
+                    progress.advance(1)
+            if first.bands.palette and first.colormap:
+                dst.write_colormap(1, first.colormap)
+            elif len(indexes) == 3:
+                dst.colorinterp = (ColorInterp.red, ColorInterp.green, ColorInterp.blue)
+            else:
+                dst.colorinterp = (ColorInterp.gray,)
+            dst.update_tags(**{ALIGNED_TAG: json.dumps(recipe)})
+        finally:
+            for handle in [*vrts, *sources]:
+                handle.close()
+
+
+def _read_block(vrt: WarpedVRT, item: _Input, window: Window) -> tuple[np.ndarray, np.ndarray]:
+    """Pixels of the input's bands in ``window`` of the target grid, and where they are valid."""
+    block = vrt.read(_unique_bands(item.bands), window=window)
+    valid = vrt.dataset_mask(window=window) > 0
+    if block.dtype.kind == "f":
+        valid &= ~np.isnan(block).any(axis=0)
+    return block, valid
+
+
+def _scene_name(scene: SceneReading) -> str:
+    """A file name for the aligned pixels of ``scene``: its key, made safe."""
+    from ..safe_paths import file_name
+
+    try:
+        return file_name(scene.key, "scene key")
+    except InputError:
+        return hashlib.sha256(scene.key.encode()).hexdigest()[:16]
+
+
+def tile_like(reference: str | os.PathLike, inputs: Any, output: str | os.PathLike,
+              config: TileConfig | None = None, progress: Any = None) -> TilingReport:
+    """Tile ``inputs`` (rasters of a later date, any CRS or resolution) on the grid of the tile
+    layer ``reference``: the new layer ``output`` holds the reference's tiles (same ``tile_id``,
+    window, output size and footprint) read from the inputs resampled onto each reference scene's
+    pixel grid, with the valid fraction measured on the new pixels; tiles below ``min_valid``
+    (default: the reference's) are left out. Returns the :class:`TilingReport`.
+
+    ``config``: ``min_valid``, ``bands``, ``stretch`` and ``resampling`` of the new date (defaults:
+    the reference's tiling); its grid options are ignored. Several ``inputs`` make a mosaic (the
+    first valid pixel wins, in the order given). The aligned pixels are kept in
+    :func:`aligned_folder` of ``output`` and reused by a rerun with the same inputs.
+    """
+    from ..layer.io import check_writable, write_layer
+    from ..layer.runs import new_run
+
+    ref = _reference_layer(reference)
+    check_writable(output)
+    scenes = ref.scenes()
+    tiling = _reference_tiling(ref)
+    complete = set(TILE_COLUMNS) <= set(ref.frame.columns)
+    used = [scenes[s] for s in dict.fromkeys(ref.frame[SOURCE].tolist()) if s in scenes] if complete else []
+    if not used or not tiling:
+        raise InputError(f"{reference}: has no record of how its scenes were tiled (made by an older version?); "
+                         "tile the earlier date again, then tile the later one like it")
+    config = effective_config(tiling, config)
+    items = [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs)
+    found = _describe_inputs(items, config)
+    if not found:
+        raise InputError(f"{reference}: no rasters were given to tile like it")
+    _check_mosaic(found)
+    _check_crs(str(reference), used, found)
+    plan = [(scene, [i for i in found if _overlaps(scene, i)]) for scene in used]
+    plan = [(scene, covering) for scene, covering in plan if covering]
+    if not plan:
+        names = ", ".join(i.path for i in found[:3]) + (" ..." if len(found) > 3 else "")
+        raise InputError(f"{names}: do(es) not overlap the tiles of {reference}; give rasters of the same place")
+
+    folder = aligned_folder(output)
+    folder.mkdir(parents=True, exist_ok=True)
+    targets = {}
+    work = []
+    for scene, covering in plan:
+        target = folder / f"{_scene_name(scene)}.tif"
+        targets[scene.source] = target
+        if not _reusable(target, _recipe(scene, covering, config.resampling)):
+            work.append((scene, covering, target))
+    if progress is not None and work:
+        progress.start("align", sum(len(_blocks(s.width, s.height)) for s, _, _ in work), unit="block")
+    for scene, covering, target in work:
+        align_scene(scene, covering, target, config.resampling, progress)
+
+    aligned = prepare_scenes([str(t.resolve()) for t in targets.values()], TileConfig(
+        **{**config.as_dict(), "bands": None}))
+    by_reference = dict(zip(targets, aligned))
+    frame = ref.frame
+    rows = frame[frame[SOURCE].isin(list(targets))]
+    if progress is not None:
+        progress.start("tile", len(rows))
+    keep = []
+    fractions = []
+    with TileReader(aligned) as reader:
+        for row in rows[list(TILE_COLUMNS)].to_dict("records"):
+            scene = by_reference[row[SOURCE]]
+            rec = TileRecord(**{**row, SOURCE: scene.source})
+            fraction = round(reader.valid_fraction(rec), 6)
+            keep.append(fraction > 0 and fraction >= config.min_valid)
+            fractions.append(fraction)
+            if progress is not None:
+                progress.advance(1)
+    tiles = _like_frame(rows, np.asarray(keep, bool), np.asarray(fractions, float), by_reference)
+    if not any(f > 0 for f in fractions):
+        raise InputError(f"{reference}: no valid pixel of the given rasters falls inside its tiles; "
+                         "give rasters of the same place (with valid pixels there)")
+    params = {
+        "tiling": config.as_dict(), "scenes": [s.as_dict() for s in aligned], "like": os.path.abspath(reference),
+        "aligned": [{"source": by_reference[src].source, "reference_source": src,
+                     "inputs": [i.path for i in covering]} for (scene, covering), src in zip(plan, targets)],
+    }
+    written = write_layer(output, tiles, new_run("tile", "tiles", params),
+                          replace_sources=[s.source for s in aligned])
+    return TilingReport(tiles, written, aligned, len(rows))
+
+
+def _like_frame(rows: Any, keep: np.ndarray, fractions: np.ndarray, by_reference: dict) -> Any:
+    """The reference's tile rows (tile columns and footprint only) on the aligned scenes."""
+    import geopandas as gpd
+
+    geometry = rows.geometry
+    frame = rows[list(TILE_COLUMNS)].copy()
+    frame[SOURCE] = frame[SOURCE].map(lambda src: by_reference[src].source)
+    frame["valid_fraction"] = fractions
+    out = gpd.GeoDataFrame(frame, geometry=geometry.to_numpy(), crs=rows.crs)[keep]
+    out = out.rename_geometry("geometry") if out.geometry.name != "geometry" else out
+    return out.sort_values(TILE_ID, kind="stable").reset_index(drop=True)
+
+
+__all__ = ["ALIGNED_SUFFIX", "aligned_folder", "align_scene", "effective_config", "tile_like"]

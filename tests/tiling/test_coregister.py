@@ -1,0 +1,245 @@
+"""Co-registered tiling (``tile_like`` / ``hqrs-geo tile --like``): a later date on the grid of a tile layer.
+
+The later dates are made here with plain rasterio (crops, ``rasterio.warp.reproject`` to another CRS and
+pixel size), so what the tiles must hold is known independently of the code under test.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import rasterio
+import shapely
+from affine import Affine
+from conftest import EXAMPLE_SCENE, write_raster
+from fork_runner import run_cli
+from rasterio.enums import Resampling
+from rasterio.warp import reproject, transform_bounds
+from rasterio.windows import Window
+from scale_helpers import write_crop
+from tiny_models import TINY_CLIP
+
+from hqrs_geo import TileConfig, read_runs, read_tiles
+from hqrs_geo.api import embed, tile
+from hqrs_geo.engine.options import RunOptions
+from hqrs_geo.errors import InputError
+from hqrs_geo.layer.columns import read_embeddings
+from hqrs_geo.layer.io import open_layer
+from hqrs_geo.tiling.coregister import aligned_folder, tile_like
+from hqrs_geo.tiling.dataset import TileDataset
+
+BEFORE = Window(300, 300, 400, 400)  # of the example scene: 16 tiles of 100 px (25 m)
+
+
+@pytest.fixture
+def before(tmp_path):
+    """The earlier date: a 400 px crop of the example scene (EPSG:28992, 0.25 m) tiled at 100 px."""
+    raster = write_crop(EXAMPLE_SCENE, tmp_path / "before.tif", BEFORE, cog=False)
+    layer = tmp_path / "before.gpkg"
+    tile(raster, layer, TileConfig(tile_size=100))
+    return raster, layer
+
+
+def warp_to_4326(path, window: Window, res: float = 2e-6):
+    """The example scene's ``window`` (with 50 px around it) warped to EPSG:4326 at ``res`` degrees
+    (about 0.14 m x 0.22 m) with plain rasterio; an alpha band marks the warped footprint."""
+    with rasterio.open(EXAMPLE_SCENE) as src:
+        big = Window(window.col_off - 50, window.row_off - 50, window.width + 100, window.height + 100)
+        data = src.read(window=big)
+        src_transform = src.window_transform(big)
+        bounds = rasterio.windows.bounds(big, src.transform)
+        left, bottom, right, top = transform_bounds(src.crs, "EPSG:4326", *bounds)
+        transform = Affine(res, 0, left, 0, -res, top)
+        width, height = int(np.ceil((right - left) / res)), int(np.ceil((top - bottom) / res))
+        out = np.zeros((4, height, width), np.uint8)
+        source = np.concatenate([data, np.full((1, *data.shape[1:]), 255, np.uint8)])
+        for band in range(4):
+            reproject(source[band], out[band], src_transform=src_transform, src_crs=src.crs, dst_transform=transform,
+                      dst_crs="EPSG:4326", resampling=Resampling.bilinear if band < 3 else Resampling.nearest)
+    with rasterio.open(path, "w", driver="GTiff", width=width, height=height, count=4, dtype="uint8",
+                       crs="EPSG:4326", transform=transform, photometric="RGB", alpha="YES", tiled=True) as dst:
+        dst.write(out)
+    return path
+
+
+def tile_pixels(layer):
+    """``{tile_id: (rgb, valid)}`` of every tile of ``layer``, read as the engine reads them."""
+    opened = open_layer(layer)
+    dataset = TileDataset.from_frame(opened.frame, opened.scenes())
+    with dataset.reader as reader:
+        return {rec.tile_id: reader.read(rec) for rec in dataset.records}
+
+
+def test_another_crs_and_resolution_gives_the_same_tiles_and_close_pixels(tmp_path, before):
+    _, before_layer = before
+    after_raster = warp_to_4326(tmp_path / "after_4326.tif", BEFORE)
+    after_layer = tmp_path / "after.gpkg"
+    report = tile_like(before_layer, after_raster, after_layer)
+
+    ref, new = read_tiles(before_layer), read_tiles(after_layer)
+    assert len(ref) == 16 and new["tile_id"].tolist() == ref["tile_id"].tolist()
+    assert new.crs == ref.crs
+    assert all(a.equals_exact(b, 1e-9) for a, b in zip(new.geometry, ref.geometry))
+    for column in ("row", "col", "x_off", "y_off", "width", "height", "out_width", "out_height"):
+        assert new[column].tolist() == ref[column].tolist(), column
+    assert (new["valid_fraction"] == 1.0).all()
+    assert len(report.tiles) == 16 and report.examined == 16
+
+    # the aligned scene: the reference scene's own pixel grid, tiled, DEFLATE, an internal mask
+    (aligned,) = aligned_folder(after_layer).glob("*.tif")
+    with rasterio.open(aligned) as src, rasterio.open(before[0]) as ref_src:
+        assert (src.crs, src.transform, src.shape) == (ref_src.crs, ref_src.transform, ref_src.shape)
+        assert src.compression.name.lower() == "deflate" and src.profile["tiled"]
+        assert [f.name for f in src.mask_flag_enums[0]] == ["per_dataset"]
+    assert set(new["source"]) == {str(aligned.resolve())}
+    run = read_runs(after_layer)[-1]
+    assert run["command"] == "tile" and run["params"]["like"] == str(before_layer.resolve())
+
+    # pixels: twice resampled (0.25 m -> 4326 -> 0.25 m), yet close to the reference's own tiles
+    before_px, after_px = tile_pixels(before_layer), tile_pixels(after_layer)
+    for tile_id, (rgb, valid) in before_px.items():
+        got, got_valid = after_px[tile_id]
+        assert got_valid.all() and valid.all()
+        diff = np.abs(got.astype(int) - rgb.astype(int))
+        assert diff.mean() < 6, (tile_id, diff.mean())
+    # ... and closer than the neighbouring tile is (the footprints are really the same place)
+    ids = sorted(before_px)
+    shifted = np.abs(after_px[ids[1]][0].astype(int) - before_px[ids[0]][0].astype(int)).mean()
+    assert shifted > 3 * np.abs(after_px[ids[0]][0].astype(int) - before_px[ids[0]][0].astype(int)).mean()
+
+
+def test_partial_overlap_leaves_out_tiles_and_measures_valid_fractions(tmp_path, before):
+    before_raster, before_layer = before
+    # the later date covers columns 170.. and rows ..330 of the earlier one, on the same pixel grid
+    part = Window(BEFORE.col_off + 170, BEFORE.row_off, 230, 330)
+    after_raster = write_crop(EXAMPLE_SCENE, tmp_path / "part.tif", part, cog=False)
+    with rasterio.open(after_raster) as src:
+        covered = shapely.box(*src.bounds)
+    ref = read_tiles(before_layer)
+    expected = {t: g.intersection(covered).area / g.area for t, g in zip(ref["tile_id"], ref.geometry)}
+    assert not any(0.4 < f < 0.6 for f in expected.values())  # no tile on the fence
+
+    layer = tmp_path / "after.gpkg"
+    new = tile_like(before_layer, after_raster, layer).layer
+    assert set(new["tile_id"]) == {t for t, f in expected.items() if f >= 0.5}
+    for tile_id, fraction in zip(new["tile_id"], new["valid_fraction"]):
+        assert fraction == pytest.approx(expected[tile_id], abs=0.01)
+
+    # a lower min_valid keeps the partly covered tiles too (valid fractions as measured)
+    low = tile_like(before_layer, after_raster, tmp_path / "low.gpkg", TileConfig(min_valid=0.2)).layer
+    assert set(low["tile_id"]) == {t for t, f in expected.items() if f >= 0.2}
+    for tile_id, fraction in zip(low["tile_id"], low["valid_fraction"]):
+        assert fraction == pytest.approx(expected[tile_id], abs=0.01)
+
+    # same grid, same pixels: a fully covered tile holds exactly the reference's pixels
+    before_px, after_px = tile_pixels(before_layer), tile_pixels(layer)
+    full = [t for t, f in expected.items() if f == 1.0]
+    assert full
+    for tile_id in full:
+        assert np.array_equal(after_px[tile_id][0], before_px[tile_id][0])
+
+
+def test_mosaic_first_valid_pixel_wins_and_rerun_reuses_aligned_file(tmp_path, before):
+    before_raster, before_layer = before
+    with rasterio.open(before_raster) as src:
+        transform, crs = src.transform, src.crs
+    left = np.full((3, 400, 200), 40, np.uint8)  # the left half of the scene, value 40
+    everywhere = np.full((3, 400, 400), 200, np.uint8)  # all of it, value 200
+    first = write_raster(tmp_path / "left.tif", left, transform=transform, crs=crs)
+    second = write_raster(tmp_path / "all.tif", everywhere, transform=transform, crs=crs)
+    layer = tmp_path / "mosaic.gpkg"
+    tile_like(before_layer, [first, second], layer, TileConfig(stretch="none"))
+    (aligned,) = aligned_folder(layer).glob("*.tif")
+    with rasterio.open(aligned) as src:
+        data = src.read(1)
+    assert (data[:, :200] == 40).all() and (data[:, 200:] == 200).all()
+
+    stamp = aligned.stat().st_mtime_ns
+    tile_like(before_layer, [first, second], layer, TileConfig(stretch="none"))
+    assert aligned.stat().st_mtime_ns == stamp  # the same inputs: the aligned file is reused
+    tile_like(before_layer, [second, first], layer, TileConfig(stretch="none"))
+    with rasterio.open(aligned) as src:
+        assert (src.read(1) == 200).all()  # another order: made again
+    assert len(read_tiles(layer)) == 16  # no duplicates after three runs
+
+
+def test_output_embeds_unchanged(tmp_path, before, tiny_clip_checkpoint):
+    _, before_layer = before
+    after_raster = write_crop(EXAMPLE_SCENE, tmp_path / "after.tif", Window(250, 250, 500, 500), cog=False)
+    layer = tmp_path / "after.gpkg"
+    tile(after_raster, layer, like=before_layer)
+    frame = embed(layer, model=TINY_CLIP, checkpoint=str(tiny_clip_checkpoint), device="cpu",
+                  options=RunOptions(workers=0, embedding_dtype="float32"))
+    present, vectors = read_embeddings(frame)
+    assert present.all() and vectors.shape[0] == 16
+    assert frame["tile_id"].tolist() == read_tiles(before_layer)["tile_id"].tolist()
+
+
+def assert_one_line_error(result, *fragments):
+    assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("hqrs-geo: error: "), result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+def test_cli_tile_like_and_its_errors(tmp_path, before):
+    before_raster, before_layer = before
+    after_raster = warp_to_4326(tmp_path / "after_4326.tif", BEFORE)
+    out = tmp_path / "after.gpkg"
+    result = run_cli("tile", after_raster, "-o", out, "--like", before_layer)
+    assert result.returncode == 0, result.stderr
+    assert "16 tile(s) like" in result.stdout + result.stderr
+    assert read_tiles(out)["tile_id"].tolist() == read_tiles(before_layer)["tile_id"].tolist()
+
+    # the reference is a raster, not a tile layer
+    assert_one_line_error(run_cli("tile", after_raster, "-o", tmp_path / "x.gpkg", "--like", before_raster),
+                          "before.tif", "not a tile layer")
+    # a layer without scene records (made by another tool or an old version)
+    foreign = tmp_path / "foreign.gpkg"
+    read_tiles(before_layer)[["tile_id", "geometry"]].to_file(foreign, layer="tiles")
+    assert_one_line_error(run_cli("tile", after_raster, "-o", tmp_path / "y.gpkg", "--like", foreign),
+                          "foreign.gpkg", "no record")
+    # rasters of another place
+    far = write_raster(tmp_path / "far.tif", np.ones((3, 64, 64), np.uint8),
+                       transform=Affine(0.25, 0, 10_000, 0, -0.25, 300_000), crs="EPSG:28992")
+    assert_one_line_error(run_cli("tile", far, "-o", tmp_path / "z.gpkg", "--like", before_layer),
+                          "far.tif", "do(es) not overlap")
+    # a raster without CRS while the reference has one, and the other way round
+    plain = write_raster(tmp_path / "plain.tif", np.ones((3, 64, 64), np.uint8), transform=Affine.identity(),
+                         crs=None)
+    assert_one_line_error(run_cli("tile", plain, "-o", tmp_path / "w.gpkg", "--like", before_layer),
+                          "plain.tif", "has no CRS")
+    pixel_layer = tmp_path / "pixels.gpkg"
+    tile(write_raster(tmp_path / "plain_big.tif", np.ones((3, 200, 200), np.uint8), transform=Affine.identity(),
+                      crs=None), pixel_layer, TileConfig(tile_size=100))
+    assert_one_line_error(run_cli("tile", after_raster, "-o", tmp_path / "v.gpkg", "--like", pixel_layer),
+                          "after_4326.tif", "have no CRS")
+    assert not any((tmp_path / name).exists() for name in ("x.gpkg", "y.gpkg", "z.gpkg", "w.gpkg", "v.gpkg"))
+
+
+def test_rasters_without_crs_follow_a_pixel_layer(tmp_path):
+    rng = np.random.default_rng(3)
+    data = rng.integers(0, 255, (3, 200, 200), dtype=np.uint8)
+    before_raster = write_raster(tmp_path / "b.tif", data, transform=Affine.identity(), crs=None)
+    layer = tmp_path / "b.gpkg"
+    tile(before_raster, layer, TileConfig(tile_size=100))
+    # the later date: the right half only, placed by its transform (no CRS on either)
+    after_raster = write_raster(tmp_path / "a.tif", data[:, :, 100:], transform=Affine(1, 0, 100, 0, 1, 0), crs=None)
+    new = tile_like(layer, after_raster, tmp_path / "a.gpkg").layer
+    assert new["tile_id"].tolist() == [t for t in read_tiles(layer)["tile_id"] if t.endswith("c0001")]
+    pixels, reference = tile_pixels(tmp_path / "a.gpkg"), tile_pixels(layer)
+    for tile_id in new["tile_id"]:
+        assert np.array_equal(pixels[tile_id][0], reference[tile_id][0])
+
+
+def test_reference_errors_in_python(tmp_path, before):
+    from hqrs_geo.layer.dataset import manifest_path
+
+    with pytest.raises(InputError, match="file not found"):
+        tile_like(tmp_path / "missing.gpkg", EXAMPLE_SCENE, tmp_path / "o.gpkg")
+    dataset = tmp_path / "ds"
+    dataset.mkdir()
+    manifest_path(dataset).write_text("{}")
+    with pytest.raises(InputError, match="not yet supported for datasets; merge it first"):
+        tile_like(dataset, EXAMPLE_SCENE, tmp_path / "o.gpkg")
+    assert not (tmp_path / "o.gpkg").exists()
