@@ -5,24 +5,20 @@ example scene (the later one with some tiles painted over), in real, headless QG
 from __future__ import annotations
 
 import math
-import shutil
 import sys
 
 import numpy as np
 import pytest
-import rasterio
 from conftest import EXAMPLE_SCENE, ROOT
 from processing_fixture import processing_run  # noqa: F401  (the shared Processing fixture)
 from qgis.core import (
-    QgsApplication,
     QgsGraduatedSymbolRenderer,
     QgsMapRendererCustomPainterJob,
     QgsMapSettings,
-    QgsProject,
     QgsRasterLayer,
     QgsVectorLayer,
 )
-from qgis.PyQt.QtCore import QSize, Qt
+from qgis.PyQt.QtCore import QSize
 from qgis.PyQt.QtGui import QColor, QImage, QPainter
 from test_dock import IfaceStandIn, no_installed_engine, qgis, wait_for  # noqa: F401  (shared fixtures)
 
