@@ -1,0 +1,176 @@
+"""The two date layers of a comparison: made from rasters when needed, with embeddings (of ONE
+model for both dates) and captions computed where they are missing.
+
+* Rasters: BEFORE is tiled with the tiling options, AFTER on BEFORE's footprints
+  (:func:`hqrs_geo.tiling.coregister.tile_like`), into ``<stem>-before.<ext>`` and
+  ``<stem>-after.<ext>`` beside the output; a rerun finds them and skips finished results.
+* Layers (files or dataset folders) are used as they are; missing results are added to them in
+  place with :func:`hqrs_geo.run`.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..errors import InputError, OptionError
+from ..layer.columns import CAPTION, embedding_column, embedding_keys, has_value
+from ..layer.dataset import is_dataset, is_dataset_output
+from ..layer.runs import EmbeddingSource
+
+
+def beside(output: str | os.PathLike, tag: str) -> str:
+    """``<stem>-<tag>.<ext>`` beside ``output`` (a folder output: the folder ``<name>-<tag>/``)."""
+    out = Path(str(output).rstrip("/" + os.sep))
+    if is_dataset_output(output):
+        return f"{out.parent / f'{out.name}-{tag}'}/"
+    return str(out.with_name(f"{out.stem}-{tag}{out.suffix}"))
+
+
+def date_layers(before: Any, after: Any, output: str | os.PathLike, tiling: Any = None, progress: Any = None
+                ) -> tuple[str, str]:
+    """The paths of the two date layers: the layers given, or layers made from the rasters given."""
+    from ..api import _as_list, is_layer_input, tile
+
+    b_items, a_items = _as_list(before), _as_list(after)
+    if not b_items or not a_items:
+        raise OptionError("give the rasters or tile layers of both dates", option="before" if not b_items else "after")
+    if is_layer_input(b_items):
+        b_path = str(b_items[0])
+    else:
+        b_path = beside(output, "before")
+        tile(b_items, b_path, tiling, progress=progress)
+    if is_layer_input(a_items):
+        a_path = str(a_items[0])
+    else:
+        a_path = beside(output, "after")
+        like(b_path, a_items, a_path, tiling, progress)
+    for path in (b_path, a_path):
+        if not Path(path.rstrip("/")).exists():
+            raise InputError(f"{path}: file not found; give a tile layer, a dataset folder or rasters")
+    if Path(b_path).resolve() == Path(a_path).resolve():
+        raise OptionError(f"{b_path}: given as both dates; give the layer or rasters of another date as «after»",
+                          option="after")
+    return b_path, a_path
+
+
+def like(reference: str, inputs: list, output: str, tiling: Any, progress: Any) -> None:
+    """Tile ``inputs`` on the footprints of the layer ``reference`` (co-registered tiling)."""
+    try:
+        from ..tiling.coregister import tile_like
+    except ImportError:  # an engine without co-registered tiling
+        raise OptionError("this version cannot tile the after date on the before date's tiles; tile it into a "
+                          "layer with the same footprints and give that layer", option="after") from None
+    tile_like(reference, inputs, output, tiling, progress=progress)
+
+
+# ------------------------------------------------------------------------------------ results
+def _keys_and_runs(path: str) -> tuple[list[str], Any]:
+    """The embedding keys and run records of a layer file or dataset."""
+    if is_dataset(path):
+        from ..layer.dataset import DatasetRuns, open_manifest
+        from ..search.partitioned import DatasetSession
+
+        manifest = open_manifest(path)
+        return DatasetSession._keys(manifest), DatasetRuns(manifest)
+    from ..layer.io import open_layer
+
+    opened = open_layer(path)
+    return embedding_keys(opened.frame), opened.runs
+
+
+def missing(path: str, column: str) -> bool:
+    """True when some tile of the layer (or dataset) has no value in ``column``."""
+    if is_dataset(path):
+        import pyarrow.parquet as pq
+
+        from ..layer.dataset import open_manifest, verified_part
+
+        manifest = open_manifest(path)
+        for part in manifest.part_files():
+            file = verified_part(manifest, part.name)
+            if column not in pq.read_schema(file).names:
+                return True
+            if pq.read_table(file, columns=[column]).column(column).null_count:
+                return True
+        return False
+    from ..layer.io import read_tiles
+
+    frame = read_tiles(path)
+    return column not in frame.columns or not bool(frame[column].map(has_value).all())
+
+
+def _source(path: str, model: str | None) -> EmbeddingSource | None:
+    """Which model made the layer's embeddings (``model``'s, or its only one); None when it has none
+    of them. Several models without ``model``: the one-line error of the search session."""
+    keys, runs = _keys_and_runs(path)
+    if not keys:
+        return None
+    if model is not None and not any(k in (model, model.lower()) for k in keys):
+        names = {str(t.get("name")) for t in runs.tasks()}
+        if model not in names and model.lower() not in names:
+            return None
+    try:
+        return runs.embedding_source(keys, model)
+    except OptionError:
+        if model is not None:
+            return None
+        raise
+
+
+def same_model(a: EmbeddingSource, b: EmbeddingSource) -> bool:
+    """True when two embedding sets were made by the same weights (comparable vectors)."""
+    if a.key != b.key or a.model != b.model:
+        return False
+    return not (a.sha256 and b.sha256 and a.sha256 != b.sha256)
+
+
+@dataclass
+class ModelChoice:
+    """The embedding model both dates are compared with (name, checkpoint, architecture)."""
+
+    name: str
+    checkpoint: str | None = None
+    arch: str | None = None
+
+
+def choose_model(b_path: str, a_path: str, model: str | None, checkpoint: str | None) -> ModelChoice:
+    """The one embedding model of the comparison: ``model``, else the one the dates' embeddings
+    were made with (one-line error when they were made by different models), else the default."""
+    sb, sa = _source(b_path, model), _source(a_path, model)
+    if model is not None:
+        known = sb or sa
+        return ModelChoice(model, checkpoint or (known.checkpoint if known else None), known.arch if known else None)
+    if sb is not None and sa is not None and not same_model(sb, sa):
+        raise OptionError(f"{b_path} was embedded by {sb.model}, {a_path} by {sa.model}; both dates must be embedded "
+                          "by the same model: give «model» to embed both with one", option="model")
+    known = sb or sa
+    if known is not None:
+        return ModelChoice(known.model, checkpoint or known.checkpoint, known.arch)
+    from ..models.registry import default_embed_model
+
+    return ModelChoice(default_embed_model(), checkpoint)
+
+
+def complete_results(path: str, choice: ModelChoice, caption_model: str | None, caption_checkpoint: str | None,
+                     captions: bool, device: str, options: Any, decoding: Any, progress: Any) -> None:
+    """Compute the embeddings of ``choice`` and (with ``captions``) the captions the layer lacks, in place."""
+    from ..api import run
+
+    source = _source(path, choice.name)
+    embed = source is None or missing(path, embedding_column(source.key))
+    caption = captions and missing(path, CAPTION)
+    if not embed and not caption:
+        return
+    from ..models.registry import default_caption_model
+
+    run(path, None, embed_models=[choice.name] if embed else [],
+        embed_checkpoints=[choice.checkpoint] if embed and choice.checkpoint else [],
+        embed_arch=[choice.arch] if embed and choice.arch else [],
+        caption_model=(caption_model or default_caption_model()) if caption else None,
+        caption_checkpoint=caption_checkpoint if caption else None, decoding=decoding, device=device,
+        options=options, progress=progress, command="change")
+
+
+__all__ = ["ModelChoice", "beside", "choose_model", "complete_results", "date_layers", "missing", "same_model"]
