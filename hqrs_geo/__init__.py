@@ -30,7 +30,7 @@ _LAZY = {
     "DecodingConfig": ".models.decoding",
     "load_model": ".models.loader",
     "search_text": ".search.api", "search_similar": ".search.api", "classify": ".search.api",
-    "detect": ".search.api",
+    "detect": ".search.api", "change": ".change",
     "SearchSession": ".search.session",
     "SpatialFilter": ".search.spatial",
     "finetune": ".training", "FinetuneConfig": ".training",
@@ -40,7 +40,7 @@ _LAZY = {
 __all__ = [
     "DatasetReport", "DecodingConfig", "FinetuneConfig", "HqrsError", "InputError", "OptionError", "OutputError",
     "RunOptions", "ScaleOptions", "SearchSession", "SourceFilter", "SpatialFilter", "TileConfig", "TileDataset",
-    "TileReader", "TileRecord", "__version__", "caption", "classify", "collate_tiles", "detect", "embed",
+    "TileReader", "TileRecord", "__version__", "caption", "change", "classify", "collate_tiles", "detect", "embed",
     "export_dataset",
     "finetune", "load_model", "load_recipe", "merge_dataset", "open_layer", "read_embeddings", "read_runs",
     "read_tiles", "run", "run_mpgi", "search_similar", "search_text", "tile", "tile_rasters", "write_tiles",
