@@ -102,10 +102,17 @@ def split_labels(text: str) -> list[str]:
 
 # -- dates --------------------------------------------------------------------------------------
 def is_date_layer(layer: QgsMapLayer | None) -> bool:
-    """A layer that can be one date of a comparison: a file raster or a tile layer file."""
+    """A layer that can be one date of a comparison: a file raster or a tile layer file (not a
+    change layer, which carries its earlier date's tile columns too)."""
     if isinstance(layer, QgsRasterLayer):
         return layer.isValid() and raster_file(layer) is not None
-    return tile_layers.engine_layer_file(layer) is not None and tile_layers.is_tile_layer(layer)
+    return tile_layers.engine_layer_file(layer) is not None and tile_layers.is_tile_layer(layer) \
+        and not is_change_layer(layer)
+
+
+def is_change_layer(layer: QgsMapLayer | None) -> bool:
+    """A change layer written by ``hqrs-geo change`` (it has a ``change_score`` column)."""
+    return isinstance(layer, QgsVectorLayer) and layer.fields().indexOf("change_score") >= 0
 
 
 def raster_file(layer: QgsRasterLayer) -> str | None:
@@ -118,6 +125,8 @@ def date_path(layer: QgsMapLayer | None) -> str:
     """The file the engine reads for the date ``layer``; a one-line error for layers it cannot take."""
     if layer is None:
         raise ChangeError("no layer chosen for this date")
+    if is_change_layer(layer):
+        raise ChangeError(f"{layer.name()} is a change layer: choose the raster or tile layer of a date")
     if isinstance(layer, QgsRasterLayer):
         path = raster_file(layer)
         if path is None:

@@ -349,8 +349,10 @@ class SearchDock(QDockWidget):
         self.layer_box.clear()
         plain = []
         for layer in QgsProject.instance().mapLayers().values():
-            if not tile_layers.is_tile_layer(layer) or layer.customProperty(styles.STYLED) == "classes":
-                continue  # (a zero-shot classes layer shows the tiles of a tile layer listed on its own)
+            if not tile_layers.is_tile_layer(layer) or layer.customProperty(styles.STYLED) == "classes" \
+                    or layer.fields().indexOf("change_score") >= 0:
+                continue  # (a zero-shot classes layer shows the tiles of a tile layer listed on its own; a
+                # change layer carries the tile columns of its earlier date)
             path = tile_layers.engine_layer_file(layer)
             if path is None:
                 continue

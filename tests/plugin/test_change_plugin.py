@@ -5,6 +5,7 @@ example scene (the later one with some tiles painted over), in real, headless QG
 from __future__ import annotations
 
 import math
+import shutil
 import sys
 
 import numpy as np
@@ -12,13 +13,19 @@ import pytest
 from conftest import EXAMPLE_SCENE, ROOT
 from processing_fixture import processing_run  # noqa: F401  (the shared Processing fixture)
 from qgis.core import (
+    NULL,
+    QgsApplication,
     QgsGraduatedSymbolRenderer,
     QgsMapRendererCustomPainterJob,
     QgsMapSettings,
+    QgsProcessingContext,
+    QgsProcessingFeedback,
+    QgsProcessingOutputLayerDefinition,
+    QgsProject,
     QgsRasterLayer,
     QgsVectorLayer,
 )
-from qgis.PyQt.QtCore import QSize
+from qgis.PyQt.QtCore import QSize, Qt
 from qgis.PyQt.QtGui import QColor, QImage, QPainter
 from test_dock import IfaceStandIn, no_installed_engine, qgis, wait_for  # noqa: F401  (shared fixtures)
 
@@ -206,3 +213,212 @@ def test_dates_are_file_rasters_and_tile_layers(qgis, tmp_path, example_layer): 
         changes.date_path(xyz)
     with pytest.raises(ChangeError):
         changes.date_path(change)
+
+
+# -- end to end with the engine: two dates of the example scene ---------------------------------
+TILE_PX = 250  # 4 x 4 tiles of the 1000 px scene
+PAINTED = ((0, 1), (2, 2), (3, 0))  # (row, column) of tiles with a new roof on the later date
+EMPTY = ((1, 3),)  # tiles the later date does not cover (nodata): not compared
+
+
+def later_date(path):
+    """The example scene as a later date: a little darker and warmer all over (another day, another
+    light: every pair differs a little), three tiles covered by a new roof, one tile without data."""
+    import rasterio
+
+    with rasterio.open(EXAMPLE_SCENE) as src:
+        data, profile = src.read().astype(float), src.profile
+    rng = np.random.default_rng(7)
+    later = np.clip(data * np.array([0.9, 0.85, 0.8])[:, None, None] + 10, 1, 255)
+    for row, col in PAINTED:
+        window = (slice(None), slice(row * TILE_PX, (row + 1) * TILE_PX), slice(col * TILE_PX, (col + 1) * TILE_PX))
+        later[window] = np.array([175.0, 75.0, 55.0])[:, None, None] + rng.normal(0, 8, later[window].shape)
+    later = np.clip(later, 1, 255).astype(np.uint8)
+    for row, col in EMPTY:
+        later[:, row * TILE_PX:(row + 1) * TILE_PX, col * TILE_PX:(col + 1) * TILE_PX] = 0
+    profile.update(compress="deflate", photometric="rgb", nodata=0)
+    profile.pop("jpeg_quality", None)
+    with rasterio.open(path, "w", **profile) as dst:
+        dst.write(later)
+    return path
+
+
+@pytest.fixture(scope="module")
+def dates(tmp_path_factory):
+    """(earlier, later) rasters of the same place."""
+    folder = tmp_path_factory.mktemp("dates")
+    before = shutil.copy(EXAMPLE_SCENE, folder / "town_2019.tif")
+    return before, later_date(folder / "town_2023.tif")
+
+
+def tile_ids(layer_path, cells) -> set[str]:
+    """The tile ids of the tiles at (row, column) ``cells`` of a tile layer of the scene."""
+    from hqrs_geo import read_tiles
+
+    frame = read_tiles(layer_path)
+    wanted = {(row * TILE_PX, col * TILE_PX) for row, col in cells}
+    return {str(t) for t, x, y in zip(frame["tile_id"], frame["x_off"], frame["y_off"]) if (y, x) in wanted}
+
+
+class Recorder(QgsProcessingFeedback):
+    """Feedback that keeps the command lines and infos."""
+
+    def __init__(self):
+        super().__init__()
+        self.commands, self.infos = [], []
+
+    def pushCommandInfo(self, info):  # noqa: N802 - QGIS API
+        self.commands.append(info)
+
+    def pushInfo(self, info):  # noqa: N802
+        self.infos.append(info)
+
+
+@pytest.fixture
+def mini_models():
+    """The shipped demo models (no download) on the CPU, as the HQRS settings."""
+    before = settings.values()
+    settings.set_values({"model": "hqrs-mini-clip", "caption_model": "hqrs-mini-coca", "device": "cpu"})
+    yield
+    settings.set_values(before)
+
+
+def test_compare_two_dates_in_processing_loads_the_change_layer_over_the_imagery(processing_run, mini_models,  # noqa: F811
+                                                                                 dates, tmp_path):
+    from processing.gui.Postprocessing import handleAlgorithmResults
+
+    before, after = dates
+    project = QgsProject.instance()
+    imagery = QgsRasterLayer(str(before), "town 2019")
+    project.addMapLayer(imagery)
+    out = tmp_path / "town_change.gpkg"
+    context = QgsProcessingContext()
+    context.setProject(project)
+    feedback = Recorder()
+    try:
+        result = processing_run("hqrs:change", {
+            "BEFORE": str(before), "AFTER": str(after), "TILE_SIZE": TILE_PX, "CAPTIONS": False,
+            "LABELS": "water, trees, buildings, road", "THRESHOLD": 2.5, "DEVICE": "cpu",
+            "OUTPUT": QgsProcessingOutputLayerDefinition(str(out), project)}, context=context, feedback=feedback)
+        command = feedback.commands[-1]
+        assert " change " in command and "--model=hqrs-mini-clip" in command and "--no-captions" in command
+        assert "--tile-size 250" in command and "--threshold=2.5" in command
+        assert "--labels=water,trees,buildings,road" in command
+        assert any("compared tile pairs changed" in info for info in feedback.infos)
+        alg = QgsApplication.processingRegistry().createAlgorithmById("hqrs:change")
+        assert handleAlgorithmResults(alg, context, feedback)
+        loaded = project.mapLayersByName("change: town_2019 → town_2023")
+        assert len(loaded) == 1 and loaded[0].source() == result["OUTPUT"]
+        layer = loaded[0]
+        assert layer.customProperty(styles.STYLED) == styles.CHANGE_STYLE
+        assert isinstance(layer.renderer(), QgsGraduatedSymbolRenderer)
+        order = [node.layer() for node in project.layerTreeRoot().findLayers()]
+        assert order.index(layer) < order.index(imagery)  # drawn over the imagery
+        # the engine's result: the painted tiles are the most changed, the empty one not compared
+        date_layer = tmp_path / "town_change-before.gpkg"
+        painted, empty = tile_ids(date_layer, PAINTED), tile_ids(date_layer, EMPTY)
+        rows = changes.read_changes(layer, k=len(PAINTED))
+        assert {r.tile_id for r in rows} == painted and all(r.changed for r in rows)
+        features = {str(f["tile_id"]): f for f in layer.getFeatures()}
+        assert len(features) == 16 and len(empty) == 1
+        assert all(not features[t]["compared"] and features[t]["change_score"] in (None, NULL) for t in empty)
+        assert all(str(features[t]["class_after"]) not in ("", "NULL") for t in painted)
+    finally:
+        for layer in project.mapLayers().values():
+            project.removeMapLayer(layer.id())
+
+
+def new_dock():
+    """A search dock on a stand-in QGIS window, shown (it takes real clicks)."""
+    from qgis_plugin.widgets.dock import SearchDock
+
+    iface = IfaceStandIn()
+    dock = SearchDock(iface)
+    dock.iface_stand_in = iface
+    iface.canvas.show()
+    dock.show()
+    return dock
+
+
+def close_dock(dock) -> None:
+    """Unload and delete a dock (as the plugin does on unload)."""
+    from qgis.PyQt import sip
+
+    dock.unload()
+    wait_for(lambda: QgsApplication.taskManager().countActiveTasks() == 0, 60)
+    QgsApplication.processEvents()
+    iface = dock.iface_stand_in
+    iface.bar.clearWidgets()
+    for item in (dock, iface.bar, iface.canvas):
+        sip.delete(item)
+
+
+def test_compare_with_in_the_dock_lists_the_most_changed_tiles_and_zooms_to_them(qgis, mini_models, dates,  # noqa: F811
+                                                                                 tmp_path):
+    from qgis.PyQt.QtTest import QTest
+
+    before, after = dates
+    project = QgsProject.instance()
+    earlier, later = QgsRasterLayer(str(before), "town 2019"), QgsRasterLayer(str(after), "town 2023")
+    far_away = QgsRasterLayer(str(ROOT / "examples" / "data" / "pucallpa_landsat_1985.tif"), "pucallpa 1985")
+    for layer in (earlier, later, far_away):
+        assert layer.isValid()
+        project.addMapLayer(layer)
+    settings.set_values({"tile_size": float(TILE_PX), "tile_unit": "px", "overlap": 0.0, "gsd": 0.0})
+    dock = new_dock()
+    panel = dock.changes
+    try:
+        dialog = panel.open_dialog(earlier)
+        assert dialog.before.layer() is earlier and dialog.after.layer() is later  # the overlapping raster
+        dialog.captions.setChecked(False)
+        out = tmp_path / "dock_change.gpkg"
+        dialog.output.setFilePath(str(out))
+        QTest.mouseClick(dialog.compare_button, Qt.LeftButton)
+        assert not dialog.isVisible() and not panel.compare_button.isEnabled() and panel.cancel_button.isEnabled()
+        seconds = wait_for(lambda: bool(panel.rows) or "failed" in panel.status.text(), 300)
+        assert panel.rows, panel.status.text()
+        layer = panel.change_layer()
+        assert layer is not None and layer.name() == "change: town_2019 → town_2023"
+        assert project.layerTreeRoot().findLayers()[0].layer() is layer  # on top of the imagery
+        painted = tile_ids(tmp_path / "dock_change-before.gpkg", PAINTED)
+        assert {row.tile_id for row in panel.rows[:len(PAINTED)]} == painted
+        assert panel.table.rowCount() == len(panel.rows) == 15  # the tile without data is not listed
+        assert "compared tile pairs changed" in panel.status.text()
+        # clicking a row selects its tile in the change layer and zooms the map to it
+        item = panel.table.item(1, 2)
+        QTest.mouseClick(panel.table.viewport(), Qt.LeftButton, pos=panel.table.visualItemRect(item).center())
+        chosen = panel.rows[1]
+        assert [str(f["tile_id"]) for f in layer.selectedFeatures()] == [chosen.tile_id]
+        canvas = dock.iface_stand_in.canvas
+        assert canvas.extent().contains(chosen.geometry.boundingBox())
+        assert canvas.extent().width() < 6 * 62.5  # zoomed in: a few tiles across
+        print(f"\ndock comparison of two rasters (tiling, embedding, scoring): {seconds:.1f} s")
+        # the same comparison again as tile layers, ranked by a text the tiles became
+        tiles_before = QgsVectorLayer(f"{tmp_path / 'dock_change-before.gpkg'}|layername=tiles", "tiles 2019", "ogr")
+        tiles_after = QgsVectorLayer(f"{tmp_path / 'dock_change-after.gpkg'}|layername=tiles", "tiles 2023", "ogr")
+        project.addMapLayers([tiles_before, tiles_after])
+        dialog = panel.open_dialog(tiles_before)
+        assert dialog.after.layer() is tiles_after  # a tile layer is compared with a tile layer first
+        dialog.became.setText("red roofs")
+        dialog.captions.setChecked(False)
+        dialog.output.setFilePath(str(tmp_path / "became.gpkg"))
+        dialog.accept()
+        wait_for(lambda: panel.cancel_button.isEnabled() is False and panel.read_task is not None
+                 and panel.read_task.done, 300)
+        assert panel.change_layer().name() == 'became "red roofs": dock_change-before → dock_change-after'
+        assert [row.rank for row in panel.rows] == sorted(row.rank for row in panel.rows)
+        assert panel.rows[0].score >= panel.rows[-1].score
+        # a date that does not cover the earlier one: the engine's one-line error, no layer
+        layers_before = len(project.mapLayers())
+        dialog = panel.open_dialog(earlier)
+        dialog.after.set_layer(far_away)
+        dialog.output.setFilePath(str(tmp_path / "nowhere.gpkg"))
+        dialog.accept()
+        wait_for(lambda: not panel.cancel_button.isEnabled(), 120)
+        text = panel.status.text()
+        assert text.startswith("<b>comparison failed</b>: ") and "Traceback" not in text and "\n" not in text
+        assert len(project.mapLayers()) == layers_before and not (tmp_path / "nowhere.gpkg").exists()
+    finally:
+        close_dock(dock)
+        for layer in list(project.mapLayers().values()):
+            project.removeMapLayer(layer.id())
