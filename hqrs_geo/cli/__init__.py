@@ -20,12 +20,12 @@ from ..atomic import output_error, write_failure
 from ..errors import Cancelled, HqrsError, InputError
 from ..progress import Progress
 from ..redact import RedactingFilter, redact
-from . import dataset, detect, inference, info, mpgi, search, tiles, training
+from . import change, dataset, detect, inference, info, mpgi, search, tiles, training
 from .options import PROG, Parser, flag_of
 
 log = logging.getLogger("hqrs_geo")
 
-COMMAND_GROUPS = (info, tiles, inference, search, detect, training, mpgi, dataset)
+COMMAND_GROUPS = (info, tiles, inference, search, detect, change, training, mpgi, dataset)
 
 
 def build_parser() -> argparse.ArgumentParser:
