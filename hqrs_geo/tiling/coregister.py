@@ -32,7 +32,7 @@ from rasterio.enums import ColorInterp, Resampling
 from rasterio.vrt import WarpedVRT
 from rasterio.windows import Window
 
-from ..errors import InputError
+from ..errors import InputError, OptionError
 from ..layer.columns import SOURCE, TILE_COLUMNS, TILE_ID
 from ..raster.catalog import resolve_sources
 from ..raster.scene import BandChoice, choose_bands, describe, open_dataset, open_raster, read_pixels
@@ -164,9 +164,9 @@ def _corners(transform: Affine, width: int, height: int) -> tuple[float, float, 
     return min(xs), min(ys), max(xs), max(ys)
 
 
-def _overlaps(scene: SceneReading, item: _Input) -> bool:
-    """True when the input's extent meets the scene's (bounding boxes in the scene's CRS)."""
-    left, bottom, right, top = _corners(Affine(*scene.transform), scene.width, scene.height)
+def _pixel_box(scene: SceneReading, item: _Input) -> tuple[float, float, float, float] | None:
+    """The input's extent in the scene's pixel coordinates ``(col0, row0, col1, row1)``, padded by
+    two pixels (None when the CRSs cannot be related: then it is assumed to cover the scene)."""
     bounds = _corners(item.transform, item.width, item.height)
     if scene.crs and item.crs and item.crs != scene.crs:
         from rasterio.warp import transform_bounds
@@ -174,10 +174,26 @@ def _overlaps(scene: SceneReading, item: _Input) -> bool:
         try:
             bounds = transform_bounds(item.crs, scene.crs, *bounds, densify_pts=21)
         except Exception:  # noqa: BLE001 - a CRS pair pyproj cannot relate: let the warp decide
-            return True
+            return None
         if not all(np.isfinite(bounds)):
-            return True
-    return bounds[0] < right and bounds[2] > left and bounds[1] < top and bounds[3] > bottom
+            return None
+    left, bottom, right, top = bounds
+    inverse = ~Affine(*scene.transform)
+    cols, rows = zip(*(inverse * (x, y) for x, y in ((left, bottom), (left, top), (right, bottom), (right, top))))
+    return min(cols) - 2, min(rows) - 2, max(cols) + 2, max(rows) + 2
+
+
+def _meets(box: tuple[float, float, float, float] | None, window: Window) -> bool:
+    """True when a pixel box (None: unknown) meets ``window``."""
+    if box is None:
+        return True
+    return box[0] < window.col_off + window.width and box[2] > window.col_off \
+        and box[1] < window.row_off + window.height and box[3] > window.row_off
+
+
+def _overlaps(scene: SceneReading, item: _Input) -> bool:
+    """True when the input's extent meets the scene's."""
+    return _meets(_pixel_box(scene, item), Window(0, 0, scene.width, scene.height))
 
 
 def _check_crs(reference: str, scenes: Sequence[SceneReading], items: Sequence[_Input]) -> None:
@@ -228,7 +244,8 @@ def align_scene(scene: SceneReading, items: Sequence[_Input], target: Path, resa
     recipe = _recipe(scene, items, resampling)
     profile = dict(driver="GTiff", width=scene.width, height=scene.height, count=len(indexes), dtype=first.dtype,
                    crs=scene.crs, transform=transform, tiled=True, blockxsize=256, blockysize=256,
-                   compress="deflate", predictor=3 if dtype.kind == "f" else 2, BIGTIFF="IF_SAFER")
+                   compress="deflate", predictor=3 if dtype.kind == "f" else 2, BIGTIFF="IF_SAFER",
+                   SPARSE_OK=True)
     if len(indexes) == 3:
         profile["photometric"] = "RGB"
     with atomic_path(target) as tmp, rasterio.Env(GDAL_TIFF_INTERNAL_MASK=True), \
@@ -241,11 +258,17 @@ def align_scene(scene: SceneReading, items: Sequence[_Input], target: Path, resa
                 vrts.append(WarpedVRT(sources[-1], src_crs=item.crs or _PIXEL_CRS, crs=crs, transform=transform,
                                       width=scene.width, height=scene.height, resampling=method,
                                       add_alpha=not item.has_alpha))
+            boxes = [_pixel_box(scene, item) for item in items]
             for window in _blocks(scene.width, scene.height):
+                if progress is not None:
+                    progress.advance(1)
+                meeting = [(item, vrt) for item, vrt, box in zip(items, vrts, boxes) if _meets(box, window)]
+                if not meeting:
+                    continue  # left unwritten (a sparse file): no pixels, masked
                 shape = (int(window.height), int(window.width))
                 data = np.zeros((len(indexes), *shape), dtype)
                 filled = np.zeros(shape, bool)
-                for item, vrt in zip(items, vrts):
+                for item, vrt in meeting:
                     block, valid = read_pixels(item.path, partial(_read_block, vrt, item, window))
                     take = valid & ~filled
                     if take.any():
@@ -255,8 +278,6 @@ def align_scene(scene: SceneReading, items: Sequence[_Input], target: Path, resa
                         break
                 dst.write(data, window=window)
                 dst.write_mask(filled.astype(np.uint8) * 255, window=window)
-                if progress is not None:
-                    progress.advance(1)
             if first.bands.palette and first.colormap:
                 dst.write_colormap(1, first.colormap)
             elif len(indexes) == 3:
@@ -306,6 +327,9 @@ def tile_like(reference: str | os.PathLike, inputs: Any, output: str | os.PathLi
 
     ref = _reference_layer(reference)
     check_writable(output)
+    if Path(output).resolve() == Path(reference).resolve():
+        raise OptionError(f"{output}: is the reference layer itself; write the later date to another layer",
+                          option="output")
     scenes = ref.scenes()
     tiling = _reference_tiling(ref)
     complete = set(TILE_COLUMNS) <= set(ref.frame.columns)
