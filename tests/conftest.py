@@ -290,6 +290,7 @@ SLOW = (
     "tests/plugin/test_processing.py",                 # Processing algorithms driving engine processes
     "tests/plugin/test_plugin_processing.py",
     "tests/plugin/test_fewshot_dock.py::test_labels_survive_closing_and_reopening",  # two engine sessions
+    "tests/plugin/test_change_plugin.py::test_compare_",  # change runs: two dates tiled, embedded and compared
     "tests/plugin/test_fewshot_dock.py::test_detect_from_examples_processing",
     "tests/plugin/test_plugin_runner.py::test_probe_names_versions_and_device",
     "tests/plugin/test_web_layers.py::test_xyz_tile_layer_",  # an XYZ layer written, tiled by the engine, rendered

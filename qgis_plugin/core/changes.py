@@ -51,6 +51,7 @@ class ChangeOptions:
     min_overlap: float = DEFAULT_MIN_OVERLAP
     captions: bool = True
     model: str = ""
+    checkpoint: str = ""
     caption_model: str = ""
     device: str = ""
     extra: Sequence[str] = field(default_factory=tuple)  # further CLI options (tiling of raster dates)
@@ -87,6 +88,8 @@ def change_args(before: str, after: str, output: str, options: ChangeOptions | N
         args.append("--no-captions")
     if options.model:
         args.append(f"--model={options.model}")
+    if options.model and options.checkpoint:
+        args.append(f"--checkpoint={options.checkpoint}")
     if options.caption_model and options.captions:
         args.append(f"--caption-model={options.caption_model}")
     if options.device:
@@ -263,6 +266,8 @@ def summary(final: dict, ranking: str = "change") -> str:
     text = (f"{int(changed or 0):,} of {int(compared):,} compared tile pairs changed "
             f"(change score ≥ {float(threshold):g})")
     not_compared = final.get("not_compared")
+    if not_compared is None and final.get("tiles") is not None:
+        not_compared = int(final["tiles"]) - int(compared)
     if not_compared:
         text += f"; {int(not_compared):,} not compared"
     return text
@@ -277,7 +282,9 @@ def settings_options(models: bool, tiling: bool, **given) -> ChangeOptions:
     options = ChangeOptions(**given)
     options.device = options.device or str(settings.value("device") or "auto")
     if models:
-        options.model = options.model or str(settings.value("model") or "")
+        if not options.model:  # the settings' model, with its checkpoint
+            options.model = str(settings.value("model") or "")
+            options.checkpoint = options.checkpoint or str(settings.value("checkpoint") or "")
         options.caption_model = options.caption_model or str(settings.value("caption_model") or "")
     if tiling:
         size, unit = float(settings.value("tile_size")), settings.value("tile_unit")

@@ -169,8 +169,10 @@ class ChangeAlgorithm(HqrsAlgorithm):
         captions = self.parameterAsBool(parameters, "CAPTIONS", context)
         model = self.optional_text(parameters, "MODEL", context)
         caption_model = self.optional_text(parameters, "CAPTION_MODEL", context)
+        checkpoint = ""
         if any_raster:  # a raster's embeddings and captions come from the models of the HQRS settings
-            model = model or settings.value("model")
+            if not model:
+                model, checkpoint = settings.value("model"), settings.value("checkpoint") or ""
             caption_model = caption_model or settings.value("caption_model")
         options = ChangeOptions(
             became=self.optional_text(parameters, "BECAME", context),
@@ -178,7 +180,7 @@ class ChangeAlgorithm(HqrsAlgorithm):
             labels=changes.split_labels(self.optional_text(parameters, "LABELS", context)),
             threshold=self.parameterAsDouble(parameters, "THRESHOLD", context),
             min_overlap=self.parameterAsDouble(parameters, "MIN_OVERLAP", context),
-            captions=captions, model=model, caption_model=caption_model,
+            captions=captions, model=model, checkpoint=checkpoint, caption_model=caption_model,
             device=self.parameterAsEnumString(parameters, "DEVICE", context) or "auto",
             extra=tiling_args(self, parameters, context) if "BEFORE" in self.plans else ())
         try:
