@@ -65,6 +65,42 @@ def like(reference: str, inputs: list, output: str, tiling: Any, progress: Any) 
     tile_like(reference, inputs, output, tiling, progress=progress)
 
 
+def _wgs84_box(path: str) -> tuple[float, float, float, float] | None:
+    """The lon/lat bounds of a layer's tiles (None: no tiles, or no CRS to place them)."""
+    if is_dataset(path):
+        from ..layer.dataset import open_manifest
+
+        boxes = [p.get("bounds_wgs84") for p in open_manifest(path).parts.values() if p.get("tiles")]
+        boxes = [b for b in boxes if b]
+        if not boxes:
+            return None
+        return (min(b[0] for b in boxes), min(b[1] for b in boxes), max(b[2] for b in boxes),
+                max(b[3] for b in boxes))
+    from ..layer.io import read_tiles
+
+    frame = read_tiles(path)
+    if frame.empty or frame.crs is None:
+        return None
+    from pyproj import Transformer
+
+    to_wgs84 = Transformer.from_crs(frame.crs, "EPSG:4326", always_xy=True)
+    return tuple(float(v) for v in to_wgs84.transform_bounds(*frame.total_bounds, densify_pts=21))  # type: ignore
+
+
+def check_overlap(b_path: str, a_path: str) -> None:
+    """A one-line error, before any model runs, when the two dates' tiles do not overlap at all."""
+    b, a = _wgs84_box(b_path), _wgs84_box(a_path)
+    if b is None or a is None:
+        return
+    if b[0] > a[2] or a[0] > b[2] or b[1] > a[3] or a[1] > b[3]:
+        raise InputError(f"{a_path}: does not overlap {b_path} at all (lon/lat {_box(a)} and {_box(b)}); give the "
+                         "same place at both dates")
+
+
+def _box(box: tuple[float, ...]) -> str:
+    return ",".join(f"{v:.4f}" for v in box)
+
+
 # ------------------------------------------------------------------------------------ results
 def _keys_and_runs(path: str) -> tuple[list[str], Any]:
     """The embedding keys and run records of a layer file or dataset."""
@@ -173,4 +209,5 @@ def complete_results(path: str, choice: ModelChoice, caption_model: str | None, 
         options=options, progress=progress, command="change")
 
 
-__all__ = ["ModelChoice", "beside", "choose_model", "complete_results", "date_layers", "missing", "same_model"]
+__all__ = ["ModelChoice", "beside", "check_overlap", "choose_model", "complete_results", "date_layers", "missing",
+           "same_model"]

@@ -307,7 +307,7 @@ def change(before: Any, after: Any, output: str | os.PathLike, *, model: str | N
     from ..layer.dataset import is_dataset_output
     from ..layer.io import check_writable, write_tiles
     from ..layer.runs import new_run
-    from .inputs import choose_model, complete_results, date_layers, same_model
+    from .inputs import check_overlap, choose_model, complete_results, date_layers, same_model
 
     threshold = _number(threshold, "threshold")
     min_overlap = _number(min_overlap, "min_overlap", 0.0, 1.0)
@@ -329,6 +329,7 @@ def change(before: Any, after: Any, output: str | os.PathLike, *, model: str | N
                           option="output")
     check_writable(output)
     b_path, a_path = date_layers(before, after, output, tiling, progress)
+    check_overlap(b_path, a_path)
     choice = choose_model(b_path, a_path, model, checkpoint)
     for path in (b_path, a_path):
         complete_results(path, choice, caption_model if isinstance(caption_model, str) else None,
