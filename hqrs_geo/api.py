@@ -71,7 +71,8 @@ def tile(inputs: PathOrPaths, output: str | os.PathLike, config: TileConfig | No
 
     ``like``: a tile layer (an earlier date) whose grid the tiles follow: same tile ids and
     footprints, read from ``inputs`` resampled onto its scenes' pixel grids
-    (:func:`hqrs_geo.tiling.coregister.tile_like`)."""
+    (:func:`hqrs_geo.tiling.coregister.tile_like`); a dataset ``like`` makes a dataset ``output``
+    (its new tiles are returned without footprints)."""
     items = _as_list(inputs)
     if like is not None:
         from .tiling.coregister import tile_like

@@ -65,14 +65,16 @@ def _run_tile_like(args: argparse.Namespace, progress: Any, config: Any, filters
     from ..raster.catalog import resolve_sources
     from ..tiling.coregister import tile_like
 
-    if is_dataset_output(args.output) or scale.engine != "local":
-        raise OptionError(f"{args.output}: tiling like a layer writes one layer file (.gpkg, .parquet or .fgb); "
-                          "give a file name and leave out «engine»", option="output")
+    if scale.engine != "local":
+        raise OptionError("tiling like a reference layer runs in this process; leave out «engine»", option="engine")
     rasters = resolve_sources(args.rasters, filters) if filters != type(filters)() else args.rasters
     report = tile_like(args.like, rasters, args.output, config, progress=progress)
     new, held = len(report.tiles), len(report.layer)
+    runs = report.written.runs
+    min_valid = ((runs[-1].get("params") or {}).get("tiling") or {}).get("min_valid") if runs else None
     summary = (f"{new} tile(s) like {args.like} from {len(report.scenes)} scene(s) written to {args.output} "
-               f"({report.examined - new} left out below their valid fraction; layer holds {held})")
+               f"({report.examined - new} of its tiles left out below valid fraction {min_valid}; "
+               f"layer holds {held})")
     return finish(args, progress, summary, tiles=new, output=str(args.output))
 
 

@@ -79,12 +79,8 @@ def aligned_folder(output: str | os.PathLike) -> Path:
 
 def _reference_layer(reference: str | os.PathLike) -> Any:
     """The reference as a :class:`~hqrs_geo.layer.io.TileLayer`, with one-line errors."""
-    from ..layer.dataset import is_dataset
     from ..layer.io import is_layer_path, open_layer
 
-    if is_dataset(reference):
-        raise InputError(f"{reference}: tiling like a partitioned dataset is not yet supported for datasets; "
-                         "merge it first (hqrs-geo merge) and give the merged layer")
     if not is_layer_path(reference):
         raise InputError(f"{reference}: is not a tile layer (.gpkg, .parquet or .fgb); give the layer of the "
                          "earlier date (tile its raster first)")
@@ -321,19 +317,24 @@ def tile_like(reference: str | os.PathLike, inputs: Any, output: str | os.PathLi
     the reference's tiling); its grid options are ignored. Several ``inputs`` make a mosaic (the
     first valid pixel wins, in the order given). The aligned pixels are kept in
     :func:`aligned_folder` of ``output`` and reused by a rerun with the same inputs.
-    """
-    from ..layer.io import check_writable, write_layer
-    from ..layer.runs import new_run
 
-    ref = _reference_layer(reference)
-    check_writable(output)
+    A partitioned dataset as ``reference`` makes a dataset ``output`` (a folder) with the same
+    parts, made part by part (the aligned pixels in its ``_aligned/`` folder); the report's
+    ``tiles`` then holds only ``tile_id``, ``source`` and ``valid_fraction`` of the new tiles.
+    """
+    from ..layer.dataset import is_dataset
+
     if Path(output).resolve() == Path(reference).resolve():
         raise OptionError(f"{output}: is the reference layer itself; write the later date to another layer",
                           option="output")
-    scenes = ref.scenes()
-    tiling = _reference_tiling(ref)
-    complete = set(TILE_COLUMNS) <= set(ref.frame.columns)
-    used = [scenes[s] for s in dict.fromkeys(ref.frame[SOURCE].tolist()) if s in scenes] if complete else []
+    if is_dataset(reference):
+        return _tile_like_dataset(reference, inputs, output, config, progress)
+    return _tile_like_layer(reference, inputs, output, config, progress)
+
+
+def _inputs_for(reference: str | os.PathLike, tiling: dict, used: list[SceneReading], inputs: Any,
+                config: TileConfig | None) -> tuple[TileConfig, list[tuple[SceneReading, list[_Input]]]]:
+    """The new date's options and, per reference scene the inputs reach, the inputs covering it."""
     if not used or not tiling:
         raise InputError(f"{reference}: has no record of how its scenes were tiled (made by an older version?); "
                          "tile the earlier date again, then tile the later one like it")
@@ -349,8 +350,13 @@ def tile_like(reference: str | os.PathLike, inputs: Any, output: str | os.PathLi
     if not plan:
         names = ", ".join(i.path for i in found[:3]) + (" ..." if len(found) > 3 else "")
         raise InputError(f"{names}: do(es) not overlap the tiles of {reference}; give rasters of the same place")
+    return config, plan
 
-    folder = aligned_folder(output)
+
+def _aligned_scenes(plan: list[tuple[SceneReading, list[_Input]]], folder: Path, config: TileConfig,
+                    progress: Any) -> dict[str, SceneReading]:
+    """Align every planned scene (reusing aligned files of the same recipe): ``{reference source:
+    SceneReading of its aligned file}`` (the new date's bands and own stretch)."""
     folder.mkdir(parents=True, exist_ok=True)
     targets = {}
     work = []
@@ -363,50 +369,171 @@ def tile_like(reference: str | os.PathLike, inputs: Any, output: str | os.PathLi
         progress.start("align", sum(len(_blocks(s.width, s.height)) for s, _, _ in work), unit="block")
     for scene, covering, target in work:
         align_scene(scene, covering, target, config.resampling, progress)
+    aligned = prepare_scenes([str(t.resolve()) for t in targets.values()],
+                             TileConfig(**{**config.as_dict(), "bands": None}))
+    return dict(zip(targets, aligned))
 
-    aligned = prepare_scenes([str(t.resolve()) for t in targets.values()], TileConfig(
-        **{**config.as_dict(), "bands": None}))
-    by_reference = dict(zip(targets, aligned))
-    frame = ref.frame
-    rows = frame[frame[SOURCE].isin(list(targets))]
+
+def _measured(rows: Any, reader: TileReader, by_reference: dict[str, SceneReading], min_valid: float,
+              progress: Any) -> tuple[Any, int]:
+    """The reference's tile rows (tile columns and footprint only) on the aligned scenes, with
+    the valid fraction measured there, tiles below ``min_valid`` left out; and how many tiles
+    have any valid pixel."""
+    import geopandas as gpd
+
+    keep, fractions = [], []
+    for row in rows[list(TILE_COLUMNS)].to_dict("records"):
+        rec = TileRecord(**{**row, SOURCE: by_reference[row[SOURCE]].source})
+        fraction = round(reader.valid_fraction(rec), 6)
+        keep.append(fraction > 0 and fraction >= min_valid)
+        fractions.append(fraction)
+        if progress is not None:
+            progress.advance(1)
+    frame = rows[list(TILE_COLUMNS)].copy()
+    frame[SOURCE] = frame[SOURCE].map(lambda src: by_reference[src].source)
+    frame["valid_fraction"] = np.asarray(fractions, float)
+    out = gpd.GeoDataFrame(frame, geometry=rows.geometry.to_numpy(), crs=rows.crs)[np.asarray(keep, bool)]
+    measured = int(np.count_nonzero(np.asarray(fractions) > 0))
+    return out.sort_values(TILE_ID, kind="stable").reset_index(drop=True), measured
+
+
+def _nothing_valid(reference: str | os.PathLike) -> InputError:
+    return InputError(f"{reference}: no valid pixel of the given rasters falls inside its tiles; "
+                      "give rasters of the same place (with valid pixels there)")
+
+
+def _run_params(reference: str | os.PathLike, config: TileConfig, plan: list, by_reference: dict) -> dict:
+    return {"tiling": config.as_dict(), "like": os.path.abspath(reference),
+            "aligned": [{"source": by_reference[scene.source].source, "reference_source": scene.source,
+                         "inputs": [i.path for i in covering]} for scene, covering in plan]}
+
+
+def _tile_like_layer(reference: str | os.PathLike, inputs: Any, output: str | os.PathLike,
+                     config: TileConfig | None, progress: Any) -> TilingReport:
+    from ..layer.dataset import is_dataset_output
+    from ..layer.io import check_writable, write_layer
+    from ..layer.runs import new_run
+
+    ref = _reference_layer(reference)
+    if is_dataset_output(output):
+        raise OptionError(f"{output}: tiling like a layer file writes a layer file; give a name ending in .gpkg, "
+                          ".parquet or .fgb", option="output")
+    check_writable(output)
+    complete = set(TILE_COLUMNS) <= set(ref.frame.columns)
+    scenes = ref.scenes()
+    used = [scenes[s] for s in dict.fromkeys(ref.frame[SOURCE].tolist()) if s in scenes] if complete else []
+    config, plan = _inputs_for(reference, _reference_tiling(ref), used, inputs, config)
+    by_reference = _aligned_scenes(plan, aligned_folder(output), config, progress)
+    rows = ref.frame[ref.frame[SOURCE].isin(list(by_reference))]
     if progress is not None:
         progress.start("tile", len(rows))
-    keep = []
-    fractions = []
-    with TileReader(aligned) as reader:
-        for row in rows[list(TILE_COLUMNS)].to_dict("records"):
-            scene = by_reference[row[SOURCE]]
-            rec = TileRecord(**{**row, SOURCE: scene.source})
-            fraction = round(reader.valid_fraction(rec), 6)
-            keep.append(fraction > 0 and fraction >= config.min_valid)
-            fractions.append(fraction)
-            if progress is not None:
-                progress.advance(1)
-    tiles = _like_frame(rows, np.asarray(keep, bool), np.asarray(fractions, float), by_reference)
-    if not any(f > 0 for f in fractions):
-        raise InputError(f"{reference}: no valid pixel of the given rasters falls inside its tiles; "
-                         "give rasters of the same place (with valid pixels there)")
-    params = {
-        "tiling": config.as_dict(), "scenes": [s.as_dict() for s in aligned], "like": os.path.abspath(reference),
-        "aligned": [{"source": by_reference[src].source, "reference_source": src,
-                     "inputs": [i.path for i in covering]} for (scene, covering), src in zip(plan, targets)],
-    }
+    with TileReader(by_reference.values()) as reader:
+        tiles, measured = _measured(rows, reader, by_reference, config.min_valid, progress)
+    if not measured:
+        raise _nothing_valid(reference)
+    aligned = list(by_reference.values())
+    params = {**_run_params(reference, config, plan, by_reference), "scenes": [s.as_dict() for s in aligned]}
     written = write_layer(output, tiles, new_run("tile", "tiles", params),
                           replace_sources=[s.source for s in aligned])
     return TilingReport(tiles, written, aligned, len(rows))
 
 
-def _like_frame(rows: Any, keep: np.ndarray, fractions: np.ndarray, by_reference: dict) -> Any:
-    """The reference's tile rows (tile columns and footprint only) on the aligned scenes."""
+#: Folder of a dataset made like another that holds the aligned pixels (skipped by Parquet readers).
+DATASET_ALIGNED = "_aligned"
+
+
+def _tile_like_dataset(reference: str | os.PathLike, inputs: Any, output: str | os.PathLike,
+                       config: TileConfig | None, progress: Any) -> TilingReport:
+    """:func:`tile_like` of a partitioned dataset: the same parts, made part by part (each part
+    written atomically and recorded in the manifest at once; never the whole dataset in memory)."""
     import geopandas as gpd
+    import pandas as pd
 
-    geometry = rows.geometry
-    frame = rows[list(TILE_COLUMNS)].copy()
-    frame[SOURCE] = frame[SOURCE].map(lambda src: by_reference[src].source)
-    frame["valid_fraction"] = fractions
-    out = gpd.GeoDataFrame(frame, geometry=geometry.to_numpy(), crs=rows.crs)[keep]
-    out = out.rename_geometry("geometry") if out.geometry.name != "geometry" else out
-    return out.sort_values(TILE_ID, kind="stable").reset_index(drop=True)
+    from ..atomic import output_folder
+    from ..layer.dataset import (
+        DatasetRuns,
+        Manifest,
+        is_dataset,
+        is_dataset_output,
+        open_manifest,
+        verified_part,
+        write_part,
+    )
+    from ..layer.io import TileLayer
+    from ..layer.runs import new_run
+
+    ref = open_manifest(reference)
+    if not is_dataset_output(output):
+        raise OptionError(f"{output}: a dataset is tiled like part by part into a dataset; give a folder "
+                          "(e.g. later/) as output, or merge the reference first", option="output")
+    readings = {key: SceneReading.from_dict(scene["reading"]) for key, scene in ref.scenes.items()
+                if scene.get("reading") and any(ref.parts[n].get("tiles", 0) for n in ref.scene_parts(key))}
+    tiling: dict = next((run["params"]["tiling"] for run in reversed(ref.runs)
+                   if isinstance((run.get("params") or {}).get("tiling"), dict)), {})
+    config, plan = _inputs_for(reference, tiling, list(readings.values()), inputs, config)
+    key_of = {reading.source: key for key, reading in readings.items()}
+    fingerprint = hashlib.sha256(json.dumps({"like": os.path.abspath(reference), "tiling": config.as_dict()},
+                                            sort_keys=True).encode()).hexdigest()
+    light = []
+    examined = measured = 0
+    with output_folder(output) as folder:
+        manifest = Manifest.load(folder) if is_dataset(folder) else Manifest(folder)
+        by_reference = _aligned_scenes(plan, folder / DATASET_ALIGNED, config, progress)
+        params = _run_params(reference, config, plan, by_reference)
+        run = new_run("tile", "tiles", {**params, "scenes": [s.as_dict() for s in by_reference.values()]})
+        names = {key_of[scene.source]: [n for n in sorted(ref.scene_parts(key_of[scene.source]))
+                                        if ref.parts[n].get("tiles", 0)] for scene, _ in plan}
+        if progress is not None:
+            progress.start("tile", sum(int(ref.parts[n].get("tiles") or 0) for group in names.values() for n in group))
+        with manifest.locked():
+            manifest.refresh()
+            manifest.crs, manifest.fingerprint = ref.crs, fingerprint
+            manifest.runs.append({"run_id": len(manifest.runs) + 1, **run})
+            manifest.save()
+        with TileReader(by_reference.values()) as reader:
+            for scene, _ in plan:
+                key, aligned = key_of[scene.source], by_reference[scene.source]
+                count = 0
+                for name in names[key]:
+                    rows = gpd.read_parquet(verified_part(ref, name))
+                    examined += len(rows)
+                    tiles, some = _measured(rows, reader, by_reference, config.min_valid, progress)
+                    measured += some
+                    light.append(pd.DataFrame(tiles[[TILE_ID, SOURCE, "valid_fraction"]]))
+                    source = ref.parts[name]
+                    facts = {"name": name, "scene": key, "block": source.get("block", 0),
+                             "blocks": source.get("blocks", 1), "rows": source.get("rows"),
+                             "source": aligned.source, "url": aligned.source, "item": None,
+                             "fingerprint": fingerprint}
+                    target = folder / name
+                    info: dict[str, Any]
+                    if tiles.empty:
+                        target.unlink(missing_ok=True)
+                        info = {"tiles": 0, "bounds": None, "bounds_wgs84": None, "crs": manifest.crs,
+                                "sha256": None, "bytes": 0}
+                    else:
+                        part_run = {"run_id": 1, **new_run("tile", "tiles", {
+                            **params, "scenes": [aligned.as_dict()], "part": {**facts, "reading": aligned.as_dict()}}),
+                            "created": run["created"]}
+                        info = write_part(target, tiles, [part_run])
+                    count += int(info["tiles"])
+                    with manifest.locked():
+                        manifest.refresh()
+                        manifest.add_part({**facts, **info})
+                        manifest.save()
+                entry = ref.scenes[key]
+                with manifest.locked():
+                    manifest.refresh()
+                    manifest.scenes[key] = {
+                        "source": aligned.source, "url": aligned.source, "item": None, "reading": aligned.as_dict(),
+                        **{k: entry[k] for k in ("grid", "blocks", "block_rows") if entry.get(k) is not None},
+                        "tiles": count, "fingerprint": fingerprint}
+                    manifest.save()
+    if not measured:
+        raise _nothing_valid(reference)
+    summary = pd.concat(light, ignore_index=True)
+    written = TileLayer(str(output), summary, DatasetRuns(Manifest.load(output)))
+    return TilingReport(summary, written, list(by_reference.values()), examined)
 
 
-__all__ = ["ALIGNED_SUFFIX", "aligned_folder", "align_scene", "effective_config", "tile_like"]
+__all__ = ["ALIGNED_SUFFIX", "DATASET_ALIGNED", "aligned_folder", "align_scene", "effective_config", "tile_like"]

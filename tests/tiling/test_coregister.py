@@ -5,6 +5,8 @@ pixel size), so what the tiles must hold is known independently of the code unde
 """
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import rasterio
@@ -192,10 +194,17 @@ def test_cli_tile_like_and_its_errors(tmp_path, before):
     before_raster, before_layer = before
     after_raster = warp_to_4326(tmp_path / "after_4326.tif", BEFORE)
     out = tmp_path / "after.gpkg"
-    result = run_cli("tile", after_raster, "-o", out, "--like", before_layer)
+    result = run_cli("tile", after_raster, "-o", out, "--like", before_layer, "--progress", "json")
     assert result.returncode == 0, result.stderr
-    assert "16 tile(s) like" in result.stdout + result.stderr
+    events = [json.loads(line) for line in result.stdout.splitlines()]
+    stages = [e["stage"] for e in events]
+    assert stages[0] == "align" and "tile" in stages and stages[-1] == "done", stages
+    assert events[-1]["tiles"] == 16 and events[-1]["output"] == str(out)
+    assert "left out below valid fraction 0.5" in events[-1]["message"]
     assert read_tiles(out)["tile_id"].tolist() == read_tiles(before_layer)["tile_id"].tolist()
+    # a rerun with the same inputs reuses the aligned pixels (no align stage)
+    again = run_cli("tile", after_raster, "-o", out, "--like", before_layer, "--progress", "json")
+    assert again.returncode == 0 and "align" not in [json.loads(line)["stage"] for line in again.stdout.splitlines()]
 
     # the reference is a raster, not a tile layer
     assert_one_line_error(run_cli("tile", after_raster, "-o", tmp_path / "x.gpkg", "--like", before_raster),
@@ -239,16 +248,53 @@ def test_rasters_without_crs_follow_a_pixel_layer(tmp_path):
 
 
 def test_reference_errors_in_python(tmp_path, before):
-    from hqrs_geo.layer.dataset import manifest_path
-
+    _, before_layer = before
     with pytest.raises(InputError, match="file not found"):
         tile_like(tmp_path / "missing.gpkg", EXAMPLE_SCENE, tmp_path / "o.gpkg")
-    dataset = tmp_path / "ds"
-    dataset.mkdir()
-    manifest_path(dataset).write_text("{}")
-    with pytest.raises(InputError, match="not yet supported for datasets; merge it first"):
-        tile_like(dataset, EXAMPLE_SCENE, tmp_path / "o.gpkg")
-    assert not (tmp_path / "o.gpkg").exists()
+    with pytest.raises(InputError, match="dataset not found|not a tile layer"):
+        tile_like(tmp_path / "missing", EXAMPLE_SCENE, tmp_path / "o.gpkg")
+    with pytest.raises(OptionError, match="give a name ending in .gpkg"):
+        tile_like(before_layer, EXAMPLE_SCENE, tmp_path / "folder/")
+    assert not (tmp_path / "o.gpkg").exists() and not (tmp_path / "folder").exists()
+
+
+def test_dataset_reference_gives_a_dataset_with_the_same_parts(tmp_path, tiny_clip_checkpoint):
+    from hqrs_geo.engine.partitioned import ScaleOptions
+    from hqrs_geo.layer.dataset import open_manifest
+
+    west = write_crop(EXAMPLE_SCENE, tmp_path / "west.tif", Window(100, 300, 400, 400), cog=False)
+    east = write_crop(EXAMPLE_SCENE, tmp_path / "east.tif", Window(500, 300, 400, 400), cog=False)
+    reference = tmp_path / "before_ds"
+    tile([west, east], reference, TileConfig(tile_size=100), scale=ScaleOptions(block_tiles=8))
+    ref_manifest = open_manifest(reference)
+    assert len(ref_manifest.part_files()) == 4  # two scenes, two blocks of rows each
+    # the later date, in EPSG:4326: all of the east scene, and half of the west scene's last column of tiles
+    after_raster = warp_to_4326(tmp_path / "after.tif", Window(500, 300, 400, 400))
+    out = tmp_path / "after_ds"
+    report = tile_like(reference, after_raster, out, TileConfig(min_valid=0.6))
+    manifest = open_manifest(out)
+    assert set(manifest.parts) == set(ref_manifest.parts)
+    east_parts = sorted(n for n, p in ref_manifest.parts.items() if p["scene"] == "east")
+    assert sorted(p.name for p in manifest.part_files()) == east_parts  # west's parts: no tile reached 0.6
+    assert report.examined == 32 and len(report.tiles) == 16 and (report.tiles["valid_fraction"] == 1.0).all()
+    low = tile_like(reference, after_raster, tmp_path / "low_ds", TileConfig(min_valid=0.3)).tiles
+    west = low[low["tile_id"].str.startswith("west")]
+    assert west["tile_id"].str.endswith("c0003").all() and len(west) == 4
+    assert west["valid_fraction"].between(0.45, 0.55).all()
+    ref_tiles, new = read_tiles(reference), read_tiles(out)
+    ref_tiles = ref_tiles[ref_tiles["tile_id"].isin(new["tile_id"])].reset_index(drop=True)
+    assert new["tile_id"].tolist() == ref_tiles["tile_id"].tolist() and len(new) == 16
+    assert all(a.equals_exact(b, 1e-9) for a, b in zip(new.geometry, ref_tiles.geometry))
+    assert (aligned_folder(out).parent / "after_ds" / "_aligned" / "east.tif").exists()
+    # the dataset embeds as any dataset does, part by part
+    embed(out, model=TINY_CLIP, checkpoint=str(tiny_clip_checkpoint), device="cpu",
+          options=RunOptions(workers=0, embedding_dtype="float32"))
+    present, _ = read_embeddings(read_tiles(out))
+    assert present.all()
+    # pixels are those of the reference's tiles (one resampling there and back)
+    before_px, after_px = tile_pixels(reference), tile_pixels(out)
+    for tile_id in new["tile_id"]:
+        assert np.abs(after_px[tile_id][0].astype(int) - before_px[tile_id][0].astype(int)).mean() < 5
 
 
 def test_large_reference_scene_small_later_raster_writes_a_sparse_aligned_file(tmp_path):
@@ -271,3 +317,28 @@ def test_large_reference_scene_small_later_raster_writes_a_sparse_aligned_file(t
     with pytest.raises(OptionError, match="reference layer itself"):
         tile_like(layer, small, layer)
     assert new["valid_fraction"].tolist() == pytest.approx([72 * 300 / 512**2, 228 * 300 / 512**2], abs=0.005)
+
+
+def test_bands_of_the_reference_and_a_stretch_of_its_own(tmp_path):
+    from rasterio.enums import ColorInterp
+
+    rng = np.random.default_rng(5)
+    pixels = rng.integers(100, 3000, (4, 256, 256), dtype=np.uint16)
+    interp = [ColorInterp.red, ColorInterp.green, ColorInterp.blue, ColorInterp.undefined]
+    before_raster = write_raster(tmp_path / "b.tif", pixels, colorinterp=interp)
+    layer = tmp_path / "b.gpkg"
+    tile(before_raster, layer, TileConfig(tile_size=128, bands=(4, 3, 2)))  # false colour, 2-98 % stretch
+    # the later date: the same ground, twice as bright plus an offset (another sensor gain / season)
+    after_raster = write_raster(tmp_path / "a.tif", pixels * 2 + 200, colorinterp=interp)
+    out = tmp_path / "a.gpkg"
+    tile_like(layer, after_raster, out)
+    (reading,) = read_runs(out).scenes().values()
+    (reference,) = read_runs(layer).scenes().values()
+    assert reading.bands.indexes == (1, 2, 3)  # the aligned file holds input bands 4, 3, 2 as R, G, B
+    with rasterio.open(reading.source) as src:
+        assert np.array_equal(src.read(), pixels[[3, 2, 1]] * 2 + 200)
+    assert reading.scale.low == pytest.approx(tuple(2 * v + 200 for v in reference.scale.low), abs=2)
+    before_px, after_px = tile_pixels(layer), tile_pixels(out)
+    assert sorted(after_px) == sorted(before_px)
+    for tile_id, (rgb, _) in before_px.items():  # each date through its own stretch: the same picture
+        assert np.abs(after_px[tile_id][0].astype(int) - rgb.astype(int)).max() <= 1
