@@ -1,16 +1,16 @@
 """The Ray executor of the partitioned engine (``engine="ray"``; needs the ``scale`` extra).
 
-Per unit (:mod:`hqrs_geo.engine.units`) three Ray calls, chained by object references so the
-pixels never pass through the driver:
+Per unit (:mod:`hqrs_geo.engine.units`) three Ray calls, chained by object references so
+nothing large passes through the driver:
 
-* a CPU **read task** (:func:`read_task`): scene preparation, valid fractions, pixels as one
-  uint8 array in the object store; scheduled (softly) on the node of the model worker that
-  will compute the unit, so pixels do not cross the network;
+* a CPU **read task** (:func:`read_task`): scene preparation, valid fractions, the tile frame
+  and the windows of the kept tiles (no pixels); scheduled (softly) on the node of the model
+  worker that will compute the unit;
 * a **model worker** actor (:class:`ModelWorker`; one per GPU, or per ``gpus_per_worker``
-  GPUs, or one per node on CPU clusters) loads the job's models once and runs
-  :func:`~hqrs_geo.engine.units.infer_unit` on each unit; a worker computes one unit while
-  the read tasks of the next ones run on the CPUs (a GPU worker runs two units at once, so
-  one's host-to-device copy and result conversion overlap the other's compute);
+  GPUs, or one per node on CPU clusters) loads the job's models once, reads each unit's
+  windows itself (decoded next to the model, into pinned memory on a GPU: no uint8 tile
+  crosses the object store) and runs :func:`~hqrs_geo.engine.units.infer_unit` on them; it
+  reads one unit while it computes another (on CPU with torch threads no more than its CPUs);
 * a CPU **write task** (:func:`write_task`): results into the frame, the part written
   atomically to the dataset folder (which must be reachable from every node).
 
@@ -51,7 +51,18 @@ from typing import Any
 
 from ..errors import HqrsError, InputError, OptionError, OutputError
 from .options import RunOptions
-from .units import JobContext, Outcome, TaskSpec, Unit, empty_part, infer_unit, read_unit, write_unit
+from .units import (
+    JobContext,
+    Outcome,
+    TaskSpec,
+    Unit,
+    UnitWindows,
+    empty_part,
+    infer_unit,
+    plan_unit,
+    read_pixels,
+    write_unit,
+)
 
 log = logging.getLogger("hqrs_geo")
 
@@ -72,6 +83,12 @@ CONNECT_SECONDS = 5.0
 MARK_NAMESPACE = "hqrs_geo"
 #: The variable that marks the processes of a Ray instance this driver started ("PID:START").
 OWNER_VARIABLE = "HQRS_RAY_OWNER"
+#: What the last Ray job moved between its processes (read back by ``benchmarks/scale.py``):
+#: ``units`` and ``tiles`` computed, ``bytes`` of every object a unit's calls returned (status,
+#: frame, windows, results; sizes from ``ray.experimental.get_object_locations``), of which
+#: ``store_bytes`` went through the shared-memory object store (the rest, small objects, is
+#: passed inline through the driver).
+TRAFFIC: dict[str, int] = {}
 
 
 def _ray() -> Any:
@@ -103,9 +120,10 @@ def _started(mark: str | None) -> None:
 
 
 def read_task(unit: Unit, ctx: JobContext, mark: str | None = None) -> tuple[dict, Any, Any]:
-    """Ray task: :func:`~hqrs_geo.engine.units.read_unit` (three returns)."""
+    """Ray task: :func:`~hqrs_geo.engine.units.plan_unit` (three returns: status, frame and the
+    windows the model worker reads; no pixels)."""
     _started(mark)
-    return read_unit(unit, ctx)
+    return plan_unit(unit, ctx)
 
 
 def write_task(unit: Unit, status: dict, frame: Any, stored: dict, ctx: JobContext, mark: str | None = None) -> dict:
@@ -115,15 +133,27 @@ def write_task(unit: Unit, status: dict, frame: Any, stored: dict, ctx: JobConte
 
 
 class ModelWorker:
-    """Ray actor: the job's models, loaded once per worker process, computing units."""
+    """Ray actor: the job's models, loaded once per worker process, reading and computing units.
 
-    def __init__(self, plan: Any, options: RunOptions, device: str, threads: int | None) -> None:
+    Each call reads its unit's windows itself (:func:`~hqrs_geo.engine.units.read_pixels`,
+    ``read_threads`` threads; into pinned memory on a GPU), so no pixel array passes through
+    the object store. Two calls run at once: one unit is read while the other is computed; on
+    CPU the computing is one at a time (``torch`` threads = the worker's CPUs), so the reads,
+    the CPU tasks and torch's threads never outnumber the cores (spinning OpenMP threads that
+    wait for a descheduled peer made a loaded machine 10 to 20 times slower).
+    """
+
+    def __init__(self, plan: Any, options: RunOptions, device: str, threads: int | None,
+                 read_threads: int = 1) -> None:
         import torch
 
         if threads:
             torch.set_num_threads(threads)
         self.error: HqrsError | None = None
         self.tasks: list = []
+        self.read_threads = max(1, int(read_threads))
+        self.compute = threading.Lock() if device == "cpu" else None
+        self.pinned = device.startswith("cuda")
         try:
             self.tasks = plan.tasks(options, device=device)
         except HqrsError as exc:  # reported by specs(), so the driver shows one line
@@ -141,10 +171,18 @@ class ModelWorker:
 
         return ray.get_runtime_context().get_node_id()
 
-    def infer(self, payload: tuple, batch_size: int) -> dict:
-        """Every task on one unit's pixels."""
-        ids, pixels = payload
-        return infer_unit(self.tasks, ids, pixels, batch_size)
+    def _allocate(self, shape: tuple) -> Any:
+        import torch
+
+        return torch.empty(shape, dtype=torch.uint8, pin_memory=True).numpy()
+
+    def infer(self, windows: UnitWindows, batch_size: int) -> dict:
+        """Every task on one unit: its windows read here, then computed."""
+        pixels = read_pixels(windows, self.read_threads, self._allocate if self.pinned else None)
+        if self.compute is None:
+            return infer_unit(self.tasks, windows.ids, pixels, batch_size)
+        with self.compute:
+            return infer_unit(self.tasks, windows.ids, pixels, batch_size)
 
 
 # -- this driver's own Ray processes ------------------------------------------------------------------
@@ -335,8 +373,9 @@ class RayExecutor:
         address = self.scale.ray_address or os.environ.get("RAY_ADDRESS")
         if address and address not in ("auto", "local"):
             check_address(address)
-        kwargs: dict = {"logging_level": logging.ERROR, "log_to_driver": False,
-                        "runtime_env": {"env_vars": worker_env()}}
+        kwargs: dict = {"logging_level": logging.ERROR, "log_to_driver": False}
+        if address and address != "local":  # a Ray instance started here inherits this environment; a
+            kwargs["runtime_env"] = {"env_vars": worker_env()}  # runtime_env costs a worker start per task
         main = threading.current_thread() is threading.main_thread()
         handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)} if main else {}
         started = not address or address == "local"
@@ -413,9 +452,16 @@ class RayExecutor:
         free = max(0.0, sum(cpus) - workers * cpw)
         in_flight = scale.in_flight or min(64, QUEUED_PER_WORKER * workers + max(1, int(free / io_cpus)))
         device_of_workers = "cuda" if gpw else "cpu"
+        # torch threads: the worker's whole CPUs, never more (one more thread than the cores it was
+        # given makes OpenMP's threads wait for a descheduled peer at every operation); a CPU worker
+        # reads one unit in one thread while it computes the other, a GPU worker with the CPUs of
+        # its share of the node
+        per_node = max(1, math.ceil(workers / max(1, len(self.alive))))
+        read_threads = 1 if not gpw else max(2, int(min(cpus) // per_node) - 1)
         return {"workers": workers, "cpw": cpw, "gpw": gpw, "io_cpus": io_cpus, "in_flight": in_flight,
                 "device": device_of_workers if device in ("auto", "cuda", "cpu") else device,
-                "threads": max(1, math.ceil(cpw)) if not gpw else None, "placed": placed}
+                "threads": max(1, math.floor(cpw + 1e-9)) if not gpw else None, "read_threads": read_threads,
+                "placed": placed}
 
     def _place(self, count: int, taken: list[str | None]) -> list[str]:
         """Nodes for ``count`` more workers beside those on ``taken``: each on the node with the
@@ -451,14 +497,16 @@ class RayExecutor:
         cls = self.ray.remote(ModelWorker).options(  # pinned: restarted on its node, never moved onto another
             num_cpus=r["cpw"], num_gpus=r["gpw"], max_restarts=WORKER_RESTARTS, max_task_retries=WORKER_RESTARTS,
             scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=node, soft=False),
-            max_concurrency=2 if r["gpw"] else 1,  # GPU: one unit's transfer overlaps the other's compute
+            max_concurrency=2,  # one unit read (and on a GPU copied) while the other is computed
         )
-        return cls.remote(self.plan, self.options, r["device"], r["threads"])
+        return cls.remote(self.plan, self.options, r["device"], r["threads"], r.get("read_threads", 1))
 
     def start(self) -> list[TaskSpec]:
         """Connect (or start a local Ray instance), start the model workers; the tasks' specs."""
         ray = self.ray
         self._init()
+        TRAFFIC.clear()
+        TRAFFIC.update(units=0, tiles=0, bytes=0, store_bytes=0)
         self.resources = self._plan_resources()
         r = self.resources
         self.read_fn, self.write_fn = ray.remote(read_task), ray.remote(write_task)
@@ -729,6 +777,7 @@ class RayExecutor:
             self._release(worker)
             return Outcome(unit, "part", part=empty_part(unit, status, self.ctx), scene=status["scene"],
                            blocks=status["blocks"])
+        self._count([ref, frame_ref, payload_ref], tiles=int(status.get("tiles") or 0))
         if worker is None:  # tiling only: straight to the writer
             write = self.write_fn.options(**self.io_options).remote(unit, ref, frame_ref, {}, self.ctx_ref,
                                                                      self._waiting(unit))
@@ -740,6 +789,21 @@ class RayExecutor:
 
     def _after_infer(self, ref: Any, unit: Unit, worker: int) -> None:
         self._release(worker)  # its write task reports the outcome (and any error)
+        self._count([ref])
+
+    def _count(self, refs: list, tiles: int = 0) -> None:
+        """Add the sizes of finished objects to :data:`TRAFFIC` (never fails the job)."""
+        TRAFFIC["tiles"] = TRAFFIC.get("tiles", 0) + tiles
+        TRAFFIC["units"] = TRAFFIC.get("units", 0) + (1 if tiles else 0)
+        try:
+            found = self.ray.experimental.get_object_locations(refs, timeout_ms=1000)
+        except Exception:  # sizes unknown this time
+            return
+        for info in found.values():
+            size = int(info.get("object_size") or 0)
+            TRAFFIC["bytes"] = TRAFFIC.get("bytes", 0) + size
+            if info.get("node_ids"):
+                TRAFFIC["store_bytes"] = TRAFFIC.get("store_bytes", 0) + size
 
     def _after_write(self, ref: Any, unit: Unit, extra: tuple) -> Outcome | None:
         status, worker = extra

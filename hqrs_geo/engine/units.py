@@ -6,10 +6,12 @@ in-process executor and the Ray executor (:mod:`hqrs_geo.engine.distributed`) ru
 same code, and a unit computed twice (a retried task, a re-run after a crash) gives the same
 part:
 
-1. :func:`read_unit` (CPU): prepare the scene when needed (bands, the one stretch, the grid; a
+1. :func:`plan_unit` (CPU): prepare the scene when needed (bands, the one stretch, the grid; a
    scene larger than ``block_tiles`` grid cells is split into blocks instead), measure valid
-   fractions, read the pixels of the kept tiles as one ``[N, 3, H, W]`` uint8 array, and make
-   the tile frame with footprints in the dataset's CRS;
+   fractions, and make the tile frame with footprints in the dataset's CRS and the windows of
+   the kept tiles (:class:`UnitWindows`); :func:`read_pixels` reads those windows as one
+   ``[N, 3, H, W]`` uint8 array where the model runs (:func:`read_unit`: both in one call), so
+   no pixel array is sent between processes;
 2. :func:`infer_unit` (the model worker): every task on the pixels, batch by batch, through
    :func:`hqrs_geo.engine.run.run_batch` (the model engine's own per-batch code, with its
    CUDA out-of-memory halving);
@@ -172,10 +174,12 @@ def prepare(unit: Unit, ctx: JobContext) -> SceneReading:
     return scene
 
 
-def read_unit(unit: Unit, ctx: JobContext) -> tuple[dict, Any, Any]:
-    """Step 1: ``(status, tile frame, (tile ids, pixels [N, 3, H, W] uint8))``.
+def plan_unit(unit: Unit, ctx: JobContext) -> tuple[dict, Any, Any]:
+    """Step 1 without the pixels: ``(status, tile frame, windows)``; ``windows`` is
+    :class:`UnitWindows` (the kept tiles' ids and records, and their scene: a few hundred bytes
+    per tile), read by :func:`read_pixels` where the model runs.
 
-    ``status["kind"]``: ``ready`` (frame and pixels follow), ``empty`` (no tile reached the
+    ``status["kind"]``: ``ready`` (frame and windows follow), ``empty`` (no tile reached the
     minimum valid fraction), ``split`` (a large scene: ``status["blocks"]`` row ranges, and the
     prepared ``status["scene"]``; nothing read), or ``failed`` (``status["error"]``: one line).
     Errors of the scene (missing or corrupt file, unreachable URL) never raise.
@@ -194,21 +198,86 @@ def read_unit(unit: Unit, ctx: JobContext) -> tuple[dict, Any, Any]:
         status: dict = {"scene": scene, "blocks": blocks, "rows": rows}
         with TileReader([scene]) as reader:
             records = list(plan_tiles([scene], reader, ctx.config.min_valid, rows=rows))
-            if not records:
-                return {**status, "kind": "empty", "tiles": 0}, None, None
-            first = reader.read(records[0])[0]
-            pixels = np.empty((len(records), 3, *first.shape[:2]), dtype=np.uint8)
-            pixels[0] = first.transpose(2, 0, 1)
-            for i, rec in enumerate(records[1:], start=1):
-                pixels[i] = reader.read(rec)[0].transpose(2, 0, 1)
+        if not records:
+            return {**status, "kind": "empty", "tiles": 0}, None, None
         frame = records_to_frame(records, [scene], ctx.crs)
         frame[SOURCE_URL] = unit.entry.url
         frame[STAC_ITEM] = unit.entry.item
-        return {**status, "kind": "ready", "tiles": len(records)}, frame, ([r.tile_id for r in records], pixels)
+        return {**status, "kind": "ready", "tiles": len(records)}, frame, UnitWindows(unit.entry.path, scene, records)
     except (HqrsError, OSError) as exc:
         return {"kind": "failed", "error": one_line(exc)}, None, None
     except Exception as exc:  # GDAL, network and format errors of one scene must not stop the archive
         return {"kind": "failed", "error": f"{unit.entry.path}: {one_line(exc)}"}, None, None
+
+
+@dataclass
+class UnitWindows:
+    """The tiles of a unit to read: its scene and the records of the kept tiles (no pixels)."""
+
+    path: str
+    scene: SceneReading
+    records: list
+
+    @property
+    def ids(self) -> list[str]:
+        """The tile ids, in order."""
+        return [r.tile_id for r in self.records]
+
+
+def read_pixels(windows: UnitWindows, threads: int = 1, allocate: Any = None) -> np.ndarray:
+    """The pixels of a unit's tiles as one ``[N, 3, H, W]`` uint8 array, read with ``threads``
+    threads (each its own reader: GDAL decodes without the GIL). ``allocate(shape)`` gives the
+    array to fill (a pinned host buffer for a GPU), by default a new NumPy array. A read error
+    raises :class:`~hqrs_geo.errors.InputError` naming the scene (one line)."""
+    from ..tiling.reader import TileReader
+
+    records = windows.records
+    readers: list = []
+    local = __import__("threading").local()
+
+    def reader() -> TileReader:
+        if not hasattr(local, "reader"):
+            local.reader = TileReader([windows.scene])
+            readers.append(local.reader)
+        return local.reader
+
+    try:
+        first = reader().read(records[0])[0]
+        shape = (len(records), 3, *first.shape[:2])
+        pixels = allocate(shape) if allocate is not None else np.empty(shape, dtype=np.uint8)
+        pixels[0] = first.transpose(2, 0, 1)
+
+        def fill(i: int) -> None:
+            pixels[i] = reader().read(records[i])[0].transpose(2, 0, 1)
+
+        if threads > 1 and len(records) > 2:
+            from concurrent.futures import ThreadPoolExecutor
+
+            with ThreadPoolExecutor(min(threads, len(records) - 1)) as pool:
+                list(pool.map(fill, range(1, len(records))))
+        else:
+            for i in range(1, len(records)):
+                fill(i)
+        return pixels
+    except (HqrsError, OSError) as exc:
+        raise InputError(one_line(exc)) from None
+    except Exception as exc:  # GDAL, network and format errors of one scene
+        raise InputError(f"{windows.path}: {one_line(exc)}") from None
+    finally:
+        for r in readers:
+            r.close()
+
+
+def read_unit(unit: Unit, ctx: JobContext) -> tuple[dict, Any, Any]:
+    """Step 1: ``(status, tile frame, (tile ids, pixels [N, 3, H, W] uint8))``: :func:`plan_unit`
+    and :func:`read_pixels` in one call (the in-process executor); ``status`` as there."""
+    status, frame, windows = plan_unit(unit, ctx)
+    if status["kind"] != "ready":
+        return status, frame, windows
+    try:
+        return status, frame, (windows.ids, read_pixels(windows))
+    except InputError as exc:
+        return {"kind": "failed", "error": str(exc)}, None, None
 
 
 # -- step 2: infer --------------------------------------------------------------------------------
@@ -229,7 +298,7 @@ def infer_unit(tasks: list, tile_ids: list[str], pixels: np.ndarray, batch_size:
         with warnings.catch_warnings():  # pixels may be read-only shared memory (Ray): they are only read
             warnings.simplefilter("ignore", UserWarning)
             batch = torch.from_numpy(np.ascontiguousarray(pixels[start:start + batch_size]))
-        images = batch.to(device)
+        images = batch.to(device, non_blocking=True)  # asynchronous from a pinned buffer (GPU workers)
         for tile_id, key, value in run_batch(tasks, images, records[start:start + batch_size],
                                              on_oom or (lambda n: None)):
             stored[key][tile_id] = value
