@@ -225,3 +225,34 @@ def test_ray_engine_needs_a_dataset_folder(tmp_path):
     (other / "notes.txt").write_text("mine")
     result = run_cli("tile", EXAMPLE_SCENE, "-o", f"{other}/")
     assert result.returncode == 2 and "not an hqrs_geo dataset" in result.stderr
+
+
+def test_windows_read_where_the_model_runs_give_the_pixels_of_the_tiles(scenes, tmp_path):
+    """The Ray engine's read task sends windows, not pixels; the model worker reads them (in
+    threads): the same pixels as reading the unit in one process, and a scene gone between the
+    two steps is one line naming it."""
+    import shutil
+
+    from hqrs_geo.engine.units import JobContext, Unit, plan_unit, read_pixels, read_unit
+    from hqrs_geo.raster.catalog import resolve_catalog
+
+    entry = resolve_catalog([scenes["sources"][0]], None).entries[0]
+    ctx = JobContext(str(tmp_path), CONFIG.validated(), "EPSG:4326", "f", {}, [], 1024, 4)
+    status, frame, windows = plan_unit(Unit(entry), ctx)
+    assert status["kind"] == "ready" and len(windows.records) == status["tiles"] == len(frame) > 2
+    assert windows.ids == list(frame["tile_id"])
+    whole = read_unit(Unit(entry), ctx)[2][1]
+    assert whole.dtype == np.uint8 and whole.shape == (len(frame), 3, 128, 128) and whole.any()
+    np.testing.assert_array_equal(read_pixels(windows), whole)
+    np.testing.assert_array_equal(read_pixels(windows, threads=3), whole)
+    given = np.zeros_like(whole)
+    assert read_pixels(windows, allocate=lambda shape: given) is given
+    np.testing.assert_array_equal(given, whole)
+    moved = tmp_path / "moved.tif"
+    shutil.move(entry.path, moved)
+    try:
+        with pytest.raises(hg.InputError) as caught:
+            read_pixels(windows)
+    finally:
+        shutil.move(moved, entry.path)
+    assert "local.tif" in str(caught.value) and "\n" not in str(caught.value)
