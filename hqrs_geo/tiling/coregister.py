@@ -44,8 +44,10 @@ from .records import SceneReading, TileRecord
 log = logging.getLogger(__name__)
 
 ALIGNED_SUFFIX = ".aligned"
-#: GeoTIFF tag of an aligned file: what it was made from (a rerun with the same reuses the file).
+#: GeoTIFF tags of an aligned file: what it was made from (a rerun with the same reuses the file)
+#: and how many of its pixels are valid.
 ALIGNED_TAG = "HQRS_GEO_ALIGNED"
+VALID_TAG = "HQRS_GEO_VALID_PIXELS"
 #: Side of the blocks the aligned pixels are warped and written in (memory stays flat).
 BLOCK = 1024
 #: Stand-in CRS for co-registering rasters that both have none (only their transforms count).
@@ -210,14 +212,18 @@ def _recipe(scene: SceneReading, items: Sequence[_Input], resampling: str) -> di
             "resampling": resampling, "inputs": [[*i.stamp, list(i.bands.indexes), i.bands.palette] for i in items]}
 
 
-def _reusable(target: Path, recipe: dict) -> bool:
+def _reusable(target: Path, recipe: dict) -> int | None:
+    """The valid pixel count of the aligned file ``target`` when it was made by ``recipe``, else None."""
     if not target.is_file():
-        return False
+        return None
     try:
         with rasterio.open(target) as src:
-            return bool(json.loads(src.tags().get(ALIGNED_TAG, "null")) == recipe)
-    except (rasterio.errors.RasterioError, ValueError):
-        return False
+            tags = src.tags()
+            if json.loads(tags.get(ALIGNED_TAG, "null")) != recipe:
+                return None
+            return int(tags[VALID_TAG])
+    except (rasterio.errors.RasterioError, ValueError, KeyError):
+        return None
 
 
 def _blocks(width: int, height: int) -> list[Window]:
@@ -226,9 +232,10 @@ def _blocks(width: int, height: int) -> list[Window]:
 
 
 def align_scene(scene: SceneReading, items: Sequence[_Input], target: Path, resampling: str,
-                progress: Any = None) -> None:
+                progress: Any = None) -> int:
     """Warp ``items`` (first valid pixel wins) onto the pixel grid of ``scene`` and write the
-    result to ``target`` atomically: tiled, DEFLATE, the bands of the first input, an internal mask."""
+    result to ``target`` atomically: tiled, DEFLATE, the bands of the first input, an internal
+    mask (blocks no input reaches are left unwritten: masked). Returns the number of valid pixels."""
     from ..atomic import atomic_path
 
     first = items[0]
@@ -248,6 +255,7 @@ def align_scene(scene: SceneReading, items: Sequence[_Input], target: Path, resa
             rasterio.open(tmp, "w", **profile) as dst:
         sources: list = []
         vrts: list = []
+        count = 0
         try:
             for item in items:
                 sources.append(open_dataset(item.path))
@@ -274,16 +282,18 @@ def align_scene(scene: SceneReading, items: Sequence[_Input], target: Path, resa
                         break
                 dst.write(data, window=window)
                 dst.write_mask(filled.astype(np.uint8) * 255, window=window)
+                count += int(np.count_nonzero(filled))
             if first.bands.palette and first.colormap:
                 dst.write_colormap(1, first.colormap)
             elif len(indexes) == 3:
                 dst.colorinterp = (ColorInterp.red, ColorInterp.green, ColorInterp.blue)
             else:
                 dst.colorinterp = (ColorInterp.gray,)
-            dst.update_tags(**{ALIGNED_TAG: json.dumps(recipe)})
+            dst.update_tags(**{ALIGNED_TAG: json.dumps(recipe), VALID_TAG: str(count)})
         finally:
             for handle in [*vrts, *sources]:
                 handle.close()
+    return count
 
 
 def _read_block(vrt: WarpedVRT, item: _Input, window: Window) -> tuple[np.ndarray, np.ndarray]:
@@ -353,32 +363,51 @@ def _inputs_for(reference: str | os.PathLike, tiling: dict, used: list[SceneRead
     return config, plan
 
 
-def _aligned_scenes(plan: list[tuple[SceneReading, list[_Input]]], folder: Path, config: TileConfig,
-                    progress: Any) -> dict[str, SceneReading]:
+def _aligned_scenes(reference: str | os.PathLike, plan: list[tuple[SceneReading, list[_Input]]], folder: Path,
+                    config: TileConfig, progress: Any) -> dict[str, SceneReading]:
     """Align every planned scene (reusing aligned files of the same recipe): ``{reference source:
-    SceneReading of its aligned file}`` (the new date's bands and own stretch)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    targets = {}
+    SceneReading of its aligned file}`` (the new date's bands and own stretch). A one-line error
+    when no input pixel inside the reference's scenes is valid (the files written are removed)."""
+    from ..atomic import output_error
+
+    created = not folder.exists()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise output_error(folder, exc) from None
+    targets: dict[str, Path] = {}
     work = []
+    valid = 0
     for scene, covering in plan:
-        target = folder / f"{_scene_name(scene)}.tif"
+        name = _scene_name(scene)
+        while folder / f"{name}.tif" in targets.values():  # two scenes with one key (several tiling runs)
+            name += "_"
+        target = folder / f"{name}.tif"
         targets[scene.source] = target
-        if not _reusable(target, _recipe(scene, covering, config.resampling)):
+        known = _reusable(target, _recipe(scene, covering, config.resampling))
+        if known is None:
             work.append((scene, covering, target))
+        else:
+            valid += known
     if progress is not None and work:
         progress.start("align", sum(len(_blocks(s.width, s.height)) for s, _, _ in work), unit="block")
     for scene, covering, target in work:
-        align_scene(scene, covering, target, config.resampling, progress)
+        valid += align_scene(scene, covering, target, config.resampling, progress)
+    if not valid:
+        for _, _, target in work:
+            target.unlink(missing_ok=True)
+        if created:
+            folder.rmdir()
+        raise _nothing_valid(reference)
     aligned = prepare_scenes([str(t.resolve()) for t in targets.values()],
                              TileConfig(**{**config.as_dict(), "bands": None}))
     return dict(zip(targets, aligned))
 
 
 def _measured(rows: Any, reader: TileReader, by_reference: dict[str, SceneReading], min_valid: float,
-              progress: Any) -> tuple[Any, int]:
+              progress: Any) -> Any:
     """The reference's tile rows (tile columns and footprint only) on the aligned scenes, with
-    the valid fraction measured there, tiles below ``min_valid`` left out; and how many tiles
-    have any valid pixel."""
+    the valid fraction measured there; tiles below ``min_valid`` left out."""
     import geopandas as gpd
 
     keep, fractions = [], []
@@ -393,8 +422,7 @@ def _measured(rows: Any, reader: TileReader, by_reference: dict[str, SceneReadin
     frame[SOURCE] = frame[SOURCE].map(lambda src: by_reference[src].source)
     frame["valid_fraction"] = np.asarray(fractions, float)
     out = gpd.GeoDataFrame(frame, geometry=rows.geometry.to_numpy(), crs=rows.crs)[np.asarray(keep, bool)]
-    measured = int(np.count_nonzero(np.asarray(fractions) > 0))
-    return out.sort_values(TILE_ID, kind="stable").reset_index(drop=True), measured
+    return out.sort_values(TILE_ID, kind="stable").reset_index(drop=True)
 
 
 def _nothing_valid(reference: str | os.PathLike) -> InputError:
@@ -423,14 +451,12 @@ def _tile_like_layer(reference: str | os.PathLike, inputs: Any, output: str | os
     scenes = ref.scenes()
     used = [scenes[s] for s in dict.fromkeys(ref.frame[SOURCE].tolist()) if s in scenes] if complete else []
     config, plan = _inputs_for(reference, _reference_tiling(ref), used, inputs, config)
-    by_reference = _aligned_scenes(plan, aligned_folder(output), config, progress)
+    by_reference = _aligned_scenes(reference, plan, aligned_folder(output), config, progress)
     rows = ref.frame[ref.frame[SOURCE].isin(list(by_reference))]
     if progress is not None:
         progress.start("tile", len(rows))
     with TileReader(by_reference.values()) as reader:
-        tiles, measured = _measured(rows, reader, by_reference, config.min_valid, progress)
-    if not measured:
-        raise _nothing_valid(reference)
+        tiles = _measured(rows, reader, by_reference, config.min_valid, progress)
     aligned = list(by_reference.values())
     params = {**_run_params(reference, config, plan, by_reference), "scenes": [s.as_dict() for s in aligned]}
     written = write_layer(output, tiles, new_run("tile", "tiles", params),
@@ -475,10 +501,10 @@ def _tile_like_dataset(reference: str | os.PathLike, inputs: Any, output: str | 
     fingerprint = hashlib.sha256(json.dumps({"like": os.path.abspath(reference), "tiling": config.as_dict()},
                                             sort_keys=True).encode()).hexdigest()
     light = []
-    examined = measured = 0
+    examined = 0
     with output_folder(output) as folder:
         manifest = Manifest.load(folder) if is_dataset(folder) else Manifest(folder)
-        by_reference = _aligned_scenes(plan, folder / DATASET_ALIGNED, config, progress)
+        by_reference = _aligned_scenes(reference, plan, folder / DATASET_ALIGNED, config, progress)
         params = _run_params(reference, config, plan, by_reference)
         run = new_run("tile", "tiles", {**params, "scenes": [s.as_dict() for s in by_reference.values()]})
         names = {key_of[scene.source]: [n for n in sorted(ref.scene_parts(key_of[scene.source]))
@@ -495,10 +521,9 @@ def _tile_like_dataset(reference: str | os.PathLike, inputs: Any, output: str | 
                 key, aligned = key_of[scene.source], by_reference[scene.source]
                 count = 0
                 for name in names[key]:
-                    rows = gpd.read_parquet(verified_part(ref, name))
+                    rows = gpd.read_parquet(verified_part(ref, name), columns=[*TILE_COLUMNS, "geometry"])
                     examined += len(rows)
-                    tiles, some = _measured(rows, reader, by_reference, config.min_valid, progress)
-                    measured += some
+                    tiles = _measured(rows, reader, by_reference, config.min_valid, progress)
                     light.append(pd.DataFrame(tiles[[TILE_ID, SOURCE, "valid_fraction"]]))
                     source = ref.parts[name]
                     facts = {"name": name, "scene": key, "block": source.get("block", 0),
@@ -529,9 +554,8 @@ def _tile_like_dataset(reference: str | os.PathLike, inputs: Any, output: str | 
                         **{k: entry[k] for k in ("grid", "blocks", "block_rows") if entry.get(k) is not None},
                         "tiles": count, "fingerprint": fingerprint}
                     manifest.save()
-    if not measured:
-        raise _nothing_valid(reference)
-    summary = pd.concat(light, ignore_index=True)
+    summary = pd.concat(light, ignore_index=True) if light else pd.DataFrame(columns=[TILE_ID, SOURCE,
+                                                                                       "valid_fraction"])
     written = TileLayer(str(output), summary, DatasetRuns(Manifest.load(output)))
     return TilingReport(summary, written, list(by_reference.values()), examined)
 

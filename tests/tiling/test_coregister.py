@@ -256,6 +256,42 @@ def test_reference_errors_in_python(tmp_path, before):
     with pytest.raises(OptionError, match="give a name ending in .gpkg"):
         tile_like(before_layer, EXAMPLE_SCENE, tmp_path / "folder/")
     assert not (tmp_path / "o.gpkg").exists() and not (tmp_path / "folder").exists()
+    # rasters over the reference whose pixels are all nodata: refused, nothing left behind
+    with rasterio.open(before[0]) as src:
+        transform, crs = src.transform, src.crs
+    empty = write_raster(tmp_path / "empty.tif", np.zeros((3, 400, 400), np.uint8), transform=transform, crs=crs,
+                         nodata=0)
+    with pytest.raises(InputError, match="no valid pixel"):
+        tile_like(before_layer, empty, tmp_path / "o.gpkg")
+    assert not (tmp_path / "o.gpkg").exists() and not aligned_folder(tmp_path / "o.gpkg").exists()
+    with pytest.raises(OptionError, match="reference layer itself"):
+        tile_like(before_layer, empty, before_layer)
+
+
+def test_palette_rasters_keep_their_colours(tmp_path):
+    rng = np.random.default_rng(8)
+    classes = rng.integers(0, 4, (1, 200, 200), dtype=np.uint8)
+    colours = {0: (0, 0, 0, 255), 1: (200, 30, 30, 255), 2: (30, 200, 30, 255), 3: (30, 30, 200, 255)}
+
+    def palette(path, data, transform):
+        write_raster(path, data, transform=transform, photometric="palette")
+        with rasterio.open(path, "r+") as dst:
+            dst.write_colormap(1, colours)
+        return path
+
+    origin = Affine(0.5, 0, 500000, 0, -0.5, 4000000)
+    layer = tmp_path / "b.gpkg"
+    tile(palette(tmp_path / "b.tif", classes, origin), layer, TileConfig(tile_size=100))
+    # the later date: the same classes, starting 50 px (25 m) further east
+    later = palette(tmp_path / "a.tif", np.ascontiguousarray(classes[:, :, 50:]), origin * Affine.translation(50, 0))
+    out = tmp_path / "a.gpkg"
+    new = tile_like(layer, later, out).layer
+    assert new["tile_id"].tolist() == read_tiles(layer)["tile_id"].tolist()
+    assert new["valid_fraction"].tolist() == pytest.approx([0.5, 1.0, 0.5, 1.0])
+    before_px, after_px = tile_pixels(layer), tile_pixels(out)
+    for tile_id in new["tile_id"]:
+        got, valid = after_px[tile_id]
+        assert np.array_equal(got[valid], before_px[tile_id][0][valid])  # the class colours, exactly
 
 
 def test_dataset_reference_gives_a_dataset_with_the_same_parts(tmp_path, tiny_clip_checkpoint):
