@@ -1,7 +1,7 @@
-"""Caption decoding throughput: cached greedy decoder vs a full forward per token, in one run.
+"""Caption throughput: the cached decoder vs a full forward per token, and the engine vs the bare decoder.
 
     python benchmarks/caption.py [--device auto|cpu|cuda] [--batch 32] [--tokens 30]
-                                 [--arch coca_ViT-B-32]
+                                 [--arch coca_ViT-B-32] [--engine-tiles 64] [--repeats 3] [--json]
 
 Builds an open_clip CoCa with random weights (default ``coca_ViT-B-32``: ViT-B/32 image tower
 at 224 px, 12-layer 512-wide text tower, 12-layer 512-wide multimodal decoder, 49408-token
@@ -17,11 +17,23 @@ End-of-text is forbidden until ``--tokens`` tokens exist and decoding stops ther
 (``min_length = max_length = tokens``), so both generate exactly ``batch * tokens`` tokens.
 Runs under ``torch.inference_mode``; on CUDA under bf16 autocast, synchronising before each
 clock read. Prints tokens/s both ways and their ratio (target >= 3x).
+
+Then the engine against the bare decoder loop, side by side (``--engine-tiles`` tiles of
+256 px, 0 to skip): bare = ``generate_captions`` in batches of ``--batch`` on ready,
+preprocessed tensors on the device; engine = ``run_models`` captioning a tile layer (read,
+preprocess on the device, decode, store, write the layer), same model, decoding, batch and
+precision. ``--repeats`` paired runs after one warm-up each; medians with min-max and the
+ratio in captions/s (target >= 0.9). On CUDA the peak GPU memory is printed.
 """
 from __future__ import annotations
 
 import argparse
+import json
+import math
+import shutil
+import statistics
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -29,6 +41,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from hqrs_geo.models.decoding import DecodingConfig, generate_tokens, naive_greedy_tokens  # noqa: E402
 
@@ -40,24 +53,6 @@ def pick_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device is available")
     return torch.device(name)
-
-
-def build_model(arch: str, device: torch.device) -> torch.nn.Module:
-    """A random-weight CoCa in eval mode.
-
-    open_clip leaves the decoder's ``text_projection`` uninitialised (``torch.empty``), which can
-    hold NaN/inf garbage, so it is given the usual ``width ** -0.5`` normal init.
-    """
-    import open_clip
-
-    torch.manual_seed(0)
-    from hqrs_geo.models.registry import register_config_folders
-
-    register_config_folders()  # the shipped configs (hqrs-mini-*) and $HQRS_GEO_MODEL_CONFIGS
-    model = open_clip.create_model(arch, pretrained=None)
-    proj = model.text_decoder.text_projection
-    torch.nn.init.normal_(proj, std=proj.shape[0] ** -0.5)
-    return model.to(device).eval()
 
 
 def timed(fn: Callable[[], object], device: torch.device) -> tuple[object, float]:
@@ -76,11 +71,20 @@ def main(argv=None) -> None:
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--tokens", type=int, default=30)
-    parser.add_argument("--arch", default="coca_ViT-B-32", help="an open_clip CoCa architecture name")
+    parser.add_argument("--arch", default="coca_ViT-B-32",
+                        help="an open_clip CoCa architecture or registry name (shipped weights where present)")
+    parser.add_argument("--engine-tiles", type=int, default=64,
+                        help="tiles captioned by the engine and by the bare decoder loop (0: skip)")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--json", action="store_true", help="print one JSON line with the figures at the end")
     args = parser.parse_args(argv)
 
+    from embed import load_for_benchmark
+
     device = pick_device(args.device)
-    model = build_model(args.arch, device)
+    tmp = Path(tempfile.mkdtemp(prefix="caption-bench-"))
+    loaded, weights = load_for_benchmark(args.arch, str(device), tmp)
+    model = loaded.model
     from hqrs_geo.models.tokenizers import build_tokenizer
 
     tokenizer = build_tokenizer(args.arch)  # the architecture's own vocabulary (hqrs-mini has a small one)
@@ -95,7 +99,7 @@ def main(argv=None) -> None:
     precision = "bf16 autocast" if device.type == "cuda" else "fp32"
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"device: {device} ({where}), {precision}, torch {torch.__version__}")
-    print(f"model: {args.arch}, random weights, {n_params:.1f} M parameters, images {size[0]}x{size[1]}")
+    print(f"model: {args.arch}, {weights}, {n_params:.1f} M parameters, images {size[0]}x{size[1]}")
     print(f"batch {args.batch}, {args.tokens} tokens per caption (min_length = max_length = {args.tokens})")
 
     cached = lambda imgs, n: generate_tokens(  # noqa: E731
@@ -115,6 +119,74 @@ def main(argv=None) -> None:
     print(f"naive greedy  : {slow_tps:9.1f} tokens/s  ({slow_s:.2f} s)")
     print(f"speed-up      : {fast_tps / slow_tps:9.1f}x  (target >= 3x)")
     print(f"identical captions: {same}/{args.batch}")
+    result: dict = {"device": str(device), "card": where, "model": args.arch, "batch": args.batch,
+                    "tokens": args.tokens, "cached_tokens_s": fast_tps, "naive_tokens_s": slow_tps}
+    if args.engine_tiles > 0:
+        result.update(engine_vs_bare(loaded, args, tmp))
+    shutil.rmtree(tmp, ignore_errors=True)
+    if args.json:
+        print(json.dumps(result))
+
+
+def engine_vs_bare(loaded, args: argparse.Namespace, tmp: Path) -> dict:
+    """Captions/s of the engine over a tile layer and of the bare decoder loop, paired repeats."""
+    from tiling import make_scene
+
+    from hqrs_geo import TileConfig
+    from hqrs_geo.api import tile
+    from hqrs_geo.engine.options import RunOptions
+    from hqrs_geo.engine.run import run_models
+    from hqrs_geo.models.decoding import generate_captions
+    from hqrs_geo.models.precision import autocast_dtype, inference_context, precision_name
+
+    device = loaded.device
+    side = 256 * math.ceil(math.sqrt(args.engine_tiles))
+    make_scene(tmp / "scene.tif", side)
+    layer = tmp / "captions.gpkg"
+    n = len(tile(tmp / "scene.tif", layer, TileConfig(tile_size=256)))
+    config = DecodingConfig(method="greedy", min_length=args.tokens, max_length=args.tokens)
+    amp = autocast_dtype(device, "auto")
+    ready = torch.randn(args.batch, 3, *loaded.preprocess["size"], generator=torch.Generator().manual_seed(0))
+    ready = ready.to(device)
+    options = RunOptions(batch_size=args.batch, overwrite=True)
+
+    def bare() -> float:
+        start = time.perf_counter()
+        with inference_context(device, amp):
+            for done in range(0, n, args.batch):
+                generate_captions(loaded.model, loaded.tokenizer, ready[:min(args.batch, n - done)], config)
+        return n / (time.perf_counter() - start)
+
+    def engine() -> float:
+        start = time.perf_counter()
+        run_models(str(layer), captioner=loaded, decoding=config, options=options, command="caption")
+        return n / (time.perf_counter() - start)
+
+    runs: dict[str, list[float]] = {"bare": [], "engine": []}
+    bare(), engine()  # warm-up
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    for _ in range(args.repeats):
+        runs["bare"].append(bare())
+        runs["engine"].append(engine())
+    ratios = [e / b for e, b in zip(runs["engine"], runs["bare"])]
+
+    def fmt(values: list[float]) -> str:
+        return f"{statistics.median(values):8.2f} ({min(values):.2f}-{max(values):.2f})"
+
+    print(f"engine vs bare decoder: {n} tiles of 256 px, greedy {args.tokens} tokens, batch {args.batch}, "
+          f"precision {precision_name(amp)}, {args.repeats} paired repeats (median, min-max)")
+    print(f"bare decoder loop : {fmt(runs['bare'])} captions/s")
+    print(f"engine            : {fmt(runs['engine'])} captions/s")
+    print(f"ratio engine / bare decoder: {statistics.median(ratios):.3f} ({min(ratios):.3f}-{max(ratios):.3f})"
+          "  (target >= 0.9)")
+    out: dict = {"caption_tiles": n, "bare_captions_s": statistics.median(runs["bare"]),
+                 "engine_captions_s": statistics.median(runs["engine"]), "caption_ratio": statistics.median(ratios),
+                 "caption_ratios": ratios}
+    if device.type == "cuda":
+        out["peak_gpu_bytes"] = torch.cuda.max_memory_allocated(device)
+        print(f"peak GPU memory: {out['peak_gpu_bytes'] / 2**20:.0f} MiB")
+    return out
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ _LAZY = {
     "RunOptions": ".engine.options",
     "ScaleOptions": ".engine.partitioned", "DatasetReport": ".engine.partitioned",
     "SourceFilter": ".raster.catalog", "merge_dataset": ".layer.dataset",
-    "DecodingConfig": ".models.decoding",
+    "DecodingConfig": ".models.decoding_options",
     "load_model": ".models.loader",
     "search_text": ".search.api", "search_similar": ".search.api", "classify": ".search.api",
     "detect": ".search.api", "change": ".change",

@@ -19,7 +19,8 @@ SAMPLES = ROOT / "tests" / "data" / "ucm_val_samples" / "dataset.json"
 SMOKE = {
     "tiling": (["--size", "512", "--repeat", "1"], "hqrs_geo / raw rasterio reads:"),
     "embed": (["--arch", "hqrs-mini-clip", "--size", "256", "--batch", "1"], "ratio end-to-end / bare:"),
-    "caption": (["--arch", "hqrs-mini-coca", "--batch", "1", "--tokens", "2"], "speed-up"),
+    "caption": (["--arch", "hqrs-mini-coca", "--batch", "1", "--tokens", "2", "--engine-tiles", "2", "--repeats", "1"],
+                "ratio engine / bare decoder"),
     "search": (["--n", "1000", "--dim", "32", "--clusters", "10", "--queries", "5", "--no-alternatives"],
                "targets:"),
     "search_archive": (["--archive", "4000", "--dim", "32", "--queries", "5", "--real-mix", "0",

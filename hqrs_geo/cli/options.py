@@ -167,7 +167,7 @@ def add_engine_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--batch-size", type=number(int, 1, 65536), default=32,
                        help="tiles per batch (halved on CUDA out-of-memory)")
     group.add_argument("--workers", type=number(int, 0, 256), default=None,
-                       help="tile reader processes (default: min(4, CPUs-1) on GPU; on CPU 0 up to 4 cores, else 1)")
+                       help="tile reader processes (default: min(16, CPUs-1) on GPU; on CPU 0 up to 4 cores, else 1)")
     group.add_argument("--precision", default="auto", choices=PRECISIONS,
                        help="auto: bf16 (or fp16) on CUDA, fp32 on CPU; bf16 also on CPU")
     group.add_argument("--embedding-dtype", default="float16", choices=("float16", "float32"),
@@ -176,7 +176,7 @@ def add_engine_options(parser: argparse.ArgumentParser) -> None:
 
 
 def add_decoding_options(parser: argparse.ArgumentParser) -> None:
-    """Caption decoding (see :class:`~hqrs_geo.models.decoding.DecodingConfig`)."""
+    """Caption decoding (see :class:`~hqrs_geo.models.decoding_options.DecodingConfig`)."""
     group = parser.add_argument_group("caption decoding")
     group.add_argument("--decoding", default="beam", choices=("greedy", "beam", "sample"), help="default beam")
     group.add_argument("--beams", type=number(int, 1, 64), default=3, help="beam width (default 3)")
@@ -195,7 +195,7 @@ def add_decoding_options(parser: argparse.ArgumentParser) -> None:
 
 def decoding_config(args: argparse.Namespace) -> Any:
     """The validated decoding settings of :func:`add_decoding_options`."""
-    from ..models.decoding import DecodingConfig
+    from ..models.decoding_options import DecodingConfig
 
     return DecodingConfig(
         method=args.decoding, num_beams=args.beams, top_k=args.top_k, top_p=args.top_p,

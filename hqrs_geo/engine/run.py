@@ -3,7 +3,9 @@
 Tiles are read by :class:`~hqrs_geo.tiling.dataset.TileDataset` in DataLoader worker processes,
 moved to the device as uint8 (pinned memory, non-blocking copies), preprocessed there as one
 batch per model, and run under ``torch.inference_mode`` with the precision rule of
-:mod:`hqrs_geo.models.precision`. Each batch's results are committed to the
+:mod:`hqrs_geo.models.precision`. On CUDA a batch's embeddings come back to pinned host memory
+without stopping the GPU: the next batch is queued before the previous one is stored. Each
+batch's results are committed to the
 :class:`~hqrs_geo.engine.store.ResumeStore`, so a killed run resumes where it stopped; on
 completion the layer is rewritten atomically with the new columns and a run record. On CUDA
 out-of-memory a batch is split in halves and retried, never lost.
@@ -48,22 +50,37 @@ def stale_fields(runs: LayerRuns, tasks: Sequence) -> set[str]:
     return stale
 
 
-def run_batch(tasks: Sequence, images: Any, records: Sequence, on_oom: Callable[[int], None] = lambda n: None
-              ) -> list[Row]:
-    """Every task on one uint8 batch: ``(tile_id, store key, value)`` rows; halves the batch on CUDA OOM."""
+def launch_batch(tasks: Sequence, images: Any, records: Sequence, on_oom: Callable[[int], None] = lambda n: None
+                 ) -> Callable[[], list[Row]]:
+    """Start every task on one uint8 batch; the returned call waits for the results and gives the
+    ``(tile_id, store key, value)`` rows. On CUDA out-of-memory the batch is split in halves (each
+    half again if need be) and ``on_oom`` is told the new size; a single tile that does not fit is
+    the error. Tasks with a ``launch`` method run asynchronously (see :class:`EmbedTask`)."""
     import torch
 
     try:
-        results = [(task.store_key, task(images)) for task in tasks]
+        pending = [(task.store_key, task.launch(images) if hasattr(task, "launch") else _ready(task(images)))
+                   for task in tasks]
     except torch.cuda.OutOfMemoryError:
         if len(records) == 1:
             raise
         torch.cuda.empty_cache()
         half = len(records) // 2
         on_oom(half)
-        return (run_batch(tasks, images[:half], records[:half], on_oom)
-                + run_batch(tasks, images[half:], records[half:], on_oom))
-    return [(rec.tile_id, name, value) for name, values in results for rec, value in zip(records, values)]
+        first = launch_batch(tasks, images[:half], records[:half], on_oom)
+        second = launch_batch(tasks, images[half:], records[half:], on_oom)
+        return lambda: first() + second()
+    return lambda: [(rec.tile_id, name, value) for name, finish in pending for rec, value in zip(records, finish())]
+
+
+def _ready(values: list) -> Callable[[], list]:
+    return lambda: values
+
+
+def run_batch(tasks: Sequence, images: Any, records: Sequence, on_oom: Callable[[int], None] = lambda n: None
+              ) -> list[Row]:
+    """Every task on one uint8 batch: ``(tile_id, store key, value)`` rows; halves the batch on CUDA OOM."""
+    return launch_batch(tasks, images, records, on_oom)()
 
 
 def tiles_to_do(frame: Any, records: Sequence, tasks: Sequence, store: ResumeStore, runs: LayerRuns,
@@ -147,12 +164,21 @@ def run_models(
         if progress is not None:
             progress.message(f"CUDA out of memory: retrying in batches of {n}")
 
+    def commit(finish: Callable[[], list[Row]], count: int) -> None:
+        store.put(finish())
+        if progress is not None:
+            progress.advance(count)
+
     try:
+        previous: tuple[Callable[[], list[Row]], int] | None = None
         for records, batch in loader:
             images = batch.permute(0, 3, 1, 2).to(device, non_blocking=True)
-            store.put(run_batch(tasks, images, records, oom_note))
-            if progress is not None:
-                progress.advance(len(records))
+            finish = launch_batch(tasks, images, records, oom_note)  # queued before the last batch is stored
+            if previous is not None:
+                commit(*previous)
+            previous = (finish, len(records))
+        if previous is not None:
+            commit(*previous)
         stored = {task.store_key: store.load(task.store_key) for task in tasks}
         frame = fill_columns(frame, tasks, stored, keep_existing)
         merged = write_tiles(opened.path, frame, new_run(command, "tiles", run_record_params(tasks, options, device)),

@@ -9,6 +9,7 @@ use it.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -63,11 +64,31 @@ class EmbedTask(_Task):
 
     def vectors(self, images: Any) -> np.ndarray:
         """Normalised float32 embeddings; non-finite outputs are refused (nothing is stored)."""
+        return self.launch_vectors(images)()
+
+    def launch_vectors(self, images: Any) -> Callable[[], np.ndarray]:
+        """Start the forward pass of ``images``; the returned call waits for it and gives
+        :meth:`vectors`. On CUDA the result is copied to pinned host memory without waiting, so
+        the next batch can be queued on the GPU while this one is finished on the host."""
+        import torch
         import torch.nn.functional as F
 
         with inference_context(self.loaded.device, self.amp):
-            features = self.loaded.model.encode_image(self.inputs(images))
-        vectors = F.normalize(features.float(), dim=-1).cpu().numpy()
+            features = F.normalize(self.loaded.model.encode_image(self.inputs(images)).float(), dim=-1)
+        if features.device.type == "cuda":
+            host = torch.empty(features.shape, dtype=features.dtype, pin_memory=True)
+            host.copy_(features, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record()
+
+            def finish() -> np.ndarray:
+                done.synchronize()
+                return self._checked(host.numpy())
+            return finish
+        vectors = self._checked(features.cpu().numpy())
+        return lambda: vectors
+
+    def _checked(self, vectors: np.ndarray) -> np.ndarray:
         if not np.isfinite(vectors).all():
             raise InputError(f"model {self.loaded.spec.name} ({self.loaded.checkpoint}) produced NaN or infinite "
                              "embeddings; its weights are corrupt or unusable at this precision: check the "
@@ -76,7 +97,12 @@ class EmbedTask(_Task):
 
     def __call__(self, images: Any) -> list:
         """Embedding BLOBs (see :mod:`hqrs_geo.layer.columns`), one per image."""
-        return encode_embeddings(self.vectors(images), self.dtype)
+        return self.launch(images)()
+
+    def launch(self, images: Any) -> Callable[[], list]:
+        """:meth:`__call__` in two steps: start the work now, get the BLOBs from the returned call."""
+        finish = self.launch_vectors(images)
+        return lambda: encode_embeddings(finish(), self.dtype)
 
     def columns(self) -> dict[str, object]:
         """Constant columns written beside the embedding."""
@@ -97,27 +123,67 @@ def clean_caption(text: str) -> str:
     return _CONTROL.sub("", text.replace("\t", " ").replace("\n", " ")).strip()
 
 
+#: Share of the free GPU memory that one caption batch's decoding may take.
+MEMORY_SHARE = 0.8
+
+
+def caption_batch_limit(free_bytes: int, peak_one: int, peak_two: int) -> int:
+    """Images per decoder batch that fit :data:`MEMORY_SHARE` of ``free_bytes``, from the peak memory
+    of decoding one image (``peak_one``) and two images (``peak_two``): the difference is one
+    image's share, the rest is fixed. At least 1."""
+    per_image = max(peak_two - peak_one, 1 << 20)
+    fixed = max(peak_one - per_image, 0)
+    return max(1, int((free_bytes * MEMORY_SHARE - fixed) // per_image))
+
+
 class CaptionTask(_Task):
     """Captions from a CoCa model with the project's own cached decoder."""
 
     field = CAPTION
 
     def __init__(self, loaded: LoadedModel, options: RunOptions | None = None, decoding: Any = None):
-        from ..models.decoding import DecodingConfig
+        from ..models.decoding_options import DecodingConfig
 
         if loaded.kind != "coca":
             raise OptionError(f"model {loaded.spec.name} is a {loaded.kind} model; captions need a CoCa model",
                               option="model")
         super().__init__(loaded, options or RunOptions())
         self.decoding = (decoding or DecodingConfig()).validated()
+        self.batch_limit: int | None = None  # measured on the first batch (see measure_batch_limit)
 
-    def __call__(self, images: Any) -> list:
-        """Caption texts, one per image."""
+    def decode(self, images: Any) -> list[str]:
+        """Caption texts of ``images`` in one decoder batch."""
         from ..models.decoding import generate_captions
 
         with inference_context(self.loaded.device, self.amp):
             texts = generate_captions(self.loaded.model, self.loaded.tokenizer, self.inputs(images), self.decoding)
         return [clean_caption(t) for t in texts]
+
+    def __call__(self, images: Any) -> list:
+        """Caption texts, one per image; on CUDA decoded in batches that fit the free GPU memory."""
+        if self.batch_limit is None:
+            self.batch_limit = self.measure_batch_limit(images)
+        step = max(1, self.batch_limit or len(images))
+        return [text for start in range(0, len(images), step) for text in self.decode(images[start:start + step])]
+
+    def measure_batch_limit(self, images: Any) -> int:
+        """How many images one decoder batch may hold: on CUDA, what ``MEMORY_SHARE`` of the free GPU
+        memory holds, measured by decoding one and two of ``images`` (the difference is one image's
+        decoding state: cached keys/values, beams, logits); elsewhere no limit (0)."""
+        import torch
+
+        device = self.loaded.device
+        if device.type != "cuda" or isinstance(images, (list, tuple)) or len(images) == 0:
+            return 0
+        torch.cuda.synchronize(device)
+        base = torch.cuda.memory_allocated(device)
+        free = torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_reserved(device) - base  # + torch's cache
+        peaks = []
+        for count in (1, 2):
+            torch.cuda.reset_peak_memory_stats(device)
+            self.decode(images[[0] * count])
+            peaks.append(torch.cuda.max_memory_allocated(device) - base)
+        return caption_batch_limit(free, peaks[0], peaks[1])
 
     def columns(self) -> dict[str, object]:
         """Constant columns written beside the caption."""

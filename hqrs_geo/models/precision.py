@@ -2,8 +2,8 @@
 
 ``precision`` is one of :data:`PRECISIONS`:
 
-* ``auto``: bf16 autocast on CUDA where the GPU supports it, else fp16 on CUDA and MPS;
-  plain fp32 on CPU (CPUs without bf16 units are slower in bf16);
+* ``auto``: bf16 autocast on CUDA GPUs with native bf16 (compute capability 8.0 and newer),
+  else fp16 on CUDA and MPS; plain fp32 on CPU (CPUs without bf16 units are slower in bf16);
 * ``fp32``: no autocast;
 * ``bf16``: bf16 autocast on any device (on CPUs with AVX512-BF16 or AMX about twice as fast);
 * ``fp16``: fp16 autocast, CUDA and MPS only (training adds a gradient scaler).
@@ -41,10 +41,21 @@ def autocast_dtype(device: Any, precision: str = "auto") -> Any | None:
             raise OptionError("fp16 needs a CUDA or MPS device; use bf16 or fp32 on this device", option="precision")
         return torch.float16
     if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.bfloat16 if native_bf16(device) else torch.float16
     if device.type == "mps":
         return torch.float16
     return None
+
+
+def native_bf16(device: Any) -> bool:
+    """Whether the CUDA (or ROCm) GPU ``device`` computes in bf16 natively: NVIDIA compute
+    capability 8.0 (Ampere) or newer. Older cards (V100, T4) only emulate bf16, much slower than
+    their fp16 tensor cores, although ``torch.cuda.is_bf16_supported()`` says yes for them."""
+    import torch
+
+    if getattr(torch.version, "hip", None):
+        return bool(torch.cuda.is_bf16_supported())
+    return torch.cuda.get_device_capability(device)[0] >= 8
 
 
 def precision_name(dtype: Any | None) -> str:

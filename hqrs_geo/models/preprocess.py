@@ -2,7 +2,9 @@
 
 Equivalent to open_clip's PIL pipeline (resize the shortest side with antialiased bicubic,
 round to 8 bits as PIL does, centre-crop, scale to 0..1, normalise), without a PIL round trip
-per tile.
+per tile. On the CPU the resize runs on the uint8 pixels themselves (torch's fixed-point
+kernel, the one PIL-SIMD uses: within a grey level or two of PIL, about ten times faster than
+resizing floats); elsewhere, and where torch lacks that kernel, on floats rounded to 8 bits.
 """
 from __future__ import annotations
 
@@ -18,8 +20,11 @@ class BatchPreprocess:
         self.size = tuple(int(s) for s in cfg["size"])
         self.mode = cfg.get("resize_mode", "shortest")
         self.interpolation = cfg.get("interpolation", "bicubic")
-        self.mean = torch.tensor(cfg["mean"], dtype=torch.float32, device=device).view(1, 3, 1, 1) * 255.0
-        self.std = torch.tensor(cfg["std"], dtype=torch.float32, device=device).view(1, 3, 1, 1) * 255.0
+        mean = torch.tensor(cfg["mean"], dtype=torch.float32, device=device).view(1, 3, 1, 1) * 255.0
+        std = torch.tensor(cfg["std"], dtype=torch.float32, device=device).view(1, 3, 1, 1) * 255.0
+        self.mean, self.std = mean, std
+        self.scale, self.shift = 1.0 / std, -mean / std  # (x - mean) / std as one multiply-add
+        self.uint8_resize = True  # cleared once if this torch has no uint8 kernel for the mode
 
     def _resized_shape(self, height: int, width: int) -> tuple[int, int]:
         th, tw = self.size
@@ -30,22 +35,38 @@ class BatchPreprocess:
             return short, int(short * width / height)
         return int(short * height / width), short
 
-    def __call__(self, images):
-        """``images``: uint8 ``[B, 3, H, W]`` on the target device; returns float32 ``[B, 3, h, w]``."""
+    def _resize(self, images, size: tuple[int, int]):
+        """Antialiased resize to ``size``, values rounded to 8 bits as PIL does (float32 out)."""
+        import torch
         import torch.nn.functional as F
 
-        x = images.float()
-        height, width = x.shape[-2:]
+        mode = "bicubic" if self.interpolation == "bicubic" else "bilinear"
+        if images.device.type == "cpu" and images.dtype == torch.uint8 and self.uint8_resize:
+            try:
+                x = F.interpolate(images.contiguous(memory_format=torch.channels_last), size=size, mode=mode,
+                                  antialias=True, align_corners=False)
+                return x.float()
+            except (RuntimeError, NotImplementedError):
+                self.uint8_resize = False
+        x = F.interpolate(images.float(), size=size, mode=mode, antialias=True, align_corners=False)
+        return x.round_().clamp_(0, 255)
+
+    def __call__(self, images):
+        """``images``: uint8 ``[B, 3, H, W]`` on the target device; returns contiguous float32 ``[B, 3, h, w]``."""
+        import torch
+
+        height, width = images.shape[-2:]
         new_h, new_w = self._resized_shape(height, width)
         if (new_h, new_w) != (height, width):
-            mode = "bicubic" if self.interpolation == "bicubic" else "bilinear"
-            x = F.interpolate(x, size=(new_h, new_w), mode=mode, antialias=True, align_corners=False)
-            x = x.round_().clamp_(0, 255)  # PIL resizes in 8 bits
+            x = self._resize(images, (new_h, new_w))
+        else:
+            x = images.float()
         th, tw = self.size
         if (new_h, new_w) != (th, tw):
             top, left = int(round((new_h - th) / 2.0)), int(round((new_w - tw) / 2.0))
             x = x[:, :, top:top + th, left:left + tw]
-        return (x - self.mean) / self.std
+        out = torch.empty(x.shape, dtype=torch.float32, device=x.device)  # contiguous, whatever x's layout
+        return torch.addcmul(self.shift, x, self.scale, out=out)
 
 
 def preprocess_config(model: Any) -> dict:
