@@ -164,8 +164,11 @@ def same_model(a: EmbeddingSource, b: EmbeddingSource) -> bool:
 
 @dataclass
 class ModelChoice:
-    """The embedding model both dates are compared with (name, checkpoint, architecture)."""
+    """The embedding model both dates are compared with: ``load`` (what to load, with
+    ``checkpoint`` and ``arch``) and ``name`` (the name its results are stored under: a custom
+    model's carries its checkpoint's)."""
 
+    load: str
     name: str
     checkpoint: str | None = None
     arch: str | None = None
@@ -174,19 +177,22 @@ class ModelChoice:
 def choose_model(b_path: str, a_path: str, model: str | None, checkpoint: str | None) -> ModelChoice:
     """The one embedding model of the comparison: ``model``, else the one the dates' embeddings
     were made with (one-line error when they were made by different models), else the default."""
-    sb, sa = _source(b_path, model), _source(a_path, model)
+    from ..models.registry import REGISTRY, default_embed_model, get_spec
+
     if model is not None:
-        known = sb or sa
-        return ModelChoice(model, checkpoint or (known.checkpoint if known else None), known.arch if known else None)
+        name = get_spec(model, None, checkpoint).name
+        known = _source(b_path, name) or _source(a_path, name)
+        return ModelChoice(model, name, checkpoint or (known.checkpoint if known else None))
+    sb, sa = _source(b_path, None), _source(a_path, None)
     if sb is not None and sa is not None and not same_model(sb, sa):
         raise OptionError(f"{b_path} was embedded by {sb.model}, {a_path} by {sa.model}; both dates must be embedded "
                           "by the same model: give «model» to embed both with one", option="model")
     known = sb or sa
     if known is not None:
-        return ModelChoice(known.model, checkpoint or known.checkpoint, known.arch)
-    from ..models.registry import default_embed_model
-
-    return ModelChoice(default_embed_model(), checkpoint)
+        load = known.model if known.model in REGISTRY else known.arch
+        return ModelChoice(load, known.model, checkpoint or known.checkpoint, known.arch)
+    name = default_embed_model()
+    return ModelChoice(name, get_spec(name, None, checkpoint).name, checkpoint)
 
 
 def complete_results(path: str, choice: ModelChoice, caption_model: str | None, caption_checkpoint: str | None,
@@ -201,12 +207,12 @@ def complete_results(path: str, choice: ModelChoice, caption_model: str | None, 
         return
     from ..models.registry import default_caption_model
 
-    run(path, None, embed_models=[choice.name] if embed else [],
+    run(path, None, embed_models=[choice.load] if embed else [],
         embed_checkpoints=[choice.checkpoint] if embed and choice.checkpoint else [],
         embed_arch=[choice.arch] if embed and choice.arch else [],
         caption_model=(caption_model or default_caption_model()) if caption else None,
         caption_checkpoint=caption_checkpoint if caption else None, decoding=decoding, device=device,
-        options=options, progress=progress, command="change")
+        options=options, progress=progress, command="run")
 
 
 __all__ = ["ModelChoice", "beside", "check_overlap", "choose_model", "complete_results", "date_layers", "missing",
