@@ -82,10 +82,16 @@ demo-change: venv
 	$(PY) examples/change_demo.py
 
 # TorchGeo is installed for the comparison only (matplotlib>=3.8: Debian's is built for numpy 1).
-# every benchmark prints its ratios (measured side by side in one run); a failing one stops make
+# every benchmark prints its ratios (measured side by side in one run); a failing one stops make.
+# The change benchmark needs labelled pairs outside the repository (docs/change-data.md); skipped without.
+CHANGE_DATA ?= $(HQRS_GEO_CHANGE_DATA)
 bench: venv
 	$(PY) -m pip install -q -c constraints.txt torchgeo 'matplotlib>=3.8'
 	set -e; for b in tiling embed caption search finetune mpgi scale fewshot; do echo "== benchmarks/$$b.py"; $(PY) benchmarks/$$b.py; done
+	@if [ -n "$(CHANGE_DATA)" ] && [ -d "$(CHANGE_DATA)" ]; then echo "== benchmarks/change.py"; \
+	    $(PY) benchmarks/change.py --data "$(CHANGE_DATA)" --model hqrs-mini-clip --model hqrs-mini-coca; \
+	else echo "== benchmarks/change.py: skipped, no labelled change pairs at '$(CHANGE_DATA)'" \
+	    "(set CHANGE_DATA=DIR or HQRS_GEO_CHANGE_DATA; preparing them: docs/change-data.md)"; fi
 
 # The installable plugin ("Install from ZIP"): one top folder with metadata, code, icon, licence,
 # the engine's wheel (engine/hqrs_geo-*.whl) that the plugin's installer puts into a virtual
