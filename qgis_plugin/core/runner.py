@@ -280,7 +280,9 @@ class Progress:
     message: str
 
     STAGES = {"tile": "tiling", "run": "embedding and captioning", "embed": "embedding", "caption": "captioning",
-              "chips": "writing chips", "export-chips": "writing chips", "mpgi": "MpGI captions", "load": "loading"}
+              "chips": "writing chips", "export-chips": "writing chips", "mpgi": "MpGI captions", "load": "loading",
+              "align": "aligning the later date", "change": "embedding and captioning the dates",
+              "compare": "comparing the dates", "write": "writing the change layer"}
 
     @property
     def percent(self) -> float:

@@ -85,11 +85,12 @@ class ChangeAlgorithm(HqrsAlgorithm):
             self.addParameter(QgsProcessingParameterMapLayer(
                 name, tr(description), None, False, [QgsProcessing.TypeRaster, QgsProcessing.TypeVectorPolygon]))
         self.addParameter(QgsProcessingParameterString(
-            "BECAME", tr("Tiles that became… (a text, e.g. a solar farm; optional)"), None, False, True))
+            "BECAME", tr("Tiles that became… (a text, e.g. a solar farm)"), None, False, True))
         self.addParameter(QgsProcessingParameterString(
-            "STOPPED", tr("Tiles that stopped being… (a text; optional)"), None, False, True))
+            "STOPPED", tr("Tiles that stopped being… (a text, e.g. a forest)"), None, False, True))
         self.addParameter(QgsProcessingParameterString(
-            "LABELS", tr("Class labels for before → after classes (comma-separated; optional)"), None, False, True))
+            "LABELS", tr("Class labels, comma-separated (each date gets one: farmland → residential)"), None, False,
+            True))
         self.addParameter(QgsProcessingParameterNumber(
             "THRESHOLD", tr("Changed from change score (robust z)"), QgsProcessingParameterNumber.Double,
             changes.DEFAULT_THRESHOLD, False, 0.0))
