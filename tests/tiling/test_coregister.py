@@ -378,3 +378,18 @@ def test_bands_of_the_reference_and_a_stretch_of_its_own(tmp_path):
     assert sorted(after_px) == sorted(before_px)
     for tile_id, (rgb, _) in before_px.items():  # each date through its own stretch: the same picture
         assert np.abs(after_px[tile_id][0].astype(int) - rgb.astype(int)).max() <= 1
+
+
+def test_options_of_the_later_date(caplog):
+    from hqrs_geo.tiling.coregister import effective_config
+
+    reference = {"tile_size": "64m", "overlap": "25%", "min_valid": 0.3, "bands": [4, 3, 2], "stretch": "p1,99",
+                 "edge": "pad", "resampling": "cubic", "old_option": 1}
+    same = effective_config(reference, None)
+    assert (same.tile_size, same.overlap, same.min_valid, same.bands, same.stretch, same.edge, same.resampling) == \
+        ("64m", "25%", 0.3, (4, 3, 2), "p1,99", "pad", "cubic")
+    mine = effective_config(reference, TileConfig(min_valid=0.8, stretch="0,3000"))
+    assert (mine.min_valid, mine.stretch, mine.bands, mine.tile_size) == (0.8, "0,3000", (4, 3, 2), "64m")
+    with caplog.at_level("WARNING"):
+        grid = effective_config(reference, TileConfig(tile_size=128, overlap="25%"))
+    assert grid.tile_size == "64m" and "tile_size: ignored" in caplog.text and "overlap" not in caplog.text
