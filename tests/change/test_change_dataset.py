@@ -1,0 +1,60 @@
+"""Change between two partitioned datasets, part by part: the same layer as between the merged
+GeoPackages, embeddings the AFTER dataset lacks computed part by part, and no dataset ever read whole."""
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import pytest
+from change_scenes import TILE, write_dates
+from tiny_models import TINY_CLIP
+
+import hqrs_geo as hg
+from hqrs_geo.change.dates import DateLayer
+from hqrs_geo.engine.options import RunOptions
+from hqrs_geo.engine.partitioned import ScaleOptions
+
+CONFIG = hg.TileConfig(tile_size=TILE)
+
+
+@pytest.fixture(scope="module")
+def datasets(tmp_path_factory, tiny_clip_checkpoint):
+    """BEFORE: a dataset of 4 parts with tiny-CLIP embeddings; AFTER: 4 parts, tiles only."""
+    folder = tmp_path_factory.mktemp("datasets")
+    before, after = write_dates(folder)
+    hg.run(before, f"{folder}/before/", embed_models=[TINY_CLIP], embed_checkpoints=[str(tiny_clip_checkpoint)],
+           tiling=CONFIG, device="cpu", options=RunOptions(workers=0), scale=ScaleOptions(block_tiles=16))
+    hg.tile(after, f"{folder}/after/", CONFIG, scale=ScaleOptions(block_tiles=16))
+    return folder / "before", folder / "after"
+
+
+def test_datasets_are_compared_part_by_part(datasets, tmp_path, tiny_clip_checkpoint, monkeypatch):
+    import hqrs_geo.layer.dataset as dataset_module
+    import hqrs_geo.layer.io as io_module
+
+    def guarded(function):
+        def read(path, *args, **kwargs):  # the engine may read what it wrote; the change step never reads whole
+            if dataset_module.is_dataset(path) and "hqrs_geo/change/" in sys._getframe(1).f_code.co_filename:
+                raise AssertionError(f"the change step read the whole dataset {path}")
+            return function(path, *args, **kwargs)
+        return read
+
+    monkeypatch.setattr(io_module, "read_tiles", guarded(io_module.read_tiles))
+    monkeypatch.setattr(dataset_module, "read_dataset_tiles", guarded(dataset_module.read_dataset_tiles))
+    monkeypatch.setattr(io_module, "read_dataset_tiles", guarded(io_module.read_dataset_tiles))
+    frame = hg.change(*datasets, tmp_path / "c.gpkg", model=TINY_CLIP, checkpoint=str(tiny_clip_checkpoint),
+                      captions=False, became="a forest", device="cpu", options=RunOptions(workers=0))
+    monkeypatch.undo()
+    assert len(frame) == 64 and frame.compared.all()  # AFTER's embeddings were computed, part by part
+    blocks = list(DateLayer(str(datasets[0])).blocks())
+    assert len(blocks) == 4 and all(len(b.frame) == 16 for b in blocks)
+
+    merged = [hg.merge_dataset(d, tmp_path / f"{d.name}.gpkg").path for d in datasets]
+    reference = hg.change(*merged, tmp_path / "ref.gpkg", captions=False, became="a forest", device="cpu")
+    by_id = frame.set_index("tile_id")
+    expected = reference.set_index("tile_id").loc[by_id.index]
+    for column in ("change_cosine", "change_score", "change_pct", "became_score"):
+        assert np.allclose(by_id[column], expected[column], atol=1e-6), column
+    for column in ("change_rank", "became_rank", "changed", "after_tile_id", "overlap"):
+        assert by_id[column].tolist() == expected[column].tolist(), column
+    assert frame.tile_id.str.startswith("before_").all() and frame.after_tile_id.str.startswith("after_").all()
