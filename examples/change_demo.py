@@ -32,13 +32,14 @@ DATES = ("1985", "2020")
 # 32 px of ~90 m: tiles of about 2.9 km; bands 1-3 are SWIR1, NIR, Red (a false-colour composite
 # in which forest is green, water dark blue, bare soil and town pink)
 TILING = TileConfig(tile_size=32, bands=(1, 2, 3))
-CLASSES = ("river", "pond", "forest", "meadow", "farmland", "bare land", "residential area")
+CLASSES = ("river", "forest", "meadow", "farmland", "bare land", "residential area")
 BECAME = "a river"
 TOP = 5
 
 # a yellow-orange-red ramp for change scores (robust z): faint yellow near the noise level, dark red far above it
 RAMP = ((255, 255, 178), (254, 204, 92), (253, 141, 60), (240, 59, 32), (189, 0, 38))
 NOT_COMPARED = (150, 150, 150)
+BECAME_COLOUR = (0, 90, 255)
 
 
 def _font(size: int):
@@ -148,6 +149,9 @@ def draw_change(layer, before: Path, after: Path, path: Path, dates: tuple[str, 
     y += 36
     draw.text((pad, y), f"{before.name} vs {after.name}: {n_compared} tile pairs compared, {n_changed} changed "
               f"(change score >= {threshold:g})", font=small, fill=(70, 70, 70))
+    y += 21
+    draw.text((pad, y), "False colour (SWIR1, NIR, Red as RGB): vegetation green, water blue, bare soil and town "
+              "pink; one stretch for both dates", font=small, fill=(70, 70, 70))
     y += 30
 
     def numbered(image: Image.Image, colour=(255, 255, 255)) -> Image.Image:
@@ -178,6 +182,10 @@ def draw_change(layer, before: Path, after: Path, path: Path, dates: tuple[str, 
             odraw.rectangle((x0, y0, x1 - 1, y1 - 1), fill=(*_ramp((scores[i] - 1.0) / (2 * threshold - 1.0)), 170))
         if compared[i] and scores[i] >= threshold:
             odraw.rectangle((x0, y0, x1 - 1, y1 - 1), outline=(120, 0, 20, 255), width=2)
+    if became and "became_rank" in layer:
+        for i in np.flatnonzero(layer["became_rank"].to_numpy(dtype=float, na_value=np.nan) <= 3):
+            x0, y0, x1, y1 = boxes[i]
+            odraw.rectangle((x0 + 3, y0 + 3, x1 - 4, y1 - 4), outline=BECAME_COLOUR, width=3)
     change_map = Image.alpha_composite(faded.convert("RGBA"), overlay).convert("RGB")
     draw.text((pad, y), f"Change map over {dates[1]}: tiles coloured by change score", font=mid, fill=(0, 0, 0))
     canvas.paste(numbered(change_map, (255, 255, 255)), (pad, y + 26))
@@ -203,6 +211,11 @@ def draw_change(layer, before: Path, after: Path, path: Path, dates: tuple[str, 
     sy += 28
     draw.rectangle((lx, sy, lx + 26, sy + 18), fill=(255, 255, 255), outline=(0, 0, 0), width=2)
     draw.text((lx + 36, sy), f"1..{len(ranked)}: the most changed tiles, shown below", font=small, fill=(0, 0, 0))
+    if became and "became_rank" in layer:
+        sy += 28
+        draw.rectangle((lx + 2, sy + 2, lx + 24, sy + 16), outline=BECAME_COLOUR, width=3)
+        draw.text((lx + 36, sy), f'the 3 tiles that most became "{became}" (text vs both dates)', font=small,
+                  fill=(0, 0, 0))
     if not compared.all():
         sy += 28
         draw.rectangle((lx, sy, lx + 26, sy + 18), fill=NOT_COMPARED)
@@ -214,10 +227,6 @@ def draw_change(layer, before: Path, after: Path, path: Path, dates: tuple[str, 
              f"{len(layer)} tiles from {dates[0]}, the {dates[1]} scene tiled on the same footprints;",
              "embeddings: hqrs-mini-clip, captions: hqrs-mini-coca, classes: zero-shot",
              f"({', '.join(CLASSES)})."]
-    if became and "became_rank" in layer:
-        first_became = layer.loc[layer["became_rank"] == 1]
-        if len(first_became):
-            notes.append(f'Tile that most became "{became}": {first_became["tile_id"].iloc[0]}.')
     for note in notes:
         for line in _wrap(draw, note, small, width - 20):
             draw.text((lx, sy), line, font=small, fill=(60, 60, 60))
