@@ -76,8 +76,12 @@ def main(argv=None) -> None:
     parser.add_argument("--engine-tiles", type=int, default=64,
                         help="tiles captioned by the engine and by the bare decoder loop (0: skip)")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default torch's; 1 gives steadier figures on a busy shared machine)")
     parser.add_argument("--json", action="store_true", help="print one JSON line with the figures at the end")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     from embed import load_for_benchmark
 

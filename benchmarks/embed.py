@@ -161,11 +161,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--workers", type=int, default=None)
     parser.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"))
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default torch's; 1 gives steadier figures on a busy shared machine)")
     parser.add_argument("--layer-format", default="gpkg", choices=("gpkg", "parquet"),
                         help="tile layer written and read by the engine")
     parser.add_argument("--breakdown", action="store_true", help="also time the engine's stages one by one")
     parser.add_argument("--json", action="store_true", help="print one JSON line with the figures at the end")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
@@ -218,7 +222,7 @@ def main(argv: list[str] | None = None) -> None:
         bare_m, bare_lo, bare_hi = median_spread(runs["bare"])
         eng_m, eng_lo, eng_hi = median_spread(runs["engine"])
         ratio_m, ratio_lo, ratio_hi = median_spread(ratios)
-        where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} threads"
+        where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
         workers = options.validated().worker_count(device)
         print(f"device {device} ({where}), {args.arch} {weights}, precision {precision_name(amp)}, "
               f"batch {args.batch}, {workers} reader process(es), {n} tiles of {args.tile_size} px -> {size[0]} px, "
