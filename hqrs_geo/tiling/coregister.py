@@ -10,8 +10,14 @@ layer is an ordinary tile layer (its scenes are the aligned files), so the model
 captions it unchanged, and tiles of the two dates pair by ``tile_id``.
 
 Several rasters for one date make a mosaic: at each pixel the first input (in the order given)
-with a valid pixel there wins. Each date keeps its own stretch (computed on its own pixels) and
-its bands are chosen as in normal tiling (the options, else colour interpretation).
+with a valid pixel there wins. Each date gets a stretch of its own (the reference's stretch rule,
+e.g. 2-98 % percentiles, computed on the new pixels), so a global brightness change between the
+dates does not change every tile; its bands are chosen as in normal tiling (the reference's band
+option, else colour interpretation). A partitioned dataset as reference gives a dataset with the
+same parts, made part by part.
+
+Resampling runs in GDAL's warper, block by block (memory stays flat); blocks no input reaches
+are left unwritten (a sparse file). ``GDAL_NUM_THREADS=ALL_CPUS`` lets the warper use every core.
 """
 from __future__ import annotations
 
@@ -261,7 +267,7 @@ def align_scene(scene: SceneReading, items: Sequence[_Input], target: Path, resa
                 sources.append(open_dataset(item.path))
                 vrts.append(WarpedVRT(sources[-1], src_crs=item.crs or _PIXEL_CRS, crs=crs, transform=transform,
                                       width=scene.width, height=scene.height, resampling=method,
-                                      add_alpha=not item.has_alpha))
+                                      add_alpha=not item.has_alpha, warp_extras=_warp_options()))
             boxes = [_pixel_box(scene, item) for item in items]
             for window in _blocks(scene.width, scene.height):
                 if progress is not None:
@@ -294,6 +300,12 @@ def align_scene(scene: SceneReading, items: Sequence[_Input], target: Path, resa
             for handle in [*vrts, *sources]:
                 handle.close()
     return count
+
+
+def _warp_options() -> dict:
+    """GDAL warp options: the warper's threads from ``$GDAL_NUM_THREADS`` (e.g. ``ALL_CPUS``; default 1)."""
+    threads = os.environ.get("GDAL_NUM_THREADS", "").strip()
+    return {"NUM_THREADS": threads} if threads else {}
 
 
 def _read_block(vrt: WarpedVRT, item: _Input, window: Window) -> tuple[np.ndarray, np.ndarray]:
