@@ -222,7 +222,8 @@ def main(argv: list[str] | None = None) -> None:
         bare_m, bare_lo, bare_hi = median_spread(runs["bare"])
         eng_m, eng_lo, eng_hi = median_spread(runs["engine"])
         ratio_m, ratio_lo, ratio_hi = median_spread(ratios)
-        where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+        threads = torch.get_num_threads()
+        where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {threads} threads"
         workers = options.validated().worker_count(device)
         print(f"device {device} ({where}), {args.arch} {weights}, precision {precision_name(amp)}, "
               f"batch {args.batch}, {workers} reader process(es), {n} tiles of {args.tile_size} px -> {size[0]} px, "
