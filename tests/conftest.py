@@ -252,6 +252,7 @@ def write_sparse_scene(path: Path, size: int = 30000) -> Path:
 # one: a file, a test with all its parameters). One list, so the working loop's cut is seen at once.
 SLOW = (
     "tests/test_benchmarks.py",                        # every benchmark's smoke run, in child processes
+    "tests/test_change_demo.py",                       # the change demo: two dates embedded and captioned
     "tests/test_hermetic.py",                          # a child pytest in a planted user home
     "tests/mpgi/test_backend_deadlines.py::test_sigterm_",  # a real CLI child process stopped by SIGTERM
     "tests/search/test_index_faults.py::test_serve_search_",  # a real serve-search child process
