@@ -162,14 +162,14 @@ def default_output(before: str, after: str, folder: str | None = None) -> str:
 
 
 def layer_name(before: str, after: str, options: ChangeOptions | None = None) -> str:
-    """``change: 2019 → 2023`` (``became "a solar farm": …`` for a became search)."""
+    """``change: 2019 → 2023`` (with ``(became "a solar farm")`` when the tiles are also ranked by a text)."""
     options = options or ChangeOptions()
-    dates = f"{date_name(before)} {ARROW} {date_name(after)}"
+    name = f"change: {date_name(before)} {ARROW} {date_name(after)}"
     if options.ranking == "became":
-        return f'became "{options.became.strip()}": {dates}'
+        return f'{name} (became "{options.became.strip()}")'
     if options.ranking == "stopped":
-        return f'stopped being "{options.stopped.strip()}": {dates}'
-    return f"change: {dates}"
+        return f'{name} (stopped being "{options.stopped.strip()}")'
+    return name
 
 
 # -- the change layer ----------------------------------------------------------------------------

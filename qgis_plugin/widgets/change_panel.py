@@ -352,9 +352,7 @@ class ChangePanel(QgsCollapsibleGroupBox):
         task = tasks.EngineTask(f"HQRS: {name}", args, on_done=done, message_bar=None)
         task.progressChanged.connect(
             lambda percent, task=task: relay.progress.emit(percent, task.last.text if task.last else ""))
-        self.task = task
-        self.rows = []
-        self.table.setRowCount(0)
+        self.task = task  # (the list of the previous comparison stays until this one's replaces it)
         self.progress.setValue(0)
         self.progress.setVisible(True)
         self.cancel_button.setEnabled(True)

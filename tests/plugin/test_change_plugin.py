@@ -58,7 +58,7 @@ def test_change_args_carry_every_option_and_refuse_one_date_twice(tmp_path):
         changes.change_args("a", "b", "c", ChangeOptions(min_overlap=2))
     assert ChangeOptions(became="x").ranking == "became" and ChangeOptions(stopped="y").ranking == "stopped"
     assert changes.layer_name("/d/delft_2019.tif", "/d/delft_2023_tiles.gpkg", ChangeOptions(became="a pond")) \
-        == 'became "a pond": delft_2019 → delft_2023_tiles'
+        == 'change: delft_2019 → delft_2023_tiles (became "a pond")'
     assert changes.default_output(str(tmp_path / "b.tif"), "/x/a.gpkg") == str(tmp_path / "b_vs_a_change.gpkg")
 
 
@@ -405,7 +405,7 @@ def test_compare_with_in_the_dock_lists_the_most_changed_tiles_and_zooms_to_them
         dialog.accept()
         wait_for(lambda: panel.cancel_button.isEnabled() is False and panel.read_task is not None
                  and panel.read_task.done, 300)
-        assert panel.change_layer().name() == 'became "red roofs": dock_change-before → dock_change-after'
+        assert panel.change_layer().name() == 'change: dock_change-before → dock_change-after (became "red roofs")'
         assert [row.rank for row in panel.rows] == sorted(row.rank for row in panel.rows)
         assert panel.rows[0].score >= panel.rows[-1].score
         # a date that does not cover the earlier one: the engine's one-line error, no layer
@@ -418,6 +418,7 @@ def test_compare_with_in_the_dock_lists_the_most_changed_tiles_and_zooms_to_them
         text = panel.status.text()
         assert text.startswith("<b>comparison failed</b>: ") and "Traceback" not in text and "\n" not in text
         assert len(project.mapLayers()) == layers_before and not (tmp_path / "nowhere.gpkg").exists()
+        assert panel.rows and panel.change_layer() is not None  # the previous comparison's list and layer stay
     finally:
         close_dock(dock)
         for layer in list(project.mapLayers().values()):
