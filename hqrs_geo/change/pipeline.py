@@ -159,7 +159,7 @@ class Comparison:
         weak_keys, weak = np.zeros(0), np.zeros((0, 0), np.float32)
         rng = np.random.default_rng(BACKGROUND_SEED)
         if progress is not None:
-            progress.start("compare", None, unit="part")
+            progress.start("compare", max(len(self.before.part_names()), 1), unit="part")
         for paired in self.paired_blocks():
             frame = paired.block.frame
             self.counts["tiles"] += len(frame)
@@ -329,6 +329,10 @@ def change(before: Any, after: Any, output: str | os.PathLike, *, model: str | N
                           option="output")
     check_writable(output)
     b_path, a_path = date_layers(before, after, output, tiling, progress)
+    for path in (b_path, a_path):
+        if os.path.abspath(str(path).rstrip("/")) == os.path.abspath(str(output)):
+            raise OptionError(f"{output}: is a date layer of this comparison; write the change layer to another file",
+                              option="output")
     check_overlap(b_path, a_path)
     choice = choose_model(b_path, a_path, model, checkpoint)
     for path in (b_path, a_path):

@@ -188,6 +188,8 @@ def test_bad_arguments_are_one_line_errors(dates, tmp_path):
         hg.change(dates[0], tmp_path / "missing.gpkg", out, captions=False)
     with pytest.raises(OptionError, match="both dates"):
         hg.change(dates[0], dates[0], out, captions=False)
+    with pytest.raises(OptionError, match="is a date layer"):  # never written over a date
+        hg.change(*dates, dates[1], captions=False)
     with pytest.raises(hg.OutputError, match="does not exist"):
         hg.change(*dates, tmp_path / "no" / "c.gpkg", captions=False)
     assert not out.exists()
