@@ -22,6 +22,7 @@ import numpy as np
 
 import hqrs_geo as hg
 from hqrs_geo import TileConfig
+from hqrs_geo.atomic import atomic_path
 from hqrs_geo.progress import Progress
 from hqrs_geo.raster.scene import describe, open_raster
 
@@ -260,7 +261,8 @@ def draw_change(layer, before: Path, after: Path, path: Path, dates: tuple[str, 
             ty += 3
         bottom = max(bottom, ty)
     canvas = canvas.crop((0, 0, canvas_w, bottom + pad))
-    canvas.save(path)
+    with atomic_path(path) as tmp:  # never a half-written picture
+        canvas.save(tmp, format="PNG")
     return ranked
 
 
