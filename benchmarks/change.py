@@ -14,10 +14,9 @@ images are not georeferenced) and embedded with each model (``hqrs_geo.embed``).
 CHANGED when the share of changed pixels of its mask is above ``--threshold`` percent (the table
 also gives 1 % and 10 %). Per tile, these scores rank the tiles:
 
-* ``embedding z``: the change score of ``hqrs_geo.change``: 1 - cosine of the two dates'
-  embeddings as a robust z within the pair of images ((d - median) / (1.4826 MAD));
-  ``hqrs_geo.change`` is called when the package has it, else the same definition is computed here;
-* ``embedding 1-cos``: the raw distance, before the per-pair calibration;
+* ``embedding z``: the change score of ``hqrs_geo.change`` (``change_score``): 1 - cosine of the
+  two dates' embeddings as a robust z within the pair of images ((d - median) / (1.4826 MAD));
+* ``embedding 1-cos``: the raw distance before that calibration (``change_cosine``);
 * ``pixel |A-B|``: mean absolute difference of the two dates' RGB after normalising each image
   (each band to zero mean and unit deviation over the image), and the same as a robust z per pair;
 * ``CVA``: change-vector-analysis magnitude, the mean over the tile of the per-pixel length of the
@@ -62,26 +61,15 @@ def roc_auc(scores: np.ndarray, positive: np.ndarray) -> float:
 
 
 def robust_z(values: np.ndarray, groups: np.ndarray) -> np.ndarray:
-    """``(d - median) / (1.4826 MAD)`` within each group (a pair of images): the calibration of
-    ``hqrs_geo.change`` (its ``Calibration``; the same definition here while the package lacks it:
-    when the MAD is 0, 1.2533 x the mean absolute deviation, and never below 1e-3)."""
-    try:
-        from hqrs_geo.change.scores import Calibration
-    except ImportError:
-        Calibration = None
+    """The calibration of ``hqrs_geo.change`` within each group (a pair of images):
+    ``(d - median) / (1.4826 MAD)`` (:class:`hqrs_geo.change.scores.Calibration`)."""
+    from hqrs_geo.change.scores import Calibration
+
     out = np.zeros(len(values), dtype=np.float64)
     for g in np.unique(groups):
         sel = groups == g
         d = np.asarray(values[sel], dtype=np.float64)
-        if Calibration is not None:
-            out[sel] = Calibration.of(d).z(d)
-            continue
-        median = np.median(d)
-        deviation = np.abs(d - median)
-        scale = 1.4826 * np.median(deviation)
-        if scale < 1e-3:
-            scale = max(1.2533 * deviation.mean(), 1e-3)
-        out[sel] = (d - median) / scale
+        out[sel] = Calibration.of(d).z(d)
     return out
 
 
@@ -131,52 +119,24 @@ def pixel_scores(folder: Path, tiles) -> dict[str, np.ndarray]:
     return {"share": share, "pixel |A-B|": mad, "CVA": cva}
 
 
-def change_function():
-    """``hqrs_geo.change`` (the function), or None while the package has no change module."""
-    import types
+def embedding_scores(before: Path, after: Path, tiles, model: str, folder: Path) -> dict[str, np.ndarray]:
+    """``embedding 1-cos`` and ``embedding z`` per BEFORE tile, from the change layer that
+    ``hqrs_geo.change`` writes for the two embedded date layers."""
+    import hqrs_geo as hg
 
-    import hqrs_geo
-
-    try:
-        found = hqrs_geo.change
-    except (AttributeError, ImportError):
-        return None
-    if isinstance(found, types.ModuleType):  # the subpackage, once imported, shadows the lazy name
-        found = getattr(found, "change", None)
-    return found if callable(found) else None
-
-
-def embedding_scores(before: Path, after: Path, tiles, model: str, folder: Path) -> tuple[dict, str]:
-    """``embedding 1-cos`` and ``embedding z`` per BEFORE tile, and which code computed them."""
-    import geopandas as gpd
-
-    change = change_function()
-    if change is not None:
-        layer = change(str(before), str(after), str(folder / f"change-{model}.gpkg"), model=model,
-                          captions=False)
-        by_id = layer.set_index("tile_id")
-        cos = by_id.loc[tiles.tile_id, "change_cosine"].to_numpy(dtype=float)
-        z = by_id.loc[tiles.tile_id, "change_score"].to_numpy(dtype=float)
-        return {"embedding 1-cos": cos, "embedding z": z}, "hqrs_geo.change"
-    from hqrs_geo.layer.columns import read_embeddings
-
-    vectors = []
-    for path in (before, after):
-        frame = gpd.read_file(path).set_index("tile_id").loc[tiles.tile_id]
-        present, matrix = read_embeddings(frame)
-        if not present.all():
-            raise SystemExit(f"{path}: {int((~present).sum())} tiles have no embedding")
-        vectors.append(matrix / np.linalg.norm(matrix, axis=1, keepdims=True))
-    cos = 1.0 - (vectors[0] * vectors[1]).sum(axis=1)
-    return {"embedding 1-cos": cos, "embedding z": robust_z(cos, tiles.pair.to_numpy())}, "same definition here"
+    layer = hg.change(str(before), str(after), str(folder / f"change-{model}.gpkg"), model=model, captions=False)
+    by_id = layer.set_index("tile_id").loc[tiles.tile_id]
+    if not by_id.compared.all():
+        raise SystemExit(f"{before}: {int((~by_id.compared).sum())} tile pairs were not compared")
+    return {"embedding 1-cos": by_id.change_cosine.to_numpy(dtype=float),
+            "embedding z": by_id.change_score.to_numpy(dtype=float)}
 
 
 def run_set(folder: Path, names: list[str], models: list[str], tile_px: int, workdir: Path) -> dict:
     """Tile, embed and score one set; returns per-tile arrays and timings."""
-    import geopandas as gpd
-
     import hqrs_geo as hg
     from hqrs_geo import TileConfig
+    from hqrs_geo.layer.io import read_tiles
 
     config = TileConfig(tile_size=tile_px)
 
@@ -188,26 +148,26 @@ def run_set(folder: Path, names: list[str], models: list[str], tile_px: int, wor
 
     started = time.perf_counter()
     layers = tile_dates("tiles")
-    tiles = gpd.read_file(layers["A"])
+    tiles = read_tiles(layers["A"])
     tiles["pair"] = [Path(s).name for s in tiles.source]
-    after_ids = set(gpd.read_file(layers["B"]).tile_id)
+    after_ids = set(read_tiles(layers["B"]).tile_id)
     tiles = tiles[tiles.tile_id.isin(after_ids)].reset_index(drop=True)
     seconds = {"tile": time.perf_counter() - started}
     started = time.perf_counter()
     scores = pixel_scores(folder, tiles)
     scores["pixel |A-B| z"] = robust_z(scores["pixel |A-B|"], tiles.pair.to_numpy())
     seconds["pixel"] = time.perf_counter() - started
-    how = {}
     for model in models:
         started = time.perf_counter()
         layers = tile_dates(model)  # a layer pair of its own per model: one model's embeddings each
         for date in ("A", "B"):
             hg.embed(str(layers[date]), model=model)
-        emb, how[model] = embedding_scores(layers["A"], layers["B"], tiles, model, workdir)
+        emb = embedding_scores(layers["A"], layers["B"], tiles, model, workdir)
         for key, value in emb.items():
             scores[f"{key} [{model}]"] = value
         seconds[model] = time.perf_counter() - started
-    return {"pairs": len(names), "tiles": len(tiles), "scores": scores, "seconds": seconds, "how": how}
+    return {"pairs": len(names), "tiles": len(tiles), "scores": scores, "seconds": seconds,
+            "groups": np.array([f"{folder.name}/{p}" for p in tiles.pair])}
 
 
 def metrics(scores: dict[str, np.ndarray], thresholds=THRESHOLDS) -> dict:
@@ -224,6 +184,26 @@ def metrics(scores: dict[str, np.ndarray], thresholds=THRESHOLDS) -> dict:
                                     "AUC": roc_auc(np.asarray(values, float), positive)}
         out[f"{t:g}%"] = row
     return out
+
+
+def intervals(scores: dict[str, np.ndarray], groups: np.ndarray, threshold: float, draws: int,
+              seed: int = 0) -> dict:
+    """95 % bootstrap intervals of AP and AUC at ``threshold`` percent, resampling whole pairs of
+    images (the tiles of one pair are not independent)."""
+    positive = scores["share"] > threshold / 100.0
+    members = [np.flatnonzero(groups == g) for g in np.unique(groups)]
+    rng = np.random.default_rng(seed)
+    samples: dict[str, dict[str, list]] = {n: {"AP": [], "AUC": []} for n in scores if n != "share"}
+    for _ in range(draws):
+        rows = np.concatenate([members[i] for i in rng.integers(0, len(members), len(members))])
+        if positive[rows].all() or not positive[rows].any():
+            continue
+        for name, found in samples.items():
+            values = np.asarray(scores[name], float)[rows]
+            found["AP"].append(average_precision(values, positive[rows]))
+            found["AUC"].append(roc_auc(values, positive[rows]))
+    return {name: {k: [float(np.percentile(v, 2.5)), float(np.percentile(v, 97.5))] for k, v in found.items()}
+            for name, found in samples.items()}
 
 
 def print_table(title: str, result: dict, main: float) -> None:
@@ -261,6 +241,8 @@ def main() -> None:
     parser.add_argument("--model", action="append", help="embedding model(s) (default hqrs-mini-clip)")
     parser.add_argument("--threshold", type=float, default=5.0,
                         help="percent of changed pixels above which a tile is CHANGED (default 5)")
+    parser.add_argument("--bootstrap", type=int, default=1000,
+                        help="draws of pairs for the 95 %% intervals at the main threshold (0: none; default 1000)")
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args()
     if not args.data:
@@ -287,22 +269,29 @@ def main() -> None:
             r = run_set(folder, names, models, args.tile, Path(tmp))
             for key, value in r["scores"].items():
                 pooled.setdefault(key, []).append(value)
+            pooled.setdefault("groups", []).append(r["groups"])
             m = metrics(r["scores"], thresholds)
             results["sets"][folder.name] = {"pairs": r["pairs"], "tiles": r["tiles"], "seconds": r["seconds"],
-                                            "embedding_score_by": r["how"], "metrics": m}
+                                            "metrics": m}
             secs = ", ".join(f"{k} {v:.1f} s" for k, v in r["seconds"].items())
-            print_table(f"{folder.name}: {r['pairs']} pairs, {r['tiles']} tiles of {args.tile} px ({secs}; "
-                        f"embedding score by {', '.join(sorted(set(r['how'].values())))})", m, args.threshold)
+            print_table(f"{folder.name}: {r['pairs']} pairs, {r['tiles']} tiles of {args.tile} px ({secs})", m,
+                        args.threshold)
+    if not results["sets"]:
+        raise SystemExit(f"{data}: no complete pairs (A, B and label of one name)")
+    scores = {k: np.concatenate(v) for k, v in pooled.items()}
+    groups = scores.pop("groups")
     if len(results["sets"]) > 1:
-        scores = {k: np.concatenate(v) for k, v in pooled.items()}
         results["all"] = {"pairs": sum(s["pairs"] for s in results["sets"].values()), "tiles": len(scores["share"]),
                           "metrics": metrics(scores, thresholds)}
         print_table(f"all sets: {results['all']['pairs']} pairs, {results['all']['tiles']} tiles",
                     results["all"]["metrics"], args.threshold)
     key = f"{args.threshold:g}%"
-    last = results.get("all") or next(iter(results["sets"].values()), None)
-    if last is None:
-        raise SystemExit(f"{data}: no complete pairs (A, B and label of one name)")
+    last = results.get("all") or next(iter(results["sets"].values()))
+    if args.bootstrap:
+        last["intervals"] = intervals(scores, groups, args.threshold, args.bootstrap)
+        print(f"\n  95 % intervals at > {key} ({args.bootstrap} draws of the {len(np.unique(groups))} pairs)")
+        for name, ci in last["intervals"].items():
+            print(f"  {name:38}  AP {ci['AP'][0]:.3f}-{ci['AP'][1]:.3f}   AUC {ci['AUC'][0]:.3f}-{ci['AUC'][1]:.3f}")
     best = last["metrics"][key]["methods"]
     emb = best[f"embedding z [{models[0]}]"]
     print(f"\nembedding z vs pixel |A-B| at > {key} changed: AP {emb['AP']:.3f} vs {best['pixel |A-B|']['AP']:.3f}, "
