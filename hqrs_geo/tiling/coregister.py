@@ -3,7 +3,7 @@
 :func:`tile_like` reads the reference layer's run records (every scene's CRS, transform, size and
 the tiling options), resamples the new rasters onto each reference scene's own pixel grid, writes
 those pixels once per scene as a tiled, DEFLATE-compressed GeoTIFF with an internal valid mask
-(``<output>.aligned/<scene key>.tif``), and writes a tile layer whose tiles are the reference's
+(``<output>.aligned/<scene key>.<recipe>.tif``), and writes a tile layer whose tiles are the reference's
 own: same ``tile_id``, row, column, pixel window, output size and footprint. Only the valid
 fraction is measured again, on the new pixels; tiles below ``min_valid`` are left out. The new
 layer is an ordinary tile layer (its scenes are the aligned files), so the model engine embeds and
@@ -391,12 +391,16 @@ def _aligned_scenes(reference: str | os.PathLike, plan: list[tuple[SceneReading,
     work = []
     valid = 0
     for scene, covering in plan:
-        name = _scene_name(scene)
+        recipe = _recipe(scene, covering, config.resampling)
+        # named by the recipe too: pixels made from other inputs are another scene to the layer (results
+        # of the old pixels are not carried over to them)
+        digest = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:10]
+        name = f"{_scene_name(scene)}.{digest}"
         while folder / f"{name}.tif" in targets.values():  # two scenes with one key (several tiling runs)
             name += "_"
         target = folder / f"{name}.tif"
         targets[scene.source] = target
-        known = _reusable(target, _recipe(scene, covering, config.resampling))
+        known = _reusable(target, recipe)
         if known is None:
             work.append((scene, covering, target))
         else:
@@ -471,9 +475,31 @@ def _tile_like_layer(reference: str | os.PathLike, inputs: Any, output: str | os
         tiles = _measured(rows, reader, by_reference, config.min_valid, progress)
     aligned = list(by_reference.values())
     params = {**_run_params(reference, config, plan, by_reference), "scenes": [s.as_dict() for s in aligned]}
+    earlier = _earlier_aligned(output, reference, set(by_reference)) - {s.source for s in aligned}
     written = write_layer(output, tiles, new_run("tile", "tiles", params),
-                          replace_sources=[s.source for s in aligned])
+                          replace_sources=[*(s.source for s in aligned), *sorted(earlier)])
+    _remove_superseded(earlier, aligned_folder(output))
     return TilingReport(tiles, written, aligned, len(rows))
+
+
+def _earlier_aligned(output: str | os.PathLike, reference: str | os.PathLike, scenes: set[str]) -> set[str]:
+    """Aligned sources that earlier runs like ``reference`` wrote to ``output`` for ``scenes``
+    (reference sources): their tiles are replaced by this run's."""
+    from ..layer.runs import read_runs
+
+    if not Path(output).exists():
+        return set()
+    like = os.path.abspath(reference)
+    return {str(a.get("source")) for run in read_runs(output) if (run.get("params") or {}).get("like") == like
+            for a in run["params"].get("aligned") or [] if a.get("reference_source") in scenes}
+
+
+def _remove_superseded(sources: set[str], folder: Path) -> None:
+    """Remove aligned files of ``sources`` that this run replaced (only files inside ``folder``)."""
+    for source in sources:
+        path = Path(source)
+        if path.parent.resolve() == folder.resolve() and path.suffix == ".tif":
+            path.unlink(missing_ok=True)
 
 
 #: Folder of a dataset made like another that holds the aligned pixels (skipped by Parquet readers).
@@ -561,6 +587,9 @@ def _tile_like_dataset(reference: str | os.PathLike, inputs: Any, output: str | 
                 entry = ref.scenes[key]
                 with manifest.locked():
                     manifest.refresh()
+                    earlier = (manifest.scenes.get(key) or {}).get("source")
+                    if earlier and earlier != aligned.source:
+                        _remove_superseded({str(earlier)}, folder / DATASET_ALIGNED)
                     manifest.scenes[key] = {
                         "source": aligned.source, "url": aligned.source, "item": None, "reading": aligned.as_dict(),
                         **{k: entry[k] for k in ("grid", "blocks", "block_rows") if entry.get(k) is not None},

@@ -24,8 +24,8 @@ from hqrs_geo import TileConfig, read_runs, read_tiles
 from hqrs_geo.api import embed, tile
 from hqrs_geo.engine.options import RunOptions
 from hqrs_geo.errors import InputError, OptionError
-from hqrs_geo.layer.columns import read_embeddings
-from hqrs_geo.layer.io import open_layer
+from hqrs_geo.layer.columns import embedding_columns, read_embeddings
+from hqrs_geo.layer.io import open_layer, write_tiles
 from hqrs_geo.tiling.coregister import aligned_folder, tile_like
 from hqrs_geo.tiling.dataset import TileDataset
 
@@ -161,13 +161,23 @@ def test_mosaic_first_valid_pixel_wins_and_rerun_reuses_aligned_file(tmp_path, b
         data = src.read(1)
     assert (data[:, :200] == 40).all() and (data[:, 200:] == 200).all()
 
+    # a result column (as the model engine writes one), then a rerun with the same inputs: the aligned
+    # file is reused and the results are kept
+    tiles = read_tiles(layer)
+    write_tiles(layer, tiles.assign(caption="a river"))
     stamp = aligned.stat().st_mtime_ns
     tile_like(before_layer, [first, second], layer, TileConfig(stretch="none"))
-    assert aligned.stat().st_mtime_ns == stamp  # the same inputs: the aligned file is reused
+    assert aligned.stat().st_mtime_ns == stamp
+    assert (read_tiles(layer)["caption"] == "a river").all()
+    # another order of the inputs: other pixels, so a new aligned file, the old one removed, and the
+    # results of the old pixels not carried over; no duplicate tiles
     tile_like(before_layer, [second, first], layer, TileConfig(stretch="none"))
-    with rasterio.open(aligned) as src:
-        assert (src.read(1) == 200).all()  # another order: made again
-    assert len(read_tiles(layer)) == 16  # no duplicates after three runs
+    (again,) = aligned_folder(layer).glob("*.tif")
+    assert again != aligned and not aligned.exists()
+    with rasterio.open(again) as src:
+        assert (src.read(1) == 200).all()
+    tiles = read_tiles(layer)
+    assert len(tiles) == 16 and tiles["caption"].isna().all() and set(tiles["source"]) == {str(again.resolve())}
 
 
 def test_output_embeds_unchanged(tmp_path, before, tiny_clip_checkpoint):
@@ -321,7 +331,7 @@ def test_dataset_reference_gives_a_dataset_with_the_same_parts(tmp_path, tiny_cl
     ref_tiles = ref_tiles[ref_tiles["tile_id"].isin(new["tile_id"])].reset_index(drop=True)
     assert new["tile_id"].tolist() == ref_tiles["tile_id"].tolist() and len(new) == 16
     assert all(a.equals_exact(b, 1e-9) for a, b in zip(new.geometry, ref_tiles.geometry))
-    assert (aligned_folder(out).parent / "after_ds" / "_aligned" / "east.tif").exists()
+    assert len(list((out / "_aligned").glob("east.*.tif"))) == 1
     # the dataset embeds as any dataset does, part by part
     embed(out, model=TINY_CLIP, checkpoint=str(tiny_clip_checkpoint), device="cpu",
           options=RunOptions(workers=0, embedding_dtype="float32"))
@@ -331,6 +341,11 @@ def test_dataset_reference_gives_a_dataset_with_the_same_parts(tmp_path, tiny_cl
     before_px, after_px = tile_pixels(reference), tile_pixels(out)
     for tile_id in new["tile_id"]:
         assert np.abs(after_px[tile_id][0].astype(int) - before_px[tile_id][0].astype(int)).mean() < 5
+    # again with another resampling: new aligned pixels replace the old (file and tiles), results dropped
+    tile_like(reference, after_raster, out, TileConfig(min_valid=0.6, resampling="nearest"))
+    assert len(list((out / "_aligned").glob("east.*.tif"))) == 1
+    again = read_tiles(out)
+    assert again["tile_id"].tolist() == new["tile_id"].tolist() and not embedding_columns(list(again.columns))
 
 
 def test_large_reference_scene_small_later_raster_writes_a_sparse_aligned_file(tmp_path):
