@@ -65,6 +65,26 @@ def like(reference: str, inputs: list, output: str, tiling: Any, progress: Any) 
     tile_like(reference, inputs, output, tiling, progress=progress)
 
 
+_OPENED: dict[str, Any] = {}
+
+
+def opened(path: str) -> Any:
+    """The layer file at ``path`` as read (:func:`~hqrs_geo.layer.io.open_layer`), read again only
+    when the file changed since: the checks of one comparison read each date once."""
+    from ..layer.io import open_layer
+
+    key = os.path.abspath(path)
+    layer = _OPENED.get(key)
+    if layer is None or not layer.unchanged():
+        layer = _OPENED[key] = open_layer(path)
+    return layer
+
+
+def forget() -> None:
+    """Drop the layers kept by :func:`opened` (at the end of a comparison)."""
+    _OPENED.clear()
+
+
 def _wgs84_box(path: str) -> tuple[float, float, float, float] | None:
     """The lon/lat bounds of a layer's tiles (None: no tiles, or no CRS to place them)."""
     if is_dataset(path):
@@ -76,9 +96,7 @@ def _wgs84_box(path: str) -> tuple[float, float, float, float] | None:
             return None
         return (min(b[0] for b in boxes), min(b[1] for b in boxes), max(b[2] for b in boxes),
                 max(b[3] for b in boxes))
-    from ..layer.io import read_tiles
-
-    frame = read_tiles(path)
+    frame = opened(path).frame
     if frame.empty or frame.crs is None:
         return None
     from pyproj import Transformer
@@ -110,10 +128,8 @@ def _keys_and_runs(path: str) -> tuple[list[str], Any]:
 
         manifest = open_manifest(path)
         return DatasetSession._keys(manifest), DatasetRuns(manifest)
-    from ..layer.io import open_layer
-
-    opened = open_layer(path)
-    return embedding_keys(opened.frame), opened.runs
+    layer = opened(path)
+    return embedding_keys(layer.frame), layer.runs
 
 
 def missing(path: str, column: str) -> bool:
@@ -131,9 +147,7 @@ def missing(path: str, column: str) -> bool:
             if pq.read_table(file, columns=[column]).column(column).null_count:
                 return True
         return False
-    from ..layer.io import read_tiles
-
-    frame = read_tiles(path)
+    frame = opened(path).frame
     return column not in frame.columns or not bool(frame[column].map(has_value).all())
 
 
@@ -215,5 +229,5 @@ def complete_results(path: str, choice: ModelChoice, caption_model: str | None, 
         options=options, progress=progress, command="run")
 
 
-__all__ = ["ModelChoice", "beside", "check_overlap", "choose_model", "complete_results", "date_layers", "missing",
-           "same_model"]
+__all__ = ["ModelChoice", "beside", "check_overlap", "choose_model", "complete_results", "date_layers", "forget",
+           "missing", "opened", "same_model"]

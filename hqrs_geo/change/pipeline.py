@@ -102,10 +102,13 @@ def pair_block(block: Block, after: DateLayer, min_overlap: float) -> PairedBloc
     a_valid = joined["valid_fraction"].to_numpy(dtype=float)[row[paired]]
     b_valid = frame["valid_fraction"].to_numpy(dtype=float)[paired]
     overlap[paired] = np.nan_to_num(np.minimum(a_valid, b_valid))
-    a_has = np.asarray([candidates[w].vec_row[r] >= 0 for w, r in zip(which, local)], dtype=bool)
-    for i, (w, r) in enumerate(zip(which, local)):
-        cap = candidates[w].frame[CAPTION].iat[r] if CAPTION in candidates[w].frame.columns else None
-        after_caption[paired[i]] = cap if isinstance(cap, str) else None
+    a_has = np.zeros(len(paired), dtype=bool)
+    for w, candidate in enumerate(candidates):
+        sel = which == w
+        a_has[sel] = candidate.vec_row[local[sel]] >= 0
+        if CAPTION in candidate.frame.columns:
+            captions = candidate.frame[CAPTION].to_numpy(dtype=object)[local[sel]]
+            after_caption[paired[sel]] = [c if isinstance(c, str) else None for c in captions]
     ok = a_has & block.has_vector[paired] & (overlap[paired] >= min_overlap)
     compared[paired[ok]] = True
     rows = paired[ok]
@@ -307,7 +310,7 @@ def change(before: Any, after: Any, output: str | os.PathLike, *, model: str | N
     from ..layer.dataset import is_dataset_output
     from ..layer.io import check_writable, write_tiles
     from ..layer.runs import new_run
-    from .inputs import check_overlap, choose_model, complete_results, date_layers, same_model
+    from .inputs import forget
 
     threshold = _number(threshold, "threshold")
     min_overlap = _number(min_overlap, "min_overlap", 0.0, 1.0)
@@ -328,21 +331,12 @@ def change(before: Any, after: Any, output: str | os.PathLike, *, model: str | N
         raise OptionError(f"{output}: write the change layer to a file ending in .gpkg, .parquet or .fgb",
                           option="output")
     check_writable(output)
-    b_path, a_path = date_layers(before, after, output, tiling, progress)
-    for path in (b_path, a_path):
-        if os.path.abspath(str(path).rstrip("/")) == os.path.abspath(str(output)):
-            raise OptionError(f"{output}: is a date layer of this comparison; write the change layer to another file",
-                              option="output")
-    check_overlap(b_path, a_path)
-    choice = choose_model(b_path, a_path, model, checkpoint)
-    for path in (b_path, a_path):
-        complete_results(path, choice, caption_model if isinstance(caption_model, str) else None,
-                         caption_checkpoint, captions, device, options, decoding, progress)
-    b = DateLayer(b_path, model=choice.name, device=device)
-    a = DateLayer(a_path, model=choice.name, device=device)
-    if not same_model(b.source, a.source):
-        raise OptionError(f"{b_path} was embedded by {b.source.model}, {a_path} by {a.source.model}; both dates must "
-                          "be embedded by the same model: give «model» to embed both with one", option="model")
+    try:
+        b, a = _open_dates(before, after, output, tiling, progress, model, checkpoint, caption_model,
+                           caption_checkpoint, captions, device, options, decoding)
+    finally:
+        forget()
+    b_path, a_path = b.path, a.path
     queries = Queries(positive=positive, negative=negative)
     if became is not None:
         queries.became = b.session.text_query(became)
@@ -370,6 +364,30 @@ def change(before: Any, after: Any, output: str | os.PathLike, *, model: str | N
               "became": became, "stopped": stopped, "classes": list(queries.zero_shot.labels) if classes else None,
               "positive": positive, "negative": negative, "scenes": b.scenes()}
     return write_tiles(output, result, new_run(CHANGE_COMMAND, "tiles", params), replace_all=True)
+
+
+def _open_dates(before: Any, after: Any, output: Any, tiling: Any, progress: Any, model: str | None,
+                checkpoint: str | None, caption_model: Any, caption_checkpoint: str | None, captions: bool,
+                device: str, options: Any, decoding: Any) -> tuple[DateLayer, DateLayer]:
+    """The two dates, made from rasters where needed, with the results the comparison needs."""
+    from .inputs import check_overlap, choose_model, complete_results, date_layers, same_model
+
+    b_path, a_path = date_layers(before, after, output, tiling, progress)
+    for path in (b_path, a_path):
+        if os.path.abspath(str(path).rstrip("/")) == os.path.abspath(str(output)):
+            raise OptionError(f"{output}: is a date layer of this comparison; write the change layer to another file",
+                              option="output")
+    check_overlap(b_path, a_path)
+    choice = choose_model(b_path, a_path, model, checkpoint)
+    for path in (b_path, a_path):
+        complete_results(path, choice, caption_model if isinstance(caption_model, str) else None,
+                         caption_checkpoint, captions, device, options, decoding, progress)
+    b = DateLayer(b_path, model=choice.name, device=device)
+    a = DateLayer(a_path, model=choice.name, device=device)
+    if not same_model(b.source, a.source):
+        raise OptionError(f"{b_path} was embedded by {b.source.model}, {a_path} by {a.source.model}; both dates must "
+                          "be embedded by the same model: give «model» to embed both with one", option="model")
+    return b, a
 
 
 def _no_pairs(b_path: str, a_path: str) -> InputError:

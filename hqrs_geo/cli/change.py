@@ -6,6 +6,7 @@ import json
 import math
 from typing import Any
 
+from ..tiling.config import TileConfig
 from .options import add_progress_options, add_tiling_options, finish, number, tile_config
 
 #: Python parameter names whose command-line flag is not ``--name-with-dashes``.
@@ -90,7 +91,9 @@ def run_change(args: argparse.Namespace, progress: Any) -> int:
     classes = args.labels.split(",") if args.labels else []
     if args.labels_file:
         classes += read_lines(args.labels_file, "labels file")
-    tiling = tile_config(args)
+    tiling: TileConfig | None = tile_config(args)
+    if tiling == TileConfig().validated():  # none given: AFTER rasters take BEFORE's own reading (bands, stretch)
+        tiling = None
     layer = change(args.before, args.after, args.output, model=args.model, checkpoint=args.checkpoint,
                    caption_model=args.caption_model, caption_checkpoint=args.caption_checkpoint,
                    captions=not args.no_captions, classes=classes or None, became=args.became, stopped=args.stopped,
