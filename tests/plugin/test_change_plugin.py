@@ -323,6 +323,26 @@ def test_compare_two_dates_in_processing_loads_the_change_layer_over_the_imagery
         assert len(features) == 16 and len(empty) == 1
         assert all(not features[t]["compared"] and features[t]["change_score"] in (None, NULL) for t in empty)
         assert all(str(features[t]["class_after"]) not in ("", "NULL") for t in painted)
+        # the date layers it wrote, as tile layers of the project, ranked by a text they stopped being
+        tiles = {}
+        for when in ("before", "after"):
+            tiles[when] = QgsVectorLayer(f"{tmp_path / f'town_change-{when}.gpkg'}|layername=tiles", when, "ogr")
+            project.addMapLayer(tiles[when])
+        feedback = Recorder()
+        processing_run("hqrs:change", {"BEFORE": tiles["before"].id(), "AFTER": tiles["after"].id(),
+                                       "STOPPED": "a river", "CAPTIONS": False, "DEVICE": "cpu",
+                                       "OUTPUT": str(tmp_path / "stopped.gpkg")}, feedback=feedback)
+        command = feedback.commands[-1]
+        assert f"{tmp_path / 'town_change-before.gpkg'} {tmp_path / 'town_change-after.gpkg'}" in command
+        assert "--model" not in command and "--tile-size" not in command  # the layers' own embeddings
+        stopped = changes.read_change_file(str(tmp_path / "stopped.gpkg"), k=16, ranking="stopped")
+        assert [row.rank for row in stopped] == sorted(row.rank for row in stopped) and len(stopped) == 15
+        from qgis.core import QgsProcessingException
+
+        with pytest.raises(QgsProcessingException, match="the later date .after.: .*change layer"):
+            processing_run("hqrs:change", {"BEFORE": tiles["before"].id(), "AFTER": result["OUTPUT"],
+                                           "OUTPUT": str(tmp_path / "never.gpkg")})
+        assert not (tmp_path / "never.gpkg").exists()
     finally:
         for layer in project.mapLayers().values():
             project.removeMapLayer(layer.id())
