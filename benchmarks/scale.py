@@ -205,7 +205,7 @@ def compare_mode(args) -> dict:
             seconds = time.perf_counter() - start
             assert not report.failed and report.tiles, report.summary()
             first = rate.points[0][0] - start if rate.points else float("nan")
-            return report.tiles / seconds, rate.steady(), first, dict(distributed.TRAFFIC)
+            return report.tiles / seconds, rate.steady(), first, dict(getattr(distributed, "TRAFFIC", {}))
 
         scale = ScaleOptions(engine="ray", block_tiles=unit, gpus_per_worker=1 if where == "cuda" else None)
         cold = None

@@ -134,6 +134,19 @@ def read_task(unit: Unit, ctx: JobContext, mark: str | None = None) -> tuple[dic
     return plan_unit(unit, ctx)
 
 
+def warm_task() -> bool:
+    """Ray task: import what the read and write tasks use (scene preparation, GDAL, GeoPandas,
+    Parquet), run while the model workers load their models, so the first unit does not wait
+    for a worker process's imports."""
+    import geopandas  # noqa: F401
+    import pyarrow.parquet  # noqa: F401
+
+    from ..layer import dataset  # noqa: F401
+    from ..tiling import plan, reader  # noqa: F401
+
+    return True
+
+
 def write_task(unit: Unit, status: dict, frame: Any, stored: dict, ctx: JobContext, mark: str | None = None) -> dict:
     """Ray task: :func:`~hqrs_geo.engine.units.write_unit`."""
     _started(mark)
@@ -371,6 +384,7 @@ class RayExecutor:
         self.resources: dict[str, Any] = {}
         self.checked = 0.0
         self.timeout = float(getattr(scale, "unit_timeout", None) or UNIT_TIMEOUT)
+        self.warm: list = []
 
     # -- cluster and workers ------------------------------------------------------------------
     def _init(self) -> None:
@@ -519,6 +533,9 @@ class RayExecutor:
         self.io_options = {"num_cpus": r["io_cpus"], "max_retries": 3}
         self.nodes = list(r["placed"])
         self.actors = [self._new_actor(node) for node in self.nodes]
+        # the CPU task workers import their modules while the models load (not waited for)
+        slots = max(1, int(min(4, r["in_flight"])))
+        self.warm = [ray.remote(warm_task).options(**self.io_options).remote() for _ in range(slots)]
         self.load = [0] * len(self.actors)
         self.specs = []
         self.checked = time.monotonic()
@@ -890,7 +907,7 @@ class RayExecutor:
                 ray.kill(actor, no_restart=True)
             except Exception:  # already gone
                 pass
-        self.actors, self.pending = [], {}
+        self.actors, self.pending, self.warm = [], {}, []
         if self.owns and ray.is_initialized():
             ray.shutdown()
 
