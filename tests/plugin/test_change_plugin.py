@@ -428,6 +428,16 @@ def test_compare_with_in_the_dock_lists_the_most_changed_tiles_and_zooms_to_them
         assert panel.change_layer().name() == 'change: dock_change-before → dock_change-after (became "red roofs")'
         assert [row.rank for row in panel.rows] == sorted(row.rank for row in panel.rows)
         assert panel.rows[0].score >= panel.rows[-1].score
+        # Cancel stops the engine: no change layer, the status says so
+        layers_before = len(project.mapLayers())
+        dialog = panel.open_dialog(earlier)
+        dialog.output.setFilePath(str(tmp_path / "cancelled.gpkg"))
+        dialog.accept()
+        wait_for(lambda: "tiles" in panel.status.text(), 120)
+        QTest.mouseClick(panel.cancel_button, Qt.LeftButton)
+        waited = wait_for(lambda: not panel.cancel_button.isEnabled(), 60)
+        assert panel.status.text().startswith("comparison cancelled") and waited < 20
+        assert not (tmp_path / "cancelled.gpkg").exists() and len(project.mapLayers()) == layers_before
         # a date that does not cover the earlier one: the engine's one-line error, no layer
         layers_before = len(project.mapLayers())
         dialog = panel.open_dialog(earlier)
