@@ -77,6 +77,9 @@ def tile(inputs: PathOrPaths, output: str | os.PathLike, config: TileConfig | No
     if like is not None:
         from .tiling.coregister import tile_like
 
+        if scale is not None and getattr(scale, "engine", "local") != "local":
+            raise OptionError("tiling like a reference layer runs in this process; leave out «engine»",
+                              option="engine")
         if source_filter is not None:
             from .raster.catalog import resolve_sources
 
