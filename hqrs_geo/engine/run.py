@@ -23,20 +23,21 @@ from ..models.loader import LoadedModel
 from ..tiling.dataset import TileDataset, collate_tiles
 from .options import RunOptions
 from .store import ResumeStore, partial_path
-from .tasks import CaptionTask, EmbedTask
+from .tasks import CaptionTask, EmbedTask, share_image_tower
 
 Row = tuple[str, str, object]  # (tile_id, store key, value)
 
 
 def make_tasks(embedders: Sequence[LoadedModel], captioner: LoadedModel | None, decoding: Any,
                options: RunOptions) -> list:
-    """The tasks of a job: one :class:`EmbedTask` per embedding model, then the caption task."""
+    """The tasks of a job: one :class:`EmbedTask` per embedding model, then the caption task (which
+    reuses the image tower tokens of an embedding task of the same CoCa weights)."""
     tasks: list = [EmbedTask(m, options) for m in embedders]
     if captioner is not None:
         tasks.append(CaptionTask(captioner, options, decoding))
     if not tasks:
         raise OptionError("nothing to compute: give an embedding model and/or a caption model", option="model")
-    return tasks
+    return share_image_tower(tasks)
 
 
 def stale_fields(runs: LayerRuns, tasks: Sequence) -> set[str]:

@@ -61,6 +61,8 @@ class EmbedTask(_Task):
         self.field = embedding_column(loaded.spec.key)
         super().__init__(loaded, options)
         self.dtype = options.embedding_dtype
+        self.keep_tower_tokens = False  # set by share_image_tower: a caption task reuses the tokens
+        self.tower_tokens: tuple[Any, Any] | None = None  # (the images, their image tower tokens)
 
     def vectors(self, images: Any) -> np.ndarray:
         """Normalised float32 embeddings; non-finite outputs are refused (nothing is stored)."""
@@ -74,7 +76,12 @@ class EmbedTask(_Task):
         import torch.nn.functional as F
 
         with inference_context(self.loaded.device, self.amp):
-            features = F.normalize(self.loaded.model.encode_image(self.inputs(images)).float(), dim=-1)
+            if self.keep_tower_tokens:  # a CoCa: the pooled embedding and the tokens captions attend to
+                pooled, tokens = self.loaded.model._encode_image(self.inputs(images))
+                self.tower_tokens = (images, tokens)
+            else:
+                pooled = self.loaded.model.encode_image(self.inputs(images))
+            features = F.normalize(pooled.float(), dim=-1)
         if features.device.type == "cuda":
             host = torch.empty(features.shape, dtype=features.dtype, pin_memory=True)
             host.copy_(features, non_blocking=True)
@@ -150,21 +157,34 @@ class CaptionTask(_Task):
         super().__init__(loaded, options or RunOptions())
         self.decoding = (decoding or DecodingConfig()).validated()
         self.batch_limit: int | None = None  # measured on the first batch (see measure_batch_limit)
+        self.tower: EmbedTask | None = None  # the same model's embedding task (see share_image_tower)
 
-    def decode(self, images: Any) -> list[str]:
-        """Caption texts of ``images`` in one decoder batch."""
+    def decode(self, images: Any, image_embs: Any = None) -> list[str]:
+        """Caption texts of ``images`` in one decoder batch (``image_embs``: their image tower
+        tokens when already computed)."""
         from ..models.decoding import generate_captions
 
         with inference_context(self.loaded.device, self.amp):
-            texts = generate_captions(self.loaded.model, self.loaded.tokenizer, self.inputs(images), self.decoding)
+            texts = generate_captions(self.loaded.model, self.loaded.tokenizer, self.inputs(images), self.decoding,
+                                      image_embs=image_embs)
         return [clean_caption(t) for t in texts]
 
     def __call__(self, images: Any) -> list:
-        """Caption texts, one per image; on CUDA decoded in batches that fit the free GPU memory."""
+        """Caption texts, one per image; on CUDA decoded in batches that fit the free GPU memory.
+        When the same model's embedding task has just encoded these images, its image tower
+        tokens are used (the tower runs once per tile)."""
+        tokens = None
+        if self.tower is not None and self.tower.tower_tokens is not None:
+            encoded, tokens = self.tower.tower_tokens
+            self.tower.tower_tokens = None
+            if encoded is not images:
+                tokens = None
         if self.batch_limit is None:
             self.batch_limit = self.measure_batch_limit(images)
         step = max(1, self.batch_limit or len(images))
-        return [text for start in range(0, len(images), step) for text in self.decode(images[start:start + step])]
+        return [text for start in range(0, len(images), step)
+                for text in self.decode(images[start:start + step],
+                                        None if tokens is None else tokens[start:start + step])]
 
     def measure_batch_limit(self, images: Any) -> int:
         """How many images one decoder batch may hold: on CUDA, what ``MEMORY_SHARE`` of the free GPU
@@ -192,3 +212,27 @@ class CaptionTask(_Task):
     def describe(self) -> dict:
         """Run metadata of this task."""
         return {**super().describe(), "decoding": self.decoding.as_dict()}
+
+
+def share_image_tower(tasks: list) -> list:
+    """Let a caption task use the image tower tokens of an embedding task of the same CoCa weights
+    on the same device (run before it on each batch), so the tower runs once per tile for both
+    results. Returns ``tasks`` (the embedding tasks come first, as the engines order them)."""
+    captions = [t for t in tasks if isinstance(t, CaptionTask)]
+    for caption in captions:
+        for task in tasks[:tasks.index(caption)]:
+            if isinstance(task, EmbedTask) and task.loaded.kind == "coca" and task.amp == caption.amp \
+                    and same_weights(task.loaded, caption.loaded):
+                task.keep_tower_tokens = True
+                caption.tower = task
+                break
+    return tasks
+
+
+def same_weights(a: LoadedModel, b: LoadedModel) -> bool:
+    """Whether two loaded models compute the same thing: one object, or the same architecture and
+    checkpoint digest on the same device."""
+    if a is b:
+        return True
+    return bool(a.sha256) and a.sha256 == b.sha256 and a.spec.arch == b.spec.arch and a.device == b.device \
+        and a.preprocess == b.preprocess

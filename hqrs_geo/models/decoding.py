@@ -219,15 +219,19 @@ class _IncrementalCoCa:
         # ln_final (that norm only applies to the pooled CLS output); otherwise ln_final(x).
         self.text_final = None if self.text.cls_emb is not None else self.text.ln_final
         self.max_length = max_caption_length(model)
+        self.image_embs: torch.Tensor | None = None  # the images' tower tokens, when computed elsewhere
 
     # -- setup ---------------------------------------------------------------------------------
 
     def start(self, images: torch.Tensor, capacity: int) -> _State:
-        """Encode ``images`` once and precompute every decoder layer's cross-attention k/v."""
-        visual_dtype = next(self.model.visual.parameters()).dtype
-        if images.is_floating_point() and images.dtype != visual_dtype:
-            images = images.to(visual_dtype)
-        _, image_embs = self.model._encode_image(images)
+        """Encode ``images`` once (unless :attr:`image_embs` already holds their image tower
+        tokens) and precompute every decoder layer's cross-attention k/v."""
+        image_embs = self.image_embs
+        if image_embs is None:
+            visual_dtype = next(self.model.visual.parameters()).dtype
+            if images.is_floating_point() and images.dtype != visual_dtype:
+                images = images.to(visual_dtype)
+            _, image_embs = self.model._encode_image(images)
         layers = [self._cross_kv(block, image_embs) for block in self.cross_blocks]
         return _State(cross=torch.stack(layers), capacity=capacity)
 
@@ -462,6 +466,7 @@ def generate_tokens(
     sot_id: int,
     eos_id: int,
     pad_id: int | None = 0,
+    image_embs: torch.Tensor | None = None,
 ) -> list[list[int]]:
     """Caption token ids for a batch of preprocessed images, decoded with a key/value cache.
 
@@ -469,11 +474,18 @@ def generate_tokens(
     be wrapped in ``torch.autocast`` and/or ``torch.inference_mode``). ``config`` defaults to
     ``DecodingConfig()``. Returns one list per image, without the start and end-of-text tokens;
     the start token and ``pad_id`` are never generated. Greedy and beam search are deterministic;
-    sampling is reproducible for a given ``config.seed``.
+    sampling is reproducible for a given ``config.seed``. ``image_embs``: the images' token
+    embeddings from ``model._encode_image(images)[1]`` when already computed (e.g. by the same
+    model's embedding pass), so the image tower does not run again.
     """
     config = (config or DecodingConfig()).validated()
     _check_images(images)
     stepper = _IncrementalCoCa(model)
+    if image_embs is not None:
+        if image_embs.dim() != 3 or image_embs.shape[0] != images.shape[0]:
+            raise OptionError(f"image_embs of shape {tuple(image_embs.shape)} do not belong to {images.shape[0]} "
+                              "images; give model._encode_image(images)[1]")
+        stepper.image_embs = image_embs
     if config.max_length > stepper.max_length:
         raise OptionError(f"{config.max_length} exceeds the model's text context ({stepper.max_length}); give a "
                           "smaller maximum length", option="max_length")
@@ -550,8 +562,10 @@ def clean_caption(tokenizer, ids: Sequence[int], pad_id: int = 0) -> str:
 
 
 def generate_captions(model: CoCaModel, tokenizer, images: torch.Tensor,
-                      config: DecodingConfig | None = None) -> list[str]:
-    """Captions (clean text) for a batch of preprocessed images; ids come from the tokenizer."""
+                      config: DecodingConfig | None = None, image_embs: torch.Tensor | None = None) -> list[str]:
+    """Captions (clean text) for a batch of preprocessed images; ids come from the tokenizer
+    (``image_embs``: see :func:`generate_tokens`)."""
     pad_id = getattr(model, "pad_id", 0)
-    token_ids = generate_tokens(model, images, config, tokenizer.sot_token_id, tokenizer.eot_token_id, pad_id)
+    token_ids = generate_tokens(model, images, config, tokenizer.sot_token_id, tokenizer.eot_token_id, pad_id,
+                                image_embs=image_embs)
     return [clean_caption(tokenizer, ids, pad_id=pad_id) for ids in token_ids]

@@ -309,6 +309,42 @@ def test_caption_batches_follow_the_memory_limit(tiny_coca_checkpoint):
     assert task(images) == whole and len(whole) == 7
 
 
+def test_one_coca_embeds_and_captions_with_one_pass_of_its_image_tower(tiny_coca_checkpoint):
+    """The same CoCa as embedding and caption model: its image tower runs once per batch, and both
+    results are those of the tasks run apart (also for halves of a batch and decoder batches)."""
+    from tiny_models import TINY_COCA
+
+    from hqrs_geo.engine.run import make_tasks
+    from hqrs_geo.engine.tasks import CaptionTask, EmbedTask
+    from hqrs_geo.models.decoding_options import DecodingConfig
+
+    loaded = load_model(TINY_COCA, checkpoint=str(tiny_coca_checkpoint), device="cpu")
+    other = load_model(TINY_COCA, checkpoint=str(tiny_coca_checkpoint), device="cpu")  # same file, loaded again
+    ds = TileDataset.from_rasters(EXAMPLE_SCENE, TileConfig(tile_size=125))
+    images = torch.stack([torch.from_numpy(np.ascontiguousarray(ds[i][1])).permute(2, 0, 1) for i in range(6)])
+    records = ds.records[:6]
+    config = DecodingConfig(method="beam", num_beams=2, max_length=8)
+    options = RunOptions(embedding_dtype="float32")
+    alone = {EmbedTask(loaded, options).store_key: EmbedTask(loaded, options)(images),
+             "caption": CaptionTask(loaded, options, config)(images)}
+    passes = []
+    loaded.model.visual.register_forward_hook(lambda *_: passes.append(1))
+    for embedder in (loaded, other):
+        tasks = make_tasks([embedder], loaded, config, options)
+        assert tasks[1].tower is tasks[0]
+        tasks[1].batch_limit = 4  # decoder batches of 4 and 2 from the shared tokens
+        passes.clear()
+        rows = run_batch(tasks, images, records)
+        assert len(passes) == (1 if embedder is loaded else 0)  # `other`'s tower ran instead of loaded's
+        got: dict[str, list] = {}
+        for _, key, value in rows:
+            got.setdefault(key.split("@")[0] if key.startswith("caption") else key, []).append(value)
+        key = tasks[0].store_key
+        assert got["caption"] == alone["caption"]
+        assert np.allclose(decode(got[key], loaded.embed_dim), decode(alone[key], loaded.embed_dim), atol=1e-6)
+    assert make_tasks([], loaded, config, options)[0].tower is None
+
+
 def test_cli_run_tiles_embeds_and_captions_in_one_pass(tmp_path, tiny_clip_checkpoint, tiny_coca_checkpoint):
     from tiny_models import TINY_COCA
 

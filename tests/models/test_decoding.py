@@ -262,6 +262,20 @@ def test_generate_captions(coca, images):
     assert any(captions)
 
 
+@pytest.mark.parametrize("method", ["greedy", "beam"])
+def test_given_image_tokens_give_the_same_captions(coca, images, method):
+    """Tokens of the image tower computed elsewhere (an embedding pass of the same model) decode
+    to the captions the decoder gets by encoding the images itself; tokens of other images are refused."""
+    model, tokenizer = coca
+    config = DecodingConfig(method=method, num_beams=2, min_length=2, max_length=8)
+    with torch.inference_mode():
+        tokens = model._encode_image(images)[1]
+        assert generate_captions(model, tokenizer, images, config, image_embs=tokens) == \
+            generate_captions(model, tokenizer, images, config)
+        with pytest.raises(OptionError, match="do not belong"):
+            generate_captions(model, tokenizer, images, config, image_embs=tokens[:1])
+
+
 # -- execution contexts --------------------------------------------------------------------------
 
 
