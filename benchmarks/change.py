@@ -46,6 +46,7 @@ from demo_ap import average_precision  # noqa: E402
 
 DATA_ENV = "HQRS_GEO_CHANGE_DATA"
 THRESHOLDS = (1.0, 5.0, 10.0)
+IMAGES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 
 
 def roc_auc(scores: np.ndarray, positive: np.ndarray) -> float:
@@ -85,7 +86,7 @@ def find_sets(data: Path) -> list[Path]:
 
 def pair_names(folder: Path, limit: int | None) -> list[str]:
     """File names present in A/, B/ and label/, sorted; the first ``limit``."""
-    names = sorted(p.name for p in (folder / "label").iterdir() if p.is_file()
+    names = sorted(p.name for p in (folder / "label").iterdir() if p.is_file() and p.suffix.lower() in IMAGES
                    and (folder / "A" / p.name).is_file() and (folder / "B" / p.name).is_file())
     return names[:limit] if limit else names
 
@@ -108,6 +109,12 @@ def pixel_scores(folder: Path, tiles) -> dict[str, np.ndarray]:
     for name, rows in tiles.groupby("pair").groups.items():
         a, b = _normalised(folder / "A" / name), _normalised(folder / "B" / name)
         label = _read(folder / "label" / name) > 0
+        if label.ndim == 3:  # a mask saved as RGB
+            label = label.any(axis=-1)
+        if not label.shape == a.shape[:2] == b.shape[:2]:
+            sizes = ", ".join(f"{x.shape[1]}x{x.shape[0]}" for x in (a, b, label))
+            raise SystemExit(f"{folder}: {name} differs in size between A/, B/ and label/ ({sizes}); "
+                             "give masks of the images' size")
         diff = a - b
         for i in rows:
             t = tiles.loc[i]

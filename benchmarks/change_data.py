@@ -29,6 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 REPOSITORY = "https://github.com/wgcban/ChangeFormer"
 SETS = {"samples_LEVIR": "levir-cd", "samples_DSIFN": "dsifn-cd"}
 
@@ -51,8 +53,13 @@ def _export(source: Path, folder: Path) -> Path:
     directory exported with ``git archive`` into ``folder``)."""
     if not _is_git_dir(source):
         return source
-    archive = subprocess.run(["git", "--git-dir", str(source), "archive", "HEAD", *SETS], check=True,
-                             capture_output=True).stdout
+    try:
+        archive = subprocess.run(["git", "--git-dir", str(source), "archive", "HEAD", *SETS], check=True,
+                                 capture_output=True).stdout
+    except subprocess.CalledProcessError as exc:
+        message = exc.stderr.decode(errors="replace").strip().splitlines()
+        raise SystemExit(f"{source}: cannot export {', '.join(SETS)} ({message[0] if message else 'git failed'}); "
+                         f"give a checkout of {REPOSITORY}") from None
     subprocess.run(["tar", "-x", "-C", str(folder)], input=archive, check=True)
     return folder
 
@@ -77,6 +84,8 @@ def prepare(source: Path, out: Path) -> dict:
     to ``out/SOURCE.json``."""
     from PIL import Image
 
+    from hqrs_geo.atomic import atomic_path
+
     if not source.exists():
         raise SystemExit(f"{source}: not found; clone {REPOSITORY} and give its folder")
     summary: dict = {"repository": REPOSITORY, "commit": _commit(source), "sets": {}}
@@ -86,22 +95,26 @@ def prepare(source: Path, out: Path) -> dict:
             if not (root / folder / "label").is_dir():
                 raise SystemExit(f"{source}: has no {folder}/label; give a checkout of {REPOSITORY}")
             names = _complete_pairs(root / folder)
-            target = out / name
+            target, partial = out / name, out / f".{name}.partial"  # a set appears whole or not at all
+            shutil.rmtree(partial, ignore_errors=True)
             changed = pixels = 0
             size = None
             for sub in ("A", "B", "label"):
-                (target / sub).mkdir(parents=True, exist_ok=True)
+                (partial / sub).mkdir(parents=True)
                 for n in names:
-                    shutil.copyfile(root / folder / sub / n, target / sub / n)
+                    shutil.copyfile(root / folder / sub / n, partial / sub / n)
             for n in names:
-                with Image.open(target / "label" / n) as im:
+                with Image.open(partial / "label" / n) as im:
                     mask = np.asarray(im) > 0
                 size = list(mask.shape[::-1])
                 changed += int(mask.sum())
                 pixels += mask.size
+            shutil.rmtree(target, ignore_errors=True)
+            partial.rename(target)
             summary["sets"][name] = {"from": folder, "pairs": len(names), "size_px": size, "pixels": pixels,
                                      "changed_share": changed / pixels if pixels else 0.0}
-    (out / "SOURCE.json").write_text(json.dumps(summary, indent=2) + "\n")
+    with atomic_path(out / "SOURCE.json") as tmp_file:
+        Path(tmp_file).write_text(json.dumps(summary, indent=2) + "\n")
     return summary
 
 
