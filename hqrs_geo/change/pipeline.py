@@ -295,7 +295,9 @@ def change(before: Any, after: Any, output: str | os.PathLike, *, model: str | N
     dates: ``model``, else the one they were made with, else the default) and, with
     ``captions``, captions (``caption_model``, ``False``: none) are computed where missing.
 
-    ``output``: the change layer (``.gpkg``, ``.parquet``, ``.fgb``), one row per BEFORE tile;
+    ``output``: the change layer (``.gpkg``, ``.parquet``, ``.fgb``), one row per BEFORE tile,
+    returned as written (GeoDataFrame); for a BEFORE dataset also a folder, written part by part
+    (returns ``{"output", "parts", "tiles", "paired", "compared", "changed"}``);
     its columns are listed in docs/change.md: ``change_cosine`` (1 - cosine of the two dates'
     embeddings), ``change_score`` (its robust z-score within the reference scene: a shift of the
     whole scene is absorbed), ``change_pct``, ``changed`` (``change_score >= threshold``),
@@ -307,10 +309,11 @@ def change(before: Any, after: Any, output: str | os.PathLike, *, model: str | N
     ``checkpoint``, ``caption_checkpoint``, ``options`` (:class:`~hqrs_geo.engine.options.RunOptions`)
     and ``decoding`` apply to results computed here.
     """
-    from ..layer.dataset import is_dataset_output
-    from ..layer.io import check_writable, write_tiles
+    from ..layer.dataset import is_dataset, is_dataset_output
+    from ..layer.io import check_writable
     from ..layer.runs import new_run
     from .inputs import forget
+    from .output import DatasetSink, LayerSink
 
     threshold = _number(threshold, "threshold")
     min_overlap = _number(min_overlap, "min_overlap", 0.0, 1.0)
@@ -327,10 +330,12 @@ def change(before: Any, after: Any, output: str | os.PathLike, *, model: str | N
         captions, caption_model = False, None
     if caption_model is True:
         caption_model = None
-    if is_dataset_output(output):
-        raise OptionError(f"{output}: write the change layer to a file ending in .gpkg, .parquet or .fgb",
-                          option="output")
-    check_writable(output)
+    to_dataset = is_dataset_output(output)
+    if to_dataset and not (isinstance(before, (str, os.PathLike)) and is_dataset(before)):
+        raise OptionError(f"{output}: a folder output needs a dataset as «before»; write the change layer of tile "
+                          "layers or rasters to a file ending in .gpkg, .parquet or .fgb", option="output")
+    if not to_dataset:
+        check_writable(output)
     try:
         b, a = _open_dates(before, after, output, tiling, progress, model, checkpoint, caption_model,
                            caption_checkpoint, captions, device, options, decoding)
@@ -348,29 +353,31 @@ def change(before: Any, after: Any, output: str | os.PathLike, *, model: str | N
     comparison.calibrate(progress)
     if comparison.counts["tiles"] and not comparison.counts["paired"]:
         raise _no_pairs(b_path, a_path)
-    frames = []
-    if progress is not None:
-        progress.start("write", comparison.counts["tiles"])
-    for paired in comparison.paired_blocks():
-        frames.append(comparison.columns(paired, threshold, captions))
-        if progress is not None:
-            progress.advance(len(paired.block.frame))
-    result = _concat(frames, b.crs)
-    counts = {**comparison.counts, "changed": int(result["changed"].sum()) if len(result) else 0}
+    sink = DatasetSink(output, b) if to_dataset else LayerSink(output, b.crs)
     calibration = {s: c.as_dict() for s, c in comparison.calibrations.items()}
     params = {"before": b_path, "after": a_path, "model": b.source.model, "threshold": threshold,
               "min_overlap": min_overlap, "median": {s: c["median"] for s, c in calibration.items()},
-              "mad": {s: c["mad"] for s, c in calibration.items()}, "calibration": calibration, "counts": counts,
-              "became": became, "stopped": stopped, "classes": list(queries.zero_shot.labels) if classes else None,
-              "positive": positive, "negative": negative, "scenes": b.scenes()}
-    return write_tiles(output, result, new_run(CHANGE_COMMAND, "tiles", params), replace_all=True)
+              "mad": {s: c["mad"] for s, c in calibration.items()}, "calibration": calibration,
+              "counts": dict(comparison.counts), "became": became, "stopped": stopped,
+              "classes": list(queries.zero_shot.labels) if classes else None, "positive": positive,
+              "negative": negative, "scenes": b.scenes()}
+    if progress is not None:
+        progress.start("write", comparison.counts["tiles"])
+    for paired in comparison.paired_blocks():
+        sink.add(paired.block.name, comparison.columns(paired, threshold, captions),
+                 new_run(CHANGE_COMMAND, "tiles", params))
+        if progress is not None:
+            progress.advance(len(paired.block.frame))
+    params["counts"]["changed"] = sink.changed()
+    return sink.finish(new_run(CHANGE_COMMAND, "tiles", params))
 
 
 def _open_dates(before: Any, after: Any, output: Any, tiling: Any, progress: Any, model: str | None,
                 checkpoint: str | None, caption_model: Any, caption_checkpoint: str | None, captions: bool,
                 device: str, options: Any, decoding: Any) -> tuple[DateLayer, DateLayer]:
     """The two dates, made from rasters where needed, with the results the comparison needs."""
-    from .inputs import check_overlap, choose_model, complete_results, date_layers, same_model
+    from ..layer.dataset import is_dataset
+    from .inputs import check_overlap, choose_model, complete_results, date_layers, opened, same_model
 
     b_path, a_path = date_layers(before, after, output, tiling, progress)
     for path in (b_path, a_path):
@@ -378,6 +385,10 @@ def _open_dates(before: Any, after: Any, output: Any, tiling: Any, progress: Any
             raise OptionError(f"{output}: is a date layer of this comparison; write the change layer to another file",
                               option="output")
     check_overlap(b_path, a_path)
+    if not is_dataset(b_path) and not is_dataset(a_path):  # misaligned layers: said before any model runs
+        b_tiles, a_tiles = opened(b_path).frame, opened(a_path).frame
+        if len(b_tiles) and not pair_tiles(b_tiles, a_tiles).paired.any():
+            raise _no_pairs(b_path, a_path)
     choice = choose_model(b_path, a_path, model, checkpoint)
     for path in (b_path, a_path):
         complete_results(path, choice, caption_model if isinstance(caption_model, str) else None,
@@ -395,18 +406,6 @@ def _no_pairs(b_path: str, a_path: str) -> InputError:
     return InputError(f"{a_path}: no tile has the footprint of a tile of {b_path} (they do not overlap, or were "
                       "tiled on other grids); give the same place at both dates, and tile the after date on the "
                       "before date's tiles (rasters given to change are)")
-
-
-def _concat(frames: list, crs: Any) -> Any:
-    import geopandas as gpd
-    import pandas as pd
-
-    if not frames:
-        return gpd.GeoDataFrame({TILE_ID: [], **{c: [] for c in CHANGE_COLUMNS}}, geometry=gpd.GeoSeries([], crs=crs),
-                                crs=crs)
-    frame = pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]
-    frame = gpd.GeoDataFrame(frame, geometry=frames[0].geometry.name, crs=crs)
-    return frame.sort_values(TILE_ID, kind="stable").reset_index(drop=True)
 
 
 __all__ = ["CHANGE_COLUMNS", "CHANGE_COMMAND", "change"]

@@ -21,7 +21,8 @@ def register(sub: Any) -> None:
     change.add_argument("before", help="the earlier date: a raster (path, URL, quoted glob, folder) or a tile layer "
                                        "or dataset folder")
     change.add_argument("after", help="the later date, as BEFORE (rasters are tiled on BEFORE's tiles)")
-    change.add_argument("-o", "--output", required=True, help="the change layer: .gpkg, .parquet or .fgb")
+    change.add_argument("-o", "--output", required=True, help="the change layer: .gpkg, .parquet or .fgb (a folder "
+                                                             "DATASET/ when BEFORE is a dataset)")
     group = change.add_argument_group("what to look for")
     group.add_argument("--became", default=None, metavar="TEXT", help="also score tiles that became TEXT")
     group.add_argument("--stopped", default=None, metavar="TEXT", help="also score tiles that stopped being TEXT")
@@ -99,10 +100,18 @@ def run_change(args: argparse.Namespace, progress: Any) -> int:
                    captions=not args.no_captions, classes=classes or None, became=args.became, stopped=args.stopped,
                    positive=args.pos, negative=args.neg, threshold=args.threshold, min_overlap=args.min_overlap,
                    tiling=tiling, device=args.device, progress=progress)
-    compared = int(layer["compared"].sum()) if len(layer) else 0
-    changed = int(layer["changed"].sum()) if len(layer) else 0
     prefix = ranking(args)
     k = args.k if args.k is not None else (20 if args.json else 0)
+    if isinstance(layer, dict):  # a dataset written part by part: its counts, and its rows only to print some
+        tiles, compared, changed = layer["tiles"], layer["compared"], layer["changed"]
+        if k:
+            from ..layer.io import read_tiles
+
+            layer = read_tiles(args.output)
+    else:
+        tiles = len(layer)
+        compared = int(layer["compared"].sum()) if len(layer) else 0
+        changed = int(layer["changed"].sum()) if len(layer) else 0
     rows = top_rows(layer, prefix, k) if k else []
     if args.json:
         print(json.dumps({"ranking": prefix, "results": rows}, ensure_ascii=False))
@@ -116,7 +125,7 @@ def run_change(args: argparse.Namespace, progress: Any) -> int:
             if row.get("class_change"):
                 extra.append(str(row["class_change"]))
             print(f"{row['rank']:>4}  {score}  {row['tile_id']}" + (f"  ({'; '.join(extra)})" if extra else ""))
-    summary = (f"{compared} of {len(layer)} tile pairs compared, {changed} changed (change score >= "
+    summary = (f"{compared} of {tiles} tile pairs compared, {changed} changed (change score >= "
                f"{args.threshold:g}); written to {args.output}")
-    return finish(args, progress, summary, compared=compared, changed=changed, tiles=len(layer),
+    return finish(args, progress, summary, compared=compared, changed=changed, tiles=tiles,
                   output=str(args.output), threshold=args.threshold)

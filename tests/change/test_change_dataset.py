@@ -58,3 +58,29 @@ def test_datasets_are_compared_part_by_part(datasets, tmp_path, tiny_clip_checkp
     for column in ("change_rank", "became_rank", "changed", "after_tile_id", "overlap"):
         assert by_id[column].tolist() == expected[column].tolist(), column
     assert frame.tile_id.str.startswith("before_").all() and frame.after_tile_id.str.startswith("after_").all()
+
+
+def test_the_change_of_a_dataset_can_be_a_dataset(datasets, tmp_path, tiny_clip_checkpoint):
+    """Written part by part (one part per BEFORE part, the BEFORE scenes' readings kept): the same
+    rows as the change layer file; a rerun replaces it; a folder output needs a BEFORE dataset."""
+    models = dict(model=TINY_CLIP, checkpoint=str(tiny_clip_checkpoint), captions=False, device="cpu")
+    layer = hg.change(*datasets, tmp_path / "c.gpkg", **models)
+    summary = hg.change(*datasets, f"{tmp_path}/changes/", **models)
+    assert summary == {"output": str(tmp_path / "changes"), "parts": 4, "tiles": 64, "paired": 64, "compared": 64,
+                       "changed": int(layer.changed.sum())}
+    parts = sorted(p.name for p in (tmp_path / "changes").glob("*.parquet"))
+    assert parts == sorted(p.name for p in datasets[0].glob("*.parquet"))
+    written = hg.read_tiles(tmp_path / "changes")
+    assert written.tile_id.tolist() == layer.tile_id.tolist()
+    for column in ("change_cosine", "change_score", "change_pct"):
+        assert np.allclose(written[column], layer[column]), column
+    assert written.change_rank.tolist() == layer.change_rank.tolist()
+    runs = hg.read_runs(tmp_path / "changes")
+    assert runs[-1]["command"] == "change" and set(runs.scenes()) == set(hg.read_runs(datasets[0]).scenes())
+    again = hg.change(*datasets, f"{tmp_path}/changes/", **models)
+    assert again["parts"] == 4 and len(hg.read_runs(tmp_path / "changes")) == 2
+    merged = tmp_path / "b.gpkg"
+    hg.merge_dataset(datasets[0], merged)
+    with pytest.raises(hg.OptionError, match="needs a dataset as before"):
+        hg.change(merged, datasets[1], f"{tmp_path}/other/", **models)
+    assert not (tmp_path / "other").exists()

@@ -108,3 +108,14 @@ def test_cli_errors_are_one_line(compared, rasters, tmp_path, tiny_clip_checkpoi
         assert result.returncode == 2, (args, result.stderr)
         assert text in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert not (tmp_path / "c.gpkg").exists()
+
+
+def test_layers_on_other_grids_are_refused_before_any_model_runs(rasters, tmp_path):
+    """AFTER tiled on its own grid, half a tile off BEFORE's: they overlap but no footprint pairs."""
+    after = write_dates(tmp_path, {}, offset=(TILE * 0.25 / 2, 0.0))[1]  # half a tile (0.25 m pixels)
+    layers = [tmp_path / "b.gpkg", tmp_path / "a.gpkg"]
+    for raster, layer in zip((rasters[0], after), layers):
+        hg.tile(raster, layer, hg.TileConfig(tile_size=TILE))
+    with pytest.raises(hg.InputError, match="no tile has the footprint of a tile of"):
+        hg.change(*layers, tmp_path / "c.gpkg", captions=False)
+    assert all(not c.startswith("emb_") for layer in layers for c in hg.read_tiles(layer).columns)
