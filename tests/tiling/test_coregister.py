@@ -338,6 +338,12 @@ def test_dataset_reference_gives_a_dataset_with_the_same_parts(tmp_path, tiny_cl
     before_px, after_px = tile_pixels(reference), tile_pixels(out)
     for tile_id in new["tile_id"]:
         assert np.abs(after_px[tile_id][0].astype(int) - before_px[tile_id][0].astype(int)).mean() < 5
+    # the reference merged into one GeoPackage (the run records of the dataset travel with it) works too
+    from hqrs_geo.layer.dataset import merge_dataset
+
+    merge_dataset(reference, tmp_path / "merged.gpkg")
+    from_merged = tile_like(tmp_path / "merged.gpkg", after_raster, tmp_path / "m.gpkg", TileConfig(min_valid=0.6))
+    assert from_merged.layer["tile_id"].tolist() == new["tile_id"].tolist()
     # again with another resampling: new aligned pixels replace the old (file and tiles), results dropped
     tile_like(reference, after_raster, out, TileConfig(min_valid=0.6, resampling="nearest"))
     assert len(list((out / "_aligned").glob("east.*.tif"))) == 1
