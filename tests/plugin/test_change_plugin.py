@@ -28,6 +28,7 @@ from qgis.core import (
 from qgis.PyQt.QtCore import QSize, Qt
 from qgis.PyQt.QtGui import QColor, QImage, QPainter
 from test_dock import IfaceStandIn, no_installed_engine, qgis, wait_for  # noqa: F401  (shared fixtures)
+from test_plugin_processing import xyz_server  # noqa: F401  (an XYZ server of the example scene)
 
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
@@ -453,3 +454,26 @@ def test_compare_with_in_the_dock_lists_the_most_changed_tiles_and_zooms_to_them
         close_dock(dock)
         for layer in list(project.mapLayers().values()):
             project.removeMapLayer(layer.id())
+
+
+def test_compare_two_dates_takes_a_web_layer_as_the_later_date(processing_run, mini_models, xyz_server,  # noqa: F811
+                                                                tmp_path):
+    scene = shutil.copy(EXAMPLE_SCENE, tmp_path / "scene.tif")
+    url = f"{xyz_server}/{{z}}/{{x}}/{{y}}.png"
+    xyz = QgsRasterLayer(f"type=xyz&url={url}&zmin=0&zmax=21", "scene XYZ", "wms")
+    assert xyz.isValid()
+    QgsProject.instance().addMapLayer(xyz)
+    try:
+        result = processing_run("hqrs:change", {
+            "BEFORE": str(scene), "AFTER": xyz.id(), "TILE_SIZE": TILE_PX, "RESOLUTION": 0.5, "CAPTIONS": False,
+            "DEVICE": "cpu", "OUTPUT": str(tmp_path / "web_change.gpkg")})
+    finally:
+        QgsProject.instance().removeMapLayer(xyz.id())
+    written = list(tmp_path.glob("scene_XYZ_0.5m_*.tif"))  # the web layer over the earlier date's extent
+    assert len(written) == 1
+    import rasterio
+
+    with rasterio.open(written[0]) as src:
+        assert src.crs.to_epsg() == 32631 and abs(src.res[0] - 0.5) < 0.01
+    layer = QgsVectorLayer(result["OUTPUT"], "change", "ogr")
+    assert layer.featureCount() == 16 and all(f["compared"] for f in layer.getFeatures())
