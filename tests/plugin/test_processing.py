@@ -120,7 +120,8 @@ def test_provider_and_algorithms_load_without_the_engine(processing_run, monkeyp
         assert type(copy) is type(alg) and copy is not alg
         assert alg.displayName() and alg.group() and alg.groupId() and alg.shortHelpString()
         names = [p.name() for p in alg.parameterDefinitions()]
-        assert ("INPUT" in names or {"BEFORE", "AFTER"} <= set(names)) and ("OUTPUT" in names or "OUTPUT" in [o.name() for o in alg.outputDefinitions()])
+        assert "INPUT" in names or {"BEFORE", "AFTER"} <= set(names)  # (Compare two dates: two inputs)
+        assert "OUTPUT" in names or "OUTPUT" in [o.name() for o in alg.outputDefinitions()]
     tile = registry.createAlgorithmById("hqrs:tile")
     assert {"TILE_SIZE", "TILE_SIZE_M", "OVERLAP", "GSD", "EDGE", "MIN_VALID", "CRS"} <= \
         {p.name() for p in tile.parameterDefinitions()}
