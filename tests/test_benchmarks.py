@@ -86,6 +86,7 @@ def test_change_benchmark_runs(tmp_path):
     for name in ("pixel |A-B|", "CVA", "embedding 1-cos [hqrs-mini-clip]", "embedding z [hqrs-mini-clip]"):
         assert at5["methods"][name]["AUC"] == 1.0, (name, at5["methods"][name])
         assert at5["methods"][name]["AP"] == 1.0, (name, at5["methods"][name])
+        assert summary["intervals"][name]["AUC"] == [1.0, 1.0]  # pairs resampled: still perfect
 
 
 def test_change_benchmark_metrics_match_sklearn():
