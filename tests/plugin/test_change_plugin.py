@@ -418,7 +418,10 @@ def test_compare_with_in_the_dock_lists_the_most_changed_tiles_and_zooms_to_them
         tiles_before = QgsVectorLayer(f"{tmp_path / 'dock_change-before.gpkg'}|layername=tiles", "tiles 2019", "ogr")
         tiles_after = QgsVectorLayer(f"{tmp_path / 'dock_change-after.gpkg'}|layername=tiles", "tiles 2023", "ogr")
         project.addMapLayers([tiles_before, tiles_after])
-        dialog = panel.open_dialog(tiles_before)
+        assert dock.set_layer(tiles_before) and panel.current_date() is tiles_before  # the dock's tile layer
+        assert dock.current_choice().model == "hqrs-mini-clip"
+        dialog = panel.open_dialog()
+        assert dialog.before.layer() is tiles_before
         assert dialog.after.layer() is tiles_after  # a tile layer is compared with a tile layer first
         dialog.became.setText("red roofs")
         dialog.captions.setChecked(False)
