@@ -463,6 +463,9 @@ def _tile_like_layer(reference: str | os.PathLike, inputs: Any, output: str | os
         raise OptionError(f"{output}: tiling like a layer file writes a layer file; give a name ending in .gpkg, "
                           ".parquet or .fgb", option="output")
     check_writable(output)
+    if ref.frame.empty:
+        raise InputError(f"{reference}: holds no tiles, so there is nothing to tile like it; give the layer of the "
+                         "earlier date with its tiles")
     complete = set(TILE_COLUMNS) <= set(ref.frame.columns)
     scenes = ref.scenes()
     used = [scenes[s] for s in dict.fromkeys(ref.frame[SOURCE].tolist()) if s in scenes] if complete else []

@@ -273,6 +273,15 @@ def test_reference_errors_in_python(tmp_path, before):
     assert not (tmp_path / "o.gpkg").exists() and not aligned_folder(tmp_path / "o.gpkg").exists()
     with pytest.raises(OptionError, match="reference layer itself"):
         tile_like(before_layer, empty, before_layer)
+    # a mosaic of rasters of different kinds
+    wide = write_raster(tmp_path / "wide.tif", np.ones((3, 400, 400), np.uint16), transform=transform, crs=crs)
+    with pytest.raises(InputError, match="wide.tif: its bands .* differ from those of .*empty.tif"):
+        tile_like(before_layer, [empty, wide], tmp_path / "o.gpkg")
+    # a reference without tiles
+    tile(empty, tmp_path / "none.gpkg")
+    with pytest.raises(InputError, match="holds no tiles"):
+        tile_like(tmp_path / "none.gpkg", before[0], tmp_path / "o.gpkg")
+    assert not (tmp_path / "o.gpkg").exists()
 
 
 def test_palette_rasters_keep_their_colours(tmp_path):
