@@ -77,10 +77,10 @@ def test_the_change_of_a_dataset_can_be_a_dataset(datasets, tmp_path, tiny_clip_
     assert written.change_rank.tolist() == layer.change_rank.tolist()
     runs = hg.read_runs(tmp_path / "changes")
     assert runs[-1]["command"] == "change" and set(runs.scenes()) == set(hg.read_runs(datasets[0]).scenes())
+    merged = hg.merge_dataset(tmp_path / "changes", tmp_path / "m.gpkg").frame  # a tile dataset like any
+    assert merged.change_rank.tolist() == layer.change_rank.tolist()
     again = hg.change(*datasets, f"{tmp_path}/changes/", **models)
     assert again["parts"] == 4 and len(hg.read_runs(tmp_path / "changes")) == 2
-    merged = tmp_path / "b.gpkg"
-    hg.merge_dataset(datasets[0], merged)
     with pytest.raises(hg.OptionError, match="needs a dataset as before"):
-        hg.change(merged, datasets[1], f"{tmp_path}/other/", **models)
+        hg.change(tmp_path / "m.gpkg", datasets[1], f"{tmp_path}/other/", **models)
     assert not (tmp_path / "other").exists()
