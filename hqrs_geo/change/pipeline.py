@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -160,7 +161,6 @@ class Comparison:
         labelled = {t: None for t in q.positive + q.negative}
         known: set[str] = set()
         weak_keys, weak = np.zeros(0), np.zeros((0, 0), np.float32)
-        rng = np.random.default_rng(BACKGROUND_SEED)
         if progress is not None:
             progress.start("compare", max(len(self.before.part_names()), 1), unit="part")
         for paired in self.paired_blocks():
@@ -181,8 +181,8 @@ class Comparison:
                 for tile in labelled:
                     if tile in at:
                         labelled[tile] = pair_features(paired.before[[at[tile]]], paired.after[[at[tile]]])[0]
-                if len(paired.rows):  # weak negatives: the pairs with the smallest random keys
-                    keys = rng.random(len(paired.rows))
+                if len(paired.rows):  # weak negatives: the pairs with the smallest keys
+                    keys = _draw_keys(ids[paired.rows], BACKGROUND_SEED)
                     free = np.asarray([t not in labelled for t in ids[paired.rows]], dtype=bool)
                     feats = pair_features(paired.before[free], paired.after[free])
                     weak_keys = np.concatenate([weak_keys, keys[free]])
@@ -269,6 +269,13 @@ class Comparison:
                                                        @ self.detector.vector)
             out["change_prob"] = prob
         return out
+
+
+def _draw_keys(tile_ids: np.ndarray, seed: int) -> np.ndarray:
+    """A pseudo-random key in [0, 1) per tile, from its id alone: the same pairs are drawn as weak
+    negatives however the tiles are split into parts or ordered."""
+    return np.fromiter((zlib.crc32(f"{seed}:{t}".encode()) for t in tile_ids), dtype=np.float64,
+                       count=len(tile_ids)) / 2.0**32
 
 
 def _ranks(n: int, rows: np.ndarray, values: np.ndarray, pool: np.ndarray) -> Any:

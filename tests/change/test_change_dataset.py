@@ -6,7 +6,7 @@ import sys
 
 import numpy as np
 import pytest
-from change_scenes import TILE, write_dates
+from change_scenes import PASTED, TILE, tile_id, write_dates
 from tiny_models import TINY_CLIP
 
 import hqrs_geo as hg
@@ -42,18 +42,19 @@ def test_datasets_are_compared_part_by_part(datasets, tmp_path, tiny_clip_checkp
     monkeypatch.setattr(io_module, "read_tiles", guarded(io_module.read_tiles))
     monkeypatch.setattr(dataset_module, "read_dataset_tiles", guarded(dataset_module.read_dataset_tiles))
     monkeypatch.setattr(io_module, "read_dataset_tiles", guarded(io_module.read_dataset_tiles))
+    marked = dict(positive=[tile_id("before", r, c) for r, c in list(PASTED)[:2]], negative=[tile_id("before", 0, 0)])
     frame = hg.change(*datasets, tmp_path / "c.gpkg", model=TINY_CLIP, checkpoint=str(tiny_clip_checkpoint),
-                      captions=False, became="a forest", device="cpu", options=RunOptions(workers=0))
+                      captions=False, became="a forest", device="cpu", options=RunOptions(workers=0), **marked)
     monkeypatch.undo()
     assert len(frame) == 64 and frame.compared.all()  # AFTER's embeddings were computed, part by part
     blocks = list(DateLayer(str(datasets[0])).blocks())
     assert len(blocks) == 4 and all(len(b.frame) == 16 for b in blocks)
 
     merged = [hg.merge_dataset(d, tmp_path / f"{d.name}.gpkg").path for d in datasets]
-    reference = hg.change(*merged, tmp_path / "ref.gpkg", captions=False, became="a forest", device="cpu")
+    reference = hg.change(*merged, tmp_path / "ref.gpkg", captions=False, became="a forest", device="cpu", **marked)
     by_id = frame.set_index("tile_id")
     expected = reference.set_index("tile_id").loc[by_id.index]
-    for column in ("change_cosine", "change_score", "change_pct", "became_score"):
+    for column in ("change_cosine", "change_score", "change_pct", "became_score", "change_prob"):
         assert np.allclose(by_id[column], expected[column], atol=1e-6), column
     for column in ("change_rank", "became_rank", "changed", "after_tile_id", "overlap"):
         assert by_id[column].tolist() == expected[column].tolist(), column
