@@ -407,8 +407,13 @@ def _aligned_scenes(reference: str | os.PathLike, plan: list[tuple[SceneReading,
             valid += known
     if progress is not None and work:
         progress.start("align", sum(len(_blocks(s.width, s.height)) for s, _, _ in work), unit="block")
-    for scene, covering, target in work:
-        valid += align_scene(scene, covering, target, config.resampling, progress)
+    try:
+        for scene, covering, target in work:
+            valid += align_scene(scene, covering, target, config.resampling, progress)
+    except BaseException:
+        if created and not any(folder.iterdir()):
+            folder.rmdir()
+        raise
     if not valid:
         for _, _, target in work:
             target.unlink(missing_ok=True)
@@ -469,6 +474,10 @@ def _tile_like_layer(reference: str | os.PathLike, inputs: Any, output: str | os
     complete = set(TILE_COLUMNS) <= set(ref.frame.columns)
     scenes = ref.scenes()
     used = [scenes[s] for s in dict.fromkeys(ref.frame[SOURCE].tolist()) if s in scenes] if complete else []
+    unknown = int((~ref.frame[SOURCE].isin(list(scenes))).sum()) if complete else 0
+    if used and unknown:
+        log.warning("%s: %d tile(s) have no record of how their scene was tiled; they are left out",
+                    reference, unknown)
     config, plan = _inputs_for(reference, _reference_tiling(ref), used, inputs, config)
     by_reference = _aligned_scenes(reference, plan, aligned_folder(output), config, progress)
     rows = ref.frame[ref.frame[SOURCE].isin(list(by_reference))]

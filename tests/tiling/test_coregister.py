@@ -277,6 +277,14 @@ def test_reference_errors_in_python(tmp_path, before):
     wide = write_raster(tmp_path / "wide.tif", np.ones((3, 400, 400), np.uint16), transform=transform, crs=crs)
     with pytest.raises(InputError, match="wide.tif: its bands .* differ from those of .*empty.tif"):
         tile_like(before_layer, [empty, wide], tmp_path / "o.gpkg")
+    # a damaged raster (truncated): one line, and neither a layer nor aligned pixels are left behind
+    damaged = write_raster(tmp_path / "damaged.tif", np.random.default_rng(1).integers(0, 255, (3, 400, 400),
+                           dtype=np.uint8), transform=transform, crs=crs, compress="deflate")
+    with open(damaged, "r+b") as handle:
+        handle.truncate(damaged.stat().st_size * 2 // 3)
+    with pytest.raises(InputError, match="damaged.tif"):
+        tile_like(before_layer, damaged, tmp_path / "o.gpkg")
+    assert not (tmp_path / "o.gpkg").exists() and not aligned_folder(tmp_path / "o.gpkg").exists()
     # a reference without tiles
     tile(empty, tmp_path / "none.gpkg")
     with pytest.raises(InputError, match="holds no tiles"):
