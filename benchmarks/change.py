@@ -2,7 +2,7 @@
 pixel-difference baseline, AP and ROC AUC against the change masks.
 
     python benchmarks/change.py [--data DIR] [--tile 64] [--limit N] [--model hqrs-mini-clip ...]
-                                [--threshold 5] [--json OUT]
+                                [--threshold 5] [--bootstrap 1000] [--json OUT]
 
 DIR holds one or more sets, each a folder with ``A/`` (before), ``B/`` (after) and ``label/``
 (change mask, non-zero = changed) of the same file names (``benchmarks/change_data.py`` prepares
@@ -23,7 +23,8 @@ also gives 1 % and 10 %). Per tile, these scores rank the tiles:
   normalised RGB difference vector.
 
 AP is the non-interpolated average precision of the ranking (chance = the share of changed
-tiles), AUC the ROC AUC (Mann-Whitney, ties counted half).
+tiles), AUC the ROC AUC (Mann-Whitney, ties counted half); the 95 % intervals at the main
+threshold come from ``--bootstrap`` draws of whole pairs.
 """
 from __future__ import annotations
 
