@@ -50,6 +50,9 @@ class DatasetSink:
         source = open_manifest(before.path)
         self.folder = folder
         self.manifest = Manifest.load(folder)
+        if self.manifest.parts and not any(r.get("command") == "change" for r in self.manifest.runs):
+            raise OptionError(f"{output}: is a dataset not written by change (its parts would be replaced); choose "
+                              "a new folder", option="output")
         self.manifest.crs = source.crs
         self.manifest.scenes = copy.deepcopy(source.scenes)
         self.entries = source.parts
@@ -65,6 +68,7 @@ class DatasetSink:
         facts = write_part(part_path(self.folder, name), frame, [{"run_id": 1, **run}])
         entry = {k: v for k, v in self.entries[name].items() if k in ("scene", "block", "blocks", "rows")}
         self.manifest.add_part({**entry, "name": name, **facts})
+        self.manifest.save()  # listed at once: an interrupted run leaves a dataset a rerun replaces
         self.written.append(name)
         self.count += int(frame["changed"].sum())
 

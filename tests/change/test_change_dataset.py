@@ -82,6 +82,9 @@ def test_the_change_of_a_dataset_can_be_a_dataset(datasets, tmp_path, tiny_clip_
     assert merged.change_rank.tolist() == layer.change_rank.tolist()
     again = hg.change(*datasets, f"{tmp_path}/changes/", **models)
     assert again["parts"] == 4 and len(hg.read_runs(tmp_path / "changes")) == 2
+    hg.tile(datasets[1].parent / "after.tif", f"{tmp_path}/tiles/", CONFIG)
+    with pytest.raises(hg.OptionError, match="not written by change"):  # a tile dataset is never overwritten
+        hg.change(*datasets, f"{tmp_path}/tiles/", **models)
     with pytest.raises(hg.OptionError, match="needs a dataset as before"):
         hg.change(tmp_path / "m.gpkg", datasets[1], f"{tmp_path}/other/", **models)
     assert not (tmp_path / "other").exists()
