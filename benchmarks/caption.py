@@ -146,7 +146,7 @@ def engine_vs_bare(loaded, args: argparse.Namespace, tmp: Path) -> dict:
     device = loaded.device
     side = 256 * math.ceil(math.sqrt(args.engine_tiles))
     make_scene(tmp / "scene.tif", side)
-    layer = tmp / "captions.gpkg"
+    layer = tmp / "captions.parquet"  # GeoParquet: no GDAL vector driver needed (a bare GPU image has none)
     n = len(tile(tmp / "scene.tif", layer, TileConfig(tile_size=256)))
     config = DecodingConfig(method="greedy", min_length=args.tokens, max_length=args.tokens)
     amp = autocast_dtype(device, "auto")

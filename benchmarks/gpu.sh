@@ -7,42 +7,66 @@
 #
 #   bash benchmarks/gpu.sh                        # on the GPU machine, from the repository root
 #   DEVICE=cpu bash benchmarks/gpu.sh --quick     # the same steps on the CPU at toy sizes (checks the script)
-#   bash benchmarks/gpu.sh --fetch-wheels DIR     # on a machine with PyPI: wheels a bare GPU image lacks
+#   bash benchmarks/gpu.sh --fetch-wheels .gpu-wheels   # where PyPI is reachable: what a bare GPU
+#                                  # image lacks, as .gpu-wheels/part1, part2, ... of at most 18 MiB each
+#   bash benchmarks/gpu.sh --receive .gpu-wheels/partN  # on the GPU machine: keep a carried part
 #
-# Python: $PYTHON if set, else .venv/bin/python when it has what the engine needs, else a
-# .venv-gpu made here on top of the system python3 (whose torch is used as it is) with the
-# missing packages installed from $WHEELS (a folder made by --fetch-wheels; no network needed),
-# else from the package index. Whatever still cannot run is said in one line and skipped.
-# Every figure also goes to $RESULTS (default $OUT/gpu-results.jsonl, else /tmp/...), one JSON object a line.
+# Python: $PYTHON if set, else .venv/bin/python when it has what the engine needs, else the system
+# python3 (its CUDA build of torch as it is) with the missing packages installed into .gpu-site/
+# from the wheels in $WHEELS (default .gpu-received/; no network needed), else from the package
+# index. Whatever still cannot run is said in one line and skipped (docs/gpu.md: how to carry the
+# wheels to a machine without network). Every figure also goes to $RESULTS (default
+# $OUT/gpu-results.jsonl, else /tmp/gpu-results.jsonl), one JSON object a line.
 set -u
 cd "$(dirname "$0")/.."
 
 QUICK=0
 FETCH=""
+RECEIVE=""
 while [ $# -gt 0 ]; do
     case "$1" in
         --quick) QUICK=1 ;;
         --fetch-wheels) FETCH="${2:?--fetch-wheels needs a folder}"; shift ;;
-        -h|--help) sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
-        *) echo "gpu.sh: unknown argument $1 (use --quick, --fetch-wheels DIR or --help)" >&2; exit 2 ;;
+        --receive) RECEIVE="${2:?--receive needs a folder}"; shift ;;
+        -h|--help) sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        *) echo "gpu.sh: unknown argument $1 (use --quick, --fetch-wheels DIR, --receive DIR or --help)" >&2; exit 2 ;;
     esac
     shift
 done
 
 # what the engine needs beyond torch (module name = package name unless given as module:package)
-NEEDED="open_clip:open_clip_torch rasterio pyproj shapely pandas geopandas pyogrio pyarrow PIL:pillow tqdm attrs affine safetensors huggingface_hub ftfy"
+NEEDED="open_clip:open_clip_torch rasterio pyproj shapely pandas geopandas pyarrow PIL:pillow tqdm attrs affine safetensors huggingface_hub ftfy"
+# wheels a bare GPU image (python 3.12 with torch, numpy, pandas, pyarrow, timm, click) lacks; no
+# pyogrio (32 MB, only for GeoPackage layers: the GPU runs use GeoParquet) and no ray (too large to carry)
+WHEEL_LIST="open_clip_torch ftfy wcwidth rasterio affine cligj click-plugins pyproj shapely geopandas"
+SITE="$PWD/.gpu-site"
+WHEELS="${WHEELS:-.gpu-received}"
 
 if [ -n "$FETCH" ]; then
-    # cp312 manylinux wheels (the GPU image's python is 3.12 with torch, numpy, pandas, pyarrow)
-    mkdir -p "$FETCH"
-    python3 -m pip download --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 \
-        --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 -d "$FETCH" --no-deps \
-        open_clip_torch ftfy wcwidth rasterio affine cligj click-plugins pyproj shapely geopandas pyogrio \
-        || { echo "gpu.sh: could not download the wheels into $FETCH" >&2; exit 1; }
-    du -sh "$FETCH"
-    echo "carry $FETCH to the GPU machine and run: WHEELS=$FETCH bash benchmarks/gpu.sh"
+    mkdir -p "$FETCH/all"
+    python3 -m pip download -q --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 \
+        --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 -d "$FETCH/all" --no-deps $WHEEL_LIST \
+        || { echo "gpu.sh: could not download the wheels into $FETCH/all" >&2; exit 1; }
+    # one tar of them cut in parts of at most 18 MiB (what one device call can carry beside the working tree)
+    tar -cf "$FETCH/wheels.tar" -C "$FETCH/all" . && rm -rf "$FETCH/all"
+    split -b 18M -d "$FETCH/wheels.tar" "$FETCH/wheels.tar." && rm -f "$FETCH/wheels.tar"
+    part=0
+    for piece in "$FETCH"/wheels.tar.*; do
+        part=$((part + 1)); mkdir -p "$FETCH/part$part"; mv "$piece" "$FETCH/part$part/"
+    done
+    du -sh "$FETCH"/part* 2>/dev/null
+    echo "carry each $FETCH/partN in its own device call (bash benchmarks/gpu.sh --receive $FETCH/partN), then run"
+    echo "bash benchmarks/gpu.sh on the same, still warm machine (docs/gpu.md)"
     exit 0
 fi
+
+if [ -n "$RECEIVE" ]; then
+    mkdir -p .gpu-received && cp "$RECEIVE"/* .gpu-received/ && ls .gpu-received && exit 0
+    echo "gpu.sh: nothing to receive in $RECEIVE" >&2; exit 1
+fi
+
+# hqrs_geo from this checkout, installed or not; packages installed here for a bare image
+export PYTHONPATH="$SITE:$PWD${PYTHONPATH:+:$PYTHONPATH}"
 
 DEVICE="${DEVICE:-cuda}"
 RESULTS="${RESULTS:-${OUT:-${TMPDIR:-/tmp}}/gpu-results.jsonl}"
@@ -65,32 +89,34 @@ print(" ".join(out))
 EOF
 }
 
+install_missing() {  # into $SITE with python "$1": from $WHEELS when it has wheels, else from the index
+    local missing
+    missing=$(missing_modules "$1")
+    [ -z "$missing" ] && return 0
+    if ls "$WHEELS"/wheels.tar.* >/dev/null 2>&1; then  # the parts carried one call each
+        cat "$WHEELS"/wheels.tar.* > "$WHEELS/wheels.tar" && tar -xf "$WHEELS/wheels.tar" -C "$WHEELS" \
+            && rm -f "$WHEELS"/wheels.tar* || echo "gpu.sh: the wheel parts in $WHEELS do not make a whole tar" >&2
+    fi
+    if ls "$WHEELS"/*.whl >/dev/null 2>&1; then
+        echo "installing $(ls "$WHEELS"/*.whl | wc -l) wheel(s) from $WHEELS into $SITE (missing: $missing)" >&2
+        timeout 300 "$1" -m pip install -q --no-deps --no-index --target "$SITE" "$WHEELS"/*.whl >&2
+    else
+        echo "installing from the package index into $SITE (no wheels in $WHEELS): $missing" >&2
+        timeout 300 "$1" -m pip install -q --no-deps --target "$SITE" $WHEEL_LIST >&2
+    fi
+}
+
 pick_python() {
     if [ -n "${PYTHON:-}" ]; then echo "$PYTHON"; return; fi
-    for candidate in .venv/bin/python .venv-gpu/bin/python; do
-        if [ -x "$candidate" ] && [ -z "$(missing_modules "$candidate")" ]; then echo "$candidate"; return; fi
-    done
+    if [ -x .venv/bin/python ] && [ -z "$(missing_modules .venv/bin/python)" ]; then echo .venv/bin/python; return; fi
     local base
     base=$(command -v python3)
-    if [ -z "$(missing_modules "$base")" ]; then echo "$base"; return; fi
-    if [ ! -x .venv-gpu/bin/python ]; then
-        "$base" -m venv --system-site-packages .venv-gpu >&2 || { echo "$base"; return; }
-    fi
-    local missing
-    missing=$(missing_modules .venv-gpu/bin/python)
-    if [ -n "${WHEELS:-}" ]; then
-        echo "installing from $WHEELS: $missing" >&2
-        timeout 300 .venv-gpu/bin/python -m pip install -q --no-index --find-links "$WHEELS" $missing >&2
-    else
-        echo "installing from the package index (no WHEELS folder given): $missing" >&2
-        timeout 300 .venv-gpu/bin/python -m pip install -q $missing >&2
-    fi
-    echo .venv-gpu/bin/python
+    install_missing "$base"
+    echo "$base"
 }
 
 PY=$(pick_python)
 MISSING=$(missing_modules "$PY")
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # hqrs_geo from this checkout, installed or not
 
 say "machine"
 "$PY" - "$DEVICE" <<'EOF'
@@ -112,14 +138,14 @@ if [ "$DEVICE" = cuda ] && ! "$PY" -c 'import torch, sys; sys.exit(not torch.cud
     exit 1
 fi
 if [ -n "$MISSING" ]; then
-    echo "gpu.sh: $PY cannot import: $MISSING; the steps that need them are skipped (make a wheel folder with"
-    echo "        'bash benchmarks/gpu.sh --fetch-wheels DIR' where PyPI is reachable, then WHEELS=DIR)"
+    echo "gpu.sh: $PY cannot import: $MISSING; the steps that need them are skipped (carry the wheels of"
+    echo "        'bash benchmarks/gpu.sh --fetch-wheels DIR' here: docs/gpu.md)"
 fi
 has() { case " $MISSING " in *" $1 "*) return 1 ;; *) return 0 ;; esac; }
 
 if [ "$QUICK" = 1 ]; then
     EMBED_MODELS="hqrs-mini-clip"; CAPTION_MODELS="hqrs-mini-coca"
-    EMBED_ARGS=(--size 512 --batch 4 --repeats 1); CAPTION_ARGS=(--batch 2 --tokens 3 --engine-tiles 4 --repeats 1)
+    EMBED_ARGS=(--size 512 --batch 4 --repeats 1 --layer-format parquet); CAPTION_ARGS=(--batch 2 --tokens 3 --engine-tiles 4 --repeats 1)
     RAY_ARGS=(--tiles 16 --batch 4 --repeat 1 --no-cold); UNITS="4 16"; LIMIT=300
 else
     EMBED_MODELS="ViT-B-32 hqrs-mini-clip"; CAPTION_MODELS="coca_ViT-B-32 hqrs-mini-coca"
@@ -130,9 +156,9 @@ fi
 
 say "CUDA tests (they skip without a CUDA GPU)"
 if has rasterio && has geopandas && has open_clip_torch; then
-    timeout 240 "$PY" -m pytest -q -p no:cacheprovider -rs tests/engine/test_cuda.py \
-        "tests/engine/test_engine.py::test_auto_device_and_precision" \
-        || echo "gpu.sh: CUDA tests FAILED (above)"
+    TESTS=(tests/engine/test_cuda.py)
+    "$PY" -c 'import pyogrio' 2>/dev/null && TESTS+=("tests/engine/test_engine.py::test_auto_device_and_precision")
+    timeout 240 "$PY" -m pytest -q -p no:cacheprovider -rs "${TESTS[@]}" || echo "gpu.sh: CUDA tests FAILED (above)"
 else
     echo "skipped: the tests need rasterio, geopandas and open_clip"
 fi
