@@ -20,11 +20,11 @@ from ..layer.dataset import is_dataset, is_dataset_output
 from ..layer.runs import EmbeddingSource
 
 
-def beside(output: str | os.PathLike, tag: str) -> str:
-    """``<stem>-<tag>.<ext>`` beside ``output`` (a folder output: the folder ``<name>-<tag>/``)."""
+def beside(output: str | os.PathLike, tag: str, folder: bool = False) -> str:
+    """``<stem>-<tag>.<ext>`` beside ``output`` (a folder output, or ``folder``: the folder ``<stem>-<tag>/``)."""
     out = Path(str(output).rstrip("/" + os.sep))
-    if is_dataset_output(output):
-        return f"{out.parent / f'{out.name}-{tag}'}/"
+    if folder or is_dataset_output(output):
+        return f"{out.parent / f'{out.stem}-{tag}'}/"
     return str(out.with_name(f"{out.stem}-{tag}{out.suffix}"))
 
 
@@ -44,7 +44,7 @@ def date_layers(before: Any, after: Any, output: str | os.PathLike, tiling: Any 
     if is_layer_input(a_items):
         a_path = str(a_items[0])
     else:
-        a_path = beside(output, "after")
+        a_path = beside(output, "after", folder=is_dataset(b_path))  # a dataset is tiled like into a dataset
         like(b_path, a_items, a_path, tiling, progress)
     for path in (b_path, a_path):
         if not Path(path.rstrip("/")).exists():

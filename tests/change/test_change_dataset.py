@@ -88,3 +88,13 @@ def test_the_change_of_a_dataset_can_be_a_dataset(datasets, tmp_path, tiny_clip_
     with pytest.raises(hg.OptionError, match="needs a dataset as before"):
         hg.change(tmp_path / "m.gpkg", datasets[1], f"{tmp_path}/other/", **models)
     assert not (tmp_path / "other").exists()
+
+
+def test_after_rasters_are_tiled_like_a_before_dataset(datasets, tmp_path):
+    """AFTER rasters against a BEFORE dataset: tiled like it into the dataset ``<stem>-after/``,
+    embedded by the model BEFORE's embeddings were made with (its checkpoint from the run record)."""
+    frame = hg.change(datasets[0], datasets[0].parent / "after.tif", tmp_path / "c.gpkg", captions=False,
+                      device="cpu", options=RunOptions(workers=0))
+    assert (tmp_path / "c-after" / "_manifest.json").is_file()
+    assert len(frame) == 64 and frame.compared.all() and (frame.after_tile_id == frame.tile_id).all()
+    assert len(list((tmp_path / "c-after").glob("*.parquet"))) == 4
