@@ -59,6 +59,7 @@ class DateLayer:
         self.session = open_session(self.path, model=model, device=device)
         self.source = self.session.source
         self._parts: OrderedDict[str, Block] = OrderedDict()
+        self._part_bounds: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
 
     @property
     def crs(self) -> Any:
@@ -121,16 +122,8 @@ class DateLayer:
             if "layer" not in self._parts:
                 self._parts["layer"] = self.layer_block()
             return [self._parts["layer"]]
-        manifest = self.session.index.manifest
         found = []
-        for name in self.part_names():
-            info = manifest.parts[name]
-            part_bounds = info.get("bounds")
-            box = _bounds_in(bounds, crs, info.get("crs") or manifest.crs)
-            if part_bounds is not None and box is not None and (
-                    part_bounds[0] > box[2] or part_bounds[2] < box[0] or part_bounds[1] > box[3]
-                    or part_bounds[3] < box[1]):
-                continue
+        for name in self._parts_meeting(bounds, crs):
             if name in self._parts:
                 self._parts.move_to_end(name)
             else:
@@ -139,6 +132,31 @@ class DateLayer:
                     self._parts.popitem(last=False)
             found.append(self._parts[name])
         return found
+
+    def _parts_meeting(self, bounds: tuple[float, float, float, float], crs: Any) -> list[str]:
+        """The dataset's parts whose bounds (in the manifest, in each part's CRS) meet ``bounds``:
+        one vectorised test per CRS, so a BEFORE part costs the same whatever the number of parts."""
+        if self._part_bounds is None:
+            manifest = self.session.index.manifest
+            listed = self.part_names()
+            bounds_of = np.full((len(listed), 4), np.nan)
+            for i, name in enumerate(listed):
+                if manifest.parts[name].get("bounds") is not None:
+                    bounds_of[i] = manifest.parts[name]["bounds"]
+            crs_of = [manifest.parts[n].get("crs") or manifest.crs for n in listed]
+            self._part_bounds = (np.asarray(listed, dtype=object), bounds_of, np.asarray(crs_of, dtype=object))
+        names, table, crss = self._part_bounds
+        keep = np.zeros(len(names), dtype=bool)
+        for target in dict.fromkeys(crss.tolist()):
+            rows = crss == target
+            box = _bounds_in(bounds, crs, target)
+            if box is None:  # cannot be carried over: test every part of that CRS
+                keep |= rows
+                continue
+            t = table[rows]
+            meets = ~((t[:, 0] > box[2]) | (t[:, 2] < box[0]) | (t[:, 1] > box[3]) | (t[:, 3] < box[1]))
+            keep[rows] = meets | np.isnan(t).any(axis=1)  # no recorded bounds: read it
+        return [str(n) for n in names[keep]]
 
 
 def _dataset_runs(path: str) -> Any:

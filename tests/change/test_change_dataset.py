@@ -49,6 +49,9 @@ def test_datasets_are_compared_part_by_part(datasets, tmp_path, tiny_clip_checkp
     assert len(frame) == 64 and frame.compared.all()  # AFTER's embeddings were computed, part by part
     blocks = list(DateLayer(str(datasets[0])).blocks())
     assert len(blocks) == 4 and all(len(b.frame) == 16 for b in blocks)
+    after = DateLayer(str(datasets[1]))
+    near = after.blocks_over(tuple(blocks[0].frame.total_bounds), blocks[0].frame.crs)
+    assert 1 <= len(near) <= 2  # the AFTER part of the same rows (and the one touching it), not all four
 
     merged = [hg.merge_dataset(d, tmp_path / f"{d.name}.gpkg").path for d in datasets]
     reference = hg.change(*merged, tmp_path / "ref.gpkg", captions=False, became="a forest", device="cpu", **marked)
