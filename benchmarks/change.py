@@ -64,8 +64,8 @@ def roc_auc(scores: np.ndarray, positive: np.ndarray) -> float:
 
 def robust_z(values: np.ndarray, groups: np.ndarray) -> np.ndarray:
     """The calibration of ``hqrs_geo.change`` within each group (a pair of images):
-    ``(d - median) / (1.4826 MAD)`` (:class:`hqrs_geo.change.scores.Calibration`)."""
-    from hqrs_geo.change.scores import Calibration
+    ``(d - median) / (1.4826 MAD)`` (:class:`hqrs_geo.compare.scores.Calibration`)."""
+    from hqrs_geo.compare.scores import Calibration
 
     out = np.zeros(len(values), dtype=np.float64)
     for g in np.unique(groups):

@@ -2,8 +2,9 @@
 
 The data flow, one subpackage per step: :mod:`.raster` (scenes) -> :mod:`.tiling` (tiles and
 their pixels) -> :mod:`.engine` (batches through :mod:`.models`) -> :mod:`.layer` (results as
-attributes of tile layers) -> :mod:`.search`; :mod:`.mpgi` makes rich captions,
-:mod:`.training` and :mod:`.evaluation` make and measure models, :mod:`.cli` is the command line.
+attributes of tile layers) -> :mod:`.search`; :mod:`.compare` scores the change between two dates,
+:mod:`.mpgi` makes rich captions, :mod:`.training` and :mod:`.evaluation` make and measure
+models, :mod:`.cli` is the command line.
 
 Names that need torch (the model engine, search, training) are imported on first use.
 """
@@ -30,7 +31,7 @@ _LAZY = {
     "DecodingConfig": ".models.decoding_options",
     "load_model": ".models.loader",
     "search_text": ".search.api", "search_similar": ".search.api", "classify": ".search.api",
-    "detect": ".search.api", "change": ".change",
+    "detect": ".search.api", "change": ".compare",
     "SearchSession": ".search.session",
     "SpatialFilter": ".search.spatial",
     "finetune": ".training", "FinetuneConfig": ".training",

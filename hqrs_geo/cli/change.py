@@ -86,7 +86,7 @@ def _num(value: Any) -> float | None:
 
 def run_change(args: argparse.Namespace, progress: Any) -> int:
     """``hqrs-geo change``: the change layer, a summary, and the most changed tiles."""
-    from ..change import change
+    from ..compare import change
     from ..search.labels import read_lines
 
     classes = args.labels.split(",") if args.labels else []

@@ -10,7 +10,7 @@ from change_scenes import PASTED, TILE, tile_id, write_dates
 from tiny_models import TINY_CLIP
 
 import hqrs_geo as hg
-from hqrs_geo.change.dates import DateLayer
+from hqrs_geo.compare.dates import DateLayer
 from hqrs_geo.engine.options import RunOptions
 from hqrs_geo.engine.partitioned import ScaleOptions
 
@@ -34,7 +34,7 @@ def test_datasets_are_compared_part_by_part(datasets, tmp_path, tiny_clip_checkp
 
     def guarded(function):
         def read(path, *args, **kwargs):  # the engine may read what it wrote; the change step never reads whole
-            if dataset_module.is_dataset(path) and "hqrs_geo/change/" in sys._getframe(1).f_code.co_filename:
+            if dataset_module.is_dataset(path) and "hqrs_geo/compare/" in sys._getframe(1).f_code.co_filename:
                 raise AssertionError(f"the change step read the whole dataset {path}")
             return function(path, *args, **kwargs)
         return read

@@ -7,8 +7,8 @@ import pandas as pd
 import pytest
 import shapely
 
-from hqrs_geo.change.pairs import pair_tiles
-from hqrs_geo.change.scores import MIN_SCALE, Calibration, competition_rank, cosine_distance, text_change
+from hqrs_geo.compare.pairs import pair_tiles
+from hqrs_geo.compare.scores import MIN_SCALE, Calibration, competition_rank, cosine_distance, text_change
 
 SIDE = 64.0  # metres
 

@@ -2,7 +2,7 @@
 
 Two passes over the BEFORE date's blocks (the layer file, or one dataset part at a time):
 the first pairs the tiles and measures every pair's cosine distance, which calibrates each
-reference scene (:class:`~hqrs_geo.change.scores.Calibration`) and collects the labelled pairs
+reference scene (:class:`~hqrs_geo.compare.scores.Calibration`) and collects the labelled pairs
 of few-shot change; the second computes every column and collects the change layer, which is
 then written atomically with a run record (:mod:`hqrs_geo.layer.io`).
 """
