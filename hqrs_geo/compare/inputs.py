@@ -57,11 +57,8 @@ def date_layers(before: Any, after: Any, output: str | os.PathLike, tiling: Any 
 
 def like(reference: str, inputs: list, output: str, tiling: Any, progress: Any) -> None:
     """Tile ``inputs`` on the footprints of the layer ``reference`` (co-registered tiling)."""
-    try:
-        from ..tiling.coregister import tile_like
-    except ImportError:  # an engine without co-registered tiling
-        raise OptionError("this version cannot tile the after date on the before date's tiles; tile it into a "
-                          "layer with the same footprints and give that layer", option="after") from None
+    from ..tiling.coregister import tile_like
+
     tile_like(reference, inputs, output, tiling, progress=progress)
 
 
