@@ -1,6 +1,6 @@
 """Embedding throughput: the single-process engine vs. the bare model forward, side by side.
 
-    python benchmarks/embed.py [--arch ViT-B-32] [--device auto] [--batch 32] [--size 2048]
+    python benchmarks/embed.py [--arch ViT-B-32] [--device auto] [--batch 32] [--size 4096]
                                [--repeats 3] [--precision auto] [--breakdown] [--json]
 
 Engine = ``run_models`` over a tile layer: read tiles (DataLoader workers), move them to the
@@ -155,7 +155,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="open_clip architecture or registry name (default ViT-B-32)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--size", type=int, default=2048, help="scene side in pixels (tiles of --tile-size px)")
+    parser.add_argument("--size", type=int, default=4096, help="scene side in pixels (tiles of --tile-size px)")
     parser.add_argument("--scenes", type=int, default=1, help="number of scenes (more tiles without a larger file)")
     parser.add_argument("--tile-size", type=int, default=256)
     parser.add_argument("--workers", type=int, default=None)
