@@ -139,9 +139,11 @@ def test_part_snapshots_ignore_a_writers_temporaries(tmp_path):
 def test_ray_engine_equals_the_single_process_engine(cluster, scenes, reference, tmp_path, env,
                                                      tiny_clip_checkpoint, tiny_coca_checkpoint):
     out = tmp_path / "ds"
-    code, stdout, stderr = finish(start(ray_command(scenes, out, cluster, tiny_clip_checkpoint,
-                                                    tiny_coca_checkpoint), env))
+    command = ray_command(scenes, out, cluster, tiny_clip_checkpoint, tiny_coca_checkpoint)
+    code, stdout, stderr = finish(start([command[0], "-X", "importtime", *command[1:]], env))
     assert code == 0, stderr[-3000:]
+    imported = {line.rsplit("|", 1)[1].strip() for line in stderr.splitlines() if line.startswith("import time:")}
+    assert "ray" in imported and "torch" not in imported, "the driver of a caption job imported torch"
     final = json.loads(stdout.strip().splitlines()[-1])
     assert final["stage"] == "done" and final["scenes"] == 12 and final["failed"] == []
     assert final["tiles"] == len(reference)
