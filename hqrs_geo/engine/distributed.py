@@ -42,6 +42,7 @@ import os
 import re
 import signal
 import socket
+import sys
 import tempfile
 import threading
 import time
@@ -100,12 +101,25 @@ def _ray() -> Any:
     return ray
 
 
-def worker_threads(cpus: float) -> int:
-    """Torch threads of a CPU model worker that holds ``cpus`` CPUs: its whole CPUs, at least one,
-    never more. One thread more than the cores left to it (1.5 CPUs rounded up to 2 threads on a
-    2-core node, beside the read and write tasks) makes OpenMP's threads wait for a descheduled
-    peer at every operation: on a loaded 2-core machine a 40-scene job took 130 s instead of 22 s."""
+def worker_threads(cpus: float, passive_wait: bool = True) -> int:
+    """Torch threads of a CPU model worker that holds ``cpus`` CPUs.
+
+    With OpenMP's passive waiting (:func:`passive_openmp`: a thread that waits for a peer sleeps)
+    the worker uses every core it shares: its CPUs rounded up (1.5 CPUs: 2 threads). With spinning
+    threads (torch loaded before the policy could be set) only its whole CPUs, at least one: one
+    spinning thread more than the cores left to it waits for a descheduled peer at every operation
+    (on a loaded 2-core machine a 40-scene job took 130 s instead of 22 s)."""
+    if passive_wait:
+        return max(1, math.ceil(cpus - 1e-9))
     return max(1, math.floor(cpus + 1e-9))
+
+
+def passive_openmp() -> bool:
+    """Make OpenMP threads sleep while they wait (``OMP_WAIT_POLICY=PASSIVE``) when torch is not
+    loaded yet in this process; True when waiting is passive. An explicit setting is kept."""
+    if "torch" not in sys.modules:
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    return os.environ.get("OMP_WAIT_POLICY", "").upper() == "PASSIVE"
 
 
 def worker_env() -> dict[str, str]:
@@ -159,17 +173,18 @@ class ModelWorker:
     Each call reads its unit's windows itself (:func:`~hqrs_geo.engine.units.read_pixels`,
     ``read_threads`` threads; into pinned memory on a GPU), so no pixel array passes through
     the object store. Two calls run at once: one unit is read while the other is computed; on
-    CPU the computing is one at a time (``torch`` threads = the worker's CPUs), so the reads,
-    the CPU tasks and torch's threads never outnumber the cores (spinning OpenMP threads that
-    wait for a descheduled peer made a loaded machine 10 to 20 times slower).
+    CPU the computing is one at a time, with :func:`worker_threads` torch threads that sleep
+    while they wait (:func:`passive_openmp`; spinning OpenMP threads that wait for a descheduled
+    peer made a loaded machine 10 to 20 times slower).
     """
 
-    def __init__(self, plan: Any, options: RunOptions, device: str, threads: int | None,
+    def __init__(self, plan: Any, options: RunOptions, device: str, cpus: float | None,
                  read_threads: int = 1) -> None:
+        passive = passive_openmp()  # before torch is imported
         import torch
 
-        if threads:
-            torch.set_num_threads(threads)
+        if cpus:
+            torch.set_num_threads(worker_threads(cpus, passive))
         self.error: HqrsError | None = None
         self.tasks: list = []
         self.read_threads = max(1, int(read_threads))
@@ -480,7 +495,7 @@ class RayExecutor:
         read_threads = 1 if not gpw else max(2, int(min(cpus) // per_node) - 1)
         return {"workers": workers, "cpw": cpw, "gpw": gpw, "io_cpus": io_cpus, "in_flight": in_flight,
                 "device": device_of_workers if device in ("auto", "cuda", "cpu") else device,
-                "threads": worker_threads(cpw) if not gpw else None, "read_threads": read_threads,
+                "cpus": cpw if not gpw else None, "read_threads": read_threads,
                 "placed": placed}
 
     def _place(self, count: int, taken: list[str | None]) -> list[str]:
@@ -519,7 +534,7 @@ class RayExecutor:
             scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=node, soft=False),
             max_concurrency=2,  # one unit read (and on a GPU copied) while the other is computed
         )
-        return cls.remote(self.plan, self.options, r["device"], r["threads"], r.get("read_threads", 1))
+        return cls.remote(self.plan, self.options, r["device"], r["cpus"], r.get("read_threads", 1))
 
     def start(self) -> list[TaskSpec]:
         """Connect (or start a local Ray instance), start the model workers; the tasks' specs."""

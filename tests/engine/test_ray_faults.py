@@ -262,12 +262,31 @@ def test_sigterm_and_a_killed_drivers_leftovers(scenes, tmp_path, env, tiny_clip
     print(f"SIGTERM to exit: {seconds:.1f} s; {len(left)} process(es) of the killed driver stopped")
 
 
-def test_cpu_model_workers_never_run_more_torch_threads_than_their_cpus():
+def test_cpu_model_workers_run_spinning_threads_only_on_their_whole_cpus():
     """The 2-core case: a worker of 1.5 CPUs (half a core left for the read and write tasks) ran
-    2 torch threads, and OpenMP's threads waited for each other at every operation whenever a
-    read, a write or another process took a core (a 40-scene job: 130 s instead of 22 s)."""
-    assert worker_threads(1.5) == 1
-    assert worker_threads(0.5) == 1 and worker_threads(1) == 1 and worker_threads(2) == 2
-    assert worker_threads(15.5) == 15 and worker_threads(2.9999999999) == 3
+    2 spinning torch threads, and OpenMP's threads waited for each other at every operation
+    whenever a read, a write or another process took a core (a 40-scene job: 130 s instead of
+    22 s). Spinning: whole CPUs only; sleeping (passive) waits: the CPUs rounded up."""
+    assert worker_threads(1.5, passive_wait=False) == 1
+    assert worker_threads(0.5, False) == 1 and worker_threads(1, False) == 1 and worker_threads(2, False) == 2
+    assert worker_threads(15.5, False) == 15 and worker_threads(2.9999999999, False) == 3
+    assert worker_threads(1.5) == 2 and worker_threads(0.5) == 1 and worker_threads(2.0) == 2
     for cpus in (0.5, 1.0, 1.5, 2.0, 3.5, 7.0, 15.5):
-        assert 1 <= worker_threads(cpus) <= max(1.0, cpus)
+        assert 1 <= worker_threads(cpus, False) <= max(1.0, cpus)
+        assert cpus <= worker_threads(cpus) < cpus + 1
+
+
+@pytest.mark.parametrize(("before", "given", "passive"), [
+    ("", None, True),                 # a fresh worker process: waiting made passive before torch loads
+    ("import torch", None, False),    # torch already loaded: too late, its threads spin
+    ("", "ACTIVE", False),            # an explicit setting is kept
+])
+def test_passive_openmp_is_set_only_before_torch_loads(before: str, given: str | None, passive: bool) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    if given:
+        env["OMP_WAIT_POLICY"] = given
+    code = (f"{before}\nimport os\nfrom hqrs_geo.engine.distributed import passive_openmp\n"
+            "print(passive_openmp(), os.environ.get('OMP_WAIT_POLICY'))")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert out.split()[0] == str(passive)
+    assert out.split()[1] == (given or ("PASSIVE" if passive else "None"))
