@@ -425,6 +425,7 @@ def minimal_parameters(name: str, scene: Path, tiles: Path, out: Path) -> dict:
         "mpgi": {"INPUT": str(tiles)},
         "export_dataset": {"INPUT": str(tiles), "OUTPUT": str(out / "dataset")},
         "detect": {"INPUT": str(tiles), "POSITIVE_IDS": "x", "OUTPUT": "TEMPORARY_OUTPUT"},
+        "change": {"BEFORE": str(scene), "AFTER": str(tiles), "OUTPUT": "TEMPORARY_OUTPUT"},
     }[name]
 
 

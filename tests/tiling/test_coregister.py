@@ -6,6 +6,7 @@ pixel size), so what the tiles must hold is known independently of the code unde
 from __future__ import annotations
 
 import json
+import logging
 
 import numpy as np
 import pytest
@@ -415,8 +416,11 @@ def test_bands_of_the_reference_and_a_stretch_of_its_own(tmp_path):
         assert np.abs(after_px[tile_id][0].astype(int) - rgb.astype(int)).max() <= 1
 
 
-def test_options_of_the_later_date(caplog):
+def test_options_of_the_later_date(caplog, monkeypatch):
     from hqrs_geo.tiling.coregister import effective_config
+
+    # the command line, run earlier in this worker, may have stopped "hqrs_geo" passing records up
+    monkeypatch.setattr(logging.getLogger("hqrs_geo"), "propagate", True)
 
     reference = {"tile_size": "64m", "overlap": "25%", "min_valid": 0.3, "bands": [4, 3, 2], "stretch": "p1,99",
                  "edge": "pad", "resampling": "cubic", "old_option": 1}
