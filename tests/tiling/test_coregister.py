@@ -429,6 +429,6 @@ def test_options_of_the_later_date(caplog, monkeypatch):
         ("64m", "25%", 0.3, (4, 3, 2), "p1,99", "pad", "cubic")
     mine = effective_config(reference, TileConfig(min_valid=0.8, stretch="0,3000"))
     assert (mine.min_valid, mine.stretch, mine.bands, mine.tile_size) == (0.8, "0,3000", (4, 3, 2), "64m")
-    with caplog.at_level("WARNING"):
+    with caplog.at_level("WARNING", logger="hqrs_geo.tiling.coregister"):  # whatever level a CLI run left
         grid = effective_config(reference, TileConfig(tile_size=128, overlap="25%"))
     assert grid.tile_size == "64m" and "tile_size: ignored" in caplog.text and "overlap" not in caplog.text
