@@ -29,9 +29,9 @@ from qgis.core import (
 from qgis.PyQt.QtCore import QCoreApplication, QThread
 from qgis.PyQt.QtGui import QIcon
 
-from ..core import engine, rasters, styles
+from ..core import detections, engine, rasters, styles
 from ..core.runner import Progress, run_cli
-from ..core.tile_layers import TILES_LAYER, engine_layer_file, not_a_tile_layer
+from ..core.tile_layers import TILES_LAYER, engine_layer_file, not_a_tile_layer, settle_new_layer
 
 ICON = Path(__file__).resolve().parents[1] / "icon.png"
 _OGR_DESTINATION = re.compile(r"^ogr:dbname='(?P<path>.*)' table=\"(?P<table>[^\"]*)\"")
@@ -81,22 +81,39 @@ def ensure_engine(feedback: QgsProcessingFeedback, announce: bool = True) -> str
 
 
 class StylePostProcessor(QgsProcessingLayerPostProcessorInterface):
-    """Gives a loaded output its name and HQRS style (tile outlines, score-coloured hits on the
-    model's ``scale``, or zero-shot ``classes`` in the order of ``labels``, above the imagery)."""
+    """Gives a loaded output its name and HQRS style: tile outlines, score-coloured hits on the
+    model's ``scale``, zero-shot ``classes`` in the order of ``labels``, few-shot ``detections``
+    by probability, or a ``change`` layer graduated at ``threshold`` (the last three above the
+    imagery)."""
 
-    def __init__(self, name: str, kind: str, scale: styles.ScoreScale | None = None, labels: Sequence[str] = ()):
+    def __init__(self, name: str, kind: str, scale: styles.ScoreScale | None = None, labels: Sequence[str] = (),
+                 threshold: float | None = None):
         super().__init__()
-        self.name, self.kind, self.scale, self.labels = name, kind, scale, tuple(labels)
+        self.name, self.kind, self.scale, self.labels, self.threshold = name, kind, scale, tuple(labels), threshold
 
     def postProcessLayer(self, layer: QgsMapLayer, context: QgsProcessingContext,  # noqa: N802 - QGIS API
                          feedback: QgsProcessingFeedback) -> None:
         """Main thread, after the layer was added to the project."""
         if not isinstance(layer, QgsVectorLayer):
             return
+        fields = layer.fields()
+        if self.kind == "detections":
+            if fields.indexOf("detect_prob") >= 0:
+                layer.setName(self.name)
+                detections.style_detections(layer)
+            return
+        if self.kind == "change":
+            if fields.indexOf("change_score") >= 0:
+                layer.setName(self.name)
+                settle_new_layer(layer)
+                styles.change_style(layer, self.threshold)
+                styles.above_imagery(layer, context.project())
+                styles.show_feature_counts(layer, context.project())
+            return
         layer.setName(self.name)
-        if self.kind == "hits" and layer.fields().indexOf("score") >= 0:
+        if self.kind == "hits" and fields.indexOf("score") >= 0:
             styles.style_hits(layer, scale=self.scale)
-        elif self.kind == "classes" and layer.fields().indexOf("label") >= 0:
+        elif self.kind == "classes" and fields.indexOf("label") >= 0:
             styles.style_classes(layer, self.labels)
             project = context.project()  # None: the current project
             styles.replace_classes_layers(layer, project)
@@ -312,9 +329,11 @@ class HqrsAlgorithm(QgsProcessingAlgorithm):
     @staticmethod
     def load_output(context: QgsProcessingContext, registered: str, uri: str, name: str,
                     output: str = "OUTPUT", always: bool = False, kind: str = "tiles",
-                    scale: styles.ScoreScale | None = None, labels: Sequence[str] = ()) -> None:
-        """Make Processing load ``uri`` (named ``name``, styled as ``kind``: tiles, hits or classes;
-        see :class:`StylePostProcessor`) where it would have loaded ``registered`` (the plain file).
+                    scale: styles.ScoreScale | None = None, labels: Sequence[str] = (),
+                    threshold: float | None = None) -> None:
+        """Make Processing load ``uri`` (named ``name``, styled as ``kind``: tiles, hits, classes,
+        detections or change; see :class:`StylePostProcessor`) where it would have loaded
+        ``registered`` (the plain file).
 
         ``always``: load it even though Processing did not ask (an output left unset that the
         algorithm placed itself).
@@ -330,7 +349,7 @@ class HqrsAlgorithm(QgsProcessingAlgorithm):
             return
         details.name = name
         details.forceName = True
-        processor = StylePostProcessor(name, kind, scale, labels)
+        processor = StylePostProcessor(name, kind, scale, labels, threshold)
         _post_processors.append(processor)
         details.setPostProcessor(processor)
         layers[uri] = details

@@ -4,12 +4,10 @@ from __future__ import annotations
 from typing import Any
 
 from qgis.core import (
-    QgsMapLayer,
     QgsProcessing,
     QgsProcessingContext,
     QgsProcessingException,
     QgsProcessingFeedback,
-    QgsProcessingLayerPostProcessorInterface,
     QgsProcessingParameterBoolean,
     QgsProcessingParameterExtent,
     QgsProcessingParameterMapLayer,
@@ -17,40 +15,15 @@ from qgis.core import (
     QgsProcessingParameterString,
     QgsProcessingParameterVectorDestination,
     QgsRasterLayer,
-    QgsVectorLayer,
 )
 
-from ...core import changes, rasters, settings, styles
+from ...core import changes, rasters, settings
 from ...core.changes import ChangeError, ChangeOptions
-from ...core.tile_layers import settle_new_layer
 from ..base import HqrsAlgorithm, output_folder, split_destination, tr
 from ..params import DEFAULT_WEB_RESOLUTION_M, DEVICES, add_tiling_parameters, advanced, static_enum, tiling_args
 
 DATES = (("BEFORE", "Earlier date (before): raster or tile layer"),
          ("AFTER", "Later date (after): raster or tile layer"))
-
-
-class ChangeStyle(QgsProcessingLayerPostProcessorInterface):
-    """Names the loaded change layer, gives it the change style and puts it above the imagery."""
-
-    def __init__(self, name: str, threshold: float):
-        super().__init__()
-        self.name, self.threshold = name, threshold
-
-    def postProcessLayer(self, layer: QgsMapLayer, context: QgsProcessingContext,  # noqa: N802 - QGIS API
-                         feedback: QgsProcessingFeedback) -> None:
-        """Main thread, after the layer was added to the project."""
-        if not isinstance(layer, QgsVectorLayer) or layer.fields().indexOf("change_score") < 0:
-            return
-        layer.setName(self.name)
-        settle_new_layer(layer)
-        styles.change_style(layer, self.threshold)
-        project = context.project()
-        styles.above_imagery(layer, project)
-        styles.show_feature_counts(layer, project)
-
-
-_styles: list[ChangeStyle] = []  # QGIS does not own them: keep them alive
 
 
 class ChangeAlgorithm(HqrsAlgorithm):
@@ -194,23 +167,6 @@ class ChangeAlgorithm(HqrsAlgorithm):
         if text:
             feedback.pushInfo(text)
         uri = changes.change_layer_uri(path)
-        self.load_change_layer(context, registered, uri, changes.layer_name(dates["BEFORE"], dates["AFTER"], options),
-                               options.threshold)
+        self.load_output(context, registered, uri, changes.layer_name(dates["BEFORE"], dates["AFTER"], options),
+                         kind="change", threshold=options.threshold)
         return {"OUTPUT": uri}
-
-    @staticmethod
-    def load_change_layer(context: QgsProcessingContext, registered: str, uri: str, name: str,
-                          threshold: float) -> None:
-        """Make Processing load the change layer ``uri`` where it would have loaded the plain file,
-        named ``name`` and drawn with the change style above the imagery."""
-        layers = context.layersToLoadOnCompletion()
-        details = layers.pop(registered, None)
-        if details is None:  # the output is not to be loaded
-            return
-        details.name = name
-        details.forceName = True
-        style = ChangeStyle(name, threshold)
-        _styles.append(style)
-        details.setPostProcessor(style)
-        layers[uri] = details
-        context.setLayersToLoadOnCompletion(layers)

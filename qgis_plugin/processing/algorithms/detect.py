@@ -5,18 +5,15 @@ import os
 from typing import Any
 
 from qgis.core import (
-    QgsMapLayer,
     QgsProcessing,
     QgsProcessingContext,
     QgsProcessingException,
     QgsProcessingFeedback,
-    QgsProcessingLayerPostProcessorInterface,
     QgsProcessingParameterBoolean,
     QgsProcessingParameterFeatureSource,
     QgsProcessingParameterNumber,
     QgsProcessingParameterString,
     QgsProcessingParameterVectorDestination,
-    QgsVectorLayer,
 )
 
 from ...core import detections
@@ -25,24 +22,6 @@ from ..params import advanced, static_enum
 from .search import EMBEDDINGS_HELP, add_embedding_choice, embedding_args, split_list
 
 DETECTIONS_LAYER = "detections"  # the layer the engine writes into the output GeoPackage
-
-
-class DetectionStyle(QgsProcessingLayerPostProcessorInterface):
-    """Names the loaded detection layer and gives it the graduated probability style."""
-
-    def __init__(self, name: str):
-        super().__init__()
-        self.name = name
-
-    def postProcessLayer(self, layer: QgsMapLayer, context: QgsProcessingContext,  # noqa: N802 - QGIS API
-                         feedback: QgsProcessingFeedback) -> None:
-        """Main thread, after the layer was added to the project."""
-        if isinstance(layer, QgsVectorLayer) and layer.fields().indexOf("detect_prob") >= 0:
-            layer.setName(self.name)
-            detections.style_detections(layer)
-
-
-_styles: list[DetectionStyle] = []  # QGIS does not own them: keep them alive
 
 
 class DetectAlgorithm(HqrsAlgorithm):
@@ -110,22 +89,6 @@ class DetectAlgorithm(HqrsAlgorithm):
         self.run_engine(args, feedback, outputs=[path])
         uri = layer_uri(path, DETECTIONS_LAYER) if path.lower().endswith(".gpkg") else path
         name = os.path.splitext(os.path.basename(layer))[0]
-        self.load_detections(context, registered, uri, f"detections: {name}")
+        self.load_output(context, registered, uri, f"detections: {name}", kind="detections")
         return {"OUTPUT": uri}
-
-    @staticmethod
-    def load_detections(context: QgsProcessingContext, registered: str, uri: str, name: str) -> None:
-        """Make Processing load the detection layer ``uri`` (where it would have loaded the plain
-        file), named ``name`` and styled by probability."""
-        layers = context.layersToLoadOnCompletion()
-        details = layers.pop(registered, None)
-        if details is None:  # the output is not to be loaded
-            return
-        details.name = name
-        details.forceName = True
-        style = DetectionStyle(name)
-        _styles.append(style)
-        details.setPostProcessor(style)
-        layers[uri] = details
-        context.setLayersToLoadOnCompletion(layers)
 
