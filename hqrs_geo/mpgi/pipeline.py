@@ -1,6 +1,6 @@
 """The MpGI pipeline over the tiles of a layer (``hqrs-geo mpgi``).
 
-Stages, each with its own progress bar, each model call cached (:mod:`hqrs_geo.mpgi.cache`):
+Stages, each with its own progress bar, each model call cached (:class:`hqrs_geo.engine.store.ResumeStore`):
 
 1. ``facts``: facts from the raster and the user's vector layers (:mod:`.facts`), turned into
    sentences by the recipe's rules (:mod:`.rules`);
