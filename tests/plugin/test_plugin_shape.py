@@ -13,7 +13,7 @@ import pytest
 from conftest import ROOT
 
 REQUIRED = ("name", "qgisMinimumVersion", "description", "about", "version", "author", "email",
-            "repository", "tracker", "homepage", "category", "icon", "experimental")
+            "category", "icon", "experimental")  # no homepage/repository/tracker: no public repository yet
 ALGORITHMS = ("Tile raster", "Export chips", "Embed tiles", "Caption tiles", "Tile + embed + caption", "MpGI captions",
               "Export image-text dataset", "Text search", "Similar tiles", "Zero-shot classify", "Detect from examples",
               "Compare two dates")
