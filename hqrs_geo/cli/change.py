@@ -6,6 +6,9 @@ import json
 import math
 from typing import Any
 
+from ..compare import change
+from ..layer.io import read_tiles
+from ..search.labels import read_lines
 from ..tiling.config import TileConfig
 from .options import add_progress_options, add_tiling_options, finish, number, tile_config
 
@@ -86,9 +89,6 @@ def _num(value: Any) -> float | None:
 
 def run_change(args: argparse.Namespace, progress: Any) -> int:
     """``hqrs-geo change``: the change layer, a summary, and the most changed tiles."""
-    from ..compare import change
-    from ..search.labels import read_lines
-
     classes = args.labels.split(",") if args.labels else []
     if args.labels_file:
         classes += read_lines(args.labels_file, "labels file")
@@ -105,8 +105,6 @@ def run_change(args: argparse.Namespace, progress: Any) -> int:
     if isinstance(layer, dict):  # a dataset written part by part: its counts, and its rows only to print some
         tiles, compared, changed = layer["tiles"], layer["compared"], layer["changed"]
         if k:
-            from ..layer.io import read_tiles
-
             layer = read_tiles(args.output)
     else:
         tiles = len(layer)

@@ -13,10 +13,14 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import geopandas as gpd
 import numpy as np
+import pyarrow.parquet as pq
+from pyproj import Transformer
 
 from ..layer.columns import EMBEDDING_PREFIX
-from ..layer.dataset import is_dataset, same_crs
+from ..layer.dataset import is_dataset, read_dataset_runs, same_crs, verified_part
+from ..search.partitioned import open_session
 
 #: After-date parts kept read while BEFORE parts are compared (a part usually meets few others).
 PART_CACHE = 8
@@ -52,8 +56,6 @@ class DateLayer:
     the embeddings' own model for texts and zero-shot classes)."""
 
     def __init__(self, path: str, model: str | None = None, device: str = "cpu"):
-        from ..search.partitioned import open_session
-
         self.path = str(path)
         self.dataset = is_dataset(self.path)
         self.session = open_session(self.path, model=model, device=device)
@@ -96,11 +98,6 @@ class DateLayer:
 
     def part_block(self, name: str) -> Block:
         """Part ``name`` of the dataset as a block (footprints in the dataset's CRS)."""
-        import geopandas as gpd
-        import pyarrow.parquet as pq
-
-        from ..layer.dataset import verified_part
-
         index = self.session.index
         path = verified_part(index.manifest, name)
         names = [c for c in pq.read_schema(path).names if not c.startswith(EMBEDDING_PREFIX)]
@@ -160,8 +157,6 @@ class DateLayer:
 
 
 def _dataset_runs(path: str) -> Any:
-    from ..layer.dataset import read_dataset_runs
-
     return read_dataset_runs(path)
 
 
@@ -170,7 +165,6 @@ def _bounds_in(bounds: tuple[float, float, float, float], crs: Any, target: Any
     """``bounds`` (in ``crs``) as bounds in ``target`` (None when they cannot be carried over)."""
     if crs is None or target is None or same_crs(crs, target):
         return bounds
-    from pyproj import Transformer
 
     try:
         out = Transformer.from_crs(crs, target, always_xy=True).transform_bounds(*bounds, densify_pts=21)

@@ -14,10 +14,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pyarrow.parquet as pq
+from pyproj import Transformer
+
 from ..errors import InputError, OptionError
 from ..layer.columns import CAPTION, embedding_column, embedding_keys, has_value
-from ..layer.dataset import is_dataset, is_dataset_output
+from ..layer.dataset import DatasetRuns, is_dataset, is_dataset_output, open_manifest, verified_part
+from ..layer.io import open_layer
 from ..layer.runs import EmbeddingSource
+from ..models.registry import REGISTRY, default_caption_model, default_embed_model, get_spec
+from ..search.partitioned import DatasetSession
+from ..tiling.coregister import tile_like
 
 
 def beside(output: str | os.PathLike, tag: str, folder: bool = False) -> str:
@@ -31,7 +38,8 @@ def beside(output: str | os.PathLike, tag: str, folder: bool = False) -> str:
 def date_layers(before: Any, after: Any, output: str | os.PathLike, tiling: Any = None, progress: Any = None
                 ) -> tuple[str, str]:
     """The paths of the two date layers: the layers given, or layers made from the rasters given."""
-    from ..api import _as_list, is_layer_input, tile
+    from ..api import tile
+    from ..tiling.inputs import as_list as _as_list, names_layer as is_layer_input
 
     b_items, a_items = _as_list(before), _as_list(after)
     if not b_items or not a_items:
@@ -57,8 +65,6 @@ def date_layers(before: Any, after: Any, output: str | os.PathLike, tiling: Any 
 
 def like(reference: str, inputs: list, output: str, tiling: Any, progress: Any) -> None:
     """Tile ``inputs`` on the footprints of the layer ``reference`` (co-registered tiling)."""
-    from ..tiling.coregister import tile_like
-
     tile_like(reference, inputs, output, tiling, progress=progress)
 
 
@@ -68,8 +74,6 @@ _OPENED: dict[str, Any] = {}
 def opened(path: str) -> Any:
     """The layer file at ``path`` as read (:func:`~hqrs_geo.layer.io.open_layer`), read again only
     when the file changed since: the checks of one comparison read each date once."""
-    from ..layer.io import open_layer
-
     key = os.path.abspath(path)
     layer = _OPENED.get(key)
     if layer is None or not layer.unchanged():
@@ -85,8 +89,6 @@ def forget() -> None:
 def _wgs84_box(path: str) -> tuple[float, float, float, float] | None:
     """The lon/lat bounds of a layer's tiles (None: no tiles, or no CRS to place them)."""
     if is_dataset(path):
-        from ..layer.dataset import open_manifest
-
         boxes = [p.get("bounds_wgs84") for p in open_manifest(path).parts.values() if p.get("tiles")]
         boxes = [b for b in boxes if b]
         if not boxes:
@@ -96,7 +98,6 @@ def _wgs84_box(path: str) -> tuple[float, float, float, float] | None:
     frame = opened(path).frame
     if frame.empty or frame.crs is None:
         return None
-    from pyproj import Transformer
 
     to_wgs84 = Transformer.from_crs(frame.crs, "EPSG:4326", always_xy=True)
     return tuple(float(v) for v in to_wgs84.transform_bounds(*frame.total_bounds, densify_pts=21))  # type: ignore
@@ -120,9 +121,6 @@ def _box(box: tuple[float, ...]) -> str:
 def _keys_and_runs(path: str) -> tuple[list[str], Any]:
     """The embedding keys and run records of a layer file or dataset."""
     if is_dataset(path):
-        from ..layer.dataset import DatasetRuns, open_manifest
-        from ..search.partitioned import DatasetSession
-
         manifest = open_manifest(path)
         return DatasetSession._keys(manifest), DatasetRuns(manifest)
     layer = opened(path)
@@ -132,10 +130,6 @@ def _keys_and_runs(path: str) -> tuple[list[str], Any]:
 def missing(path: str, column: str) -> bool:
     """True when some tile of the layer (or dataset) has no value in ``column``."""
     if is_dataset(path):
-        import pyarrow.parquet as pq
-
-        from ..layer.dataset import open_manifest, verified_part
-
         manifest = open_manifest(path)
         for part in manifest.part_files():
             file = verified_part(manifest, part.name)
@@ -188,8 +182,6 @@ class ModelChoice:
 def choose_model(b_path: str, a_path: str, model: str | None, checkpoint: str | None) -> ModelChoice:
     """The one embedding model of the comparison: ``model``, else the one the dates' embeddings
     were made with (one-line error when they were made by different models), else the default."""
-    from ..models.registry import REGISTRY, default_embed_model, get_spec
-
     if model is not None:
         name = get_spec(model, None, checkpoint).name
         known = _source(b_path, name) or _source(a_path, name)
@@ -216,7 +208,6 @@ def complete_results(path: str, choice: ModelChoice, caption_model: str | None, 
     caption = captions and missing(path, CAPTION)
     if not embed and not caption:
         return
-    from ..models.registry import default_caption_model
 
     run(path, None, embed_models=[choice.load] if embed else [],
         embed_checkpoints=[choice.checkpoint] if embed and choice.checkpoint else [],

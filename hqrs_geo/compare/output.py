@@ -8,8 +8,13 @@ import os
 from pathlib import Path
 from typing import Any
 
+import geopandas as gpd
+import pandas as pd
+
 from ..errors import OptionError
 from ..layer.columns import TILE_ID
+from ..layer.dataset import Manifest, is_dataset, open_manifest, part_path, write_part
+from ..layer.io import write_tiles
 
 
 class LayerSink:
@@ -24,8 +29,6 @@ class LayerSink:
 
     def finish(self, run: dict) -> Any:
         """Write the layer with its run record; returns it as written (GeoDataFrame)."""
-        from ..layer.io import write_tiles
-
         return write_tiles(self.output, concat(self.frames, self.crs), run, replace_all=True)
 
     def changed(self) -> int:
@@ -38,8 +41,6 @@ class DatasetSink:
     BEFORE scenes' readings (so the change dataset is a tile dataset of those scenes)."""
 
     def __init__(self, output: str | os.PathLike, before: Any):
-        from ..layer.dataset import Manifest, is_dataset, open_manifest
-
         if not before.dataset:
             raise OptionError(f"{output}: a folder output needs a dataset as «before»; write the change layer of "
                               "tile layers or rasters to a file (.gpkg, .parquet, .fgb)", option="output")
@@ -61,8 +62,6 @@ class DatasetSink:
 
     def add(self, name: str | None, frame: Any, run: dict) -> None:
         """Write the rows of BEFORE part ``name`` as the part of the same name."""
-        from ..layer.dataset import part_path, write_part
-
         assert name is not None
         self.folder.mkdir(parents=True, exist_ok=True)
         facts = write_part(part_path(self.folder, name), frame, [{"run_id": 1, **run}])
@@ -75,8 +74,6 @@ class DatasetSink:
     def finish(self, run: dict) -> dict:
         """Drop parts of an earlier change run that this one did not write, record the run, save
         the manifest; returns a summary (``output``, ``parts`` and the run's ``counts``)."""
-        from ..layer.dataset import part_path
-
         for name in [n for n in self.manifest.parts if n not in self.written]:
             part_path(self.folder, name).unlink(missing_ok=True)
             del self.manifest.parts[name]
@@ -91,9 +88,6 @@ class DatasetSink:
 
 def concat(frames: list, crs: Any) -> Any:
     """The rows of every block as one GeoDataFrame ordered by ``tile_id``."""
-    import geopandas as gpd
-    import pandas as pd
-
     if not frames:
         return gpd.GeoDataFrame({TILE_ID: []}, geometry=gpd.GeoSeries([], crs=crs), crs=crs)
     frame = pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]

@@ -11,8 +11,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import shapely
 
 from ..layer.columns import TILE_ID
+from ..layer.dataset import same_crs
 
 #: Largest difference between two footprints' bounds, as a share of the tile's side, that pairs them.
 TOLERANCE = 0.01
@@ -32,8 +34,6 @@ class Pairing:
 
 def footprints_in(frame: Any, crs: Any) -> Any:
     """The footprints of ``frame`` in ``crs`` (as they are when either has no CRS)."""
-    from ..layer.dataset import same_crs
-
     if crs is None or frame.crs is None or same_crs(frame.crs, crs):
         return frame.geometry.values
     return frame.geometry.to_crs(crs).values
@@ -44,8 +44,6 @@ def pair_tiles(before: Any, after: Any, tolerance: float = TOLERANCE) -> Pairing
     reprojected to ``before``'s CRS when they differ): a pair is two footprints whose bounds
     differ by at most ``tolerance`` x the BEFORE tile's shorter side; of several candidates the
     one with the same ``tile_id``, then the closest, wins."""
-    import shapely
-
     n = len(before)
     out = np.full(n, -1, dtype=np.int64)
     if n == 0 or len(after) == 0:

@@ -15,11 +15,19 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import geopandas as gpd
 import numpy as np
+import pandas as pd
 
 from ..errors import InputError, OptionError
 from ..layer.columns import CAPTION, PROVENANCE_COLUMNS, SOURCE, TILE_COLUMNS, TILE_ID
+from ..layer.dataset import is_dataset, is_dataset_output
+from ..layer.io import check_writable
+from ..layer.runs import new_run
+from ..search.fewshot import BACKGROUND, BACKGROUND_SEED
 from .dates import Block, DateLayer
+from .inputs import check_overlap, choose_model, complete_results, date_layers, forget, opened, same_model
+from .output import DatasetSink, LayerSink
 from .pairs import pair_tiles
 from .scores import Calibration, competition_rank, cosine_distance, fit_change_detector, pair_features, text_change
 
@@ -76,9 +84,6 @@ class PairedBlock:
 
 def pair_block(block: Block, after: DateLayer, min_overlap: float) -> PairedBlock:
     """Pair a BEFORE block with the AFTER tiles of the same footprints."""
-    import geopandas as gpd
-    import pandas as pd
-
     frame = block.frame
     n = len(frame)
     candidates = after.blocks_over(tuple(frame.total_bounds), frame.crs) if n else []
@@ -153,8 +158,6 @@ class Comparison:
 
     def calibrate(self, progress: Any = None) -> None:
         """First pass: distances per reference scene, text-score pools, labelled pairs."""
-        from ..search.fewshot import BACKGROUND, BACKGROUND_SEED
-
         by_scene: dict[str, list[np.ndarray]] = {}
         texts: dict[str, list[np.ndarray]] = {"became": [], "stopped": []}
         q = self.queries
@@ -279,8 +282,6 @@ def _draw_keys(tile_ids: np.ndarray, seed: int) -> np.ndarray:
 
 
 def _ranks(n: int, rows: np.ndarray, values: np.ndarray, pool: np.ndarray) -> Any:
-    import pandas as pd
-
     rank = pd.array([None] * n, dtype="Int64")
     if len(rows):
         rank[rows] = competition_rank(values, pool)
@@ -316,12 +317,6 @@ def change(before: Any, after: Any, output: str | os.PathLike, *, model: str | N
     ``checkpoint``, ``caption_checkpoint``, ``options`` (:class:`~hqrs_geo.engine.options.RunOptions`)
     and ``decoding`` apply to results computed here.
     """
-    from ..layer.dataset import is_dataset, is_dataset_output
-    from ..layer.io import check_writable
-    from ..layer.runs import new_run
-    from .inputs import forget
-    from .output import DatasetSink, LayerSink
-
     threshold = _number(threshold, "threshold")
     min_overlap = _number(min_overlap, "min_overlap", 0.0, 1.0)
     became, stopped = _text(became, "became"), _text(stopped, "stopped")
@@ -383,9 +378,6 @@ def _open_dates(before: Any, after: Any, output: Any, tiling: Any, progress: Any
                 checkpoint: str | None, caption_model: Any, caption_checkpoint: str | None, captions: bool,
                 device: str, options: Any, decoding: Any) -> tuple[DateLayer, DateLayer]:
     """The two dates, made from rasters where needed, with the results the comparison needs."""
-    from ..layer.dataset import is_dataset
-    from .inputs import check_overlap, choose_model, complete_results, date_layers, opened, same_model
-
     b_path, a_path = date_layers(before, after, output, tiling, progress)
     for path in (b_path, a_path):
         if os.path.abspath(str(path).rstrip("/")) == os.path.abspath(str(output)):

@@ -18,7 +18,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..errors import OptionError
 from ..models.encode import normalise
+from ..search.fewshot import DEFAULT_C, Detector, fit_logistic, label_weights
 
 #: 1.4826 x MAD estimates the standard deviation of normally distributed values.
 MAD_SCALE = 1.4826
@@ -94,9 +96,6 @@ def fit_change_detector(positives: np.ndarray, negatives: np.ndarray, weak: np.n
     """A :class:`~hqrs_geo.search.fewshot.Detector` fitted on pair features: the pairs marked
     changed (``positives``) against those marked unchanged and ``weak`` negatives (random
     compared pairs: most pairs did not change), class-balanced as few-shot detection is."""
-    from ..errors import OptionError
-    from ..search.fewshot import DEFAULT_C, Detector, fit_logistic, label_weights
-
     x = np.concatenate([positives, negatives, weak]).astype(np.float64)
     y = np.concatenate([np.ones(len(positives)), np.zeros(len(negatives) + len(weak))])
     if not len(negatives) and not len(weak):

@@ -4,6 +4,8 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, replace
 
+from pyproj import CRS
+from pyproj.exceptions import CRSError
 from rasterio.enums import Resampling
 
 from ..errors import OptionError
@@ -58,9 +60,6 @@ class TileConfig:
             raise OptionError(f"{self.resampling!r} is not a resampling method; use one of {names}",
                               option="resampling") from None
         if self.crs is not None:
-            from pyproj import CRS
-            from pyproj.exceptions import CRSError
-
             try:
                 CRS.from_user_input(self.crs)
             except (CRSError, TypeError, ValueError):

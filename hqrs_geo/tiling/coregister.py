@@ -31,17 +31,33 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+import geopandas as gpd
 import numpy as np
+import pandas as pd
 import rasterio
 from affine import Affine
 from rasterio.enums import ColorInterp, Resampling
 from rasterio.vrt import WarpedVRT
+from rasterio.warp import transform_bounds
 from rasterio.windows import Window
 
+from ..atomic import atomic_path, output_error, output_folder
 from ..errors import InputError, OptionError
 from ..layer.columns import SOURCE, TILE_COLUMNS, TILE_ID
+from ..layer.dataset import (
+    DatasetRuns,
+    Manifest,
+    is_dataset,
+    is_dataset_output,
+    open_manifest,
+    verified_part,
+    write_part,
+)
+from ..layer.io import TileLayer, check_writable, is_layer_path, open_layer, write_layer
+from ..layer.runs import new_run, read_runs
 from ..raster.catalog import resolve_sources
 from ..raster.scene import BandChoice, choose_bands, describe, open_dataset, open_raster, read_pixels
+from ..safe_paths import file_name
 from .config import TileConfig
 from .plan import TilingReport, prepare_scenes
 from .reader import TileReader
@@ -87,8 +103,6 @@ def aligned_folder(output: str | os.PathLike) -> Path:
 
 def _reference_layer(reference: str | os.PathLike) -> Any:
     """The reference as a :class:`~hqrs_geo.layer.io.TileLayer`, with one-line errors."""
-    from ..layer.io import is_layer_path, open_layer
-
     if not is_layer_path(reference):
         raise InputError(f"{reference}: is not a tile layer (.gpkg, .parquet or .fgb); give the layer of the "
                          "earlier date (tile its raster first)")
@@ -173,8 +187,6 @@ def _pixel_box(scene: SceneReading, item: _Input) -> tuple[float, float, float, 
     two pixels (None when the CRSs cannot be related: then it is assumed to cover the scene)."""
     bounds = _corners(item.transform, item.width, item.height)
     if scene.crs and item.crs and item.crs != scene.crs:
-        from rasterio.warp import transform_bounds
-
         try:
             bounds = transform_bounds(item.crs, scene.crs, *bounds, densify_pts=21)
         except Exception:  # noqa: BLE001 - a CRS pair pyproj cannot relate: let the warp decide
@@ -242,8 +254,6 @@ def align_scene(scene: SceneReading, items: Sequence[_Input], target: Path, resa
     """Warp ``items`` (first valid pixel wins) onto the pixel grid of ``scene`` and write the
     result to ``target`` atomically: tiled, DEFLATE, the bands of the first input, an internal
     mask (blocks no input reaches are left unwritten: masked). Returns the number of valid pixels."""
-    from ..atomic import atomic_path
-
     first = items[0]
     indexes = _unique_bands(first.bands)
     method = Resampling.nearest if first.bands.palette else Resampling[resampling]
@@ -319,8 +329,6 @@ def _read_block(vrt: WarpedVRT, item: _Input, window: Window) -> tuple[np.ndarra
 
 def _scene_name(scene: SceneReading) -> str:
     """A file name for the aligned pixels of ``scene``: its key, made safe."""
-    from ..safe_paths import file_name
-
     try:
         return file_name(scene.key, "scene key")
     except InputError:
@@ -344,8 +352,6 @@ def tile_like(reference: str | os.PathLike, inputs: Any, output: str | os.PathLi
     parts, made part by part (the aligned pixels in its ``_aligned/`` folder); the report's
     ``tiles`` then holds only ``tile_id``, ``source`` and ``valid_fraction`` of the new tiles.
     """
-    from ..layer.dataset import is_dataset
-
     if Path(output).resolve() == Path(reference).resolve():
         raise OptionError(f"{output}: is the reference layer itself; write the later date to another layer",
                           option="output")
@@ -380,8 +386,6 @@ def _aligned_scenes(reference: str | os.PathLike, plan: list[tuple[SceneReading,
     """Align every planned scene (reusing aligned files of the same recipe): ``{reference source:
     SceneReading of its aligned file}`` (the new date's bands and own stretch). A one-line error
     when no input pixel inside the reference's scenes is valid (the files written are removed)."""
-    from ..atomic import output_error
-
     created = not folder.exists()
     try:
         folder.mkdir(parents=True, exist_ok=True)
@@ -429,8 +433,6 @@ def _measured(rows: Any, reader: TileReader, by_reference: dict[str, SceneReadin
               progress: Any) -> Any:
     """The reference's tile rows (tile columns and footprint only) on the aligned scenes, with
     the valid fraction measured there; tiles below ``min_valid`` left out."""
-    import geopandas as gpd
-
     keep, fractions = [], []
     for row in rows[list(TILE_COLUMNS)].to_dict("records"):
         rec = TileRecord(**{**row, SOURCE: by_reference[row[SOURCE]].source})
@@ -459,10 +461,6 @@ def _run_params(reference: str | os.PathLike, config: TileConfig, plan: list, by
 
 def _tile_like_layer(reference: str | os.PathLike, inputs: Any, output: str | os.PathLike,
                      config: TileConfig | None, progress: Any) -> TilingReport:
-    from ..layer.dataset import is_dataset_output
-    from ..layer.io import check_writable, write_layer
-    from ..layer.runs import new_run
-
     ref = _reference_layer(reference)
     if is_dataset_output(output):
         raise OptionError(f"{output}: tiling like a layer file writes a layer file; give a name ending in .gpkg, "
@@ -497,8 +495,6 @@ def _tile_like_layer(reference: str | os.PathLike, inputs: Any, output: str | os
 def _earlier_aligned(output: str | os.PathLike, reference: str | os.PathLike, scenes: set[str]) -> set[str]:
     """Aligned sources that earlier runs like ``reference`` wrote to ``output`` for ``scenes``
     (reference sources): their tiles are replaced by this run's."""
-    from ..layer.runs import read_runs
-
     if not Path(output).exists():
         return set()
     like = os.path.abspath(reference)
@@ -522,22 +518,6 @@ def _tile_like_dataset(reference: str | os.PathLike, inputs: Any, output: str | 
                        config: TileConfig | None, progress: Any) -> TilingReport:
     """:func:`tile_like` of a partitioned dataset: the same parts, made part by part (each part
     written atomically and recorded in the manifest at once; never the whole dataset in memory)."""
-    import geopandas as gpd
-    import pandas as pd
-
-    from ..atomic import output_folder
-    from ..layer.dataset import (
-        DatasetRuns,
-        Manifest,
-        is_dataset,
-        is_dataset_output,
-        open_manifest,
-        verified_part,
-        write_part,
-    )
-    from ..layer.io import TileLayer
-    from ..layer.runs import new_run
-
     ref = open_manifest(reference)
     if not is_dataset_output(output):
         raise OptionError(f"{output}: a dataset is tiled like part by part into a dataset; give a folder "

@@ -10,18 +10,17 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from ..errors import InputError
+from ..layer.io import TileLayer, open_layer
 from .config import TileConfig
+from .grid import MAX_TILE_SIDE
 from .plan import plan_tiles, prepare_scenes
 from .reader import TileReader
 from .records import TileRecord
-
-if TYPE_CHECKING:
-    from ..layer.io import TileLayer
 
 
 class TileDataset:
@@ -56,8 +55,6 @@ class TileDataset:
     def from_layer(cls, layer: str | os.PathLike | TileLayer) -> TileDataset:
         """Serve the pixels of the tiles of a tile layer (a path, or a :class:`TileLayer` already
         read), as the layer's run records say each scene is read."""
-        from ..layer.io import TileLayer, open_layer
-
         opened = layer if isinstance(layer, TileLayer) else open_layer(layer)
         return cls.from_frame(opened.frame, opened.scenes(), where=opened.path)
 
@@ -67,7 +64,6 @@ class TileDataset:
         missing = sorted(set(frame["source"]) - set(scenes))
         if missing:
             raise InputError(f"{where}: no tiling record for source {missing[0]}; tile that scene again")
-        from .grid import MAX_TILE_SIDE
 
         fields = TileRecord.__dataclass_fields__
         records = [

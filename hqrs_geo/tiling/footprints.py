@@ -10,6 +10,7 @@ from collections.abc import Sequence
 import numpy as np
 import shapely
 from affine import Affine
+from pyproj import Transformer
 
 DENSIFY = 8  # points per edge when reprojecting
 
@@ -45,8 +46,6 @@ def window_polygons(
     xs = t.a * cols + t.b * rows + t.c
     ys = t.d * cols + t.e * rows + t.f
     if reproject:
-        from pyproj import Transformer
-
         transformer = Transformer.from_crs(src_crs, dst_crs, always_xy=True)
         xs, ys = transformer.transform(xs.ravel(), ys.ravel())
         xs, ys = np.asarray(xs).reshape(cols.shape), np.asarray(ys).reshape(cols.shape)

@@ -12,12 +12,17 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
+import geopandas as gpd
 import numpy as np
+import pandas as pd
 from affine import Affine
 
 from ..errors import InputError
 from ..layer.columns import SOURCE, SOURCE_URL, STAC_ITEM, TILE_COLUMNS
-from ..raster.catalog import resolve_sources
+from ..layer.io import check_writable, write_layer
+from ..layer.runs import new_run
+from ..raster.catalog import resolve_sources, suited_crs
+from ..raster.integrity import check_pixel_data
 from ..raster.scene import choose_bands, describe, open_raster, read_pixels
 from ..raster.stretch import Scale, StretchSpec, scene_scale
 from .config import DEFAULT_MIN_VALID, TileConfig
@@ -37,8 +42,6 @@ def prepare_scenes(inputs: Sequence[Any], config: TileConfig) -> list[SceneReadi
     before any tile exists), and rasters whose pixel data is missing or damaged
     (:func:`~hqrs_geo.raster.integrity.check_pixel_data`).
     """
-    from ..raster.integrity import check_pixel_data
-
     config = config.validated()
     tile_size, overlap = parse_tile_lengths(config.tile_size, config.overlap)
     stretch = StretchSpec.parse(config.stretch)
@@ -122,16 +125,12 @@ def output_crs(scenes: Sequence[SceneReading], requested: str | None) -> str | N
         return None
     if requested:
         return requested
-    from ..raster.catalog import suited_crs
 
     return suited_crs(s.crs for s in with_crs if s.crs)
 
 
 def records_to_frame(records: Sequence[TileRecord], scenes: Sequence[SceneReading], crs: str | None):
     """A GeoDataFrame of tile records with footprint polygons in ``crs``."""
-    import geopandas as gpd
-    import pandas as pd
-
     by_source: dict[str, list[TileRecord]] = {}
     for rec in records:
         by_source.setdefault(rec.source, []).append(rec)
@@ -199,9 +198,6 @@ def tile_to_layer(inputs: str | os.PathLike | Sequence[str | os.PathLike], outpu
                   config: TileConfig | None = None, progress: Any = None) -> TilingReport:
     """Tile rasters into the tile layer ``output`` (created, or updated scene by scene) with a run
     record holding the tiling and every scene's reading."""
-    from ..layer.io import check_writable, write_layer
-    from ..layer.runs import new_run
-
     config = (config or TileConfig()).validated()
     check_writable(output)
     items = [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs)
