@@ -1,6 +1,6 @@
 """Tile facts for MpGI captions (rule-guided relay): size, place, date, spectral cover and map features.
 
-:func:`compute_facts` turns a tile layer (``hqrs_geo.layers.read_tiles``) into one
+:func:`compute_facts` turns a tile layer (``hqrs_geo.layer.io.read_tiles``) into one
 :class:`TileFacts` per tile; :mod:`hqrs_geo.mpgi.rules` turns those facts into sentences.
 
 Measurements are made in metres: in the tile layer's CRS when it is projected in metres,

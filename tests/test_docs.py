@@ -1,0 +1,235 @@
+"""The docs stay true to the tree: names they mention exist, links lead somewhere, the README stays short.
+
+Names are resolved by reading the source with ``ast`` (nothing is imported, so no torch): a
+dotted name ``hqrs_geo.a.b`` is a module or package, or a name defined at the top level of one
+(assigned, defined, imported, or in the package's lazy table), or an attribute of a class
+defined there. Sphinx roles with a relative target (``:mod:`.facts```) are resolved against the
+package of the docstring's module.
+"""
+from __future__ import annotations
+
+import ast
+import re
+from functools import cache
+from pathlib import Path
+
+import pytest
+import tomllib
+from conftest import ROOT
+
+PACKAGES = ("hqrs_geo", "qgis_plugin")
+MAX_README_LINES = 350
+#: A dotted name (at least one dot) starting with a package of the project.
+DOTTED = re.compile(r"(?<![\w.])(?:hqrs_geo|qgis_plugin)(?:\.[A-Za-z_]\w*)+")
+#: Text that reads like a dotted name and is not one: the format name written in dataset manifests.
+NOT_NAMES = {"hqrs_geo.dataset"}
+ROLE = re.compile(r":(?:mod|class|func|meth|data|attr|exc|obj):`~?(\.[A-Za-z_][\w.]*)`")
+LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)\)")
+#: Internal work items must never reach the docs or messages (issue numbers, commits as "the previous release").
+WORK_ITEM = re.compile(r"\bissues? #?\d+\b|\bthe issue's\b|previous release \([0-9a-f]{7,}\)", re.IGNORECASE)
+
+
+def doc_files() -> list[Path]:
+    return [ROOT / "README.md", ROOT / "DESIGN.md", ROOT / "CHANGES.md", *sorted((ROOT / "docs").glob("*.md"))]
+
+
+def code_files() -> list[Path]:
+    return sorted(p for pkg in PACKAGES for p in (ROOT / pkg).rglob("*.py"))
+
+
+def module_name(path: Path) -> str:
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def docstrings(path: Path) -> list[str]:
+    """Every module, class and function docstring of a source file."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    nodes = [tree, *(n for n in ast.walk(tree) if isinstance(n, (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)))]
+    return [d for d in (ast.get_docstring(n, clean=False) for n in nodes) if d]
+
+
+def module_file(parts: list[str]) -> Path | None:
+    base = ROOT.joinpath(*parts)
+    if (base / "__init__.py").is_file():
+        return base / "__init__.py"
+    if base.with_suffix(".py").is_file():
+        return base.with_suffix(".py")
+    return None
+
+
+def _top_level(body: list[ast.stmt]) -> dict[str, ast.AST]:
+    names: dict[str, ast.AST] = {}
+    for node in body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names[node.name] = node
+        elif isinstance(node, ast.Assign):
+            for target in node.targets:
+                for name in ast.walk(target):
+                    if isinstance(name, ast.Name):
+                        names[name.id] = node
+        elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            names[node.target.id] = node
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            for alias in node.names:
+                names[(alias.asname or alias.name).split(".")[0]] = node
+        elif isinstance(node, ast.If):
+            names.update(_top_level(node.body))
+            names.update(_top_level(node.orelse))
+        elif isinstance(node, ast.Try):
+            for block in (node.body, node.orelse, node.finalbody, *(h.body for h in node.handlers)):
+                names.update(_top_level(block))
+    return names
+
+
+@cache
+def defined(path: Path) -> dict[str, ast.AST]:
+    """Top-level names of a module, and the keys of a package's lazy import table (``_LAZY``)."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    names = _top_level(tree.body)
+    lazy = names.get("_LAZY")
+    if isinstance(lazy, ast.Assign) and isinstance(lazy.value, ast.Dict):
+        for key in lazy.value.keys:
+            if isinstance(key, ast.Constant) and isinstance(key.value, str):
+                names[key.value] = lazy
+    return names
+
+
+def _class_has(cls: ast.ClassDef, attr: str, module: Path, depth: int = 0) -> bool:
+    if attr in _top_level(cls.body):
+        return True
+    for base in cls.bases:  # bases defined in the same module
+        if isinstance(base, ast.Name) and depth < 5:
+            node = defined(module).get(base.id)
+            if isinstance(node, ast.ClassDef) and _class_has(node, attr, module, depth + 1):
+                return True
+    return False
+
+
+def resolves(dotted: str) -> bool:
+    """True when ``dotted`` names a module of the project or something defined in one."""
+    parts = dotted.split(".")
+    for cut in range(len(parts), 0, -1):
+        path = module_file(parts[:cut])
+        if path is not None:
+            break
+    else:
+        return False
+    rest = parts[cut:]
+    if not rest:
+        return True
+    node = defined(path).get(rest[0])
+    if node is None:
+        return False
+    if len(rest) == 1:
+        return True
+    if isinstance(node, ast.ImportFrom):  # a re-exported name: follow it to its module
+        package = module_name(path).split(".")
+        if path.name != "__init__.py":
+            package = package[:-1]
+        if node.level:
+            package = package[:len(package) - node.level + 1]
+            source = [*package, *(node.module.split(".") if node.module else [])]
+        else:
+            source = (node.module or "").split(".")
+        return resolves(".".join([*source, *rest]))
+    if isinstance(node, ast.ClassDef):
+        return len(rest) == 2 and _class_has(node, rest[1], path)
+    return False
+
+
+def resolves_relative(target: str, path: Path) -> bool:
+    """A relative Sphinx target (``.facts``, ``.Class.method``) from the docstring of ``path``:
+    against its package, or against the module itself."""
+    name = module_name(path)
+    package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
+    bases = [package, name]
+    return any(resolves(base + target) for base in bases)
+
+
+def names_in(text: str) -> set[str]:
+    return {m.rstrip(".") for m in DOTTED.findall(text)} - NOT_NAMES
+
+
+def test_dotted_names_in_docstrings_exist():
+    missing = []
+    for path in code_files():
+        for doc in docstrings(path):
+            missing += [f"{path.relative_to(ROOT)}: {name}" for name in sorted(names_in(doc)) if not resolves(name)]
+            missing += [f"{path.relative_to(ROOT)}: {target}" for target in sorted(set(ROLE.findall(doc)))
+                        if not resolves_relative(target, path)]
+    assert not missing, "docstrings name what does not exist:\n" + "\n".join(missing)
+
+
+def test_dotted_names_in_docs_exist():
+    missing = []
+    for path in [*doc_files(), ROOT / "pyproject.toml"]:
+        missing += [f"{path.relative_to(ROOT)}: {name}" for name in sorted(names_in(path.read_text(encoding="utf-8")))
+                    if not resolves(name)]
+    assert not missing, "docs name what does not exist:\n" + "\n".join(missing)
+
+
+def test_pyproject_entry_points_and_package_data_exist():
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
+    for name, target in project["project"]["scripts"].items():
+        module, _, attr = target.partition(":")
+        assert resolves(f"{module}.{attr}"), f"[project.scripts] {name} = {target!r}: no such function"
+    for package, globs in project["tool"]["setuptools"]["package-data"].items():
+        folder = ROOT.joinpath(*package.split("."))
+        assert folder.is_dir(), f"[tool.setuptools.package-data]: no package {package}"
+        for pattern in globs:
+            assert list(folder.glob(pattern)), f"[tool.setuptools.package-data] {package}: {pattern!r} matches no file"
+
+
+def test_readme_is_short():
+    lines = (ROOT / "README.md").read_text(encoding="utf-8").count("\n")
+    assert lines <= MAX_README_LINES, f"README.md has {lines} lines; at most {MAX_README_LINES} (the rest: docs/)"
+
+
+def slug(heading: str) -> str:
+    """The anchor GitHub gives a heading."""
+    text = re.sub(r"[^\w\- ]", "", heading.strip().lower())
+    return text.replace(" ", "-")
+
+
+@cache
+def anchors(path: Path) -> set[str]:
+    found, fenced, seen = set(), False, {}
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if line.lstrip().startswith("```"):
+            fenced = not fenced
+        elif not fenced and line.startswith("#"):
+            base = slug(line.lstrip("#"))
+            count = seen.get(base, 0)
+            seen[base] = count + 1
+            found.add(base if count == 0 else f"{base}-{count}")
+    return found
+
+
+def test_relative_links_lead_to_files_and_headings():
+    broken = []
+    for path in doc_files():
+        text = re.sub(r"```.*?```", "", path.read_text(encoding="utf-8"), flags=re.DOTALL)
+        for target in LINK.findall(text):
+            if re.match(r"[a-z][a-z0-9+.-]*:", target):  # https:, mailto:
+                continue
+            file, _, anchor = target.partition("#")
+            dest = (path.parent / file).resolve() if file else path
+            where = f"{path.relative_to(ROOT)}: ({target})"
+            if not dest.exists():
+                broken.append(f"{where}: no such file")
+            elif anchor and dest.suffix == ".md" and anchor not in anchors(dest):
+                broken.append(f"{where}: no heading #{anchor}")
+    assert not broken, "broken links:\n" + "\n".join(broken)
+
+
+@pytest.mark.parametrize("group", ["docs", "code"])
+def test_no_internal_work_items(group):
+    if group == "docs":
+        texts = [(p, p.read_text(encoding="utf-8")) for p in [*doc_files(), ROOT / "metadata.txt"]]
+    else:
+        texts = [(p, d) for p in code_files() for d in docstrings(p)]
+    found = [f"{p.relative_to(ROOT)}: {m.group(0)!r}" for p, text in texts for m in WORK_ITEM.finditer(text)]
+    assert not found, "internal work items named where users read:\n" + "\n".join(found)
