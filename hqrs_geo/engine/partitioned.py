@@ -21,6 +21,7 @@ after a re-run, with the same tiles and values as an uninterrupted one.
 """
 from __future__ import annotations
 
+import logging
 import os
 import time
 from collections import deque
@@ -29,11 +30,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import geopandas as gpd
+import numpy as np
+import pyarrow.parquet as pq
+
+from ..atomic import file_facts, output_folder, remove_stale_temporaries_in
 from ..errors import HqrsError, OptionError, OutputError
 from ..layer.dataset import (
     Manifest,
     commit_part,
+    frame_bounds,
     is_dataset,
+    manifest_path,
     open_manifest,
     part_crs,
     part_name,
@@ -41,9 +49,14 @@ from ..layer.dataset import (
     part_record,
     verified_part,
 )
+from ..layer.io import open_layer, read_tiles
+from ..layer.runs import new_run
+from ..models.loader import LoadedModel, load_models
 from ..raster.catalog import SourceEntry, SourceFilter, common_crs, removed_scenes, resolve_catalog
 from ..tiling.config import TileConfig
+from ..tiling.dataset import TileDataset
 from .options import RunOptions
+from .run import fill_columns, make_tasks, run_record_params, tiles_to_do
 from .units import (
     DEFAULT_BLOCK_TILES,
     JobContext,
@@ -51,6 +64,7 @@ from .units import (
     TaskSpec,
     Unit,
     empty_part,
+    grid_dict,
     infer_unit,
     job_fingerprint,
     one_line,
@@ -136,20 +150,23 @@ class ModelPlan:
         """True when the job runs no model (tiling only)."""
         return not self.embed_models and not self.caption_model
 
+    def load(self, device: str | None = None) -> tuple[list[LoadedModel], LoadedModel | None]:
+        """Load the models (on ``device``, default the plan's): the embedding models and the
+        caption model (``None`` when the job has none)."""
+        where = device or self.device
+        embedders = load_models(self.embed_models, self.embed_checkpoints, self.embed_arch, where,
+                                self.trust_checkpoint)
+        captioner = None
+        if self.caption_model:
+            captioner = load_models([self.caption_model], [self.caption_checkpoint], [self.caption_arch], where,
+                                    self.trust_checkpoint)[0]
+        return embedders, captioner
+
     def tasks(self, options: RunOptions, device: str | None = None) -> list:
         """Load the models and return the engine's tasks (embeddings first, then captions)."""
         if self.empty:
             return []
-        from ..api import _load
-        from .run import make_tasks
-
-        where = device or self.device
-        embedders = _load(list(self.embed_models), list(self.embed_checkpoints), list(self.embed_arch), where,
-                          self.trust_checkpoint)
-        captioner = None
-        if self.caption_model:
-            captioner = _load([self.caption_model], [self.caption_checkpoint], [self.caption_arch], where,
-                              self.trust_checkpoint)[0]
+        embedders, captioner = self.load(device)
         return make_tasks(embedders, captioner, self.decoding, options)
 
 
@@ -254,9 +271,9 @@ def run_unit(unit: Unit, tasks: list, ctx: JobContext, on_oom: Any = None) -> Ou
 
 
 def make_executor(scale: ScaleOptions, plan: ModelPlan | None, options: RunOptions, progress: Any) -> Any:
-    """The executor of ``scale.engine`` (the Ray one is imported only when asked for)."""
+    """The executor of ``scale.engine`` (Ray itself is imported only when the Ray one starts)."""
     if scale.engine == "ray":
-        from .distributed import RayExecutor
+        from .distributed import RayExecutor  # imports Ray
 
         return RayExecutor(plan, options, scale, progress)
     return LocalExecutor(plan, options, progress)
@@ -284,8 +301,6 @@ def dataset_crs(entries: Sequence[SourceEntry], config: TileConfig) -> str | Non
 def drop_removed(manifest: Manifest, catalogs: dict[str, set], keep: bool) -> list[str]:
     """Scenes of items no longer in their STAC catalog (one read now): reported, and their parts
     dropped from the manifest and the folder unless ``keep``. Returns their keys."""
-    import logging
-
     removed = removed_scenes({**manifest.failed, **manifest.scenes}, catalogs)
     if not removed:
         return removed
@@ -310,8 +325,6 @@ def _tidy(manifest: Manifest, fingerprint: str, verify: bool = False) -> int:
     (truncated, emptied, changed: their scenes are computed again, with a warning), adopt parts
     written after the last manifest write (``verify``: check every part's SHA-256, not only its
     size and modification time). Returns the number of parts adopted."""
-    from ..atomic import file_facts, remove_stale_temporaries_in
-
     folder = manifest.folder
     remove_stale_temporaries_in(folder)
     damaged = set()
@@ -321,8 +334,6 @@ def _tidy(manifest: Manifest, fingerprint: str, verify: bool = False) -> int:
             continue
         del manifest.parts[name]
         if problem != "it is missing":
-            import logging
-
             damaged.add(name)  # never adopted below: its file is computed again
             logging.getLogger(__name__).warning("%s: %s; computing this part again", folder / name, problem)
     adopted = 0
@@ -332,11 +343,6 @@ def _tidy(manifest: Manifest, fingerprint: str, verify: bool = False) -> int:
         record = part_record(path)
         if not record or record.get("name") != path.name or not isinstance(record.get("scene"), str):
             continue
-        import geopandas as gpd
-        import pyarrow.parquet as pq
-
-        from ..layer.dataset import frame_bounds
-
         try:
             tiles = pq.ParquetFile(path).metadata.num_rows
             bounds, wgs84 = frame_bounds(gpd.read_parquet(path, columns=["geometry"]))
@@ -394,9 +400,6 @@ def run_dataset(
     """Tile the scenes of ``sources`` (and run ``plan``'s models on their tiles) into the dataset
     folder ``output``, skipping what an earlier run of the same job finished. Failed scenes are
     recorded in the manifest and listed in the report; the job goes on without them."""
-    from ..atomic import output_folder
-    from ..layer.runs import new_run
-
     config = (tiling or TileConfig()).validated()
     options = (options or RunOptions()).validated()
     scale = (scale or ScaleOptions()).validated()
@@ -451,8 +454,6 @@ def _save_or_forget(manifest: Manifest, created: bool) -> None:
     """After a failed job: save what it finished, or, for a dataset this job created that holds
     no part (say the disk was full from the start), remove the manifest so that no empty
     dataset is left behind."""
-    from ..layer.dataset import manifest_path
-
     try:
         with manifest.locked():
             manifest.refresh()
@@ -562,8 +563,6 @@ def _record_scene(manifest: Manifest, unit: Unit, outcome: Outcome) -> None:
     scene = outcome.scene
     if scene is None or scene.grid is None or outcome.blocks is None:
         return
-    from .units import grid_dict
-
     entry = manifest.scenes.get(unit.key) or {}
     if entry.get("source") == unit.entry.path and entry.get("blocks") == len(outcome.blocks) and entry.get("grid"):
         return
@@ -599,11 +598,6 @@ def update_dataset(path: str | os.PathLike, plan: ModelPlan, options: RunOptions
     each part is rewritten atomically when done and recorded in the manifest at once
     (:func:`~hqrs_geo.layer.dataset.commit_part`), so an interrupted job resumes with the next
     part. Returns the dataset's tiles (GeoDataFrame)."""
-    from ..layer.io import open_layer, read_tiles
-    from ..layer.runs import new_run
-    from ..tiling.dataset import TileDataset
-    from .run import fill_columns, run_record_params, tiles_to_do
-
     options = (options or RunOptions()).validated()
     manifest = open_manifest(path)
     tasks = plan.tasks(options)
@@ -627,8 +621,6 @@ def update_dataset(path: str | os.PathLike, plan: ModelPlan, options: RunOptions
                 progress.advance(len(frame) - len(todo))
             if not todo:
                 continue
-            import numpy as np
-
             pixels = np.stack([dataset[i][1].transpose(2, 0, 1) for i in todo])
             ids = [dataset.records[i].tile_id for i in todo]
             stored = infer_unit(tasks, ids, pixels, options.batch_size)
@@ -641,9 +633,4 @@ def update_dataset(path: str | os.PathLike, plan: ModelPlan, options: RunOptions
     return read_tiles(path)
 
 
-def check_dataset_input(inputs: Sequence[Any]) -> bool:
-    """True when ``inputs`` is one dataset folder (a model job updates it in place)."""
-    return len(inputs) == 1 and isinstance(inputs[0], (str, os.PathLike)) and is_dataset(inputs[0])
-
-
-__all__ = ["DatasetReport", "ModelPlan", "ScaleOptions", "check_dataset_input", "run_dataset", "update_dataset"]
+__all__ = ["DatasetReport", "ModelPlan", "ScaleOptions", "run_dataset", "update_dataset"]

@@ -2,15 +2,16 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import InputError
+from ..errors import InputError, OptionError
 from .checkpoints import checkpoint_sha256, read_state_dict, resolve_checkpoint
 from .device import pick_device
 from .preprocess import preprocess_config
-from .registry import ModelSpec, get_spec, register_config_folders
+from .registry import REGISTRY, ModelSpec, get_spec, register_config_folders
 from .tokenizers import build_tokenizer
 
 log = logging.getLogger(__name__)
@@ -115,8 +116,6 @@ def load_model(
     Returns a :class:`LoadedModel` in eval mode on the chosen device, with the checkpoint's
     sha256 and the preprocessing it expects.
     """
-    from .registry import REGISTRY
-
     if arch or not (REGISTRY.get(name) or REGISTRY.get(str(name).lower())):
         register_config_folders()  # the shipped configs (hqrs-mini-*) and $HQRS_GEO_MODEL_CONFIGS
     spec = get_spec(name, arch=arch, checkpoint=checkpoint)
@@ -138,3 +137,16 @@ def load_model(
         spec=spec, model=model, tokenizer=build_tokenizer(spec.arch), preprocess=preprocess_config(model),
         device=target, checkpoint=str(path), sha256=checkpoint_sha256(path),
     )
+
+
+def load_models(names: Sequence[str], checkpoints: Sequence[str | None] = (), arches: Sequence[str | None] = (),
+                device: str = "auto", trust: bool = False) -> list[LoadedModel]:
+    """Load every model of ``names``, each with the checkpoint and architecture of the same
+    position (fewer of those than models: the rest use the registry's; more: one-line OptionError)."""
+    if len(checkpoints) > len(names) or len(arches) > len(names):
+        raise OptionError("more checkpoints or architectures than models: give one per model, in order",
+                          option="checkpoint")
+    checkpoints = list(checkpoints) + [None] * (len(names) - len(checkpoints))
+    arches = list(arches) + [None] * (len(names) - len(arches))
+    return [load_model(n, checkpoint=c, arch=a, device=device, trust_checkpoint=trust)
+            for n, c, a in zip(names, checkpoints, arches)]

