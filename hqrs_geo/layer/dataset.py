@@ -62,6 +62,7 @@ from .columns import (
     embedding_columns,
     has_value,
 )
+from .crs import box_in, crs_text, same_crs, validate_box
 from .runs import PARQUET_KEY, LayerRuns
 
 MANIFEST = "_manifest.json"
@@ -539,26 +540,6 @@ def part_crs(path: PathLike) -> str | None:
     return crs_text(column["crs"])
 
 
-def crs_text(value: Any) -> str | None:
-    """A CRS (pyproj, PROJJSON, text) as the short text a manifest stores (``EPSG:3857``)."""
-    if value is None:
-        return None
-    from pyproj import CRS
-
-    crs = CRS.from_user_input(value)
-    found = crs.to_authority()
-    return f"{found[0]}:{found[1]}" if found else crs.to_wkt()
-
-
-def same_crs(a: Any, b: Any) -> bool:
-    """True when two CRS (any form pyproj reads; None: none) are the same."""
-    if a is None or b is None:
-        return a is None and b is None
-    from pyproj import CRS
-
-    return bool(CRS.from_user_input(a).equals(CRS.from_user_input(b), ignore_axis_order=True))
-
-
 # -- parts ----------------------------------------------------------------------------------------
 def _string_columns(table: Any) -> Any:
     """Columns that are all empty (Arrow type null) become strings, so every part has one schema."""
@@ -664,23 +645,12 @@ def _read_parts(manifest: Manifest, names: Sequence[str], where: PathLike) -> An
     footprints in the dataset's CRS (a part in another CRS is reprojected)."""
     import geopandas as gpd
     import pandas as pd
-    import pyarrow.parquet as pq
 
     frames, sizes = [], {}
     for name in names:
-        path = verified_part(manifest, name)
-        try:
-            meta = pq.read_metadata(path)
-            sizes[str(path)] = _embedding_sizes(meta.schema.to_arrow_schema())
-            frame = gpd.read_parquet(path)
-        except Exception as exc:  # pyarrow raises many types for damaged files
-            raise InputError(f"{path}: cannot read this part of dataset {where} ({str(exc).splitlines()[0]}); "
-                             "run the job that made the dataset again") from None
-        listed = manifest.parts[name].get("tiles")
-        if meta.num_rows != listed:  # the file is the one written (SHA-256): its entry was changed
-            raise _bad(manifest_path(manifest.folder), f"parts[{_shown(name)}].tiles",
-                       f"is {listed}, the part holds {meta.num_rows} tiles", "restore the manifest")
-        frames.append(_in_dataset_crs(frame, manifest, path))
+        frame, path, found = _read_part(manifest, name, where)
+        sizes[str(path)] = found
+        frames.append(frame)
     check_embedding_sizes(sizes, where)
     if not frames:
         return None
@@ -688,6 +658,47 @@ def _read_parts(manifest: Manifest, names: Sequence[str], where: PathLike) -> An
         return frames[0]
     frame = pd.concat(frames, ignore_index=True)
     return gpd.GeoDataFrame(frame, geometry=frames[0].geometry.name, crs=frames[0].crs)
+
+
+def read_part(manifest: Manifest, name: str, columns: Sequence[str] | None = None) -> Any:
+    """The tiles of part ``name`` of the dataset ``manifest`` describes, ordered by ``tile_id``:
+    the file checked against its entry first (:func:`verified_part`), footprints in the dataset's
+    CRS; ``columns``: only these besides the footprint (a one-line error for a column the part
+    lacks)."""
+    frame, _, _ = _read_part(manifest, name, manifest.folder, columns)
+    if TILE_ID in frame.columns:
+        frame = frame.sort_values(TILE_ID, kind="stable").reset_index(drop=True)
+    return frame
+
+
+def _read_part(manifest: Manifest, name: str, where: PathLike, columns: Sequence[str] | None = None) \
+        -> tuple[Any, Path, dict[str, int]]:
+    """``(tiles, path, embedding sizes)`` of one verified part (see :func:`read_part`)."""
+    import geopandas as gpd
+    import pyarrow.parquet as pq
+
+    path = verified_part(manifest, name)
+    try:
+        meta = pq.read_metadata(path)
+        schema = meta.schema.to_arrow_schema()
+        if columns is not None:
+            missing = [c for c in columns if c not in schema.names]
+            if missing:
+                raise InputError(f"{path}: this part of dataset {where} has no column {missing[0]!r}; "
+                                 f"it has {', '.join(n for n in schema.names if n != 'geometry')}")
+            columns = [*dict.fromkeys([*columns, "geometry"])]
+        sizes = _embedding_sizes(schema)
+        frame = gpd.read_parquet(path, columns=columns)
+    except InputError:
+        raise
+    except Exception as exc:  # pyarrow raises many types for damaged files
+        raise InputError(f"{path}: cannot read this part of dataset {where} ({str(exc).splitlines()[0]}); "
+                         "run the job that made the dataset again") from None
+    listed = manifest.parts[name].get("tiles")
+    if meta.num_rows != listed:  # the file is the one written (SHA-256): its entry was changed
+        raise _bad(manifest_path(manifest.folder), f"parts[{_shown(name)}].tiles",
+                   f"is {listed}, the part holds {meta.num_rows} tiles", "restore the manifest")
+    return _in_dataset_crs(frame, manifest, path), path, sizes
 
 
 def _in_dataset_crs(frame: Any, manifest: Manifest, path: PathLike) -> Any:
@@ -707,16 +718,6 @@ def _empty_frame(manifest: Manifest) -> Any:
 
     return gpd.GeoDataFrame({c: [] for c in (*TILE_COLUMNS, *PROVENANCE_COLUMNS)},
                             geometry=gpd.GeoSeries([], crs=manifest.crs), crs=manifest.crs)
-
-
-def _box_in(bbox: Sequence[float], bbox_crs: str | None, crs: str | None) -> tuple[float, ...]:
-    """``bbox`` (in ``bbox_crs``; None: already in ``crs``) as bounds in ``crs``."""
-    if bbox_crs is None or crs is None or same_crs(bbox_crs, crs):
-        return tuple(float(v) for v in bbox)
-    from pyproj import Transformer
-
-    transformer = Transformer.from_crs(bbox_crs, crs, always_xy=True)
-    return tuple(float(v) for v in transformer.transform_bounds(bbox[0], bbox[1], bbox[2], bbox[3], densify_pts=21))
 
 
 def _overlaps(a: Sequence[float] | None, b: Sequence[float]) -> bool:
@@ -741,19 +742,17 @@ def read_dataset_tiles(path: PathLike, bbox: Sequence[float] | None = None, bbox
     manifest entry first (:func:`verified_part`)."""
     import shapely
 
-    from ..search.spatial import validate_box
-
     validate_box(bbox, bbox_crs)
     manifest = open_manifest(path)
     names = [name for name in sorted(manifest.parts) if manifest.parts[name].get("tiles", 0) > 0]
     box = None
     if bbox is not None:
-        box = _box_in(bbox, bbox_crs, manifest.crs)
+        box = box_in(bbox, bbox_crs, manifest.crs)
         boxes: dict[Any, tuple[float, ...]] = {}
 
         def box_of(crs: Any) -> tuple[float, ...]:
             if crs not in boxes:  # a part in another CRS records its bounds in its own CRS
-                boxes[crs] = _box_in(bbox, bbox_crs or manifest.crs, crs)
+                boxes[crs] = box_in(bbox, bbox_crs or manifest.crs, crs)
             return boxes[crs]
 
         names = [n for n in names if _overlaps(manifest.parts[n].get("bounds"),
@@ -925,7 +924,6 @@ def merge_dataset(path: PathLike, output: PathLike, bbox: Sequence[float] | None
     existing tile layer there is replaced only with ``overwrite``. Parts in another CRS than the
     dataset's are reprojected. Returns the merged layer as a :class:`TileLayer`."""
     from ..atomic import folder_lock
-    from ..search.spatial import validate_box
     from .io import TileLayer, _file_state, _write_fgb, _write_gpkg, _write_parquet, check_writable, layer_format
     from .runs import new_run
 
@@ -985,5 +983,5 @@ def dataset_summary(path: PathLike) -> dict:
 __all__ = ["FORMAT", "MANIFEST", "DatasetRuns", "Manifest", "check_embedding_sizes", "commit_part", "crs_text",
            "dataset_summary", "is_dataset", "is_dataset_output", "merge_dataset", "open_manifest", "part_crs",
            "part_name", "part_name_problem", "part_path", "part_problem", "part_record", "part_runs",
-           "read_dataset_runs", "read_dataset_tiles", "same_crs", "validate_manifest", "verified_part",
+           "read_dataset_runs", "read_dataset_tiles", "read_part", "same_crs", "validate_manifest", "verified_part",
            "write_dataset_layer", "write_part"]

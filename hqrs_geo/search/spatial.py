@@ -14,6 +14,7 @@ import numpy as np
 import shapely
 
 from ..errors import InputError, OptionError
+from ..layer.crs import validate_box
 
 
 def _crs(value, option: str):
@@ -43,26 +44,6 @@ def _to_layer_crs(geom, src_crs: str | None, layer_crs):
 def _segment(geom) -> float:
     minx, miny, maxx, maxy = geom.bounds
     return max(maxx - minx, maxy - miny, 1e-9) / 32
-
-
-def validate_box(bbox: Sequence[float] | None, bbox_crs: str | None = None) -> None:
-    """Check a box filter before any work: ``bbox`` is four finite numbers ``minx, miny, maxx,
-    maxy`` with min < max, ``bbox_crs`` a CRS pyproj knows and given only with a box (one-line
-    :class:`OptionError` otherwise)."""
-    if bbox_crs is not None:
-        if bbox is None:
-            raise OptionError("a CRS for the box was given without a box: add «bbox», or leave «bbox_crs» out",
-                              option="bbox_crs")
-        _crs(bbox_crs, "bbox_crs")
-    if bbox is None:
-        return
-    try:
-        values = [float(v) for v in bbox]
-    except (TypeError, ValueError):
-        values = []
-    if len(values) != 4 or not all(np.isfinite(values)) or not (values[0] < values[2] and values[1] < values[3]):
-        raise OptionError(f"{list(bbox) if isinstance(bbox, (list, tuple)) else bbox!r} is not a box; use "
-                          "minx,miny,maxx,maxy with min < max", option="bbox")
 
 
 @dataclass(frozen=True)
