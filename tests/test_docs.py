@@ -171,6 +171,22 @@ def test_dotted_names_in_docs_exist():
     assert not missing, "docs name what does not exist:\n" + "\n".join(missing)
 
 
+#: Short names in backticks, relative to the package (```engine.jobs.tile_job```), and source paths (```layer/io.py```).
+SHORT = re.compile(r"`((?:raster|layer|tiling|models|engine|search|training|compare|mpgi|cli)(?:\.[A-Za-z_]\w*)+)`")
+SOURCE_PATH = re.compile(r"`([\w.-]+(?:/[\w.-]+)+\.py)`")
+
+
+def test_short_names_and_source_paths_in_docs_exist():
+    missing = []
+    for path in doc_files():
+        text = path.read_text(encoding="utf-8")
+        missing += [f"{path.relative_to(ROOT)}: {name}" for name in sorted(set(SHORT.findall(text)))
+                    if not re.search(r"\.(py|md|json|toml|gpkg|txt)$", name) and not resolves(f"hqrs_geo.{name}")]
+        missing += [f"{path.relative_to(ROOT)}: {file}" for file in sorted(set(SOURCE_PATH.findall(text)))
+                    if not any((base / file).exists() for base in (ROOT, ROOT / "hqrs_geo", ROOT / "qgis_plugin"))]
+    assert not missing, "docs name modules or files that do not exist:\n" + "\n".join(missing)
+
+
 def test_pyproject_entry_points_and_package_data_exist():
     project = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
     for name, target in project["project"]["scripts"].items():
