@@ -1,7 +1,7 @@
 """Partitioned tile datasets as the dock lists them, read from their manifest alone.
 
 A dataset is a folder of GeoParquet parts and ``_manifest.json``, written by ``hqrs-geo run
-SOURCES -o DATASET/`` (README "Archives"). The dock never loads one into QGIS: it reads the
+SOURCES -o DATASET/`` (docs/layers.md). The dock never loads one into QGIS: it reads the
 manifest (plain JSON: no hqrs_geo, no GDAL Parquet driver needed) for the dataset's tile count,
 CRS and embedding models, and searches it through a ``serve-search DATASET`` session. Manifests
 are cached by their size and modification time, so refreshing the layer list is cheap even for a

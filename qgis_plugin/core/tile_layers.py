@@ -1,7 +1,7 @@
 """Tile layers as QGIS sees them: which layers are tile layers, their files, their embeddings,
 the hit features of a search, and thumbnails read from the raster window of a tile.
 
-The column contract is the engine's (README "Tile layers"): ``tile_id``, ``source`` (the raster),
+The column contract is the engine's (docs/layers.md): ``tile_id``, ``source`` (the raster),
 ``x_off``/``y_off``/``width``/``height`` (its pixel window), ``emb_<key>`` + ``emb_<key>_dim``
 (+ ``emb_<key>_model``) per embedding model, ``caption``. Only GeoPackage layer ``tiles`` or a
 single-layer file (GeoParquet, FlatGeobuf) is a tile layer the engine opens.
