@@ -1,6 +1,11 @@
 """Where the change layer goes: one layer file (written once, atomically, at the end), or, for a
 BEFORE dataset, a dataset folder written part by part as the BEFORE parts are compared (each
-part atomically, then the manifest), so memory stays that of one part."""
+part atomically, then the manifest), so memory stays that of one part.
+
+The kind of a comparison's outputs is decided here and only here: a folder output (a dataset)
+needs a dataset as BEFORE (:func:`check_output`, :func:`open_sink`), and the layers made from
+rasters beside the output are folders when it is one, or when they are tiled like a BEFORE
+dataset (:func:`beside`): a dataset is tiled like part by part into a dataset."""
 from __future__ import annotations
 
 import copy
@@ -13,8 +18,36 @@ import pandas as pd
 
 from ..errors import OptionError
 from ..layer.columns import TILE_ID
-from ..layer.dataset import Manifest, is_dataset, open_manifest, part_path, write_part
-from ..layer.io import write_tiles
+from ..layer.dataset import Manifest, is_dataset, is_dataset_output, open_manifest, part_path, write_part
+from ..layer.io import check_writable, write_tiles
+from ..layer.source import TileSource
+from ..tiling.inputs import Rasters
+
+FOLDER_NEEDS_DATASET = ("{output}: a folder output needs a dataset as «before»; write the change layer of tile "
+                        "layers or rasters to a file ending in .gpkg, .parquet or .fgb")
+
+
+def beside(output: str | os.PathLike, tag: str, like: TileSource | None = None) -> str:
+    """``<stem>-<tag>.<ext>`` beside ``output``; the folder ``<stem>-<tag>/`` for a folder output,
+    or when the layer is tiled ``like`` a dataset."""
+    out = Path(str(output).rstrip("/" + os.sep))
+    if is_dataset_output(output) or (like is not None and like.partitioned):
+        return f"{out.parent / f'{out.stem}-{tag}'}/"
+    return str(out.with_name(f"{out.stem}-{tag}{out.suffix}"))
+
+
+def check_output(output: str | os.PathLike, before: Rasters | TileSource) -> None:
+    """Before any work: a folder ``output`` needs a dataset as BEFORE; a file must be writable."""
+    if not is_dataset_output(output):
+        check_writable(output)
+    elif isinstance(before, Rasters) or not before.partitioned:
+        raise OptionError(FOLDER_NEEDS_DATASET.format(output=output), option="output")
+
+
+def open_sink(output: str | os.PathLike, before: Any) -> LayerSink | DatasetSink:
+    """The sink of the change layer of the date ``before`` (:class:`~hqrs_geo.compare.dates.DateLayer`):
+    a dataset for a folder ``output`` (checked by :func:`check_output`), else a layer file."""
+    return DatasetSink(output, before) if is_dataset_output(output) else LayerSink(output, before.crs)
 
 
 class LayerSink:
@@ -41,9 +74,6 @@ class DatasetSink:
     BEFORE scenes' readings (so the change dataset is a tile dataset of those scenes)."""
 
     def __init__(self, output: str | os.PathLike, before: Any):
-        if not before.dataset:
-            raise OptionError(f"{output}: a folder output needs a dataset as «before»; write the change layer of "
-                              "tile layers or rasters to a file (.gpkg, .parquet, .fgb)", option="output")
         folder = Path(str(output).rstrip("/" + os.sep))
         if folder.exists() and not is_dataset(folder) and any(folder.iterdir()):
             raise OptionError(f"{output}: is a folder with other files, not a dataset; choose a new or empty folder",
@@ -95,4 +125,4 @@ def concat(frames: list, crs: Any) -> Any:
     return frame.sort_values(TILE_ID, kind="stable").reset_index(drop=True)
 
 
-__all__ = ["DatasetSink", "LayerSink", "concat"]
+__all__ = ["DatasetSink", "LayerSink", "beside", "check_output", "concat", "open_sink"]

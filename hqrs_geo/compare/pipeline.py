@@ -19,15 +19,23 @@ import geopandas as gpd
 import numpy as np
 import pandas as pd
 
-from ..errors import InputError, OptionError
+from ..errors import OptionError
 from ..layer.columns import CAPTION, PROVENANCE_COLUMNS, SOURCE, TILE_COLUMNS, TILE_ID
-from ..layer.dataset import is_dataset, is_dataset_output
-from ..layer.io import check_writable
 from ..layer.runs import new_run
 from ..search.fewshot import BACKGROUND, BACKGROUND_SEED
+from ..search.marked import PAIRS, marked_ids
 from .dates import Block, DateLayer
-from .inputs import check_overlap, choose_model, complete_results, date_layers, forget, opened, same_model
-from .output import DatasetSink, LayerSink
+from .inputs import (
+    Date,
+    check_overlap,
+    choose_model,
+    complete_results,
+    date_layers,
+    no_pairs,
+    resolve_dates,
+    same_model,
+)
+from .output import check_output, open_sink
 from .pairs import pair_tiles
 from .scores import Calibration, competition_rank, cosine_distance, fit_change_detector, pair_features, text_change
 
@@ -53,12 +61,6 @@ def _text(value: Any, name: str) -> str | None:
     if not isinstance(value, str) or not value.strip():
         raise OptionError("the text is empty; describe what the tiles became or stopped being", option=name)
     return value.strip()
-
-
-def _ids(values: Any, name: str) -> list[str]:
-    if isinstance(values, str) or not all(isinstance(v, str) for v in values):
-        raise OptionError(f"{name} pairs must be a list of BEFORE tile ids", option=name)
-    return list(dict.fromkeys(values))
 
 
 # ------------------------------------------------------------------------------------ pairs of a block
@@ -92,7 +94,7 @@ def pair_block(block: Block, after: DateLayer, min_overlap: float) -> PairedBloc
     after_caption = np.full(n, None, dtype=object)
     overlap = np.zeros(n)
     compared = np.zeros(n, dtype=bool)
-    dim = after.session.index.dim if after.dataset else after.session.index.matrix.shape[1]
+    dim = after.session.index.dim
     empty = np.zeros((0, dim), dtype=np.float32)
     if not candidates:
         return PairedBlock(block, after_id, overlap, compared, np.zeros(0, np.int64), empty, empty, after_caption)
@@ -320,29 +322,15 @@ def change(before: Any, after: Any, output: str | os.PathLike, *, model: str | N
     threshold = _number(threshold, "threshold")
     min_overlap = _number(min_overlap, "min_overlap", 0.0, 1.0)
     became, stopped = _text(became, "became"), _text(stopped, "stopped")
-    positive, negative = _ids(positive, "positive"), _ids(negative, "negative")
-    if negative and not positive:
-        raise OptionError("no changed pair marked; give «positive» BEFORE tile ids of pairs that changed",
-                          option="positive")
-    both = set(positive) & set(negative)
-    if both:
-        raise OptionError(f"tile {sorted(both)[0]!r} is marked both changed and unchanged; keep it in one list",
-                          option="negative")
+    positive, negative = marked_ids(positive, negative, PAIRS, required=False)
     if caption_model is False:
         captions, caption_model = False, None
     if caption_model is True:
         caption_model = None
-    to_dataset = is_dataset_output(output)
-    if to_dataset and not (isinstance(before, (str, os.PathLike)) and is_dataset(before)):
-        raise OptionError(f"{output}: a folder output needs a dataset as «before»; write the change layer of tile "
-                          "layers or rasters to a file ending in .gpkg, .parquet or .fgb", option="output")
-    if not to_dataset:
-        check_writable(output)
-    try:
-        b, a = _open_dates(before, after, output, tiling, progress, model, checkpoint, caption_model,
-                           caption_checkpoint, captions, device, options, decoding)
-    finally:
-        forget()
+    b_in, a_in = resolve_dates(before, after)  # the entry: each date's input resolved once
+    check_output(output, b_in)
+    b, a = _open_dates(b_in, a_in, output, tiling, progress, model, checkpoint, caption_model, caption_checkpoint,
+                       captions, device, options, decoding)
     b_path, a_path = b.path, a.path
     queries = Queries(positive=positive, negative=negative)
     if became is not None:
@@ -354,8 +342,8 @@ def change(before: Any, after: Any, output: str | os.PathLike, *, model: str | N
     comparison = Comparison(b, a, min_overlap, queries)
     comparison.calibrate(progress)
     if comparison.counts["tiles"] and not comparison.counts["paired"]:
-        raise _no_pairs(b_path, a_path)
-    sink = DatasetSink(output, b) if to_dataset else LayerSink(output, b.crs)
+        raise no_pairs(b_path, a_path)
+    sink = open_sink(output, b)
     calibration = {s: c.as_dict() for s, c in comparison.calibrations.items()}
     params = {"before": b_path, "after": a_path, "model": b.source.model, "threshold": threshold,
               "min_overlap": min_overlap, "median": {s: c["median"] for s, c in calibration.items()},
@@ -374,37 +362,26 @@ def change(before: Any, after: Any, output: str | os.PathLike, *, model: str | N
     return sink.finish(new_run(CHANGE_COMMAND, "tiles", params))
 
 
-def _open_dates(before: Any, after: Any, output: Any, tiling: Any, progress: Any, model: str | None,
+def _open_dates(before: Date, after: Date, output: Any, tiling: Any, progress: Any, model: str | None,
                 checkpoint: str | None, caption_model: Any, caption_checkpoint: str | None, captions: bool,
                 device: str, options: Any, decoding: Any) -> tuple[DateLayer, DateLayer]:
     """The two dates, made from rasters where needed, with the results the comparison needs."""
-    b_path, a_path = date_layers(before, after, output, tiling, progress)
-    for path in (b_path, a_path):
-        if os.path.abspath(str(path).rstrip("/")) == os.path.abspath(str(output)):
+    b_layer, a_layer = date_layers(before, after, output, tiling, progress)
+    for layer in (b_layer, a_layer):
+        if os.path.abspath(str(layer.path).rstrip("/")) == os.path.abspath(str(output)):
             raise OptionError(f"{output}: is a date layer of this comparison; write the change layer to another file",
                               option="output")
-    check_overlap(b_path, a_path)
-    if not is_dataset(b_path) and not is_dataset(a_path):  # misaligned layers: said before any model runs
-        b_tiles, a_tiles = opened(b_path).frame, opened(a_path).frame
-        if len(b_tiles) and not pair_tiles(b_tiles, a_tiles).paired.any():
-            raise _no_pairs(b_path, a_path)
-    choice = choose_model(b_path, a_path, model, checkpoint)
-    for path in (b_path, a_path):
-        complete_results(path, choice, caption_model if isinstance(caption_model, str) else None,
+    check_overlap(b_layer, a_layer)
+    choice = choose_model(b_layer, a_layer, model, checkpoint)
+    for layer in (b_layer, a_layer):
+        complete_results(layer, choice, caption_model if isinstance(caption_model, str) else None,
                          caption_checkpoint, captions, device, options, decoding, progress)
-    b = DateLayer(b_path, model=choice.name, device=device)
-    a = DateLayer(a_path, model=choice.name, device=device)
+    b = DateLayer(b_layer, model=choice.name, device=device)
+    a = DateLayer(a_layer, model=choice.name, device=device)
     if not same_model(b.source, a.source):
-        raise OptionError(f"{b_path} was embedded by {b.source.model}, {a_path} by {a.source.model}; both dates must "
+        raise OptionError(f"{b.path} was embedded by {b.source.model}, {a.path} by {a.source.model}; both dates must "
                           "be embedded by the same model: give «model» to embed both with one", option="model")
     return b, a
-
-
-def _no_pairs(b_path: str, a_path: str) -> InputError:
-    """The one-line error of two dates without a single pair of tiles."""
-    return InputError(f"{a_path}: no tile has the footprint of a tile of {b_path} (they do not overlap, or were "
-                      "tiled on other grids); give the same place at both dates, and tile the after date on the "
-                      "before date's tiles (rasters given to change are)")
 
 
 __all__ = ["CHANGE_COLUMNS", "CHANGE_COMMAND", "change"]

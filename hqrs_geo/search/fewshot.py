@@ -42,6 +42,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import OptionError
+from .marked import TILES, marked_ids
 
 METHODS = ("logistic", "query")
 #: Inverse L2 strength of the logistic regression (sklearn's ``C`` for the class-balanced loss).
@@ -198,23 +199,6 @@ def blocks(session: Any) -> list[Block]:
     return [Block(None, index.ids, index.matrix, index.exact)]
 
 
-def _check_ids(positive: Sequence[str], negative: Sequence[str]) -> tuple[list[str], list[str]]:
-    for name, values in (("positive", positive), ("negative", negative)):
-        if isinstance(values, str) or not all(isinstance(v, str) for v in values):
-            raise OptionError(f"{name} tiles must be a list of tile ids", option=name)
-    positive, negative = list(dict.fromkeys(positive)), list(dict.fromkeys(negative))
-    if not positive:
-        raise OptionError("no positive tile; mark at least one tile as an example of what to find",
-                          option="positive")
-    both = set(positive) & set(negative)
-    if both:
-        raise OptionError(f"tile {sorted(both)[0]!r} is both positive and negative; keep it in one list",
-                          option="negative")
-    if len(positive) + len(negative) > MAX_LABELS:
-        raise OptionError(f"{len(positive) + len(negative)} labelled tiles; at most {MAX_LABELS}", option="positive")
-    return positive, negative
-
-
 def background_vectors(session: Any, count: int, exclude: Sequence[str], seed: int) -> np.ndarray:
     """Stored embeddings of up to ``count`` tiles drawn at random (``seed``), none of ``exclude``."""
     from .exact import read_rows
@@ -248,7 +232,7 @@ def fit(session: Any, positive: Sequence[str], negative: Sequence[str] = (), met
     if method not in METHODS:
         raise OptionError(f"unknown method {str(method)[:40]!r}; use one of {', '.join(METHODS)}", option="method")
     start = time.perf_counter()
-    positive, negative = _check_ids(positive, negative)
+    positive, negative = marked_ids(positive, negative, TILES, limit=MAX_LABELS)
     pos = session.tile_vectors(positive)
     if isinstance(background, bool) or not isinstance(background, (int, np.integer)) or background < 0:
         raise OptionError(f"background must be a whole number of tiles >= 0, not {background!r}",
@@ -417,7 +401,7 @@ LABELS_COMMAND = "labels"
 def saved_labels(path: str) -> dict:
     """The labels last saved with the layer or dataset ``path``: ``{"positive", "negative",
     "name"}`` (empty lists and None when none were saved)."""
-    from ..layer.runs import read_runs
+    from ..layer.io import read_runs
 
     return read_runs(path).labels()
 

@@ -46,6 +46,12 @@ class BaseSession:
         """Stored embeddings of tiles (one-line error for unknown ids)."""
         raise NotImplementedError
 
+    def part_vectors(self, name: str) -> tuple[np.ndarray, np.ndarray]:
+        """The embeddings of part ``name`` of the layer (see
+        :meth:`hqrs_geo.layer.source.TileSource.parts`) and the row of each one's tile in the
+        part's tiles as :meth:`hqrs_geo.layer.source.TilePart.read` returns them."""
+        raise NotImplementedError
+
     def text_query(self, texts: Sequence[str], template: bool = True) -> np.ndarray:
         """Normalised query vector for one or more texts (combined by their mean)."""
         if isinstance(texts, str):
@@ -183,6 +189,12 @@ class SearchSession(BaseSession):
             raise OptionError(f"{k!r} results asked; ask for at least one", option="k")
         scores, rows = self.index.search(query, k=k, mask=self.mask(spatial, exclude), use_ann=self.use_ann)
         return self._results(scores[0], rows[0])
+
+    def part_vectors(self, name: str) -> tuple[np.ndarray, np.ndarray]:
+        """The embeddings of the layer file (its one part, whatever ``name``: see
+        :meth:`hqrs_geo.layer.source.TileSource.parts`) and the row of each one's tile in the
+        file's tiles as read (ordered by ``tile_id``)."""
+        return self.index.matrix, self.rows
 
     def tile_vectors(self, tile_ids: Sequence[str]) -> np.ndarray:
         """Stored embeddings of tiles (one-line error for unknown ids)."""
