@@ -30,11 +30,10 @@ import numpy as np
 
 from ..atomic import atomic_path, failure_code, output_error, write_text
 from ..errors import OptionError
+from .base import ANN_MAX_FETCH, ApproximateSearcher, Result
 from .exact import ExactSearch, order_best
 
 ANN_VERSION = 1
-#: Most neighbours fetched from an ANN index for a masked query before falling back to exact search.
-ANN_MAX_FETCH = 4096
 ANN_DEFAULTS: dict[str, dict[str, Any]] = {
     # 1M x 512 clustered, 2 cores: build ~2.5 min, recall@10 0.97 at ~1 ms per query
     "hnsw": {"M": 32, "efConstruction": 64, "efSearch": 512},
@@ -94,13 +93,17 @@ def recall_queries(matrix: np.ndarray, count: int = RECALL_QUERIES, noise: float
     return q / np.where(norms == 0, 1, norms)
 
 
-class AnnIndex:
-    """A FAISS index of ``kind`` with its parameters, searched with exact re-scoring."""
+class AnnIndex(ApproximateSearcher):
+    """A FAISS index of ``kind`` with its parameters over the rows of ``exact``, which re-scores
+    its candidates and answers what it cannot (see :class:`~hqrs_geo.search.base.ApproximateSearcher`)."""
 
-    def __init__(self, index: Any, kind: str, params: dict):
+    exact: ExactSearch
+
+    def __init__(self, index: Any, kind: str, params: dict, exact: ExactSearch):
         self.index = index
         self.kind = kind
         self.params = params
+        self.exact = exact
         self._apply_search_params()
 
     def _apply_search_params(self) -> None:
@@ -110,9 +113,10 @@ class AnnIndex:
             self.index.nprobe = self.params["nprobe"]
 
     @classmethod
-    def build(cls, matrix: np.ndarray, kind: str = "hnsw", **params: Any) -> AnnIndex:
-        """Build an index of ``kind`` over ``matrix`` (see :data:`ANN_DEFAULTS` for the parameters)."""
+    def build(cls, exact: ExactSearch, kind: str = "hnsw", **params: Any) -> AnnIndex:
+        """Build an index of ``kind`` over the matrix of ``exact`` (see :data:`ANN_DEFAULTS` for the parameters)."""
         faiss = faiss_module()
+        matrix = exact.matrix
         n, dim = matrix.shape
         params = ann_params(kind, params, n)
         if n == 0:
@@ -128,35 +132,28 @@ class AnnIndex:
             index.train(np.ascontiguousarray(matrix[sample], dtype=np.float32))
         for block in float32_chunks(matrix):
             index.add(block)
-        return cls(index, kind, params)
+        return cls(index, kind, params, exact)
 
-    def search(self, exact: ExactSearch, q: np.ndarray, k: int, mask: np.ndarray | None
-               ) -> tuple[np.ndarray, np.ndarray]:
-        """Top ``k`` rows for the queries ``q`` (``(Q, D)`` float32), candidates re-scored by ``exact``."""
-        n = exact.n
-        allowed = n if mask is None else int(mask.sum())
-        k = min(k, allowed)
-        scores = np.zeros((len(q), k), dtype=np.float32)
-        rows = np.zeros((len(q), k), dtype=np.int64)
-        if k == 0:
-            return scores, rows
-        fetch = k if mask is None else math.ceil(2 * k * n / allowed)
-        if fetch > min(ANN_MAX_FETCH, n):  # too selective for the ANN index: exact over the allowed rows
-            return exact.search(q, k, mask)
+    def wanted(self, k: int) -> int:
+        """``k`` neighbours when no row is masked."""
+        return k
+
+    def fetch_limit(self) -> int:
+        """At most :data:`ANN_MAX_FETCH` neighbours, and never more than there are rows."""
+        return min(ANN_MAX_FETCH, self.n)
+
+    def candidates(self, q: np.ndarray, k: int, mask: np.ndarray | None, fetch: int) -> Iterator[Result]:
+        """The index's ``fetch`` neighbours of each query, masked rows dropped, re-scored exactly."""
         _, found = self.index.search(q, fetch)
-        fallback = []
         for i in range(len(q)):
             cand = found[i][found[i] >= 0]
             if mask is not None:
                 cand = cand[mask[cand]]
             if len(cand) < k:
-                fallback.append(i)
+                yield np.empty(0, dtype=np.float32), cand
                 continue
             cand = np.sort(cand)
-            scores[i], rows[i] = order_best(exact._exact(cand, q[i]), cand, k)
-        if fallback:
-            scores[fallback], rows[fallback] = exact.search(q[fallback], k, mask)
-        return scores, rows
+            yield order_best(self.exact.score_rows(cand, q[i]), cand, k)
 
     def save(self, target: Path, fingerprint: dict) -> None:
         """Write the index and its ``.json`` (kind, parameters, ``fingerprint``) atomically."""
@@ -172,8 +169,9 @@ class AnnIndex:
                                           "fingerprint": fingerprint}, indent=1, sort_keys=True))
 
     @classmethod
-    def load(cls, target: Path, fingerprint: dict, n: int, dim: int) -> AnnIndex | None:
-        """The index saved at ``target`` when its fingerprint, size and dimension still match, else
+    def load(cls, target: Path, fingerprint: dict, exact: ExactSearch) -> AnnIndex | None:
+        """The index saved at ``target`` over the rows of ``exact``, when its fingerprint, size and
+        dimension still match, else
         None: silently when it is missing or was built from other embeddings (stale), with a
         one-line warning naming the command that rebuilds it when its files are damaged."""
         def damaged(problem: str) -> AnnIndex | None:
@@ -184,6 +182,7 @@ class AnnIndex:
             return None
 
         meta: Any = None
+        n, dim = exact.n, exact.dim
         try:
             meta = json.loads(Path(f"{target}.json").read_text(encoding="utf-8"))
         except FileNotFoundError:
@@ -208,4 +207,4 @@ class AnnIndex:
             return damaged(f"FAISS cannot read it ({' '.join(str(exc).split())[:80]})")
         if index.ntotal != n or index.d != dim:
             return damaged(f"it holds {index.ntotal} vectors of dimension {index.d}, the layer {n} of {dim}")
-        return cls(index, meta["kind"], params)
+        return cls(index, meta["kind"], params, exact)

@@ -45,6 +45,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import InputError, OptionError
+from .base import Result, Searcher, empty_result
 
 #: From this many queries on, float16 matrices are searched by one chunked float32 GEMM pass.
 SMALL_BATCH = 8
@@ -195,7 +196,7 @@ def order_best(scores: np.ndarray, rows: np.ndarray, k: int) -> tuple[np.ndarray
     return scores[order], rows[order]
 
 
-class ExactSearch:
+class ExactSearch(Searcher):
     """Exact top-k by dot product over an ``(N, D)`` matrix (float16 or float32, maybe memory-mapped)."""
 
     def __init__(self, matrix: np.ndarray, max_norm: float | None = None):
@@ -224,7 +225,6 @@ class ExactSearch:
                 raise OptionError("the embedding matrix contains NaN or infinite values; recompute the embeddings")
         return self._max_norm
 
-
     def _tensor_view(self):
         """The matrix as a torch tensor sharing its memory (never written to)."""
         if self._tensor is None:
@@ -234,7 +234,7 @@ class ExactSearch:
                 self._tensor = torch.from_numpy(self.matrix)
         return self._tensor
 
-    def _exact(self, rows: np.ndarray, query: np.ndarray) -> np.ndarray:
+    def score_rows(self, rows: np.ndarray, query: np.ndarray) -> np.ndarray:
         """float32 scores of ``rows`` (ascending row numbers) for one query: the reference values."""
         out = np.empty(len(rows), dtype=np.float32)
         for s in range(0, len(rows), 65536):
@@ -290,20 +290,15 @@ class ExactSearch:
                 ) -> tuple[np.ndarray, np.ndarray] | None:
         """Re-score rows whose fast score may be in the top k; None when the bound was broken."""
         rows = np.flatnonzero(fast >= kth - 2 * eps)
-        exact = self._exact(rows, query)
+        exact = self.score_rows(rows, query)
         if len(rows) and float(np.abs(fast[rows] - exact).max()) > eps * 1.001:
             return None
         return order_best(exact, rows, k)
 
-    def search(self, q: np.ndarray, k: int, mask: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
-        """Top ``k`` rows of every query in ``q`` ``(Q, D)`` float32 (checked by the caller): ``(scores, rows)``."""
+    def top(self, q: np.ndarray, k: int, mask: np.ndarray | None, allowed: int) -> Result:
+        """Top ``k`` rows of every query in ``q`` ``(Q, D)`` float32 (see :meth:`Searcher.search_many`)."""
         n_q, n = len(q), self.n
-        allowed = n if mask is None else int(mask.sum())
-        k = min(k, allowed)
-        scores = np.zeros((n_q, k), dtype=np.float32)
-        rows = np.zeros((n_q, k), dtype=np.int64)
-        if k == 0:
-            return scores, rows
+        scores, rows = empty_result(n_q, k)
         norms = np.linalg.norm(q, axis=1)
         if mask is not None and allowed <= min(SUBSET_ROWS, n // 8):
             subset = np.flatnonzero(mask)
@@ -328,14 +323,14 @@ class ExactSearch:
                     warnings.warn("fast float16 scores exceeded their error bound; using float32 GEMM from now on",
                                   RuntimeWarning, stacklevel=3)
                     self._kernel = "gemm"
-                    return self.search(q, k, mask)
+                    return self.top(q, k, mask, allowed)
                 scores[i], rows[i] = result
             return scores, rows
         for i, (cand, fast) in zip(map(int, todo), self._batch_candidates(q[todo], k, mask, norms[todo])):
-            exact = self._exact(cand, q[i])
+            exact = self.score_rows(cand, q[i])
             if len(cand) and float(np.abs(fast - exact).max()) > self._eps(float(norms[i]), "gemm") * 1.001:
                 cand = np.flatnonzero(mask) if mask is not None else np.arange(n)  # pragma: no cover
-                exact = self._exact(cand, q[i])  # pragma: no cover - float32 GEMM stays within its bound
+                exact = self.score_rows(cand, q[i])  # pragma: no cover - float32 GEMM stays within its bound
             scores[i], rows[i] = order_best(exact, cand, k)
         return scores, rows
 

@@ -9,7 +9,6 @@ Scores are dot products, i.e. cosine similarities for the L2-normalised vectors 
 from __future__ import annotations
 
 import hashlib
-import math
 import os
 import time
 from pathlib import Path
@@ -18,19 +17,26 @@ from typing import Any
 import numpy as np
 
 from ..errors import OptionError
-from .ann import ANN_DEFAULTS, ANN_MAX_FETCH, RECALL_QUERIES, AnnIndex
+from .ann import ANN_DEFAULTS, RECALL_QUERIES, AnnIndex
 from .ann import recall_queries as _recall_queries
+from .base import Result, Searcher
 from .cache import load_or_build, safe_key
+from .choose import KINDS, choose_kind
 from .exact import ExactSearch, row_blocks
-from .ivfpq import PART_SHIFT, CompressedIndex, CorruptIndex, EmbeddingPart
+from .ivfpq import CompressedIndex, CompressedSearch, EmbeddingPart
 
 ANN_KINDS = (*ANN_DEFAULTS, "ivfpq")
 
 PathLike = str | os.PathLike
 
 
-class VectorIndex:
-    """Nearest-neighbour search over an ``(N, D)`` embedding matrix whose rows are tiles ``ids``."""
+class VectorIndex(Searcher):
+    """Nearest-neighbour search over an ``(N, D)`` embedding matrix whose rows are tiles ``ids``:
+    exact (:class:`~hqrs_geo.search.exact.ExactSearch`), or with ``use_ann`` the loaded FAISS or
+    IVF-PQ index (:meth:`approximate`)."""
+
+    NO_INDEX = ("no approximate (ANN) index is loaded: build one with build_ann() or 'hqrs-geo index', or "
+                "search exactly")
 
     ids: np.ndarray
     matrix: np.ndarray
@@ -45,7 +51,7 @@ class VectorIndex:
         self.fingerprint = fingerprint
         self.cache_path = cache_path
         self.exact = ExactSearch(matrix, max_norm)
-        self._ann: AnnIndex | CompressedIndex | None = None
+        self._ann: AnnIndex | CompressedSearch | None = None
         self._ann_info: dict | None = None
         self._digest: str | None = None
 
@@ -93,9 +99,6 @@ class VectorIndex:
         """Embedding dimension."""
         return self.exact.dim
 
-    def __len__(self) -> int:
-        return self.n
-
     def __repr__(self) -> str:
         ann = self._ann_info["kind"] if self._ann_info else None
         return f"VectorIndex(n={self.n}, dim={self.dim}, dtype={self.matrix.dtype.name}, ann={ann})"
@@ -105,36 +108,8 @@ class VectorIndex:
         """Largest row norm (bounds the error of the fast scores); computed once."""
         return self.exact.max_norm
 
-    # ------------------------------------------------------------------ argument checks
-    def _check_queries(self, queries: Any) -> np.ndarray:
-        q = np.asarray(queries, dtype=np.float32)
-        if q.ndim == 1:
-            q = q[None, :]
-        if q.ndim != 2 or q.shape[1] != self.dim:
-            raise OptionError(f"query vectors have shape {np.shape(queries)}; "
-                              f"expected ({self.dim},) or (Q, {self.dim})")
-        if not np.isfinite(q).all():
-            raise OptionError("query vectors contain NaN or infinite values")
-        return np.ascontiguousarray(q)
-
-    def _check_mask(self, mask: Any) -> np.ndarray | None:
-        if mask is None:
-            return None
-        mask = np.asarray(mask)
-        if mask.shape != (self.n,) or mask.dtype != bool:
-            raise OptionError(f"mask must be a boolean array of {self.n} values (one per row), "
-                              f"got {mask.dtype} {mask.shape}")
-        return mask
-
-    @staticmethod
-    def _check_k(k: Any) -> int:
-        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
-            raise OptionError(f"invalid k {k!r}: ask for at least one result", option="k")
-        return int(k)
-
     # ------------------------------------------------------------------ search
-    def search(self, queries: np.ndarray, k: int = 10, mask: np.ndarray | None = None,
-               use_ann: bool | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def search(self, queries: Any, k: int = 10, mask: Any = None, use_ann: bool | None = None) -> Result:
         """Top ``k`` rows by dot product (cosine similarity for normalised vectors).
 
         ``queries``: ``(D,)`` or ``(Q, D)`` (normalised by the caller). Returns ``(scores, rows)``,
@@ -144,56 +119,29 @@ class VectorIndex:
         which needs an index from :meth:`build_ann` or :meth:`load_ann` (``None`` = exact).
         Scores are float32 ``float32(row) @ query`` either way.
         """
-        q = self._check_queries(queries)
-        k = self._check_k(k)
-        mask = self._check_mask(mask)
-        if use_ann:
-            if self._ann is None:
-                raise OptionError("no approximate (ANN) index is loaded: build one with build_ann() or "
-                                  "'hqrs-geo index', or search exactly")
-            if isinstance(self._ann, CompressedIndex):
-                return self._search_compressed(self._ann, q, k, mask)
-            return self._ann.search(self.exact, q, k, mask)
-        return self.exact.search(q, k, mask)
+        return super().search(queries, k, mask, use_ann)
+
+    def top(self, q: np.ndarray, k: int, mask: np.ndarray | None, allowed: int) -> Result:
+        """Exact search (:class:`~hqrs_geo.search.exact.ExactSearch`)."""
+        return self.exact.top(q, k, mask, allowed)
+
+    def approximate(self) -> Searcher:
+        """The loaded ANN or IVF-PQ index (one-line error when none is loaded)."""
+        if self._ann is None:
+            raise OptionError(self.NO_INDEX)
+        return self._ann
 
     def _part(self) -> EmbeddingPart:
         """The matrix as the one part of a compressed index."""
         name = self.layer.name if self.layer is not None else "matrix"
         return EmbeddingPart(name, self._ann_fingerprint(), self.matrix)
 
-    def _search_compressed(self, ann: CompressedIndex, q: np.ndarray, k: int, mask: np.ndarray | None
-                           ) -> tuple[np.ndarray, np.ndarray]:
-        allowed = self.n if mask is None else int(mask.sum())
-        k = min(k, allowed)
-        scores = np.zeros((len(q), k), dtype=np.float32)
-        rows = np.zeros((len(q), k), dtype=np.int64)
-        if k == 0:
-            return scores, rows
-        fetch = max(ann.rerank, k) if mask is None else math.ceil(2 * max(ann.rerank, k) * self.n / allowed)
-        if fetch > max(ANN_MAX_FETCH, ann.rerank):  # too selective for the index: exact over the allowed rows
-            return self.exact.search(q, k, mask)
-        row_mask = (1 << PART_SHIFT) - 1
-        keep = None if mask is None else (lambda ids: mask[ids & row_mask])
-        fallback = []
-        try:
-            found = ann.search({self._part().name: self._part()}, q, k, keep, fetch)
-        except CorruptIndex:  # damaged (warned once, naming the command that rebuilds it): exact search
-            return self.exact.search(q, k, mask)
-        for i, (found_scores, ids) in enumerate(found):
-            if len(ids) < k:
-                fallback.append(i)
-                continue
-            scores[i], rows[i] = found_scores, ids & row_mask
-        if fallback:
-            scores[fallback], rows[fallback] = self.exact.search(q[fallback], k, mask)
-        return scores, rows
-
     def scores(self, query: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
         """float32 scores of every row for one query, ``(N,)``; NaN where ``mask`` is False."""
-        q = self._check_queries(query)
+        q = self.check_queries(query)
         if len(q) != 1:
             raise OptionError(f"scores() takes one query vector, got {len(q)}")
-        return self.exact.scores(q, self._check_mask(mask))
+        return self.exact.scores(q, self.check_mask(mask))
 
     def recall_queries(self, count: int = RECALL_QUERIES, noise: float = 0.05, seed: int = 0) -> np.ndarray:
         """``count`` unit queries: random rows plus isotropic noise of norm about ``noise``."""
@@ -242,7 +190,7 @@ class VectorIndex:
                 raise OptionError("an ivfpq index lives on disk: give a folder for it", option="path")
             compressed = CompressedIndex.build([self._part()], target, **params)
             build_seconds = time.perf_counter() - start
-            self._ann = compressed
+            self._ann = CompressedSearch(compressed, [self._part()], self.exact)
             truth = self._exact_truth()
             measured: dict[str, float] = {}
 
@@ -257,7 +205,7 @@ class VectorIndex:
                               "query_p50_ms": p50, "build_seconds": round(build_seconds, 3), "path": str(target),
                               "bytes_on_disk": size, **compressed.params}
             return dict(self._ann_info)
-        ann = AnnIndex.build(self.matrix, kind, **params)
+        ann = AnnIndex.build(self.exact, kind, **params)
         build_seconds = time.perf_counter() - start
         self._ann = ann
         recall, p50 = self._measure_ann(self._exact_truth())
@@ -272,8 +220,6 @@ class VectorIndex:
         """Build the index ``kind`` (``auto``: chosen by size and available memory, see
         :mod:`.choose`; ``exact``: none, exact search is measured) and return its report with
         the reason for the choice."""
-        from .choose import KINDS, choose_kind
-
         if kind not in KINDS:
             raise OptionError(f"invalid index kind {kind!r}: use {', '.join(KINDS)}", option="kind")
         reason = f"{kind} asked for"
@@ -294,7 +240,7 @@ class VectorIndex:
         """Held-out queries (rows plus noise, seeded apart from the build's training sample) and
         their exact top 10."""
         queries = self.recall_queries(seed=12345)
-        return queries, self.exact.search(queries, min(10, self.n), None)[1]
+        return queries, self.exact.search_many(queries, 10, None)[1]
 
     def _measure_ann(self, truth: tuple[np.ndarray, np.ndarray]) -> tuple[float, float]:
         """(recall@10 against exact search, median ms per query) of the loaded index on the
@@ -325,12 +271,12 @@ class VectorIndex:
             if target.is_dir():
                 compressed = CompressedIndex.open(target)
                 if compressed is not None and not compressed.stale_parts([self._part()]):
-                    self._ann = compressed
+                    self._ann = CompressedSearch(compressed, [self._part()], self.exact)
                     self._ann_info = {"kind": "ivfpq", "n": self.n, "dim": self.dim, "path": str(target),
                                       **compressed.params}
                     return True
                 continue
-            ann = AnnIndex.load(target, self._ann_fingerprint(), self.n, self.dim)
+            ann = AnnIndex.load(target, self._ann_fingerprint(), self.exact)
             if ann is not None:
                 self._ann = ann
                 self._ann_info = {"kind": ann.kind, "n": self.n, "dim": self.dim, "path": str(target), **ann.params}

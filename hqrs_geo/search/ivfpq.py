@@ -62,6 +62,7 @@ import numpy as np
 from ..atomic import atomic_path, write_text
 from ..errors import InputError, OptionError
 from .ann import faiss_module
+from .base import ANN_MAX_FETCH, ApproximateSearcher, CorruptIndex, Result, Searcher
 from .exact import dot, order_best, read_rows, row_blocks
 
 VERSION = 1
@@ -90,11 +91,6 @@ DEFAULTS: dict[str, int | None] = {
 }
 
 log = logging.getLogger(__name__)
-
-
-class CorruptIndex(InputError):
-    """A file of a compressed index is damaged or inconsistent (the message says which and how
-    to rebuild it); searches fall back to exact search."""
 
 
 @dataclass
@@ -680,3 +676,47 @@ class CompressedIndex:
                 scores[sel] = dot(read_rows(part.matrix, rows[sel]), q)
             out.append(order_best(scores, cand, k))
         return out
+
+
+class CompressedSearch(ApproximateSearcher):
+    """A :class:`CompressedIndex` searched over the rows of ``exact``: the vectors of ``parts``
+    one after the other (a row is its part's first row plus its row in the part). The index's
+    candidates are re-scored exactly from the parts' vectors; ``exact`` answers what the index
+    cannot (see :class:`~hqrs_geo.search.base.ApproximateSearcher`)."""
+
+    def __init__(self, index: CompressedIndex, parts: Sequence[EmbeddingPart], exact: Searcher):
+        self.index, self.parts, self.exact = index, list(parts), exact
+        self.starts = np.cumsum([0] + [len(p.matrix) for p in self.parts[:-1]], dtype=np.int64)
+
+    def wanted(self, k: int) -> int:
+        """The index's ``rerank`` candidates (at least ``k``) when no row is masked."""
+        return max(self.index.rerank, k)
+
+    def fetch_limit(self) -> int:
+        """At most :data:`~hqrs_geo.search.base.ANN_MAX_FETCH` candidates (or ``rerank`` when larger)."""
+        return max(ANN_MAX_FETCH, self.index.rerank)
+
+    def rows_of(self, ids: np.ndarray) -> np.ndarray:
+        """The rows of global ids (``part << 32 | row``); -1 for an id no part of ours holds."""
+        places = {self.index.part_numbers.get(p.name): (int(start), len(p.matrix))
+                  for p, start in zip(self.parts, self.starts)}
+        numbers, local = ids >> PART_SHIFT, ids & ((1 << PART_SHIFT) - 1)
+        out = np.full(len(ids), -1, dtype=np.int64)
+        for number in np.unique(numbers):
+            place = places.get(int(number))
+            if place is not None:
+                ours = (numbers == number) & (local < place[1])
+                out[ours] = place[0] + local[ours]
+        return out
+
+    def candidates(self, q: np.ndarray, k: int, mask: np.ndarray | None, fetch: int) -> Iterator[Result]:
+        """The index's best ``k`` of ``fetch`` candidates per query that the mask allows."""
+        keep = None
+        if mask is not None:
+            def keep(ids: np.ndarray) -> np.ndarray:
+                rows = self.rows_of(ids)  # an id no part holds is kept for the index's own checks to refuse
+                return np.where(rows >= 0, mask[np.maximum(rows, 0)], True)
+
+        by_name = {p.name: p for p in self.parts}
+        for scores, ids in self.index.search(by_name, q, k, keep, fetch):
+            yield scores, self.rows_of(ids)

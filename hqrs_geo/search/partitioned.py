@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -32,8 +33,9 @@ from ..atomic import atomic_path, write_text
 from ..errors import InputError, OptionError
 from ..layer.columns import TILE_ID, embedding_column, embedding_columns
 from ..layer.dataset import Manifest, open_manifest, part_crs, same_crs, verified_part
+from .base import Result, Searcher
 from .exact import ExactSearch, max_row_norm
-from .ivfpq import PART_SHIFT, CompressedIndex, CorruptIndex, EmbeddingPart
+from .ivfpq import CompressedIndex, CompressedSearch, EmbeddingPart
 from .session import BaseSession
 from .spatial import SpatialFilter
 
@@ -170,19 +172,23 @@ def _overlap(bounds: np.ndarray, area: Sequence[float]) -> np.ndarray:
     return ~((bounds[:, 0] > area[2]) | (bounds[:, 2] < area[0]) | (bounds[:, 1] > area[3]) | (bounds[:, 3] < area[1]))
 
 
-class DatasetIndex:
-    """The vectors of one model over a dataset's parts, searched part by part."""
+class DatasetIndex(Searcher):
+    """The vectors of one model over a dataset's parts, searched part by part: a
+    :class:`~hqrs_geo.search.base.Searcher` whose rows are the parts' vectors one after the other
+    (:meth:`locate` turns them back into part and row)."""
+
+    NO_INDEX = ("no approximate index is loaded for this dataset: build one with 'hqrs-geo index DATASET', "
+                "or search exactly")
 
     def __init__(self, folder: Path, key: str, manifest: Manifest, parts: list[PartVectors]):
         self.folder, self.key, self.manifest, self.parts = folder, key, manifest, parts
         self.by_name = {p.name: p for p in parts}
-        self._ann: CompressedIndex | None = None
+        self.starts = np.cumsum([0] + [len(p.ids) for p in parts], dtype=np.int64)  # first row of each part, then n
+        self._ann: CompressedSearch | None = None
 
     @classmethod
     def open(cls, folder: str | Path, key: str) -> DatasetIndex:
         """The vectors of model ``key`` in every part of the dataset at ``folder``."""
-        from collections import Counter
-
         folder = Path(folder)
         manifest = open_manifest(folder)
         parts = [part_vectors(manifest, name, key) for name, info in sorted(manifest.parts.items())
@@ -200,12 +206,21 @@ class DatasetIndex:
     @property
     def n(self) -> int:
         """Tiles with an embedding."""
-        return sum(len(p.ids) for p in self.parts)
+        return int(self.starts[-1])
 
     @property
     def dim(self) -> int:
         """Embedding dimension."""
         return int(self.parts[0].matrix.shape[1]) if self.parts else 0
+
+    def locate(self, rows: np.ndarray) -> list[tuple[str, int]]:
+        """``(part name, index in the part's vectors)`` of rows of this index."""
+        which = np.searchsorted(self.starts, rows, side="right") - 1
+        return [(self.parts[int(p)].name, int(r - self.starts[p])) for p, r in zip(which, rows)]
+
+    def hits(self, scores: np.ndarray, rows: np.ndarray) -> list[tuple[float, str, int]]:
+        """One query's results as ``(score, part name, index in the part's vectors)``, best first."""
+        return [(float(s), name, r) for s, (name, r) in zip(scores, self.locate(rows))]
 
     # ------------------------------------------------------------------ filters
     def masks(self, spatial: SpatialFilter | None = None, exclude: Sequence[str] = ()) -> dict[str, np.ndarray | None]:
@@ -246,72 +261,38 @@ class DatasetIndex:
             out[part.name] = mask
         return out
 
+    def mask(self, spatial: SpatialFilter | None = None, exclude: Sequence[str] = ()) -> np.ndarray | None:
+        """The rows allowed by :meth:`masks`, as one mask over this index's rows (None: all of them)."""
+        masks = self.masks(spatial, exclude)
+        if len(masks) == len(self.parts) and all(m is None for m in masks.values()):
+            return None
+        out = np.zeros(self.n, dtype=bool)
+        for part, start, end in zip(self.parts, self.starts[:-1], self.starts[1:]):
+            if part.name in masks:
+                part_mask = masks[part.name]
+                out[start:end] = True if part_mask is None else part_mask
+        return out
+
     # ------------------------------------------------------------------ search
-    def search(self, queries: np.ndarray, k: int, masks: dict[str, np.ndarray | None] | None = None,
-               use_ann: bool = False) -> list[list[tuple[float, str, int]]]:
-        """Per query, the best ``k`` as ``(score, part name, index in the part's vectors)``, best
-        first; ties by part then row."""
-        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
-            raise OptionError(f"invalid k {k!r}: ask for at least one result", option="k")
-        q = np.ascontiguousarray(np.atleast_2d(np.asarray(queries, dtype=np.float32)))
-        if q.shape[1] != self.dim:
-            raise OptionError(f"query vectors have dimension {q.shape[1]}, the dataset's embeddings {self.dim}")
-        masks = masks if masks is not None else {p.name: None for p in self.parts}
-        if use_ann:
-            if self._ann is None:
-                raise OptionError("no approximate index is loaded for this dataset: build one with "
-                                  "'hqrs-geo index DATASET', or search exactly")
-            return self._search_compressed(q, int(k), masks)
-        order = {p.name: i for i, p in enumerate(self.parts)}
-        best: list[list[tuple[float, int, int]]] = [[] for _ in q]
-        for name, mask in masks.items():
-            part = self.by_name[name]
-            allowed = len(part.ids) if mask is None else int(mask.sum())
-            if allowed == 0:
-                continue
-            scores, rows = part.exact.search(q, min(int(k), allowed), mask)
-            for i in range(len(q)):
-                best[i].extend((float(s), order[name], int(r)) for s, r in zip(scores[i], rows[i]))
-        out = []
-        for hits in best:
-            hits.sort(key=lambda h: (-h[0], h[1], h[2]))
-            out.append([(s, self.parts[p].name, r) for s, p, r in hits[:k]])
-        return out
+    def top(self, q: np.ndarray, k: int, mask: np.ndarray | None, allowed: int) -> Result:
+        """Exact search: each part's best ``k`` (parts the mask leaves out are not searched),
+        merged; ties by part, then row."""
+        found_scores, found_rows = [], []
+        for part, start, end in zip(self.parts, self.starts[:-1], self.starts[1:]):
+            part_mask = None if mask is None else mask[start:end]
+            scores, rows = part.exact.search_many(q, k, part_mask)
+            if rows.shape[1]:
+                found_scores.append(scores)
+                found_rows.append(rows + start)
+        scores, rows = np.concatenate(found_scores, axis=1), np.concatenate(found_rows, axis=1)
+        best = np.stack([np.lexsort((rows[i], -scores[i]))[:k] for i in range(len(q))])
+        return np.take_along_axis(scores, best, axis=1), np.take_along_axis(rows, best, axis=1)
 
-    def _search_compressed(self, q: np.ndarray, k: int, masks: dict[str, np.ndarray | None]
-                           ) -> list[list[tuple[float, str, int]]]:
-        ann = self._ann
-        assert ann is not None
-        number_to_name = {number: name for name, number in ann.part_numbers.items()}
-        allowed_total = sum(len(self.by_name[n].ids) if m is None else int(m.sum()) for n, m in masks.items())
-        if allowed_total == 0:
-            return [[] for _ in q]
-        fetch = math.ceil(max(ann.rerank, k) * self.n / allowed_total) * (1 if allowed_total == self.n else 2)
-        if fetch > max(4096, ann.rerank):  # too selective for the index: exact over the allowed rows
-            return self.search(q, k, masks)
-        row_mask = (1 << PART_SHIFT) - 1
-
-        def keep(ids: np.ndarray) -> np.ndarray:
-            ok = np.zeros(len(ids), dtype=bool)
-            for i, gid in enumerate(ids):
-                name = number_to_name.get(int(gid >> PART_SHIFT))
-                if name in masks:
-                    mask = masks[name]
-                    ok[i] = mask is None or bool(mask[int(gid & row_mask)])
-            return ok
-
-        try:
-            found = ann.search({p.name: p.as_embedding_part() for p in self.parts}, q, k, keep, fetch)
-        except CorruptIndex:  # damaged (warned once, naming the command that rebuilds it): exact search
-            return self.search(q, k, masks)
-        out = []
-        for i, (scores, ids) in enumerate(found):
-            if len(ids) < min(k, allowed_total):
-                out.append(self.search(q[i:i + 1], k, masks)[0])
-                continue
-            out.append([(float(s), number_to_name[int(g >> PART_SHIFT)], int(g & row_mask))
-                        for s, g in zip(scores, ids)])
-        return out
+    def approximate(self) -> Searcher:
+        """The dataset's compressed index, searched over these rows (one-line error when none is loaded)."""
+        if self._ann is None:
+            raise OptionError(self.NO_INDEX)
+        return self._ann
 
     # ------------------------------------------------------------------ vectors of tiles
     def tile_vectors(self, tile_ids: Sequence[str]) -> np.ndarray:
@@ -335,9 +316,10 @@ class DatasetIndex:
     def load_ann(self) -> bool:
         """Load the compressed index when it covers exactly the current parts."""
         ann = CompressedIndex.open(self.index_folder())
-        if ann is None or ann.stale_parts([p.as_embedding_part() for p in self.parts]):
+        parts = [p.as_embedding_part() for p in self.parts]
+        if ann is None or ann.stale_parts(parts):
             return False
-        self._ann = ann
+        self._ann = CompressedSearch(ann, parts, self)
         return True
 
     def build_index(self, kind: str = "auto", **params: Any) -> dict:
@@ -363,9 +345,10 @@ class DatasetIndex:
         parts = [p.as_embedding_part() for p in self.parts]
         if existing is not None and not params and existing.meta["dim"] == self.dim:
             report["update"] = existing.update(parts)
-            self._ann = existing
+            compressed = existing
         else:
-            self._ann = CompressedIndex.build(parts, self.index_folder(), **params)
+            compressed = CompressedIndex.build(parts, self.index_folder(), **params)
+        self._ann = CompressedSearch(compressed, parts, self)
         report["build_seconds"] = round(time.perf_counter() - start, 2)
         measured: dict[str, float] = {}
 
@@ -373,9 +356,9 @@ class DatasetIndex:
             measured.update(self._latency(use_ann=True))
             return measured["recall_at_10"]
 
-        self._ann.calibrate(recall_now)
+        compressed.calibrate(recall_now)
         report["path"] = str(self.index_folder())
-        report.update(self._ann.params)
+        report.update(compressed.params)
         report["bytes_on_disk"] = sum(f.stat().st_size for f in self.index_folder().rglob("*")
                                       if f.is_file() and "shards" not in f.parts)
         return {**report, **measured}
@@ -391,13 +374,13 @@ class DatasetIndex:
             q = q + rng.standard_normal(q.shape).astype(np.float32) * np.float32(0.05 / math.sqrt(self.dim))
             queries.append(q / np.linalg.norm(q))
         q = np.stack(queries)
-        truth = self.search(q, 10)
+        truth = self.search(q, 10)[1]
         hits, times = 0, []
         for i in range(len(q)):
             begin = time.perf_counter()
-            found = self.search(q[i:i + 1], 10, use_ann=use_ann)[0]
+            found = self.search(q[i], 10, use_ann=use_ann)[1][0]
             times.append(time.perf_counter() - begin)
-            hits += len({(n, r) for _, n, r in found} & {(n, r) for _, n, r in truth[i]})
+            hits += len(np.intersect1d(found, truth[i]))
         return {"recall_at_10": round(hits / (10 * len(q)), 4),
                 "query_p50_ms": round(float(np.median(times)) * 1000, 3)}
 
@@ -472,8 +455,16 @@ class DatasetSession(BaseSession):
     def vector_search(self, query: np.ndarray, k: int = 20, spatial: SpatialFilter | None = None,
                       exclude: Sequence[str] = ()) -> Any:
         """Top ``k`` tiles for a normalised query vector (GeoDataFrame with ``score``, ``rank``, ``part``)."""
-        masks = self.index.masks(spatial, exclude)
-        return self._rows(self.index.search(query, k, masks, use_ann=self.use_ann)[0])
+        scores, rows = self.index.search(query, k, self.index.mask(spatial, exclude), use_ann=self.use_ann)
+        return self._rows(self.index.hits(scores[0], rows[0]))
+
+    def part_vectors(self, name: str) -> tuple[np.ndarray, np.ndarray]:
+        """The embeddings of part ``name`` (memory-mapped) and the row of each one's tile in the
+        part's tiles as read (ordered by ``tile_id``); none for a part without them."""
+        vectors = self.index.by_name.get(name)
+        if vectors is None:
+            return np.zeros((0, self.index.dim), dtype=np.float32), np.zeros(0, dtype=np.int64)
+        return vectors.matrix, np.asarray(vectors.rows)
 
     def tile_vectors(self, tile_ids: Sequence[str]) -> np.ndarray:
         """Stored embeddings of tiles (one-line error for unknown ids)."""
