@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 import warnings
 from collections.abc import Sequence
 from typing import Any
+
+import rasterio
 
 from .._version import __version__
 from ..atomic import output_error, write_failure
@@ -56,8 +59,6 @@ def _configure_logging(quiet: bool, debug: bool) -> None:
                  "accelerate", "torch", "PIL", "pyogrio", "fiona", "numexpr"):
         logging.getLogger(name).setLevel(logging.CRITICAL)
     warnings.simplefilter("ignore")
-    import os
-
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -90,8 +91,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     previous = signal.signal(signal.SIGTERM, _raise_cancel)
     err: HqrsError
     try:
-        import rasterio
-
         with rasterio.Env():  # GDAL messages go through Python logging, not straight to stderr
             return int(args.func(args, progress))
     except KeyboardInterrupt:

@@ -7,6 +7,10 @@ import argparse
 import sys
 from typing import Any
 
+from ..engine.partitioned import ScaleOptions
+from ..layer.dataset import merge_dataset
+from ..raster.catalog import SourceFilter
+from ..raster.network import set_limits
 from .options import add_progress_options, finish, number, numbers
 
 #: Exit status of a partitioned job that finished with failed scenes (the others are in the dataset).
@@ -83,21 +87,16 @@ def add_scale_options(parser: argparse.ArgumentParser, workers: bool = False) ->
                             "place; by default their size and time are checked, and reads check the SHA-256)")
 
 
-def source_filter(args: argparse.Namespace) -> Any:
+def source_filter(args: argparse.Namespace) -> SourceFilter:
     """The :class:`~hqrs_geo.raster.catalog.SourceFilter` of :func:`add_source_options`; the
     network limits given are set for this process and its children (:mod:`hqrs_geo.raster.network`)."""
-    from ..raster.catalog import SourceFilter
-    from ..raster.network import set_limits
-
     set_limits(args.http_connect_timeout, args.http_read_timeout, args.http_deadline, args.http_retries)
     return SourceFilter(asset=args.asset, bbox=args.bbox, datetime=args.datetime,
                         allow_local_assets=args.allow_local_assets, keep_removed=args.keep_removed).validated()
 
 
-def scale_options(args: argparse.Namespace) -> Any:
+def scale_options(args: argparse.Namespace) -> ScaleOptions:
     """The :class:`~hqrs_geo.engine.partitioned.ScaleOptions` of :func:`add_scale_options`."""
-    from ..engine.partitioned import ScaleOptions
-
     ray = args.engine == "ray"
     return ScaleOptions(
         engine=args.engine, ray_address=args.ray_address, workers=args.workers if ray else None,
@@ -120,8 +119,6 @@ def finish_dataset(args: argparse.Namespace, progress: Any, report: Any) -> int:
 
 def run_merge(args: argparse.Namespace, progress: Any) -> int:
     """``hqrs-geo merge``: a dataset as one tile layer."""
-    from ..layer.dataset import merge_dataset
-
     merged = merge_dataset(args.dataset, args.output, bbox=args.bbox, bbox_crs=args.bbox_crs,
                            overwrite=args.overwrite)
     summary = f"{len(merged.frame)} tile(s) of {args.dataset} written to {args.output}"

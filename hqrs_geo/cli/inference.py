@@ -4,6 +4,10 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from ..engine.jobs import model_job, model_plan
+from ..engine.options import RunOptions
+from ..engine.partitioned import DatasetReport
+from ..tiling.inputs import resolve_input
 from .dataset import add_scale_options, add_source_options, finish_dataset, scale_options, source_filter
 from .options import (
     add_decoding_options,
@@ -68,24 +72,19 @@ def register(sub: Any) -> None:
 
 def run_job(args: argparse.Namespace, progress: Any) -> int:
     """``hqrs-geo embed|caption|run``: model inference over tiles, results on the layer."""
-    from ..api import run
-    from ..engine.options import RunOptions
-    from ..engine.partitioned import DatasetReport
-
     decoding = decoding_config(args) if args.job in ("caption", "run") else None
     scale = scale_options(args)
     options = RunOptions(batch_size=args.batch_size, precision=args.precision,
                          workers=None if scale.engine == "ray" else args.workers,
                          embedding_dtype=args.embedding_dtype, overwrite=args.overwrite).validated()
-    frame = run(
-        args.inputs, args.output,
-        embed_models=getattr(args, "embed_models", []), caption_model=getattr(args, "caption_model", None),
+    plan = model_plan(
+        args.job, embed_models=getattr(args, "embed_models", []), caption_model=getattr(args, "caption_model", None),
         embed_checkpoints=getattr(args, "embed_checkpoints", []), embed_arch=getattr(args, "embed_arch", []),
         caption_checkpoint=getattr(args, "caption_checkpoint", None), caption_arch=getattr(args, "caption_arch", None),
         decoding=decoding, device=args.device, trust_checkpoint=args.trust_checkpoint,
-        tiling=tile_config(args), options=options, progress=progress, command=args.job,
-        source_filter=source_filter(args), scale=scale,
     )
+    source = resolve_input(args.inputs, source_filter(args))
+    frame = model_job(source, args.output, plan, tile_config(args), options, progress, scale, args.job)
     if isinstance(frame, DatasetReport):
         return finish_dataset(args, progress, frame)
     output = args.output or args.inputs[0]

@@ -5,6 +5,12 @@ import argparse
 import json
 from typing import Any
 
+from ..errors import InputError
+from ..models.checkpoints import bundled_checkpoint, cache_dir, cached_checkpoint
+from ..models.registry import default_caption_model, default_embed_model, list_models
+from ..raster.catalog import entry_for, gdal_path
+from ..raster.integrity import check_pixel_data
+from ..raster.scene import describe, open_raster
 from .options import add_progress_options
 
 
@@ -26,11 +32,6 @@ def run_info(args: argparse.Namespace, progress: Any) -> int:
     """``hqrs-geo info``: print the facts of one raster; a raster whose pixel data is cut short
     or damaged (:func:`~hqrs_geo.raster.integrity.check_pixel_data`) gets its facts printed with
     an ``integrity`` line, then the one-line error and exit status 2."""
-    from ..errors import InputError
-    from ..raster.catalog import entry_for, gdal_path
-    from ..raster.integrity import check_pixel_data
-    from ..raster.scene import describe, open_raster
-
     raster = str(args.raster)
     if raster.startswith(("http://", "https://", "s3://", "gs://", "az://")):  # a URL: read as a tile job reads it
         raster = entry_for(gdal_path(raster)).path
@@ -71,10 +72,6 @@ def run_info(args: argparse.Namespace, progress: Any) -> int:
 
 def run_models_list(args: argparse.Namespace, progress: Any) -> int:
     """``hqrs-geo models``: the registry and which checkpoints are on this machine."""
-    from ..errors import InputError
-    from ..models.checkpoints import bundled_checkpoint, cache_dir, cached_checkpoint
-    from ..models.registry import default_caption_model, default_embed_model, list_models
-
     defaults = {default_embed_model(), default_caption_model()}
     rows = []
     for spec in list_models():

@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from ..mpgi.export import export_dataset
+from ..mpgi.pipeline import run_mpgi as pipeline
 from .options import add_progress_options, finish, number
 
 
@@ -36,8 +38,6 @@ def register(sub: Any) -> None:
 
 def run_mpgi(args: argparse.Namespace, progress: Any) -> int:
     """``hqrs-geo mpgi``: the MpGI pipeline on a tile layer."""
-    from ..mpgi.pipeline import run_mpgi as pipeline
-
     frame = pipeline(args.layer, args.recipe, args.vectors, args.output, args.limit, progress, device=args.device)
     output = str(args.output or args.layer)
     summary = f"{output}: MpGI captions on {frame['mpgi_caption'].notna().sum()} tile(s)"
@@ -46,8 +46,6 @@ def run_mpgi(args: argparse.Namespace, progress: Any) -> int:
 
 def run_export_dataset(args: argparse.Namespace, progress: Any) -> int:
     """``hqrs-geo export-dataset``: chips + captions.csv + dataset.json."""
-    from ..mpgi.export import export_dataset
-
     counts = export_dataset(args.layer, args.output, args.captions, args.format, args.val_fraction, progress)
     summary = (f"{counts['images']} images, {counts['captions']} captions ({counts['train']} train, "
                f"{counts['val']} val) in {counts['folder']}")

@@ -16,9 +16,11 @@ import sys
 from collections.abc import Callable
 from typing import Any, NoReturn
 
+from ..models.decoding_options import DecodingConfig
+from ..models.precision import PRECISIONS
 from ..progress import MODES
+from ..raster.grid import DEFAULT_EDGE, EDGE_POLICIES
 from ..tiling.config import DEFAULT_MIN_VALID, TileConfig
-from ..tiling.grid import DEFAULT_EDGE, EDGE_POLICIES
 
 PROG = "hqrs-geo"
 
@@ -160,8 +162,6 @@ def tile_config(args: argparse.Namespace) -> TileConfig:
 
 def add_engine_options(parser: argparse.ArgumentParser) -> None:
     """Device, batch size, reader processes, precision, stored embedding type, overwrite."""
-    from ..models.precision import PRECISIONS
-
     group = parser.add_argument_group("engine")
     group.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), cpu, cuda, cuda:N, mps")
     group.add_argument("--batch-size", type=number(int, 1, 65536), default=32,
@@ -195,8 +195,6 @@ def add_decoding_options(parser: argparse.ArgumentParser) -> None:
 
 def decoding_config(args: argparse.Namespace) -> Any:
     """The validated decoding settings of :func:`add_decoding_options`."""
-    from ..models.decoding_options import DecodingConfig
-
     return DecodingConfig(
         method=args.decoding, num_beams=args.beams, top_k=args.top_k, top_p=args.top_p,
         temperature=args.temperature, repetition_penalty=args.repetition_penalty,

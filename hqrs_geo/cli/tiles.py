@@ -4,7 +4,14 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from ..engine.jobs import tile_job
+from ..errors import OptionError
 from ..layer.dataset import is_dataset_output
+from ..raster.catalog import SourceFilter
+from ..tiling.chips import export_chips
+from ..tiling.coregister import tile_like
+from ..tiling.inputs import Rasters, as_list
+from ..tiling.plan import tile_to_layer
 from .dataset import add_scale_options, add_source_options, finish_dataset, scale_options, source_filter
 from .options import add_progress_options, add_tiling_options, finish, number, tile_config
 
@@ -34,22 +41,23 @@ def register(sub: Any) -> None:
     chips.set_defaults(func=run_export_chips, option_flags={"image_format": "--format"})
 
 
+def rasters(args: argparse.Namespace) -> Rasters:
+    """The rasters of ``hqrs-geo tile``, with the STAC filter of its source options when one is given."""
+    filters = source_filter(args)
+    return Rasters(as_list(args.rasters), filters if filters != SourceFilter() else None)
+
+
 def run_tile(args: argparse.Namespace, progress: Any) -> int:
     """``hqrs-geo tile``: rasters to a tile layer (or a partitioned dataset)."""
-    from ..api import tile
-    from ..raster.catalog import resolve_sources
-    from ..tiling.plan import tile_to_layer
-
     config = tile_config(args)
-    filters = source_filter(args)
+    inputs = rasters(args)
     scale = scale_options(args)
     if args.like is not None:
-        return _run_tile_like(args, progress, config, filters, scale)
+        return _run_tile_like(args, progress, config, inputs, scale)
     if is_dataset_output(args.output) or scale.engine != "local":
-        report = tile(args.rasters, args.output, config, progress=progress, source_filter=filters, scale=scale)
+        report = tile_job(inputs, args.output, config, progress=progress, scale=scale)
         return finish_dataset(args, progress, report)
-    rasters = resolve_sources(args.rasters, filters) if filters != type(filters)() else args.rasters
-    report = tile_to_layer(rasters, args.output, config, progress=progress)  # type: ignore[arg-type]
+    report = tile_to_layer(inputs.scenes(), args.output, config, progress=progress)
     new, held = len(report.tiles), len(report.layer)
     summary = (f"{new} tile(s) from {len(report.scenes)} scene(s) written to {args.output} "
                f"({report.examined - new} skipped below valid fraction {config.min_valid}; layer holds {held})")
@@ -59,16 +67,11 @@ def run_tile(args: argparse.Namespace, progress: Any) -> int:
     return finish(args, progress, summary, tiles=new, output=str(args.output))
 
 
-def _run_tile_like(args: argparse.Namespace, progress: Any, config: Any, filters: Any, scale: Any) -> int:
+def _run_tile_like(args: argparse.Namespace, progress: Any, config: Any, inputs: Rasters, scale: Any) -> int:
     """``hqrs-geo tile --like REFERENCE``: rasters of a later date on the grid of a tile layer."""
-    from ..errors import OptionError
-    from ..raster.catalog import resolve_sources
-    from ..tiling.coregister import tile_like
-
     if scale.engine != "local":
         raise OptionError("tiling like a reference layer runs in this process; leave out «engine»", option="engine")
-    rasters = resolve_sources(args.rasters, filters) if filters != type(filters)() else args.rasters
-    report = tile_like(args.like, rasters, args.output, config, progress=progress)
+    report = tile_like(args.like, inputs.scenes(), args.output, config, progress=progress)
     new, held = len(report.tiles), len(report.layer)
     runs = report.written.runs
     min_valid = ((runs[-1].get("params") or {}).get("tiling") or {}).get("min_valid") if runs else None
@@ -80,8 +83,6 @@ def _run_tile_like(args: argparse.Namespace, progress: Any, config: Any, filters
 
 def run_export_chips(args: argparse.Namespace, progress: Any) -> int:
     """``hqrs-geo export-chips``: tiles as image files plus an index."""
-    from ..tiling.chips import export_chips
-
     frame = export_chips(args.inputs, args.output, tile_config(args), args.format, args.quality, progress=progress)
     summary = f"{len(frame)} chip(s) in {args.output} (index.csv, index.gpkg)"
     return finish(args, progress, summary, tiles=len(frame), output=str(args.output))

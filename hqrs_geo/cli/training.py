@@ -6,13 +6,16 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from ..atomic import write_json
+from ..evaluation import evaluate_captions, evaluate_retrieval, evaluate_zeroshot
+from ..models.decoding_options import DecodingConfig
+from ..models.loader import load_model
+from ..models.precision import PRECISIONS
 from .options import add_progress_options, finish, number
 
 
 def register(sub: Any) -> None:
     """Add the ``eval`` and ``finetune`` commands."""
-    from ..models.precision import PRECISIONS
-
     evaluate = sub.add_parser("eval", help="evaluate a model: retrieval R@K, zero-shot accuracy, caption metrics")
     evaluate.add_argument("task", choices=("retrieval", "zeroshot", "caption"))
     evaluate.add_argument("dataset", help="Karpathy-style JSON (images[].filename, class, split, sentences[].raw)")
@@ -99,15 +102,9 @@ def run_finetune(args: argparse.Namespace, progress: Any) -> int:
 
 def run_eval(args: argparse.Namespace, progress: Any) -> int:
     """``hqrs-geo eval``: metrics as a table and optionally JSON."""
-    from ..atomic import write_json
-    from ..evaluation import evaluate_captions, evaluate_retrieval, evaluate_zeroshot
-    from ..models.loader import load_model
-
     loaded = load_model(args.model, checkpoint=args.checkpoint, arch=args.arch, device=args.device,
                         trust_checkpoint=args.trust_checkpoint)
     if args.task == "caption":
-        from ..models.decoding import DecodingConfig
-
         decoding = DecodingConfig(method=args.decoding, num_beams=args.beams, max_length=args.max_length).validated()
         metrics = evaluate_captions(loaded, args.dataset, args.split, decoding, limit=args.limit)
     else:

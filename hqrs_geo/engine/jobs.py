@@ -95,12 +95,12 @@ def _layer_job(source: TileSource, output: str | os.PathLike | None, plan: Model
                               "GeoPackage to get a copy)", option="output")
         return update_dataset(source.path, plan, options, progress, command)
     embedders, captioner = plan.load()
-    target = source.path
+    layer = open_layer(source.path)  # a one-line error now (before any copy) if it is not a tile layer
     if output is not None and not _same_path(output, source.path):
         check_writable(output)
         copy_layer(source.path, output)
-        target = str(output)
-    return run_models(open_layer(target), embedders, captioner, plan.decoding, options, progress, command=command)
+        layer = open_layer(output)
+    return run_models(layer, embedders, captioner, plan.decoding, options, progress, command=command)
 
 
 def _rasters_job(rasters: Rasters, output: str | os.PathLike | None, plan: ModelPlan, tiling: TileConfig | None,

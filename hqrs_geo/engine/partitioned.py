@@ -280,10 +280,11 @@ def make_executor(scale: ScaleOptions, plan: ModelPlan | None, options: RunOptio
 
 
 # -- the driver -----------------------------------------------------------------------------------
-def _check_folder(folder: Path) -> None:
+def _check_folder(folder: Path, existing: bool) -> None:
+    """A dataset is written into ``folder``: it must be new, empty or a dataset (``existing``)."""
     if folder.exists() and not folder.is_dir():
         raise OutputError(f"{folder}: exists and is not a folder; give a folder for the dataset")
-    if folder.is_dir() and not is_dataset(folder) and any(folder.iterdir()):
+    if folder.is_dir() and not existing and any(folder.iterdir()):
         raise OutputError(f"{folder}: is a folder with other files, not an hqrs_geo dataset; choose a new or empty "
                           "folder")
     if folder.is_dir() and not os.access(folder, os.W_OK):
@@ -404,14 +405,15 @@ def run_dataset(
     options = (options or RunOptions()).validated()
     scale = (scale or ScaleOptions()).validated()
     folder = Path(output)
-    _check_folder(folder)
+    existing = is_dataset(folder)
+    _check_folder(folder, existing)
     resolution = resolve_catalog(sources, source_filter)
     entries = resolution.entries
-    manifest = Manifest.load(folder) if is_dataset(folder) else Manifest(folder)
+    manifest = Manifest.load(folder) if existing else Manifest(folder)
     report = DatasetReport(str(output), scenes=len(entries), engine=scale.engine)
     started = time.monotonic()
     executor = make_executor(scale, plan, options, progress)
-    created = not is_dataset(folder)
+    created = not existing
     with output_folder(folder):
         try:
             specs = executor.start()
