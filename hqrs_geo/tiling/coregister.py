@@ -47,21 +47,22 @@ from ..layer.columns import SOURCE, TILE_COLUMNS, TILE_ID
 from ..layer.dataset import (
     DatasetRuns,
     Manifest,
-    is_dataset,
     is_dataset_output,
     open_manifest,
     verified_part,
     write_part,
 )
-from ..layer.io import TileLayer, check_writable, is_layer_path, open_layer, write_layer
-from ..layer.runs import new_run, read_runs
+from ..layer.io import TileLayer, check_writable, is_layer_path, read_runs, write_layer
+from ..layer.runs import LayerRuns, new_run
+from ..layer.source import TileSource, open_source
 from ..raster.catalog import resolve_sources
+from ..raster.reading import SceneReading
 from ..raster.scene import BandChoice, choose_bands, describe, open_dataset, open_raster, read_pixels
 from ..safe_paths import file_name
 from .config import TileConfig
 from .plan import TilingReport, prepare_scenes
 from .reader import TileReader
-from .records import SceneReading, TileRecord
+from .records import TileRecord
 
 log = logging.getLogger(__name__)
 
@@ -101,19 +102,19 @@ def aligned_folder(output: str | os.PathLike) -> Path:
     return Path(f"{output}{ALIGNED_SUFFIX}")
 
 
-def _reference_layer(reference: str | os.PathLike) -> Any:
-    """The reference as a :class:`~hqrs_geo.layer.io.TileLayer`, with one-line errors."""
+def _reference(reference: str | os.PathLike) -> TileSource:
+    """The reference layer (a file or a dataset folder), with the one-line errors of tiling like it."""
     if not is_layer_path(reference):
         raise InputError(f"{reference}: is not a tile layer (.gpkg, .parquet or .fgb); give the layer of the "
                          "earlier date (tile its raster first)")
     if not Path(reference).exists():
         raise InputError(f"{reference}: file not found; tile the earlier date into a layer first")
-    return open_layer(reference)
+    return open_source(reference)
 
 
-def _reference_tiling(layer: Any) -> dict:
+def _reference_tiling(runs: LayerRuns) -> dict:
     """The tiling options of the reference's last tiling run."""
-    for run in reversed(layer.runs):
+    for run in reversed(runs):
         tiling = (run.get("params") or {}).get("tiling")
         if isinstance(tiling, dict):
             return tiling
@@ -355,9 +356,16 @@ def tile_like(reference: str | os.PathLike, inputs: Any, output: str | os.PathLi
     if Path(output).resolve() == Path(reference).resolve():
         raise OptionError(f"{output}: is the reference layer itself; write the later date to another layer",
                           option="output")
-    if is_dataset(reference):
-        return _tile_like_dataset(reference, inputs, output, config, progress)
-    return _tile_like_layer(reference, inputs, output, config, progress)
+    ref = _reference(reference)
+    # the one place that tells the kinds apart, as the output follows the reference's: a dataset is
+    # tiled like part by part into a dataset (the same parts), a layer file into a layer file
+    tile = _tile_like_dataset if ref.partitioned else _tile_like_layer
+    if ref.partitioned != is_dataset_output(output):
+        raise OptionError(f"{output}: " + ("a dataset is tiled like part by part into a dataset; give a folder (e.g. "
+                                           "later/) as output, or merge the reference first" if ref.partitioned else
+                                           "tiling like a layer file writes a layer file; give a name ending in "
+                                           ".gpkg, .parquet or .fgb"), option="output")
+    return tile(ref, inputs, output, config, progress)
 
 
 def _inputs_for(reference: str | os.PathLike, tiling: dict, used: list[SceneReading], inputs: Any,
@@ -459,26 +467,25 @@ def _run_params(reference: str | os.PathLike, config: TileConfig, plan: list, by
                          "inputs": [i.path for i in covering]} for scene, covering in plan]}
 
 
-def _tile_like_layer(reference: str | os.PathLike, inputs: Any, output: str | os.PathLike,
+def _tile_like_layer(layer: TileSource, inputs: Any, output: str | os.PathLike,
                      config: TileConfig | None, progress: Any) -> TilingReport:
-    ref = _reference_layer(reference)
-    if is_dataset_output(output):
-        raise OptionError(f"{output}: tiling like a layer file writes a layer file; give a name ending in .gpkg, "
-                          ".parquet or .fgb", option="output")
+    """:func:`tile_like` of a layer file: one layer file written at the end."""
+    reference = layer.path
     check_writable(output)
-    if ref.frame.empty:
+    frame, runs = layer.read(), layer.runs()
+    if frame.empty:
         raise InputError(f"{reference}: holds no tiles, so there is nothing to tile like it; give the layer of the "
                          "earlier date with its tiles")
-    complete = set(TILE_COLUMNS) <= set(ref.frame.columns)
-    scenes = ref.scenes()
-    used = [scenes[s] for s in dict.fromkeys(ref.frame[SOURCE].tolist()) if s in scenes] if complete else []
-    unknown = int((~ref.frame[SOURCE].isin(list(scenes))).sum()) if complete else 0
+    complete = set(TILE_COLUMNS) <= set(frame.columns)
+    scenes = runs.scenes()
+    used = [scenes[s] for s in dict.fromkeys(frame[SOURCE].tolist()) if s in scenes] if complete else []
+    unknown = int((~frame[SOURCE].isin(list(scenes))).sum()) if complete else 0
     if used and unknown:
         log.warning("%s: %d tile(s) have no record of how their scene was tiled; they are left out",
                     reference, unknown)
-    config, plan = _inputs_for(reference, _reference_tiling(ref), used, inputs, config)
+    config, plan = _inputs_for(reference, _reference_tiling(runs), used, inputs, config)
     by_reference = _aligned_scenes(reference, plan, aligned_folder(output), config, progress)
-    rows = ref.frame[ref.frame[SOURCE].isin(list(by_reference))]
+    rows = frame[frame[SOURCE].isin(list(by_reference))]
     if progress is not None:
         progress.start("tile", len(rows))
     with TileReader(by_reference.values()) as reader:
@@ -514,26 +521,22 @@ def _remove_superseded(sources: set[str], folder: Path) -> None:
 DATASET_ALIGNED = "_aligned"
 
 
-def _tile_like_dataset(reference: str | os.PathLike, inputs: Any, output: str | os.PathLike,
+def _tile_like_dataset(layer: TileSource, inputs: Any, output: str | os.PathLike,
                        config: TileConfig | None, progress: Any) -> TilingReport:
     """:func:`tile_like` of a partitioned dataset: the same parts, made part by part (each part
     written atomically and recorded in the manifest at once; never the whole dataset in memory)."""
+    reference = layer.path
     ref = open_manifest(reference)
-    if not is_dataset_output(output):
-        raise OptionError(f"{output}: a dataset is tiled like part by part into a dataset; give a folder "
-                          "(e.g. later/) as output, or merge the reference first", option="output")
     readings = {key: SceneReading.from_dict(scene["reading"]) for key, scene in ref.scenes.items()
                 if scene.get("reading") and any(ref.parts[n].get("tiles", 0) for n in ref.scene_parts(key))}
-    tiling: dict = next((run["params"]["tiling"] for run in reversed(ref.runs)
-                   if isinstance((run.get("params") or {}).get("tiling"), dict)), {})
-    config, plan = _inputs_for(reference, tiling, list(readings.values()), inputs, config)
+    config, plan = _inputs_for(reference, _reference_tiling(layer.runs()), list(readings.values()), inputs, config)
     key_of = {reading.source: key for key, reading in readings.items()}
     fingerprint = hashlib.sha256(json.dumps({"like": os.path.abspath(reference), "tiling": config.as_dict()},
                                             sort_keys=True).encode()).hexdigest()
     light = []
     examined = 0
     with output_folder(output) as folder:
-        manifest = Manifest.load(folder) if is_dataset(folder) else Manifest(folder)
+        manifest = Manifest.load(folder)  # empty for a new folder
         by_reference = _aligned_scenes(reference, plan, folder / DATASET_ALIGNED, config, progress)
         params = _run_params(reference, config, plan, by_reference)
         run = new_run("tile", "tiles", {**params, "scenes": [s.as_dict() for s in by_reference.values()]})
