@@ -15,8 +15,7 @@ from typing import Any
 from ._version import __version__
 from .errors import HqrsError, InputError, OptionError, OutputError
 from .layer.columns import read_embeddings
-from .layer.io import open_layer, read_tiles, write_tiles
-from .layer.runs import read_runs
+from .layer.io import open_layer, read_runs, read_tiles, write_tiles
 from .tiling.config import TileConfig
 from .tiling.dataset import TileDataset, collate_tiles
 from .tiling.plan import tile_rasters

@@ -34,9 +34,9 @@ from ..errors import HqrsError, InputError
 from ..layer.columns import SOURCE_URL, STAC_ITEM
 from ..layer.dataset import VERSION, part_name, write_part
 from ..raster.catalog import SourceEntry, remote_defaults
+from ..raster.grid import SceneGrid
+from ..raster.reading import SceneReading
 from ..tiling.config import TileConfig
-from ..tiling.grid import SceneGrid
-from ..tiling.records import SceneReading
 
 DEFAULT_BLOCK_TILES = 1024
 

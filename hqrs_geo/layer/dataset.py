@@ -25,7 +25,7 @@ The manifest (``format`` ``hqrs_geo.dataset``, ``version`` 1):
   :mod:`hqrs_geo.layer.runs`); ``fingerprint``: the last job's (tiling, CRS, models' weights,
   decoding): a part made with another fingerprint is recomputed;
 * ``scenes``: per scene key its ``source`` (what GDAL opens), ``url``, ``item`` (STAC item id),
-  ``reading`` (bands, stretch, … as :class:`~hqrs_geo.tiling.records.SceneReading`), ``grid``,
+  ``reading`` (bands, stretch, … as :class:`~hqrs_geo.raster.reading.SceneReading`), ``grid``,
   ``blocks`` (parts it is split into), ``tiles``;
 * ``parts``: per part file name its ``scene``, ``block``, ``rows`` (grid rows ``[first, last)``),
   ``tiles``, ``bounds`` (in ``crs``) and ``bounds_wgs84`` (lon/lat; for pruning partitions by
@@ -34,7 +34,7 @@ The manifest (``format`` ``hqrs_geo.dataset``, ``version`` 1):
   one-line ``error``; running the job again retries exactly those (and anything unfinished).
 
 :func:`hqrs_geo.layer.io.open_layer`, :func:`~hqrs_geo.layer.io.read_tiles`,
-:func:`~hqrs_geo.layer.runs.read_runs` and :func:`~hqrs_geo.layer.io.write_tiles` accept a
+:func:`~hqrs_geo.layer.io.read_runs` and :func:`~hqrs_geo.layer.io.write_tiles` accept a
 dataset folder, so every command that reads or updates a tile layer works on one;
 :func:`merge_dataset` writes one GeoPackage (or GeoParquet/FlatGeobuf) for QGIS.
 """
@@ -46,24 +46,41 @@ import math
 import os
 import re
 import time
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..atomic import atomic_path, file_facts, folder_lock, sha256_file, write_text
+import geopandas as gpd
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import shapely
+from pyproj import CRS, Transformer
+from pyproj.exceptions import CRSError
+
+from ..atomic import atomic_path, file_facts, folder_lock, output_error, sha256_file, write_text
 from ..errors import InputError, OutputError
+from ..raster.reading import SceneReading
+from ..safe_paths import inside, unsafe_name_reason
 from .columns import (
     PROVENANCE_COLUMNS,
     SOURCE,
     SOURCE_URL,
     STAC_ITEM,
+    TILE_COLUMNS,
     TILE_ID,
     embedding_columns,
+    encode,
     has_value,
 )
-from .crs import box_in, crs_text, same_crs, validate_box
-from .runs import PARQUET_KEY, LayerRuns
+from .crs import box_in, same_crs, validate_box
+from .files import TileLayer, check_file_writable, has_layer, write_file
+from .formats import TILES_LAYER, file_format, file_state
+from .parquet import geoparquet_crs, stored_runs, write_parquet_file
+from .runs import LayerRuns, new_run
 
 MANIFEST = "_manifest.json"
 FORMAT = "hqrs_geo.dataset"
@@ -169,8 +186,6 @@ class Manifest:
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            from ..atomic import output_error
-
             raise output_error(self.folder, exc) from None
         with self.locked():
             data = _read_manifest(manifest_path(self.folder))
@@ -309,9 +324,6 @@ def _shown(value: Any) -> str:
 
 @functools.lru_cache(maxsize=64)
 def _crs_problem(text: str) -> str | None:
-    from pyproj import CRS
-    from pyproj.exceptions import CRSError
-
     try:
         CRS.from_user_input(text)
     except (CRSError, TypeError, ValueError):
@@ -331,8 +343,6 @@ def _check_crs(path: PathLike, key: str, value: Any) -> None:
 def part_name_problem(name: Any) -> str | None:
     """Why ``name`` cannot be a part of a dataset (None when it can): a part is one plain file
     name ending in ``.parquet`` inside the dataset folder, not hidden (``.``) nor reserved (``_``)."""
-    from ..safe_paths import unsafe_name_reason
-
     if not isinstance(name, str):
         return "is not text"
     reason = unsafe_name_reason(name)
@@ -383,8 +393,6 @@ def _check_part(path: PathLike, name: str, part: Any) -> None:
 
 def _check_reading(path: PathLike, where: str, reading: dict) -> None:
     """A scene's ``reading`` must be one hqrs_geo can read the scene's pixels with again."""
-    from ..tiling.records import SceneReading
-
     try:
         SceneReading.from_dict(reading)
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
@@ -456,8 +464,6 @@ _VERIFIED: dict[tuple, bool] = {}  # parts whose sha256 was checked in this proc
 
 def part_path(folder: PathLike, name: str) -> Path:
     """The path of part ``name`` of the dataset at ``folder`` (refused when it would leave the folder)."""
-    from ..safe_paths import inside
-
     problem = part_name_problem(name)
     if problem:
         raise InputError(f"{manifest_path(folder)}: part {_shown(name)} {problem}; remove that entry")
@@ -527,32 +533,10 @@ def verified_part(manifest: Manifest, name: str) -> Path:
 
 def part_crs(path: PathLike) -> str | None:
     """The CRS of a part's footprints as its GeoParquet metadata says (None when it has none)."""
-    import pyarrow.parquet as pq
-
-    try:
-        meta = pq.read_schema(path).metadata or {}
-        geo = json.loads(meta.get(b"geo", b"{}"))
-        column = geo.get("columns", {}).get(geo.get("primary_column", "geometry"), {})
-    except Exception:  # pyarrow raises many types for damaged files
-        return None
-    if "crs" not in column:
-        return "OGC:CRS84"  # the GeoParquet default
-    return crs_text(column["crs"])
+    return geoparquet_crs(path)
 
 
 # -- parts ----------------------------------------------------------------------------------------
-def _string_columns(table: Any) -> Any:
-    """Columns that are all empty (Arrow type null) become strings, so every part has one schema."""
-    import pyarrow as pa
-
-    for i, column in enumerate(table.schema):
-        if pa.types.is_null(column.type):
-            table = table.set_column(i, pa.field(column.name, pa.string()), table.column(i).cast(pa.string()))
-        elif pa.types.is_large_string(column.type):
-            table = table.set_column(i, pa.field(column.name, pa.string()), table.column(i).cast(pa.string()))
-    return table
-
-
 def frame_bounds(frame: Any) -> tuple[list[float] | None, list[float] | None]:
     """``(bounds in the frame's CRS, bounds in WGS 84)`` of a tile frame's footprints."""
     if frame.empty:
@@ -560,8 +544,6 @@ def frame_bounds(frame: Any) -> tuple[list[float] | None, list[float] | None]:
     bounds = [float(v) for v in frame.total_bounds]
     wgs84 = None
     if frame.crs is not None:
-        from pyproj import Transformer
-
         transformer = Transformer.from_crs(frame.crs, "EPSG:4326", always_xy=True)
         box = transformer.transform_bounds(bounds[0], bounds[1], bounds[2], bounds[3], densify_pts=21)
         wgs84 = [float(v) for v in box]
@@ -571,44 +553,20 @@ def frame_bounds(frame: Any) -> tuple[list[float] | None, list[float] | None]:
 def write_part(path: PathLike, frame: Any, runs: list[dict]) -> dict:
     """Write one part (a GeoParquet tile layer) atomically; returns its file facts
     (``tiles``, ``bounds``, ``bounds_wgs84``, ``crs``, ``sha256``, ``bytes``, ``mtime_ns``)."""
-    import pyarrow.parquet as pq
-
-    from .io import _fixed_size_list
-
     frame = frame.sort_values(TILE_ID, kind="stable").reset_index(drop=True)
     for name in PROVENANCE_COLUMNS:
         if name not in frame.columns:
             frame[name] = frame[SOURCE] if name == SOURCE_URL else None
-    vectors = embedding_columns(list(frame.columns))
     with atomic_path(path) as tmp:
-        frame.drop(columns=vectors).to_parquet(tmp, index=False)
-        table = pq.read_table(tmp)
-        for name in vectors:
-            table = table.append_column(name, _fixed_size_list(frame[name], frame[f"{name}_dim"]))
-        table = _string_columns(table)
-        meta = dict(table.schema.metadata or {})
-        meta[PARQUET_KEY] = json.dumps(runs).encode()
-        meta.pop(b"pandas", None)  # the index and dtypes are ours to set on reading
-        pq.write_table(table.replace_schema_metadata(meta), tmp)
+        write_parquet_file(tmp, frame, runs, part=True)
     bounds, wgs84 = frame_bounds(frame)
     crs = frame.crs.to_string() if frame.crs is not None else None
     return {"tiles": int(len(frame)), "bounds": bounds, "bounds_wgs84": wgs84, "crs": crs, **file_facts(path)}
 
 
-def part_runs(path: PathLike) -> list[dict]:
-    """The run records stored in a part (empty for files that are not parts)."""
-    import pyarrow.parquet as pq
-
-    try:
-        meta = pq.read_schema(path).metadata or {}
-        return list(json.loads(meta.get(PARQUET_KEY, b"[]")))
-    except Exception:  # a foreign or truncated file is not a part
-        return []
-
-
 def part_record(path: PathLike) -> dict | None:
     """The ``params.part`` facts a part file carries (None for files that are not parts)."""
-    for run in reversed(part_runs(path)):
+    for run in reversed(stored_runs(path)):
         part = (run.get("params") or {}).get("part")
         if part:
             return dict(part)
@@ -617,8 +575,6 @@ def part_record(path: PathLike) -> dict | None:
 
 def _embedding_sizes(schema: Any) -> dict[str, int]:
     """``{embedding column: values per vector}`` of a part, from its Arrow schema."""
-    import pyarrow as pa
-
     return {name: schema.field(name).type.list_size for name in embedding_columns(schema.names)
             if pa.types.is_fixed_size_list(schema.field(name).type)}
 
@@ -626,8 +582,6 @@ def _embedding_sizes(schema: Any) -> dict[str, int]:
 def check_embedding_sizes(sizes: dict[str, dict[str, int]], where: PathLike) -> None:
     """Refuse parts whose embeddings have another dimension than most parts' (``sizes``: per
     part path, :func:`_embedding_sizes`), naming the first such part."""
-    from collections import Counter
-
     columns = {column for found in sizes.values() for column in found}
     for column in sorted(columns):
         counts = Counter(found[column] for found in sizes.values() if column in found)
@@ -643,9 +597,6 @@ def check_embedding_sizes(sizes: dict[str, dict[str, int]], where: PathLike) -> 
 def _read_parts(manifest: Manifest, names: Sequence[str], where: PathLike) -> Any:
     """The tiles of parts ``names`` (each checked against the manifest, :func:`verified_part`),
     footprints in the dataset's CRS (a part in another CRS is reprojected)."""
-    import geopandas as gpd
-    import pandas as pd
-
     frames, sizes = [], {}
     for name in names:
         frame, path, found = _read_part(manifest, name, where)
@@ -674,9 +625,6 @@ def read_part(manifest: Manifest, name: str, columns: Sequence[str] | None = Non
 def _read_part(manifest: Manifest, name: str, where: PathLike, columns: Sequence[str] | None = None) \
         -> tuple[Any, Path, dict[str, int]]:
     """``(tiles, path, embedding sizes)`` of one verified part (see :func:`read_part`)."""
-    import geopandas as gpd
-    import pyarrow.parquet as pq
-
     path = verified_part(manifest, name)
     try:
         meta = pq.read_metadata(path)
@@ -712,10 +660,6 @@ def _in_dataset_crs(frame: Any, manifest: Manifest, path: PathLike) -> Any:
 
 
 def _empty_frame(manifest: Manifest) -> Any:
-    import geopandas as gpd
-
-    from .columns import TILE_COLUMNS
-
     return gpd.GeoDataFrame({c: [] for c in (*TILE_COLUMNS, *PROVENANCE_COLUMNS)},
                             geometry=gpd.GeoSeries([], crs=manifest.crs), crs=manifest.crs)
 
@@ -740,8 +684,6 @@ def read_dataset_tiles(path: PathLike, bbox: Sequence[float] | None = None, bbox
     dataset's CRS; with ``bbox`` (in ``bbox_crs``, default the dataset's CRS) only the tiles
     intersecting it (parts outside it are not read). Every part read is checked against its
     manifest entry first (:func:`verified_part`)."""
-    import shapely
-
     validate_box(bbox, bbox_crs)
     manifest = open_manifest(path)
     names = [name for name in sorted(manifest.parts) if manifest.parts[name].get("tiles", 0) > 0]
@@ -774,8 +716,6 @@ class DatasetRuns(LayerRuns):
 
     def scenes(self) -> dict:
         """``{source: SceneReading}`` of every scene of the dataset."""
-        from ..tiling.records import SceneReading
-
         out = super().scenes()
         for key, scene in self.manifest.scenes.items():
             if scene.get("reading"):
@@ -796,8 +736,6 @@ def read_dataset_runs(path: PathLike) -> DatasetRuns:
 # -- writing back (results of embed, caption, classify, score columns) -----------------------------
 def _part_of_rows(manifest: Manifest, frame: Any) -> Any:
     """The part file name of each row of a tile frame (by its scene and grid row)."""
-    import pandas as pd
-
     by_source = {scene.get("source"): key for key, scene in manifest.scenes.items()}
     ranges: dict[str, list[tuple[int, int, str]]] = {}
     for name, part in manifest.parts.items():
@@ -820,8 +758,6 @@ def write_dataset_layer(path: PathLike, tiles: Any, run: dict | None = None,
     """Write ``tiles`` (a whole-dataset frame with new or changed columns) back into the parts of
     the dataset at ``path``; each changed part is rewritten atomically, then the manifest.
     Returns what :func:`hqrs_geo.layer.io.write_layer` returns (a :class:`TileLayer`)."""
-    from .io import TileLayer, _file_state
-
     if layer != "tiles" or tables:
         raise OutputError(f"{path}: a dataset holds tile parts only; write result layers and tables to a "
                           "GeoPackage («output»), or merge the dataset into one first")
@@ -847,7 +783,7 @@ def write_dataset_layer(path: PathLike, tiles: Any, run: dict | None = None,
         commit_part(manifest, name, tiles[parts == name], run)
     manifest.save()
     frame = tiles.sort_values(TILE_ID, kind="stable").reset_index(drop=True) if TILE_ID in tiles.columns else tiles
-    return TileLayer(str(path), frame, DatasetRuns(manifest), _file_state(path))
+    return TileLayer(str(path), frame, DatasetRuns(manifest), file_state(path))
 
 
 def commit_part(manifest: Manifest, name: str, rows: Any, run: dict | None = None) -> None:
@@ -864,7 +800,7 @@ def commit_part(manifest: Manifest, name: str, rows: Any, run: dict | None = Non
             target.unlink(missing_ok=True)
             manifest.parts[name] = {**manifest.parts[name], "tiles": 0, "bounds": None, "bounds_wgs84": None}
         else:
-            runs = part_runs(target) if target.exists() else []
+            runs = stored_runs(target) if target.exists() else []
             if run is not None:
                 runs.append({"run_id": len(runs) + 1, **run})
             rows = _keep_columns_of(manifest, name, target, rows)
@@ -875,8 +811,6 @@ def commit_part(manifest: Manifest, name: str, rows: Any, run: dict | None = Non
 def _keep_columns_of(manifest: Manifest, name: str, target: Path, rows: Any) -> Any:
     """``rows`` with the result columns the part file on disk has and ``rows`` lacks (written by
     another job meanwhile), matched by tile id."""
-    import pyarrow.parquet as pq
-
     if not target.exists() or part_problem(manifest.folder, name, manifest.parts[name]) is not None:
         return rows
     try:
@@ -886,8 +820,6 @@ def _keep_columns_of(manifest: Manifest, name: str, target: Path, rows: Any) -> 
     missing = [c for c in names if c not in rows.columns and c != "geometry"]
     if not missing or TILE_ID not in names:
         return rows
-    import geopandas as gpd
-
     found = gpd.read_parquet(target, columns=[TILE_ID, *missing, "geometry"]).drop(columns="geometry")
     rows = rows.merge(found, on=TILE_ID, how="left")
     return rows
@@ -896,10 +828,6 @@ def _keep_columns_of(manifest: Manifest, name: str, target: Path, rows: Any) -> 
 # -- merging into one layer -----------------------------------------------------------------------
 def _as_blobs(frame: Any) -> Any:
     """Embedding arrays (as read from GeoParquet) as little-endian BLOBs of their own float width."""
-    import numpy as np
-
-    from .columns import encode
-
     for name in embedding_columns(list(frame.columns)):
         values = frame[name]
         present = values.map(has_value)
@@ -923,10 +851,6 @@ def merge_dataset(path: PathLike, output: PathLike, bbox: Sequence[float] | None
     works on the merged layer as on the dataset. ``output`` must be outside the dataset; an
     existing tile layer there is replaced only with ``overwrite``. Parts in another CRS than the
     dataset's are reprojected. Returns the merged layer as a :class:`TileLayer`."""
-    from ..atomic import folder_lock
-    from .io import TileLayer, _file_state, _write_fgb, _write_gpkg, _write_parquet, check_writable, layer_format
-    from .runs import new_run
-
     validate_box(bbox, bbox_crs)
     if is_dataset(output):
         raise OutputError(f"{output}: is a dataset; merge into a file ending in .gpkg, .parquet or .fgb")
@@ -935,8 +859,8 @@ def merge_dataset(path: PathLike, output: PathLike, bbox: Sequence[float] | None
     if folder == target or folder in target.parents:
         raise OutputError(f"{output}: is inside the dataset {path} being merged; write the merged layer outside "
                           "the dataset folder")
-    check_writable(output)
-    driver = layer_format(output)
+    check_file_writable(output)
+    driver = file_format(output)
     with folder_lock(target.parent, output):
         if not overwrite:
             _refuse_existing_layer(output, driver)
@@ -950,19 +874,14 @@ def merge_dataset(path: PathLike, output: PathLike, bbox: Sequence[float] | None
         for name in (SOURCE_URL, STAC_ITEM):
             if name in frame.columns:
                 frame[name] = frame[name].astype(object)
-        if driver == "Parquet":
-            _write_parquet(output, frame, runs, {})
-        else:
+        if driver != "Parquet":
             frame = _as_blobs(frame.copy())
-            (_write_gpkg(output, frame, runs, "tiles", {}) if driver == "GPKG"
-             else _write_fgb(output, frame, runs, {}))
-    return TileLayer(str(output), frame, LayerRuns(runs, output), _file_state(output))
+        write_file(output, frame, runs, TILES_LAYER)
+    return TileLayer(str(output), frame, LayerRuns(runs, output), file_state(output))
 
 
 def _refuse_existing_layer(output: PathLike, driver: str) -> None:
     """A one-line error when ``output`` already holds a tile layer (a GeoPackage may hold other layers)."""
-    from .io import TILES_LAYER, has_layer
-
     if not Path(output).exists():
         return
     if driver == "GPKG" and not has_layer(output, TILES_LAYER):
@@ -980,8 +899,8 @@ def dataset_summary(path: PathLike) -> dict:
             "crs": manifest.crs}
 
 
-__all__ = ["FORMAT", "MANIFEST", "DatasetRuns", "Manifest", "check_embedding_sizes", "commit_part", "crs_text",
+__all__ = ["FORMAT", "MANIFEST", "DatasetRuns", "Manifest", "check_embedding_sizes", "commit_part",
            "dataset_summary", "is_dataset", "is_dataset_output", "merge_dataset", "open_manifest", "part_crs",
-           "part_name", "part_name_problem", "part_path", "part_problem", "part_record", "part_runs",
-           "read_dataset_runs", "read_dataset_tiles", "read_part", "same_crs", "validate_manifest", "verified_part",
+           "part_name", "part_name_problem", "part_path", "part_problem", "part_record", "read_part",
+           "read_dataset_runs", "read_dataset_tiles", "same_crs", "validate_manifest", "verified_part",
            "write_dataset_layer", "write_part"]

@@ -1,17 +1,20 @@
-"""Run records: how a tile layer was made, written with the layer and read back in one place.
+"""Run records: how a tile layer was made (data only; no file is read or written here).
 
 Every job that writes a layer appends one record ``{"run_id", "created", "command",
-"version", "layer", "params"}``. They are stored
+"version", "layer", "params"}`` (:func:`new_run`). Each format stores them its own way:
 
-* GeoPackage: attribute table ``hqrs_runs`` (``params`` as JSON text; visible in QGIS);
-* GeoParquet: the ``hqrs_geo`` key of the file's schema metadata (JSON list);
-* FlatGeobuf: a sidecar ``<file>.hqrs.json``.
+* GeoPackage: attribute table ``hqrs_runs`` (``params`` as JSON text; visible in QGIS;
+  :mod:`hqrs_geo.layer.gpkg`);
+* GeoParquet: the ``hqrs_geo`` key of the file's schema metadata (JSON list;
+  :mod:`hqrs_geo.layer.parquet`);
+* FlatGeobuf: a sidecar ``<file>.hqrs.json`` (:mod:`hqrs_geo.layer.flatgeobuf`);
+* a dataset: its manifest's ``runs`` (:mod:`hqrs_geo.layer.dataset`).
 
-:func:`read_runs` is the only reader. It returns :class:`LayerRuns`, a list of the stored
-records (dicts, as written) with typed accessors for what later steps need: the scenes' pixel
-readings (:meth:`LayerRuns.scenes`), the model tasks that wrote each result column
-(:meth:`LayerRuns.task_for`, :meth:`LayerRuns.weights_of`) and which model made an embedding
-column (:meth:`LayerRuns.embedding_source`).
+:func:`hqrs_geo.layer.io.read_runs` is the only reader. It returns :class:`LayerRuns`, a list
+of the stored records (dicts, as written) with typed accessors for what later steps need: the
+scenes' pixel readings (:meth:`LayerRuns.scenes`), the model tasks that wrote each result
+column (:meth:`LayerRuns.task_for`, :meth:`LayerRuns.weights_of`) and which model made an
+embedding column (:meth:`LayerRuns.embedding_source`).
 """
 from __future__ import annotations
 
@@ -19,15 +22,14 @@ import json
 import os
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from pathlib import Path
 from typing import Any, Union
 
 from .._version import __version__
 from ..errors import InputError, OptionError
+from ..raster.reading import SceneReading
+from ..redact import redact_all
 from .columns import EMBEDDING_PREFIX, embedding_column, key_of_column
 
-RUNS_TABLE = "hqrs_runs"
-PARQUET_KEY = b"hqrs_geo"
 RUN_FIELDS = ("run_id", "created", "command", "version", "layer", "params")
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -35,8 +37,6 @@ PathLike = Union[str, "os.PathLike[str]"]
 def new_run(command: str, layer: str, params: dict) -> dict:
     """A run record for ``params`` (JSON-serialisable) made now by this package version; URLs in
     it lose their credentials and registered secrets are masked (:func:`hqrs_geo.redact.redact_all`)."""
-    from ..redact import redact_all
-
     return {
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "command": command,
@@ -44,11 +44,6 @@ def new_run(command: str, layer: str, params: dict) -> dict:
         "layer": layer,
         "params": redact_all(params),
     }
-
-
-def sidecar_path(path: PathLike) -> Path:
-    """The run-record sidecar of a FlatGeobuf layer (``<file>.hqrs.json``)."""
-    return Path(f"{path}.hqrs.json")
 
 
 @dataclass(frozen=True)
@@ -77,8 +72,6 @@ class LayerRuns(list):
 
     def scenes(self) -> dict:
         """``{source: SceneReading}``: how each scene's pixels are read (the latest record wins)."""
-        from ..tiling.records import SceneReading
-
         out: dict = {}
         for run in self:
             for scene in (run.get("params") or {}).get("scenes", []) or []:
@@ -147,47 +140,14 @@ class LayerRuns(list):
                                sha256=found.get("sha256"), template=found.get("template") or "{}")
 
 
-def read_runs(path: PathLike, layer_format: str | None = None) -> LayerRuns:
-    """The run records of the layer file ``path``, oldest first (empty when it has none)."""
-    from .io import layer_format as format_of
-
-    driver = layer_format or format_of(path)
-    if driver == "Dataset":
-        from .dataset import read_dataset_runs
-
-        return read_dataset_runs(path)
-    if not Path(path).exists():
-        return LayerRuns(path=path)
-    if driver == "GPKG":
-        import pyogrio
-
-        try:
-            names = [name for name, _ in pyogrio.list_layers(path)]
-            if RUNS_TABLE not in names:
-                return LayerRuns(path=path)
-            table = pyogrio.read_dataframe(path, layer=RUNS_TABLE)
-        except Exception as exc:  # pyogrio raises several types for foreign files
-            raise InputError(f"{path}: cannot read its run records ({str(exc).splitlines()[0]}); "
-                             "is it a GeoPackage made by hqrs_geo?") from None
-        runs = table.to_dict("records")
-        for run in runs:
-            run["params"] = _json(run.get("params"), path)
-        return LayerRuns(runs, path)
-    if driver == "Parquet":
-        import pyarrow.parquet as pq
-
-        try:
-            meta = pq.read_schema(path).metadata or {}
-        except Exception as exc:  # pyarrow raises several types for foreign files
-            raise InputError(f"{path}: cannot read as GeoParquet ({str(exc).splitlines()[0]})") from None
-        return LayerRuns(_json(meta.get(PARQUET_KEY, b"[]"), path), path)
-    sidecar = sidecar_path(path)
-    return LayerRuns(_json(sidecar.read_text(), sidecar) if sidecar.exists() else [], path)
-
-
-def _json(text: Any, where: PathLike) -> Any:
+def parse_json(text: Any, where: PathLike) -> Any:
+    """Stored run records (JSON text or bytes; None: none) as Python values; a one-line
+    :class:`InputError` naming ``where`` when they are not valid JSON."""
     try:
         return json.loads(text) if text is not None else {}
     except (TypeError, ValueError):
         raise InputError(f"{where}: its run records are not valid JSON; the file was changed outside hqrs_geo") \
             from None
+
+
+__all__ = ["RUN_FIELDS", "EmbeddingSource", "LayerRuns", "new_run", "parse_json"]

@@ -9,13 +9,12 @@ which kind it holds.
 Both read the whole layer (or the tiles intersecting a box), list their parts (a file is one
 part; a dataset one per part file, each checked against its manifest entry when read), read the
 run records, the CRS and the bounds, and write tiles back atomically. :func:`open_source` is
-the one place that tells the two apart. :func:`copy_layer` copies a layer file.
+the one place that tells the two apart; :func:`copy_layer` (defined in :mod:`hqrs_geo.layer.files`)
+copies a layer file.
 """
 from __future__ import annotations
 
-import json
 import os
-import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +25,6 @@ import pyarrow.parquet as pq
 import pyogrio
 import shapely
 
-from ..atomic import atomic_path
 from ..errors import InputError
 from .crs import box_in, validate_box
 from .dataset import (
@@ -34,14 +32,16 @@ from .dataset import (
     Manifest,
     is_dataset,
     open_manifest,
-    part_crs,
     read_dataset_runs,
     read_dataset_tiles,
     read_part,
+    verified_part,
     write_dataset_layer,
 )
-from .io import FORMATS, TILES_LAYER, layer_format, read_tiles, write_layer
-from .runs import LayerRuns, read_runs, sidecar_path
+from .files import copy_layer, read_file_runs, read_file_tiles, write_file_layer
+from .formats import FORMATS, TILES_LAYER, file_format, first_line
+from .parquet import geoparquet_crs, parquet_bounds
+from .runs import LayerRuns
 
 PathLike = str | os.PathLike
 Bounds = tuple[float, float, float, float]
@@ -62,11 +62,23 @@ class TilePart:
 
     ``name`` is the file name, ``path`` its path. :meth:`read` reads its tiles (a dataset part
     is checked against its manifest entry first, and its footprints come in the dataset's CRS).
+    ``bounds`` (in ``crs``): the extent its manifest entry records, None where none is recorded
+    (a layer file: read it to know).
     """
 
     name: str
     path: str
     manifest: Manifest | None = field(default=None, repr=False, compare=False)
+    bounds: tuple[float, float, float, float] | None = field(default=None, compare=False)
+    crs: str | None = field(default=None, compare=False)
+
+    def columns(self) -> list[str]:
+        """The names of the part's columns, footprint included, without reading its rows."""
+        if self.manifest is not None:
+            return list(pq.read_schema(verified_part(self.manifest, self.name)).names)
+        if file_format(self.path) == "Parquet":
+            return list(pq.read_schema(self.path).names)
+        return [*(str(f) for f in FileSource(self.path)._info()["fields"]), "geometry"]
 
     def read(self, columns: Sequence[str] | None = None, bbox: Sequence[float] | None = None,
              bbox_crs: str | None = None) -> Any:
@@ -77,7 +89,7 @@ class TilePart:
         if self.manifest is not None:
             frame = read_part(self.manifest, self.name, columns)
         else:
-            frame = read_tiles(self.path)
+            frame = read_file_tiles(self.path)
             if columns is not None:
                 missing = [c for c in columns if c not in frame.columns]
                 if missing:
@@ -144,7 +156,7 @@ class FileSource:
     def read(self, bbox: Sequence[float] | None = None, bbox_crs: str | None = None) -> Any:
         """All tiles of the file (see :meth:`TileSource.read`)."""
         validate_box(bbox, bbox_crs)
-        return clip_to_box(read_tiles(self.path), bbox, bbox_crs)
+        return clip_to_box(read_file_tiles(self.path), bbox, bbox_crs)
 
     def parts(self) -> list[TilePart]:
         """The file itself."""
@@ -152,18 +164,18 @@ class FileSource:
 
     def runs(self) -> LayerRuns:
         """The file's run records."""
-        return read_runs(self.path)
+        return read_file_runs(self.path)
 
     def crs(self) -> str | None:
         """The CRS the file's metadata names."""
-        if layer_format(self.path) == "Parquet":
-            return part_crs(self.path)
+        if file_format(self.path) == "Parquet":
+            return geoparquet_crs(self.path)
         return self._info().get("crs")
 
     def bounds(self) -> Bounds | None:
         """The extent of the footprints (from the file's metadata where it has one)."""
-        if layer_format(self.path) == "Parquet":
-            return _parquet_bounds(self.path)
+        if file_format(self.path) == "Parquet":
+            return parquet_bounds(self.path)
         info = self._info(force_total_bounds=True)
         if not info.get("features"):
             return None
@@ -172,32 +184,16 @@ class FileSource:
 
     def write(self, tiles: Any, run: dict | None = None, replace_sources: Sequence[str] | None = None,
               replace_all: bool = False, tables: dict | None = None) -> None:
-        """Write into the file atomically (:func:`hqrs_geo.layer.io.write_layer`)."""
-        write_layer(self.path, tiles, run, replace_sources, replace_all=replace_all, tables=tables)
+        """Write into the file atomically (:func:`hqrs_geo.layer.files.write_file_layer`)."""
+        write_file_layer(self.path, tiles, run, replace_sources, replace_all=replace_all, tables=tables)
 
     def _info(self, **options: Any) -> dict:
-        layer = TILES_LAYER if layer_format(self.path) == "GPKG" else None
+        layer = TILES_LAYER if file_format(self.path) == "GPKG" else None
         try:
             return pyogrio.read_info(self.path, layer=layer, **options)
         except Exception as exc:  # pyogrio raises many types for foreign files
-            raise InputError(f"{self.path}: cannot read layer {TILES_LAYER!r} ({str(exc).splitlines()[0]})") \
+            raise InputError(f"{self.path}: cannot read layer {TILES_LAYER!r} ({first_line(exc)})") \
                 from None
-
-
-def _parquet_bounds(path: PathLike) -> Bounds | None:
-    """The extent of a GeoParquet file's footprints: its metadata's ``bbox``, else read."""
-    try:
-        meta = pq.read_metadata(path)
-        geo = json.loads((meta.schema.to_arrow_schema().metadata or {}).get(b"geo", b"{}"))
-        column = geo.get("primary_column", "geometry")
-        if meta.num_rows == 0:
-            return None
-        box = geo.get("columns", {}).get(column, {}).get("bbox")
-        if box is None or len(box) != 4:
-            box = gpd.read_parquet(path, columns=[column]).total_bounds
-    except Exception as exc:  # pyarrow raises many types for foreign files
-        raise InputError(f"{path}: cannot read as GeoParquet ({str(exc).splitlines()[0]})") from None
-    return (float(box[0]), float(box[1]), float(box[2]), float(box[3]))
 
 
 @dataclass(frozen=True)
@@ -220,7 +216,8 @@ class DatasetSource:
     def parts(self) -> list[TilePart]:
         """One part per part file with tiles, ordered by name."""
         manifest = self.manifest()
-        return [TilePart(path.name, str(path), manifest) for path in manifest.part_files()]
+        return [TilePart(path.name, str(path), manifest, _bounds(manifest.parts[path.name].get("bounds")),
+                         manifest.parts[path.name].get("crs") or manifest.crs) for path in manifest.part_files()]
 
     def runs(self) -> LayerRuns:
         """The manifest's run records (with the readings of its scenes)."""
@@ -247,6 +244,10 @@ class DatasetSource:
         write_dataset_layer(self.path, tiles, run, replace_sources, TILES_LAYER, replace_all, tables)
 
 
+def _bounds(box: Any) -> tuple[float, float, float, float] | None:
+    return None if box is None else (float(box[0]), float(box[1]), float(box[2]), float(box[3]))
+
+
 def open_source(path: PathLike) -> TileSource:
     """The tile source at ``path``: a dataset folder (it holds a manifest) or a tile layer file
     (``.gpkg``, ``.parquet``, ``.fgb``); a one-line :class:`InputError` for anything else."""
@@ -262,15 +263,6 @@ def open_source(path: PathLike) -> TileSource:
     if not Path(text).exists():
         raise InputError(f"{text}: file not found; tile a raster into a layer first")
     return FileSource(text)
-
-
-def copy_layer(layer: PathLike, output: PathLike) -> None:
-    """Copy a tile layer file (and a FlatGeobuf's run-record sidecar) atomically and verified."""
-    with atomic_path(output) as tmp:
-        shutil.copyfile(layer, tmp)
-    if sidecar_path(layer).exists():
-        with atomic_path(sidecar_path(output)) as tmp:
-            shutil.copyfile(sidecar_path(layer), tmp)
 
 
 __all__ = ["DatasetSource", "FileSource", "TilePart", "TileSource", "clip_to_box", "copy_layer", "open_source"]

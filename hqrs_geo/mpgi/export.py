@@ -65,7 +65,7 @@ def export_dataset(layer: str, out_dir: str, captions: str = "mpgi", image_forma
         raise OptionError(f"{val_fraction!r} is not a fraction; use a number in [0, 1)", option="val_fraction")
     frame = read_tiles(layer)
     if captions == "labels":
-        from ..layer.runs import read_runs
+        from ..layer.io import read_runs
 
         saved = read_runs(layer).labels()
         if not saved["positive"] and not saved["negative"]:

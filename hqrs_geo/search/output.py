@@ -19,8 +19,9 @@ import numpy as np
 
 from ..atomic import atomic_path
 from ..errors import OptionError, OutputError
-from ..layer.io import TILES_LAYER, layer_format, read_tiles, write_tiles
-from ..layer.runs import RUNS_TABLE, new_run, read_runs
+from ..layer.gpkg import RUNS_TABLE
+from ..layer.io import TILES_LAYER, layer_format, read_runs, read_tiles, write_tiles
+from ..layer.runs import new_run
 
 #: What a search writes, as its run records say (``command``).
 RESULT_COMMAND = "search"

@@ -28,8 +28,8 @@ from PIL import Image
 
 from ..atomic import output_folder, write_bytes
 from ..errors import OptionError
-from ..layer.io import is_layer_path, read_tiles, write_tiles
-from ..layer.runs import new_run, read_runs
+from ..layer.io import is_layer_path, read_runs, read_tiles, write_tiles
+from ..layer.runs import new_run
 from ..safe_paths import file_name, inside, write_csv
 from .config import TileConfig
 from .dataset import TileDataset

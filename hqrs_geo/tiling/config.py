@@ -9,8 +9,8 @@ from pyproj.exceptions import CRSError
 from rasterio.enums import Resampling
 
 from ..errors import OptionError
+from ..raster.grid import DEFAULT_EDGE, EDGE_POLICIES, parse_tile_lengths
 from ..raster.stretch import StretchSpec
-from .grid import DEFAULT_EDGE, EDGE_POLICIES, parse_tile_lengths
 
 DEFAULT_MIN_VALID = 0.5
 

@@ -16,8 +16,8 @@ import numpy as np
 
 from ..errors import InputError
 from ..layer.io import TileLayer, open_layer
+from ..raster.grid import MAX_TILE_SIDE
 from .config import TileConfig
-from .grid import MAX_TILE_SIDE
 from .plan import plan_tiles, prepare_scenes
 from .reader import TileReader
 from .records import TileRecord

@@ -22,14 +22,15 @@ from ..layer.columns import SOURCE, SOURCE_URL, STAC_ITEM, TILE_COLUMNS
 from ..layer.io import check_writable, write_layer
 from ..layer.runs import new_run
 from ..raster.catalog import resolve_sources, suited_crs
+from ..raster.grid import MAX_TILES_ENV, max_tiles, parse_tile_lengths, plan_grid
 from ..raster.integrity import check_pixel_data
+from ..raster.reading import SceneReading
 from ..raster.scene import choose_bands, describe, open_raster, read_pixels
 from ..raster.stretch import Scale, StretchSpec, scene_scale
 from .config import DEFAULT_MIN_VALID, TileConfig
 from .footprints import window_polygons
-from .grid import MAX_TILES_ENV, max_tiles, parse_tile_lengths, plan_grid
 from .reader import TileReader
-from .records import TILE_ID_FORMAT, SceneReading, TileRecord
+from .records import TILE_ID_FORMAT, TileRecord
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +39,7 @@ def prepare_scenes(inputs: Sequence[Any], config: TileConfig) -> list[SceneReadi
 
     ``inputs``: paths, globs, folders, lists, URLs, STAC documents (see
     :func:`~hqrs_geo.raster.catalog.resolve_sources`) or entries it resolved. Refused with one
-    line: more tiles than :func:`~hqrs_geo.tiling.grid.max_tiles` over all scenes (counted
+    line: more tiles than :func:`~hqrs_geo.raster.grid.max_tiles` over all scenes (counted
     before any tile exists), and rasters whose pixel data is missing or damaged
     (:func:`~hqrs_geo.raster.integrity.check_pixel_data`).
     """

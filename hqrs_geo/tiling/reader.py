@@ -14,9 +14,10 @@ from rasterio.windows import Window
 
 from ..errors import InputError
 from ..raster.network import NetworkTimeout, busy
+from ..raster.reading import SceneReading
 from ..raster.scene import failure_reason, network_error, open_dataset, read_pixels
 from ..raster.sources import is_network
-from .records import SceneReading, TileRecord
+from .records import TileRecord
 
 T = TypeVar("T")
 

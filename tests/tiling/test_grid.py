@@ -7,7 +7,7 @@ from affine import Affine
 
 from conftest import write_raster
 from hqrs_geo.errors import InputError, OptionError
-from hqrs_geo.tiling.grid import axis_offsets, plan_grid
+from hqrs_geo.raster.grid import axis_offsets, plan_grid
 from hqrs_geo.raster.scene import describe, open_raster
 from hqrs_geo.raster.units import Length, parse_length
 

@@ -21,8 +21,8 @@ from dataclasses import dataclass
 from rasterio.windows import Window
 
 from ..errors import InputError, OptionError
-from ..raster.scene import SceneInfo
-from ..raster.units import Length, parse_length
+from .scene import SceneInfo
+from .units import Length, parse_length
 
 EDGE_POLICIES = ("shift", "pad", "drop")
 DEFAULT_EDGE = "shift"
