@@ -28,18 +28,16 @@ from PIL import Image
 
 from ..atomic import output_folder, write_bytes
 from ..errors import OptionError
-from ..layer.io import is_layer_path, read_runs, read_tiles, write_tiles
+from ..layer.io import read_runs, write_tiles
 from ..layer.runs import new_run
+from ..layer.source import TileSource
 from ..safe_paths import file_name, inside, write_csv
 from .config import TileConfig
 from .dataset import TileDataset
+from .inputs import Rasters, resolve_input
 from .plan import output_crs, records_to_frame
 
 IMAGE_FORMATS = {"png": "PNG", "jpg": "JPEG", "jpeg": "JPEG"}
-
-
-def _is_layer(inputs: Sequence[str | os.PathLike]) -> bool:
-    return len(inputs) == 1 and is_layer_path(inputs[0])  # a layer file or a dataset folder
 
 
 def export_chips(
@@ -60,23 +58,26 @@ def export_chips(
         raise OptionError(f"{image_format!r} is not an image format; use png or jpg", option="image_format")
     if isinstance(quality, bool) or not isinstance(quality, int) or not 1 <= quality <= 100:
         raise OptionError(f"{quality!r} is not a JPEG quality; use a whole number in 1..100", option="quality")
+    source = resolve_input(items)
     with output_folder(out_dir) as out:
-        return _export(items, out, config, fmt, quality, progress)
+        return _export(source, out, config, fmt, quality, progress)
 
 
-def _export(inputs: list[str], out: Path, config: TileConfig | None, fmt: str, quality: int, progress):
+def _export(source: Rasters | TileSource, out: Path, config: TileConfig | None, fmt: str, quality: int, progress):
     params: dict[str, Any]
-    if _is_layer(inputs):
-        dataset = TileDataset.from_layer(inputs[0])
-        frame = read_tiles(inputs[0])
-        scene_params = [s.as_dict() for s in dataset.reader.scenes.values()]
-        params = {"layer": os.path.abspath(inputs[0]), "scenes": scene_params}
-    else:
+    where: str | None = None
+    if isinstance(source, Rasters):
         config = (config or TileConfig()).validated()
-        dataset = TileDataset.from_rasters(inputs, config)
+        dataset = TileDataset.from_rasters(source.scenes(), config)
         scenes = list(dataset.reader.scenes.values())
         frame = records_to_frame(dataset.records, scenes, output_crs(scenes, config.crs))
         params = {"tiling": config.as_dict(), "scenes": [s.as_dict() for s in scenes]}
+    else:  # one tile layer (a file or a dataset folder), read once
+        where = source.path
+        frame = source.read()
+        dataset = TileDataset.from_frame(frame, source.runs().scenes(), where=where)
+        scene_params = [s.as_dict() for s in dataset.reader.scenes.values()]
+        params = {"layer": os.path.abspath(where), "scenes": scene_params}
     params.update(format=fmt, quality=quality if fmt != "png" else None)
     fingerprint = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()
     index_layer = out / "index.gpkg"
@@ -84,7 +85,6 @@ def _export(inputs: list[str], out: Path, config: TileConfig | None, fmt: str, q
     resume = bool(previous) and previous[-1]["params"].get("fingerprint") == fingerprint
 
     ext = "jpg" if IMAGE_FORMATS[fmt] == "JPEG" else "png"
-    where = inputs[0] if _is_layer(inputs) else None
     names = [f"{file_name(rec.tile_id, 'tile id', where)}.{ext}" for rec in dataset.records]
     targets = [inside(out, name, "chip name") for name in names]
     if progress is not None:
