@@ -8,8 +8,11 @@ package of the docstring's module.
 """
 from __future__ import annotations
 
+import argparse
 import ast
+import collections
 import re
+import sys
 from functools import cache
 from pathlib import Path
 
@@ -249,3 +252,92 @@ def test_no_internal_work_items(group):
         texts = [(p, d) for p in code_files() for d in docstrings(p)]
     found = [f"{p.relative_to(ROOT)}: {m.group(0)!r}" for p, text in texts for m in WORK_ITEM.finditer(text)]
     assert not found, "internal work items named where users read:\n" + "\n".join(found)
+
+
+# -- the command line's option reference in docs/cli.md ---------------------------------------
+CLI_DOC = ROOT / "docs" / "cli.md"
+CLI_MARKER = "## Every command's options"
+REGENERATE = "python tests/test_docs.py --write-cli-reference"
+
+
+def _row(action: argparse.Action, command: str) -> str:
+    flags = ", ".join(f"`{o}`" for o in action.option_strings)
+    if isinstance(action.metavar, str) and action.nargs != 0:
+        flags += f" `{action.metavar}`"
+    elif action.choices and action.nargs != 0:
+        flags += " `{" + ",".join(map(str, action.choices)) + "}`"
+    text = action.help or ""
+    try:
+        text = text % {"default": action.default, "prog": command}
+    except (KeyError, TypeError, ValueError):
+        pass
+    return "| {} | {} |".format(flags, text.replace("|", "\\|").replace("\n", " "))
+
+
+def _group_key(group: argparse._ArgumentGroup) -> tuple:
+    return group.title, tuple(o for a in group._group_actions for o in a.option_strings)
+
+
+def cli_reference() -> str:
+    """The option reference of every ``hqrs-geo`` command, from the parser itself (markdown)."""
+    from hqrs_geo.cli import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    summary = {c.dest: c.help or "" for c in sub._choices_actions}
+    commands = sub.choices
+    uses = collections.Counter(_group_key(g) for sp in commands.values() for g in sp._action_groups[2:])
+    shared = {key for key, count in uses.items() if count >= 2}
+    names: dict[tuple, str] = {}
+    for sp_name, sp in commands.items():
+        for g in sp._action_groups[2:]:
+            key = _group_key(g)
+            if key in shared and key not in names:
+                title = g.title.split(" (")[0]
+                names[key] = title if title not in names.values() else f"{title} ({sp_name})"
+    out = [CLI_MARKER, "",
+           f"Generated from the parser (`hqrs-geo COMMAND --help` says the same) by `{REGENERATE}`;",
+           "`tests/test_docs.py` checks it is current. Groups of options that several commands share are",
+           "listed once, at the end.", ""]
+    for name, sp in commands.items():
+        out += [f"### `{name}`", ""]
+        if summary.get(name):
+            out += [summary[name][0].upper() + summary[name][1:] + ".", ""]
+        positional = [a for a in sp._actions if not a.option_strings]
+        if positional:
+            out += ["Arguments: " + "; ".join(f"`{a.metavar or a.dest.upper()}`" + (f": {a.help}" if a.help else "")
+                                              for a in positional) + ".", ""]
+        own, refs = [], []
+        for g in sp._action_groups[1:]:
+            actions = [a for a in g._group_actions if a.option_strings and "--help" not in a.option_strings]
+            if not actions:
+                continue
+            if _group_key(g) in shared:
+                refs.append(names[_group_key(g)])
+            else:
+                own += ([] if g.title == "options" else [f"| *{g.title.split(' (')[0]}* | |"])
+                own += [_row(a, name) for a in actions]
+        if own:
+            out += ["| option | meaning |", "|---|---|", *own, ""]
+        if refs:
+            out += ["Shared groups: " + ", ".join(f"[{r}](#{slug('Shared: ' + r)})" for r in refs) + ".", ""]
+    for key in sorted(shared, key=lambda k: names[k]):
+        users = [n for n, sp in commands.items() if any(_group_key(g) == key for g in sp._action_groups[2:])]
+        group = next(g for sp in commands.values() for g in sp._action_groups[2:] if _group_key(g) == key)
+        out += [f"### Shared: {names[key]}", "",
+                group.title[0].upper() + group.title[1:] + "; used by " + ", ".join(f"`{u}`" for u in users) + ".", "",
+                "| option | meaning |", "|---|---|", *[_row(a, users[0]) for a in group._group_actions], ""]
+    return "\n".join(out).rstrip("\n") + "\n"
+
+
+def test_cli_reference_is_current():
+    text = CLI_DOC.read_text(encoding="utf-8")
+    assert CLI_MARKER in text, f"{CLI_DOC.relative_to(ROOT)}: no section {CLI_MARKER!r}; run {REGENERATE}"
+    assert text[text.index(CLI_MARKER):] == cli_reference(), \
+        f"{CLI_DOC.relative_to(ROOT)}: the option reference differs from the parser's; run {REGENERATE}"
+
+
+if __name__ == "__main__" and sys.argv[1:] == ["--write-cli-reference"]:
+    current = CLI_DOC.read_text(encoding="utf-8")
+    head = current[:current.index(CLI_MARKER)] if CLI_MARKER in current else current.rstrip("\n") + "\n\n"
+    CLI_DOC.write_text(head + cli_reference(), encoding="utf-8")
