@@ -47,11 +47,12 @@ def module_name(path: Path) -> str:
     return ".".join(parts)
 
 
-def docstrings(path: Path) -> list[str]:
+@cache
+def docstrings(path: Path) -> tuple[str, ...]:
     """Every module, class and function docstring of a source file."""
     tree = ast.parse(path.read_text(encoding="utf-8"))
     nodes = [tree, *(n for n in ast.walk(tree) if isinstance(n, (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)))]
-    return [d for d in (ast.get_docstring(n, clean=False) for n in nodes) if d]
+    return tuple(d for d in (ast.get_docstring(n, clean=False) for n in nodes) if d)
 
 
 def module_file(parts: list[str]) -> Path | None:
