@@ -78,3 +78,26 @@ def test_ranks_and_text_scores():
     a = np.array([[0.0, 1.0], [0.0, 1.0]])
     assert cosine_distance(b, a).tolist() == pytest.approx([1.0, 0.0])
     assert text_change(np.array([0.0, 1.0]), b, a).tolist() == pytest.approx([1.0, 0.0])
+
+
+def test_marked_pairs_and_marked_tiles_are_checked_by_one_helper_in_their_own_words():
+    from hqrs_geo.errors import OptionError
+    from hqrs_geo.search.marked import PAIRS, TILES, marked_ids
+
+    assert marked_ids(["a", "b", "a"], ["c", "c"], PAIRS, required=False) == (["a", "b"], ["c"])
+    assert marked_ids([], [], PAIRS, required=False) == ([], [])  # change without few-shot marks
+    cases = [
+        (("a", [], PAIRS, False), "positive pairs must be a list of BEFORE tile ids", "positive"),
+        ((["a"], [1], PAIRS, False), "negative pairs must be a list of BEFORE tile ids", "negative"),
+        (([], ["a"], PAIRS, False), "no changed pair marked; give «positive» BEFORE tile ids", "positive"),
+        ((["b", "a"], ["a", "b"], PAIRS, False), "tile 'a' is marked both changed and unchanged", "negative"),
+        (("a", [], TILES, True), "positive tiles must be a list of tile ids", "positive"),
+        (([], [], TILES, True), "no positive tile; mark at least one tile", "positive"),
+        ((["a"], ["a"], TILES, True), "tile 'a' is both positive and negative", "negative"),
+    ]
+    for (positive, negative, wording, required), text, option in cases:
+        with pytest.raises(OptionError) as caught:
+            marked_ids(positive, negative, wording, required=required)
+        assert caught.value.message.startswith(text) and caught.value.option == option
+    with pytest.raises(OptionError, match="3 labelled tiles; at most 2"):
+        marked_ids(["a", "b"], ["c"], TILES, limit=2)
