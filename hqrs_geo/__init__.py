@@ -10,6 +10,7 @@ Names that need torch (the model engine, search, training) are imported on first
 """
 from __future__ import annotations
 
+import importlib
 from typing import Any
 
 from ._version import __version__
@@ -50,7 +51,5 @@ __all__ = [
 def __getattr__(name: str) -> Any:
     """Model-engine names are imported on first use (they pull in torch)."""
     if name in _LAZY:
-        import importlib
-
         return getattr(importlib.import_module(_LAZY[name], __name__), name)
     raise AttributeError(f"module 'hqrs_geo' has no attribute {name!r}")

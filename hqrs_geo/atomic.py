@@ -18,6 +18,8 @@ jobs writing the same output at once keep each other's results.
 from __future__ import annotations
 
 import errno
+import glob
+import hashlib
 import json
 import os
 import re
@@ -31,6 +33,11 @@ from pathlib import Path
 from typing import Any, Union
 
 from .errors import HqrsError, OutputError
+
+try:
+    import fcntl
+except ImportError:  # Windows: no flock
+    fcntl = None  # type: ignore[assignment]
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -217,8 +224,6 @@ def remove_stale_temporaries_in(folder: PathLike) -> int:
 
 def glob_escape(text: str) -> str:
     """``text`` with glob wildcards escaped."""
-    import glob
-
     return glob.escape(text)
 
 
@@ -352,9 +357,7 @@ def _busy(what: PathLike) -> LockBusy:
 
 def _flock(folder: str, deadline: float, what: PathLike) -> int | None:
     """An open descriptor of ``folder`` holding its exclusive flock (None: no locking here)."""
-    try:
-        import fcntl
-    except ImportError:  # Windows: no flock
+    if fcntl is None:  # Windows: no flock
         return None
     try:
         fd = os.open(folder, os.O_RDONLY)
@@ -384,8 +387,6 @@ def file_facts(path: PathLike) -> dict:
 
 def sha256_file(path: PathLike, chunk: int = 1 << 22) -> str:
     """Hex SHA-256 of a file's bytes (recorded with results, checked for parts and weights)."""
-    import hashlib
-
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         while block := handle.read(chunk):

@@ -9,13 +9,18 @@
 from __future__ import annotations
 
 import json
+import shutil
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from .engine.tasks import CaptionTask
 from .errors import InputError, OptionError
+from .models.encode import image_vectors, read_image, text_vectors
+from .models.templates import ZERO_SHOT_TEMPLATES, class_prompt_name
+from .safe_paths import inside
 
 KS = (1, 5, 10)
 
@@ -27,8 +32,6 @@ def load_karpathy(path: str, split: str | None = "val", limit: int | None = None
     (:func:`hqrs_geo.safe_paths.inside`); absolute ones are used as they are (the rule of an
     open_clip CSV); a malformed file is refused in one line.
     """
-    from .safe_paths import inside
-
     file = Path(path)
     if file.is_dir():
         raise InputError(f"{path}: is a folder; give the dataset's .json file")
@@ -96,15 +99,11 @@ def zeroshot_metrics(image_emb: np.ndarray, class_emb: np.ndarray, labels: Seque
 
 def image_embeddings(loaded: Any, paths: Sequence[str]) -> np.ndarray:
     """Normalised image embeddings of image files, preprocessed like tiles."""
-    from .models.encode import image_vectors
-
     return image_vectors(loaded, list(paths))
 
 
 def evaluate_retrieval(loaded, dataset: str, split: str = "val", limit: int | None = None) -> dict:
     """Retrieval metrics of a loaded CLIP model on one split."""
-    from .models.encode import text_vectors
-
     records = load_karpathy(dataset, split, limit)
     texts = [c for r in records for c in r["captions"]]
     owners = [i for i, r in enumerate(records) for _ in r["captions"]]
@@ -118,9 +117,6 @@ def evaluate_retrieval(loaded, dataset: str, split: str = "val", limit: int | No
 def evaluate_zeroshot(loaded, dataset: str, split: str = "val", templates: Sequence[str] | None = None,
                       limit: int | None = None) -> dict:
     """Zero-shot accuracy over the classes of a split, with a template ensemble."""
-    from .models.encode import text_vectors
-    from .models.templates import ZERO_SHOT_TEMPLATES, class_prompt_name
-
     records = load_karpathy(dataset, split, limit)
     if any(r["class"] is None for r in records):
         raise InputError(f"{dataset}: images need a 'class' for zero-shot evaluation")
@@ -137,8 +133,6 @@ def evaluate_zeroshot(loaded, dataset: str, split: str = "val", templates: Seque
 def caption_metrics(references: dict, candidates: dict) -> dict:
     """BLEU-1..4, METEOR, ROUGE-L, CIDEr (x100) with the standard COCO caption evaluation code
     (pycocoevalcap; its PTB tokenizer and METEOR need Java)."""
-    import shutil
-
     if shutil.which("java") is None:
         raise InputError("caption metrics need Java (PTB tokenizer, METEOR): apt-get install default-jre-headless")
     try:
@@ -165,9 +159,6 @@ def evaluate_captions(loaded: Any, dataset: str, split: str = "val", decoding: A
     """Caption a split with a CoCa model (the engine's caption task) and score the captions
     against the references."""
     import torch
-
-    from .engine.tasks import CaptionTask
-    from .models.encode import read_image
 
     task = CaptionTask(loaded, decoding=decoding)
     records = [r for r in load_karpathy(dataset, split, limit) if r["captions"]]

@@ -11,6 +11,8 @@ import sys
 import time
 from typing import TextIO
 
+from tqdm import tqdm
+
 MODES = ("auto", "bar", "json", "none")
 
 
@@ -44,8 +46,6 @@ class Progress:
         self.close_bar()
         self.stage, self.total, self.done = stage, total, initial
         if self.mode == "bar":
-            from tqdm import tqdm
-
             self._bar = tqdm(total=total, desc=stage, unit=unit, file=sys.stderr, dynamic_ncols=True, initial=initial,
                              disable=False)  # $TQDM_DISABLE (set by the CLI) silences library bars only
         self.emit(stage, message)

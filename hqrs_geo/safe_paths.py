@@ -19,6 +19,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from .atomic import write_text
 from .errors import InputError
 
 #: Longest file name component written (most file systems allow 255 bytes).
@@ -111,8 +112,6 @@ def csv_text(header: Sequence[str], rows: Iterable[Sequence[Any]], delimiter: st
 def write_csv(path: str | os.PathLike, header: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:
     """Write a CSV file atomically and verified (:func:`hqrs_geo.atomic.write_text`), cells
     neutralised by :func:`csv_cell`."""
-    from .atomic import write_text
-
     write_text(path, csv_text(header, rows))
 
 

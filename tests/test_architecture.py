@@ -29,8 +29,9 @@ BASE_MODULES = frozenset({"errors", "_version", "atomic", "safe_paths", "redact"
 # Heavy optional dependencies: slow to import (torch: about 1 GB of memory) or not in the base install.
 HEAVY = frozenset({"torch", "torchvision", "open_clip", "ray", "faiss", "transformers", "llama_cpp",
                    "pycocoevalcap", "safetensors", "huggingface_hub", "lancedb", "duckdb",
-                   # optional extras too (not in the base dependencies): STAC catalogs, GGUF files
-                   "pystac", "gguf"})
+                   # optional, not in the base dependencies: STAC catalogs, GGUF files, and the Hugging Face
+                   # hub client's HTTP libraries (either may be missing)
+                   "pystac", "gguf", "requests", "httpx"})
 LOCAL_IMPORT_LIMIT = 80
 
 

@@ -65,6 +65,20 @@ from .units import (
     write_unit,
 )
 
+try:  # the Ray engine is optional (the scale extra): without Ray, _ray() says how to install it
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+except ImportError:
+    ray = None  # type: ignore[assignment]
+try:  # parts of Ray outside its stable API: without them no start marks, no early token check, Ray's own logs
+    import ray._private.worker as ray_worker
+    from ray._raylet import GcsClient  # type: ignore[attr-defined]
+    from ray.exceptions import AuthenticationError
+    from ray.experimental.internal_kv import _internal_kv_del, _internal_kv_get, _internal_kv_put
+except ImportError:
+    ray_worker = GcsClient = AuthenticationError = None  # type: ignore[assignment,misc]
+    _internal_kv_del = _internal_kv_get = _internal_kv_put = None  # type: ignore[assignment]
+
 log = logging.getLogger("hqrs_geo")
 
 #: Environment variables forwarded to the workers (model search paths, the Hugging Face hub's
@@ -93,11 +107,9 @@ TRAFFIC: dict[str, int] = {}
 
 
 def _ray() -> Any:
-    try:
-        import ray
-    except ImportError:
+    if ray is None:
         raise OptionError("the Ray engine needs Ray: pip install 'hqrs_geo[scale]' (or leave out «engine» for "
-                          "the single-process engine)", option="engine") from None
+                          "the single-process engine)", option="engine")
     return ray
 
 
@@ -134,8 +146,6 @@ def _started(mark: str | None) -> None:
     driver's unit timeout counts from there (a unit queued behind others is not late)."""
     if mark:
         try:
-            from ray.experimental.internal_kv import _internal_kv_put
-
             _internal_kv_put(mark, b"1", namespace=MARK_NAMESPACE)
         except Exception:  # no mark: the driver counts from the submission
             pass
@@ -149,15 +159,10 @@ def read_task(unit: Unit, ctx: JobContext, mark: str | None = None) -> tuple[dic
 
 
 def warm_task() -> bool:
-    """Ray task: import what the read and write tasks use (scene preparation, GDAL, GeoPandas,
-    Parquet), run while the model workers load their models, so the first unit does not wait
-    for a worker process's imports."""
-    import geopandas  # noqa: F401
-    import pyarrow.parquet  # noqa: F401
-
-    from ..layer import dataset  # noqa: F401
-    from ..tiling import plan, reader  # noqa: F401
-
+    """Ray task: nothing but loading this module in a worker process, with what the read and
+    write tasks use (:mod:`.units` imports scene preparation, GDAL, GeoPandas and Parquet at its
+    top); run while the model workers load their models, so the first unit does not wait for a
+    worker process's imports."""
     return True
 
 
@@ -203,8 +208,6 @@ class ModelWorker:
 
     def node(self) -> str:
         """The id of the node this worker runs on."""
-        import ray
-
         return ray.get_runtime_context().get_node_id()
 
     def _allocate(self, shape: tuple) -> Any:
@@ -334,10 +337,7 @@ def _auth_error(address: str) -> OptionError:
 def _check_authentication(address: str) -> None:
     """A one-line error when the cluster at ``address`` refuses this client's token (one GCS
     request, under a second, instead of ``ray.init``'s 20 retries a second apart)."""
-    try:
-        from ray._raylet import GcsClient  # type: ignore[attr-defined]  # not part of Ray's stable API
-        from ray.exceptions import AuthenticationError
-    except ImportError:
+    if GcsClient is None:
         return
     try:
         GcsClient(address=address, cluster_id=None)
@@ -443,12 +443,8 @@ class RayExecutor:
         if log.isEnabledFor(logging.DEBUG):
             log.debug(captured.text())
         else:
-            try:  # Ray prints cluster events (a node that died...) to stdout: the job says what matters itself
-                import ray._private.worker as ray_worker
-
-                ray_worker._worker_logs_enabled = False
-            except (ImportError, AttributeError):
-                pass
+            if ray_worker is not None:  # Ray prints cluster events (a node that died...) to stdout: the job
+                ray_worker._worker_logs_enabled = False  # says what matters itself
 
     def _alive_nodes(self) -> dict[str, dict]:
         """Alive nodes (less those Ray already refused to schedule on): id -> total resources."""
@@ -526,8 +522,6 @@ class RayExecutor:
         return placed
 
     def _new_actor(self, node: str) -> Any:
-        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
         r = self.resources
         cls = self.ray.remote(ModelWorker).options(  # pinned: restarted on its node, never moved onto another
             num_cpus=r["cpw"], num_gpus=r["gpw"], max_restarts=WORKER_RESTARTS, max_task_retries=WORKER_RESTARTS,
@@ -608,8 +602,6 @@ class RayExecutor:
             self.load[worker] += 1  # counted from the read on, so reads spread over the workers
             node = self.nodes[worker]
             if node:
-                from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
                 options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(node_id=node, soft=True)
         status, frame, payload = self.read_fn.options(num_returns=3, **self.io_options, **options).remote(
             unit, self.ctx_ref, self._waiting(unit))
@@ -630,8 +622,6 @@ class RayExecutor:
         mark = self.marks.pop(key, None)
         if mark:
             try:
-                from ray.experimental.internal_kv import _internal_kv_del
-
                 _internal_kv_del(mark, namespace=MARK_NAMESPACE)
             except Exception:  # a mark left behind is a few bytes
                 pass
@@ -719,9 +709,7 @@ class RayExecutor:
         waiting = [key for key in units if key not in self.began and key in self.marks]
         if not waiting:
             return
-        try:
-            from ray.experimental.internal_kv import _internal_kv_get
-        except ImportError:
+        if _internal_kv_get is None:
             return
         now = time.monotonic()
         for key in waiting:

@@ -17,6 +17,7 @@ import numpy as np
 from ..errors import InputError, OptionError
 from ..layer.columns import CAPTION, CAPTION_MODEL, embedding_column, embedding_dim_column, embedding_model_column
 from ..layer.columns import encode as encode_embeddings
+from ..models.decoding_options import DecodingConfig
 from ..models.loader import LoadedModel
 from ..models.precision import autocast_dtype, inference_context, precision_name
 from ..models.preprocess import BatchPreprocess
@@ -149,8 +150,6 @@ class CaptionTask(_Task):
     field = CAPTION
 
     def __init__(self, loaded: LoadedModel, options: RunOptions | None = None, decoding: Any = None):
-        from ..models.decoding_options import DecodingConfig
-
         if loaded.kind != "coca":
             raise OptionError(f"model {loaded.spec.name} is a {loaded.kind} model; captions need a CoCa model",
                               option="model")

@@ -23,8 +23,10 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import threading
 import warnings
-from dataclasses import dataclass, field
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,10 +35,15 @@ import numpy as np
 from ..errors import HqrsError, InputError
 from ..layer.columns import SOURCE_URL, STAC_ITEM
 from ..layer.dataset import VERSION, part_name, write_part
+from ..layer.runs import new_run
 from ..raster.catalog import SourceEntry, remote_defaults
 from ..raster.grid import SceneGrid
 from ..raster.reading import SceneReading
+from ..redact import redact
 from ..tiling.config import TileConfig
+from ..tiling.plan import plan_tiles, prepare_scenes, records_to_frame
+from ..tiling.reader import TileReader
+from .run import fill_columns, run_batch
 
 DEFAULT_BLOCK_TILES = 1024
 
@@ -131,8 +138,6 @@ def block_rows(grid: SceneGrid, block_tiles: int) -> list[tuple[int, int]]:
 
 def grid_dict(grid: SceneGrid) -> dict:
     """JSON form of a grid (kept in the manifest so blocks resume without preparing the scene again)."""
-    from dataclasses import asdict
-
     return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(grid).items()}
 
 
@@ -152,8 +157,6 @@ def scene_with_grid(reading: dict, grid: dict) -> SceneReading:
 
 def one_line(exc: BaseException) -> str:
     """An exception as the one-line message recorded for a failed scene (without credentials)."""
-    from ..redact import redact
-
     text = redact(str(exc).strip().splitlines()[0]) if str(exc).strip() else ""
     if isinstance(exc, HqrsError):
         return text
@@ -165,7 +168,6 @@ def prepare(unit: Unit, ctx: JobContext) -> SceneReading:
     """The unit's scene with its reading and grid (prepared now unless the unit carries it)."""
     if unit.scene is not None:
         return unit.scene
-    from ..tiling.plan import prepare_scenes
 
     scene = prepare_scenes([unit.entry], ctx.config)[0]
     if bool(scene.crs) != bool(ctx.crs):
@@ -184,9 +186,6 @@ def plan_unit(unit: Unit, ctx: JobContext) -> tuple[dict, Any, Any]:
     prepared ``status["scene"]``; nothing read), or ``failed`` (``status["error"]``: one line).
     Errors of the scene (missing or corrupt file, unreachable URL) never raise.
     """
-    from ..tiling.plan import plan_tiles, records_to_frame
-    from ..tiling.reader import TileReader
-
     remote_defaults()
     try:
         scene = prepare(unit, ctx)
@@ -229,11 +228,9 @@ def read_pixels(windows: UnitWindows, threads: int = 1, allocate: Any = None) ->
     threads (each its own reader: GDAL decodes without the GIL). ``allocate(shape)`` gives the
     array to fill (a pinned host buffer for a GPU), by default a new NumPy array. A read error
     raises :class:`~hqrs_geo.errors.InputError` naming the scene (one line)."""
-    from ..tiling.reader import TileReader
-
     records = windows.records
     readers: list = []
-    local = __import__("threading").local()
+    local = threading.local()
 
     def reader() -> TileReader:
         if not hasattr(local, "reader"):
@@ -251,8 +248,6 @@ def read_pixels(windows: UnitWindows, threads: int = 1, allocate: Any = None) ->
             pixels[i] = reader().read(records[i])[0].transpose(2, 0, 1)
 
         if threads > 1 and len(records) > 2:
-            from concurrent.futures import ThreadPoolExecutor
-
             with ThreadPoolExecutor(min(threads, len(records) - 1)) as pool:
                 list(pool.map(fill, range(1, len(records))))
         else:
@@ -286,8 +281,6 @@ def infer_unit(tasks: list, tile_ids: list[str], pixels: np.ndarray, batch_size:
     """Step 2: every task on the unit's pixels, ``batch_size`` tiles at a time, with
     :func:`~hqrs_geo.engine.run.run_batch`; ``{store key: {tile_id: value}}``."""
     import torch
-
-    from .run import run_batch
 
     stored: dict[str, dict[str, object]] = {t.store_key: {} for t in tasks}
     if not tasks:
@@ -338,9 +331,6 @@ def _manifest_entry(facts: dict) -> dict:
 def write_unit(unit: Unit, status: dict, frame: Any, stored: dict, ctx: JobContext) -> dict:
     """Step 3: the results into the tile frame, the part written atomically; returns its
     manifest entry (``name``, ``scene``, ``block``, ``tiles``, ``bounds``, ``sha256``…)."""
-    from ..layer.runs import new_run
-    from .run import fill_columns
-
     facts = part_facts(unit, status, ctx)
     frame = fill_columns(frame, ctx.specs, stored, keep_existing=set())
     missing = [s.field for s in ctx.specs if frame[s.field].isna().any()]

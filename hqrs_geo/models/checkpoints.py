@@ -18,11 +18,14 @@ from __future__ import annotations
 import logging
 import os
 import pickle
+import socket
 import time
 import zipfile
 from functools import lru_cache
 from pathlib import Path
+from urllib.parse import urlsplit
 
+from ..atomic import sha256_file
 from ..errors import InputError
 from .registry import ModelSpec
 
@@ -86,16 +89,12 @@ def cached_checkpoint(spec: ModelSpec) -> Path | None:
 
 @lru_cache(maxsize=64)
 def _sha256_of(path: str, inode: int, size: int, mtime_ns: int, ctime_ns: int) -> str:
-    from ..atomic import sha256_file
-
     return sha256_file(path)
 
 
 def checkpoint_sha256(path: Path | str) -> str:
     """sha256 of a checkpoint file, computed once per file version (inode, size, times) when the
     file has not changed for a few seconds (file times are coarse: a file written just now is hashed again)."""
-    from ..atomic import sha256_file
-
     real = os.path.realpath(path)
     info = os.stat(real)
     if time.time() - max(info.st_mtime, info.st_ctime) < 5:
@@ -232,9 +231,6 @@ def hub_unreachable(timeout: float = 5.0) -> str | None:
     """Why the Hugging Face hub (``$HF_ENDPOINT``, or the HTTPS proxy in the environment) cannot
     be reached, found in at most ``timeout`` seconds; None when a connection opens. Checked before
     a download, so an offline machine fails at once instead of after the hub client's retries."""
-    import socket
-    from urllib.parse import urlsplit
-
     proxy = os.environ.get("HTTPS_PROXY") or os.environ.get("https_proxy")
     parts = urlsplit(proxy or os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
     host, port = parts.hostname, parts.port or (443 if parts.scheme == "https" else 80)

@@ -7,14 +7,16 @@ templates, preprocessing and normalisation are the same everywhere.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
+from PIL import Image, UnidentifiedImageError
 
 from ..errors import InputError, OptionError
+from .preprocess import BatchPreprocess
 from .templates import ZERO_SHOT_TEMPLATES, apply_template
 
-#: Largest image (pixels) read for an image query; bigger files are refused, never decoded.
+#: Largest image (pixels) read for an image query or for training; bigger files are refused, never decoded.
 MAX_IMAGE_PIXELS = 64_000_000
 
 
@@ -52,32 +54,54 @@ def class_vectors(loaded: Any, labels: Sequence[str], templates: Sequence[str] |
     return text_vectors(loaded, labels, chosen)
 
 
-def read_image(path: str) -> np.ndarray:
-    """An image file as ``(H, W, 3)`` uint8 RGB; files declaring more than
-    :data:`MAX_IMAGE_PIXELS` are refused before any pixel is decoded."""
-    from PIL import Image, UnidentifiedImageError
+class ImageUse(NamedTuple):
+    """What an image file is read for: the words of its one-line errors."""
 
+    purpose: str      # "too large for {purpose}"
+    too_large: str    # what to do with a too large image
+    missing: str      # the message of a file that is not there
+    unreadable: str   # what to do with a file that is not an image
+
+
+#: The uses of :func:`read_image`: query images (search, evaluation) and training images.
+IMAGE_USES = {
+    "query": ImageUse("a query", "crop the area of interest first", "image file not found; check the path",
+                      "give a PNG, JPEG or TIFF file"),
+    "training": ImageUse("training", "resize it or remove it from the dataset",
+                         "image of the dataset not found; check the paths in the dataset file",
+                         "remove it from the dataset"),
+}
+
+
+def read_image(path: str, size: int | None = None, use: str = "query") -> np.ndarray:
+    """An image file as ``(H, W, 3)`` uint8 RGB, resized to ``size`` x ``size`` (bicubic) when
+    given. Files declaring more than :data:`MAX_IMAGE_PIXELS` are refused before any pixel is
+    decoded; every failure is a one-line :class:`~hqrs_geo.errors.InputError` worded for ``use``
+    (a key of :data:`IMAGE_USES`)."""
+    words = IMAGE_USES[use]
     try:
         with Image.open(path) as image:
             if image.width * image.height > MAX_IMAGE_PIXELS:
-                raise InputError(f"{path}: image of {image.width} x {image.height} px is too large for a query "
-                                 f"(at most {MAX_IMAGE_PIXELS:,} px); crop the area of interest first")
-            return np.array(image.convert("RGB"))
+                raise InputError(f"{path}: image of {image.width} x {image.height} px is too large for "
+                                 f"{words.purpose} (at most {MAX_IMAGE_PIXELS:,} px); {words.too_large}")
+            rgb = image.convert("RGB")
+            if size is not None:
+                rgb = rgb.resize((size, size), Image.Resampling.BICUBIC)
+            return np.array(rgb)
     except InputError:
         raise
     except FileNotFoundError:
-        raise InputError(f"{path}: image file not found; check the path") from None
+        raise InputError(f"{path}: {words.missing}") from None
     except Image.DecompressionBombError:
-        raise InputError(f"{path}: image is too large for a query; crop the area of interest first") from None
-    except (OSError, UnidentifiedImageError, ValueError):
-        raise InputError(f"{path}: cannot read as an image; give a PNG, JPEG or TIFF file") from None
+        raise InputError(f"{path}: image is too large for {words.purpose}; {words.too_large}") from None
+    except (OSError, UnidentifiedImageError, ValueError) as exc:
+        reason = " ".join(str(exc).split())[:120]
+        raise InputError(f"{path}: cannot read this image ({reason}); {words.unreadable}") from None
 
 
 def image_batch_vectors(loaded: Any, images: Any) -> np.ndarray:
     """Normalised embeddings of a uint8 ``[B, 3, H, W]`` tensor, preprocessed as tiles are."""
     import torch
-
-    from .preprocess import BatchPreprocess
 
     preprocess = BatchPreprocess(loaded.preprocess, loaded.device)
     with torch.inference_mode():

@@ -12,6 +12,7 @@ custom model together with a checkpoint path.
 """
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -126,16 +127,12 @@ DEFAULT_CAPTION_ENV = "HQRS_GEO_CAPTION_MODEL"
 def default_embed_model() -> str:
     """The embedding model used when none is named: ``$HQRS_GEO_EMBED_MODEL``, else the
     shipped demo model ``hqrs-mini-clip``."""
-    import os
-
     return os.environ.get(DEFAULT_EMBED_ENV) or "hqrs-mini-clip"
 
 
 def default_caption_model() -> str:
     """The caption model used when none is named: ``$HQRS_GEO_CAPTION_MODEL``, else the
     shipped demo model ``hqrs-mini-coca``."""
-    import os
-
     return os.environ.get(DEFAULT_CAPTION_ENV) or "hqrs-mini-coca"
 
 
@@ -157,9 +154,6 @@ _registered_folders: set[str] = set()
 def register_config_folders() -> None:
     """Register open_clip architecture configs (JSON) shipped with the package and from the
     folders in ``$HQRS_GEO_MODEL_CONFIGS`` (``os.pathsep``-separated), once per folder."""
-    import os
-    from pathlib import Path
-
     import open_clip
 
     folders = [Path(__file__).with_name("configs")]

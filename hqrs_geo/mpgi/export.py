@@ -21,7 +21,9 @@ from pathlib import Path
 
 from ..atomic import output_folder, write_json
 from ..errors import InputError, OptionError
+from ..layer.io import read_runs, read_tiles
 from ..safe_paths import write_csv
+from ..tiling.chips import export_chips
 
 CAPTION_SOURCES = ("mpgi", "caption", "labels")
 
@@ -56,8 +58,6 @@ def _captions(row, source: str) -> list[str]:
 def export_dataset(layer: str, out_dir: str, captions: str = "mpgi", image_format: str = "jpg",
                    val_fraction: float = 0.1, progress=None) -> dict:
     """Export the captioned tiles of ``layer`` (see the module docstring); returns counts."""
-    from ..layer.io import read_tiles
-
     if captions not in CAPTION_SOURCES:
         raise OptionError(f"{captions!r} is not a caption source; use one of {', '.join(CAPTION_SOURCES)}",
                           option="captions")
@@ -65,8 +65,6 @@ def export_dataset(layer: str, out_dir: str, captions: str = "mpgi", image_forma
         raise OptionError(f"{val_fraction!r} is not a fraction; use a number in [0, 1)", option="val_fraction")
     frame = read_tiles(layer)
     if captions == "labels":
-        from ..layer.io import read_runs
-
         saved = read_runs(layer).labels()
         if not saved["positive"] and not saved["negative"]:
             raise InputError(f"{layer}: has no saved labels; mark tiles and save them first "
@@ -83,8 +81,6 @@ def export_dataset(layer: str, out_dir: str, captions: str = "mpgi", image_forma
 
 def _export(layer: str, frame, out: Path, captions: str, column: str, image_format: str, val_fraction: float,
             progress) -> dict:
-    from ..tiling.chips import export_chips
-
     captioned = [(row, texts) for row in frame.to_dict("records") if (texts := _captions(row, captions))]
     if not captioned:
         raise InputError(f"{layer}: no tile has captions in {column}; nothing to export")
@@ -108,8 +104,6 @@ def _export(layer: str, frame, out: Path, captions: str, column: str, image_form
 def _export_labels(layer: str, frame, saved: dict, out: Path, image_format: str, val_fraction: float,
                    progress) -> dict:
     """The saved few-shot labels as a training set (see the module docstring)."""
-    from ..tiling.chips import export_chips
-
     classes = {**{t: "negative" for t in saved["negative"]}, **{t: "positive" for t in saved["positive"]}}
     known = set(frame["tile_id"])
     labelled = [row for row in frame.to_dict("records") if row["tile_id"] in classes]

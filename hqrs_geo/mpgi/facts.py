@@ -20,8 +20,13 @@ from dataclasses import asdict, dataclass, field
 from datetime import date
 from typing import Any
 
+import geopandas as gpd
 import numpy as np
+import pandas as pd
+import pyogrio
 import shapely
+from pyproj import CRS, Transformer
+from rasterio.windows import Window
 
 from ..errors import InputError, OptionError
 from ..raster.scene import describe, open_raster, read_pixels
@@ -100,8 +105,6 @@ def check_vector_source(source: VectorSource) -> VectorSource:
 
     A file with a single layer needs no layer name. Problems raise one-line :class:`InputError`.
     """
-    import pyogrio
-
     path = source.path
     if not os.path.exists(path):
         raise InputError(f"{path}: vector file not found; check the path (PATH[:LAYER[:CLASS_FIELD]])")
@@ -197,8 +200,6 @@ class TileFacts:
 
 def metric_crs(tiles):
     """The CRS measurements are made in: the layer's when projected in metres, else the UTM zone of its centroid."""
-    from pyproj import CRS
-
     crs = CRS.from_user_input(tiles.crs)
     axes = crs.axis_info[:2]
     if crs.is_projected and axes and all(a.unit_name in ("metre", "meter") for a in axes):
@@ -224,8 +225,6 @@ def _tile_sizes(footprints: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def _centres_lonlat(footprints: np.ndarray, crs) -> tuple[np.ndarray, np.ndarray]:
     """Longitude and latitude (EPSG:4326) of each footprint's centroid."""
-    from pyproj import Transformer
-
     xy = shapely.get_coordinates(shapely.centroid(footprints))
     lon, lat = Transformer.from_crs(crs, "EPSG:4326", always_xy=True).transform(xy[:, 0], xy[:, 1])
     return np.asarray(lon, dtype=float), np.asarray(lat, dtype=float)
@@ -334,8 +333,6 @@ def spectral_fractions(
     Masked (nodata, alpha, per-dataset mask) and non-finite pixels in any of the three bands are
     left out; the part of the window outside the raster is ignored. ``(None, None)`` without valid pixels.
     """
-    from rasterio.windows import Window
-
     x_off, y_off, width, height = window
     x0, y0 = max(int(x_off), 0), max(int(y_off), 0)
     x1, y1 = min(int(x_off + width), src.width), min(int(y_off + height), src.height)
@@ -423,8 +420,6 @@ def _kind(geometry_type: str, dims: np.ndarray) -> str:
 
 def _class_values(values) -> np.ndarray:
     """Attribute values as class names; missing or blank values become :data:`UNKNOWN_CLASS`."""
-    import pandas as pd
-
     def name(v) -> str:
         if v is None or (isinstance(v, float) and np.isnan(v)) or v is pd.NA:
             return UNKNOWN_CLASS
@@ -448,10 +443,6 @@ def _valid_polygons(geoms: np.ndarray) -> np.ndarray:
 
 def _read_features(source: VectorSource, tiles, crs) -> _Features:
     """Read the layer once (only the tiles' bounding box), drop empty rows and reproject to ``crs``."""
-    import geopandas as gpd
-    import pyogrio
-    from pyproj import Transformer
-
     try:
         info = pyogrio.read_info(source.path, layer=source.layer)
         layer_crs = info.get("crs") or tiles.crs

@@ -35,6 +35,8 @@ from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
 
+import tomllib  # as recipe.py: Python 3.11+
+
 NUMBER = re.compile(r"\d+(?:[.,]\d+)?")
 WORD = re.compile(r"[a-z0-9]+")
 NEGATION = re.compile(r"\b(no|not|none|without|absent|lacks?)\b", re.IGNORECASE)
@@ -156,7 +158,6 @@ class CheckData:
 @cache
 def check_data(path: str | None = None) -> CheckData:
     """Load ``checks.toml`` (or another file of the same shape) once."""
-    import tomllib  # as recipe.py: Python 3.11+
     with open(path or CHECKS_FILE, "rb") as f:
         data = tomllib.load(f)
     phrases = sorted(data["boilerplate"]["phrases"], key=len, reverse=True)

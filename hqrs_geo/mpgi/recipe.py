@@ -18,7 +18,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn
 
+import tomllib
+
 from ..errors import InputError, OptionError
+from ..models.registry import default_caption_model
+from .backends import check_backend_config
+from .rules import merge_rules
 
 DEFAULT_RECIPE = Path(__file__).with_name("default_recipe.toml")
 BACKEND_TYPES = ("none", "openai", "transformers", "transformers-vlm")
@@ -65,8 +70,6 @@ class Recipe:
         if not name:
             return None
         if name == "default":
-            from ..models.registry import default_caption_model
-
             return default_caption_model()
         return name
 
@@ -116,8 +119,6 @@ def _merge(base: dict, override: dict, top: bool = True) -> dict:
 
 
 def _read_toml(path: Path) -> dict:
-    import tomllib
-
     if path.is_dir():
         raise InputError(f"{path}: is a folder; give the recipe's .toml file")
     try:
@@ -195,7 +196,6 @@ def _check(raw: dict, source: str) -> None:
             fail(f"[{stage}] needs a model")
     if raw["llm"]["type"] == "none":
         fail("[llm] type cannot be none: the integration stage needs an LLM")
-    from .backends import check_backend_config
 
     for stage in ("vlm", "llm"):
         table = {k: v for k, v in raw[stage].items() if k not in STAGE_KEYS}
@@ -222,7 +222,6 @@ def _check(raw: dict, source: str) -> None:
         except (KeyError, IndexError, ValueError) as exc:
             fail(f"[prompts] {key} has an unknown placeholder or stray brace ({exc}); "
                  f"it may use {', '.join('{' + f + '}' for f in fields)}")
-    from .rules import merge_rules
 
     try:
         merge_rules(raw.get("rules", {}))

@@ -41,10 +41,15 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
+from urllib.parse import urljoin
+
+from pyproj import CRS
 
 from ..errors import HqrsError, InputError, OptionError
 from ..redact import public_url, redact, remember
-from .sources import is_gdal_virtual, is_network, scene_keys
+from .network import apply_gdal_options, fetch
+from .scene import describe, open_raster
+from .sources import expand_inputs, is_gdal_virtual, is_network, scene_keys
 
 log = logging.getLogger(__name__)
 
@@ -58,8 +63,6 @@ _CLOUD = {"s3://": "/vsis3/", "gs://": "/vsigs/", "az://": "/vsiaz/"}
 def remote_defaults() -> None:
     """Set GDAL's network options (timeouts, retries) from the network limits
     (:mod:`hqrs_geo.raster.network`); child processes inherit them."""
-    from .network import apply_gdal_options
-
     apply_gdal_options()
 
 
@@ -262,8 +265,6 @@ def choose_asset(item: Any, key: str | None) -> Any:
 def _read_text(href: str) -> str:
     """A STAC document's text: over HTTP(S) within the network limits, else from a local file."""
     if href.startswith(("http://", "https://")):
-        from .network import fetch
-
         data = fetch(href)
     elif _is_url(href):
         raise InputError(f"{public_url(href)}: STAC documents are read over http(s) or from local files; "
@@ -385,8 +386,6 @@ def _asset_href(item: Any, asset: Any) -> str:
     if not _is_url(href) and not os.path.isabs(href):
         base = item.get_self_href()
         if base and _is_url(base):
-            from urllib.parse import urljoin
-
             return urljoin(base, href)
         if base:
             return os.path.normpath(os.path.join(os.path.dirname(base), href))
@@ -460,8 +459,6 @@ def _list_lines(path: str) -> list[str]:
 
 def _resolve(items: Iterable[Any], flt: SourceFilter, members: dict[str, set[str]],
              depth: int = 0) -> Iterator[SourceEntry]:
-    from .sources import expand_inputs
-
     for item in items:
         if isinstance(item, SourceEntry):
             yield item
@@ -544,8 +541,6 @@ def common_crs(entries: Sequence[SourceEntry], sample: int = 20) -> str | None:
     :data:`COMMON_CRS` (with a warning: footprints in one distant UTM zone would be distorted);
     None when no scene has a CRS. The CRSs STAC items state are used as they are; up to
     ``sample`` other scenes, spread over the list, are opened."""
-    from .scene import describe, open_raster
-
     stated = {e.crs for e in entries if e.crs}
     others = [e for e in entries if not e.crs]
     if len(others) > sample:
@@ -569,7 +564,6 @@ def suited_crs(crss: Iterable[str], what: str = "layer") -> str | None:
     found = list(dict.fromkeys(c for c in crss if c))
     if len(found) <= 1:
         return next(iter(found), None)
-    from pyproj import CRS
 
     distinct = set()
     for crs in found:

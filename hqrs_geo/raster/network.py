@@ -42,6 +42,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from http.client import HTTPConnection, HTTPException, HTTPSConnection
 from typing import Any, TypeVar
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 from ..errors import HqrsError, InputError, OptionError
 from ..redact import public_url, redact
@@ -331,8 +332,6 @@ def _opener(chosen: NetworkLimits) -> urllib.request.OpenerDirector:
 
 def _request(url: str) -> urllib.request.Request:
     """A GET of ``url`` with user:password moved into an Authorization header."""
-    from urllib.parse import unquote, urlsplit, urlunsplit
-
     parts = urlsplit(url)
     headers = {"User-Agent": "hqrs-geo", "Accept": "application/json, application/geo+json, */*"}
     if parts.username is not None:

@@ -7,18 +7,22 @@ from __future__ import annotations
 
 import hashlib
 import os
+import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import TypeVar
 
 import rasterio
+from pyproj import CRS, Geod, Transformer
 from rasterio.enums import ColorInterp
+from rasterio.env import set_gdal_config
 from rasterio.errors import NotGeoreferencedWarning, RasterioError
 
 from ..errors import InputError
-from .network import NetworkTimeout
+from ..redact import public_url, redact, reveal
+from .network import NetworkTimeout, apply_gdal_options, bounded, busy, network_reason
 from .sources import is_gdal_virtual, is_network
 
 T = TypeVar("T")
@@ -30,8 +34,6 @@ GDAL_CACHE_MB = 256  # GDAL's default (5 % of RAM) would let the block cache gro
 def limit_gdal_cache() -> None:
     """Cap GDAL's block cache (unless the user set GDAL_CACHEMAX) so memory stays flat."""
     if "GDAL_CACHEMAX" not in os.environ:
-        from rasterio.env import set_gdal_config
-
         set_gdal_config("GDAL_CACHEMAX", GDAL_CACHE_MB)
 
 
@@ -50,8 +52,6 @@ def open_dataset(path: str) -> rasterio.DatasetReader:
     limit_gdal_cache()
     if not is_network(path):
         return rasterio.open(path)
-    from ..redact import reveal
-    from .network import apply_gdal_options, bounded
 
     apply_gdal_options()
     real = reveal(path)
@@ -67,8 +67,6 @@ def open_dataset(path: str) -> rasterio.DatasetReader:
 
 def failure_reason(path: str, exc: BaseException) -> str:
     """The first line of a rasterio/GDAL error of ``path``, without credentials."""
-    from ..redact import public_url, redact, reveal
-
     text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
     real = reveal(path)
     if real != path:
@@ -81,7 +79,6 @@ def network_error(path: str, exc: BaseException) -> InputError | None:
     timeout, a refused connection); None otherwise."""
     if not is_network(path):
         return None
-    from .network import network_reason
 
     reason = network_reason(path, failure_reason(path, exc))
     return InputError(reason) if reason else None
@@ -96,14 +93,10 @@ _failures: dict[str, tuple[float, InputError]] = {}
 
 def _failure_key(path: str) -> str:
     """What a failure is remembered by: the path with its credentials (new credentials: a new try)."""
-    from ..redact import reveal
-
     return hashlib.sha256(reveal(path).encode()).hexdigest()
 
 
 def _remembered_failure(path: str) -> InputError | None:
-    import time
-
     key = _failure_key(path)
     seen = _failures.get(key)
     if seen is None or time.monotonic() - seen[0] > FAILURE_MEMORY:
@@ -113,8 +106,6 @@ def _remembered_failure(path: str) -> InputError | None:
 
 
 def _remember_failure(path: str, error: InputError) -> InputError:
-    import time
-
     _failures[_failure_key(path)] = (time.monotonic(), error)
     return error
 
@@ -124,8 +115,6 @@ def open_raster(path: str) -> Iterator[rasterio.DatasetReader]:
     """Open ``path`` with rasterio, turning every opening failure into a one-line InputError.
     A network raster whose read is still under way when the block ends (a read past its
     deadline, Ctrl-C) is left to that read instead of being closed under it."""
-    from ..redact import public_url
-
     if not is_gdal_virtual(path) and not os.path.exists(path):
         raise InputError(f"{path}: file not found; check the path")
     shown = public_url(path)
@@ -158,8 +147,6 @@ def open_raster(path: str) -> Iterator[rasterio.DatasetReader]:
 
 
 def _busy(path: str) -> bool:
-    from .network import busy
-
     return busy(path)
 
 
@@ -169,8 +156,6 @@ def read_pixels(path: str, read: Callable[[], T]) -> T:
     network read runs within the network limits (:func:`hqrs_geo.raster.network.bounded`)."""
     try:
         if is_network(path):
-            from .network import bounded
-
             return bounded(read, path)
         return read()
     except RasterioError as exc:
@@ -179,7 +164,6 @@ def read_pixels(path: str, read: Callable[[], T]) -> T:
         if network is not None:
             raise network from None
         reason = failure_reason(path, cause)
-        from ..redact import public_url
 
         raise InputError(f"{public_url(path)}: cannot read pixels ({reason}); the file may be corrupt or truncated") \
             from None
@@ -222,8 +206,6 @@ class SceneInfo:
 
     def as_dict(self) -> dict:
         """JSON-friendly dictionary of the facts (used by ``hqrs-geo info --json``)."""
-        from dataclasses import asdict
-
         return asdict(self)
 
 
@@ -241,7 +223,6 @@ def _pixel_size_m(src: rasterio.DatasetReader) -> tuple[float, float] | None:
     """
     if src.crs is None:
         return None
-    from pyproj import CRS, Geod, Transformer
 
     crs = CRS.from_wkt(src.crs.to_wkt())
     t = src.transform
@@ -268,8 +249,6 @@ def _pixel_size_m(src: rasterio.DatasetReader) -> tuple[float, float] | None:
 
 
 def _public_name(name: str) -> str:
-    from ..redact import public_url
-
     return public_url(name)
 
 

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ..errors import InputError
+from ..safe_paths import safe_stem
 
 RASTER_SUFFIXES = (".tif", ".tiff", ".vrt", ".img", ".jp2", ".png", ".jpg", ".jpeg")
 _GLOB_CHARS = set("*?[")
@@ -66,8 +67,6 @@ def expand_inputs(inputs: Sequence[str | os.PathLike]) -> list[str]:
 def scene_keys(paths: Sequence[str], names: dict[str, str | None] | None = None) -> dict[str, str]:
     """Short, stable, unique names for scenes: ``names[path]`` when given (a STAC item id), else
     the file stem, made safe for file names; a path hash is added on clashes."""
-    from ..safe_paths import safe_stem
-
     names = names or {}
     stems = {p: safe_stem(names.get(p) or Path(p).stem) for p in paths}
     counts: dict[str, int] = {}

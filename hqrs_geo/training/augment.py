@@ -11,6 +11,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import torch
+import torch.nn.functional as F
+
 
 @dataclass(frozen=True)
 class AugmentConfig:
@@ -24,9 +27,6 @@ class AugmentConfig:
 def augment_batch(pixels: Sequence, size: int, generator, config: AugmentConfig = AugmentConfig(),
                   device="cpu"):
     """Augment uint8 ``[3, L, L]`` images into a float ``[B, 3, size, size]`` batch in 0..255."""
-    import torch
-    import torch.nn.functional as F
-
     out = torch.empty((len(pixels), 3, size, size), dtype=torch.float32, device=device)
     draws = torch.rand((len(pixels), 7), generator=generator).tolist()
     for i, (image, r) in enumerate(zip(pixels, draws)):
@@ -52,8 +52,6 @@ def augment_batch(pixels: Sequence, size: int, generator, config: AugmentConfig 
 
 def normalise(batch, mean: Sequence[float], std: Sequence[float]):
     """``(x/255 - mean) / std`` per channel, for a float batch in 0..255."""
-    import torch
-
     m = torch.tensor(mean, dtype=batch.dtype, device=batch.device).view(1, 3, 1, 1) * 255.0
     s = torch.tensor(std, dtype=batch.dtype, device=batch.device).view(1, 3, 1, 1) * 255.0
     return (batch - m) / s

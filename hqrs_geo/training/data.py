@@ -12,11 +12,15 @@ import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-import numpy as np
+import torch
 
 from ..errors import InputError, OptionError
+from ..evaluation import load_karpathy
+from ..models.encode import read_image
 from ..models.templates import CLASS_CAPTION_TEMPLATES, class_prompt_name
+from ..safe_paths import csv_uncell, inside
 
 
 @dataclass
@@ -58,8 +62,6 @@ def read_csv(path: str, image_key: str = "filepath", caption_key: str = "caption
     (:func:`hqrs_geo.safe_paths.inside`; absolute paths are used as they are); cells that
     hqrs_geo neutralised against spreadsheet formulas are read back as written.
     """
-    from ..safe_paths import csv_uncell, inside
-
     file = Path(path)
     delimiter = _sniff_delimiter(file)
     try:
@@ -88,8 +90,6 @@ def read_csv(path: str, image_key: str = "filepath", caption_key: str = "caption
 def read_karpathy(path: str, splits: Sequence[str]) -> list[CaptionRecord]:
     """Records of the given splits of a Karpathy-style JSON (``images[].filename``, ``split``,
     ``sentences[].raw``, optional ``class``, optional top-level ``image_root``)."""
-    from ..evaluation import load_karpathy
-
     records: list[CaptionRecord] = []
     for split in splits:
         try:
@@ -120,28 +120,9 @@ def read_records(path: str, splits: Sequence[str] = ("train",), image_key: str =
     raise InputError(f"{path}: unknown dataset format; use an open_clip .csv/.tsv or a Karpathy-style .json")
 
 
-def _decode(path: str, size: int):
-    import torch
-    from PIL import Image, UnidentifiedImageError
-
-    from ..models.encode import MAX_IMAGE_PIXELS
-
-    try:
-        with Image.open(path) as image:
-            if image.width * image.height > MAX_IMAGE_PIXELS:  # refused before any pixel is decoded
-                raise InputError(f"{path}: image of {image.width} x {image.height} px is too large for training "
-                                 f"(at most {MAX_IMAGE_PIXELS:,} px); resize it or remove it from the dataset")
-            rgb = image.convert("RGB").resize((size, size), Image.Resampling.BICUBIC)
-            return torch.from_numpy(np.asarray(rgb).copy()).permute(2, 0, 1).contiguous()
-    except InputError:
-        raise
-    except FileNotFoundError:
-        raise InputError(f"{path}: image of the dataset not found; check the paths in the dataset file") from None
-    except Image.DecompressionBombError:
-        raise InputError(f"{path}: image is too large for training; resize it or remove it from the dataset") from None
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
-        reason = " ".join(str(exc).split())[:120]
-        raise InputError(f"{path}: cannot read this image ({reason}); remove it from the dataset") from None
+def _decode(path: str, size: int) -> Any:
+    """A training image as a ``[3, size, size]`` uint8 tensor (one-line errors worded for training)."""
+    return torch.from_numpy(read_image(path, size, use="training")).permute(2, 0, 1).contiguous()
 
 
 def load_caption_set(path: str, splits: Sequence[str], load_size: int, progress=None,

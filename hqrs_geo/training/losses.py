@@ -14,13 +14,13 @@ embeddings, so for them ``ClipLoss`` already equals a loss that counts both pair
 """
 from __future__ import annotations
 
+import torch
+
 
 def contrastive_targets(labels, class_weight: float, dtype=None):
     """``[B, B]`` target distributions: ``1 - class_weight`` on the diagonal and
     ``class_weight`` spread over the rows' same-class pairs (itself included); rows whose
     label is negative (no class) keep the plain identity target."""
-    import torch
-
     labelled = labels >= 0
     same = (labels[:, None] == labels[None, :]) & labelled[:, None]
     spread = same.to(dtype or torch.float32)

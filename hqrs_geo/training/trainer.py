@@ -23,6 +23,7 @@ contrastive + captioning for CoCa). This module adds what a long job on a workst
 """
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -30,18 +31,35 @@ import random
 import signal
 import threading
 import time
+import zipfile
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import open_clip
+import torch
+import torch.nn.functional as F
+from open_clip.loss import ClipLoss, CoCaLoss
+from safetensors import safe_open
+from safetensors.torch import save_file
 
-from ..atomic import atomic_path, output_folder, write_json
+from ..atomic import atomic_path, output_folder, sha256_file, write_json
 from ..errors import Cancelled, InputError, OptionError
+from ..evaluation import retrieval_metrics, zeroshot_metrics
+from ..models.checkpoints import read_state_dict
+from ..models.device import pick_device
+from ..models.encode import text_features
+from ..models.loader import load_model, quiet_open_clip
 from ..models.precision import autocast, autocast_dtype, check_precision, precision_name
+from ..models.preprocess import BatchPreprocess, preprocess_config
+from ..models.registry import open_clip_arch
+from ..models.templates import ZERO_SHOT_TEMPLATES, class_prompt_name
+from ..models.tokenizers import build_tokenizer
 from .augment import AugmentConfig, augment_batch, normalise
-from .data import CaptionSampler, CaptionSet, describe_set, epoch_order, load_caption_set
+from .data import CaptionSampler, CaptionSet, describe_set, epoch_order, load_caption_set, read_records
+from .losses import class_aware_clip_loss
 
 
 @dataclass
@@ -147,10 +165,6 @@ class StopRequest:
 
 
 def _resolve_arch(arch: str) -> str:
-    import open_clip
-
-    from ..models.registry import open_clip_arch
-
     path = Path(arch)
     if path.suffix == ".json":
         if not path.is_file():
@@ -165,8 +179,6 @@ def _resolve_arch(arch: str) -> str:
 
 def _init_untouched(model) -> None:
     """open_clip leaves CoCa's decoder output projection uninitialised (torch.empty)."""
-    import torch
-
     decoder = getattr(model, "text_decoder", None)
     proj = getattr(decoder, "text_projection", None)
     if proj is not None:
@@ -182,8 +194,6 @@ def _init_untouched(model) -> None:
 def warm_start(model, path: str, trust: bool = False) -> tuple[int, int]:
     """Copy the tensors of a checkpoint whose names and shapes match ``model``'s; returns
     (copied, total in model)."""
-    from ..models.checkpoints import read_state_dict
-
     state = read_state_dict(Path(path), trust=trust)
     own = model.state_dict()
     fits = {k: v for k, v in state.items() if k in own and tuple(v.shape) == tuple(own[k].shape)}
@@ -195,14 +205,7 @@ def warm_start(model, path: str, trust: bool = False) -> tuple[int, int]:
 
 def build_model(config: FinetuneConfig, device):
     """(model, tokenizer, arch, kind, provenance) for a run."""
-    import open_clip
-
-    from ..models.loader import quiet_open_clip
-    from ..models.tokenizers import build_tokenizer
-
     if config.model:
-        from ..models.loader import load_model
-
         loaded = load_model(config.model, config.checkpoint, config.arch, device=str(device),
                             trust_checkpoint=config.trust_checkpoint)
         model, arch, kind = loaded.model, loaded.spec.arch, loaded.kind
@@ -215,8 +218,6 @@ def build_model(config: FinetuneConfig, device):
         kind = "coca" if hasattr(model, "text_decoder") else "clip"
         source = {"arch": arch}
         if config.checkpoint:
-            from ..models.checkpoints import read_state_dict
-
             model.load_state_dict(read_state_dict(Path(config.checkpoint), trust=config.trust_checkpoint))
             source["checkpoint"] = config.checkpoint
         else:
@@ -254,13 +255,6 @@ def lr_factor(step: int, warmup: int, total: int) -> float:
 def validate(model, tokenizer, data: CaptionSet, preprocess_cfg: dict, device, batch: int = 128) -> dict:
     """Retrieval R@K/mR on the set's captions, and zero-shot top-1/top-5 when it has classes
     (template ensemble of :data:`hqrs_geo.models.templates.ZERO_SHOT_TEMPLATES`)."""
-    import torch
-
-    from ..evaluation import retrieval_metrics, zeroshot_metrics
-    from ..models.encode import text_features
-    from ..models.preprocess import BatchPreprocess
-    from ..models.templates import ZERO_SHOT_TEMPLATES, class_prompt_name
-
     was_training = model.training
     model.eval()
     prep = BatchPreprocess(preprocess_cfg, device)
@@ -293,9 +287,6 @@ def caption_loss(model, tokenizer, data: CaptionSet, owners: Sequence[int], text
                  batch: int = 128) -> float:
     """A CoCa's teacher-forced captioning loss on reference captions (cross-entropy per
     token, padding excluded; ``texts[j]`` describes image ``owners[j]``)."""
-    import torch
-    import torch.nn.functional as F
-
     total, tokens_seen = 0.0, 0
     for start in range(0, len(texts), batch):
         chosen = owners[start:start + batch]
@@ -333,9 +324,6 @@ def latest_checkpoint(output: Path) -> Path | None:
 
 def _check_zip(tmp: Path) -> None:
     """A written ``torch.save`` file is a complete zip archive (its central directory is last)."""
-    import errno
-    import zipfile
-
     if not tmp.is_file() or tmp.stat().st_size == 0 or not zipfile.is_zipfile(tmp):
         raise OSError(errno.EIO, "the written checkpoint is incomplete")
 
@@ -343,10 +331,6 @@ def _check_zip(tmp: Path) -> None:
 def _check_safetensors(expected: int):
     """A check of a written safetensors file: its header opens and lists ``expected`` tensors."""
     def verify(tmp: Path) -> None:
-        import errno
-
-        from safetensors import safe_open
-
         try:
             with safe_open(str(tmp), framework="pt") as handle:
                 found = len(list(handle.keys()))
@@ -358,17 +342,12 @@ def _check_safetensors(expected: int):
 
 
 def _atomic_torch_save(payload, path: Path) -> None:
-    import torch
-
     with atomic_path(path, verify=_check_zip) as tmp:
         torch.save(payload, tmp)
 
 
 def save_weights(model, path: Path, dtype: str = "fp32") -> None:
     """Model weights as safetensors (floating tensors in ``dtype``), written atomically."""
-    import torch
-    from safetensors.torch import save_file
-
     state = {}
     for key, value in model.state_dict().items():
         value = value.detach().cpu()
@@ -398,8 +377,6 @@ def save_checkpoint(output: Path, model, optimizer, scaler, state: TrainState, c
 
 
 def _restore(path: Path, model, optimizer, scaler, config: FinetuneConfig) -> TrainState:
-    import torch
-
     def foreign(reason: str) -> InputError:
         return InputError(f"{path}: not a checkpoint this trainer wrote ({' '.join(reason.split())[:120]}); it was "
                           f"not loaded (nothing in it ran): move it out of {path.parent}, or train into a new «output»")
@@ -437,10 +414,6 @@ def _loss_fn(kind: str, config: FinetuneConfig):
     """``loss(model_output, labels) -> (total, parts)``: open_clip's ``ClipLoss`` / ``CoCaLoss``;
     with ``config.class_target > 0`` the contrastive part is
     :func:`hqrs_geo.training.losses.class_aware_clip_loss` (``labels``: class index per row)."""
-    from open_clip.loss import ClipLoss, CoCaLoss
-
-    from .losses import class_aware_clip_loss
-
     clip_loss = ClipLoss()
 
     def contrastive(out, labels):
@@ -485,12 +458,6 @@ def finetune(config: FinetuneConfig, resume: bool = False, progress=None,
 
 def _finetune(config: FinetuneConfig, output: Path, resume: bool, progress,
               cancel: Callable[[], bool] | None) -> dict:
-    import torch
-
-    from ..models.device import pick_device
-    from ..models.preprocess import preprocess_config
-    from .data import read_records
-
     read_records(config.dataset, list(config.splits), config.csv_img_key, config.csv_caption_key)  # fail early
     torch.manual_seed(config.seed)
     device = pick_device(config.device)
@@ -614,7 +581,6 @@ def _finetune(config: FinetuneConfig, output: Path, resume: bool, progress,
     save_weights(model, output / "model.safetensors", config.save_dtype)
     if progress is not None:
         progress.close_bar()
-    from ..atomic import sha256_file
 
     record = {
         "arch": arch, "kind": kind, "source": source, "config": asdict(config), "device": str(device),

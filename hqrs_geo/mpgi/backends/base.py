@@ -9,6 +9,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from PIL import Image
+
 from ...errors import InputError, OptionError
 
 log = logging.getLogger(__name__)
@@ -91,8 +93,6 @@ def _image_format(image: Any, where: str = "image") -> str:
 
 def _image_to_pil(image: Any):
     """The image as an RGB ``PIL.Image``."""
-    from PIL import Image
-
     kind = _image_format(image)
     if kind == "array":
         return Image.fromarray(image).convert("RGB")

