@@ -19,7 +19,7 @@ import numpy as np
 from ..layer.columns import EMBEDDING_PREFIX
 from ..layer.crs import box_in
 from ..layer.source import TilePart, TileSource, open_source
-from ..search.partitioned import open_session
+from ..search.sessions import open_session
 
 #: After-date parts kept read while BEFORE parts are compared (a part usually meets few others).
 PART_CACHE = 8

@@ -95,14 +95,20 @@ def _box(box: tuple[float, ...]) -> str:
 
 
 # ------------------------------------------------------------------------------------ results
-def missing(layer: TileSource, column: str) -> bool:
-    """True when some tile of the layer has no value in ``column`` (read part by part)."""
+def missing(layer: TileSource, columns: list[str]) -> set[str]:
+    """Those of ``columns`` in which some tile of the layer has no value (read part by part, each
+    part once, only these columns)."""
+    lacking: set[str] = set()
     for part in layer.parts():
-        if column not in part.columns():
-            return True
-        if not bool(part.read(columns=[column])[column].map(has_value).all()):
-            return True
-    return False
+        names = part.columns()
+        lacking |= {c for c in columns if c not in names}
+        present = [c for c in columns if c not in lacking]
+        if present:
+            frame = part.read(columns=present)
+            lacking |= {c for c in present if not bool(frame[c].map(has_value).all())}
+        if len(lacking) == len(columns):
+            break
+    return lacking
 
 
 def _source(layer: TileSource, model: str | None) -> EmbeddingSource | None:
@@ -168,8 +174,10 @@ def complete_results(layer: TileSource, choice: ModelChoice, caption_model: str 
                      progress: Any) -> None:
     """Compute the embeddings of ``choice`` and (with ``captions``) the captions the layer lacks, in place."""
     source = _source(layer, choice.name)
-    embed = source is None or missing(layer, embedding_column(source.key))
-    caption = captions and missing(layer, CAPTION)
+    wanted = ([] if source is None else [embedding_column(source.key)]) + ([CAPTION] if captions else [])
+    lacking = missing(layer, wanted) if wanted else set()
+    embed = source is None or embedding_column(source.key) in lacking
+    caption = CAPTION in lacking
     if not embed and not caption:
         return
     plan = model_plan("run", embed_models=[choice.load] if embed else [],

@@ -345,12 +345,13 @@ def change(before: Any, after: Any, output: str | os.PathLike, *, model: str | N
         raise no_pairs(b_path, a_path)
     sink = open_sink(output, b)
     calibration = {s: c.as_dict() for s, c in comparison.calibrations.items()}
-    params = {"before": b_path, "after": a_path, "model": b.source.model, "threshold": threshold,
-              "min_overlap": min_overlap, "median": {s: c["median"] for s, c in calibration.items()},
-              "mad": {s: c["mad"] for s, c in calibration.items()}, "calibration": calibration,
-              "counts": dict(comparison.counts), "became": became, "stopped": stopped,
-              "classes": list(queries.zero_shot.labels) if classes else None, "positive": positive,
-              "negative": negative, "scenes": b.scenes()}
+    params: dict[str, Any] = {
+        "before": b_path, "after": a_path, "model": b.source.model, "threshold": threshold,
+        "min_overlap": min_overlap, "median": {s: c["median"] for s, c in calibration.items()},
+        "mad": {s: c["mad"] for s, c in calibration.items()}, "calibration": calibration,
+        "counts": dict(comparison.counts), "became": became, "stopped": stopped,
+        "classes": list(queries.zero_shot.labels) if classes else None, "positive": positive,
+        "negative": negative, "scenes": b.scenes()}
     if progress is not None:
         progress.start("write", comparison.counts["tiles"])
     for paired in comparison.paired_blocks():
