@@ -7,7 +7,8 @@ From the bottom up:
 * :mod:`.formats` (what the formats share), :mod:`.gpkg`, :mod:`.parquet`, :mod:`.flatgeobuf` –
   each format's reading and atomic writing of tiles, run records and tables;
 * :mod:`.files` – tile layer files (:class:`TileLayer`, merging, writing under a lock);
-  :mod:`.dataset` – partitioned datasets (a folder of GeoParquet parts and a manifest);
+  :mod:`.manifest` and :mod:`.dataset` – partitioned datasets (a folder of GeoParquet parts and
+  a manifest: the manifest and its checks; the parts, reading, writing back, merging);
 * :mod:`.io` – reading and writing either kind through one set of functions; :mod:`.source` –
   :class:`TileSource`, one interface over a layer file and a dataset folder (:func:`open_source`).
 """

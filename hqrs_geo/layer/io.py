@@ -5,6 +5,8 @@ Every function here takes a tile layer file (GeoPackage, GeoParquet, FlatGeobuf:
 same for both; this is where the two are told apart (with :mod:`hqrs_geo.layer.source`, the
 same as objects). Writes are atomic and merge with what is there (see
 :func:`write_layer`). :func:`open_layer` reads a layer and its run records once for a whole job.
+:class:`~hqrs_geo.layer.files.TileLayer`, :data:`FORMATS` and :data:`TILES_LAYER` are
+importable from here too.
 """
 from __future__ import annotations
 
@@ -14,16 +16,10 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import OutputError
-from .dataset import is_dataset, read_dataset_runs, read_dataset_tiles, write_dataset_layer
-from .files import (
-    TileLayer,
-    check_file_writable,
-    merge_tiles,
-    read_file_runs,
-    read_file_tiles,
-    write_file_layer,
-)
+from .dataset import read_dataset_runs, read_dataset_tiles, write_dataset_layer
+from .files import TileLayer, check_file_writable, read_file_runs, read_file_tiles, write_file_layer
 from .formats import FORMATS, TILES_LAYER, PathLike, file_format, file_state
+from .manifest import is_dataset
 from .runs import LayerRuns
 
 
@@ -109,5 +105,5 @@ def write_layer(
     return write_file_layer(path, tiles, run, replace_sources, layer, replace_all, tables, known)
 
 
-__all__ = ["FORMATS", "TILES_LAYER", "TileLayer", "check_writable", "is_layer_path", "layer_format", "merge_tiles",
+__all__ = ["FORMATS", "TILES_LAYER", "TileLayer", "check_writable", "is_layer_path", "layer_format",
            "open_layer", "read_runs", "read_tiles", "write_layer", "write_tiles"]

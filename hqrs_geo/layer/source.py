@@ -27,19 +27,10 @@ import shapely
 
 from ..errors import InputError
 from .crs import box_in, validate_box
-from .dataset import (
-    MANIFEST,
-    Manifest,
-    is_dataset,
-    open_manifest,
-    read_dataset_runs,
-    read_dataset_tiles,
-    read_part,
-    verified_part,
-    write_dataset_layer,
-)
+from .dataset import read_dataset_runs, read_dataset_tiles, read_part, write_dataset_layer
 from .files import copy_layer, read_file_runs, read_file_tiles, write_file_layer
 from .formats import FORMATS, TILES_LAYER, file_format, first_line
+from .manifest import MANIFEST, Manifest, is_dataset, open_manifest, verified_part
 from .parquet import geoparquet_crs, parquet_bounds
 from .runs import LayerRuns
 

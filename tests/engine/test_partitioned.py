@@ -24,9 +24,10 @@ from scale_helpers import (
 from tiny_models import TINY_CLIP, TINY_COCA
 
 import hqrs_geo as hg
+from hqrs_geo.atomic import sha256_file
 from hqrs_geo.engine.options import RunOptions
 from hqrs_geo.engine.partitioned import ScaleOptions
-from hqrs_geo.layer.dataset import MANIFEST, Manifest, sha256_file
+from hqrs_geo.layer.dataset import MANIFEST, Manifest
 from hqrs_geo.models.decoding import DecodingConfig
 
 CONFIG = hg.TileConfig(tile_size=128, crs="EPSG:4326")
