@@ -6,7 +6,16 @@ import json
 import sys
 from typing import Any
 
+import numpy as np
+
+from ..errors import OptionError
+from ..layer.io import write_layer
+from ..layer.runs import new_run
+from ..search import fewshot
+from ..search.fewshot import BACKGROUND, DEFAULT_C, METHODS, probabilities, saved_labels
+from ..search.output import write_result_layer
 from .options import number
+from .search import _add_common, _session, _spatial
 
 #: Python parameter names whose command-line flag is not ``--name-with-dashes``.
 FLAGS = {"k": "-k", "positive": "--pos", "negative": "--neg", "output": "-o", "c": "--c"}
@@ -16,9 +25,6 @@ DETECT_COMMAND = "detect"
 
 def register(sub: Any) -> None:
     """Add the ``detect`` command."""
-    from ..search.fewshot import BACKGROUND, DEFAULT_C, METHODS
-    from .search import _add_common
-
     detect = sub.add_parser("detect", help="find all tiles like the positive examples (few-shot classifier on the "
                                            "embeddings)")
     _add_common(detect, outputs=False)
@@ -52,9 +58,6 @@ def register(sub: Any) -> None:
 
 def labels_for(args: argparse.Namespace) -> tuple[list[str], list[str]]:
     """``--pos``/``--neg`` plus the saved labels of ``--labels-from`` (explicit ones win)."""
-    from ..errors import OptionError
-    from ..search.fewshot import saved_labels
-
     positive, negative = list(args.pos), list(args.neg)
     if args.labels_from is not None:
         source = args.layer if args.labels_from == "saved" else args.labels_from
@@ -73,17 +76,10 @@ def labels_for(args: argparse.Namespace) -> tuple[list[str], list[str]]:
 
 def run_detect(args: argparse.Namespace, progress: Any) -> int:
     """``hqrs-geo detect``: fit, score every tile, write the detections."""
-    from ..errors import OptionError
-    from ..layer.dataset import is_dataset
-    from ..search import fewshot
-    from ..search.output import write_result_layer
-    from .search import _session, _spatial
-
     positive, negative = labels_for(args)
-    if args.output is None and is_dataset(args.layer):
-        raise OptionError(f"{args.layer}: a dataset gets no detection columns; write the detections to a layer "
-                          "with -o OUT.gpkg", option="output")
     session = _session(args)
+    if args.output is None:  # the columns go into the layer itself: refused early where they cannot
+        session.check_columns("detection")
     spatial = _spatial(args)
     detector = fewshot.fit(session, positive, negative, args.method, args.c, args.background)
     params = {"method": args.method, "positive": detector.positives, "negative": detector.negatives,
@@ -119,14 +115,9 @@ def run_detect(args: argparse.Namespace, progress: Any) -> int:
 
 def write_columns(session: Any, detector: Any, spatial: Any, params: dict) -> None:
     """``detect_prob`` (NaN where not scored) and ``detect_rank`` (1 = most likely) of every tile,
-    written into the session's layer; replaces only columns an earlier detect wrote."""
-    import numpy as np
-
-    from ..errors import OptionError
-    from ..layer.io import write_layer
-    from ..layer.runs import new_run
-    from ..search.fewshot import probabilities
-
+    written into the session's layer file (see :meth:`BaseSession.check_columns
+    <hqrs_geo.search.session.BaseSession.check_columns>`); replaces only columns an earlier
+    detect wrote."""
     opened = session.opened
     frame = opened.frame.copy()
     present = {str(c).lower() for c in frame.columns} & set(COLUMNS)

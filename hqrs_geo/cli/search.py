@@ -7,6 +7,14 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from ..errors import OptionError
+from ..search.choose import KINDS
+from ..search.labels import read_lines
+from ..search.output import result_layer_name, write_result_layer, write_score_column, write_score_raster
+from ..search.serve import serve
+from ..search.session import BaseSession
+from ..search.sessions import open_session
+from ..search.spatial import SpatialFilter
 from .options import add_progress_options, number, numbers
 
 #: Python parameter names whose command-line flag is not ``--name-with-dashes``.
@@ -68,8 +76,6 @@ def register(sub: Any) -> None:
     classify.add_argument("--top-k", type=number(int, 1, 1000), default=3, help="classes kept in label_top (default 3)")
     classify.set_defaults(func=run_classify, option_flags=FLAGS)
 
-    from ..search.choose import KINDS
-
     index = sub.add_parser("index", help="build the nearest-neighbour index of a layer (FAISS), or say none is needed")
     index.add_argument("layer")
     index.add_argument("--model", default=None, help="which embeddings when the layer has several")
@@ -87,24 +93,20 @@ def register(sub: Any) -> None:
     serve.set_defaults(func=run_serve, option_flags=FLAGS)
 
 
-def _session(args: argparse.Namespace) -> Any:
-    from ..search.partitioned import open_session
-
+def _session(args: argparse.Namespace) -> BaseSession:
+    """The search session of the command's layer (a file or a dataset folder)."""
     return open_session(args.layer, model=args.model, checkpoint=args.checkpoint, device=args.device,
                          use_ann=args.ann, trust_checkpoint=args.trust_checkpoint)
 
 
-def _spatial(args: argparse.Namespace) -> Any:
-    from ..search.spatial import SpatialFilter
-
+def _spatial(args: argparse.Namespace) -> SpatialFilter:
+    """The command's spatial filters."""
     return SpatialFilter(bbox=args.bbox, bbox_crs=args.bbox_crs, within=args.within, near=args.near,
                          near_crs=args.near_crs, distance=args.distance)
 
 
 def run_search(args: argparse.Namespace, progress: Any) -> int:
     """``hqrs-geo search`` and ``hqrs-geo similar``: ranked tiles, optionally written out."""
-    from ..search.output import result_layer_name, write_result_layer, write_score_column, write_score_raster
-
     session = _session(args)
     spatial = _spatial(args)
     if args.kind == "text":
@@ -146,8 +148,6 @@ def run_search(args: argparse.Namespace, progress: Any) -> int:
 
 def run_classify(args: argparse.Namespace, progress: Any) -> int:
     """``hqrs-geo classify``: zero-shot labels written to the tile layer."""
-    from ..search.labels import read_lines
-
     labels = args.labels.split(",") if args.labels else []
     if args.labels_file:
         labels += read_lines(args.labels_file, "labels file")
@@ -162,31 +162,16 @@ def run_classify(args: argparse.Namespace, progress: Any) -> int:
 
 
 def run_index(args: argparse.Namespace, progress: Any) -> int:
-    """``hqrs-geo index``: build and store the ANN index, report its recall@10."""
-    from ..layer.columns import embedding_keys
-    from ..layer.dataset import is_dataset
-    from ..layer.io import open_layer
-    from ..search.index import VectorIndex
-
-    if is_dataset(args.layer):  # part by part: nothing is loaded whole
-        from ..search.partitioned import DatasetIndex, DatasetSession
-
-        key = DatasetSession.embedding_key(args.layer, args.model)
-        report = DatasetIndex.open(args.layer, key).build_index(args.kind, **_index_params(args.param))
-        print(json.dumps(report))
-        return 0
-    opened = open_layer(args.layer)
-    source = opened.runs.embedding_source(embedding_keys(opened.frame), args.model)
-    vectors = VectorIndex.open(args.layer, source.key, frame=opened.frame)
-    report = vectors.build_index(args.kind, **_index_params(args.param))
+    """``hqrs-geo index``: build and store the ANN index, report its recall@10 (a dataset's part
+    by part: nothing is loaded whole)."""
+    params = _index_params(args.param)
+    report = open_session(args.layer, model=args.model).build_index(args.kind, **params)
     print(json.dumps(report))
     return 0
 
 
 def _index_params(items: list[str]) -> dict:
     """``NAME=VALUE`` pairs as a dict of integers (one-line errors)."""
-    from ..errors import OptionError
-
     params = {}
     for item in items:
         name, _, value = item.partition("=")
@@ -200,8 +185,6 @@ def _index_params(items: list[str]) -> dict:
 
 def run_serve(args: argparse.Namespace, progress: Any) -> int:
     """``hqrs-geo serve-search``: JSON-lines request/response loop."""
-    from ..search.serve import serve
-
     session = _session(args)
     _ = session.model  # load the model before announcing readiness
     serve(session)

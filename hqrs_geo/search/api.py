@@ -1,14 +1,15 @@
 """Search functions for notebooks: each returns a GeoDataFrame with a ``score`` column.
 
 For many queries on one layer, keep a :class:`~hqrs_geo.search.session.SearchSession`
-(:func:`~hqrs_geo.search.partitioned.open_session` opens the right session for a layer file or
+(:func:`~hqrs_geo.search.sessions.open_session` opens the right session for a layer file or
 a dataset folder).
 """
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-from .partitioned import open_session
+from .fewshot import detect as run_detect
+from .sessions import open_session
 from .spatial import SpatialFilter
 
 
@@ -39,8 +40,6 @@ def detect(layer: str, positive: Sequence[str], negative: Sequence[str] = (), me
     ``positive`` tile ids and unlike the ``negative`` ones, at most ``k`` (None: all) with a
     probability at or above ``threshold``, best first (``score`` = probability, ``rank``,
     ``train_label`` = 1 / -1 for the labelled tiles)."""
-    from .fewshot import detect as run_detect
-
     frame, _ = run_detect(open_session(layer, model=model, **session_options), positive, negative, method, k,
                           threshold, spatial)
     return frame

@@ -25,6 +25,7 @@ import numpy as np
 from ..atomic import atomic_path, write_text
 from ..errors import InputError
 from ..layer.columns import TILE_ID, embedding_column, read_embeddings
+from ..layer.io import read_tiles
 from .exact import max_row_norm
 
 CACHE_VERSION = 1
@@ -136,8 +137,6 @@ def load_or_build(layer: Path, key: str, frame: Any = None) -> tuple[Matrix, dic
         if cached is not None:
             return cached, fingerprint
     if frame is None:
-        from ..layer.io import read_tiles
-
         frame = read_tiles(layer)
     matrix, ids, dtype = decode_layer(frame, key, layer)
     max_norm = max_row_norm(matrix)

@@ -40,9 +40,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import pandas as pd
 
 from ..errors import OptionError
+from ..layer.io import read_runs
+from ..layer.runs import new_run
+from .exact import read_rows
 from .marked import TILES, marked_ids
+from .session import BaseSession, Block
 
 METHODS = ("logistic", "query")
 #: Inverse L2 strength of the logistic regression (sklearn's ``C`` for the class-balanced loss).
@@ -174,35 +179,13 @@ class Detector:
         return {**{t: -1 for t in self.negatives}, **{t: 1 for t in self.positives}}
 
 
-@dataclass
-class Block:
-    """One stored embedding matrix of a session: the layer's, or one part of a dataset."""
-
-    part: str | None
-    ids: np.ndarray
-    matrix: np.ndarray
-    exact: Any  # ExactSearch over matrix
-
-    def id_at(self, row: int) -> str:
-        """The tile id of a row."""
-        value = self.ids[row]
-        return value.decode() if isinstance(value, bytes) else str(value)
-
-
-def blocks(session: Any) -> list[Block]:
+def blocks(session: BaseSession) -> list[Block]:
     """The embedding matrices of a search session, in search order (one per dataset part)."""
-    from .partitioned import DatasetSession
-
-    if isinstance(session, DatasetSession):
-        return [Block(p.name, p.ids, p.matrix, p.exact) for p in session.index.parts]
-    index = session.index
-    return [Block(None, index.ids, index.matrix, index.exact)]
+    return session.blocks()
 
 
-def background_vectors(session: Any, count: int, exclude: Sequence[str], seed: int) -> np.ndarray:
+def background_vectors(session: BaseSession, count: int, exclude: Sequence[str], seed: int) -> np.ndarray:
     """Stored embeddings of up to ``count`` tiles drawn at random (``seed``), none of ``exclude``."""
-    from .exact import read_rows
-
     parts = blocks(session)
     sizes = np.asarray([len(b.ids) for b in parts], dtype=np.int64)
     total = int(sizes.sum())
@@ -224,7 +207,7 @@ def background_vectors(session: Any, count: int, exclude: Sequence[str], seed: i
     return vectors[:count]
 
 
-def fit(session: Any, positive: Sequence[str], negative: Sequence[str] = (), method: str = "logistic",
+def fit(session: BaseSession, positive: Sequence[str], negative: Sequence[str] = (), method: str = "logistic",
         c: float = DEFAULT_C, background: int = BACKGROUND) -> Detector:
     """Fit a detector on the stored embeddings of the labelled tiles of ``session`` (see the
     module docstring; ``background``: weak negatives to draw); one-line errors for no positive,
@@ -291,28 +274,18 @@ class Detection:
                 "fit_seconds": round(d.fit_seconds, 4), "score_seconds": round(self.score_seconds, 4)}
 
 
-def _masks(session: Any, spatial: Any, parts: list[Block]) -> list[np.ndarray | None | bool]:
-    """Per block: rows allowed (None: all), or False when the whole block is filtered out."""
-    from .partitioned import DatasetSession
-
-    if isinstance(session, DatasetSession):
-        found = session.index.masks(spatial)
-        return [found[b.part] if b.part in found else False for b in parts]
-    return [session.mask(spatial)]
-
-
-def cosines(session: Any, detector: Detector, spatial: Any = None) -> Iterator[tuple[int, np.ndarray]]:
+def cosines(session: BaseSession, detector: Detector, spatial: Any = None) -> Iterator[tuple[int, np.ndarray]]:
     """``(block number, x . vector of its rows)`` for every block (NaN where filtered out), one
     block at a time: memory stays that of one part's scores."""
     parts = blocks(session)
     query = detector.vector[None, :].astype(np.float32)
-    for i, (block, mask) in enumerate(zip(parts, _masks(session, spatial, parts))):
+    for i, (block, mask) in enumerate(zip(parts, session.block_masks(spatial))):
         if mask is False or len(block.ids) == 0:
             continue
         yield i, block.exact.scores(query, mask if isinstance(mask, np.ndarray) else None)
 
 
-def probabilities(session: Any, detector: Detector, spatial: Any = None) -> Iterator[tuple[int, np.ndarray]]:
+def probabilities(session: BaseSession, detector: Detector, spatial: Any = None) -> Iterator[tuple[int, np.ndarray]]:
     """``(block number, probabilities of its rows)`` for every block (NaN where filtered out)."""
     for i, cosine in cosines(session, detector, spatial):
         yield i, detector.probability(cosine)
@@ -334,7 +307,7 @@ def check_threshold(threshold: Any) -> float:
     return float(threshold)
 
 
-def score(session: Any, detector: Detector, k: int | None = 1000, threshold: float = 0.5,
+def score(session: BaseSession, detector: Detector, k: int | None = 1000, threshold: float = 0.5,
           spatial: Any = None) -> Detection:
     """Score every tile (passing ``spatial``); keep the best ``k`` (None: all) at or above ``threshold``."""
     threshold = check_threshold(threshold)
@@ -366,26 +339,17 @@ def score(session: Any, detector: Detector, k: int | None = 1000, threshold: flo
     return found
 
 
-def result_frame(session: Any, detection: Detection) -> Any:
+def result_frame(session: BaseSession, detection: Detection) -> Any:
     """The hits as a GeoDataFrame (the tile columns, ``score`` = probability, ``rank``,
     ``train_label`` = the tile's own training label 1 / -1 or None)."""
-    from .partitioned import DatasetSession
-
-    parts = blocks(session)
-    scores = np.asarray([h[0] for h in detection.hits], dtype=np.float64)
-    if isinstance(session, DatasetSession):
-        frame = session._rows([(s, str(parts[b].part), r) for s, b, r in detection.hits])
-    else:
-        frame = session._results(scores, np.asarray([h[2] for h in detection.hits], dtype=np.int64))
+    frame = session.block_rows(detection.hits)
     frame = frame.drop(columns=[c for c in frame.columns if str(c).startswith("emb_")])
     labels = detection.detector.labels()
-    import pandas as pd
-
     frame["train_label"] = pd.Series([labels.get(str(t)) for t in frame["tile_id"]], index=frame.index, dtype=object)
     return frame
 
 
-def detect(session: Any, positive: Sequence[str], negative: Sequence[str] = (), method: str = "logistic",
+def detect(session: BaseSession, positive: Sequence[str], negative: Sequence[str] = (), method: str = "logistic",
            k: int | None = 1000, threshold: float = 0.5, spatial: Any = None, c: float = DEFAULT_C,
            background: int = BACKGROUND) -> tuple[Any, Detection]:
     """Fit and score in one call: ``(result GeoDataFrame, Detection)``."""
@@ -401,18 +365,13 @@ LABELS_COMMAND = "labels"
 def saved_labels(path: str) -> dict:
     """The labels last saved with the layer or dataset ``path``: ``{"positive", "negative",
     "name"}`` (empty lists and None when none were saved)."""
-    from ..layer.io import read_runs
-
     return read_runs(path).labels()
 
 
-def save_labels(session: Any, positive: Sequence[str], negative: Sequence[str] = (), name: str | None = None
+def save_labels(session: BaseSession, positive: Sequence[str], negative: Sequence[str] = (), name: str | None = None
                 ) -> int:
     """Save labels with the session's layer (a run record ``labels``; a dataset's manifest);
     returns how many. Ids are checked against the layer first (one-line errors)."""
-    from ..layer.runs import new_run
-    from .partitioned import DatasetSession
-
     positive, negative = list(dict.fromkeys(positive)), list(dict.fromkeys(negative))
     both = set(positive) & set(negative)
     if both:
@@ -423,15 +382,5 @@ def save_labels(session: Any, positive: Sequence[str], negative: Sequence[str] =
     if positive or negative:
         session.tile_vectors(positive + negative)  # unknown ids: the one-line error
     params = {"positive": positive, "negative": negative, "name": name, "model": session.source.model}
-    run = new_run(LABELS_COMMAND, "tiles", params)
-    if isinstance(session, DatasetSession):
-        from ..layer.dataset import open_manifest
-
-        manifest = open_manifest(session.layer)
-        manifest.runs.append({"run_id": len(manifest.runs) + 1, **run})
-        manifest.save()
-    else:
-        from ..layer.io import write_layer
-
-        session.opened = write_layer(session.layer, session.opened.frame, run, replace_all=True, known=session.opened)
+    session.record_run(new_run(LABELS_COMMAND, "tiles", params))
     return len(positive) + len(negative)

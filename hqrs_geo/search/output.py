@@ -16,6 +16,10 @@ from functools import reduce
 from pathlib import Path
 
 import numpy as np
+import pyogrio
+import rasterio
+from affine import Affine
+from rasterio.errors import RasterioError
 
 from ..atomic import atomic_path
 from ..errors import OptionError, OutputError
@@ -59,8 +63,6 @@ def check_result_target(layer: str, target: str | os.PathLike, name: str) -> Non
     if not Path(target).exists():
         return
     if gpkg:
-        import pyogrio
-
         try:
             present = {n.lower() for n, _ in pyogrio.list_layers(target)}
         except Exception:  # pyogrio raises several types for foreign files
@@ -116,9 +118,6 @@ def write_score_raster(layer: str, scores: dict[str, float], path: str) -> list[
 
     With one scene the file is ``path``; with several, ``<stem>_<scene key><suffix>``.
     """
-    import rasterio
-    from affine import Affine
-
     tiles = read_tiles(layer)
     tiles = tiles[tiles.tile_id.isin(list(scores))]
     scenes = {}
@@ -166,9 +165,6 @@ def _raster_check(expected: np.ndarray):
     """A check of a written GeoTIFF: GDAL reopens it and reads back exactly ``expected``
     (GDAL reports a full disk only in its log, so the file itself is the evidence)."""
     def verify(tmp: Path) -> None:
-        import rasterio
-        from rasterio.errors import RasterioError
-
         if not tmp.is_file() or tmp.stat().st_size == 0:
             raise OSError(errno.ENOSPC, "the written raster is empty")
         try:

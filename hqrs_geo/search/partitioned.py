@@ -15,29 +15,47 @@ come from the index and are re-scored exactly. Result rows are read from their p
 part's name, so hits can be exported as chips or shown in QGIS.
 
 :class:`DatasetSession` answers the same queries as :class:`~hqrs_geo.search.session.SearchSession`
-(text, example tiles, zero-shot classes); :func:`open_session` picks the right one for a path.
+(text, example tiles, zero-shot classes); :func:`~hqrs_geo.search.sessions.open_session` picks the
+right one for a tile source.
 """
 from __future__ import annotations
 
 import json
 import math
+import time
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import geopandas as gpd
 import numpy as np
+import pandas as pd
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import shapely
+from pyproj import CRS, Transformer
 
 from ..atomic import atomic_path, write_text
 from ..errors import InputError, OptionError
 from ..layer.columns import TILE_ID, embedding_column, embedding_columns
-from ..layer.dataset import Manifest, open_manifest, part_crs, same_crs, verified_part
+from ..layer.dataset import (
+    DatasetRuns,
+    Manifest,
+    open_manifest,
+    part_crs,
+    same_crs,
+    verified_part,
+    write_dataset_layer,
+)
+from ..layer.runs import new_run
 from .base import Result, Searcher
+from .choose import choose_kind
 from .exact import ExactSearch, max_row_norm
 from .ivfpq import CompressedIndex, CompressedSearch, EmbeddingPart
-from .session import BaseSession
-from .spatial import SpatialFilter
+from .session import BaseSession, Block
+from .spatial import SpatialFilter, to_layer_crs
 
 SEARCH_FOLDER = "_search"
 CACHE_VERSION = 2  # 2: the part's CRS in the cache's metadata
@@ -74,10 +92,6 @@ def _cache_files(folder: Path, part: str, key: str) -> dict[str, Path]:
 def _decode_part(path: Path, key: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """(matrix, ids, bounds, rows) of the tiles of a part that have an embedding of ``key``
     (``bounds`` in the part's own CRS)."""
-    import pyarrow.compute as pc
-    import pyarrow.parquet as pq
-    import shapely
-
     column = embedding_column(key)
     try:
         table = pq.read_table(path, columns=[column, TILE_ID, "geometry"])
@@ -134,25 +148,17 @@ def part_vectors(manifest: Manifest, name: str, key: str) -> PartVectors:
 
 def _area_bounds(spatial: SpatialFilter, crs: Any) -> tuple[float, float, float, float] | None:
     """Conservative bounds (in ``crs``) of the area a filter can keep; None when it does not limit space."""
-    import shapely
-
-    from .spatial import _to_layer_crs
-
     boxes = []
     if spatial.bbox is not None:
-        boxes.append(_to_layer_crs(shapely.box(*spatial.bbox), spatial.bbox_crs, crs).bounds)
+        boxes.append(to_layer_crs(shapely.box(*spatial.bbox), spatial.bbox_crs, crs).bounds)
     if spatial.near is not None and spatial.distance is not None and crs is not None:
-        from pyproj import CRS, Transformer
-
         x, y = float(spatial.near[0]), float(spatial.near[1])
         lon, lat = Transformer.from_crs(CRS.from_user_input(spatial.near_crs), "EPSG:4326",
                                         always_xy=True).transform(x, y)
         local = f"+proj=aeqd +lat_0={lat} +lon_0={lon} +datum=WGS84 +units=m"
         circle = shapely.Point(0, 0).buffer(spatial.distance * 1.01 + 1.0, 64)
-        boxes.append(_to_layer_crs(circle, local, crs).bounds)
+        boxes.append(to_layer_crs(circle, local, crs).bounds)
     if spatial.within is not None:
-        import geopandas as gpd
-
         path, _, layer = spatial.within.partition("|layername=")
         try:
             polygons = gpd.read_file(path, layer=layer or None)
@@ -225,10 +231,6 @@ class DatasetIndex(Searcher):
     # ------------------------------------------------------------------ filters
     def masks(self, spatial: SpatialFilter | None = None, exclude: Sequence[str] = ()) -> dict[str, np.ndarray | None]:
         """Per part, the rows allowed (None: all of them); parts left out entirely are absent."""
-        import geopandas as gpd
-        import pyarrow.parquet as pq
-        import shapely
-
         active = spatial is not None and spatial.active
         if active and spatial is not None and spatial.bbox is not None and spatial.bbox_crs is None:
             spatial = replace(spatial, bbox_crs=self.manifest.crs)  # the box is in the dataset's CRS
@@ -325,10 +327,6 @@ class DatasetIndex(Searcher):
     def build_index(self, kind: str = "auto", **params: Any) -> dict:
         """Build or update the dataset's index (``auto``: exact while small, else ivfpq); returns
         a report with recall@10 against exact search on held-out queries."""
-        import time
-
-        from .choose import choose_kind
-
         if kind not in ("auto", "exact", "ivfpq"):
             raise OptionError(f"a dataset is indexed with auto, exact or ivfpq, not {kind!r}", option="kind")
         reason = f"{kind} asked for"
@@ -364,8 +362,6 @@ class DatasetIndex(Searcher):
         return {**report, **measured}
 
     def _latency(self, use_ann: bool) -> dict:
-        import time
-
         rng = np.random.default_rng(12345)
         queries = []
         for _ in range(min(100, self.n)):
@@ -390,8 +386,6 @@ class DatasetSession(BaseSession):
 
     def __init__(self, layer: str, model: str | None = None, checkpoint: str | None = None, device: str = "cpu",
                  use_ann: bool | None = None, trust_checkpoint: bool = False):
-        from ..layer.dataset import DatasetRuns
-
         self.layer = str(layer)
         manifest = open_manifest(self.layer)
         self.source = DatasetRuns(manifest).embedding_source(self._keys(manifest), model)
@@ -403,15 +397,11 @@ class DatasetSession(BaseSession):
     @classmethod
     def embedding_key(cls, layer: str, model: str | None = None) -> str:
         """The key of the embeddings of ``model`` in the dataset (the only one when None)."""
-        from ..layer.dataset import DatasetRuns
-
         manifest = open_manifest(layer)
         return DatasetRuns(manifest).embedding_source(cls._keys(manifest), model).key
 
     @staticmethod
     def _keys(manifest: Manifest) -> list[str]:
-        import pyarrow.parquet as pq
-
         for path in manifest.part_files():
             names = pq.read_schema(verified_part(manifest, path.name)).names
             return [c[len("emb_"):] for c in embedding_columns(names)]
@@ -419,11 +409,6 @@ class DatasetSession(BaseSession):
 
     def _rows(self, hits: list[tuple[float, str, int]]) -> Any:
         """The result rows (tile columns and footprints, no embeddings) read from their parts."""
-        import geopandas as gpd
-        import pandas as pd
-        import pyarrow.parquet as pq
-        import shapely
-
         crs = self.index.manifest.crs
         frames = []
         for name in dict.fromkeys(n for _, n, _ in hits):
@@ -458,6 +443,43 @@ class DatasetSession(BaseSession):
         scores, rows = self.index.search(query, k, self.index.mask(spatial, exclude), use_ann=self.use_ann)
         return self._rows(self.index.hits(scores[0], rows[0]))
 
+    def blocks(self) -> list[Block]:
+        """One block per part, in search order."""
+        return [Block(p.name, p.ids, p.matrix, p.exact) for p in self.index.parts]
+
+    def block_masks(self, spatial: SpatialFilter | None) -> list[np.ndarray | None | bool]:
+        """Per part, the rows ``spatial`` allows; False for the parts it leaves out (never read)."""
+        found = self.index.masks(spatial)
+        return [found[p.name] if p.name in found else False for p in self.index.parts]
+
+    def block_rows(self, hits: Sequence[tuple[float, int, int]]) -> Any:
+        """The result rows of ``hits``, read from their parts."""
+        return self._rows([(s, self.index.parts[b].name, r) for s, b, r in hits])
+
+    def record_run(self, run: dict) -> None:
+        """Add a run record to the dataset's manifest."""
+        manifest = open_manifest(self.layer)
+        manifest.runs.append({"run_id": len(manifest.runs) + 1, **run})
+        manifest.save()
+
+    def check_columns(self, what: str) -> None:
+        """A dataset takes no per-tile columns of results: they go to a layer of their own."""
+        raise OptionError(f"{self.layer}: a dataset gets no {what} columns; write the {what}s to a layer with "
+                          "-o OUT.gpkg", option="output")
+
+    @property
+    def crs(self) -> Any:
+        """The dataset's CRS (result footprints are in it, whatever the part's)."""
+        return self.index.manifest.crs
+
+    def describe(self) -> dict:
+        """A dataset, and how many parts it has."""
+        return {"kind": "dataset", "parts": len(self.index.parts)}
+
+    def changed(self) -> bool:
+        """A dataset session reads its parts as it goes: it is never stale as a whole."""
+        return False
+
     def part_vectors(self, name: str) -> tuple[np.ndarray, np.ndarray]:
         """The embeddings of part ``name`` (memory-mapped) and the row of each one's tile in the
         part's tiles as read (ordered by ``tile_id``); none for a part without them."""
@@ -481,12 +503,6 @@ class DatasetSession(BaseSession):
         """Zero-shot ``label``/``label_score``/``label_top`` for every tile, part by part; with
         ``write`` each part is rewritten with the columns (and the manifest gets a run record).
         Returns the tiles of every part (without embeddings) with the label columns."""
-        import geopandas as gpd
-        import pandas as pd
-
-        from ..layer.dataset import write_dataset_layer
-        from ..layer.runs import new_run
-
         zero_shot = self.zero_shot(labels, templates, top_k)
         crs = self.index.manifest.crs
         frames = []
@@ -499,22 +515,7 @@ class DatasetSession(BaseSession):
                 write_dataset_layer(self.layer, frame, None, replace_sources=[])
             frames.append(frame.drop(columns=embedding_columns(list(frame.columns))))
         if write:
-            manifest = open_manifest(self.layer)
-            run = new_run("classify", "tiles", zero_shot.params(templates, self.source.model))
-            manifest.runs.append({"run_id": len(manifest.runs) + 1, **run})
-            manifest.save()
+            self.record_run(new_run("classify", "tiles", zero_shot.params(templates, self.source.model)))
         if not frames:
             return gpd.GeoDataFrame({TILE_ID: []}, geometry=gpd.GeoSeries([], crs=crs), crs=crs)
         return gpd.GeoDataFrame(pd.concat(frames, ignore_index=True), geometry="geometry", crs=crs)
-
-
-def open_session(layer: str, **options: Any) -> Any:
-    """A search session for ``layer``: :class:`DatasetSession` for a dataset folder, else
-    :class:`~hqrs_geo.search.session.SearchSession`."""
-    from ..layer.dataset import is_dataset
-
-    if is_dataset(layer):
-        return DatasetSession(layer, **options)
-    from .session import SearchSession
-
-    return SearchSession(layer, **options)

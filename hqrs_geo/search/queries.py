@@ -15,14 +15,13 @@ import numpy as np
 from ..errors import InputError, OptionError
 from ..layer.runs import EmbeddingSource
 from ..models.encode import normalise
+from ..models.loader import load_model
+from ..models.registry import REGISTRY
 
 
 def load_source_model(source: EmbeddingSource, checkpoint: str | None = None, device: str = "cpu",
                       trust_checkpoint: bool = False) -> Any:
     """Load the model of ``source``, checking that the weights are the ones that made the layer."""
-    from ..models.loader import load_model
-    from ..models.registry import REGISTRY
-
     path = checkpoint or source.checkpoint
     if path and not Path(path).is_file() and checkpoint is None:
         raise InputError(

@@ -58,12 +58,20 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
-from ..errors import HqrsError
+from pyproj import CRS
+
+from ..errors import HqrsError, OptionError
+from ..models.registry import score_scale
+from . import fewshot
+from .fewshot import METHODS
+from .session import BaseSession
+from .sessions import open_session
 from .spatial import SpatialFilter
 
 MAX_LINE = 1 << 20  # bytes of one request line
@@ -217,8 +225,6 @@ def _validated(raw: dict, request_id: Any) -> Request:
         raise RequestError("'layer' must be the path of a tile layer file or dataset folder")
     if op in ("open", "close") and layer is None:
         raise RequestError(f"'{op}' needs 'layer': the path of a tile layer file or dataset folder")
-    from .fewshot import METHODS
-
     method = raw.get("method", "logistic")
     if method not in METHODS:
         raise RequestError(f"'method' must be one of {', '.join(METHODS)}, not {json.dumps(method)[:40]}")
@@ -246,8 +252,6 @@ def _validated(raw: dict, request_id: Any) -> Request:
 
 
 def _layer_key(path: str) -> str:
-    import os
-
     return os.path.realpath(path)
 
 
@@ -261,9 +265,6 @@ class Sessions:
         self._opener = opener
 
     def _open(self, path: str) -> Any:
-        from ..errors import OptionError
-        from .partitioned import open_session
-
         first = self.first
         options = {"checkpoint": first.checkpoint, "device": first.device, "use_ann": bool(first.use_ann),
                    "trust_checkpoint": first.trust_checkpoint}
@@ -293,8 +294,7 @@ class Sessions:
             return self.first
         key = _layer_key(layer)
         session = self.opened.get(key)
-        opened = getattr(session, "opened", None)
-        if session is not None and opened is not None and not opened.unchanged():
+        if session is not None and session.changed():
             session = None  # rewritten since (embedded again, …): read it anew
         if session is None:
             session = self._open(layer)
@@ -339,8 +339,6 @@ def answer(session: Any, request: Request | dict) -> dict:
 
 def _fewshot(session: Any, request: Request) -> dict:
     """The answer of a ``detect``, ``save_labels`` or ``labels`` request."""
-    from . import fewshot
-
     if request.op == "labels":
         return fewshot.saved_labels(session.layer)
     if request.op == "save_labels":
@@ -388,8 +386,6 @@ def crs_text(crs: Any) -> str | None:
     """A CRS as ``AUTHORITY:CODE`` when it has one, else WKT; None when unknown."""
     if crs is None:
         return None
-    from pyproj import CRS
-
     try:
         parsed = CRS.from_user_input(crs)
     except Exception:  # pyproj raises CRSError and others for strings it cannot read
@@ -398,19 +394,12 @@ def crs_text(crs: Any) -> str | None:
     return ":".join(authority) if authority else parsed.to_wkt()
 
 
-def ready_message(session: Any) -> dict:
+def ready_message(session: BaseSession) -> dict:
     """The first line of a session: what is served (see the module docstring)."""
-    from .partitioned import DatasetSession
-
-    dataset = isinstance(session, DatasetSession)
-    crs = session.index.manifest.crs if dataset else getattr(getattr(session, "frame", None), "crs", None)
+    described = session.describe()
     message = {"ready": True, "layer": session.layer, "model": session.source.model, "tiles": int(session.index.n),
-               "crs": crs_text(crs), "kind": "dataset" if dataset else "layer", "embeddings": session.source.key}
-    if dataset:
-        message["parts"] = len(session.index.parts)
-    from ..models.registry import score_scale
-
-    message["score_scale"] = score_scale(session.source.model)
+               "crs": crs_text(session.crs), "kind": described.pop("kind"), "embeddings": session.source.key,
+               **described, "score_scale": score_scale(session.source.model)}
     return message
 
 

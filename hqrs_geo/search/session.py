@@ -5,17 +5,36 @@ then any number of text / example / zero-shot queries (the QGIS dock keeps one a
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from ..errors import OptionError
 from ..layer.columns import embedding_keys
-from ..layer.io import open_layer
-from ..layer.runs import EmbeddingSource
+from ..layer.io import open_layer, write_layer, write_tiles
+from ..layer.runs import EmbeddingSource, new_run
 from ..models.encode import class_vectors, image_vectors, text_vectors
+from ..models.templates import ZERO_SHOT_TEMPLATES
+from .exact import ExactSearch
+from .index import VectorIndex
 from .queries import combine, load_source_model
 from .spatial import SpatialFilter
+
+
+@dataclass
+class Block:
+    """One stored embedding matrix of a session: the layer's, or one part of a dataset."""
+
+    part: str | None
+    ids: np.ndarray
+    matrix: np.ndarray
+    exact: ExactSearch  # over matrix
+
+    def id_at(self, row: int) -> str:
+        """The tile id of a row."""
+        value = self.ids[row]
+        return value.decode() if isinstance(value, bytes) else str(value)
 
 
 class BaseSession:
@@ -25,6 +44,7 @@ class BaseSession:
 
     layer: str
     source: EmbeddingSource
+    index: Any  # the Searcher over the embeddings: a VectorIndex, or a DatasetIndex over the parts
     checkpoint: str | None = None
     device: str = "cpu"
     trust_checkpoint: bool = False
@@ -51,6 +71,57 @@ class BaseSession:
         :meth:`hqrs_geo.layer.source.TileSource.parts`) and the row of each one's tile in the
         part's tiles as :meth:`hqrs_geo.layer.source.TilePart.read` returns them."""
         raise NotImplementedError
+
+    def score_all(self, query: np.ndarray, spatial: SpatialFilter | None = None,
+                  exclude: Sequence[str] = ()) -> dict[str, float]:
+        """``{tile_id: score}`` of every tile with an embedding that passes the filters."""
+        raise NotImplementedError
+
+    def classify(self, labels: Sequence[str], templates: Sequence[str] | None = None, top_k: int = 3,
+                 write: bool = False) -> Any:
+        """Zero-shot ``label``, ``label_score``, ``label_top`` for every tile (written with ``write``)."""
+        raise NotImplementedError
+
+    def blocks(self) -> list[Block]:
+        """The embedding matrices, in search order (a layer file has one, a dataset one per part)."""
+        raise NotImplementedError
+
+    def block_masks(self, spatial: SpatialFilter | None) -> list[np.ndarray | None | bool]:
+        """Per block of :meth:`blocks`: the rows ``spatial`` allows (None: all), or False when it
+        leaves out the whole block."""
+        raise NotImplementedError
+
+    def block_rows(self, hits: Sequence[tuple[float, int, int]]) -> Any:
+        """The result rows of ``hits`` ``(score, block, row in the block)``, best first, as a
+        GeoDataFrame with ``score`` and ``rank`` (and ``part`` for a dataset)."""
+        raise NotImplementedError
+
+    def record_run(self, run: dict) -> None:
+        """Add a run record to the layer without changing its tiles."""
+        raise NotImplementedError
+
+    def check_columns(self, what: str) -> None:
+        """Refuse (one-line :class:`OptionError`) when per-tile columns (of ``what``, e.g.
+        "detection") cannot be written into the layer itself; nothing when they can."""
+        raise NotImplementedError
+
+    @property
+    def crs(self) -> Any:
+        """The CRS of the result footprints."""
+        raise NotImplementedError
+
+    def describe(self) -> dict:
+        """What is served, for the first line of ``serve-search``: ``kind`` (and ``parts``)."""
+        raise NotImplementedError
+
+    def changed(self) -> bool:
+        """True when the layer was rewritten since the session read it."""
+        raise NotImplementedError
+
+    def build_index(self, kind: str = "auto", **params: Any) -> dict:
+        """Build (or update) the nearest-neighbour index of the embeddings (``hqrs-geo index``)
+        and return its report."""
+        return self.index.build_index(kind, **params)
 
     def text_query(self, texts: Sequence[str], template: bool = True) -> np.ndarray:
         """Normalised query vector for one or more texts (combined by their mean)."""
@@ -92,8 +163,6 @@ class BaseSession:
 
     def label_vectors(self, labels: Sequence[str], templates: Sequence[str] | None = None) -> np.ndarray:
         """One normalised vector per label from an ensemble of prompt templates."""
-        from ..models.templates import ZERO_SHOT_TEMPLATES
-
         return class_vectors(self.model, labels, templates or list(dict.fromkeys([self.source.template,
                                                                                  *ZERO_SHOT_TEMPLATES])))
 
@@ -152,8 +221,6 @@ class SearchSession(BaseSession):
 
     def __init__(self, layer: str, model: str | None = None, checkpoint: str | None = None,
                  device: str = "cpu", use_ann: bool | None = None, trust_checkpoint: bool = False):
-        from .index import VectorIndex
-
         self.layer = str(layer)
         opened = open_layer(self.layer)
         self.opened = opened
@@ -196,6 +263,39 @@ class SearchSession(BaseSession):
         file's tiles as read (ordered by ``tile_id``)."""
         return self.index.matrix, self.rows
 
+    def blocks(self) -> list[Block]:
+        """The layer's embedding matrix."""
+        return [Block(None, self.index.ids, self.index.matrix, self.index.exact)]
+
+    def block_masks(self, spatial: SpatialFilter | None) -> list[np.ndarray | None | bool]:
+        """The rows of the one block that ``spatial`` allows."""
+        return [self.mask(spatial)]
+
+    def block_rows(self, hits: Sequence[tuple[float, int, int]]) -> Any:
+        """The result rows of ``hits`` (all in the one block)."""
+        return self._results(np.asarray([h[0] for h in hits], dtype=np.float64),
+                             np.asarray([h[2] for h in hits], dtype=np.int64))
+
+    def record_run(self, run: dict) -> None:
+        """Add a run record to the layer file (its tiles rewritten as they are)."""
+        self.opened = write_layer(self.layer, self.opened.frame, run, replace_all=True, known=self.opened)
+
+    def check_columns(self, what: str) -> None:
+        """A layer file takes per-tile columns."""
+
+    @property
+    def crs(self) -> Any:
+        """The layer's CRS."""
+        return self.frame.crs
+
+    def describe(self) -> dict:
+        """A layer file."""
+        return {"kind": "layer"}
+
+    def changed(self) -> bool:
+        """True when the file changed since it was read."""
+        return not self.opened.unchanged()
+
     def tile_vectors(self, tile_ids: Sequence[str]) -> np.ndarray:
         """Stored embeddings of tiles (one-line error for unknown ids)."""
         lookup = {tid: i for i, tid in enumerate(self.index.ids)}
@@ -219,9 +319,6 @@ class SearchSession(BaseSession):
         zero_shot = self.zero_shot(labels, templates, top_k)
         frame = zero_shot.columns(self.frame.copy(), self.rows, self.index.matrix)
         if write:
-            from ..layer.io import write_tiles
-            from ..layer.runs import new_run
-
             frame = write_tiles(self.layer, frame, new_run("classify", "tiles", zero_shot.params(templates,
                                                                                                  self.source.model)),
                                 replace_sources=list(frame["source"].unique()), known=self.opened)

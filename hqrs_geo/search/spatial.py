@@ -10,30 +10,21 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import geopandas as gpd
 import numpy as np
 import shapely
+from pyproj import CRS, Transformer
 
 from ..errors import InputError, OptionError
-from ..layer.crs import validate_box
+from ..layer.crs import parse_crs, validate_box
 
 
-def _crs(value, option: str):
-    """A pyproj CRS from user input; a one-line :class:`OptionError` naming ``option`` otherwise."""
-    from pyproj import CRS
-    from pyproj.exceptions import CRSError
-
-    try:
-        return CRS.from_user_input(value)
-    except (CRSError, TypeError, ValueError):
-        raise OptionError(f"{str(value)[:60]!r} is not a CRS; use e.g. EPSG:4326", option=option) from None
-
-
-def _to_layer_crs(geom, src_crs: str | None, layer_crs):
+def to_layer_crs(geom, src_crs: str | None, layer_crs):
+    """``geom`` given in ``src_crs`` moved into ``layer_crs`` (edges densified first, so a box
+    stays the area it was); as it is when either CRS is unknown or they are the same."""
     if src_crs is None or layer_crs is None:
         return geom
-    from pyproj import CRS, Transformer
-
-    src, dst = _crs(src_crs, "bbox_crs"), CRS.from_user_input(layer_crs)
+    src, dst = parse_crs(src_crs, "bbox_crs"), CRS.from_user_input(layer_crs)
     if src == dst:
         return geom
     transformer = Transformer.from_crs(src, dst, always_xy=True)
@@ -83,14 +74,12 @@ class SpatialFilter:
 def bbox_mask(geoms, layer_crs, bbox: Sequence[float], crs: str | None = None) -> np.ndarray:
     """Tiles intersecting the box ``(minx, miny, maxx, maxy)`` given in ``crs`` (default: layer CRS)."""
     validate_box(bbox, crs)
-    area = _to_layer_crs(shapely.box(*bbox), crs, layer_crs)
+    area = to_layer_crs(shapely.box(*bbox), crs, layer_crs)
     return np.asarray(shapely.intersects(geoms, area), dtype=bool)
 
 
 def within_mask(geoms, layer_crs, source: str) -> np.ndarray:
     """Tiles intersecting any polygon of a vector layer (``path`` or ``path|layername=NAME``)."""
-    import geopandas as gpd
-
     path, _, layer = source.partition("|layername=")
     try:
         polygons = gpd.read_file(path, layer=layer or None)
@@ -113,10 +102,8 @@ def near_mask(geoms, layer_crs, point: Sequence[float], distance_m: float, crs: 
         raise OptionError(f"{distance_m!r} is not a distance; give metres >= 0", option="distance")
     if layer_crs is None:
         raise InputError("the layer has no CRS, so distances in metres cannot be measured; filter with a box instead")
-    from pyproj import CRS, Transformer
-
     x, y = float(point[0]), float(point[1])
-    lon, lat = Transformer.from_crs(_crs(crs, "near_crs"), "EPSG:4326", always_xy=True).transform(x, y)
+    lon, lat = Transformer.from_crs(parse_crs(crs, "near_crs"), "EPSG:4326", always_xy=True).transform(x, y)
     if not (np.isfinite(lon) and np.isfinite(lat) and -180 <= lon <= 180 and -90 <= lat <= 90):
         raise OptionError(f"{x:g},{y:g} is not a point on the earth in {crs}; check the coordinates and «near_crs»",
                           option="near")

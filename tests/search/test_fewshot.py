@@ -21,9 +21,10 @@ from hqrs_geo import TileConfig, read_embeddings, read_runs, read_tiles
 from hqrs_geo.api import embed, tile
 from hqrs_geo.engine.options import RunOptions
 from hqrs_geo.search import fewshot
-from hqrs_geo.search.partitioned import DatasetIndex, DatasetSession, open_session
+from hqrs_geo.search.partitioned import DatasetIndex, DatasetSession
 from hqrs_geo.search.serve import RequestError, parse_request
 from hqrs_geo.search.session import SearchSession
+from hqrs_geo.search.sessions import open_session
 
 
 @pytest.fixture(scope="module")

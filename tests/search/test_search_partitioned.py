@@ -21,8 +21,9 @@ from tiny_models import TINY_CLIP
 import hqrs_geo as hg
 from hqrs_geo.engine.options import RunOptions
 from hqrs_geo.engine.partitioned import ScaleOptions
-from hqrs_geo.search.partitioned import DatasetIndex, DatasetSession, open_session
+from hqrs_geo.search.partitioned import DatasetIndex, DatasetSession
 from hqrs_geo.search.session import SearchSession
+from hqrs_geo.search.sessions import open_session
 from hqrs_geo.search.spatial import SpatialFilter
 
 CONFIG = hg.TileConfig(tile_size=32)

@@ -1,18 +1,20 @@
 """Every Searcher (exact, VectorIndex, FAISS HNSW / IVF, IVF-PQ, a dataset's parts, and the IVF-PQ
 index over those parts) answers one set of vectors like brute-force numpy, with and without a
-mask; a mask too selective for an approximate index is answered exactly, without asking the index."""
+mask; a mask too selective for an approximate index is answered exactly, without asking the index;
+the sessions' one entry refuses what is not a tile layer."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from hqrs_geo.errors import OptionError
+from hqrs_geo.errors import InputError, OptionError
 from hqrs_geo.search.ann import AnnIndex
 from hqrs_geo.search.base import ANN_MAX_FETCH, ApproximateSearcher, Searcher
 from hqrs_geo.search.exact import ExactSearch
 from hqrs_geo.search.index import VectorIndex
 from hqrs_geo.search.ivfpq import CompressedIndex, CompressedSearch, EmbeddingPart
 from hqrs_geo.search.partitioned import DatasetIndex, PartVectors
+from hqrs_geo.search.sessions import open_session
 
 N, D, K = 1200, 16, 10
 CUTS = (0, 500, 530, 1200)  # three parts of a dataset, one of them small
@@ -138,3 +140,14 @@ def test_fetch_grows_with_the_mask_up_to_the_limit(searchers):
     assert hnsw.fetch_limit() == min(ANN_MAX_FETCH, N)
     with pytest.raises(OptionError, match="no approximate"):
         searchers["exact"].search(np.ones(D, np.float32), 3, use_ann=True)
+
+
+def test_open_session_refuses_what_is_not_a_tile_layer(tmp_path):
+    """The one entry of the search sessions names what is wrong with its path in one line."""
+    (tmp_path / "scene.tif").write_bytes(b"II*\x00")
+    (tmp_path / "folder").mkdir()
+    for path, message in [(tmp_path / "scene.tif", "not a tile layer"),
+                          (tmp_path / "folder", "not an hqrs_geo dataset"),
+                          (tmp_path / "gone.gpkg", "file not found")]:
+        with pytest.raises(InputError, match=message):
+            open_session(str(path))
