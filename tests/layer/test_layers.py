@@ -5,12 +5,12 @@ import numpy as np
 import pandas as pd
 import pyogrio
 import pytest
-
 from conftest import write_raster
+
 from hqrs_geo import TileConfig, read_runs, read_tiles, tile_rasters, write_tiles
 from hqrs_geo.errors import InputError, OutputError
-from hqrs_geo.layer.runs import new_run
 from hqrs_geo.layer.columns import TILE_COLUMNS
+from hqrs_geo.layer.runs import new_run
 
 
 @pytest.mark.parametrize("suffix", [".gpkg", ".parquet", ".fgb"])
