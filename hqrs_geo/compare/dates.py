@@ -9,6 +9,7 @@ part and its vectors are never all in memory.
 """
 from __future__ import annotations
 
+import os
 from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -23,6 +24,34 @@ from ..search.sessions import open_session
 
 #: After-date parts kept read while BEFORE parts are compared (a part usually meets few others).
 PART_CACHE = 8
+#: Layers of one part read whole by :func:`read_tiles`: ``{path: ((mtime_ns, size), tiles)}``.
+_KEPT: dict[str, tuple[tuple[int, int], Any]] = {}
+
+
+def read_tiles(layer: TileSource, columns: list[str]) -> Iterator[Any]:
+    """The tiles of each part of ``layer`` (GeoDataFrames with the footprints), one part at a
+    time, with those of ``columns`` the part has. A layer of one part (a layer file) is read whole
+    once and kept while its file is unchanged, so the checks before a comparison read it once
+    (:func:`forget` drops it); the parts of a larger layer are read as asked, never kept."""
+    parts = layer.parts()
+    if len(parts) != 1:
+        for part in parts:
+            names = part.columns()
+            yield part.read(columns=[c for c in columns if c in names])
+        return
+    path = os.path.abspath(parts[0].path)
+    stat = os.stat(path)
+    state = (stat.st_mtime_ns, stat.st_size)
+    kept = _KEPT.get(path)
+    if kept is None or kept[0] != state:
+        kept = _KEPT[path] = (state, parts[0].read())
+    tiles = kept[1]
+    yield tiles[[*dict.fromkeys([*(c for c in columns if c in tiles.columns), tiles.geometry.name])]]
+
+
+def forget() -> None:
+    """Drop the layers kept by :func:`read_tiles` (once the checks of a comparison are done)."""
+    _KEPT.clear()
 
 
 @dataclass
@@ -58,6 +87,7 @@ class DateLayer:
         self.source = self.session.source
         self._listed: list[TilePart] | None = None
         self._parts: OrderedDict[str, Block] = OrderedDict()
+        self._last: Block | None = None
         self._part_bounds: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
 
     @property
@@ -80,9 +110,12 @@ class DateLayer:
         return [part.name for part in self.parts()]
 
     def blocks(self) -> Iterator[Block]:
-        """Every block, one per part (read one at a time)."""
+        """Every block, one per part (read one at a time; the last one read is kept, so the passes
+        over a layer of one part read it once)."""
         for part in self.parts():
-            yield self.part_block(part)
+            if self._last is None or self._last.name != part.name:
+                self._last = self.part_block(part)
+            yield self._last
 
     def part_block(self, part: TilePart) -> Block:
         """Part ``part`` as a block (footprints in the layer's CRS), with its embeddings' rows."""
@@ -144,4 +177,4 @@ def _bounds_in(bounds: tuple[float, float, float, float], crs: Any, target: Any
     return (box[0], box[1], box[2], box[3])
 
 
-__all__ = ["Block", "DateLayer"]
+__all__ = ["Block", "DateLayer", "forget", "read_tiles"]

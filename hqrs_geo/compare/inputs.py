@@ -21,10 +21,11 @@ from ..engine.jobs import model_job, model_plan, tile_job
 from ..errors import InputError, OptionError
 from ..layer.columns import CAPTION, EMBEDDING_PREFIX, TILE_ID, embedding_column, embedding_columns, has_value
 from ..layer.crs import box_in
-from ..layer.runs import EmbeddingSource
+from ..layer.runs import EmbeddingSource, LayerRuns
 from ..layer.source import TileSource, open_source
 from ..models.registry import REGISTRY, default_caption_model, default_embed_model, get_spec
 from ..tiling.inputs import Rasters, as_list, names_layer, resolve_input
+from .dates import read_tiles
 from .output import beside
 from .pairs import pair_tiles
 
@@ -76,9 +77,8 @@ def check_overlap(before: TileSource, after: TileSource) -> None:
     if b is not None and a is not None and (b[0] > a[2] or a[0] > b[2] or b[1] > a[3] or a[1] > b[3]):
         raise InputError(f"{after.path}: does not overlap {before.path} at all (lon/lat {_box(a)} and {_box(b)}); "
                          "give the same place at both dates")
-    b_parts, a_parts = before.parts(), after.parts()
-    if len(b_parts) == 1 and len(a_parts) == 1:  # misaligned layers: said before any model runs
-        b_tiles, a_tiles = b_parts[0].read(columns=[TILE_ID]), a_parts[0].read(columns=[TILE_ID])
+    if len(before.parts()) == 1 and len(after.parts()) == 1:  # misaligned layers: said before any model runs
+        (b_tiles,), (a_tiles,) = read_tiles(before, [TILE_ID]), read_tiles(after, [TILE_ID])
         if len(b_tiles) and not pair_tiles(b_tiles, a_tiles).paired.any():
             raise no_pairs(before.path, after.path)
 
@@ -96,39 +96,48 @@ def _box(box: tuple[float, ...]) -> str:
 
 # ------------------------------------------------------------------------------------ results
 def missing(layer: TileSource, columns: list[str]) -> set[str]:
-    """Those of ``columns`` in which some tile of the layer has no value (read part by part, each
-    part once, only these columns)."""
+    """Those of ``columns`` in which some tile of the layer has no value (a part without the
+    column counts as such; read part by part, only these columns)."""
     lacking: set[str] = set()
-    for part in layer.parts():
-        names = part.columns()
-        lacking |= {c for c in columns if c not in names}
-        present = [c for c in columns if c not in lacking]
-        if present:
-            frame = part.read(columns=present)
-            lacking |= {c for c in present if not bool(frame[c].map(has_value).all())}
+    for tiles in read_tiles(layer, columns):
+        lacking |= {c for c in columns if c not in tiles.columns or not bool(tiles[c].map(has_value).all())}
         if len(lacking) == len(columns):
             break
     return lacking
 
 
-def _source(layer: TileSource, model: str | None) -> EmbeddingSource | None:
-    """Which model made the layer's embeddings (``model``'s, or its only one); None when it has none
-    of them. Several models without ``model``: the one-line error of the search session."""
-    parts = layer.parts()
-    keys = [c[len(EMBEDDING_PREFIX):] for c in embedding_columns(parts[0].columns())] if parts else []
-    runs = layer.runs()
-    if not keys:
-        return None
-    if model is not None and not any(k in (model, model.lower()) for k in keys):
-        names = {str(t.get("name")) for t in runs.tasks()}
-        if model not in names and model.lower() not in names:
+class Embeddings:
+    """The embedding columns and run records of a date layer, read once (before results are added
+    to it): which model made its embeddings."""
+
+    def __init__(self, layer: TileSource):
+        self.layer = layer
+        parts = layer.parts()
+        self.keys = [c[len(EMBEDDING_PREFIX):] for c in embedding_columns(parts[0].columns())] if parts else []
+        self._runs: LayerRuns | None = None
+
+    @property
+    def runs(self) -> LayerRuns:
+        """The layer's run records (read on first use)."""
+        if self._runs is None:
+            self._runs = self.layer.runs()
+        return self._runs
+
+    def source(self, model: str | None) -> EmbeddingSource | None:
+        """Which model made the layer's embeddings (``model``'s, or its only one); None when it has
+        none of them. Several models without ``model``: the one-line error of the search session."""
+        if not self.keys:
             return None
-    try:
-        return runs.embedding_source(keys, model)
-    except OptionError:
-        if model is not None:
-            return None
-        raise
+        if model is not None and not any(k in (model, model.lower()) for k in self.keys):
+            names = {str(t.get("name")) for t in self.runs.tasks()}
+            if model not in names and model.lower() not in names:
+                return None
+        try:
+            return self.runs.embedding_source(self.keys, model)
+        except OptionError:
+            if model is not None:
+                return None
+            raise
 
 
 def same_model(a: EmbeddingSource, b: EmbeddingSource) -> bool:
@@ -150,17 +159,18 @@ class ModelChoice:
     arch: str | None = None
 
 
-def choose_model(before: TileSource, after: TileSource, model: str | None, checkpoint: str | None) -> ModelChoice:
+def choose_model(before: Embeddings, after: Embeddings, model: str | None, checkpoint: str | None) -> ModelChoice:
     """The one embedding model of the comparison: ``model``, else the one the dates' embeddings
     were made with (one-line error when they were made by different models), else the default."""
     if model is not None:
         name = get_spec(model, None, checkpoint).name
-        known = _source(before, name) or _source(after, name)
+        known = before.source(name) or after.source(name)
         return ModelChoice(model, name, checkpoint or (known.checkpoint if known else None))
-    sb, sa = _source(before, None), _source(after, None)
+    sb, sa = before.source(None), after.source(None)
     if sb is not None and sa is not None and not same_model(sb, sa):
-        raise OptionError(f"{before.path} was embedded by {sb.model}, {after.path} by {sa.model}; both dates must be "
-                          "embedded by the same model: give «model» to embed both with one", option="model")
+        raise OptionError(f"{before.layer.path} was embedded by {sb.model}, {after.layer.path} by {sa.model}; both "
+                          "dates must be embedded by the same model: give «model» to embed both with one",
+                          option="model")
     known = sb or sa
     if known is not None:
         load = known.model if known.model in REGISTRY else known.arch
@@ -169,13 +179,13 @@ def choose_model(before: TileSource, after: TileSource, model: str | None, check
     return ModelChoice(name, get_spec(name, None, checkpoint).name, checkpoint)
 
 
-def complete_results(layer: TileSource, choice: ModelChoice, caption_model: str | None,
+def complete_results(date: Embeddings, choice: ModelChoice, caption_model: str | None,
                      caption_checkpoint: str | None, captions: bool, device: str, options: Any, decoding: Any,
                      progress: Any) -> None:
     """Compute the embeddings of ``choice`` and (with ``captions``) the captions the layer lacks, in place."""
-    source = _source(layer, choice.name)
+    source = date.source(choice.name)
     wanted = ([] if source is None else [embedding_column(source.key)]) + ([CAPTION] if captions else [])
-    lacking = missing(layer, wanted) if wanted else set()
+    lacking = missing(date.layer, wanted) if wanted else set()
     embed = source is None or embedding_column(source.key) in lacking
     caption = CAPTION in lacking
     if not embed and not caption:
@@ -185,8 +195,8 @@ def complete_results(layer: TileSource, choice: ModelChoice, caption_model: str 
                       embed_arch=[choice.arch] if embed and choice.arch else [],
                       caption_model=(caption_model or default_caption_model()) if caption else None,
                       caption_checkpoint=caption_checkpoint if caption else None, decoding=decoding, device=device)
-    model_job(layer, None, plan, options=options, progress=progress, command="run")
+    model_job(date.layer, None, plan, options=options, progress=progress, command="run")
 
 
-__all__ = ["Date", "ModelChoice", "check_overlap", "choose_model", "complete_results", "date_layers", "missing",
-           "no_pairs", "resolve_dates", "same_model"]
+__all__ = ["Date", "Embeddings", "ModelChoice", "check_overlap", "choose_model", "complete_results", "date_layers",
+           "missing", "no_pairs", "resolve_dates", "same_model"]

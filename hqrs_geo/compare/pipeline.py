@@ -24,9 +24,10 @@ from ..layer.columns import CAPTION, PROVENANCE_COLUMNS, SOURCE, TILE_COLUMNS, T
 from ..layer.runs import new_run
 from ..search.fewshot import BACKGROUND, BACKGROUND_SEED
 from ..search.marked import PAIRS, marked_ids
-from .dates import Block, DateLayer
+from .dates import Block, DateLayer, forget
 from .inputs import (
     Date,
+    Embeddings,
     check_overlap,
     choose_model,
     complete_results,
@@ -329,8 +330,11 @@ def change(before: Any, after: Any, output: str | os.PathLike, *, model: str | N
         caption_model = None
     b_in, a_in = resolve_dates(before, after)  # the entry: each date's input resolved once
     check_output(output, b_in)
-    b, a = _open_dates(b_in, a_in, output, tiling, progress, model, checkpoint, caption_model, caption_checkpoint,
-                       captions, device, options, decoding)
+    try:
+        b, a = _open_dates(b_in, a_in, output, tiling, progress, model, checkpoint, caption_model,
+                           caption_checkpoint, captions, device, options, decoding)
+    finally:
+        forget()
     b_path, a_path = b.path, a.path
     queries = Queries(positive=positive, negative=negative)
     if became is not None:
@@ -373,9 +377,10 @@ def _open_dates(before: Date, after: Date, output: Any, tiling: Any, progress: A
             raise OptionError(f"{output}: is a date layer of this comparison; write the change layer to another file",
                               option="output")
     check_overlap(b_layer, a_layer)
-    choice = choose_model(b_layer, a_layer, model, checkpoint)
-    for layer in (b_layer, a_layer):
-        complete_results(layer, choice, caption_model if isinstance(caption_model, str) else None,
+    embedded = Embeddings(b_layer), Embeddings(a_layer)
+    choice = choose_model(*embedded, model, checkpoint)
+    for date in embedded:
+        complete_results(date, choice, caption_model if isinstance(caption_model, str) else None,
                          caption_checkpoint, captions, device, options, decoding, progress)
     b = DateLayer(b_layer, model=choice.name, device=device)
     a = DateLayer(a_layer, model=choice.name, device=device)
