@@ -4,8 +4,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from affine import Affine
-
 from conftest import write_raster
+
 from hqrs_geo.errors import InputError, OptionError
 from hqrs_geo.raster.grid import axis_offsets, plan_grid
 from hqrs_geo.raster.scene import describe, open_raster

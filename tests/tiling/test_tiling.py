@@ -91,7 +91,8 @@ def test_valid_fraction_from_nodata_matches_numpy(tmp_path, rng):
     assert len(tiles) == 16 - int(sum(not valid[y:y + 128, x:x + 128].any()
                                        for y in range(0, 512, 128) for x in range(0, 512, 128)))
     for rec in tiles.itertuples():
-        assert rec.valid_fraction == pytest.approx(valid[rec.y_off:rec.y_off + 128, rec.x_off:rec.x_off + 128].mean(), abs=1e-6)
+        window = valid[rec.y_off:rec.y_off + 128, rec.x_off:rec.x_off + 128]
+        assert rec.valid_fraction == pytest.approx(window.mean(), abs=1e-6)
     kept, _ = tile_rasters(path, TileConfig(tile_size=128))
     fractions = [valid[y:y + 128, x:x + 128].mean() for y in range(0, 512, 128) for x in range(0, 512, 128)]
     assert len(kept) == sum(f >= 0.5 for f in fractions)
@@ -231,10 +232,12 @@ def test_cog_and_vrt_mosaic(tmp_path, rng):
     right = write_raster(tmp_path / "right.tif", data[:, :, 256:], transform=Affine(0.5, 0, 500128, 0, -0.5, 4000000))
     sources = "".join(
         f"""<SimpleSource><SourceFilename relativeToVRT="1">{name}</SourceFilename><SourceBand>{b}</SourceBand>
-        <SrcRect xOff="0" yOff="0" xSize="256" ySize="256"/><DstRect xOff="{x}" yOff="0" xSize="256" ySize="256"/></SimpleSource>"""
+        <SrcRect xOff="0" yOff="0" xSize="256" ySize="256"/>"""
+        f"""<DstRect xOff="{x}" yOff="0" xSize="256" ySize="256"/></SimpleSource>"""
         for name, x in (("left.tif", 0), ("right.tif", 256)) for b in [None])
     bands = "".join(
-        f"""<VRTRasterBand dataType="Byte" band="{b}">{sources.replace("<SourceBand>None</SourceBand>", f"<SourceBand>{b}</SourceBand>")}</VRTRasterBand>"""
+        f"""<VRTRasterBand dataType="Byte" band="{b}">"""
+        f"""{sources.replace("<SourceBand>None</SourceBand>", f"<SourceBand>{b}</SourceBand>")}</VRTRasterBand>"""
         for b in (1, 2, 3))
     vrt = tmp_path / "mosaic.vrt"
     vrt.write_text(f"""<VRTDataset rasterXSize="512" rasterYSize="256"><SRS>EPSG:32633</SRS>
@@ -295,8 +298,9 @@ def test_real_scenes(name, size, count):
         geographic_scene() if name == "geographic" else SHARED_DATA / name)
     tiles, scenes = tile_rasters(path, TileConfig(tile_size=size, min_valid=0))
     with rasterio.open(path) as src:
-        cols = len(sorted({min(x, src.width - tiles.width.iloc[0]) for x in range(0, src.width, tiles.width.iloc[0])}))
-        rows = len(sorted({min(y, src.height - tiles.height.iloc[0]) for y in range(0, src.height, tiles.height.iloc[0])}))
+        width, height = tiles.width.iloc[0], tiles.height.iloc[0]
+        cols = len(sorted({min(x, src.width - width) for x in range(0, src.width, width)}))
+        rows = len(sorted({min(y, src.height - height) for y in range(0, src.height, height)}))
         assert len(tiles) == cols * rows == count
         assert tiles.crs == src.crs
     assert scenes[0].bands.indexes == (1, 2, 3)
