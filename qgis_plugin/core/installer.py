@@ -44,7 +44,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from .runner import ChildProcess, EngineError
+from . import engine
+from .runner import ChildProcess, EngineError, StallWatch
 
 PYTORCH_CPU_INDEX = "https://download.pytorch.org/whl/cpu"
 PYPI = "https://pypi.org/simple"
@@ -244,9 +245,7 @@ class InstallOptions:
     @property
     def python(self) -> str:
         """The new environment's interpreter."""
-        from .engine import venv_python
-
-        return str(venv_python(Path(self.venv)))
+        return str(engine.venv_python(Path(self.venv)))
 
     def constraints_path(self) -> str:
         """The constraints file every pip step passes (raises EngineError when there is none)."""
@@ -319,9 +318,7 @@ def reuse_constraints(venv: str | os.PathLike) -> Path:
 
 def plan(options: InstallOptions, repair: bool = False) -> list[Step]:
     """The steps that install (or, with ``repair``, repair) the engine (see the module's docstring)."""
-    from .engine import qgis_python
-
-    base = options.base_python or qgis_python()
+    base = options.base_python or engine.qgis_python()
     python = options.python
     constraints = options.constraints_path()
     pins = read_pins(constraints)
@@ -479,9 +476,7 @@ class Installer:
 
     # -- the environment ---------------------------------------------------------------------
     def _base_python(self) -> str:
-        from .engine import qgis_python
-
-        return self.options.base_python or qgis_python()
+        return self.options.base_python or engine.qgis_python()
 
     def inspect(self) -> tuple[str, str]:
         """What the target folder holds: (``create`` | ``repair`` | ``replace`` | ``foreign``, why)."""
@@ -574,8 +569,6 @@ class Installer:
 
     def _install(self, repair: bool):
         """The steps, then the self-test (returns :class:`engine.SelfTest`)."""
-        from . import engine
-
         steps = plan(self.options, repair=repair)
         if not repair:
             kind = "reuse" if self.options.torch == "reuse" else ("cuda" if self.options.torch == "cuda"
@@ -603,8 +596,6 @@ class Installer:
         return outcome
 
     def _probe(self) -> str:
-        from . import engine
-
         engine.forget(self.options.python)
         info = engine.probe(self.options.python, use_cache=False)
         if not info.installed:  # a device the machine lacks is a setting to change, not a failed install
@@ -615,12 +606,10 @@ class Installer:
 
     def _self_test_error(self, outcome) -> EngineError:
         """What is broken and what to do, from a failed self-test."""
-        from .engine import CHECK_NAMES
-
         constraints = self.options.constraints_path()
         pins = read_pins(constraints)
         versions = outcome.versions
-        where = CHECK_NAMES.get(outcome.failed, outcome.failed)
+        where = engine.CHECK_NAMES.get(outcome.failed, outcome.failed)
         headline = f"engine self-test failed at {where}: {outcome.error}"
         have = {name: versions.get(name) for name in TORCH_PACKAGES}
         pair = " with ".join(f"{name} {have[name] or '(none)'}" for name in TORCH_PACKAGES)
@@ -692,24 +681,14 @@ class Installer:
         child = self._child = ChildProcess(step.argv, merge_stderr=True, env=env)
         child.start()
         output: list[str] = []
-        watch = _Progress(child.pid, self.options.stall_seconds, self.options.step_seconds)
-        stalled = ""
-        while True:
-            if self.is_cancelled():
-                child.terminate()
-            try:
-                line = child.read_line(timeout=0.2)
-            except TimeoutError:
-                if not stalled and (stalled := watch.stalled()):
-                    child.terminate()
-                continue
-            if line is None:
-                break
-            watch.moved()
-            line = line.rstrip()
-            output.append(line)
-            if line:
-                self.log(line)
+
+        def keep(line: str) -> None:
+            output.append(line.rstrip())
+            if output[-1]:
+                self.log(output[-1])
+
+        watch = StallWatch(child.pid, self.options.stall_seconds, self.options.step_seconds, STALL_BYTES)
+        stalled = child.follow(keep, self.is_cancelled, watch, poll=0.2).stalled
         code = child.finish()
         self._child = None
         if self.is_cancelled():
@@ -731,45 +710,6 @@ class Installer:
                 self.on_progress(self.percent, step.fallback.title)
                 return self.run_step(step.fallback)
             raise error
-
-
-class _Progress:
-    """Whether a child still makes progress: a line of output, or STALL_BYTES more read by the
-    process (``rchar`` of ``/proc/PID/io``: network and files; elsewhere only lines count)."""
-
-    def __init__(self, pid: int | None, stall_seconds: float, step_seconds: float):
-        self.pid, self.stall_seconds = pid, stall_seconds
-        self.started = self.last = time.monotonic()
-        self.deadline = self.started + step_seconds
-        self.read = self._rchar()
-
-    def _rchar(self) -> int | None:
-        try:
-            with open(f"/proc/{self.pid}/io") as handle:
-                for line in handle:
-                    if line.startswith("rchar:"):
-                        return int(line.split()[1])
-        except (OSError, ValueError):
-            pass
-        return None
-
-    def moved(self) -> None:
-        """A line came."""
-        self.last = time.monotonic()
-
-    def stalled(self) -> str:
-        """Why the child counts as stalled ('' while it makes progress)."""
-        now = time.monotonic()
-        read = self._rchar()
-        if read is not None and self.read is not None and read - self.read >= STALL_BYTES:
-            self.read, self.last = read, now
-        elif read is not None and self.read is None:
-            self.read = read
-        if now - self.last > self.stall_seconds:
-            return f"made no progress for {self.stall_seconds:g} s (no output, under {STALL_BYTES // 1024} KiB read)"
-        if now > self.deadline:
-            return f"ran past its {(self.deadline - self.started) / 60:g}-minute limit"
-        return ""
 
 
 _CONNECTION = ("Failed to establish a new connection", "Temporary failure in name resolution",

@@ -3,9 +3,11 @@
 Everything the engine does runs out of process (``<interpreter> -m hqrs_geo …``), so torch/CUDA
 failures or clashing numpy/GDAL builds can never take QGIS down. :class:`ChildProcess` starts a
 child, queues its stdout lines from a reader thread, keeps its stderr, stops it (SIGTERM, then
-kill) and always closes its pipes. On top of it: :func:`run_cli` (a CLI command with
-``--progress json``), the search sessions of :mod:`.sessions` (``serve-search``, JSON lines) and
-the installer's steps (:mod:`.installer`). :func:`parse_error` turns what a failed child left on
+kill) and always closes its pipes; :meth:`ChildProcess.follow` is the one loop that reads a child
+to its end while polling for cancel and, with a :class:`StallWatch`, for a child that makes no
+progress. On top of it: :func:`run_cli` (a CLI command with ``--progress json``), the search
+sessions of :mod:`.sessions` (``serve-search``, JSON lines) and the installer's steps
+(:mod:`.installer`). :func:`parse_error` turns what a failed child left on
 stderr into one :class:`EngineError` with the action that fixes it.
 """
 from __future__ import annotations
@@ -15,6 +17,7 @@ import os
 import queue
 import re
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Sequence
@@ -113,8 +116,6 @@ def child_env(program: str, env: dict[str, str] | None = None) -> dict[str, str]
     """The environment of a child: QGIS's, but a Python other than QGIS's own does not get QGIS's
     PYTHONPATH/PYTHONHOME (they point at QGIS's libraries, e.g. on OSGeo4W); PYTHONSAFEPATH keeps
     ``python -m hqrs_geo`` from picking up a folder of that name in QGIS's working directory."""
-    import sys
-
     env = dict(os.environ if env is None else env, PYTHONUNBUFFERED="1", PYTHONIOENCODING="utf-8", PYTHONSAFEPATH="1")
     try:
         own = os.path.abspath(program) == os.path.abspath(sys.executable)  # a venv links to the same binary
@@ -157,30 +158,24 @@ class ChildProcess:
         except OSError as exc:
             raise EngineError(f"cannot start {self.argv[0]}: {exc.strerror or exc}", "engine", SET_UP_ENGINE) from None
         assert child.stdout is not None  # a pipe (stderr too, unless merged into it)
-        self._spawn(self._pump_stdout, child.stdout)
+        self._spawn(child.stdout, self._lines.put, end=lambda: self._lines.put(None))
         if child.stderr is not None:
-            self._spawn(self._pump_stderr, child.stderr)
+            self._spawn(child.stderr, self.stderr.append)
         return self
 
-    def _spawn(self, target: Callable[[IO[str]], None], stream: IO[str]) -> None:
-        thread = threading.Thread(target=target, args=(stream,), daemon=True)
+    def _spawn(self, stream: IO[str], keep: Callable[[str], None], end: Callable[[], None] = lambda: None) -> None:
+        """A reader thread: every line of ``stream`` to ``keep``, then ``end()``."""
+        def pump() -> None:
+            try:
+                for line in stream:
+                    keep(line)
+            except (OSError, ValueError):
+                pass
+            end()
+
+        thread = threading.Thread(target=pump, daemon=True)
         thread.start()
         self._threads.append(thread)
-
-    def _pump_stdout(self, stream: IO[str]) -> None:
-        try:
-            for line in stream:
-                self._lines.put(line)
-        except (OSError, ValueError):
-            pass
-        self._lines.put(None)
-
-    def _pump_stderr(self, stream: IO[str]) -> None:
-        try:
-            for line in stream:
-                self.stderr.append(line)
-        except (OSError, ValueError):
-            pass
 
     @property
     def pid(self) -> int | None:
@@ -254,6 +249,94 @@ class ChildProcess:
         """What went wrong, from stderr (or the merged output) and the exit status."""
         return parse_error(self.stderr, self.returncode, python)
 
+    def follow(self, on_line: Callable[[str], None], is_cancelled: Callable[[], bool] | None = None,
+               watch: StallWatch | None = None, poll: float = 0.1, kill_grace: float = KILL_GRACE_S) -> Followed:
+        """Give every stdout line of the started child to ``on_line`` until its output ends.
+
+        ``is_cancelled`` is asked every ``poll`` s; once it says yes the child is asked to stop
+        (SIGTERM: the CLI cancels cleanly) and killed ``kill_grace`` s later if it still runs (a long
+        C call; outputs stay safe, every write is atomic). A ``watch`` that finds the child making no
+        progress stops it the same way. Call :meth:`finish` afterwards."""
+        followed = Followed()
+        kill_at: float | None = None
+        while True:
+            if not followed.cancelled and is_cancelled is not None and is_cancelled():
+                followed.cancelled = True
+                kill_at = self._stop(kill_at, kill_grace)
+            if kill_at is not None and time.monotonic() > kill_at:
+                self.kill()
+                kill_at = None
+            try:
+                line = self.read_line(timeout=poll)
+            except TimeoutError:
+                if watch is not None and not followed.stalled:
+                    followed.stalled = watch.stalled()
+                    if followed.stalled:
+                        kill_at = self._stop(kill_at, kill_grace)
+                continue
+            if line is None:
+                return followed
+            if watch is not None:
+                watch.moved()
+            on_line(line)
+
+    def _stop(self, kill_at: float | None, grace: float) -> float:
+        """SIGTERM once; when to kill (an earlier stop keeps its time)."""
+        if kill_at is None:
+            self.terminate()
+            return time.monotonic() + grace
+        return kill_at
+
+
+@dataclass
+class Followed:
+    """How :meth:`ChildProcess.follow` ended: ``cancelled`` when asked to stop; ``stalled`` says why
+    the watch stopped the child ('' when it did not)."""
+
+    cancelled: bool = False
+    stalled: str = ""
+
+
+class StallWatch:
+    """Whether a child still makes progress: a line of output, or ``min_bytes`` more read by the
+    process (``rchar`` of ``/proc/PID/io``: network and files; elsewhere only lines count), within
+    ``stall_seconds``; and whether it is still within ``limit_seconds`` of its start."""
+
+    def __init__(self, pid: int | None, stall_seconds: float, limit_seconds: float, min_bytes: int):
+        self.pid, self.stall_seconds, self.min_bytes = pid, stall_seconds, min_bytes
+        self.started = self.last = time.monotonic()
+        self.deadline = self.started + limit_seconds
+        self.read = self._rchar()
+
+    def _rchar(self) -> int | None:
+        try:
+            with open(f"/proc/{self.pid}/io") as handle:
+                for line in handle:
+                    if line.startswith("rchar:"):
+                        return int(line.split()[1])
+        except (OSError, ValueError):
+            pass
+        return None
+
+    def moved(self) -> None:
+        """A line came."""
+        self.last = time.monotonic()
+
+    def stalled(self) -> str:
+        """Why the child counts as stalled ('' while it makes progress)."""
+        now = time.monotonic()
+        read = self._rchar()
+        if read is not None and self.read is not None and read - self.read >= self.min_bytes:
+            self.read, self.last = read, now
+        elif read is not None and self.read is None:
+            self.read = read
+        if now - self.last > self.stall_seconds:
+            return (f"made no progress for {self.stall_seconds:g} s (no output, under {self.min_bytes // 1024} KiB "
+                    "read)")
+        if now > self.deadline:
+            return f"ran past its {(self.deadline - self.started) / 60:g}-minute limit"
+        return ""
+
 
 @dataclass
 class CliResult:
@@ -306,32 +389,22 @@ def run_cli(args: Sequence[str], python: str, on_progress: Callable[[Progress], 
     except EngineError as exc:
         return CliResult(returncode=127, error=exc)
     final: dict = {}
-    cancelled, kill_at = False, None
-    while True:
-        if is_cancelled is not None and not cancelled and is_cancelled():
-            cancelled = True
-            child.terminate()
-            kill_at = time.monotonic() + KILL_GRACE_S
-        if kill_at is not None and time.monotonic() > kill_at:
-            child.kill()  # stuck in a long C call: outputs are still safe (atomic writes)
-            kill_at = None
-        try:
-            line = child.read_line(timeout=0.1)
-        except TimeoutError:
-            continue
-        if line is None:
-            break
+
+    def take(line: str) -> None:
         try:
             event = json.loads(line)
         except json.JSONDecodeError:
-            continue
+            return
         if not isinstance(event, dict) or "stage" not in event:  # e.g. a JSON list printed by --json
-            continue
+            return
         if event["stage"] in ("done", "error"):
-            final = event
+            final.clear()
+            final.update(event)
         elif on_progress is not None:
             on_progress(Progress(str(event.get("stage", "")), int(event.get("done") or 0), event.get("total"),
                                  str(event.get("message") or "")))
+
+    cancelled = child.follow(take, is_cancelled).cancelled
     returncode = child.finish()
     error = None if returncode == 0 else child.error(python)
     return CliResult(returncode=returncode, error=error, final=final,
