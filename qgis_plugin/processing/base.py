@@ -191,6 +191,14 @@ class HqrsAlgorithm(QgsProcessingAlgorithm):
         self._reload.append(layer)
         return path
 
+    def update_tile_layer(self, parameters: dict[str, Any], context: QgsProcessingContext,
+                          feedback: QgsProcessingFeedback, command: str, args: Sequence[Any]) -> dict[str, Any]:
+        """Run ``hqrs-geo COMMAND LAYER ARGS`` on the tile layer parameter ``INPUT``, which the engine
+        updates in place (reloaded afterwards); returns the outputs."""
+        path = self.input_tile_layer(parameters, "INPUT", context, feedback)
+        self.run_engine([command, path, *args], feedback)
+        return {"OUTPUT": layer_uri(path)}
+
     def whole_tile_layer(self, parameters: dict[str, Any], name: str, context: QgsProcessingContext,
                          feedback: QgsProcessingFeedback) -> str:
         """The file of tile layer parameter ``name`` as a whole, also when only its selected features

@@ -1,7 +1,6 @@
 """Model algorithms: ``hqrs:embed``, ``hqrs:caption`` (update a tile layer) and ``hqrs:run`` (all in one)."""
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from qgis.core import (
@@ -14,7 +13,7 @@ from qgis.core import (
 )
 
 from ...core.registry import CLIP_MODELS, COCA_MODELS
-from ..base import HqrsAlgorithm, layer_uri, output_folder, tr
+from ..base import HqrsAlgorithm, tr
 from ..params import (
     MODEL_FLAGS,
     add_decoding_parameters,
@@ -27,7 +26,7 @@ from ..params import (
     model_args,
     tiling_args,
 )
-from .tiles import EXTENT_HELP, RasterInputAlgorithm, add_tile_destination, tile_destination
+from .tiles import EXTENT_HELP, RasterInputAlgorithm, add_tile_destination
 
 MODEL_HELP = ("<b>Model</b>: a registry model (its checkpoint is looked up in the engine's cache unless "
               "<b>checkpoint</b> is given), or <i>custom</i>: any open_clip architecture named in "
@@ -49,60 +48,57 @@ def add_updated_output(alg: HqrsAlgorithm) -> None:
     alg.addOutput(QgsProcessingOutputVectorLayer("OUTPUT", tr("Updated tile layer"), QgsProcessing.TypeVectorPolygon))
 
 
-class EmbedAlgorithm(HqrsAlgorithm):
+class TileLayerModelAlgorithm(HqrsAlgorithm):
+    """One model over every tile of a tile layer, its results stored on that layer (``hqrs-geo COMMAND
+    LAYER``, COMMAND being ``NAME``); subclasses set ``MODELS`` (the registry models offered),
+    ``MODEL_LABEL`` and whether the caption ``DECODING`` parameters belong to it."""
+
+    GROUP = "Models"
+    GROUP_ID = "models"
+    MODELS: tuple[str, ...] = ()
+    MODEL_LABEL = ""
+    DECODING = False
+
+    def initAlgorithm(self, config: dict[str, Any] | None = None) -> None:  # noqa: N802
+        """Declare the parameters."""
+        add_tile_layer_input(self)
+        add_model_parameters(self, "", self.MODELS, self.MODEL_LABEL)
+        if self.DECODING:
+            add_decoding_parameters(self)
+        add_engine_parameters(self)
+        add_updated_output(self)
+
+    def process(self, parameters: dict[str, Any], context: QgsProcessingContext,
+                feedback: QgsProcessingFeedback) -> dict[str, Any]:
+        """Run ``hqrs-geo NAME LAYER``."""
+        decoding = decoding_args(self, parameters, context) if self.DECODING else []
+        return self.update_tile_layer(parameters, context, feedback, self.NAME, [
+            *model_args(self, parameters, context), *decoding, *engine_args(self, parameters, context)])
+
+
+class EmbedAlgorithm(TileLayerModelAlgorithm):
     """``hqrs:embed``: image embeddings of every tile, stored on the tile layer."""
 
     NAME = "embed"
     DISPLAY = "Embed tiles"
-    GROUP = "Models"
-    GROUP_ID = "models"
     HELP = ("Computes an image embedding of every tile with a CLIP model and stores it on the tile layer "
             "(field <i>emb_&lt;model&gt;</i>), for text search, similar tiles and zero-shot classes.<br>"
             + MODEL_HELP + RESUME_HELP)
-
-    def initAlgorithm(self, config: dict[str, Any] | None = None) -> None:  # noqa: N802
-        """Declare the parameters."""
-        add_tile_layer_input(self)
-        add_model_parameters(self, "", CLIP_MODELS, "Embedding model")
-        add_engine_parameters(self)
-        add_updated_output(self)
-
-    def process(self, parameters: dict[str, Any], context: QgsProcessingContext,
-                feedback: QgsProcessingFeedback) -> dict[str, Any]:
-        """Run ``hqrs-geo embed LAYER``."""
-        path = self.input_tile_layer(parameters, "INPUT", context, feedback)
-        self.run_engine(["embed", path, *model_args(self, parameters, context),
-                         *engine_args(self, parameters, context)], feedback)
-        return {"OUTPUT": layer_uri(path)}
+    MODELS = CLIP_MODELS
+    MODEL_LABEL = "Embedding model"
 
 
-class CaptionAlgorithm(HqrsAlgorithm):
+class CaptionAlgorithm(TileLayerModelAlgorithm):
     """``hqrs:caption``: a caption of every tile from a CoCa model, stored on the tile layer."""
 
     NAME = "caption"
     DISPLAY = "Caption tiles"
-    GROUP = "Models"
-    GROUP_ID = "models"
     HELP = ("Writes a caption of every tile (field <i>caption</i>) with a CoCa model.<br>"
             "<b>Decoding</b>: greedy (fastest), beam (default) or sample. <b>Maximum length</b> in tokens.<br>"
             + MODEL_HELP + RESUME_HELP)
-
-    def initAlgorithm(self, config: dict[str, Any] | None = None) -> None:  # noqa: N802
-        """Declare the parameters."""
-        add_tile_layer_input(self)
-        add_model_parameters(self, "", COCA_MODELS, "Caption model (CoCa)")
-        add_decoding_parameters(self)
-        add_engine_parameters(self)
-        add_updated_output(self)
-
-    def process(self, parameters: dict[str, Any], context: QgsProcessingContext,
-                feedback: QgsProcessingFeedback) -> dict[str, Any]:
-        """Run ``hqrs-geo caption LAYER``."""
-        path = self.input_tile_layer(parameters, "INPUT", context, feedback)
-        self.run_engine(["caption", path, *model_args(self, parameters, context),
-                         *decoding_args(self, parameters, context), *engine_args(self, parameters, context)],
-                        feedback)
-        return {"OUTPUT": layer_uri(path)}
+    MODELS = COCA_MODELS
+    MODEL_LABEL = "Caption model (CoCa)"
+    DECODING = True
 
 
 class RunAlgorithm(RasterInputAlgorithm):
@@ -130,14 +126,8 @@ class RunAlgorithm(RasterInputAlgorithm):
     def process(self, parameters: dict[str, Any], context: QgsProcessingContext,
                 feedback: QgsProcessingFeedback) -> dict[str, Any]:
         """Run ``hqrs-geo run RASTER -o OUT``."""
-        plan = self.planned_raster()
-        path, registered = tile_destination(self, parameters, context, plan, feedback)
-        raster = self.raster_file(plan, parameters, context, output_folder(path), feedback)
-        self.run_engine(["run", raster, "-o", path,
-                         *model_args(self, parameters, context, "EMBED_", MODEL_FLAGS["EMBED_"]),
-                         *model_args(self, parameters, context, "CAPTION_", MODEL_FLAGS["CAPTION_"]),
-                         *decoding_args(self, parameters, context), *engine_args(self, parameters, context),
-                         *tiling_args(self, parameters, context)], feedback, outputs=[path])
-        uri = layer_uri(path)
-        self.load_output(context, registered, uri, f"tiles: {Path(path).stem}", always=not registered)
-        return {"OUTPUT": uri}
+        return self.write_tile_layer(parameters, context, feedback, "run", [
+            *model_args(self, parameters, context, "EMBED_", MODEL_FLAGS["EMBED_"]),
+            *model_args(self, parameters, context, "CAPTION_", MODEL_FLAGS["CAPTION_"]),
+            *decoding_args(self, parameters, context), *engine_args(self, parameters, context),
+            *tiling_args(self, parameters, context)])

@@ -20,7 +20,7 @@ from qgis.core import (
     QgsVectorLayer,
 )
 
-from ..base import HqrsAlgorithm, layer_uri, tr
+from ..base import HqrsAlgorithm, tr
 from ..params import advanced, static_enum
 from .models import add_tile_layer_input, add_updated_output
 
@@ -86,8 +86,7 @@ class MpgiAlgorithm(HqrsAlgorithm):
     def process(self, parameters: dict[str, Any], context: QgsProcessingContext,
                 feedback: QgsProcessingFeedback) -> dict[str, Any]:
         """Run ``hqrs-geo mpgi LAYER``."""
-        path = self.input_tile_layer(parameters, "INPUT", context, feedback)
-        args: list[str] = ["mpgi", path]
+        args: list[str] = []
         recipe = self.parameterAsFile(parameters, "RECIPE", context) if self.given(parameters, "RECIPE") else ""
         if recipe:
             args += ["--recipe", recipe]
@@ -97,8 +96,7 @@ class MpgiAlgorithm(HqrsAlgorithm):
         limit = self.parameterAsInt(parameters, "LIMIT", context) if self.given(parameters, "LIMIT") else 0
         if limit:
             args += ["--limit", str(limit)]
-        self.run_engine(args, feedback)
-        return {"OUTPUT": layer_uri(path)}
+        return self.update_tile_layer(parameters, context, feedback, "mpgi", args)
 
 
 class ExportDatasetAlgorithm(HqrsAlgorithm):

@@ -82,6 +82,18 @@ class RasterInputAlgorithm(HqrsAlgorithm):
             raise QgsProcessingException("HQRS: the input is not a raster layer: choose a raster")
         return self.raster_plan
 
+    def write_tile_layer(self, parameters: dict[str, Any], context: QgsProcessingContext,
+                         feedback: QgsProcessingFeedback, command: str, args: list[Any]) -> dict[str, Any]:
+        """Run ``hqrs-geo COMMAND RASTER -o OUT ARGS`` (the raster within the extent, OUT the tile
+        layer destination) and load the tile layer it writes; returns the outputs."""
+        plan = self.planned_raster()
+        path, registered = tile_destination(self, parameters, context, plan, feedback)
+        raster = self.raster_file(plan, parameters, context, output_folder(path), feedback)
+        self.run_engine([command, raster, "-o", path, *args], feedback, outputs=[path])
+        uri = layer_uri(path)
+        self.load_output(context, registered, uri, f"tiles: {Path(path).stem}", always=not registered)
+        return {"OUTPUT": uri}
+
 
 class TileAlgorithm(RasterInputAlgorithm):
     """``hqrs:tile``: cut a raster into a tile layer (GeoPackage, GeoParquet or FlatGeobuf)."""
@@ -109,14 +121,7 @@ class TileAlgorithm(RasterInputAlgorithm):
     def process(self, parameters: dict[str, Any], context: QgsProcessingContext,
                 feedback: QgsProcessingFeedback) -> dict[str, Any]:
         """Run ``hqrs-geo tile``."""
-        plan = self.planned_raster()
-        path, registered = tile_destination(self, parameters, context, plan, feedback)
-        raster = self.raster_file(plan, parameters, context, output_folder(path), feedback)
-        self.run_engine(["tile", raster, "-o", path, *tiling_args(self, parameters, context)], feedback,
-                        outputs=[path])
-        uri = layer_uri(path)
-        self.load_output(context, registered, uri, f"tiles: {Path(path).stem}", always=not registered)
-        return {"OUTPUT": uri}
+        return self.write_tile_layer(parameters, context, feedback, "tile", tiling_args(self, parameters, context))
 
 
 class ExportChipsAlgorithm(RasterInputAlgorithm):
