@@ -14,6 +14,9 @@ from qgis.PyQt.QtCore import Qt, QTimer
 from qgis.PyQt.QtGui import QIcon
 from qgis.PyQt.QtWidgets import QAction
 
+from .core import sessions, styles, tile_layers
+from .processing.provider import HqrsProvider
+
 ICON = os.path.join(os.path.dirname(__file__), "icon.png")
 MENU = "&HQRS"
 
@@ -31,14 +34,14 @@ class HqrsPlugin:
 
     def initProcessing(self) -> None:  # noqa: N802 - QGIS API name
         """Register the "HQRS" Processing provider (also called by QGIS without a GUI)."""
-        from .processing.provider import HqrsProvider
-
         if self.provider is None:
             self.provider = HqrsProvider()
             QgsApplication.processingRegistry().addProvider(self.provider)
 
     def initGui(self) -> None:  # noqa: N802 - QGIS API name
         """Provider, dock (hidden until asked for, or on the first run), menu and toolbar."""
+        # the widgets are imported with the GUI: QGIS without one (qgis_process) loads the plugin for
+        # its Processing provider only
         from .widgets.dock import SearchDock
         from .widgets.engine_setup import first_run_seen
 
@@ -91,8 +94,6 @@ class HqrsPlugin:
         """Outlines over the imagery and caption map tips for tile layers with QGIS's default look;
         tile and result layers above the imagery, their embedding columns hidden (see
         :func:`.core.tile_layers.settle_new_layer`)."""
-        from .core import styles, tile_layers
-
         for layer_id in layer_ids:
             layer = QgsProject.instance().mapLayer(layer_id)
             if layer is not None and (tile_layers.is_tile_layer(layer) or layer.customProperty(styles.STYLED)):
@@ -123,8 +124,6 @@ class HqrsPlugin:
 
     def unload(self) -> None:
         """Remove the provider, actions and dock; stop search processes; disconnect signals."""
-        from .core import sessions
-
         if self.provider is not None:
             QgsApplication.processingRegistry().removeProvider(self.provider)
             self.provider = None

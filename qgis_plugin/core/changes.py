@@ -24,7 +24,7 @@ from pathlib import Path
 
 from qgis.core import QgsFeatureRequest, QgsGeometry, QgsMapLayer, QgsRasterLayer, QgsVectorLayer
 
-from . import tile_layers
+from . import settings, tile_layers
 from .rasters import gdal_source
 
 CHANGE_LAYER_NAMES = ("change", "changes", tile_layers.TILES_LAYER)  # GeoPackage tables the layer may be in
@@ -277,8 +277,6 @@ def settings_options(models: bool, tiling: bool, **given) -> ChangeOptions:
     """Options with the HQRS settings' defaults: the device always; ``models`` (a date is a raster,
     embedded and captioned here): the embedding and caption models; ``tiling`` (the earlier date is
     a raster, tiled here; the later one follows its grid): the tile size, overlap and resolution."""
-    from . import settings
-
     options = ChangeOptions(**given)
     options.device = options.device or str(settings.value("device") or "auto")
     if models:

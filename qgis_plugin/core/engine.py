@@ -14,10 +14,13 @@ import os
 import shutil
 import sys
 import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
+
+from qgis.PyQt.QtCore import QStandardPaths
 
 from . import settings
 from .runner import SET_UP_ENGINE, ChildProcess, EngineError
@@ -179,8 +182,6 @@ def default_engine_dir() -> Path:
     """Where the plugin installs the engine: ``$HQRS_GEO_ENGINE_DIR`` when set (e.g. an engine an
     administrator installed for everyone), else ``~/.local/share/hqrs_geo/engine`` on Linux (the
     per-user data folder on Windows and macOS), shared by every QGIS profile."""
-    from qgis.PyQt.QtCore import QStandardPaths
-
     if os.environ.get(ENGINE_DIR_ENV):
         return Path(os.environ[ENGINE_DIR_ENV])
     base = QStandardPaths.writableLocation(QStandardPaths.GenericDataLocation) or str(Path.home() / ".local" / "share")
@@ -375,8 +376,6 @@ def self_test(python: str, checks: Sequence[str] = SELF_TEST_CHECKS, model: str 
     embed one random 64×64 tile. It stops at the first failure and keeps that exception's text.
     ``on_line`` receives a line per check as it starts and ends.
     """
-    import time
-
     unknown = [name for name in checks if name not in SELF_TEST_CHECKS]
     if unknown:
         raise ValueError(f"unknown self-test checks {unknown}; known: {SELF_TEST_CHECKS}")

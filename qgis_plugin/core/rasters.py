@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from osgeo import gdal, osr
 from qgis.core import (
     QgsCoordinateReferenceSystem,
     QgsCoordinateTransform,
@@ -159,8 +160,6 @@ def materialise(plan_: RasterPlan, folder: str, resolution_m: float, feedback: Q
         window = pixel_window(plan_)
         if window is None:
             return source
-        from osgeo import gdal
-
         x, y, w, h = window
         vrt = Path(folder) / f"{slug(Path(source).stem)}_x{x}_y{y}_{w}x{h}.vrt"
         feedback.pushInfo(f"Only the extent: pixels {x},{y} to {x + w},{y + h} of {source} ({vrt.name})")
@@ -218,8 +217,6 @@ def materialise(plan_: RasterPlan, folder: str, resolution_m: float, feedback: Q
 def complete_srs(crs: QgsCoordinateReferenceSystem) -> Any:
     """``crs`` as a GDAL ``osr.SpatialReference`` with its full definition: built from the EPSG
     database when it has an EPSG code (so its WKT carries the code), else from its WKT."""
-    from osgeo import osr
-
     srs = osr.SpatialReference()
     srs.SetAxisMappingStrategy(osr.OAMS_TRADITIONAL_GIS_ORDER)
     authority, _, code = crs.authid().partition(":")
@@ -237,8 +234,6 @@ def stamp_crs(path: str, crs: QgsCoordinateReferenceSystem) -> str:
     and check that it reads back with that code; returns the WKT. A GeoTIFF whose CRS reads as a
     code without a definition draws nowhere once it has to be reprojected (a project in another
     CRS), and neither do the tiles made from it."""
-    from osgeo import gdal
-
     srs = complete_srs(crs)
     wkt = srs.ExportToWkt()
     dataset = gdal.Open(path, gdal.GA_Update)

@@ -19,9 +19,11 @@ import atexit
 import json
 import os
 import threading
+import time
 from dataclasses import dataclass
 
 from . import settings
+from .engine import interpreter
 from .runner import ChildProcess, EngineError, humanize
 
 STARTUP_TIMEOUT_S = 600.0  # a first model download can take minutes
@@ -212,8 +214,6 @@ class SearchSession:
     def start(self, timeout: float = STARTUP_TIMEOUT_S) -> dict:
         """Make sure the layer is open in a running process; returns its ready message. Starts a
         process (the model loads: seconds) only when no process of this model runs."""
-        import time
-
         for _attempt in range(2):
             process = self.process
             if process is None or not (process.running or process.single and same_path(process.key.layer,
@@ -298,8 +298,6 @@ def session_key(layer: str, embeddings: str = "", python: str | None = None, mod
     The checkpoint setting applies when ``model`` (the model that made the embeddings) is the
     settings' embedding model: it is where that model's weights now are.
     """
-    from .engine import interpreter
-
     checkpoint = str(settings.value("checkpoint") or "")
     if checkpoint and model and model.split(":")[0] != settings.value("model"):
         checkpoint = ""

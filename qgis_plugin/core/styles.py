@@ -11,7 +11,9 @@ layers of their own.
 """
 from __future__ import annotations
 
+import json
 import math
+import sqlite3
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -25,6 +27,7 @@ from qgis.core import (
     QgsLayerTreeLayer,
     QgsPalLayerSettings,
     QgsProject,
+    QgsProviderRegistry,
     QgsRasterLayer,
     QgsRendererCategory,
     QgsRendererRange,
@@ -456,11 +459,6 @@ def change_style(layer: QgsVectorLayer, threshold: float | None = None) -> None:
 def change_threshold(layer: QgsVectorLayer) -> float:
     """The ``changed`` threshold of a change layer: the run record's (``hqrs_runs`` of a GeoPackage,
     command ``change``), else the engine's default, 3."""
-    import json
-    import sqlite3
-
-    from qgis.core import QgsProviderRegistry
-
     parts = QgsProviderRegistry.instance().decodeUri(layer.providerType(), layer.source())
     path = str(parts.get("path") or "")
     if path.lower().endswith(".gpkg"):

@@ -12,6 +12,7 @@ from typing import Any, Callable
 
 from qgis.core import Qgis, QgsApplication, QgsMessageLog, QgsTask
 
+from .engine import interpreter
 from .runner import CliResult, EngineError, Progress, run_cli
 
 LOG_TAG = "HQRS"
@@ -96,8 +97,6 @@ class EngineTask(QgsTask):
 
     def run(self) -> bool:
         """Worker thread: run the CLI, mirroring its progress."""
-        from .engine import interpreter
-
         def progress(event: Progress) -> None:
             self.last = event
             self.setProgress(event.percent)

@@ -9,11 +9,13 @@ single-layer file (GeoParquet, FlatGeobuf) is a tile layer the engine opens.
 from __future__ import annotations
 
 import os
+import sqlite3
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 from qgis.core import (
     QgsCoordinateReferenceSystem,
     QgsEditorWidgetSetup,
@@ -135,8 +137,7 @@ def thumbnail(source: str, window: tuple[int, int, int, int], size: int = THUMBN
         if byte:
             return dataset.ReadRaster(x0, y0, x1 - x0, y1 - y0, buf_xsize=size, buf_ysize=size, buf_type=gdal.GDT_Byte,
                                       band_list=bands, buf_pixel_space=3, buf_line_space=3 * size, buf_band_space=1)
-        import numpy as np  # other types: a 2-98 % stretch of the window
-
+        # other types: a 2-98 % stretch of the window
         planes = []
         for b in bands:
             data = dataset.GetRasterBand(b).ReadRaster(x0, y0, x1 - x0, y1 - y0, buf_xsize=size, buf_ysize=size,
@@ -153,8 +154,6 @@ def thumbnail(source: str, window: tuple[int, int, int, int], size: int = THUMBN
 
 def gpkg_tables(path: str) -> list[str] | None:
     """The feature tables of a GeoPackage (from ``gpkg_contents``); None when it cannot be read."""
-    import sqlite3
-
     try:
         with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as db:
             return [str(row[0]) for row in db.execute(

@@ -67,7 +67,10 @@ from qgis.PyQt.QtWidgets import (
 
 from ..core import datasets, engine, sessions, settings, styles, tasks, tile_layers
 from ..core.runner import EngineError
+from .change_panel import ChangePanel
 from .engine_setup import EngineSetupPanel
+from .fewshot_panel import FewShotPanel
+from .settings_dialog import SettingsDialog
 
 RESULTS_GROUP = "HQRS results"
 HEAT_MAX_TILES = 5000  # the heat map ranks at most this many tiles
@@ -256,12 +259,9 @@ class SearchDock(QDockWidget):
         layout.addLayout(row1)
         layout.addLayout(row2)
         layout.addWidget(self.table, 1)
-        from .fewshot_panel import FewShotPanel  # label tiles, find all like them, review, refit
-
-        self.fewshot = FewShotPanel(self)
+        self.fewshot = FewShotPanel(self)  # label tiles, find all like them, review, refit
         layout.addWidget(self.fewshot)
-        from .change_panel import ChangePanel  # compare with another date: change layer, most changed tiles
-        self.changes = ChangePanel(self)
+        self.changes = ChangePanel(self)  # compare with another date: change layer, most changed tiles
         layout.addWidget(self.changes)
         layout.addLayout(row3)
         layout.addLayout(row4)
@@ -769,8 +769,6 @@ class SearchDock(QDockWidget):
             self.show_setup()
         if bar is None:
             return
-        from qgis.PyQt.QtWidgets import QPushButton as Button
-
         item = bar.createMessage("HQRS search", error.text)
         action = None
         if error.kind == "engine":
@@ -780,14 +778,14 @@ class SearchDock(QDockWidget):
         elif "device" in str(error).lower():
             action = ("HQRS settings…", self.open_settings)
         if action is not None:
-            button = Button(action[0])
+            button = QPushButton(action[0])
             button.clicked.connect(action[1])
             item.layout().addWidget(button)
         bar.pushWidget(item, Qgis.Critical if error.kind != "user" else Qgis.Warning, 15)
 
     def open_embed(self) -> None:
         """The Embed tiles dialog for the current layer."""
-        import processing
+        import processing  # the Processing plugin: importable once QGIS has loaded it
 
         layer = self.current_layer()
         dialog = processing.createAlgorithmDialog("hqrs:embed", {"INPUT": layer.id()} if layer else {})
@@ -796,8 +794,6 @@ class SearchDock(QDockWidget):
 
     def open_settings(self) -> None:
         """HQRS settings."""
-        from .settings_dialog import SettingsDialog
-
         SettingsDialog(self, self.message_bar()).exec_()
 
     def show_results(self, label: str, crs, heat_hits: list[Hit]) -> None:

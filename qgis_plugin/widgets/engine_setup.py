@@ -22,6 +22,7 @@ from qgis.PyQt.QtWidgets import (
     QComboBox,
     QDialog,
     QDialogButtonBox,
+    QFileDialog,
     QFormLayout,
     QHBoxLayout,
     QLabel,
@@ -310,8 +311,6 @@ class EngineSetupPanel(QWidget):
 
     def choose_existing(self) -> None:
         """Pick the Python of an existing environment; it becomes the interpreter when it works."""
-        from qgis.PyQt.QtWidgets import QFileDialog
-
         path, _ = QFileDialog.getOpenFileName(self, "Python of an environment with hqrs_geo",
                                               str(Path(engine.interpreter()).parent))
         if path:

@@ -466,7 +466,7 @@ class FewShotPanel(QgsCollapsibleGroupBox):
         if layer is None:
             return self.show_status("export works on a tile layer in the project")
         self.save_labels()
-        import processing
+        import processing  # the Processing plugin: importable once QGIS has loaded it
 
         dialog = processing.createAlgorithmDialog("hqrs:export_dataset", {"INPUT": layer.id(), "CAPTIONS": "labels"})
         if dialog is not None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from qgis.gui import QgsFileWidget
 from qgis.PyQt import sip
+from qgis.PyQt.QtCore import Qt
 from qgis.PyQt.QtWidgets import (
     QComboBox,
     QDialog,
@@ -21,6 +22,7 @@ from qgis.PyQt.QtWidgets import (
 from ..core import engine, settings, tasks
 from ..core.registry import CLIP_MODELS, COCA_MODELS, MODELS
 from ..core.runner import EngineError
+from .engine_setup import EngineSetupDialog
 
 
 class SettingsDialog(QDialog):
@@ -143,8 +145,6 @@ class SettingsDialog(QDialog):
     def _fill_devices(self, info: engine.EngineInfo | None, chosen: str) -> None:
         """auto, then the engine's devices (cpu only while they are not known); a chosen device the
         engine does not have stays listed, marked, with a note saying what to choose."""
-        from qgis.PyQt.QtCore import Qt
-
         self.device.blockSignals(True)
         self.device.clear()
         self.device.addItem("auto", "auto")
@@ -213,8 +213,6 @@ class SettingsDialog(QDialog):
 
     def open_setup(self) -> None:
         """The engine set-up dialog; its interpreter fills the field."""
-        from .engine_setup import EngineSetupDialog
-
         dialog = EngineSetupDialog(self, self.message_bar)
         dialog.panel.engine_ready.connect(lambda _summary: self.interpreter.setFilePath(settings.value("interpreter")))
         dialog.exec_()
