@@ -6,12 +6,10 @@ from __future__ import annotations
 
 import math
 import shutil
-import sys
 
 import numpy as np
 import pytest
 from conftest import EXAMPLE_SCENE, ROOT
-from processing_fixture import processing_run  # noqa: F401  (the shared Processing fixture)
 from qgis.core import (
     NULL,
     QgsApplication,
@@ -19,7 +17,6 @@ from qgis.core import (
     QgsMapRendererCustomPainterJob,
     QgsMapSettings,
     QgsProcessingContext,
-    QgsProcessingFeedback,
     QgsProcessingOutputLayerDefinition,
     QgsProject,
     QgsRasterLayer,
@@ -27,14 +24,19 @@ from qgis.core import (
 )
 from qgis.PyQt.QtCore import QSize, Qt
 from qgis.PyQt.QtGui import QColor, QImage, QPainter
-from test_dock import IfaceStandIn, no_installed_engine, qgis, wait_for  # noqa: F401  (shared fixtures)
-from test_plugin_processing import xyz_server  # noqa: F401  (an XYZ server of the example scene)
+from qgis_fixtures import (  # noqa: F401  (fixtures)
+    Recorder,
+    close_dock,
+    new_dock,
+    no_installed_engine,
+    processing_run,
+    qgis,
+    wait_for,
+    xyz_server,
+)
 
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from qgis_plugin.core import changes, settings, styles  # noqa: E402
-from qgis_plugin.core.changes import ChangeError, ChangeOptions  # noqa: E402
+from qgis_plugin.core import changes, settings, styles
+from qgis_plugin.core.changes import ChangeError, ChangeOptions
 
 pytestmark = pytest.mark.filterwarnings("error::DeprecationWarning:qgis_plugin", "error::ResourceWarning")
 SIDE = 100.0  # metres of a tile in the layers written here
@@ -261,20 +263,6 @@ def tile_ids(layer_path, cells) -> set[str]:
     return {str(t) for t, x, y in zip(frame["tile_id"], frame["x_off"], frame["y_off"]) if (y, x) in wanted}
 
 
-class Recorder(QgsProcessingFeedback):
-    """Feedback that keeps the command lines and infos."""
-
-    def __init__(self):
-        super().__init__()
-        self.commands, self.infos = [], []
-
-    def pushCommandInfo(self, info):  # noqa: N802 - QGIS API
-        self.commands.append(info)
-
-    def pushInfo(self, info):  # noqa: N802
-        self.infos.append(info)
-
-
 @pytest.fixture
 def mini_models():
     """The shipped demo models (no download) on the CPU, as the HQRS settings."""
@@ -349,31 +337,6 @@ def test_compare_two_dates_in_processing_loads_the_change_layer_over_the_imagery
             project.removeMapLayer(layer.id())
 
 
-def new_dock():
-    """A search dock on a stand-in QGIS window, shown (it takes real clicks)."""
-    from qgis_plugin.widgets.dock import SearchDock
-
-    iface = IfaceStandIn()
-    dock = SearchDock(iface)
-    dock.iface_stand_in = iface
-    iface.canvas.show()
-    dock.show()
-    return dock
-
-
-def close_dock(dock) -> None:
-    """Unload and delete a dock (as the plugin does on unload)."""
-    from qgis.PyQt import sip
-
-    dock.unload()
-    wait_for(lambda: QgsApplication.taskManager().countActiveTasks() == 0, 60)
-    QgsApplication.processEvents()
-    iface = dock.iface_stand_in
-    iface.bar.clearWidgets()
-    for item in (dock, iface.bar, iface.canvas):
-        sip.delete(item)
-
-
 def test_compare_with_in_the_dock_lists_the_most_changed_tiles_and_zooms_to_them(qgis, mini_models, dates,  # noqa: F811
                                                                                  tmp_path):
     from qgis.PyQt.QtTest import QTest
@@ -386,7 +349,7 @@ def test_compare_with_in_the_dock_lists_the_most_changed_tiles_and_zooms_to_them
         assert layer.isValid()
         project.addMapLayer(layer)
     settings.set_values({"tile_size": float(TILE_PX), "tile_unit": "px", "overlap": 0.0, "gsd": 0.0})
-    dock = new_dock()
+    dock = new_dock(show_canvas=True, show_dock=True)
     panel = dock.changes
     try:
         dialog = panel.open_dialog(earlier)

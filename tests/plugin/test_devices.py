@@ -4,27 +4,14 @@ settings message (what to choose instead), never the engine set-up page."""
 from __future__ import annotations
 
 import sys
-import time
 
 import pytest
-from conftest import ROOT
-from qgis.core import QgsApplication
 from qgis.PyQt import sip
+from qgis_fixtures import close_dock, new_dock, qgis, wait_for  # noqa: F401  (fixtures)
 
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from qgis_plugin.core import engine, sessions, settings  # noqa: E402
+from qgis_plugin.core import engine, settings
 
 pytestmark = pytest.mark.filterwarnings("error::DeprecationWarning:qgis_plugin")
-
-
-@pytest.fixture(scope="module")
-def qgis():
-    app = QgsApplication.instance() or QgsApplication([], False)
-    app.initQgis()
-    yield app
-    sessions.close_all()
 
 
 @pytest.fixture(scope="module")
@@ -35,14 +22,6 @@ def this_engine(qgis):
     settings.set_values({"interpreter": sys.executable})
     yield engine.probe(sys.executable, "auto")
     settings.set_values(before)
-
-
-def wait_for(predicate, timeout: float = 120.0) -> None:
-    started = time.monotonic()
-    while not predicate():
-        assert time.monotonic() - started < timeout, "timed out"
-        QgsApplication.processEvents()
-        time.sleep(0.01)
 
 
 def gpu_free() -> bool:
@@ -99,27 +78,8 @@ def test_settings_dialog_offers_only_the_engines_devices(this_engine):
 
 @pytest.mark.skipif(not gpu_free(), reason="this machine has a CUDA GPU")
 def test_dock_with_a_missing_gpu_stays_on_the_search_page(this_engine):
-    from qgis.gui import QgsMapCanvas, QgsMessageBar
-    from qgis.PyQt.QtWidgets import QAction
-
-    from qgis_plugin.widgets.dock import SearchDock
-
-    class Iface:
-        def __init__(self):
-            self.canvas, self.bar, self.tips = QgsMapCanvas(), QgsMessageBar(), QAction("tips")
-
-        def mapCanvas(self):  # noqa: N802 - QGIS API name
-            return self.canvas
-
-        def messageBar(self):  # noqa: N802
-            return self.bar
-
-        def actionMapTips(self):  # noqa: N802
-            return self.tips
-
     settings.set_value("device", "cuda")
-    iface = Iface()
-    dock = SearchDock(iface)
+    dock = new_dock()
     try:
         dock.check_engine()
         wait_for(lambda: "checking" not in dock.engine_label.text())
@@ -137,7 +97,4 @@ def test_dock_with_a_missing_gpu_stays_on_the_search_page(this_engine):
         text = dock.setup_panel.status.text()
         assert text.startswith("<b>Engine ready</b>") and "No engine yet" not in text and "choose auto or cpu" in text
     finally:
-        dock.unload()
-        wait_for(lambda: QgsApplication.taskManager().countActiveTasks() == 0, 60)
-        for item in (dock, iface.bar, iface.canvas):
-            sip.delete(item)
+        close_dock(dock)

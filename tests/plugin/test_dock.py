@@ -9,83 +9,30 @@ import time
 
 import pytest
 from conftest import EXAMPLE_SCENE, ROOT, write_sparse_scene
-from processing_fixture import processing_run  # noqa: F401 - a fixture
 from project_layers import tile_layer_in_project
 from qgis.core import QgsApplication, QgsGeometry, QgsProject, QgsSettings, QgsVectorLayer
-from qgis.gui import QgsMapCanvas, QgsMessageBar
-from qgis.PyQt import sip
 from qgis.PyQt.QtCore import Qt
 from qgis.PyQt.QtGui import QColor
 from qgis.PyQt.QtTest import QTest
-from qgis.PyQt.QtWidgets import QAction, QPushButton
+from qgis.PyQt.QtWidgets import QPushButton
+from qgis_fixtures import close_dock, embedded_example, new_dock, no_installed_engine, processing_run, qgis, wait_for  # noqa: F401  (fixtures)
 from tiny_models import TINY_CLIP, TINY_COCA
 
 from hqrs_geo import TileConfig, read_tiles
 from hqrs_geo.api import caption, embed, tile
 from hqrs_geo.engine.options import RunOptions
 from hqrs_geo.search.session import SearchSession
-
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from qgis_plugin.core import sessions, settings  # noqa: E402
+from qgis_plugin.core import sessions, settings
 
 pytestmark = pytest.mark.filterwarnings("error::DeprecationWarning:qgis_plugin", "error::ResourceWarning")
 QUERY = "a river with a bridge"
 
 
 @pytest.fixture(scope="module")
-def qgis():
-    app = QgsApplication.instance() or QgsApplication([], False)
-    app.initQgis()
-    yield app
-    sessions.close_all()
-
-
-@pytest.fixture(autouse=True)
-def no_installed_engine(tmp_path, monkeypatch):
-    """The engine is this test process's Python (no engine the plugin installed elsewhere)."""
-    monkeypatch.setenv("HQRS_GEO_ENGINE_DIR", str(tmp_path / "no-engine"))
-
-
-class IfaceStandIn:
-    """The parts of QgisInterface the dock uses."""
-
-    def __init__(self):
-        self.canvas = QgsMapCanvas()
-        self.canvas.resize(400, 400)
-        self.bar = QgsMessageBar()
-        self.map_tips = QAction("Show map tips")
-        self.map_tips.setCheckable(True)
-
-    def mapCanvas(self):  # noqa: N802 - QGIS API name
-        return self.canvas
-
-    def messageBar(self):  # noqa: N802
-        return self.bar
-
-    def actionMapTips(self):  # noqa: N802
-        return self.map_tips
-
-
-def wait_for(predicate, timeout: float = 180.0) -> float:
-    """Process events until ``predicate()``; returns the seconds it took."""
-    started = time.monotonic()
-    while not predicate():
-        if time.monotonic() - started > timeout:
-            raise AssertionError("timed out")
-        QgsApplication.processEvents()
-        time.sleep(0.01)
-    return time.monotonic() - started
-
-
-@pytest.fixture(scope="module")
 def embedded_master(tmp_path_factory, tiny_clip_checkpoint, tiny_coca_checkpoint):
     """64 tiles with tiny-CLIP embeddings and tiny-CoCa captions."""
-    path = tmp_path_factory.mktemp("dock") / "tiles.gpkg"
-    tile(EXAMPLE_SCENE, path, TileConfig(tile_size=125))
+    path = embedded_example(tmp_path_factory.mktemp("dock") / "tiles.gpkg", tiny_clip_checkpoint, tile_size=125)
     options = RunOptions(workers=0)
-    embed(path, model=TINY_CLIP, checkpoint=str(tiny_clip_checkpoint), device="cpu", options=options)
     from hqrs_geo.models.decoding import DecodingConfig
 
     caption(path, model=TINY_COCA, checkpoint=str(tiny_coca_checkpoint), device="cpu", options=options,
@@ -102,23 +49,9 @@ def project_layer(embedded_master, tmp_path):
 
 @pytest.fixture
 def dock(qgis):
-    from qgis_plugin.widgets.dock import SearchDock
-
-    iface = IfaceStandIn()
-    widget = SearchDock(iface)
-    widget.iface_stand_in = iface
+    widget = new_dock()
     yield widget
-    widget.clear_results()
-    widget.unload()
-    # searches that were cancelled (or replaced by a newer one) end in the background: their
-    # callbacks must not find the dock deleted
-    wait_for(lambda: QgsApplication.taskManager().countActiveTasks() == 0, 60)
-    QgsApplication.processEvents()
-    # delete the widgets now, not at interpreter exit: a combo box popup that was shown, or a message
-    # bar item with a timeout, crash it then
-    iface.bar.clearWidgets()
-    for item in (widget, iface.bar, iface.canvas):
-        sip.delete(item)
+    close_dock(widget)
 
 
 def run_query(dock, text: str) -> float:

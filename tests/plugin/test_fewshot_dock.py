@@ -4,31 +4,19 @@ and refit changing the probabilities in the same layer, labels kept across closi
 from __future__ import annotations
 
 import shutil
-import sys
 import time
 
 import pytest
-from conftest import EXAMPLE_SCENE, ROOT
-from processing_fixture import processing_run  # noqa: F401  (the shared Processing fixture)
 from project_layers import tile_layer_in_project
 from qgis.core import QgsApplication, QgsPointXY, QgsProcessingException, QgsProject, QgsRectangle, QgsVectorLayer
-from qgis.PyQt import sip
 from qgis.PyQt.QtCore import QPoint, Qt
 from qgis.PyQt.QtTest import QTest
-from test_dock import IfaceStandIn, no_installed_engine, qgis, wait_for  # noqa: F401  (shared fixtures)
-from tiny_models import TINY_CLIP
+from qgis_fixtures import close_dock, embedded_example, new_dock, no_installed_engine, processing_run, qgis, wait_for  # noqa: F401  (fixtures)
 
-from hqrs_geo import TileConfig
-from hqrs_geo.api import embed, tile
-from hqrs_geo.engine.options import RunOptions
 from hqrs_geo.search import fewshot
 from hqrs_geo.search.session import SearchSession
-
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from qgis_plugin.core import detections  # noqa: E402
-from qgis_plugin.processing.algorithms import ALGORITHM_CLASSES  # noqa: E402
+from qgis_plugin.core import detections
+from qgis_plugin.processing.algorithms import ALGORITHM_CLASSES
 
 pytestmark = pytest.mark.filterwarnings("error::DeprecationWarning:qgis_plugin", "error::ResourceWarning")
 
@@ -36,10 +24,7 @@ pytestmark = pytest.mark.filterwarnings("error::DeprecationWarning:qgis_plugin",
 @pytest.fixture(scope="module")
 def embedded(tmp_path_factory, tiny_clip_checkpoint):
     """64 tiles of the example scene with tiny-CLIP embeddings."""
-    path = tmp_path_factory.mktemp("fewshot") / "tiles.gpkg"
-    tile(EXAMPLE_SCENE, path, TileConfig(tile_size=125))
-    embed(path, model=TINY_CLIP, checkpoint=str(tiny_clip_checkpoint), device="cpu", options=RunOptions(workers=0))
-    return path
+    return embedded_example(tmp_path_factory.mktemp("fewshot") / "tiles.gpkg", tiny_clip_checkpoint, tile_size=125)
 
 
 @pytest.fixture
@@ -49,32 +34,9 @@ def layer(embedded, tmp_path):
         yield added
 
 
-def new_dock():
-    """A search dock on a stand-in QGIS window whose map canvas is shown (it takes real clicks)."""
-    from qgis_plugin.widgets.dock import SearchDock
-
-    iface = IfaceStandIn()
-    dock = SearchDock(iface)
-    dock.iface_stand_in = iface
-    iface.canvas.show()
-    return dock
-
-
-def close_dock(dock) -> None:
-    """Unload and delete a dock (as the plugin does on unload)."""
-    dock.clear_results()
-    dock.unload()
-    wait_for(lambda: QgsApplication.taskManager().countActiveTasks() == 0, 60)
-    QgsApplication.processEvents()
-    iface = dock.iface_stand_in
-    iface.bar.clearWidgets()
-    for item in (dock, iface.bar, iface.canvas):
-        sip.delete(item)
-
-
 @pytest.fixture
 def dock(qgis):  # noqa: F811 - the shared QGIS fixture
-    widget = new_dock()
+    widget = new_dock(show_canvas=True)
     yield widget
     close_dock(widget)
     for layer in list(QgsProject.instance().mapLayers().values()):
@@ -259,7 +221,7 @@ def test_requests_replace_cancel_and_explain(dock, layer):
 
 def test_labels_survive_closing_and_reopening(qgis, layer):  # noqa: F811 - the shared QGIS fixture
     ids = tile_ids(layer)
-    dock = new_dock()
+    dock = new_dock(show_canvas=True)
     try:
         show_layer(dock, layer)
         panel = dock.fewshot
@@ -275,7 +237,7 @@ def test_labels_survive_closing_and_reopening(qgis, layer):  # noqa: F811 - the 
     path = layer.source().split("|")[0]
     saved = fewshot.saved_labels(path)  # read back by the engine, independently
     assert saved["positive"] == [ids[3], ids[4]] and saved["negative"] == [ids[40]]
-    dock = new_dock()  # a new dock (QGIS reopened): its session starts again
+    dock = new_dock(show_canvas=True)  # a new dock (QGIS reopened): its session starts again
     try:
         show_layer(dock, layer)
         panel = dock.fewshot

@@ -23,7 +23,6 @@ import shutil
 import subprocess
 import sys
 import threading
-import time
 import zipfile
 from functools import partial
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
@@ -34,11 +33,9 @@ import pytest
 from conftest import ROOT
 from qgis.core import Qgis, QgsApplication
 from qgis.gui import QgsMessageBar
+from qgis_fixtures import qgis, wait_for  # noqa: F401  (fixtures)
 
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from qgis_plugin.core import engine, installer, settings  # noqa: E402
+from qgis_plugin.core import engine, installer, settings
 
 LIGHT_CHECKS = ("torch", "torchvision", "open_clip", "hqrs_geo")  # the self-test without the real model
 NMS_MISSING = "operator torchvision::nms does not exist"
@@ -155,11 +152,6 @@ class PackageIndex:
 
 
 @pytest.fixture(scope="module")
-def qgis():
-    return QgsApplication.instance() or QgsApplication([], False)
-
-
-@pytest.fixture(scope="module")
 def index(tmp_path_factory):
     """The stand-in wheels and the two indexes serving them; also the stand-in hqrs_geo wheel."""
     root = tmp_path_factory.mktemp("index")
@@ -229,14 +221,6 @@ def ended(task) -> list[str]:
     task.taskCompleted.connect(lambda: how.append("complete"))
     task.taskTerminated.connect(lambda: how.append("failed"))
     return how
-
-
-def wait_for(predicate, timeout: float) -> None:
-    started = time.monotonic()
-    while not predicate():
-        assert time.monotonic() - started < timeout, "timed out"
-        QgsApplication.processEvents()
-        time.sleep(0.05)
 
 
 def test_every_pip_step_passes_the_pins_and_the_pinned_pair_is_installed(qgis, index, pip_env, tmp_path):
@@ -381,8 +365,8 @@ def test_a_wheel_folder_made_by_the_documented_command_installs_offline(qgis, in
     names = sorted(p.name for p in folder.iterdir())
     assert "torch-2.14.1+cpu-py3-none-any.whl" in names and "torchvision-0.29.1+cpu-py3-none-any.whl" in names
     assert index.wheel.name in names and not [n for n in names if n.startswith("torch-2.15")]
-    # the README documents this command (with the real indexes)
-    readme = (ROOT / "README.md").read_text()
+    # the plugin's documentation gives this command (with the real indexes)
+    readme = (ROOT / "docs" / "qgis-plugin.md").read_text()
     from hqrs_geo import __version__
 
     documented = shlex.join(installer.wheel_folder_command(f"./hqrs_geo-{__version__}-py3-none-any.whl",

@@ -22,34 +22,14 @@ from pathlib import Path
 import pytest
 from conftest import EXAMPLE_SCENE, ROOT
 from project_layers import tile_layer_in_project
-from qgis.core import QgsApplication, QgsSettings
+from qgis.core import QgsSettings
 from qgis.PyQt.QtCore import Qt
 from qgis.PyQt.QtTest import QTest
+from qgis_fixtures import IfaceStandIn, qgis, wait_for  # noqa: F401  (fixtures)
 
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from qgis_plugin.core import engine, installer, sessions, settings  # noqa: E402
+from qgis_plugin.core import engine, installer, sessions, settings
 
 pytestmark = pytest.mark.filterwarnings("error::DeprecationWarning:qgis_plugin", "error::ResourceWarning")
-
-
-@pytest.fixture(scope="module")
-def qgis():
-    app = QgsApplication.instance() or QgsApplication([], False)
-    app.initQgis()
-    yield app
-    sessions.close_all()
-
-
-def wait_for(predicate, timeout: float) -> float:
-    started = time.monotonic()
-    while not predicate():
-        if time.monotonic() - started > timeout:
-            raise AssertionError("timed out")
-        QgsApplication.processEvents()
-        time.sleep(0.05)
-    return time.monotonic() - started
 
 
 def fake_nvidia_smi(folder: Path, name: str) -> None:
@@ -144,8 +124,6 @@ def first_run(tmp_path, monkeypatch):
 
 
 def test_first_run_installs_the_engine_and_searches_without_restarting(qgis, tmp_path, analyst_layer, first_run):
-    from test_dock import IfaceStandIn
-
     from qgis_plugin.widgets.dock import SearchDock
 
     # the plugin zip and the engine's wheel inside it, as `make plugin` builds them

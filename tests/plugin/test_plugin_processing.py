@@ -3,117 +3,41 @@ extent (a file, and an XYZ layer served on 127.0.0.1 from real imagery tiles), t
 reaching the engine, searches reusing one session, outputs loaded with a name and a style."""
 from __future__ import annotations
 
-import io
 import json
 import math
 import shutil
 import sqlite3
-import sys
-import threading
 import time
-import uuid
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-import numpy as np
 import pytest
 import rasterio
-from conftest import EXAMPLE_SCENE, ROOT
-from http_helpers import send_body
+from conftest import EXAMPLE_SCENE
 from qgis.core import (
     QgsApplication,
     QgsProcessingContext,
-    QgsProcessingFeedback,
     QgsProcessingOutputLayerDefinition,
     QgsProject,
     QgsRasterLayer,
     QgsVectorLayer,
 )
 from qgis.PyQt.QtCore import Qt
+from qgis_fixtures import (  # noqa: F401  (fixtures)
+    SCENE_BOUNDS,
+    Recorder,
+    TileHandler,
+    embedded_example,
+    extent_string,
+    no_installed_engine,
+    processing_run,
+    xyz_server,
+)
 from tiny_models import TINY_CLIP
-
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from processing_fixture import processing_run  # noqa: E402,F401  (the shared fixture)
 
 from qgis_plugin.core import sessions, settings  # noqa: E402
 from qgis_plugin.processing.algorithms import CUSTOM_MODEL  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("error::DeprecationWarning:qgis_plugin", "error::ResourceWarning")
-SCENE_BOUNDS = (127375.0, 428000.0, 127625.0, 428250.0)  # the example scene, EPSG:28992
-
-
-@pytest.fixture(autouse=True)
-def no_installed_engine(tmp_path, monkeypatch):
-    monkeypatch.setenv("HQRS_GEO_ENGINE_DIR", str(tmp_path / "no-engine"))
-
-
-class Recorder(QgsProcessingFeedback):
-    """Feedback that keeps command lines, infos and progress texts."""
-
-    def __init__(self):
-        super().__init__()
-        self.commands, self.infos, self.texts = [], [], []
-
-    def pushCommandInfo(self, info):  # noqa: N802 - QGIS API
-        self.commands.append(info)
-
-    def pushInfo(self, info):  # noqa: N802
-        self.infos.append(info)
-
-    def setProgressText(self, text):  # noqa: N802
-        self.texts.append(text)
-
-
-def extent_string(x0, y0, x1, y1, crs="EPSG:28992") -> str:
-    return f"{x0!r},{x1!r},{y0!r},{y1!r} [{crs}]"
-
-
-# an XYZ server of real imagery -----------------------------------------------------------------
-class TileHandler(BaseHTTPRequestHandler):
-    """``/<run>/{z}/{x}/{y}.png``: the example GeoTIFF warped into the web-mercator tile (PNG). The
-    ``<run>`` part is new for each server, so tiles in Qt's disk cache (which outlives the tests)
-    from an earlier server on the same port are never used."""
-
-    requests = 0
-
-    def do_GET(self):  # noqa: N802 - http.server API
-        from PIL import Image
-        from rasterio.transform import from_bounds
-        from rasterio.warp import Resampling, reproject
-
-        try:
-            z, x, y = (int(part) for part in self.path.strip("/").split(".")[0].split("/")[-3:])
-        except ValueError:
-            self.send_error(404)
-            return
-        TileHandler.requests += 1
-        size = 20037508.342789244
-        span = 2 * size / 2 ** z
-        x0, y1 = -size + x * span, size - y * span
-        rgba = np.zeros((4, 256, 256), np.uint8)
-        with rasterio.open(EXAMPLE_SCENE) as src:
-            for band in range(3):
-                reproject(rasterio.band(src, band + 1), rgba[band], dst_transform=from_bounds(
-                    x0, y1 - span, x0 + span, y1, 256, 256), dst_crs="EPSG:3857", resampling=Resampling.bilinear)
-        rgba[3] = np.where(rgba[:3].any(axis=0), 255, 0)
-        buffer = io.BytesIO()
-        Image.fromarray(np.moveaxis(rgba, 0, -1), "RGBA").save(buffer, "PNG")
-        send_body(self, 200, buffer.getvalue(), "image/png")
-
-    def log_message(self, *args):
-        pass
-
-
-@pytest.fixture(scope="module")
-def xyz_server():
-    server = ThreadingHTTPServer(("127.0.0.1", 0), TileHandler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}/{uuid.uuid4().hex}"
-    server.shutdown()
-    server.server_close()
 
 
 def test_xyz_layer_within_an_extent_is_written_at_a_ground_resolution_then_tiled(processing_run, xyz_server, tmp_path):
@@ -221,14 +145,7 @@ def test_every_setting_reaches_the_engine(processing_run, saved_settings, tmp_pa
 
 @pytest.fixture(scope="module")
 def embedded(tmp_path_factory, tiny_clip_checkpoint):
-    from hqrs_geo import TileConfig
-    from hqrs_geo.api import embed, tile
-    from hqrs_geo.engine.options import RunOptions
-
-    out = tmp_path_factory.mktemp("embedded") / "embedded.gpkg"
-    tile(EXAMPLE_SCENE, out, TileConfig(tile_size=250))
-    embed(out, model=TINY_CLIP, checkpoint=str(tiny_clip_checkpoint), device="cpu", options=RunOptions(workers=0))
-    return out
+    return embedded_example(tmp_path_factory.mktemp("embedded") / "embedded.gpkg", tiny_clip_checkpoint)
 
 
 def test_searches_reuse_a_session_and_load_named_styled_results(processing_run, embedded, tmp_path):

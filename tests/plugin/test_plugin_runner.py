@@ -11,11 +11,8 @@ import time
 import pytest
 from conftest import EXAMPLE_SCENE, ROOT, write_sparse_scene
 
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from qgis_plugin.core import runner  # noqa: E402
-from qgis_plugin.core.runner import EngineError, humanize, parse_error, run_cli  # noqa: E402
+from qgis_plugin.core import runner
+from qgis_plugin.core.runner import EngineError, humanize, parse_error, run_cli
 
 pytestmark = pytest.mark.filterwarnings("error::DeprecationWarning:qgis_plugin", "error::ResourceWarning")
 

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import EXAMPLE_SCENE, ROOT, write_sparse_scene
 from qgis.core import (
     QgsApplication,
     QgsCoordinateReferenceSystem,
@@ -28,18 +29,13 @@ from qgis.core import (
     QgsSettings,
     QgsVectorLayer,
 )
-
-from conftest import EXAMPLE_SCENE, ROOT, write_sparse_scene
+from qgis_fixtures import embedded_example, processing_run  # noqa: F401  (fixtures)
 from tiny_models import TINY_CLIP, TINY_COCA
 
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from qgis_plugin.core import engine, sessions, settings  # noqa: E402
-from qgis_plugin.processing import base as alg_base  # noqa: E402
-from qgis_plugin.processing.algorithms import CUSTOM_MODEL  # noqa: E402
-from qgis_plugin.processing.provider import HqrsProvider  # noqa: E402
-from processing_fixture import processing_run  # noqa: E402,F401  (the shared fixture)
+from qgis_plugin.core import engine, settings
+from qgis_plugin.processing import base as alg_base
+from qgis_plugin.processing.algorithms import CUSTOM_MODEL
+from qgis_plugin.processing.provider import HqrsProvider
 
 ALGORITHMS = ("tile", "embed", "caption", "run", "search", "similar", "classify", "export_chips", "mpgi",
               "export_dataset", "detect", "change")
@@ -79,15 +75,8 @@ def tiles(tmp_path) -> Path:
 @pytest.fixture(scope="module")
 def embedded_master(tmp_path_factory, tiny_clip_checkpoint) -> Path:
     """16 tiles with tiny-CLIP embeddings (made in process, read-only for the tests)."""
-    from hqrs_geo import TileConfig
-    from hqrs_geo.api import embed, tile
-    from hqrs_geo.engine.options import RunOptions
-
-    out = tmp_path_factory.mktemp("embedded") / "embedded.gpkg"
-    tile(EXAMPLE_SCENE, out, TileConfig(tile_size=250))
-    embed(out, model=TINY_CLIP, checkpoint=str(tiny_clip_checkpoint), device="cpu",
-          options=RunOptions(workers=0, embedding_dtype="float32"))
-    return out
+    return embedded_example(tmp_path_factory.mktemp("embedded") / "embedded.gpkg", tiny_clip_checkpoint,
+                            embedding_dtype="float32")
 
 
 @pytest.fixture
@@ -340,10 +329,12 @@ def test_algorithms_chain_in_a_model(processing_run, scene, tmp_path, tiny_clip_
     from qgis.core import (
         QgsProcessingModelAlgorithm,
         QgsProcessingModelChildAlgorithm,
-        QgsProcessingModelChildParameterSource as Source,
         QgsProcessingModelOutput,
         QgsProcessingModelParameter,
         QgsProcessingParameterRasterLayer,
+    )
+    from qgis.core import (
+        QgsProcessingModelChildParameterSource as Source,
     )
 
     model = QgsProcessingModelAlgorithm("hqrs chain", "tests")

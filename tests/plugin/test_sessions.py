@@ -8,39 +8,21 @@ import sys
 import time
 
 import pytest
-from conftest import EXAMPLE_SCENE, ROOT
+from qgis_fixtures import embedded_example, qgis  # noqa: F401  (fixtures)
 from tiny_models import TINY_CLIP
 
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from qgis_plugin.core import sessions  # noqa: E402
-from qgis_plugin.core.runner import EngineError  # noqa: E402
+from qgis_plugin.core import sessions
+from qgis_plugin.core.runner import EngineError
 
 QUERY = {"text": "a river with a bridge", "k": 5}
-
-
-@pytest.fixture(scope="module")
-def qgis():
-    from qgis.core import QgsApplication
-
-    app = QgsApplication.instance() or QgsApplication([], False)
-    yield app
-    sessions.close_all()
 
 
 @pytest.fixture(scope="module")
 def embedded(tmp_path_factory, tiny_clip_checkpoint):
     """Two layers embedded by the tiny CLIP (16 tiles each) and one by another model (its
     checkpoint differs: another model as far as the vectors go)."""
-    from hqrs_geo import TileConfig
-    from hqrs_geo.api import embed, tile
-    from hqrs_geo.engine.options import RunOptions
-
     folder = tmp_path_factory.mktemp("sessions")
-    first = folder / "first.gpkg"
-    tile(EXAMPLE_SCENE, first, TileConfig(tile_size=250))
-    embed(first, model=TINY_CLIP, checkpoint=str(tiny_clip_checkpoint), device="cpu", options=RunOptions(workers=0))
+    first = embedded_example(folder / "first.gpkg", tiny_clip_checkpoint)
     second = shutil.copy(first, folder / "second.gpkg")
     return first, second
 

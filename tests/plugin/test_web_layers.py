@@ -5,14 +5,10 @@ layers hide their embedding columns; an empty GeoPackage is named as one."""
 from __future__ import annotations
 
 import shutil
-import sys
-import threading
-import uuid
-from http.server import ThreadingHTTPServer
 
 import numpy as np
 import pytest
-from conftest import EXAMPLE_SCENE, ROOT
+from conftest import EXAMPLE_SCENE
 from qgis.core import (
     QgsCoordinateReferenceSystem,
     QgsCoordinateTransform,
@@ -29,32 +25,25 @@ from qgis.core import (
 )
 from qgis.PyQt.QtCore import QSize
 from qgis.PyQt.QtGui import QColor
-from test_plugin_processing import SCENE_BOUNDS, TileHandler, extent_string
+from qgis_fixtures import (  # noqa: F401  (fixtures)
+    SCENE_BOUNDS,
+    TileHandler,
+    extent_string,
+    no_installed_engine,
+    processing_run,
+    xyz_server,
+)
 from tiny_models import TINY_CLIP
 
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from processing_fixture import processing_run  # noqa: E402,F401  (the shared fixture)
-
-from qgis_plugin.core import tile_layers  # noqa: E402
+from qgis_plugin.core import tile_layers
 
 pytestmark = pytest.mark.filterwarnings("error::DeprecationWarning:qgis_plugin")
 MAGENTA = (255, 0, 255)
 
 
-@pytest.fixture(autouse=True)
-def no_installed_engine(tmp_path, monkeypatch):
-    monkeypatch.setenv("HQRS_GEO_ENGINE_DIR", str(tmp_path / "no-engine"))
-
-
 @pytest.fixture(scope="module")
-def xyz_url():
-    server = ThreadingHTTPServer(("127.0.0.1", 0), TileHandler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}/{uuid.uuid4().hex}/{{z}}/{{x}}/{{y}}.png"
-    server.shutdown()
-    server.server_close()
+def xyz_url(xyz_server):
+    return f"{xyz_server}/{{z}}/{{x}}/{{y}}.png"
 
 
 @pytest.fixture
