@@ -1,7 +1,8 @@
 """Real parts for the scale-out tests: an HTTP server with range requests on 127.0.0.1, COGs
 cut from the example scene and the test scenes (tests/data, and the example scene warped to
 EPSG:4326), STAC items pointing at them, a two-node Ray cluster on loopback addresses (each node
-its own raylet), and snapshots of a dataset folder's parts."""
+its own raylet), and snapshots of a dataset folder's parts; the Ray tests' shared fixtures
+(:func:`served`, :func:`scenes`, :func:`env`: import them by name)."""
 from __future__ import annotations
 
 import json
@@ -10,12 +11,14 @@ import re
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
+import pytest
 import rasterio
 from conftest import DRONE_SCENE, EXAMPLE_SCENE, NAIP_SCENE, geographic_scene
 from rasterio.windows import Window
@@ -23,6 +26,7 @@ from rasterio.windows import Window
 from hqrs_geo.engine.distributed import stop_processes as kill_processes
 
 ROOT = Path(__file__).resolve().parents[1]
+RAY_SCENE_SIZE = (384, 256)  # the Ray tests' crops: 3 x 2 tiles of 128 px in the larger ones, 64 tiles in all
 
 
 # -- HTTP with range requests -------------------------------------------------------------------
@@ -393,3 +397,32 @@ def parts(folder: Path) -> dict[str, int]:
     removed by the next run when their writer was killed) are not parts."""
     return {path.name: path.stat().st_ino for path in folder.glob("*.parquet")
             if not path.name.startswith(".") and ".tmp" not in path.name}
+
+
+# -- the Ray tests' shared fixtures ---------------------------------------------------------------
+def short_folder(prefix: str) -> Path:
+    """A new folder with a short path: Ray's sockets live under a cluster's folder and AF_UNIX paths
+    stop at 107 bytes, which pytest's own temporary folders pass under pytest-xdist
+    (/tmp/pytest-of-USER/pytest-NNN/popen-gwN/...)."""
+    return Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp" if os.path.isdir("/tmp") else None))
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """An HTTP server with range requests on 127.0.0.1 for the module."""
+    server = RangeServer(tmp_path_factory.mktemp("http"))
+    yield server
+    server.close()
+
+
+@pytest.fixture(scope="module")
+def scenes(served, tmp_path_factory):
+    """The 12 scenes of :func:`archive` (crops of :data:`RAY_SCENE_SIZE`), 8 of them served."""
+    return archive(tmp_path_factory.mktemp("archive"), served, size=RAY_SCENE_SIZE)
+
+
+@pytest.fixture(scope="module")
+def env(model_environment):
+    """The environment of Ray processes: the repository importable, no Ray token, no usage stats."""
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+            "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}

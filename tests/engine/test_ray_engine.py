@@ -17,12 +17,10 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
-from pathlib import Path
 
 import pytest
-from scale_helpers import ROOT, RangeServer, RayCluster, archive, compare_layers, free_port, parts
+from scale_helpers import RayCluster, compare_layers, env, free_port, parts, scenes, served, short_folder  # noqa: F401  (fixtures)
 from tiny_models import TINY_CLIP, TINY_COCA
 
 import hqrs_geo as hg
@@ -35,32 +33,11 @@ pytestmark = pytest.mark.timeout(900)
 
 TILING = ["--tile-size", "128", "--crs", "EPSG:4326"]
 CONFIG = hg.TileConfig(tile_size=128, crs="EPSG:4326")
-SCENE_SIZE = (384, 256)  # 3 x 2 tiles of 128 px in the larger crops, partial tiles in the drone and NAIP crops
-
-
-@pytest.fixture(scope="module")
-def served(tmp_path_factory):
-    server = RangeServer(tmp_path_factory.mktemp("http"))
-    yield server
-    server.close()
-
-
-@pytest.fixture(scope="module")
-def scenes(served, tmp_path_factory):
-    return archive(tmp_path_factory.mktemp("archive"), served, size=SCENE_SIZE)
-
-
-@pytest.fixture(scope="module")
-def env(model_environment):
-    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
-            "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
 
 
 @pytest.fixture(scope="module")
 def two_nodes(env):
-    # a short folder: Ray's sockets live under it and AF_UNIX paths stop at 107 bytes, which pytest's
-    # own temporary folders pass under pytest-xdist (/tmp/pytest-of-USER/pytest-NNN/popen-gwN/...)
-    temp = Path(tempfile.mkdtemp(prefix="ray", dir="/tmp" if os.path.isdir("/tmp") else None))
+    temp = short_folder("ray")
     nodes = RayCluster(temp, env, head_cpus=3, worker_cpus=2)
     yield nodes
     nodes.stop()

@@ -14,13 +14,21 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import pytest
 from archive_report import record
-from scale_helpers import ROOT, RangeServer, RayCluster, archive, compare_layers, free_port, kill_processes
+from scale_helpers import (  # noqa: F401  (fixtures)
+    RayCluster,
+    compare_layers,
+    env,
+    free_port,
+    kill_processes,
+    scenes,
+    served,
+    short_folder,
+)
 from tiny_models import TINY_CLIP
 
 import hqrs_geo as hg
@@ -33,25 +41,6 @@ pytestmark = pytest.mark.timeout(600)
 
 TILING = ["--tile-size", "128", "--crs", "EPSG:4326"]
 CONFIG = hg.TileConfig(tile_size=128, crs="EPSG:4326")
-SCENE_SIZE = (384, 256)  # 64 tiles in the 12 scenes
-
-
-@pytest.fixture(scope="module")
-def served(tmp_path_factory):
-    server = RangeServer(tmp_path_factory.mktemp("http"))
-    yield server
-    server.close()
-
-
-@pytest.fixture(scope="module")
-def scenes(served, tmp_path_factory):
-    return archive(tmp_path_factory.mktemp("archive"), served, size=SCENE_SIZE)
-
-
-@pytest.fixture(scope="module")
-def env(model_environment):
-    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
-            "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
 
 
 @pytest.fixture(scope="module")
@@ -65,8 +54,7 @@ def reference(scenes, tmp_path_factory, tiny_clip_checkpoint):
 
 @pytest.fixture
 def short_temp():
-    # Ray's sockets live under the cluster's folder and AF_UNIX paths stop at 107 bytes
-    temp = Path(tempfile.mkdtemp(prefix="rayf", dir="/tmp" if os.path.isdir("/tmp") else None))
+    temp = short_folder("rayf")
     yield temp
     shutil.rmtree(temp, ignore_errors=True)
 
