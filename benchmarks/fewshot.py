@@ -213,6 +213,16 @@ class MatrixSession:
         """Every row (no spatial filter in the benchmark)."""
         return None
 
+    def blocks(self):
+        """The one embedding matrix (a layer file's session has one block)."""
+        from hqrs_geo.search.session import Block
+
+        return [Block(None, self.index.ids, self.index.matrix, self.index.exact)]
+
+    def block_masks(self, spatial):
+        """Every row of the one block."""
+        return [self.mask(spatial)]
+
 
 def synthetic(path: Path, n: int, dim: int, seed: int = 0) -> np.ndarray:
     """``n`` unit float16 vectors with some structure (64 clusters), written chunk by chunk."""
