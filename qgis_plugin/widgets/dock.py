@@ -40,24 +40,29 @@ from qgis.core import (
     QgsMapLayer,
     QgsProject,
     QgsRectangle,
+    QgsSettings,
     QgsVectorLayer,
 )
-from qgis.gui import QgsMapToolIdentifyFeature
+from qgis.gui import QgsCollapsibleGroupBox, QgsMapToolIdentifyFeature
 from qgis.PyQt.QtCore import QObject, QSize, Qt, QTimer, pyqtSignal
-from qgis.PyQt.QtGui import QImage, QPixmap
+from qgis.PyQt.QtGui import QIcon, QImage, QPixmap
 from qgis.PyQt.QtWidgets import (
     QAbstractItemView,
     QCheckBox,
     QComboBox,
     QDockWidget,
     QFileDialog,
+    QFrame,
     QHBoxLayout,
     QHeaderView,
     QLabel,
     QLineEdit,
     QPushButton,
+    QScrollArea,
     QSpinBox,
+    QSplitter,
     QStackedWidget,
+    QTableView,
     QTableWidget,
     QTableWidgetItem,
     QToolButton,
@@ -76,6 +81,8 @@ RESULTS_GROUP = "HQRS results"
 HEAT_MAX_TILES = 5000  # the heat map ranks at most this many tiles
 COLUMNS = ("", "rank", "score", "caption")
 OPEN_DATASET = "open-dataset"  # item data of the layer box's "Open dataset…" entry
+LIST_THUMBNAIL_PX = 48  # thumbnails in the hit list are drawn this big (from THUMBNAIL_PX): 8+ rows in a 760 px dock
+MIN_ROWS = 4  # hit list rows kept when a section below it is expanded (where the dock is tall enough)
 
 
 @dataclass
@@ -123,6 +130,96 @@ class LayerBox(QComboBox):
         """Refresh, then open."""
         self.about_to_show.emit()
         super().showPopup()
+
+
+class SectionSplitter(QSplitter):
+    """The hit list over the dock's collapsible sections (few-shot, changes) in a vertical splitter.
+
+    The hit list takes the spare height, also when the dock is resized. The sections, in a scroll
+    pane below it, start collapsed (their titles only); when one is expanded the pane gets their
+    height, or the height the analyst dragged it to, as long as the hit list keeps ``min_rows``
+    rows: what does not fit then scrolls. Whether each section is collapsed and the pane's dragged
+    height are remembered per user (QgsSettings ``hqrs_geo/dock/<section>/collapsed``,
+    ``hqrs_geo/dock/sections_height``)."""
+
+    def __init__(self, main: QTableView, min_rows: int):
+        super().__init__(Qt.Vertical)
+        self.setObjectName("HqrsSections")
+        self.setChildrenCollapsible(False)
+        self.main = main
+        self.min_rows = min_rows
+        self.sections: list[QgsCollapsibleGroupBox] = []
+        content = QWidget()
+        self.sections_layout = QVBoxLayout(content)
+        self.sections_layout.setContentsMargins(0, 0, 0, 0)
+        self.sections_layout.addStretch(0)  # collapsed sections at the top of the pane
+        self.pane = QScrollArea()
+        self.pane.setObjectName("HqrsSectionsPane")
+        self.pane.setWidgetResizable(True)
+        self.pane.setFrameShape(QFrame.NoFrame)
+        self.pane.setWidget(content)
+        self.addWidget(main)
+        self.addWidget(self.pane)
+        self.setStretchFactor(0, 1)
+        self.setStretchFactor(1, 0)
+        self.arrange_timer = QTimer(self)  # after the sections' layout has followed their new state
+        self.arrange_timer.setSingleShot(True)
+        self.arrange_timer.setInterval(0)
+        self.arrange_timer.timeout.connect(self.arrange)
+        self.splitterMoved.connect(self.remember_height)
+
+    @staticmethod
+    def setting(name: str) -> str:
+        """The QgsSettings key of one of the dock's layout settings."""
+        return settings.key(f"dock/{name}")
+
+    def add_section(self, box: QgsCollapsibleGroupBox) -> None:
+        """A collapsible section below the others, collapsed unless the analyst left it expanded."""
+        box.setSaveCollapsedState(False)  # remembered here, with the plugin's other settings
+        box.setCollapsed(QgsSettings().value(self.setting(f"{box.objectName()}/collapsed"), True, type=bool))
+        self.sections_layout.insertWidget(len(self.sections), box, 1)  # a taller pane: taller sections
+        self.sections.append(box)
+        box.collapsedStateChanged.connect(lambda collapsed, b=box: self.toggled(b, collapsed))
+        bar = self.pane.verticalScrollBar().sizeHint().width()
+        self.pane.setMinimumWidth(self.pane.widget().minimumSizeHint().width() + bar)  # no sideways scrolling
+
+    def toggled(self, box: QgsCollapsibleGroupBox, collapsed: bool) -> None:
+        """A section collapsed or expanded: remember it, then share out the height again."""
+        QgsSettings().setValue(self.setting(f"{box.objectName()}/collapsed"), collapsed)
+        self.arrange_timer.start()
+
+    def remember_height(self, _pos: int = 0, _index: int = 0) -> None:
+        """The analyst dragged the handle with a section expanded: the pane's height is theirs."""
+        if any(not box.isCollapsed() for box in self.sections):
+            QgsSettings().setValue(self.setting("sections_height"), self.sizes()[1])
+
+    def row_height(self) -> int:
+        """A row of the hit list (an icon's height before there are rows)."""
+        if self.main.model() is not None and self.main.model().rowCount() > 0:
+            return max(self.main.rowHeight(0), 1)
+        return self.main.iconSize().height() + 4
+
+    def arrange(self) -> None:
+        """The pane at the sections' height (titles only when all are collapsed) or the analyst's,
+        at most what leaves the hit list ``min_rows`` rows; the hit list the rest."""
+        total = sum(self.sizes())
+        if total <= 0:  # not laid out yet: arranged when shown
+            return
+        content = self.pane.widget().sizeHint().height()
+        titles = sum(min(box.sizeHint().height(), box.maximumHeight()) for box in self.sections if box.isCollapsed())
+        self.pane.setMinimumHeight(min(content, titles + 2 * self.fontMetrics().height()))
+        wanted = content
+        if any(not box.isCollapsed() for box in self.sections):
+            wanted = QgsSettings().value(self.setting("sections_height"), 0, type=int) or content
+        chrome = self.main.height() - self.main.viewport().height()  # header and frame
+        room = total - chrome - self.min_rows * self.row_height()
+        height = max(min(wanted, content, room), self.pane.minimumHeight())
+        self.setSizes([total - height, height])
+
+    def showEvent(self, event) -> None:  # noqa: N802 - Qt API
+        """Share out the height once the dock has one."""
+        super().showEvent(event)
+        self.arrange_timer.start()
 
 
 class SearchDock(QDockWidget):
@@ -224,10 +321,10 @@ class SearchDock(QDockWidget):
         self.table.setSelectionBehavior(QTableWidget.SelectRows)
         self.table.setSelectionMode(QAbstractItemView.ExtendedSelection)
         self.table.setWordWrap(True)
-        self.table.setIconSize(QSize(tile_layers.THUMBNAIL_PX, tile_layers.THUMBNAIL_PX))
+        self.table.setIconSize(QSize(LIST_THUMBNAIL_PX, LIST_THUMBNAIL_PX))  # rows of the hit list this high
         header = self.table.horizontalHeader()
         header.setSectionResizeMode(0, QHeaderView.Fixed)
-        header.resizeSection(0, tile_layers.THUMBNAIL_PX + 6)
+        header.resizeSection(0, LIST_THUMBNAIL_PX + 6)
         header.setSectionResizeMode(1, QHeaderView.ResizeToContents)
         header.setSectionResizeMode(2, QHeaderView.ResizeToContents)
         header.setSectionResizeMode(3, QHeaderView.Stretch)
@@ -258,11 +355,12 @@ class SearchDock(QDockWidget):
         layout.addWidget(self.layer_hint)
         layout.addLayout(row1)
         layout.addLayout(row2)
-        layout.addWidget(self.table, 1)
         self.fewshot = FewShotPanel(self)  # label tiles, find all like them, review, refit
-        layout.addWidget(self.fewshot)
         self.changes = ChangePanel(self)  # compare with another date: change layer, most changed tiles
-        layout.addWidget(self.changes)
+        self.splitter = SectionSplitter(self.table, min_rows=MIN_ROWS)
+        self.splitter.add_section(self.fewshot)
+        self.splitter.add_section(self.changes)
+        layout.addWidget(self.splitter, 1)  # the hit list takes the spare height
         layout.addLayout(row3)
         layout.addLayout(row4)
         self.query.returnPressed.connect(self.search_text)
@@ -805,7 +903,7 @@ class SearchDock(QDockWidget):
             if hit.thumbnail:
                 size = tile_layers.THUMBNAIL_PX
                 image = QImage(hit.thumbnail, size, size, 3 * size, QImage.Format_RGB888).copy()
-                thumb.setData(Qt.DecorationRole, QPixmap.fromImage(image))
+                thumb.setData(Qt.DecorationRole, QIcon(QPixmap.fromImage(image)))  # drawn at the table's icon size
             rank = QTableWidgetItem(str(hit.result["rank"]))
             score = QTableWidgetItem(f"{hit.result['score']:.4f}")
             caption = QTableWidgetItem(hit.caption or "—")

@@ -139,7 +139,6 @@ class FewShotPanel(QgsCollapsibleGroupBox):
         self.table.setEditTriggers(QTableWidget.NoEditTriggers)
         self.table.setSelectionBehavior(QTableWidget.SelectRows)
         self.table.setSelectionMode(QAbstractItemView.ExtendedSelection)
-        self.table.setMaximumHeight(170)
         header = self.table.horizontalHeader()
         for column in range(3):
             header.setSectionResizeMode(column, QHeaderView.ResizeToContents)
@@ -167,7 +166,7 @@ class FewShotPanel(QgsCollapsibleGroupBox):
         self.status.setTextInteractionFlags(Qt.TextSelectableByMouse)
         layout.addLayout(row1)
         layout.addLayout(row2)
-        layout.addWidget(self.table)
+        layout.addWidget(self.table, 1)  # the section's height beyond its buttons (the dock's splitter)
         layout.addLayout(row3)
         layout.addWidget(self.status)
         self.label_button.toggled.connect(self.toggle_label_tool)

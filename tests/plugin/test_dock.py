@@ -11,10 +11,10 @@ import pytest
 from conftest import EXAMPLE_SCENE, ROOT, write_sparse_scene
 from project_layers import tile_layer_in_project
 from qgis.core import QgsApplication, QgsGeometry, QgsProject, QgsSettings, QgsVectorLayer
-from qgis.PyQt.QtCore import Qt
+from qgis.PyQt.QtCore import QSize, Qt
 from qgis.PyQt.QtGui import QColor
 from qgis.PyQt.QtTest import QTest
-from qgis.PyQt.QtWidgets import QPushButton
+from qgis.PyQt.QtWidgets import QPushButton, QToolButton
 from qgis_fixtures import close_dock, embedded_example, new_dock, no_installed_engine, processing_run, qgis, wait_for  # noqa: F401  (fixtures)
 from tiny_models import TINY_CLIP, TINY_COCA
 
@@ -48,7 +48,7 @@ def project_layer(embedded_master, tmp_path):
 
 
 @pytest.fixture
-def dock(qgis):
+def dock(qgis):  # noqa: F811 - the shared QGIS fixture
     widget = new_dock()
     yield widget
     close_dock(widget)
@@ -80,7 +80,8 @@ def test_dock_never_blocks_and_shows_results_over_the_imagery(dock, project_laye
     assert [dock.table.item(r, 3).text() for r in range(5)] == [captions[t] for t in expected]
     assert expected[0] in dock.table.item(0, 3).toolTip()  # tile id and full caption in the tooltip
     thumbnail = dock.table.item(0, 0).data(Qt.DecorationRole)
-    assert thumbnail is not None and thumbnail.width() == 72 and not thumbnail.toImage().isGrayscale()
+    assert thumbnail is not None and thumbnail.availableSizes() == [QSize(72, 72)]  # drawn at the icon size
+    assert not thumbnail.pixmap(72).toImage().isGrayscale()
     # results: a layer of their own, outlines coloured by score with rank labels; the tiles untouched
     hits = dock.results_layer()
     assert hits.name() == f'hits: "{QUERY}"' and hits.featureCount() == 5
@@ -211,7 +212,7 @@ def test_settings_changes_restart_search_sessions(saved_device, dock, project_la
     assert [key.device for key in sessions.running_sessions()] == ["cpu"] and dock.table.rowCount() == 20
 
 
-def test_engine_task_progress_and_cancel(qgis, tmp_path):
+def test_engine_task_progress_and_cancel(qgis, tmp_path):  # noqa: F811 - the shared QGIS fixture
     from qgis_plugin.core.tasks import EngineTask, start
 
     big = write_sparse_scene(tmp_path / "big.tif")
@@ -233,7 +234,7 @@ def test_engine_task_progress_and_cancel(qgis, tmp_path):
     assert finished[0].ok and len(read_tiles(small)) == 16
 
 
-def test_settings_dialog_round_trip_and_background_check(qgis):
+def test_settings_dialog_round_trip_and_background_check(qgis):  # noqa: F811 - the shared QGIS fixture
     from qgis_plugin.widgets.settings_dialog import SettingsDialog
 
     before = settings.values()
@@ -264,7 +265,7 @@ def test_settings_dialog_round_trip_and_background_check(qgis):
         settings.set_values(before)
 
 
-def test_example_renders_search_map(qgis, embedded_master, tmp_path):
+def test_example_renders_search_map(qgis, embedded_master, tmp_path):  # noqa: F811 - the shared QGIS fixture
     import numpy as np
     from PIL import Image
 
@@ -357,7 +358,8 @@ def test_dock_searches_a_dataset_folder_without_loading_it(dock, dataset_folder,
         assert [dock.table.item(r, 1).text() for r in range(5)] == ["1", "2", "3", "4", "5"]
         assert [dock.table.item(r, 3).text() for r in range(5)] == expected.caption.tolist()
         thumbnail = dock.table.item(0, 0).data(Qt.DecorationRole)
-        assert thumbnail is not None and thumbnail.width() == 72 and not thumbnail.toImage().isGrayscale()
+        assert thumbnail is not None and thumbnail.availableSizes() == [QSize(72, 72)]
+        assert not thumbnail.pixmap(72).toImage().isGrayscale()
         # the thumbnail is the tile's window of its own raster (not another tile's)
         from qgis_plugin.core.tile_layers import thumbnail as read_thumbnail
 
@@ -430,7 +432,7 @@ def symbol_colour(layer, feature) -> tuple:
     return first.fillColor().getRgb(), first.strokeColor().getRgb(), first.brushStyle()
 
 
-def test_hit_colours_are_absolute_on_the_models_score_scale(qgis):
+def test_hit_colours_are_absolute_on_the_models_score_scale(qgis):  # noqa: F811 - the shared QGIS fixture
     from qgis.core import QgsCoordinateReferenceSystem, QgsRectangle
 
     from qgis_plugin.core import styles
@@ -461,7 +463,7 @@ def test_hit_colours_are_absolute_on_the_models_score_scale(qgis):
     assert nothing.customProperty(styles.SCALE) == [0.2, 0.3]
 
 
-def test_detection_style_is_graduated_on_the_probability(qgis):
+def test_detection_style_is_graduated_on_the_probability(qgis):  # noqa: F811 - the shared QGIS fixture
     from qgis.core import QgsFeature
 
     from qgis_plugin.core import styles
@@ -492,7 +494,7 @@ def test_detection_style_is_graduated_on_the_probability(qgis):
         styles.detection_style(QgsVectorLayer("Polygon?crs=EPSG:28992&field=x:double", "x", "memory"))
 
 
-def test_results_go_above_the_imagery(qgis, tmp_path):
+def test_results_go_above_the_imagery(qgis, tmp_path):  # noqa: F811 - the shared QGIS fixture
     from qgis.core import QgsRasterLayer
 
     from qgis_plugin.core import styles
@@ -625,7 +627,7 @@ def test_the_embeddings_hint_follows_finished_runs(dock, tmp_path, tiny_clip_che
         assert any(dock.layer_box.itemData(i).layer_id == layer.id() for i in range(dock.layer_box.count() - 1))
 
 
-def test_help_and_hints_name_gui_actions_not_terminal_commands(qgis):
+def test_help_and_hints_name_gui_actions_not_terminal_commands(qgis):  # noqa: F811 - the shared QGIS fixture
     import re
 
     from qgis_plugin.processing.algorithms import algorithms
@@ -691,3 +693,91 @@ def test_zero_shot_classes_are_drawn_with_a_legend_over_the_imagery(processing_r
         for layer in list(project.mapLayers().values()):
             if layer.name().startswith("classes: ") or layer.id() == imagery_id:
                 project.removeMapLayer(layer.id())
+
+
+def visible_rows(table) -> float:
+    """How many rows of ``table`` its viewport shows."""
+    return table.viewport().height() / table.rowHeight(0)
+
+
+def settle() -> None:
+    """Let layouts and the dock's splitter follow a change."""
+    for _ in range(4):
+        QgsApplication.processEvents()
+
+
+def test_the_hit_list_gets_the_docks_height_and_the_sections_keep_their_state(qgis, project_layer):  # noqa: F811
+    """20 hits in a 520x760 dock: 8+ rows while the few-shot and change sections are collapsed (as
+    they start), 4+ with a section expanded, what an expanded section does not fit scrolls; the
+    state and the dragged height come back in a new dock (QgsSettings of this test's HOME)."""
+    QgsSettings().remove("hqrs_geo/dock")
+
+    def open_dock():
+        dock = new_dock()
+        dock.resize(520, 760)
+        dock.show()
+        settle()
+        return dock
+
+    dock = open_dock()
+    try:
+        assert dock.fewshot.isCollapsed() and dock.changes.isCollapsed()
+        assert dock.set_layer(project_layer)
+        dock.k.setValue(20)
+        run_query(dock, QUERY)
+        wait_for(lambda: dock.task.done)
+        settle()
+        assert dock.table.rowCount() == 20
+        collapsed_rows = visible_rows(dock.table)
+        assert collapsed_rows >= 8, collapsed_rows
+        assert dock.fewshot.isVisible() and dock.changes.isVisible()  # their titles are shown
+        # the analyst opens the few-shot section (its arrow): it gets room, the hit list keeps 4 rows
+        QTest.mouseClick(dock.fewshot.findChild(QToolButton, "collapseButton"), Qt.LeftButton)
+        settle()
+        assert not dock.fewshot.isCollapsed()
+        one_open = visible_rows(dock.table)
+        assert one_open >= 4, one_open
+        pane = dock.splitter.pane
+        top = dock.fewshot.add_hits_button.mapTo(pane.viewport(), dock.fewshot.add_hits_button.rect().bottomLeft())
+        assert 0 < top.y() <= pane.viewport().height()  # its buttons are on screen
+        assert dock.fewshot.table.viewport().height() > 0
+        # "Compare with…" opens the change section too: the hit list still keeps 4 rows, the pane scrolls
+        dialog = dock.changes.open_dialog()
+        dialog.close()
+        settle()
+        assert not dock.changes.isCollapsed()
+        both_open = visible_rows(dock.table)
+        assert both_open >= 4, both_open
+        assert pane.verticalScrollBar().maximum() > 0
+        # a taller dock: the extra height goes to the hit list
+        before = dock.splitter.sizes()
+        dock.resize(520, 1000)
+        settle()
+        after = dock.splitter.sizes()
+        assert after[1] == before[1] and after[0] == before[0] + 240, (before, after)
+        # the analyst drags the handle up 60 px
+        dock.splitter.moveSplitter(after[0] - 60, 1)
+        dragged = dock.splitter.sizes()[1]
+        assert dragged == after[1] + 60
+    finally:
+        close_dock(dock)
+    dock = open_dock()  # as the analyst left it
+    try:
+        assert not dock.fewshot.isCollapsed() and not dock.changes.isCollapsed()
+        dock.resize(520, 1000)
+        settle()
+        dock.splitter.arrange()
+        assert dock.splitter.sizes()[1] == dragged
+        dock.fewshot.setCollapsed(True)
+        dock.changes.setCollapsed(True)
+    finally:
+        close_dock(dock)
+    dock = open_dock()
+    try:
+        assert dock.fewshot.isCollapsed() and dock.changes.isCollapsed()
+        assert dock.splitter.sizes()[1] < 3 * dock.fontMetrics().height() + 20  # the two titles only
+    finally:
+        close_dock(dock)
+        QgsSettings().remove("hqrs_geo/dock")
+    print(f"\ndock 520x760, 20 hits: rows visible {collapsed_rows:.1f} (sections collapsed), {one_open:.1f} (one "
+          f"expanded), {both_open:.1f} (both)")
