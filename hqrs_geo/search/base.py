@@ -120,9 +120,8 @@ class Searcher(ABC):
         raise OptionError(self.NO_INDEX)
 
 
-class ApproximateSearcher(Searcher):
-    """Candidates from an approximate index, re-scored exactly; ``exact`` (a searcher over the
-    same rows) answers what the index cannot (see the module docstring)."""
+class OverExact(Searcher):
+    """A searcher over the rows of an exact searcher ``exact``: its size and dimension are those."""
 
     exact: Searcher
 
@@ -135,6 +134,11 @@ class ApproximateSearcher(Searcher):
     def dim(self) -> int:
         """Vector dimension."""
         return self.exact.dim
+
+
+class ApproximateSearcher(OverExact):
+    """Candidates from an approximate index, re-scored exactly; ``exact`` (a searcher over the
+    same rows) answers what the index cannot (see the module docstring)."""
 
     def approximate(self) -> Searcher:
         """The searcher itself: it is the approximate one."""

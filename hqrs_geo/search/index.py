@@ -19,7 +19,7 @@ import numpy as np
 from ..errors import OptionError
 from .ann import ANN_DEFAULTS, RECALL_QUERIES, AnnIndex
 from .ann import recall_queries as _recall_queries
-from .base import Result, Searcher
+from .base import OverExact, Result, Searcher
 from .cache import load_or_build, safe_key
 from .choose import KINDS, choose_kind
 from .exact import ExactSearch, row_blocks
@@ -30,7 +30,7 @@ ANN_KINDS = (*ANN_DEFAULTS, "ivfpq")
 PathLike = str | os.PathLike
 
 
-class VectorIndex(Searcher):
+class VectorIndex(OverExact):
     """Nearest-neighbour search over an ``(N, D)`` embedding matrix whose rows are tiles ``ids``:
     exact (:class:`~hqrs_geo.search.exact.ExactSearch`), or with ``use_ann`` the loaded FAISS or
     IVF-PQ index (:meth:`approximate`)."""
@@ -40,6 +40,7 @@ class VectorIndex(Searcher):
 
     ids: np.ndarray
     matrix: np.ndarray
+    exact: ExactSearch
 
     def __init__(self, matrix: np.ndarray, ids: np.ndarray, *, layer: PathLike | None = None, key: str | None = None,
                  fingerprint: dict | None = None, max_norm: float | None = None, cache_path: Path | None = None):
@@ -87,17 +88,6 @@ class VectorIndex(Searcher):
         loaded, fingerprint = load_or_build(Path(layer), key, frame)
         return cls(loaded.matrix, loaded.ids, layer=layer, key=key, fingerprint=fingerprint,
                    max_norm=loaded.max_norm, cache_path=loaded.path)
-
-    # ------------------------------------------------------------------ properties
-    @property
-    def n(self) -> int:
-        """Number of rows (tiles with an embedding)."""
-        return self.exact.n
-
-    @property
-    def dim(self) -> int:
-        """Embedding dimension."""
-        return self.exact.dim
 
     def __repr__(self) -> str:
         ann = self._ann_info["kind"] if self._ann_info else None
