@@ -269,7 +269,12 @@ class ChangePanel(QgsCollapsibleGroupBox):
         self._build()
 
     def _build(self) -> None:
-        layout = QVBoxLayout(self)
+        # one body under the group box: expanding it shows every widget directly under it, which
+        # would show the progress bar between runs
+        body = QWidget()
+        QVBoxLayout(self).addWidget(body)
+        layout = QVBoxLayout(body)
+        layout.setContentsMargins(0, 0, 0, 0)
         self.compare_button = QPushButton("Compare with…")
         self.compare_button.setToolTip("Compare the current tile layer or raster with another date of the same "
                                        "place: a change layer over the imagery and the most changed tiles")

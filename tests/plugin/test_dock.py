@@ -745,7 +745,8 @@ def test_the_hit_list_gets_the_docks_height_and_the_sections_keep_their_state(qg
         dialog = dock.changes.open_dialog()
         dialog.close()
         settle()
-        assert not dock.changes.isCollapsed()
+        assert not dock.changes.isCollapsed() and dock.changes.compare_button.isVisible()
+        assert not dock.changes.progress.isVisible()  # no run: no progress bar
         both_open = visible_rows(dock.table)
         assert both_open >= 4, both_open
         assert pane.verticalScrollBar().maximum() > 0
