@@ -707,13 +707,14 @@ def settle() -> None:
 
 
 def test_the_hit_list_gets_the_docks_height_and_the_sections_keep_their_state(qgis, project_layer):  # noqa: F811
-    """20 hits in a 520x760 dock: 8+ rows while the few-shot and change sections are collapsed (as
+    """20 hits with thumbnails in a 520x760 dock: 8+ rows while the few-shot and change sections are collapsed (as
     they start), 4+ with a section expanded, what an expanded section does not fit scrolls; the
     state and the dragged height come back in a new dock (QgsSettings of this test's HOME)."""
     QgsSettings().remove("hqrs_geo/dock")
 
     def open_dock():
         dock = new_dock()
+        dock.engine_checked = True  # no engine probe when shown: this test is about the layout
         dock.resize(520, 760)
         dock.show()
         settle()
@@ -723,11 +724,13 @@ def test_the_hit_list_gets_the_docks_height_and_the_sections_keep_their_state(qg
     try:
         assert dock.fewshot.isCollapsed() and dock.changes.isCollapsed()
         assert dock.set_layer(project_layer)
-        dock.k.setValue(20)
-        run_query(dock, QUERY)
-        wait_for(lambda: dock.task.done)
+        # 20 hits, read from the tile layer and shown the way a search's answer is (no engine: fast)
+        ids = [f["tile_id"] for f in project_layer.getFeatures()][:20]
+        results = [{"tile_id": t, "rank": i + 1, "score": 0.6 - i / 100} for i, t in enumerate(ids)]
+        dock.hits = dock._read_hits(project_layer.source().split("|")[0], results, 20)
+        dock.show_results(QUERY, project_layer.crs(), [])
         settle()
-        assert dock.table.rowCount() == 20
+        assert dock.table.rowCount() == 20 and dock.table.item(0, 0).data(Qt.DecorationRole) is not None
         collapsed_rows = visible_rows(dock.table)
         assert collapsed_rows >= 8, collapsed_rows
         assert dock.fewshot.isVisible() and dock.changes.isVisible()  # their titles are shown
