@@ -1075,12 +1075,14 @@ def test_killed_export_chips_leaves_no_temporary_and_resumes(layer, tmp_path):
 
 # ------------------------------------------------------------------------------- 14: noise
 
-def test_quiet_means_quiet_for_errors_of_a_missing_hub_model(tmp_path, monkeypatch):
+def test_quiet_means_quiet_for_errors_of_a_missing_hub_model(layer, tmp_path, monkeypatch):
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens: offline, at once
     monkeypatch.setenv("HQRS_GEO_HOME", str(tmp_path))
+    tiles = tmp_path / "tiles.gpkg"  # a real layer: its input is checked before any model is fetched
+    shutil.copyfile(layer, tiles)
     start = time.monotonic()
-    result = child("embed", "missing.gpkg", "--model", "remoteclip-rn50", "-q", cwd=tmp_path,
+    result = child("embed", tiles, "--model", "remoteclip-rn50", "-q", cwd=tmp_path,
                    env={**os.environ})
     expect_clean(result.returncode, result.stderr, "hub cannot be reached", shape=False)
     assert len(result.stderr.strip().splitlines()) == 1 and time.monotonic() - start < 20
