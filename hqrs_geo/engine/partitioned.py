@@ -34,7 +34,7 @@ import geopandas as gpd
 import numpy as np
 import pyarrow.parquet as pq
 
-from ..atomic import file_facts, output_folder, remove_stale_temporaries_in
+from ..atomic import file_facts, folder_lock, output_folder, remove_stale_temporaries_in
 from ..errors import HqrsError, OptionError, OutputError
 from ..layer.dataset import (
     Manifest,
@@ -405,8 +405,13 @@ def run_dataset(
     options = (options or RunOptions()).validated()
     scale = (scale or ScaleOptions()).validated()
     folder = Path(output)
-    existing = is_dataset(folder)
-    _check_folder(folder, existing)
+    if folder.is_dir():
+        with folder_lock(folder, folder):  # a job saving this dataset's first manifest finishes first
+            existing = is_dataset(folder)
+            _check_folder(folder, existing)
+    else:
+        existing = False
+        _check_folder(folder, existing)
     resolution = resolve_catalog(sources, source_filter)
     entries = resolution.entries
     manifest = Manifest.load(folder) if existing else Manifest(folder)
