@@ -106,6 +106,8 @@ class EngineTask(QgsTask):
 
     def finished(self, ok: bool) -> None:
         """Main thread: log the outcome and hand it to ``on_done``."""
+        if self.result is None and self.isCanceled():  # cancelled before it started: nothing ran
+            self.result = CliResult(returncode=-1, cancelled=True)
         if self.result is not None and not ok:
             text = "cancelled; finished work is kept" if self.result.cancelled else \
                 (self.result.error.text if self.result.error else "failed")
