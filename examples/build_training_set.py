@@ -26,6 +26,10 @@ train_coca.json), to weigh the small human-captioned set against the larger clas
 * ``val_eurosat.json`` (with ``--eurosat-val N``): N EuroSAT images per class from those the training
   subset left out (split ``val``, unified concept names): a second selection set from a source other
   than UCM, so that choosing between models does not look at UCM alone, nor at the held-out set.
+* ``holdout_sydney.json`` (with ``--holdout-sydney CAPTIONS_JSON IMAGES_DIR``): a held-out captioned
+  set, split ``test``: the Sydney-captions images that exist in ``IMAGES_DIR`` with their five human
+  captions (and their class, where the captions JSON gives one). Only 9 of the 613 images are
+  obtainable; the set measures captions on imagery the models never saw, and chooses nothing.
 * ``manifest.json``: counts per source and class, the options, and a sha256 of each JSON.
 
 Everything is deterministic (captions are drawn with a RNG seeded by the image's path).
@@ -42,6 +46,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from caption_rules import CONCEPTS, DATASET_CLASSES, rule_captions  # noqa: E402
+
+from hqrs_geo.atomic import write_text  # noqa: E402
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp"}
 
@@ -139,16 +145,56 @@ def holdout_records(root: Path, out: Path) -> list[dict]:
              "sentences": []} for folder, image in class_folders(root)]
 
 
+def sydney_records(captions: Path, images: Path) -> list[dict]:
+    """Held-out records (split ``test``) of the Sydney-captions images present in ``images``.
+
+    ``captions`` is the Karpathy-style JSON of the full set (``dataset_sydney*.json``); an entry
+    whose image file is missing is left out (the public copies hold only a few of the images).
+    Each record keeps the human captions, the image's class where the JSON gives one, and its
+    split in the original JSON (``source_split``): it is evaluated on, never trained on.
+    """
+    try:
+        data = json.loads(captions.read_text(encoding="utf-8"))
+    except (OSError, ValueError, UnicodeDecodeError) as exc:
+        raise SystemExit(f"{captions}: cannot read a Karpathy-style captions JSON ({exc}); "
+                         "give dataset_sydney*.json") from None
+    entries = data.get("images") if isinstance(data, dict) else None
+    if not isinstance(entries, list):
+        raise SystemExit(f"{captions}: not a Karpathy-style JSON ('images' must be a list)")
+    if not images.is_dir():
+        raise SystemExit(f"{images}: not a folder; give the folder that holds the Sydney images (1.tif...)")
+    records = []
+    for number, item in enumerate(entries):
+        if not isinstance(item, dict) or not isinstance(item.get("filename"), str):
+            raise SystemExit(f"{captions}: images[{number}] has no filename")
+        image = images / item["filename"]
+        if not image.is_file():
+            continue
+        sentences = [s["raw"].strip() for s in item.get("sentences", [])
+                     if isinstance(s, dict) and isinstance(s.get("raw"), str) and s["raw"].strip()]
+        record = {"filename": _absolute(image), "split": "test", "source": "sydney-captions",
+                  "source_split": item.get("split"), "sentences": [{"raw": s} for s in sentences]}
+        if item.get("class") is not None:
+            record["class"] = str(item["class"])
+        records.append(record)
+    if not records:
+        raise SystemExit(f"{images}: none of the {len(entries)} images named in {captions} is there; "
+                         "check the two paths")
+    return records
+
+
 def write(path: Path, name: str, images: list[dict]) -> str:
     payload = {"dataset": name, "images": images}
     text = json.dumps(payload, indent=1)
-    path.write_text(text)
+    write_text(path, text)
     return hashlib.sha256(text.encode()).hexdigest()
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--ucm", required=True, type=Path, help="UCM-captions Karpathy JSON (dataset_ucm.json)")
+    parser.add_argument("--ucm", type=Path,
+                        help="UCM-captions Karpathy JSON (dataset_ucm.json); without it only the held-out sets are "
+                             "written")
     parser.add_argument("--aid", type=Path, help="AID root: one folder per class")
     parser.add_argument("--eurosat", type=Path, help="EuroSAT RGB root (2750/: one folder per class)")
     parser.add_argument("--eurosat-per-class", type=int, default=1000,
@@ -156,6 +202,9 @@ def main(argv=None) -> None:
     parser.add_argument("--eurosat-val", type=int, default=0,
                         help="write val_eurosat.json: this many EuroSAT images per class that training left out [0]")
     parser.add_argument("--holdout-siri", type=Path, help="SIRI-WHU root (12 class folders): held-out eval set")
+    parser.add_argument("--holdout-sydney", nargs=2, type=Path, metavar=("CAPTIONS_JSON", "IMAGES_DIR"),
+                        help="write holdout_sydney.json: the Sydney-captions images present in IMAGES_DIR with "
+                             "their human captions (split test): a held-out captioned set")
     parser.add_argument("-o", "--output", required=True, type=Path)
     parser.add_argument("--rule-captions", type=int, default=5, help="rule captions per class-labelled image [5]")
     parser.add_argument("--ucm-rule-captions", type=int, default=2,
@@ -166,21 +215,28 @@ def main(argv=None) -> None:
     parser.add_argument("--coca-ucm-repeat", type=int, default=3,
                         help="the same for train_coca.json (its only human captions) [3]")
     args = parser.parse_args(argv)
+    if not (args.ucm or args.holdout_siri or args.holdout_sydney):
+        parser.error("nothing to write: give --ucm (training sets) and/or --holdout-siri / --holdout-sydney")
+    if not args.ucm and (args.aid or args.eurosat):
+        parser.error("--aid and --eurosat need --ucm (the training sets are built around UCM)")
     out = args.output
     out.mkdir(parents=True, exist_ok=True)
     unknown = {c for m in DATASET_CLASSES.values() for c in m.values()} - set(CONCEPTS)
     if unknown:
         raise SystemExit(f"caption_rules: concepts without rules: {sorted(unknown)}")
 
-    labelled = [("aid", args.aid, None), ("eurosat", args.eurosat, args.eurosat_per_class)]
-    clip = ucm_records(args.ucm, out, args.ucm_rule_captions, False, args.ucm_repeat)
-    coca = ucm_records(args.ucm, out, 0, True, args.coca_ucm_repeat)
-    for name, root, per_class in labelled:
-        if root:
-            clip += labelled_records(name, root, out, args.rule_captions, "clip", per_class)
-            coca += labelled_records(name, root, out, args.rule_captions, "caption", per_class)
-    manifest = {"options": {k: str(v) for k, v in vars(args).items()}, "files": {}}
-    for name, images in (("train_clip", clip), ("train_coca", coca)):
+    manifest: dict = {"options": {k: str(v) for k, v in vars(args).items()}, "files": {}}
+    built = []
+    if args.ucm:
+        labelled = [("aid", args.aid, None), ("eurosat", args.eurosat, args.eurosat_per_class)]
+        clip = ucm_records(args.ucm, out, args.ucm_rule_captions, False, args.ucm_repeat)
+        coca = ucm_records(args.ucm, out, 0, True, args.coca_ucm_repeat)
+        for name, root, per_class in labelled:
+            if root:
+                clip += labelled_records(name, root, out, args.rule_captions, "clip", per_class)
+                coca += labelled_records(name, root, out, args.rule_captions, "caption", per_class)
+        built = [("train_clip", clip), ("train_coca", coca)]
+    for name, images in built:
         manifest["files"][f"{name}.json"] = {
             "sha256": write(out / f"{name}.json", name, images),
             "splits": dict(Counter(i["split"] for i in images)),
@@ -200,7 +256,14 @@ def main(argv=None) -> None:
             "sha256": write(out / "holdout_siri.json", "siri-whu (held out)", held),
             "images": len(held), "classes": dict(sorted(Counter(i["class"] for i in held).items())),
         }
-    (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    if args.holdout_sydney:
+        held = sydney_records(*args.holdout_sydney)
+        manifest["files"]["holdout_sydney.json"] = {
+            "sha256": write(out / "holdout_sydney.json", "sydney-captions (held out)", held),
+            "images": len(held), "sentences": sum(len(i["sentences"]) for i in held),
+            "classes": dict(sorted(Counter(i.get("class", "") for i in held).items())),
+        }
+    write_text(out / "manifest.json", json.dumps(manifest, indent=2))
     for name, info in manifest["files"].items():
         print(name, {k: v for k, v in info.items() if k not in ("train_classes", "classes")})
 

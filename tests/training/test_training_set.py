@@ -54,3 +54,45 @@ def test_training_set_images_outside_the_output_folder_are_read_by_finetune_and_
     trained = {Path(r.image).name for r in train if r.label in ("lake", "orchard")}
     assert len(trained) == 4 and all(Path(r["image"]).is_file() for r in chosen)
     assert not trained & {Path(r["image"]).name for r in chosen}  # images training left out
+
+
+def _build(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "examples" / "build_training_set.py"), *args],
+                          capture_output=True, text=True, cwd=cwd)
+
+
+def test_sydney_holdout_lists_the_images_present_with_their_human_captions(tmp_path):
+    from hqrs_geo.evaluation import load_karpathy
+
+    images = tmp_path / "sydney" / "images"
+    for n in (1, 3):  # 2.tif is named in the JSON but not there (as in the public copies)
+        _image(images / f"{n}.tif", 30 * n)
+    entries = [{"filename": f"{n}.tif", "split": split, "imgid": n,
+                "sentences": [{"raw": f"caption {k} of image {n} ."} for k in range(5)] + [{"raw": "  "}]}
+               for n, split in ((1, "train"), (2, "val"), (3, "test"))]
+    entries[2]["class"] = "airport"
+    captions = tmp_path / "sydney" / "dataset_sydney.json"
+    captions.write_text(json.dumps({"dataset": "sydney", "images": entries}))
+    out = tmp_path / "out"
+    done = _build("--holdout-sydney", str(captions), str(images), "-o", str(out), cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert not (out / "train_clip.json").exists()  # no --ucm: only the held-out set
+    held = load_karpathy(str(out / "holdout_sydney.json"), "test")
+    assert [(Path(r["image"]).name, r["class"]) for r in held] == [("1.tif", None), ("3.tif", "airport")]
+    assert all(Path(r["image"]).is_file() for r in held)
+    assert held[1]["captions"] == [f"caption {k} of image 3 ." for k in range(5)]
+    raw = json.loads((out / "holdout_sydney.json").read_text())["images"]
+    assert [r["source_split"] for r in raw] == ["train", "test"]
+    manifest = json.loads((out / "manifest.json").read_text())["files"]["holdout_sydney.json"]
+    assert manifest["images"] == 2 and manifest["sentences"] == 10
+
+
+def test_sydney_holdout_with_no_image_present_is_refused_in_one_line(tmp_path):
+    captions = tmp_path / "captions.json"
+    captions.write_text(json.dumps({"images": [{"filename": "1.tif", "split": "test", "sentences": []}]}))
+    (tmp_path / "images").mkdir()
+    out = tmp_path / "out"
+    done = _build("--holdout-sydney", str(captions), str(tmp_path / "images"), "-o", str(out), cwd=tmp_path)
+    assert done.returncode != 0 and "Traceback" not in done.stderr
+    assert "none of the 1 images" in done.stderr and len(done.stderr.strip().splitlines()) == 1
+    assert not (out / "holdout_sydney.json").exists()
