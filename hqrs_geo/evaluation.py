@@ -18,8 +18,7 @@ import numpy as np
 
 from .engine.tasks import CaptionTask
 from .errors import InputError, OptionError
-from .models.encode import image_vectors, read_image, text_vectors
-from .models.templates import ZERO_SHOT_TEMPLATES, class_prompt_name
+from .models.encode import class_vectors, image_vectors, read_image, text_vectors
 from .safe_paths import inside
 
 KS = (1, 5, 10)
@@ -123,8 +122,7 @@ def evaluate_zeroshot(loaded, dataset: str, split: str = "val", templates: Seque
     classes = sorted({r["class"] for r in records})
     if len(classes) < 2:
         raise OptionError(f"{dataset}: split {split!r} has fewer than two classes")
-    names = [class_prompt_name(c) for c in classes]
-    class_emb = text_vectors(loaded, names, list(templates or ZERO_SHOT_TEMPLATES))
+    class_emb = class_vectors(loaded, classes, templates)
     images = image_embeddings(loaded, [r["image"] for r in records])
     labels = [classes.index(r["class"]) for r in records]
     return {"images": len(records), "classes": len(classes), **zeroshot_metrics(images, class_emb, labels)}

@@ -14,7 +14,7 @@ from PIL import Image, UnidentifiedImageError
 
 from ..errors import InputError, OptionError
 from .preprocess import BatchPreprocess
-from .templates import ZERO_SHOT_TEMPLATES, apply_template
+from .prompts import ZERO_SHOT_TEMPLATES, apply_template, class_phrases, query_phrases
 
 #: Largest image (pixels) read for an image query or for training; bigger files are refused, never decoded.
 MAX_IMAGE_PIXELS = 64_000_000
@@ -46,12 +46,48 @@ def text_vectors(loaded: Any, texts: Sequence[str], templates: Sequence[str] = (
     return normalise(per_prompt.reshape(len(texts), len(templates), -1).mean(axis=1))
 
 
-def class_vectors(loaded: Any, labels: Sequence[str], templates: Sequence[str] | None = None) -> np.ndarray:
-    """One normalised vector per class label from a template ensemble (default: the model's own
-    template, then :data:`~hqrs_geo.models.templates.ZERO_SHOT_TEMPLATES`)."""
+def ensemble_vectors(model: Any, tokenizer: Any, labels: Sequence[str], templates: Sequence[str], device: Any,
+                     synonyms: bool = True) -> np.ndarray:
+    """One normalised vector per label from a raw open_clip model: each phrase of the label
+    (:func:`~hqrs_geo.models.prompts.class_phrases`: its name, then its synonyms) in every
+    template, embedded and normalised; the mean per phrase, then the mean over the phrases,
+    normalised (every phrase weighs the same)."""
+    phrases = class_phrases(labels, synonyms)
+    flat = [p for group in phrases for p in group]
+    prompts = [apply_template(p, t) for p in flat for t in templates]
+    per_prompt = text_features(model, tokenizer, prompts, device).reshape(len(flat), len(templates), -1)
+    per_phrase = normalise(per_prompt.mean(axis=1))
+    ends = np.cumsum([len(group) for group in phrases])
+    return normalise(np.stack([per_phrase[end - len(group):end].mean(axis=0) for end, group in zip(ends, phrases)]))
+
+
+def ensemble_templates(loaded: Any, templates: Sequence[str] | None = None) -> list[str]:
+    """The templates of a prompt ensemble: ``templates`` when given, else the model's own
+    template, then :data:`~hqrs_geo.models.prompts.ZERO_SHOT_TEMPLATES`."""
+    if templates:
+        return list(templates)
     own = [loaded.spec.template] if getattr(loaded, "spec", None) is not None else []
-    chosen = list(templates or dict.fromkeys([*own, *ZERO_SHOT_TEMPLATES]))
-    return text_vectors(loaded, labels, chosen)
+    return list(dict.fromkeys([*own, *ZERO_SHOT_TEMPLATES]))
+
+
+def class_vectors(loaded: Any, labels: Sequence[str], templates: Sequence[str] | None = None,
+                  synonyms: bool = True) -> np.ndarray:
+    """One normalised vector per class label from the prompt ensemble
+    (:func:`ensemble_templates`) and the class-name synonyms (:func:`ensemble_vectors`)."""
+    return ensemble_vectors(loaded.model, loaded.tokenizer, labels, ensemble_templates(loaded, templates),
+                            loaded.device, synonyms)
+
+
+def query_vectors(loaded: Any, texts: Sequence[str], templates: Sequence[str] | None = None) -> np.ndarray:
+    """One normalised vector per search text, worded as classes are: the text (plus its synonyms
+    when it is a class name, :func:`~hqrs_geo.models.prompts.query_phrases`) in every template of
+    the ensemble."""
+    chosen = ensemble_templates(loaded, templates)
+    vectors = []
+    for text in texts:
+        phrases = query_phrases(text)
+        vectors.append(normalise(text_vectors(loaded, phrases, chosen).mean(axis=0)[None])[0])
+    return np.stack(vectors)
 
 
 class ImageUse(NamedTuple):

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Literal
 
 from ..errors import OptionError
-from .templates import DEFAULT_TEMPLATE
+from .prompts import DEFAULT_TEMPLATE
 
 Kind = Literal["clip", "coca"]
 
@@ -44,6 +44,9 @@ class ModelSpec:
     # text-image cosine scores: (at or below: no real match, at or above: a strong match), measured
     # (benchmarks/fewshot.py --calibrate); None: DEFAULT_SCORE_SCALE
     score_scale: tuple[float, float] | None = None
+    # softmax scale of zero-shot class probabilities, fitted by NLL on the selection sets
+    # (benchmarks/prompts.py --calibrate); None: the model's own logit scale
+    zero_shot_scale: float | None = None
 
     @property
     def key(self) -> str:

@@ -15,7 +15,8 @@ from ..layer.columns import embedding_keys
 from ..layer.io import open_layer, write_layer, write_tiles
 from ..layer.runs import EmbeddingSource, new_run
 from ..models.encode import class_vectors, image_vectors, text_vectors
-from ..models.templates import ZERO_SHOT_TEMPLATES
+from ..models.prompts import ZERO_SHOT_TEMPLATES
+from ..models.zeroshot import ZeroShot, check_labels, zero_shot_scale
 from .exact import ExactSearch
 from .index import VectorIndex
 from .queries import combine, load_source_model
@@ -169,51 +170,8 @@ class BaseSession:
     def zero_shot(self, labels: Sequence[str], templates: Sequence[str] | None = None, top_k: int = 3
                   ) -> ZeroShot:
         """The checked labels and their class vectors, ready to label rows of vectors."""
-        if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < 1:
-            raise OptionError(f"invalid top_k {top_k!r}: keep at least one class", option="top_k")
-        if templates is not None and any("{}" not in t for t in templates):
-            raise OptionError("every template needs a {} for the class name", option="templates")
-        labels = [label.strip() for label in labels if label.strip()]
-        if len(labels) < 2:
-            raise OptionError(f"{len(labels)} label(s) given; give at least two labels to choose from",
-                              option="labels")
-        if len(set(labels)) != len(labels):
-            raise OptionError("a label is given twice; give distinct labels", option="labels")
-        model = self.model.model
-        scale = float(model.logit_scale.exp().item()) if hasattr(model, "logit_scale") else 100.0
-        return ZeroShot(labels, self.label_vectors(labels, templates), scale, int(top_k))
-
-
-class ZeroShot:
-    """Zero-shot labelling of embedding rows: softmax over the class vectors with the model's
-    logit scale; ``label``, ``label_score`` and ``label_top`` (``"a:0.61;b:0.22;…"``)."""
-
-    def __init__(self, labels: list[str], classes: np.ndarray, scale: float, top_k: int):
-        self.labels, self.classes, self.scale, self.top_k = labels, classes, scale, top_k
-
-    def label(self, vectors: np.ndarray) -> tuple[list, np.ndarray, list[str]]:
-        """``(label, label_score, label_top)`` of every row of ``vectors``."""
-        logits = np.asarray(vectors, dtype=np.float32) @ self.classes.T
-        probs = np.exp((logits - logits.max(axis=1, keepdims=True)) * self.scale)
-        probs /= probs.sum(axis=1, keepdims=True)
-        order = np.argsort(-probs, axis=1, kind="stable")[:, :self.top_k]
-        names = np.asarray(self.labels, dtype=object)
-        tops = [";".join(f"{names[j]}:{p[j]:.3f}" for j in row) for row, p in zip(order, probs)]
-        return list(names[order[:, 0]]), probs[np.arange(len(probs)), order[:, 0]], tops
-
-    def columns(self, frame: Any, rows: np.ndarray, vectors: np.ndarray) -> Any:
-        """``frame`` with the label columns set at ``rows`` from ``vectors`` (others empty)."""
-        label, score, top = self.label(vectors)
-        frame["label"], frame["label_score"], frame["label_top"] = None, np.nan, None
-        at = frame.index[rows]
-        frame.loc[at, "label"] = label
-        frame.loc[at, "label_score"] = score
-        frame.loc[at, "label_top"] = top
-        return frame
-
-    def params(self, templates: Sequence[str] | None, model: str) -> dict:
-        """The run-record parameters of a classification."""
-        return {"labels": list(self.labels), "templates": list(templates) if templates else None, "model": model}
+        labels = check_labels(labels, templates, top_k)
+        return ZeroShot(labels, self.label_vectors(labels, templates), zero_shot_scale(self.model), int(top_k))
 
 
 class SearchSession(BaseSession):

@@ -19,7 +19,7 @@ import torch
 from ..errors import InputError, OptionError
 from ..evaluation import load_karpathy
 from ..models.encode import read_image
-from ..models.templates import CLASS_CAPTION_TEMPLATES, class_prompt_name
+from ..models.prompts import CLASS_CAPTION_TEMPLATES, class_prompt_name
 from ..safe_paths import csv_uncell, inside
 
 

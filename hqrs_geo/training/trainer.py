@@ -50,12 +50,12 @@ from ..errors import Cancelled, InputError, OptionError
 from ..evaluation import retrieval_metrics, zeroshot_metrics
 from ..models.checkpoints import read_state_dict
 from ..models.device import pick_device
-from ..models.encode import text_features
+from ..models.encode import ensemble_vectors, text_features
 from ..models.loader import load_model, quiet_open_clip
 from ..models.precision import autocast, autocast_dtype, check_precision, precision_name
 from ..models.preprocess import BatchPreprocess, preprocess_config
+from ..models.prompts import ZERO_SHOT_TEMPLATES
 from ..models.registry import open_clip_arch
-from ..models.templates import ZERO_SHOT_TEMPLATES, class_prompt_name
 from ..models.tokenizers import build_tokenizer
 from .augment import AugmentConfig, augment_batch, normalise
 from .data import CaptionSampler, CaptionSet, describe_set, epoch_order, load_caption_set, read_records
@@ -254,7 +254,7 @@ def lr_factor(step: int, warmup: int, total: int) -> float:
 
 def validate(model, tokenizer, data: CaptionSet, preprocess_cfg: dict, device, batch: int = 128) -> dict:
     """Retrieval R@K/mR on the set's captions, and zero-shot top-1/top-5 when it has classes
-    (template ensemble of :data:`hqrs_geo.models.templates.ZERO_SHOT_TEMPLATES`)."""
+    (the prompt ensemble of :data:`hqrs_geo.models.prompts.ZERO_SHOT_TEMPLATES` with class synonyms)."""
     was_training = model.training
     model.eval()
     prep = BatchPreprocess(preprocess_cfg, device)
@@ -273,10 +273,7 @@ def validate(model, tokenizer, data: CaptionSet, preprocess_cfg: dict, device, b
         classes = data.classes
         labelled = [i for i, r in enumerate(data.records) if r.label]
         if len(classes) >= 2 and labelled:
-            prompts = [t.format(class_prompt_name(c)) for c in classes for t in ZERO_SHOT_TEMPLATES]
-            emb = text_features(model, tokenizer, prompts, device).reshape(
-                len(classes), len(ZERO_SHOT_TEMPLATES), -1).mean(1)
-            emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+            emb = ensemble_vectors(model, tokenizer, classes, ZERO_SHOT_TEMPLATES, device)
             labels = [classes.index(str(data.records[i].label)) for i in labelled]
             metrics.update({f"zs_{k}": v for k, v in zeroshot_metrics(images[labelled], emb, labels).items()})
     model.train(was_training)

@@ -150,16 +150,19 @@ def test_negative_examples_and_ensembles_on_crafted_vectors():
 
 
 def test_classify_with_template_ensemble(writable, tiny_clip_checkpoint):
-    from hqrs_geo.models.templates import ZERO_SHOT_TEMPLATES as RS_TEMPLATES
+    from hqrs_geo.models.prompts import CLASS_SYNONYMS
+    from hqrs_geo.models.prompts import ZERO_SHOT_TEMPLATES as RS_TEMPLATES
 
     session = SearchSession(str(writable))
     labels = ["river", "forest", "parking lot"]
     frame = session.classify(labels, top_k=2)
     templates = list(dict.fromkeys([TEMPLATE, *RS_TEMPLATES]))
     per_label = []
-    for label in labels:
-        vectors = encode_text(tiny_clip_checkpoint, [t.format(label) for t in templates])
-        per_label.append(normalise(vectors.mean(0)[None])[0])
+    for label in labels:  # every phrase (name + synonyms) in every template; phrases weigh the same
+        phrases = [label, *CLASS_SYNONYMS[label]]
+        per_phrase = [normalise(encode_text(tiny_clip_checkpoint, [t.format(p) for t in templates]).mean(0)[None])[0]
+                      for p in phrases]
+        per_label.append(normalise(np.mean(per_phrase, axis=0)[None])[0])
     per_label = np.stack(per_label)
     _, matrix = read_embeddings(read_tiles(writable))
     expected = np.array(labels)[np.argmax(matrix @ per_label.T, axis=1)]
