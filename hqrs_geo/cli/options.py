@@ -16,7 +16,7 @@ import sys
 from collections.abc import Callable
 from typing import Any, NoReturn
 
-from ..models.decoding_options import DecodingConfig
+from ..models.decoding_options import MAX_SAMPLES, METHODS, DecodingConfig
 from ..models.precision import PRECISIONS
 from ..progress import MODES
 from ..raster.grid import DEFAULT_EDGE, EDGE_POLICIES
@@ -178,14 +178,18 @@ def add_engine_options(parser: argparse.ArgumentParser) -> None:
 def add_decoding_options(parser: argparse.ArgumentParser) -> None:
     """Caption decoding (see :class:`~hqrs_geo.models.decoding_options.DecodingConfig`)."""
     group = parser.add_argument_group("caption decoding")
-    group.add_argument("--decoding", default="beam", choices=("greedy", "beam", "sample"), help="default beam")
+    group.add_argument("--decoding", default="beam", choices=METHODS,
+                       help="default beam; consensus: the caption most similar to the other decodings of the image "
+                            "(the beams' best hypotheses, greedy, --samples seeded samples)")
     group.add_argument("--beams", type=number(int, 1, 64), default=3, help="beam width (default 3)")
+    group.add_argument("--samples", type=number(int, 0, MAX_SAMPLES), default=DecodingConfig.samples,
+                       help=f"consensus: sampled candidates per image (default {DecodingConfig.samples})")
     group.add_argument("--top-k", type=number(int, 0, 100_000), default=0,
                        help="sampling: keep the k most likely tokens (0: off)")
     group.add_argument("--top-p", type=number(float, 0, 1, low_open=True), default=1.0,
                        help="sampling: nucleus probability (1.0: off)")
     group.add_argument("--temperature", type=number(float, 0, 100, low_open=True), default=1.0,
-                       help="sampling temperature")
+                       help="sampling temperature (also of the consensus samples)")
     group.add_argument("--repetition-penalty", type=number(float, 0, 100, low_open=True), default=1.0,
                        help="> 1 discourages repeated tokens")
     group.add_argument("--min-length", type=number(int, 0, 1000), default=5, help="minimum caption length in tokens")
@@ -198,7 +202,7 @@ def decoding_config(args: argparse.Namespace) -> Any:
     return DecodingConfig(
         method=args.decoding, num_beams=args.beams, top_k=args.top_k, top_p=args.top_p,
         temperature=args.temperature, repetition_penalty=args.repetition_penalty,
-        min_length=args.min_length, max_length=args.max_length, seed=args.seed,
+        min_length=args.min_length, max_length=args.max_length, seed=args.seed, samples=args.samples,
     ).validated()
 
 

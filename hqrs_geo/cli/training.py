@@ -8,10 +8,9 @@ from typing import Any
 
 from ..atomic import write_json
 from ..evaluation import evaluate_captions, evaluate_retrieval, evaluate_zeroshot
-from ..models.decoding_options import DecodingConfig
 from ..models.loader import load_model
 from ..models.precision import PRECISIONS
-from .options import add_progress_options, finish, number
+from .options import add_decoding_options, add_progress_options, decoding_config, finish, number
 
 
 def register(sub: Any) -> None:
@@ -27,9 +26,7 @@ def register(sub: Any) -> None:
     evaluate.add_argument("--limit", type=number(int, 1, 10**9), default=None, help="evaluate only the first N images")
     evaluate.add_argument("--json", dest="json_out", default=None, help="also write the metrics to this JSON file")
     evaluate.add_argument("--trust-checkpoint", action="store_true")
-    evaluate.add_argument("--decoding", default="beam", choices=("greedy", "beam", "sample"), help="caption task")
-    evaluate.add_argument("--beams", type=number(int, 1, 64), default=3, help="caption task: beam width")
-    evaluate.add_argument("--max-length", type=number(int, 1, 1000), default=30, help="caption task: maximum tokens")
+    add_decoding_options(evaluate)  # the caption task's decoding
     add_progress_options(evaluate)
     evaluate.set_defaults(func=run_eval)
 
@@ -102,10 +99,10 @@ def run_finetune(args: argparse.Namespace, progress: Any) -> int:
 
 def run_eval(args: argparse.Namespace, progress: Any) -> int:
     """``hqrs-geo eval``: metrics as a table and optionally JSON."""
+    decoding = decoding_config(args) if args.task == "caption" else None  # checked before the model loads
     loaded = load_model(args.model, checkpoint=args.checkpoint, arch=args.arch, device=args.device,
                         trust_checkpoint=args.trust_checkpoint)
     if args.task == "caption":
-        decoding = DecodingConfig(method=args.decoding, num_beams=args.beams, max_length=args.max_length).validated()
         metrics = evaluate_captions(loaded, args.dataset, args.split, decoding, limit=args.limit)
     else:
         evaluate = evaluate_retrieval if args.task == "retrieval" else evaluate_zeroshot

@@ -156,6 +156,7 @@ class CaptionTask(_Task):
         super().__init__(loaded, options or RunOptions())
         self.decoding = (decoding or DecodingConfig()).validated()
         self.batch_limit: int | None = None  # measured on the first batch (see measure_batch_limit)
+        self.candidate_limit: int | None = None  # the same for candidates()
         self.tower: EmbedTask | None = None  # the same model's embedding task (see share_image_tower)
 
     def decode(self, images: Any, image_embs: Any = None) -> list[str]:
@@ -185,10 +186,32 @@ class CaptionTask(_Task):
                 for text in self.decode(images[start:start + step],
                                         None if tokens is None else tokens[start:start + step])]
 
-    def measure_batch_limit(self, images: Any) -> int:
+    def candidates(self, images: Any) -> list[list[str]]:
+        """Several distinct captions per image, the consensus pick first (see
+        :func:`~hqrs_geo.models.decoding.caption_candidates`): the pool the consensus method decodes
+        with this task's settings (beams, samples, sampling, seed), whatever its method. With the
+        consensus method the first of each list is the caption :meth:`__call__` gives."""
+        from dataclasses import replace
+
+        from ..models.decoding import caption_candidates
+
+        config = replace(self.decoding, method="consensus").validated()
+
+        def decode(batch: Any) -> list[list[str]]:
+            with inference_context(self.loaded.device, self.amp):
+                ranked = caption_candidates(self.loaded.model, self.loaded.tokenizer, self.inputs(batch), config)
+            return [list(dict.fromkeys(clean_caption(t) for t in texts)) for texts in ranked]
+
+        if self.candidate_limit is None:  # the pool has more rows than one caption: its own limit
+            self.candidate_limit = self.measure_batch_limit(images, decode)
+        step = max(1, self.candidate_limit or len(images))
+        return [texts for start in range(0, len(images), step) for texts in decode(images[start:start + step])]
+
+    def measure_batch_limit(self, images: Any, decode: Callable[[Any], Any] | None = None) -> int:
         """How many images one decoder batch may hold: on CUDA, what ``MEMORY_SHARE`` of the free GPU
-        memory holds, measured by decoding one and two of ``images`` (the difference is one image's
-        decoding state: cached keys/values, beams, logits); elsewhere no limit (0)."""
+        memory holds, measured by decoding one and two of ``images`` with ``decode`` (default
+        :meth:`decode`; the difference is one image's decoding state: cached keys/values, beams,
+        logits); elsewhere no limit (0)."""
         import torch
 
         device = self.loaded.device
@@ -200,7 +223,7 @@ class CaptionTask(_Task):
         peaks = []
         for count in (1, 2):
             torch.cuda.reset_peak_memory_stats(device)
-            self.decode(images[[0] * count])
+            (decode or self.decode)(images[[0] * count])
             peaks.append(torch.cuda.max_memory_allocated(device) - base)
         return caption_batch_limit(free, peaks[0], peaks[1])
 

@@ -32,6 +32,14 @@ number of those tokens (a length penalty exponent of 1, like ``transformers``' d
 beams all have the same length, so they are expanded and pruned by their summed log-probability.
 A search stops early only when no running beam can still beat the best finished hypothesis:
 log-probabilities are <= 0, so a running beam with sum ``S`` can at best reach ``S / max_length``.
+
+Consensus decoding (``method="consensus"``, :func:`caption_candidates`): each image gets a pool of
+candidates, its ``num_beams`` best finished beam hypotheses (the search then runs until no live
+beam can beat the ``num_beams``-th best, not only the best), the greedy caption and ``samples``
+seeded samples, each kind decoded in one batch over all images from one pass of the image tower;
+the caption with the highest mean n-gram similarity to the rest of the pool is kept
+(:mod:`hqrs_geo.models.consensus`, a minimum-Bayes-risk choice). It costs about the sum of its
+decodings (beam + greedy + ``samples`` sampled rows per image).
 """
 from __future__ import annotations
 
@@ -46,14 +54,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import OptionError
+from .consensus import rank_candidates
 from .decoding_options import METHODS, DecodingConfig  # noqa: F401  (re-exported: the settings live there)
 
 #: An open_clip CoCa (its towers are reached by attribute, so it is typed loosely).
 CoCaModel = Any
 
 
-# A token picker: (processed logits [rows, vocab], float32) -> chosen ids [rows].
-Chooser = Callable[[torch.Tensor], torch.Tensor]
+# A token picker: (processed logits [rows, vocab], float32; each row's original row index [rows];
+# the step) -> chosen ids [rows].
+Chooser = Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -108,7 +118,7 @@ def _top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor
 
 def _greedy_chooser() -> Chooser:
     """Pick the most likely token."""
-    return lambda logits: logits.argmax(dim=-1)
+    return lambda logits, *_: logits.argmax(dim=-1)
 
 
 def _sampling_chooser(config: DecodingConfig, device: torch.device) -> Chooser:
@@ -118,10 +128,29 @@ def _sampling_chooser(config: DecodingConfig, device: torch.device) -> Chooser:
         generator = torch.Generator(device=device)
         generator.manual_seed(config.seed)
 
-    def choose(logits: torch.Tensor) -> torch.Tensor:
+    def choose(logits: torch.Tensor, *_: Any) -> torch.Tensor:
         logits = _top_k_top_p(logits / config.temperature, config.top_k, config.top_p)
         probs = logits.softmax(dim=-1)
         return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+
+    return choose
+
+
+def _slot_sampling_chooser(config: DecodingConfig, device: torch.device, slots: int) -> Chooser:
+    """Sampling (temperature, top-k, top-p as :func:`_sampling_chooser`) whose draws do not depend
+    on the other rows of the batch: the Gumbel-max trick, ``argmax(logits + G)``, with Gumbel noise
+    ``G`` drawn per step from a generator seeded with ``(seed, step)`` for ``slots`` sample slots;
+    a row takes the noise of its slot (its original row index modulo ``slots``). So the ``j``-th
+    sample of an image is the same whichever images share its batch (``seed=None``: torch's RNG)."""
+    def choose(logits: torch.Tensor, rows: torch.Tensor, step: int) -> torch.Tensor:
+        logits = _top_k_top_p(logits / config.temperature, config.top_k, config.top_p)
+        generator = None
+        if config.seed is not None:
+            generator = torch.Generator(device=device)
+            generator.manual_seed((config.seed * 1_000_003 + step) % 2**63)
+        uniform = torch.rand((slots, logits.shape[-1]), generator=generator, device=device)
+        gumbel = -torch.log(-torch.log(uniform.clamp_(min=torch.finfo(uniform.dtype).tiny)))
+        return (logits + gumbel[rows % slots]).argmax(dim=-1)
 
     return choose
 
@@ -364,7 +393,7 @@ def _decode_rows(stepper: _IncrementalCoCa, images: torch.Tensor, config: Decodi
         logits = stepper.step(state, tokens).float()
         _repetition_penalty(logits, history[:, :t], config.repetition_penalty)
         _forbid(logits, t, config.min_length, ids.eos, ids.banned)
-        tokens = choose(logits)
+        tokens = choose(logits, alive, t)
         history[:, t] = tokens
         ended = tokens == ids.eos
         if t + 1 == max_length:
@@ -383,7 +412,7 @@ def _decode_rows(stepper: _IncrementalCoCa, images: torch.Tensor, config: Decodi
 
 
 def _decode_beams(stepper: _IncrementalCoCa, images: torch.Tensor, config: DecodingConfig,
-                  ids: _Tokens) -> list[list[int]]:
+                  ids: _Tokens, finals: list[list[tuple[float, list[int]]]] | None = None) -> list[list[int]]:
     """Beam search over images x beams; returns each image's best length-normalised hypothesis.
 
     Every step, the ``num_beams`` best (beam, token) continuations of an image (by summed
@@ -392,6 +421,11 @@ def _decode_beams(stepper: _IncrementalCoCa, images: torch.Tensor, config: Decod
     next step); at ``max_length`` the live beams are finished as they are. With one beam this is
     exactly greedy decoding. An image leaves the batch once it has no live beam or no live beam
     can beat its best finished hypothesis (see the module docstring).
+
+    ``finals`` (one list per image): every finished hypothesis is appended to its image's list as
+    ``(length-normalised log-probability, ids)``, and an image stays in the search until no live
+    beam can beat its ``num_beams``-th best finished hypothesis (so up to ``num_beams`` of them
+    are complete); the best hypothesis returned is the same as without ``finals``.
     """
     n, device, max_length, beams = images.shape[0], images.device, config.max_length, config.num_beams
     state = stepper.start(images, capacity=max_length)
@@ -401,6 +435,7 @@ def _decode_beams(stepper: _IncrementalCoCa, images: torch.Tensor, config: Decod
     scores = torch.full((n, beams), -math.inf, device=device)
     scores[:, 0] = 0.0  # all beams start identical: expand only the first
     best = torch.full((n,), -math.inf, device=device)
+    kth = torch.full((n,), -math.inf, device=device)  # with finals: each image's num_beams-th best score
     results: list[list[int]] = [[] for _ in range(n)]
     for t in range(max_length):
         logits = stepper.step(state, tokens).float()
@@ -425,6 +460,8 @@ def _decode_beams(stepper: _IncrementalCoCa, images: torch.Tensor, config: Decod
                 tok = int(token[i, j])
                 results[int(alive[i])] = history[row, :t].tolist() + ([] if tok == ids.eos else [tok])
             best[alive[improved]] = cand[improved]
+        if finals is not None:
+            _collect_finals(finals, kth, finished_scores, source, token, history, alive, t, ids.eos, beams)
         scores = torch.where(is_eos | ~finite, torch.full_like(top, -math.inf), top)
         rows = source.flatten()
         history = history.index_select(0, rows)
@@ -435,7 +472,7 @@ def _decode_beams(stepper: _IncrementalCoCa, images: torch.Tensor, config: Decod
         if last:
             break
         bound = scores.max(dim=1).values / max_length  # best score any live beam could still reach
-        done = best[alive] >= bound  # also true when no beam is live (-inf >= -inf)
+        done = (best if finals is None else kth)[alive] >= bound  # also true with no live beam (-inf >= -inf)
         if not bool(done.any()):
             continue
         keep = (~done).nonzero().flatten()
@@ -448,6 +485,56 @@ def _decode_beams(stepper: _IncrementalCoCa, images: torch.Tensor, config: Decod
     return results
 
 
+def _collect_finals(finals: list[list[tuple[float, list[int]]]], kth: torch.Tensor, finished_scores: torch.Tensor,
+                    source: torch.Tensor, token: torch.Tensor, history: torch.Tensor, alive: torch.Tensor,
+                    t: int, eos: int, beams: int) -> None:
+    """Append this step's finished hypotheses to their images' ``finals`` and update ``kth``."""
+    finished = torch.isfinite(finished_scores).nonzero().tolist()
+    for i, j in finished:
+        row, tok, image = int(source[i, j]), int(token[i, j]), int(alive[i])
+        ids = history[row, :t].tolist() + ([] if tok == eos else [tok])
+        finals[image].append((float(finished_scores[i, j]), ids))
+    for image in {int(alive[i]) for i, _ in finished}:
+        if len(finals[image]) >= beams:
+            kth[image] = sorted((score for score, _ in finals[image]), reverse=True)[beams - 1]
+
+
+def _best_finals(finals: list[tuple[float, list[int]]], count: int) -> list[list[int]]:
+    """The ``count`` best hypotheses of one image, best first (ties: the one finished first)."""
+    order = sorted(range(len(finals)), key=lambda k: (-finals[k][0], k))
+    return [finals[k][1] for k in order[:count]]
+
+
+def _decode_pool(stepper: _IncrementalCoCa, images: torch.Tensor, config: DecodingConfig,
+                 ids: _Tokens) -> list[list[list[int]]]:
+    """The consensus candidates of each image: its ``num_beams`` best beam hypotheses, the greedy
+    caption when ``num_beams > 1``, then ``samples`` seeded samples (drawn so that they do not
+    depend on the other images of the batch, see :func:`_slot_sampling_chooser`). The image tower
+    runs once; each decoding is one batch over all images (the samples: ``samples`` rows per image)."""
+    n = images.shape[0]
+    if stepper.image_embs is None:
+        visual_dtype = next(stepper.model.visual.parameters()).dtype
+        pixels = images.to(visual_dtype) if images.dtype != visual_dtype else images
+        stepper.image_embs = stepper.model._encode_image(pixels)[1]
+    embs = stepper.image_embs
+    finals: list[list[tuple[float, list[int]]]] = [[] for _ in range(n)]
+    best = _decode_beams(stepper, images, config, ids, finals=finals)
+    pools = [_best_finals(f, config.num_beams) or [b] for f, b in zip(finals, best)]
+    if config.num_beams > 1:
+        for pool, caption in zip(pools, _decode_rows(stepper, images, config, ids, _greedy_chooser())):
+            pool.append(caption)
+    if config.samples:
+        rows = n * config.samples  # image-major: the samples of image i are rows i*samples ...
+        stepper.image_embs = embs.repeat_interleave(config.samples, dim=0)
+        # _decode_rows reads only the row count and device of its images once image_embs is set
+        sampled = _decode_rows(stepper, images[:1].expand(rows, *images.shape[1:]), config, ids,
+                               _slot_sampling_chooser(config, images.device, config.samples))
+        stepper.image_embs = embs
+        for i, pool in enumerate(pools):
+            pool.extend(sampled[i * config.samples:(i + 1) * config.samples])
+    return pools
+
+
 # ----------------------------------------------------------------------------------------------
 # Public API
 # ----------------------------------------------------------------------------------------------
@@ -457,6 +544,22 @@ def _check_images(images: torch.Tensor) -> None:
     if not isinstance(images, torch.Tensor) or images.dim() != 4 or not images.is_floating_point():
         shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
         raise OptionError(f"images must be a float tensor of shape (batch, channels, height, width), got {shape}")
+
+
+def _prepare(model: CoCaModel, images: torch.Tensor, config: DecodingConfig, sot_id: int, eos_id: int,
+             pad_id: int | None, image_embs: torch.Tensor | None) -> tuple[_IncrementalCoCa, _Tokens]:
+    """Check the inputs against the model and the settings; the stepper and the special ids."""
+    _check_images(images)
+    stepper = _IncrementalCoCa(model)
+    if image_embs is not None:
+        if image_embs.dim() != 3 or image_embs.shape[0] != images.shape[0]:
+            raise OptionError(f"image_embs of shape {tuple(image_embs.shape)} do not belong to {images.shape[0]} "
+                              "images; give model._encode_image(images)[1]")
+        stepper.image_embs = image_embs
+    if config.max_length > stepper.max_length:
+        raise OptionError(f"{config.max_length} exceeds the model's text context ({stepper.max_length}); give a "
+                          "smaller maximum length", option="max_length")
+    return stepper, _Tokens(int(sot_id), int(eos_id), tuple(_banned_ids(model, sot_id, eos_id, pad_id)))
 
 
 def generate_tokens(
@@ -479,19 +582,12 @@ def generate_tokens(
     model's embedding pass), so the image tower does not run again.
     """
     config = (config or DecodingConfig()).validated()
-    _check_images(images)
-    stepper = _IncrementalCoCa(model)
-    if image_embs is not None:
-        if image_embs.dim() != 3 or image_embs.shape[0] != images.shape[0]:
-            raise OptionError(f"image_embs of shape {tuple(image_embs.shape)} do not belong to {images.shape[0]} "
-                              "images; give model._encode_image(images)[1]")
-        stepper.image_embs = image_embs
-    if config.max_length > stepper.max_length:
-        raise OptionError(f"{config.max_length} exceeds the model's text context ({stepper.max_length}); give a "
-                          "smaller maximum length", option="max_length")
+    if config.method == "consensus":
+        raise OptionError("consensus decoding chooses among caption texts; call generate_captions or "
+                          "caption_candidates (they have the tokenizer), or choose another method", option="method")
+    stepper, ids = _prepare(model, images, config, sot_id, eos_id, pad_id, image_embs)
     if images.shape[0] == 0:
         return []
-    ids = _Tokens(int(sot_id), int(eos_id), tuple(_banned_ids(model, sot_id, eos_id, pad_id)))
     with _eval_mode(model), torch.no_grad():
         if config.method == "beam":
             return _decode_beams(stepper, images, config, ids)
@@ -561,10 +657,40 @@ def clean_caption(tokenizer, ids: Sequence[int], pad_id: int = 0) -> str:
     return " ".join(text.split())
 
 
+def candidate_pools(model: CoCaModel, tokenizer, images: torch.Tensor, config: DecodingConfig | None = None,
+                    image_embs: torch.Tensor | None = None) -> list[list[str]]:
+    """Every consensus candidate of each image as clean text, in decoding order, duplicates kept:
+    the ``num_beams`` best beam hypotheses (best first), the greedy caption when ``num_beams > 1``,
+    then ``config.samples`` seeded samples. The settings' method is not read: this is the pool the
+    consensus method decodes (``image_embs``: see :func:`generate_tokens`)."""
+    config = (config or DecodingConfig(method="consensus")).validated()
+    pad_id = getattr(model, "pad_id", 0)
+    sot_id, eos_id = tokenizer.sot_token_id, tokenizer.eot_token_id
+    stepper, ids = _prepare(model, images, config, sot_id, eos_id, pad_id, image_embs)
+    if images.shape[0] == 0:
+        return []
+    with _eval_mode(model), torch.no_grad():
+        pools = _decode_pool(stepper, images, config, ids)
+    return [[clean_caption(tokenizer, caption, pad_id=pad_id) for caption in pool] for pool in pools]
+
+
+def caption_candidates(model: CoCaModel, tokenizer, images: torch.Tensor, config: DecodingConfig | None = None,
+                       image_embs: torch.Tensor | None = None) -> list[list[str]]:
+    """The distinct candidate captions of each image, the consensus pick first, then by falling
+    consensus score (see :func:`candidate_pools` and :func:`hqrs_geo.models.consensus.rank_candidates`).
+
+    The pick is what ``generate_captions`` returns with ``method="consensus"``; the other methods'
+    settings give the same pool (their ``method`` is not read). Reproducible for a given ``seed``."""
+    return [rank_candidates(pool) for pool in candidate_pools(model, tokenizer, images, config, image_embs)]
+
+
 def generate_captions(model: CoCaModel, tokenizer, images: torch.Tensor,
                       config: DecodingConfig | None = None, image_embs: torch.Tensor | None = None) -> list[str]:
     """Captions (clean text) for a batch of preprocessed images; ids come from the tokenizer
-    (``image_embs``: see :func:`generate_tokens`)."""
+    (``image_embs``: see :func:`generate_tokens`). With ``method="consensus"``, the first of
+    :func:`caption_candidates`."""
+    if config is not None and config.method == "consensus":
+        return [ranked[0] for ranked in caption_candidates(model, tokenizer, images, config, image_embs)]
     pad_id = getattr(model, "pad_id", 0)
     token_ids = generate_tokens(model, images, config, tokenizer.sot_token_id, tokenizer.eot_token_id, pad_id,
                                 image_embs=image_embs)

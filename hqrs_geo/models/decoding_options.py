@@ -11,7 +11,15 @@ from dataclasses import asdict, dataclass
 
 from ..errors import OptionError
 
-METHODS = ("greedy", "beam", "sample")
+METHODS = ("greedy", "beam", "sample", "consensus")
+
+#: Settings read only by the consensus method (left out of :meth:`DecodingConfig.as_dict` for the
+#: others, so the records and resume fingerprints of runs with those methods do not change).
+CONSENSUS_ONLY = ("samples",)
+
+
+#: Most sampled candidates per image for the consensus method.
+MAX_SAMPLES = 64
 
 
 def _is_int(value: object) -> bool:
@@ -28,9 +36,13 @@ class DecodingConfig:
     """How captions are decoded.
 
     ``method``: ``"greedy"`` (argmax), ``"beam"`` (beam search with ``num_beams`` beams, ranked
-    by length-normalised log-probability) or ``"sample"`` (``temperature``, then ``top_k``
+    by length-normalised log-probability), ``"sample"`` (``temperature``, then ``top_k``
     (0 = off), then nucleus ``top_p`` (1.0 = off), drawn from a ``torch.Generator`` seeded with
-    ``seed``; ``seed=None`` uses torch's global RNG). ``repetition_penalty`` (1.0 = off) is
+    ``seed``; ``seed=None`` uses torch's global RNG) or ``"consensus"``: several captions are
+    decoded per image (the ``num_beams`` best finished hypotheses of a beam search, the greedy
+    caption when ``num_beams > 1``, and ``samples`` captions sampled as ``"sample"`` does) and the
+    one most similar to the others is kept (n-gram consensus, see
+    :mod:`hqrs_geo.models.consensus`). ``repetition_penalty`` (1.0 = off) is
     CTRL-style: the logits of tokens already generated are divided by it when positive and
     multiplied by it when negative. ``min_length`` and ``max_length`` count generated caption
     tokens (neither the start token nor the end-of-text token): end-of-text is forbidden until
@@ -46,10 +58,16 @@ class DecodingConfig:
     min_length: int = 5
     max_length: int = 30
     seed: int | None = 0
+    samples: int = 4
 
     def as_dict(self) -> dict:
-        """The settings as a plain JSON-serialisable dict (for run records)."""
-        return asdict(self)
+        """The settings as a plain JSON-serialisable dict (for run records); the consensus-only
+        settings (``samples``) only for the consensus method."""
+        values = asdict(self)
+        if self.method != "consensus":
+            for name in CONSENSUS_ONLY:
+                values.pop(name)
+        return values
 
     def validated(self) -> DecodingConfig:
         """Return ``self`` if every value is usable, else raise a one-line :class:`OptionError`."""
@@ -74,4 +92,9 @@ class DecodingConfig:
                               "minimum or a larger «max_length»", option="min_length")
         if self.seed is not None and not _is_int(self.seed):
             raise OptionError(f"seed must be an integer or None, got {self.seed!r}")
+        if not _is_int(self.samples) or not 0 <= self.samples <= MAX_SAMPLES:
+            raise OptionError(f"samples must be an integer in [0, {MAX_SAMPLES}], got {self.samples!r}")
+        if self.method == "consensus" and self.num_beams + self.samples < 2:
+            raise OptionError("consensus decoding needs at least two candidates per image (1 beam, 0 samples); "
+                              "give 1 or more samples, or 2 or more beams", option="samples")
         return self
