@@ -2,6 +2,8 @@
 
     python benchmarks/caption.py [--device auto|cpu|cuda] [--batch 32] [--tokens 30]
                                  [--arch coca_ViT-B-32] [--engine-tiles 64] [--repeats 3] [--json]
+    python benchmarks/caption.py --methods beam,consensus --arch hqrs-mini-coca
+                                 [--dataset KARPATHY.json --split val --limit 64] [--samples 4] [--json]
 
 Builds an open_clip CoCa with random weights (default ``coca_ViT-B-32``: ViT-B/32 image tower
 at 224 px, 12-layer 512-wide text tower, 12-layer 512-wide multimodal decoder, 49408-token
@@ -24,6 +26,12 @@ preprocessed tensors on the device; engine = ``run_models`` captioning a tile la
 preprocess on the device, decode, store, write the layer), same model, decoding, batch and
 precision. ``--repeats`` paired runs after one warm-up each; medians with min-max and the
 ratio in captions/s (target >= 0.9). On CUDA the peak GPU memory is printed.
+
+With ``--methods`` only the decoding methods are compared instead: seconds per image of
+``generate_captions`` with each method (beam: ``--beams``; consensus: ``--beams``, ``--samples``,
+``--temperature``; natural caption lengths: ``min_length`` 5, ``max_length`` 30) over the first
+``--limit`` images of a ``--dataset`` split (random images without one), in batches of ``--batch``,
+``--repeats`` rounds after a warm-up (median, min-max), and each method's time over the first one's.
 """
 from __future__ import annotations
 
@@ -79,6 +87,14 @@ def main(argv=None) -> None:
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (default torch's; 1 gives steadier figures on a busy shared machine)")
     parser.add_argument("--json", action="store_true", help="print one JSON line with the figures at the end")
+    parser.add_argument("--methods", default=None,
+                        help="compare these decoding methods' seconds per image instead (e.g. beam,consensus)")
+    parser.add_argument("--dataset", default=None, help="--methods: Karpathy JSON of real images (default random)")
+    parser.add_argument("--split", default="val", help="--methods: split of --dataset")
+    parser.add_argument("--limit", type=int, default=64, help="--methods: images")
+    parser.add_argument("--beams", type=int, default=3, help="--methods: beam width of beam and consensus")
+    parser.add_argument("--samples", type=int, default=4, help="--methods: consensus samples")
+    parser.add_argument("--temperature", type=float, default=1.0, help="--methods: consensus sample temperature")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -88,6 +104,12 @@ def main(argv=None) -> None:
     device = pick_device(args.device)
     tmp = Path(tempfile.mkdtemp(prefix="caption-bench-"))
     loaded, weights = load_for_benchmark(args.arch, str(device), tmp)
+    if args.methods:
+        result = compare_methods(loaded, weights, args)
+        shutil.rmtree(tmp, ignore_errors=True)
+        if args.json:
+            print(json.dumps(result))
+        return
     model = loaded.model
     from hqrs_geo.models.tokenizers import build_tokenizer
 
@@ -130,6 +152,54 @@ def main(argv=None) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
     if args.json:
         print(json.dumps(result))
+
+
+def compare_methods(loaded, weights: str, args: argparse.Namespace) -> dict:
+    """Seconds per image of each decoding method in ``args.methods`` (see the module docstring)."""
+    from hqrs_geo.models.decoding import generate_captions
+    from hqrs_geo.models.precision import autocast_dtype, inference_context, precision_name
+    from hqrs_geo.models.preprocess import BatchPreprocess
+
+    device = loaded.device
+    if args.dataset:
+        from hqrs_geo.evaluation import load_karpathy, read_image
+
+        preprocess = BatchPreprocess(loaded.preprocess, device)
+        records = load_karpathy(args.dataset, args.split, args.limit)
+        images = torch.cat([preprocess(torch.from_numpy(read_image(r["image"])).permute(2, 0, 1)[None].to(device))
+                            for r in records])
+        where = f"{len(records)} images of {Path(args.dataset).name} {args.split}"
+    else:
+        images = torch.randn(args.limit, 3, *loaded.preprocess["size"], generator=torch.Generator().manual_seed(0))
+        images = images.to(device)
+        where = f"{args.limit} random images"
+    settings = {"num_beams": args.beams, "samples": args.samples, "temperature": args.temperature}
+    configs = {m: DecodingConfig(method=m, **settings).validated() for m in args.methods.split(",")}
+    amp = autocast_dtype(device, "auto")
+
+    def run(config: DecodingConfig) -> float:
+        def all_batches() -> None:
+            with inference_context(device, amp):
+                for start in range(0, len(images), args.batch):
+                    generate_captions(loaded.model, loaded.tokenizer, images[start:start + args.batch], config)
+        return timed(all_batches, device)[1] / len(images)
+
+    card = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    print(f"decoding methods: {args.arch} ({weights}) on {device} ({card}), {precision_name(amp)}, {where}, "
+          f"batch {args.batch}, {args.repeats} rounds after a warm-up (median, min-max)")
+    for config in configs.values():
+        run(config)  # warm-up
+    times: dict[str, list[float]] = {m: [] for m in configs}
+    for _ in range(args.repeats):
+        for method, config in configs.items():
+            times[method].append(run(config))
+    first = statistics.median(next(iter(times.values())))
+    for method, values in times.items():
+        print(f"{method:<10} {statistics.median(values) * 1000:8.1f} ms/image ({min(values) * 1000:.1f}-"
+              f"{max(values) * 1000:.1f})  x{statistics.median(values) / first:.2f}  {configs[method].as_dict()}")
+    return {"device": str(device), "card": card, "model": args.arch, "weights": weights, "images": where,
+            "batch": args.batch, "s_per_image": {m: statistics.median(v) for m, v in times.items()},
+            "runs": times, "settings": {m: c.as_dict() for m, c in configs.items()}}
 
 
 def engine_vs_bare(loaded, args: argparse.Namespace, tmp: Path) -> dict:
