@@ -47,7 +47,7 @@ def test_resized_tiled_and_rotated_copies_are_found_and_an_unrelated_image_is_no
     train = dedup_check.list_images("t", train_dir, None, "--train")
     held = dedup_check.list_images("h", held_dir, None, "--held")
     report, sheets = dedup_check.check(train, {"h": held}, dedup_check.crop_views(), max_distance=10,
-                                       min_corr=0.9, min_std=4.0)
+                                       min_corr=0.9, min_detail=0.8, min_std=4.0)
     found = {(row["held"], row["train"]) for row in report["held_out"]["h"]["verified"]}
     assert found == {("resized.jpg", "aid_like.jpg"), ("tile_3x3.tif", "aid_like.jpg"),
                      ("centre_half.png", "aid_like.jpg"), ("rotated.png", "rotated_source.png")}
@@ -90,3 +90,19 @@ def test_command_writes_the_report_and_a_sheet_per_set_and_refuses_a_missing_set
                               f"h={tmp_path / 'nowhere.json'}"], capture_output=True, text=True, cwd=tmp_path)
     assert missing.returncode != 0 and "Traceback" not in missing.stderr
     assert "nowhere.json not found" in missing.stderr and len(missing.stderr.strip().splitlines()) == 1
+
+
+def test_two_shorelines_that_share_only_their_shape_are_not_verified(tmp_path):
+    """Water and land split by the same diagonal, with different fine texture: close at 32 px, no shared detail."""
+    yy, xx = np.mgrid[0:200, 0:200]
+    shore = 60.0 + 140.0 / (1.0 + np.exp(-(xx - yy) / 8.0))  # a soft shoreline, as imaged
+    paths = []
+    for seed in (1, 2):
+        texture = np.random.default_rng(seed).normal(0, 12, shore.shape)
+        path = tmp_path / f"shore{seed}.png"
+        Image.fromarray(np.clip(shore + texture, 0, 255).astype(np.uint8)).save(path)
+        paths.append(dedup_check.Item("s", "s", path.name, str(path)))
+    match = dedup_check.Match(0, 0, 0, 0, distance=0)
+    dedup_check.verify(match, paths[:1], paths[1:], [])
+    assert match.corr is not None and match.corr > 0.9  # the shape alone passes the coarse test
+    assert match.detail is not None and match.detail < 0.5 and not match.verified(0.9, 0.8)
