@@ -40,8 +40,8 @@ splits without one) or a folder (every image under it). Training images are grou
 ``source`` field of their JSON record where there is one (ucm, aid, eurosat), else by ``NAME``.
 A ``--scene`` raster is tiled as the demo does (``--scene-tile`` 64m, ``--scene-overlap`` 50%).
 Writes a JSON report (``-o``) and, with ``--sheets``, one contact sheet PNG per held-out set:
-its closest pairs (verified ones first), the held-out image left, the training image right,
-each view's box drawn in red.
+its candidate pairs nearest to passing both correlation tests (verified ones first), then the
+closest hashes, the held-out image left, the training image right, each view's box in red.
 """
 from __future__ import annotations
 
@@ -438,7 +438,9 @@ def check(train: Sequence[Item], held_sets: dict[str, list[Item]], crops: Sequen
         verified = sorted((m for m in pairs.values() if m.verified(min_corr, min_detail)),
                           key=lambda m: -(m.detail or 0))
         ranked = sorted(best.values(), key=lambda m: (m.distance, m.held))
-        shown = verified[:sheet_rows]
+        # the sheet: the candidates nearest to passing both correlation tests, then the closest hashes
+        nearest = sorted(pairs.values(), key=lambda m: -min((m.corr or 0) / min_corr, (m.detail or 0) / min_detail))
+        shown = nearest[:sheet_rows]
         for m in ranked:
             if len(shown) >= sheet_rows:
                 break
