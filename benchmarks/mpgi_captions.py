@@ -18,7 +18,14 @@ same images, against the five UCM references of each image:
 * ``MpGI short #1``: the first short caption of each tile (``mpgi_short[0]``);
 * ``MpGI short, mean of #1..#N``: each position scored as its own system, then averaged;
 * ``MpGI detailed``: the detailed caption (long, so BLEU's brevity penalty does not hurt it but
-  its precision does; listed for completeness).
+  its precision does, and CIDEr's length penalty costs it: UCM references are one short sentence);
+* ``MpGI detailed [parts]`` (``--variants``): the same run again from its call cache (no new model
+  call) with another ``[output] detailed`` list, e.g. ``--variants ",class,class+cover"`` scores
+  the lead alone, lead + class, lead + class + cover.
+
+Verified facts: per tile, the facts the detailed caption states that a check confirms (the
+``verified`` rows of the sources table: the zero-shot class named by the caption, a cover share, a
+vector fact); the run reports how many tiles have at least one, and of which kind.
 
 Sentence counts: every sentence of the detailed and short captions is classified by the checks of
 :mod:`hqrs_geo.mpgi.integrate` (coordinates, ground size, pixel size, dates, praise/boilerplate,
@@ -86,9 +93,12 @@ def write_geotiffs(records: list[dict], folder: Path) -> list[Path]:
     return paths
 
 
-def overrides(path: Path, batch: int, max_tokens: int | None) -> Path:
-    """A recipe that only changes how the LLM is run (batch size, optionally max_tokens)."""
+def overrides(path: Path, batch: int, max_tokens: int | None, detailed: list[str] | None = None) -> Path:
+    """A recipe that only changes how the LLM is run (batch size, optionally max_tokens) and,
+    with ``detailed``, the parts of the detailed caption."""
     text = f"[llm]\nbatch_size = {batch}\n" + (f"max_tokens = {max_tokens}\n" if max_tokens else "")
+    if detailed is not None:
+        text += "[output]\ndetailed = [" + ", ".join(json.dumps(p) for p in detailed) + "]\n"
     path.write_text(text)
     return path
 
@@ -121,8 +131,20 @@ def captions_of(layer: Path, tile_of: dict[str, int]) -> dict[int, dict]:
             "detailed": row.mpgi_caption or "", "short": json.loads(row.mpgi_short),
             "sources": list(mine[mine.stage.isin(["facts", "caption", "perspectives", "relay"])].text),
             "caption_stage": list(mine[mine.stage == "caption"].text),
+            "classes": list(mine[mine.stage == "classes"].text),
+            "candidates": [json.loads(t) for t in mine[mine.stage == "candidates"].text],
+            "verified": list(mine[mine.stage == "verified"].text),
         }
     return out
+
+
+def verified_counts(result: dict[int, dict]) -> dict:
+    """Tiles whose detailed caption states at least one confirmed fact, and of which kinds."""
+    kinds: Counter = Counter()
+    for item in result.values():
+        kinds.update({v.split(" ", 1)[0].rstrip(":") for v in item.get("verified", [])})
+    return {"tiles": len(result), "with a verified fact": sum(bool(i.get("verified")) for i in result.values()),
+            "by kind": dict(kinds)}
 
 
 def classify(result: dict[int, dict]) -> dict[str, Counter]:
@@ -169,6 +191,9 @@ def main() -> None:
                         help="another checkout (e.g. main) whose CLI runs the same images for the before/after counts")
     parser.add_argument("--work", default=None, help="keep the layers and caches in this folder (default: temporary)")
     parser.add_argument("--json", default=None, help="write the numbers and all captions to this file")
+    parser.add_argument("--variants", default=None,
+                        help="comma-separated [output] detailed lists to score as well, parts joined by + "
+                             "(an empty item: the lead alone), e.g. ',class,class+cover'")
     args = parser.parse_args()
 
     import numpy as np
@@ -207,6 +232,15 @@ def main() -> None:
         new_seconds = time.perf_counter() - start
         new = captions_of(new_layer, tile_of)
 
+        variant_results: dict[str, dict[int, dict]] = {}
+        for spec in ([v.strip() for v in args.variants.split(",")] if args.variants is not None else []):
+            parts = [p for p in spec.split("+") if p]
+            variant_layer = work / f"mpgi_variant_{'_'.join(parts) or 'lead'}.gpkg"
+            seed_cache(new_layer, variant_layer)
+            variant_recipe = load_recipe(str(overrides(work / "variant.toml", args.batch, args.max_tokens, parts)))
+            run_mpgi(str(layer), variant_recipe, output=str(variant_layer))
+            variant_results["+".join(parts) or "lead only"] = captions_of(variant_layer, tile_of)
+
         old = None
         if args.baseline_checkout:
             old_layer = work / "mpgi_baseline.gpkg"
@@ -240,6 +274,8 @@ def main() -> None:
     same = sum(alone[str(i)] in new[i]["caption_stage"] for i in range(len(records)))
     systems = {f"caption model alone ({recipe.caption_model}, {decoding.method})": score(references, alone)}
     systems.update({f"{k} (this branch)": v for k, v in score_mpgi(references, new, n_short).items()})
+    for name, result in variant_results.items():
+        systems[f"MpGI detailed [{name}]"] = score(references, {k: result[int(k)]["detailed"] for k in references})
     if old is not None:
         systems.update({f"{k} (baseline)": v for k, v in score_mpgi(references, old, n_short).items()})
     counts = {"this branch": classify(new), **({"baseline": classify(old)} if old is not None else {})}
@@ -259,6 +295,10 @@ def main() -> None:
         for part, c in by_part.items():
             detail = ", ".join(f"{k} {v}" for k, v in sorted(c.items()) if k != "sentences")
             print(f"  {name:12s} {part:8s} {c['sentences']:4d} sentences: {detail}")
+    verified = {"this branch": verified_counts(new),
+                **{f"detailed [{name}]": verified_counts(r) for name, r in variant_results.items()}}
+    for name, v in verified.items():
+        print(f"verified facts, {name}: {v['with a verified fact']}/{v['tiles']} tiles ({v['by kind']})")
     examples = [(records[i]["class"], alone[str(i)], new[i]["short"][:2], new[i]["detailed"])
                 for i in range(0, len(records), max(1, len(records) // 4))]
     for cls, coca, shorts, detailed in examples:
@@ -266,7 +306,8 @@ def main() -> None:
     if args.json:
         Path(args.json).write_text(json.dumps({
             "images": len(records), "split": args.split, "per_class": args.per_class, "systems": systems,
-            "counts": {k: {p: dict(c) for p, c in v.items()} for k, v in counts.items()},
+            "counts": {k: {p: dict(c) for p, c in v.items()} for k, v in counts.items()}, "verified": verified,
+            "variants": {name: {str(i): r[i]["detailed"] for i in r} for name, r in variant_results.items()},
             "captions": [{"image": r["image"], "class": r["class"], "caption_model": alone[str(i)],
                           "mpgi": new[i], **({"baseline": old[i]} if old is not None else {})}
                          for i, r in enumerate(records)]}, indent=1))

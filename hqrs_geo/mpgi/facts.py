@@ -4,11 +4,13 @@
 :class:`TileFacts` per tile; :mod:`hqrs_geo.mpgi.rules` turns those facts into sentences.
 
 Measurements are made in metres: in the tile layer's CRS when it is projected in metres,
-otherwise in the UTM zone of the tiles' centroid. Spectral facts (vegetation and water
-fractions) need a near-infrared band in the source raster: the band given as ``nir_band``,
-a band whose colour interpretation or description says NIR / near infrared, or -- for
-rasters with exactly four bands and no alpha band, such as NAIP -- band 4, with the bands
-assumed to be in R, G, B, NIR order.
+otherwise in the UTM zone of the tiles' centroid. Cover facts (vegetation and water fractions)
+come from a near-infrared band when the source raster has one (NDVI / NDWI): the band given as
+``nir_band``, a band whose colour interpretation or description says NIR / near infrared, or --
+for rasters with exactly four bands and no alpha band, such as NAIP -- band 4, with the bands
+assumed to be in R, G, B, NIR order. Without one, they are estimated from the red, green and blue
+bands (:func:`rgb_cover_masks`, recorded as ``rgb_exg`` / ``rgb_water``), so a reader of the facts
+knows which kind of estimate each share is.
 """
 from __future__ import annotations
 
@@ -159,9 +161,12 @@ class VectorFacts:
 class TileFacts:
     """Facts about one tile: ground size, place, date, spectral cover and vector features.
 
-    ``vegetation_fraction`` / ``water_fraction`` are the fractions of valid pixels with NDVI above
-    ``ndvi_threshold`` / NDWI (green - NIR) / (green + NIR) above ``ndwi_threshold``; None when the
-    raster has no NIR band (or the tile no valid pixel).
+    ``vegetation_fraction`` / ``water_fraction`` are the fractions of valid pixels that are
+    vegetation / water, measured as ``vegetation_source`` / ``water_source`` say: ``"ndvi"`` (NDVI
+    above ``ndvi_threshold``) and ``"ndwi"`` (NDWI (green - NIR) / (green + NIR) above
+    ``ndwi_threshold``) with a NIR band; ``"rgb_exg"`` and ``"rgb_water"`` (the RGB rules of
+    :func:`rgb_cover_masks`, ``exg_threshold``) without one; None (and no source) when the raster
+    has neither NIR nor three colour bands, or the tile no valid pixel.
     """
 
     tile_id: str
@@ -176,6 +181,9 @@ class TileFacts:
     vectors: list[VectorFacts] = field(default_factory=list)
     ndvi_threshold: float = 0.3
     ndwi_threshold: float = 0.0
+    vegetation_source: str | None = None
+    water_source: str | None = None
+    exg_threshold: float = 0.05
 
     def as_dict(self) -> dict:
         """JSON-friendly dictionary (class pairs become two-item lists)."""
@@ -353,6 +361,100 @@ def spectral_fractions(
     return float(vegetation), float(water)
 
 
+# RGB cover rules, used when the raster has no NIR band (fractions of the tile's valid pixels).
+#: Vegetation: excess green on chromatic coordinates, ExG = 2g - r - b with r = R / (R + G + B)
+#: etc., above this, with green the largest of the three (Woebbecke et al. 1995; 0.05 keeps the
+#: dark green of tree crowns and leaves grey roofs and roads, about 0, out).
+EXG_THRESHOLD = 0.05
+#: Water: dark (mean of R, G, B below this, on a 0..1 scale) ...
+WATER_MAX_BRIGHTNESS = 0.4
+#: ... smooth (standard deviation of that brightness in a TEXTURE_WINDOW-pixel square below this) ...
+WATER_MAX_TEXTURE = 0.012
+TEXTURE_WINDOW = 5
+#: ... and blue-dominant (blue above red, and at least green minus this): calm water reflects the
+#: sky. Green, algae-rich water looks like a field in RGB and is missed; dark smooth bluish
+#: shadows and dark flat roofs can pass; a NIR band is always preferred.
+WATER_BLUE_MARGIN = 0.005
+
+
+def _box_mean(values: np.ndarray, size: int) -> np.ndarray:
+    """Mean over a ``size`` x ``size`` square around each pixel (edges mirrored), by an integral image."""
+    pad = size // 2
+    padded = np.pad(values, pad, mode="reflect" if min(values.shape) > pad else "edge")
+    total = np.pad(padded.cumsum(axis=0).cumsum(axis=1), ((1, 0), (1, 0)))
+    h, w = values.shape
+    sums = (total[size:size + h, size:size + w] - total[:h, size:size + w]
+            - total[size:size + h, :w] + total[:h, :w])
+    return sums / (size * size)
+
+
+def rgb_cover_masks(rgb: np.ndarray, exg_threshold: float = EXG_THRESHOLD) -> tuple[np.ndarray, np.ndarray]:
+    """``(vegetation, water)`` boolean masks of a ``(3, H, W)`` red, green, blue array scaled to 0..1.
+
+    Water: dark (mean brightness < :data:`WATER_MAX_BRIGHTNESS`), smooth (local standard deviation
+    of the brightness < :data:`WATER_MAX_TEXTURE` over :data:`TEXTURE_WINDOW` pixels) and
+    blue-dominant (chromatic blue > red and >= green - :data:`WATER_BLUE_MARGIN`). Vegetation: not
+    water, green the largest chromatic coordinate and excess green 2g - r - b > ``exg_threshold``.
+    These are estimates from colour and texture (see the constants' notes for what they miss).
+    """
+    red, green, blue = (np.asarray(band, dtype=np.float64) for band in rgb)
+    total = red + green + blue
+    safe = np.where(total > 0, total, 1.0)
+    r, g, b = red / safe, green / safe, blue / safe
+    brightness = total / 3.0
+    mean = _box_mean(brightness, TEXTURE_WINDOW)
+    texture = np.sqrt(np.maximum(_box_mean(brightness ** 2, TEXTURE_WINDOW) - mean ** 2, 0.0))
+    water = (brightness < WATER_MAX_BRIGHTNESS) & (texture < WATER_MAX_TEXTURE) & (b > r) \
+        & (b >= g - WATER_BLUE_MARGIN) & (total > 0)
+    vegetation = ~water & (g > r) & (g > b) & (2 * g - r - b > exg_threshold)
+    return vegetation, water
+
+
+def rgb_bands(src) -> tuple[int, int, int] | None:
+    """1-based (red, green, blue) band numbers of an open raster: by colour interpretation, else
+    its first three bands that are not alpha; None with fewer than three such bands."""
+    interp = [ci.name.lower() for ci in src.colorinterp]
+    named = [next((i + 1 for i, c in enumerate(interp) if c == colour), 0) for colour in ("red", "green", "blue")]
+    if all(named):
+        return named[0], named[1], named[2]
+    others = [i + 1 for i, c in enumerate(interp) if c != "alpha"]
+    return (others[0], others[1], others[2]) if len(others) >= 3 else None
+
+
+def rgb_scale(src, bands: tuple[int, int, int]) -> float:
+    """The value read as full brightness: 255 for 8-bit rasters, else the 99.5th percentile of the
+    bands' valid values in a reduced read of the whole raster (one value per raster, so a dark tile
+    stays dark)."""
+    if all(np.dtype(src.dtypes[b - 1]) == np.uint8 for b in bands):
+        return 255.0
+    step = max(1, int(np.ceil(max(src.width, src.height) / 512)))
+    small = src.read(list(bands), out_shape=(3, max(1, src.height // step), max(1, src.width // step)), masked=True)
+    values = np.ma.compressed(small).astype(np.float64)
+    values = values[np.isfinite(values)]
+    top = float(np.percentile(values, 99.5)) if values.size else 0.0
+    return top if top > 0 else 1.0
+
+
+def rgb_fractions(src, bands: tuple[int, int, int], window: tuple[int, int, int, int], scale: float = 255.0,
+                  exg_threshold: float = EXG_THRESHOLD) -> tuple[float | None, float | None]:
+    """Vegetation and water fractions of the valid pixels of a window by the RGB rules of
+    :func:`rgb_cover_masks` (values divided by ``scale``); ``(None, None)`` without valid pixels."""
+    x_off, y_off, width, height = window
+    x0, y0 = max(int(x_off), 0), max(int(y_off), 0)
+    x1, y1 = min(int(x_off + width), src.width), min(int(y_off + height), src.height)
+    if x1 <= x0 or y1 <= y0:
+        return None, None
+    data = src.read(list(bands), window=Window(x0, y0, x1 - x0, y1 - y0), masked=True)
+    values = np.ma.getdata(data).astype(np.float64)
+    with np.errstate(invalid="ignore", over="ignore"):
+        valid = ~np.ma.getmaskarray(data).any(axis=0) & np.isfinite(values).all(axis=0)
+        n_valid = np.count_nonzero(valid)
+        if n_valid == 0:
+            return None, None
+        vegetation, water = rgb_cover_masks(np.where(valid, np.clip(values / scale, 0.0, 1.0), 0.0), exg_threshold)
+    return float(np.count_nonzero(vegetation & valid) / n_valid), float(np.count_nonzero(water & valid) / n_valid)
+
+
 @dataclass
 class _RasterFacts:
     """Per-tile facts read from the source rasters."""
@@ -361,12 +463,15 @@ class _RasterFacts:
     pixel_size_m: np.ndarray
     vegetation: list[float | None]
     water: list[float | None]
+    source: list[tuple[str | None, str | None]]  # (vegetation source, water source) per tile
 
 
-def _raster_facts(tiles, nir_band, ndvi_threshold, ndwi_threshold, progress) -> _RasterFacts:
-    """Open each source raster once: its date, pixel size and, with a NIR band, each tile's spectral fractions."""
+def _raster_facts(tiles, nir_band, ndvi_threshold, ndwi_threshold, progress, rgb_cover: bool = True,
+                  exg_threshold: float = EXG_THRESHOLD) -> _RasterFacts:
+    """Open each source raster once: its date, pixel size and each tile's cover fractions (NIR
+    indices, else the RGB rules when ``rgb_cover``)."""
     n = len(tiles)
-    facts = _RasterFacts([None] * n, np.full(n, np.nan), [None] * n, [None] * n)
+    facts = _RasterFacts([None] * n, np.full(n, np.nan), [None] * n, [None] * n, [(None, None)] * n)
     rows_by_source: dict[str, list[int]] = {}
     for i, source in enumerate(tiles["source"].astype(str)):
         rows_by_source.setdefault(source, []).append(i)
@@ -379,17 +484,29 @@ def _raster_facts(tiles, nir_band, ndvi_threshold, ndwi_threshold, progress) -> 
             acquired = acquisition_date(src)
             size = float(np.sqrt(np.prod(info.pixel_size_m))) if info.pixel_size_m else np.nan
             bands = spectral_bands(src, nir_band)
+            colours = rgb_bands(src) if bands is None and rgb_cover else None
+            scale = read_pixels(source, lambda: rgb_scale(src, colours)) if colours else 255.0
             for i in rows:
                 facts.acquired[i] = acquired
                 facts.pixel_size_m[i] = size
-            if bands is None:
+            if bands is None and colours is None:
                 if progress is not None:
                     progress.advance(len(rows))
                 continue
             for i in rows:
                 window = tuple(windows[i])
-                facts.vegetation[i], facts.water[i] = read_pixels(
-                    source, lambda: spectral_fractions(src, bands, window, ndvi_threshold, ndwi_threshold))
+                if bands is not None:
+                    facts.vegetation[i], facts.water[i] = read_pixels(
+                        source, lambda: spectral_fractions(src, bands, window, ndvi_threshold, ndwi_threshold))
+                    names = ("ndvi", "ndwi")
+                else:
+                    assert colours is not None
+                    rgb = colours
+                    facts.vegetation[i], facts.water[i] = read_pixels(
+                        source, lambda: rgb_fractions(src, rgb, window, scale, exg_threshold))
+                    names = ("rgb_exg", "rgb_water")
+                facts.source[i] = (names[0] if facts.vegetation[i] is not None else None,
+                                   names[1] if facts.water[i] is not None else None)
                 if progress is not None:
                     progress.advance()
     return facts
@@ -612,12 +729,16 @@ def compute_facts(
     ndwi_threshold: float = 0.0,
     nir_band: int | None = None,
     progress=None,
+    rgb_cover: bool = True,
+    exg_threshold: float = EXG_THRESHOLD,
 ) -> dict[str, TileFacts]:
     """Facts for every tile of a tile layer (GeoDataFrame from ``read_tiles`` / ``tile_rasters``), keyed by tile_id.
 
     Sizes, lengths and areas are in metres (see :func:`metric_crs`); each vector layer is read
-    once. ``progress`` (a :class:`hqrs_geo.progress.Progress`) gets the stages ``rasters`` (one
-    step per tile) and ``vectors`` (one step per tile and layer).
+    once. Cover fractions come from NIR indices, else (``rgb_cover``) from the RGB rules of
+    :func:`rgb_cover_masks` with ``exg_threshold``. ``progress`` (a
+    :class:`hqrs_geo.progress.Progress`) gets the stages ``rasters`` (one step per tile) and
+    ``vectors`` (one step per tile and layer).
     """
     _check_tiles(tiles)
     _check_thresholds(ndvi_threshold, ndwi_threshold)
@@ -629,7 +750,9 @@ def compute_facts(
     areas, bounds = shapely.area(footprints), shapely.bounds(footprints)
     width_m, height_m = _tile_sizes(footprints)
     lon, lat = _centres_lonlat(footprints, crs)
-    raster = _raster_facts(tiles, nir_band, ndvi_threshold, ndwi_threshold, progress)
+    if not -1.0 <= float(exg_threshold) <= 1.0:
+        raise OptionError(f"invalid excess-green threshold {exg_threshold}: use a value in -1..1")
+    raster = _raster_facts(tiles, nir_band, ndvi_threshold, ndwi_threshold, progress, rgb_cover, exg_threshold)
     gsd = _gsd(tiles, raster.pixel_size_m, width_m)
 
     if progress is not None and sources:
@@ -644,5 +767,7 @@ def compute_facts(
             vegetation_fraction=raster.vegetation[i], water_fraction=raster.water[i],
             vectors=[layer[i] for layer in per_layer],
             ndvi_threshold=float(ndvi_threshold), ndwi_threshold=float(ndwi_threshold),
+            vegetation_source=raster.source[i][0], water_source=raster.source[i][1],
+            exg_threshold=float(exg_threshold),
         )
     return facts

@@ -17,8 +17,9 @@ is checked before it reaches the layer:
   the lexicon in ``checks.toml`` whose group (the term and its synonyms) occurs in none of the
   facts and descriptions is dropped (``names airplanes, which no source mentions``);
 * length limits in words; duplicates (exact or near: token Jaccard >= 0.8) removed, also a
-  sentence of the detailed caption that repeats one before it or only its words (an answer cut
-  off by the token limit: "The image is a straight");
+  sentence of the detailed caption that repeats one before it: only its words (an answer cut
+  off by the token limit: "The image is a straight") or a paraphrase (most of its content words
+  said before and no new object or cover kind; :func:`repeats`);
 * when the LLM gives fewer captions than asked, the rest is filled with distinct sentences
   from the ``fill`` texts (the descriptions and the content facts: never metadata), and the
   record says how many were filled; a short caption repeats the detailed one only when the
@@ -37,10 +38,12 @@ from pathlib import Path
 
 import tomllib  # as recipe.py: Python 3.11+
 
+from ..models.prompts import class_phrases
+
 NUMBER = re.compile(r"\d+(?:[.,]\d+)?")
 WORD = re.compile(r"[a-z0-9]+")
 NEGATION = re.compile(r"\b(no|not|none|without|absent|lacks?)\b", re.IGNORECASE)
-MARKERS = re.compile(r"^\s*(detailed( caption)?|short( captions?)?|captions?)\s*:\s*", re.IGNORECASE)
+MARKERS = re.compile(r"^\s*(detailed( caption)?|short( captions?)?|captions?|summary)\s*:\s*", re.IGNORECASE)
 BULLET = re.compile(r"^\s*(?:[-*\u2022]|\d+[.)])\s+")
 CHECKS_FILE = Path(__file__).with_name("checks.toml")
 
@@ -75,6 +78,8 @@ class Captions:
     short: list[str]
     dropped: list[str] = field(default_factory=list)  # sentences removed by the checks, with the reason
     filled: int = 0  # captions taken from the sources because the LLM gave too few
+    verified: list[str] = field(default_factory=list)  # facts the detailed caption states that a check confirms
+    detailed_filled: bool = False  # the detailed caption was taken from the sources (the LLM gave none)
 
 
 def integration_prompt(template: str, facts: Sequence[str], descriptions: Sequence[tuple[str, str]], n_short: int,
@@ -118,10 +123,59 @@ def _near_duplicate(a: str, b: str) -> bool:
     return len(wa & wb) / len(wa | wb) >= 0.8
 
 
-def _repeats(sentence: str, earlier: str) -> bool:
-    """``sentence`` says nothing ``earlier`` did not: a near duplicate, or only its words (a fragment)."""
+#: Words that carry no content of their own for the repeat check (function words, the caption
+#: habits "the image is", "there are", "on one side", counts and colours' helpers).
+FUNCTION_WORDS = frozenset("""
+a an the and or but of in on at to from by with without into onto over under near next beside along across
+through around between among above below behind front is are was were be been being it its this that these
+those there here which who what where while as also very much many some several few lot lots plenty number
+one two both each other another side part parts image picture scene view photo area areas can see seen
+shows show showing looks look like appears appear kind sort type large small big little
+""".split())
+
+
+def content_words(text: str) -> set[str]:
+    """The content words of ``text`` (lower case, without :data:`FUNCTION_WORDS`, a plural ``s``
+    dropped): what the repeat check compares."""
+    words = set()
+    for word in _words(text):
+        if word in FUNCTION_WORDS or word.isdigit():
+            continue
+        words.add(word[:-1] if len(word) > 3 and word.endswith("s") and not word.endswith("ss") else word)
+    return words
+
+
+#: Share of a sentence's content words already said before at which it counts as a repeat.
+REPEAT_OVERLAP = 0.6
+
+
+def repeats(sentence: str, earlier: Sequence[str] | str, data: CheckData | None = None) -> bool:
+    """``sentence`` says nothing the ``earlier`` sentences did not: a near duplicate of one of them,
+    a fragment (only their words), or a paraphrase: at least :data:`REPEAT_OVERLAP` of its content
+    words (:func:`content_words`) said before and no object or cover kind of the lexicon
+    (``checks.toml``) that they do not name. "It is a river with black water and a road on one
+    side of the river." repeats "The image is a river with black water and a road on one bank of
+    the river."; "Cars are parked near a row of trees." does not repeat "Cars are parked in the
+    parking lot." (trees are new)."""
+    texts = [earlier] if isinstance(earlier, str) else list(earlier)
+    if not texts:
+        return False
     words = set(_words(sentence))
-    return _near_duplicate(sentence, earlier) or bool(words) and words <= set(_words(earlier))
+    if any(_near_duplicate(sentence, e) or bool(words) and words <= set(_words(e)) for e in texts):
+        return True
+    mine = content_words(sentence)
+    if not mine:
+        return True
+    said = set().union(*(content_words(e) for e in texts))
+    if len(mine & said) / len(mine) < REPEAT_OVERLAP:
+        return False
+    groups = {g for e in texts for _, g in lexicon_terms(e, data)}
+    return all(g in groups for _, g in lexicon_terms(sentence, data))
+
+
+def _repeats(sentence: str, earlier: str) -> bool:
+    """``sentence`` says nothing ``earlier`` did not (see :func:`repeats`)."""
+    return repeats(sentence, earlier)
 
 
 def _metadata_reason(sentence: str) -> str:
@@ -287,7 +341,7 @@ def clean_captions(answer: str, prompt_instructions: str, sources: Sequence[str]
     for s in (s for line in detailed_lines for s in sentences(line)):
         if not keep(s):
             continue
-        if any(_repeats(s, d) for d in detailed_sents):
+        if repeats(s, detailed_sents, checker.data):
             dropped.append(f"{s} (repeats an earlier sentence)")
         else:
             detailed_sents.append(s)
@@ -309,6 +363,9 @@ def clean_captions(answer: str, prompt_instructions: str, sources: Sequence[str]
                 break
         detailed = _limit(" ".join(chosen), max_words_detailed)
         filled += 1 if detailed else 0
+        detailed_filled = bool(detailed)
+    else:
+        detailed_filled = False
     for s in pool:
         if len(short) >= n_short:
             break
@@ -324,4 +381,142 @@ def clean_captions(answer: str, prompt_instructions: str, sources: Sequence[str]
         if usable:
             short.append(usable[0])
             filled += 1
-    return Captions(detailed=detailed, short=short[:n_short], dropped=dropped, filled=filled)
+    return Captions(detailed=detailed, short=short[:n_short], dropped=dropped, filled=filled,
+                    detailed_filled=detailed_filled)
+
+
+# --------------------------------------------------------------------------- composing the detailed caption
+
+#: What the detailed caption may hold after its lead sentence (``[output] detailed`` lists them in
+#: the order wanted): ``class`` the zero-shot class when the lead does not name it; ``vectors`` the
+#: vector-layer facts; ``cover`` the cover shares (NDVI/NDWI or RGB estimates) of at least
+#: ``min_cover``; ``llm`` the integrating LLM's sentences that add something. A sentence that would
+#: take the caption over its word limit is left out whole (later, shorter ones may still fit).
+DETAILED_PARTS = ("class", "vectors", "cover", "llm")
+
+
+def _article_free(phrase: str) -> str:
+    return re.sub(r"^(?:a|an|the)\s+", "", phrase.strip().lower())
+
+
+@cache
+def _class_pattern(label: str) -> re.Pattern:
+    """Whole-word pattern of a class's name and synonyms (last word singular or plural)."""
+    names = {_article_free(p) for p in class_phrases([label])[0]}
+    names |= {re.sub(r"(?<=[a-z])(our|or)\b", lambda m: "or" if m.group(1) == "our" else "our", p) for p in names}
+    return re.compile("|".join(_term_pattern(p) for p in sorted(names, key=len, reverse=True) if p), re.IGNORECASE)
+
+
+def names_class(text: str, label: str) -> bool:
+    """Whether ``text`` names the scene class ``label`` (its name or a synonym of
+    :data:`hqrs_geo.models.prompts.CLASS_SYNONYMS`, without articles, in British or American
+    spelling of -our / -or words; plural allowed)."""
+    return bool(_class_pattern(label).search(text))
+
+
+def class_sentence(label: str, probability: float) -> str:
+    """The sentence stating a zero-shot class and its calibrated probability."""
+    return f"Zero-shot scene class: {label} ({probability * 100:.0f}% probability)."
+
+
+@dataclass
+class Perspectives:
+    """What the offline perspectives say about one tile besides the LLM.
+
+    ``candidates``: the caption model's captions, its decoding's caption first, then the other
+    candidates by consensus; ``classes``: ``(label, calibrated probability)`` of the zero-shot
+    classes, most probable first; ``cover`` / ``vectors``: the content fact sentences of the
+    cover shares (with the share) and of the vector layers.
+    """
+
+    candidates: list[str] = field(default_factory=list)
+    classes: list[tuple[str, float]] = field(default_factory=list)
+    cover: list[tuple[str, float]] = field(default_factory=list)
+    vectors: list[str] = field(default_factory=list)
+
+
+def _clean_candidate(candidate: str, checker: Checker) -> str:
+    """A candidate caption without its sentences that fail the checks ("an aerial image of a port ."
+    goes, the sentence after it stays)."""
+    return " ".join(x for x in sentences(candidate) if not checker.problem(x))
+
+
+def choose_lead(candidates: Sequence[str], confident: str | None, checker: Checker) -> tuple[str, bool]:
+    """The lead sentence(s) of the detailed caption and whether they name the ``confident`` class:
+    the first candidate (its sentences that pass the checks) naming that class, else the first
+    candidate with a sentence that passes."""
+    usable = [text for text in (_clean_candidate(c, checker) for c in candidates) if text]
+    if confident:
+        for candidate in usable:
+            if names_class(candidate, confident):
+                return candidate, True
+    return (usable[0], False) if usable else ("", False)
+
+
+def compose_captions(cleaned: Captions, perspectives: Perspectives, instructions: str, sources: Sequence[str],
+                     absent: Sequence[str], max_words_detailed: int, n_short: int,
+                     parts: Sequence[str] = DETAILED_PARTS, min_probability: float = 0.5,
+                     min_cover: float = 0.1) -> Captions:
+    """The detailed caption built from verified perspectives, the LLM's additions after them.
+
+    Lead: a caption of the caption model (:func:`choose_lead`, checked against ``sources`` and the
+    candidates themselves; the class is confident when its calibrated probability is at least
+    ``min_probability``); then, as ``parts`` say (see :data:`DETAILED_PARTS`), sentences that pass
+    the checks against ``sources`` and the lead (not the other candidates: a rejected candidate
+    licenses nothing) and do not repeat what is already said (:func:`repeats`). The LLM's part is
+    its own detailed caption, not one filled from the sources. Without candidates the LLM's
+    cleaned detailed caption leads. The short captions stay the LLM's (and the filled ones), with
+    the lead moved or put first. ``verified`` lists the stated facts a check confirms: the class
+    when the lead names it, each cover share and vector fact stated.
+    """
+    unknown = [p for p in parts if p not in DETAILED_PARTS]
+    if unknown:
+        raise ValueError(f"unknown detailed part {unknown[0]!r}: use {', '.join(DETAILED_PARTS)}")
+    top = perspectives.classes[0] if perspectives.classes else None
+    confident = top[0] if top and top[1] >= min_probability else None
+    lead, named = choose_lead(perspectives.candidates, confident,
+                              Checker(instructions, [*sources, *perspectives.candidates], absent))
+    checker = Checker(instructions, [*sources, lead], absent)
+    verified: list[str] = []
+    if named and top:
+        verified.append(f"class {top[0]} ({top[1]:.2f}): named by the caption, zero-shot probability "
+                        f">= {min_probability}")
+    said: list[str] = [lead] if lead else []
+    llm = sentences(cleaned.detailed) if cleaned.detailed and not cleaned.detailed_filled else []
+    if not lead and cleaned.detailed:
+        said, llm = [sentences(cleaned.detailed)[0]], sentences(cleaned.detailed)[1:]
+    dropped = list(cleaned.dropped)
+
+    def add(sentence: str, why: str = "") -> bool:
+        reason = checker.problem(sentence)
+        if not reason and repeats(sentence, said, checker.data):
+            reason = "repeats an earlier sentence"
+        if not reason and len(" ".join([*said, sentence]).split()) > max_words_detailed:
+            reason = f"over the {max_words_detailed}-word limit of the detailed caption"
+        if reason:
+            dropped.append(f"{sentence} ({reason})")
+            return False
+        said.append(sentence)
+        if why:
+            verified.append(why)
+        return True
+
+    for part in parts:
+        if part == "class" and confident and not named and top:
+            add(class_sentence(*top), f"class {top[0]} ({top[1]:.2f}): zero-shot probability >= {min_probability}")
+        elif part == "llm":
+            for sentence in llm:
+                add(sentence)
+        elif part == "cover":
+            for sentence, share in perspectives.cover:
+                if share >= min_cover:
+                    add(sentence, f"cover: {sentence}")
+        elif part == "vectors":
+            for sentence in perspectives.vectors:
+                add(sentence, f"vectors: {sentence}")
+    detailed = (_limit(" ".join(said), max_words_detailed) if said  # the lead alone may be longer
+                else cleaned.detailed)
+    short = list(cleaned.short)
+    if lead:
+        short = [lead, *(s for s in short if not _near_duplicate(lead, s))][:max(n_short, 1)]
+    return Captions(detailed=detailed, short=short, dropped=dropped, filled=cleaned.filled, verified=verified)

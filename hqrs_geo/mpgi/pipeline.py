@@ -7,10 +7,16 @@ Stages, each with its own progress bar, each model call cached (:class:`hqrs_geo
    ``perspectives``: the VLM describes the tile once per perspective prompt;
    ``relay``: the VLM gets the fact sentences with the image and relays them into a grounded
    description;
-   ``caption``: the engine's caption model (default: the shipped hqrs-mini-coca) captions it;
+   ``caption``: the engine's caption model (default: the shipped hqrs-mini-coca) captions it,
+   and with ``candidates`` also decodes its candidate pool (beams, greedy, seeded samples);
+   ``classes``: zero-shot scene classes of a CLIP model with calibrated probabilities;
 2. ``integrate``: the LLM merges descriptions and facts into one detailed and N short
    captions, checked by :mod:`.integrate`: only content (descriptions and content facts) becomes
-   a caption; coordinates, sizes, dates, boilerplate and unsupported objects are dropped.
+   a caption; coordinates, sizes, dates, boilerplate and unsupported objects are dropped. The
+   detailed caption is then composed (:func:`.integrate.compose_captions`): a caption of the
+   caption model that names the confident zero-shot class leads, and the class, the LLM's
+   sentences that add something, the cover shares and the vector facts follow, each checked and
+   none repeating what is said.
 
 Results: ``mpgi_caption`` (detailed), ``mpgi_short`` (JSON list), ``mpgi_facts`` (JSON) and
 ``mpgi_recipe`` (fingerprint) on the tile layer; every perspective, relay, caption, fact and
@@ -37,11 +43,13 @@ from ..layer.io import check_writable, layer_format, read_tiles, write_tiles
 from ..layer.runs import new_run
 from ..layer.source import copy_layer
 from ..models.decoding_options import DecodingConfig
+from ..models.encode import image_batch_vectors
 from ..models.loader import load_model, weights_sha256
+from ..models.zeroshot import zero_shot
 from ..tiling.dataset import TileDataset
 from .backends import ChatRequest, make_backend, smollm2_gguf
 from .facts import TileFacts, compute_facts, parse_vector_spec
-from .integrate import clean_captions, integration_prompt
+from .integrate import Perspectives, class_sentence, clean_captions, compose_captions, integration_prompt
 from .recipe import Recipe, load_recipe
 from .rules import RULE_KINDS, rule_sentences
 
@@ -95,6 +103,9 @@ class MpgiRun:
         self.cache = ResumeStore(call_cache_path(output))
         self.calls: dict[str, list[Call]] = {}  # tile_id -> its calls, for the provenance table
         self.fresh = 0  # calls answered by a model in this run (not the cache)
+        self.candidates: dict[str, list[str]] = {}  # tile_id -> caption model candidates, its caption first
+        self.classes: dict[str, list[tuple[str, float]]] = {}  # tile_id -> zero-shot (class, probability)
+        self.fact_pairs: dict[str, list[tuple[str, str]]] = {}  # tile_id -> (rule, fact sentence)
 
     # -- helpers ---------------------------------------------------------------------------
     def _check_cancel(self) -> None:
@@ -135,12 +146,51 @@ class MpgiRun:
         options = self.recipe.facts
         facts = compute_facts(frame, self.vectors, ndvi_threshold=options.get("ndvi_threshold", 0.3),
                               ndwi_threshold=options.get("ndwi_threshold", 0.0), nir_band=options.get("nir_band"),
-                              progress=self.progress)
+                              progress=self.progress, rgb_cover=options.get("rgb_cover", True),
+                              exg_threshold=options.get("exg_threshold", 0.05))
         out = {}
         for tile, f in facts.items():
             pairs = rule_sentences(f, self.recipe.rules)
+            self.fact_pairs[tile] = pairs
             out[tile] = (f, [text for _, text in pairs], [text for key, text in pairs if RULE_KINDS[key] == "content"])
         return out
+
+    def class_facts(self, facts: dict) -> None:
+        """Add the confident zero-shot class of each tile to its fact sentences (all and content)."""
+        floor = float(self.recipe.zero_shot.get("min_probability", 0.5))
+        for tile_id, ranked in self.classes.items():
+            if ranked and ranked[0][1] >= floor:
+                sentence = class_sentence(*ranked[0])
+                f, every, content = facts[tile_id]
+                facts[tile_id] = (f, [*every, sentence], [*content, sentence])
+
+    def _class_stage(self, dataset, tile_ids: list[str]) -> None:
+        """Zero-shot scene classes of each tile (calibrated probabilities, the top 3 kept)."""
+        import torch
+
+        name = self.recipe.zero_shot_model
+        if not name:
+            return
+        labels = self.recipe.zero_shot.get("labels") or None
+        self._start("classes", len(tile_ids), f"zero-shot classes {name}")
+        loaded = load_model(name, device=self.device)
+        labeller = zero_shot(loaded, labels, top_k=3)
+        identity = f"engine:{name}:{weights_sha256(name)[:12]}"
+        for start in range(0, len(tile_ids), CHUNK * 4):
+            chunk = tile_ids[start:start + CHUNK * 4]
+            self._check_cancel()
+            for tile_id in chunk:
+                rgb = dataset.pixels(tile_id)
+                image = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1)[None]
+                vectors = image_batch_vectors(loaded, image)
+                probs = labeller.probabilities(vectors)[0]
+                order = np.argsort(-probs, kind="stable")[:labeller.top_k]
+                ranked = [(labeller.labels[j], float(probs[j])) for j in order]
+                self.classes[tile_id] = ranked
+                text = ";".join(f"{label}:{p:.3f}" for label, p in ranked)
+                self._record(Call(call_key(tile_id, "classes", name, "", identity, _image_digest(rgb)), tile_id,
+                                  "classes", name, json.dumps({"labels": labels, "scale": labeller.scale}), text=text))
+            self._advance(len(chunk))
 
     def describe(self, dataset, tile_ids: list[str], facts: dict) -> dict[str, list[tuple[str, str]]]:
         """Stage 1: (source, text) descriptions per tile from the VLM (perspectives, relay) and
@@ -150,6 +200,8 @@ class MpgiRun:
             self._vlm_stages(dataset, tile_ids, facts, descriptions)
         if self.recipe.caption_model:
             self._caption_stage(dataset, tile_ids, descriptions)
+        self._class_stage(dataset, tile_ids)
+        self.class_facts(facts)
         return descriptions
 
     def _vlm_stages(self, dataset, tile_ids, facts, descriptions) -> None:
@@ -220,7 +272,43 @@ class MpgiRun:
             for call in calls:
                 self._record(call)
                 descriptions[call.tile_id].append((f"caption model {name}", call.text))
+                self.candidates[call.tile_id] = [call.text or ""]
+            if table.get("candidates", False):
+                task = self._candidate_calls(chunk, dataset, name, identity, decoding, task)
             self._advance(len(chunk))
+
+    def _candidate_calls(self, chunk, dataset, name: str, identity: str, decoding, task):
+        """The caption model's candidate pool per tile (after its own caption), cached like a call."""
+        import torch
+
+        prompt = json.dumps({"candidates": decoding.as_dict()}, sort_keys=True)
+        calls, missing = [], []
+        for tile_id in chunk:
+            rgb = dataset.pixels(tile_id)
+            call = Call(call_key(tile_id, "candidates", name, prompt, identity, _image_digest(rgb)),
+                        tile_id, "candidates", name, prompt, request=rgb)
+            call.text = self.cache.get_call(call.key)
+            calls.append(call)
+            if call.text is None:
+                missing.append(call)
+        if missing:
+            self._check_cancel()
+            if task is None:
+                task = CaptionTask(load_model(name, device=self.device), RunOptions(), decoding)
+            images = [torch.from_numpy(np.ascontiguousarray(c.request)).permute(2, 0, 1) for c in missing]
+            if len({tuple(i.shape) for i in images}) == 1:
+                pools = task.candidates(torch.stack(images).to(task.loaded.device))
+            else:
+                pools = [task.candidates(i[None].to(task.loaded.device))[0] for i in images]
+            for call, pool in zip(missing, pools):
+                call.text = json.dumps(pool, ensure_ascii=False)
+                self.cache.put_call(call.key, call.tile_id, "candidates", name, prompt, identity, call.text)
+                self.fresh += 1
+        for call in calls:
+            self._record(call)
+            pool = json.loads(call.text or "[]")
+            self.candidates[call.tile_id] = list(dict.fromkeys([*self.candidates.get(call.tile_id, []), *pool]))
+        return task
 
     def integrate(self, tile_ids, facts, descriptions) -> dict:
         """Stage 2: the LLM's captions per tile, checked."""
@@ -231,6 +319,8 @@ class MpgiRun:
         backend = make_backend(resolve_backend_config(table))
         results = {}
         step = chunk_size(table)
+        min_probability = float(self.recipe.zero_shot.get("min_probability", 0.5))
+        min_cover = float(out.get("min_cover", 0.1))
         try:
             self._start("integrate", len(tile_ids), f"LLM {backend.identity()}")
             for start in range(0, len(tile_ids), step):
@@ -253,14 +343,34 @@ class MpgiRun:
                     absent = [v.label for v in tile_facts.vectors if v.count == 0]
                     described = [t for _, t in descriptions[call.tile_id]]
                     sources = list(facts[call.tile_id][1]) + described
-                    fill = list(facts[call.tile_id][2]) + described  # content only: metadata is no caption
-                    results[call.tile_id] = clean_captions(
+                    perspectives = self._perspectives(call.tile_id, tile_facts)
+                    minor = {text for text, share in perspectives.cover if share < min_cover}
+                    # content only (metadata is no caption), and no share too small to be worth a caption
+                    fill = [f for f in facts[call.tile_id][2] if f not in minor] + described
+                    cleaned = clean_captions(
                         call.text or "", instructions, sources, absent, out["short_captions"],
                         out["max_words_detailed"], out["max_words_short"], fill=fill)
+                    results[call.tile_id] = compose_captions(
+                        cleaned, perspectives, instructions, sources, absent, out["max_words_detailed"],
+                        out["short_captions"], out.get("detailed", []), min_probability, min_cover)
                 self._advance(len(chunk))
         finally:
             backend.close()
         return results
+
+    def _perspectives(self, tile_id: str, tile_facts: TileFacts) -> Perspectives:
+        """The offline perspectives of one tile for :func:`.integrate.compose_captions`."""
+        shares = {"vegetation": tile_facts.vegetation_fraction, "water": tile_facts.water_fraction}
+        cover, vectors = [], []
+        for key, text in self.fact_pairs.get(tile_id, []):
+            kind = key.removesuffix("_rgb")
+            if kind in shares and shares[kind] is not None:
+                cover.append((text, float(shares[kind] or 0.0)))
+            elif key in ("polygons", "lines", "points", "classes"):
+                vectors.append(text)
+        candidates = [c for c in self.candidates.get(tile_id, []) if c]
+        return Perspectives(candidates=candidates, classes=self.classes.get(tile_id, []), cover=cover,
+                            vectors=vectors)
 
     # -- output ----------------------------------------------------------------------------
     def sources_table(self, tile_ids, facts, results):
@@ -274,6 +384,9 @@ class MpgiRun:
                              "prompt": call.prompt, "text": call.text})
             for dropped in results[tile_id].dropped:
                 rows.append({"tile_id": tile_id, "stage": "dropped", "source": "checks", "prompt": "", "text": dropped})
+            for verified in results[tile_id].verified:
+                rows.append({"tile_id": tile_id, "stage": "verified", "source": "checks", "prompt": "",
+                             "text": verified})
         return pd.DataFrame(rows, columns=["tile_id", "stage", "source", "prompt", "text"])
 
 
@@ -319,7 +432,8 @@ def run_mpgi(layer: str, recipe: str | Recipe | None = None, vectors: Sequence[s
     params = {"recipe": recipe.source, "recipe_fingerprint": recipe.fingerprint(), "recipe_content": recipe.raw,
               "vectors": [vars(s) for s in sources], "tiles": len(tile_ids), "cache": str(call_cache_path(output)),
               "fresh_calls": run.fresh, "cached_calls": run.cache.hits,
-              "filled_captions": sum(results[t].filled for t in tile_ids)}
+              "filled_captions": sum(results[t].filled for t in tile_ids),
+              "verified_tiles": sum(bool(results[t].verified) for t in tile_ids)}
     table = run.sources_table(tile_ids, facts, results)
     merged = _write(layer, output, updated, table, new_run("mpgi", "tiles", params))
     run.cache.close()

@@ -21,15 +21,17 @@ from typing import NoReturn
 import tomllib
 
 from ..errors import InputError, OptionError
-from ..models.registry import default_caption_model
+from ..models.decoding_options import METHODS
+from ..models.registry import default_caption_model, default_embed_model
 from .backends import check_backend_config
+from .integrate import DETAILED_PARTS
 from .rules import merge_rules
 
 DEFAULT_RECIPE = Path(__file__).with_name("default_recipe.toml")
 BACKEND_TYPES = ("none", "openai", "transformers", "transformers-vlm")
 #: Keys of a back-end table that belong to the stage, not to one back end type.
 STAGE_KEYS = ("max_tokens", "temperature")
-TABLES = ("vlm", "llm", "caption_model", "facts", "rules", "output", "prompts")
+TABLES = ("vlm", "llm", "caption_model", "zero_shot", "facts", "rules", "output", "prompts")
 SECTIONS = (*TABLES, "perspectives")
 
 
@@ -72,6 +74,19 @@ class Recipe:
         if name == "default":
             return default_caption_model()
         return name
+
+    @property
+    def zero_shot_model(self) -> str | None:
+        """CLIP model of the zero-shot class perspective, or None."""
+        name = self.raw.get("zero_shot", {}).get("model", "")
+        if not name:
+            return None
+        return default_embed_model() if name == "default" else name
+
+    @property
+    def zero_shot(self) -> dict:
+        """Zero-shot options: ``labels`` (empty: the default scene classes), ``min_probability``."""
+        return dict(self.raw.get("zero_shot", {}))
 
     @property
     def perspectives(self) -> list[Perspective]:
@@ -173,14 +188,35 @@ def _check_types(raw: dict, fail: Callable[[str], NoReturn]) -> None:
     caption = raw.get("caption_model", {})
     if not isinstance(caption.get("name", ""), str):
         fail("[caption_model] name must be a string (\"\" to skip, \"default\" for the shipped model)")
-    if caption.get("decoding", "beam") not in ("greedy", "beam", "sample"):
-        fail("[caption_model] decoding must be greedy, beam or sample")
+    if caption.get("decoding", "beam") not in METHODS:
+        fail(f"[caption_model] decoding must be one of {', '.join(METHODS)}")
+    if not isinstance(caption.get("candidates", False), bool):
+        fail("[caption_model] candidates must be true or false")
+    zero = raw.get("zero_shot", {})
+    if not isinstance(zero.get("model", ""), str):
+        fail("[zero_shot] model must be a string (\"\" to skip, \"default\" for the shipped CLIP model)")
+    labels = zero.get("labels", [])
+    if not isinstance(labels, list) or not all(isinstance(x, str) and x.strip() for x in labels) \
+            or len(labels) == 1 or len(set(labels)) != len(labels):
+        fail("[zero_shot] labels must be a list of two or more distinct class names ([] for the default classes)")
+    if "min_probability" in zero and (not _is_number(zero["min_probability"]) or not 0 <= zero["min_probability"] <= 1):
+        fail("[zero_shot] min_probability must be a number in 0..1")
+    out = raw.get("output", {})
+    parts = out.get("detailed", [])
+    if not isinstance(parts, list) or any(part not in DETAILED_PARTS for part in parts):
+        fail(f"[output] detailed must be a list of parts from {', '.join(DETAILED_PARTS)}")
+    if "min_cover" in out and (not _is_number(out["min_cover"]) or not 0 <= out["min_cover"] <= 1):
+        fail("[output] min_cover must be a number in 0..1")
     facts = raw.get("facts", {})
     for key in ("ndvi_threshold", "ndwi_threshold"):
         if key in facts and (not _is_number(facts[key]) or not -1 <= facts[key] <= 1):
             fail(f"[facts] {key} must be a number in -1..1")
     if "nir_band" in facts and (not _is_int(facts["nir_band"]) or facts["nir_band"] < 1):
         fail("[facts] nir_band must be a band number (1 or more)")
+    if not isinstance(facts.get("rgb_cover", True), bool):
+        fail("[facts] rgb_cover must be true or false")
+    if "exg_threshold" in facts and (not _is_number(facts["exg_threshold"]) or not -1 <= facts["exg_threshold"] <= 1):
+        fail("[facts] exg_threshold must be a number in -1..1")
 
 
 def _check(raw: dict, source: str) -> None:

@@ -3,18 +3,20 @@
 Each rule is a template keyed by the fact it states; a recipe can override any of them, and a
 rule set to ``""`` drops its sentence. The fields each template may use:
 
-========== ==============================================================================
-size       ``width_m``, ``height_m``, ``gsd_m``
-location   ``lat``, ``lon`` (unsigned), ``ns`` (N/S), ``ew`` (E/W), ``centre_lat``, ``centre_lon``
-date       ``date`` (ISO)
-vegetation ``pct``, ``fraction``, ``threshold`` (NDVI)
-water      ``pct``, ``fraction``, ``threshold`` (NDWI)
-polygons   ``label``, ``noun``, ``are``, ``count``, ``pct``, ``fraction``, ``region``
-lines      ``label``, ``noun``, ``are``, ``count``, ``length`` (m), ``length_km``, ``density`` (m/km²), ``region``
-points     ``label``, ``noun``, ``are``, ``count``, ``region``
-absent     ``label`` (a layer with no feature in the tile)
-classes    ``label``, ``noun``, ``count``, ``classes`` (e.g. ``house (60%) and shed (40%)``), ``top``, ``top_pct``
-========== ==============================================================================
+============== ==============================================================================
+size           ``width_m``, ``height_m``, ``gsd_m``
+location       ``lat``, ``lon`` (unsigned), ``ns`` (N/S), ``ew`` (E/W), ``centre_lat``, ``centre_lon``
+date           ``date`` (ISO)
+vegetation     ``pct``, ``fraction``, ``threshold`` (NDVI; with a NIR band)
+water          ``pct``, ``fraction``, ``threshold`` (NDWI; with a NIR band)
+vegetation_rgb ``pct``, ``fraction``, ``threshold`` (excess green; the RGB estimate without NIR)
+water_rgb      ``pct``, ``fraction`` (the RGB water rule without NIR)
+polygons       ``label``, ``noun``, ``are``, ``count``, ``pct``, ``fraction``, ``region``
+lines          ``label``, ``noun``, ``are``, ``count``, ``length`` (m), ``length_km``, ``density`` (m/km²), ``region``
+points         ``label``, ``noun``, ``are``, ``count``, ``region``
+absent         ``label`` (a layer with no feature in the tile)
+classes        ``label``, ``noun``, ``count``, ``classes`` (e.g. ``house (60%) and shed (40%)``), ``top``, ``top_pct``
+============== ==============================================================================
 
 ``noun`` is the label made singular when ``count`` is 1 (``buildings`` -> ``building``) and ``are``
 is ``is`` or ``are`` to match. Counts are the exact integers; percentages are numbers for the
@@ -34,6 +36,8 @@ DEFAULT_RULES: dict[str, str] = {
     "date": "It was acquired on {date}.",
     "vegetation": "About {pct:.0f}% of the area is vegetated (NDVI > {threshold}).",
     "water": "About {pct:.0f}% of the area looks like water (NDWI > {threshold}).",
+    "vegetation_rgb": "Vegetation covers about {pct:.0f}% of the area (estimated from RGB colour).",
+    "water_rgb": "Open water covers about {pct:.0f}% of the area (estimated from RGB colour and texture).",
     "polygons": "There {are} {count} {noun} covering about {pct:.0f}% of the image, mostly in the {region} part.",
     "lines": "{label} run for about {length:.0f} m through the image, mostly in the {region}.",
     "points": "There {are} {count} {noun} in the image, mostly in the {region} part.",
@@ -45,7 +49,8 @@ DEFAULT_RULES: dict[str, str] = {
 # training text, only context for the LLM) or "content" (what the tile shows: may become a caption).
 RULE_KINDS: dict[str, str] = {
     "size": "metadata", "location": "metadata", "date": "metadata",
-    "vegetation": "content", "water": "content", "polygons": "content", "lines": "content",
+    "vegetation": "content", "water": "content", "vegetation_rgb": "content", "water_rgb": "content",
+    "polygons": "content", "lines": "content",
     "points": "content", "absent": "content", "classes": "content",
 }
 FACT_KINDS = ("metadata", "content")
@@ -66,6 +71,8 @@ _FIELDS = {
     "date": ("date",),
     "vegetation": ("pct", "fraction", "threshold"),
     "water": ("pct", "fraction", "threshold"),
+    "vegetation_rgb": ("pct", "fraction", "threshold"),
+    "water_rgb": ("pct", "fraction"),
     "polygons": ("label", "noun", "are", "count", "pct", "fraction", "region"),
     "lines": ("label", "noun", "are", "count", "length", "length_km", "density", "region"),
     "points": ("label", "noun", "are", "count", "region"),
@@ -155,7 +162,8 @@ def _vector_sentences(v: VectorFacts, rules: Mapping[str, str]) -> list[tuple[st
 
 def rule_sentences(facts: TileFacts, rules: Mapping[str, str] | None = None) -> list[tuple[str, str]]:
     """``(rule, sentence)`` pairs stating the facts of one tile, in a fixed order (size, place, date,
-    cover, layers); :data:`RULE_KINDS` says whether a rule's sentence is metadata or content.
+    cover, layers); :data:`RULE_KINDS` says whether a rule's sentence is metadata or content. Cover
+    shares estimated from RGB (no NIR band) use the ``vegetation_rgb`` / ``water_rgb`` rules.
 
     ``rules`` overrides :data:`DEFAULT_RULES` per key; ``""`` leaves that sentence out. Facts that
     are unknown (no date, no NIR band) give no sentence.
@@ -173,11 +181,14 @@ def rule_sentences(facts: TileFacts, rules: Mapping[str, str] | None = None) -> 
             "centre_lat": facts.centre_lat, "centre_lon": facts.centre_lon})))
     if rules["date"] and facts.acquired:
         out.append(("date", _format("date", rules["date"], {"date": facts.acquired})))
-    for key, fraction, threshold in (("vegetation", facts.vegetation_fraction, facts.ndvi_threshold),
-                                     ("water", facts.water_fraction, facts.ndwi_threshold)):
+    for key, fraction, source, threshold in (
+            ("vegetation", facts.vegetation_fraction, facts.vegetation_source, facts.ndvi_threshold),
+            ("water", facts.water_fraction, facts.water_source, facts.ndwi_threshold)):
+        if str(source or "").startswith("rgb"):
+            key, threshold = f"{key}_rgb", facts.exg_threshold
         if rules[key] and fraction is not None:
-            out.append((key, _format(key, rules[key], {"pct": fraction * 100, "fraction": fraction,
-                                                       "threshold": threshold})))
+            values = {"pct": fraction * 100, "fraction": fraction, "threshold": threshold}
+            out.append((key, _format(key, rules[key], {k: values[k] for k in _FIELDS[key]})))
     for vector in facts.vectors:
         out.extend(_vector_sentences(vector, rules))
     return out

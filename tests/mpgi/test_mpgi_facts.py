@@ -8,14 +8,22 @@ import numpy as np
 import pytest
 import rasterio
 from affine import Affine
-from conftest import NAIP_SCENE, SHARED_SCENES, geographic_scene, shared_data, write_raster
+from conftest import EXAMPLE_SCENE, NAIP_SCENE, SHARED_SCENES, geographic_scene, shared_data, write_raster
 from pyproj import Geod, Transformer
 from rasterio.windows import Window
 from shapely.geometry import LineString, Point, Polygon, box
 
 from hqrs_geo import TileConfig, tile_rasters
 from hqrs_geo.errors import InputError, OptionError
-from hqrs_geo.mpgi.facts import REGIONS, TileFacts, VectorFacts, VectorSource, compute_facts, parse_vector_spec
+from hqrs_geo.mpgi.facts import (
+    REGIONS,
+    TileFacts,
+    VectorFacts,
+    VectorSource,
+    compute_facts,
+    parse_vector_spec,
+    rgb_cover_masks,
+)
 from hqrs_geo.mpgi.rules import DEFAULT_RULES, fact_sentences, facts_block, merge_rules
 
 SWELLENDAM = SHARED_SCENES / "swellendam_3420B_epsg4326.tif"
@@ -237,14 +245,86 @@ def test_vegetation_and_water_fractions_match_numpy(naip):
 
 
 def test_spectral_facts_need_a_nir_band(geographic, naip):
-    _, _, rgb_facts = geographic  # RGB + alpha: no NIR band
-    assert all(f.vegetation_fraction is None and f.water_fraction is None for f in rgb_facts.values())
+    path, tiles_rgb, rgb_facts = geographic  # RGB + alpha: no NIR band, so the shares are RGB estimates
+    assert all(f.vegetation_source in ("rgb_exg", None) and f.water_source in ("rgb_water", None)
+               for f in rgb_facts.values())
+    assert any(f.vegetation_source == "rgb_exg" for f in rgb_facts.values())
+    bare = compute_facts(tiles_rgb.iloc[:3], rgb_cover=False)
+    assert all(f.vegetation_fraction is None and f.water_fraction is None and f.vegetation_source is None
+               for f in bare.values())
     tiles, facts = naip
+    assert {(f.vegetation_source, f.water_source) for f in facts.values()} == {("ndvi", "ndwi")}
     explicit = compute_facts(tiles.iloc[:2], nir_band=4)
     for tile_id, f in explicit.items():
         assert f.vegetation_fraction == facts[tile_id].vegetation_fraction
     with pytest.raises(OptionError, match="NIR band 9"):
         compute_facts(tiles.iloc[:1], nir_band=9)
+
+
+# Boxes of the example scene (rows, columns at 0.25 m) drawn by eye on the image: open river water, a
+# flat grey factory roof, a tree crown on the river island, the grey parking lot south of the river.
+RIVER_BOX, ROOF_BOX, TREES_BOX, PARKING_BOX = (620, 740, 500, 580), (540, 660, 180, 300), (450, 490, 410, 450), \
+    (780, 900, 560, 640)
+
+
+def test_rgb_cover_rules_on_the_river_scene():
+    """The RGB rules on a real RGB aerial with a river: the river is water, the tree crown
+    vegetation, the roof and the parking lot neither."""
+    with rasterio.open(EXAMPLE_SCENE) as src:
+        rgb = src.read((1, 2, 3)).astype(float) / 255
+
+    vegetation, water = rgb_cover_masks(rgb)
+    assert not (vegetation & water).any()
+
+    def share(mask, box):
+        r0, r1, c0, c1 = box
+        return mask[r0:r1, c0:c1].mean()
+
+    assert share(water, RIVER_BOX) > 0.85 and share(vegetation, RIVER_BOX) < 0.1
+    assert share(vegetation, TREES_BOX) > 0.9 and share(water, TREES_BOX) < 0.05
+    for grey in (ROOF_BOX, PARKING_BOX):
+        assert share(vegetation, grey) < 0.1 and share(water, grey) < 0.05
+
+
+def test_rgb_facts_of_tiles_match_the_masks_and_say_their_source():
+    """compute_facts on the RGB scene: each tile's shares are the masks' shares of its window, recorded
+    as RGB estimates; the rule sentences say so; a tile on the river has water, the factory none."""
+    from hqrs_geo.mpgi.rules import rule_sentences
+
+    tiles, _ = tile_rasters(EXAMPLE_SCENE, TileConfig(tile_size=250))
+    facts = compute_facts(tiles)
+    with rasterio.open(EXAMPLE_SCENE) as src:
+        rgb = src.read((1, 2, 3)).astype(float) / 255
+    for row in tiles.itertuples():
+        window = rgb[:, row.y_off:row.y_off + row.height, row.x_off:row.x_off + row.width]
+        vegetation, water = rgb_cover_masks(window)
+        got = facts[row.tile_id]
+        assert (got.vegetation_source, got.water_source) == ("rgb_exg", "rgb_water")
+        assert got.vegetation_fraction == pytest.approx(vegetation.mean(), abs=1e-12)
+        assert got.water_fraction == pytest.approx(water.mean(), abs=1e-12)
+    river_tile = tiles.tile_id[(tiles.x_off <= 540) & (tiles.x_off + tiles.width > 540)
+                               & (tiles.y_off <= 680) & (tiles.y_off + tiles.height > 680)].iloc[0]
+    factory_tile = tiles.tile_id[(tiles.x_off == 0) & (tiles.y_off == 500)].iloc[0]
+    assert facts[river_tile].water_fraction > 0.3 and facts[factory_tile].water_fraction < 0.05
+    assert max(f.water_fraction for f in facts.values()) > 0.6
+    keys = dict(rule_sentences(facts[river_tile]))
+    assert keys["water_rgb"].startswith("Open water covers about") and "estimated from RGB" in keys["water_rgb"]
+    assert "vegetation" not in keys and "water" not in keys  # the NDVI / NDWI wording is for NIR only
+    with pytest.raises(OptionError, match="excess-green threshold"):
+        compute_facts(tiles.iloc[:1], exg_threshold=3)
+
+
+def test_rgb_vegetation_agrees_with_ndvi_on_land(naip):
+    """An independent reference: on the NAIP crop (R, G, B, NIR) the RGB vegetation mask of the
+    colour bands agrees with NDVI > 0.3 on the land pixels (NDWI <= 0) for most of them. (Water
+    there is algae green: indistinguishable from fields in RGB, hence land only.)"""
+    with rasterio.open(NAIP) as src:
+        red, green, blue, nir = src.read().astype(float)
+    vegetation, _ = rgb_cover_masks(np.stack([red, green, blue]) / 255)
+    land = _normalised_difference(green, nir) <= 0
+    ndvi = _normalised_difference(nir, red) > 0.3
+    assert land.mean() > 0.3
+    assert (vegetation == ndvi)[land].mean() > 0.75
 
 
 def test_size_gsd_and_centre_on_naip(naip):

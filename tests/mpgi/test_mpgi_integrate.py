@@ -7,12 +7,19 @@ import pytest
 
 from hqrs_geo.errors import InputError, OptionError
 from hqrs_geo.mpgi.integrate import (
+    Captions,
     Checker,
+    Perspectives,
     check_data,
+    class_sentence,
     clean_captions,
+    compose_captions,
+    content_words,
     integration_prompt,
     issue_category,
     lexicon_terms,
+    names_class,
+    repeats,
     sentence_issue,
     sentences,
 )
@@ -207,6 +214,11 @@ def test_default_recipe_and_overrides(tmp_path):
 
 
 @pytest.mark.parametrize("text, message", [
+    ('[caption_model]\ndecoding = "nucleus"\n', "decoding must be one of"),
+    ('[zero_shot]\nlabels = ["river"]\n', "two or more distinct class names"),
+    ('[zero_shot]\nmin_probability = 1.5\n', "min_probability must be a number in 0..1"),
+    ('[output]\ndetailed = ["lead", "poetry"]\n', "detailed must be a list of parts from class, vectors"),
+    ('[facts]\nexg_threshold = "high"\n', "exg_threshold must be a number"),
     ('[vlm]\ntype = "gpt"\n', "type must be one of"),
     ('[llm]\ntype = "openai"\nmodel = ""\n', r"\[llm\] needs a model"),
     ('[prompts]\nrelay = "{fact}"\n', "unknown placeholder"),
@@ -228,3 +240,96 @@ def test_unreadable_recipe(tmp_path):
         load_recipe(str(path))
     with pytest.raises(InputError, match="not found"):
         load_recipe(str(tmp_path / "missing.toml"))
+
+
+# --------------------------------------------------------------------------- repeats and the composed caption
+
+RIVER = "The image is a river with black water and a road on one bank of the river."
+
+
+def test_paraphrased_repeats_are_caught_and_new_objects_are_not():
+    """The demo scene's repetition (SmolLM2 saying one sentence three ways) keeps one sentence;
+    a sentence naming a new object kind is no repeat, however many words it shares."""
+    answer = (f"{RIVER} It is a river with black water and a road on one side of the river. "
+              "The image is a river with black water and a road on the other side of the river.")
+    out = clean_captions(answer, INSTRUCTIONS, [RIVER], [], 3, 90, 25)
+    assert out.detailed == RIVER
+    assert sum("repeats an earlier sentence" in d for d in out.dropped) == 2
+    assert content_words("It is a river with black water on one side.") == {"river", "black", "water"}
+    assert repeats("Black water fills the river.", [RIVER])
+    assert not repeats("Cars are parked near a row of trees.", ["Cars are parked in the parking lot."])
+    assert not repeats("Houses with gardens line the street.", [RIVER])
+    assert repeats("The river.", "A river with a road.")  # a fragment
+
+
+def test_class_names_with_synonyms_and_spellings():
+    assert names_class("many buildings are densely arranged in the dense residential area .", "dense residential")
+    assert names_class("boats moored in the harbour", "harbor") and names_class("a ship in the harbor", "harbour")
+    assert names_class("woodland with tall trees", "forest") and names_class("two tennis courts", "tennis court")
+    assert not names_class("lots of green trees", "farmland") and not names_class("a parking lot", "park")
+    assert class_sentence("river", 0.914) == "Zero-shot scene class: river (91% probability)."
+
+
+def _compose(candidates, classes, answer="", cover=(), vectors=(), parts=("class", "vectors", "cover", "llm"),
+             max_words=60):
+    """As the pipeline does: the sources are the facts (with the confident class) and the caption
+    model's own caption; the candidates are perspectives."""
+    sure = [class_sentence(*classes[0])] if classes and classes[0][1] >= 0.5 else []
+    sources = [*candidates[:1], *(c for c, _ in cover), *vectors, *sure]
+    cleaned = clean_captions(answer, INSTRUCTIONS, sources, [], 3, 60, 25, fill=sources)
+    return compose_captions(cleaned, Perspectives(list(candidates), list(classes), list(cover), list(vectors)),
+                            INSTRUCTIONS, sources, [], max_words, 3, parts, min_probability=0.5, min_cover=0.1)
+
+
+def test_the_lead_is_a_candidate_naming_the_confident_class():
+    """The caption model's own caption calls the river a runway; its second candidate names the
+    river CLIP is sure of: that one leads, and the class counts as a verified fact."""
+    candidates = ["a straight runway with some marks on it .", "a river with green trees on both banks ."]
+    out = _compose(candidates, [("river", 0.83), ("runway", 0.1)])
+    assert out.detailed.startswith("a river with green trees on both banks .")
+    assert out.verified == ["class river (0.83): named by the caption, zero-shot probability >= 0.5"]
+    assert out.short[0] == candidates[1]
+    # a candidate's boilerplate sentence goes, its other sentence can lead
+    tidy = _compose(["an aerial image of a port . many boats are moored in the harbor ."], [("harbor", 0.7)])
+    assert tidy.detailed == "many boats are moored in the harbor ." and tidy.verified[0].startswith("class harbor")
+    # an unsure class changes nothing and is not stated
+    unsure = _compose(candidates, [("river", 0.41), ("runway", 0.3)])
+    assert unsure.detailed == candidates[0] and unsure.verified == []
+    # a sure class that no candidate names is stated after the caption, as its own sentence
+    other = _compose(candidates[:1], [("river", 0.83)])
+    assert other.detailed == f"{candidates[0]} {class_sentence('river', 0.83)}"
+    assert other.verified == ["class river (0.83): zero-shot probability >= 0.5"]
+
+
+def test_composed_caption_adds_facts_and_new_llm_content_but_no_repeats():
+    caption = "a river with black water and a road on one bank ."
+    cover = [("Open water covers about 48% of the area (estimated from RGB colour and texture).", 0.48),
+             ("Vegetation covers about 4% of the area (estimated from RGB colour).", 0.04)]
+    vectors = ["There are 3 buildings covering about 12% of the image, mostly in the north part."]
+    answer = (f"DETAILED: {RIVER} It is a river with black water and a road on one side of the river. "
+              "Houses stand on the other bank. Trees grow on the other bank.\n- A river beside a road.")
+    sources_answer = _compose([caption, "trees grow along a river ."], [("river", 0.9)], answer, cover, vectors)
+    said = sentences(sources_answer.detailed)
+    assert said[0] == caption
+    assert "Houses stand on the other bank." in said  # the LLM's new content (houses: the buildings) stays
+    # trees: only a candidate that did not lead names them, and a rejected candidate licenses nothing
+    assert "Trees grow on the other bank. (names trees, which no source mentions)" in sources_answer.dropped
+    assert not any("one side of the river" in s for s in said)  # its paraphrases go
+    assert cover[0][0] in said and cover[1][0] not in said  # shares under min_cover are not stated
+    assert vectors[0] in said
+    kinds = [v.split(" ", 1)[0] for v in sources_answer.verified]
+    assert kinds == ["class", "vectors:", "cover:"]
+    assert said.index(vectors[0]) < said.index(cover[0][0]) < said.index("Houses stand on the other bank.")
+    # a sentence that does not fit the word limit is left out whole; the next one that fits is kept
+    short = _compose([caption], [("river", 0.9)], answer, cover, vectors, max_words=26)
+    assert short.detailed == f"{caption} {cover[0][0]}"
+    assert any("over the 26-word limit" in d for d in short.dropped)
+    # the lead alone: no other part asked for
+    alone = _compose([caption], [("river", 0.9)], answer, cover, vectors, parts=())
+    assert alone.detailed == caption
+    # without candidates the LLM's first sentence leads
+    no_model = _compose([], [], "DETAILED: Houses stand in rows. Houses stand in long rows.", vectors=vectors,
+                        parts=("llm",))
+    assert no_model.detailed == "Houses stand in rows." and no_model.verified == []
+    with pytest.raises(ValueError, match="unknown detailed part"):
+        compose_captions(Captions("x", []), Perspectives(), "", [], [], 10, 1, ["poetry"])

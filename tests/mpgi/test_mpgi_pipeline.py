@@ -154,8 +154,19 @@ def test_pipeline_with_a_chat_server_vlm_osm_facts_and_smollm2(town_layer, tmp_p
             assert _content_words(caption) & _content_words(inputs), caption  # drawn from the inputs
             assert caption not in prompt.split("Descriptions:")[-1].split("DETAILED:")[0] or caption in inputs
         assert json.loads(row.mpgi_facts)["vectors"][0]["count"] == facts[row.tile_id].vectors[0].count
+        # the vector facts flow into the detailed caption, each a verified fact of the tile
+        count = facts[row.tile_id].vectors[0].count
+        assert f"There are {count} buildings" in row.mpgi_caption
+        verified = list(mine[mine.stage == "verified"].text)
+        assert any(v.startswith(f"vectors: There are {count} buildings") for v in verified), verified
+        # the offline perspectives: the caption model's candidates (its caption first), zero-shot classes
+        pool = json.loads(mine[mine.stage == "candidates"].text.iloc[0])
+        assert len(pool) >= 2 and len(set(pool)) == len(pool)
+        assert re.fullmatch(r"([a-z ]+:0\.\d{3};){2}[a-z ]+:0\.\d{3}", mine[mine.stage == "classes"].text.iloc[0])
     record = read_runs(out)[-1]
-    assert record["command"] == "mpgi" and record["params"]["fresh_calls"] == 2 * 6 + 2 + 2
+    # 5 perspectives + relay, caption, candidates and integration per tile (zero-shot classes are no call)
+    assert record["command"] == "mpgi" and record["params"]["fresh_calls"] == 2 * 6 + 2 + 2 + 2
+    assert record["params"]["verified_tiles"] == 2
 
 
 def test_offline_default_recipe_captions_hold_no_metadata(tmp_path):
