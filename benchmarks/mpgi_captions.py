@@ -20,8 +20,9 @@ same images, against the five UCM references of each image:
 * ``MpGI detailed``: the detailed caption (long, so BLEU's brevity penalty does not hurt it but
   its precision does, and CIDEr's length penalty costs it: UCM references are one short sentence);
 * ``MpGI detailed [parts]`` (``--variants``): the same run again from its call cache (no new model
-  call) with another ``[output] detailed`` list, e.g. ``--variants ",class,class+cover"`` scores
-  the lead alone, lead + class, lead + class + cover.
+  call) with another ``[output] detailed`` list, e.g. ``--variants ",verified,class+cover"`` scores
+  the lead alone, the lead plus one checked fact when it names none (``ensure_verified``), and
+  lead + class + cover (``verified`` is the ``ensure_verified`` switch, off when not named).
 
 Verified facts: per tile, the facts the detailed caption states that a check confirms (the
 ``verified`` rows of the sources table: the zero-shot class named by the caption, a cover share, a
@@ -95,10 +96,13 @@ def write_geotiffs(records: list[dict], folder: Path) -> list[Path]:
 
 def overrides(path: Path, batch: int, max_tokens: int | None, detailed: list[str] | None = None) -> Path:
     """A recipe that only changes how the LLM is run (batch size, optionally max_tokens) and,
-    with ``detailed``, the parts of the detailed caption."""
+    with ``detailed``, the parts of the detailed caption (the part ``verified`` sets
+    ``ensure_verified``, which is off otherwise)."""
     text = f"[llm]\nbatch_size = {batch}\n" + (f"max_tokens = {max_tokens}\n" if max_tokens else "")
     if detailed is not None:
-        text += "[output]\ndetailed = [" + ", ".join(json.dumps(p) for p in detailed) + "]\n"
+        parts = [p for p in detailed if p != "verified"]
+        text += ("[output]\ndetailed = [" + ", ".join(json.dumps(p) for p in parts) + "]\n"
+                 f"ensure_verified = {'true' if 'verified' in detailed else 'false'}\n")
     path.write_text(text)
     return path
 
@@ -193,7 +197,8 @@ def main() -> None:
     parser.add_argument("--json", default=None, help="write the numbers and all captions to this file")
     parser.add_argument("--variants", default=None,
                         help="comma-separated [output] detailed lists to score as well, parts joined by + "
-                             "(an empty item: the lead alone), e.g. ',class,class+cover'")
+                             "(an empty item: the lead alone; 'verified': ensure_verified on), "
+                             "e.g. ',verified,class+cover'")
     args = parser.parse_args()
 
     import numpy as np

@@ -456,7 +456,7 @@ def choose_lead(candidates: Sequence[str], confident: str | None, checker: Check
 def compose_captions(cleaned: Captions, perspectives: Perspectives, instructions: str, sources: Sequence[str],
                      absent: Sequence[str], max_words_detailed: int, n_short: int,
                      parts: Sequence[str] = DETAILED_PARTS, min_probability: float = 0.5,
-                     min_cover: float = 0.1) -> Captions:
+                     min_cover: float = 0.1, ensure_verified: bool = True) -> Captions:
     """The detailed caption built from verified perspectives, the LLM's additions after them.
 
     Lead: a caption of the caption model (:func:`choose_lead`, checked against ``sources`` and the
@@ -465,9 +465,11 @@ def compose_captions(cleaned: Captions, perspectives: Perspectives, instructions
     the checks against ``sources`` and the lead (not the other candidates: a rejected candidate
     licenses nothing) and do not repeat what is already said (:func:`repeats`). The LLM's part is
     its own detailed caption, not one filled from the sources. Without candidates the LLM's
-    cleaned detailed caption leads. The short captions stay the LLM's (and the filled ones), with
-    the lead moved or put first. ``verified`` lists the stated facts a check confirms: the class
-    when the lead names it, each cover share and vector fact stated.
+    cleaned detailed caption leads. With ``ensure_verified``, a caption whose parts state no fact a
+    check confirms gets one: the confident class, else the first vector fact, else the first cover
+    share that fits. The short captions stay the LLM's (and the filled ones), with the lead moved
+    or put first. ``verified`` lists the stated facts a check confirms: the class when the lead
+    names it or it is stated, each cover share and vector fact stated.
     """
     unknown = [p for p in parts if p not in DETAILED_PARTS]
     if unknown:
@@ -501,19 +503,26 @@ def compose_captions(cleaned: Captions, perspectives: Perspectives, instructions
             verified.append(why)
         return True
 
-    for part in parts:
+    def add_part(part: str, first_only: bool = False) -> None:
         if part == "class" and confident and not named and top:
             add(class_sentence(*top), f"class {top[0]} ({top[1]:.2f}): zero-shot probability >= {min_probability}")
         elif part == "llm":
             for sentence in llm:
                 add(sentence)
-        elif part == "cover":
-            for sentence, share in perspectives.cover:
-                if share >= min_cover:
-                    add(sentence, f"cover: {sentence}")
-        elif part == "vectors":
-            for sentence in perspectives.vectors:
-                add(sentence, f"vectors: {sentence}")
+        elif part in ("cover", "vectors"):
+            facts = [s for s, share in perspectives.cover if share >= min_cover] if part == "cover" \
+                else perspectives.vectors
+            for sentence in facts:
+                if add(sentence, f"{part}: {sentence}") and first_only:
+                    return
+
+    for part in parts:
+        add_part(part)
+    if ensure_verified and not verified:  # one fact a check confirms, when the parts gave none
+        for part in ("class", "vectors", "cover"):
+            add_part(part, first_only=True)
+            if verified:
+                break
     detailed = (_limit(" ".join(said), max_words_detailed) if said  # the lead alone may be longer
                 else cleaned.detailed)
     short = list(cleaned.short)

@@ -352,7 +352,8 @@ class MpgiRun:
                         out["max_words_detailed"], out["max_words_short"], fill=fill)
                     results[call.tile_id] = compose_captions(
                         cleaned, perspectives, instructions, sources, absent, out["max_words_detailed"],
-                        out["short_captions"], out.get("detailed", []), min_probability, min_cover)
+                        out["short_captions"], out.get("detailed", []), min_probability, min_cover,
+                        bool(out.get("ensure_verified", True)))
                 self._advance(len(chunk))
         finally:
             backend.close()

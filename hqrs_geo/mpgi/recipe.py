@@ -207,6 +207,8 @@ def _check_types(raw: dict, fail: Callable[[str], NoReturn]) -> None:
         fail(f"[output] detailed must be a list of parts from {', '.join(DETAILED_PARTS)}")
     if "min_cover" in out and (not _is_number(out["min_cover"]) or not 0 <= out["min_cover"] <= 1):
         fail("[output] min_cover must be a number in 0..1")
+    if not isinstance(out.get("ensure_verified", True), bool):
+        fail("[output] ensure_verified must be true or false")
     facts = raw.get("facts", {})
     for key in ("ndvi_threshold", "ndwi_threshold"):
         if key in facts and (not _is_number(facts[key]) or not -1 <= facts[key] <= 1):

@@ -271,14 +271,15 @@ def test_class_names_with_synonyms_and_spellings():
 
 
 def _compose(candidates, classes, answer="", cover=(), vectors=(), parts=("class", "vectors", "cover", "llm"),
-             max_words=60):
+             max_words=60, ensure_verified=False):
     """As the pipeline does: the sources are the facts (with the confident class) and the caption
     model's own caption; the candidates are perspectives."""
     sure = [class_sentence(*classes[0])] if classes and classes[0][1] >= 0.5 else []
     sources = [*candidates[:1], *(c for c, _ in cover), *vectors, *sure]
     cleaned = clean_captions(answer, INSTRUCTIONS, sources, [], 3, 60, 25, fill=sources)
     return compose_captions(cleaned, Perspectives(list(candidates), list(classes), list(cover), list(vectors)),
-                            INSTRUCTIONS, sources, [], max_words, 3, parts, min_probability=0.5, min_cover=0.1)
+                            INSTRUCTIONS, sources, [], max_words, 3, parts, min_probability=0.5, min_cover=0.1,
+                            ensure_verified=ensure_verified)
 
 
 def test_the_lead_is_a_candidate_naming_the_confident_class():
@@ -327,6 +328,15 @@ def test_composed_caption_adds_facts_and_new_llm_content_but_no_repeats():
     # the lead alone: no other part asked for
     alone = _compose([caption], [("river", 0.9)], answer, cover, vectors, parts=())
     assert alone.detailed == caption
+    # the lead alone, but one checked fact per tile: the class when it is sure, else a vector fact, else a share
+    road = "a road beside black water ."  # names no class
+    assert _compose([road], [("river", 0.9)], answer, cover, vectors, parts=(), ensure_verified=True).detailed \
+        == f"{road} {class_sentence('river', 0.9)}"
+    assert _compose([road], [("river", 0.3)], answer, cover, vectors, parts=(), ensure_verified=True).detailed \
+        == f"{road} {vectors[0]}"
+    assert _compose([road], [], answer, cover, (), parts=(), ensure_verified=True).detailed == f"{road} {cover[0][0]}"
+    named = _compose(["a river beside a road ."], [("river", 0.9)], parts=(), ensure_verified=True)
+    assert named.detailed == "a river beside a road ." and named.verified[0].startswith("class river")
     # without candidates the LLM's first sentence leads
     no_model = _compose([], [], "DETAILED: Houses stand in rows. Houses stand in long rows.", vectors=vectors,
                         parts=("llm",))
