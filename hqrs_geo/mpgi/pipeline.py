@@ -179,11 +179,13 @@ class MpgiRun:
         for start in range(0, len(tile_ids), CHUNK * 4):
             chunk = tile_ids[start:start + CHUNK * 4]
             self._check_cancel()
-            for tile_id in chunk:
+            images = [torch.from_numpy(np.ascontiguousarray(dataset.pixels(t))).permute(2, 0, 1) for t in chunk]
+            if len({tuple(i.shape) for i in images}) == 1:
+                vectors = image_batch_vectors(loaded, torch.stack(images))
+            else:
+                vectors = np.concatenate([image_batch_vectors(loaded, i[None]) for i in images])
+            for tile_id, probs in zip(chunk, labeller.probabilities(vectors)):
                 rgb = dataset.pixels(tile_id)
-                image = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1)[None]
-                vectors = image_batch_vectors(loaded, image)
-                probs = labeller.probabilities(vectors)[0]
                 order = np.argsort(-probs, kind="stable")[:labeller.top_k]
                 ranked = [(labeller.labels[j], float(probs[j])) for j in order]
                 self.classes[tile_id] = ranked
