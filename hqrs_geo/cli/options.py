@@ -16,7 +16,7 @@ import sys
 from collections.abc import Callable
 from typing import Any, NoReturn
 
-from ..models.decoding_options import MAX_SAMPLES, METHODS, DecodingConfig
+from ..models.decoding_options import CONSENSUS_TEMPERATURE, MAX_SAMPLES, METHODS, DecodingConfig
 from ..models.precision import PRECISIONS
 from ..progress import MODES
 from ..raster.grid import DEFAULT_EDGE, EDGE_POLICIES
@@ -188,8 +188,9 @@ def add_decoding_options(parser: argparse.ArgumentParser) -> None:
                        help="sampling: keep the k most likely tokens (0: off)")
     group.add_argument("--top-p", type=number(float, 0, 1, low_open=True), default=1.0,
                        help="sampling: nucleus probability (1.0: off)")
-    group.add_argument("--temperature", type=number(float, 0, 100, low_open=True), default=1.0,
-                       help="sampling temperature (also of the consensus samples)")
+    group.add_argument("--temperature", type=number(float, 0, 100, low_open=True), default=None,
+                       help="sampling temperature, also of the consensus samples (default 1.0; consensus "
+                            f"{CONSENSUS_TEMPERATURE})")
     group.add_argument("--repetition-penalty", type=number(float, 0, 100, low_open=True), default=1.0,
                        help="> 1 discourages repeated tokens")
     group.add_argument("--min-length", type=number(int, 0, 1000), default=5, help="minimum caption length in tokens")

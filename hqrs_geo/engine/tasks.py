@@ -189,13 +189,16 @@ class CaptionTask(_Task):
     def candidates(self, images: Any) -> list[list[str]]:
         """Several distinct captions per image, the consensus pick first (see
         :func:`~hqrs_geo.models.decoding.caption_candidates`): the pool the consensus method decodes
-        with this task's settings (beams, samples, sampling, seed), whatever its method. With the
-        consensus method the first of each list is the caption :meth:`__call__` gives."""
+        with this task's settings (beams, samples, sampling, seed; for a task of another method, at
+        the consensus method's default temperature). With the consensus method the first of each
+        list is the caption :meth:`__call__` gives."""
         from dataclasses import replace
 
         from ..models.decoding import caption_candidates
 
-        config = replace(self.decoding, method="consensus").validated()
+        config = self.decoding
+        if config.method != "consensus":  # the consensus pool with the consensus method's own temperature
+            config = replace(config, method="consensus", temperature=None).validated()
 
         def decode(batch: Any) -> list[list[str]]:
             with inference_context(self.loaded.device, self.amp):

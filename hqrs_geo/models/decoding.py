@@ -116,6 +116,11 @@ def _top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor
     return logits
 
 
+def _temperature(config: DecodingConfig) -> float:
+    """The sampling temperature (``DecodingConfig`` fills in the method's default for ``None``)."""
+    return 1.0 if config.temperature is None else config.temperature
+
+
 def _greedy_chooser() -> Chooser:
     """Pick the most likely token."""
     return lambda logits, *_: logits.argmax(dim=-1)
@@ -129,7 +134,7 @@ def _sampling_chooser(config: DecodingConfig, device: torch.device) -> Chooser:
         generator.manual_seed(config.seed)
 
     def choose(logits: torch.Tensor, *_: Any) -> torch.Tensor:
-        logits = _top_k_top_p(logits / config.temperature, config.top_k, config.top_p)
+        logits = _top_k_top_p(logits / _temperature(config), config.top_k, config.top_p)
         probs = logits.softmax(dim=-1)
         return torch.multinomial(probs, 1, generator=generator).squeeze(1)
 
@@ -143,7 +148,7 @@ def _slot_sampling_chooser(config: DecodingConfig, device: torch.device, slots: 
     a row takes the noise of its slot (its original row index modulo ``slots``). So the ``j``-th
     sample of an image is the same whichever images share its batch (``seed=None``: torch's RNG)."""
     def choose(logits: torch.Tensor, rows: torch.Tensor, step: int) -> torch.Tensor:
-        logits = _top_k_top_p(logits / config.temperature, config.top_k, config.top_p)
+        logits = _top_k_top_p(logits / _temperature(config), config.top_k, config.top_p)
         generator = None
         if config.seed is not None:
             generator = torch.Generator(device=device)

@@ -212,7 +212,10 @@ def test_consensus_is_seeded_and_independent_of_the_batch(coca, images):
 
 def test_consensus_settings():
     assert "samples" not in DecodingConfig().as_dict()  # records of the other methods are unchanged
-    assert DecodingConfig(method="consensus").validated().as_dict()["samples"] == 4
+    defaults = DecodingConfig(method="consensus").validated().as_dict()
+    assert (defaults["samples"], defaults["temperature"]) == (8, 0.7)  # the consensus method's own defaults
+    assert DecodingConfig().temperature == DecodingConfig(method="sample").temperature == 1.0
+    assert DecodingConfig(method="consensus", temperature=1.2).temperature == 1.2
     for kwargs, match in (({"samples": -1}, "samples must"), ({"samples": 2.0}, "samples must"),
                           ({"samples": 65}, "samples must"),
                           ({"method": "consensus", "num_beams": 1, "samples": 0}, "at least two candidates")):
@@ -241,7 +244,7 @@ def test_caption_task_candidates(tiny_coca_checkpoint):
 
     loaded = load_model(TINY_COCA, checkpoint=str(tiny_coca_checkpoint), device="cpu")
     images = torch.randint(0, 256, (5, 3, 80, 80), dtype=torch.uint8, generator=torch.Generator().manual_seed(3))
-    config = DecodingConfig(method="consensus", num_beams=2, samples=3, temperature=1.5, max_length=8)
+    config = DecodingConfig(method="consensus", num_beams=2, samples=3, max_length=8)
     task = CaptionTask(loaded, RunOptions(), config)
     captions = task(images)
     candidates = task.candidates(images)
@@ -249,9 +252,8 @@ def test_caption_task_candidates(tiny_coca_checkpoint):
     assert all(len(c) == len(set(c)) >= 1 for c in candidates) and max(len(c) for c in candidates) >= 2
     task.candidate_limit = 2  # decoder batches of 2, 2 and 1
     assert task.candidates(images) == candidates
-    beam_task = CaptionTask(loaded, RunOptions(), DecodingConfig(num_beams=2, samples=3, temperature=1.5,
-                                                                  max_length=8))
-    assert beam_task.candidates(images) == candidates  # the pool of the settings, whatever the method
+    beam_task = CaptionTask(loaded, RunOptions(), DecodingConfig(num_beams=2, samples=3, max_length=8))
+    assert beam_task.candidates(images) == candidates  # the consensus pool of the settings, whatever the method
     assert task.describe()["decoding"]["method"] == "consensus"
 
 
@@ -261,9 +263,12 @@ def test_cli_decoding_options_accept_consensus():
 
     parser = build_parser()
     for command in (["caption", "layer.gpkg"], ["eval", "caption", "data.json", "--model", "m"]):
-        args = parser.parse_args([*command, "--decoding", "consensus", "--samples", "6", "--temperature", "0.7"])
+        args = parser.parse_args([*command, "--decoding", "consensus", "--samples", "6", "--temperature", "0.5"])
         config = decoding_config(args)
-        assert (config.method, config.samples, config.temperature) == ("consensus", 6, 0.7)
+        assert (config.method, config.samples, config.temperature) == ("consensus", 6, 0.5)
+        defaults = decoding_config(parser.parse_args([*command, "--decoding", "consensus"]))
+        assert (defaults.samples, defaults.temperature) == (8, 0.7)
+        assert decoding_config(parser.parse_args(command)).temperature == 1.0
     result = subprocess.run([sys.executable, "-m", "hqrs_geo", "eval", "caption", "data.json", "--model", "m",
                              "--decoding", "consensus", "--beams", "1", "--samples", "0"],
                             capture_output=True, text=True, cwd=ROOT, timeout=120)
