@@ -139,11 +139,33 @@ def view_pixels(image: Image.Image, view: int, crops: Sequence[tuple[float, floa
     return side if view < ORIENTATIONS else side * crops[view - ORIENTATIONS][0]
 
 
-def detail(view: np.ndarray) -> np.ndarray:
-    """High-pass residual of a grey view: the view minus its 4x-reduced, re-enlarged copy."""
+def lowpass(view: np.ndarray, factor: int) -> np.ndarray:
+    """A grey view reduced ``factor`` times (area mean) and enlarged back (bilinear)."""
     n = view.shape[0]
-    blurred = Image.fromarray(view).resize((max(2, n // 4),) * 2, Image.Resampling.BOX)
-    return view - np.asarray(blurred.resize((n, n), Image.Resampling.BILINEAR), np.float32)
+    small = Image.fromarray(view).resize((max(2, n // factor),) * 2, Image.Resampling.BOX)
+    return np.asarray(small.resize((n, n), Image.Resampling.BILINEAR), np.float32)
+
+
+SHIFT = 2  # alignment search of verify(): up to 2 half-pixels (of the comparison size) each way
+
+
+def aligned_correlations(a: np.ndarray, b: np.ndarray, factor: int = 8) -> tuple[float, float]:
+    """(coarse r, detail r) of two grey views of the same size at their best alignment: ``b``
+    shifted by up to ``SHIFT`` pixels each way (the views are rendered at twice the comparison
+    size, so that is up to one pixel), the shift that maximises the detail r. Coarse: the
+    low-pass (``factor`` times reduced) views; detail: what the low-pass leaves out."""
+    low_a, low_b = lowpass(a, factor), lowpass(b, factor)
+    high_a, high_b = a - low_a, b - low_b
+    n, m = a.shape[0], SHIFT
+    inner = (slice(m, n - m), slice(m, n - m))
+    best = (0.0, -1.0)
+    for dy in range(-m, m + 1):
+        for dx in range(-m, m + 1):
+            moved = (slice(m + dy, n - m + dy), slice(m + dx, n - m + dx))
+            r = correlation(high_a[inner], high_b[moved])
+            if r > best[1]:
+                best = (correlation(low_a[inner], low_b[moved]), r)
+    return best
 
 
 def correlation(a: np.ndarray, b: np.ndarray) -> float:
@@ -335,14 +357,14 @@ def compare(held: Hashes, train: Hashes, max_distance: int, best: dict[int, Matc
 
 def verify(match: Match, held: Sequence[Item], train: Sequence[Item],
            crops: Sequence[tuple[float, float, float]]) -> float:
-    """Correlation of the two grey 32 x 32 views of a pair (``match.corr``) and of their
-    high-pass residuals at the smaller view's size, 16 to 64 px (``match.detail``)."""
+    """Correlations of a pair's two views (:func:`aligned_correlations`), compared at the smaller
+    view's size in pixels (16 to 64) rendered twice as large: ``match.corr`` of their coarse
+    structure, ``match.detail`` of their fine detail (the band a 4x reduction removes)."""
     image_a, image_b = _grey_cached(held[match.held]), _grey_cached(train[match.train])
-    match.corr = correlation(grey_view(image_a, match.held_view, crops), grey_view(image_b, match.train_view, crops))
-    side = int(np.clip(min(view_pixels(image_a, match.held_view, crops),
-                           view_pixels(image_b, match.train_view, crops)), 16, 64))
-    match.detail = correlation(detail(grey_view(image_a, match.held_view, crops, side)),
-                               detail(grey_view(image_b, match.train_view, crops, side)))
+    side = 2 * int(np.clip(min(view_pixels(image_a, match.held_view, crops),
+                               view_pixels(image_b, match.train_view, crops)), 16, 64))
+    match.corr, match.detail = aligned_correlations(grey_view(image_a, match.held_view, crops, side),
+                                                    grey_view(image_b, match.train_view, crops, side))
     return match.corr
 
 
@@ -455,6 +477,8 @@ def check(train: Sequence[Item], held_sets: dict[str, list[Item]], crops: Sequen
             "near_duplicates": len(verified),
             "near_duplicates_by_source": dict(sorted(Counter(train[m.train].source for m in verified).items())),
             "held_images_with_a_near_duplicate": len({m.held for m in verified}),
+            "max_detail_not_verified": max((round(m.detail or 0, 4) for m in pairs.values()
+                                            if not m.verified(min_corr, min_detail)), default=None),
             "closest_distance": ranked[0].distance if ranked else None,
             "verified": [_row(m, held, train, crops) for m in verified],
             "closest": [_row(m, held, train, crops) for m in shown],
