@@ -419,6 +419,68 @@ def describe_view(view: int, crops: Sequence[tuple[float, float, float]]) -> str
     return f"crop {scale:.2f} at ({left:.2f}, {top:.2f})"
 
 
+# -- control set -----------------------------------------------------------------------------------
+
+#: Copies the control set makes of training images: (name, crop box as fractions or None, quarter
+#: turns, mirrored, JPEG re-encoded, whether the crop views can find it).
+CONTROL_EDITS = (
+    ("resized 0.8x, JPEG q70", None, 0, False, True, True),
+    ("mirrored", None, 0, True, False, True),
+    ("rotated 90", None, 1, False, False, True),
+    ("quadrant, enlarged 2x", (0.5, 0.5, 0.0), 0, False, False, True),
+    ("centre third, enlarged 3x", (1 / 3, 1 / 3, 1 / 3), 0, False, True, True),
+    ("centre half, enlarged 2x", (0.5, 0.25, 0.25), 0, False, True, True),
+    ("half crop 10 % off the grid", (0.5, 0.3, 0.3), 0, False, False, False),
+)
+
+
+def control_set(train: Sequence[Item], count: int, min_crop: int = DEFAULT_MIN_CROP,
+                seed: int = 0) -> tuple[list[Item], list[tuple[int, str, bool]]]:
+    """``count`` derived copies of training images (resized, mirrored, rotated, tiles, centre
+    crops, one crop off the crop grid), as an extra held-out set that the check must find: its
+    items and, per item, (training image index, edit, whether the check is built to find it)."""
+    rng = np.random.default_rng(seed)
+    items, truth = [], []
+    for n, index in enumerate(rng.choice(len(train), size=count, replace=count > len(train))):
+        source = train[int(index)].rgb()
+        name, box, turns, mirror, jpeg, findable = CONTROL_EDITS[n % len(CONTROL_EDITS)]
+        w, h = source.size
+        if box is not None and box[0] * min(w, h) < min_crop:  # too small to crop: resize instead
+            name, box, turns, mirror, jpeg, findable = CONTROL_EDITS[0]
+        image = source
+        if box is not None:
+            scale, left, top = box
+            image = source.crop((round(left * w), round(top * h), round((left + scale) * w),
+                                 round((top + scale) * h))).resize((w, h), Image.Resampling.BICUBIC)
+        elif jpeg:
+            image = source.resize((max(8, round(w * 0.8)), max(8, round(h * 0.8))), Image.Resampling.LANCZOS)
+        image = image.rotate(90 * turns, expand=True) if turns else image
+        image = ImageOps.mirror(image) if mirror else image
+        if jpeg:
+            buffer = io.BytesIO()
+            image.save(buffer, format="JPEG", quality=70)
+            image = Image.open(io.BytesIO(buffer.getvalue())).convert("RGB")
+        items.append(Item("control", "control", f"control {n}: {name} of {train[int(index)].name}", None,
+                          np.asarray(image)))
+        truth.append((int(index), name, findable))
+    return items, truth
+
+
+def control_recall(rows: Sequence[dict], items: Sequence[Item], train: Sequence[Item],
+                   truth: Sequence[tuple[int, str, bool]]) -> dict:
+    """How many control copies the check found, per edit (from the set's ``verified`` rows)."""
+    found = {(row["held"], row["train"]) for row in rows}
+    by_edit: dict[str, list[int]] = {}
+    for item, (index, edit, _) in zip(items, truth):
+        by_edit.setdefault(edit, [0, 0])
+        by_edit[edit][1] += 1
+        by_edit[edit][0] += (item.name, train[index].name) in found
+    findable = [(item.name, train[i].name) in found for item, (i, _, ok) in zip(items, truth) if ok]
+    return {"found": sum(v[0] for v in by_edit.values()), "copies": len(items),
+            "found_of_findable": f"{sum(findable)}/{len(findable)}",
+            "by_edit": {k: f"{v[0]}/{v[1]}" for k, v in by_edit.items()}}
+
+
 # -- main ------------------------------------------------------------------------------------------
 
 def check(train: Sequence[Item], held_sets: dict[str, list[Item]], crops: Sequence[tuple[float, float, float]],
@@ -522,6 +584,9 @@ def main(argv: Iterable[str] | None = None) -> None:
                         help="verified: correlation of their fine details (high-pass) at least [0.8]")
     parser.add_argument("--min-std", type=float, default=4.0,
                         help="views with a grey standard deviation below this are not hashed [4]")
+    parser.add_argument("--control", type=int, default=0, metavar="N",
+                        help="also check N derived copies of training images (resized, mirrored, rotated, tiles, "
+                             "centre crops, one off-grid crop): the report says how many were found [0]")
     parser.add_argument("--sheets", type=Path, help="folder for the contact sheets (one PNG per held-out set)")
     parser.add_argument("-o", "--output", type=Path, help="the JSON report")
     args = parser.parse_args(list(argv) if argv is not None else None)
@@ -542,10 +607,16 @@ def main(argv: Iterable[str] | None = None) -> None:
             raise SystemExit(f"--scene {name}: {path} not found; give a GeoTIFF")
         held_sets[name] = scene_tiles(name, path, args.scene_tile, args.scene_overlap)
     crops = crop_views(args.scales, args.step)
+    control: tuple[list[Item], list[tuple[int, str, bool]]] = ([], [])
+    if args.control:
+        control = control_set(train, args.control, args.min_crop)
+        held_sets["control"] = control[0]
     started = time.monotonic()
     report, sheets = check(train, held_sets, crops, args.max_distance, args.min_corr, args.min_detail, args.min_std,
                            args.min_crop, log=log)
     report["seconds"] = round(time.monotonic() - started, 1)
+    if args.control:
+        report["control"] = control_recall(report["held_out"]["control"]["verified"], control[0], train, control[1])
     try:
         if args.sheets:
             args.sheets.mkdir(parents=True, exist_ok=True)
@@ -561,6 +632,10 @@ def main(argv: Iterable[str] | None = None) -> None:
         print(f"{name:14} {info['images']:7} {info['candidate_pairs']:10} {info['near_duplicates']:8} "
               f"{info['closest_distance'] if info['closest_distance'] is not None else '-':>7}  "
               f"{info['near_duplicates_by_source'] or '-'}")
+    if args.control:
+        print(f"control copies found: {report['control']['found']}/{report['control']['copies']} "
+              f"(of those the crop views can find: {report['control']['found_of_findable']}) "
+              f"{report['control']['by_edit']}")
     print(f"training: {report['training']['by_source']}; {report['seconds']} s")
 
 
