@@ -20,63 +20,90 @@
 # 1104 steps in 57 min, beside a CoCa run on the other core; stage 4 (fp32, same CPU) 1437 steps
 # in 89 min beside another training run. All resume with --resume after an
 # interruption. On a CUDA GPU drop --precision (AMP is automatic): minutes.
+#
+# Settings (environment variables; examples/train_hqrs_mini_gpu.sh sets them for a CUDA GPU):
+#   DEVICE=auto|cpu|cuda      PRECISION=auto|fp32|bf16|fp16 (auto: bf16 on CPUs with AVX512-BF16/AMX, else fp32;
+#                             AMP on CUDA)      THREADS=N (default: every core the process may use)
+#   BATCH_SCALE=K             batches K times larger than the recipe's 64, peak lr x sqrt(K), warm-up and
+#                             checkpoint intervals / K (same epochs, so K times fewer steps)
+#   DRY_RUN=1                 print the commands instead of running them
 set -euo pipefail
-DATA=${1:?usage: train_hqrs_mini.sh DATA_DIR DATA_EUROSAT_DIR [RUN_DIR]}
-DATA_EU=${2:?usage: train_hqrs_mini.sh DATA_DIR DATA_EUROSAT_DIR DATA_EUROSAT_UCM6_DIR [RUN_DIR]}
-DATA_EU6=${3:?usage: train_hqrs_mini.sh DATA_DIR DATA_EUROSAT_DIR DATA_EUROSAT_UCM6_DIR [RUN_DIR]}
+USAGE="usage: train_hqrs_mini.sh DATA_DIR DATA_EUROSAT_DIR DATA_EUROSAT_UCM6_DIR [RUN_DIR]"
+DATA=${1:?$USAGE}
+DATA_EU=${2:?$USAGE}
+DATA_EU6=${3:?$USAGE}
 RUNS=${4:-runs}
-PRECISION=${PRECISION:-bf16}
+DEVICE=${DEVICE:-auto}
+PRECISION=${PRECISION:-auto}
+THREADS=${THREADS:-}
+BATCH_SCALE=${BATCH_SCALE:-1}
+PROGRESS=${PROGRESS:-bar}
+DRY_RUN=${DRY_RUN:-}
 PY=${PY:-.venv/bin/python}
 HG="$PY -m hqrs_geo"
 WEIGHTS=hqrs_geo/models/weights
 UCM=${UCM:-../shared/data/ucm/dataset_ucm.json}
+case $BATCH_SCALE in
+    ''|*[!0-9]*|0) echo "train_hqrs_mini.sh: BATCH_SCALE must be a whole number of 1 or more, not '$BATCH_SCALE'" >&2
+                   exit 2 ;;
+esac
+
+run() {  # run a command, or print it (DRY_RUN=1)
+    if [ -n "$DRY_RUN" ]; then echo "$*"; else "$@"; fi
+}
+
+sized() {  # sized BATCH LR WARMUP SAVE_EVERY: the recipe's values for BATCH_SCALE
+    awk -v b="$1" -v lr="$2" -v w="$3" -v s="$4" -v k="$BATCH_SCALE" 'BEGIN {
+        printf "--batch-size %d --lr %g --warmup-steps %d --save-every %d", b * k, lr * sqrt(k),
+               (w + k - 1) / k, (s + k - 1) / k }'
+}
+
+train() {  # hqrs-geo finetune with this machine's settings (DEVICE, PRECISION, THREADS, PROGRESS)
+    run $HG finetune "$@" --device "$DEVICE" --precision "$PRECISION" ${THREADS:+--threads "$THREADS"} \
+        --save-dtype fp16 --progress "$PROGRESS"
+}
 
 # CLIP: ResNet image tower (128 px, layers 1-2-2-1, width 32), 4-layer text tower, 16000-merge BPE.
 # Captions: UCM-captions + rule captions of the class labels; half of each contrastive target goes
 # to the other images of the same (unified) class in the batch (--class-target 0.5).
-$HG finetune "$DATA/train_clip.json" --arch hqrs-mini-clip -o "$RUNS/hqrs-mini-clip" --split train \
-    --class-target 0.5 --epochs 12 --batch-size 64 --lr 1e-3 --warmup-steps 200 --seed 0 \
-    --precision $PRECISION --save-every 500 --save-dtype fp16 --progress bar
+train "$DATA/train_clip.json" --arch hqrs-mini-clip -o "$RUNS/hqrs-mini-clip" --split train \
+    --class-target 0.5 --epochs 12 $(sized 64 1e-3 200 500) --seed 0
 
 # CLIP stage 2: a warm restart from stage 1's last weights on the same data, lower peak lr (stage 1
 # was still improving on val when its schedule ended).
-$HG finetune "$DATA/train_clip.json" --arch hqrs-mini-clip --init-from "$RUNS/hqrs-mini-clip/model.safetensors" \
-    -o "$RUNS/hqrs-mini-clip-s2" --split train --class-target 0.5 --epochs 6 --batch-size 64 --lr 4e-4 \
-    --warmup-steps 60 --seed 1 --precision $PRECISION --save-every 500 --save-dtype fp16 --progress bar
+train "$DATA/train_clip.json" --arch hqrs-mini-clip --init-from "$RUNS/hqrs-mini-clip/model.safetensors" \
+    -o "$RUNS/hqrs-mini-clip-s2" --split train --class-target 0.5 --epochs 6 $(sized 64 4e-4 60 500) --seed 1
 
 # CLIP stage 3: a warm restart from stage 2 on the set with EuroSAT added (Sentinel-2, 10 m,
 # Europe: another sensor, scale and continent), 3 epochs.
-$HG finetune "$DATA_EU/train_clip.json" --arch hqrs-mini-clip --init-from "$RUNS/hqrs-mini-clip-s2/model.safetensors" \
-    -o "$RUNS/hqrs-mini-clip-s3" --split train --class-target 0.5 --epochs 3 --batch-size 64 --lr 4e-4 \
-    --warmup-steps 60 --seed 2 --precision $PRECISION --save-every 200 --save-dtype fp16 --progress bar
+train "$DATA_EU/train_clip.json" --arch hqrs-mini-clip --init-from "$RUNS/hqrs-mini-clip-s2/model.safetensors" \
+    -o "$RUNS/hqrs-mini-clip-s3" --split train --class-target 0.5 --epochs 3 $(sized 64 4e-4 60 200) --seed 2
 
 # CLIP stage 4: a warm restart from stage 3 on the same images with UCM's human-captioned images
 # listed 6 times instead of 2 (--ucm-repeat 6: a third of the batches), 3 epochs at a lower peak lr.
-$HG finetune "$DATA_EU6/train_clip.json" --arch hqrs-mini-clip --init-from "$RUNS/hqrs-mini-clip-s3/model.safetensors" \
-    -o "$RUNS/hqrs-mini-clip-s4" --split train --class-target 0.5 --epochs 3 --batch-size 64 --lr 3e-4 \
-    --warmup-steps 60 --seed 4 --precision $PRECISION --save-every 200 --save-dtype fp16 --progress bar
+train "$DATA_EU6/train_clip.json" --arch hqrs-mini-clip --init-from "$RUNS/hqrs-mini-clip-s3/model.safetensors" \
+    -o "$RUNS/hqrs-mini-clip-s4" --split train --class-target 0.5 --epochs 3 $(sized 64 3e-4 60 200) --seed 4
 
 # CoCa: ViT image tower (96 px, 12 px patches), contrastive + captioning loss; UCM's human
 # captions and the plain-statement rule captions of AID.
-$HG finetune "$DATA/train_coca.json" --arch hqrs-mini-coca -o "$RUNS/hqrs-mini-coca" --split train \
-    --epochs 8 --batch-size 64 --lr 1e-3 --warmup-steps 200 --seed 0 \
-    --precision $PRECISION --save-every 500 --save-dtype fp16 --progress bar
+train "$DATA/train_coca.json" --arch hqrs-mini-coca -o "$RUNS/hqrs-mini-coca" --split train \
+    --epochs 8 $(sized 64 1e-3 200 500) --seed 0
 
 # Both ship their last weights (val is reported per epoch in train.json, not used to choose;
 # for all four CLIP stages the best epoch on val was the last one anyway).
-cp "$RUNS/hqrs-mini-clip-s4/model.safetensors" "$WEIGHTS/hqrs-mini-clip.safetensors"
-cp "$RUNS/hqrs-mini-coca/model.safetensors" "$WEIGHTS/hqrs-mini-coca.safetensors"
-cp "$RUNS/hqrs-mini-clip/train.json" "$WEIGHTS/hqrs-mini-clip.stage1.train.json"
-cp "$RUNS/hqrs-mini-clip-s2/train.json" "$WEIGHTS/hqrs-mini-clip.stage2.train.json"
-cp "$RUNS/hqrs-mini-clip-s3/train.json" "$WEIGHTS/hqrs-mini-clip.stage3.train.json"
-cp "$RUNS/hqrs-mini-clip-s4/train.json" "$WEIGHTS/hqrs-mini-clip.train.json"
-cp "$DATA_EU6/manifest.json" "$WEIGHTS/training-set.manifest.json"
-cp "$RUNS/hqrs-mini-coca/train.json" "$WEIGHTS/hqrs-mini-coca.train.json"
+run cp "$RUNS/hqrs-mini-clip-s4/model.safetensors" "$WEIGHTS/hqrs-mini-clip.safetensors"
+run cp "$RUNS/hqrs-mini-coca/model.safetensors" "$WEIGHTS/hqrs-mini-coca.safetensors"
+run cp "$RUNS/hqrs-mini-clip/train.json" "$WEIGHTS/hqrs-mini-clip.stage1.train.json"
+run cp "$RUNS/hqrs-mini-clip-s2/train.json" "$WEIGHTS/hqrs-mini-clip.stage2.train.json"
+run cp "$RUNS/hqrs-mini-clip-s3/train.json" "$WEIGHTS/hqrs-mini-clip.stage3.train.json"
+run cp "$RUNS/hqrs-mini-clip-s4/train.json" "$WEIGHTS/hqrs-mini-clip.train.json"
+run cp "$DATA_EU6/manifest.json" "$WEIGHTS/training-set.manifest.json"
+run cp "$RUNS/hqrs-mini-coca/train.json" "$WEIGHTS/hqrs-mini-coca.train.json"
 
 # evaluation: UCM val split (210 images of UCM-captions) and the held-out SIRI-WHU set
-$HG eval retrieval "$UCM" --model hqrs-mini-clip --json "$WEIGHTS/eval-retrieval.json"
-$HG eval zeroshot "$UCM" --model hqrs-mini-clip --json "$WEIGHTS/eval-zeroshot.json"
-$HG eval zeroshot "$DATA_EU6/val_eurosat.json" --split val --model hqrs-mini-clip --json "$WEIGHTS/eval-zeroshot-eurosat.json"
-$HG eval zeroshot "$DATA_EU/holdout_siri.json" --split test --model hqrs-mini-clip --json "$WEIGHTS/eval-zeroshot-siri.json"
-$HG eval caption "$UCM" --model hqrs-mini-coca --decoding beam --beams 3 --json "$WEIGHTS/eval-caption.json"
-$PY benchmarks/demo_ap.py --model hqrs-mini-clip --json "$WEIGHTS/eval-demo-ap.json"
+run $HG eval retrieval "$UCM" --model hqrs-mini-clip --json "$WEIGHTS/eval-retrieval.json"
+run $HG eval zeroshot "$UCM" --model hqrs-mini-clip --json "$WEIGHTS/eval-zeroshot.json"
+run $HG eval zeroshot "$DATA_EU6/val_eurosat.json" --split val --model hqrs-mini-clip --json "$WEIGHTS/eval-zeroshot-eurosat.json"
+run $HG eval zeroshot "$DATA_EU/holdout_siri.json" --split test --model hqrs-mini-clip --json "$WEIGHTS/eval-zeroshot-siri.json"
+run $HG eval caption "$UCM" --model hqrs-mini-coca --decoding beam --beams 3 --json "$WEIGHTS/eval-caption.json"
+run $PY benchmarks/demo_ap.py --model hqrs-mini-clip --json "$WEIGHTS/eval-demo-ap.json"

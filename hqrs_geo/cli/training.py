@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -66,8 +67,12 @@ def register(sub: Any) -> None:
                           "(labelled data; 0 = open_clip's ClipLoss)")
     opt.add_argument("--seed", type=number(int, 0, 2**32 - 1), default=0)
     opt.add_argument("--precision", default="auto", choices=PRECISIONS,
-                     help="auto: bf16/fp16 AMP on CUDA, fp32 on CPU (bf16 is about 2x faster on CPUs with AVX512-BF16)")
+                     help="auto: bf16/fp16 AMP on CUDA; on CPU bf16 where the CPU has bf16 units (AVX512-BF16, AMX: "
+                          "about 1.5-2x faster), else fp32")
     opt.add_argument("--device", default="auto")
+    opt.add_argument("--threads", type=number(int, 1, 1024), default=None,
+                     help="torch threads on CPU (default: $OMP_NUM_THREADS if set, else every core this process "
+                          "may use)")
     run = tune.add_argument_group("checkpoints")
     run.add_argument("--save-every", type=number(int, 1, 10**9), default=500, help="checkpoint every N optimiser steps")
     run.add_argument("--keep-checkpoints", type=number(int, 1, 1000), default=2)
@@ -79,6 +84,8 @@ def register(sub: Any) -> None:
 
 def run_finetune(args: argparse.Namespace, progress: Any) -> int:
     """``hqrs-geo finetune``: train, checkpoint, validate; prints where the weights are."""
+    if "torch" not in sys.modules:  # OpenMP threads that wait sleep (an explicit setting is kept): spinning
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # ones stall a multi-thread run on busy cores
     from ..training import FinetuneConfig, finetune
 
     names = [f for f in FinetuneConfig.__dataclass_fields__ if hasattr(args, f)]

@@ -3,7 +3,9 @@
 The model code and the losses are open_clip's (``ClipLoss`` for CLIP, ``CoCaLoss`` =
 contrastive + captioning for CoCa). This module adds what a long job on a workstation needs:
 
-* device auto; AMP (bf16, or fp16 with a gradient scaler) on CUDA, bf16 on CPU on request;
+* device auto; AMP (bf16, or fp16 with a gradient scaler) on CUDA; on a CPU with bf16 units
+  (AVX512-BF16, AMX) bf16 autocast by default, elsewhere fp32 (:func:`training_precision`);
+* every core the process may use (``threads``, :func:`apply_threads`), unless told otherwise;
 * with class labels, optionally a class-aware contrastive target (``class_target``; see
   :mod:`hqrs_geo.training.losses`);
 * gradient accumulation (``accum_steps`` micro-batches per optimiser step; the contrastive
@@ -52,7 +54,7 @@ from ..models.checkpoints import read_state_dict
 from ..models.device import pick_device
 from ..models.encode import ensemble_vectors, text_features
 from ..models.loader import load_model, quiet_open_clip
-from ..models.precision import autocast, autocast_dtype, check_precision, precision_name
+from ..models.precision import autocast, autocast_dtype, check_precision, cpu_bf16_units, precision_name
 from ..models.preprocess import BatchPreprocess, preprocess_config
 from ..models.prompts import ZERO_SHOT_TEMPLATES
 from ..models.registry import open_clip_arch
@@ -84,6 +86,7 @@ class FinetuneConfig:
     seed: int = 0
     precision: str = "auto"
     device: str = "auto"
+    threads: int | None = None  # torch threads on CPU; None: $OMP_NUM_THREADS, else every usable core
     save_every: int = 500
     keep_checkpoints: int = 2
     class_prompt_prob: float = 0.0
@@ -107,6 +110,9 @@ class FinetuneConfig:
         for name in ("epochs", "batch_size", "accum_steps", "save_every"):
             if getattr(self, name) < 1:
                 raise OptionError(f"must be at least 1, not {getattr(self, name)!r}", option=name)
+        if self.threads is not None and (isinstance(self.threads, bool) or not isinstance(self.threads, int)
+                                         or not 1 <= self.threads <= 1024):
+            raise OptionError(f"must be a whole number from 1 to 1024, not {self.threads!r}", option="threads")
         if self.max_steps is not None and self.max_steps < 1:
             raise OptionError("must be at least 1", option="max_steps")
         if self.lr <= 0:
@@ -159,6 +165,50 @@ class StopRequest:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous.clear()
+
+
+# ---------------------------------------------------------------- compute
+
+
+def usable_cores() -> int:
+    """The CPU cores this process may run on (its affinity mask; all cores where there is none)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # macOS, Windows
+        return max(1, os.cpu_count() or 1)
+
+
+def default_threads() -> int:
+    """Torch threads when ``threads`` is not given: ``$OMP_NUM_THREADS`` when it holds a positive
+    whole number (an explicit choice, e.g. one thread for each of two runs side by side), else every
+    usable core (:func:`usable_cores`)."""
+    value = os.environ.get("OMP_NUM_THREADS", "").strip()
+    if value.isdigit() and int(value) >= 1:
+        return int(value)
+    return usable_cores()
+
+
+def apply_threads(threads: int | None) -> int:
+    """Set torch's intra-op threads (and its inter-op threads, when this process has not started
+    parallel work yet) to ``threads`` (None: :func:`default_threads`); returns the count in force."""
+    count = default_threads() if threads is None else threads
+    torch.set_num_threads(count)
+    try:
+        torch.set_num_interop_threads(count)
+    except RuntimeError:  # only settable before the first parallel operation of the process
+        pass
+    return torch.get_num_threads()
+
+
+def training_precision(device, precision: str = "auto"):
+    """The autocast dtype a training run uses (None: fp32). As
+    :func:`hqrs_geo.models.precision.autocast_dtype`, except that ``auto`` on a CPU with bf16 units
+    (:func:`hqrs_geo.models.precision.cpu_bf16_units`: AVX512-BF16 or AMX) is bf16: there the
+    shipped models train about twice as fast as in fp32 (``benchmarks/finetune.py``), while CPUs
+    that only emulate bf16 train much slower in it and keep fp32."""
+    if precision == "auto" and device.type == "cpu" and cpu_bf16_units():
+        return torch.bfloat16
+    return autocast_dtype(device, precision)
 
 
 # ---------------------------------------------------------------- model set-up
@@ -449,8 +499,12 @@ def finetune(config: FinetuneConfig, resume: bool = False, progress=None,
     if not resume and latest_checkpoint(output) is not None:
         raise OptionError(f"{output}: holds checkpoints of an earlier run; «resume» it or choose another output folder",
                           option="output")
-    with output_folder(output):  # a folder this run made is removed again if it fails before writing into it
-        return _finetune(config, output, resume, progress, cancel)
+    before = torch.get_num_threads()
+    try:
+        with output_folder(output):  # a folder this run made is removed again if it fails before writing into it
+            return _finetune(config, output, resume, progress, cancel)
+    finally:
+        torch.set_num_threads(before)  # the caller's setting again (the trainer may run in a longer process)
 
 
 def _finetune(config: FinetuneConfig, output: Path, resume: bool, progress,
@@ -458,6 +512,7 @@ def _finetune(config: FinetuneConfig, output: Path, resume: bool, progress,
     read_records(config.dataset, list(config.splits), config.csv_img_key, config.csv_caption_key)  # fail early
     torch.manual_seed(config.seed)
     device = pick_device(config.device)
+    threads = apply_threads(config.threads)
     model, tokenizer, arch, kind, source = build_model(config, device)
     preprocess_cfg = preprocess_config(model)
     size = preprocess_cfg["size"][0]
@@ -478,7 +533,7 @@ def _finetune(config: FinetuneConfig, output: Path, resume: bool, progress,
     total_steps = config.max_steps or steps_per_epoch * config.epochs
 
     optimizer = torch.optim.AdamW(_param_groups(model, config.weight_decay), lr=config.lr, betas=(0.9, 0.98), eps=1e-6)
-    amp_dtype = autocast_dtype(device, config.precision)
+    amp_dtype = training_precision(device, config.precision)
     scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 and device.type == "cuda" else None
     state = TrainState()
     found = latest_checkpoint(output) if resume else None
@@ -581,7 +636,9 @@ def _finetune(config: FinetuneConfig, output: Path, resume: bool, progress,
 
     record = {
         "arch": arch, "kind": kind, "source": source, "config": asdict(config), "device": str(device),
-        "precision": precision_name(amp_dtype), "steps": state.step, "steps_per_epoch": steps_per_epoch,
+        "precision": precision_name(amp_dtype), "threads": threads,
+        "cpu_bf16_units": sorted(cpu_bf16_units()) if device.type == "cpu" else None,
+        "steps": state.step, "steps_per_epoch": steps_per_epoch,
         "train": describe_set(train), "val": describe_set(val) if val is not None else None,
         "final": state.history[-1]["val"] if val is not None and state.history and "val" in state.history[-1] else None,
         "best": {"step": state.best_step, "score": state.best_score} if val is not None else None,
