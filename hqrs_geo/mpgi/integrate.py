@@ -146,14 +146,14 @@ def content_words(text: str) -> set[str]:
 
 
 #: Share of a sentence's content words already said before at which it counts as a repeat.
-REPEAT_OVERLAP = 0.6
+REPEAT_OVERLAP = 0.5
 
 
 def repeats(sentence: str, earlier: Sequence[str] | str, data: CheckData | None = None) -> bool:
     """``sentence`` says nothing the ``earlier`` sentences did not: a near duplicate of one of them,
     a fragment (only their words), or a paraphrase: at least :data:`REPEAT_OVERLAP` of its content
-    words (:func:`content_words`) said before and no object or cover kind of the lexicon
-    (``checks.toml``) that they do not name. "It is a river with black water and a road on one
+    words (:func:`content_words`) said before, no number they do not state and no object or cover
+    kind of the lexicon (``checks.toml``) that they do not name. "It is a river with black water and a road on one
     side of the river." repeats "The image is a river with black water and a road on one bank of
     the river."; "Cars are parked near a row of trees." does not repeat "Cars are parked in the
     parking lot." (trees are new)."""
@@ -163,6 +163,8 @@ def repeats(sentence: str, earlier: Sequence[str] | str, data: CheckData | None 
     words = set(_words(sentence))
     if any(_near_duplicate(sentence, e) or bool(words) and words <= set(_words(e)) for e in texts):
         return True
+    if _numbers(sentence) - set().union(*(_numbers(e) for e in texts)):
+        return False  # a new quantity is news
     mine = content_words(sentence)
     if not mine:
         return True
@@ -426,13 +428,14 @@ class Perspectives:
     ``candidates``: the caption model's captions, its decoding's caption first, then the other
     candidates by consensus; ``classes``: ``(label, calibrated probability)`` of the zero-shot
     classes, most probable first; ``cover`` / ``vectors``: the content fact sentences of the
-    cover shares (with the share) and of the vector layers.
+    cover shares (with the share) and of the vector layers; ``water``: the water share.
     """
 
     candidates: list[str] = field(default_factory=list)
     classes: list[tuple[str, float]] = field(default_factory=list)
     cover: list[tuple[str, float]] = field(default_factory=list)
     vectors: list[str] = field(default_factory=list)
+    water: float | None = None  # the tile's water share (NDWI or the RGB rule), when measured
 
 
 def _clean_candidate(candidate: str, checker: Checker) -> str:
@@ -441,15 +444,25 @@ def _clean_candidate(candidate: str, checker: Checker) -> str:
     return " ".join(x for x in sentences(candidate) if not checker.problem(x))
 
 
-def choose_lead(candidates: Sequence[str], confident: str | None, checker: Checker) -> tuple[str, bool]:
+#: A tile whose measured water share is at least this should have a lead that names water.
+MOSTLY_WATER = 0.5
+
+
+def choose_lead(candidates: Sequence[str], confident: str | None, checker: Checker,
+                mostly_water: bool = False) -> tuple[str, bool]:
     """The lead sentence(s) of the detailed caption and whether they name the ``confident`` class:
-    the first candidate (its sentences that pass the checks) naming that class, else the first
-    candidate with a sentence that passes."""
+    the first candidate (its sentences that pass the checks) naming that class; else, on a tile
+    that is ``mostly_water``, the first naming water (a term of the lexicon's water group: river,
+    lake, sea …); else the first candidate with a sentence that passes."""
     usable = [text for text in (_clean_candidate(c, checker) for c in candidates) if text]
     if confident:
         for candidate in usable:
             if names_class(candidate, confident):
                 return candidate, True
+    if mostly_water:
+        for candidate in usable:
+            if any(group == "water" for _, group in lexicon_terms(candidate, checker.data)):
+                return candidate, False
     return (usable[0], False) if usable else ("", False)
 
 
@@ -461,7 +474,8 @@ def compose_captions(cleaned: Captions, perspectives: Perspectives, instructions
 
     Lead: a caption of the caption model (:func:`choose_lead`, checked against ``sources`` and the
     candidates themselves; the class is confident when its calibrated probability is at least
-    ``min_probability``); then, as ``parts`` say (see :data:`DETAILED_PARTS`), sentences that pass
+    ``min_probability``; a tile with a water share of at least :data:`MOSTLY_WATER` prefers a
+    caption naming water); then, as ``parts`` say (see :data:`DETAILED_PARTS`), sentences that pass
     the checks against ``sources`` and the lead (not the other candidates: a rejected candidate
     licenses nothing) and do not repeat what is already said (:func:`repeats`). The LLM's part is
     its own detailed caption, not one filled from the sources. Without candidates the LLM's
@@ -477,7 +491,8 @@ def compose_captions(cleaned: Captions, perspectives: Perspectives, instructions
     top = perspectives.classes[0] if perspectives.classes else None
     confident = top[0] if top and top[1] >= min_probability else None
     lead, named = choose_lead(perspectives.candidates, confident,
-                              Checker(instructions, [*sources, *perspectives.candidates], absent))
+                              Checker(instructions, [*sources, *perspectives.candidates], absent),
+                              (perspectives.water or 0.0) >= MOSTLY_WATER)
     checker = Checker(instructions, [*sources, lead], absent)
     verified: list[str] = []
     if named and top:
@@ -507,8 +522,11 @@ def compose_captions(cleaned: Captions, perspectives: Perspectives, instructions
         if part == "class" and confident and not named and top:
             add(class_sentence(*top), f"class {top[0]} ({top[1]:.2f}): zero-shot probability >= {min_probability}")
         elif part == "llm":
-            for sentence in llm:
-                add(sentence)
+            for i, sentence in enumerate(llm):
+                if i == len(llm) - 1 and not sentence.rstrip().endswith((".", "!", "?")):
+                    dropped.append(f"{sentence} (cut off by the token limit)")
+                else:
+                    add(sentence)
         elif part in ("cover", "vectors"):
             facts = [s for s, share in perspectives.cover if share >= min_cover] if part == "cover" \
                 else perspectives.vectors

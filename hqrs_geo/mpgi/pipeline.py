@@ -373,7 +373,7 @@ class MpgiRun:
                 vectors.append(text)
         candidates = [c for c in self.candidates.get(tile_id, []) if c]
         return Perspectives(candidates=candidates, classes=self.classes.get(tile_id, []), cover=cover,
-                            vectors=vectors)
+                            vectors=vectors, water=tile_facts.water_fraction)
 
     # -- output ----------------------------------------------------------------------------
     def sources_table(self, tile_ids, facts, results):

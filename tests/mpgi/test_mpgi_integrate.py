@@ -260,6 +260,9 @@ def test_paraphrased_repeats_are_caught_and_new_objects_are_not():
     assert not repeats("Cars are parked near a row of trees.", ["Cars are parked in the parking lot."])
     assert not repeats("Houses with gardens line the street.", [RIVER])
     assert repeats("The river.", "A river with a road.")  # a fragment
+    # a new number is news: the water share after the vegetation share, both "estimated from RGB colour"
+    assert not repeats("Open water covers about 52% of the area (estimated from RGB colour).",
+                       [RIVER, "Vegetation covers about 28% of the area (estimated from RGB colour)."])
 
 
 def test_class_names_with_synonyms_and_spellings():
@@ -290,6 +293,14 @@ def test_the_lead_is_a_candidate_naming_the_confident_class():
     assert out.detailed.startswith("a river with green trees on both banks .")
     assert out.verified == ["class river (0.83): named by the caption, zero-shot probability >= 0.5"]
     assert out.short[0] == candidates[1]
+    # no sure class, but the tile is mostly water: the first candidate naming water leads
+    land = ["it is a piece of farmland .", "a winding river is shown here ."]
+    wet = compose_captions(Captions("", []), Perspectives(land, [("lake", 0.34)], water=0.88), INSTRUCTIONS,
+                           land[:1], [], 60, 3, ())
+    assert wet.detailed == land[1]
+    dry = compose_captions(Captions("", []), Perspectives(land, [("lake", 0.34)], water=0.2), INSTRUCTIONS,
+                           land[:1], [], 60, 3, ())
+    assert dry.detailed == land[0]
     # a candidate's boilerplate sentence goes, its other sentence can lead
     tidy = _compose(["an aerial image of a port . many boats are moored in the harbor ."], [("harbor", 0.7)])
     assert tidy.detailed == "many boats are moored in the harbor ." and tidy.verified[0].startswith("class harbor")
@@ -308,7 +319,8 @@ def test_composed_caption_adds_facts_and_new_llm_content_but_no_repeats():
              ("Vegetation covers about 4% of the area (estimated from RGB colour).", 0.04)]
     vectors = ["There are 3 buildings covering about 12% of the image, mostly in the north part."]
     answer = (f"DETAILED: {RIVER} It is a river with black water and a road on one side of the river. "
-              "Houses stand on the other bank. Trees grow on the other bank.\n- A river beside a road.")
+              "Houses stand on the other bank. Trees grow on the other bank. The buildings have flat grey"
+              "\n- A river beside a road.")
     sources_answer = _compose([caption, "trees grow along a river ."], [("river", 0.9)], answer, cover, vectors)
     said = sentences(sources_answer.detailed)
     assert said[0] == caption
@@ -316,6 +328,7 @@ def test_composed_caption_adds_facts_and_new_llm_content_but_no_repeats():
     # trees: only a candidate that did not lead names them, and a rejected candidate licenses nothing
     assert "Trees grow on the other bank. (names trees, which no source mentions)" in sources_answer.dropped
     assert not any("one side of the river" in s for s in said)  # its paraphrases go
+    assert "The buildings have flat grey (cut off by the token limit)" in sources_answer.dropped
     assert cover[0][0] in said and cover[1][0] not in said  # shares under min_cover are not stated
     assert vectors[0] in said
     kinds = [v.split(" ", 1)[0] for v in sources_answer.verified]
