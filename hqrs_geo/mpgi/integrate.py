@@ -476,8 +476,9 @@ def compose_captions(cleaned: Captions, perspectives: Perspectives, instructions
     candidates themselves; the class is confident when its calibrated probability is at least
     ``min_probability``; a tile with a water share of at least :data:`MOSTLY_WATER` prefers a
     caption naming water); then, as ``parts`` say (see :data:`DETAILED_PARTS`), sentences that pass
-    the checks against ``sources`` and the lead (not the other candidates: a rejected candidate
-    licenses nothing) and do not repeat what is already said (:func:`repeats`). The LLM's part is
+    the checks against ``sources`` and the lead (a candidate passed over licenses nothing, even
+    when it is the caption model's own caption among the sources) and do not repeat what is
+    already said (:func:`repeats`). The LLM's part is
     its own detailed caption, not one filled from the sources. Without candidates the LLM's
     cleaned detailed caption leads. With ``ensure_verified``, a caption whose parts state no fact a
     check confirms gets one: the confident class, else the first vector fact, else the first cover
@@ -490,10 +491,12 @@ def compose_captions(cleaned: Captions, perspectives: Perspectives, instructions
         raise ValueError(f"unknown detailed part {unknown[0]!r}: use {', '.join(DETAILED_PARTS)}")
     top = perspectives.classes[0] if perspectives.classes else None
     confident = top[0] if top and top[1] >= min_probability else None
-    lead, named = choose_lead(perspectives.candidates, confident,
-                              Checker(instructions, [*sources, *perspectives.candidates], absent),
+    checker_all = Checker(instructions, [*sources, *perspectives.candidates], absent)
+    lead, named = choose_lead(perspectives.candidates, confident, checker_all,
                               (perspectives.water or 0.0) >= MOSTLY_WATER)
-    checker = Checker(instructions, [*sources, lead], absent)
+    # a candidate that did not lead licenses nothing, the caption model's own caption included
+    passed_over = {c for c in perspectives.candidates if c != lead and _clean_candidate(c, checker_all) != lead}
+    checker = Checker(instructions, [*(s for s in sources if s not in passed_over), lead], absent)
     verified: list[str] = []
     if named and top:
         verified.append(f"class {top[0]} ({top[1]:.2f}): named by the caption, zero-shot probability "

@@ -298,6 +298,10 @@ def test_the_lead_is_a_candidate_naming_the_confident_class():
     wet = compose_captions(Captions("", []), Perspectives(land, [("lake", 0.34)], water=0.88), INSTRUCTIONS,
                            land[:1], [], 60, 3, ())
     assert wet.detailed == land[1]
+    # the passed-over caption licenses nothing: the LLM repeating its farmland goes
+    wet = compose_captions(Captions("It is farmland beside the river.", []), Perspectives(land, [], water=0.88),
+                           INSTRUCTIONS, land[:1], [], 60, 3, ("llm",))
+    assert wet.detailed == land[1] and "names farmland, which no source mentions" in " ".join(wet.dropped)
     dry = compose_captions(Captions("", []), Perspectives(land, [("lake", 0.34)], water=0.2), INSTRUCTIONS,
                            land[:1], [], 60, 3, ())
     assert dry.detailed == land[0]
