@@ -197,6 +197,8 @@ class Item:
         """The image as RGB."""
         if self.pixels is not None:
             return Image.fromarray(self.pixels).convert("RGB")
+        if self.path is None:
+            raise SystemExit(f"{self.name}: neither pixels nor a file")
         return _open_rgb(self.path)
 
 
@@ -312,6 +314,8 @@ def _grey_file(path: str) -> Image.Image:
 def _grey(item: Item) -> Image.Image:
     if item.pixels is not None:
         return Image.fromarray(item.pixels).convert("L")
+    if item.path is None:
+        raise SystemExit(f"{item.name}: neither pixels nor a file")
     with Image.open(item.path) as image:
         image.draft("L", (256, 256))  # JPEG: decode at a reduced size where that is enough
         return image.convert("L")
