@@ -481,8 +481,9 @@ def compose_captions(cleaned: Captions, perspectives: Perspectives, instructions
     already said (:func:`repeats`). The LLM's part is
     its own detailed caption, not one filled from the sources. Without candidates the LLM's
     cleaned detailed caption leads. With ``ensure_verified``, a caption whose parts state no fact a
-    check confirms gets one: the confident class, else the first vector fact, else the first cover
-    share that fits. The short captions stay the LLM's (and the filled ones), with the lead moved
+    check confirms gets one: the confident class, else the first vector fact, else the largest
+    cover share that fits (even under ``min_cover``: "Vegetation covers about 3% of the area" is
+    a fact). The short captions stay the LLM's (and the filled ones), with the lead moved
     or put first. ``verified`` lists the stated facts a check confirms: the class when the lead
     names it or it is stated, each cover share and vector fact stated.
     """
@@ -521,7 +522,14 @@ def compose_captions(cleaned: Captions, perspectives: Perspectives, instructions
             verified.append(why)
         return True
 
-    def add_part(part: str, first_only: bool = False) -> None:
+    def add_facts(part: str, facts: Sequence[str], first_only: bool) -> None:
+        for sentence in facts:
+            if add(sentence, f"{part}: {sentence}") and first_only:
+                return
+
+    def add_part(part: str, fallback: bool = False) -> None:
+        """Add one part's sentences; as the ``fallback`` fact, only its first that is kept (a cover
+        share however small, the largest first)."""
         if part == "class" and confident and not named and top:
             add(class_sentence(*top), f"class {top[0]} ({top[1]:.2f}): zero-shot probability >= {min_probability}")
         elif part == "llm":
@@ -530,18 +538,18 @@ def compose_captions(cleaned: Captions, perspectives: Perspectives, instructions
                     dropped.append(f"{sentence} (cut off by the token limit)")
                 else:
                     add(sentence)
-        elif part in ("cover", "vectors"):
-            facts = [s for s, share in perspectives.cover if share >= min_cover] if part == "cover" \
-                else perspectives.vectors
-            for sentence in facts:
-                if add(sentence, f"{part}: {sentence}") and first_only:
-                    return
+        elif part == "vectors":
+            add_facts(part, perspectives.vectors, fallback)
+        elif part == "cover" and fallback:
+            add_facts(part, [text for text, _ in sorted(perspectives.cover, key=lambda pair: -pair[1])], True)
+        elif part == "cover":
+            add_facts(part, [text for text, share in perspectives.cover if share >= min_cover], False)
 
     for part in parts:
         add_part(part)
     if ensure_verified and not verified:  # one fact a check confirms, when the parts gave none
         for part in ("class", "vectors", "cover"):
-            add_part(part, first_only=True)
+            add_part(part, fallback=True)
             if verified:
                 break
     detailed = (_limit(" ".join(said), max_words_detailed) if said  # the lead alone may be longer

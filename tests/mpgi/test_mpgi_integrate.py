@@ -352,6 +352,8 @@ def test_composed_caption_adds_facts_and_new_llm_content_but_no_repeats():
     assert _compose([road], [("river", 0.3)], answer, cover, vectors, parts=(), ensure_verified=True).detailed \
         == f"{road} {vectors[0]}"
     assert _compose([road], [], answer, cover, (), parts=(), ensure_verified=True).detailed == f"{road} {cover[0][0]}"
+    small = _compose([road], [], answer, cover[1:], (), parts=(), ensure_verified=True)  # 4%: under min_cover
+    assert small.detailed == f"{road} {cover[1][0]}" and small.verified == [f"cover: {cover[1][0]}"]
     named = _compose(["a river beside a road ."], [("river", 0.9)], parts=(), ensure_verified=True)
     assert named.detailed == "a river beside a road ." and named.verified[0].startswith("class river")
     # without candidates the LLM's first sentence leads
