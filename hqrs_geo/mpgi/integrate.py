@@ -483,8 +483,8 @@ def compose_captions(cleaned: Captions, perspectives: Perspectives, instructions
     cleaned detailed caption leads. With ``ensure_verified``, a caption whose parts state no fact a
     check confirms gets one: the confident class, else the first vector fact, else the largest
     cover share that fits (even under ``min_cover``: "Vegetation covers about 3% of the area" is
-    a fact). The short captions stay the LLM's (and the filled ones), with the lead moved
-    or put first. ``verified`` lists the stated facts a check confirms: the class when the lead
+    a fact). The short captions stay the LLM's (and the filled ones) but for the candidates passed
+    over, with the lead moved or put first. ``verified`` lists the stated facts a check confirms: the class when the lead
     names it or it is stated, each cover share and vector fact stated.
     """
     unknown = [p for p in parts if p not in DETAILED_PARTS]
@@ -556,5 +556,6 @@ def compose_captions(cleaned: Captions, perspectives: Perspectives, instructions
                 else cleaned.detailed)
     short = list(cleaned.short)
     if lead:
-        short = [lead, *(s for s in short if not _near_duplicate(lead, s))][:max(n_short, 1)]
+        others = (s for s in short if not _near_duplicate(lead, s) and s not in passed_over)
+        short = [lead, *others][:max(n_short, 1)]
     return Captions(detailed=detailed, short=short, dropped=dropped, filled=cleaned.filled, verified=verified)

@@ -302,6 +302,9 @@ def test_the_lead_is_a_candidate_naming_the_confident_class():
     wet = compose_captions(Captions("It is farmland beside the river.", []), Perspectives(land, [], water=0.88),
                            INSTRUCTIONS, land[:1], [], 60, 3, ("llm",))
     assert wet.detailed == land[1] and "names farmland, which no source mentions" in " ".join(wet.dropped)
+    filled = compose_captions(Captions("", [land[0], "Water covers most of it."]), Perspectives(land, [], water=0.88),
+                              INSTRUCTIONS, land[:1], [], 60, 3, ())
+    assert filled.short == [land[1], "Water covers most of it."]  # the overruled caption is no short caption
     dry = compose_captions(Captions("", []), Perspectives(land, [("lake", 0.34)], water=0.2), INSTRUCTIONS,
                            land[:1], [], 60, 3, ())
     assert dry.detailed == land[0]
