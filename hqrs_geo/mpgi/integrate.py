@@ -416,6 +416,15 @@ def names_class(text: str, label: str) -> bool:
     return bool(_class_pattern(label).search(text))
 
 
+def brief_cover(kind: str, share: float, source: str | None) -> str:
+    """A cover share in as few words as it can be said (the fact a detailed caption gets when it
+    states none: each word costs a short caption its precision): ``12% vegetation (RGB estimate).``,
+    ``40% water (NDWI).``"""
+    how = {"rgb_exg": "RGB estimate", "rgb_water": "RGB estimate", "ndvi": "NDVI", "ndwi": "NDWI"}
+    noun = "vegetation" if kind == "vegetation" else "open water" if str(source).startswith("rgb") else "water"
+    return f"{share * 100:.0f}% {noun} ({how.get(str(source), 'estimate')})."
+
+
 def class_sentence(label: str, probability: float) -> str:
     """The sentence stating a zero-shot class and its calibrated probability."""
     return f"Zero-shot scene class: {label} ({probability * 100:.0f}% probability)."
@@ -428,7 +437,9 @@ class Perspectives:
     ``candidates``: the caption model's captions, its decoding's caption first, then the other
     candidates by consensus; ``classes``: ``(label, calibrated probability)`` of the zero-shot
     classes, most probable first; ``cover`` / ``vectors``: the content fact sentences of the
-    cover shares (with the share) and of the vector layers; ``water``: the water share.
+    cover shares (with the share) and of the vector layers; ``water``: the water share;
+    ``brief``: the cover shares in a few words (:func:`brief_cover`), used for the one fact a
+    caption gets when it states none.
     """
 
     candidates: list[str] = field(default_factory=list)
@@ -436,6 +447,7 @@ class Perspectives:
     cover: list[tuple[str, float]] = field(default_factory=list)
     vectors: list[str] = field(default_factory=list)
     water: float | None = None  # the tile's water share (NDWI or the RGB rule), when measured
+    brief: list[tuple[str, float]] = field(default_factory=list)  # the cover shares as brief_cover says them
 
 
 def _clean_candidate(candidate: str, checker: Checker) -> str:
@@ -482,10 +494,11 @@ def compose_captions(cleaned: Captions, perspectives: Perspectives, instructions
     its own detailed caption, not one filled from the sources. Without candidates the LLM's
     cleaned detailed caption leads. With ``ensure_verified``, a caption whose parts state no fact a
     check confirms gets one: the confident class, else the first vector fact, else the largest
-    cover share that fits (even under ``min_cover``: "Vegetation covers about 3% of the area" is
-    a fact). The short captions stay the LLM's (and the filled ones) but for the candidates passed
-    over, with the lead moved or put first. ``verified`` lists the stated facts a check confirms: the class when the lead
-    names it or it is stated, each cover share and vector fact stated.
+    cover share, said briefly (``perspectives.brief``) and even under ``min_cover``: "3% vegetation
+    (RGB estimate)." is a fact. The short captions stay the LLM's (and the filled ones) but for
+    the candidates passed over, with the lead moved or put first. ``verified`` lists the stated
+    facts a check confirms: the class when the lead names it or it is stated, each cover share
+    and vector fact stated.
     """
     unknown = [p for p in parts if p not in DETAILED_PARTS]
     if unknown:
@@ -541,7 +554,8 @@ def compose_captions(cleaned: Captions, perspectives: Perspectives, instructions
         elif part == "vectors":
             add_facts(part, perspectives.vectors, fallback)
         elif part == "cover" and fallback:
-            add_facts(part, [text for text, _ in sorted(perspectives.cover, key=lambda pair: -pair[1])], True)
+            shares = perspectives.brief or perspectives.cover
+            add_facts(part, [text for text, _ in sorted(shares, key=lambda pair: -pair[1])], True)
         elif part == "cover":
             add_facts(part, [text for text, share in perspectives.cover if share >= min_cover], False)
 

@@ -49,7 +49,7 @@ from ..models.zeroshot import zero_shot
 from ..tiling.dataset import TileDataset
 from .backends import ChatRequest, make_backend, smollm2_gguf
 from .facts import TileFacts, compute_facts, parse_vector_spec
-from .integrate import Perspectives, class_sentence, clean_captions, compose_captions, integration_prompt
+from .integrate import Perspectives, brief_cover, class_sentence, clean_captions, compose_captions, integration_prompt
 from .recipe import Recipe, load_recipe
 from .rules import RULE_KINDS, rule_sentences
 
@@ -364,16 +364,18 @@ class MpgiRun:
     def _perspectives(self, tile_id: str, tile_facts: TileFacts) -> Perspectives:
         """The offline perspectives of one tile for :func:`.integrate.compose_captions`."""
         shares = {"vegetation": tile_facts.vegetation_fraction, "water": tile_facts.water_fraction}
-        cover, vectors = [], []
+        how = {"vegetation": tile_facts.vegetation_source, "water": tile_facts.water_source}
+        cover, brief, vectors = [], [], []
         for key, text in self.fact_pairs.get(tile_id, []):
             kind = key.removesuffix("_rgb")
             if kind in shares and shares[kind] is not None:
                 cover.append((text, float(shares[kind] or 0.0)))
+                brief.append((brief_cover(kind, float(shares[kind] or 0.0), how[kind]), float(shares[kind] or 0.0)))
             elif key in ("polygons", "lines", "points", "classes"):
                 vectors.append(text)
         candidates = [c for c in self.candidates.get(tile_id, []) if c]
         return Perspectives(candidates=candidates, classes=self.classes.get(tile_id, []), cover=cover,
-                            vectors=vectors, water=tile_facts.water_fraction)
+                            vectors=vectors, water=tile_facts.water_fraction, brief=brief)
 
     # -- output ----------------------------------------------------------------------------
     def sources_table(self, tile_ids, facts, results):

@@ -10,6 +10,7 @@ from hqrs_geo.mpgi.integrate import (
     Captions,
     Checker,
     Perspectives,
+    brief_cover,
     check_data,
     class_sentence,
     clean_captions,
@@ -357,6 +358,13 @@ def test_composed_caption_adds_facts_and_new_llm_content_but_no_repeats():
     assert _compose([road], [], answer, cover, (), parts=(), ensure_verified=True).detailed == f"{road} {cover[0][0]}"
     small = _compose([road], [], answer, cover[1:], (), parts=(), ensure_verified=True)  # 4%: under min_cover
     assert small.detailed == f"{road} {cover[1][0]}" and small.verified == [f"cover: {cover[1][0]}"]
+    # said briefly when the pipeline gives the brief form (the number is the fact sentence's own)
+    brief = [(brief_cover("vegetation", 0.04, "rgb_exg"), 0.04), (brief_cover("water", 0.48, "rgb_water"), 0.48)]
+    assert brief[0][0] == "4% vegetation (RGB estimate)." and brief_cover("water", 0.4, "ndwi") == "40% water (NDWI)."
+    sources = [road, *(c for c, _ in cover)]
+    said = compose_captions(Captions("", []), Perspectives([road], [], cover, [], brief=brief), INSTRUCTIONS,
+                            sources, [], 60, 3, (), ensure_verified=True)
+    assert said.detailed == f"{road} 48% open water (RGB estimate)."
     named = _compose(["a river beside a road ."], [("river", 0.9)], parts=(), ensure_verified=True)
     assert named.detailed == "a river beside a road ." and named.verified[0].startswith("class river")
     # without candidates the LLM's first sentence leads
