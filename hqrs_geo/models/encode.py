@@ -144,11 +144,19 @@ def image_batch_vectors(loaded: Any, images: Any) -> np.ndarray:
         return normalise(loaded.model.encode_image(preprocess(images.to(loaded.device))).float().cpu().numpy())
 
 
-def image_vectors(loaded: Any, paths: Sequence[str]) -> np.ndarray:
-    """Normalised image embeddings of image files (any size), preprocessed as tiles are."""
+def image_vectors(loaded: Any, paths: Sequence[str], batch: int = 64) -> np.ndarray:
+    """Normalised image embeddings of image files (any size), preprocessed as tiles are; runs of
+    consecutive images of one size are encoded together, up to ``batch`` at a time."""
     import torch
 
     if not paths:
         raise OptionError("give at least one image file")
-    vectors = [image_batch_vectors(loaded, torch.from_numpy(read_image(p)).permute(2, 0, 1)[None]) for p in paths]
+    vectors, run = [], []
+    for path in paths:
+        image = torch.from_numpy(read_image(path)).permute(2, 0, 1)
+        if run and (image.shape != run[0].shape or len(run) == batch):
+            vectors.append(image_batch_vectors(loaded, torch.stack(run)))
+            run = []
+        run.append(image)
+    vectors.append(image_batch_vectors(loaded, torch.stack(run)))
     return np.concatenate(vectors)

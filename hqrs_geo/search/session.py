@@ -14,7 +14,7 @@ from ..errors import OptionError
 from ..layer.columns import embedding_keys
 from ..layer.io import open_layer, write_layer, write_tiles
 from ..layer.runs import EmbeddingSource, new_run
-from ..models.encode import class_vectors, image_vectors, text_vectors
+from ..models.encode import class_vectors, image_vectors, query_vectors, text_vectors
 from ..models.prompts import ZERO_SHOT_TEMPLATES
 from ..models.zeroshot import ZeroShot, check_labels, zero_shot_scale
 from .exact import ExactSearch
@@ -125,13 +125,18 @@ class BaseSession:
         return self.index.build_index(kind, **params)
 
     def text_query(self, texts: Sequence[str], template: bool = True) -> np.ndarray:
-        """Normalised query vector for one or more texts (combined by their mean)."""
+        """Normalised query vector for one or more texts (combined by their mean); each text is
+        worded as zero-shot classes are (the prompt ensemble, and the synonyms of a class name:
+        :func:`~hqrs_geo.models.encode.query_vectors`); ``template=False`` embeds the bare text."""
         if isinstance(texts, str):
             texts = [texts]
         texts = [t for t in texts if t.strip()]
         if not texts:
             raise OptionError("the query is empty; give some text", option="query")
-        vectors = text_vectors(self.model, texts, [self.source.template] if template else ["{}"])
+        if template:
+            vectors = query_vectors(self.model, texts, self.ensemble())
+        else:
+            vectors = text_vectors(self.model, texts, ["{}"])
         return combine(vectors)
 
     def search_text(self, texts: Any, k: int = 20, spatial: SpatialFilter | None = None,
@@ -162,10 +167,14 @@ class BaseSession:
         exclude = () if include_examples else tuple(positive_ids) + tuple(negative_ids)
         return self.vector_search(query, k, spatial, exclude)
 
+    def ensemble(self) -> list[str]:
+        """The prompt templates of this layer's model: the template its embeddings were made
+        with, then :data:`~hqrs_geo.models.prompts.ZERO_SHOT_TEMPLATES`."""
+        return list(dict.fromkeys([self.source.template, *ZERO_SHOT_TEMPLATES]))
+
     def label_vectors(self, labels: Sequence[str], templates: Sequence[str] | None = None) -> np.ndarray:
-        """One normalised vector per label from an ensemble of prompt templates."""
-        return class_vectors(self.model, labels, templates or list(dict.fromkeys([self.source.template,
-                                                                                 *ZERO_SHOT_TEMPLATES])))
+        """One normalised vector per label from the prompt ensemble and the class synonyms."""
+        return class_vectors(self.model, labels, templates or self.ensemble())
 
     def zero_shot(self, labels: Sequence[str], templates: Sequence[str] | None = None, top_k: int = 3
                   ) -> ZeroShot:

@@ -19,7 +19,7 @@ import torch
 from ..errors import InputError, OptionError
 from ..evaluation import load_karpathy
 from ..models.encode import read_image
-from ..models.prompts import CLASS_CAPTION_TEMPLATES, class_prompt_name
+from ..models.prompts import CLASS_CAPTION_TEMPLATES, class_phrases
 from ..safe_paths import csv_uncell, inside
 
 
@@ -149,7 +149,8 @@ def load_caption_set(path: str, splits: Sequence[str], load_size: int, progress=
 class CaptionSampler:
     """Picks one caption per image per visit: a random reference sentence or, with probability
     ``class_prompt_prob`` (always, for images with a class but no sentences), a class prompt
-    built from a template."""
+    built from a template and one phrase of the class (its name or a synonym,
+    :func:`~hqrs_geo.models.prompts.class_phrases`, the wording zero-shot classification uses)."""
 
     def __init__(self, data: CaptionSet, class_prompt_prob: float = 0.0,
                  templates: Sequence[str] = CLASS_CAPTION_TEMPLATES):
@@ -161,7 +162,7 @@ class CaptionSampler:
         """A caption for image ``index``."""
         record = self.data.records[index]
         if record.label and (not record.captions or rng.random() < self.prob):
-            return rng.choice(self.templates).format(class_prompt_name(record.label))
+            return rng.choice(self.templates).format(rng.choice(class_phrases([record.label])[0]))
         return rng.choice(record.captions)
 
 

@@ -66,15 +66,31 @@ def encode_text(tiny_clip_checkpoint, texts):
     return normalise(feats.numpy())
 
 
+def ensemble_query(checkpoint, phrases: list[str]) -> np.ndarray:
+    """A text query worded as classes are, computed independently: each phrase in every template
+    (the model's first), normalised, averaged per phrase, normalised, averaged, normalised."""
+    from hqrs_geo.models.prompts import ZERO_SHOT_TEMPLATES
+
+    templates = list(dict.fromkeys([TEMPLATE, *ZERO_SHOT_TEMPLATES]))
+    per_phrase = [normalise(encode_text(checkpoint, [t.format(p) for t in templates]).mean(0)[None])[0]
+                  for p in phrases]
+    return normalise(np.mean(per_phrase, axis=0)[None])[0]
+
+
 def test_text_search_equals_brute_force(searchable, tiny_clip_checkpoint):
+    from hqrs_geo.models.prompts import CLASS_SYNONYMS
+
     session = SearchSession(str(searchable))
     results = session.search_text("a river with a bridge", k=10)
-    query = encode_text(tiny_clip_checkpoint, [TEMPLATE.format("a river with a bridge")])[0]
+    query = ensemble_query(tiny_clip_checkpoint, ["a river with a bridge"])
     ids, scores = brute_force(searchable, query, 10)
     assert results.tile_id.tolist() == ids and np.allclose(results.score, scores, atol=1e-5)
     assert results["rank"].tolist() == list(range(1, 11)) and results.crs == read_tiles(searchable).crs
+    # a class name is searched with its synonyms too; several texts are combined by their mean
     both = session.search_text(["river", "bridge"], k=5)
-    combined = normalise(encode_text(tiny_clip_checkpoint, [TEMPLATE.format("river"), TEMPLATE.format("bridge")]).mean(0)[None])[0]
+    river = ensemble_query(tiny_clip_checkpoint, ["river", *CLASS_SYNONYMS["river"]])
+    bridge = ensemble_query(tiny_clip_checkpoint, ["bridge", *CLASS_SYNONYMS["bridge"]])
+    combined = normalise(np.stack([river, bridge]).mean(0)[None])[0]
     assert both.tile_id.tolist() == brute_force(searchable, combined, 5)[0]
     raw = session.search_text("river", k=5, template=False)
     assert raw.tile_id.tolist() == brute_force(searchable, encode_text(tiny_clip_checkpoint, ["river"])[0], 5)[0]
