@@ -196,6 +196,7 @@ def test_offline_default_recipe_captions_hold_no_metadata(tmp_path):
         shorts = json.loads(row.mpgi_short)
         assert 1 <= len(shorts) <= 5 and len(set(shorts)) == len(shorts)
         inputs = list(mine[mine.stage.isin(["facts", "caption"])].text)
+        inputs += [c for pool in mine[mine.stage == "candidates"].text for c in json.loads(pool)]  # the lead's pool
         for caption in [row.mpgi_caption, *shorts]:
             assert not metadata.search(caption), caption
             assert not any(f.rstrip(".") in caption for f in facts if metadata.search(f)), caption
