@@ -14,9 +14,10 @@ Stages, each with its own progress bar, each model call cached (:class:`hqrs_geo
    captions, checked by :mod:`.integrate`: only content (descriptions and content facts) becomes
    a caption; coordinates, sizes, dates, boilerplate and unsupported objects are dropped. The
    detailed caption is then composed (:func:`.integrate.compose_captions`): a caption of the
-   caption model that names the confident zero-shot class leads, and the class, the LLM's
-   sentences that add something, the cover shares and the vector facts follow, each checked and
-   none repeating what is said.
+   caption model that names the confident zero-shot class leads, and what ``[output] detailed``
+   lists follows (by default the class when the lead does not name it and the vector facts; also
+   possible: the cover shares and the LLM's sentences), each checked and none repeating what is
+   said; a caption that states no checked fact gets one.
 
 Results: ``mpgi_caption`` (detailed), ``mpgi_short`` (JSON list), ``mpgi_facts`` (JSON) and
 ``mpgi_recipe`` (fingerprint) on the tile layer; every perspective, relay, caption, fact and
