@@ -54,7 +54,8 @@ def register(sub: Any) -> None:
     search = sub.add_parser("search", help="rank tiles by similarity to text")
     _add_common(search)
     search.add_argument("query", nargs="+", help="one or more texts (combined)")
-    search.add_argument("--no-template", action="store_true", help="use the text as is, without the prompt templates and synonyms")
+    search.add_argument("--no-template", action="store_true",
+                        help="use the text as is, without the prompt templates and synonyms")
     search.set_defaults(func=run_search, kind="text", option_flags=FLAGS)
 
     similar = sub.add_parser("similar", help="rank tiles by similarity to example tiles or images")

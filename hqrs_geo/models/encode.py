@@ -151,7 +151,8 @@ def image_vectors(loaded: Any, paths: Sequence[str], batch: int = 64) -> np.ndar
 
     if not paths:
         raise OptionError("give at least one image file")
-    vectors, run = [], []
+    vectors: list[np.ndarray] = []
+    run: list[Any] = []
     for path in paths:
         image = torch.from_numpy(read_image(path)).permute(2, 0, 1)
         if run and (image.shape != run[0].shape or len(run) == batch):
