@@ -37,7 +37,7 @@ from .base import cli_option, tr
 CUSTOM_MODEL = "custom (architecture + checkpoint)"
 DEVICES = settings.DEVICES
 EDGES = ("shift", "pad", "drop")
-DECODINGS = ("greedy", "beam", "sample")
+DECODINGS = ("greedy", "beam", "sample", "consensus")  # the engine's decoding methods (models.decoding_options.METHODS)
 CHECKPOINT_FILTER = "Checkpoints (*.pt *.pth *.bin *.safetensors *.ckpt);;All files (*.*)"
 DEFAULT_MIN_LENGTH = 5  # the CLI's --min-length default
 DEFAULT_WEB_RESOLUTION_M = 0.5

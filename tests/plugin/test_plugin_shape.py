@@ -252,3 +252,15 @@ def test_tile_layers_added_get_outlines_and_caption_tips_once(plugin_folder, mon
         QgsProject.instance().removeMapLayer(styled.id())
     finally:
         assert utils.unloadPlugin("hqrs_geo_plugin")
+
+
+def test_plugin_offers_every_decoding_the_engine_has():
+    """The plugin keeps its own copy (it runs without the engine installed): read it with ast."""
+    import ast
+
+    from hqrs_geo.models.decoding_options import METHODS
+
+    tree = ast.parse((ROOT / "qgis_plugin" / "processing" / "params.py").read_text())
+    value = next(node.value for node in tree.body if isinstance(node, ast.Assign)
+                 and any(isinstance(t, ast.Name) and t.id == "DECODINGS" for t in node.targets))
+    assert tuple(ast.literal_eval(value)) == tuple(METHODS)
