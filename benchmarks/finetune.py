@@ -121,7 +121,8 @@ def machine_line(device: str) -> str:
             f"cores usable; AVX512-BF16 {'yes' if 'avx512_bf16' in units else 'no'}, "
             f"AMX {'yes' if 'amx_bf16' in units else 'no'}; torch {torch.__version__} "
             f"(kernels {torch.backends.cpu.get_cpu_capability()}); training --precision auto on {device}: {auto}; "
-            f"OMP_WAIT_POLICY {os.environ.get('OMP_WAIT_POLICY', 'unset')}")
+            f"OMP_WAIT_POLICY {os.environ.get('OMP_WAIT_POLICY', 'unset')}, "
+            f"ONEDNN_MAX_CPU_ISA {os.environ.get('ONEDNN_MAX_CPU_ISA', 'unset')}")
 
 
 def load_line() -> str:

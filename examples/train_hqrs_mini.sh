@@ -12,18 +12,21 @@
 #       --aid AID_DIR --eurosat EUROSAT_DIR --eurosat-val 200 --holdout-siri SIRI_DIR -o DATA_EU6  # stage 4
 #   bash examples/train_hqrs_mini.sh DATA DATA_EU DATA_EU6 [RUN_DIR]
 #
-# Time, CPU only, one thread per run (OMP_NUM_THREADS=1), measured on shared 2-core machines:
-# stage 1 and CLIP stage 2 with --precision bf16 on a CPU with AVX512-BF16: CLIP 23 steps/min
-# (2532 steps, about 1 h 50 min), CoCa 14 steps/min (1800 steps, about 2 h 10 min), side by
-# side; CLIP stage 2 (1266 steps) 55 min. CLIP stage 3 with --precision fp32 on an AVX2-only
-# CPU (there bf16 is emulated: 2 steps/min against 21 in fp32; set PRECISION=fp32 on such CPUs):
-# 1104 steps in 57 min, beside a CoCa run on the other core; stage 4 (fp32, same CPU) 1437 steps
-# in 89 min beside another training run. All resume with --resume after an
-# interruption. On a CUDA GPU drop --precision (AMP is automatic): minutes.
+# Time, CPU only. Measured with benchmarks/finetune.py (docs/gpu.md) on a shared 2-core Xeon with
+# AVX512-BF16 and AMX, another training run on the cores (load 4-5), batch 64, one thread:
+# CLIP 46 steps/min in bf16 (--precision auto there) against 32 in fp32, CoCa 26 against 25;
+# two threads were no faster on those busy cores (CLIP in bf16: 10 steps/min), which is why the
+# default thread count leaves out the cores other work keeps busy. The first full runs (one
+# thread per run, OMP_NUM_THREADS=1, bf16, both runs side by side): CLIP 23 steps/min (stage 1,
+# 2532 steps, about 1 h 50 min), CoCa 14 steps/min (1800 steps, about 2 h 10 min); CLIP stage 2
+# (1266 steps) 55 min. On an AVX2-only CPU bf16 is emulated (2 steps/min against 21 in fp32;
+# auto picks fp32 there): stage 3 1104 steps in 57 min beside a CoCa run, stage 4 1437 steps in
+# 89 min beside another training run. All resume with --resume after an interruption. On a CUDA
+# GPU use examples/train_hqrs_mini_gpu.sh (AMP, 4x batches).
 #
 # Settings (environment variables; examples/train_hqrs_mini_gpu.sh sets them for a CUDA GPU):
 #   DEVICE=auto|cpu|cuda      PRECISION=auto|fp32|bf16|fp16 (auto: bf16 on CPUs with AVX512-BF16/AMX, else fp32;
-#                             AMP on CUDA)      THREADS=N (default: every core the process may use)
+#                             AMP on CUDA)      THREADS=N (default: the usable cores minus the load average)
 #   BATCH_SCALE=K             batches K times larger than the recipe's 64, peak lr x sqrt(K), warm-up and
 #                             checkpoint intervals / K (same epochs, so K times fewer steps)
 #   DRY_RUN=1                 print the commands instead of running them

@@ -67,12 +67,12 @@ def register(sub: Any) -> None:
                           "(labelled data; 0 = open_clip's ClipLoss)")
     opt.add_argument("--seed", type=number(int, 0, 2**32 - 1), default=0)
     opt.add_argument("--precision", default="auto", choices=PRECISIONS,
-                     help="auto: bf16/fp16 AMP on CUDA; on CPU bf16 where the CPU has bf16 units (AVX512-BF16, AMX: "
-                          "about 1.5-2x faster), else fp32")
+                     help="auto: bf16/fp16 AMP on CUDA; on CPU bf16 where the CPU has bf16 units (AVX512-BF16, AMX), "
+                          "else fp32")
     opt.add_argument("--device", default="auto")
     opt.add_argument("--threads", type=number(int, 1, 1024), default=None,
-                     help="torch threads on CPU (default: $OMP_NUM_THREADS if set, else every core this process "
-                          "may use)")
+                     help="torch threads on CPU (default: $OMP_NUM_THREADS if set, else the cores this process may "
+                          "use minus the load average: all of them on an idle machine)")
     run = tune.add_argument_group("checkpoints")
     run.add_argument("--save-every", type=number(int, 1, 10**9), default=500, help="checkpoint every N optimiser steps")
     run.add_argument("--keep-checkpoints", type=number(int, 1, 1000), default=2)

@@ -5,7 +5,7 @@ contrastive + captioning for CoCa). This module adds what a long job on a workst
 
 * device auto; AMP (bf16, or fp16 with a gradient scaler) on CUDA; on a CPU with bf16 units
   (AVX512-BF16, AMX) bf16 autocast by default, elsewhere fp32 (:func:`training_precision`);
-* every core the process may use (``threads``, :func:`apply_threads`), unless told otherwise;
+* the cores the process may use that other work leaves free (``threads``, :func:`default_threads`);
 * with class labels, optionally a class-aware contrastive target (``class_target``; see
   :mod:`hqrs_geo.training.losses`);
 * gradient accumulation (``accum_steps`` micro-batches per optimiser step; the contrastive
@@ -86,7 +86,7 @@ class FinetuneConfig:
     seed: int = 0
     precision: str = "auto"
     device: str = "auto"
-    threads: int | None = None  # torch threads on CPU; None: $OMP_NUM_THREADS, else every usable core
+    threads: int | None = None  # torch threads on CPU; None: $OMP_NUM_THREADS, else the usable cores not busy
     save_every: int = 500
     keep_checkpoints: int = 2
     class_prompt_prob: float = 0.0
@@ -180,12 +180,21 @@ def usable_cores() -> int:
 
 def default_threads() -> int:
     """Torch threads when ``threads`` is not given: ``$OMP_NUM_THREADS`` when it holds a positive
-    whole number (an explicit choice, e.g. one thread for each of two runs side by side), else every
-    usable core (:func:`usable_cores`)."""
+    whole number (an explicit choice, e.g. one thread for each of two runs side by side), else the
+    usable cores (:func:`usable_cores`) that other work does not keep busy (minus the 1-minute load
+    average, rounded; at least one): every core on an idle machine. On busy cores a second thread
+    waits for its descheduled peer at every operation; measured on a 2-core machine with another
+    training run on it, two threads trained the CLIP at 10 steps/min in bf16 against 38-55 with one
+    (``benchmarks/finetune.py``, docs/gpu.md)."""
     value = os.environ.get("OMP_NUM_THREADS", "").strip()
     if value.isdigit() and int(value) >= 1:
         return int(value)
-    return usable_cores()
+    cores = usable_cores()
+    try:
+        busy = os.getloadavg()[0]
+    except (AttributeError, OSError):  # Windows
+        busy = 0.0
+    return max(1, min(cores, cores - int(round(busy))))
 
 
 def apply_threads(threads: int | None) -> int:
@@ -204,8 +213,8 @@ def training_precision(device, precision: str = "auto"):
     """The autocast dtype a training run uses (None: fp32). As
     :func:`hqrs_geo.models.precision.autocast_dtype`, except that ``auto`` on a CPU with bf16 units
     (:func:`hqrs_geo.models.precision.cpu_bf16_units`: AVX512-BF16 or AMX) is bf16: there the
-    shipped models train about twice as fast as in fp32 (``benchmarks/finetune.py``), while CPUs
-    that only emulate bf16 train much slower in it and keep fp32."""
+    shipped CLIP trains 1.4-2x as fast as in fp32 and the CoCa as fast (``benchmarks/finetune.py``),
+    while CPUs that only emulate bf16 train about ten times slower in it and keep fp32."""
     if precision == "auto" and device.type == "cpu" and cpu_bf16_units():
         return torch.bfloat16
     return autocast_dtype(device, precision)

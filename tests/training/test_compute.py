@@ -57,11 +57,18 @@ def test_bf16_units_match_the_kernel_cpu_flags_and_decide_auto():
         training_precision(cpu, "fp16")
 
 
-def test_default_threads_is_every_usable_core_unless_omp_says_otherwise(monkeypatch):
+def test_default_threads_are_the_cores_left_free_unless_omp_says_otherwise(monkeypatch):
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    assert usable_cores() == cores and default_threads() == cores
+    assert usable_cores() == cores
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.2, 0.5, 0.5))  # an idle machine: every core
+    assert default_threads() == cores
+    monkeypatch.setattr(os, "getloadavg", lambda: (cores - 0.7, 1.0, 1.0))  # all but about one busy
+    assert default_threads() == 1
+    monkeypatch.setattr(os, "getloadavg", lambda: (3.0 * cores, 1.0, 1.0))  # overloaded: still one
+    assert default_threads() == 1
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.0, 0.0, 0.0))
     assert default_threads() == 1
     monkeypatch.setenv("OMP_NUM_THREADS", "many")  # not a count: ignored
     assert default_threads() == cores
@@ -88,6 +95,7 @@ def test_threads_are_applied_recorded_and_given_back(dataset, tmp_path, model_en
             super().advance(n)
 
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.0, 0.0, 0.0))  # as on an idle machine
     before = torch.get_num_threads()
     record = finetune(_config(dataset, tmp_path / "one", threads=1), progress=Spy("none"))
     assert record["threads"] == 1 and seen == [1] * 4 and record["config"]["threads"] == 1
