@@ -54,6 +54,12 @@ class StepClock(Progress):
         super().__init__("none")
         self.times: list[float] = []
 
+    def start(self, stage: str, total: int | None, message: str = "", unit: str = "tile", initial: int = 0) -> None:
+        """Begin a stage; the training stage's start is the first time noted."""
+        super().start(stage, total, message, unit, initial)
+        if stage == "train":
+            self.times.append(time.perf_counter())
+
     def advance(self, n: int = 1) -> None:
         """Count the steps and note when they ended."""
         super().advance(n)
@@ -68,7 +74,7 @@ def loop_rate(config: FinetuneConfig, steps: int, warmup: int) -> float:
         run = FinetuneConfig(**{**config.__dict__, "output": tmp, "max_steps": warmup + steps, "val_split": None,
                                 "save_every": 10 ** 9})
         finetune(run, progress=clock)
-    times = clock.times[warmup - 1:]  # from the end of the last warm-up step
+    times = clock.times[warmup:]  # from the end of the last warm-up step (or the start)
     return (len(times) - 1) / (times[-1] - times[0])
 
 
@@ -162,8 +168,8 @@ def main() -> None:
                              "the table shows each combination's median")
     parser.add_argument("--bare", action="store_true", help="also time the bare model step on a random batch")
     args = parser.parse_args()
-    if args.steps < 2 or args.warmup < 1 or args.repeats < 1:
-        parser.error("--steps must be at least 2, --warmup and --repeats at least 1")
+    if args.steps < 1 or args.warmup < 0 or args.repeats < 1:
+        parser.error("--steps and --repeats must be at least 1, --warmup at least 0")
     split = args.split if Path(args.dataset) == SHARED_UCM else "val"
     batch = args.batch if Path(args.dataset) == SHARED_UCM else min(args.batch, 16)
     archs = args.arch or ["hqrs-mini-clip", "hqrs-mini-coca"]

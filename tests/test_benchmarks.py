@@ -29,7 +29,8 @@ SMOKE = {
     "demo_ap": ([], "mean AP"),
     "fewshot": (["--draws", "1", "--shots", "1,3", "--timing", "2000", "--repeat", "1", "--heldout", "none",
                  "--calibrate", "no"], "few-shot vs text AP"),
-    "finetune": (["--steps", "1", "--warmup", "0", "--batch", "2", "--dataset", str(SAMPLES)], "ratio"),
+    "finetune": (["--steps", "1", "--warmup", "0", "--batch", "2", "--dataset", str(SAMPLES),
+                  "--arch", "hqrs-mini-clip", "--threads", "1"], "ratio"),
     "mpgi": (["--tiles", "2", "--max-tokens", "8", "--batch", "2", "--threads", "1"], "pipeline/bare"),
     "scale": (["--scenes", "2", "--size", "256", "--batch", "1", "--memory-scenes", "1"], "ratio Ray / single-process"),
 }
