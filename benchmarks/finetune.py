@@ -135,7 +135,7 @@ def load_line() -> str:
     """The 1-minute load average and the other training processes running now."""
     others = []
     for proc in Path("/proc").iterdir():
-        if proc.name.isdigit() and int(proc.name) != os.getpid():
+        if proc.name.isdigit() and int(proc.name) not in (os.getpid(), os.getppid()):  # not this run (or its timeout)
             try:
                 cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
             except OSError:

@@ -13,10 +13,12 @@
 #   bash examples/train_hqrs_mini.sh DATA DATA_EU DATA_EU6 [RUN_DIR]
 #
 # Time, CPU only. Measured with benchmarks/finetune.py (docs/gpu.md) on a shared 2-core Xeon with
-# AVX512-BF16 and AMX, another training run on the cores (load 4-5), batch 64, one thread:
-# CLIP 46 steps/min in bf16 (--precision auto there) against 32 in fp32, CoCa 26 against 25;
-# two threads were no faster on those busy cores (CLIP in bf16: 10 steps/min), which is why the
-# default thread count leaves out the cores other work keeps busy. The first full runs (one
+# AVX512-BF16 and AMX, batch 64: with free cores (no other training run) and the defaults (both
+# cores, bf16) the CLIP trains at 74 steps/min and the CoCa at 48 (one thread in fp32: 36 and 29;
+# one thread in bf16: 55 and 32), so the steps of stage 1 (2532) take about 35 min and those of
+# the CoCa (1800) about 38 min, plus validation. With another training run on the cores (load
+# 4-5) the default drops to one thread: CLIP 46 steps/min, CoCa 26 (two threads there: the CLIP
+# in bf16 10 steps/min). The first full runs (one
 # thread per run, OMP_NUM_THREADS=1, bf16, both runs side by side): CLIP 23 steps/min (stage 1,
 # 2532 steps, about 1 h 50 min), CoCa 14 steps/min (1800 steps, about 2 h 10 min); CLIP stage 2
 # (1266 steps) 55 min. On an AVX2-only CPU bf16 is emulated (2 steps/min against 21 in fp32;

@@ -182,10 +182,11 @@ def default_threads() -> int:
     """Torch threads when ``threads`` is not given: ``$OMP_NUM_THREADS`` when it holds a positive
     whole number (an explicit choice, e.g. one thread for each of two runs side by side), else the
     usable cores (:func:`usable_cores`) that other work does not keep busy (minus the 1-minute load
-    average, rounded; at least one): every core on an idle machine. On busy cores a second thread
-    waits for its descheduled peer at every operation; measured on a 2-core machine with another
-    training run on it, two threads trained the CLIP at 10 steps/min in bf16 against 38-55 with one
-    (``benchmarks/finetune.py``, docs/gpu.md)."""
+    average, rounded; at least one): every core on an idle machine. Measured on a 2-core machine
+    (``benchmarks/finetune.py``, docs/gpu.md): with free cores two threads trained the CLIP 1.35x
+    and the CoCa 1.50x as fast as one (bf16); with another training run on the cores two threads
+    were never faster, and the CLIP in bf16 made 10 steps/min against 38-55 with one thread (a
+    thread more than the free cores waits for its descheduled peer at every operation)."""
     value = os.environ.get("OMP_NUM_THREADS", "").strip()
     if value.isdigit() and int(value) >= 1:
         return int(value)
