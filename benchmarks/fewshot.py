@@ -269,17 +269,18 @@ def timing(sizes: list[int], dim: int, repeat: int, folder: Path) -> list[dict]:
 
 # ---------------------------------------------------------------------------------- calibration
 def calibrate(model: str) -> dict:
-    """Text-image cosine of UCM val images with their own class prompt and the other classes'."""
-    from hqrs_geo.models.encode import image_vectors, text_vectors
+    """Text-image cosine of UCM val images with their own class's text query and the other
+    classes' (worded as text search words them: :func:`hqrs_geo.models.encode.query_vectors`)."""
+    from hqrs_geo.models.encode import image_vectors, query_vectors
     from hqrs_geo.models.loader import load_model
-    from hqrs_geo.models.registry import get_spec
+    from hqrs_geo.models.prompts import class_prompt_name
 
     data = json.loads(UCM.read_text())
     val = [i for i in data["images"] if i["split"] == "val"]
     loaded = load_model(model, device="cpu")
     images = image_vectors(loaded, [str(UCM.parent / i["filename"]) for i in val])
     classes = sorted({i["class"] for i in val})
-    prompts = text_vectors(loaded, classes, [get_spec(model).template])
+    prompts = query_vectors(loaded, [class_prompt_name(c) for c in classes])
     scores = images @ prompts.T
     own = np.asarray([classes.index(i["class"]) for i in val])
     matching = scores[np.arange(len(val)), own]

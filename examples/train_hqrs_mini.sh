@@ -94,16 +94,29 @@ train "$DATA_EU6/train_clip.json" --arch hqrs-mini-clip --init-from "$RUNS/hqrs-
 train "$DATA/train_coca.json" --arch hqrs-mini-coca -o "$RUNS/hqrs-mini-coca" --split train \
     --epochs 8 $(sized 64 1e-3 200 500) --seed 0
 
-# Both ship their last weights (val is reported per epoch in train.json, not used to choose;
-# for all four CLIP stages the best epoch on val was the last one anyway).
-run cp "$RUNS/hqrs-mini-clip-s4/model.safetensors" "$WEIGHTS/hqrs-mini-clip.safetensors"
-run cp "$RUNS/hqrs-mini-coca/model.safetensors" "$WEIGHTS/hqrs-mini-coca.safetensors"
+# CLIP stage 5: a short warm restart from stage 4 (400 steps, lr 2e-4) where a quarter of the
+# labelled images' captions are class prompts drawn from the synonym table
+# (hqrs_geo/models/prompts.py), so the text tower sees the wording zero-shot classes use.
+train "$DATA_EU6/train_clip.json" --arch hqrs-mini-clip --init-from "$RUNS/hqrs-mini-clip-s4/model.safetensors" \
+    -o "$RUNS/hqrs-mini-clip-s5" --split train --class-target 0.5 --class-prompts 0.25 --epochs 1 \
+    --max-steps $(( (400 + BATCH_SCALE - 1) / BATCH_SCALE )) $(sized 64 2e-4 30 100) --seed 6
+
+# CoCa stage 2: a warm restart from stage 1 on UCM-captions' human sentences only (1480 train
+# images x 5 sentences, 8 epochs, lr 2e-4): the captions come back to the human wording.
+train "$UCM" --arch hqrs-mini-coca --init-from "$RUNS/hqrs-mini-coca/model.safetensors" \
+    -o "$RUNS/hqrs-mini-coca-s2" --split train --epochs 8 $(sized 64 2e-4 20 100) --seed 5
+
+# Both ship their last weights (val is reported per epoch in train.json, not used to choose).
+run cp "$RUNS/hqrs-mini-clip-s5/model.safetensors" "$WEIGHTS/hqrs-mini-clip.safetensors"
+run cp "$RUNS/hqrs-mini-coca-s2/model.safetensors" "$WEIGHTS/hqrs-mini-coca.safetensors"
 run cp "$RUNS/hqrs-mini-clip/train.json" "$WEIGHTS/hqrs-mini-clip.stage1.train.json"
 run cp "$RUNS/hqrs-mini-clip-s2/train.json" "$WEIGHTS/hqrs-mini-clip.stage2.train.json"
 run cp "$RUNS/hqrs-mini-clip-s3/train.json" "$WEIGHTS/hqrs-mini-clip.stage3.train.json"
-run cp "$RUNS/hqrs-mini-clip-s4/train.json" "$WEIGHTS/hqrs-mini-clip.train.json"
+run cp "$RUNS/hqrs-mini-clip-s4/train.json" "$WEIGHTS/hqrs-mini-clip.stage4.train.json"
+run cp "$RUNS/hqrs-mini-clip-s5/train.json" "$WEIGHTS/hqrs-mini-clip.train.json"
 run cp "$DATA_EU6/manifest.json" "$WEIGHTS/training-set.manifest.json"
-run cp "$RUNS/hqrs-mini-coca/train.json" "$WEIGHTS/hqrs-mini-coca.train.json"
+run cp "$RUNS/hqrs-mini-coca/train.json" "$WEIGHTS/hqrs-mini-coca.stage1.train.json"
+run cp "$RUNS/hqrs-mini-coca-s2/train.json" "$WEIGHTS/hqrs-mini-coca.train.json"
 
 # evaluation: UCM val split (210 images of UCM-captions) and the held-out SIRI-WHU set
 run $HG eval retrieval "$UCM" --model hqrs-mini-clip --json "$WEIGHTS/eval-retrieval.json"
@@ -111,4 +124,5 @@ run $HG eval zeroshot "$UCM" --model hqrs-mini-clip --json "$WEIGHTS/eval-zerosh
 run $HG eval zeroshot "$DATA_EU6/val_eurosat.json" --split val --model hqrs-mini-clip --json "$WEIGHTS/eval-zeroshot-eurosat.json"
 run $HG eval zeroshot "$DATA_EU/holdout_siri.json" --split test --model hqrs-mini-clip --json "$WEIGHTS/eval-zeroshot-siri.json"
 run $HG eval caption "$UCM" --model hqrs-mini-coca --decoding beam --beams 3 --json "$WEIGHTS/eval-caption.json"
+run $HG eval caption "$UCM" --model hqrs-mini-coca --decoding consensus --json "$WEIGHTS/eval-caption-consensus.json"
 run $PY benchmarks/demo_ap.py --model hqrs-mini-clip --json "$WEIGHTS/eval-demo-ap.json"

@@ -66,7 +66,8 @@ def _entries() -> list[ModelSpec]:
     specs = [
         ModelSpec("hqrs-mini-clip", "clip", "hqrs-mini-clip", "hqrs-mini CLIP (ResNet 128 px): "
                   + MINI_NOTE.format(sets="AID and EuroSAT", classes=42, gsd="0.3-10 m"),
-                  bundled="hqrs-mini-clip.safetensors", template="an aerial image of {}.", score_scale=(0.44, 0.67)),
+                  bundled="hqrs-mini-clip.safetensors", template="an aerial image of {}.", score_scale=(0.45, 0.66),
+                  zero_shot_scale=14.6),
         ModelSpec("hqrs-mini-coca", "coca", "hqrs-mini-coca", "hqrs-mini CoCa (ViT 96 px): "
                   + MINI_NOTE.format(sets="AID", classes=40, gsd="0.3-8 m"),
                   bundled="hqrs-mini-coca.safetensors", template="an aerial image of {}."),

@@ -182,7 +182,7 @@ def test_gpu_dry_run_is_the_cpu_recipe_with_larger_batches_on_cuda():
     gpu = _script(GPU_SCRIPT, "--dry-run", "D", "DEU", "DEU6", "R")
     assert cpu.returncode == 0 and gpu.returncode == 0, cpu.stderr + gpu.stderr
     cpu_runs, gpu_runs = _finetune_commands(cpu.stdout), _finetune_commands(gpu.stdout)
-    assert len(cpu_runs) == len(gpu_runs) == 5  # four CLIP stages and the CoCa
+    assert len(cpu_runs) == len(gpu_runs) == 7  # five CLIP stages and two CoCa stages
     for slow, fast in zip(cpu_runs, gpu_runs):
         assert _value(slow, "--device") == "auto" and _value(fast, "--device") == "cuda"
         assert _value(slow, "--precision") == _value(fast, "--precision") == "auto"
