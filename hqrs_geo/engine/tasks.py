@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -192,8 +193,6 @@ class CaptionTask(_Task):
         with this task's settings (beams, samples, sampling, seed; for a task of another method, at
         the consensus method's default temperature). With the consensus method the first of each
         list is the caption :meth:`__call__` gives."""
-        from dataclasses import replace
-
         from ..models.decoding import caption_candidates
 
         config = self.decoding

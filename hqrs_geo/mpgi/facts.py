@@ -332,6 +332,24 @@ def _normalised_difference(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return out
 
 
+def _window_values(src, bands: tuple[int, int, int], window: tuple[int, int, int, int]
+                   ) -> tuple[np.ndarray, np.ndarray, int] | None:
+    """The three bands of a window ``(x_off, y_off, width, height)`` clipped to the raster, as
+    float64 ``(values, valid, n_valid)``: pixels masked (nodata, alpha, per-dataset mask) or
+    non-finite in any band are not valid. ``None`` when the window holds no valid pixel."""
+    x_off, y_off, width, height = window
+    x0, y0 = max(int(x_off), 0), max(int(y_off), 0)
+    x1, y1 = min(int(x_off + width), src.width), min(int(y_off + height), src.height)
+    if x1 <= x0 or y1 <= y0:
+        return None
+    data = src.read(list(bands), window=Window(x0, y0, x1 - x0, y1 - y0), masked=True)
+    values = np.ma.getdata(data).astype(np.float64)
+    with np.errstate(invalid="ignore"):
+        valid = np.asarray(~np.ma.getmaskarray(data).any(axis=0) & np.isfinite(values).all(axis=0))
+    n_valid = int(np.count_nonzero(valid))
+    return (values, valid, n_valid) if n_valid else None
+
+
 def spectral_fractions(
     src, bands: tuple[int, int, int], window: tuple[int, int, int, int],
     ndvi_threshold: float = 0.3, ndwi_threshold: float = 0.0,
@@ -341,18 +359,11 @@ def spectral_fractions(
     Masked (nodata, alpha, per-dataset mask) and non-finite pixels in any of the three bands are
     left out; the part of the window outside the raster is ignored. ``(None, None)`` without valid pixels.
     """
-    x_off, y_off, width, height = window
-    x0, y0 = max(int(x_off), 0), max(int(y_off), 0)
-    x1, y1 = min(int(x_off + width), src.width), min(int(y_off + height), src.height)
-    if x1 <= x0 or y1 <= y0:
+    read = _window_values(src, bands, window)
+    if read is None:
         return None, None
-    data = src.read(list(bands), window=Window(x0, y0, x1 - x0, y1 - y0), masked=True)
-    values = np.ma.getdata(data).astype(np.float64)
+    values, valid, n_valid = read
     with np.errstate(invalid="ignore", over="ignore"):
-        valid = ~np.ma.getmaskarray(data).any(axis=0) & np.isfinite(values).all(axis=0)
-        n_valid = np.count_nonzero(valid)
-        if n_valid == 0:
-            return None, None
         red, green, nir = values
         ndvi = _normalised_difference(nir, red)
         ndwi = _normalised_difference(green, nir)
@@ -439,18 +450,11 @@ def rgb_fractions(src, bands: tuple[int, int, int], window: tuple[int, int, int,
                   exg_threshold: float = EXG_THRESHOLD) -> tuple[float | None, float | None]:
     """Vegetation and water fractions of the valid pixels of a window by the RGB rules of
     :func:`rgb_cover_masks` (values divided by ``scale``); ``(None, None)`` without valid pixels."""
-    x_off, y_off, width, height = window
-    x0, y0 = max(int(x_off), 0), max(int(y_off), 0)
-    x1, y1 = min(int(x_off + width), src.width), min(int(y_off + height), src.height)
-    if x1 <= x0 or y1 <= y0:
+    read = _window_values(src, bands, window)
+    if read is None:
         return None, None
-    data = src.read(list(bands), window=Window(x0, y0, x1 - x0, y1 - y0), masked=True)
-    values = np.ma.getdata(data).astype(np.float64)
+    values, valid, n_valid = read
     with np.errstate(invalid="ignore", over="ignore"):
-        valid = ~np.ma.getmaskarray(data).any(axis=0) & np.isfinite(values).all(axis=0)
-        n_valid = np.count_nonzero(valid)
-        if n_valid == 0:
-            return None, None
         vegetation, water = rgb_cover_masks(np.where(valid, np.clip(values / scale, 0.0, 1.0), 0.0), exg_threshold)
     return float(np.count_nonzero(vegetation & valid) / n_valid), float(np.count_nonzero(water & valid) / n_valid)
 

@@ -94,6 +94,13 @@ def _image_digest(rgb: np.ndarray) -> str:
     return hashlib.sha1(np.ascontiguousarray(rgb).tobytes()).hexdigest()
 
 
+def _call_images(calls: list[Call]) -> list:
+    """The tile pixels of caption-model calls as uint8 ``[3, H, W]`` tensors."""
+    import torch
+
+    return [torch.from_numpy(np.ascontiguousarray(c.request)).permute(2, 0, 1) for c in calls]
+
+
 class MpgiRun:
     """One run of the pipeline over a layer (see :func:`run_mpgi`)."""
 
@@ -252,20 +259,12 @@ class MpgiRun:
         for start in range(0, len(tile_ids), CHUNK * 4):
             chunk = tile_ids[start:start + CHUNK * 4]
             prompt = json.dumps(decoding.as_dict(), sort_keys=True)
-            calls, missing = [], []
-            for tile_id in chunk:
-                rgb = dataset.pixels(tile_id)
-                call = Call(call_key(tile_id, "caption", name, prompt, identity, _image_digest(rgb)),
-                            tile_id, "caption", name, prompt, request=rgb)
-                call.text = self.cache.get_call(call.key)
-                calls.append(call)
-                if call.text is None:
-                    missing.append(call)
+            calls, missing = self._cached_calls(chunk, dataset, "caption", name, prompt, identity)
             if missing:
                 self._check_cancel()
                 if task is None:
                     task = CaptionTask(load_model(name, device=self.device), RunOptions(), decoding)
-                images = [torch.from_numpy(np.ascontiguousarray(c.request)).permute(2, 0, 1) for c in missing]
+                images = _call_images(missing)
                 same_size = len({tuple(i.shape) for i in images}) == 1
                 for call, text in zip(missing, task(torch.stack(images).to(task.loaded.device) if same_size
                                                     else images)):
@@ -280,25 +279,32 @@ class MpgiRun:
                 task = self._candidate_calls(chunk, dataset, name, identity, decoding, task)
             self._advance(len(chunk))
 
+    def _cached_calls(self, chunk, dataset, kind: str, name: str, prompt: str, identity: str
+                      ) -> tuple[list[Call], list[Call]]:
+        """One call of the caption model per tile of ``chunk`` (its pixels are the request), each
+        with its cached answer when there is one: ``(calls, the calls still to make)``."""
+        calls, missing = [], []
+        for tile_id in chunk:
+            rgb = dataset.pixels(tile_id)
+            call = Call(call_key(tile_id, kind, name, prompt, identity, _image_digest(rgb)),
+                        tile_id, kind, name, prompt, request=rgb)
+            call.text = self.cache.get_call(call.key)
+            calls.append(call)
+            if call.text is None:
+                missing.append(call)
+        return calls, missing
+
     def _candidate_calls(self, chunk, dataset, name: str, identity: str, decoding, task):
         """The caption model's candidate pool per tile (after its own caption), cached like a call."""
         import torch
 
         prompt = json.dumps({"candidates": decoding.as_dict()}, sort_keys=True)
-        calls, missing = [], []
-        for tile_id in chunk:
-            rgb = dataset.pixels(tile_id)
-            call = Call(call_key(tile_id, "candidates", name, prompt, identity, _image_digest(rgb)),
-                        tile_id, "candidates", name, prompt, request=rgb)
-            call.text = self.cache.get_call(call.key)
-            calls.append(call)
-            if call.text is None:
-                missing.append(call)
+        calls, missing = self._cached_calls(chunk, dataset, "candidates", name, prompt, identity)
         if missing:
             self._check_cancel()
             if task is None:
                 task = CaptionTask(load_model(name, device=self.device), RunOptions(), decoding)
-            images = [torch.from_numpy(np.ascontiguousarray(c.request)).permute(2, 0, 1) for c in missing]
+            images = _call_images(missing)
             if len({tuple(i.shape) for i in images}) == 1:
                 pools = task.candidates(torch.stack(images).to(task.loaded.device))
             else:
