@@ -94,7 +94,8 @@ class CaptionAlgorithm(TileLayerModelAlgorithm):
     NAME = "caption"
     DISPLAY = "Caption tiles"
     HELP = ("Writes a caption of every tile (field <i>caption</i>) with a CoCa model.<br>"
-            "<b>Decoding</b>: greedy (fastest), beam (default) or sample. <b>Maximum length</b> in tokens.<br>"
+            "<b>Decoding</b>: greedy (fastest), beam (default), sample, or consensus (several captions per tile, "
+            "the one most like the others; about 3x the time of beam). <b>Maximum length</b> in tokens.<br>"
             + MODEL_HELP + RESUME_HELP)
     MODELS = COCA_MODELS
     MODEL_LABEL = "Caption model (CoCa)"
