@@ -31,6 +31,7 @@ import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import geopandas as gpd
 import numpy as np
@@ -94,11 +95,15 @@ def _image_digest(rgb: np.ndarray) -> str:
     return hashlib.sha1(np.ascontiguousarray(rgb).tobytes()).hexdigest()
 
 
-def _call_images(calls: list[Call]) -> list:
-    """The tile pixels of caption-model calls as uint8 ``[3, H, W]`` tensors."""
+def _on_images(pixels: list[Any], fn, device) -> list:
+    """``fn`` over tile pixels (``(H, W, 3)`` uint8) as ``[B, 3, H, W]`` tensors on ``device``: one
+    batch when every tile has one size, else one tile at a time; one result per tile, in order."""
     import torch
 
-    return [torch.from_numpy(np.ascontiguousarray(c.request)).permute(2, 0, 1) for c in calls]
+    images = [torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1) for rgb in pixels]
+    if len({tuple(i.shape) for i in images}) == 1:
+        return list(fn(torch.stack(images).to(device)))
+    return [result for i in images for result in fn(i[None].to(device))]
 
 
 class MpgiRun:
@@ -174,8 +179,6 @@ class MpgiRun:
 
     def _class_stage(self, dataset, tile_ids: list[str]) -> None:
         """Zero-shot scene classes of each tile (calibrated probabilities, the top 3 kept)."""
-        import torch
-
         name = self.recipe.zero_shot_model
         if not name:
             return
@@ -187,13 +190,9 @@ class MpgiRun:
         for start in range(0, len(tile_ids), CHUNK * 4):
             chunk = tile_ids[start:start + CHUNK * 4]
             self._check_cancel()
-            images = [torch.from_numpy(np.ascontiguousarray(dataset.pixels(t))).permute(2, 0, 1) for t in chunk]
-            if len({tuple(i.shape) for i in images}) == 1:
-                vectors = image_batch_vectors(loaded, torch.stack(images))
-            else:
-                vectors = np.concatenate([image_batch_vectors(loaded, i[None]) for i in images])
-            for tile_id, probs in zip(chunk, labeller.probabilities(vectors)):
-                rgb = dataset.pixels(tile_id)
+            pixels = [dataset.pixels(t) for t in chunk]
+            vectors = np.stack(_on_images(pixels, lambda batch: image_batch_vectors(loaded, batch), loaded.device))
+            for tile_id, rgb, probs in zip(chunk, pixels, labeller.probabilities(vectors)):
                 order = np.argsort(-probs, kind="stable")[:labeller.top_k]
                 ranked = [(labeller.labels[j], float(probs[j])) for j in order]
                 self.classes[tile_id] = ranked
@@ -248,8 +247,6 @@ class MpgiRun:
 
     def _caption_stage(self, dataset, tile_ids, descriptions) -> None:
         """The engine's caption model as one more perspective (the engine's own caption task)."""
-        import torch
-
         table = self.recipe.raw.get("caption_model", {})
         decoding = DecodingConfig(method=table.get("decoding", "beam")).validated()
         name = str(self.recipe.caption_model)
@@ -259,15 +256,13 @@ class MpgiRun:
         for start in range(0, len(tile_ids), CHUNK * 4):
             chunk = tile_ids[start:start + CHUNK * 4]
             prompt = json.dumps(decoding.as_dict(), sort_keys=True)
-            calls, missing = self._cached_calls(chunk, dataset, "caption", name, prompt, identity)
+            pixels = {tile_id: dataset.pixels(tile_id) for tile_id in chunk}  # read once for both calls
+            calls, missing = self._cached_calls(pixels, "caption", name, prompt, identity)
             if missing:
                 self._check_cancel()
                 if task is None:
                     task = CaptionTask(load_model(name, device=self.device), RunOptions(), decoding)
-                images = _call_images(missing)
-                same_size = len({tuple(i.shape) for i in images}) == 1
-                for call, text in zip(missing, task(torch.stack(images).to(task.loaded.device) if same_size
-                                                    else images)):
+                for call, text in zip(missing, _on_images([c.request for c in missing], task, task.loaded.device)):
                     call.text = text
                     self.cache.put_call(call.key, call.tile_id, "caption", name, prompt, identity, text)
                     self.fresh += 1
@@ -276,16 +271,15 @@ class MpgiRun:
                 descriptions[call.tile_id].append((f"caption model {name}", call.text))
                 self.candidates[call.tile_id] = [call.text or ""]
             if table.get("candidates", False):
-                task = self._candidate_calls(chunk, dataset, name, identity, decoding, task)
+                task = self._candidate_calls(pixels, name, identity, decoding, task)
             self._advance(len(chunk))
 
-    def _cached_calls(self, chunk, dataset, kind: str, name: str, prompt: str, identity: str
+    def _cached_calls(self, pixels: dict[str, np.ndarray], kind: str, name: str, prompt: str, identity: str
                       ) -> tuple[list[Call], list[Call]]:
-        """One call of the caption model per tile of ``chunk`` (its pixels are the request), each
-        with its cached answer when there is one: ``(calls, the calls still to make)``."""
+        """One call of the caption model per tile of ``pixels`` (tile id -> its pixels, the
+        request), each with its cached answer when there is one: ``(calls, the calls still to make)``."""
         calls, missing = [], []
-        for tile_id in chunk:
-            rgb = dataset.pixels(tile_id)
+        for tile_id, rgb in pixels.items():
             call = Call(call_key(tile_id, kind, name, prompt, identity, _image_digest(rgb)),
                         tile_id, kind, name, prompt, request=rgb)
             call.text = self.cache.get_call(call.key)
@@ -294,22 +288,16 @@ class MpgiRun:
                 missing.append(call)
         return calls, missing
 
-    def _candidate_calls(self, chunk, dataset, name: str, identity: str, decoding, task):
+    def _candidate_calls(self, pixels: dict[str, np.ndarray], name: str, identity: str, decoding, task):
         """The caption model's candidate pool per tile (after its own caption), cached like a call."""
-        import torch
-
         prompt = json.dumps({"candidates": decoding.as_dict()}, sort_keys=True)
-        calls, missing = self._cached_calls(chunk, dataset, "candidates", name, prompt, identity)
+        calls, missing = self._cached_calls(pixels, "candidates", name, prompt, identity)
         if missing:
             self._check_cancel()
             if task is None:
                 task = CaptionTask(load_model(name, device=self.device), RunOptions(), decoding)
-            images = _call_images(missing)
-            if len({tuple(i.shape) for i in images}) == 1:
-                pools = task.candidates(torch.stack(images).to(task.loaded.device))
-            else:
-                pools = [task.candidates(i[None].to(task.loaded.device))[0] for i in images]
-            for call, pool in zip(missing, pools):
+            for call, pool in zip(missing, _on_images([c.request for c in missing], task.candidates,
+                                                      task.loaded.device)):
                 call.text = json.dumps(pool, ensure_ascii=False)
                 self.cache.put_call(call.key, call.tile_id, "candidates", name, prompt, identity, call.text)
                 self.fresh += 1
