@@ -216,6 +216,14 @@ def folder_size(path: str | os.PathLike) -> int:
     return total
 
 
+def free_space(path: str | os.PathLike) -> tuple[Path, int]:
+    """The nearest existing folder at or above ``path`` and the bytes free on its disk."""
+    place = Path(path).resolve()
+    while not place.exists() and place != place.parent:
+        place = place.parent
+    return place, shutil.disk_usage(place).free
+
+
 def gigabytes(size: int) -> str:
     """``1.47 GB``."""
     return f"{size / 1e9:.2f} GB"
@@ -518,10 +526,7 @@ class Installer:
 
     def _check_disk(self, kind: str) -> None:
         need = ENGINE_SIZES[kind].disk_gb * 1e9
-        place = Path(self.options.venv).resolve()
-        while not place.exists() and place != place.parent:
-            place = place.parent
-        free = shutil.disk_usage(place).free
+        place, free = free_space(self.options.venv)
         if free < need:
             raise EngineError(f"{gigabytes(free)} free on the disk of {place}; the {ENGINE_SIZES[kind].label} "
                               f"engine needs about {ENGINE_SIZES[kind].disk_gb:g} GB", "user",

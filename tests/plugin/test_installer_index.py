@@ -179,6 +179,12 @@ def index(tmp_path_factory):
     served.close()
 
 
+@pytest.fixture(autouse=True)
+def room_on_disk(monkeypatch):
+    """The disk check sees 100 GB free: the stand-in wheels are small, whatever the test machine's disk holds."""
+    monkeypatch.setattr(installer, "free_space", lambda path: (Path(path), int(100e9)))
+
+
 @pytest.fixture
 def pip_env(monkeypatch, tmp_path):
     """pip sees only what a test gives it: no configuration file, no PIP_* variables, its own cache."""
@@ -389,3 +395,14 @@ def test_a_wheel_folder_made_by_the_documented_command_installs_offline(qgis, in
     assert "geo-dep" in result.message.lower().replace("_", "-")
     assert "pip download -d hqrs-wheels -c constraints.txt --index-url https://download.pytorch.org/whl/cpu" in \
         result.message
+
+
+def test_too_little_disk_space_stops_before_anything_is_created(index, pip_env, tmp_path, monkeypatch):
+    monkeypatch.setattr(installer, "free_space", lambda path: (tmp_path, int(0.5e9)))
+    venv = tmp_path / "engine"
+    result = installer.Installer(options_for(index, venv)).run()
+    cpu = installer.ENGINE_SIZES["cpu"]
+    assert not result.ok and not venv.exists()
+    assert result.message.startswith(f"0.50 GB free on the disk of {tmp_path}; the {cpu.label} engine needs about "
+                                     f"{cpu.disk_gb:g} GB")
+    assert "choose an environment folder on another disk" in result.message and "\n" not in result.message
