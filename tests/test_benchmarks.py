@@ -27,6 +27,7 @@ SMOKE = {
                         "--param", "ivfpq.m=4", "--param", "ivfpq.train_size=2000", "--param", "ivfpq.opq=0"],
                        "targets at 4,000 x 32"),
     "demo_ap": ([], "mean AP"),
+    "class_agreement": (["--dataset", str(SAMPLES)], "the caption names another class"),
     "fewshot": (["--draws", "1", "--shots", "1,3", "--timing", "2000", "--repeat", "1", "--heldout", "none",
                  "--calibrate", "no"], "few-shot vs text AP"),
     "finetune": (["--steps", "1", "--warmup", "0", "--batch", "2", "--dataset", str(SAMPLES),

@@ -51,6 +51,11 @@ def register(sub: Any) -> None:
     data.add_argument("--min-scale", type=number(float, 0.05, 1), default=0.6,
                       help="smallest random crop, fraction of the side")
     data.add_argument("--no-rotate", dest="dihedral", action="store_false", help="no 90 degree rotations/flips")
+    data.add_argument("--colour-cast", dest="colour", type=number(float, 0, 1, high_open=True), default=0.0,
+                      help="per-band colour gains drawn from [1-C, 1+C] (other sensors' colour balance; 0 = off)")
+    data.add_argument("--coarsen", type=number(float, 1, 16), default=1.0,
+                      help="half of the images down-sampled by a factor from [1, F] and back (coarser sensors; "
+                           "1 = off)")
     opt = tune.add_argument_group("optimisation")
     opt.add_argument("--epochs", type=number(int, 1, 1_000_000), default=10)
     opt.add_argument("--max-steps", type=number(int, 1, 10**9), default=None,

@@ -117,6 +117,8 @@ class MpgiRun:
         self.calls: dict[str, list[Call]] = {}  # tile_id -> its calls, for the provenance table
         self.fresh = 0  # calls answered by a model in this run (not the cache)
         self.candidates: dict[str, list[str]] = {}  # tile_id -> caption model candidates, its caption first
+        self.consensus: dict[str, str] = {}  # tile_id -> the candidate pool's consensus pick
+        self.labels: list[str] = []  # the zero-shot label set
         self.classes: dict[str, list[tuple[str, float]]] = {}  # tile_id -> zero-shot (class, probability)
         self.fact_pairs: dict[str, list[tuple[str, str]]] = {}  # tile_id -> (rule, fact sentence)
 
@@ -186,6 +188,7 @@ class MpgiRun:
         self._start("classes", len(tile_ids), f"zero-shot classes {name}")
         loaded = load_model(name, device=self.device)
         labeller = zero_shot(loaded, labels, top_k=3)
+        self.labels = list(labeller.labels)
         identity = f"engine:{name}:{weights_sha256(name)[:12]}"
         for start in range(0, len(tile_ids), CHUNK * 4):
             chunk = tile_ids[start:start + CHUNK * 4]
@@ -304,6 +307,7 @@ class MpgiRun:
         for call in calls:
             self._record(call)
             pool = json.loads(call.text or "[]")
+            self.consensus[call.tile_id] = pool[0] if pool else ""
             self.candidates[call.tile_id] = list(dict.fromkeys([*self.candidates.get(call.tile_id, []), *pool]))
         return task
 
@@ -365,12 +369,14 @@ class MpgiRun:
             kind = key.removesuffix("_rgb")
             if kind in shares and shares[kind] is not None:
                 cover.append((text, float(shares[kind] or 0.0)))
-                brief.append((brief_cover(kind, float(shares[kind] or 0.0), how[kind]), float(shares[kind] or 0.0)))
+                brief.append((brief_cover(kind, float(shares[kind] or 0.0), how[kind]), float(shares[kind] or 0.0),
+                              text))
             elif key in ("polygons", "lines", "points", "classes"):
                 vectors.append(text)
         candidates = [c for c in self.candidates.get(tile_id, []) if c]
         return Perspectives(candidates=candidates, classes=self.classes.get(tile_id, []), cover=cover,
-                            vectors=vectors, water=tile_facts.water_fraction, brief=brief)
+                            vectors=vectors, water=tile_facts.water_fraction, brief=brief,
+                            consensus=self.consensus.get(tile_id, ""), labels=self.labels)
 
     # -- output ----------------------------------------------------------------------------
     def sources_table(self, tile_ids, facts, results):

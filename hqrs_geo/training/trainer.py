@@ -96,6 +96,8 @@ class FinetuneConfig:
     min_scale: float = 0.6
     dihedral: bool = True
     jitter: float = 0.15
+    colour: float = 0.0
+    coarsen: float = 1.0
     load_scale: float = 1.15  # images are decoded at load_scale x the model input size
     save_dtype: str = "fp32"
     csv_img_key: str = "filepath"
@@ -124,6 +126,10 @@ class FinetuneConfig:
             raise OptionError("must lie in [0, 1)", option="class_target")
         if not 0.05 <= self.min_scale <= 1.0:
             raise OptionError("must lie in [0.05, 1]", option="min_scale")
+        if not 0.0 <= self.colour < 1.0:
+            raise OptionError(f"must lie in [0, 1), not {self.colour!r}", option="colour")
+        if not 1.0 <= self.coarsen <= 16.0:
+            raise OptionError(f"must lie in [1, 16], not {self.coarsen!r}", option="coarsen")
         return self
 
 
@@ -552,7 +558,7 @@ def _finetune(config: FinetuneConfig, output: Path, resume: bool, progress,
         if progress is not None:
             progress.message(f"resuming {output} from step {state.step}")
     loss_fn = _loss_fn(kind, config)
-    augment = AugmentConfig(config.min_scale, config.dihedral, config.jitter)
+    augment = AugmentConfig(config.min_scale, config.dihedral, config.jitter, config.colour, config.coarsen)
     mean, std = preprocess_cfg["mean"], preprocess_cfg["std"]
     channels_last = kind == "clip"  # convolutional towers gain from it
     if channels_last:

@@ -13,6 +13,7 @@ from hqrs_geo.mpgi.integrate import (
     brief_cover,
     check_data,
     class_sentence,
+    rival_class,
     clean_captions,
     compose_captions,
     content_words,
@@ -315,10 +316,23 @@ def test_the_lead_is_a_candidate_naming_the_confident_class():
     # an unsure class changes nothing and is not stated
     unsure = _compose(candidates, [("river", 0.41), ("runway", 0.3)])
     assert unsure.detailed == candidates[0] and unsure.verified == []
-    # a sure class that no candidate names is stated after the caption, as its own sentence
-    other = _compose(candidates[:1], [("river", 0.83)])
-    assert other.detailed == f"{candidates[0]} {class_sentence('river', 0.83)}"
+    # a sure class that no candidate names is stated after the caption, as its own sentence ...
+    plain = ["some white marks on grey ground ."]  # names no class
+    other = _compose(plain, [("river", 0.83)])
+    assert other.detailed == f"{plain[0]} {class_sentence('river', 0.83)}"
     assert other.verified == ["class river (0.83): zero-shot probability >= 0.5"]
+    # ... but not when the caption names another class: the two models disagree, no check confirms it
+    rival = _compose(candidates[:1], [("river", 0.83)], ensure_verified=True, cover=[(
+        "Vegetation covers about 2% of the area (estimated from RGB colour).", 0.02)])
+    assert rival.detailed == f"{candidates[0]} Vegetation covers about 2% of the area (estimated from RGB colour)."
+    assert any("the caption names runway" in d for d in rival.dropped)
+    assert [v.split(":")[0] for v in rival.verified] == ["cover"]
+    assert rival_class("a straight runway .", "river") == "runway"
+    assert rival_class("houses in the dense residential area", "residential") is None  # the same class, finer
+    # no class or water to guide the choice: the candidates' consensus pick leads
+    pick = compose_captions(Captions("", []), Perspectives(land, [("lake", 0.3)], consensus=land[1]), INSTRUCTIONS,
+                            land[:1], [], 60, 3, ())
+    assert pick.detailed == land[1] and pick.short[0] == land[1]
 
 
 def test_composed_caption_adds_facts_and_new_llm_content_but_no_repeats():
@@ -358,13 +372,15 @@ def test_composed_caption_adds_facts_and_new_llm_content_but_no_repeats():
     assert _compose([road], [], answer, cover, (), parts=(), ensure_verified=True).detailed == f"{road} {cover[0][0]}"
     small = _compose([road], [], answer, cover[1:], (), parts=(), ensure_verified=True)  # 4%: under min_cover
     assert small.detailed == f"{road} {cover[1][0]}" and small.verified == [f"cover: {cover[1][0]}"]
-    # said briefly when the pipeline gives the brief form (the number is the fact sentence's own)
-    brief = [(brief_cover("vegetation", 0.04, "rgb_exg"), 0.04), (brief_cover("water", 0.48, "rgb_water"), 0.48)]
-    assert brief[0][0] == "4% vegetation (RGB estimate)." and brief_cover("water", 0.4, "ndwi") == "40% water (NDWI)."
+    # said briefly when the pipeline gives the brief form (the number is the fact sentence's own); the
+    # verified record names the fact sentence, with how the share was measured
+    brief = [(brief_cover("vegetation", 0.04, "rgb_exg"), 0.04, cover[1][0]),
+             (brief_cover("water", 0.48, "rgb_water"), 0.48, cover[0][0])]
+    assert brief[0][0] == "4% vegetation." and brief_cover("water", 0.4, "ndwi") == "40% water."
     sources = [road, *(c for c, _ in cover)]
     said = compose_captions(Captions("", []), Perspectives([road], [], cover, [], brief=brief), INSTRUCTIONS,
                             sources, [], 60, 3, (), ensure_verified=True)
-    assert said.detailed == f"{road} 48% open water (RGB estimate)."
+    assert said.detailed == f"{road} 48% open water." and said.verified == [f"cover: {cover[0][0]}"]
     named = _compose(["a river beside a road ."], [("river", 0.9)], parts=(), ensure_verified=True)
     assert named.detailed == "a river beside a road ." and named.verified[0].startswith("class river")
     # without candidates the LLM's first sentence leads
