@@ -544,9 +544,6 @@ def compose_captions(cleaned: Captions, perspectives: Perspectives, instructions
         said, llm = [sentences(cleaned.detailed)[0]], sentences(cleaned.detailed)[1:]
     dropped = list(cleaned.dropped)
     rival = rival_class(lead, confident, perspectives.labels or SCENE_CLASSES) if confident and not named else None
-    if rival and top:
-        dropped.append(f"{class_sentence(*top)} (the caption names {rival}: the caption model and the zero-shot "
-                       "class disagree, so the class is no checked fact)")
 
     def add(sentence: str, why: str = "") -> bool:
         reason = checker.problem(sentence)
@@ -570,8 +567,13 @@ def compose_captions(cleaned: Captions, perspectives: Perspectives, instructions
     def add_part(part: str, fallback: bool = False) -> None:
         """Add one part's sentences; as the ``fallback`` fact, only its first that is kept (a cover
         share however small, the largest first)."""
-        if part == "class" and confident and not named and not rival and top:
-            add(class_sentence(*top), f"class {top[0]} ({top[1]:.2f}): zero-shot probability >= {min_probability}")
+        if part == "class" and confident and not named and top:
+            sentence = class_sentence(*top)
+            if not rival:
+                add(sentence, f"class {top[0]} ({top[1]:.2f}): zero-shot probability >= {min_probability}")
+            elif not any(d.startswith(sentence) for d in dropped):
+                dropped.append(f"{sentence} (the caption names {rival}: the caption model and the zero-shot class "
+                               "disagree, so the class is no checked fact)")
         elif part == "llm":
             for i, sentence in enumerate(llm):
                 if i == len(llm) - 1 and not sentence.rstrip().endswith((".", "!", "?")):
