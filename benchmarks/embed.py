@@ -166,6 +166,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--layer-format", default="gpkg", choices=("gpkg", "parquet"),
                         help="tile layer written and read by the engine")
     parser.add_argument("--breakdown", action="store_true", help="also time the engine's stages one by one")
+    parser.add_argument("--views", type=int, default=1, choices=(1, 8, 16),
+                        help="also time the engine with this many test-time views per tile (embed --views)")
     parser.add_argument("--json", action="store_true", help="print one JSON line with the figures at the end")
     args = parser.parse_args(argv)
     if args.threads:
@@ -208,6 +210,16 @@ def main(argv: list[str] | None = None) -> None:
         runs: dict[str, list[float]] = {"bare": [], "engine": []}
         cpu_runs: dict[str, list[float]] = {"bare": [], "engine": []}
         timed: list[tuple[str, Callable[[], tuple[float, float]]]] = [("bare", bare), ("engine", engine)]
+        if args.views > 1:
+            viewed = RunOptions(batch_size=args.batch, workers=args.workers, precision=args.precision, overwrite=True,
+                                views=args.views)
+
+            def engine_views() -> tuple[float, float]:
+                start, cpu = time.perf_counter(), cpu_seconds()
+                run_models(str(layer), [loaded], options=viewed)
+                return n / (time.perf_counter() - start), n / (cpu_seconds() - cpu)
+            timed.append(("views", engine_views))
+            runs["views"], cpu_runs["views"] = [], []
         for _, fn in timed:
             fn()  # warm-up: kernels, allocator, the layer's new columns
         if device.type == "cuda":
@@ -243,6 +255,12 @@ def main(argv: list[str] | None = None) -> None:
             "bare_runs": runs["bare"], "engine_runs": runs["engine"], "ratios": ratios,
             "cpu_time_ratio": cpu_m, "cpu_time_ratios": cpu_ratios,
         }
+        if args.views > 1:
+            view_ratios = [v / e for v, e in zip(runs["views"], runs["engine"])]
+            view_m, view_lo, view_hi = median_spread(view_ratios)
+            print(f"engine with {args.views} test-time views: {median_spread(runs['views'])[0]:9.1f} tiles/s; "
+                  f"ratio {args.views} views / 1 view: {view_m:.3f} ({view_lo:.3f}-{view_hi:.3f})")
+            result.update(views=args.views, views_tiles_s=median_spread(runs["views"])[0], views_ratio=view_m)
         if device.type == "cuda":
             result["peak_gpu_bytes"] = torch.cuda.max_memory_allocated(device)
             print(f"peak GPU memory: {result['peak_gpu_bytes'] / 2**20:.0f} MiB")

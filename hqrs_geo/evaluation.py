@@ -19,6 +19,7 @@ import numpy as np
 from .engine.tasks import CaptionTask
 from .errors import InputError, OptionError
 from .models.encode import class_vectors, image_vectors, read_image, text_vectors
+from .models.views import check_views
 from .safe_paths import inside
 
 KS = (1, 5, 10)
@@ -96,25 +97,26 @@ def zeroshot_metrics(image_emb: np.ndarray, class_emb: np.ndarray, labels: Seque
             "top5": 100.0 * float(np.mean((order[:, :5] == truth).any(axis=1)))}
 
 
-def image_embeddings(loaded: Any, paths: Sequence[str]) -> np.ndarray:
-    """Normalised image embeddings of image files, preprocessed like tiles."""
-    return image_vectors(loaded, list(paths))
+def image_embeddings(loaded: Any, paths: Sequence[str], views: int = 1) -> np.ndarray:
+    """Normalised image embeddings of image files, preprocessed like tiles (``views``: test-time
+    views, as ``embed --views``)."""
+    return image_vectors(loaded, list(paths), views=check_views(views))
 
 
-def evaluate_retrieval(loaded, dataset: str, split: str = "val", limit: int | None = None) -> dict:
+def evaluate_retrieval(loaded, dataset: str, split: str = "val", limit: int | None = None, views: int = 1) -> dict:
     """Retrieval metrics of a loaded CLIP model on one split."""
     records = load_karpathy(dataset, split, limit)
     texts = [c for r in records for c in r["captions"]]
     owners = [i for i, r in enumerate(records) for _ in r["captions"]]
     if not texts:
         raise InputError(f"{dataset}: split {split!r} has no captions")
-    images = image_embeddings(loaded, [r["image"] for r in records])
+    images = image_embeddings(loaded, [r["image"] for r in records], views)
     text = np.concatenate([text_vectors(loaded, texts[i:i + 256]) for i in range(0, len(texts), 256)])
     return {"images": len(records), "texts": len(texts), **retrieval_metrics(images, text, owners)}
 
 
 def evaluate_zeroshot(loaded, dataset: str, split: str = "val", templates: Sequence[str] | None = None,
-                      limit: int | None = None) -> dict:
+                      limit: int | None = None, views: int = 1) -> dict:
     """Zero-shot accuracy over the classes of a split, with a template ensemble."""
     records = load_karpathy(dataset, split, limit)
     if any(r["class"] is None for r in records):
@@ -123,7 +125,7 @@ def evaluate_zeroshot(loaded, dataset: str, split: str = "val", templates: Seque
     if len(classes) < 2:
         raise OptionError(f"{dataset}: split {split!r} has fewer than two classes")
     class_emb = class_vectors(loaded, classes, templates)
-    images = image_embeddings(loaded, [r["image"] for r in records])
+    images = image_embeddings(loaded, [r["image"] for r in records], views)
     labels = [classes.index(r["class"]) for r in records]
     return {"images": len(records), "classes": len(classes), **zeroshot_metrics(images, class_emb, labels)}
 

@@ -76,7 +76,7 @@ def run_job(args: argparse.Namespace, progress: Any) -> int:
     scale = scale_options(args)
     options = RunOptions(batch_size=args.batch_size, precision=args.precision,
                          workers=None if scale.engine == "ray" else args.workers,
-                         embedding_dtype=args.embedding_dtype, overwrite=args.overwrite).validated()
+                         embedding_dtype=args.embedding_dtype, overwrite=args.overwrite, views=args.views).validated()
     plan = model_plan(
         args.job, embed_models=getattr(args, "embed_models", []), caption_model=getattr(args, "caption_model", None),
         embed_checkpoints=getattr(args, "embed_checkpoints", []), embed_arch=getattr(args, "embed_arch", []),

@@ -11,6 +11,7 @@ from ..atomic import write_json
 from ..evaluation import evaluate_captions, evaluate_retrieval, evaluate_zeroshot
 from ..models.loader import load_model
 from ..models.precision import PRECISIONS
+from ..models.views import VIEW_COUNTS
 from .options import add_decoding_options, add_progress_options, decoding_config, finish, number
 
 
@@ -26,6 +27,8 @@ def register(sub: Any) -> None:
     evaluate.add_argument("--device", default="auto")
     evaluate.add_argument("--limit", type=number(int, 1, 10**9), default=None, help="evaluate only the first N images")
     evaluate.add_argument("--json", dest="json_out", default=None, help="also write the metrics to this JSON file")
+    evaluate.add_argument("--views", type=int, default=1, choices=VIEW_COUNTS,
+                          help="retrieval, zeroshot: test-time views per image, as embed --views (default 1)")
     evaluate.add_argument("--trust-checkpoint", action="store_true")
     add_decoding_options(evaluate)  # the caption task's decoding
     add_progress_options(evaluate)
@@ -118,8 +121,9 @@ def run_eval(args: argparse.Namespace, progress: Any) -> int:
         metrics = evaluate_captions(loaded, args.dataset, args.split, decoding, limit=args.limit)
     else:
         evaluate = evaluate_retrieval if args.task == "retrieval" else evaluate_zeroshot
-        metrics = evaluate(loaded, args.dataset, args.split, limit=args.limit)
-    report = {"task": args.task, "model": loaded.spec.name, "sha256": loaded.sha256, "split": args.split, **metrics}
+        metrics = evaluate(loaded, args.dataset, args.split, limit=args.limit, views=args.views)
+    report = {"task": args.task, "model": loaded.spec.name, "sha256": loaded.sha256, "split": args.split,
+              **({"views": args.views} if args.views > 1 else {}), **metrics}
     if args.json_out:
         write_json(args.json_out, report, indent=2)
     if not args.quiet:

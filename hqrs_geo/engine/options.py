@@ -8,6 +8,7 @@ from typing import Any
 from ..errors import OptionError
 from ..layer.columns import DTYPES
 from ..models.precision import check_precision
+from ..models.views import check_views
 
 
 @dataclass
@@ -19,6 +20,7 @@ class RunOptions:
     workers: int | None = None  # DataLoader worker processes; default: see worker_count
     embedding_dtype: str = "float16"
     overwrite: bool = False  # recompute results the layer already has
+    views: int = 1  # test-time views averaged per tile embedding (hqrs_geo.models.views)
 
     def validated(self) -> RunOptions:
         """Check values (one-line OptionError)."""
@@ -32,6 +34,7 @@ class RunOptions:
         if self.workers is not None and (isinstance(self.workers, bool) or not isinstance(self.workers, int)
                                          or self.workers < 0):
             raise OptionError(f"invalid worker count {self.workers!r}: use 0 or more", option="workers")
+        check_views(self.views)
         return self
 
     def worker_count(self, device: Any) -> int:

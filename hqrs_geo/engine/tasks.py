@@ -22,6 +22,7 @@ from ..models.decoding_options import DecodingConfig
 from ..models.loader import LoadedModel
 from ..models.precision import autocast_dtype, inference_context, precision_name
 from ..models.preprocess import BatchPreprocess
+from ..models.views import mean_view_features
 from .options import RunOptions
 
 
@@ -63,6 +64,9 @@ class EmbedTask(_Task):
         self.field = embedding_column(loaded.spec.key)
         super().__init__(loaded, options)
         self.dtype = options.embedding_dtype
+        self.views = options.views  # test-time views averaged per embedding (1: the tile as it is)
+        if self.views > 1:  # another embedding: a run with other views never resumes into this one
+            self.store_key += f"+views{self.views}"
         self.keep_tower_tokens = False  # set by share_image_tower: a caption task reuses the tokens
         self.tower_tokens: tuple[Any, Any] | None = None  # (the images, their image tower tokens)
 
@@ -78,12 +82,15 @@ class EmbedTask(_Task):
         import torch.nn.functional as F
 
         with inference_context(self.loaded.device, self.amp):
-            if self.keep_tower_tokens:  # a CoCa: the pooled embedding and the tokens captions attend to
+            if self.views > 1:
+                features = mean_view_features(lambda view: self.loaded.model.encode_image(self.inputs(view)), images,
+                                              self.views)
+            elif self.keep_tower_tokens:  # a CoCa: the pooled embedding and the tokens captions attend to
                 pooled, tokens = self.loaded.model._encode_image(self.inputs(images))
                 self.tower_tokens = (images, tokens)
+                features = F.normalize(pooled.float(), dim=-1)
             else:
-                pooled = self.loaded.model.encode_image(self.inputs(images))
-            features = F.normalize(pooled.float(), dim=-1)
+                features = F.normalize(self.loaded.model.encode_image(self.inputs(images)).float(), dim=-1)
         if features.device.type == "cuda":
             host = torch.empty(features.shape, dtype=features.dtype, pin_memory=True)
             host.copy_(features, non_blocking=True)
@@ -120,7 +127,7 @@ class EmbedTask(_Task):
 
     def describe(self) -> dict:
         """Run metadata of this task."""
-        return {**super().describe(), "dtype": self.dtype}
+        return {**super().describe(), "dtype": self.dtype, "views": self.views}
 
 
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
@@ -246,7 +253,7 @@ def share_image_tower(tasks: list) -> list:
     for caption in captions:
         for task in tasks[:tasks.index(caption)]:
             if isinstance(task, EmbedTask) and task.loaded.kind == "coca" and task.amp == caption.amp \
-                    and same_weights(task.loaded, caption.loaded):
+                    and task.views == 1 and same_weights(task.loaded, caption.loaded):
                 task.keep_tower_tokens = True
                 caption.tower = task
                 break

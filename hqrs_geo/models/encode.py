@@ -15,6 +15,7 @@ from PIL import Image, UnidentifiedImageError
 from ..errors import InputError, OptionError
 from .preprocess import BatchPreprocess
 from .prompts import ZERO_SHOT_TEMPLATES, apply_template, class_phrases, query_phrases
+from .views import mean_view_features
 
 #: Largest image (pixels) read for an image query or for training; bigger files are refused, never decoded.
 MAX_IMAGE_PIXELS = 64_000_000
@@ -135,18 +136,23 @@ def read_image(path: str, size: int | None = None, use: str = "query") -> np.nda
         raise InputError(f"{path}: cannot read this image ({reason}); {words.unreadable}") from None
 
 
-def image_batch_vectors(loaded: Any, images: Any) -> np.ndarray:
-    """Normalised embeddings of a uint8 ``[B, 3, H, W]`` tensor, preprocessed as tiles are."""
+def image_batch_vectors(loaded: Any, images: Any, views: int = 1) -> np.ndarray:
+    """Normalised embeddings of a uint8 ``[B, 3, H, W]`` tensor, preprocessed as tiles are; with
+    ``views`` > 1 the normalised mean over test-time views (:mod:`hqrs_geo.models.views`), as
+    ``embed --views`` stores it."""
     import torch
 
     preprocess = BatchPreprocess(loaded.preprocess, loaded.device)
     with torch.inference_mode():
-        return normalise(loaded.model.encode_image(preprocess(images.to(loaded.device))).float().cpu().numpy())
+        features = mean_view_features(lambda view: loaded.model.encode_image(preprocess(view)),
+                                      images.to(loaded.device), views)
+        return normalise(features.cpu().numpy())
 
 
-def image_vectors(loaded: Any, paths: Sequence[str], batch: int = 64) -> np.ndarray:
+def image_vectors(loaded: Any, paths: Sequence[str], batch: int = 64, views: int = 1) -> np.ndarray:
     """Normalised image embeddings of image files (any size), preprocessed as tiles are; runs of
-    consecutive images of one size are encoded together, up to ``batch`` at a time."""
+    consecutive images of one size are encoded together, up to ``batch`` at a time; ``views``:
+    see :func:`image_batch_vectors`."""
     import torch
 
     if not paths:
@@ -156,8 +162,8 @@ def image_vectors(loaded: Any, paths: Sequence[str], batch: int = 64) -> np.ndar
     for path in paths:
         image = torch.from_numpy(read_image(path)).permute(2, 0, 1)
         if run and (image.shape != run[0].shape or len(run) == batch):
-            vectors.append(image_batch_vectors(loaded, torch.stack(run)))
+            vectors.append(image_batch_vectors(loaded, torch.stack(run), views))
             run = []
         run.append(image)
-    vectors.append(image_batch_vectors(loaded, torch.stack(run)))
+    vectors.append(image_batch_vectors(loaded, torch.stack(run), views))
     return np.concatenate(vectors)

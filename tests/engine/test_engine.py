@@ -235,6 +235,11 @@ def test_cli_embed_run_and_errors(tmp_path):
     frame = read_tiles(out)
     assert len(frame) == 16 and read_embeddings(frame)[0].all()
     assert (frame["emb_hqrs_mini_clip_model"] == "hqrs-mini-clip").all()
+    viewed = run_cli("embed", out, "--device", "cpu", "--views", "8", "--overwrite", "--workers", "0", "--quiet")
+    assert viewed.returncode == 0, viewed.stderr
+    assert read_runs(str(out))[-1]["params"]["tasks"][0]["views"] == 8
+    bad = run_cli("embed", out, "--views", "3")
+    assert bad.returncode == 2 and "invalid choice: 3" in bad.stderr and "Traceback" not in bad.stderr
     missing = run_cli("embed", out, "--model", "remoteclip-vit-b-32", "--device", "cpu")
     assert missing.returncode == 2 and "Traceback" not in missing.stderr
     assert "RemoteCLIP-ViT-B-32.pt" in missing.stderr and len(missing.stderr.strip().splitlines()) == 1
@@ -361,3 +366,46 @@ def test_cli_run_tiles_embeds_and_captions_in_one_pass(tmp_path, tiny_clip_check
     assert [t["field"] for t in tasks] == ["emb_hqrs_test_tiny_clip_tiny_clip", "caption"]
     wrong = run_cli("caption", out, "--model", TINY_CLIP, "--checkpoint", tiny_clip_checkpoint, "--device", "cpu")
     assert wrong.returncode == 2 and "captions need a CoCa model" in wrong.stderr
+
+
+def test_test_time_views_average_what_plain_open_clip_gives_for_each_view(tmp_path, tiny_clip_checkpoint):
+    """``views=16``: each stored embedding is the normalised mean of plain open_clip's normalised
+    embeddings of the 8 rotations/flips of the tile and of its central 3/4 crop (computed here
+    with PIL, independently of hqrs_geo.models.views)."""
+    import open_clip
+
+    from hqrs_geo.errors import OptionError
+    from hqrs_geo.models.views import image_views
+
+    scene = write_crop(EXAMPLE_SCENE, tmp_path / "crop.tif", Window(250, 250, 256, 256), cog=False)
+    layer = tmp_path / "t.gpkg"
+    tile(scene, layer, TileConfig(tile_size=128))
+    loaded = load_model(TINY_CLIP, checkpoint=str(tiny_clip_checkpoint), device="cpu")
+    frame = run_models(str(layer), [loaded], options=RunOptions(batch_size=3, workers=0, embedding_dtype="float32",
+                                                               views=16))
+    preprocess = open_clip.image_transform(loaded.model.visual.image_size, is_train=False,
+                                           mean=loaded.preprocess["mean"], std=loaded.preprocess["std"])
+    ds = TileDataset.from_layer(layer)
+    expected = []
+    for i in range(len(ds)):
+        full = Image.fromarray(np.ascontiguousarray(ds[i][1]))
+        side = full.width
+        crop = full.crop((16, 16, 16 + round(side * 0.75), 16 + round(side * 0.75)))  # (128 - 96) / 2 = 16
+        views = [image.rotate(90 * k, expand=True).transpose(Image.Transpose.FLIP_LEFT_RIGHT) if flip
+                 else image.rotate(90 * k, expand=True) for image in (full, crop) for k in range(4) for flip in (0, 1)]
+        with torch.no_grad():
+            features = F.normalize(loaded.model.encode_image(torch.stack([preprocess(v) for v in views])), dim=-1)
+        expected.append(F.normalize(features.sum(0), dim=-1).numpy())
+    frame = frame.set_index("tile_id").loc[[r.tile_id for r in ds.records]].reset_index()
+    present, got = read_embeddings(frame)
+    assert present.all() and len(got) == 4
+    cosine = (got * np.stack(expected)).sum(axis=1)
+    assert cosine.min() >= 0.9999, cosine
+    single = run_models(str(layer), [loaded], options=RunOptions(embedding_dtype="float32", overwrite=True))
+    assert ((read_embeddings(single)[1] * got).sum(axis=1) < 0.99999).any()  # views change the embedding
+    assert read_runs(str(layer))[-2]["params"]["tasks"][0]["views"] == 16
+    batch = torch.zeros((2, 3, 8, 8), dtype=torch.uint8)
+    assert [len(image_views(batch, n)) for n in (1, 8, 16)] == [1, 8, 16]
+    assert image_views(batch, 16)[8].shape[-1] == 6  # the central 3/4
+    with pytest.raises(OptionError, match="invalid view count 3: use 1, 8, 16"):
+        RunOptions(views=3).validated()

@@ -59,7 +59,11 @@ def test_eval_cli_on_ucm(tmp_path, tiny_clip_checkpoint):
                      "--device", "cpu", "--limit", "40", "-q", "--json", out)
     assert result.returncode == 0, result.stderr
     report = json.loads(out.read_text())
-    assert report["classes"] >= 2 and 0 <= report["top1"] <= report["top5"] <= 100
+    assert report["classes"] >= 2 and 0 <= report["top1"] <= report["top5"] <= 100 and "views" not in report
+    result = run_cli("eval", "zeroshot", UCM, "--model", TINY_CLIP, "--checkpoint", tiny_clip_checkpoint,
+                     "--device", "cpu", "--limit", "40", "-q", "--json", out, "--views", "16")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(out.read_text())["views"] == 16
     bad = run_cli("eval", "retrieval", tmp_path / "none.json", "--model", TINY_CLIP,
                   "--checkpoint", tiny_clip_checkpoint)
     assert bad.returncode == 2 and "file not found" in bad.stderr
