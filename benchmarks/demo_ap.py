@@ -1,7 +1,7 @@
 """Average precision of the demo's text queries on the labelled demo scene.
 
     python benchmarks/demo_ap.py [--model hqrs-mini-clip] [--checkpoint FILE] [--arch ARCH]
-                                 [--template "an aerial image of {}."] [--json OUT]
+                                 [--template "an aerial image of {}."] [--views 1|8|16] [--json OUT]
 
 Tiles ``examples/data/urban_river_025m_epsg28992.tif`` exactly as ``examples/demo.py`` does
 (64 m tiles, 50 % overlap: 49 tiles), embeds every tile with the model (``hqrs_geo.embed``,
@@ -50,21 +50,22 @@ def tile_scene(folder: Path) -> Path:
     return layer
 
 
-def demo_ap(model: str, checkpoint=None, arch=None, template=None) -> dict:
+def demo_ap(model: str, checkpoint=None, arch=None, template=None, views: int = 1) -> dict:
     import hqrs_geo as hg
+    from hqrs_geo.engine.options import RunOptions
     from hqrs_geo.models.encode import text_vectors
 
     labels = json.loads(LABELS.read_text())
     with tempfile.TemporaryDirectory() as tmp:
         layer = tile_scene(Path(tmp))
-        hg.embed(str(layer), model=model, checkpoint=checkpoint, arch=arch)
+        hg.embed(str(layer), model=model, checkpoint=checkpoint, arch=arch, options=RunOptions(views=views))
         session = hg.SearchSession(str(layer))
         ids = list(session.index.ids)
         missing = set(labels["tiles"]) ^ set(ids)
         if missing:
             raise SystemExit(f"tiles and labels differ: {sorted(missing)[:3]}...")
         matrix = np.asarray(session.index.matrix, dtype=np.float32)
-        out = {"model": model, "checkpoint": checkpoint, "arch": arch,
+        out = {"model": model, "checkpoint": checkpoint, "arch": arch, "views": views,
                "template": template or session.source.template, "tiles": len(ids), "queries": {}}
         for query, label in labels["queries"].items():
             if template:
@@ -89,9 +90,10 @@ def main() -> None:
     parser.add_argument("--arch")
     parser.add_argument("--template", help='prompt template, e.g. "an aerial image of {}." (default: the model\'s)')
     parser.add_argument("--json", help="also write the results to this file")
+    parser.add_argument("--views", type=int, default=1, choices=(1, 8, 16), help="test-time views (embed --views)")
     args = parser.parse_args()
-    result = demo_ap(args.model, args.checkpoint, args.arch, args.template)
-    print(f"model {result['model']}  template {result['template']!r}  ({result['tiles']} tiles)")
+    result = demo_ap(args.model, args.checkpoint, args.arch, args.template, args.views)
+    print(f"model {result['model']}  template {result['template']!r}  views {args.views}  ({result['tiles']} tiles)")
     for query, q in result["queries"].items():
         print(f"  {query!r:32} AP {q['AP']:.3f}  (chance {q['chance']:.3f}, {q['positives']} positive tiles)")
     print(f"  mean AP {result['mAP']:.3f}  (chance {result['chance_mAP']:.3f})")
