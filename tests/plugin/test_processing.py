@@ -32,6 +32,7 @@ from qgis.core import (
 from qgis_fixtures import embedded_example, processing_run  # noqa: F401  (fixtures)
 from tiny_models import TINY_CLIP, TINY_COCA
 
+from hqrs_geo import read_runs
 from qgis_plugin.core import engine, settings
 from qgis_plugin.processing import base as alg_base
 from qgis_plugin.processing.algorithms import CUSTOM_MODEL
@@ -164,6 +165,13 @@ def test_embed_updates_the_layer_in_place(processing_run, tiles, tiny_clip_check
         assert {EMBEDDING, f"{EMBEDDING}_dim"} <= set(layer.fields().names())
         assert set(values(layer, f"{EMBEDDING}_dim")) == {32}
         assert EMBEDDING in loaded.fields().names()  # the project's layer was reloaded
+        assert read_runs(str(tiles))[-1]["params"]["tasks"][0]["views"] == 1
+        processing_run("hqrs:embed", {"INPUT": loaded, **model_params("", TINY_CLIP, tiny_clip_checkpoint),
+                                      "DEVICE": "cpu", "VIEWS": "8", "OVERWRITE": True})
+        assert read_runs(str(tiles))[-1]["params"]["tasks"][0]["views"] == 8  # the advanced setting reached it
+        registry = QgsApplication.processingRegistry()
+        assert registry.algorithmById("hqrs:run").parameterDefinition("VIEWS") is not None
+        assert registry.algorithmById("hqrs:caption").parameterDefinition("VIEWS") is None  # captions: no views
     finally:
         QgsProject.instance().removeMapLayer(loaded.id())
     with pytest.raises(QgsProcessingException, match="architecture"):
