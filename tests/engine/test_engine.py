@@ -407,5 +407,7 @@ def test_test_time_views_average_what_plain_open_clip_gives_for_each_view(tmp_pa
     batch = torch.zeros((2, 3, 8, 8), dtype=torch.uint8)
     assert [len(image_views(batch, n)) for n in (1, 8, 16)] == [1, 8, 16]
     assert image_views(batch, 16)[8].shape[-1] == 6  # the central 3/4
+    mixed = image_views([torch.zeros((3, 8, 8), dtype=torch.uint8), torch.zeros((3, 12, 12), dtype=torch.uint8)], 16)
+    assert [tuple(x.shape) for x in mixed[9]] == [(3, 6, 6), (3, 9, 9)]  # tiles of two sizes: a list per view
     with pytest.raises(OptionError, match="invalid view count 3: use 1, 8, 16"):
         RunOptions(views=3).validated()
