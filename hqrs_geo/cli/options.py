@@ -175,7 +175,8 @@ def add_engine_options(parser: argparse.ArgumentParser) -> None:
                        help="stored embedding values (little-endian; default float16)")
     group.add_argument("--views", type=int, default=1, choices=VIEW_COUNTS,
                        help="test-time views averaged into each embedding: 8 rotations/flips, 16 also of the centre "
-                            "crop (zero-shot top-1 +1.5 points on the selection sets at 16x the model time; default 1)")
+                            "crop (zero-shot top-1 +1 point on the selection sets at about 12x the embedding time; "
+                            "default 1)")
     group.add_argument("--overwrite", action="store_true", help="recompute results the layer already has")
 
 
