@@ -1,13 +1,14 @@
 """How often the zero-shot scene class is right, alone and when the caption model agrees or not.
 
     python benchmarks/class_agreement.py [--dataset ../shared/data/ucm/dataset_ucm.json] [--split val]
-                                         [--json OUT]
+                                         [--lead beam|consensus] [--json OUT]
 
 MpGI states a tile's zero-shot class as a checked fact. This measures when that is safe, on a
 labelled split (default: UCM-captions val, 210 images, a selection set): for each image the top
 class of the CLIP's zero-shot over :data:`~hqrs_geo.models.prompts.SCENE_CLASSES` (the class
 stage of MpGI: :func:`~hqrs_geo.models.zeroshot.zero_shot`, calibrated probabilities) and the
-caption model's caption (beam 3, the MpGI default), then the precision of the top class (right: the
+caption model's caption (``--lead beam``: beam 3; ``consensus``: the pick of the consensus pool,
+the lead MpGI takes when no confident class guides it), then the precision of the top class (right: the
 same entry of the synonym table as the image's label, or one names the other) by probability
 and by what the caption says: names the same class, names another class
 (:func:`~hqrs_geo.mpgi.integrate.rival_class`) or none.
@@ -28,7 +29,7 @@ DATASET = ROOT.parent / "shared" / "data" / "ucm" / "dataset_ucm.json"
 CHUNK = 30
 
 
-def rows_of(dataset: Path, split: str) -> list[dict]:
+def rows_of(dataset: Path, split: str, lead: str = "beam") -> list[dict]:
     """One row per image: label, top class, its probability, the caption and what it names."""
     import torch
 
@@ -49,7 +50,8 @@ def rows_of(dataset: Path, split: str) -> list[dict]:
         chunk = records[start:start + CHUNK]
         images = torch.stack([torch.from_numpy(read_image(r["image"], 256)).permute(2, 0, 1) for r in chunk])
         probabilities = labeller.probabilities(image_batch_vectors(clip, images))
-        for record, p, caption in zip(chunk, probabilities, task(images)):
+        captions = task(images) if lead == "beam" else [pool[0] for pool in task.candidates(images)]
+        for record, p, caption in zip(chunk, probabilities, captions):
             j = int(np.argmax(p))
             top, truth = labeller.labels[j], class_prompt_name(record["class"])
             rows.append({"label": record["class"], "top": top, "p": float(p[j]), "caption": caption,
@@ -68,9 +70,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dataset", default=str(DATASET))
     parser.add_argument("--split", default="val")
+    parser.add_argument("--lead", choices=("beam", "consensus"), default="beam",
+                        help="the caption compared: beam 3 (default) or the consensus pool's pick")
     parser.add_argument("--json", default=None, help="write every row and the table to this file")
     args = parser.parse_args()
-    rows = rows_of(Path(args.dataset), args.split)
+    rows = rows_of(Path(args.dataset), args.split, args.lead)
     table = {"top class, any p": precision(rows)}
     for floor in (0.5, 0.7, 0.9):
         sure = [r for r in rows if r["p"] >= floor]
@@ -80,9 +84,12 @@ def main() -> None:
                                                                         and not r["rival"]])
         table[f"p >= {floor}, the caption names another class"] = precision([r for r in sure if not r["names"]
                                                                              and r["rival"]])
-    table["p < 0.5, the caption names it"] = precision([r for r in rows if r["p"] < 0.5 and r["names"]])
+    for low, high in ((0.3, 0.5), (0.2, 0.3), (0.0, 0.2)):
+        band = [r for r in rows if low <= r["p"] < high]
+        table[f"{low} <= p < {high}"] = precision(band)
+        table[f"{low} <= p < {high}, the caption names it"] = precision([r for r in band if r["names"]])
     print(f"{len(rows)} images of {Path(args.dataset).name} ({args.split}); zero-shot hqrs-mini-clip, "
-          "captions hqrs-mini-coca beam 3")
+          f"captions hqrs-mini-coca ({'beam 3' if args.lead == 'beam' else 'consensus pick'})")
     print(f"{'top zero-shot class':50s} {'images':>6s} {'right':>6s}")
     for name, (count, share) in table.items():
         print(f"{name:50s} {count:6d} {share * 100:5.1f}%")

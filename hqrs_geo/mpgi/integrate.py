@@ -401,10 +401,20 @@ def _article_free(phrase: str) -> str:
     return re.sub(r"^(?:a|an|the)\s+", "", phrase.strip().lower())
 
 
+def _singular_phrase(phrase: str) -> str:
+    """``phrase`` with its last word singular when it is a plain plural ("storage tanks" -> "storage
+    tank"; "grass" and "bus" stay); :func:`_term_pattern` then matches both numbers."""
+    head, _, last = phrase.rpartition(" ")
+    if len(last) > 3 and last.endswith("s") and not last.endswith(("ss", "us", "is")):
+        last = last[:-3] + "y" if last.endswith("ies") else last[:-1]
+    return f"{head} {last}".strip()
+
+
 @cache
 def _class_pattern(label: str) -> re.Pattern:
     """Whole-word pattern of a class's name and synonyms (last word singular or plural)."""
     names = {_article_free(p) for p in class_phrases([label])[0]}
+    names |= {_singular_phrase(p) for p in names}  # "storage tanks" is named by "a small storage tank"
     names |= {re.sub(r"(?<=[a-z])(our|or)\b", lambda m: "or" if m.group(1) == "our" else "our", p) for p in names}
     return re.compile("|".join(_term_pattern(p) for p in sorted(names, key=len, reverse=True) if p), re.IGNORECASE)
 
@@ -455,7 +465,10 @@ class Perspectives:
     sentence, with how the share was measured, goes to the ``verified`` record); ``consensus``: the
     candidate the caption model's decodings agree on most (the pool's consensus pick), the lead
     when no class or water guides the choice; ``labels``: the zero-shot label set (default
-    :data:`~hqrs_geo.models.prompts.SCENE_CLASSES`), for telling when the lead names another class.
+    :data:`~hqrs_geo.models.prompts.SCENE_CLASSES`), for telling when the lead names another class;
+    ``shares``: ``kind -> (share, fact sentence)`` of the measured cover (``vegetation``, ``water``),
+    for confirming what the lead itself says (:func:`cover_named`); ``pool``: the caption model's
+    candidate pool in consensus order (its first is ``consensus``).
     """
 
     candidates: list[str] = field(default_factory=list)
@@ -466,6 +479,29 @@ class Perspectives:
     brief: list[tuple[str, float, str]] = field(default_factory=list)  # (brief_cover text, share, fact sentence)
     consensus: str = ""
     labels: list[str] = field(default_factory=list)
+    shares: dict[str, tuple[float, str]] = field(default_factory=dict)
+    pool: list[str] = field(default_factory=list)
+
+
+#: Lexicon groups (``checks.toml``) that name each measured cover kind, and the words outside the
+#: lexicon that do ("plants" is no object of its own for the content check, but it is vegetation).
+COVER_GROUPS = {"vegetation": ("tree", "shrub", "grass"), "water": ("water",)}
+COVER_WORDS = {"vegetation": re.compile(r"\b(?:plants?|vegetation|greenery|greenbelts?)\b", re.IGNORECASE)}
+
+
+def cover_named(text: str, kind: str, data: CheckData | None = None) -> str:
+    """The first words of ``text`` that name the cover ``kind`` (``vegetation``: trees, shrubs,
+    grass, plants; ``water``: the lexicon's water group) outside a negated sentence, or "".
+    """
+    groups = COVER_GROUPS.get(kind, ())
+    for sentence in sentences(text):
+        if NEGATION.search(sentence):  # "there is no vegetation in the desert" claims none
+            continue
+        found = next((words for words, group in lexicon_terms(sentence, data) if group in groups), "")
+        match = COVER_WORDS[kind].search(sentence) if not found and kind in COVER_WORDS else None
+        if found or match:
+            return found or (match.group(0).lower() if match else "")
+    return ""
 
 
 def _clean_candidate(candidate: str, checker: Checker) -> str:
@@ -473,6 +509,10 @@ def _clean_candidate(candidate: str, checker: Checker) -> str:
     goes, the sentence after it stays)."""
     return " ".join(x for x in sentences(candidate) if not checker.problem(x))
 
+
+#: How many of the pool's first candidates (consensus order) may lead a detailed caption in place of
+#: a lead with no checked fact, when their own words state a cover a share confirms.
+FACT_LEAD_POOL = 3
 
 #: A tile whose measured water share is at least this should have a lead that names water.
 MOSTLY_WATER = 0.5
@@ -521,7 +561,12 @@ def compose_captions(cleaned: Captions, perspectives: Perspectives, instructions
     :func:`rival_class`) is not stated and goes to ``dropped``. The short captions stay the
     LLM's (and the filled ones) but for the candidates passed over, with the lead moved or put
     first. ``verified`` lists the stated facts a check confirms: the class when the lead names it
-    or it is stated, each cover share and vector fact stated.
+    or it is stated, the cover the lead's own words name when a measured share of at least
+    ``min_cover`` confirms it ("plants" on 30 % vegetation: :func:`cover_named`), each cover share
+    and vector fact stated. A tile with no class, vector or such cover fact to state would get an
+    appended share; when one of the pool's first :data:`FACT_LEAD_POOL` candidates (consensus order)
+    names a cover a share confirms, that candidate leads the detailed caption instead (the short
+    captions keep the first lead).
     """
     unknown = [p for p in parts if p not in DETAILED_PARTS]
     if unknown:
@@ -531,6 +576,20 @@ def compose_captions(cleaned: Captions, perspectives: Perspectives, instructions
     checker_all = Checker(instructions, [*sources, *perspectives.candidates], absent)
     lead, named = choose_lead(perspectives.candidates, confident, checker_all,
                               (perspectives.water or 0.0) >= MOSTLY_WATER, perspectives.consensus)
+    labels = perspectives.labels or SCENE_CLASSES
+
+    def cover_facts(text: str) -> list[str]:
+        """What ``text`` says of the cover that a measured share of at least ``min_cover`` confirms."""
+        return [f"cover: the caption names {words}; {sentence}"
+                for kind, (share, sentence) in perspectives.shares.items()
+                if share >= min_cover and (words := cover_named(text, kind, checker_all.data))]
+
+    short_lead = lead
+    class_fact = bool(confident and not named and not rival_class(lead, confident, labels))
+    if ensure_verified and not named and not class_fact and not perspectives.vectors and not cover_facts(lead):
+        # no fact to state but an appended share: a near-consensus candidate whose own words a share confirms
+        lead = next((text for text in (_clean_candidate(c, checker_all) for c in perspectives.pool[:FACT_LEAD_POOL])
+                     if text and cover_facts(text)), lead)
     # a candidate that did not lead licenses nothing, the caption model's own caption included
     passed_over = {c for c in perspectives.candidates if c != lead and _clean_candidate(c, checker_all) != lead}
     checker = Checker(instructions, [*(s for s in sources if s not in passed_over), lead], absent)
@@ -538,12 +597,13 @@ def compose_captions(cleaned: Captions, perspectives: Perspectives, instructions
     if named and top:
         verified.append(f"class {top[0]} ({top[1]:.2f}): named by the caption, zero-shot probability "
                         f">= {min_probability}")
+    verified += cover_facts(lead)
     said: list[str] = [lead] if lead else []
     llm = sentences(cleaned.detailed) if cleaned.detailed and not cleaned.detailed_filled else []
     if not lead and cleaned.detailed:
         said, llm = [sentences(cleaned.detailed)[0]], sentences(cleaned.detailed)[1:]
     dropped = list(cleaned.dropped)
-    rival = rival_class(lead, confident, perspectives.labels or SCENE_CLASSES) if confident and not named else None
+    rival = rival_class(lead, confident, labels) if confident and not named else None
 
     def add(sentence: str, why: str = "") -> bool:
         reason = checker.problem(sentence)
@@ -600,7 +660,7 @@ def compose_captions(cleaned: Captions, perspectives: Perspectives, instructions
     detailed = (_limit(" ".join(said), max_words_detailed) if said  # the lead alone may be longer
                 else cleaned.detailed)
     short = list(cleaned.short)
-    if lead:
-        others = (s for s in short if not _near_duplicate(lead, s) and s not in passed_over)
-        short = [lead, *others][:max(n_short, 1)]
+    if short_lead:
+        others = (s for s in short if not _near_duplicate(short_lead, s) and s not in passed_over)
+        short = [short_lead, *others][:max(n_short, 1)]
     return Captions(detailed=detailed, short=short, dropped=dropped, filled=cleaned.filled, verified=verified)

@@ -117,7 +117,7 @@ class MpgiRun:
         self.calls: dict[str, list[Call]] = {}  # tile_id -> its calls, for the provenance table
         self.fresh = 0  # calls answered by a model in this run (not the cache)
         self.candidates: dict[str, list[str]] = {}  # tile_id -> caption model candidates, its caption first
-        self.consensus: dict[str, str] = {}  # tile_id -> the candidate pool's consensus pick
+        self.pools: dict[str, list[str]] = {}  # tile_id -> the candidate pool, consensus pick first
         self.labels: list[str] = []  # the zero-shot label set
         self.classes: dict[str, list[tuple[str, float]]] = {}  # tile_id -> zero-shot (class, probability)
         self.fact_pairs: dict[str, list[tuple[str, str]]] = {}  # tile_id -> (rule, fact sentence)
@@ -307,7 +307,7 @@ class MpgiRun:
         for call in calls:
             self._record(call)
             pool = json.loads(call.text or "[]")
-            self.consensus[call.tile_id] = pool[0] if pool else ""
+            self.pools[call.tile_id] = [c for c in pool if c]
             self.candidates[call.tile_id] = list(dict.fromkeys([*self.candidates.get(call.tile_id, []), *pool]))
         return task
 
@@ -364,11 +364,12 @@ class MpgiRun:
         """The offline perspectives of one tile for :func:`.integrate.compose_captions`."""
         shares = {"vegetation": tile_facts.vegetation_fraction, "water": tile_facts.water_fraction}
         how = {"vegetation": tile_facts.vegetation_source, "water": tile_facts.water_source}
-        cover, brief, vectors = [], [], []
+        cover, brief, vectors, measured = [], [], [], {}
         for key, text in self.fact_pairs.get(tile_id, []):
             kind = key.removesuffix("_rgb")
             if kind in shares and shares[kind] is not None:
                 cover.append((text, float(shares[kind] or 0.0)))
+                measured[kind] = (float(shares[kind] or 0.0), text)
                 brief.append((brief_cover(kind, float(shares[kind] or 0.0), how[kind]), float(shares[kind] or 0.0),
                               text))
             elif key in ("polygons", "lines", "points", "classes"):
@@ -376,7 +377,8 @@ class MpgiRun:
         candidates = [c for c in self.candidates.get(tile_id, []) if c]
         return Perspectives(candidates=candidates, classes=self.classes.get(tile_id, []), cover=cover,
                             vectors=vectors, water=tile_facts.water_fraction, brief=brief,
-                            consensus=self.consensus.get(tile_id, ""), labels=self.labels)
+                            consensus=(self.pools.get(tile_id) or [""])[0], labels=self.labels, shares=measured,
+                            pool=self.pools.get(tile_id, []))
 
     # -- output ----------------------------------------------------------------------------
     def sources_table(self, tile_ids, facts, results):

@@ -17,6 +17,7 @@ from hqrs_geo.mpgi.integrate import (
     clean_captions,
     compose_captions,
     content_words,
+    cover_named,
     integration_prompt,
     issue_category,
     lexicon_terms,
@@ -272,6 +273,9 @@ def test_class_names_with_synonyms_and_spellings():
     assert names_class("boats moored in the harbour", "harbor") and names_class("a ship in the harbor", "harbour")
     assert names_class("woodland with tall trees", "forest") and names_class("two tennis courts", "tennis court")
     assert not names_class("lots of green trees", "farmland") and not names_class("a parking lot", "park")
+    # a plural class is named in the singular too ("storage tanks": "a small storage tank")
+    assert names_class("a small storage tank is on the ground .", "storage tanks")
+    assert names_class("a tall building", "buildings") and not names_class("a bus on the road", "storage tanks")
     assert class_sentence("river", 0.914) == "Zero-shot scene class: river (91% probability)."
 
 
@@ -389,3 +393,60 @@ def test_composed_caption_adds_facts_and_new_llm_content_but_no_repeats():
     assert no_model.detailed == "Houses stand in rows." and no_model.verified == []
     with pytest.raises(ValueError, match="unknown detailed part"):
         compose_captions(Captions("x", []), Perspectives(), "", [], [], 10, 1, ["poetry"])
+
+
+def test_cover_words_of_a_caption():
+    assert cover_named("many houses with plants surrounded in the medium residential area .", "vegetation") == "plants"
+    assert cover_named("a villa is surrounded by trees and lawn .", "vegetation") == "trees"
+    assert cover_named("a river goes through a dense forest .", "water") == "river"
+    assert cover_named("a river goes through the desert .", "vegetation") == ""
+    # a negated sentence claims no cover: "no vegetation" is not vegetation
+    assert cover_named("there is no vegetation in the desert . this is a sandy desert .", "vegetation") == ""
+    assert cover_named("no trees here . a lawn with a pool .", "vegetation") == "lawn"
+
+
+VEG = "Vegetation covers about 30% of the area (estimated from RGB colour)."
+
+
+def _shared(candidates, veg, pool=None, classes=(), vectors=()):
+    """Compose as the pipeline does for a tile whose only measurement is a vegetation share."""
+    share = (VEG.replace("30%", f"{veg * 100:.0f}%"), veg)
+    sources = [candidates[0], share[0], *vectors]
+    perspectives = Perspectives(list(candidates), list(classes), [share], list(vectors), water=0.0,
+                                brief=[(brief_cover("vegetation", veg, "rgb"), veg, share[0])],
+                                consensus=(pool or candidates)[0], shares={"vegetation": (veg, share[0])},
+                                pool=list(pool or candidates))
+    cleaned = clean_captions("", INSTRUCTIONS, sources, [], 3, 60, 25, fill=sources)
+    return compose_captions(cleaned, perspectives, INSTRUCTIONS, sources, [], 60, 3, ("class", "vectors"),
+                            min_probability=0.5, min_cover=0.1, ensure_verified=True)
+
+
+def test_a_lead_whose_own_words_a_share_confirms_needs_no_appended_fact():
+    """The lead says plants and 30 % of the tile is measured vegetation: that is the checked fact,
+    and nothing is appended. Under min_cover, "plants" confirms nothing and the share is appended."""
+    lead = "many houses with plants surrounded in the medium residential area ."
+    confirmed = _shared([lead], 0.3)
+    assert confirmed.detailed == lead and confirmed.short[0] == lead
+    assert confirmed.verified == [f"cover: the caption names plants; {VEG}"]
+    thin = _shared([lead], 0.03)
+    assert thin.detailed == f"{lead} 3% vegetation." and thin.verified[0].startswith("cover: Vegetation covers")
+
+
+def test_a_near_consensus_candidate_with_a_confirmed_cover_leads_the_detailed_caption():
+    """The consensus pick names no cover; the pool's second candidate says plants and the tile is 28 %
+    vegetation: it leads the detailed caption (its words are the fact), the short captions keep the
+    consensus pick first. A fourth candidate is too far down the pool; a class or vector fact to state
+    keeps the consensus lead."""
+    pool = ["a road go across another one diagonally with some cars on the roads .",
+            "an overpass with a road go across another one diagonally with some plants beside the roads .",
+            "a road go across another one with many cars on the roads ."]
+    swapped = _shared(pool, 0.28)
+    assert swapped.detailed == pool[1] and swapped.short[0] == pool[0]
+    assert swapped.verified == [f"cover: the caption names plants; {VEG.replace('30%', '28%')}"]
+    far = [pool[0], pool[2], "a road go across another one .", pool[1]]
+    assert _shared(far, 0.28).detailed == f"{pool[0]} 28% vegetation."
+    with_class = _shared(pool, 0.28, classes=[("overpass", 0.9)])
+    assert with_class.detailed.startswith(pool[1])  # the confident class leads, as before
+    assert with_class.verified[0].startswith("class overpass (0.90): named by the caption")
+    vector = "There are 3 buildings covering about 12% of the image, mostly in the north part."
+    assert _shared(pool, 0.28, vectors=[vector]).detailed == f"{pool[0]} {vector}"
