@@ -1,9 +1,10 @@
 """Offline MpGI captions against references on held-out images, next to the caption model alone.
 
-    python benchmarks/mpgi_captions.py [--per-class 4] [--baseline-checkout DIR] [--json out.json]
+    python benchmarks/mpgi_captions.py [--per-class 4] [--skip 0] [--lead clip|consensus]
+                                       [--baseline-checkout DIR] [--json out.json]
 
-Images: the first ``--per-class`` 256 x 256 images of each class of the UCM-captions **val** split
-(``--dataset``, Karpathy JSON; 21 classes, so 4 per class = 84 images). The JPEGs carry no
+Images: the first ``--per-class`` 256 x 256 images (after the first ``--skip``) of each class of the
+UCM-captions **val** split (``--dataset``, Karpathy JSON; 21 classes, so 4 per class = 84 images). The JPEGs carry no
 georeference, so each is written unchanged as a small GeoTIFF in an arbitrary projected CRS
 (UTM 11N, 0.3 m pixels, one image per square kilometre), tiled with the project's tiler (one
 256-px tile per image, no stretch; the tile pixels are checked to equal the JPEG's), and the real
@@ -55,13 +56,14 @@ DATASET = Path(os.environ.get("HQRS_UCM", str(ROOT.parent / "shared" / "data" / 
 PIXEL_M = 0.3048  # UCM: one foot per pixel
 
 
-def select(dataset: str, split: str, per_class: int) -> list[dict]:
-    """The first ``per_class`` 256 x 256 images of each class of ``split`` (file order)."""
+def select(dataset: str, split: str, per_class: int, skip: int = 0) -> list[dict]:
+    """``per_class`` 256 x 256 images of each class of ``split`` (file order), after its first ``skip``."""
     from PIL import Image
 
     from hqrs_geo.evaluation import load_karpathy
 
     taken: Counter = Counter()
+    skipped: Counter = Counter()
     out = []
     for record in load_karpathy(dataset, split):
         if taken[record["class"]] >= per_class or not record["captions"]:
@@ -69,6 +71,9 @@ def select(dataset: str, split: str, per_class: int) -> list[dict]:
         with Image.open(record["image"]) as image:
             if image.size != (256, 256):
                 continue
+        if skipped[record["class"]] < skip:
+            skipped[record["class"]] += 1
+            continue
         taken[record["class"]] += 1
         out.append(record)
     return out
@@ -94,11 +99,14 @@ def write_geotiffs(records: list[dict], folder: Path) -> list[Path]:
     return paths
 
 
-def overrides(path: Path, batch: int, max_tokens: int | None, detailed: list[str] | None = None) -> Path:
+def overrides(path: Path, batch: int, max_tokens: int | None, detailed: list[str] | None = None,
+              lead: str | None = None) -> Path:
     """A recipe that only changes how the LLM is run (batch size, optionally max_tokens) and,
     with ``detailed``, the parts of the detailed caption (the part ``verified`` sets
-    ``ensure_verified``, which is off otherwise)."""
+    ``ensure_verified``, which is off otherwise); ``lead``: ``[caption_model] lead``."""
     text = f"[llm]\nbatch_size = {batch}\n" + (f"max_tokens = {max_tokens}\n" if max_tokens else "")
+    if lead:
+        text += f"[caption_model]\nlead = {json.dumps(lead)}\n"
     if detailed is not None:
         parts = [p for p in detailed if p != "verified"]
         text += ("[output]\ndetailed = [" + ", ".join(json.dumps(p) for p in parts) + "]\n"
@@ -152,16 +160,18 @@ def verified_counts(result: dict[int, dict]) -> dict:
 
 
 def classify(result: dict[int, dict]) -> dict[str, Counter]:
-    """Sentence counts of the detailed and short captions, by what the checks find in them."""
+    """Sentence counts of the detailed and short captions, by what the checks find in them (against
+    the tile's sources and the caption model's candidate pool, as the pipeline checks its lead)."""
     from hqrs_geo.mpgi.integrate import issue_category, sentence_issue, sentences
 
     counts = {"detailed": Counter(), "short": Counter()}
     for item in result.values():
+        inputs = [*item["sources"], *(c for pool in item.get("candidates", []) for c in pool)]
         for part, texts in (("detailed", [item["detailed"]]), ("short", item["short"])):
             for text in texts:
                 for sentence in sentences(text):
                     counts[part]["sentences"] += 1
-                    counts[part][issue_category(sentence_issue(sentence, item["sources"]))] += 1
+                    counts[part][issue_category(sentence_issue(sentence, inputs))] += 1
     return counts
 
 
@@ -189,6 +199,9 @@ def main() -> None:
     parser.add_argument("--dataset", default=str(DATASET))
     parser.add_argument("--split", default="val")
     parser.add_argument("--per-class", type=int, default=4)
+    parser.add_argument("--skip", type=int, default=0, help="leave out the first N images of each class")
+    parser.add_argument("--lead", choices=("clip", "consensus"), default=None,
+                        help="[caption_model] lead (default: the recipe's)")
     parser.add_argument("--batch", type=int, default=4, help="LLM batch size")
     parser.add_argument("--max-tokens", type=int, default=None, help="LLM max_tokens (default: the recipe's)")
     parser.add_argument("--baseline-checkout", default=None,
@@ -214,7 +227,7 @@ def main() -> None:
     from hqrs_geo.mpgi.recipe import load_recipe
     from hqrs_geo.tiling.dataset import TileDataset
 
-    records = select(args.dataset, args.split, args.per_class)
+    records = select(args.dataset, args.split, args.per_class, args.skip)
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp())
     work.mkdir(parents=True, exist_ok=True)
     try:
@@ -227,7 +240,7 @@ def main() -> None:
         for i, rec in enumerate(dataset.records):  # the pipeline sees exactly the JPEG's pixels
             assert np.array_equal(dataset[i][1], read_image(records[tile_of[rec.tile_id]]["image"]))
         dataset.reader.close()
-        recipe_file = overrides(work / "overrides.toml", args.batch, args.max_tokens)
+        recipe_file = overrides(work / "overrides.toml", args.batch, args.max_tokens, lead=args.lead)
         recipe = load_recipe(str(recipe_file))
         n_short = int(recipe.output["short_captions"])
 
@@ -242,7 +255,8 @@ def main() -> None:
             parts = [p for p in spec.split("+") if p]
             variant_layer = work / f"mpgi_variant_{'_'.join(parts) or 'lead'}.gpkg"
             seed_cache(new_layer, variant_layer)
-            variant_recipe = load_recipe(str(overrides(work / "variant.toml", args.batch, args.max_tokens, parts)))
+            variant_recipe = load_recipe(str(overrides(work / "variant.toml", args.batch, args.max_tokens, parts,
+                                                       args.lead)))
             run_mpgi(str(layer), variant_recipe, output=str(variant_layer))
             variant_results["+".join(parts) or "lead only"] = captions_of(variant_layer, tile_of)
 
@@ -286,7 +300,8 @@ def main() -> None:
     counts = {"this branch": classify(new), **({"baseline": classify(old)} if old is not None else {})}
 
     classes = len({r["class"] for r in records})
-    print(f"{len(records)} images of UCM-captions {args.split} ({args.per_class} per class, {classes} classes); "
+    print(f"{len(records)} images of UCM-captions {args.split} ({args.per_class} per class after {args.skip}, "
+          f"{classes} classes); "
           f"offline default recipe (no VLM, {recipe.caption_model} {decoding.method}, SmolLM2-135M); "
           f"CPU {torch.get_num_threads()} threads")
     print(f"pipeline {new_seconds:.0f} s" + (f"; baseline {old_seconds:.0f} s ({old_fresh} fresh model calls)"

@@ -464,11 +464,14 @@ class Perspectives:
     (:func:`brief_cover`), used for the one fact a caption gets when it states none (the fact
     sentence, with how the share was measured, goes to the ``verified`` record); ``consensus``: the
     candidate the caption model's decodings agree on most (the pool's consensus pick), the lead
-    when no class or water guides the choice; ``labels``: the zero-shot label set (default
-    :data:`~hqrs_geo.models.prompts.SCENE_CLASSES`), for telling when the lead names another class;
+    when no class or water guides the choice and no ``judged`` candidate is given; ``labels``:
+    the zero-shot label set (default :data:`~hqrs_geo.models.prompts.SCENE_CLASSES`), for telling
+    when the lead names another class;
     ``shares``: ``kind -> (share, fact sentence)`` of the measured cover (``vegetation``, ``water``),
     for confirming what the lead itself says (:func:`cover_named`); ``pool``: the caption model's
-    candidate pool in consensus order (its first is ``consensus``).
+    candidate pool in consensus order (its first is ``consensus``); ``judged``: the pool ordered by
+    the zero-shot CLIP's image-text cosine with the tile, closest first; when given, it orders every
+    choice of the lead (:func:`compose_captions`) and its first replaces ``consensus``.
     """
 
     candidates: list[str] = field(default_factory=list)
@@ -481,6 +484,7 @@ class Perspectives:
     labels: list[str] = field(default_factory=list)
     shares: dict[str, tuple[float, str]] = field(default_factory=dict)
     pool: list[str] = field(default_factory=list)
+    judged: list[str] = field(default_factory=list)
 
 
 #: Lexicon groups (``checks.toml``) that name each measured cover kind, and the words outside the
@@ -523,7 +527,8 @@ def choose_lead(candidates: Sequence[str], confident: str | None, checker: Check
     """The lead sentence(s) of the detailed caption and whether they name the ``confident`` class:
     the first candidate (its sentences that pass the checks) naming that class; else, on a tile
     that is ``mostly_water``, the first naming water (a term of the lexicon's water group: river,
-    lake, sea …); else ``preferred`` (the decodings' consensus pick) when a sentence of it passes;
+    lake, sea …); else ``preferred`` (the candidate the CLIP rates closest to the tile, or the
+    decodings' consensus pick) when a sentence of it passes;
     else the first candidate with a sentence that passes."""
     usable = [text for text in (_clean_candidate(c, checker) for c in candidates) if text]
     if confident:
@@ -546,8 +551,9 @@ def compose_captions(cleaned: Captions, perspectives: Perspectives, instructions
                      min_cover: float = 0.1, ensure_verified: bool = True) -> Captions:
     """The detailed caption built from verified perspectives, the LLM's additions after them.
 
-    Lead: a caption of the caption model (:func:`choose_lead`, checked against ``sources`` and the
-    candidates themselves; the class is confident when its calibrated probability is at least
+    Lead: a caption of the caption model (:func:`choose_lead` over the candidates in the CLIP's
+    order when ``perspectives.judged`` gives one, checked against ``sources`` and the candidates
+    themselves; the class is confident when its calibrated probability is at least
     ``min_probability``; a tile with a water share of at least :data:`MOSTLY_WATER` prefers a
     caption naming water); then, as ``parts`` say (see :data:`DETAILED_PARTS`), sentences that pass
     the checks against ``sources`` and the lead (a candidate passed over licenses nothing, even
@@ -574,8 +580,11 @@ def compose_captions(cleaned: Captions, perspectives: Perspectives, instructions
     top = perspectives.classes[0] if perspectives.classes else None
     confident = top[0] if top and top[1] >= min_probability else None
     checker_all = Checker(instructions, [*sources, *perspectives.candidates], absent)
-    lead, named = choose_lead(perspectives.candidates, confident, checker_all,
-                              (perspectives.water or 0.0) >= MOSTLY_WATER, perspectives.consensus)
+    wet = (perspectives.water or 0.0) >= MOSTLY_WATER
+    rank = {text: i for i, text in enumerate(perspectives.judged)}  # the CLIP's order; the others after, as given
+    ordered = sorted(perspectives.candidates, key=lambda text: rank.get(text, len(rank)))
+    lead, named = choose_lead(ordered, confident, checker_all, wet,
+                              perspectives.judged[0] if perspectives.judged else perspectives.consensus)
     labels = perspectives.labels or SCENE_CLASSES
 
     def cover_facts(text: str) -> list[str]:

@@ -45,7 +45,7 @@ from ..layer.io import check_writable, layer_format, read_tiles, write_tiles
 from ..layer.runs import new_run
 from ..layer.source import copy_layer
 from ..models.decoding_options import DecodingConfig
-from ..models.encode import image_batch_vectors
+from ..models.encode import image_batch_vectors, text_vectors
 from ..models.loader import load_model, weights_sha256
 from ..models.zeroshot import zero_shot
 from ..tiling.dataset import TileDataset
@@ -118,6 +118,7 @@ class MpgiRun:
         self.fresh = 0  # calls answered by a model in this run (not the cache)
         self.candidates: dict[str, list[str]] = {}  # tile_id -> caption model candidates, its caption first
         self.pools: dict[str, list[str]] = {}  # tile_id -> the candidate pool, consensus pick first
+        self.judged: dict[str, list[str]] = {}  # tile_id -> the pool by the zero-shot CLIP's cosine, closest first
         self.labels: list[str] = []  # the zero-shot label set
         self.classes: dict[str, list[tuple[str, float]]] = {}  # tile_id -> zero-shot (class, probability)
         self.fact_pairs: dict[str, list[tuple[str, str]]] = {}  # tile_id -> (rule, fact sentence)
@@ -195,6 +196,7 @@ class MpgiRun:
             self._check_cancel()
             pixels = [dataset.pixels(t) for t in chunk]
             vectors = np.stack(_on_images(pixels, lambda batch: image_batch_vectors(loaded, batch), loaded.device))
+            self._judge(loaded, name, identity, chunk, pixels, vectors)
             for tile_id, rgb, probs in zip(chunk, pixels, labeller.probabilities(vectors)):
                 order = np.argsort(-probs, kind="stable")[:labeller.top_k]
                 ranked = [(labeller.labels[j], float(probs[j])) for j in order]
@@ -203,6 +205,23 @@ class MpgiRun:
                 self._record(Call(call_key(tile_id, "classes", name, "", identity, _image_digest(rgb)), tile_id,
                                   "classes", name, json.dumps({"labels": labels, "scale": labeller.scale}), text=text))
             self._advance(len(chunk))
+
+    def _judge(self, loaded, name: str, identity: str, tile_ids: list[str], pixels: list[np.ndarray],
+               vectors: np.ndarray) -> None:
+        """The CLIP's image-text cosine of each candidate of each tile's pool (a ``judge`` row, best
+        first): the order the lead is chosen in (``[caption_model] lead = "clip"``)."""
+        if self.recipe.raw.get("caption_model", {}).get("lead", "clip") != "clip":
+            return
+        for tile_id, rgb, vector in zip(tile_ids, pixels, vectors):
+            pool = self.pools.get(tile_id, [])
+            if not pool:
+                continue
+            cosines = text_vectors(loaded, pool) @ vector
+            ranked = sorted(zip(pool, cosines.tolist()), key=lambda item: -item[1])
+            self.judged[tile_id] = [text for text, _ in ranked]
+            self._record(Call(call_key(tile_id, "judge", name, "", identity, _image_digest(rgb)), tile_id, "judge",
+                              name, "image-text cosine of each candidate",
+                              text=json.dumps([[text, round(c, 4)] for text, c in ranked], ensure_ascii=False)))
 
     def describe(self, dataset, tile_ids: list[str], facts: dict) -> dict[str, list[tuple[str, str]]]:
         """Stage 1: (source, text) descriptions per tile from the VLM (perspectives, relay) and
@@ -378,7 +397,7 @@ class MpgiRun:
         return Perspectives(candidates=candidates, classes=self.classes.get(tile_id, []), cover=cover,
                             vectors=vectors, water=tile_facts.water_fraction, brief=brief,
                             consensus=(self.pools.get(tile_id) or [""])[0], labels=self.labels, shares=measured,
-                            pool=self.pools.get(tile_id, []))
+                            pool=self.pools.get(tile_id, []), judged=self.judged.get(tile_id, []))
 
     # -- output ----------------------------------------------------------------------------
     def sources_table(self, tile_ids, facts, results):

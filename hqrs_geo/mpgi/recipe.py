@@ -31,6 +31,9 @@ DEFAULT_RECIPE = Path(__file__).with_name("default_recipe.toml")
 BACKEND_TYPES = ("none", "openai", "transformers", "transformers-vlm")
 #: Keys of a back-end table that belong to the stage, not to one back end type.
 STAGE_KEYS = ("max_tokens", "temperature")
+#: How the lead caption is chosen among the candidates when no class or water guides it: the one
+#: the zero-shot CLIP rates closest to the tile, or the caption model's consensus pick.
+LEADS = ("clip", "consensus")
 TABLES = ("vlm", "llm", "caption_model", "zero_shot", "facts", "rules", "output", "prompts")
 SECTIONS = (*TABLES, "perspectives")
 
@@ -192,6 +195,8 @@ def _check_types(raw: dict, fail: Callable[[str], NoReturn]) -> None:
         fail(f"[caption_model] decoding must be one of {', '.join(METHODS)}")
     if not isinstance(caption.get("candidates", False), bool):
         fail("[caption_model] candidates must be true or false")
+    if caption.get("lead", "clip") not in LEADS:
+        fail(f"[caption_model] lead must be one of {', '.join(LEADS)}")
     zero = raw.get("zero_shot", {})
     if not isinstance(zero.get("model", ""), str):
         fail("[zero_shot] model must be a string (\"\" to skip, \"default\" for the shipped CLIP model)")

@@ -218,6 +218,7 @@ def test_default_recipe_and_overrides(tmp_path):
 
 @pytest.mark.parametrize("text, message", [
     ('[caption_model]\ndecoding = "nucleus"\n', "decoding must be one of"),
+    ('[caption_model]\nlead = "longest"\n', r"lead must be one of clip, consensus"),
     ('[zero_shot]\nlabels = ["river"]\n', "two or more distinct class names"),
     ('[zero_shot]\nmin_probability = 1.5\n', "min_probability must be a number in 0..1"),
     ('[output]\ndetailed = ["lead", "poetry"]\n', "detailed must be a list of parts from class, vectors"),
@@ -450,3 +451,21 @@ def test_a_near_consensus_candidate_with_a_confirmed_cover_leads_the_detailed_ca
     assert with_class.verified[0].startswith("class overpass (0.90): named by the caption")
     vector = "There are 3 buildings covering about 12% of the image, mostly in the north part."
     assert _shared(pool, 0.28, vectors=[vector]).detailed == f"{pool[0]} {vector}"
+
+
+def test_the_clips_order_chooses_the_lead():
+    """With the CLIP's order of the pool (``judged``), the closest candidate leads when no class
+    guides the choice, and among the candidates naming the confident class the closest one leads."""
+    pool = ["it is a piece of farmland .", "here is a piece of farmland .", "a river with trees on both banks ."]
+    plain = compose_captions(Captions("", []), Perspectives(pool, [("lake", 0.3)], consensus=pool[0], pool=pool,
+                                                            judged=[pool[1], pool[0], pool[2]]),
+                             INSTRUCTIONS, pool[:1], [], 60, 3, ())
+    assert plain.detailed == pool[1] and plain.short[0] == pool[1]
+    # both farmland captions name the sure class: the CLIP's closer one leads, not the first
+    sure = compose_captions(Captions("", []), Perspectives(pool, [("farmland", 0.8)], consensus=pool[0], pool=pool,
+                                                           judged=[pool[2], pool[1], pool[0]]),
+                            INSTRUCTIONS, pool[:1], [], 60, 3, ())
+    assert sure.detailed == pool[1] and sure.verified[0].startswith("class farmland (0.80): named by the caption")
+    # without the CLIP's order, the consensus pick and the first naming the class lead, as before
+    assert compose_captions(Captions("", []), Perspectives(pool, [("farmland", 0.8)], consensus=pool[0], pool=pool),
+                            INSTRUCTIONS, pool[:1], [], 60, 3, ()).detailed == pool[0]

@@ -143,6 +143,13 @@ def test_pipeline_with_a_chat_server_vlm_osm_facts_and_smollm2(town_layer, tmp_p
 
     written = read_tiles(out)
     sources = pyogrio.read_dataframe(out, layer="mpgi_sources")
+    import torch
+
+    from hqrs_geo.models.encode import image_batch_vectors
+    from hqrs_geo.models.loader import load_model
+    from hqrs_geo.models.registry import default_embed_model
+
+    clip = load_model(default_embed_model(), device="cpu")
     for row in written.itertuples():
         shorts = json.loads(row.mpgi_short)
         assert row.mpgi_caption.strip() and len(shorts) == 3
@@ -162,6 +169,16 @@ def test_pipeline_with_a_chat_server_vlm_osm_facts_and_smollm2(town_layer, tmp_p
         # the offline perspectives: the caption model's candidates (its caption first), zero-shot classes
         pool = json.loads(mine[mine.stage == "candidates"].text.iloc[0])
         assert len(pool) >= 2 and len(set(pool)) == len(pool)
+        # the CLIP judges the pool: every candidate with its image-text cosine, closest first, as the
+        # model's own text and image towers give it
+        judged = json.loads(mine[mine.stage == "judge"].text.iloc[0])
+        assert sorted(t for t, _ in judged) == sorted(pool) and [c for _, c in judged] == sorted(
+            (c for _, c in judged), reverse=True)
+        texts = [t for t, _ in judged]
+        with torch.inference_mode():
+            text = torch.nn.functional.normalize(clip.model.encode_text(clip.tokenizer(texts)).float(), dim=-1)
+        image = image_batch_vectors(clip, torch.from_numpy(pixels[row.tile_id]).permute(2, 0, 1)[None])[0]
+        assert np.allclose(text.numpy() @ image, [c for _, c in judged], atol=2e-4)
         assert re.fullmatch(r"([a-z ]+:0\.\d{3};){2}[a-z ]+:0\.\d{3}", mine[mine.stage == "classes"].text.iloc[0])
     record = read_runs(out)[-1]
     # 5 perspectives + relay, caption, candidates and integration per tile (zero-shot classes are no call)
