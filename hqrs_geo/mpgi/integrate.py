@@ -571,8 +571,8 @@ def compose_captions(cleaned: Captions, perspectives: Perspectives, instructions
     ``min_cover`` confirms it ("plants" on 30 % vegetation: :func:`cover_named`), each cover share
     and vector fact stated. A tile with no class, vector or such cover fact to state would get an
     appended share; when one of the pool's first :data:`FACT_LEAD_POOL` candidates (consensus order)
-    names a cover a share confirms, that candidate leads the detailed caption instead (the short
-    captions keep the first lead).
+    names a cover a share confirms and none a share contradicts, that candidate leads the detailed
+    caption instead (the short captions keep the first lead).
     """
     unknown = [p for p in parts if p not in DETAILED_PARTS]
     if unknown:
@@ -593,12 +593,17 @@ def compose_captions(cleaned: Captions, perspectives: Perspectives, instructions
                 for kind, (share, sentence) in perspectives.shares.items()
                 if share >= min_cover and (words := cover_named(text, kind, checker_all.data))]
 
+    def contradicted(text: str) -> bool:
+        """``text`` names a cover kind whose measured share is under ``min_cover`` ("a river …" on 1 % water)."""
+        return any(share < min_cover and cover_named(text, kind, checker_all.data)
+                   for kind, (share, _) in perspectives.shares.items())
+
     short_lead = lead
     class_fact = bool(confident and not named and not rival_class(lead, confident, labels))
     if ensure_verified and not named and not class_fact and not perspectives.vectors and not cover_facts(lead):
         # no fact to state but an appended share: a near-consensus candidate whose own words a share confirms
         lead = next((text for text in (_clean_candidate(c, checker_all) for c in perspectives.pool[:FACT_LEAD_POOL])
-                     if text and cover_facts(text)), lead)
+                     if text and cover_facts(text) and not contradicted(text)), lead)
     # a candidate that did not lead licenses nothing, the caption model's own caption included
     passed_over = {c for c in perspectives.candidates if c != lead and _clean_candidate(c, checker_all) != lead}
     checker = Checker(instructions, [*(s for s in sources if s not in passed_over), lead], absent)

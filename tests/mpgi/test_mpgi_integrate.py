@@ -13,7 +13,6 @@ from hqrs_geo.mpgi.integrate import (
     brief_cover,
     check_data,
     class_sentence,
-    rival_class,
     clean_captions,
     compose_captions,
     content_words,
@@ -23,6 +22,7 @@ from hqrs_geo.mpgi.integrate import (
     lexicon_terms,
     names_class,
     repeats,
+    rival_class,
     sentence_issue,
     sentences,
 )
@@ -410,12 +410,13 @@ VEG = "Vegetation covers about 30% of the area (estimated from RGB colour)."
 
 
 def _shared(candidates, veg, pool=None, classes=(), vectors=()):
-    """Compose as the pipeline does for a tile whose only measurement is a vegetation share."""
+    """Compose as the pipeline does for a tile of no water whose only stated share is vegetation."""
     share = (VEG.replace("30%", f"{veg * 100:.0f}%"), veg)
     sources = [candidates[0], share[0], *vectors]
     perspectives = Perspectives(list(candidates), list(classes), [share], list(vectors), water=0.0,
                                 brief=[(brief_cover("vegetation", veg, "rgb"), veg, share[0])],
-                                consensus=(pool or candidates)[0], shares={"vegetation": (veg, share[0])},
+                                consensus=(pool or candidates)[0],
+                                shares={"vegetation": (veg, share[0]), "water": (0.0, "Open water covers about 0%.")},
                                 pool=list(pool or candidates))
     cleaned = clean_captions("", INSTRUCTIONS, sources, [], 3, 60, 25, fill=sources)
     return compose_captions(cleaned, perspectives, INSTRUCTIONS, sources, [], 60, 3, ("class", "vectors"),
@@ -444,6 +445,9 @@ def test_a_near_consensus_candidate_with_a_confirmed_cover_leads_the_detailed_ca
     swapped = _shared(pool, 0.28)
     assert swapped.detailed == pool[1] and swapped.short[0] == pool[0]
     assert swapped.verified == [f"cover: the caption names plants; {VEG.replace('30%', '28%')}"]
+    # a candidate whose other words the measurements contradict does not lead: no river on dry land
+    wet_words = [pool[0], "a river with dense forest on both banks of the river .", pool[1]]
+    assert _shared(wet_words, 0.28).detailed == pool[1]
     far = [pool[0], pool[2], "a road go across another one .", pool[1]]
     assert _shared(far, 0.28).detailed == f"{pool[0]} 28% vegetation."
     with_class = _shared(pool, 0.28, classes=[("overpass", 0.9)])
