@@ -212,11 +212,16 @@ class MpgiRun:
         first): the order the lead is chosen in (``[caption_model] lead = "clip"``)."""
         if self.recipe.raw.get("caption_model", {}).get("lead", "clip") != "clip":
             return
-        for tile_id, rgb, vector in zip(tile_ids, pixels, vectors):
-            pool = self.pools.get(tile_id, [])
+        pools = [self.pools.get(tile_id, []) for tile_id in tile_ids]
+        texts = [text for pool in pools for text in pool]
+        if not texts:
+            return
+        encoded = text_vectors(loaded, texts)  # the chunk's candidates in one batch
+        start = 0
+        for tile_id, rgb, vector, pool in zip(tile_ids, pixels, vectors, pools):
+            cosines, start = encoded[start:start + len(pool)] @ vector, start + len(pool)
             if not pool:
                 continue
-            cosines = text_vectors(loaded, pool) @ vector
             ranked = sorted(zip(pool, cosines.tolist()), key=lambda item: -item[1])
             self.judged[tile_id] = [text for text, _ in ranked]
             self._record(Call(call_key(tile_id, "judge", name, "", identity, _image_digest(rgb)), tile_id, "judge",

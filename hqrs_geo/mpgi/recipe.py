@@ -31,8 +31,8 @@ DEFAULT_RECIPE = Path(__file__).with_name("default_recipe.toml")
 BACKEND_TYPES = ("none", "openai", "transformers", "transformers-vlm")
 #: Keys of a back-end table that belong to the stage, not to one back end type.
 STAGE_KEYS = ("max_tokens", "temperature")
-#: How the lead caption is chosen among the candidates when no class or water guides it: the one
-#: the zero-shot CLIP rates closest to the tile, or the caption model's consensus pick.
+#: The order the lead caption is chosen in among the candidates: the zero-shot CLIP's image-text
+#: cosine with the tile (closest first), or the caption model's (its consensus pick first).
 LEADS = ("clip", "consensus")
 TABLES = ("vlm", "llm", "caption_model", "zero_shot", "facts", "rules", "output", "prompts")
 SECTIONS = (*TABLES, "perspectives")
