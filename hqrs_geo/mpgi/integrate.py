@@ -435,6 +435,14 @@ def brief_cover(kind: str, share: float, source: str | None) -> str:
     return f"{share * 100:.0f}% {noun}."
 
 
+def brief_class(label: str, probability: float) -> str:
+    """A zero-shot class in as few words as it can be said, as the detailed caption states it
+    (``river (90%).``): the fact sentence of :func:`class_sentence` is what the LLM and the
+    sources table get. On 42 unseen UCM val images the brief form scored 2.8 CIDEr points above
+    the sentence (docs/mpgi.md)."""
+    return f"{label} ({probability * 100:.0f}%)."
+
+
 def class_sentence(label: str, probability: float) -> str:
     """The sentence stating a zero-shot class and its calibrated probability."""
     return f"Zero-shot scene class: {label} ({probability * 100:.0f}% probability)."
@@ -644,7 +652,7 @@ def compose_captions(cleaned: Captions, perspectives: Perspectives, instructions
         if part == "class" and confident and not named and top:
             sentence = class_sentence(*top)
             if not rival:
-                add(sentence, f"class {top[0]} ({top[1]:.2f}): zero-shot probability >= {min_probability}")
+                add(brief_class(*top), f"class {top[0]} ({top[1]:.2f}): zero-shot probability >= {min_probability}")
             elif not any(d.startswith(sentence) for d in dropped):
                 dropped.append(f"{sentence} (the caption names {rival}: the caption model and the zero-shot class "
                                "disagree, so the class is no checked fact)")

@@ -10,6 +10,7 @@ from hqrs_geo.mpgi.integrate import (
     Captions,
     Checker,
     Perspectives,
+    brief_class,
     brief_cover,
     check_data,
     class_sentence,
@@ -278,6 +279,7 @@ def test_class_names_with_synonyms_and_spellings():
     assert names_class("a small storage tank is on the ground .", "storage tanks")
     assert names_class("a tall building", "buildings") and not names_class("a bus on the road", "storage tanks")
     assert class_sentence("river", 0.914) == "Zero-shot scene class: river (91% probability)."
+    assert brief_class("river", 0.914) == "river (91%)."  # as the detailed caption says it
 
 
 def _compose(candidates, classes, answer="", cover=(), vectors=(), parts=("class", "vectors", "cover", "llm"),
@@ -324,7 +326,7 @@ def test_the_lead_is_a_candidate_naming_the_confident_class():
     # a sure class that no candidate names is stated after the caption, as its own sentence ...
     plain = ["some white marks on grey ground ."]  # names no class
     other = _compose(plain, [("river", 0.83)])
-    assert other.detailed == f"{plain[0]} {class_sentence('river', 0.83)}"
+    assert other.detailed == f"{plain[0]} river (83%)."
     assert other.verified == ["class river (0.83): zero-shot probability >= 0.5"]
     # ... but not when the caption names another class: the two models disagree, no check confirms it
     rival = _compose(candidates[:1], [("river", 0.83)], ensure_verified=True, cover=[(
@@ -371,7 +373,7 @@ def test_composed_caption_adds_facts_and_new_llm_content_but_no_repeats():
     # the lead alone, but one checked fact per tile: the class when it is sure, else a vector fact, else a share
     road = "a road beside black water ."  # names no class
     assert _compose([road], [("river", 0.9)], answer, cover, vectors, parts=(), ensure_verified=True).detailed \
-        == f"{road} {class_sentence('river', 0.9)}"
+        == f"{road} {brief_class('river', 0.9)}"
     assert _compose([road], [("river", 0.3)], answer, cover, vectors, parts=(), ensure_verified=True).detailed \
         == f"{road} {vectors[0]}"
     assert _compose([road], [], answer, cover, (), parts=(), ensure_verified=True).detailed == f"{road} {cover[0][0]}"
